@@ -1,0 +1,56 @@
+//! Serves a service's gRPC routes together with the standard
+//! `grpc.health.v1.Health` service and server reflection, and drains on shutdown.
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
+
+use crate::Shutdown;
+
+/// Serves `routes` plus health and reflection on `listener` until `shutdown`
+/// fires, then marks every service NOT_SERVING, stops accepting and waits up to
+/// `grace` for in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    service_names: &[&'static str],
+    shutdown: Shutdown,
+    grace: Duration,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in service_names {
+        health.set_service_status(*name, tonic_health::ServingStatus::Serving).await;
+    }
+    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(adserve_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the compiled-in descriptor sets are valid");
+    let routes = routes.add_service(health_service).add_service(reflection);
+
+    let names: Vec<&'static str> = service_names.to_vec();
+    let signal = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.wait().await;
+            for name in &names {
+                health.set_service_status(*name, tonic_health::ServingStatus::NotServing).await;
+            }
+            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        }
+    };
+    let server = tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result,
+        _ = async { shutdown.wait().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "in-flight requests did not drain in time");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! What every adserve service shares: typed configuration (defaults < TOML
+//! file < `ADSERVE_*` environment), telemetry (tracing, OpenTelemetry export,
+//! Prometheus metrics), and a gRPC server with health, reflection and
+//! graceful shutdown.
+
+pub mod config;
+pub mod grpc;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use config::{load_config, ConfigError, ServerConfig, TelemetryConfig, Validate};
+pub use shutdown::Shutdown;
+
+/// What every service's `main` does first: install telemetry and the metrics
+/// endpoint, listen for SIGTERM, and bind the gRPC port.
+pub async fn bootstrap(
+    service: &'static str,
+    server: &ServerConfig,
+    telemetry: &TelemetryConfig,
+) -> Result<(telemetry::TelemetryGuard, Shutdown, tokio::net::TcpListener), BootstrapError> {
+    let guard = telemetry::init_tracing(service, telemetry)?;
+    telemetry::init_metrics(server.metrics_addr)?;
+    let listener = tokio::net::TcpListener::bind(server.grpc_addr)
+        .await
+        .map_err(|e| BootstrapError::Bind(server.grpc_addr, e))?;
+    tracing::info!(service, grpc = %server.grpc_addr, metrics = %server.metrics_addr, "listening");
+    Ok((guard, Shutdown::listen_for_signals(), listener))
+}
+
+/// Why a service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    /// Telemetry or metrics setup failed.
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::TelemetryError),
+    /// The gRPC port could not be bound.
+    #[error("server.grpc_addr: cannot listen on {0}: {1}")]
+    Bind(std::net::SocketAddr, std::io::Error),
+}

@@ -1,0 +1,244 @@
+//! The declarative feature registry: the one definition of every feature the
+//! ranker scores and the gateway logs (`features.toml`, embedded at build time
+//! and also read by the Python trainer).
+//!
+//! The feature-service assembles columns in registry order; models declare
+//! their feature order in their manifest and are checked against the registry
+//! when loaded.
+
+use std::{collections::HashSet, sync::OnceLock};
+
+use serde::Deserialize;
+
+/// The registry source, embedded so that every binary carries the same definition.
+pub const REGISTRY_TOML: &str = include_str!("../features.toml");
+
+/// Which entity a feature describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Entity {
+    /// The requesting user.
+    User,
+    /// The candidate ad.
+    Ad,
+    /// The request context (placement, device, ...).
+    Context,
+}
+
+/// Where a feature's value comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// Batch tier: DynamoDB item attribute.
+    Dynamodb,
+    /// Real-time tier: Redis counter.
+    Redis,
+    /// Derived from the request context.
+    Request,
+}
+
+/// One feature's definition.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureSpec {
+    /// Column name, unique across the registry.
+    pub name: String,
+    /// Entity the value belongs to.
+    pub entity: Entity,
+    /// Storage tier or request.
+    pub source: Source,
+    /// DynamoDB attribute, Redis key suffix or request context field.
+    pub attribute: String,
+    /// Served when no value exists or the source failed.
+    pub default: f32,
+    /// Never used or logged for COPPA requests.
+    #[serde(default)]
+    pub personal: bool,
+    /// Request features: indicator value to compare the field against.
+    #[serde(default)]
+    pub equals: Option<String>,
+    /// What the feature means.
+    pub description: String,
+}
+
+/// DynamoDB table names of the batch tier.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Tables {
+    /// User features, partition key `user_id` (S).
+    pub user: String,
+    /// Ad features, partition key `ad_id` (S).
+    pub ad: String,
+}
+
+/// Redis layout of the real-time tier.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisLayout {
+    /// Keys are `{key_prefix}:{entity}:{id}:{attribute}`.
+    pub key_prefix: String,
+}
+
+/// The parsed, validated registry.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureRegistry {
+    /// Batch-tier tables.
+    pub tables: Tables,
+    /// Real-time-tier key layout.
+    pub redis: RedisLayout,
+    /// Features in column order.
+    #[serde(rename = "feature")]
+    pub features: Vec<FeatureSpec>,
+}
+
+/// Why a registry document is invalid.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RegistryError {
+    /// Not valid TOML or not the registry's shape.
+    #[error("feature registry: {0}")]
+    Parse(String),
+    /// Valid shape, inconsistent content.
+    #[error("feature registry: feature {name:?}: {why}")]
+    Invalid {
+        /// The offending feature.
+        name: String,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+impl FeatureRegistry {
+    /// Parses and validates a registry document.
+    pub fn parse(toml_text: &str) -> Result<Self, RegistryError> {
+        let registry: Self = toml::from_str(toml_text).map_err(|e| RegistryError::Parse(e.to_string()))?;
+        registry.validate()?;
+        Ok(registry)
+    }
+
+    fn validate(&self) -> Result<(), RegistryError> {
+        let mut seen = HashSet::new();
+        for f in &self.features {
+            let invalid = |why: &str| RegistryError::Invalid { name: f.name.clone(), why: why.to_string() };
+            if f.name.is_empty() || !f.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+                return Err(invalid("name must be non-empty snake_case"));
+            }
+            if !seen.insert(f.name.as_str()) {
+                return Err(invalid("name is defined twice"));
+            }
+            if !f.default.is_finite() {
+                return Err(invalid("default must be finite"));
+            }
+            match (f.entity, f.source) {
+                (Entity::Context, Source::Request) if f.equals.is_none() => {
+                    return Err(invalid("request features need `equals`"));
+                }
+                (Entity::Context, Source::Request) => {}
+                (Entity::Context, _) | (_, Source::Request) => {
+                    return Err(invalid("context features, and only they, come from the request"));
+                }
+                _ if f.equals.is_some() => return Err(invalid("`equals` is only for request features")),
+                _ => {}
+            }
+            if f.entity == Entity::Ad && f.personal {
+                return Err(invalid("ad features cannot be personal"));
+            }
+        }
+        if self.features.is_empty() {
+            return Err(RegistryError::Parse("no [[feature]] defined".into()));
+        }
+        Ok(())
+    }
+
+    /// Feature names in column order.
+    pub fn names(&self) -> Vec<&str> {
+        self.features.iter().map(|f| f.name.as_str()).collect()
+    }
+
+    /// Default values in column order.
+    pub fn defaults(&self) -> Vec<f32> {
+        self.features.iter().map(|f| f.default).collect()
+    }
+
+    /// Column index of `name`.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.features.iter().position(|f| f.name == name)
+    }
+
+    /// `(column, spec)` for features of one entity and source.
+    pub fn select(&self, entity: Entity, source: Source) -> impl Iterator<Item = (usize, &FeatureSpec)> {
+        self.features.iter().enumerate().filter(move |(_, f)| f.entity == entity && f.source == source)
+    }
+
+    /// Redis key holding `spec` for entity id `id`.
+    pub fn redis_key(&self, spec: &FeatureSpec, id: &str) -> String {
+        let entity = match spec.entity {
+            Entity::User => "user",
+            Entity::Ad => "ad",
+            Entity::Context => "context",
+        };
+        format!("{}:{entity}:{id}:{}", self.redis.key_prefix, spec.attribute)
+    }
+}
+
+/// The registry compiled into this binary.
+pub fn registry() -> &'static FeatureRegistry {
+    static REGISTRY: OnceLock<FeatureRegistry> = OnceLock::new();
+    // The embedded document is checked by `embedded_registry_is_valid` below,
+    // so this cannot fail in a tested build.
+    REGISTRY.get_or_init(|| FeatureRegistry::parse(REGISTRY_TOML).expect("embedded features.toml is valid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_registry_is_valid() {
+        let r = FeatureRegistry::parse(REGISTRY_TOML).expect("valid");
+        assert!(r.features.len() >= 6);
+        assert_eq!(r.index_of("user_ctr_30d"), Some(0));
+        assert_eq!(r.names().len(), r.defaults().len());
+    }
+
+    #[test]
+    fn personal_features_are_all_user_features() {
+        for f in &registry().features {
+            if f.personal {
+                assert_eq!(f.entity, Entity::User, "{}", f.name);
+            }
+        }
+    }
+
+    #[test]
+    fn redis_keys_follow_the_layout() {
+        let r = registry();
+        let spec = r.features.iter().find(|f| f.name == "ad_impressions_1h").expect("defined");
+        assert_eq!(r.redis_key(spec, "42"), "rt:ad:42:impressions_1h");
+    }
+
+    fn doc(feature: &str) -> String {
+        format!("[tables]\nuser=\"u\"\nad=\"a\"\n[redis]\nkey_prefix=\"rt\"\n[[feature]]\n{feature}")
+    }
+
+    #[test]
+    fn duplicate_names_are_rejected() {
+        let f = "name=\"x\"\nentity=\"ad\"\nsource=\"redis\"\nattribute=\"x\"\ndefault=0.0\ndescription=\"\"\n";
+        let text = format!("{}[[feature]]\n{f}", doc(f));
+        let err = FeatureRegistry::parse(&text).unwrap_err();
+        assert!(err.to_string().contains("defined twice"), "{err}");
+    }
+
+    #[test]
+    fn request_feature_without_equals_is_rejected() {
+        let f = "name=\"c\"\nentity=\"context\"\nsource=\"request\"\nattribute=\"device\"\ndefault=0.0\ndescription=\"\"\n";
+        let err = FeatureRegistry::parse(&doc(f)).unwrap_err();
+        assert!(err.to_string().contains("equals"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let f = "name=\"x\"\nentity=\"ad\"\nsource=\"redis\"\nattribute=\"x\"\ndefault=0.0\ndescription=\"\"\ncolour=1\n";
+        assert!(matches!(FeatureRegistry::parse(&doc(f)), Err(RegistryError::Parse(_))));
+    }
+}

@@ -1,0 +1,1 @@
+//! Whole-stack and contract tests against the real services and infrastructure

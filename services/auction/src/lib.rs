@@ -1,0 +1,12 @@
+//! The auction: ranks candidates by eCPM = bid x pCTR and charges each winner
+//! the generalized second price, subject to a reserve.
+//!
+//! [`auction`] is the pure algorithm; [`service`] is its gRPC face.
+
+pub mod auction;
+pub mod config;
+pub mod service;
+
+pub use auction::{run_auction, AuctionError, Candidate, Winner};
+pub use config::AuctionConfig;
+pub use service::AuctionGrpc;

@@ -1,0 +1,217 @@
+//! The batch tier: user and ad features materialised in DynamoDB.
+
+use std::{collections::HashMap, time::Duration};
+
+use adserve_features::{Entity, FeatureRegistry, Source};
+use aws_sdk_dynamodb::{
+    config::{timeout::TimeoutConfig, BehaviorVersion, Credentials, Region},
+    error::DisplayErrorContext,
+    types::{
+        AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, KeysAndAttributes, PutRequest,
+        ScalarAttributeType, WriteRequest,
+    },
+    Client,
+};
+use aws_smithy_http_client::{tls, Builder as HttpClientBuilder};
+
+use crate::config::DynamoConfig;
+
+/// Partition key of the user table.
+pub const USER_KEY: &str = "user_id";
+/// Partition key of the ad table.
+pub const AD_KEY: &str = "ad_id";
+/// DynamoDB's BatchGetItem limit.
+const BATCH_GET_LIMIT: usize = 100;
+
+/// A DynamoDB failure, with the SDK's full context.
+#[derive(Debug, thiserror::Error)]
+#[error("dynamodb {op}: {message}")]
+pub struct BatchError {
+    /// Operation that failed.
+    pub op: &'static str,
+    /// SDK error with context.
+    pub message: String,
+}
+
+fn err<E: std::error::Error>(op: &'static str) -> impl Fn(E) -> BatchError {
+    move |e| BatchError { op, message: DisplayErrorContext(&e).to_string() }
+}
+
+/// Reads (and, for seeding, writes) batch features.
+#[derive(Debug, Clone)]
+pub struct BatchStore {
+    client: Client,
+    user_table: String,
+    ad_table: String,
+    user_attrs: Vec<String>,
+    ad_attrs: Vec<String>,
+}
+
+impl BatchStore {
+    /// A client for `config` with the registry's tables. Makes no request.
+    pub fn new(config: &DynamoConfig, registry: &FeatureRegistry) -> Self {
+        let http = HttpClientBuilder::new()
+            .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
+            .build_https();
+        let deadline = Duration::from_millis(config.timeout_ms);
+        let mut builder = aws_sdk_dynamodb::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .http_client(http)
+            .region(Region::new(config.region.clone()))
+            .credentials_provider(Credentials::new(
+                config.access_key_id.clone(),
+                config.secret_access_key.clone(),
+                None,
+                None,
+                "adserve-config",
+            ))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(deadline)
+                    .operation_attempt_timeout(deadline)
+                    .operation_timeout(deadline * 2)
+                    .build(),
+            );
+        if !config.endpoint.is_empty() {
+            builder = builder.endpoint_url(config.endpoint.clone());
+        }
+        let attrs = |entity| registry.select(entity, Source::Dynamodb).map(|(_, f)| f.attribute.clone()).collect();
+        Self {
+            client: Client::from_conf(builder.build()),
+            user_table: registry.tables.user.clone(),
+            ad_table: registry.tables.ad.clone(),
+            user_attrs: attrs(Entity::User),
+            ad_attrs: attrs(Entity::Ad),
+        }
+    }
+
+    /// Batch attributes of one user; empty when the user is unknown.
+    pub async fn user(&self, user_id: &str) -> Result<HashMap<String, f32>, BatchError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.user_table)
+            .key(USER_KEY, AttributeValue::S(user_id.to_string()))
+            .send()
+            .await
+            .map_err(err("GetItem"))?;
+        Ok(out.item().map(|item| numbers(item, &self.user_attrs)).unwrap_or_default())
+    }
+
+    /// Batch attributes of each known ad; unknown ads are absent.
+    pub async fn ads(&self, ad_ids: &[i64]) -> Result<HashMap<i64, HashMap<String, f32>>, BatchError> {
+        let chunks = ad_ids.chunks(BATCH_GET_LIMIT).map(|chunk| self.ads_chunk(chunk));
+        let mut out = HashMap::with_capacity(ad_ids.len());
+        for part in futures::future::try_join_all(chunks).await? {
+            out.extend(part);
+        }
+        Ok(out)
+    }
+
+    async fn ads_chunk(&self, ad_ids: &[i64]) -> Result<HashMap<i64, HashMap<String, f32>>, BatchError> {
+        let mut unique: Vec<i64> = ad_ids.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        let keys = unique.iter().map(|id| HashMap::from([(AD_KEY.to_string(), AttributeValue::S(id.to_string()))])).collect();
+        let mut request = HashMap::from([(
+            self.ad_table.clone(),
+            KeysAndAttributes::builder().set_keys(Some(keys)).build().map_err(err("BatchGetItem"))?,
+        )]);
+        let mut out = HashMap::new();
+        // Unprocessed keys are retried; the caller's deadline bounds the loop.
+        loop {
+            let resp =
+                self.client.batch_get_item().set_request_items(Some(request)).send().await.map_err(err("BatchGetItem"))?;
+            for item in resp.responses().and_then(|r| r.get(&self.ad_table)).into_iter().flatten() {
+                if let Some(id) = item.get(AD_KEY).and_then(|v| v.as_s().ok()).and_then(|s| s.parse().ok()) {
+                    out.insert(id, numbers(item, &self.ad_attrs));
+                }
+            }
+            match resp.unprocessed_keys() {
+                Some(u) if !u.is_empty() => request = u.clone(),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Creates both tables if they do not exist (idempotent).
+    pub async fn ensure_tables(&self) -> Result<(), BatchError> {
+        for (table, key) in [(&self.user_table, USER_KEY), (&self.ad_table, AD_KEY)] {
+            let result = self
+                .client
+                .create_table()
+                .table_name(table)
+                .attribute_definitions(
+                    AttributeDefinition::builder()
+                        .attribute_name(key)
+                        .attribute_type(ScalarAttributeType::S)
+                        .build()
+                        .map_err(err("CreateTable"))?,
+                )
+                .key_schema(KeySchemaElement::builder().attribute_name(key).key_type(KeyType::Hash).build().map_err(err("CreateTable"))?)
+                .billing_mode(BillingMode::PayPerRequest)
+                .send()
+                .await;
+            if let Err(e) = result {
+                let exists = e.as_service_error().is_some_and(|s| s.is_resource_in_use_exception());
+                if !exists {
+                    return Err(err("CreateTable")(e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes user feature rows (`user_id -> attribute -> value`).
+    pub async fn put_users(&self, rows: &[(String, HashMap<String, f32>)]) -> Result<(), BatchError> {
+        self.put(&self.user_table, USER_KEY, rows).await
+    }
+
+    /// Writes ad feature rows (`ad_id -> attribute -> value`).
+    pub async fn put_ads(&self, rows: &[(i64, HashMap<String, f32>)]) -> Result<(), BatchError> {
+        let rows: Vec<(String, HashMap<String, f32>)> = rows.iter().map(|(id, m)| (id.to_string(), m.clone())).collect();
+        self.put(&self.ad_table, AD_KEY, &rows).await
+    }
+
+    async fn put(&self, table: &str, key: &str, rows: &[(String, HashMap<String, f32>)]) -> Result<(), BatchError> {
+        for chunk in rows.chunks(25) {
+            let writes = chunk
+                .iter()
+                .map(|(id, attrs)| {
+                    let mut item: HashMap<String, AttributeValue> =
+                        attrs.iter().map(|(k, v)| (k.clone(), AttributeValue::N(v.to_string()))).collect();
+                    item.insert(key.to_string(), AttributeValue::S(id.clone()));
+                    let put = PutRequest::builder().set_item(Some(item)).build().map_err(err("BatchWriteItem"))?;
+                    Ok(WriteRequest::builder().put_request(put).build())
+                })
+                .collect::<Result<Vec<_>, BatchError>>()?;
+            let mut pending = HashMap::from([(table.to_string(), writes)]);
+            loop {
+                let resp = self
+                    .client
+                    .batch_write_item()
+                    .set_request_items(Some(pending))
+                    .send()
+                    .await
+                    .map_err(err("BatchWriteItem"))?;
+                match resp.unprocessed_items() {
+                    Some(u) if !u.is_empty() => pending = u.clone(),
+                    _ => break,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Numeric attributes named in `wanted`; non-numeric values are skipped (and
+/// so take the registry default).
+fn numbers(item: &HashMap<String, AttributeValue>, wanted: &[String]) -> HashMap<String, f32> {
+    wanted
+        .iter()
+        .filter_map(|a| {
+            let v: f32 = item.get(a)?.as_n().ok()?.parse().ok()?;
+            v.is_finite().then(|| (a.clone(), v))
+        })
+        .collect()
+}

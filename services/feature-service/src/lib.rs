@@ -1,0 +1,19 @@
+//! The feature-service: assembles one feature matrix per ad request from the
+//! batch tier (DynamoDB), the real-time tier (Redis) and the request context,
+//! exactly as the feature registry defines it.
+//!
+//! Each source has its own deadline. A source that fails or is late costs at
+//! most that deadline: its features take registry defaults and the response
+//! names the degradation. COPPA requests never read personal features.
+
+pub mod assemble;
+pub mod batch;
+pub mod config;
+pub mod realtime;
+pub mod service;
+
+pub use assemble::{assemble, SourceValues};
+pub use batch::BatchStore;
+pub use config::FeatureServiceConfig;
+pub use realtime::RealtimeStore;
+pub use service::FeatureGrpc;

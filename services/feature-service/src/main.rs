@@ -1,0 +1,32 @@
+//! adserve-feature-service: config -> telemetry -> connect stores -> serve.
+use std::time::Duration;
+
+use adserve_feature_service::{BatchStore, FeatureGrpc, FeatureServiceConfig, RealtimeStore};
+use adserve_proto::service_names;
+use tonic::service::Routes;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config: FeatureServiceConfig = adserve_core::load_config()?;
+    let (_telemetry, shutdown, listener) =
+        adserve_core::bootstrap("adserve-feature-service", &config.server, &config.telemetry).await?;
+    let registry = adserve_features::registry();
+    let batch = BatchStore::new(&config.dynamodb, registry);
+    if let Err(e) = batch.ensure_tables().await {
+        // The service still starts: lookups degrade to defaults until DynamoDB answers.
+        tracing::warn!(error = %e, "cannot ensure DynamoDB tables yet");
+    }
+    let realtime = RealtimeStore::connect(&config.redis, registry).await?;
+    let service = FeatureGrpc::new(
+        registry,
+        batch,
+        realtime,
+        Duration::from_millis(config.dynamodb.timeout_ms),
+        Duration::from_millis(config.redis.timeout_ms),
+        config.max_ads,
+    );
+    let grace = Duration::from_millis(config.server.shutdown_grace_ms);
+    let routes = Routes::new(service.into_server());
+    adserve_core::grpc::serve(listener, routes, &[service_names::FEATURE_SERVICE], shutdown, grace).await?;
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! gRPC face of the feature-service: validation, per-source deadlines and
+//! degradation.
+
+use std::{collections::HashSet, future::Future, sync::Arc, time::Duration, time::Instant};
+
+use adserve_features::FeatureRegistry;
+use adserve_proto::v1::{
+    feature_service_server::{FeatureService, FeatureServiceServer},
+    Degradation, GetFeaturesRequest, GetFeaturesResponse, RequestContext,
+};
+use tonic::{Request, Response, Status};
+
+use crate::{assemble, BatchStore, RealtimeStore, SourceValues};
+
+/// Longest accepted user id.
+pub const MAX_USER_ID_LEN: usize = 128;
+/// Longest accepted context field.
+pub const MAX_CONTEXT_FIELD_LEN: usize = 64;
+
+/// Serves `adserve.v1.FeatureService`.
+#[derive(Debug, Clone)]
+pub struct FeatureGrpc {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: &'static FeatureRegistry,
+    batch: BatchStore,
+    realtime: RealtimeStore,
+    batch_deadline: Duration,
+    realtime_deadline: Duration,
+    max_ads: usize,
+}
+
+impl FeatureGrpc {
+    /// A service over the two tiers with their deadlines.
+    pub fn new(
+        registry: &'static FeatureRegistry,
+        batch: BatchStore,
+        realtime: RealtimeStore,
+        batch_deadline: Duration,
+        realtime_deadline: Duration,
+        max_ads: usize,
+    ) -> Self {
+        Self { inner: Arc::new(Inner { registry, batch, realtime, batch_deadline, realtime_deadline, max_ads }) }
+    }
+
+    /// The tonic server for this service.
+    pub fn into_server(self) -> FeatureServiceServer<Self> {
+        FeatureServiceServer::new(self)
+    }
+}
+
+/// Checks a request; the message names the offending field.
+pub fn validate(req: &GetFeaturesRequest, max_ads: usize) -> Result<(), String> {
+    let ctx = req.context.as_ref().ok_or("context: required")?;
+    if req.user_id.is_empty() && !ctx.coppa {
+        return Err("user_id: required (may be empty only when context.coppa is true)".into());
+    }
+    if req.user_id.len() > MAX_USER_ID_LEN {
+        return Err(format!("user_id: at most {MAX_USER_ID_LEN} bytes"));
+    }
+    for (name, value) in [("placement", &ctx.placement), ("device", &ctx.device), ("surface", &ctx.surface)] {
+        if value.len() > MAX_CONTEXT_FIELD_LEN {
+            return Err(format!("context.{name}: at most {MAX_CONTEXT_FIELD_LEN} bytes"));
+        }
+    }
+    if req.ad_ids.is_empty() || req.ad_ids.len() > max_ads {
+        return Err(format!("ad_ids: must hold 1..={max_ads} ids, got {}", req.ad_ids.len()));
+    }
+    let mut seen = HashSet::with_capacity(req.ad_ids.len());
+    for id in &req.ad_ids {
+        if !seen.insert(id) {
+            return Err(format!("ad_ids: {id} is repeated"));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `fut` under `deadline`; on error or timeout records the degradation
+/// and returns `T::default()`.
+async fn within<T: Default, E: std::fmt::Display>(
+    component: &'static str,
+    deadline: Duration,
+    fut: impl Future<Output = Result<T, E>>,
+    degraded: &std::sync::Mutex<Vec<Degradation>>,
+) -> T {
+    let start = Instant::now();
+    let reason = match tokio::time::timeout(deadline, fut).await {
+        Ok(Ok(v)) => {
+            metrics::histogram!("adserve_feature_source_seconds", "source" => component).record(start.elapsed().as_secs_f64());
+            return v;
+        }
+        Ok(Err(e)) => format!("{e}; serving registry defaults"),
+        Err(_) => format!("no answer within {} ms; serving registry defaults", deadline.as_millis()),
+    };
+    metrics::counter!("adserve_feature_source_failures_total", "source" => component).increment(1);
+    tracing::warn!(component, %reason, "feature source degraded");
+    if let Ok(mut d) = degraded.lock() {
+        d.push(Degradation { component: component.into(), reason });
+    }
+    T::default()
+}
+
+#[tonic::async_trait]
+impl FeatureService for FeatureGrpc {
+    async fn get_features(&self, request: Request<GetFeaturesRequest>) -> Result<Response<GetFeaturesResponse>, Status> {
+        let start = Instant::now();
+        let req = request.into_inner();
+        validate(&req, self.inner.max_ads).map_err(Status::invalid_argument)?;
+        let ctx: RequestContext = req.context.clone().unwrap_or_default();
+        // COPPA: personal features are never read, let alone used.
+        let user_id = if ctx.coppa { "" } else { req.user_id.as_str() };
+        let s = &self.inner;
+        let degraded = std::sync::Mutex::new(Vec::new());
+        let user_batch = async {
+            if user_id.is_empty() { Ok(Default::default()) } else { s.batch.user(user_id).await }
+        };
+        let (user_batch, ad_batch, (user_realtime, ad_realtime)) = tokio::join!(
+            within("dynamodb", s.batch_deadline, user_batch, &degraded),
+            within("dynamodb", s.batch_deadline, s.batch.ads(&req.ad_ids), &degraded),
+            within("redis", s.realtime_deadline, s.realtime.counters(user_id, &req.ad_ids), &degraded),
+        );
+        let values = SourceValues { user_batch, ad_batch, user_realtime, ad_realtime };
+        let matrix = assemble(s.registry, &req.ad_ids, &ctx, &values);
+        let mut degraded = degraded.into_inner().unwrap_or_default();
+        degraded.dedup_by(|a, b| a.component == b.component);
+        metrics::histogram!("adserve_feature_request_seconds").record(start.elapsed().as_secs_f64());
+        Ok(Response::new(GetFeaturesResponse { matrix: Some(matrix), degraded }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(user: &str, ads: Vec<i64>, coppa: bool) -> GetFeaturesRequest {
+        GetFeaturesRequest {
+            user_id: user.into(),
+            ad_ids: ads,
+            context: Some(RequestContext { coppa, ..Default::default() }),
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        assert!(validate(&req("u", vec![1], false), 10).is_ok());
+        assert!(validate(&req("", vec![1], true), 10).is_ok());
+        assert!(validate(&req("", vec![1], false), 10).unwrap_err().starts_with("user_id"));
+        assert!(validate(&req("u", vec![], false), 10).unwrap_err().starts_with("ad_ids"));
+        assert!(validate(&req("u", (0..11).collect(), false), 10).unwrap_err().starts_with("ad_ids"));
+        assert!(validate(&req("u", vec![3, 3], false), 10).unwrap_err().contains("repeated"));
+        assert!(validate(&req(&"x".repeat(129), vec![1], false), 10).unwrap_err().starts_with("user_id"));
+        let mut r = req("u", vec![1], false);
+        r.context = None;
+        assert!(validate(&r, 10).unwrap_err().starts_with("context"));
+    }
+}

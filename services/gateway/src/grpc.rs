@@ -1,0 +1,31 @@
+//! gRPC API: `adserve.v1.GatewayService`, the same operations as HTTP.
+
+use adserve_proto::v1::{
+    gateway_service_server::{GatewayService, GatewayServiceServer},
+    GetAdsRequest, GetAdsResponse, RecordClickRequest, RecordClickResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::AdServer;
+
+/// Serves `adserve.v1.GatewayService`.
+#[derive(Debug, Clone)]
+pub struct GatewayGrpc(pub AdServer);
+
+impl GatewayGrpc {
+    /// The tonic server for this service.
+    pub fn into_server(self) -> GatewayServiceServer<Self> {
+        GatewayServiceServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl GatewayService for GatewayGrpc {
+    async fn get_ads(&self, request: Request<GetAdsRequest>) -> Result<Response<GetAdsResponse>, Status> {
+        Ok(Response::new(self.0.serve(request.into_inner()).await?))
+    }
+
+    async fn record_click(&self, request: Request<RecordClickRequest>) -> Result<Response<RecordClickResponse>, Status> {
+        Ok(Response::new(self.0.click(request.into_inner()).await?))
+    }
+}

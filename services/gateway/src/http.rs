@@ -1,0 +1,75 @@
+//! HTTP/JSON API: `POST /v1/ads`, `POST /v1/clicks`, `GET /healthz`.
+//!
+//! Bodies are the gRPC messages' JSON form (one contract). Unknown fields,
+//! wrong types, oversized bodies and malformed JSON get a 4xx whose message
+//! names the field; nothing on this path panics or answers 500.
+
+use axum::{
+    body::Bytes,
+    extract::{DefaultBodyLimit, State},
+    http::{header, HeaderMap, StatusCode},
+    response::IntoResponse,
+    routing::{get, post},
+    Json, Router,
+};
+use serde::de::DeserializeOwned;
+
+use crate::{AdServer, ServeError};
+
+/// The HTTP router.
+pub fn router(server: AdServer, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/ads", post(get_ads))
+        .route("/v1/clicks", post(record_click))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(server)
+}
+
+/// Parses a JSON body; errors name the offending field path.
+fn parse<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Result<T, ServeError> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|v| v.starts_with("application/json"));
+    if !json {
+        return Err(ServeError::InvalidArgument("content-type: must be application/json".into()));
+    }
+    if body.is_empty() {
+        return Err(ServeError::InvalidArgument("body: a JSON object is required".into()));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = if path == "." { inner.to_string() } else { format!("{path}: {inner}") };
+        ServeError::InvalidArgument(message)
+    })
+}
+
+async fn get_ads(State(server): State<AdServer>, headers: HeaderMap, body: Bytes) -> impl IntoResponse {
+    let result = match parse(&headers, &body) {
+        Ok(req) => server.serve(req).await.map(Json),
+        Err(e) => Err(e),
+    };
+    record("ads", &result);
+    result
+}
+
+async fn record_click(State(server): State<AdServer>, headers: HeaderMap, body: Bytes) -> impl IntoResponse {
+    let result = match parse(&headers, &body) {
+        Ok(req) => server.click(req).await.map(|r| (StatusCode::ACCEPTED, Json(r))),
+        Err(e) => Err(e),
+    };
+    record("clicks", &result);
+    result
+}
+
+fn record<T>(route: &'static str, result: &Result<T, ServeError>) {
+    let status = match result {
+        Ok(_) => "ok",
+        Err(ServeError::InvalidArgument(_)) => "invalid_argument",
+        Err(ServeError::Unavailable(_)) => "unavailable",
+    };
+    metrics::counter!("adserve_gateway_http_requests_total", "route" => route, "status" => status).increment(1);
+}

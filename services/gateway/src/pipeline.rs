@@ -1,0 +1,439 @@
+//! One ad request, end to end: eligibility -> features -> scores -> auction ->
+//! acknowledged impression events -> answer.
+
+use std::{future::Future, time::Duration, time::Instant};
+
+use adserve_catalog::{Catalog, EligibleAd, Targeting};
+use adserve_events::EventPublisher;
+use adserve_proto::v1::{
+    auction_service_client::AuctionServiceClient, feature_service_client::FeatureServiceClient,
+    ranker_service_client::RankerServiceClient, AdWinner, AuctionCandidate, ClickEvent, Degradation, FeatureMatrix,
+    FeatureRow, GetAdsRequest, GetAdsResponse, GetFeaturesRequest, ImpressionEvent, RecordClickRequest,
+    RecordClickResponse, RequestContext, RunAuctionRequest, ScoreRequest,
+};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{config::GatewayConfig, ServeError};
+
+/// Model version reported when the ranker was unavailable.
+pub const FALLBACK_MODEL_VERSION: &str = "fallback-prior";
+/// Slots a request may ask for.
+pub const MAX_SLOTS: u32 = 10;
+/// Longest user id.
+pub const MAX_USER_ID_LEN: usize = 128;
+/// Longest context field.
+pub const MAX_CONTEXT_FIELD_LEN: usize = 64;
+
+/// Everything one request needs; cheap to clone (channels and pools are shared).
+#[derive(Clone, Debug)]
+pub struct AdServer {
+    catalog: Catalog,
+    features: FeatureServiceClient<Channel>,
+    ranker: RankerServiceClient<Channel>,
+    auction: AuctionServiceClient<Channel>,
+    events: EventPublisher,
+    config: std::sync::Arc<GatewayConfig>,
+}
+
+fn lazy_channel(url: &str, name: &str) -> Result<Channel, ServeError> {
+    Ok(Endpoint::from_shared(url.to_string())
+        .map_err(|e| ServeError::InvalidArgument(format!("upstreams.{name}: {e}")))?
+        .connect_timeout(Duration::from_millis(500))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+impl AdServer {
+    /// Wires the gateway to its dependencies. Nothing connects yet: a
+    /// dependency that is down shows up as a degradation per request.
+    pub fn new(config: GatewayConfig, catalog: Catalog, events: EventPublisher) -> Result<Self, ServeError> {
+        Ok(Self {
+            features: FeatureServiceClient::new(lazy_channel(&config.upstreams.feature_service, "feature_service")?),
+            ranker: RankerServiceClient::new(lazy_channel(&config.upstreams.ranker, "ranker")?),
+            auction: AuctionServiceClient::new(lazy_channel(&config.upstreams.auction, "auction")?),
+            catalog,
+            events,
+            config: std::sync::Arc::new(config),
+        })
+    }
+
+    /// Serves one ad request.
+    pub async fn serve(&self, req: GetAdsRequest) -> Result<GetAdsResponse, ServeError> {
+        let started = Instant::now();
+        let ctx = validate(&req)?;
+        let request_id = uuid::Uuid::now_v7().to_string();
+        let d = &self.config.deadlines;
+        let mut degraded = Vec::new();
+
+        let targeting = Targeting { placement: &ctx.placement, device: &ctx.device, coppa: ctx.coppa };
+        let ads = deadline(d.catalog_ms, self.catalog.eligible_ads(&targeting, self.config.max_candidates))
+            .await
+            .map_err(|e| unavailable("catalog", e))?;
+        if ads.is_empty() {
+            return Ok(no_fill(request_id, 0, degraded, "no_eligible_ads", ""));
+        }
+        // COPPA: the user id is neither sent for feature lookup nor logged.
+        let user_id = if ctx.coppa { String::new() } else { req.user_id.clone() };
+        let ad_ids: Vec<i64> = ads.iter().map(|a| a.ad_id).collect();
+
+        let matrix = self.features(&user_id, &ad_ids, &ctx, &mut degraded).await;
+        let (pctrs, model_version) = self.scores(&matrix, &mut degraded).await;
+        let candidates: Vec<AuctionCandidate> = ads
+            .iter()
+            .zip(&pctrs)
+            .map(|(ad, &pctr)| AuctionCandidate { ad_id: ad.ad_id, campaign_id: ad.campaign_id, bid_cpc_micros: ad.bid_cpc_micros, pctr })
+            .collect();
+        let winners = self.auction(candidates, req.slots, &mut degraded).await?;
+        if winners.is_empty() {
+            return Ok(no_fill(request_id, ads.len(), degraded, "below_reserve", &model_version));
+        }
+
+        let served_at = prost_types::Timestamp::from(std::time::SystemTime::now());
+        let mut out = Vec::with_capacity(winners.len());
+        let mut events = Vec::with_capacity(winners.len());
+        for w in winners {
+            let row = ad_ids.iter().position(|id| *id == w.ad_id).ok_or_else(|| {
+                ServeError::Unavailable(format!("auction returned unknown ad {}", w.ad_id))
+            })?;
+            let ad: &EligibleAd = &ads[row];
+            let impression_id = uuid::Uuid::now_v7().to_string();
+            events.push(ImpressionEvent {
+                impression_id: impression_id.clone(),
+                request_id: request_id.clone(),
+                user_id: user_id.clone(),
+                ad_id: w.ad_id,
+                campaign_id: w.campaign_id,
+                slot: w.slot,
+                placement: ctx.placement.clone(),
+                device: ctx.device.clone(),
+                surface: ctx.surface.clone(),
+                coppa: ctx.coppa,
+                served_at: Some(served_at),
+                model_version: model_version.clone(),
+                pctr: w.pctr,
+                ecpm_micros: w.ecpm_micros,
+                price_cpc_micros: w.price_cpc_micros,
+                features: Some(FeatureRow {
+                    names: matrix.feature_names.clone(),
+                    values: matrix.row(row).map(<[f32]>::to_vec).unwrap_or_default(),
+                }),
+            });
+            out.push(AdWinner {
+                impression_id,
+                ad_id: w.ad_id,
+                campaign_id: w.campaign_id,
+                title: ad.title.clone(),
+                landing_url: ad.landing_url.clone(),
+                slot: w.slot,
+                pctr: w.pctr,
+                bid_cpc_micros: w.bid_cpc_micros,
+                ecpm_micros: w.ecpm_micros,
+                price_cpc_micros: w.price_cpc_micros,
+            });
+        }
+        // No lost events: the ad is returned only after the broker has every impression.
+        futures::future::try_join_all(events.iter().map(|e| self.events.impression(e)))
+            .await
+            .map_err(|e| unavailable("impression log (kafka)", e))?;
+        for d in &degraded {
+            metrics::counter!("adserve_gateway_degraded_total", "component" => d.component.clone()).increment(1);
+        }
+        metrics::histogram!("adserve_gateway_request_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!("adserve_gateway_impressions_total").increment(out.len() as u64);
+        Ok(GetAdsResponse {
+            request_id,
+            winners: out,
+            model_version,
+            candidates: ads.len() as u32,
+            degraded,
+            no_fill_reason: String::new(),
+        })
+    }
+
+    /// Records a click once the broker has acknowledged it.
+    pub async fn click(&self, req: RecordClickRequest) -> Result<RecordClickResponse, ServeError> {
+        let impression_id = req.impression_id.trim();
+        if uuid::Uuid::parse_str(impression_id).is_err() {
+            return Err(ServeError::InvalidArgument(format!(
+                "impression_id: must be the UUID returned with the ad, got {:?}",
+                truncate(impression_id)
+            )));
+        }
+        let event = ClickEvent {
+            click_id: uuid::Uuid::now_v7().to_string(),
+            impression_id: impression_id.to_string(),
+            clicked_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+        };
+        self.events.click(&event).await.map_err(|e| unavailable("click log (kafka)", e))?;
+        metrics::counter!("adserve_gateway_clicks_total").increment(1);
+        Ok(RecordClickResponse { click_id: event.click_id })
+    }
+
+    async fn features(&self, user_id: &str, ad_ids: &[i64], ctx: &RequestContext, degraded: &mut Vec<Degradation>) -> FeatureMatrix {
+        let request = GetFeaturesRequest { user_id: user_id.to_string(), ad_ids: ad_ids.to_vec(), context: Some(ctx.clone()) };
+        let mut client = self.features.clone();
+        match deadline(self.config.deadlines.features_ms, client.get_features(request)).await {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                degraded.extend(resp.degraded);
+                match resp.matrix {
+                    Some(m) if m.check_shape().is_ok() && m.num_rows as usize == ad_ids.len() => return m,
+                    _ => degraded.push(Degradation {
+                        component: "feature-service".into(),
+                        reason: "returned a matrix of the wrong shape; serving registry defaults".into(),
+                    }),
+                }
+            }
+            Err(e) => degraded.push(Degradation {
+                component: "feature-service".into(),
+                reason: format!("{e}; serving registry defaults"),
+            }),
+        }
+        default_matrix(ad_ids.len(), ctx)
+    }
+
+    async fn scores(&self, matrix: &FeatureMatrix, degraded: &mut Vec<Degradation>) -> (Vec<f32>, String) {
+        let mut client = self.ranker.clone();
+        let rows = matrix.num_rows as usize;
+        match deadline(self.config.deadlines.ranker_ms, client.score(ScoreRequest { matrix: Some(matrix.clone()) })).await {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                if resp.pctr.len() == rows && resp.pctr.iter().all(|p| p.is_finite() && *p > 0.0 && *p <= 1.0) {
+                    return (resp.pctr, resp.model_version);
+                }
+                degraded.push(Degradation { component: "ranker".into(), reason: "returned invalid scores; using prior pCTR".into() });
+            }
+            Err(e) => degraded.push(Degradation { component: "ranker".into(), reason: format!("{e}; using prior pCTR") }),
+        }
+        let col = matrix.feature_names.iter().position(|n| *n == self.config.fallback_pctr_feature);
+        let prior = (0..rows)
+            .map(|r| {
+                let v = col.and_then(|c| matrix.row(r).map(|row| row[c])).unwrap_or(0.01);
+                v.clamp(1e-4, 1.0)
+            })
+            .collect();
+        (prior, FALLBACK_MODEL_VERSION.to_string())
+    }
+
+    async fn auction(&self, candidates: Vec<AuctionCandidate>, slots: u32, degraded: &mut Vec<Degradation>) -> Result<Vec<adserve_proto::v1::AuctionWinner>, ServeError> {
+        let mut client = self.auction.clone();
+        let request = RunAuctionRequest { candidates: candidates.clone(), slots, reserve_ecpm_micros: self.config.reserve_ecpm_micros };
+        match deadline(self.config.deadlines.auction_ms, client.run_auction(request)).await {
+            Ok(resp) => return Ok(resp.into_inner().winners),
+            Err(e) if e.code() == Some(tonic::Code::InvalidArgument) => {
+                return Err(ServeError::Unavailable(format!("auction refused the candidates: {e}")));
+            }
+            Err(e) => degraded.push(Degradation { component: "auction".into(), reason: format!("{e}; ran the auction in-process") }),
+        }
+        // The auction is a pure function: the gateway can run it itself.
+        let local: Vec<adserve_auction::Candidate> = candidates
+            .iter()
+            .map(|c| adserve_auction::Candidate { ad_id: c.ad_id, campaign_id: c.campaign_id, bid_cpc_micros: c.bid_cpc_micros, pctr: c.pctr })
+            .collect();
+        let outcome = adserve_auction::run_auction(&local, slots as usize, self.config.reserve_ecpm_micros)
+            .map_err(|e| ServeError::Unavailable(format!("fallback auction: {e}")))?;
+        Ok(outcome
+            .winners
+            .into_iter()
+            .map(|w| adserve_proto::v1::AuctionWinner {
+                ad_id: w.candidate.ad_id,
+                campaign_id: w.candidate.campaign_id,
+                slot: w.slot,
+                pctr: w.candidate.pctr,
+                bid_cpc_micros: w.candidate.bid_cpc_micros,
+                ecpm_micros: w.ecpm_micros,
+                price_cpc_micros: w.price_cpc_micros,
+            })
+            .collect())
+    }
+}
+
+/// An error from a call made under a deadline.
+#[derive(Debug)]
+pub enum CallError {
+    /// The deadline passed.
+    Timeout(u64),
+    /// The call failed.
+    Failed(String, Option<tonic::Code>),
+}
+
+impl CallError {
+    fn code(&self) -> Option<tonic::Code> {
+        match self {
+            Self::Failed(_, code) => *code,
+            Self::Timeout(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Timeout(ms) => write!(f, "no answer within {ms} ms"),
+            Self::Failed(m, _) => f.write_str(m),
+        }
+    }
+}
+
+trait CallFailure {
+    fn describe(self) -> CallError;
+}
+
+impl CallFailure for tonic::Status {
+    fn describe(self) -> CallError {
+        CallError::Failed(format!("{:?}: {}", self.code(), self.message()), Some(self.code()))
+    }
+}
+
+impl CallFailure for adserve_catalog::CatalogError {
+    fn describe(self) -> CallError {
+        CallError::Failed(self.to_string(), None)
+    }
+}
+
+async fn deadline<T, E: CallFailure>(ms: u64, fut: impl Future<Output = Result<T, E>>) -> Result<T, CallError> {
+    match tokio::time::timeout(Duration::from_millis(ms), fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.describe()),
+        Err(_) => Err(CallError::Timeout(ms)),
+    }
+}
+
+fn unavailable(component: &str, e: impl std::fmt::Display) -> ServeError {
+    metrics::counter!("adserve_gateway_unavailable_total", "component" => component.to_string()).increment(1);
+    tracing::warn!(component, error = %e, "request failed: dependency unavailable");
+    ServeError::Unavailable(format!("{component} unavailable: {e}"))
+}
+
+fn no_fill(request_id: String, candidates: usize, degraded: Vec<Degradation>, reason: &str, model_version: &str) -> GetAdsResponse {
+    metrics::counter!("adserve_gateway_no_fill_total", "reason" => reason.to_string()).increment(1);
+    GetAdsResponse {
+        request_id,
+        winners: vec![],
+        model_version: model_version.into(),
+        candidates: candidates as u32,
+        degraded,
+        no_fill_reason: reason.into(),
+    }
+}
+
+/// The matrix served when the feature-service is unavailable: registry
+/// defaults, with context features computed here exactly as the service would.
+pub fn default_matrix(rows: usize, ctx: &RequestContext) -> FeatureMatrix {
+    let registry = adserve_features::registry();
+    let row: Vec<f32> = registry
+        .features
+        .iter()
+        .map(|f| match (f.entity, &f.equals) {
+            (adserve_features::Entity::Context, Some(want)) => {
+                let field = match f.attribute.as_str() {
+                    "device" => &ctx.device,
+                    "placement" => &ctx.placement,
+                    "surface" => &ctx.surface,
+                    _ => return f.default,
+                };
+                if field == want { 1.0 } else { 0.0 }
+            }
+            _ => f.default,
+        })
+        .collect();
+    FeatureMatrix {
+        feature_names: registry.names().into_iter().map(String::from).collect(),
+        num_rows: rows as u32,
+        values: row.repeat(rows),
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+/// Checks an ad request; every error names its field.
+pub fn validate(req: &GetAdsRequest) -> Result<RequestContext, ServeError> {
+    let bad = |m: String| Err(ServeError::InvalidArgument(m));
+    let Some(ctx) = req.context.clone() else { return bad("context: required".into()) };
+    if ctx.coppa && req.user_id.len() > MAX_USER_ID_LEN {
+        return bad(format!("user_id: at most {MAX_USER_ID_LEN} bytes"));
+    }
+    if !ctx.coppa {
+        if req.user_id.trim().is_empty() {
+            return bad("user_id: required (may be empty only when context.coppa is true)".into());
+        }
+        if req.user_id.len() > MAX_USER_ID_LEN {
+            return bad(format!("user_id: at most {MAX_USER_ID_LEN} bytes"));
+        }
+        if req.user_id.chars().any(char::is_control) {
+            return bad("user_id: must not contain control characters".into());
+        }
+    }
+    for (name, value, required) in [("placement", &ctx.placement, true), ("device", &ctx.device, true), ("surface", &ctx.surface, false)] {
+        if required && value.is_empty() {
+            return bad(format!("context.{name}: required"));
+        }
+        if value.len() > MAX_CONTEXT_FIELD_LEN || value.chars().any(char::is_control) {
+            return bad(format!("context.{name}: at most {MAX_CONTEXT_FIELD_LEN} printable bytes"));
+        }
+    }
+    const DEVICES: [&str; 4] = ["mobile", "desktop", "tablet", "ctv"];
+    if !DEVICES.contains(&ctx.device.as_str()) {
+        return bad(format!("context.device: must be one of {DEVICES:?}, got {:?}", truncate(&ctx.device)));
+    }
+    if req.slots == 0 || req.slots > MAX_SLOTS {
+        return bad(format!("slots: must be in 1..={MAX_SLOTS}, got {}", req.slots));
+    }
+    Ok(ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> GetAdsRequest {
+        GetAdsRequest {
+            user_id: "u1".into(),
+            context: Some(RequestContext { placement: "feed_top".into(), device: "mobile".into(), surface: "home".into(), coppa: false }),
+            slots: 1,
+        }
+    }
+
+    fn err(r: GetAdsRequest) -> String {
+        validate(&r).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn valid_request_passes() {
+        assert!(validate(&req()).is_ok());
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        assert!(err(GetAdsRequest { slots: 0, ..req() }).starts_with("slots"));
+        assert!(err(GetAdsRequest { slots: 11, ..req() }).starts_with("slots"));
+        assert!(err(GetAdsRequest { user_id: "".into(), ..req() }).starts_with("user_id"));
+        assert!(err(GetAdsRequest { user_id: "x".repeat(200), ..req() }).starts_with("user_id"));
+        assert!(err(GetAdsRequest { context: None, ..req() }).starts_with("context"));
+        let mut r = req();
+        r.context.as_mut().unwrap().device = "toaster".into();
+        assert!(err(r).starts_with("context.device"));
+        let mut r = req();
+        r.context.as_mut().unwrap().placement = String::new();
+        assert!(err(r).starts_with("context.placement"));
+    }
+
+    #[test]
+    fn coppa_requests_may_omit_the_user() {
+        let mut r = req();
+        r.user_id = String::new();
+        r.context.as_mut().unwrap().coppa = true;
+        assert!(validate(&r).is_ok());
+    }
+
+    #[test]
+    fn default_matrix_has_registry_shape_and_context() {
+        let ctx = RequestContext { placement: "feed_top".into(), device: "mobile".into(), ..Default::default() };
+        let m = default_matrix(3, &ctx);
+        assert!(m.check_shape().is_ok());
+        let c = m.feature_names.iter().position(|n| n == "ctx_device_mobile").unwrap();
+        assert_eq!(m.row(2).unwrap()[c], 1.0);
+    }
+}

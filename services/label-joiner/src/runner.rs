@@ -1,0 +1,320 @@
+//! The consume -> join -> write -> commit loop.
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration, time::Instant};
+
+use adserve_core::Shutdown;
+use adserve_events::{decode_click, decode_impression, EventPublisher, CLICKS_TOPIC, IMPRESSIONS_TOPIC};
+use rdkafka::{
+    consumer::{CommitMode, Consumer, StreamConsumer},
+    Message, Offset, TopicPartitionList,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{join::millis, sink, Joiner, LabelJoinerConfig, ParquetSink};
+
+/// What the gRPC service can ask of the loop.
+#[derive(Debug)]
+pub enum Command {
+    /// Write buffered rows now (closing open windows too when asked).
+    Flush {
+        /// Close windows that are still open.
+        close_open_windows: bool,
+        /// File written and its rows.
+        reply: oneshot::Sender<Result<(Option<PathBuf>, usize), String>>,
+    },
+}
+
+/// Live counters, read by GetStatus.
+#[derive(Debug, Default, Clone)]
+pub struct Status {
+    /// Impressions in open windows.
+    pub pending: u64,
+    /// Labelled rows not yet written.
+    pub buffered: u64,
+    /// Rows written.
+    pub rows_written: u64,
+    /// Files written.
+    pub files_written: u64,
+    /// Clicks joined.
+    pub clicks_joined: u64,
+    /// Late clicks.
+    pub late_clicks: u64,
+    /// Dead-lettered messages.
+    pub dead_lettered: u64,
+    /// Last successful commit.
+    pub last_commit: Option<std::time::SystemTime>,
+}
+
+/// Why the loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Kafka failed in a way the loop cannot ride out.
+    #[error("kafka: {0}")]
+    Kafka(String),
+    /// Writing Parquet failed.
+    #[error(transparent)]
+    Sink(#[from] sink::SinkError),
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
+}
+
+fn topic_of(name: &str) -> Option<&'static str> {
+    [IMPRESSIONS_TOPIC, CLICKS_TOPIC].into_iter().find(|t| *t == name)
+}
+
+/// The running joiner.
+pub struct Runner {
+    consumer: Arc<StreamConsumer>,
+    publisher: EventPublisher,
+    joiner: Joiner,
+    sink: ParquetSink,
+    status: Arc<std::sync::Mutex<Status>>,
+    commands: mpsc::Receiver<Command>,
+    flush_interval: Duration,
+    max_rows: usize,
+    last_flush: Instant,
+    last_committed: Vec<((&'static str, i32), i64)>,
+}
+
+impl Runner {
+    /// Subscribes to both topics and recovers what an earlier run wrote but
+    /// did not commit.
+    pub async fn start(
+        config: &LabelJoinerConfig,
+        status: Arc<std::sync::Mutex<Status>>,
+        commands: mpsc::Receiver<Command>,
+    ) -> Result<Self, RunError> {
+        let kafka = |e: &dyn std::fmt::Display| RunError::Kafka(e.to_string());
+        let consumer = Arc::new(config.kafka.consumer(&config.group_id).map_err(|e| kafka(&e))?);
+        let sink = ParquetSink::new(&config.output_dir)?;
+        let committed = {
+            let consumer = consumer.clone();
+            tokio::task::spawn_blocking(move || committed_impression_offsets(&consumer))
+                .await
+                .map_err(|e| kafka(&e))?
+                .map_err(|e| kafka(&e))?
+        };
+        let mut joiner = Joiner::new(config.label_window_ms);
+        let written = sink::written_since(sink.dir(), &committed)?;
+        if !written.is_empty() {
+            tracing::info!(rows = written.len(), "rows written before the last commit will not be written again");
+        }
+        joiner.preload_written(written, now_ms());
+        consumer.subscribe(&[IMPRESSIONS_TOPIC, CLICKS_TOPIC]).map_err(|e| kafka(&e))?;
+        Ok(Self {
+            consumer,
+            publisher: EventPublisher::new(&config.kafka).map_err(|e| kafka(&e))?,
+            joiner,
+            sink,
+            status,
+            commands,
+            flush_interval: Duration::from_millis(config.flush_interval_ms),
+            max_rows: config.max_rows_per_file,
+            last_flush: Instant::now(),
+            last_committed: Vec::new(),
+        })
+    }
+
+    /// Runs until `shutdown`; then writes what is labelled, commits, and leaves the group.
+    pub async fn run(mut self, shutdown: Shutdown) -> Result<(), RunError> {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = self.consumer.recv() => match msg {
+                    Ok(m) => {
+                        let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
+                        let key = m.key().map(<[u8]>::to_vec).unwrap_or_default();
+                        let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
+                        drop(m);
+                        self.handle(&topic, partition, offset, &key, &payload).await?;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "kafka consume error");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                },
+                _ = tick.tick() => {
+                    if self.clicks_caught_up().await {
+                        self.joiner.close_windows(now_ms(), false);
+                    }
+                    let due = self.joiner.ready().len() >= self.max_rows
+                        || (!self.joiner.ready().is_empty() && self.last_flush.elapsed() >= self.flush_interval);
+                    if due {
+                        if let Err(e) = self.flush(false).await {
+                            tracing::error!(error = %e, "flush failed; rows stay buffered and offsets uncommitted");
+                        }
+                    } else {
+                        self.commit().await;
+                    }
+                    self.publish_status();
+                }
+                Some(cmd) = self.commands.recv() => match cmd {
+                    Command::Flush { close_open_windows, reply } => {
+                        let result = self.flush(close_open_windows).await.map_err(|e| e.to_string());
+                        let _ = reply.send(result);
+                    }
+                },
+                _ = shutdown.wait() => break,
+            }
+        }
+        // Rows whose window closed are written; open windows are re-read after restart.
+        if let Err(e) = self.flush(false).await {
+            tracing::error!(error = %e, "final flush failed; rows will be re-read after restart");
+        }
+        self.consumer.unsubscribe();
+        Ok(())
+    }
+
+    async fn handle(&mut self, topic: &str, partition: i32, offset: i64, key: &[u8], payload: &[u8]) -> Result<(), RunError> {
+        let Some(tp) = topic_of(topic) else { return Ok(()) };
+        let decoded = if tp == IMPRESSIONS_TOPIC {
+            decode_impression(payload).map(|e| self.joiner.on_impression(e, (tp, partition), offset))
+        } else {
+            decode_click(payload).map(|c| self.joiner.on_click(c, (tp, partition), offset, now_ms()))
+        };
+        if let Err(reason) = decoded {
+            let source = format!("{topic}/{partition}/{offset}");
+            tracing::warn!(%source, %reason, "poison message; dead-lettering");
+            let mut attempt = 0;
+            // The message is skipped only once the dead-letter topic has it.
+            while let Err(e) = self.publisher.dead_letter(&source, key, payload, &reason).await {
+                attempt += 1;
+                if attempt >= 5 {
+                    return Err(RunError::Kafka(format!("dead-letter publish failed: {e}")));
+                }
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+            }
+            self.joiner.skip((tp, partition), offset);
+            metrics::counter!("adserve_label_joiner_dead_lettered_total").increment(1);
+            if let Ok(mut s) = self.status.lock() {
+                s.dead_lettered += 1;
+            }
+        }
+        metrics::counter!("adserve_label_joiner_consumed_total", "topic" => tp).increment(1);
+        Ok(())
+    }
+
+    /// True when every clicks partition has been read up to its high
+    /// watermark: only then may a window close without missing a click that
+    /// is already in the log (matters when catching up after downtime).
+    async fn clicks_caught_up(&self) -> bool {
+        let consumer = self.consumer.clone();
+        tokio::task::spawn_blocking(move || -> Result<bool, rdkafka::error::KafkaError> {
+            let positions = consumer.position()?;
+            let assigned = consumer.assignment()?;
+            for el in assigned.elements_for_topic(CLICKS_TOPIC) {
+                let (_, high) = consumer.fetch_watermarks(CLICKS_TOPIC, el.partition(), Duration::from_secs(1))?;
+                let pos = positions.find_partition(CLICKS_TOPIC, el.partition()).and_then(|p| match p.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+                if high > 0 && pos.is_none_or(|p| p < high) {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or(false)
+    }
+
+    async fn flush(&mut self, close_open_windows: bool) -> Result<(Option<PathBuf>, usize), RunError> {
+        if close_open_windows {
+            self.joiner.close_windows(now_ms(), true);
+        }
+        let mut last = None;
+        let mut total = 0;
+        while !self.joiner.ready().is_empty() {
+            let rows = self.joiner.take_ready(self.max_rows);
+            match self.sink.write(&rows) {
+                Ok(path) => {
+                    self.joiner.mark_durable(&rows, IMPRESSIONS_TOPIC);
+                    metrics::counter!("adserve_label_joiner_rows_written_total").increment(rows.len() as u64);
+                    metrics::counter!("adserve_label_joiner_files_written_total").increment(1);
+                    if let Ok(mut s) = self.status.lock() {
+                        s.rows_written += rows.len() as u64;
+                        s.files_written += 1;
+                    }
+                    tracing::info!(file = %path.display(), rows = rows.len(), "parquet file written");
+                    total += rows.len();
+                    last = Some(path);
+                }
+                Err(e) => {
+                    self.joiner.restore(rows);
+                    return Err(e.into());
+                }
+            }
+        }
+        self.last_flush = Instant::now();
+        self.commit().await;
+        self.publish_status();
+        Ok((last, total))
+    }
+
+    async fn commit(&mut self) {
+        let mut positions = self.joiner.committable();
+        positions.sort();
+        if positions.is_empty() || positions == self.last_committed {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in &positions {
+            if tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)).is_err() {
+                return;
+            }
+        }
+        let consumer = self.consumer.clone();
+        match tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync)).await {
+            Ok(Ok(())) => {
+                self.last_committed = positions;
+                if let Ok(mut s) = self.status.lock() {
+                    s.last_commit = Some(std::time::SystemTime::now());
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "offset commit failed; will retry"),
+            Err(e) => tracing::warn!(error = %e, "offset commit task failed"),
+        }
+    }
+
+    fn publish_status(&self) {
+        let stats = self.joiner.stats();
+        metrics::gauge!("adserve_label_joiner_pending_impressions").set(self.joiner.pending_len() as f64);
+        if let Ok(mut s) = self.status.lock() {
+            s.pending = self.joiner.pending_len() as u64;
+            s.buffered = self.joiner.ready().len() as u64;
+            s.clicks_joined = stats.clicks_joined;
+            s.late_clicks = stats.late_clicks;
+        }
+    }
+}
+
+/// Committed offsets of the impressions topic's partitions for this group.
+fn committed_impression_offsets(consumer: &StreamConsumer) -> Result<HashMap<i32, i64>, rdkafka::error::KafkaError> {
+    let timeout = Duration::from_secs(5);
+    let metadata = consumer.fetch_metadata(Some(IMPRESSIONS_TOPIC), timeout)?;
+    let mut tpl = TopicPartitionList::new();
+    for topic in metadata.topics() {
+        for p in topic.partitions() {
+            tpl.add_partition(topic.name(), p.id());
+        }
+    }
+    if tpl.count() == 0 {
+        return Ok(HashMap::new());
+    }
+    let committed = consumer.committed_offsets(tpl, timeout)?;
+    Ok(committed
+        .elements()
+        .iter()
+        .map(|e| (e.partition(), match e.offset() { Offset::Offset(o) => o, _ => 0 }))
+        .collect())
+}
+
+/// Milliseconds of a timestamp (re-exported for the service).
+pub fn timestamp_ms(ts: &prost_types::Timestamp) -> i64 {
+    millis(ts)
+}

@@ -1,0 +1,15 @@
+//! The ranker: scores feature matrices with the active CTR model in ONNX
+//! Runtime and returns one pCTR per row.
+//!
+//! A model is a directory holding `model.onnx` and `manifest.json` (written by
+//! `training/`). The manifest's `feature_order` names the columns the model
+//! reads; rows are gathered from the request matrix *by name*, so column order
+//! on the wire can never silently skew a prediction.
+
+pub mod config;
+pub mod model;
+pub mod service;
+
+pub use config::{ExecutionProvider, RankerConfig};
+pub use model::{CtrModel, ModelError, ModelManifest};
+pub use service::RankerGrpc;

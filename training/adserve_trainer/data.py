@@ -1,0 +1,98 @@
+"""Reading label-joiner Parquet rows and turning them into a dense feature matrix."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import TrainerError
+from .registry import Registry
+from .schema import ROW_SCHEMA, conform
+
+
+def parquet_files(path: str | Path) -> list[Path]:
+    p = Path(path)
+    if not p.exists():
+        raise TrainerError(f"data path does not exist: {p}")
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*.parquet") if f.is_file())
+        if not files:
+            raise TrainerError(f"no rows: directory {p} contains no *.parquet files")
+        return files
+    return [p]
+
+
+def load_rows(path: str | Path) -> pa.Table:
+    """Read one Parquet file or a directory of them, validating each file's schema."""
+    tables = []
+    for f in parquet_files(path):
+        try:
+            t = pq.read_table(f)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise TrainerError(f"{f}: cannot read as Parquet: {e}") from e
+        tables.append(conform(t, source=str(f)))
+    table = pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
+    if table.num_rows == 0:
+        raise TrainerError(f"no rows: {path} contains 0 training rows")
+    return table
+
+
+def build_matrix(table: pa.Table, registry: Registry, warn: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Dense float32 [rows, F] matrix in registry order, plus int labels.
+
+    Values are placed by feature NAME, never by position: a row may list its
+    features in any order or omit some (e.g. personal features on COPPA
+    requests); missing features, null lists and null values get the registry
+    default. Names not in the registry are ignored (reported in stats).
+    """
+    n = table.num_rows
+    if n == 0:
+        raise TrainerError("no rows: the dataset is empty")
+    order = registry.names
+    defaults = np.asarray([registry.defaults[name] for name in order], dtype=np.float32)
+
+    names_col = table.column("feature_names").combine_chunks()
+    values_col = table.column("feature_values").combine_chunks()
+    name_lens = pc.fill_null(pc.list_value_length(names_col), 0).to_numpy(zero_copy_only=False)
+    value_lens = pc.fill_null(pc.list_value_length(values_col), 0).to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(name_lens != value_lens)
+    if bad.size:
+        i = int(bad[0])
+        raise TrainerError(
+            f"{bad.size} row(s) have feature_names and feature_values of different lengths "
+            f"(first: row {i}, {name_lens[i]} names vs {value_lens[i]} values)"
+        )
+
+    flat_names = pc.list_flatten(names_col)
+    flat_values = pc.list_flatten(values_col)
+    col_idx = pc.index_in(flat_names, value_set=pa.array(order, pa.string()))
+    known = pc.and_(pc.is_valid(col_idx), pc.is_valid(flat_values))
+    known_np = known.to_numpy(zero_copy_only=False).astype(bool)
+    row_idx = np.repeat(np.arange(n), name_lens.astype(np.int64))
+    cols = pc.fill_null(col_idx, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    vals = pc.fill_null(flat_values, 0.0).to_numpy(zero_copy_only=False).astype(np.float32)
+
+    X = np.tile(defaults, (n, 1))
+    present = np.zeros((n, len(order)), dtype=bool)
+    X[row_idx[known_np], cols[known_np]] = vals[known_np]
+    present[row_idx[known_np], cols[known_np]] = True
+    if not np.all(np.isfinite(X)):
+        raise TrainerError("feature_values contain NaN or infinite values")
+
+    unknown = sorted(set(pc.unique(pc.filter(flat_names, pc.is_null(col_idx))).to_pylist()) - {None})
+    stats = {
+        "defaulted_fraction": {name: float(1.0 - present[:, j].mean()) for j, name in enumerate(order)},
+        "unknown_features": unknown,
+    }
+    if warn and unknown:
+        print(f"warning: ignoring features not in the registry: {', '.join(unknown)}", file=sys.stderr)
+
+    y = table.column("label").to_numpy().astype(np.int64)
+    if np.any((y != 0) & (y != 1)):
+        raise TrainerError(f"column 'label' must be 0 or 1, found values {sorted(set(np.unique(y)) - {0, 1})}")
+    return X, y, stats

@@ -1,0 +1,79 @@
+"""The feature registry (crates/adserve-features/features.toml): names, order, defaults."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import TrainerError
+
+# training/adserve_trainer/registry.py -> repo root is two levels above the package.
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+DEFAULT_REGISTRY = REPO_ROOT / "crates" / "adserve-features" / "features.toml"
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    entity: str
+    source: str
+    attribute: str
+    default: float
+    personal: bool = False
+    equals: str | None = None
+
+
+@dataclass(frozen=True)
+class Registry:
+    path: Path
+    features: tuple[Feature, ...]
+
+    @property
+    def names(self) -> list[str]:
+        """The model's feature_order: registry order."""
+        return [f.name for f in self.features]
+
+    @property
+    def defaults(self) -> dict[str, float]:
+        return {f.name: f.default for f in self.features}
+
+
+def load_registry(path: str | Path | None = None) -> Registry:
+    p = Path(path) if path is not None else DEFAULT_REGISTRY
+    if not p.is_file():
+        raise TrainerError(f"feature registry not found: {p}")
+    try:
+        with p.open("rb") as fh:
+            doc = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as e:
+        raise TrainerError(f"feature registry {p}: invalid TOML: {e}") from e
+    entries = doc.get("feature")
+    if not isinstance(entries, list) or not entries:
+        raise TrainerError(f"feature registry {p}: no [[feature]] entries")
+    features: list[Feature] = []
+    seen: set[str] = set()
+    for i, e in enumerate(entries):
+        for key in ("name", "entity", "source", "attribute", "default"):
+            if key not in e:
+                raise TrainerError(f"feature registry {p}: feature #{i + 1} has no '{key}'")
+        name = e["name"]
+        if name in seen:
+            raise TrainerError(f"feature registry {p}: duplicate feature '{name}'")
+        seen.add(name)
+        default = e["default"]
+        if isinstance(default, bool) or not isinstance(default, (int, float)) or not math.isfinite(default):
+            raise TrainerError(f"feature registry {p}: feature '{name}' default must be a finite number")
+        features.append(
+            Feature(
+                name=name,
+                entity=e["entity"],
+                source=e["source"],
+                attribute=e["attribute"],
+                default=float(default),
+                personal=bool(e.get("personal", False)),
+                equals=e.get("equals"),
+            )
+        )
+    return Registry(path=p, features=tuple(features))

@@ -1,0 +1,84 @@
+"""The training-row schema written by the label-joiner: the ONE definition in Python.
+
+Both the synthetic generator and input validation use ``ROW_SCHEMA``.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from . import TrainerError
+
+_TS = pa.timestamp("ms", tz="UTC")
+
+ROW_SCHEMA = pa.schema(
+    [
+        pa.field("impression_id", pa.string(), nullable=False),
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),  # "" for COPPA requests
+        pa.field("ad_id", pa.int64(), nullable=False),
+        pa.field("campaign_id", pa.int64(), nullable=False),
+        pa.field("slot", pa.int32(), nullable=False),
+        pa.field("placement", pa.string(), nullable=False),
+        pa.field("device", pa.string(), nullable=False),
+        pa.field("surface", pa.string(), nullable=False),
+        pa.field("coppa", pa.bool_(), nullable=False),
+        pa.field("served_at", _TS, nullable=False),
+        pa.field("clicked_at", _TS, nullable=True),
+        pa.field("joined_at", _TS, nullable=False),
+        pa.field("label", pa.int8(), nullable=False),  # 1 clicked within the label window
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("pctr", pa.float32(), nullable=False),
+        pa.field("ecpm_micros", pa.int64(), nullable=False),
+        pa.field("price_cpc_micros", pa.int64(), nullable=False),
+        # The exact row the ranker scored; names and values are aligned.
+        pa.field("feature_names", pa.list_(pa.string()), nullable=False),
+        pa.field("feature_values", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+
+# Columns the trainer actually reads (all of ROW_SCHEMA is still validated).
+TRAINING_COLUMNS = ("label", "feature_names", "feature_values")
+
+_UTC = {"UTC", "utc", "+00:00", "Etc/UTC", "Z"}
+
+
+def _compatible(expected: pa.DataType, got: pa.DataType) -> bool:
+    """Type equality modulo physical encodings other Arrow writers may choose."""
+    if expected.equals(got):
+        return True
+    if pa.types.is_string(expected):
+        return pa.types.is_string(got) or pa.types.is_large_string(got) or pa.types.is_string_view(got)
+    if pa.types.is_timestamp(expected):
+        # Any unit is fine; the instant must be UTC.
+        return pa.types.is_timestamp(got) and got.tz in _UTC
+    if pa.types.is_list(expected):
+        # Parquet round-trips may rename the item field ("item" vs "element").
+        if pa.types.is_list(got) or pa.types.is_large_list(got) or pa.types.is_list_view(got):
+            return _compatible(expected.value_type, got.value_type)
+        return False
+    return False
+
+
+def validate_schema(schema: pa.Schema, source: str = "input") -> None:
+    """Raise TrainerError naming the first missing or mistyped column."""
+    names = set(schema.names)
+    for field in ROW_SCHEMA:
+        if field.name not in names:
+            raise TrainerError(f"{source}: schema mismatch: missing column '{field.name}' ({field.type})")
+        got = schema.field(field.name).type
+        if not _compatible(field.type, got):
+            raise TrainerError(
+                f"{source}: schema mismatch: column '{field.name}' has type {got}, expected {field.type}"
+            )
+
+
+def conform(table: pa.Table, source: str = "input") -> pa.Table:
+    """Validate ``table`` and return it with exactly ROW_SCHEMA's columns and types."""
+    validate_schema(table.schema, source)
+    for name in TRAINING_COLUMNS:
+        nulls = table.column(name).null_count
+        if nulls:
+            raise TrainerError(f"{source}: column '{name}' has {nulls} null value(s)")
+    columns = [table.column(f.name).cast(f.type) for f in ROW_SCHEMA]
+    return pa.Table.from_arrays(columns, schema=ROW_SCHEMA)

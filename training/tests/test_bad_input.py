@@ -1,0 +1,79 @@
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from adserve_trainer import TrainerError
+from adserve_trainer.schema import ROW_SCHEMA
+from adserve_trainer.synthetic import generate
+from adserve_trainer.train import main, run
+
+from conftest import TRAINING_DIR
+
+
+def _train(path, tmp_path):
+    return run(["--data", str(path), "--out", str(tmp_path / "out")])
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(TrainerError, match="does not exist"):
+        _train(tmp_path / "nope.parquet", tmp_path)
+
+
+def test_empty_dataset(tmp_path):
+    pq.write_table(ROW_SCHEMA.empty_table(), tmp_path / "empty.parquet")
+    with pytest.raises(TrainerError, match="no rows"):
+        _train(tmp_path / "empty.parquet", tmp_path)
+
+
+def test_empty_directory(tmp_path):
+    (tmp_path / "rows").mkdir()
+    with pytest.raises(TrainerError, match="no rows"):
+        _train(tmp_path / "rows", tmp_path)
+
+
+@pytest.mark.parametrize("column", ["label", "feature_values", "served_at"])
+def test_file_missing_a_column(tmp_path, registry, column):
+    t = generate(200, 1, registry)
+    pq.write_table(t.drop_columns([column]), tmp_path / "rows.parquet")
+    with pytest.raises(TrainerError, match=f"missing column '{column}'"):
+        _train(tmp_path / "rows.parquet", tmp_path)
+
+
+def test_mistyped_column(tmp_path, registry):
+    t = generate(200, 1, registry)
+    i = t.schema.get_field_index("label")
+    t = t.set_column(i, "label", pc.cast(t.column("label"), pa.string()))
+    pq.write_table(t, tmp_path / "rows.parquet")
+    with pytest.raises(TrainerError, match="column 'label' has type string"):
+        _train(tmp_path / "rows.parquet", tmp_path)
+
+
+def test_all_one_class(tmp_path, registry):
+    t = generate(500, 1, registry)
+    i = t.schema.get_field_index("label")
+    t = t.set_column(i, ROW_SCHEMA.field("label"), pa.array([0] * t.num_rows, pa.int8()))
+    pq.write_table(t, tmp_path / "rows.parquet")
+    with pytest.raises(TrainerError, match="all one class"):
+        _train(tmp_path / "rows.parquet", tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_main_prints_one_line_error(tmp_path, capsys):
+    assert main(["--data", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_cli_exit_code(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(TRAINING_DIR))
+    r = subprocess.run(
+        [sys.executable, "-m", "adserve_trainer.train", "--data", str(tmp_path / "missing")],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )
+    assert r.returncode != 0
+    assert r.stderr.strip().startswith("error:") and "does not exist" in r.stderr

@@ -1,0 +1,67 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from adserve_trainer import TrainerError
+from adserve_trainer.data import build_matrix
+from adserve_trainer.schema import ROW_SCHEMA
+from adserve_trainer.synthetic import generate
+
+
+def _with_features(table, names, values):
+    i = ROW_SCHEMA.get_field_index
+    t = table.set_column(i("feature_names"), "feature_names", pa.array(names, ROW_SCHEMA.field("feature_names").type))
+    return t.set_column(i("feature_values"), "feature_values", pa.array(values, ROW_SCHEMA.field("feature_values").type))
+
+
+def test_shuffled_features_give_same_matrix(registry):
+    t = generate(400, 1, registry)
+    X, y, _ = build_matrix(t, registry)
+    rng = np.random.default_rng(0)
+    names, values = [], []
+    for ns, vs in zip(t.column("feature_names").to_pylist(), t.column("feature_values").to_pylist()):
+        perm = rng.permutation(len(ns))
+        names.append([ns[k] for k in perm])
+        values.append([vs[k] for k in perm])
+    X2, y2, _ = build_matrix(_with_features(t, names, values), registry)
+    np.testing.assert_array_equal(X, X2)
+    np.testing.assert_array_equal(y, y2)
+
+
+def test_partial_rows_get_registry_default_by_name(registry):
+    t = generate(300, 2, registry)
+    X, _, _ = build_matrix(t, registry)
+    defaults = np.array([registry.defaults[n] for n in registry.names], dtype=np.float32)
+    rng = np.random.default_rng(1)
+    names, values, expected = [], [], X.copy()
+    for r, (ns, vs) in enumerate(zip(t.column("feature_names").to_pylist(), t.column("feature_values").to_pylist())):
+        keep = rng.random(len(ns)) < 0.5
+        kept = [k for k in rng.permutation(len(ns)) if keep[k]]
+        names.append([ns[k] for k in kept])
+        values.append([vs[k] for k in kept])
+        for k in range(len(ns)):
+            if not keep[k]:
+                expected[r, registry.names.index(ns[k])] = defaults[registry.names.index(ns[k])]
+    X2, _, stats = build_matrix(_with_features(t, names, values), registry)
+    np.testing.assert_array_equal(X2, expected)
+    assert all(0 < v < 1 for v in stats["defaulted_fraction"].values())
+
+
+def test_empty_lists_unknown_names_and_null_values(registry):
+    t = generate(3, 4, registry).slice(0, 3)
+    names = [[], ["not_a_feature", "ad_quality_score"], ["ad_ctr_7d"]]
+    values = [[], [9.0, 0.75], [None]]
+    X, _, stats = build_matrix(_with_features(t, names, values), registry)
+    defaults = np.array([registry.defaults[n] for n in registry.names], dtype=np.float32)
+    np.testing.assert_array_equal(X[0], defaults)
+    exp1 = defaults.copy()
+    exp1[registry.names.index("ad_quality_score")] = 0.75
+    np.testing.assert_array_equal(X[1], exp1)
+    np.testing.assert_array_equal(X[2], defaults)  # null value -> default
+    assert stats["unknown_features"] == ["not_a_feature"]
+
+
+def test_misaligned_names_and_values_rejected(registry):
+    t = generate(2, 4, registry).slice(0, 2)
+    with pytest.raises(TrainerError, match="different lengths"):
+        build_matrix(_with_features(t, [["ad_ctr_7d"], ["ad_ctr_7d"]], [[0.1], [0.1, 0.2]]), registry)
