@@ -1,1 +1,324 @@
-//! Whole-stack and contract tests against the real services and infrastructure
+//! Test harness for the running stack: where each service listens, starting
+//! the stack when it is not up, seeding the catalog and feature stores, and
+//! reading what the pipeline produced (Kafka events, Parquet rows).
+//!
+//! Endpoints default to the local stack of `scripts/start.sh`; override with
+//! `ADSERVE_TEST_*` variables to point the tests at another deployment.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use adserve_catalog::{Catalog, PostgresConfig};
+use adserve_feature_service::{config::DynamoConfig, config::RedisConfig, BatchStore, RealtimeStore};
+use adserve_proto::v1::{
+    label_joiner_service_client::LabelJoinerServiceClient, FlushRequest, GetStatusRequest, ImpressionEvent,
+};
+use anyhow::{bail, Context};
+use arrow::array::{Array, AsArray};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rdkafka::{
+    consumer::{Consumer, StreamConsumer},
+    Message,
+};
+
+/// Repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+/// Where the stack listens.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    /// Gateway HTTP base URL.
+    pub http: String,
+    /// Gateway gRPC URL.
+    pub gateway: String,
+    /// feature-service gRPC URL.
+    pub features: String,
+    /// ranker gRPC URL.
+    pub ranker: String,
+    /// auction gRPC URL.
+    pub auction: String,
+    /// label-joiner gRPC URL.
+    pub joiner: String,
+    /// PostgreSQL URL of the catalog.
+    pub postgres: String,
+    /// Kafka bootstrap servers.
+    pub kafka: String,
+    /// Redis URL.
+    pub redis: String,
+    /// DynamoDB endpoint.
+    pub dynamodb: String,
+}
+
+impl Stack {
+    /// Endpoints from `ADSERVE_TEST_*` or the local defaults.
+    pub fn from_env() -> Self {
+        Self {
+            http: env_or("ADSERVE_TEST_HTTP", "http://127.0.0.1:8080"),
+            gateway: env_or("ADSERVE_TEST_GATEWAY", "http://127.0.0.1:50051"),
+            features: env_or("ADSERVE_TEST_FEATURES", "http://127.0.0.1:50052"),
+            ranker: env_or("ADSERVE_TEST_RANKER", "http://127.0.0.1:50053"),
+            auction: env_or("ADSERVE_TEST_AUCTION", "http://127.0.0.1:50054"),
+            joiner: env_or("ADSERVE_TEST_JOINER", "http://127.0.0.1:50055"),
+            postgres: env_or("ADSERVE_TEST_POSTGRES_URL", "postgres://adserve:adserve@127.0.0.1:5432/adserve"),
+            kafka: env_or("ADSERVE_TEST_KAFKA", "127.0.0.1:9092"),
+            redis: env_or("ADSERVE_TEST_REDIS", "redis://127.0.0.1:6379/0"),
+            dynamodb: env_or("ADSERVE_TEST_DYNAMODB", "http://127.0.0.1:8000"),
+        }
+    }
+
+    /// The stack, started with `scripts/start.sh` if the gateway does not
+    /// answer, and seeded with the demo catalog and features.
+    pub async fn ready() -> anyhow::Result<Self> {
+        static READY: tokio::sync::OnceCell<Stack> = tokio::sync::OnceCell::const_new();
+        READY
+            .get_or_try_init(|| async {
+                let stack = Self::from_env();
+                if !stack.gateway_healthy().await {
+                    let status = tokio::process::Command::new("bash")
+                        .arg(repo_root().join("scripts/start.sh"))
+                        .arg("all")
+                        .status()
+                        .await
+                        .context("running scripts/start.sh")?;
+                    if !status.success() || !stack.gateway_healthy().await {
+                        bail!("the stack did not start (scripts/start.sh exited {status})");
+                    }
+                }
+                stack.seed().await?;
+                Ok(stack)
+            })
+            .await
+            .cloned()
+    }
+
+    async fn gateway_healthy(&self) -> bool {
+        let url = format!("{}/healthz", self.http);
+        matches!(reqwest::get(&url).await, Ok(r) if r.status().is_success())
+    }
+
+    /// The catalog in the shared database.
+    pub fn catalog(&self) -> anyhow::Result<Catalog> {
+        Ok(Catalog::connect_lazy(&self.postgres_config("public"))?)
+    }
+
+    /// Catalog settings for `schema`.
+    pub fn postgres_config(&self, schema: &str) -> PostgresConfig {
+        PostgresConfig { url: self.postgres.clone(), schema: schema.into(), ..PostgresConfig::default() }
+    }
+
+    /// The batch feature store.
+    pub fn batch_store(&self) -> BatchStore {
+        let config = DynamoConfig { endpoint: self.dynamodb.clone(), timeout_ms: 5000, ..DynamoConfig::default() };
+        BatchStore::new(&config, adserve_features::registry())
+    }
+
+    /// The real-time feature store.
+    pub async fn realtime_store(&self) -> anyhow::Result<RealtimeStore> {
+        let config = RedisConfig { url: self.redis.clone(), timeout_ms: 2000 };
+        Ok(RealtimeStore::connect(&config, adserve_features::registry()).await?)
+    }
+
+    /// Seeds the demo catalog (once) and batch and real-time features for its
+    /// ads and for users `demo-user-0..50` (idempotent).
+    pub async fn seed(&self) -> anyhow::Result<()> {
+        let catalog = self.catalog()?;
+        catalog.migrate("public").await?;
+        let (count,): (i64,) = sqlx_count(&catalog).await?;
+        if count == 0 {
+            for campaign in adserve_catalog::demo_campaigns(20, 5) {
+                catalog.insert_campaign(&campaign).await?;
+            }
+        }
+        let ad_ids = all_ad_ids(&catalog).await?;
+        let batch = self.batch_store();
+        batch.ensure_tables().await?;
+        let ads: Vec<(i64, HashMap<String, f32>)> = ad_ids
+            .iter()
+            .map(|id| {
+                let h = (*id as u64).wrapping_mul(2654435761) % 1000;
+                (*id, HashMap::from([
+                    ("ctr_7d".to_string(), 0.005 + h as f32 / 1000.0 * 0.06),
+                    ("quality_score".to_string(), (h % 100) as f32 / 100.0),
+                ]))
+            })
+            .collect();
+        batch.put_ads(&ads).await?;
+        let users: Vec<(String, HashMap<String, f32>)> = (0..50)
+            .map(|u| {
+                (format!("demo-user-{u}"), HashMap::from([
+                    ("ctr_30d".to_string(), 0.01 + (u % 10) as f32 * 0.006),
+                    ("sessions_7d".to_string(), (u % 15) as f32),
+                ]))
+            })
+            .collect();
+        batch.put_users(&users).await?;
+        let realtime = self.realtime_store().await?;
+        let registry = adserve_features::registry();
+        let ad_spec = registry.features.iter().find(|f| f.name == "ad_impressions_1h").context("registry")?;
+        let counters: Vec<(String, f64)> =
+            ad_ids.iter().map(|id| (registry.redis_key(ad_spec, &id.to_string()), (*id % 40) as f64)).collect();
+        realtime.set_counters(&counters).await?;
+        Ok(())
+    }
+
+    /// A label-joiner client.
+    pub async fn joiner_client(&self) -> anyhow::Result<LabelJoinerServiceClient<tonic::transport::Channel>> {
+        Ok(LabelJoinerServiceClient::connect(self.joiner.clone()).await?)
+    }
+
+    /// Flushes the joiner until a row for `impression_id` is in its output,
+    /// and returns every row with that id. Gives up after `patience`.
+    pub async fn wait_for_rows(&self, impression_id: &str, patience: Duration) -> anyhow::Result<Vec<ParquetRow>> {
+        let mut client = self.joiner_client().await?;
+        let dir = PathBuf::from(client.get_status(GetStatusRequest {}).await?.into_inner().output_dir);
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            client.flush(FlushRequest { close_open_windows: false }).await?;
+            let rows: Vec<ParquetRow> = read_rows(&dir)?.into_iter().filter(|r| r.impression_id == impression_id).collect();
+            if !rows.is_empty() {
+                return Ok(rows);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("no Parquet row for impression {impression_id} in {} after {patience:?}", dir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Reads the impression with `impression_id` from the impressions topic.
+    pub async fn impression_event(&self, impression_id: &str) -> anyhow::Result<ImpressionEvent> {
+        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.kafka)
+            .set("group.id", format!("adserve-test-{}", uuid::Uuid::new_v4()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()?;
+        consumer.subscribe(&[adserve_events::IMPRESSIONS_TOPIC])?;
+        let found = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let msg = consumer.recv().await?;
+                if msg.key() == Some(impression_id.as_bytes()) {
+                    let payload = msg.payload().unwrap_or_default();
+                    return adserve_events::decode_impression(payload).map_err(anyhow::Error::msg);
+                }
+            }
+        })
+        .await
+        .context("impression not on Kafka within 30 s")?;
+        consumer.unsubscribe();
+        found
+    }
+}
+
+async fn sqlx_count(catalog: &Catalog) -> anyhow::Result<(i64,)> {
+    let targeting = adserve_catalog::Targeting { placement: "feed_top", device: "mobile", coppa: false };
+    Ok((catalog.eligible_ads(&targeting, 1).await?.len() as i64,))
+}
+
+async fn all_ad_ids(catalog: &Catalog) -> anyhow::Result<Vec<i64>> {
+    let mut ids = Vec::new();
+    for placement in ["feed_top", "sidebar"] {
+        for coppa in [false, true] {
+            let t = adserve_catalog::Targeting { placement, device: "mobile", coppa };
+            ids.extend(catalog.eligible_ads(&t, 5000).await?.into_iter().map(|a| a.ad_id));
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// One training row as read back from Parquet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParquetRow {
+    /// Impression id.
+    pub impression_id: String,
+    /// Ad id.
+    pub ad_id: i64,
+    /// 1 when clicked within the window.
+    pub label: i8,
+    /// Model version that scored it.
+    pub model_version: String,
+    /// pCTR served.
+    pub pctr: f32,
+    /// Feature names.
+    pub feature_names: Vec<String>,
+    /// Feature values.
+    pub feature_values: Vec<f32>,
+    /// Clicked at (ms), if clicked.
+    pub clicked_at_ms: Option<i64>,
+}
+
+/// Every row of every Parquet file in `dir`.
+pub fn read_rows(dir: &Path) -> anyhow::Result<Vec<ParquetRow>> {
+    let mut rows = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(rows) };
+    let mut paths: Vec<PathBuf> =
+        entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "parquet")).collect();
+    paths.sort();
+    for path in paths {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path)?)?.build()?;
+        for batch in reader {
+            let b = batch?;
+            let col = |n: &str| b.column_by_name(n).cloned().with_context(|| format!("{}: no column {n}", path.display()));
+            let ids = col("impression_id")?;
+            let ad = col("ad_id")?;
+            let label = col("label")?;
+            let mv = col("model_version")?;
+            let pctr = col("pctr")?;
+            let names = col("feature_names")?;
+            let values = col("feature_values")?;
+            let clicked = col("clicked_at")?;
+            let (ids, ad, label, mv, pctr) = (
+                ids.as_string::<i32>(),
+                ad.as_primitive::<arrow::datatypes::Int64Type>(),
+                label.as_primitive::<arrow::datatypes::Int8Type>(),
+                mv.as_string::<i32>(),
+                pctr.as_primitive::<arrow::datatypes::Float32Type>(),
+            );
+            let (names, values) = (names.as_list::<i32>(), values.as_list::<i32>());
+            let clicked = clicked.as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+            for i in 0..b.num_rows() {
+                let n = names.value(i);
+                let v = values.value(i);
+                rows.push(ParquetRow {
+                    impression_id: ids.value(i).to_string(),
+                    ad_id: ad.value(i),
+                    label: label.value(i),
+                    model_version: mv.value(i).to_string(),
+                    pctr: pctr.value(i),
+                    feature_names: (0..n.len()).map(|j| n.as_string::<i32>().value(j).to_string()).collect(),
+                    feature_values: v.as_primitive::<arrow::datatypes::Float32Type>().values().to_vec(),
+                    clicked_at_ms: (!clicked.is_null(i)).then(|| clicked.value(i)),
+                });
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Path of a workspace binary built by `cargo build` (same profile as the tests).
+pub fn binary(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("ADSERVE_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    // The test executable lives in <target>/<profile>/deps/.
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().and_then(Path::parent).map(|d| d.join(name)))
+        .unwrap_or_else(|| repo_root().join("target/debug").join(name))
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}

@@ -159,7 +159,7 @@ mod tests {
             assert!(err.to_string().contains("server.shutdown_grace_ms"), "{err}");
             jail.set_env("ADSERVE_SERVER__SHUTDOWN_GRACE_MS", "not-a-number");
             let err = load_config_from::<Demo>(None, Env::prefixed("ADSERVE_").split("__")).unwrap_err();
-            assert!(err.to_string().contains("shutdown_grace_ms"), "{err}");
+            assert!(err.to_string().to_lowercase().contains("server.shutdown_grace_ms"), "{err}");
             Ok(())
         });
     }

@@ -57,8 +57,9 @@ impl Default for DynamoConfig {
         Self {
             endpoint: "http://127.0.0.1:8000".into(),
             region: "us-east-1".into(),
-            access_key_id: "adserve-local".into(),
-            secret_access_key: "adserve-local".into(),
+            // DynamoDB Local accepts only letters and digits in the key id.
+            access_key_id: "adservelocal".into(),
+            secret_access_key: "adservelocal".into(),
             timeout_ms: 100,
         }
     }

@@ -1,0 +1,107 @@
+# syntax=docker/dockerfile:1.7
+#
+# One image definition for every adserve service; pick the binary with SERVICE:
+#
+#   docker build --build-arg SERVICE=adserve-ranker -t adserve-ranker:0.1.0 .
+#
+# SERVICE is one of adserve-gateway, adserve-feature-service, adserve-ranker,
+# adserve-auction, adserve-label-joiner. Requires BuildKit (cache mounts).
+#
+# Build args:
+#   SERVICE         binary to build and run (required)
+#   CARGO_FEATURES  extra cargo features, e.g. "adserve-ranker/cuda" or
+#                   "adserve-ranker/tensorrt" for a GPU ranker
+#   ORT_PACKAGE     PyPI package the ONNX Runtime library is taken from:
+#                   "onnxruntime" (CPU, default) or "onnxruntime-gpu" (CUDA /
+#                   TensorRT; also needs a CUDA base image as RUNTIME_IMAGE, e.g.
+#                   nvidia/cuda:12.x-cudnn-runtime-ubuntu24.04 - glibc >= 2.36 like
+#                   bookworm, where the binary is built - plus the cuda
+#                   cargo feature above). CPU images need neither.
+#   ORT_VERSION     ONNX Runtime version; must match the ort crate's API level
+#                   (api-31 => 1.31.x). Same as ADSERVE_ORT_VERSION in scripts/env.sh.
+
+ARG RUST_IMAGE=rust:1-bookworm
+ARG RUNTIME_IMAGE=debian:bookworm-slim
+
+# ---------------------------------------------------------------- build
+FROM ${RUST_IMAGE} AS build
+ARG SERVICE
+ARG CARGO_FEATURES=""
+# rdkafka-sys builds librdkafka from source with its bundled configure script
+# (make, g++, perl, python3); libz-sys links zlib.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential perl python3 pkg-config zlib1g-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+# The target dir is a cache mount shared by all five service builds, so the
+# workspace dependencies compile once; the binary is copied out of it.
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
+    --mount=type=cache,target=/src/target,id=adserve-target,sharing=locked \
+    set -eu; \
+    [ -n "${SERVICE:-}" ] || { echo "build arg SERVICE is required" >&2; exit 1; }; \
+    cargo build --release --locked --bin "$SERVICE" ${CARGO_FEATURES:+--features "$CARGO_FEATURES"}; \
+    install -D -m 0755 "target/release/$SERVICE" "/out/usr/local/bin/$SERVICE"
+
+# ------------------------------------------------- ONNX Runtime (ranker)
+# The ranker loads libonnxruntime.so at run time (ort "load-dynamic"). The
+# shared library is taken from the official Python wheel, as scripts/install.sh
+# does locally. For GPU use ORT_PACKAGE=onnxruntime-gpu (ships the CUDA and
+# TensorRT provider libraries next to libonnxruntime.so).
+FROM python:3.12-slim-bookworm AS onnxruntime
+ARG ORT_PACKAGE=onnxruntime
+ARG ORT_VERSION=1.31.1
+RUN set -eu; \
+    pip install --no-cache-dir --no-deps --only-binary=:all: --target /ort "${ORT_PACKAGE}==${ORT_VERSION}"; \
+    mkdir -p /lib-out; \
+    cp -a /ort/onnxruntime/capi/libonnxruntime*.so* /lib-out/; \
+    test -f "/lib-out/libonnxruntime.so.${ORT_VERSION}"
+
+# --------------------------------------------- per-service extra files
+# Only the ranker image gets ONNX Runtime and the model; the other images get
+# an empty directory from here.
+FROM debian:bookworm-slim AS extras
+ARG SERVICE
+COPY --from=onnxruntime /lib-out/ /staging/usr/lib/adserve/
+COPY models/ctr-baseline/ /staging/opt/adserve/models/ctr-baseline/
+RUN mkdir -p /extras \
+ && if [ "$SERVICE" = adserve-ranker ]; then cp -a /staging/. /extras/; fi
+
+# -------------------------------------------------------------- runtime
+FROM ${RUNTIME_IMAGE} AS runtime
+ARG SERVICE
+ARG ORT_VERSION=1.31.1
+# curl: for the compose healthchecks (gateway /healthz, /metrics) and debugging.
+# libstdc++6: needed by libonnxruntime.so.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates curl libstdc++6 \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 adserve \
+ && useradd --system --uid 10001 --gid adserve --home-dir /opt/adserve --shell /usr/sbin/nologin adserve \
+ && mkdir -p /opt/adserve /var/lib/adserve/training-rows /etc/adserve \
+ && chown -R adserve:adserve /opt/adserve /var/lib/adserve
+
+COPY --from=build /out/ /
+COPY --from=extras /extras/ /
+
+# SERVICE is kept in the environment so the entrypoint can exec the binary; it
+# is not an ADSERVE_* variable, so the services do not read it as config.
+ENV SERVICE=${SERVICE} \
+    ORT_DYLIB_PATH=/usr/lib/adserve/libonnxruntime.so.${ORT_VERSION}
+
+# Relative defaults (model.dir = models/ctr-baseline) resolve against this.
+WORKDIR /opt/adserve
+USER 10001:10001
+
+# Ports (per service; see scripts/env.sh):
+#   gateway 8080 (HTTP), 50051 (gRPC), 9101 (metrics)
+#   feature-service 50052/9102, ranker 50053/9103, auction 50054/9104,
+#   label-joiner 50055/9105
+# The services bind 127.0.0.1 by default: set ADSERVE_SERVER__GRPC_ADDR,
+# ADSERVE_SERVER__METRICS_ADDR (and ADSERVE_HTTP_ADDR for the gateway) to
+# 0.0.0.0:PORT, or use a config file (ADSERVE_CONFIG).
+#
+# exec replaces the shell, so the service is PID 1 and receives SIGTERM itself
+# (it drains in-flight requests for server.shutdown_grace_ms).
+ENTRYPOINT ["/bin/sh", "-c", "exec \"/usr/local/bin/$SERVICE\" \"$@\"", "adserve"]

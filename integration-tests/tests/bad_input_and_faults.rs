@@ -1,0 +1,164 @@
+//! Bad input gets a 4xx naming the problem; dead dependencies cost at most
+//! their deadline and the answer says what degraded. Gateways with broken
+//! dependencies run in-process against the real stack.
+
+use std::time::Duration;
+
+use adserve_catalog::Catalog;
+use adserve_events::{EventPublisher, KafkaConfig};
+use adserve_gateway::{http, AdServer, GatewayConfig};
+use adserve_integration_tests::Stack;
+use serde_json::{json, Value};
+
+const DEAD: &str = "http://127.0.0.1:1";
+
+async fn post(url: &str, body: &str) -> anyhow::Result<(u16, Value)> {
+    let resp = reqwest::Client::new().post(url).header("content-type", "application/json").body(body.to_string()).send().await?;
+    let status = resp.status().as_u16();
+    let text = resp.text().await?;
+    Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+}
+
+fn message(v: &Value) -> String {
+    v["error"]["message"].as_str().unwrap_or_default().to_string()
+}
+
+fn good() -> Value {
+    json!({"user_id": "demo-user-2", "context": {"placement": "feed_top", "device": "mobile"}, "slots": 1})
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_naming_the_field() -> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    let url = format!("{}/v1/ads", s.http);
+    let cases: Vec<(String, &str)> = vec![
+        ("{not json".into(), "key must be a string"),
+        ("".into(), "body"),
+        (json!({"context": {"placement": "p", "device": "mobile"}, "slots": 1}).to_string(), "missing field `user_id`"),
+        (json!({"user_id": "u", "context": {"placement": "p", "device": "mobile"}, "slots": 1, "colour": 1}).to_string(), "unknown field `colour`"),
+        (json!({"user_id": "u", "context": {"placement": "p", "device": "mobile", "x": 1}, "slots": 1}).to_string(), "context"),
+        (json!({"user_id": "u", "context": {"placement": "p", "device": "mobile"}, "slots": 0}).to_string(), "slots"),
+        (json!({"user_id": "u", "context": {"placement": "p", "device": "mobile"}, "slots": -3}).to_string(), "slots"),
+        (json!({"user_id": "u", "context": {"placement": "p", "device": "mobile"}, "slots": "two"}).to_string(), "slots"),
+        (json!({"user_id": "u", "slots": 1}).to_string(), "context"),
+        (json!({"user_id": "u", "context": {"placement": "p", "device": "fridge"}, "slots": 1}).to_string(), "context.device"),
+        (json!({"user_id": "", "context": {"placement": "p", "device": "mobile"}, "slots": 1}).to_string(), "user_id"),
+    ];
+    for (body, needle) in cases {
+        let (status, v) = post(&url, &body).await?;
+        assert_eq!(status, 400, "{body} -> {v}");
+        assert!(message(&v).contains(needle), "{body}: expected {needle:?} in {v}");
+        assert_eq!(v["error"]["code"], "invalid_argument");
+    }
+    let (status, v) = post(&format!("{}/v1/clicks", s.http), &json!({"impression_id": "nope"}).to_string()).await?;
+    assert_eq!(status, 400);
+    assert!(message(&v).starts_with("impression_id"), "{v}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn oversized_body_is_rejected_with_413() -> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    let body = json!({"user_id": "x".repeat(100_000), "context": {"placement": "p", "device": "mobile"}, "slots": 1});
+    let (status, _) = post(&format!("{}/v1/ads", s.http), &body.to_string()).await?;
+    assert_eq!(status, 413);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unknown_user_is_served_with_default_features() -> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    let body = json!({"user_id": format!("never-seen-{}", uuid::Uuid::new_v4()), "context": {"placement": "feed_top", "device": "mobile"}, "slots": 1});
+    let (status, v) = post(&format!("{}/v1/ads", s.http), &body.to_string()).await?;
+    assert_eq!(status, 200, "{v}");
+    let event = s.impression_event(v["winners"][0]["impression_id"].as_str().unwrap()).await?;
+    let f = event.features.unwrap();
+    let i = f.names.iter().position(|n| n == "user_ctr_30d").unwrap();
+    assert_eq!(f.values[i], adserve_features::registry().features[i].default);
+    Ok(())
+}
+
+/// A gateway in this process, on a random port, wired as `tweak` says.
+async fn gateway(s: &Stack, tweak: impl FnOnce(&mut GatewayConfig)) -> anyhow::Result<String> {
+    let mut config = GatewayConfig::default();
+    config.postgres = s.postgres_config("public");
+    config.kafka = KafkaConfig { brokers: s.kafka.clone(), ..KafkaConfig::default() };
+    config.upstreams.feature_service = s.features.clone();
+    config.upstreams.ranker = s.ranker.clone();
+    config.upstreams.auction = s.auction.clone();
+    tweak(&mut config);
+    let catalog = Catalog::connect_lazy(&config.postgres)?;
+    if config.postgres.schema != "public" {
+        catalog.migrate(&config.postgres.schema).await?;
+    }
+    let server = AdServer::new(config.clone(), catalog, EventPublisher::new(&config.kafka)?)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, http::router(server, config.max_body_bytes)).await });
+    Ok(format!("http://{addr}/v1/ads"))
+}
+
+/// Guards against hangs only; no timing is asserted.
+async fn answer(url: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+    Ok(tokio::time::timeout(Duration::from_secs(20), post(url, &body.to_string())).await??)
+}
+
+#[tokio::test]
+async fn empty_catalog_is_a_no_fill_not_an_error() -> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    let schema = format!("empty_{}", uuid::Uuid::new_v4().simple());
+    let url = gateway(&s, |c| c.postgres.schema = schema).await?;
+    let (status, v) = answer(&url, &good()).await?;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["winners"], json!([]));
+    assert_eq!(v["no_fill_reason"], "no_eligible_ads");
+    Ok(())
+}
+
+#[tokio::test]
+async fn dead_feature_ranker_and_auction_services_degrade_but_still_serve() -> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    let url = gateway(&s, |c| {
+        c.upstreams.feature_service = DEAD.into();
+        c.upstreams.ranker = DEAD.into();
+        c.upstreams.auction = DEAD.into();
+    })
+    .await?;
+    let (status, v) = answer(&url, &good()).await?;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["winners"].as_array().map(Vec::len), Some(1));
+    assert_eq!(v["model_version"], "fallback-prior");
+    let degraded: Vec<&str> = v["degraded"].as_array().unwrap().iter().map(|d| d["component"].as_str().unwrap()).collect();
+    assert_eq!(degraded, vec!["feature-service", "ranker", "auction"]);
+    // The impression still records exactly what was used to rank.
+    let event = s.impression_event(v["winners"][0]["impression_id"].as_str().unwrap()).await?;
+    assert_eq!(event.model_version, "fallback-prior");
+    assert_eq!(event.features.unwrap().values, adserve_gateway::pipeline::default_matrix(1, &adserve_proto::v1::RequestContext {
+        placement: "feed_top".into(), device: "mobile".into(), ..Default::default()
+    }).values);
+    Ok(())
+}
+
+#[tokio::test]
+async fn dead_catalog_answers_503_naming_it() -> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    let url = gateway(&s, |c| c.postgres.url = "postgres://adserve:adserve@127.0.0.1:1/adserve".into()).await?;
+    let (status, v) = answer(&url, &good()).await?;
+    assert_eq!(status, 503, "{v}");
+    assert!(message(&v).starts_with("catalog unavailable"), "{v}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn dead_kafka_serves_no_unlogged_ad() -> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    let url = gateway(&s, |c| {
+        c.kafka.brokers = "127.0.0.1:1".into();
+        c.kafka.publish_timeout_ms = 1000;
+    })
+    .await?;
+    let (status, v) = answer(&url, &good()).await?;
+    assert_eq!(status, 503, "{v}");
+    assert!(message(&v).contains("kafka"), "{v}");
+    Ok(())
+}

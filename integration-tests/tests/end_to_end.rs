@@ -1,0 +1,102 @@
+//! The whole path against the real services: ad request -> winner ->
+//! ImpressionEvent on Kafka -> click -> exactly one labelled Parquet row whose
+//! features equal those the ranker scored.
+
+use std::{collections::HashMap, time::Duration};
+
+use adserve_integration_tests::Stack;
+use adserve_proto::v1::{ranker_service_client::RankerServiceClient, FeatureMatrix, ScoreRequest};
+use serde_json::{json, Value};
+
+#[tokio::test]
+async fn ad_request_and_click_become_one_labelled_row_with_the_scored_features() -> anyhow::Result<()> {
+    let stack = Stack::ready().await?;
+    // A user whose batch features are known, so we can see them flow through.
+    let user = format!("e2e-{}", uuid::Uuid::new_v4());
+    stack.batch_store().put_users(&[(user.clone(), HashMap::from([("ctr_30d".to_string(), 0.0625), ("sessions_7d".to_string(), 9.0)]))]).await?;
+
+    let http = reqwest::Client::new();
+    let body = json!({"user_id": user, "context": {"placement": "feed_top", "device": "mobile", "surface": "home"}, "slots": 1});
+    let resp = http.post(format!("{}/v1/ads", stack.http)).json(&body).send().await?;
+    assert_eq!(resp.status(), 200);
+    let ad: Value = resp.json().await?;
+    assert_eq!(ad["degraded"], json!([]), "every dependency is up: {ad}");
+    let winner = &ad["winners"][0];
+    let impression_id = winner["impression_id"].as_str().expect("impression id").to_string();
+    assert!(winner["price_cpc_micros"].as_i64().unwrap() <= winner["bid_cpc_micros"].as_i64().unwrap());
+
+    // The user clicks right away (well inside the stack's label window).
+    let click = http.post(format!("{}/v1/clicks", stack.http)).json(&json!({"impression_id": impression_id})).send().await?;
+    assert_eq!(click.status(), 202);
+
+    // The impression was on Kafka, with the feature row that was scored.
+    let event = stack.impression_event(&impression_id).await?;
+    assert_eq!(event.user_id, user);
+    assert_eq!(event.ad_id, winner["ad_id"].as_i64().unwrap());
+    assert_eq!(event.model_version, ad["model_version"].as_str().unwrap());
+    let features = event.features.clone().expect("feature row");
+    let registry = adserve_features::registry();
+    assert_eq!(features.names, registry.names());
+    let value = |name: &str| features.values[features.names.iter().position(|n| n == name).unwrap()];
+    assert_eq!(value("user_ctr_30d"), 0.0625, "batch tier (DynamoDB) reached the ranker");
+    assert_eq!(value("ctx_device_mobile"), 1.0);
+
+    // Re-scoring the logged row gives the logged pCTR: the log is what was scored.
+    let mut ranker = RankerServiceClient::connect(stack.ranker.clone()).await?;
+    let matrix = FeatureMatrix { feature_names: features.names.clone(), num_rows: 1, values: features.values.clone() };
+    let rescored = ranker.score(ScoreRequest { matrix: Some(matrix) }).await?.into_inner();
+    assert_eq!(rescored.pctr[0], event.pctr);
+
+
+    let rows = stack.wait_for_rows(&impression_id, Duration::from_secs(60)).await?;
+    assert_eq!(rows.len(), 1, "exactly one row per impression");
+    let row = &rows[0];
+    assert_eq!(row.label, 1, "the click landed within the label window");
+    assert!(row.clicked_at_ms.is_some());
+    assert_eq!(row.feature_names, features.names);
+    assert_eq!(row.feature_values, features.values);
+    assert_eq!(row.pctr, event.pctr);
+    assert_eq!(row.model_version, event.model_version);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unclicked_impression_is_labelled_zero() -> anyhow::Result<()> {
+    let stack = Stack::ready().await?;
+    let body = json!({"user_id": "demo-user-3", "context": {"placement": "feed_top", "device": "desktop"}, "slots": 2});
+    let ad: Value = reqwest::Client::new().post(format!("{}/v1/ads", stack.http)).json(&body).send().await?.json().await?;
+    let winners = ad["winners"].as_array().expect("winners");
+    assert_eq!(winners.len(), 2);
+    assert!(winners[0]["ecpm_micros"].as_i64() >= winners[1]["ecpm_micros"].as_i64(), "slots in eCPM order");
+    let id = winners[1]["impression_id"].as_str().unwrap();
+    let rows = stack.wait_for_rows(id, Duration::from_secs(60)).await?;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].label, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn coppa_requests_get_only_safe_ads_and_log_no_personal_data() -> anyhow::Result<()> {
+    let stack = Stack::ready().await?;
+    let body = json!({"user_id": "demo-user-1", "context": {"placement": "feed_top", "device": "tablet", "coppa": true}, "slots": 3});
+    let ad: Value = reqwest::Client::new().post(format!("{}/v1/ads", stack.http)).json(&body).send().await?.json().await?;
+    let safe: Vec<i64> = {
+        let catalog = stack.catalog()?;
+        let t = adserve_catalog::Targeting { placement: "feed_top", device: "tablet", coppa: true };
+        catalog.eligible_ads(&t, 5000).await?.into_iter().map(|a| a.ad_id).collect()
+    };
+    let winners = ad["winners"].as_array().expect("winners");
+    assert!(!winners.is_empty());
+    for w in winners {
+        assert!(safe.contains(&w["ad_id"].as_i64().unwrap()), "only under-13-safe ads");
+    }
+    let event = stack.impression_event(winners[0]["impression_id"].as_str().unwrap()).await?;
+    assert!(event.user_id.is_empty(), "no user id logged for COPPA");
+    assert!(event.coppa);
+    let f = event.features.expect("features");
+    for spec in adserve_features::registry().features.iter().filter(|s| s.personal) {
+        let i = f.names.iter().position(|n| *n == spec.name).unwrap();
+        assert_eq!(f.values[i], spec.default, "{} is a registry default", spec.name);
+    }
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! Killing and stopping real service processes: the label-joiner loses and
+//! duplicates nothing across a SIGKILL, poison messages are dead-lettered,
+//! and services drain and exit cleanly on SIGTERM.
+
+use std::{collections::HashMap, process::Stdio, time::Duration};
+
+use adserve_events::{EventPublisher, KafkaConfig, IMPRESSIONS_TOPIC};
+use adserve_integration_tests::{binary, free_port, read_rows, Stack};
+use adserve_proto::v1::{
+    label_joiner_service_client::LabelJoinerServiceClient, ClickEvent, FeatureRow, FlushRequest, GetStatusRequest,
+    ImpressionEvent,
+};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+struct Joiner {
+    child: tokio::process::Child,
+    url: String,
+}
+
+async fn start_joiner(s: &Stack, group: &str, dir: &std::path::Path) -> anyhow::Result<Joiner> {
+    let port = free_port();
+    let child = tokio::process::Command::new(binary("adserve-label-joiner"))
+        .env("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{port}"))
+        .env("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("ADSERVE_KAFKA__BROKERS", &s.kafka)
+        .env("ADSERVE_GROUP_ID", group)
+        .env("ADSERVE_OUTPUT_DIR", dir)
+        .env("ADSERVE_LABEL_WINDOW_MS", "1000")
+        .env("ADSERVE_TELEMETRY__LOG_FILTER", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let url = format!("http://127.0.0.1:{port}");
+    for _ in 0..100 {
+        if LabelJoinerServiceClient::connect(url.clone()).await.is_ok() {
+            return Ok(Joiner { child, url });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("label-joiner did not start on port {port}")
+}
+
+fn impression(id: &str) -> ImpressionEvent {
+    ImpressionEvent {
+        impression_id: id.into(),
+        request_id: id.into(),
+        user_id: "restart-test".into(),
+        ad_id: 1,
+        campaign_id: 1,
+        served_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+        model_version: "test".into(),
+        pctr: 0.5,
+        features: Some(FeatureRow { names: vec!["a".into()], values: vec![id.len() as f32] }),
+        ..Default::default()
+    }
+}
+
+async fn publish_batch(p: &EventPublisher, prefix: &str, n: usize) -> anyhow::Result<Vec<String>> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("{prefix}-{i}-{}", uuid::Uuid::new_v4());
+        p.impression(&impression(&id)).await?;
+        if i % 2 == 0 {
+            let click = ClickEvent {
+                click_id: format!("c-{id}"),
+                impression_id: id.clone(),
+                clicked_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+            };
+            p.click(&click).await?;
+        }
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+async fn wait_for(dir: &std::path::Path, url: &str, ids: &[String]) -> anyhow::Result<()> {
+    let mut client = LabelJoinerServiceClient::connect(url.to_string()).await?;
+    for _ in 0..120 {
+        client.flush(FlushRequest { close_open_windows: false }).await?;
+        let rows = read_rows(dir)?;
+        if ids.iter().all(|id| rows.iter().any(|r| &r.impression_id == id)) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    anyhow::bail!("rows did not appear in {}", dir.display())
+}
+
+#[tokio::test]
+async fn label_joiner_killed_mid_stream_loses_and_duplicates_nothing() -> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    let kafka = KafkaConfig { brokers: s.kafka.clone(), ..KafkaConfig::default() };
+    adserve_events::ensure_topics(&kafka).await?;
+    let publisher = EventPublisher::new(&kafka)?;
+    let dir = std::env::temp_dir().join(format!("adserve-restart-{}", uuid::Uuid::new_v4()));
+    let group = format!("adserve-restart-test-{}", uuid::Uuid::new_v4());
+
+    let first = publish_batch(&publisher, "a", 20).await?;
+    let mut a = start_joiner(&s, &group, &dir).await?;
+    wait_for(&dir, &a.url, &first).await?;
+    // More events, a poison message, then SIGKILL: no chance to flush or commit.
+    let second = publish_batch(&publisher, "b", 20).await?;
+    let producer: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &s.kafka).create()?;
+    producer
+        .send(FutureRecord::to(IMPRESSIONS_TOPIC).key("poison").payload(&b"\xff\x00 not protobuf"[..]), Duration::from_secs(5))
+        .await
+        .map_err(|(e, _)| e)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.child.start_kill()?;
+    a.child.wait().await?;
+
+    let b = start_joiner(&s, &group, &dir).await?;
+    let third = publish_batch(&publisher, "c", 10).await?;
+    let all: Vec<String> = first.iter().chain(&second).chain(&third).cloned().collect();
+    wait_for(&dir, &b.url, &all).await?;
+
+    let rows = read_rows(&dir)?;
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for r in &rows {
+        *counts.entry(r.impression_id.as_str()).or_default() += 1;
+    }
+    for (i, id) in all.iter().enumerate() {
+        assert_eq!(counts.get(id.as_str()), Some(&1), "{id} must be written exactly once");
+        let row = rows.iter().find(|r| &r.impression_id == id).unwrap();
+        // publish_batch clicks every even-numbered impression of a batch.
+        let clicked = id.split('-').nth(1).and_then(|n| n.parse::<usize>().ok()).is_some_and(|n| n % 2 == 0);
+        assert_eq!(row.label == 1, clicked, "{id} label (#{i})");
+    }
+    let mut client = LabelJoinerServiceClient::connect(b.url.clone()).await?;
+    let status = client.get_status(GetStatusRequest {}).await?.into_inner();
+    assert!(status.rows_written > 0);
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
+
+#[tokio::test]
+async fn services_drain_and_exit_cleanly_on_sigterm() -> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    let dir = std::env::temp_dir().join(format!("adserve-term-{}", uuid::Uuid::new_v4()));
+    let joiner = start_joiner(&s, &format!("adserve-term-{}", uuid::Uuid::new_v4()), &dir).await?;
+    let port = free_port();
+    let auction = tokio::process::Command::new(binary("adserve-auction"))
+        .env("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{port}"))
+        .env("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for mut child in [joiner.child, auction] {
+        let pid = child.id().expect("running");
+        std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
+        assert!(status.success(), "exit status {status}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
