@@ -57,7 +57,7 @@ test-rust: install
 	$(ENV) ADSERVE_SKIP_BUILD=1 bash scripts/start.sh all
 	$(ENV) $(CARGO_TEST_ENV) cargo test --workspace --no-fail-fast
 
-test: proto-check test-python test-rust
+test: lint proto-check test-python test-rust
 
 fmt:
 	cargo fmt --all

@@ -12,16 +12,16 @@ use std::{
 };
 
 use adserve_catalog::{Catalog, PostgresConfig};
-use adserve_feature_service::{config::DynamoConfig, config::RedisConfig, BatchStore, RealtimeStore};
+use adserve_feature_service::{BatchStore, RealtimeStore, config::DynamoConfig, config::RedisConfig};
 use adserve_proto::v1::{
-    label_joiner_service_client::LabelJoinerServiceClient, FlushRequest, GetStatusRequest, ImpressionEvent,
+    FlushRequest, GetStatusRequest, ImpressionEvent, label_joiner_service_client::LabelJoinerServiceClient,
 };
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use arrow::array::{Array, AsArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rdkafka::{
-    consumer::{Consumer, StreamConsumer},
     Message,
+    consumer::{Consumer, StreamConsumer},
 };
 
 /// Repository root.
@@ -145,19 +145,25 @@ impl Stack {
             .iter()
             .map(|id| {
                 let h = (*id as u64).wrapping_mul(2654435761) % 1000;
-                (*id, HashMap::from([
-                    ("ctr_7d".to_string(), 0.005 + h as f32 / 1000.0 * 0.06),
-                    ("quality_score".to_string(), (h % 100) as f32 / 100.0),
-                ]))
+                (
+                    *id,
+                    HashMap::from([
+                        ("ctr_7d".to_string(), 0.005 + h as f32 / 1000.0 * 0.06),
+                        ("quality_score".to_string(), (h % 100) as f32 / 100.0),
+                    ]),
+                )
             })
             .collect();
         batch.put_ads(&ads).await?;
         let users: Vec<(String, HashMap<String, f32>)> = (0..50)
             .map(|u| {
-                (format!("demo-user-{u}"), HashMap::from([
-                    ("ctr_30d".to_string(), 0.01 + (u % 10) as f32 * 0.006),
-                    ("sessions_7d".to_string(), (u % 15) as f32),
-                ]))
+                (
+                    format!("demo-user-{u}"),
+                    HashMap::from([
+                        ("ctr_30d".to_string(), 0.01 + (u % 10) as f32 * 0.006),
+                        ("sessions_7d".to_string(), (u % 15) as f32),
+                    ]),
+                )
             })
             .collect();
         batch.put_users(&users).await?;
@@ -183,7 +189,8 @@ impl Stack {
         let deadline = tokio::time::Instant::now() + patience;
         loop {
             client.flush(FlushRequest { close_open_windows: false }).await?;
-            let rows: Vec<ParquetRow> = read_rows(&dir)?.into_iter().filter(|r| r.impression_id == impression_id).collect();
+            let rows: Vec<ParquetRow> =
+                read_rows(&dir)?.into_iter().filter(|r| r.impression_id == impression_id).collect();
             if !rows.is_empty() {
                 return Ok(rows);
             }
@@ -269,7 +276,8 @@ pub fn read_rows(dir: &Path) -> anyhow::Result<Vec<ParquetRow>> {
         let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path)?)?.build()?;
         for batch in reader {
             let b = batch?;
-            let col = |n: &str| b.column_by_name(n).cloned().with_context(|| format!("{}: no column {n}", path.display()));
+            let col =
+                |n: &str| b.column_by_name(n).cloned().with_context(|| format!("{}: no column {n}", path.display()));
             let ids = col("impression_id")?;
             let ad = col("ad_id")?;
             let label = col("label")?;

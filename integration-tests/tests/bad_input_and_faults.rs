@@ -6,14 +6,19 @@ use std::time::Duration;
 
 use adserve_catalog::Catalog;
 use adserve_events::{EventPublisher, KafkaConfig};
-use adserve_gateway::{http, AdServer, GatewayConfig};
+use adserve_gateway::{AdServer, GatewayConfig, http};
 use adserve_integration_tests::Stack;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 const DEAD: &str = "http://127.0.0.1:1";
 
 async fn post(url: &str, body: &str) -> anyhow::Result<(u16, Value)> {
-    let resp = reqwest::Client::new().post(url).header("content-type", "application/json").body(body.to_string()).send().await?;
+    let resp = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await?;
     let status = resp.status().as_u16();
     let text = resp.text().await?;
     Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
@@ -35,13 +40,26 @@ async fn malformed_requests_get_400_naming_the_field() -> anyhow::Result<()> {
         ("{not json".into(), "key must be a string"),
         ("".into(), "body"),
         (json!({"context": {"placement": "p", "device": "mobile"}, "slots": 1}).to_string(), "missing field `user_id`"),
-        (json!({"user_id": "u", "context": {"placement": "p", "device": "mobile"}, "slots": 1, "colour": 1}).to_string(), "unknown field `colour`"),
-        (json!({"user_id": "u", "context": {"placement": "p", "device": "mobile", "x": 1}, "slots": 1}).to_string(), "context"),
+        (
+            json!({"user_id": "u", "context": {"placement": "p", "device": "mobile"}, "slots": 1, "colour": 1})
+                .to_string(),
+            "unknown field `colour`",
+        ),
+        (
+            json!({"user_id": "u", "context": {"placement": "p", "device": "mobile", "x": 1}, "slots": 1}).to_string(),
+            "context",
+        ),
         (json!({"user_id": "u", "context": {"placement": "p", "device": "mobile"}, "slots": 0}).to_string(), "slots"),
         (json!({"user_id": "u", "context": {"placement": "p", "device": "mobile"}, "slots": -3}).to_string(), "slots"),
-        (json!({"user_id": "u", "context": {"placement": "p", "device": "mobile"}, "slots": "two"}).to_string(), "slots"),
+        (
+            json!({"user_id": "u", "context": {"placement": "p", "device": "mobile"}, "slots": "two"}).to_string(),
+            "slots",
+        ),
         (json!({"user_id": "u", "slots": 1}).to_string(), "context"),
-        (json!({"user_id": "u", "context": {"placement": "p", "device": "fridge"}, "slots": 1}).to_string(), "context.device"),
+        (
+            json!({"user_id": "u", "context": {"placement": "p", "device": "fridge"}, "slots": 1}).to_string(),
+            "context.device",
+        ),
         (json!({"user_id": "", "context": {"placement": "p", "device": "mobile"}, "slots": 1}).to_string(), "user_id"),
     ];
     for (body, needle) in cases {
@@ -80,9 +98,11 @@ async fn unknown_user_is_served_with_default_features() -> anyhow::Result<()> {
 
 /// A gateway in this process, on a random port, wired as `tweak` says.
 async fn gateway(s: &Stack, tweak: impl FnOnce(&mut GatewayConfig)) -> anyhow::Result<String> {
-    let mut config = GatewayConfig::default();
-    config.postgres = s.postgres_config("public");
-    config.kafka = KafkaConfig { brokers: s.kafka.clone(), ..KafkaConfig::default() };
+    let mut config = GatewayConfig {
+        postgres: s.postgres_config("public"),
+        kafka: KafkaConfig { brokers: s.kafka.clone(), ..KafkaConfig::default() },
+        ..GatewayConfig::default()
+    };
     config.upstreams.feature_service = s.features.clone();
     config.upstreams.ranker = s.ranker.clone();
     config.upstreams.auction = s.auction.clone();
@@ -100,7 +120,7 @@ async fn gateway(s: &Stack, tweak: impl FnOnce(&mut GatewayConfig)) -> anyhow::R
 
 /// Guards against hangs only; no timing is asserted.
 async fn answer(url: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
-    Ok(tokio::time::timeout(Duration::from_secs(20), post(url, &body.to_string())).await??)
+    tokio::time::timeout(Duration::from_secs(20), post(url, &body.to_string())).await?
 }
 
 #[tokio::test]
@@ -128,14 +148,24 @@ async fn dead_feature_ranker_and_auction_services_degrade_but_still_serve() -> a
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["winners"].as_array().map(Vec::len), Some(1));
     assert_eq!(v["model_version"], "fallback-prior");
-    let degraded: Vec<&str> = v["degraded"].as_array().unwrap().iter().map(|d| d["component"].as_str().unwrap()).collect();
+    let degraded: Vec<&str> =
+        v["degraded"].as_array().unwrap().iter().map(|d| d["component"].as_str().unwrap()).collect();
     assert_eq!(degraded, vec!["feature-service", "ranker", "auction"]);
     // The impression still records exactly what was used to rank.
     let event = s.impression_event(v["winners"][0]["impression_id"].as_str().unwrap()).await?;
     assert_eq!(event.model_version, "fallback-prior");
-    assert_eq!(event.features.unwrap().values, adserve_gateway::pipeline::default_matrix(1, &adserve_proto::v1::RequestContext {
-        placement: "feed_top".into(), device: "mobile".into(), ..Default::default()
-    }).values);
+    assert_eq!(
+        event.features.unwrap().values,
+        adserve_gateway::pipeline::default_matrix(
+            1,
+            &adserve_proto::v1::RequestContext {
+                placement: "feed_top".into(),
+                device: "mobile".into(),
+                ..Default::default()
+            }
+        )
+        .values
+    );
     Ok(())
 }
 

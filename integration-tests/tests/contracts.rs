@@ -5,14 +5,15 @@ use adserve_integration_tests::Stack;
 use adserve_proto::{
     service_names,
     v1::{
+        AuctionCandidate, FeatureMatrix, GetAdsRequest, GetFeaturesRequest, GetModelRequest, GetStatusRequest,
+        RecordClickRequest, RequestContext, RunAuctionRequest, ScoreRequest,
         auction_service_client::AuctionServiceClient, feature_service_client::FeatureServiceClient,
         gateway_service_client::GatewayServiceClient, label_joiner_service_client::LabelJoinerServiceClient,
-        ranker_service_client::RankerServiceClient, AuctionCandidate, FeatureMatrix, GetAdsRequest, GetFeaturesRequest,
-        GetModelRequest, GetStatusRequest, RecordClickRequest, RequestContext, RunAuctionRequest, ScoreRequest,
+        ranker_service_client::RankerServiceClient,
     },
 };
 use tonic::Code;
-use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 fn ctx() -> Option<RequestContext> {
     Some(RequestContext { placement: "feed_top".into(), device: "mobile".into(), surface: "home".into(), coppa: false })
@@ -41,15 +42,23 @@ async fn auction_contract() -> anyhow::Result<()> {
     let mut c = AuctionServiceClient::connect(s.auction.clone()).await?;
     let cand = |ad_id, bid, pctr| AuctionCandidate { ad_id, campaign_id: 1, bid_cpc_micros: bid, pctr };
     let out = c
-        .run_auction(RunAuctionRequest { candidates: vec![cand(1, 2_000_000, 0.01), cand(2, 1_000_000, 0.05)], slots: 1, reserve_ecpm_micros: 0 })
+        .run_auction(RunAuctionRequest {
+            candidates: vec![cand(1, 2_000_000, 0.01), cand(2, 1_000_000, 0.05)],
+            slots: 1,
+            reserve_ecpm_micros: 0,
+        })
         .await?
         .into_inner();
     assert_eq!(out.winners[0].ad_id, 2);
     assert_eq!(out.winners[0].price_cpc_micros, 400_000);
-    let err = c.run_auction(RunAuctionRequest { candidates: vec![cand(1, 1, 0.1)], slots: 0, reserve_ecpm_micros: 0 }).await.unwrap_err();
+    let err = c
+        .run_auction(RunAuctionRequest { candidates: vec![cand(1, 1, 0.1)], slots: 0, reserve_ecpm_micros: 0 })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("slots"), "{}", err.message());
-    let err = c.run_auction(RunAuctionRequest { candidates: vec![], slots: 1, reserve_ecpm_micros: 0 }).await.unwrap_err();
+    let err =
+        c.run_auction(RunAuctionRequest { candidates: vec![], slots: 1, reserve_ecpm_micros: 0 }).await.unwrap_err();
     assert!(err.message().contains("candidates"), "{}", err.message());
     Ok(())
 }
@@ -63,12 +72,17 @@ async fn ranker_contract() -> anyhow::Result<()> {
     assert_eq!(model.execution_provider, "cpu");
     let registry = adserve_features::registry();
     let names: Vec<String> = registry.names().iter().map(|n| n.to_string()).collect();
-    let matrix = FeatureMatrix { feature_names: names.clone(), num_rows: 2, values: [registry.defaults(), registry.defaults()].concat() };
+    let matrix = FeatureMatrix {
+        feature_names: names.clone(),
+        num_rows: 2,
+        values: [registry.defaults(), registry.defaults()].concat(),
+    };
     let scores = c.score(ScoreRequest { matrix: Some(matrix) }).await?.into_inner();
     assert_eq!(scores.pctr.len(), 2);
     assert!(scores.pctr.iter().all(|p| *p > 0.0 && *p <= 1.0));
     // Missing feature, ragged matrix, no matrix: InvalidArgument naming the problem.
-    let missing = FeatureMatrix { feature_names: names[1..].to_vec(), num_rows: 1, values: registry.defaults()[1..].to_vec() };
+    let missing =
+        FeatureMatrix { feature_names: names[1..].to_vec(), num_rows: 1, values: registry.defaults()[1..].to_vec() };
     let err = c.score(ScoreRequest { matrix: Some(missing) }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains(&names[0]), "{}", err.message());
@@ -86,7 +100,11 @@ async fn feature_service_contract() -> anyhow::Result<()> {
     let registry = adserve_features::registry();
     // An unknown user and unknown ads are served with defaults, not an error.
     let resp = c
-        .get_features(GetFeaturesRequest { user_id: format!("nobody-{}", uuid::Uuid::new_v4()), ad_ids: vec![-1, -2], context: ctx() })
+        .get_features(GetFeaturesRequest {
+            user_id: format!("nobody-{}", uuid::Uuid::new_v4()),
+            ad_ids: vec![-1, -2],
+            context: ctx(),
+        })
         .await?
         .into_inner();
     assert!(resp.degraded.is_empty(), "{:?}", resp.degraded);
@@ -98,10 +116,14 @@ async fn feature_service_contract() -> anyhow::Result<()> {
             assert_eq!(m.values[i], f.default, "{}", f.name);
         }
     }
-    let err = c.get_features(GetFeaturesRequest { user_id: "u".into(), ad_ids: vec![], context: ctx() }).await.unwrap_err();
+    let err =
+        c.get_features(GetFeaturesRequest { user_id: "u".into(), ad_ids: vec![], context: ctx() }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("ad_ids"), "{}", err.message());
-    let err = c.get_features(GetFeaturesRequest { user_id: "u".into(), ad_ids: vec![1, 1], context: ctx() }).await.unwrap_err();
+    let err = c
+        .get_features(GetFeaturesRequest { user_id: "u".into(), ad_ids: vec![1, 1], context: ctx() })
+        .await
+        .unwrap_err();
     assert!(err.message().contains("repeated"), "{}", err.message());
     Ok(())
 }
@@ -113,7 +135,8 @@ async fn gateway_contract() -> anyhow::Result<()> {
     let ads = c.get_ads(GetAdsRequest { user_id: "demo-user-7".into(), context: ctx(), slots: 1 }).await?.into_inner();
     assert_eq!(ads.winners.len(), 1);
     assert!(ads.candidates >= 1);
-    let click = c.record_click(RecordClickRequest { impression_id: ads.winners[0].impression_id.clone() }).await?.into_inner();
+    let click =
+        c.record_click(RecordClickRequest { impression_id: ads.winners[0].impression_id.clone() }).await?.into_inner();
     assert!(!click.click_id.is_empty());
     let err = c.get_ads(GetAdsRequest { user_id: "u".into(), context: ctx(), slots: 0 }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);

@@ -5,15 +5,21 @@
 use std::{collections::HashMap, time::Duration};
 
 use adserve_integration_tests::Stack;
-use adserve_proto::v1::{ranker_service_client::RankerServiceClient, FeatureMatrix, ScoreRequest};
-use serde_json::{json, Value};
+use adserve_proto::v1::{FeatureMatrix, ScoreRequest, ranker_service_client::RankerServiceClient};
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn ad_request_and_click_become_one_labelled_row_with_the_scored_features() -> anyhow::Result<()> {
     let stack = Stack::ready().await?;
     // A user whose batch features are known, so we can see them flow through.
     let user = format!("e2e-{}", uuid::Uuid::new_v4());
-    stack.batch_store().put_users(&[(user.clone(), HashMap::from([("ctr_30d".to_string(), 0.0625), ("sessions_7d".to_string(), 9.0)]))]).await?;
+    stack
+        .batch_store()
+        .put_users(&[(
+            user.clone(),
+            HashMap::from([("ctr_30d".to_string(), 0.0625), ("sessions_7d".to_string(), 9.0)]),
+        )])
+        .await?;
 
     let http = reqwest::Client::new();
     let body = json!({"user_id": user, "context": {"placement": "feed_top", "device": "mobile", "surface": "home"}, "slots": 1});
@@ -26,7 +32,8 @@ async fn ad_request_and_click_become_one_labelled_row_with_the_scored_features()
     assert!(winner["price_cpc_micros"].as_i64().unwrap() <= winner["bid_cpc_micros"].as_i64().unwrap());
 
     // The user clicks right away (well inside the stack's label window).
-    let click = http.post(format!("{}/v1/clicks", stack.http)).json(&json!({"impression_id": impression_id})).send().await?;
+    let click =
+        http.post(format!("{}/v1/clicks", stack.http)).json(&json!({"impression_id": impression_id})).send().await?;
     assert_eq!(click.status(), 202);
 
     // The impression was on Kafka, with the feature row that was scored.
@@ -47,7 +54,6 @@ async fn ad_request_and_click_become_one_labelled_row_with_the_scored_features()
     let rescored = ranker.score(ScoreRequest { matrix: Some(matrix) }).await?.into_inner();
     assert_eq!(rescored.pctr[0], event.pctr);
 
-
     let rows = stack.wait_for_rows(&impression_id, Duration::from_secs(60)).await?;
     assert_eq!(rows.len(), 1, "exactly one row per impression");
     let row = &rows[0];
@@ -64,7 +70,8 @@ async fn ad_request_and_click_become_one_labelled_row_with_the_scored_features()
 async fn unclicked_impression_is_labelled_zero() -> anyhow::Result<()> {
     let stack = Stack::ready().await?;
     let body = json!({"user_id": "demo-user-3", "context": {"placement": "feed_top", "device": "desktop"}, "slots": 2});
-    let ad: Value = reqwest::Client::new().post(format!("{}/v1/ads", stack.http)).json(&body).send().await?.json().await?;
+    let ad: Value =
+        reqwest::Client::new().post(format!("{}/v1/ads", stack.http)).json(&body).send().await?.json().await?;
     let winners = ad["winners"].as_array().expect("winners");
     assert_eq!(winners.len(), 2);
     assert!(winners[0]["ecpm_micros"].as_i64() >= winners[1]["ecpm_micros"].as_i64(), "slots in eCPM order");
@@ -79,7 +86,8 @@ async fn unclicked_impression_is_labelled_zero() -> anyhow::Result<()> {
 async fn coppa_requests_get_only_safe_ads_and_log_no_personal_data() -> anyhow::Result<()> {
     let stack = Stack::ready().await?;
     let body = json!({"user_id": "demo-user-1", "context": {"placement": "feed_top", "device": "tablet", "coppa": true}, "slots": 3});
-    let ad: Value = reqwest::Client::new().post(format!("{}/v1/ads", stack.http)).json(&body).send().await?.json().await?;
+    let ad: Value =
+        reqwest::Client::new().post(format!("{}/v1/ads", stack.http)).json(&body).send().await?.json().await?;
     let safe: Vec<i64> = {
         let catalog = stack.catalog()?;
         let t = adserve_catalog::Targeting { placement: "feed_top", device: "tablet", coppa: true };

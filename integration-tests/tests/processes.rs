@@ -4,11 +4,11 @@
 
 use std::{collections::HashMap, process::Stdio, time::Duration};
 
-use adserve_events::{EventPublisher, KafkaConfig, IMPRESSIONS_TOPIC};
-use adserve_integration_tests::{binary, free_port, read_rows, Stack};
+use adserve_events::{EventPublisher, IMPRESSIONS_TOPIC, KafkaConfig};
+use adserve_integration_tests::{Stack, binary, free_port, read_rows};
 use adserve_proto::v1::{
-    label_joiner_service_client::LabelJoinerServiceClient, ClickEvent, FeatureRow, FlushRequest, GetStatusRequest,
-    ImpressionEvent,
+    ClickEvent, FeatureRow, FlushRequest, GetStatusRequest, ImpressionEvent,
+    label_joiner_service_client::LabelJoinerServiceClient,
 };
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -102,7 +102,10 @@ async fn label_joiner_killed_mid_stream_loses_and_duplicates_nothing() -> anyhow
     let second = publish_batch(&publisher, "b", 20).await?;
     let producer: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &s.kafka).create()?;
     producer
-        .send(FutureRecord::to(IMPRESSIONS_TOPIC).key("poison").payload(&b"\xff\x00 not protobuf"[..]), Duration::from_secs(5))
+        .send(
+            FutureRecord::to(IMPRESSIONS_TOPIC).key("poison").payload(&b"\xff\x00 not protobuf"[..]),
+            Duration::from_secs(5),
+        )
         .await
         .map_err(|(e, _)| e)?;
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sqlx::{
-    postgres::{PgConnectOptions, PgPoolOptions},
     FromRow, PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
 };
 
 /// The schema migrations, embedded at build time.
@@ -107,10 +107,8 @@ impl Catalog {
     /// is down at start does not stop the caller) with per-statement timeouts.
     pub fn connect_lazy(config: &PostgresConfig) -> Result<Self, CatalogError> {
         let options: PgConnectOptions = config.url.parse()?;
-        let options = options.options([
-            ("search_path", config.schema.as_str()),
-            ("statement_timeout", &config.timeout_ms.to_string()),
-        ]);
+        let options = options
+            .options([("search_path", config.schema.as_str()), ("statement_timeout", &config.timeout_ms.to_string())]);
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(Duration::from_millis(config.timeout_ms.max(1000)))
@@ -121,7 +119,9 @@ impl Catalog {
     /// Creates the schema if needed and applies pending migrations.
     pub async fn migrate(&self, schema: &str) -> Result<(), CatalogError> {
         if schema != "public" {
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))).execute(&self.pool).await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")))
+                .execute(&self.pool)
+                .await?;
         }
         MIGRATOR.run(&self.pool).await?;
         Ok(())
@@ -283,29 +283,43 @@ mod tests {
             devices: vec![],
             ads: ads
                 .iter()
-                .map(|(t, safe)| NewAd { title: t.to_string(), landing_url: "https://x".into(), category: "c".into(), under13_safe: *safe })
+                .map(|(t, safe)| NewAd {
+                    title: t.to_string(),
+                    landing_url: "https://x".into(),
+                    category: "c".into(),
+                    under13_safe: *safe,
+                })
                 .collect(),
         }
     }
 
     #[tokio::test]
     async fn eligibility_respects_targeting_coppa_and_status() {
-        let Some(catalog) = fresh().await else { return eprintln!("ADSERVE_TEST_POSTGRES_URL unset: run through `make test`") };
+        let Some(catalog) = fresh().await else {
+            return eprintln!("ADSERVE_TEST_POSTGRES_URL unset: run through `make test`");
+        };
         catalog.insert_campaign(&campaign("a", 500_000, &[], &[("kids", true), ("adults", false)])).await.unwrap();
         catalog.insert_campaign(&campaign("b", 900_000, &["sidebar"], &[("side", true)])).await.unwrap();
         let ids = catalog.insert_campaign(&campaign("c", 700_000, &[], &[("paused", false)])).await.unwrap();
-        sqlx::query("UPDATE ads SET status = 'paused' WHERE id = $1").bind(ids[0]).execute(catalog.pool()).await.unwrap();
+        sqlx::query("UPDATE ads SET status = 'paused' WHERE id = $1")
+            .bind(ids[0])
+            .execute(catalog.pool())
+            .await
+            .unwrap();
 
         let feed = Targeting { placement: "feed_top", device: "mobile", coppa: false };
-        let titles: Vec<String> = catalog.eligible_ads(&feed, 100).await.unwrap().into_iter().map(|a| a.title).collect();
+        let titles: Vec<String> =
+            catalog.eligible_ads(&feed, 100).await.unwrap().into_iter().map(|a| a.title).collect();
         assert_eq!(titles, vec!["kids", "adults"]);
 
         let side = Targeting { placement: "sidebar", ..feed.clone() };
-        let titles: Vec<String> = catalog.eligible_ads(&side, 100).await.unwrap().into_iter().map(|a| a.title).collect();
+        let titles: Vec<String> =
+            catalog.eligible_ads(&side, 100).await.unwrap().into_iter().map(|a| a.title).collect();
         assert_eq!(titles, vec!["side", "kids", "adults"], "highest bid first");
 
         let kids = Targeting { coppa: true, ..feed };
-        let titles: Vec<String> = catalog.eligible_ads(&kids, 100).await.unwrap().into_iter().map(|a| a.title).collect();
+        let titles: Vec<String> =
+            catalog.eligible_ads(&kids, 100).await.unwrap().into_iter().map(|a| a.title).collect();
         assert_eq!(titles, vec!["kids"]);
     }
 
@@ -313,7 +327,10 @@ mod tests {
     async fn exhausted_budgets_are_not_eligible() {
         let Some(catalog) = fresh().await else { return };
         catalog.insert_campaign(&campaign("a", 500_000, &[], &[("x", false)])).await.unwrap();
-        sqlx::query("UPDATE campaigns SET spent_today_micros = daily_budget_micros").execute(catalog.pool()).await.unwrap();
+        sqlx::query("UPDATE campaigns SET spent_today_micros = daily_budget_micros")
+            .execute(catalog.pool())
+            .await
+            .unwrap();
         let t = Targeting { placement: "p", device: "d", coppa: false };
         assert!(catalog.eligible_ads(&t, 10).await.unwrap().is_empty());
     }

@@ -6,10 +6,10 @@
 use std::{net::SocketAddr, path::Path};
 
 use figment::{
-    providers::{Env, Format, Serialized, Toml},
     Figment,
+    providers::{Env, Format, Serialized, Toml},
 };
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// Why configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -142,8 +142,7 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.create_file("c.toml", "name = \"file\"\n[server]\nshutdown_grace_ms = 5\n")?;
             jail.set_env("ADSERVE_NAME", "env");
-            let c: Demo =
-                load_config_from(Some("c.toml"), Env::prefixed("ADSERVE_").split("__")).expect("loads");
+            let c: Demo = load_config_from(Some("c.toml"), Env::prefixed("ADSERVE_").split("__")).expect("loads");
             assert_eq!(c.name, "env");
             assert_eq!(c.server.shutdown_grace_ms, 5);
             assert_eq!(c.server.grpc_addr.port(), 0);

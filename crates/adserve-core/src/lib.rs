@@ -8,7 +8,7 @@ pub mod grpc;
 pub mod shutdown;
 pub mod telemetry;
 
-pub use config::{load_config, ConfigError, ServerConfig, TelemetryConfig, Validate};
+pub use config::{ConfigError, ServerConfig, TelemetryConfig, Validate, load_config};
 pub use shutdown::Shutdown;
 
 /// What every service's `main` does first: install telemetry and the metrics
@@ -20,9 +20,8 @@ pub async fn bootstrap(
 ) -> Result<(telemetry::TelemetryGuard, Shutdown, tokio::net::TcpListener), BootstrapError> {
     let guard = telemetry::init_tracing(service, telemetry)?;
     telemetry::init_metrics(server.metrics_addr)?;
-    let listener = tokio::net::TcpListener::bind(server.grpc_addr)
-        .await
-        .map_err(|e| BootstrapError::Bind(server.grpc_addr, e))?;
+    let listener =
+        tokio::net::TcpListener::bind(server.grpc_addr).await.map_err(|e| BootstrapError::Bind(server.grpc_addr, e))?;
     tracing::info!(service, grpc = %server.grpc_addr, metrics = %server.metrics_addr, "listening");
     Ok((guard, Shutdown::listen_for_signals(), listener))
 }

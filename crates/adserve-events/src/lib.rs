@@ -154,31 +154,46 @@ impl EventPublisher {
         self.send(DEAD_LETTER_TOPIC, &key, payload, Some(headers)).await
     }
 
-    async fn send(&self, topic: &str, key: &str, payload: &[u8], headers: Option<OwnedHeaders>) -> Result<Ack, EventError> {
+    async fn send(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: Option<OwnedHeaders>,
+    ) -> Result<Ack, EventError> {
         let mut record = FutureRecord::to(topic).key(key).payload(payload);
         if let Some(h) = headers {
             record = record.headers(h);
         }
         let started = std::time::Instant::now();
-        let result = tokio::time::timeout(self.timeout + Duration::from_millis(100), self.producer.send(record, self.timeout)).await;
+        let result =
+            tokio::time::timeout(self.timeout + Duration::from_millis(100), self.producer.send(record, self.timeout))
+                .await;
         let outcome = match result {
             Ok(Ok(d)) => Ok(Ack { partition: d.partition, offset: d.offset }),
             Ok(Err((e, _))) => Err(EventError::Kafka(e.to_string())),
             Err(_) => Err(EventError::Timeout(self.timeout.as_millis() as u64)),
         };
         let status = if outcome.is_ok() { "ok" } else { "error" };
-        metrics::counter!("adserve_events_published_total", "topic" => topic.to_string(), "status" => status).increment(1);
-        metrics::histogram!("adserve_events_publish_seconds", "topic" => topic.to_string()).record(started.elapsed().as_secs_f64());
+        metrics::counter!("adserve_events_published_total", "topic" => topic.to_string(), "status" => status)
+            .increment(1);
+        metrics::histogram!("adserve_events_publish_seconds", "topic" => topic.to_string())
+            .record(started.elapsed().as_secs_f64());
         outcome
     }
 }
 
 /// Creates the system's topics if they do not exist (idempotent).
 pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), EventError> {
-    let admin: AdminClient<DefaultClientContext> = config.client().create().map_err(|e| EventError::Kafka(e.to_string()))?;
-    let topics: Vec<NewTopic> =
-        TOPICS.iter().map(|t| NewTopic::new(t, config.partitions, TopicReplication::Fixed(config.replication))).collect();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(5))).request_timeout(Some(Duration::from_secs(5)));
+    let admin: AdminClient<DefaultClientContext> =
+        config.client().create().map_err(|e| EventError::Kafka(e.to_string()))?;
+    let topics: Vec<NewTopic> = TOPICS
+        .iter()
+        .map(|t| NewTopic::new(t, config.partitions, TopicReplication::Fixed(config.replication)))
+        .collect();
+    let options = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(5)))
+        .request_timeout(Some(Duration::from_secs(5)));
     let results = admin.create_topics(&topics, &options).await.map_err(|e| EventError::Kafka(e.to_string()))?;
     for result in results {
         match result {

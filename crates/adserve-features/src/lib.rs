@@ -231,14 +231,16 @@ mod tests {
 
     #[test]
     fn request_feature_without_equals_is_rejected() {
-        let f = "name=\"c\"\nentity=\"context\"\nsource=\"request\"\nattribute=\"device\"\ndefault=0.0\ndescription=\"\"\n";
+        let f =
+            "name=\"c\"\nentity=\"context\"\nsource=\"request\"\nattribute=\"device\"\ndefault=0.0\ndescription=\"\"\n";
         let err = FeatureRegistry::parse(&doc(f)).unwrap_err();
         assert!(err.to_string().contains("equals"), "{err}");
     }
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let f = "name=\"x\"\nentity=\"ad\"\nsource=\"redis\"\nattribute=\"x\"\ndefault=0.0\ndescription=\"\"\ncolour=1\n";
+        let f =
+            "name=\"x\"\nentity=\"ad\"\nsource=\"redis\"\nattribute=\"x\"\ndefault=0.0\ndescription=\"\"\ncolour=1\n";
         assert!(matches!(FeatureRegistry::parse(&doc(f)), Err(RegistryError::Parse(_))));
     }
 }

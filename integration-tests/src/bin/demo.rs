@@ -3,9 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use adserve_integration_tests::{read_rows, Stack};
+use adserve_integration_tests::{Stack, read_rows};
 use adserve_proto::v1::{FlushRequest, GetStatusRequest};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 const REQUESTS: usize = 200;
 
@@ -19,7 +19,10 @@ async fn main() -> anyhow::Result<()> {
     let mut served = Vec::new();
     let mut clicks = 0;
     println!("\n== {REQUESTS} ad requests to {}/v1/ads", stack.http);
-    println!("{:<14} {:<9} {:>6} {:<26} {:>7} {:>10} {:>10}", "user", "placement", "ad", "title", "pCTR", "eCPM", "price/click");
+    println!(
+        "{:<14} {:<9} {:>6} {:<26} {:>7} {:>10} {:>10}",
+        "user", "placement", "ad", "title", "pCTR", "eCPM", "price/click"
+    );
     for i in 0..REQUESTS {
         let body = json!({
             "user_id": format!("demo-user-{}", i % 50),
@@ -47,10 +50,11 @@ async fn main() -> anyhow::Result<()> {
                     micros(&w["price_cpc_micros"]),
                 );
             }
-            // Users click with a probability that follows the model (times 4, so a short demo has positives).
+            // Users click with the probability the model predicts.
             let draw = id.bytes().fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))) % 10_000;
-            if (draw as f64) < pctr * 4.0 * 10_000.0 {
-                let r = http.post(format!("{}/v1/clicks", stack.http)).json(&json!({"impression_id": id})).send().await?;
+            if (draw as f64) < pctr * 10_000.0 {
+                let r =
+                    http.post(format!("{}/v1/clicks", stack.http)).json(&json!({"impression_id": id})).send().await?;
                 anyhow::ensure!(r.status().is_success(), "click failed: {}", r.status());
                 clicks += 1;
             }
@@ -61,8 +65,14 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1000.0;
-    println!("\n== latency over {REQUESTS} sequential requests (client side, debug build): p50 {:.1} ms  p95 {:.1} ms  p99 {:.1} ms", pct(0.5), pct(0.95), pct(0.99));
+    let pct =
+        |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1000.0;
+    println!(
+        "\n== latency over {REQUESTS} sequential requests (client side, debug build): p50 {:.1} ms  p95 {:.1} ms  p99 {:.1} ms",
+        pct(0.5),
+        pct(0.95),
+        pct(0.99)
+    );
     println!("== {} impressions served, {clicks} clicks sent", served.len());
 
     let mut joiner = stack.joiner_client().await?;
@@ -78,10 +88,15 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let positives = rows.iter().filter(|r| r.label == 1).count();
-    println!("== {} of {} impressions written as training rows, {positives} labelled clicked", rows.len(), served.len());
+    println!(
+        "== {} of {} impressions written as training rows, {positives} labelled clicked",
+        rows.len(),
+        served.len()
+    );
     println!("{:<38} {:>6} {:>5} {:>7}  features", "impression_id", "ad", "label", "pCTR");
     for r in rows.iter().filter(|r| r.label == 1).take(3).chain(rows.iter().filter(|r| r.label == 0).take(5)) {
-        let features: Vec<String> = r.feature_names.iter().zip(&r.feature_values).map(|(n, v)| format!("{n}={v}")).collect();
+        let features: Vec<String> =
+            r.feature_names.iter().zip(&r.feature_values).map(|(n, v)| format!("{n}={v}")).collect();
         println!("{:<38} {:>6} {:>5} {:>7.4}  {}", r.impression_id, r.ad_id, r.label, r.pctr, features.join(" "));
     }
     let status = joiner.get_status(GetStatusRequest {}).await?.into_inner();

@@ -123,7 +123,10 @@ fn validate(candidates: &[Candidate], slots: usize, reserve: i64) -> Result<(), 
     let mut seen = std::collections::HashSet::with_capacity(candidates.len());
     for (i, c) in candidates.iter().enumerate() {
         if c.bid_cpc_micros <= 0 {
-            return Err(AuctionError::Candidates(format!("[{i}].bid_cpc_micros must be > 0, got {}", c.bid_cpc_micros)));
+            return Err(AuctionError::Candidates(format!(
+                "[{i}].bid_cpc_micros must be > 0, got {}",
+                c.bid_cpc_micros
+            )));
         }
         if !(c.pctr.is_finite() && c.pctr > 0.0 && c.pctr <= 1.0) {
             return Err(AuctionError::Candidates(format!("[{i}].pctr must be in (0, 1], got {}", c.pctr)));

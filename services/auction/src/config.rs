@@ -17,7 +17,11 @@ pub struct AuctionConfig {
 
 impl Default for AuctionConfig {
     fn default() -> Self {
-        Self { server: ServerConfig::on_ports(50054, 9104), telemetry: TelemetryConfig::default(), reserve_ecpm_micros: 10_000 }
+        Self {
+            server: ServerConfig::on_ports(50054, 9104),
+            telemetry: TelemetryConfig::default(),
+            reserve_ecpm_micros: 10_000,
+        }
     }
 }
 

@@ -7,6 +7,6 @@ pub mod auction;
 pub mod config;
 pub mod service;
 
-pub use auction::{run_auction, AuctionError, Candidate, Winner};
+pub use auction::{AuctionError, Candidate, Winner, run_auction};
 pub use config::AuctionConfig;
 pub use service::AuctionGrpc;

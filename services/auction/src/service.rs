@@ -3,12 +3,12 @@
 use std::time::Instant;
 
 use adserve_proto::v1::{
-    auction_service_server::{AuctionService, AuctionServiceServer},
     AuctionWinner, RunAuctionRequest, RunAuctionResponse,
+    auction_service_server::{AuctionService, AuctionServiceServer},
 };
 use tonic::{Request, Response, Status};
 
-use crate::{auction, Candidate};
+use crate::{Candidate, auction};
 
 /// Serves `adserve.v1.AuctionService`.
 #[derive(Debug, Clone)]
@@ -37,9 +37,15 @@ impl AuctionService for AuctionGrpc {
         let candidates: Vec<Candidate> = req
             .candidates
             .iter()
-            .map(|c| Candidate { ad_id: c.ad_id, campaign_id: c.campaign_id, bid_cpc_micros: c.bid_cpc_micros, pctr: c.pctr })
+            .map(|c| Candidate {
+                ad_id: c.ad_id,
+                campaign_id: c.campaign_id,
+                bid_cpc_micros: c.bid_cpc_micros,
+                pctr: c.pctr,
+            })
             .collect();
-        let reserve = if req.reserve_ecpm_micros == 0 { self.default_reserve_ecpm_micros } else { req.reserve_ecpm_micros };
+        let reserve =
+            if req.reserve_ecpm_micros == 0 { self.default_reserve_ecpm_micros } else { req.reserve_ecpm_micros };
         let outcome = auction::run_auction(&candidates, req.slots as usize, reserve).map_err(|e| {
             metrics::counter!("adserve_auction_rejected_total").increment(1);
             Status::invalid_argument(e.to_string())

@@ -22,7 +22,12 @@ pub struct SourceValues {
 /// Builds the `ad_ids.len() x registry` matrix in registry column order.
 /// For COPPA requests personal features always hold their defaults, whatever
 /// the sources returned.
-pub fn assemble(registry: &FeatureRegistry, ad_ids: &[i64], ctx: &RequestContext, values: &SourceValues) -> FeatureMatrix {
+pub fn assemble(
+    registry: &FeatureRegistry,
+    ad_ids: &[i64],
+    ctx: &RequestContext,
+    values: &SourceValues,
+) -> FeatureMatrix {
     let cols = registry.features.len();
     // Row-invariant columns (user and context) are computed once.
     let template: Vec<f32> = registry

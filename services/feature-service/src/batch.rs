@@ -4,15 +4,15 @@ use std::{collections::HashMap, time::Duration};
 
 use adserve_features::{Entity, FeatureRegistry, Source};
 use aws_sdk_dynamodb::{
-    config::{timeout::TimeoutConfig, BehaviorVersion, Credentials, Region},
+    Client,
+    config::{BehaviorVersion, Credentials, Region, timeout::TimeoutConfig},
     error::DisplayErrorContext,
     types::{
         AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, KeysAndAttributes, PutRequest,
         ScalarAttributeType, WriteRequest,
     },
-    Client,
 };
-use aws_smithy_http_client::{tls, Builder as HttpClientBuilder};
+use aws_smithy_http_client::{Builder as HttpClientBuilder, tls};
 
 use crate::config::DynamoConfig;
 
@@ -112,7 +112,8 @@ impl BatchStore {
         let mut unique: Vec<i64> = ad_ids.to_vec();
         unique.sort_unstable();
         unique.dedup();
-        let keys = unique.iter().map(|id| HashMap::from([(AD_KEY.to_string(), AttributeValue::S(id.to_string()))])).collect();
+        let keys =
+            unique.iter().map(|id| HashMap::from([(AD_KEY.to_string(), AttributeValue::S(id.to_string()))])).collect();
         let mut request = HashMap::from([(
             self.ad_table.clone(),
             KeysAndAttributes::builder().set_keys(Some(keys)).build().map_err(err("BatchGetItem"))?,
@@ -120,8 +121,13 @@ impl BatchStore {
         let mut out = HashMap::new();
         // Unprocessed keys are retried; the caller's deadline bounds the loop.
         loop {
-            let resp =
-                self.client.batch_get_item().set_request_items(Some(request)).send().await.map_err(err("BatchGetItem"))?;
+            let resp = self
+                .client
+                .batch_get_item()
+                .set_request_items(Some(request))
+                .send()
+                .await
+                .map_err(err("BatchGetItem"))?;
             for item in resp.responses().and_then(|r| r.get(&self.ad_table)).into_iter().flatten() {
                 if let Some(id) = item.get(AD_KEY).and_then(|v| v.as_s().ok()).and_then(|s| s.parse().ok()) {
                     out.insert(id, numbers(item, &self.ad_attrs));
@@ -148,7 +154,13 @@ impl BatchStore {
                         .build()
                         .map_err(err("CreateTable"))?,
                 )
-                .key_schema(KeySchemaElement::builder().attribute_name(key).key_type(KeyType::Hash).build().map_err(err("CreateTable"))?)
+                .key_schema(
+                    KeySchemaElement::builder()
+                        .attribute_name(key)
+                        .key_type(KeyType::Hash)
+                        .build()
+                        .map_err(err("CreateTable"))?,
+                )
                 .billing_mode(BillingMode::PayPerRequest)
                 .send()
                 .await;
@@ -169,7 +181,8 @@ impl BatchStore {
 
     /// Writes ad feature rows (`ad_id -> attribute -> value`).
     pub async fn put_ads(&self, rows: &[(i64, HashMap<String, f32>)]) -> Result<(), BatchError> {
-        let rows: Vec<(String, HashMap<String, f32>)> = rows.iter().map(|(id, m)| (id.to_string(), m.clone())).collect();
+        let rows: Vec<(String, HashMap<String, f32>)> =
+            rows.iter().map(|(id, m)| (id.to_string(), m.clone())).collect();
         self.put(&self.ad_table, AD_KEY, &rows).await
     }
 

@@ -12,7 +12,7 @@ pub mod config;
 pub mod realtime;
 pub mod service;
 
-pub use assemble::{assemble, SourceValues};
+pub use assemble::{SourceValues, assemble};
 pub use batch::BatchStore;
 pub use config::FeatureServiceConfig;
 pub use realtime::RealtimeStore;

@@ -5,12 +5,12 @@ use std::{collections::HashSet, future::Future, sync::Arc, time::Duration, time:
 
 use adserve_features::FeatureRegistry;
 use adserve_proto::v1::{
-    feature_service_server::{FeatureService, FeatureServiceServer},
     Degradation, GetFeaturesRequest, GetFeaturesResponse, RequestContext,
+    feature_service_server::{FeatureService, FeatureServiceServer},
 };
 use tonic::{Request, Response, Status};
 
-use crate::{assemble, BatchStore, RealtimeStore, SourceValues};
+use crate::{BatchStore, RealtimeStore, SourceValues, assemble};
 
 /// Longest accepted user id.
 pub const MAX_USER_ID_LEN: usize = 128;
@@ -89,7 +89,8 @@ async fn within<T: Default, E: std::fmt::Display>(
     let start = Instant::now();
     let reason = match tokio::time::timeout(deadline, fut).await {
         Ok(Ok(v)) => {
-            metrics::histogram!("adserve_feature_source_seconds", "source" => component).record(start.elapsed().as_secs_f64());
+            metrics::histogram!("adserve_feature_source_seconds", "source" => component)
+                .record(start.elapsed().as_secs_f64());
             return v;
         }
         Ok(Err(e)) => format!("{e}; serving registry defaults"),
@@ -105,7 +106,10 @@ async fn within<T: Default, E: std::fmt::Display>(
 
 #[tonic::async_trait]
 impl FeatureService for FeatureGrpc {
-    async fn get_features(&self, request: Request<GetFeaturesRequest>) -> Result<Response<GetFeaturesResponse>, Status> {
+    async fn get_features(
+        &self,
+        request: Request<GetFeaturesRequest>,
+    ) -> Result<Response<GetFeaturesResponse>, Status> {
         let start = Instant::now();
         let req = request.into_inner();
         validate(&req, self.inner.max_ads).map_err(Status::invalid_argument)?;
@@ -114,9 +118,8 @@ impl FeatureService for FeatureGrpc {
         let user_id = if ctx.coppa { "" } else { req.user_id.as_str() };
         let s = &self.inner;
         let degraded = std::sync::Mutex::new(Vec::new());
-        let user_batch = async {
-            if user_id.is_empty() { Ok(Default::default()) } else { s.batch.user(user_id).await }
-        };
+        let user_batch =
+            async { if user_id.is_empty() { Ok(Default::default()) } else { s.batch.user(user_id).await } };
         let (user_batch, ad_batch, (user_realtime, ad_realtime)) = tokio::join!(
             within("dynamodb", s.batch_deadline, user_batch, &degraded),
             within("dynamodb", s.batch_deadline, s.batch.ads(&req.ad_ids), &degraded),

@@ -117,7 +117,10 @@ impl Validate for GatewayConfig {
             return Err("max_candidates: must be in 1..=5000".into());
         }
         if adserve_features::registry().index_of(&self.fallback_pctr_feature).is_none() {
-            return Err(format!("fallback_pctr_feature: {:?} is not in the feature registry", self.fallback_pctr_feature));
+            return Err(format!(
+                "fallback_pctr_feature: {:?} is not in the feature registry",
+                self.fallback_pctr_feature
+            ));
         }
         if self.reserve_ecpm_micros < 0 {
             return Err("reserve_ecpm_micros: must be >= 0".into());

@@ -1,6 +1,6 @@
 //! The gateway's errors, mapped once to HTTP and gRPC status codes.
 
-use axum::{http::StatusCode, response::IntoResponse, Json};
+use axum::{Json, http::StatusCode, response::IntoResponse};
 
 /// Why a request got no answer.
 #[derive(Debug, thiserror::Error)]

@@ -1,8 +1,8 @@
 //! gRPC API: `adserve.v1.GatewayService`, the same operations as HTTP.
 
 use adserve_proto::v1::{
-    gateway_service_server::{GatewayService, GatewayServiceServer},
     GetAdsRequest, GetAdsResponse, RecordClickRequest, RecordClickResponse,
+    gateway_service_server::{GatewayService, GatewayServiceServer},
 };
 use tonic::{Request, Response, Status};
 
@@ -25,7 +25,10 @@ impl GatewayService for GatewayGrpc {
         Ok(Response::new(self.0.serve(request.into_inner()).await?))
     }
 
-    async fn record_click(&self, request: Request<RecordClickRequest>) -> Result<Response<RecordClickResponse>, Status> {
+    async fn record_click(
+        &self,
+        request: Request<RecordClickRequest>,
+    ) -> Result<Response<RecordClickResponse>, Status> {
         Ok(Response::new(self.0.click(request.into_inner()).await?))
     }
 }

@@ -5,12 +5,12 @@
 //! names the field; nothing on this path panics or answers 500.
 
 use axum::{
+    Json, Router,
     body::Bytes,
     extract::{DefaultBodyLimit, State},
-    http::{header, HeaderMap, StatusCode},
+    http::{HeaderMap, StatusCode, header},
     response::IntoResponse,
     routing::{get, post},
-    Json, Router,
 };
 use serde::de::DeserializeOwned;
 

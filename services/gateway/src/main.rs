@@ -3,14 +3,15 @@ use std::time::Duration;
 
 use adserve_catalog::Catalog;
 use adserve_events::EventPublisher;
-use adserve_gateway::{grpc::GatewayGrpc, http, AdServer, GatewayConfig};
+use adserve_gateway::{AdServer, GatewayConfig, grpc::GatewayGrpc, http};
 use adserve_proto::service_names;
 use tonic::service::Routes;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: GatewayConfig = adserve_core::load_config()?;
-    let (_telemetry, shutdown, grpc_listener) = adserve_core::bootstrap("adserve-gateway", &config.server, &config.telemetry).await?;
+    let (_telemetry, shutdown, grpc_listener) =
+        adserve_core::bootstrap("adserve-gateway", &config.server, &config.telemetry).await?;
     let catalog = Catalog::connect_lazy(&config.postgres)?;
     let migrated = if config.postgres.migrate { catalog.migrate(&config.postgres.schema).await } else { Ok(()) };
     if let Err(e) = migrated {

@@ -6,14 +6,14 @@ use std::{future::Future, time::Duration, time::Instant};
 use adserve_catalog::{Catalog, EligibleAd, Targeting};
 use adserve_events::EventPublisher;
 use adserve_proto::v1::{
-    auction_service_client::AuctionServiceClient, feature_service_client::FeatureServiceClient,
-    ranker_service_client::RankerServiceClient, AdWinner, AuctionCandidate, ClickEvent, Degradation, FeatureMatrix,
-    FeatureRow, GetAdsRequest, GetAdsResponse, GetFeaturesRequest, ImpressionEvent, RecordClickRequest,
-    RecordClickResponse, RequestContext, RunAuctionRequest, ScoreRequest,
+    AdWinner, AuctionCandidate, ClickEvent, Degradation, FeatureMatrix, FeatureRow, GetAdsRequest, GetAdsResponse,
+    GetFeaturesRequest, ImpressionEvent, RecordClickRequest, RecordClickResponse, RequestContext, RunAuctionRequest,
+    ScoreRequest, auction_service_client::AuctionServiceClient, feature_service_client::FeatureServiceClient,
+    ranker_service_client::RankerServiceClient,
 };
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{config::GatewayConfig, ServeError};
+use crate::{ServeError, config::GatewayConfig};
 
 /// Model version reported when the ranker was unavailable.
 pub const FALLBACK_MODEL_VERSION: &str = "fallback-prior";
@@ -81,7 +81,12 @@ impl AdServer {
         let candidates: Vec<AuctionCandidate> = ads
             .iter()
             .zip(&pctrs)
-            .map(|(ad, &pctr)| AuctionCandidate { ad_id: ad.ad_id, campaign_id: ad.campaign_id, bid_cpc_micros: ad.bid_cpc_micros, pctr })
+            .map(|(ad, &pctr)| AuctionCandidate {
+                ad_id: ad.ad_id,
+                campaign_id: ad.campaign_id,
+                bid_cpc_micros: ad.bid_cpc_micros,
+                pctr,
+            })
             .collect();
         let winners = self.auction(candidates, req.slots, &mut degraded).await?;
         if winners.is_empty() {
@@ -92,9 +97,10 @@ impl AdServer {
         let mut out = Vec::with_capacity(winners.len());
         let mut events = Vec::with_capacity(winners.len());
         for w in winners {
-            let row = ad_ids.iter().position(|id| *id == w.ad_id).ok_or_else(|| {
-                ServeError::Unavailable(format!("auction returned unknown ad {}", w.ad_id))
-            })?;
+            let row = ad_ids
+                .iter()
+                .position(|id| *id == w.ad_id)
+                .ok_or_else(|| ServeError::Unavailable(format!("auction returned unknown ad {}", w.ad_id)))?;
             let ad: &EligibleAd = &ads[row];
             let impression_id = uuid::Uuid::now_v7().to_string();
             events.push(ImpressionEvent {
@@ -169,8 +175,15 @@ impl AdServer {
         Ok(RecordClickResponse { click_id: event.click_id })
     }
 
-    async fn features(&self, user_id: &str, ad_ids: &[i64], ctx: &RequestContext, degraded: &mut Vec<Degradation>) -> FeatureMatrix {
-        let request = GetFeaturesRequest { user_id: user_id.to_string(), ad_ids: ad_ids.to_vec(), context: Some(ctx.clone()) };
+    async fn features(
+        &self,
+        user_id: &str,
+        ad_ids: &[i64],
+        ctx: &RequestContext,
+        degraded: &mut Vec<Degradation>,
+    ) -> FeatureMatrix {
+        let request =
+            GetFeaturesRequest { user_id: user_id.to_string(), ad_ids: ad_ids.to_vec(), context: Some(ctx.clone()) };
         let mut client = self.features.clone();
         match deadline(self.config.deadlines.features_ms, client.get_features(request)).await {
             Ok(resp) => {
@@ -195,15 +208,22 @@ impl AdServer {
     async fn scores(&self, matrix: &FeatureMatrix, degraded: &mut Vec<Degradation>) -> (Vec<f32>, String) {
         let mut client = self.ranker.clone();
         let rows = matrix.num_rows as usize;
-        match deadline(self.config.deadlines.ranker_ms, client.score(ScoreRequest { matrix: Some(matrix.clone()) })).await {
+        match deadline(self.config.deadlines.ranker_ms, client.score(ScoreRequest { matrix: Some(matrix.clone()) }))
+            .await
+        {
             Ok(resp) => {
                 let resp = resp.into_inner();
                 if resp.pctr.len() == rows && resp.pctr.iter().all(|p| p.is_finite() && *p > 0.0 && *p <= 1.0) {
                     return (resp.pctr, resp.model_version);
                 }
-                degraded.push(Degradation { component: "ranker".into(), reason: "returned invalid scores; using prior pCTR".into() });
+                degraded.push(Degradation {
+                    component: "ranker".into(),
+                    reason: "returned invalid scores; using prior pCTR".into(),
+                });
             }
-            Err(e) => degraded.push(Degradation { component: "ranker".into(), reason: format!("{e}; using prior pCTR") }),
+            Err(e) => {
+                degraded.push(Degradation { component: "ranker".into(), reason: format!("{e}; using prior pCTR") })
+            }
         }
         let col = matrix.feature_names.iter().position(|n| *n == self.config.fallback_pctr_feature);
         let prior = (0..rows)
@@ -215,20 +235,35 @@ impl AdServer {
         (prior, FALLBACK_MODEL_VERSION.to_string())
     }
 
-    async fn auction(&self, candidates: Vec<AuctionCandidate>, slots: u32, degraded: &mut Vec<Degradation>) -> Result<Vec<adserve_proto::v1::AuctionWinner>, ServeError> {
+    async fn auction(
+        &self,
+        candidates: Vec<AuctionCandidate>,
+        slots: u32,
+        degraded: &mut Vec<Degradation>,
+    ) -> Result<Vec<adserve_proto::v1::AuctionWinner>, ServeError> {
         let mut client = self.auction.clone();
-        let request = RunAuctionRequest { candidates: candidates.clone(), slots, reserve_ecpm_micros: self.config.reserve_ecpm_micros };
+        let request = RunAuctionRequest {
+            candidates: candidates.clone(),
+            slots,
+            reserve_ecpm_micros: self.config.reserve_ecpm_micros,
+        };
         match deadline(self.config.deadlines.auction_ms, client.run_auction(request)).await {
             Ok(resp) => return Ok(resp.into_inner().winners),
             Err(e) if e.code() == Some(tonic::Code::InvalidArgument) => {
                 return Err(ServeError::Unavailable(format!("auction refused the candidates: {e}")));
             }
-            Err(e) => degraded.push(Degradation { component: "auction".into(), reason: format!("{e}; ran the auction in-process") }),
+            Err(e) => degraded
+                .push(Degradation { component: "auction".into(), reason: format!("{e}; ran the auction in-process") }),
         }
         // The auction is a pure function: the gateway can run it itself.
         let local: Vec<adserve_auction::Candidate> = candidates
             .iter()
-            .map(|c| adserve_auction::Candidate { ad_id: c.ad_id, campaign_id: c.campaign_id, bid_cpc_micros: c.bid_cpc_micros, pctr: c.pctr })
+            .map(|c| adserve_auction::Candidate {
+                ad_id: c.ad_id,
+                campaign_id: c.campaign_id,
+                bid_cpc_micros: c.bid_cpc_micros,
+                pctr: c.pctr,
+            })
             .collect();
         let outcome = adserve_auction::run_auction(&local, slots as usize, self.config.reserve_ecpm_micros)
             .map_err(|e| ServeError::Unavailable(format!("fallback auction: {e}")))?;
@@ -305,7 +340,13 @@ fn unavailable(component: &str, e: impl std::fmt::Display) -> ServeError {
     ServeError::Unavailable(format!("{component} unavailable: {e}"))
 }
 
-fn no_fill(request_id: String, candidates: usize, degraded: Vec<Degradation>, reason: &str, model_version: &str) -> GetAdsResponse {
+fn no_fill(
+    request_id: String,
+    candidates: usize,
+    degraded: Vec<Degradation>,
+    reason: &str,
+    model_version: &str,
+) -> GetAdsResponse {
     metrics::counter!("adserve_gateway_no_fill_total", "reason" => reason.to_string()).increment(1);
     GetAdsResponse {
         request_id,
@@ -366,7 +407,9 @@ pub fn validate(req: &GetAdsRequest) -> Result<RequestContext, ServeError> {
             return bad("user_id: must not contain control characters".into());
         }
     }
-    for (name, value, required) in [("placement", &ctx.placement, true), ("device", &ctx.device, true), ("surface", &ctx.surface, false)] {
+    for (name, value, required) in
+        [("placement", &ctx.placement, true), ("device", &ctx.device, true), ("surface", &ctx.surface, false)]
+    {
         if required && value.is_empty() {
             return bad(format!("context.{name}: required"));
         }
@@ -391,7 +434,12 @@ mod tests {
     fn req() -> GetAdsRequest {
         GetAdsRequest {
             user_id: "u1".into(),
-            context: Some(RequestContext { placement: "feed_top".into(), device: "mobile".into(), surface: "home".into(), coppa: false }),
+            context: Some(RequestContext {
+                placement: "feed_top".into(),
+                device: "mobile".into(),
+                surface: "home".into(),
+                coppa: false,
+            }),
             slots: 1,
         }
     }

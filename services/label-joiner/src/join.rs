@@ -193,7 +193,7 @@ impl Joiner {
                     label: p.click.is_some(),
                     clicked_at: p.click.as_ref().map(|c| c.0),
                     joined_at_ms: now_ms,
-                    partition: p.source.0 .1,
+                    partition: p.source.0.1,
                     offset: p.source.1,
                     click_source: p.click.map(|c| c.1),
                     event: p.event,

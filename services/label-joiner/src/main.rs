@@ -1,14 +1,15 @@
 //! adserve-label-joiner: config -> telemetry -> join loop + gRPC status.
 use std::{sync::Arc, time::Duration};
 
-use adserve_label_joiner::{runner::Runner, service::LabelJoinerGrpc, LabelJoinerConfig};
+use adserve_label_joiner::{LabelJoinerConfig, runner::Runner, service::LabelJoinerGrpc};
 use adserve_proto::service_names;
 use tonic::service::Routes;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: LabelJoinerConfig = adserve_core::load_config()?;
-    let (_telemetry, shutdown, listener) = adserve_core::bootstrap("adserve-label-joiner", &config.server, &config.telemetry).await?;
+    let (_telemetry, shutdown, listener) =
+        adserve_core::bootstrap("adserve-label-joiner", &config.server, &config.telemetry).await?;
     if let Err(e) = adserve_events::ensure_topics(&config.kafka).await {
         tracing::warn!(error = %e, "cannot ensure Kafka topics yet");
     }
@@ -17,7 +18,13 @@ async fn main() -> anyhow::Result<()> {
     let runner = Runner::start(&config, Arc::clone(&status), inbox).await?;
     let service = LabelJoinerGrpc::new(status, commands, config.output_dir.clone());
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
-    let grpc = adserve_core::grpc::serve(listener, Routes::new(service.into_server()), &[service_names::LABEL_JOINER], shutdown.clone(), grace);
+    let grpc = adserve_core::grpc::serve(
+        listener,
+        Routes::new(service.into_server()),
+        &[service_names::LABEL_JOINER],
+        shutdown.clone(),
+        grace,
+    );
     // A join loop that fails stops the whole process (and so is restarted and re-reads).
     let joined = async {
         let result = runner.run(shutdown.clone()).await;

@@ -3,14 +3,14 @@
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration, time::Instant};
 
 use adserve_core::Shutdown;
-use adserve_events::{decode_click, decode_impression, EventPublisher, CLICKS_TOPIC, IMPRESSIONS_TOPIC};
+use adserve_events::{CLICKS_TOPIC, EventPublisher, IMPRESSIONS_TOPIC, decode_click, decode_impression};
 use rdkafka::{
-    consumer::{CommitMode, Consumer, StreamConsumer},
     Message, Offset, TopicPartitionList,
+    consumer::{CommitMode, Consumer, StreamConsumer},
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{join::millis, sink, Joiner, LabelJoinerConfig, ParquetSink};
+use crate::{Joiner, LabelJoinerConfig, ParquetSink, join::millis, sink};
 
 /// What the gRPC service can ask of the loop.
 #[derive(Debug)]
@@ -168,7 +168,14 @@ impl Runner {
         Ok(())
     }
 
-    async fn handle(&mut self, topic: &str, partition: i32, offset: i64, key: &[u8], payload: &[u8]) -> Result<(), RunError> {
+    async fn handle(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        key: &[u8],
+        payload: &[u8],
+    ) -> Result<(), RunError> {
         let Some(tp) = topic_of(topic) else { return Ok(()) };
         let decoded = if tp == IMPRESSIONS_TOPIC {
             decode_impression(payload).map(|e| self.joiner.on_impression(e, (tp, partition), offset))
@@ -310,7 +317,15 @@ fn committed_impression_offsets(consumer: &StreamConsumer) -> Result<HashMap<i32
     Ok(committed
         .elements()
         .iter()
-        .map(|e| (e.partition(), match e.offset() { Offset::Offset(o) => o, _ => 0 }))
+        .map(|e| {
+            (
+                e.partition(),
+                match e.offset() {
+                    Offset::Offset(o) => o,
+                    _ => 0,
+                },
+            )
+        })
         .collect())
 }
 

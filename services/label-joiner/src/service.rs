@@ -3,8 +3,8 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use adserve_proto::v1::{
-    label_joiner_service_server::{LabelJoinerService, LabelJoinerServiceServer},
     FlushRequest, FlushResponse, GetStatusRequest, GetStatusResponse,
+    label_joiner_service_server::{LabelJoinerService, LabelJoinerServiceServer},
 };
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
@@ -21,7 +21,11 @@ pub struct LabelJoinerGrpc {
 
 impl LabelJoinerGrpc {
     /// A service over the running loop's status and command channel.
-    pub fn new(status: Arc<std::sync::Mutex<runner::Status>>, commands: mpsc::Sender<Command>, output_dir: PathBuf) -> Self {
+    pub fn new(
+        status: Arc<std::sync::Mutex<runner::Status>>,
+        commands: mpsc::Sender<Command>,
+        output_dir: PathBuf,
+    ) -> Self {
         Self { status, commands, output_dir }
     }
 
@@ -57,6 +61,9 @@ impl LabelJoinerService for LabelJoinerGrpc {
             .map_err(|_| Status::deadline_exceeded("flush did not finish within 30 s"))?
             .map_err(|_| Status::unavailable("the join loop has stopped"))?;
         let (file, rows) = result.map_err(Status::unavailable)?;
-        Ok(Response::new(FlushResponse { file: file.map(|p| p.display().to_string()).unwrap_or_default(), rows: rows as u64 }))
+        Ok(Response::new(FlushResponse {
+            file: file.map(|p| p.display().to_string()).unwrap_or_default(),
+            rows: rows as u64,
+        }))
     }
 }

@@ -15,18 +15,18 @@ use std::{
 
 use arrow::{
     array::{
-        ArrayRef, AsArray, BooleanArray, Float32Array, Float32Builder, Int32Array, Int64Array, Int8Array, ListBuilder,
+        ArrayRef, AsArray, BooleanArray, Float32Array, Float32Builder, Int8Array, Int32Array, Int64Array, ListBuilder,
         RecordBatch, StringArray, StringBuilder, TimestampMillisecondArray,
     },
     datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit},
 };
 use parquet::{
-    arrow::{arrow_reader::ParquetRecordBatchReaderBuilder, ArrowWriter, ProjectionMask},
+    arrow::{ArrowWriter, ProjectionMask, arrow_reader::ParquetRecordBatchReaderBuilder},
     basic::Compression,
     file::{metadata::KeyValue, properties::WriterProperties},
 };
 
-use crate::join::{millis, LabelledRow};
+use crate::join::{LabelledRow, millis};
 
 /// Version of the row schema; bump on any change (see training/adserve_trainer/schema.py).
 pub const SCHEMA_VERSION: &str = "1";
@@ -155,7 +155,8 @@ impl ParquetSink {
             e.0 = e.0.min(r.offset);
             e.1 = e.1.max(r.offset);
         }
-        let offsets: HashMap<String, [i64; 2]> = offsets.into_iter().map(|(p, (lo, hi))| (p.to_string(), [lo, hi])).collect();
+        let offsets: HashMap<String, [i64; 2]> =
+            offsets.into_iter().map(|(p, (lo, hi))| (p.to_string(), [lo, hi])).collect();
         let offsets = serde_json::to_string(&offsets).map_err(pq)?;
         self.seq += 1;
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
@@ -217,7 +218,8 @@ pub fn written_since(dir: &Path, committed: &HashMap<i32, i64>) -> Result<Vec<St
         if !relevant {
             continue;
         }
-        let mask = ProjectionMask::columns(builder.parquet_schema(), ["impression_id", "kafka_partition", "kafka_offset"]);
+        let mask =
+            ProjectionMask::columns(builder.parquet_schema(), ["impression_id", "kafka_partition", "kafka_offset"]);
         for batch in builder.with_projection(mask).build().map_err(pq)? {
             let batch = batch.map_err(pq)?;
             let (Some(id), Some(part), Some(off)) = (
@@ -227,7 +229,11 @@ pub fn written_since(dir: &Path, committed: &HashMap<i32, i64>) -> Result<Vec<St
             ) else {
                 return Err(SinkError::Parquet(format!("{} lacks lineage columns", path.display())));
             };
-            let (id, part, off) = (id.as_string::<i32>(), part.as_primitive::<arrow::datatypes::Int32Type>(), off.as_primitive::<arrow::datatypes::Int64Type>());
+            let (id, part, off) = (
+                id.as_string::<i32>(),
+                part.as_primitive::<arrow::datatypes::Int32Type>(),
+                off.as_primitive::<arrow::datatypes::Int64Type>(),
+            );
             for i in 0..batch.num_rows() {
                 if off.value(i) >= committed.get(&part.value(i)).copied().unwrap_or(0) {
                     ids.push(id.value(i).to_string());

@@ -52,7 +52,12 @@ pub struct ModelConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { dir: PathBuf::from("models/ctr-baseline"), execution_provider: ExecutionProvider::Cpu, device_id: 0, intra_threads: 1 }
+        Self {
+            dir: PathBuf::from("models/ctr-baseline"),
+            execution_provider: ExecutionProvider::Cpu,
+            device_id: 0,
+            intra_threads: 1,
+        }
     }
 }
 

@@ -8,7 +8,8 @@ use tonic::service::Routes;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: RankerConfig = adserve_core::load_config()?;
-    let (_telemetry, shutdown, listener) = adserve_core::bootstrap("adserve-ranker", &config.server, &config.telemetry).await?;
+    let (_telemetry, shutdown, listener) =
+        adserve_core::bootstrap("adserve-ranker", &config.server, &config.telemetry).await?;
     let model = Arc::new(CtrModel::load(&config.model, &config.onnxruntime_dylib)?);
     let routes = Routes::new(RankerGrpc::new(model, config.max_rows).into_server());
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);

@@ -79,7 +79,10 @@ pub struct CtrModel {
 
 impl std::fmt::Debug for CtrModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CtrModel").field("version", &self.manifest.model_version).field("provider", &self.provider).finish()
+        f.debug_struct("CtrModel")
+            .field("version", &self.manifest.model_version)
+            .field("provider", &self.provider)
+            .finish()
     }
 }
 
@@ -316,8 +319,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("adserve-bad-manifest-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir");
         let path = dir.join("manifest.json");
-        std::fs::write(&path, r#"{"model_version":"v","input_name":"features","output_name":"pctr","feature_order":["nope"]}"#)
-            .expect("write");
+        std::fs::write(
+            &path,
+            r#"{"model_version":"v","input_name":"features","output_name":"pctr","feature_order":["nope"]}"#,
+        )
+        .expect("write");
         let err = read_manifest(&path).unwrap_err().to_string();
         assert!(err.contains("\"nope\" is not in the feature registry"), "{err}");
         std::fs::remove_dir_all(&dir).ok();

@@ -3,12 +3,12 @@
 use std::{sync::Arc, time::Instant};
 
 use adserve_proto::v1::{
-    ranker_service_server::{RankerService, RankerServiceServer},
     GetModelRequest, GetModelResponse, ScoreRequest, ScoreResponse,
+    ranker_service_server::{RankerService, RankerServiceServer},
 };
 use tonic::{Request, Response, Status};
 
-use crate::{model::ModelError, CtrModel, ExecutionProvider};
+use crate::{CtrModel, ExecutionProvider, model::ModelError};
 
 /// Serves `adserve.v1.RankerService` with one loaded model.
 #[derive(Debug, Clone)]
@@ -36,7 +36,10 @@ impl RankerService for RankerGrpc {
         let matrix = request.into_inner().matrix.ok_or_else(|| Status::invalid_argument("matrix: required"))?;
         let rows = matrix.num_rows as usize;
         if rows == 0 || rows > self.max_rows {
-            return Err(Status::invalid_argument(format!("matrix.num_rows: must be in 1..={}, got {rows}", self.max_rows)));
+            return Err(Status::invalid_argument(format!(
+                "matrix.num_rows: must be in 1..={}, got {rows}",
+                self.max_rows
+            )));
         }
         let model = self.model.clone();
         let scores = tokio::task::spawn_blocking(move || model.score(&matrix))
