@@ -13,7 +13,7 @@ help:
 	@echo "make test    install, start the stack, run buf, Python and Rust tests"
 	@echo "make up | down | status    start / stop / inspect the local stack (scripts/)"
 	@echo "make model   regenerate the committed baseline model (models/ctr-baseline)"
-	@echo "make lint    rustfmt, clippy -D warnings, buf lint"
+	@echo "make lint    rustfmt --check, clippy -D warnings (make proto-check: buf lint + breaking)"
 
 install:
 	bash scripts/install.sh
@@ -65,4 +65,3 @@ fmt:
 lint: install
 	cargo fmt --all -- --check
 	$(ENV) cargo clippy --workspace --all-targets -- -D warnings
-	$(ENV) "$$ADSERVE_HOME/buf/node_modules/.bin/buf" lint proto

@@ -78,8 +78,10 @@ async fn malformed_requests_get_400_naming_the_field() -> anyhow::Result<()> {
 async fn oversized_body_is_rejected_with_413() -> anyhow::Result<()> {
     let s = Stack::ready().await?;
     let body = json!({"user_id": "x".repeat(100_000), "context": {"placement": "p", "device": "mobile"}, "slots": 1});
-    let (status, _) = post(&format!("{}/v1/ads", s.http), &body.to_string()).await?;
+    let (status, v) = post(&format!("{}/v1/ads", s.http), &body.to_string()).await?;
     assert_eq!(status, 413);
+    assert_eq!(v["error"]["code"], "payload_too_large", "{v}");
+    assert!(message(&v).starts_with("body"), "{v}");
     Ok(())
 }
 

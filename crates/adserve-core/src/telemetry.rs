@@ -71,7 +71,13 @@ pub fn init_tracing(service: &'static str, config: &TelemetryConfig) -> Result<T
 pub fn init_metrics(addr: SocketAddr) -> Result<(), TelemetryError> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
-        .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
+        )
+        .map_err(|e| TelemetryError::Metrics(e.to_string()))?
+        // Every other histogram is a count (rows, candidates).
+        .set_buckets(&[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0])
         .map_err(|e| TelemetryError::Metrics(e.to_string()))?
         .install()
         .map_err(|e| TelemetryError::Metrics(e.to_string()))

@@ -27,7 +27,8 @@ pub struct GatewayConfig {
     pub deadlines: Deadlines,
     /// Most eligible ads scored per request.
     pub max_candidates: usize,
-    /// Reserve eCPM (micro units) for the in-process fallback auction.
+    /// Reserve eCPM (micro units) sent with every auction request, and used by
+    /// the in-process fallback auction.
     pub reserve_ecpm_micros: i64,
     /// Feature whose value is the fallback pCTR when the ranker is down.
     pub fallback_pctr_feature: String,

@@ -11,6 +11,9 @@ pub enum ServeError {
     /// A dependency without which nothing can be served is down.
     #[error("{0}")]
     Unavailable(String),
+    /// The request body is larger than `max_body_bytes`.
+    #[error("body: larger than the {0}-byte limit")]
+    TooLarge(usize),
 }
 
 impl ServeError {
@@ -18,6 +21,7 @@ impl ServeError {
         match self {
             Self::InvalidArgument(_) => "invalid_argument",
             Self::Unavailable(_) => "unavailable",
+            Self::TooLarge(_) => "payload_too_large",
         }
     }
 }
@@ -27,6 +31,7 @@ impl From<ServeError> for tonic::Status {
         match e {
             ServeError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
             ServeError::Unavailable(m) => tonic::Status::unavailable(m),
+            e @ ServeError::TooLarge(_) => tonic::Status::invalid_argument(e.to_string()),
         }
     }
 }
@@ -36,6 +41,7 @@ impl IntoResponse for ServeError {
         let status = match self {
             Self::InvalidArgument(_) => StatusCode::BAD_REQUEST,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         };
         let body = serde_json::json!({ "error": { "code": self.code(), "message": self.to_string() } });
         (status, Json(body)).into_response()

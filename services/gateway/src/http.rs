@@ -6,7 +6,7 @@
 
 use axum::{
     Json, Router,
-    body::Bytes,
+    body::{Body, Bytes},
     extract::{DefaultBodyLimit, State},
     http::{HeaderMap, StatusCode, header},
     response::IntoResponse,
@@ -18,12 +18,25 @@ use crate::{AdServer, ServeError};
 
 /// The HTTP router.
 pub fn router(server: AdServer, max_body_bytes: usize) -> Router {
+    let state = HttpState { server, max_body_bytes };
     Router::new()
         .route("/v1/ads", post(get_ads))
         .route("/v1/clicks", post(record_click))
         .route("/healthz", get(|| async { "ok" }))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .with_state(server)
+        // The handlers enforce the limit themselves, to answer 413 in the API's error format.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+#[derive(Clone)]
+struct HttpState {
+    server: AdServer,
+    max_body_bytes: usize,
+}
+
+/// Reads at most `limit` bytes of the body.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ServeError> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| ServeError::TooLarge(limit))
 }
 
 /// Parses a JSON body; errors name the offending field path.
@@ -47,18 +60,26 @@ fn parse<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Result<T, Se
     })
 }
 
-async fn get_ads(State(server): State<AdServer>, headers: HeaderMap, body: Bytes) -> impl IntoResponse {
-    let result = match parse(&headers, &body) {
-        Ok(req) => server.serve(req).await.map(Json),
+async fn get_ads(State(state): State<HttpState>, headers: HeaderMap, body: Body) -> impl IntoResponse {
+    let parsed = match read_body(body, state.max_body_bytes).await {
+        Ok(bytes) => parse(&headers, &bytes),
+        Err(e) => Err(e),
+    };
+    let result = match parsed {
+        Ok(req) => state.server.serve(req).await.map(Json),
         Err(e) => Err(e),
     };
     record("ads", &result);
     result
 }
 
-async fn record_click(State(server): State<AdServer>, headers: HeaderMap, body: Bytes) -> impl IntoResponse {
-    let result = match parse(&headers, &body) {
-        Ok(req) => server.click(req).await.map(|r| (StatusCode::ACCEPTED, Json(r))),
+async fn record_click(State(state): State<HttpState>, headers: HeaderMap, body: Body) -> impl IntoResponse {
+    let parsed = match read_body(body, state.max_body_bytes).await {
+        Ok(bytes) => parse(&headers, &bytes),
+        Err(e) => Err(e),
+    };
+    let result = match parsed {
+        Ok(req) => state.server.click(req).await.map(|r| (StatusCode::ACCEPTED, Json(r))),
         Err(e) => Err(e),
     };
     record("clicks", &result);
@@ -70,6 +91,7 @@ fn record<T>(route: &'static str, result: &Result<T, ServeError>) {
         Ok(_) => "ok",
         Err(ServeError::InvalidArgument(_)) => "invalid_argument",
         Err(ServeError::Unavailable(_)) => "unavailable",
+        Err(ServeError::TooLarge(_)) => "too_large",
     };
     metrics::counter!("adserve_gateway_http_requests_total", "route" => route, "status" => status).increment(1);
 }

@@ -184,9 +184,15 @@ impl Joiner {
     /// Labels every impression whose window has closed by `now_ms` (all of
     /// them when `all`), and drops clicks whose impression never came.
     pub fn close_windows(&mut self, now_ms: i64, all: bool) -> usize {
-        let closing: Vec<String> =
-            self.pending.iter().filter(|(_, p)| all || p.deadline_ms <= now_ms).map(|(id, _)| id.clone()).collect();
-        for id in &closing {
+        let mut closing: Vec<((TopicPartition, i64), String)> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| all || p.deadline_ms <= now_ms)
+            .map(|(id, p)| (p.source, id.clone()))
+            .collect();
+        // Rows leave in log order, so files are deterministic for the same input.
+        closing.sort();
+        for (_, id) in &closing {
             if let Some(p) = self.pending.remove(id) {
                 self.done.insert(id.clone(), now_ms);
                 self.ready.push(LabelledRow {

@@ -161,6 +161,9 @@ impl Runner {
             }
         }
         // Rows whose window closed are written; open windows are re-read after restart.
+        if self.clicks_caught_up().await {
+            self.joiner.close_windows(now_ms(), false);
+        }
         if let Err(e) = self.flush(false).await {
             tracing::error!(error = %e, "final flush failed; rows will be re-read after restart");
         }
