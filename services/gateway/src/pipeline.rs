@@ -256,30 +256,11 @@ impl AdServer {
                 .push(Degradation { component: "auction".into(), reason: format!("{e}; ran the auction in-process") }),
         }
         // The auction is a pure function: the gateway can run it itself.
-        let local: Vec<adserve_auction::Candidate> = candidates
-            .iter()
-            .map(|c| adserve_auction::Candidate {
-                ad_id: c.ad_id,
-                campaign_id: c.campaign_id,
-                bid_cpc_micros: c.bid_cpc_micros,
-                pctr: c.pctr,
-            })
-            .collect();
+        let local: Vec<adserve_auction::Candidate> =
+            candidates.iter().map(adserve_auction::service::candidate_from_proto).collect();
         let outcome = adserve_auction::run_auction(&local, slots as usize, self.config.reserve_ecpm_micros)
             .map_err(|e| ServeError::Unavailable(format!("fallback auction: {e}")))?;
-        Ok(outcome
-            .winners
-            .into_iter()
-            .map(|w| adserve_proto::v1::AuctionWinner {
-                ad_id: w.candidate.ad_id,
-                campaign_id: w.candidate.campaign_id,
-                slot: w.slot,
-                pctr: w.candidate.pctr,
-                bid_cpc_micros: w.candidate.bid_cpc_micros,
-                ecpm_micros: w.ecpm_micros,
-                price_cpc_micros: w.price_cpc_micros,
-            })
-            .collect())
+        Ok(outcome.winners.iter().map(adserve_auction::service::winner_to_proto).collect())
     }
 }
 
