@@ -159,7 +159,7 @@ async fn dead_feature_ranker_and_auction_services_degrade_but_still_serve() -> a
     assert_eq!(
         event.features.unwrap().values,
         adserve_gateway::pipeline::default_matrix(
-            1,
+            &[event.ad_id],
             &adserve_proto::v1::RequestContext {
                 placement: "feed_top".into(),
                 device: "mobile".into(),

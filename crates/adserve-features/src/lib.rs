@@ -8,6 +8,10 @@
 
 use std::{collections::HashSet, sync::OnceLock};
 
+pub mod assemble;
+
+pub use assemble::{SourceValues, assemble};
+
 use serde::Deserialize;
 
 /// The registry source, embedded so that every binary carries the same definition.

@@ -6,13 +6,12 @@
 //! most that deadline: its features take registry defaults and the response
 //! names the degradation. COPPA requests never read personal features.
 
-pub mod assemble;
 pub mod batch;
 pub mod config;
 pub mod realtime;
 pub mod service;
 
-pub use assemble::{SourceValues, assemble};
+pub use adserve_features::{SourceValues, assemble};
 pub use batch::BatchStore;
 pub use config::FeatureServiceConfig;
 pub use realtime::RealtimeStore;

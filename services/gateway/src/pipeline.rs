@@ -202,7 +202,7 @@ impl AdServer {
                 reason: format!("{e}; serving registry defaults"),
             }),
         }
-        default_matrix(ad_ids.len(), ctx)
+        default_matrix(ad_ids, ctx)
     }
 
     async fn scores(&self, matrix: &FeatureMatrix, degraded: &mut Vec<Degradation>) -> (Vec<f32>, String) {
@@ -339,31 +339,11 @@ fn no_fill(
     }
 }
 
-/// The matrix served when the feature-service is unavailable: registry
-/// defaults, with context features computed here exactly as the service would.
-pub fn default_matrix(rows: usize, ctx: &RequestContext) -> FeatureMatrix {
-    let registry = adserve_features::registry();
-    let row: Vec<f32> = registry
-        .features
-        .iter()
-        .map(|f| match (f.entity, &f.equals) {
-            (adserve_features::Entity::Context, Some(want)) => {
-                let field = match f.attribute.as_str() {
-                    "device" => &ctx.device,
-                    "placement" => &ctx.placement,
-                    "surface" => &ctx.surface,
-                    _ => return f.default,
-                };
-                if field == want { 1.0 } else { 0.0 }
-            }
-            _ => f.default,
-        })
-        .collect();
-    FeatureMatrix {
-        feature_names: registry.names().into_iter().map(String::from).collect(),
-        num_rows: rows as u32,
-        values: row.repeat(rows),
-    }
+/// The matrix served when the feature-service is unavailable: the same
+/// assembly the service runs, with every source missing (registry defaults,
+/// context features from the request).
+pub fn default_matrix(ad_ids: &[i64], ctx: &RequestContext) -> FeatureMatrix {
+    adserve_features::assemble(adserve_features::registry(), ad_ids, ctx, &adserve_features::SourceValues::default())
 }
 
 fn truncate(s: &str) -> String {
@@ -460,7 +440,7 @@ mod tests {
     #[test]
     fn default_matrix_has_registry_shape_and_context() {
         let ctx = RequestContext { placement: "feed_top".into(), device: "mobile".into(), ..Default::default() };
-        let m = default_matrix(3, &ctx);
+        let m = default_matrix(&[1, 2, 3], &ctx);
         assert!(m.check_shape().is_ok());
         let c = m.feature_names.iter().position(|n| n == "ctx_device_mobile").unwrap();
         assert_eq!(m.row(2).unwrap()[c], 1.0);

@@ -1,8 +1,10 @@
-//! Pure assembly of the feature matrix from what each source returned.
+//! Pure assembly of the feature matrix from what each source returned. The
+//! feature-service serves it; the gateway uses it with no sources (all
+//! defaults) when the feature-service is unavailable, so both agree exactly.
 
 use std::collections::HashMap;
 
-use adserve_features::{Entity, FeatureRegistry, Source};
+use crate::{Entity, FeatureRegistry, FeatureSpec, Source};
 use adserve_proto::v1::{FeatureMatrix, RequestContext};
 
 /// What the sources returned for one request; anything absent takes the
@@ -53,7 +55,7 @@ pub fn assemble(
             }
         })
         .collect();
-    let ad_cols: Vec<(usize, &adserve_features::FeatureSpec)> =
+    let ad_cols: Vec<(usize, &FeatureSpec)> =
         registry.features.iter().enumerate().filter(|(_, f)| f.entity == Entity::Ad).collect();
     let mut out = Vec::with_capacity(ad_ids.len() * cols);
     for ad_id in ad_ids {
@@ -99,7 +101,7 @@ mod tests {
 
     #[test]
     fn values_land_in_their_registry_columns() {
-        let r = adserve_features::registry();
+        let r = crate::registry();
         let m = assemble(r, &[7, 8], &ctx(false), &sample());
         assert_eq!(m.num_rows, 2);
         assert_eq!(m.values.len(), 2 * r.features.len());
@@ -113,7 +115,7 @@ mod tests {
 
     #[test]
     fn unknown_entities_get_registry_defaults() {
-        let r = adserve_features::registry();
+        let r = crate::registry();
         let m = assemble(r, &[99], &ctx(false), &SourceValues::default());
         for (i, f) in r.features.iter().enumerate() {
             if f.entity != Entity::Context {
@@ -124,7 +126,7 @@ mod tests {
 
     #[test]
     fn coppa_requests_never_use_personal_features() {
-        let r = adserve_features::registry();
+        let r = crate::registry();
         let m = assemble(r, &[7], &ctx(true), &sample());
         for (i, f) in r.features.iter().enumerate() {
             if f.personal {
