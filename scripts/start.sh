@@ -346,13 +346,10 @@ start_services() {
   start_service adserve-ranker \
     "ADSERVE_MODEL__DIR=$model" \
     "ORT_DYLIB_PATH=$ORT_DYLIB_PATH"
-  # DynamoDB Local accepts any credentials, but the AWS SDK insists on having some.
+  # Credentials come from the service's config (dynamodb.access_key_id), not AWS_*.
   start_service adserve-feature-service \
     "ADSERVE_REDIS__URL=redis://127.0.0.1:$REDIS_PORT" \
-    "ADSERVE_DYNAMODB__ENDPOINT=http://127.0.0.1:$DYNAMODB_PORT" \
-    "AWS_REGION=${AWS_REGION:-us-east-1}" \
-    "AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-local}" \
-    "AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-local}"
+    "ADSERVE_DYNAMODB__ENDPOINT=http://127.0.0.1:$DYNAMODB_PORT"
   start_service adserve-label-joiner \
     "ADSERVE_KAFKA__BROKERS=$kafka" \
     "ADSERVE_OUTPUT_DIR=$parquet" \

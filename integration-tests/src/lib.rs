@@ -132,13 +132,13 @@ impl Stack {
     pub async fn seed(&self) -> anyhow::Result<()> {
         let catalog = self.catalog()?;
         catalog.migrate("public").await?;
-        let (count,): (i64,) = sqlx_count(&catalog).await?;
-        if count == 0 {
+        let mut ad_ids = all_ad_ids(&catalog).await?;
+        if ad_ids.is_empty() {
             for campaign in adserve_catalog::demo_campaigns(20, 5) {
                 catalog.insert_campaign(&campaign).await?;
             }
+            ad_ids = all_ad_ids(&catalog).await?;
         }
-        let ad_ids = all_ad_ids(&catalog).await?;
         let batch = self.batch_store();
         batch.ensure_tables().await?;
         let ads: Vec<(i64, HashMap<String, f32>)> = ad_ids
@@ -224,11 +224,6 @@ impl Stack {
         consumer.unsubscribe();
         found
     }
-}
-
-async fn sqlx_count(catalog: &Catalog) -> anyhow::Result<(i64,)> {
-    let targeting = adserve_catalog::Targeting { placement: "feed_top", device: "mobile", coppa: false };
-    Ok((catalog.eligible_ads(&targeting, 1).await?.len() as i64,))
 }
 
 async fn all_ad_ids(catalog: &Catalog) -> anyhow::Result<Vec<i64>> {

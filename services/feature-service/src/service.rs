@@ -98,7 +98,10 @@ async fn within<T: Default, E: std::fmt::Display>(
     };
     metrics::counter!("adserve_feature_source_failures_total", "source" => component).increment(1);
     tracing::warn!(component, %reason, "feature source degraded");
-    if let Ok(mut d) = degraded.lock() {
+    // One entry per source, however many of its lookups failed.
+    if let Ok(mut d) = degraded.lock()
+        && !d.iter().any(|x| x.component == component)
+    {
         d.push(Degradation { component: component.into(), reason });
     }
     T::default()
@@ -127,8 +130,7 @@ impl FeatureService for FeatureGrpc {
         );
         let values = SourceValues { user_batch, ad_batch, user_realtime, ad_realtime };
         let matrix = assemble(s.registry, &req.ad_ids, &ctx, &values);
-        let mut degraded = degraded.into_inner().unwrap_or_default();
-        degraded.dedup_by(|a, b| a.component == b.component);
+        let degraded = degraded.into_inner().unwrap_or_default();
         metrics::histogram!("adserve_feature_request_seconds").record(start.elapsed().as_secs_f64());
         Ok(Response::new(GetFeaturesResponse { matrix: Some(matrix), degraded }))
     }

@@ -7,7 +7,7 @@
 //! in-flight offset, or one past the highest offset seen when none is in
 //! flight, so a crash can only make the joiner re-read, never skip.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 
 use adserve_proto::v1::{ClickEvent, ImpressionEvent};
 use prost_types::Timestamp;
@@ -268,11 +268,6 @@ impl Joiner {
     /// Counters.
     pub fn stats(&self) -> JoinStats {
         self.stats
-    }
-
-    /// Ids of rows currently buffered (for tests).
-    pub fn ready_ids(&self) -> HashSet<String> {
-        self.ready.iter().map(|r| r.event.impression_id.clone()).collect()
     }
 }
 

@@ -10,7 +10,7 @@ use rdkafka::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Joiner, LabelJoinerConfig, ParquetSink, join::millis, sink};
+use crate::{Joiner, LabelJoinerConfig, ParquetSink, sink};
 
 /// What the gRPC service can ask of the loop.
 #[derive(Debug)]
@@ -330,9 +330,4 @@ fn committed_impression_offsets(consumer: &StreamConsumer) -> Result<HashMap<i32
             )
         })
         .collect())
-}
-
-/// Milliseconds of a timestamp (re-exported for the service).
-pub fn timestamp_ms(ts: &prost_types::Timestamp) -> i64 {
-    millis(ts)
 }
