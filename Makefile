@@ -6,7 +6,8 @@ SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 CARGO_TEST_ENV := ADSERVE_TEST_POSTGRES_URL=postgres://adserve:adserve@127.0.0.1:5432/adserve
 
-.PHONY: help install build up down status model demo test test-python test-rust proto-check lint fmt
+.PHONY: help install build up down status model demo test test-python test-rust proto-check lint fmt bench \
+	bench-e2e bench-features bench-ranker bench-auction bench-joiner
 
 help:
 	@echo "make demo    install, start the stack, train a model, serve ads and clicks, show the Parquet rows"
@@ -14,6 +15,7 @@ help:
 	@echo "make up | down | status    start / stop / inspect the local stack (scripts/)"
 	@echo "make model   regenerate the committed baseline model (models/ctr-baseline)"
 	@echo "make lint    rustfmt --check, clippy -D warnings (make proto-check: buf lint + breaking)"
+	@echo "make bench   release build, every benchmark next to its peer (QUICK=1: < 5 min; bench-<part>: one part)"
 
 install:
 	bash scripts/install.sh
@@ -65,3 +67,13 @@ fmt:
 lint: install
 	cargo fmt --all -- --check
 	$(ENV) cargo clippy --workspace --all-targets -- -D warnings
+
+# Benchmarks (scripts/bench.sh): release build, the stack on release binaries,
+# every path next to its peer or floor in one run. QUICK=1 for short windows.
+BENCH_ENV := BENCH_QUICK=$(if $(QUICK),1,0) BENCH_DOCS=$(if $(DOCS),1,0)
+
+bench: install
+	$(ENV) $(BENCH_ENV) bash scripts/bench.sh
+
+bench-e2e bench-features bench-ranker bench-auction bench-joiner: install
+	$(ENV) $(BENCH_ENV) BENCH_PARTS=$(patsubst bench-%,%,$@) bash scripts/bench.sh

@@ -5,6 +5,8 @@
 //! Endpoints default to the local stack of `scripts/start.sh`; override with
 //! `ADSERVE_TEST_*` variables to point the tests at another deployment.
 
+pub mod bench;
+
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -56,6 +58,8 @@ pub struct Stack {
     pub redis: String,
     /// DynamoDB endpoint.
     pub dynamodb: String,
+    /// Each service's Prometheus endpoint (`host:port`), by service name.
+    pub metrics: Vec<(String, String)>,
 }
 
 impl Stack {
@@ -72,6 +76,16 @@ impl Stack {
             kafka: env_or("ADSERVE_TEST_KAFKA", "127.0.0.1:9092"),
             redis: env_or("ADSERVE_TEST_REDIS", "redis://127.0.0.1:6379/0"),
             dynamodb: env_or("ADSERVE_TEST_DYNAMODB", "http://127.0.0.1:8000"),
+            metrics: [
+                ("gateway", "ADSERVE_TEST_GATEWAY_METRICS", "127.0.0.1:9101"),
+                ("feature-service", "ADSERVE_TEST_FEATURES_METRICS", "127.0.0.1:9102"),
+                ("ranker", "ADSERVE_TEST_RANKER_METRICS", "127.0.0.1:9103"),
+                ("auction", "ADSERVE_TEST_AUCTION_METRICS", "127.0.0.1:9104"),
+                ("label-joiner", "ADSERVE_TEST_JOINER_METRICS", "127.0.0.1:9105"),
+            ]
+            .into_iter()
+            .map(|(name, var, default)| (name.to_string(), env_or(var, default)))
+            .collect(),
         }
     }
 
@@ -139,6 +153,13 @@ impl Stack {
             }
             ad_ids = all_ad_ids(&catalog).await?;
         }
+        let users: Vec<String> = (0..50).map(|u| format!("demo-user-{u}")).collect();
+        self.seed_features(&ad_ids, &users).await
+    }
+
+    /// Writes batch (DynamoDB) and real-time (Redis) features for `ad_ids`
+    /// and `users`, deterministic per id (idempotent).
+    pub async fn seed_features(&self, ad_ids: &[i64], users: &[String]) -> anyhow::Result<()> {
         let batch = self.batch_store();
         batch.ensure_tables().await?;
         let ads: Vec<(i64, HashMap<String, f32>)> = ad_ids
@@ -155,10 +176,12 @@ impl Stack {
             })
             .collect();
         batch.put_ads(&ads).await?;
-        let users: Vec<(String, HashMap<String, f32>)> = (0..50)
-            .map(|u| {
+        let rows: Vec<(String, HashMap<String, f32>)> = users
+            .iter()
+            .enumerate()
+            .map(|(u, id)| {
                 (
-                    format!("demo-user-{u}"),
+                    id.clone(),
                     HashMap::from([
                         ("ctr_30d".to_string(), 0.01 + (u % 10) as f32 * 0.006),
                         ("sessions_7d".to_string(), (u % 15) as f32),
@@ -166,12 +189,14 @@ impl Stack {
                 )
             })
             .collect();
-        batch.put_users(&users).await?;
+        batch.put_users(&rows).await?;
         let realtime = self.realtime_store().await?;
         let registry = adserve_features::registry();
         let ad_spec = registry.features.iter().find(|f| f.name == "ad_impressions_1h").context("registry")?;
-        let counters: Vec<(String, f64)> =
+        let user_spec = registry.features.iter().find(|f| f.name == "user_impressions_1h").context("registry")?;
+        let mut counters: Vec<(String, f64)> =
             ad_ids.iter().map(|id| (registry.redis_key(ad_spec, &id.to_string()), (*id % 40) as f64)).collect();
+        counters.extend(users.iter().enumerate().map(|(u, id)| (registry.redis_key(user_spec, id), (u % 7) as f64)));
         realtime.set_counters(&counters).await?;
         Ok(())
     }

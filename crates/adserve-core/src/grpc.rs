@@ -4,10 +4,9 @@
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
 
-use crate::Shutdown;
+use crate::{Shutdown, net};
 
 /// Serves `routes` plus health and reflection on `listener` until `shutdown`
 /// fires, then marks every service NOT_SERVING, stops accepting and waits up to
@@ -42,9 +41,10 @@ pub async fn serve(
             health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         }
     };
-    let server = tonic::transport::Server::builder()
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    // Accepted sockets get TCP_NODELAY and keep-alive from `net`: the builder's
+    // own tcp_nodelay applies only to sockets tonic binds itself.
+    let server =
+        net::grpc_server().add_routes(routes).serve_with_incoming_shutdown(net::grpc_incoming(listener), signal);
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => result,
@@ -54,3 +54,4 @@ pub async fn serve(
         }
     }
 }
+

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod grpc;
+pub mod net;
 pub mod shutdown;
 pub mod telemetry;
 
@@ -19,9 +20,14 @@ pub async fn bootstrap(
     telemetry: &TelemetryConfig,
 ) -> Result<(telemetry::TelemetryGuard, Shutdown, tokio::net::TcpListener), BootstrapError> {
     let guard = telemetry::init_tracing(service, telemetry)?;
-    telemetry::init_metrics(server.metrics_addr)?;
-    let listener =
-        tokio::net::TcpListener::bind(server.grpc_addr).await.map_err(|e| BootstrapError::Bind(server.grpc_addr, e))?;
+    let metrics = telemetry::init_metrics()?;
+    let metrics_listener = tokio::net::TcpListener::bind(server.metrics_addr)
+        .await
+        .map_err(|e| BootstrapError::Bind("server.metrics_addr", server.metrics_addr, e))?;
+    telemetry::serve_metrics(metrics_listener, metrics);
+    let listener = tokio::net::TcpListener::bind(server.grpc_addr)
+        .await
+        .map_err(|e| BootstrapError::Bind("server.grpc_addr", server.grpc_addr, e))?;
     tracing::info!(service, grpc = %server.grpc_addr, metrics = %server.metrics_addr, "listening");
     Ok((guard, Shutdown::listen_for_signals(), listener))
 }
@@ -32,7 +38,7 @@ pub enum BootstrapError {
     /// Telemetry or metrics setup failed.
     #[error(transparent)]
     Telemetry(#[from] telemetry::TelemetryError),
-    /// The gRPC port could not be bound.
-    #[error("server.grpc_addr: cannot listen on {0}: {1}")]
-    Bind(std::net::SocketAddr, std::io::Error),
+    /// A listen address could not be bound (the key, the address, why).
+    #[error("{0}: cannot listen on {1}: {2}")]
+    Bind(&'static str, std::net::SocketAddr, std::io::Error),
 }

@@ -27,8 +27,11 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(http = %config.http_addr, "listening");
     let http = {
         let shutdown = shutdown.clone();
-        axum::serve(http_listener, http::router(server.clone(), config.max_body_bytes))
-            .with_graceful_shutdown(async move { shutdown.wait().await })
+        axum::serve(
+            adserve_core::net::http_listener(http_listener),
+            http::router(server.clone(), config.max_body_bytes),
+        )
+        .with_graceful_shutdown(async move { shutdown.wait().await })
     };
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
     let grpc = adserve_core::grpc::serve(

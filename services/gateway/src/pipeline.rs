@@ -11,7 +11,7 @@ use adserve_proto::v1::{
     ScoreRequest, auction_service_client::AuctionServiceClient, feature_service_client::FeatureServiceClient,
     ranker_service_client::RankerServiceClient,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::{ServeError, config::GatewayConfig};
 
@@ -36,10 +36,8 @@ pub struct AdServer {
 }
 
 fn lazy_channel(url: &str, name: &str) -> Result<Channel, ServeError> {
-    Ok(Endpoint::from_shared(url.to_string())
+    Ok(adserve_core::net::grpc_endpoint(url)
         .map_err(|e| ServeError::InvalidArgument(format!("upstreams.{name}: {e}")))?
-        .connect_timeout(Duration::from_millis(500))
-        .tcp_nodelay(true)
         .connect_lazy())
 }
 
@@ -66,9 +64,10 @@ impl AdServer {
         let mut degraded = Vec::new();
 
         let targeting = Targeting { placement: &ctx.placement, device: &ctx.device, coppa: ctx.coppa };
-        let ads = deadline(d.catalog_ms, self.catalog.eligible_ads(&targeting, self.config.max_candidates))
-            .await
-            .map_err(|e| unavailable("catalog", e))?;
+        let hop = Instant::now();
+        let ads = deadline(d.catalog_ms, self.catalog.eligible_ads(&targeting, self.config.max_candidates)).await;
+        record_hop(Hop::Catalog, hop);
+        let ads = ads.map_err(|e| unavailable("catalog", e))?;
         if ads.is_empty() {
             return Ok(no_fill(request_id, 0, degraded, "no_eligible_ads", ""));
         }
@@ -76,8 +75,12 @@ impl AdServer {
         let user_id = if ctx.coppa { String::new() } else { req.user_id.clone() };
         let ad_ids: Vec<i64> = ads.iter().map(|a| a.ad_id).collect();
 
+        let hop = Instant::now();
         let matrix = self.features(&user_id, &ad_ids, &ctx, &mut degraded).await;
+        record_hop(Hop::Features, hop);
+        let hop = Instant::now();
         let (pctrs, model_version) = self.scores(&matrix, &mut degraded).await;
+        record_hop(Hop::Ranker, hop);
         let candidates: Vec<AuctionCandidate> = ads
             .iter()
             .zip(&pctrs)
@@ -88,7 +91,10 @@ impl AdServer {
                 pctr,
             })
             .collect();
-        let winners = self.auction(candidates, req.slots, &mut degraded).await?;
+        let hop = Instant::now();
+        let winners = self.auction(candidates, req.slots, &mut degraded).await;
+        record_hop(Hop::Auction, hop);
+        let winners = winners?;
         if winners.is_empty() {
             return Ok(no_fill(request_id, ads.len(), degraded, "below_reserve", &model_version));
         }
@@ -138,9 +144,10 @@ impl AdServer {
             });
         }
         // No lost events: the ad is returned only after the broker has every impression.
-        futures::future::try_join_all(events.iter().map(|e| self.events.impression(e)))
-            .await
-            .map_err(|e| unavailable("impression log (kafka)", e))?;
+        let hop = Instant::now();
+        let logged = futures::future::try_join_all(events.iter().map(|e| self.events.impression(e))).await;
+        record_hop(Hop::ImpressionLog, hop);
+        logged.map_err(|e| unavailable("impression log (kafka)", e))?;
         for d in &degraded {
             metrics::counter!("adserve_gateway_degraded_total", "component" => d.component.clone()).increment(1);
         }
@@ -262,6 +269,38 @@ impl AdServer {
             .map_err(|e| ServeError::Unavailable(format!("fallback auction: {e}")))?;
         Ok(outcome.winners.iter().map(adserve_auction::service::winner_to_proto).collect())
     }
+}
+
+/// A step of the request path, timed by `adserve_gateway_hop_seconds{hop}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    /// Catalog eligibility query (PostgreSQL).
+    Catalog,
+    /// feature-service GetFeatures, including its fallback.
+    Features,
+    /// ranker Score, including its fallback.
+    Ranker,
+    /// auction RunAuction, including the in-process fallback.
+    Auction,
+    /// Kafka acknowledgement of every impression of the answer.
+    ImpressionLog,
+}
+
+impl Hop {
+    /// The `hop` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Catalog => "catalog",
+            Self::Features => "features",
+            Self::Ranker => "ranker",
+            Self::Auction => "auction",
+            Self::ImpressionLog => "impression_log",
+        }
+    }
+}
+
+fn record_hop(hop: Hop, started: Instant) {
+    metrics::histogram!("adserve_gateway_hop_seconds", "hop" => hop.label()).record(started.elapsed().as_secs_f64());
 }
 
 /// An error from a call made under a deadline.

@@ -1,0 +1,137 @@
+//! Per-connection transport settings of every adserve server and client, in
+//! one place.
+//!
+//! Every listener of the project is wrapped here, and every outgoing gRPC
+//! channel is built here, so the settings cannot drift apart.
+
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tonic::transport::{Endpoint, Server, server::TcpIncoming};
+
+/// TCP keep-alive idle time on every accepted and dialled socket: a peer that
+/// vanished without a FIN (power loss, cable pull) is noticed by the kernel.
+pub const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// HTTP/2 PING interval on gRPC connections. A peer that is frozen (SIGSTOP,
+/// a GC pause, a full disk) keeps its TCP connection open; the PING is what
+/// notices, so a client fails fast and reconnects instead of queueing behind it.
+pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long a PING may go unanswered before the connection is closed.
+pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// HTTP/2 per-stream flow-control window. The largest message on the request
+/// path is a feature matrix (5000 rows x ~100 features x 4 bytes = 2 MB); the
+/// HTTP/2 default of 64 KiB would make the sender wait for a WINDOW_UPDATE
+/// round trip per 64 KiB.
+pub const HTTP2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// HTTP/2 per-connection flow-control window: room for several concurrent
+/// large streams on one multiplexed connection.
+pub const HTTP2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// How long dialling a gRPC upstream may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Applies the accepted-socket settings: `TCP_NODELAY` and TCP keep-alive.
+/// Failures are logged, not fatal: the connection still works, only slower.
+pub fn configure_accepted(stream: &TcpStream) {
+    let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::warn!(error = %e, "cannot set TCP keep-alive on an accepted connection");
+    }
+}
+
+/// The accepted-connection stream for a tonic server on `listener`.
+pub fn grpc_incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_keepalive(Some(TCP_KEEPALIVE))
+}
+
+/// A tonic server builder with the project's HTTP/2 settings.
+pub fn grpc_server() -> Server {
+    Server::builder()
+        .tcp_nodelay(true)
+        .tcp_keepalive(Some(TCP_KEEPALIVE))
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+}
+
+/// An axum listener on `listener` whose accepted sockets get
+/// [`configure_accepted`].
+pub fn http_listener(listener: TcpListener) -> impl axum::serve::Listener<Io = TcpStream, Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt as _;
+    listener.tap_io(|stream| configure_accepted(stream))
+}
+
+/// A gRPC channel endpoint for `url` with the project's client settings:
+/// `TCP_NODELAY`, keep-alive (TCP and HTTP/2, also while idle) and the same
+/// flow-control windows as the servers.
+pub fn grpc_endpoint(url: impl Into<String>) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(url.into())?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .tcp_keepalive(Some(TCP_KEEPALIVE))
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .http2_keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::SocketAddr,
+        os::fd::{BorrowedFd, RawFd},
+    };
+
+    /// Reads `TCP_NODELAY` back (getsockopt) from the server side of the
+    /// connection `client` -> `server`, found among this process's open file
+    /// descriptors. None when no such socket is open (yet).
+    fn server_side_nodelay(server: SocketAddr, client: SocketAddr) -> Option<bool> {
+        for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+            let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse::<RawFd>().ok()) else { continue };
+            let is_socket = std::fs::read_link(entry.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
+            if !is_socket {
+                continue;
+            }
+            // SAFETY: `fd` is open in this process for the duration of the
+            // check (the connection is held open by the caller); the borrow
+            // does not outlive this iteration and never closes it.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            let sock = socket2::SockRef::from(&fd);
+            let local = sock.local_addr().ok().and_then(|a| a.as_socket());
+            let peer = sock.peer_addr().ok().and_then(|a| a.as_socket());
+            if local == Some(server) && peer == Some(client) {
+                return sock.tcp_nodelay().ok();
+            }
+        }
+        None
+    }
+
+    /// Polls [`server_side_nodelay`] until the server has accepted.
+    async fn wait_server_side_nodelay(server: SocketAddr, client: SocketAddr) -> bool {
+        for _ in 0..200 {
+            if let Some(v) = server_side_nodelay(server, client) {
+                return v;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the server never accepted {client} -> {server}");
+    }
+
+    #[tokio::test]
+    async fn a_plain_listener_does_not_set_nodelay() {
+        // The control: proves the check above can fail (Linux accepts sockets
+        // with Nagle on), so a passing test means the wrapper did its job.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = listener.local_addr().unwrap();
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = tokio::net::TcpStream::connect(server).await.unwrap();
+        assert!(!wait_server_side_nodelay(server, client.local_addr().unwrap()).await);
+    }
+}

@@ -1,0 +1,109 @@
+//! Auction: the in-process figures come from criterion (`cargo bench -p
+//! adserve-auction`, run by `make bench` just before this driver); this part
+//! reads them and measures the same auctions over gRPC next to them.
+
+use std::{path::Path, time::Duration};
+
+use adserve_proto::v1::{AuctionCandidate, RunAuctionRequest, auction_service_client::AuctionServiceClient};
+use anyhow::Context;
+
+use super::{
+    Settings,
+    load::{self, Outcome, Summary},
+    report::{Comparison, Metric, Role},
+};
+
+/// Candidates per auction.
+pub const SIZES: [usize; 3] = [1, 100, 1000];
+/// Slots per auction (as in the criterion bench).
+pub const SLOTS: u32 = 5;
+
+/// The criterion median of `group/function/param`, in milliseconds, or None
+/// when criterion has not run.
+fn criterion_median(target: &Path, function: &str, n: usize) -> Option<(f64, f64, f64)> {
+    let path = target.join(format!("criterion/auction/{function}/{n}/new/estimates.json"));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    let ns = |k: &str| v[k]["point_estimate"].as_f64();
+    let ci = &v["median"]["confidence_interval"];
+    Some((ns("median")? / 1e6, ci["lower_bound"].as_f64()? / 1e6, ci["upper_bound"].as_f64()? / 1e6))
+}
+
+fn criterion_summary(median_ms: f64, n: usize) -> Summary {
+    Summary {
+        p50_ms: median_ms,
+        // Criterion reports a median with a confidence interval, not tail
+        // percentiles: the tail columns stay empty rather than invented.
+        p99_ms: 0.0,
+        p999_ms: 0.0,
+        max_ms: 0.0,
+        mean_ms: median_ms,
+        rate_per_s: 1000.0 / median_ms,
+        items_per_s: 1000.0 / median_ms * n as f64,
+        offered_rate_per_s: None,
+        ok: 0,
+        degraded: 0,
+        errors: 0,
+        error_samples: vec![],
+        seconds: 0.0,
+    }
+}
+
+/// Candidates as the gateway sends them (same generator as the criterion bench).
+fn candidates(n: usize) -> Vec<AuctionCandidate> {
+    (0..n as i64)
+        .map(|i| AuctionCandidate {
+            ad_id: i,
+            campaign_id: i / 10,
+            bid_cpc_micros: 100_000 + (i * 7919 % 1000) * 1000,
+            pctr: 0.001 + (i % 97) as f32 / 1000.0,
+        })
+        .collect()
+}
+
+/// Runs the auction part.
+pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
+    load::ensure_loopback(&s.stack.auction)?;
+    let channel = adserve_core::net::grpc_endpoint(s.stack.auction.clone())?.connect().await?;
+    let client = AuctionServiceClient::new(channel);
+    let mut out = Vec::new();
+    for n in SIZES {
+        let request = RunAuctionRequest { candidates: candidates(n), slots: SLOTS, reserve_ecpm_micros: 10_000 };
+        let grpc = {
+            let client = client.clone();
+            load::closed_loop(1, s.warmup(), s.window(), Duration::from_secs(2), n as u64, move |_| {
+                let (mut client, request) = (client.clone(), request.clone());
+                async move {
+                    match client.run_auction(request).await {
+                        Ok(r) if !r.get_ref().winners.is_empty() => Outcome::Ok,
+                        Ok(_) => Outcome::Error("no winners".into()),
+                        Err(e) => Outcome::Error(format!("{:?}: {}", e.code(), e.message())),
+                    }
+                }
+            })
+            .await
+        };
+        let ours = criterion_median(&s.target_dir, "run_auction", n)
+            .context("criterion estimates missing: run `cargo bench -p adserve-auction --bench auction` first")?;
+        let naive = criterion_median(&s.target_dir, "full_sort", n).context("criterion estimates missing")?;
+        let mut c = Comparison {
+            path: "auction".into(),
+            case: format!("{n} candidates, {SLOTS} slots"),
+            metric: Metric::P50,
+            subjects: vec![],
+            note: format!(
+                "in-process medians from criterion (95% CI {:.4}-{:.4} ms); tail columns are blank for criterion rows",
+                ours.1, ours.2
+            ),
+        };
+        c.subjects.push(super::report::Subject {
+            who: "run_auction in-process (criterion)".into(),
+            role: Role::Ours,
+            summary: criterion_summary(ours.0, n),
+        });
+        out.push(
+            c.with_summary("full sort of every candidate (criterion)", Role::Floor, criterion_summary(naive.0, n))
+                .with("adserve-auction RunAuction over gRPC", Role::Ours, &grpc),
+        );
+    }
+    Ok(out)
+}

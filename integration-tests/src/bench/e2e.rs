@@ -1,0 +1,375 @@
+//! End to end: open-loop load on the gateway (`POST /v1/ads` and gRPC
+//! `GetAds`) at rising rates up to saturation, with 500 and 1000 eligible
+//! candidates per request; beside it the sum of the component medians, each
+//! component called directly in the same run, and the gateway's own per-hop
+//! histogram for each step.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use adserve_catalog::{NewAd, NewCampaign, Targeting};
+use adserve_events::{EventPublisher, KafkaConfig};
+use adserve_proto::v1::{
+    AuctionCandidate, FeatureRow, GetAdsRequest, GetFeaturesRequest, ImpressionEvent, RequestContext,
+    RunAuctionRequest, ScoreRequest, auction_service_client::AuctionServiceClient,
+    feature_service_client::FeatureServiceClient, gateway_service_client::GatewayServiceClient,
+    ranker_service_client::RankerServiceClient,
+};
+use anyhow::Context;
+
+use super::{
+    Settings,
+    load::{self, Measurement, Outcome, Summary},
+    prom,
+    report::{Breakdown, Comparison, Metric, Role},
+};
+use crate::Stack;
+
+/// Bench placements and how many ads each must make eligible. Only bench
+/// campaigns target them, plus the demo campaigns that target every placement.
+pub const SIZES: [(&str, usize); 2] = [("bench_500", 500), ("bench_1000", 1000)];
+/// Users the load spreads over (features seeded for each).
+pub const USERS: usize = 1000;
+/// Slots per request.
+pub const SLOTS: u32 = 2;
+/// Gateway hops, in path order (labels of `adserve_gateway_hop_seconds`).
+pub const HOPS: [&str; 5] = ["catalog", "features", "ranker", "auction", "impression_log"];
+const ADS_PER_CAMPAIGN: usize = 50;
+
+/// The user of call `i`.
+pub fn user(i: u64) -> String {
+    format!("bench-user-{}", i % USERS as u64)
+}
+
+/// Makes `placement` have at least `target` eligible ads (idempotent: tops
+/// up), seeds their features, and returns the eligible ad ids.
+pub async fn seed_placement(stack: &Stack, placement: &str, target: usize) -> anyhow::Result<Vec<i64>> {
+    let catalog = stack.catalog()?;
+    let targeting = Targeting { placement, device: "mobile", coppa: false };
+    let existing = catalog.eligible_ads(&targeting, 5000).await?.len();
+    let mut need = target.saturating_sub(existing);
+    let mut k = 0;
+    while need > 0 {
+        let n = need.min(ADS_PER_CAMPAIGN);
+        let campaign = NewCampaign {
+            advertiser: "adserve-bench".into(),
+            name: format!("{placement}-{existing}-{k}"),
+            bid_cpc_micros: 200_000 + ((k * 37) % 19) as i64 * 100_000,
+            daily_budget_micros: 1_000_000_000_000,
+            placements: vec![placement.into()],
+            devices: vec![],
+            ads: (0..n)
+                .map(|a| NewAd {
+                    title: format!("bench offer {k}.{a}"),
+                    landing_url: format!("https://bench.example/{placement}/{k}/{a}"),
+                    category: "bench".into(),
+                    under13_safe: false,
+                })
+                .collect(),
+        };
+        catalog.insert_campaign(&campaign).await?;
+        need -= n;
+        k += 1;
+    }
+    let ids: Vec<i64> = catalog.eligible_ads(&targeting, target).await?.into_iter().map(|a| a.ad_id).collect();
+    anyhow::ensure!(ids.len() == target, "{placement}: {} eligible ads after seeding, wanted {target}", ids.len());
+    let users: Vec<String> = (0..USERS as u64).map(user).collect();
+    stack.seed_features(&ids, &users).await?;
+    Ok(ids)
+}
+
+fn context(placement: &str) -> RequestContext {
+    RequestContext { placement: placement.into(), device: "mobile".into(), surface: "home".into(), coppa: false }
+}
+
+/// Rates offered, lowest first; the ladder stops at saturation.
+fn rates(quick: bool) -> &'static [f64] {
+    if quick { &[25.0, 100.0, 200.0] } else { &[25.0, 50.0, 100.0, 150.0, 200.0, 300.0, 400.0, 600.0] }
+}
+
+/// Saturated: the gateway no longer keeps up with the offered rate, or
+/// answers are failing or slower than any client would wait.
+fn saturated(m: &Measurement) -> bool {
+    let offered = m.offered_rate.unwrap_or_default();
+    let errors = m.errors as f64 / m.calls().max(1) as f64;
+    m.rate() < 0.9 * offered || errors > 0.01 || m.ms(0.99) > 1000.0
+}
+
+/// Runs the end-to-end part.
+pub async fn run(s: &Settings) -> anyhow::Result<(Vec<Comparison>, Vec<Breakdown>)> {
+    let stack = &s.stack;
+    load::ensure_loopback(&stack.http)?;
+    load::ensure_loopback(&stack.gateway)?;
+    let metrics_url = format!("http://{}/metrics", s.gateway_metrics);
+    let mut comparisons = Vec::new();
+    let mut hop_rows = Vec::new();
+    let mut component_rows = Vec::new();
+    for (placement, size) in SIZES {
+        let ad_ids = seed_placement(stack, placement, size).await?;
+        let (floor, rows) = components(s, placement, &ad_ids).await?;
+        component_rows.extend(rows);
+        for proto in ["HTTP", "gRPC"] {
+            for &rate in rates(s.quick) {
+                let before = prom::histogram(&prom::scrape(&metrics_url).await?, "adserve_gateway_hop_seconds", "hop");
+                let m = step(s, proto, placement, size, rate).await?;
+                let after = prom::histogram(&prom::scrape(&metrics_url).await?, "adserve_gateway_hop_seconds", "hop");
+                let hops = prom::delta(&before, &after);
+                let mut row = vec![format!("{proto} {size} @ {rate:.0}/s")];
+                for hop in HOPS {
+                    let b = hops.get(hop);
+                    let q = |q: f64| {
+                        b.and_then(|b| prom::quantile(b, q)).map_or("—".into(), |v| format!("{:.2}", v * 1e3))
+                    };
+                    row.push(format!("{} / {}", q(0.5), q(0.99)));
+                }
+                hop_rows.push(row);
+                let sat = saturated(&m);
+                let case = format!("{proto} {size} candidates, {rate:.0} req/s offered");
+                let mut c = Comparison::new("end-to-end", case, Metric::P50, &format!("adserve gateway ({proto})"), &m)
+                    .with_summary("sum of component medians (direct calls)", Role::Floor, floor.clone());
+                if sat {
+                    c = c.note("saturated: achieved rate below 90% of offered, >1% errors, or p99 > 1 s");
+                }
+                comparisons.push(c);
+                tracing::info!(proto, size, rate, achieved = m.rate(), p99_ms = m.ms(0.99), "end-to-end step done");
+                if sat {
+                    break;
+                }
+            }
+        }
+    }
+    let mut columns = vec!["step".to_string()];
+    columns.extend(HOPS.iter().map(|h| format!("{h} p50 / p99 ms")));
+    let breakdowns = vec![
+        Breakdown {
+            title: "Gateway per-hop latency (from adserve_gateway_hop_seconds, per step)".into(),
+            columns,
+            rows: hop_rows,
+        },
+        Breakdown {
+            title: "Components called directly (closed loop, concurrency 1)".into(),
+            columns: vec!["candidates".into(), "component".into(), "p50 ms".into(), "p99 ms".into()],
+            rows: component_rows,
+        },
+    ];
+    Ok((comparisons, breakdowns))
+}
+
+/// One open-loop step against the gateway.
+async fn step(s: &Settings, proto: &str, placement: &str, size: usize, rate: f64) -> anyhow::Result<Measurement> {
+    let timeout = Duration::from_secs(2);
+    let max_in_flight = 4096;
+    let m = if proto == "HTTP" {
+        let http = reqwest::Client::builder().pool_max_idle_per_host(512).build()?;
+        let url = format!("{}/v1/ads", s.stack.http);
+        let placement = placement.to_string();
+        load::open_loop(rate, s.step(), timeout, max_in_flight, size as u64, move |i| {
+            let (http, url) = (http.clone(), url.clone());
+            let body = serde_json::json!({
+                "user_id": user(i),
+                "context": {"placement": placement, "device": "mobile", "surface": "home"},
+                "slots": SLOTS,
+            });
+            async move {
+                let resp = match http.post(url).json(&body).send().await {
+                    Ok(r) => r,
+                    Err(e) => return Outcome::Error(e.to_string()),
+                };
+                let status = resp.status();
+                match resp.json::<serde_json::Value>().await {
+                    Ok(v) if status.is_success() => judge(
+                        v["candidates"].as_u64().unwrap_or_default() as usize,
+                        v["winners"].as_array().map_or(0, Vec::len),
+                        v["degraded"].as_array().is_some_and(|d| !d.is_empty()),
+                        size,
+                    ),
+                    Ok(v) => Outcome::Error(format!("HTTP {status}: {}", v["error"]["code"])),
+                    Err(e) => Outcome::Error(format!("HTTP {status}: {e}")),
+                }
+            }
+        })
+        .await
+    } else {
+        let channel = adserve_core::net::grpc_endpoint(s.stack.gateway.clone())?.connect().await?;
+        let client = GatewayServiceClient::new(channel);
+        let ctx = context(placement);
+        load::open_loop(rate, s.step(), timeout, max_in_flight, size as u64, move |i| {
+            let mut client = client.clone();
+            let req = GetAdsRequest { user_id: user(i), context: Some(ctx.clone()), slots: SLOTS };
+            async move {
+                match client.get_ads(req).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        judge(r.candidates as usize, r.winners.len(), !r.degraded.is_empty(), size)
+                    }
+                    Err(e) => Outcome::Error(format!("{:?}: {}", e.code(), e.message())),
+                }
+            }
+        })
+        .await
+    };
+    Ok(m)
+}
+
+fn judge(candidates: usize, winners: usize, degraded: bool, size: usize) -> Outcome {
+    if candidates != size {
+        Outcome::Error(format!("{candidates} candidates scored, expected {size}"))
+    } else if winners == 0 {
+        Outcome::Error("no fill".into())
+    } else if degraded {
+        Outcome::Degraded
+    } else {
+        Outcome::Ok
+    }
+}
+
+/// Calls each component the way the gateway does, directly and one at a
+/// time, and returns the sum of their medians (as a floor summary) plus a
+/// row per component.
+async fn components(s: &Settings, placement: &str, ad_ids: &[i64]) -> anyhow::Result<(Summary, Vec<Vec<String>>)> {
+    let stack = &s.stack;
+    let n = ad_ids.len();
+    let timeout = Duration::from_secs(2);
+    let mut parts: BTreeMap<usize, (&str, Measurement)> = BTreeMap::new();
+
+    let catalog = stack.catalog()?;
+    let placement_owned = placement.to_string();
+    let m = load::closed_loop(1, s.warmup(), s.window(), timeout, n as u64, move |_| {
+        let (catalog, placement) = (catalog.clone(), placement_owned.clone());
+        async move {
+            let t = Targeting { placement: &placement, device: "mobile", coppa: false };
+            match catalog.eligible_ads(&t, n).await {
+                Ok(a) if a.len() == n => Outcome::Ok,
+                Ok(a) => Outcome::Error(format!("{} ads", a.len())),
+                Err(e) => Outcome::Error(e.to_string()),
+            }
+        }
+    })
+    .await;
+    parts.insert(0, ("catalog eligibility (PostgreSQL)", m));
+
+    let features =
+        FeatureServiceClient::new(adserve_core::net::grpc_endpoint(stack.features.clone())?.connect().await?);
+    let ctx = context(placement);
+    let ids = Arc::new(ad_ids.to_vec());
+    let m = {
+        let (features, ctx, ids) = (features.clone(), ctx.clone(), ids.clone());
+        load::closed_loop(1, s.warmup(), s.window(), timeout, n as u64, move |i| {
+            let mut c = features.clone();
+            let req = GetFeaturesRequest { user_id: user(i), ad_ids: (*ids).clone(), context: Some(ctx.clone()) };
+            async move {
+                match c.get_features(req).await {
+                    Ok(r) if r.get_ref().degraded.is_empty() => Outcome::Ok,
+                    Ok(_) => Outcome::Degraded,
+                    Err(e) => Outcome::Error(e.message().to_string()),
+                }
+            }
+        })
+        .await
+    };
+    parts.insert(1, ("feature-service GetFeatures", m));
+
+    let matrix = features
+        .clone()
+        .get_features(GetFeaturesRequest { user_id: user(0), ad_ids: ad_ids.to_vec(), context: Some(ctx.clone()) })
+        .await?
+        .into_inner()
+        .matrix
+        .context("GetFeatures returned no matrix")?;
+    let ranker = RankerServiceClient::new(adserve_core::net::grpc_endpoint(stack.ranker.clone())?.connect().await?);
+    let m = {
+        let (ranker, matrix) = (ranker.clone(), Arc::new(matrix.clone()));
+        load::closed_loop(1, s.warmup(), s.window(), timeout, n as u64, move |_| {
+            let (mut c, matrix) = (ranker.clone(), matrix.clone());
+            async move {
+                match c.score(ScoreRequest { matrix: Some((*matrix).clone()) }).await {
+                    Ok(_) => Outcome::Ok,
+                    Err(e) => Outcome::Error(e.message().to_string()),
+                }
+            }
+        })
+        .await
+    };
+    parts.insert(2, ("ranker Score", m));
+
+    let pctr = ranker.clone().score(ScoreRequest { matrix: Some(matrix.clone()) }).await?.into_inner().pctr;
+    let catalog_ads =
+        stack.catalog()?.eligible_ads(&Targeting { placement, device: "mobile", coppa: false }, n).await?;
+    let candidates: Vec<AuctionCandidate> = catalog_ads
+        .iter()
+        .zip(&pctr)
+        .map(|(a, p)| AuctionCandidate {
+            ad_id: a.ad_id,
+            campaign_id: a.campaign_id,
+            bid_cpc_micros: a.bid_cpc_micros,
+            pctr: *p,
+        })
+        .collect();
+    let auction = AuctionServiceClient::new(adserve_core::net::grpc_endpoint(stack.auction.clone())?.connect().await?);
+    let m = {
+        let request = RunAuctionRequest { candidates, slots: SLOTS, reserve_ecpm_micros: 10_000 };
+        load::closed_loop(1, s.warmup(), s.window(), timeout, n as u64, move |_| {
+            let (mut c, request) = (auction.clone(), request.clone());
+            async move {
+                match c.run_auction(request).await {
+                    Ok(_) => Outcome::Ok,
+                    Err(e) => Outcome::Error(e.message().to_string()),
+                }
+            }
+        })
+        .await
+    };
+    parts.insert(3, ("auction RunAuction", m));
+
+    let kafka = KafkaConfig { brokers: stack.kafka.clone(), ..KafkaConfig::default() };
+    let publisher = EventPublisher::new(&kafka)?;
+    let row = FeatureRow { names: matrix.feature_names.clone(), values: matrix.row(0).unwrap_or_default().to_vec() };
+    let m = load::closed_loop(1, s.warmup(), s.window(), timeout, SLOTS as u64, move |_| {
+        let publisher = publisher.clone();
+        let events: Vec<ImpressionEvent> = (0..SLOTS)
+            .map(|slot| ImpressionEvent {
+                impression_id: uuid::Uuid::now_v7().to_string(),
+                request_id: "adserve-bench".into(),
+                user_id: "adserve-bench".into(),
+                ad_id: 1,
+                slot,
+                served_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+                model_version: "adserve-bench".into(),
+                pctr: 0.01,
+                features: Some(row.clone()),
+                ..Default::default()
+            })
+            .collect();
+        async move {
+            match futures::future::try_join_all(events.iter().map(|e| publisher.impression(e))).await {
+                Ok(_) => Outcome::Ok,
+                Err(e) => Outcome::Error(e.to_string()),
+            }
+        }
+    })
+    .await;
+    parts.insert(4, ("Kafka ack of the impressions", m));
+
+    let sum50: f64 = parts.values().map(|(_, m)| m.ms(0.5)).sum();
+    let rows = parts
+        .values()
+        .map(|(name, m)| {
+            vec![n.to_string(), name.to_string(), format!("{:.2}", m.ms(0.5)), format!("{:.2}", m.ms(0.99))]
+        })
+        .collect();
+    let floor = Summary {
+        p50_ms: sum50,
+        p99_ms: 0.0,
+        p999_ms: 0.0,
+        max_ms: 0.0,
+        mean_ms: sum50,
+        rate_per_s: 0.0,
+        items_per_s: 0.0,
+        offered_rate_per_s: None,
+        ok: parts.values().map(|(_, m)| m.ok).sum(),
+        degraded: parts.values().map(|(_, m)| m.degraded).sum(),
+        errors: parts.values().map(|(_, m)| m.errors).sum(),
+        error_samples: parts.values().flat_map(|(_, m)| m.error_samples.clone()).take(3).collect(),
+        seconds: parts.values().map(|(_, m)| m.elapsed.as_secs_f64()).sum(),
+    };
+    Ok((floor, rows))
+}

@@ -1,0 +1,205 @@
+//! Ranker: `Score` over gRPC at 1, 100 and 1000 rows and concurrency 1, 8
+//! and 32, next to a bare ONNX Runtime `session.run` loop on the same model
+//! and thread settings (the floor: what scoring costs with no server at all)
+//! and a FastAPI + onnxruntime server (the peer users would otherwise write).
+
+use std::{sync::Arc, time::Duration};
+
+use adserve_proto::v1::{FeatureMatrix, ScoreRequest, ranker_service_client::RankerServiceClient};
+use anyhow::Context;
+use ort::{session::Session, value::TensorRef};
+
+use super::{
+    Settings,
+    load::{self, Outcome},
+    peers::Child,
+    report::{Comparison, Metric, Role},
+};
+
+/// Rows per Score call.
+pub const ROWS: [usize; 3] = [1, 100, 1000];
+/// Concurrent callers.
+pub const CONCURRENCY: [usize; 3] = [1, 8, 32];
+/// The ranker's ONNX Runtime intra-op threads (its config default), used by
+/// the floor and the peer too.
+pub const INTRA_THREADS: usize = 1;
+
+/// The model's manifest, as far as the floor needs it.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct Manifest {
+    input_name: String,
+    output_name: String,
+    feature_order: Vec<String>,
+}
+
+/// A matrix of `rows` rows over every registry feature, values varied per row.
+pub fn matrix(rows: usize) -> FeatureMatrix {
+    let registry = adserve_features::registry();
+    let names: Vec<String> = registry.names().iter().map(|s| s.to_string()).collect();
+    let mut values = Vec::with_capacity(rows * names.len());
+    for r in 0..rows {
+        values.extend(registry.defaults().iter().enumerate().map(|(c, d)| d + ((r * 7 + c) % 13) as f32 * 0.01));
+    }
+    FeatureMatrix { feature_names: names, num_rows: rows as u32, values }
+}
+
+/// Runs the ranker part.
+pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
+    load::ensure_loopback(&s.stack.ranker)?;
+    let manifest: Manifest = serde_json::from_str(
+        &std::fs::read_to_string(s.model_dir.join("manifest.json")).context("reading the model manifest")?,
+    )?;
+    let env = ort::init_from(&s.ort_dylib)
+        .map_err(|e| anyhow::anyhow!("loading {}: {e}", s.ort_dylib.display()))?
+        .with_name("adserve-bench")
+        .with_telemetry(false)
+        .build()?;
+    let env = Arc::new(env);
+
+    let port = crate::free_port();
+    let mut fastapi = Child::spawn(
+        "FastAPI + onnxruntime peer",
+        &[
+            s.peer_python.to_str().context("peer python path")?,
+            "integration-tests/peers/ort_fastapi.py",
+            "--port",
+            &port.to_string(),
+            "--model-dir",
+            s.model_dir.to_str().context("model dir")?,
+            "--intra-threads",
+            &INTRA_THREADS.to_string(),
+        ],
+        &[],
+        &crate::repo_root(),
+        s.work_dir.join("logs/ort_fastapi.log"),
+    )?;
+    fastapi.wait_ready(&format!("http://127.0.0.1:{port}/healthz"), Duration::from_secs(60)).await?;
+    let peer_url = format!("http://127.0.0.1:{port}/score");
+    let http = reqwest::Client::new();
+
+    let channel = adserve_core::net::grpc_endpoint(s.stack.ranker.clone())?.connect().await?;
+    let client = RankerServiceClient::new(channel);
+    let timeout = Duration::from_secs(5);
+    let mut out = Vec::new();
+    for rows in ROWS {
+        let m = matrix(rows);
+        // The peer takes the same matrix in its JSON form.
+        let body = Arc::new(serde_json::to_vec(&serde_json::json!({
+            "feature_names": m.feature_names,
+            "num_rows": m.num_rows,
+            "values": m.values,
+        }))?);
+        let input = Arc::new(gather(&m, &manifest.feature_order)?);
+        for c in CONCURRENCY {
+            let ours = {
+                let (client, m) = (client.clone(), Arc::new(m.clone()));
+                load::closed_loop(c, s.warmup(), s.window(), timeout, rows as u64, move |_| {
+                    let (mut client, m) = (client.clone(), m.clone());
+                    async move {
+                        match client.score(ScoreRequest { matrix: Some((*m).clone()) }).await {
+                            Ok(r) if r.get_ref().pctr.len() == rows => Outcome::Ok,
+                            Ok(r) => Outcome::Error(format!("{} scores for {rows} rows", r.get_ref().pctr.len())),
+                            Err(e) => Outcome::Error(format!("{:?}: {}", e.code(), e.message())),
+                        }
+                    }
+                })
+                .await
+            };
+            let bare = {
+                let (env, manifest, input, model) = (env.clone(), manifest.clone(), input.clone(), s.model_dir.clone());
+                let window = (s.warmup(), s.window());
+                tokio::task::spawn_blocking(move || {
+                    let make = || -> Session {
+                        Session::builder(&env)
+                            .and_then(|b| b.with_intra_threads(INTRA_THREADS).map_err(Into::into))
+                            .and_then(|mut b| b.commit_from_file(model.join("model.onnx")))
+                            .expect("the served model loads in a bare session")
+                    };
+                    load::threads_loop(c, window.0, window.1, rows as u64, make, move |session| {
+                        bare_run(session, &manifest, &input, rows)
+                    })
+                })
+                .await?
+            };
+            let peer = {
+                let (http, url, body) = (http.clone(), peer_url.clone(), body.clone());
+                load::closed_loop(c, s.warmup(), s.window(), timeout, rows as u64, move |_| {
+                    let (http, url, body) = (http.clone(), url.clone(), body.clone());
+                    async move {
+                        let resp = http
+                            .post(url)
+                            .header("content-type", "application/json")
+                            .body((*body).clone())
+                            .send()
+                            .await;
+                        match resp {
+                            Ok(r) if r.status().is_success() => match r.json::<serde_json::Value>().await {
+                                Ok(v) if v["pctr"].as_array().is_some_and(|a| a.len() == rows) => Outcome::Ok,
+                                Ok(v) => Outcome::Error(format!("unexpected body {v}")),
+                                Err(e) => Outcome::Error(e.to_string()),
+                            },
+                            Ok(r) => Outcome::Error(format!("HTTP {}", r.status())),
+                            Err(e) => Outcome::Error(e.to_string()),
+                        }
+                    }
+                })
+                .await
+            };
+            let metric = if c == 1 { Metric::P50 } else { Metric::Rate };
+            out.push(
+                Comparison::new(
+                    "ranker",
+                    format!("Score {rows} rows, concurrency {c}"),
+                    metric,
+                    "adserve-ranker (gRPC)",
+                    &ours,
+                )
+                .with(&format!("bare session.run x{c} threads"), Role::Floor, &bare)
+                .with("FastAPI + onnxruntime (HTTP/JSON)", Role::Peer, &peer)
+                .note(if c == 1 {
+                    "ratio on p50: the ranker's overhead over scoring alone"
+                } else {
+                    "ratio on rows/s; the floor runs one session per thread"
+                }),
+            );
+            tracing::info!(rows, c, "ranker case done");
+        }
+    }
+    drop(fastapi);
+    Ok(out)
+}
+
+/// The model's input: columns gathered by name into the manifest's order.
+fn gather(m: &FeatureMatrix, order: &[String]) -> anyhow::Result<Vec<f32>> {
+    let idx: Vec<usize> = order
+        .iter()
+        .map(|n| m.feature_names.iter().position(|x| x == n).with_context(|| format!("matrix lacks {n}")))
+        .collect::<anyhow::Result<_>>()?;
+    let cols = m.num_cols();
+    let mut out = Vec::with_capacity(m.num_rows as usize * idx.len());
+    for r in 0..m.num_rows as usize {
+        let row = &m.values[r * cols..(r + 1) * cols];
+        out.extend(idx.iter().map(|&i| row[i]));
+    }
+    Ok(out)
+}
+
+/// One bare `session.run` on a pre-gathered input, reading the output back.
+fn bare_run(session: &mut Session, manifest: &Manifest, input: &[f32], rows: usize) -> Outcome {
+    let width = manifest.feature_order.len();
+    let tensor = match TensorRef::from_array_view(([rows, width], input)) {
+        Ok(t) => t,
+        Err(e) => return Outcome::Error(e.to_string()),
+    };
+    let outputs = match session.run(ort::inputs![manifest.input_name.as_str() => tensor]) {
+        Ok(o) => o,
+        Err(e) => return Outcome::Error(e.to_string()),
+    };
+    match outputs.get(manifest.output_name.as_str()).map(|o| o.try_extract_tensor::<f32>()) {
+        Some(Ok((_, v))) if v.len() == rows => {
+            std::hint::black_box(v.to_vec());
+            Outcome::Ok
+        }
+        _ => Outcome::Error("bad output".into()),
+    }
+}

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Runs the benchmarks: scripts/bench.sh (via `make bench`, `make bench QUICK=1`,
+# `make bench-<part>`).
+#
+# 1. Installs the peers' Python venv (Feast, FastAPI + onnxruntime).
+# 2. Builds the services and the driver with the release profile (thin LTO).
+# 3. Runs the auction's criterion bench (in-process figures).
+# 4. Starts the infrastructure the way `make demo` does, and the five services
+#    from the release build (restarting ours if they run another build). The
+#    stack's own label-joiner is then stopped: it would consume the bench's
+#    events and compete for the cores; the joiner bench starts its own.
+# 5. Runs adserve-bench, which prints the table and writes JSON (and, for full
+#    runs or BENCH_DOCS=1, the generated section of docs/benchmarks.md).
+# 6. Stops the release services, so `make demo` / `make test` start their own.
+#
+# Environment:
+#   BENCH_QUICK=1        short windows (< 5 minutes once built)
+#   BENCH_PARTS=a,b      only these parts: auction, ranker, features, e2e, joiner
+#   BENCH_DOCS=1         write docs/ even for a quick or partial run
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=env.sh
+. "$(dirname "$0")/env.sh"
+cd "$ADSERVE_REPO"
+
+quick="${BENCH_QUICK:-0}"
+parts="${BENCH_PARTS:-auction,ranker,features,e2e,joiner}"
+export ADSERVE_PROFILE=release
+work="$ADSERVE_RUN/bench"
+mkdir -p "$work/logs"
+
+bash integration-tests/peers/install.sh
+
+log "cargo build --release (services and adserve-bench; CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+build_args=(build --release)
+for s in "${ADSERVE_SERVICES[@]}"; do build_args+=(--bin "$s"); done
+cargo "${build_args[@]}" --bin adserve-bench
+
+if [[ ",$parts," == *",auction,"* ]]; then
+  crit=()
+  [ "$quick" = 1 ] && crit=(--warm-up-time 1 --measurement-time 2)
+  log "criterion: cargo bench -p adserve-auction --bench auction"
+  cargo bench -p adserve-auction --bench auction -- "${crit[@]}" >"$work/logs/criterion-auction.log" 2>&1 ||
+    die "criterion bench failed; see $work/logs/criterion-auction.log"
+fi
+
+bash scripts/start.sh infra
+# Our services may be running a debug build (make demo / make test): restart them.
+bash scripts/stop.sh services
+ADSERVE_SKIP_BUILD=1 bash scripts/start.sh services
+for s in "${ADSERVE_SERVICES[@]}"; do
+  owned_pid "$s" >/dev/null ||
+    die "$s: port $(svc_port "$s" grpc) is held by a process scripts/start.sh did not start; stop it so the release build is what gets measured"
+done
+trap 'bash scripts/stop.sh services >/dev/null 2>&1 || true' EXIT
+bash scripts/stop.sh adserve-label-joiner
+
+args=(--json "$work/results.json" --work-dir "$work" --bin-dir "$CARGO_TARGET_DIR/release" --profile release
+  --peer-python "$ADSERVE_HOME/bench-venv/bin/python" --only "$parts")
+command="make bench"
+[ "$quick" = 1 ] && { args+=(--quick); command="make bench QUICK=1"; }
+[ "$parts" != "auction,ranker,features,e2e,joiner" ] && command="make bench-${parts//,/+}$([ "$quick" = 1 ] && echo ' QUICK=1')"
+if [ "${BENCH_DOCS:-0}" = 1 ] || { [ "$quick" != 1 ] && [ "$parts" = "auction,ranker,features,e2e,joiner" ]; }; then
+  args+=(--doc docs/benchmarks.md)
+  cp_json=1
+fi
+"$CARGO_TARGET_DIR/release/adserve-bench" "${args[@]}" --command "$command"
+if [ "${cp_json:-0}" = 1 ]; then
+  cp "$work/results.json" docs/benchmarks.json
+  log "wrote docs/benchmarks.md (generated section) and docs/benchmarks.json"
+fi

@@ -1,0 +1,55 @@
+//! `run_auction` over 1, 100 and 1000 candidates (5 slots), next to the naive
+//! baseline it replaces: scoring and fully sorting every candidate by eCPM.
+//! Run with `make bench-auction` (or `cargo bench -p adserve-auction`);
+//! `adserve-bench` reads the medians from criterion's estimates.
+
+use adserve_auction::{Candidate, run_auction};
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+
+/// Deterministic candidates with spread bids and pCTRs.
+fn candidates(n: usize) -> Vec<Candidate> {
+    (0..n as i64)
+        .map(|i| Candidate {
+            ad_id: i,
+            campaign_id: i / 10,
+            bid_cpc_micros: 100_000 + (i * 7919 % 1000) * 1000,
+            pctr: 0.001 + (i % 97) as f32 / 1000.0,
+        })
+        .collect()
+}
+
+/// The naive auction: every eCPM computed, everything sorted, top slots priced.
+fn full_sort(c: &[Candidate], slots: usize, reserve: i64) -> Vec<(i64, i64)> {
+    let reserve = reserve as f64;
+    let mut ranked: Vec<(f64, &Candidate)> = c.iter().map(|c| (c.ecpm(), c)).filter(|(e, _)| *e >= reserve).collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.ad_id.cmp(&b.1.ad_id)));
+    (0..slots.min(ranked.len()))
+        .map(|k| {
+            let next = ranked.get(k + 1).map_or(reserve, |(e, _)| e.max(reserve));
+            let c = ranked[k].1;
+            (c.ad_id, ((next / (f64::from(c.pctr) * 1000.0)).ceil() as i64).min(c.bid_cpc_micros))
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let mut group = c.benchmark_group("auction");
+    for n in [1usize, 100, 1000] {
+        let cands = candidates(n);
+        // Same winners, or the comparison means nothing.
+        let ours: Vec<i64> =
+            run_auction(&cands, 5, 10_000).expect("valid input").winners.iter().map(|w| w.candidate.ad_id).collect();
+        let naive: Vec<i64> = full_sort(&cands, 5, 10_000).iter().map(|w| w.0).collect();
+        assert_eq!(ours, naive, "run_auction and the full-sort baseline disagree at {n} candidates");
+        group.bench_with_input(BenchmarkId::new("run_auction", n), &cands, |b, cands| {
+            b.iter(|| run_auction(std::hint::black_box(cands), 5, 10_000).expect("valid input"))
+        });
+        group.bench_with_input(BenchmarkId::new("full_sort", n), &cands, |b, cands| {
+            b.iter(|| full_sort(std::hint::black_box(cands), 5, 10_000))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
