@@ -55,3 +55,28 @@ pub async fn serve(
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::net::tests::wait_server_side_nodelay;
+
+    #[tokio::test]
+    async fn served_grpc_connections_have_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = listener.local_addr().unwrap();
+        let shutdown = Shutdown::default();
+        // Health and reflection only: `serve` adds both to any service's routes.
+        tokio::spawn(serve(listener, Routes::default(), &[], shutdown.clone(), Duration::from_secs(1)));
+        let mut client = tokio::net::TcpStream::connect(server).await.unwrap();
+        // HTTP/2 preface and an empty SETTINGS frame; the server answers with
+        // its own SETTINGS, so the connection is being served by tonic.
+        client.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
+        let mut frame = [0u8; 9];
+        client.read_exact(&mut frame).await.unwrap();
+        assert_eq!(frame[3], 4, "the server's first frame is SETTINGS");
+        assert!(wait_server_side_nodelay(server, client.local_addr().unwrap()).await);
+        shutdown.trigger();
+    }
+}

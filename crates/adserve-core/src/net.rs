@@ -1,8 +1,13 @@
 //! Per-connection transport settings of every adserve server and client, in
 //! one place.
 //!
-//! Every listener of the project is wrapped here, and every outgoing gRPC
-//! channel is built here, so the settings cannot drift apart.
+//! Why this module exists: tonic's `Server::tcp_nodelay` applies only to
+//! sockets tonic binds itself, and axum sets nothing on accepted sockets. A
+//! server fed from a plain `TcpListener` therefore ran with Nagle's algorithm
+//! on, and every response that left in two writes waited for the peer's
+//! delayed ACK (~40 ms on Linux). Every listener of the project is wrapped
+//! here, and every outgoing gRPC channel is built here, so the settings
+//! cannot drift apart again.
 
 use std::time::Duration;
 
@@ -37,6 +42,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Applies the accepted-socket settings: `TCP_NODELAY` and TCP keep-alive.
 /// Failures are logged, not fatal: the connection still works, only slower.
 pub fn configure_accepted(stream: &TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::warn!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
+    }
     let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
     if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
         tracing::warn!(error = %e, "cannot set TCP keep-alive on an accepted connection");
@@ -45,7 +53,7 @@ pub fn configure_accepted(stream: &TcpStream) {
 
 /// The accepted-connection stream for a tonic server on `listener`.
 pub fn grpc_incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_keepalive(Some(TCP_KEEPALIVE))
+    TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE))
 }
 
 /// A tonic server builder with the project's HTTP/2 settings.
@@ -82,7 +90,7 @@ pub fn grpc_endpoint(url: impl Into<String>) -> Result<Endpoint, tonic::transpor
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::{
         net::SocketAddr,
         os::fd::{BorrowedFd, RawFd},
@@ -91,7 +99,7 @@ mod tests {
     /// Reads `TCP_NODELAY` back (getsockopt) from the server side of the
     /// connection `client` -> `server`, found among this process's open file
     /// descriptors. None when no such socket is open (yet).
-    fn server_side_nodelay(server: SocketAddr, client: SocketAddr) -> Option<bool> {
+    pub(crate) fn server_side_nodelay(server: SocketAddr, client: SocketAddr) -> Option<bool> {
         for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
             let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse::<RawFd>().ok()) else { continue };
             let is_socket = std::fs::read_link(entry.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
@@ -113,7 +121,7 @@ mod tests {
     }
 
     /// Polls [`server_side_nodelay`] until the server has accepted.
-    async fn wait_server_side_nodelay(server: SocketAddr, client: SocketAddr) -> bool {
+    pub(crate) async fn wait_server_side_nodelay(server: SocketAddr, client: SocketAddr) -> bool {
         for _ in 0..200 {
             if let Some(v) = server_side_nodelay(server, client) {
                 return v;
@@ -121,6 +129,22 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         panic!("the server never accepted {client} -> {server}");
+    }
+
+    #[tokio::test]
+    async fn http_listener_sets_nodelay_on_served_connections() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = listener.local_addr().unwrap();
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        tokio::spawn(async move { axum::serve(super::http_listener(listener), app).await });
+        let mut client = tokio::net::TcpStream::connect(server).await.unwrap();
+        // A full request/response: the connection is being served, not just accepted.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        client.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = client.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+        assert!(wait_server_side_nodelay(server, client.local_addr().unwrap()).await);
     }
 
     #[tokio::test]

@@ -34,6 +34,13 @@ impl RealtimeStore {
             .with_connection_config(|c| {
                 c.connection_timeout = std::time::Duration::from_millis(1000);
                 c.max_command_attempts = 1;
+                // An MGET of 1000 keys leaves in several writes: without
+                // TCP_NODELAY the tail waits for Redis's delayed ACK.
+                c.tcp = TcpConfig {
+                    nodelay: Some(true),
+                    keepalive: Some(fred::socket2::TcpKeepalive::new().with_time(adserve_core::net::TCP_KEEPALIVE)),
+                    ..TcpConfig::default()
+                };
             })
             .with_performance_config(|c| {
                 c.default_command_timeout = std::time::Duration::from_millis(config.timeout_ms);
