@@ -11,7 +11,10 @@
 #    events and compete for the cores; the joiner bench starts its own.
 # 5. Runs adserve-bench, which prints the table and writes JSON (and, for full
 #    runs or BENCH_DOCS=1, the generated section of docs/benchmarks.md).
-# 6. Stops the release services, so `make demo` / `make test` start their own.
+# 6. Stops the release services, so `make demo` / `make test` start their own,
+#    and, when scripts/start.sh runs the broker (tansu, in memory), restarts it
+#    empty: the label-joiner bench filled it with ~250k synthetic events that
+#    every fresh consumer group would otherwise have to read first.
 #
 # Environment:
 #   BENCH_QUICK=1        short windows (< 5 minutes once built)
@@ -51,7 +54,16 @@ for s in "${ADSERVE_SERVICES[@]}"; do
   owned_pid "$s" >/dev/null ||
     die "$s: port $(svc_port "$s" grpc) is held by a process scripts/start.sh did not start; stop it so the release build is what gets measured"
 done
-trap 'bash scripts/stop.sh services >/dev/null 2>&1 || true' EXIT
+cleanup() {
+  bash scripts/stop.sh services >/dev/null 2>&1 || true
+  if owned_pid kafka >/dev/null; then
+    log "restarting the in-memory broker empty (the bench filled it with synthetic events)"
+    bash scripts/stop.sh kafka >/dev/null 2>&1 && bash scripts/start.sh infra >/dev/null 2>&1 || true
+  else
+    log "warning: the broker on port $KAFKA_PORT is not ours; the bench's synthetic events stay in its topics"
+  fi
+}
+trap cleanup EXIT
 bash scripts/stop.sh adserve-label-joiner
 
 args=(--json "$work/results.json" --work-dir "$work" --bin-dir "$CARGO_TARGET_DIR/release" --profile release

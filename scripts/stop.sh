@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stops what scripts/start.sh started: scripts/stop.sh [services|infra|all|adserve-NAME] (default all).
+# Stops what scripts/start.sh started: scripts/stop.sh [services|infra|all|adserve-NAME|kafka|dynamodb|redis] (default all).
 #
 # Only processes with a pid file in $ADSERVE_RUN/pids are stopped, and only if
 # /proc/PID/cmdline still matches the expected program (pid reuse). Anything the
@@ -15,7 +15,8 @@ case "$what" in
   services | infra | all) ;;
   -h | --help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   adserve-*) [[ " ${ADSERVE_SERVICES[*]} " == *" $what "* ]] || die "unknown service $what (one of: ${ADSERVE_SERVICES[*]})" ;;
-  *) die "usage: $0 [services|infra|all|adserve-NAME]" ;;
+  kafka | dynamodb | redis) ;;
+  *) die "usage: $0 [services|infra|all|adserve-NAME|kafka|dynamodb|redis]" ;;
 esac
 STOP_TIMEOUT="${STOP_TIMEOUT:-15}"
 failed=0
@@ -98,6 +99,6 @@ case "$what" in
   services) stop_services ;;
   infra) stop_infra ;;
   all) stop_services; stop_infra ;;
-  adserve-*) stop_one "$what" ;;
+  adserve-* | kafka | dynamodb | redis) stop_one "$what" ;;
 esac
 exit "$failed"

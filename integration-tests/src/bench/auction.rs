@@ -91,8 +91,9 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
             metric: Metric::P50,
             subjects: vec![],
             note: format!(
-                "in-process medians from criterion (95% CI {:.4}-{:.4} ms); tail columns are blank for criterion rows",
-                ours.1, ours.2
+                "in-process medians from criterion (95% CI {}-{} ms); tail columns are blank for criterion rows",
+                super::report::ratio(ours.1),
+                super::report::ratio(ours.2)
             ),
         };
         c.subjects.push(super::report::Subject {

@@ -156,16 +156,22 @@ pub struct Breakdown {
     pub rows: Vec<Vec<String>>,
 }
 
+/// Milliseconds with three significant digits (criterion's medians of a
+/// 1-candidate auction are ~0.0001 ms; a fixed number of decimals hides them).
 fn ms(v: f64) -> String {
     if v == 0.0 {
         "—".into()
     } else if v >= 100.0 {
         format!("{v:.0}")
-    } else if v >= 1.0 {
-        format!("{v:.2}")
     } else {
-        format!("{v:.3}")
+        let decimals = (2 - v.abs().log10().floor() as i32).max(0) as usize;
+        format!("{v:.decimals$}")
     }
+}
+
+/// A ratio: two decimals, or three significant digits below 0.1.
+pub fn ratio(x: f64) -> String {
+    if x >= 0.1 { format!("{x:.2}") } else { ms(x) }
 }
 
 fn rate(v: f64) -> String {
@@ -200,7 +206,9 @@ impl Report {
                     let ratio = if i == 0 {
                         String::new()
                     } else {
-                        c.ratio(i).map(|x| format!("{} = {x:.2}", c.metric.label())).unwrap_or_else(|| "n/a".into())
+                        c.ratio(i)
+                            .map(|x| format!("{} = {}", c.metric.label(), ratio(x)))
+                            .unwrap_or_else(|| "n/a".into())
                     };
                     let who = match s.role {
                         Role::Ours => format!("**{}**", s.who),
@@ -319,6 +327,16 @@ pub fn write(report: &Report, json: &Path, doc: Option<&Path>) -> anyhow::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn figures_keep_three_significant_digits() {
+        assert_eq!(ms(0.000123), "0.000123");
+        assert_eq!(ms(0.0241), "0.0241");
+        assert_eq!(ms(1.234), "1.23");
+        assert_eq!(ms(52.96), "53.0");
+        assert_eq!(ms(262.0), "262");
+        assert_eq!(ms(0.0), "—");
+    }
 
     #[test]
     fn splice_replaces_only_the_generated_section() {

@@ -61,11 +61,22 @@ struct Args {
     /// Gateway metrics address.
     #[arg(long, default_value = "127.0.0.1:9101")]
     gateway_metrics: String,
+    /// Measure nothing: re-render this JSON report into --doc (after a
+    /// change to the report's layout).
+    #[arg(long)]
+    render: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info,ort=warn".into()))
+        .init();
+    if let Some(json) = &args.render {
+        let report: Report = serde_json::from_str(&std::fs::read_to_string(json)?)?;
+        println!("{}", report.text());
+        return report::write(&report, &args.json, args.doc.as_deref());
+    }
     for part in &args.only {
         anyhow::ensure!(PARTS.contains(&part.as_str()), "--only: unknown part {part:?}; parts are {PARTS:?}");
     }
