@@ -60,6 +60,8 @@ pub struct Stack {
     pub dynamodb: String,
     /// Each service's Prometheus endpoint (`host:port`), by service name.
     pub metrics: Vec<(String, String)>,
+    /// The stack's label-joiner consumer group.
+    pub joiner_group: String,
 }
 
 impl Stack {
@@ -86,6 +88,7 @@ impl Stack {
             .into_iter()
             .map(|(name, var, default)| (name.to_string(), env_or(var, default)))
             .collect(),
+            joiner_group: env_or("ADSERVE_TEST_JOINER_GROUP", "adserve-label-joiner"),
         }
     }
 
@@ -228,6 +231,11 @@ impl Stack {
 
     /// Reads the impression with `impression_id` from the impressions topic.
     pub async fn impression_event(&self, impression_id: &str) -> anyhow::Result<ImpressionEvent> {
+        Ok(self.logged_impression(impression_id).await?.event)
+    }
+
+    /// The impression with `impression_id` and where it is in the log.
+    pub async fn logged_impression(&self, impression_id: &str) -> anyhow::Result<LoggedImpression> {
         let consumer: StreamConsumer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", &self.kafka)
             .set("group.id", format!("adserve-test-{}", uuid::Uuid::new_v4()))
@@ -240,7 +248,8 @@ impl Stack {
                 let msg = consumer.recv().await?;
                 if msg.key() == Some(impression_id.as_bytes()) {
                     let payload = msg.payload().unwrap_or_default();
-                    return adserve_events::decode_impression(payload).map_err(anyhow::Error::msg);
+                    let event = adserve_events::decode_impression(payload).map_err(anyhow::Error::msg)?;
+                    return anyhow::Ok(LoggedImpression { event, partition: msg.partition(), offset: msg.offset() });
                 }
             }
         })
@@ -249,6 +258,63 @@ impl Stack {
         consumer.unsubscribe();
         found
     }
+
+    /// Waits until the stack's label-joiner has committed its impressions
+    /// offsets past `logged`: from then on no restart or re-read can write
+    /// that impression again, so a row count taken afterwards is final.
+    pub async fn wait_joiner_committed_past(
+        &self,
+        logged: &LoggedImpression,
+        patience: Duration,
+    ) -> anyhow::Result<()> {
+        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.kafka)
+            .set("group.id", &self.joiner_group)
+            .create()?;
+        let consumer = std::sync::Arc::new(consumer);
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut client = self.joiner_client().await?;
+        loop {
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            tpl.add_partition(adserve_events::IMPRESSIONS_TOPIC, logged.partition);
+            let c = consumer.clone();
+            let committed =
+                tokio::task::spawn_blocking(move || c.committed_offsets(tpl, Duration::from_secs(5))).await??;
+            let past = committed
+                .find_partition(adserve_events::IMPRESSIONS_TOPIC, logged.partition)
+                .is_some_and(|e| matches!(e.offset(), rdkafka::Offset::Offset(o) if o > logged.offset));
+            if past {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "label-joiner group {} did not commit past offset {} within {patience:?}",
+                    self.joiner_group,
+                    logged.offset
+                );
+            }
+            client.flush(FlushRequest { close_open_windows: false }).await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Every Parquet row the stack's label-joiner wrote for `impression_id`.
+    pub async fn rows_for(&self, impression_id: &str) -> anyhow::Result<Vec<ParquetRow>> {
+        let mut client = self.joiner_client().await?;
+        let dir = PathBuf::from(client.get_status(GetStatusRequest {}).await?.into_inner().output_dir);
+        Ok(read_rows(&dir)?.into_iter().filter(|r| r.impression_id == impression_id).collect())
+    }
+}
+
+/// An impression as logged, with its place in the impressions topic.
+#[derive(Debug, Clone)]
+pub struct LoggedImpression {
+    /// The event.
+    pub event: ImpressionEvent,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
 }
 
 async fn all_ad_ids(catalog: &Catalog) -> anyhow::Result<Vec<i64>> {
@@ -349,4 +415,37 @@ pub fn binary(name: &str) -> PathBuf {
 /// A free loopback port.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+/// The inode of the socket listening on TCP `port` (any local address).
+fn listening_inode(port: u16) -> Option<u64> {
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 10 || cols[3] != "0A" {
+                continue;
+            }
+            let local_port = cols[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) {
+                return cols[9].parse().ok();
+            }
+        }
+    }
+    None
+}
+
+/// The process holding the listening socket of TCP `port`, found through
+/// /proc (so it works for processes the test did not start).
+pub fn listener_pid(port: u16) -> anyhow::Result<i32> {
+    let inode = listening_inode(port).with_context(|| format!("nothing listens on port {port}"))?;
+    let target = format!("socket:[{inode}]");
+    for proc_entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = proc_entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else { continue };
+        if fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == target)) {
+            return Ok(pid);
+        }
+    }
+    bail!("no visible process owns the listening socket of port {port}")
 }

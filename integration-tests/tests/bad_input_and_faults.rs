@@ -113,10 +113,11 @@ async fn gateway(s: &Stack, tweak: impl FnOnce(&mut GatewayConfig)) -> anyhow::R
     if config.postgres.schema != "public" {
         catalog.migrate(&config.postgres.schema).await?;
     }
-    let server = AdServer::new(config.clone(), catalog, EventPublisher::new(&config.kafka)?)?;
+    let server = AdServer::new(config.clone(), catalog, EventPublisher::new(&config.kafka, "test")?)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(async move { axum::serve(listener, http::router(server, config.max_body_bytes)).await });
+    let router = http::router(server, config.max_body_bytes, adserve_core::Readiness::new());
+    tokio::spawn(async move { axum::serve(listener, router).await });
     Ok(format!("http://{addr}/v1/ads"))
 }
 
@@ -192,5 +193,53 @@ async fn dead_kafka_serves_no_unlogged_ad() -> anyhow::Result<()> {
     let (status, v) = answer(&url, &good()).await?;
     assert_eq!(status, 503, "{v}");
     assert!(message(&v).contains("kafka"), "{v}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_fatal_kafka_producer_makes_the_gateway_unready_until_it_is_replaced() -> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    let mut config = GatewayConfig {
+        postgres: s.postgres_config("public"),
+        // The first replacement waits 3 s: long enough to observe the unready state.
+        kafka: KafkaConfig { brokers: s.kafka.clone(), recovery_backoff_min_ms: 3000, ..KafkaConfig::default() },
+        ..GatewayConfig::default()
+    };
+    config.upstreams.feature_service = s.features.clone();
+    config.upstreams.ranker = s.ranker.clone();
+    config.upstreams.auction = s.auction.clone();
+    let events = EventPublisher::new(&config.kafka, "test")?;
+    let readiness = adserve_core::Readiness::new();
+    adserve_events::report_health(events.clone(), readiness.clone(), "kafka impression log");
+    let server = AdServer::new(config.clone(), Catalog::connect_lazy(&config.postgres)?, events.clone())?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let router = http::router(server, config.max_body_bytes, readiness);
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let ads = format!("{base}/v1/ads");
+    assert_eq!(answer(&ads, &good()).await?.0, 200);
+
+    // What librdkafka does to a fenced idempotent producer: it never recovers by itself.
+    events.inject_fatal_error_for_tests("fenced by the test");
+    let (status, v) = answer(&ads, &good()).await?;
+    assert_eq!(status, 503, "{v}");
+    assert!(message(&v).contains("fenced by the test"), "{v}");
+    // The failed send marked the producer fatal, which made the gateway unready
+    // at once, naming the dependency.
+    let r = reqwest::get(format!("{base}/healthz")).await?;
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await?;
+    assert!(v["reasons"].to_string().contains("kafka impression log"), "{v}");
+    // A fresh producer replaces the fatal one: ready and serving again.
+    let mut served = false;
+    for _ in 0..150 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let ready = reqwest::get(format!("{base}/healthz")).await?.status() == 200;
+        if ready && answer(&ads, &good()).await?.0 == 200 {
+            served = true;
+            break;
+        }
+    }
+    assert!(served, "the gateway did not serve again after the producer was replaced");
     Ok(())
 }

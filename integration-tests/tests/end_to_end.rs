@@ -37,7 +37,8 @@ async fn ad_request_and_click_become_one_labelled_row_with_the_scored_features()
     assert_eq!(click.status(), 202);
 
     // The impression was on Kafka, with the feature row that was scored.
-    let event = stack.impression_event(&impression_id).await?;
+    let logged = stack.logged_impression(&impression_id).await?;
+    let event = logged.event.clone();
     assert_eq!(event.user_id, user);
     assert_eq!(event.ad_id, winner["ad_id"].as_i64().unwrap());
     assert_eq!(event.model_version, ad["model_version"].as_str().unwrap());
@@ -54,7 +55,11 @@ async fn ad_request_and_click_become_one_labelled_row_with_the_scored_features()
     let rescored = ranker.score(ScoreRequest { matrix: Some(matrix) }).await?.into_inner();
     assert_eq!(rescored.pctr[0], event.pctr);
 
-    let rows = stack.wait_for_rows(&impression_id, Duration::from_secs(60)).await?;
+    stack.wait_for_rows(&impression_id, Duration::from_secs(60)).await?;
+    // Counted only once the joiner has committed past the impression: before
+    // that, a re-read could still write it a second time.
+    stack.wait_joiner_committed_past(&logged, Duration::from_secs(60)).await?;
+    let rows = stack.rows_for(&impression_id).await?;
     assert_eq!(rows.len(), 1, "exactly one row per impression");
     let row = &rows[0];
     assert_eq!(row.label, 1, "the click landed within the label window");

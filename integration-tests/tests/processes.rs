@@ -91,8 +91,9 @@ async fn label_joiner_killed_mid_stream_loses_and_duplicates_nothing() -> anyhow
     let s = Stack::ready().await?;
     let kafka = KafkaConfig { brokers: s.kafka.clone(), ..KafkaConfig::default() };
     adserve_events::ensure_topics(&kafka).await?;
-    let publisher = EventPublisher::new(&kafka)?;
-    let dir = std::env::temp_dir().join(format!("adserve-restart-{}", uuid::Uuid::new_v4()));
+    let publisher = EventPublisher::new(&kafka, "test")?;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().to_path_buf();
     let group = format!("adserve-restart-test-{}", uuid::Uuid::new_v4());
 
     let first = publish_batch(&publisher, "a", 20).await?;
@@ -132,14 +133,14 @@ async fn label_joiner_killed_mid_stream_loses_and_duplicates_nothing() -> anyhow
     let mut client = LabelJoinerServiceClient::connect(b.url.clone()).await?;
     let status = client.get_status(GetStatusRequest {}).await?.into_inner();
     assert!(status.rows_written > 0);
-    std::fs::remove_dir_all(&dir).ok();
     Ok(())
 }
 
 #[tokio::test]
 async fn services_drain_and_exit_cleanly_on_sigterm() -> anyhow::Result<()> {
     let s = Stack::ready().await?;
-    let dir = std::env::temp_dir().join(format!("adserve-term-{}", uuid::Uuid::new_v4()));
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().to_path_buf();
     let joiner = start_joiner(&s, &format!("adserve-term-{}", uuid::Uuid::new_v4()), &dir).await?;
     let port = free_port();
     let auction = tokio::process::Command::new(binary("adserve-auction"))
@@ -155,6 +156,82 @@ async fn services_drain_and_exit_cleanly_on_sigterm() -> anyhow::Result<()> {
         let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
         assert!(status.success(), "exit status {status}");
     }
-    std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_flips_readiness_first_then_finishes_requests_in_flight() -> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    // A feature-service that accepts connections and never answers: the
+    // request below waits out its whole 3 s deadline, so it is in flight
+    // when SIGTERM arrives.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let hung_addr = hung.local_addr()?;
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = hung.accept().await {
+            held.push(conn);
+        }
+    });
+    let http_port = free_port();
+    let base = format!("http://127.0.0.1:{http_port}");
+    let mut gateway = tokio::process::Command::new(binary("adserve-gateway"))
+        .env("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("ADSERVE_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
+        .env("ADSERVE_POSTGRES__URL", &s.postgres)
+        .env("ADSERVE_KAFKA__BROKERS", &s.kafka)
+        .env("ADSERVE_UPSTREAMS__FEATURE_SERVICE", format!("http://{hung_addr}"))
+        .env("ADSERVE_UPSTREAMS__RANKER", &s.ranker)
+        .env("ADSERVE_UPSTREAMS__AUCTION", &s.auction)
+        .env("ADSERVE_DEADLINES__FEATURES_MS", "3000")
+        .env("ADSERVE_SERVER__READINESS_DRAIN_MS", "1500")
+        .env("ADSERVE_SERVER__SHUTDOWN_GRACE_MS", "10000")
+        .env("ADSERVE_TELEMETRY__LOG_FILTER", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut up = false;
+    for _ in 0..100 {
+        if reqwest::get(format!("{base}/healthz")).await.is_ok_and(|r| r.status() == 200) {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::ensure!(up, "the gateway did not become ready");
+
+    let in_flight = tokio::spawn({
+        let url = format!("{base}/v1/ads");
+        async move {
+            let body = serde_json::json!({
+                "user_id": "demo-user-1", "context": {"placement": "feed_top", "device": "mobile"}, "slots": 1
+            });
+            let r = reqwest::Client::new().post(url).json(&body).send().await?;
+            let status = r.status().as_u16();
+            anyhow::Ok((status, r.json::<serde_json::Value>().await?))
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = gateway.id().expect("running");
+    std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+
+    // Readiness flips at once, while the listener still accepts new
+    // connections (the readiness drain): a fresh client is told 503, draining.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = reqwest::Client::new().get(format!("{base}/healthz")).send().await?;
+    assert_eq!(r.status(), 503, "readiness must flip as soon as SIGTERM arrives");
+    let v: serde_json::Value = r.json().await?;
+    assert!(v["reasons"].to_string().contains("draining"), "{v}");
+
+    // The request that was in flight is answered (degraded), not cut off.
+    let (status, v) = in_flight.await??;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["degraded"].to_string().contains("feature-service"), "{v}");
+    // Then the process exits cleanly, and nothing listens any more.
+    let exit = tokio::time::timeout(Duration::from_secs(30), gateway.wait()).await??;
+    assert!(exit.success(), "exit status {exit}");
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", http_port)).await.is_err());
+    holder.abort();
     Ok(())
 }

@@ -16,40 +16,8 @@ use std::{
     time::Duration,
 };
 
-use adserve_integration_tests::Stack;
+use adserve_integration_tests::{Stack, listener_pid};
 use anyhow::{Context, bail};
-
-/// The inode of the socket listening on 127.0.0.1:`port` (or any address).
-fn listening_inode(port: u16) -> Option<u64> {
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else { continue };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() < 10 || cols[3] != "0A" {
-                continue;
-            }
-            let local_port = cols[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
-            if local_port == Some(port) {
-                return cols[9].parse().ok();
-            }
-        }
-    }
-    None
-}
-
-/// The process holding the listening socket of `port`.
-fn listener_pid(port: u16) -> anyhow::Result<i32> {
-    let inode = listening_inode(port).with_context(|| format!("nothing listens on port {port}"))?;
-    let target = format!("socket:[{inode}]");
-    for proc_entry in std::fs::read_dir("/proc")?.flatten() {
-        let Some(pid) = proc_entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else { continue };
-        if fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == target)) {
-            return Ok(pid);
-        }
-    }
-    bail!("no process owns the listening socket of port {port} (not ours to inspect?)")
-}
 
 /// TCP_NODELAY of `pid`'s socket whose local port is `port` and whose peer
 /// is `client`, read via a duplicate of that socket. None if not found (yet).

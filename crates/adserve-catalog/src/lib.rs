@@ -262,15 +262,16 @@ pub fn demo_campaigns(campaigns: usize, ads_per: usize) -> Vec<NewCampaign> {
 mod tests {
     use super::*;
 
-    /// A catalog in a fresh schema of the local database, or None when no
-    /// database is reachable (`make test` always provides one).
-    async fn fresh() -> Option<Catalog> {
-        let url = std::env::var("ADSERVE_TEST_POSTGRES_URL").ok()?;
+    /// A catalog in a fresh schema of the test database. Fails (rather than
+    /// passing vacuously) when none is configured: `make test` provides one.
+    async fn fresh() -> Catalog {
+        let url = std::env::var("ADSERVE_TEST_POSTGRES_URL")
+            .expect("ADSERVE_TEST_POSTGRES_URL is unset: run the catalog tests through `make test`");
         let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
         let config = PostgresConfig { url, schema: schema.clone(), ..Default::default() };
         let catalog = Catalog::connect_lazy(&config).expect("config");
         catalog.migrate(&schema).await.expect("migrates");
-        Some(catalog)
+        catalog
     }
 
     fn campaign(name: &str, bid: i64, placements: &[&str], ads: &[(&str, bool)]) -> NewCampaign {
@@ -295,9 +296,7 @@ mod tests {
 
     #[tokio::test]
     async fn eligibility_respects_targeting_coppa_and_status() {
-        let Some(catalog) = fresh().await else {
-            return eprintln!("ADSERVE_TEST_POSTGRES_URL unset: run through `make test`");
-        };
+        let catalog = fresh().await;
         catalog.insert_campaign(&campaign("a", 500_000, &[], &[("kids", true), ("adults", false)])).await.unwrap();
         catalog.insert_campaign(&campaign("b", 900_000, &["sidebar"], &[("side", true)])).await.unwrap();
         let ids = catalog.insert_campaign(&campaign("c", 700_000, &[], &[("paused", false)])).await.unwrap();
@@ -325,7 +324,7 @@ mod tests {
 
     #[tokio::test]
     async fn exhausted_budgets_are_not_eligible() {
-        let Some(catalog) = fresh().await else { return };
+        let catalog = fresh().await;
         catalog.insert_campaign(&campaign("a", 500_000, &[], &[("x", false)])).await.unwrap();
         sqlx::query("UPDATE campaigns SET spent_today_micros = daily_budget_micros")
             .execute(catalog.pool())
@@ -337,7 +336,7 @@ mod tests {
 
     #[tokio::test]
     async fn empty_catalog_yields_no_candidates() {
-        let Some(catalog) = fresh().await else { return };
+        let catalog = fresh().await;
         let t = Targeting { placement: "p", device: "d", coppa: false };
         assert!(catalog.eligible_ads(&t, 10).await.unwrap().is_empty());
     }

@@ -65,7 +65,10 @@ pub struct ServerConfig {
     pub grpc_addr: SocketAddr,
     /// Prometheus `/metrics` listen address.
     pub metrics_addr: SocketAddr,
-    /// How long in-flight requests may take to finish after SIGTERM.
+    /// After SIGTERM, how long listeners keep accepting once health went
+    /// NOT_SERVING, so load balancers stop routing here before it closes.
+    pub readiness_drain_ms: u64,
+    /// How long in-flight requests may take to finish once listeners closed.
     pub shutdown_grace_ms: u64,
 }
 
@@ -75,6 +78,7 @@ impl ServerConfig {
         Self {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], grpc)),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], metrics)),
+            readiness_drain_ms: 0,
             shutdown_grace_ms: 10_000,
         }
     }
@@ -83,6 +87,9 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.shutdown_grace_ms == 0 || self.shutdown_grace_ms > 300_000 {
             return Err("server.shutdown_grace_ms: must be in 1..=300000".into());
+        }
+        if self.readiness_drain_ms > 300_000 {
+            return Err("server.readiness_drain_ms: must be in 0..=300000".into());
         }
         if self.grpc_addr.port() != 0 && self.grpc_addr == self.metrics_addr {
             return Err("server.metrics_addr: must differ from server.grpc_addr".into());

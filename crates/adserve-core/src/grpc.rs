@@ -1,28 +1,42 @@
 //! Serves a service's gRPC routes together with the standard
 //! `grpc.health.v1.Health` service and server reflection, and drains on shutdown.
 
-use std::time::Duration;
-
 use tokio::net::TcpListener;
 use tonic::service::Routes;
+use tonic_health::ServingStatus;
 
-use crate::{Shutdown, net};
+use crate::{Lifecycle, net};
 
-/// Serves `routes` plus health and reflection on `listener` until `shutdown`
-/// fires, then marks every service NOT_SERVING, stops accepting and waits up to
-/// `grace` for in-flight requests.
+/// Serves `routes` plus health and reflection on `listener`. The health of
+/// each of `service_names` follows the process's readiness (the overall `""`
+/// is liveness and stays SERVING); on shutdown readiness goes NOT_SERVING, the listener keeps serving for the
+/// readiness drain, then closes, and in-flight calls get the grace period.
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     service_names: &[&'static str],
-    shutdown: Shutdown,
-    grace: Duration,
+    lifecycle: &Lifecycle,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    for name in service_names {
-        health.set_service_status(*name, tonic_health::ServingStatus::Serving).await;
+    // The overall status "" is liveness: SERVING while the process serves at
+    // all (a not-ready process must not be restarted for it). Each service's
+    // own name is readiness.
+    health.set_service_status("", ServingStatus::Serving).await;
+    let names: Vec<&'static str> = service_names.to_vec();
+    let mut readiness = lifecycle.readiness.subscribe();
+    let status = |ready: bool| if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+    let initial = status(readiness.borrow_and_update().is_ready());
+    for name in &names {
+        health.set_service_status(*name, initial).await;
     }
-    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    tokio::spawn(async move {
+        while readiness.changed().await.is_ok() {
+            let s = status(readiness.borrow_and_update().is_ready());
+            for name in &names {
+                health.set_service_status(*name, s).await;
+            }
+        }
+    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(adserve_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -30,29 +44,13 @@ pub async fn serve(
         .expect("the compiled-in descriptor sets are valid");
     let routes = routes.add_service(health_service).add_service(reflection);
 
-    let names: Vec<&'static str> = service_names.to_vec();
-    let signal = {
-        let shutdown = shutdown.clone();
-        async move {
-            shutdown.wait().await;
-            for name in &names {
-                health.set_service_status(*name, tonic_health::ServingStatus::NotServing).await;
-            }
-            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-        }
-    };
     // Accepted sockets get TCP_NODELAY and keep-alive from `net`: the builder's
     // own tcp_nodelay applies only to sockets tonic binds itself.
-    let server =
-        net::grpc_server().add_routes(routes).serve_with_incoming_shutdown(net::grpc_incoming(listener), signal);
-    tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => result,
-        _ = async { shutdown.wait().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(grace_ms = grace.as_millis() as u64, "in-flight requests did not drain in time");
-            Ok(())
-        }
-    }
+    let server = net::grpc_server().add_routes(routes).serve_with_incoming_shutdown(net::grpc_incoming(listener), {
+        let lifecycle = lifecycle.clone();
+        async move { lifecycle.stop_accepting().await }
+    });
+    lifecycle.bounded("grpc", server).await.map(|_| ())
 }
 
 #[cfg(test)]
@@ -66,9 +64,10 @@ mod tests {
     async fn served_grpc_connections_have_nodelay() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let server = listener.local_addr().unwrap();
-        let shutdown = Shutdown::default();
+        let lifecycle = Lifecycle::new(&crate::ServerConfig::default(), crate::Shutdown::default());
+        let shutdown = lifecycle.shutdown.clone();
         // Health and reflection only: `serve` adds both to any service's routes.
-        tokio::spawn(serve(listener, Routes::default(), &[], shutdown.clone(), Duration::from_secs(1)));
+        tokio::spawn(async move { serve(listener, Routes::default(), &[], &lifecycle).await });
         let mut client = tokio::net::TcpStream::connect(server).await.unwrap();
         // HTTP/2 preface and an empty SETTINGS frame; the server answers with
         // its own SETTINGS, so the connection is being served by tonic.

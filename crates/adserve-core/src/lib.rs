@@ -5,11 +5,16 @@
 
 pub mod config;
 pub mod grpc;
+pub mod http;
+pub mod lifecycle;
 pub mod net;
+pub mod readiness;
 pub mod shutdown;
 pub mod telemetry;
 
 pub use config::{ConfigError, ServerConfig, TelemetryConfig, Validate, load_config};
+pub use lifecycle::Lifecycle;
+pub use readiness::Readiness;
 pub use shutdown::Shutdown;
 
 /// What every service's `main` does first: install telemetry and the metrics
@@ -18,7 +23,7 @@ pub async fn bootstrap(
     service: &'static str,
     server: &ServerConfig,
     telemetry: &TelemetryConfig,
-) -> Result<(telemetry::TelemetryGuard, Shutdown, tokio::net::TcpListener), BootstrapError> {
+) -> Result<(telemetry::TelemetryGuard, Lifecycle, tokio::net::TcpListener), BootstrapError> {
     let guard = telemetry::init_tracing(service, telemetry)?;
     let metrics = telemetry::init_metrics()?;
     let metrics_listener = tokio::net::TcpListener::bind(server.metrics_addr)
@@ -29,7 +34,7 @@ pub async fn bootstrap(
         .await
         .map_err(|e| BootstrapError::Bind("server.grpc_addr", server.grpc_addr, e))?;
     tracing::info!(service, grpc = %server.grpc_addr, metrics = %server.metrics_addr, "listening");
-    Ok((guard, Shutdown::listen_for_signals(), listener))
+    Ok((guard, Lifecycle::new(server, Shutdown::listen_for_signals()), listener))
 }
 
 /// Why a service could not start.

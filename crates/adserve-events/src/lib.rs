@@ -1,6 +1,8 @@
 //! Kafka: the one definition of topic names, event encoding, the producer
 //! that acknowledges only once the broker has the event, and consumer setup.
 
+mod publisher;
+
 use std::time::Duration;
 
 use adserve_proto::v1::{ClickEvent, ImpressionEvent};
@@ -12,9 +14,10 @@ use rdkafka::{
     consumer::StreamConsumer,
     error::RDKafkaErrorCode,
     message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord},
 };
 use serde::{Deserialize, Serialize};
+
+pub use publisher::{EventPublisher, Health};
 
 /// Impressions, keyed by impression id, payload [`ImpressionEvent`].
 pub const IMPRESSIONS_TOPIC: &str = "adserve.impressions.v1";
@@ -42,11 +45,23 @@ pub struct KafkaConfig {
     pub partitions: i32,
     /// Replication factor for topics this service creates.
     pub replication: i32,
+    /// After a producer's fatal error, the wait before the first replacement;
+    /// later ones double (with jitter) up to `recovery_backoff_max_ms`.
+    pub recovery_backoff_min_ms: u64,
+    /// Longest wait between replacements of a producer that keeps failing.
+    pub recovery_backoff_max_ms: u64,
 }
 
 impl Default for KafkaConfig {
     fn default() -> Self {
-        Self { brokers: "127.0.0.1:9092".into(), publish_timeout_ms: 2000, partitions: 1, replication: 1 }
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            publish_timeout_ms: 2000,
+            partitions: 1,
+            replication: 1,
+            recovery_backoff_min_ms: 200,
+            recovery_backoff_max_ms: 30_000,
+        }
     }
 }
 
@@ -59,13 +74,16 @@ impl KafkaConfig {
         if self.publish_timeout_ms == 0 || self.publish_timeout_ms > 60_000 {
             return Err("kafka.publish_timeout_ms: must be in 1..=60000".into());
         }
+        if self.recovery_backoff_min_ms == 0 || self.recovery_backoff_min_ms > self.recovery_backoff_max_ms {
+            return Err("kafka.recovery_backoff_min_ms: must be in 1..=kafka.recovery_backoff_max_ms".into());
+        }
         if self.partitions < 1 || self.replication < 1 {
             return Err("kafka.partitions / kafka.replication: must be >= 1".into());
         }
         Ok(())
     }
 
-    fn client(&self) -> ClientConfig {
+    pub(crate) fn client(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
         c
@@ -94,6 +112,9 @@ pub enum EventError {
     /// The broker did not acknowledge within the publish timeout.
     #[error("kafka: no acknowledgement within {0} ms")]
     Timeout(u64),
+    /// The producer hit a fatal error and is being replaced; nothing was sent.
+    #[error("kafka producer recovering from a fatal error: {0}")]
+    Recovering(String),
 }
 
 /// Where an acknowledged event landed.
@@ -105,36 +126,7 @@ pub struct Ack {
     pub offset: i64,
 }
 
-/// Publishes events with an idempotent producer (acks=all); each publish
-/// returns only once the broker has acknowledged the event.
-#[derive(Clone)]
-pub struct EventPublisher {
-    producer: FutureProducer,
-    timeout: Duration,
-}
-
-impl std::fmt::Debug for EventPublisher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventPublisher").field("timeout", &self.timeout).finish_non_exhaustive()
-    }
-}
-
 impl EventPublisher {
-    /// A publisher for `config`. Connects lazily.
-    pub fn new(config: &KafkaConfig) -> Result<Self, EventError> {
-        let timeout_ms = config.publish_timeout_ms.to_string();
-        let producer = config
-            .client()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "1")
-            .set("message.timeout.ms", &timeout_ms)
-            .set("socket.timeout.ms", &timeout_ms)
-            .create()
-            .map_err(|e| EventError::Kafka(e.to_string()))?;
-        Ok(Self { producer, timeout: Duration::from_millis(config.publish_timeout_ms) })
-    }
-
     /// Publishes an impression, keyed by its id.
     pub async fn impression(&self, event: &ImpressionEvent) -> Result<Ack, EventError> {
         self.send(IMPRESSIONS_TOPIC, &event.impression_id, &event.encode_to_vec(), None).await
@@ -153,34 +145,27 @@ impl EventPublisher {
         let key = String::from_utf8_lossy(key).into_owned();
         self.send(DEAD_LETTER_TOPIC, &key, payload, Some(headers)).await
     }
+}
 
-    async fn send(
-        &self,
-        topic: &str,
-        key: &str,
-        payload: &[u8],
-        headers: Option<OwnedHeaders>,
-    ) -> Result<Ack, EventError> {
-        let mut record = FutureRecord::to(topic).key(key).payload(payload);
-        if let Some(h) = headers {
-            record = record.headers(h);
+/// How often [`report_health`] probes its publisher.
+pub const HEALTH_PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Keeps `readiness` in step with `publisher`: `dependency` is reported down
+/// while the producer is recovering from a fatal error. The probe also
+/// drives the recovery, so it happens without traffic. Runs until the
+/// process exits.
+pub fn report_health(publisher: EventPublisher, readiness: adserve_core::Readiness, dependency: &'static str) {
+    publisher.report_to(readiness, dependency);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEALTH_PROBE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            // Notices a fatal producer without traffic and rebuilds it when due;
+            // readiness is updated by the publisher as its state changes.
+            let _ = publisher.health();
         }
-        let started = std::time::Instant::now();
-        let result =
-            tokio::time::timeout(self.timeout + Duration::from_millis(100), self.producer.send(record, self.timeout))
-                .await;
-        let outcome = match result {
-            Ok(Ok(d)) => Ok(Ack { partition: d.partition, offset: d.offset }),
-            Ok(Err((e, _))) => Err(EventError::Kafka(e.to_string())),
-            Err(_) => Err(EventError::Timeout(self.timeout.as_millis() as u64)),
-        };
-        let status = if outcome.is_ok() { "ok" } else { "error" };
-        metrics::counter!("adserve_events_published_total", "topic" => topic.to_string(), "status" => status)
-            .increment(1);
-        metrics::histogram!("adserve_events_publish_seconds", "topic" => topic.to_string())
-            .record(started.elapsed().as_secs_f64());
-        outcome
-    }
+    });
 }
 
 /// Creates the system's topics if they do not exist (idempotent).

@@ -130,6 +130,7 @@ max_rows_per_file = {{ int64 $c.maxRowsPerFile }}
 [server]
 grpc_addr = {{ printf "0.0.0.0:%d" (int .svc.ports.grpc) | toJson }}
 metrics_addr = {{ printf "0.0.0.0:%d" (int .svc.ports.metrics) | toJson }}
+readiness_drain_ms = {{ int64 $v.readinessDrainMs }}
 shutdown_grace_ms = {{ int64 $v.shutdownGraceMs }}
 
 [telemetry]

@@ -8,7 +8,7 @@ use tonic::service::Routes;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: FeatureServiceConfig = adserve_core::load_config()?;
-    let (_telemetry, shutdown, listener) =
+    let (_telemetry, lifecycle, listener) =
         adserve_core::bootstrap("adserve-feature-service", &config.server, &config.telemetry).await?;
     let registry = adserve_features::registry();
     let batch = BatchStore::new(&config.dynamodb, registry);
@@ -25,8 +25,7 @@ async fn main() -> anyhow::Result<()> {
         Duration::from_millis(config.redis.timeout_ms),
         config.max_ads,
     );
-    let grace = Duration::from_millis(config.server.shutdown_grace_ms);
     let routes = Routes::new(service.into_server());
-    adserve_core::grpc::serve(listener, routes, &[service_names::FEATURE_SERVICE], shutdown, grace).await?;
+    adserve_core::grpc::serve(listener, routes, &[service_names::FEATURE_SERVICE], &lifecycle).await?;
     Ok(())
 }

@@ -1,9 +1,11 @@
-//! HTTP/JSON API: `POST /v1/ads`, `POST /v1/clicks`, `GET /healthz`.
+//! HTTP/JSON API: `POST /v1/ads`, `POST /v1/clicks`, `GET /healthz`
+//! (readiness), `GET /livez` (liveness).
 //!
 //! Bodies are the gRPC messages' JSON form (one contract). Unknown fields,
 //! wrong types, oversized bodies and malformed JSON get a 4xx whose message
 //! names the field; nothing on this path panics or answers 500.
 
+use adserve_core::Readiness;
 use axum::{
     Json, Router,
     body::{Body, Bytes},
@@ -17,12 +19,14 @@ use serde::de::DeserializeOwned;
 use crate::{AdServer, ServeError};
 
 /// The HTTP router.
-pub fn router(server: AdServer, max_body_bytes: usize) -> Router {
-    let state = HttpState { server, max_body_bytes };
+pub fn router(server: AdServer, max_body_bytes: usize, readiness: Readiness) -> Router {
+    let state = HttpState { server, max_body_bytes, readiness };
     Router::new()
         .route("/v1/ads", post(get_ads))
         .route("/v1/clicks", post(record_click))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
+        // Liveness: the process answers at all. Not ready is not dead.
+        .route("/livez", get(|| async { "ok" }))
         // The handlers enforce the limit themselves, to answer 413 in the API's error format.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
@@ -32,6 +36,19 @@ pub fn router(server: AdServer, max_body_bytes: usize) -> Router {
 struct HttpState {
     server: AdServer,
     max_body_bytes: usize,
+    readiness: Readiness,
+}
+
+/// 200 `ok` when ready for traffic; 503 with the reasons otherwise (a
+/// dependency down, or draining for shutdown).
+async fn healthz(State(state): State<HttpState>) -> axum::response::Response {
+    let s = state.readiness.state();
+    if s.is_ready() {
+        "ok".into_response()
+    } else {
+        let body = serde_json::json!({ "status": "not_ready", "reasons": s.reasons() });
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
 }
 
 /// Reads at most `limit` bytes of the body.

@@ -1,6 +1,4 @@
 //! adserve-gateway: config -> telemetry -> catalog, Kafka -> serve HTTP + gRPC.
-use std::time::Duration;
-
 use adserve_catalog::Catalog;
 use adserve_events::EventPublisher;
 use adserve_gateway::{AdServer, GatewayConfig, grpc::GatewayGrpc, http};
@@ -10,7 +8,7 @@ use tonic::service::Routes;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: GatewayConfig = adserve_core::load_config()?;
-    let (_telemetry, shutdown, grpc_listener) =
+    let (_telemetry, lifecycle, grpc_listener) =
         adserve_core::bootstrap("adserve-gateway", &config.server, &config.telemetry).await?;
     let catalog = Catalog::connect_lazy(&config.postgres)?;
     let migrated = if config.postgres.migrate { catalog.migrate(&config.postgres.schema).await } else { Ok(()) };
@@ -20,28 +18,19 @@ async fn main() -> anyhow::Result<()> {
     if let Err(e) = adserve_events::ensure_topics(&config.kafka).await {
         tracing::warn!(error = %e, "cannot ensure Kafka topics yet");
     }
-    let server = AdServer::new(config.clone(), catalog, EventPublisher::new(&config.kafka)?)?;
+    let events = EventPublisher::new(&config.kafka, "gateway")?;
+    // No ad is served unlogged: while the producer is being replaced the gateway is not ready.
+    adserve_events::report_health(events.clone(), lifecycle.readiness.clone(), "kafka impression log");
+    let server = AdServer::new(config.clone(), catalog, events)?;
     let http_listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .map_err(|e| anyhow::anyhow!("http_addr: cannot listen on {}: {e}", config.http_addr))?;
     tracing::info!(http = %config.http_addr, "listening");
-    let http = {
-        let shutdown = shutdown.clone();
-        axum::serve(
-            adserve_core::net::http_listener(http_listener),
-            http::router(server.clone(), config.max_body_bytes),
-        )
-        .with_graceful_shutdown(async move { shutdown.wait().await })
-    };
-    let grace = Duration::from_millis(config.server.shutdown_grace_ms);
-    let grpc = adserve_core::grpc::serve(
-        grpc_listener,
-        Routes::new(GatewayGrpc(server).into_server()),
-        &[service_names::GATEWAY],
-        shutdown,
-        grace,
-    );
-    let (http, grpc) = tokio::join!(async { http.await }, grpc);
+    let router = http::router(server.clone(), config.max_body_bytes, lifecycle.readiness.clone());
+    let http = adserve_core::http::serve(http_listener, router, &lifecycle);
+    let routes = Routes::new(GatewayGrpc(server).into_server());
+    let grpc = adserve_core::grpc::serve(grpc_listener, routes, &[service_names::GATEWAY], &lifecycle);
+    let (http, grpc) = tokio::join!(http, grpc);
     http?;
     grpc?;
     Ok(())

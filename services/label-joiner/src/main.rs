@@ -1,34 +1,34 @@
 //! adserve-label-joiner: config -> telemetry -> join loop + gRPC status.
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
-use adserve_label_joiner::{LabelJoinerConfig, runner::Runner, service::LabelJoinerGrpc};
+use adserve_events::EventPublisher;
+use adserve_label_joiner::{LabelJoinerConfig, runner, service::LabelJoinerGrpc};
 use adserve_proto::service_names;
 use tonic::service::Routes;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: LabelJoinerConfig = adserve_core::load_config()?;
-    let (_telemetry, shutdown, listener) =
+    let (_telemetry, lifecycle, listener) =
         adserve_core::bootstrap("adserve-label-joiner", &config.server, &config.telemetry).await?;
     if let Err(e) = adserve_events::ensure_topics(&config.kafka).await {
         tracing::warn!(error = %e, "cannot ensure Kafka topics yet");
     }
     let status = Arc::default();
     let (commands, inbox) = tokio::sync::mpsc::channel(8);
-    let runner = Runner::start(&config, Arc::clone(&status), inbox).await?;
-    let service = LabelJoinerGrpc::new(status, commands, config.output_dir.clone());
-    let grace = Duration::from_millis(config.server.shutdown_grace_ms);
+    let dead_letters = EventPublisher::new(&config.kafka, "label-joiner")?;
+    adserve_events::report_health(dead_letters.clone(), lifecycle.readiness.clone(), "kafka dead-letter producer");
+    let service = LabelJoinerGrpc::new(Arc::clone(&status), commands, config.output_dir.clone());
     let grpc = adserve_core::grpc::serve(
         listener,
         Routes::new(service.into_server()),
         &[service_names::LABEL_JOINER],
-        shutdown.clone(),
-        grace,
+        &lifecycle,
     );
-    // A join loop that fails stops the whole process (and so is restarted and re-reads).
+    // Kafka failures restart the loop in-process; a failing sink stops the process.
     let joined = async {
-        let result = runner.run(shutdown.clone()).await;
-        shutdown.trigger();
+        let result = runner::supervise(&config, status, dead_letters, &lifecycle, inbox).await;
+        lifecycle.shutdown.trigger();
         result
     };
     let (grpc, joined) = tokio::join!(grpc, joined);

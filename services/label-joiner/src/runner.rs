@@ -2,8 +2,9 @@
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration, time::Instant};
 
-use adserve_core::Shutdown;
+use adserve_core::{Lifecycle, Shutdown};
 use adserve_events::{CLICKS_TOPIC, EventPublisher, IMPRESSIONS_TOPIC, decode_click, decode_impression};
+use backon::{BackoffBuilder as _, Retryable as _};
 use rdkafka::{
     Message, Offset, TopicPartitionList,
     consumer::{CommitMode, Consumer, StreamConsumer},
@@ -48,9 +49,14 @@ pub struct Status {
 /// Why the loop stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// Kafka failed in a way the loop cannot ride out.
+    /// Kafka failed in a way the loop cannot ride out (broker unreachable at
+    /// start, dead-letter publishing failing); [`supervise`] starts over.
     #[error("kafka: {0}")]
     Kafka(String),
+    /// The consumer is in librdkafka's fatal state and will never recover;
+    /// [`supervise`] replaces it.
+    #[error("kafka consumer in a fatal state: {0}")]
+    FatalConsumer(String),
     /// Writing Parquet failed.
     #[error(transparent)]
     Sink(#[from] sink::SinkError),
@@ -71,7 +77,6 @@ pub struct Runner {
     joiner: Joiner,
     sink: ParquetSink,
     status: Arc<std::sync::Mutex<Status>>,
-    commands: mpsc::Receiver<Command>,
     flush_interval: Duration,
     max_rows: usize,
     last_flush: Instant,
@@ -84,7 +89,7 @@ impl Runner {
     pub async fn start(
         config: &LabelJoinerConfig,
         status: Arc<std::sync::Mutex<Status>>,
-        commands: mpsc::Receiver<Command>,
+        publisher: EventPublisher,
     ) -> Result<Self, RunError> {
         let kafka = |e: &dyn std::fmt::Display| RunError::Kafka(e.to_string());
         let consumer = Arc::new(config.kafka.consumer(&config.group_id).map_err(|e| kafka(&e))?);
@@ -105,11 +110,10 @@ impl Runner {
         consumer.subscribe(&[IMPRESSIONS_TOPIC, CLICKS_TOPIC]).map_err(|e| kafka(&e))?;
         Ok(Self {
             consumer,
-            publisher: EventPublisher::new(&config.kafka).map_err(|e| kafka(&e))?,
+            publisher,
             joiner,
             sink,
             status,
-            commands,
             flush_interval: Duration::from_millis(config.flush_interval_ms),
             max_rows: config.max_rows_per_file,
             last_flush: Instant::now(),
@@ -117,8 +121,10 @@ impl Runner {
         })
     }
 
-    /// Runs until `shutdown`; then writes what is labelled, commits, and leaves the group.
-    pub async fn run(mut self, shutdown: Shutdown) -> Result<(), RunError> {
+    /// Runs until `shutdown`; then writes what is labelled, commits, and
+    /// leaves the group. Commands (Flush) come from `commands`, which outlives
+    /// the runner so a replacement keeps serving them.
+    pub async fn run(mut self, shutdown: &Shutdown, commands: &mut mpsc::Receiver<Command>) -> Result<(), RunError> {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -132,6 +138,15 @@ impl Runner {
                         self.handle(&topic, partition, offset, &key, &payload).await?;
                     }
                     Err(e) => {
+                        if let Some((code, reason)) = self.consumer.client().fatal_error() {
+                            // Rows whose window closed are written; their offsets stay
+                            // uncommitted and the replacement consumer re-reads them
+                            // (and skips them: they are in a file).
+                            if let Err(e) = self.flush(false).await {
+                                tracing::error!(error = %e, "flush before replacing the consumer failed");
+                            }
+                            return Err(RunError::FatalConsumer(format!("{code:?}: {reason}")));
+                        }
                         tracing::warn!(error = %e, "kafka consume error");
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
@@ -151,7 +166,7 @@ impl Runner {
                     }
                     self.publish_status();
                 }
-                Some(cmd) = self.commands.recv() => match cmd {
+                Some(cmd) = commands.recv() => match cmd {
                     Command::Flush { close_open_windows, reply } => {
                         let result = self.flush(close_open_windows).await.map_err(|e| e.to_string());
                         let _ = reply.send(result);
@@ -188,15 +203,19 @@ impl Runner {
         if let Err(reason) = decoded {
             let source = format!("{topic}/{partition}/{offset}");
             tracing::warn!(%source, %reason, "poison message; dead-lettering");
-            let mut attempt = 0;
             // The message is skipped only once the dead-letter topic has it.
-            while let Err(e) = self.publisher.dead_letter(&source, key, payload, &reason).await {
-                attempt += 1;
-                if attempt >= 5 {
-                    return Err(RunError::Kafka(format!("dead-letter publish failed: {e}")));
-                }
-                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
-            }
+            let publisher = self.publisher.clone();
+            (|| publisher.dead_letter(&source, key, payload, &reason))
+                .retry(
+                    backon::ExponentialBuilder::default()
+                        .with_min_delay(Duration::from_millis(100))
+                        .with_max_delay(Duration::from_secs(2))
+                        .with_max_times(5)
+                        .with_jitter(),
+                )
+                .notify(|e, after| tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "dead-letter publish failed"))
+                .await
+                .map_err(|e| RunError::Kafka(format!("dead-letter publish failed: {e}")))?;
             self.joiner.skip((tp, partition), offset);
             metrics::counter!("adserve_label_joiner_dead_lettered_total").increment(1);
             if let Ok(mut s) = self.status.lock() {
@@ -299,6 +318,55 @@ impl Runner {
             s.buffered = self.joiner.ready().len() as u64;
             s.clicks_joined = stats.clicks_joined;
             s.late_clicks = stats.late_clicks;
+        }
+    }
+}
+
+/// Runs the join loop until shutdown, replacing it (consumer, producer
+/// state, in-memory joins) whenever Kafka fails under it: a fatal consumer, a
+/// broker unreachable at start, dead-lettering that keeps failing. Each
+/// replacement starts from the committed offsets and the files already
+/// written, exactly as a process restart would, after a jittered exponential
+/// backoff; readiness reports the consumer down meanwhile. Only a failure of
+/// the Parquet sink (the output directory) stops the process.
+pub async fn supervise(
+    config: &LabelJoinerConfig,
+    status: Arc<std::sync::Mutex<Status>>,
+    publisher: EventPublisher,
+    lifecycle: &Lifecycle,
+    mut commands: mpsc::Receiver<Command>,
+) -> Result<(), RunError> {
+    const DEPENDENCY: &str = "kafka consumer";
+    let fresh = || {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(30))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    };
+    let mut backoff = fresh();
+    loop {
+        let result = match Runner::start(config, status.clone(), publisher.clone()).await {
+            Ok(runner) => {
+                lifecycle.readiness.set(DEPENDENCY, None);
+                backoff = fresh();
+                runner.run(&lifecycle.shutdown, &mut commands).await
+            }
+            Err(e) => Err(e),
+        };
+        let e = match result {
+            Ok(()) => return Ok(()),
+            Err(e @ RunError::Sink(_)) => return Err(e),
+            Err(e) => e,
+        };
+        let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+        tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "join loop failed; starting it over");
+        metrics::counter!("adserve_label_joiner_restarts_total").increment(1);
+        lifecycle.readiness.set(DEPENDENCY, Some(e.to_string()));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = lifecycle.shutdown.wait() => return Ok(()),
         }
     }
 }

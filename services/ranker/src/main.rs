@@ -1,5 +1,5 @@
 //! adserve-ranker: config -> telemetry -> load model -> serve.
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use adserve_proto::service_names;
 use adserve_ranker::{CtrModel, RankerConfig, RankerGrpc};
@@ -8,11 +8,10 @@ use tonic::service::Routes;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: RankerConfig = adserve_core::load_config()?;
-    let (_telemetry, shutdown, listener) =
+    let (_telemetry, lifecycle, listener) =
         adserve_core::bootstrap("adserve-ranker", &config.server, &config.telemetry).await?;
     let model = Arc::new(CtrModel::load(&config.model, &config.onnxruntime_dylib)?);
     let routes = Routes::new(RankerGrpc::new(model, config.max_rows).into_server());
-    let grace = Duration::from_millis(config.server.shutdown_grace_ms);
-    adserve_core::grpc::serve(listener, routes, &[service_names::RANKER], shutdown, grace).await?;
+    adserve_core::grpc::serve(listener, routes, &[service_names::RANKER], &lifecycle).await?;
     Ok(())
 }
