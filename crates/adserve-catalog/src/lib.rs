@@ -10,6 +10,9 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
+/// Statement timeout of the migration connection (a PostgreSQL interval).
+pub const MIGRATION_STATEMENT_TIMEOUT: &str = "60s";
+
 /// The schema migrations, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -117,13 +120,28 @@ impl Catalog {
     }
 
     /// Creates the schema if needed and applies pending migrations.
+    ///
+    /// Pool connections carry the request-path statement timeout
+    /// (`postgres.timeout_ms`, 200 ms by default); DDL on a busy database can
+    /// take longer, so migrations run on one connection with
+    /// [`MIGRATION_STATEMENT_TIMEOUT`] instead.
     pub async fn migrate(&self, schema: &str) -> Result<(), CatalogError> {
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("SET statement_timeout = '{MIGRATION_STATEMENT_TIMEOUT}'")))
+            .execute(&mut *conn)
+            .await?;
         if schema != "public" {
             sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")))
-                .execute(&self.pool)
+                .execute(&mut *conn)
                 .await?;
         }
-        MIGRATOR.run(&self.pool).await?;
+        let migrated = MIGRATOR.run(&mut *conn).await;
+        // Back to the pool's request-path timeout before the connection is reused.
+        let reset = sqlx::query("RESET statement_timeout").execute(&mut *conn).await;
+        migrated?;
+        if reset.is_err() {
+            conn.close_on_drop();
+        }
         Ok(())
     }
 
@@ -332,6 +350,21 @@ mod tests {
             .unwrap();
         let t = Targeting { placement: "p", device: "d", coppa: false };
         assert!(catalog.eligible_ads(&t, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn migrations_are_not_bound_by_the_request_timeout_and_do_not_lift_it() {
+        let url = std::env::var("ADSERVE_TEST_POSTGRES_URL")
+            .expect("ADSERVE_TEST_POSTGRES_URL is unset: run the catalog tests through `make test`");
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        // One connection, a 1 ms statement timeout: far less than the DDL takes.
+        let config =
+            PostgresConfig { url, schema: schema.clone(), timeout_ms: 1, max_connections: 1, ..Default::default() };
+        let catalog = Catalog::connect_lazy(&config).expect("config");
+        catalog.migrate(&schema).await.expect("migrations run under their own timeout");
+        // The same connection is back on the request-path timeout.
+        let slow = sqlx::query("SELECT pg_sleep(0.2)").execute(catalog.pool()).await;
+        assert!(slow.is_err(), "a 200 ms statement must still hit the 1 ms request timeout");
     }
 
     #[tokio::test]
