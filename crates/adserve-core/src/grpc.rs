@@ -9,8 +9,9 @@ use crate::{Lifecycle, net};
 
 /// Serves `routes` plus health and reflection on `listener`. The health of
 /// each of `service_names` follows the process's readiness (the overall `""`
-/// is liveness and stays SERVING); on shutdown readiness goes NOT_SERVING, the listener keeps serving for the
-/// readiness drain, then closes, and in-flight calls get the grace period.
+/// is liveness and stays SERVING); on shutdown readiness goes NOT_SERVING,
+/// the listener keeps serving for the readiness drain, then closes, and
+/// in-flight calls get the grace period.
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,

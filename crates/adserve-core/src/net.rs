@@ -56,11 +56,11 @@ pub fn grpc_incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE))
 }
 
-/// A tonic server builder with the project's HTTP/2 settings.
+/// A tonic server builder with the project's HTTP/2 settings. Socket
+/// options come from [`grpc_incoming`]: the builder's own `tcp_nodelay` and
+/// `tcp_keepalive` apply only to sockets tonic binds itself, which we never do.
 pub fn grpc_server() -> Server {
     Server::builder()
-        .tcp_nodelay(true)
-        .tcp_keepalive(Some(TCP_KEEPALIVE))
         .initial_stream_window_size(HTTP2_STREAM_WINDOW)
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))

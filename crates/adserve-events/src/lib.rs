@@ -45,8 +45,9 @@ pub struct KafkaConfig {
     pub partitions: i32,
     /// Replication factor for topics this service creates.
     pub replication: i32,
-    /// After a producer's fatal error, the wait before the first replacement;
-    /// later ones double (with jitter) up to `recovery_backoff_max_ms`.
+    /// After a producer's fatal error (or a failed label-joiner consumer
+    /// loop), the wait before the first replacement; later ones double (with
+    /// jitter) up to `recovery_backoff_max_ms`.
     pub recovery_backoff_min_ms: u64,
     /// Longest wait between replacements of a producer that keeps failing.
     pub recovery_backoff_max_ms: u64,
@@ -81,6 +82,20 @@ impl KafkaConfig {
             return Err("kafka.partitions / kafka.replication: must be >= 1".into());
         }
         Ok(())
+    }
+
+    /// The backoff between replacements of a Kafka client that keeps
+    /// failing (a fatal producer, the label-joiner's consumer loop):
+    /// `recovery_backoff_min_ms` doubling, with jitter, up to
+    /// `recovery_backoff_max_ms`, without limit on attempts.
+    pub fn recovery_backoff(&self) -> backon::ExponentialBackoff {
+        use backon::BackoffBuilder as _;
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(self.recovery_backoff_min_ms))
+            .with_max_delay(Duration::from_millis(self.recovery_backoff_max_ms))
+            .with_jitter()
+            .without_max_times()
+            .build()
     }
 
     pub(crate) fn client(&self) -> ClientConfig {

@@ -12,11 +12,13 @@
 //! instead of waiting out the publish timeout.
 
 use std::{
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
-use backon::BackoffBuilder as _;
 use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
     message::OwnedHeaders,
@@ -54,6 +56,12 @@ struct Inner {
     client: &'static str,
     producer: RwLock<Arc<FutureProducer>>,
     recovery: Mutex<Recovery>,
+    /// `recovery.fatal.is_some()`, readable without the lock: the healthy
+    /// send path checks it on every event.
+    fatal: AtomicBool,
+    /// The backoff has advanced since it was last reset; the first
+    /// successful send after a recovery resets it.
+    escalated: AtomicBool,
     /// Where to report the producer's health, and as which dependency.
     readiness: Mutex<Option<(adserve_core::Readiness, &'static str)>>,
 }
@@ -64,15 +72,6 @@ struct Recovery {
     /// When the next rebuild may happen.
     next_rebuild: Instant,
     backoff: backon::ExponentialBackoff,
-}
-
-fn backoff(config: &KafkaConfig) -> backon::ExponentialBackoff {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(config.recovery_backoff_min_ms))
-        .with_max_delay(Duration::from_millis(config.recovery_backoff_max_ms))
-        .with_jitter()
-        .without_max_times()
-        .build()
 }
 
 /// Errors after which this producer instance will never deliver again,
@@ -126,7 +125,13 @@ impl EventPublisher {
                 timeout: Duration::from_millis(config.publish_timeout_ms),
                 client,
                 producer: RwLock::new(Arc::new(producer)),
-                recovery: Mutex::new(Recovery { fatal: None, next_rebuild: Instant::now(), backoff: backoff(config) }),
+                recovery: Mutex::new(Recovery {
+                    fatal: None,
+                    next_rebuild: Instant::now(),
+                    backoff: config.recovery_backoff(),
+                }),
+                fatal: AtomicBool::new(false),
+                escalated: AtomicBool::new(false),
                 readiness: Mutex::new(None),
             }),
         })
@@ -139,6 +144,9 @@ impl EventPublisher {
         let producer = self.current();
         if let Some((code, reason)) = producer.client().fatal_error() {
             self.mark_fatal(&producer, format!("{code:?}: {reason}"));
+        }
+        if !self.inner.fatal.load(Ordering::Acquire) {
+            return Health::Ready;
         }
         self.maybe_rebuild();
         let recovery = self.inner.recovery.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -154,9 +162,8 @@ impl EventPublisher {
     /// Reports this publisher's health to `readiness` as `dependency`, at
     /// the moment it changes (not at the next probe).
     pub fn report_to(&self, readiness: adserve_core::Readiness, dependency: &'static str) {
-        let ready = matches!(self.health(), Health::Ready);
-        if !ready {
-            readiness.set(dependency, Some("kafka producer recovering from a fatal error".into()));
+        if let Health::Recovering { reason, .. } = self.health() {
+            readiness.set(dependency, Some(reason));
         }
         *self.inner.readiness.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((readiness, dependency));
     }
@@ -183,15 +190,22 @@ impl EventPublisher {
         if r.fatal.is_some() {
             return;
         }
-        let delay = r.backoff.next().unwrap_or(Duration::from_millis(self.inner.config.recovery_backoff_max_ms));
+        let delay = self.next_delay(&mut r);
         r.next_rebuild = Instant::now() + delay;
         tracing::error!(client = self.inner.client, %reason, retry_in_ms = delay.as_millis() as u64,
             "kafka producer is in a fatal state; replacing it");
         metrics::counter!("adserve_events_producer_fatal_total", "client" => self.inner.client).increment(1);
         metrics::gauge!("adserve_events_producer_ready", "client" => self.inner.client).set(0.0);
         r.fatal = Some(reason.clone());
+        self.inner.fatal.store(true, Ordering::Release);
         drop(r);
         self.report(Some(reason));
+    }
+
+    /// The next rebuild delay; marks the backoff as advanced.
+    fn next_delay(&self, r: &mut Recovery) -> Duration {
+        self.inner.escalated.store(true, Ordering::Release);
+        r.backoff.next().unwrap_or(Duration::from_millis(self.inner.config.recovery_backoff_max_ms))
     }
 
     /// Replaces a fatal producer once its backoff has passed.
@@ -207,6 +221,7 @@ impl EventPublisher {
                     Arc::new(fresh),
                 );
                 r.fatal = None;
+                self.inner.fatal.store(false, Ordering::Release);
                 self.report(None);
                 tracing::warn!(client = self.inner.client, "kafka producer replaced after a fatal error");
                 metrics::counter!("adserve_events_producer_rebuilds_total", "client" => self.inner.client).increment(1);
@@ -215,8 +230,7 @@ impl EventPublisher {
                 std::thread::spawn(move || drop(old));
             }
             Err(e) => {
-                let delay =
-                    r.backoff.next().unwrap_or(Duration::from_millis(self.inner.config.recovery_backoff_max_ms));
+                let delay = self.next_delay(&mut r);
                 r.next_rebuild = Instant::now() + delay;
                 tracing::error!(client = self.inner.client, error = %e, "cannot build a kafka producer; retrying");
             }
@@ -285,10 +299,13 @@ impl EventPublisher {
         let result = tokio::time::timeout(timeout + Duration::from_millis(100), producer.send(record, timeout)).await;
         match result {
             Ok(Ok(d)) => {
-                let mut r = self.inner.recovery.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                if r.fatal.is_none() {
-                    // Healthy again: the next failure starts from the shortest delay.
-                    r.backoff = backoff(&self.inner.config);
+                if self.inner.escalated.load(Ordering::Acquire) {
+                    let mut r = self.inner.recovery.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if r.fatal.is_none() {
+                        // Healthy again: the next failure starts from the shortest delay.
+                        r.backoff = self.inner.config.recovery_backoff();
+                        self.inner.escalated.store(false, Ordering::Release);
+                    }
                 }
                 Ok(Ack { partition: d.partition, offset: d.offset })
             }

@@ -8,6 +8,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use adserve_catalog::{NewAd, NewCampaign, Targeting};
 use adserve_events::{EventPublisher, KafkaConfig};
+use adserve_gateway::pipeline::Hop;
 use adserve_proto::v1::{
     AuctionCandidate, FeatureRow, GetAdsRequest, GetFeaturesRequest, ImpressionEvent, RequestContext,
     RunAuctionRequest, ScoreRequest, auction_service_client::AuctionServiceClient,
@@ -31,8 +32,6 @@ pub const SIZES: [(&str, usize); 2] = [("bench_500", 500), ("bench_1000", 1000)]
 pub const USERS: usize = 1000;
 /// Slots per request.
 pub const SLOTS: u32 = 2;
-/// Gateway hops, in path order (labels of `adserve_gateway_hop_seconds`).
-pub const HOPS: [&str; 5] = ["catalog", "features", "ranker", "auction", "impression_log"];
 const ADS_PER_CAMPAIGN: usize = 50;
 
 /// The user of call `i`.
@@ -118,8 +117,8 @@ pub async fn run(s: &Settings) -> anyhow::Result<(Vec<Comparison>, Vec<Breakdown
                 let after = prom::histogram(&prom::scrape(&metrics_url).await?, "adserve_gateway_hop_seconds", "hop");
                 let hops = prom::delta(&before, &after);
                 let mut row = vec![format!("{proto} {size} @ {rate:.0}/s")];
-                for hop in HOPS {
-                    let b = hops.get(hop);
+                for hop in Hop::ALL {
+                    let b = hops.get(hop.label());
                     let q = |q: f64| {
                         b.and_then(|b| prom::quantile(b, q)).map_or("—".into(), |v| format!("{:.2}", v * 1e3))
                     };
@@ -144,7 +143,7 @@ pub async fn run(s: &Settings) -> anyhow::Result<(Vec<Comparison>, Vec<Breakdown
         }
     }
     let mut columns = vec!["step".to_string()];
-    columns.extend(HOPS.iter().map(|h| format!("{h} p50 / p99 ms")));
+    columns.extend(Hop::ALL.iter().map(|h| format!("{} p50 / p99 ms", h.label())));
     let breakdowns = vec![
         Breakdown {
             title: "Gateway per-hop latency (from adserve_gateway_hop_seconds, per step)".into(),
@@ -176,20 +175,14 @@ async fn step(s: &Settings, proto: &str, placement: &str, size: usize, rate: f64
                 "slots": SLOTS,
             });
             async move {
-                let resp = match http.post(url).json(&body).send().await {
-                    Ok(r) => r,
-                    Err(e) => return Outcome::Error(e.to_string()),
-                };
-                let status = resp.status();
-                match resp.json::<serde_json::Value>().await {
-                    Ok(v) if status.is_success() => judge(
+                match load::json_answer(http.post(url).json(&body)).await {
+                    Ok(v) => judge(
                         v["candidates"].as_u64().unwrap_or_default() as usize,
                         v["winners"].as_array().map_or(0, Vec::len),
                         v["degraded"].as_array().is_some_and(|d| !d.is_empty()),
                         size,
                     ),
-                    Ok(v) => Outcome::Error(format!("HTTP {status}: {}", v["error"]["code"])),
-                    Err(e) => Outcome::Error(format!("HTTP {status}: {e}")),
+                    Err(e) => e,
                 }
             }
         })
@@ -364,18 +357,13 @@ async fn components(s: &Settings, placement: &str, ad_ids: &[i64]) -> anyhow::Re
         .collect();
     let floor = Summary {
         p50_ms: sum50,
-        p99_ms: 0.0,
-        p999_ms: 0.0,
-        max_ms: 0.0,
         mean_ms: sum50,
-        rate_per_s: 0.0,
-        items_per_s: 0.0,
-        offered_rate_per_s: None,
         ok: parts.values().map(|(_, m)| m.ok).sum(),
         degraded: parts.values().map(|(_, m)| m.degraded).sum(),
         errors: parts.values().map(|(_, m)| m.errors).sum(),
         error_samples: parts.values().flat_map(|(_, m)| m.error_samples.clone()).take(3).collect(),
         seconds: parts.values().map(|(_, m)| m.elapsed.as_secs_f64()).sum(),
+        ..Summary::default()
     };
     Ok((floor, rows))
 }

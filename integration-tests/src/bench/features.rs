@@ -252,15 +252,9 @@ async fn feast_load(
         let body = feast_request(&super::e2e::user(i), &ads, user_features, ad_features);
         let (http, url) = (http.clone(), url.clone());
         async move {
-            let resp = match http.post(url).json(&body).send().await {
-                Ok(r) => r,
-                Err(e) => return Outcome::Error(e.to_string()),
-            };
-            let status = resp.status();
-            match resp.json::<serde_json::Value>().await {
-                Ok(v) if status.is_success() => feast_check(&v, rows, user_features + ad_features),
-                Ok(v) => Outcome::Error(format!("HTTP {status}: {v}")),
-                Err(e) => Outcome::Error(format!("HTTP {status}: {e}")),
+            match load::json_answer(http.post(url).json(&body)).await {
+                Ok(v) => feast_check(&v, rows, user_features + ad_features),
+                Err(e) => e,
             }
         }
     })

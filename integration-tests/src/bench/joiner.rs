@@ -53,19 +53,11 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
     let reader = read_only(&kafka, &high).await?;
     let joiner = run_joiner(s, &kafka, &high).await?;
     let summary = |events: i64, elapsed: Duration| Summary {
-        p50_ms: 0.0,
-        p99_ms: 0.0,
-        p999_ms: 0.0,
-        max_ms: 0.0,
-        mean_ms: 0.0,
         rate_per_s: events as f64 / elapsed.as_secs_f64(),
         items_per_s: events as f64 / elapsed.as_secs_f64(),
-        offered_rate_per_s: None,
         ok: events as u64,
-        degraded: 0,
-        errors: 0,
-        error_samples: vec![],
         seconds: elapsed.as_secs_f64(),
+        ..Summary::default()
     };
     let mut c = Comparison {
         path: "label-joiner".into(),

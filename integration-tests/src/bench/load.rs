@@ -116,7 +116,7 @@ impl Measurement {
 }
 
 /// What a run reports.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct Summary {
     /// Median latency.
     pub p50_ms: f64,
@@ -309,6 +309,19 @@ where
     }
     total.elapsed = elapsed;
     total
+}
+
+/// Sends an HTTP request whose answer is JSON: the body of a 2xx answer, or
+/// the [`Outcome::Error`] to record (transport failure, other status, a body
+/// that is not JSON), naming the status and what came back.
+pub async fn json_answer(request: reqwest::RequestBuilder) -> Result<serde_json::Value, Outcome> {
+    let resp = request.send().await.map_err(|e| Outcome::Error(e.to_string()))?;
+    let status = resp.status();
+    match resp.json::<serde_json::Value>().await {
+        Ok(v) if status.is_success() => Ok(v),
+        Ok(v) => Err(Outcome::Error(format!("HTTP {status}: {}", v.to_string().chars().take(200).collect::<String>()))),
+        Err(e) => Err(Outcome::Error(format!("HTTP {status}: {e}"))),
+    }
 }
 
 /// Refuses any target that is not on this machine's loopback interface: the

@@ -126,20 +126,11 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
                 load::closed_loop(c, s.warmup(), s.window(), timeout, rows as u64, move |_| {
                     let (http, url, body) = (http.clone(), url.clone(), body.clone());
                     async move {
-                        let resp = http
-                            .post(url)
-                            .header("content-type", "application/json")
-                            .body((*body).clone())
-                            .send()
-                            .await;
-                        match resp {
-                            Ok(r) if r.status().is_success() => match r.json::<serde_json::Value>().await {
-                                Ok(v) if v["pctr"].as_array().is_some_and(|a| a.len() == rows) => Outcome::Ok,
-                                Ok(v) => Outcome::Error(format!("unexpected body {v}")),
-                                Err(e) => Outcome::Error(e.to_string()),
-                            },
-                            Ok(r) => Outcome::Error(format!("HTTP {}", r.status())),
-                            Err(e) => Outcome::Error(e.to_string()),
+                        let request = http.post(url).header("content-type", "application/json").body((*body).clone());
+                        match load::json_answer(request).await {
+                            Ok(v) if v["pctr"].as_array().is_some_and(|a| a.len() == rows) => Outcome::Ok,
+                            Ok(v) => Outcome::Error(format!("unexpected body {v}")),
+                            Err(e) => e,
                         }
                     }
                 })

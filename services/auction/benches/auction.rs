@@ -3,20 +3,8 @@
 //! Run with `make bench-auction` (or `cargo bench -p adserve-auction`);
 //! `adserve-bench` reads the medians from criterion's estimates.
 
-use adserve_auction::{Candidate, run_auction};
+use adserve_auction::{Candidate, run_auction, sample_candidates};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-
-/// Deterministic candidates with spread bids and pCTRs.
-fn candidates(n: usize) -> Vec<Candidate> {
-    (0..n as i64)
-        .map(|i| Candidate {
-            ad_id: i,
-            campaign_id: i / 10,
-            bid_cpc_micros: 100_000 + (i * 7919 % 1000) * 1000,
-            pctr: 0.001 + (i % 97) as f32 / 1000.0,
-        })
-        .collect()
-}
 
 /// The naive auction: every eCPM computed, everything sorted, top slots priced.
 fn full_sort(c: &[Candidate], slots: usize, reserve: i64) -> Vec<(i64, i64)> {
@@ -35,7 +23,7 @@ fn full_sort(c: &[Candidate], slots: usize, reserve: i64) -> Vec<(i64, i64)> {
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("auction");
     for n in [1usize, 100, 1000] {
-        let cands = candidates(n);
+        let cands = sample_candidates(n);
         // Same winners, or the comparison means nothing.
         let ours: Vec<i64> =
             run_auction(&cands, 5, 10_000).expect("valid input").winners.iter().map(|w| w.candidate.ad_id).collect();

@@ -103,6 +103,20 @@ pub fn run_auction(candidates: &[Candidate], slots: usize, reserve_ecpm_micros: 
     Ok(Outcome { winners, eligible })
 }
 
+/// `n` deterministic candidates with spread bids (0.1-1.1 per click) and
+/// pCTRs (0.001-0.097): the input of the auction's tests and of its
+/// benchmarks, in-process (criterion) and over gRPC (`adserve-bench`).
+pub fn sample_candidates(n: usize) -> Vec<Candidate> {
+    (0..n as i64)
+        .map(|i| Candidate {
+            ad_id: i,
+            campaign_id: i / 10,
+            bid_cpc_micros: 100_000 + (i * 7919 % 1000) * 1000,
+            pctr: 0.001 + (i % 97) as f32 / 1000.0,
+        })
+        .collect()
+}
+
 fn by_rank(a: &(f64, &Candidate), b: &(f64, &Candidate)) -> Ordering {
     b.0.total_cmp(&a.0).then(a.1.ad_id.cmp(&b.1.ad_id))
 }
@@ -199,8 +213,7 @@ mod tests {
 
     #[test]
     fn large_auction_matches_full_sort() {
-        let cands: Vec<Candidate> =
-            (0..1000).map(|i| c(i, 100_000 + (i * 7919 % 1000) * 1000, 0.001 + (i % 97) as f32 / 1000.0)).collect();
+        let cands = sample_candidates(1000);
         let out = run_auction(&cands, 5, 0).unwrap();
         let mut sorted: Vec<&Candidate> = cands.iter().collect();
         sorted.sort_by(|a, b| b.ecpm().total_cmp(&a.ecpm()).then(a.ad_id.cmp(&b.ad_id)));

@@ -7,6 +7,6 @@ pub mod auction;
 pub mod config;
 pub mod service;
 
-pub use auction::{AuctionError, Candidate, Winner, run_auction};
+pub use auction::{AuctionError, Candidate, Winner, run_auction, sample_candidates};
 pub use config::AuctionConfig;
 pub use service::AuctionGrpc;

@@ -64,10 +64,12 @@ impl AdServer {
         let mut degraded = Vec::new();
 
         let targeting = Targeting { placement: &ctx.placement, device: &ctx.device, coppa: ctx.coppa };
-        let hop = Instant::now();
-        let ads = deadline(d.catalog_ms, self.catalog.eligible_ads(&targeting, self.config.max_candidates)).await;
-        record_hop(Hop::Catalog, hop);
-        let ads = ads.map_err(|e| unavailable("catalog", e))?;
+        let ads = timed(
+            Hop::Catalog,
+            deadline(d.catalog_ms, self.catalog.eligible_ads(&targeting, self.config.max_candidates)),
+        )
+        .await
+        .map_err(|e| unavailable("catalog", e))?;
         if ads.is_empty() {
             return Ok(no_fill(request_id, 0, degraded, "no_eligible_ads", ""));
         }
@@ -75,12 +77,8 @@ impl AdServer {
         let user_id = if ctx.coppa { String::new() } else { req.user_id.clone() };
         let ad_ids: Vec<i64> = ads.iter().map(|a| a.ad_id).collect();
 
-        let hop = Instant::now();
-        let matrix = self.features(&user_id, &ad_ids, &ctx, &mut degraded).await;
-        record_hop(Hop::Features, hop);
-        let hop = Instant::now();
-        let (pctrs, model_version) = self.scores(&matrix, &mut degraded).await;
-        record_hop(Hop::Ranker, hop);
+        let matrix = timed(Hop::Features, self.features(&user_id, &ad_ids, &ctx, &mut degraded)).await;
+        let (pctrs, model_version) = timed(Hop::Ranker, self.scores(&matrix, &mut degraded)).await;
         let candidates: Vec<AuctionCandidate> = ads
             .iter()
             .zip(&pctrs)
@@ -91,10 +89,7 @@ impl AdServer {
                 pctr,
             })
             .collect();
-        let hop = Instant::now();
-        let winners = self.auction(candidates, req.slots, &mut degraded).await;
-        record_hop(Hop::Auction, hop);
-        let winners = winners?;
+        let winners = timed(Hop::Auction, self.auction(candidates, req.slots, &mut degraded)).await?;
         if winners.is_empty() {
             return Ok(no_fill(request_id, ads.len(), degraded, "below_reserve", &model_version));
         }
@@ -144,10 +139,9 @@ impl AdServer {
             });
         }
         // No lost events: the ad is returned only after the broker has every impression.
-        let hop = Instant::now();
-        let logged = futures::future::try_join_all(events.iter().map(|e| self.events.impression(e))).await;
-        record_hop(Hop::ImpressionLog, hop);
-        logged.map_err(|e| unavailable("impression log (kafka)", e))?;
+        timed(Hop::ImpressionLog, futures::future::try_join_all(events.iter().map(|e| self.events.impression(e))))
+            .await
+            .map_err(|e| unavailable("impression log (kafka)", e))?;
         for d in &degraded {
             metrics::counter!("adserve_gateway_degraded_total", "component" => d.component.clone()).increment(1);
         }
@@ -287,6 +281,9 @@ pub enum Hop {
 }
 
 impl Hop {
+    /// Every hop, in path order.
+    pub const ALL: [Hop; 5] = [Self::Catalog, Self::Features, Self::Ranker, Self::Auction, Self::ImpressionLog];
+
     /// The `hop` label value.
     pub fn label(self) -> &'static str {
         match self {
@@ -299,8 +296,12 @@ impl Hop {
     }
 }
 
-fn record_hop(hop: Hop, started: Instant) {
+/// Runs `step`, recording how long it took under `hop`, whatever its outcome.
+async fn timed<T>(hop: Hop, step: impl Future<Output = T>) -> T {
+    let started = Instant::now();
+    let out = step.await;
     metrics::histogram!("adserve_gateway_hop_seconds", "hop" => hop.label()).record(started.elapsed().as_secs_f64());
+    out
 }
 
 /// An error from a call made under a deadline.

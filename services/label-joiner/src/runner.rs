@@ -4,7 +4,7 @@ use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration, time::
 
 use adserve_core::{Lifecycle, Shutdown};
 use adserve_events::{CLICKS_TOPIC, EventPublisher, IMPRESSIONS_TOPIC, decode_click, decode_impression};
-use backon::{BackoffBuilder as _, Retryable as _};
+use backon::Retryable as _;
 use rdkafka::{
     Message, Offset, TopicPartitionList,
     consumer::{CommitMode, Consumer, StreamConsumer},
@@ -337,20 +337,12 @@ pub async fn supervise(
     mut commands: mpsc::Receiver<Command>,
 ) -> Result<(), RunError> {
     const DEPENDENCY: &str = "kafka consumer";
-    let fresh = || {
-        backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(30))
-            .with_jitter()
-            .without_max_times()
-            .build()
-    };
-    let mut backoff = fresh();
+    let mut backoff = config.kafka.recovery_backoff();
     loop {
         let result = match Runner::start(config, status.clone(), publisher.clone()).await {
             Ok(runner) => {
                 lifecycle.readiness.set(DEPENDENCY, None);
-                backoff = fresh();
+                backoff = config.kafka.recovery_backoff();
                 runner.run(&lifecycle.shutdown, &mut commands).await
             }
             Err(e) => Err(e),
@@ -360,7 +352,7 @@ pub async fn supervise(
             Err(e @ RunError::Sink(_)) => return Err(e),
             Err(e) => e,
         };
-        let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+        let delay = backoff.next().unwrap_or(Duration::from_millis(config.kafka.recovery_backoff_max_ms));
         tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "join loop failed; starting it over");
         metrics::counter!("adserve_label_joiner_restarts_total").increment(1);
         lifecycle.readiness.set(DEPENDENCY, Some(e.to_string()));
