@@ -18,7 +18,7 @@
 #                   bookworm, where the binary is built - plus the cuda
 #                   cargo feature above). CPU images need neither.
 #   ORT_VERSION     ONNX Runtime version; must match the ort crate's API level
-#                   (api-31 => 1.31.x). Same as ADSERVE_ORT_VERSION in scripts/env.sh.
+#                   (api-31 => 1.31.x). Same as ADSTACK_ORT_VERSION in scripts/env.sh.
 
 ARG RUST_IMAGE=rust:1-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
@@ -65,7 +65,12 @@ FROM debian:bookworm-slim AS extras
 ARG SERVICE
 COPY --from=onnxruntime /lib-out/ /staging/usr/lib/adserve/
 COPY models/ctr-baseline/ /staging/opt/adserve/models/ctr-baseline/
-RUN mkdir -p /extras \
+ARG ORT_VERSION=1.31.1
+# libonnxruntime.so (unversioned) on the loader path: the ranker's default
+# onnxruntime_dylib ("libonnxruntime.so") then resolves without configuration.
+RUN mkdir -p /extras /staging/etc/ld.so.conf.d \
+ && ln -sf "libonnxruntime.so.${ORT_VERSION}" /staging/usr/lib/adserve/libonnxruntime.so \
+ && echo /usr/lib/adserve >/staging/etc/ld.so.conf.d/adserve.conf \
  && if [ "$SERVICE" = adserve-ranker ]; then cp -a /staging/. /extras/; fi
 
 # -------------------------------------------------------------- runtime
@@ -84,11 +89,12 @@ RUN apt-get update \
 
 COPY --from=build /out/ /
 COPY --from=extras /extras/ /
+RUN ldconfig
 
 # SERVICE is kept in the environment so the entrypoint can exec the binary; it
-# is not an ADSERVE_* variable, so the services do not read it as config.
-ENV SERVICE=${SERVICE} \
-    ORT_DYLIB_PATH=/usr/lib/adserve/libonnxruntime.so.${ORT_VERSION}
+# is not an ADSERVE_* variable, so the services do not read it as config (they
+# refuse unknown ADSERVE_* keys).
+ENV SERVICE=${SERVICE}
 
 # Relative defaults (model.dir = models/ctr-baseline) resolve against this.
 WORKDIR /opt/adserve
@@ -103,5 +109,5 @@ USER 10001:10001
 # 0.0.0.0:PORT, or use a config file (ADSERVE_CONFIG).
 #
 # exec replaces the shell, so the service is PID 1 and receives SIGTERM itself
-# (it drains in-flight requests for server.shutdown_grace_ms).
+# (it drains in-flight requests for server.shutdown_grace).
 ENTRYPOINT ["/bin/sh", "-c", "exec \"/usr/local/bin/$SERVICE\" \"$@\"", "adserve"]

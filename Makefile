@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := source scripts/env.sh &&
-CARGO_TEST_ENV := ADSERVE_TEST_POSTGRES_URL=postgres://adserve:adserve@127.0.0.1:5432/adserve
+CARGO_TEST_ENV := ADSTACK_TEST_POSTGRES_URL=postgres://adserve:adserve@127.0.0.1:5432/adserve
 
 .PHONY: help install build up down status model demo test test-python test-rust proto-check lint fmt bench \
 	bench-e2e bench-features bench-ranker bench-auction bench-joiner
@@ -24,7 +24,7 @@ build: install
 	$(ENV) cargo build --workspace --bins
 
 up: build
-	ADSERVE_SKIP_BUILD=1 bash scripts/start.sh all
+	ADSTACK_SKIP_BUILD=1 bash scripts/start.sh all
 
 down:
 	bash scripts/stop.sh all
@@ -33,30 +33,30 @@ status:
 	bash scripts/status.sh
 
 model: install
-	$(ENV) cd training && "$$ADSERVE_VENV/bin/python" -m adserve_trainer.train --synthetic 20000 --seed 7 \
+	$(ENV) cd training && "$$ADSTACK_VENV/bin/python" -m adserve_trainer.train --synthetic 20000 --seed 7 \
 		--version ctr-baseline-v1 --out ../models/ctr-baseline
 
 # The demo trains its own first model (no training rows exist yet, so from the
 # seeded synthetic generator) and serves with it.
 demo: build
 	$(ENV) bash scripts/start.sh infra
-	$(ENV) model_dir="$$ADSERVE_RUN/models/demo" && \
-		(cd training && "$$ADSERVE_VENV/bin/python" -m adserve_trainer.train --synthetic 20000 --seed 11 \
+	$(ENV) model_dir="$$ADSTACK_RUN/models/demo" && \
+		(cd training && "$$ADSTACK_VENV/bin/python" -m adserve_trainer.train --synthetic 20000 --seed 11 \
 			--version "ctr-lr-demo-$$(date -u +%Y%m%d%H%M%S)" --out "$$model_dir") && \
 		bash scripts/stop.sh services && \
-		ADSERVE_MODEL_DIR="$$model_dir" ADSERVE_SKIP_BUILD=1 bash scripts/start.sh services
+		ADSTACK_MODEL_DIR="$$model_dir" ADSTACK_SKIP_BUILD=1 bash scripts/start.sh services
 	$(ENV) "$$CARGO_TARGET_DIR/debug/adserve-demo"
 
 proto-check: install
-	$(ENV) "$$ADSERVE_HOME/buf/node_modules/.bin/buf" lint proto
+	$(ENV) "$$ADSTACK_HOME/buf/node_modules/.bin/buf" lint proto
 	$(ENV) bash scripts/buf-breaking.sh
 
 test-python: install
-	$(ENV) "$$ADSERVE_VENV/bin/python" -m pytest training/tests -q
+	$(ENV) "$$ADSTACK_VENV/bin/python" -m pytest training/tests -q
 
 test-rust: install
 	$(ENV) cargo build --workspace --all-targets
-	$(ENV) ADSERVE_SKIP_BUILD=1 bash scripts/start.sh all
+	$(ENV) ADSTACK_SKIP_BUILD=1 bash scripts/start.sh all
 	$(ENV) $(CARGO_TEST_ENV) cargo test --workspace --no-fail-fast
 
 test: lint proto-check test-python test-rust

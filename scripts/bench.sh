@@ -23,19 +23,19 @@
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=env.sh
 . "$(dirname "$0")/env.sh"
-cd "$ADSERVE_REPO"
+cd "$ADSTACK_REPO"
 
 quick="${BENCH_QUICK:-0}"
 parts="${BENCH_PARTS:-auction,ranker,features,e2e,joiner}"
-export ADSERVE_PROFILE=release
-work="$ADSERVE_RUN/bench"
+export ADSTACK_PROFILE=release
+work="$ADSTACK_RUN/bench"
 mkdir -p "$work/logs"
 
 bash integration-tests/peers/install.sh
 
 log "cargo build --release (services and adserve-bench; CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
 build_args=(build --release)
-for s in "${ADSERVE_SERVICES[@]}"; do build_args+=(--bin "$s"); done
+for s in "${ADSTACK_SERVICES[@]}"; do build_args+=(--bin "$s"); done
 cargo "${build_args[@]}" --bin adserve-bench
 
 if [[ ",$parts," == *",auction,"* ]]; then
@@ -49,8 +49,8 @@ fi
 bash scripts/start.sh infra
 # Our services may be running a debug build (make demo / make test): restart them.
 bash scripts/stop.sh services
-ADSERVE_SKIP_BUILD=1 bash scripts/start.sh services
-for s in "${ADSERVE_SERVICES[@]}"; do
+ADSTACK_SKIP_BUILD=1 bash scripts/start.sh services
+for s in "${ADSTACK_SERVICES[@]}"; do
   owned_pid "$s" >/dev/null ||
     die "$s: port $(svc_port "$s" grpc) is held by a process scripts/start.sh did not start; stop it so the release build is what gets measured"
 done
@@ -67,7 +67,7 @@ trap cleanup EXIT
 bash scripts/stop.sh adserve-label-joiner
 
 args=(--json "$work/results.json" --work-dir "$work" --bin-dir "$CARGO_TARGET_DIR/release" --profile release
-  --peer-python "$ADSERVE_HOME/bench-venv/bin/python" --only "$parts")
+  --peer-python "$ADSTACK_HOME/bench-venv/bin/python" --only "$parts")
 command="make bench"
 [ "$quick" = 1 ] && { args+=(--quick); command="make bench QUICK=1"; }
 [ "$parts" != "auction,ranker,features,e2e,joiner" ] && command="make bench-${parts//,/+}$([ "$quick" = 1 ] && echo ' QUICK=1')"

@@ -3,8 +3,8 @@
 # main: on main that is the previous commit (HEAD~1), elsewhere main's tip.
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
-cd "$ADSERVE_REPO"
-BUF="$ADSERVE_HOME/buf/node_modules/.bin/buf"
+cd "$ADSTACK_REPO"
+BUF="$ADSTACK_HOME/buf/node_modules/.bin/buf"
 branch="$(git rev-parse --abbrev-ref HEAD 2>/dev/null || echo HEAD)"
 if [ "$branch" = main ]; then ref="HEAD~1"; else ref="main"; fi
 if ! git rev-parse -q --verify "$ref^{commit}" >/dev/null; then

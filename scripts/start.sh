@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Starts the local adserve stack: scripts/start.sh [infra|services|all] (default all).
 #
-# Idempotent: anything whose port already answers is reused and left alone. A pid
-# file ($ADSERVE_RUN/pids/NAME.pid) is written only for processes this script
-# started, so scripts/stop.sh stops exactly those. Logs: $ADSERVE_RUN/logs/NAME.log.
+# Idempotent: infrastructure whose port already answers is reused and left alone;
+# an adserve service on its port is reused only when it runs this checkout's
+# binary (GET /buildinfo gives its pid; /proc/PID/exe must be the same file),
+# restarted when it is another build, and refused when the port holder is not
+# that service. A pid file ($ADSTACK_RUN/pids/NAME.pid) is written only for
+# processes this script started, so scripts/stop.sh stops exactly those.
+# Logs: $ADSTACK_RUN/logs/NAME.log.
 #
 # Environment (besides the ports in scripts/env.sh):
-#   ADSERVE_PROFILE=debug|release|<profile>  which build of the services to run
-#   ADSERVE_SKIP_BUILD=1                    do not run cargo build first
-#   ADSERVE_MODEL_DIR                       ranker model (default <repo>/models/ctr-baseline)
-#   ADSERVE_PARQUET_DIR                     label-joiner output (default $ADSERVE_RUN/parquet)
-#   ADSERVE_LABEL_WINDOW_MS                 label-joiner join window (default 5000)
+#   ADSTACK_PROFILE=debug|release|<profile>  which build of the services to run
+#   ADSTACK_SKIP_BUILD=1                    do not run cargo build first
+#   ADSTACK_MODEL_DIR                       ranker model (default <repo>/models/ctr-baseline)
+#   ADSTACK_PARQUET_DIR                     label-joiner output (default $ADSTACK_RUN/parquet)
+#   ADSTACK_LABEL_WINDOW                    label-joiner join window (default 5s; the
+#                                           registry's production window is 30 min)
 #   ADSERVE_TELEMETRY__LOG_FILTER           service log filter (default info)
 #   DYNAMODB_JAVA_OPTS                      JVM options for DynamoDB Local
 set -euo pipefail
@@ -23,12 +28,12 @@ case "$what" in
   -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) die "usage: $0 [infra|services|all]" ;;
 esac
-mkdir -p "$ADSERVE_PIDS" "$ADSERVE_LOGS"
+mkdir -p "$ADSTACK_PIDS" "$ADSTACK_LOGS"
 
 SUMMARY=() # "component|address|state" rows for the final table
 note() { SUMMARY+=("$1|$2|$3"); }
 
-log_file() { printf '%s/%s.log\n' "$ADSERVE_LOGS" "$1"; }
+log_file() { printf '%s/%s.log\n' "$ADSTACK_LOGS" "$1"; }
 
 # Keep the previous run's log as NAME.log.prev, start a fresh one.
 fresh_log() {
@@ -223,7 +228,7 @@ start_postgres() {
 }
 
 start_kafka() {
-  local tansu="$ADSERVE_HOME/tansu/bin/tansu"
+  local tansu="$ADSTACK_HOME/tansu/bin/tansu"
   reuse_or_prepare kafka "$KAFKA_PORT" && return 0
   [ -x "$tansu" ] || die "$tansu not found (run scripts/install.sh)"
   launch kafka "$tansu" broker \
@@ -236,7 +241,7 @@ start_kafka() {
 }
 
 start_dynamodb() {
-  local dir="$ADSERVE_HOME/dynamodb-local"
+  local dir="$ADSTACK_HOME/dynamodb-local"
   reuse_or_prepare dynamodb "$DYNAMODB_PORT" && return 0
   [ -f "$dir/DynamoDBLocal.jar" ] || die "$dir/DynamoDBLocal.jar not found (run scripts/install.sh)"
   command -v java >/dev/null || die "java not found (run scripts/install.sh)"
@@ -259,28 +264,65 @@ start_infra() {
 # --------------------------------------------------------------- services
 
 profile_dir() {
-  case "$ADSERVE_PROFILE" in
+  case "$ADSTACK_PROFILE" in
     debug | dev) printf 'debug\n' ;;
-    *) printf '%s\n' "$ADSERVE_PROFILE" ;;
+    *) printf '%s\n' "$ADSTACK_PROFILE" ;;
   esac
 }
 
 build_services() {
   local -a args=(build)
   local s
-  case "$ADSERVE_PROFILE" in
+  case "$ADSTACK_PROFILE" in
     debug | dev) ;;
     release) args+=(--release) ;;
-    *) args+=(--profile "$ADSERVE_PROFILE") ;;
+    *) args+=(--profile "$ADSTACK_PROFILE") ;;
   esac
-  for s in "${ADSERVE_SERVICES[@]}"; do args+=(--bin "$s"); done
-  if [ "${ADSERVE_SKIP_BUILD:-0}" = 1 ]; then
-    log "ADSERVE_SKIP_BUILD=1: not building"
+  for s in "${ADSTACK_SERVICES[@]}"; do args+=(--bin "$s"); done
+  if [ "${ADSTACK_SKIP_BUILD:-0}" = 1 ]; then
+    log "ADSTACK_SKIP_BUILD=1: not building"
     return 0
   fi
-  command -v cargo >/dev/null || die "cargo not found (install Rust, or set ADSERVE_SKIP_BUILD=1 to use existing binaries)"
+  command -v cargo >/dev/null || die "cargo not found (install Rust, or set ADSTACK_SKIP_BUILD=1 to use existing binaries)"
   log "cargo ${args[*]} (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
-  (cd "$ADSERVE_REPO" && cargo "${args[@]}") || die "cargo build failed"
+  (cd "$ADSTACK_REPO" && cargo "${args[@]}") || die "cargo build failed"
+}
+
+# ensure_our_build NAME BIN: when NAME's port answers, make sure the process is
+# NAME running this checkout's binary BIN. Reusing infrastructure is right;
+# reusing a service is right only when it is the same build (a fresh clone must
+# not test services built from another checkout). A service of ours built from
+# another binary is stopped (start_service then starts BIN); anything else on
+# the port is refused with a message.
+ensure_our_build() {
+  local name="$1" bin="$2" grpc metrics info service pid sha i
+  grpc="$(svc_port "$name" grpc)"
+  metrics="$(svc_port "$name" metrics)"
+  port_open "$grpc" || return 0
+  info="$(http_body "$metrics" /buildinfo)" || info=""
+  service="$(json_field "$info" service)"
+  pid="$(json_field "$info" pid)"
+  if [ "$service" != "$name" ] || ! [[ "$pid" =~ ^[0-9]+$ ]]; then
+    # A build from before /buildinfo existed, started by this script.
+    pid="$(owned_pid "$name")" || pid=""
+  fi
+  if ! [[ "$pid" =~ ^[0-9]+$ ]]; then
+    die "$name: 127.0.0.1:$grpc is held by a process that is not $name (GET 127.0.0.1:$metrics/buildinfo answered ${info:-nothing}); stop it or move $name to other ports (scripts/env.sh)"
+  fi
+  if same_binary "$pid" "$bin"; then
+    return 0
+  fi
+  if ! [[ "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" == *"$name"* ]]; then
+    die "$name (pid $pid, $(json_field "$info" git_sha)) on 127.0.0.1:$grpc is not visible from here (another container or user?); stop it before starting this checkout's build"
+  fi
+  sha="$(json_field "$info" git_sha)"
+  log "$name: pid $pid runs another build (git ${sha:-unknown}, $(readlink "/proc/$pid/exe" 2>/dev/null)); restarting it on $bin"
+  kill -TERM "$pid" 2>/dev/null || die "$name: cannot signal pid $pid"
+  for ((i = 0; i < 150; i++)); do pid_alive "$pid" || break; sleep 0.1; done
+  pid_alive "$pid" && { kill -KILL "$pid" 2>/dev/null || true; sleep 0.5; }
+  rm -f "$(pid_file "$name")"
+  for ((i = 0; i < 50; i++)); do port_open "$grpc" || return 0; sleep 0.1; done
+  die "$name: 127.0.0.1:$grpc is still open after stopping pid $pid"
 }
 
 # start_service NAME [VAR=value...]: the common settings plus the given ones.
@@ -291,19 +333,18 @@ start_service() {
   metrics="$(svc_port "$name" metrics)"
   addr="grpc 127.0.0.1:$grpc, metrics :$metrics"
   [ "$name" = adserve-gateway ] && addr="http :$GATEWAY_HTTP_PORT, $addr"
+  bin="$CARGO_TARGET_DIR/$(profile_dir)/$name"
+  ensure_our_build "$name" "$bin"
   if reuse_or_prepare "$name" "$grpc" "$addr"; then
     return 0
   fi
-  bin="$CARGO_TARGET_DIR/$(profile_dir)/$name"
   [ -x "$bin" ] || die "$name: binary $bin not found (build it: cargo build --bin $name)"
   if port_open "$metrics"; then
     die "$name: metrics port 127.0.0.1:$metrics is already taken by another process"
   fi
-  # The script's own ADSERVE_* knobs are not service configuration: keep them out
-  # of the services' environment (figment would read them as config keys).
+  # ADSERVE_* is service configuration only (the services refuse unknown keys);
+  # this script's own knobs are ADSTACK_*.
   launch "$name" env \
-    -u ADSERVE_HOME -u ADSERVE_RUN -u ADSERVE_PROFILE -u ADSERVE_SKIP_BUILD \
-    -u ADSERVE_MODEL_DIR -u ADSERVE_PARQUET_DIR \
     "ADSERVE_SERVER__GRPC_ADDR=127.0.0.1:$grpc" \
     "ADSERVE_SERVER__METRICS_ADDR=127.0.0.1:$metrics" \
     "ADSERVE_TELEMETRY__LOG_JSON=true" \
@@ -325,27 +366,24 @@ wait_healthz() { # NAME PORT SECONDS
 }
 
 start_services() {
-  local s kafka="127.0.0.1:$KAFKA_PORT" parquet="${ADSERVE_PARQUET_DIR:-$ADSERVE_RUN/parquet}"
-  local model="${ADSERVE_MODEL_DIR:-$ADSERVE_REPO/models/ctr-baseline}"
+  local s kafka="127.0.0.1:$KAFKA_PORT" parquet="${ADSTACK_PARQUET_DIR:-$ADSTACK_RUN/parquet}"
+  local model="${ADSTACK_MODEL_DIR:-$ADSTACK_REPO/models/ctr-baseline}"
   for s in redis postgres kafka dynamodb; do
     port_open "$(infra_port "$s")" || log "warning: $s (127.0.0.1:$(infra_port "$s")) is not up; run scripts/start.sh infra"
   done
-  local need_build=0
-  for s in "${ADSERVE_SERVICES[@]}"; do
-    port_open "$(svc_port "$s" grpc)" || need_build=1
-  done
-  if [ "$need_build" = 1 ]; then build_services; else log "all services already answer; not building"; fi
-  for s in "${ADSERVE_SERVICES[@]}"; do
-    port_open "$(svc_port "$s" grpc)" && continue
+  # Always build (cargo is quick when nothing changed): a running service is
+  # reused only when it runs the binary this checkout builds.
+  build_services
+  for s in "${ADSTACK_SERVICES[@]}"; do
     [ -x "$CARGO_TARGET_DIR/$(profile_dir)/$s" ] || die "$s: binary $CARGO_TARGET_DIR/$(profile_dir)/$s not found after the build"
   done
-  [ -d "$model" ] || log "warning: ranker model dir $model does not exist (set ADSERVE_MODEL_DIR)"
+  [ -d "$model" ] || log "warning: ranker model dir $model does not exist (set ADSTACK_MODEL_DIR)"
   mkdir -p "$parquet"
 
   start_service adserve-auction
   start_service adserve-ranker \
     "ADSERVE_MODEL__DIR=$model" \
-    "ORT_DYLIB_PATH=$ORT_DYLIB_PATH"
+    "ADSERVE_ONNXRUNTIME_DYLIB=$ORT_DYLIB_PATH"
   # Credentials come from the service's config (dynamodb.access_key_id), not AWS_*.
   start_service adserve-feature-service \
     "ADSERVE_REDIS__URL=redis://127.0.0.1:$REDIS_PORT" \
@@ -353,7 +391,7 @@ start_services() {
   start_service adserve-label-joiner \
     "ADSERVE_KAFKA__BROKERS=$kafka" \
     "ADSERVE_OUTPUT_DIR=$parquet" \
-    "ADSERVE_LABEL_WINDOW_MS=${ADSERVE_LABEL_WINDOW_MS:-5000}"
+    "ADSERVE_LABEL_WINDOW=$ADSTACK_LABEL_WINDOW"
   start_service adserve-gateway \
     "ADSERVE_HTTP_ADDR=127.0.0.1:$GATEWAY_HTTP_PORT" \
     "ADSERVE_POSTGRES__URL=postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DATABASE" \
@@ -376,4 +414,4 @@ for row in "${SUMMARY[@]}"; do
   IFS='|' read -r c a s <<<"$row"
   printf '%-24s %-50s %s\n' "$c" "$a" "$s"
 done
-printf '\npids: %s  logs: %s\n' "$ADSERVE_PIDS" "$ADSERVE_LOGS"
+printf '\npids: %s  logs: %s\n' "$ADSTACK_PIDS" "$ADSTACK_LOGS"

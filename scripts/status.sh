@@ -35,7 +35,7 @@ row() { # NAME PORTS STATE OWNER
   [ "$3" = up ] || all_up=3
 }
 
-for name in "${ADSERVE_INFRA[@]}"; do
+for name in "${ADSTACK_INFRA[@]}"; do
   port="$(infra_port "$name")"
   state=down
   port_open "$port" && state=up
@@ -53,7 +53,7 @@ for name in "${ADSERVE_INFRA[@]}"; do
   row "$name" "$port" "$state" "$who"
 done
 
-for name in "${ADSERVE_SERVICES[@]}"; do
+for name in "${ADSTACK_SERVICES[@]}"; do
   grpc="$(svc_port "$name" grpc)"
   metrics="$(svc_port "$name" metrics)"
   ports="grpc $grpc, metrics $metrics"

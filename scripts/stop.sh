@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stops what scripts/start.sh started: scripts/stop.sh [services|infra|all|adserve-NAME|kafka|dynamodb|redis] (default all).
 #
-# Only processes with a pid file in $ADSERVE_RUN/pids are stopped, and only if
+# Only processes with a pid file in $ADSTACK_RUN/pids are stopped, and only if
 # /proc/PID/cmdline still matches the expected program (pid reuse). Anything the
 # start script reused (external Redis, system PostgreSQL, ...) is left alone.
 # PostgreSQL is stopped only if start.sh started the cluster (marker file).
@@ -14,7 +14,7 @@ what="${1:-all}"
 case "$what" in
   services | infra | all) ;;
   -h | --help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-  adserve-*) [[ " ${ADSERVE_SERVICES[*]} " == *" $what "* ]] || die "unknown service $what (one of: ${ADSERVE_SERVICES[*]})" ;;
+  adserve-*) [[ " ${ADSTACK_SERVICES[*]} " == *" $what "* ]] || die "unknown service $what (one of: ${ADSTACK_SERVICES[*]})" ;;
   kafka | dynamodb | redis) ;;
   *) die "usage: $0 [services|infra|all|adserve-NAME|kafka|dynamodb|redis]" ;;
 esac
@@ -83,8 +83,8 @@ stop_postgres() {
 
 stop_services() {
   local i
-  for ((i = ${#ADSERVE_SERVICES[@]} - 1; i >= 0; i--)); do
-    stop_one "${ADSERVE_SERVICES[i]}"
+  for ((i = ${#ADSTACK_SERVICES[@]} - 1; i >= 0; i--)); do
+    stop_one "${ADSTACK_SERVICES[i]}"
   done
 }
 

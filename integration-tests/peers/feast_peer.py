@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Feast peer for the adserve benchmarks: a seeded Feast repo on Redis, served by `feast serve`.
 
-Run it with the bench venv's interpreter ($ADSERVE_HOME/bench-venv/bin/python, see
+Run it with the bench venv's interpreter ($ADSTACK_HOME/bench-venv/bin/python, see
 install.sh next to this file).
 
 Subcommands

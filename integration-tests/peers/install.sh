@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Python benchmark peers (feast_peer.py, ort_fastapi.py) into their own venv,
-# $ADSERVE_HOME/bench-venv, kept apart from the trainer venv ($ADSERVE_HOME/venv).
+# $ADSTACK_HOME/bench-venv, kept apart from the trainer venv ($ADSTACK_HOME/venv).
 # Idempotent: creates the venv when missing and runs pip only when requirements.txt
 # changed since the last successful install (sha256 stamp inside the venv).
 #
@@ -13,7 +13,7 @@
 PEERS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=../../scripts/env.sh
 . "$PEERS_DIR/../../scripts/env.sh"
-PEERS_VENV="$ADSERVE_HOME/bench-venv"
+PEERS_VENV="$ADSTACK_HOME/bench-venv"
 PEERS_PYTHON="$PEERS_VENV/bin/python"
 
 # peers_install: runs in a subshell so sourcing this file never changes the caller's
@@ -22,7 +22,7 @@ peers_install() (
   set -euo pipefail
   local req="$PEERS_DIR/requirements.txt" stamp="$PEERS_VENV/.requirements.sha" want
   [ -f "$req" ] || die "missing $req"
-  mkdir -p "$ADSERVE_HOME"
+  mkdir -p "$ADSTACK_HOME"
   if [ ! -x "$PEERS_PYTHON" ]; then
     python3 -c 'import venv, ensurepip' 2>/dev/null ||
       die "python3-venv is missing (scripts/install.sh installs it)"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ONNX Runtime behind FastAPI/uvicorn: the Python peer of the adserve ranker.
 
-Run it with the bench venv's interpreter ($ADSERVE_HOME/bench-venv/bin/python)::
+Run it with the bench venv's interpreter ($ADSTACK_HOME/bench-venv/bin/python)::
 
     ort_fastapi.py --port 18090 --model-dir models/ctr-baseline --intra-threads 1
 

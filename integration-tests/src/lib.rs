@@ -3,7 +3,7 @@
 //! reading what the pipeline produced (Kafka events, Parquet rows).
 //!
 //! Endpoints default to the local stack of `scripts/start.sh`; override with
-//! `ADSERVE_TEST_*` variables to point the tests at another deployment.
+//! `ADSTACK_TEST_*` variables to point the tests at another deployment.
 
 pub mod bench;
 
@@ -65,30 +65,37 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// Endpoints from `ADSERVE_TEST_*` or the local defaults.
+    /// Endpoints from `ADSTACK_TEST_*`, else the services' own config
+    /// defaults (the one definition of ports, URLs and the consumer group).
     pub fn from_env() -> Self {
+        use adserve_core::ports;
+        let url = ports::local_url;
+        let addr = |port: u16| format!("127.0.0.1:{port}");
+        let gateway = adserve_gateway::GatewayConfig::default();
+        let features = adserve_feature_service::FeatureServiceConfig::default();
+        let joiner = adserve_label_joiner::LabelJoinerConfig::default();
         Self {
-            http: env_or("ADSERVE_TEST_HTTP", "http://127.0.0.1:8080"),
-            gateway: env_or("ADSERVE_TEST_GATEWAY", "http://127.0.0.1:50051"),
-            features: env_or("ADSERVE_TEST_FEATURES", "http://127.0.0.1:50052"),
-            ranker: env_or("ADSERVE_TEST_RANKER", "http://127.0.0.1:50053"),
-            auction: env_or("ADSERVE_TEST_AUCTION", "http://127.0.0.1:50054"),
-            joiner: env_or("ADSERVE_TEST_JOINER", "http://127.0.0.1:50055"),
-            postgres: env_or("ADSERVE_TEST_POSTGRES_URL", "postgres://adserve:adserve@127.0.0.1:5432/adserve"),
-            kafka: env_or("ADSERVE_TEST_KAFKA", "127.0.0.1:9092"),
-            redis: env_or("ADSERVE_TEST_REDIS", "redis://127.0.0.1:6379/0"),
-            dynamodb: env_or("ADSERVE_TEST_DYNAMODB", "http://127.0.0.1:8000"),
+            http: env_or("ADSTACK_TEST_HTTP", &format!("http://{}", gateway.http_addr)),
+            gateway: env_or("ADSTACK_TEST_GATEWAY", &url(gateway.server.grpc_addr.port())),
+            features: env_or("ADSTACK_TEST_FEATURES", &gateway.upstreams.feature_service),
+            ranker: env_or("ADSTACK_TEST_RANKER", &gateway.upstreams.ranker),
+            auction: env_or("ADSTACK_TEST_AUCTION", &gateway.upstreams.auction),
+            joiner: env_or("ADSTACK_TEST_JOINER", &url(joiner.server.grpc_addr.port())),
+            postgres: env_or("ADSTACK_TEST_POSTGRES_URL", &gateway.postgres.url),
+            kafka: env_or("ADSTACK_TEST_KAFKA", &gateway.kafka.brokers),
+            redis: env_or("ADSTACK_TEST_REDIS", &features.redis.url),
+            dynamodb: env_or("ADSTACK_TEST_DYNAMODB", &features.dynamodb.endpoint),
             metrics: [
-                ("gateway", "ADSERVE_TEST_GATEWAY_METRICS", "127.0.0.1:9101"),
-                ("feature-service", "ADSERVE_TEST_FEATURES_METRICS", "127.0.0.1:9102"),
-                ("ranker", "ADSERVE_TEST_RANKER_METRICS", "127.0.0.1:9103"),
-                ("auction", "ADSERVE_TEST_AUCTION_METRICS", "127.0.0.1:9104"),
-                ("label-joiner", "ADSERVE_TEST_JOINER_METRICS", "127.0.0.1:9105"),
+                ("gateway", "ADSTACK_TEST_GATEWAY_METRICS", ports::GATEWAY_METRICS),
+                ("feature-service", "ADSTACK_TEST_FEATURES_METRICS", ports::FEATURE_SERVICE_METRICS),
+                ("ranker", "ADSTACK_TEST_RANKER_METRICS", ports::RANKER_METRICS),
+                ("auction", "ADSTACK_TEST_AUCTION_METRICS", ports::AUCTION_METRICS),
+                ("label-joiner", "ADSTACK_TEST_JOINER_METRICS", ports::LABEL_JOINER_METRICS),
             ]
             .into_iter()
-            .map(|(name, var, default)| (name.to_string(), env_or(var, default)))
+            .map(|(name, var, port)| (name.to_string(), env_or(var, &addr(port))))
             .collect(),
-            joiner_group: env_or("ADSERVE_TEST_JOINER_GROUP", "adserve-label-joiner"),
+            joiner_group: env_or("ADSTACK_TEST_JOINER_GROUP", &joiner.group_id),
         }
     }
 
@@ -134,13 +141,17 @@ impl Stack {
 
     /// The batch feature store.
     pub fn batch_store(&self) -> BatchStore {
-        let config = DynamoConfig { endpoint: self.dynamodb.clone(), timeout_ms: 5000, ..DynamoConfig::default() };
+        let config = DynamoConfig {
+            endpoint: self.dynamodb.clone(),
+            timeout: Duration::from_secs(5),
+            ..DynamoConfig::default()
+        };
         BatchStore::new(&config, adserve_features::registry())
     }
 
     /// The real-time feature store.
     pub async fn realtime_store(&self) -> anyhow::Result<RealtimeStore> {
-        let config = RedisConfig { url: self.redis.clone(), timeout_ms: 2000 };
+        let config = RedisConfig { url: self.redis.clone(), timeout: Duration::from_secs(2) };
         Ok(RealtimeStore::connect(&config, adserve_features::registry()).await?)
     }
 
@@ -402,7 +413,7 @@ pub fn read_rows(dir: &Path) -> anyhow::Result<Vec<ParquetRow>> {
 
 /// Path of a workspace binary built by `cargo build` (same profile as the tests).
 pub fn binary(name: &str) -> PathBuf {
-    if let Ok(dir) = std::env::var("ADSERVE_BIN_DIR") {
+    if let Ok(dir) = std::env::var("ADSTACK_BIN_DIR") {
         return PathBuf::from(dir).join(name);
     }
     // The test executable lives in <target>/<profile>/deps/.

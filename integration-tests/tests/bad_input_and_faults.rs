@@ -187,7 +187,7 @@ async fn dead_kafka_serves_no_unlogged_ad() -> anyhow::Result<()> {
     let s = Stack::ready().await?;
     let url = gateway(&s, |c| {
         c.kafka.brokers = "127.0.0.1:1".into();
-        c.kafka.publish_timeout_ms = 1000;
+        c.kafka.publish_timeout = std::time::Duration::from_secs(1);
     })
     .await?;
     let (status, v) = answer(&url, &good()).await?;
@@ -202,7 +202,11 @@ async fn a_fatal_kafka_producer_makes_the_gateway_unready_until_it_is_replaced()
     let mut config = GatewayConfig {
         postgres: s.postgres_config("public"),
         // The first replacement waits 3 s: long enough to observe the unready state.
-        kafka: KafkaConfig { brokers: s.kafka.clone(), recovery_backoff_min_ms: 3000, ..KafkaConfig::default() },
+        kafka: KafkaConfig {
+            brokers: s.kafka.clone(),
+            recovery_backoff_min: Duration::from_secs(3),
+            ..KafkaConfig::default()
+        },
         ..GatewayConfig::default()
     };
     config.upstreams.feature_service = s.features.clone();

@@ -25,7 +25,7 @@ async fn start_joiner(s: &Stack, group: &str, dir: &std::path::Path) -> anyhow::
         .env("ADSERVE_KAFKA__BROKERS", &s.kafka)
         .env("ADSERVE_GROUP_ID", group)
         .env("ADSERVE_OUTPUT_DIR", dir)
-        .env("ADSERVE_LABEL_WINDOW_MS", "1000")
+        .env("ADSERVE_LABEL_WINDOW", "1s")
         .env("ADSERVE_TELEMETRY__LOG_FILTER", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true)
@@ -184,9 +184,9 @@ async fn sigterm_flips_readiness_first_then_finishes_requests_in_flight() -> any
         .env("ADSERVE_UPSTREAMS__FEATURE_SERVICE", format!("http://{hung_addr}"))
         .env("ADSERVE_UPSTREAMS__RANKER", &s.ranker)
         .env("ADSERVE_UPSTREAMS__AUCTION", &s.auction)
-        .env("ADSERVE_DEADLINES__FEATURES_MS", "3000")
-        .env("ADSERVE_SERVER__READINESS_DRAIN_MS", "1500")
-        .env("ADSERVE_SERVER__SHUTDOWN_GRACE_MS", "10000")
+        .env("ADSERVE_DEADLINES__FEATURES", "3s")
+        .env("ADSERVE_SERVER__READINESS_DRAIN", "1500ms")
+        .env("ADSERVE_SERVER__SHUTDOWN_GRACE", "10s")
         .env("ADSERVE_TELEMETRY__LOG_FILTER", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true)
@@ -233,5 +233,75 @@ async fn sigterm_flips_readiness_first_then_finishes_requests_in_flight() -> any
     assert!(exit.success(), "exit status {exit}");
     assert!(tokio::net::TcpStream::connect(("127.0.0.1", http_port)).await.is_err());
     holder.abort();
+    Ok(())
+}
+
+/// Strict config across the process boundary: every service refuses to
+/// start on a misspelt key (here the classic one underscore instead of two)
+/// or an untyped duration, names the key, and exits non-zero without serving.
+#[tokio::test]
+async fn a_misspelt_config_key_stops_every_service_at_start_naming_the_key() -> anyhow::Result<()> {
+    let services =
+        ["adserve-gateway", "adserve-feature-service", "adserve-ranker", "adserve-auction", "adserve-label-joiner"];
+    for (key, value, named) in [
+        ("ADSERVE_SERVER_GRPC_ADDR", "127.0.0.1:1".to_string(), "server_grpc_addr"),
+        ("ADSERVE_SERVER__SHUTDOWN_GRACE", "10000".to_string(), "server.shutdown_grace"),
+    ] {
+        for service in services {
+            let out = tokio::time::timeout(
+                Duration::from_secs(30),
+                tokio::process::Command::new(binary(service))
+                    .env(key, &value)
+                    .env("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{}", free_port()))
+                    .env("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+                    .kill_on_drop(true)
+                    .output(),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("{service} with {key}={value} did not exit within 30 s"))??;
+            // figment names env keys in upper case.
+            let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+            assert!(!out.status.success(), "{service} started with {key}={value}");
+            assert!(stderr.contains(named), "{service}: {key}={value} not named in: {stderr}");
+        }
+    }
+    Ok(())
+}
+
+/// scripts/start.sh reuses a service only when it is this checkout's build:
+/// the running stack (started by `make test` from this checkout) is reused as
+/// is, and a port held by something that is not the service is refused with
+/// a message naming it, instead of being "reused" and tested.
+#[tokio::test]
+async fn start_script_reuses_only_our_build_and_refuses_foreign_port_holders() -> anyhow::Result<()> {
+    let script = adserve_integration_tests::repo_root().join("scripts/start.sh");
+    let run = |envs: Vec<(&str, String)>| {
+        let mut cmd = tokio::process::Command::new("bash");
+        cmd.arg(&script).arg("services").env("ADSTACK_SKIP_BUILD", "1").kill_on_drop(true);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        tokio::time::timeout(Duration::from_secs(120), cmd.output())
+    };
+
+    // The stack this test runs against is this checkout's build: all reused.
+    let out = run(vec![]).await??;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "start.sh services on the running stack failed: {log}");
+    assert!(!log.contains("runs another build"), "this checkout's services were restarted: {log}");
+
+    // A foreign listener (accepts, never answers) on the auction's port.
+    let foreign = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = foreign.local_addr()?.port();
+    let run_dir = tempfile::tempdir()?;
+    let out = run(vec![
+        ("ADSTACK_RUN", run_dir.path().display().to_string()),
+        ("AUCTION_GRPC_PORT", port.to_string()),
+        ("AUCTION_METRICS_PORT", free_port().to_string()),
+    ])
+    .await??;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "start.sh reused a foreign port holder: {log}");
+    assert!(log.contains(&format!("127.0.0.1:{port} is held by a process that is not adserve-auction")), "{log}");
     Ok(())
 }

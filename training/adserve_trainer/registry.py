@@ -1,4 +1,5 @@
-"""The feature registry (crates/adserve-features/features.toml): names, order, defaults."""
+"""The feature registry (crates/adserve-features/features.toml): names, order,
+defaults, the request contract's devices and the label window."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ class Feature:
 class Registry:
     path: Path
     features: tuple[Feature, ...]
+    devices: tuple[str, ...]
+    label_window_seconds: int
 
     @property
     def names(self) -> list[str]:
@@ -76,4 +79,10 @@ def load_registry(path: str | Path | None = None) -> Registry:
                 equals=e.get("equals"),
             )
         )
-    return Registry(path=p, features=tuple(features))
+    devices = doc.get("request", {}).get("devices")
+    if not isinstance(devices, list) or not devices or not all(isinstance(d, str) and d for d in devices):
+        raise TrainerError(f"feature registry {p}: [request].devices must be a non-empty list of names")
+    window = doc.get("label", {}).get("window_seconds")
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        raise TrainerError(f"feature registry {p}: [label].window_seconds must be a positive integer")
+    return Registry(path=p, features=tuple(features), devices=tuple(devices), label_window_seconds=window)

@@ -32,15 +32,17 @@ TRUE_WEIGHTS = {
 
 PLACEMENTS = np.array(["feed_top", "feed_mid", "sidebar", "article_inline"])
 PLACEMENT_P = [0.3, 0.3, 0.2, 0.2]
-DEVICES = np.array(["mobile", "desktop", "tablet", "ctv"])
-DEVICE_P = [0.55, 0.3, 0.1, 0.05]
+# Traffic share of each device; the devices themselves are the registry's
+# [request].devices (the closed set the gateway accepts). A device added there
+# and not listed here gets DEFAULT_DEVICE_WEIGHT.
+DEVICE_WEIGHTS = {"mobile": 0.55, "desktop": 0.3, "tablet": 0.1, "ctv": 0.05}
+DEFAULT_DEVICE_WEIGHT = 0.05
 SURFACES = np.array(["home", "search", "article", "video"])
 SURFACE_P = [0.4, 0.2, 0.3, 0.1]
 
 SLOTS_PER_REQUEST = 3
 COPPA_RATE = 0.05
 EPOCH_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
-LABEL_WINDOW_MS = 30 * 60 * 1000
 
 
 def _ids(rng: np.random.Generator, prefix: str, n: int) -> list[str]:
@@ -80,7 +82,9 @@ def generate(n: int, seed: int, registry: Registry) -> pa.Table:
     # Per-request context.
     request_ids = np.array(_ids(rng, "req-", n_req))
     placement_r = rng.choice(PLACEMENTS, size=n_req, p=PLACEMENT_P)
-    device_r = rng.choice(DEVICES, size=n_req, p=DEVICE_P)
+    devices = np.array(registry.devices)
+    weights = np.array([DEVICE_WEIGHTS.get(d, DEFAULT_DEVICE_WEIGHT) for d in registry.devices])
+    device_r = rng.choice(devices, size=n_req, p=weights / weights.sum())
     surface_r = rng.choice(SURFACES, size=n_req, p=SURFACE_P)
     coppa_r = rng.random(n_req) < COPPA_RATE
     user_r = np.array([f"u{u:06d}" for u in rng.integers(1, 50_000, size=n_req).tolist()])
@@ -122,9 +126,10 @@ def generate(n: int, seed: int, registry: Registry) -> pa.Table:
     ecpm = np.round(pctr.astype(np.float64) * price_cpc * 1000).astype(np.int64)
 
     served_at = served_r[req] + slot.astype(np.int64)  # slots rendered ms apart
-    click_delay = rng.integers(500, LABEL_WINDOW_MS, size=n)
+    label_window_ms = registry.label_window_seconds * 1000
+    click_delay = rng.integers(500, label_window_ms, size=n)
     clicked_at = pa.array(served_at + click_delay, pa.int64(), mask=label == 0)
-    joined_at = served_at + LABEL_WINDOW_MS + rng.integers(0, 60_000, size=n)
+    joined_at = served_at + label_window_ms + rng.integers(0, 60_000, size=n)
 
     names_all = [f.name for f in registry.features]
     personal = np.array([f.personal for f in registry.features])

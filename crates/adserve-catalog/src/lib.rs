@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use adserve_core::{Invalid, check_duration, check_range};
 use serde::{Deserialize, Serialize};
 use sqlx::{
     FromRow, PgPool,
@@ -18,7 +19,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Connection settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct PostgresConfig {
     /// `postgres://user:password@host:port/db`.
     pub url: String,
@@ -27,7 +28,8 @@ pub struct PostgresConfig {
     /// Pool size.
     pub max_connections: u32,
     /// Longest a query waits for a connection, and statement timeout.
-    pub timeout_ms: u64,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
     /// Run migrations at start.
     pub migrate: bool,
 }
@@ -38,7 +40,7 @@ impl Default for PostgresConfig {
             url: "postgres://adserve:adserve@127.0.0.1:5432/adserve".into(),
             schema: "public".into(),
             max_connections: 16,
-            timeout_ms: 200,
+            timeout: Duration::from_millis(200),
             migrate: true,
         }
     }
@@ -46,16 +48,15 @@ impl Default for PostgresConfig {
 
 impl PostgresConfig {
     /// Validation of the settings.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if !self.url.starts_with("postgres://") && !self.url.starts_with("postgresql://") {
-            return Err("postgres.url: must start with postgres://".into());
+            return Err(Invalid::new("postgres.url", "must start with postgres://"));
         }
         if self.schema.is_empty() || !self.schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err("postgres.schema: must be a plain identifier".into());
+            return Err(Invalid::new("postgres.schema", "must be a plain identifier"));
         }
-        if self.max_connections == 0 || self.timeout_ms == 0 {
-            return Err("postgres.max_connections / postgres.timeout_ms: must be > 0".into());
-        }
+        check_range("postgres.max_connections", self.max_connections, 1..=1000)?;
+        check_duration("postgres.timeout", self.timeout, Duration::from_millis(1), Duration::from_secs(60))?;
         Ok(())
     }
 }
@@ -110,11 +111,13 @@ impl Catalog {
     /// is down at start does not stop the caller) with per-statement timeouts.
     pub fn connect_lazy(config: &PostgresConfig) -> Result<Self, CatalogError> {
         let options: PgConnectOptions = config.url.parse()?;
-        let options = options
-            .options([("search_path", config.schema.as_str()), ("statement_timeout", &config.timeout_ms.to_string())]);
+        let options = options.options([
+            ("search_path", config.schema.as_str()),
+            ("statement_timeout", &config.timeout.as_millis().to_string()),
+        ]);
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
-            .acquire_timeout(Duration::from_millis(config.timeout_ms.max(1000)))
+            .acquire_timeout(config.timeout.max(Duration::from_secs(1)))
             .connect_lazy_with(options);
         Ok(Self { pool })
     }
@@ -122,7 +125,7 @@ impl Catalog {
     /// Creates the schema if needed and applies pending migrations.
     ///
     /// Pool connections carry the request-path statement timeout
-    /// (`postgres.timeout_ms`, 200 ms by default); DDL on a busy database can
+    /// (`postgres.timeout`, 200 ms by default); DDL on a busy database can
     /// take longer, so migrations run on one connection with
     /// [`MIGRATION_STATEMENT_TIMEOUT`] instead.
     pub async fn migrate(&self, schema: &str) -> Result<(), CatalogError> {
@@ -283,8 +286,8 @@ mod tests {
     /// A catalog in a fresh schema of the test database. Fails (rather than
     /// passing vacuously) when none is configured: `make test` provides one.
     async fn fresh() -> Catalog {
-        let url = std::env::var("ADSERVE_TEST_POSTGRES_URL")
-            .expect("ADSERVE_TEST_POSTGRES_URL is unset: run the catalog tests through `make test`");
+        let url = std::env::var("ADSTACK_TEST_POSTGRES_URL")
+            .expect("ADSTACK_TEST_POSTGRES_URL is unset: run the catalog tests through `make test`");
         let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
         let config = PostgresConfig { url, schema: schema.clone(), ..Default::default() };
         let catalog = Catalog::connect_lazy(&config).expect("config");
@@ -354,12 +357,17 @@ mod tests {
 
     #[tokio::test]
     async fn migrations_are_not_bound_by_the_request_timeout_and_do_not_lift_it() {
-        let url = std::env::var("ADSERVE_TEST_POSTGRES_URL")
-            .expect("ADSERVE_TEST_POSTGRES_URL is unset: run the catalog tests through `make test`");
+        let url = std::env::var("ADSTACK_TEST_POSTGRES_URL")
+            .expect("ADSTACK_TEST_POSTGRES_URL is unset: run the catalog tests through `make test`");
         let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
         // One connection, a 1 ms statement timeout: far less than the DDL takes.
-        let config =
-            PostgresConfig { url, schema: schema.clone(), timeout_ms: 1, max_connections: 1, ..Default::default() };
+        let config = PostgresConfig {
+            url,
+            schema: schema.clone(),
+            timeout: Duration::from_millis(1),
+            max_connections: 1,
+            ..Default::default()
+        };
         let catalog = Catalog::connect_lazy(&config).expect("config");
         catalog.migrate(&schema).await.expect("migrations run under their own timeout");
         // The same connection is back on the request-path timeout.

@@ -2,8 +2,15 @@
 //!
 //! The TOML file is named by `ADSERVE_CONFIG`; nested keys in the environment
 //! use a double underscore, e.g. `ADSERVE_SERVER__GRPC_ADDR=0.0.0.0:50051`.
+//!
+//! Strict: every config struct denies unknown keys, so a misspelt key (in the
+//! file, or `ADSERVE_KAFKA_BROKERS` with one underscore) stops the service at
+//! start with the key named instead of silently using a default. The
+//! `ADSERVE_` prefix therefore belongs to service configuration alone; the
+//! local-stack scripts use `ADSTACK_`. Durations are humantime strings
+//! (`"250ms"`, `"30s"`, `"30m"`).
 
-use std::{net::SocketAddr, path::Path};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use figment::{
     Figment,
@@ -22,13 +29,58 @@ pub enum ConfigError {
     MissingFile(String),
     /// Values parsed but are inconsistent or out of range.
     #[error("invalid configuration: {0}")]
-    Invalid(String),
+    Invalid(#[from] Invalid),
+}
+
+/// A configuration value that parsed but is out of range or inconsistent
+/// with another: the key (dotted, as in the TOML file) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {why}")]
+pub struct Invalid {
+    /// Dotted key, e.g. `server.shutdown_grace`.
+    pub key: String,
+    /// What is wrong with its value.
+    pub why: String,
+}
+
+impl Invalid {
+    /// `key` is invalid because `why`.
+    pub fn new(key: impl Into<String>, why: impl Into<String>) -> Self {
+        Self { key: key.into(), why: why.into() }
+    }
+}
+
+/// Fails with `key` unless `value` lies in `min..=max`.
+pub fn check_duration(key: &str, value: Duration, min: Duration, max: Duration) -> Result<(), Invalid> {
+    if value < min || value > max {
+        return Err(Invalid::new(
+            key,
+            format!(
+                "must be in {}..={}, got {}",
+                humantime::format_duration(min),
+                humantime::format_duration(max),
+                humantime::format_duration(value)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Fails with `key` unless `value` lies in `range`.
+pub fn check_range<N>(key: &str, value: N, range: std::ops::RangeInclusive<N>) -> Result<(), Invalid>
+where
+    N: PartialOrd + std::fmt::Display,
+{
+    if !range.contains(&value) {
+        return Err(Invalid::new(key, format!("must be in {}..={}, got {value}", range.start(), range.end())));
+    }
+    Ok(())
 }
 
 /// Checks a parsed configuration; the error names the offending key.
 pub trait Validate {
-    /// Returns `Err("key: why")` for the first problem found.
-    fn validate(&self) -> Result<(), String>;
+    /// The first problem found.
+    fn validate(&self) -> Result<(), Invalid>;
 }
 
 /// Loads `T` from defaults, the optional TOML file in `ADSERVE_CONFIG`, and
@@ -53,13 +105,13 @@ where
         figment = figment.merge(Toml::file(path));
     }
     let config: T = figment.merge(env).extract().map_err(Box::new)?;
-    config.validate().map_err(ConfigError::Invalid)?;
+    config.validate()?;
     Ok(config)
 }
 
 /// Listening addresses and shutdown behaviour, common to every service.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// gRPC listen address.
     pub grpc_addr: SocketAddr,
@@ -67,9 +119,11 @@ pub struct ServerConfig {
     pub metrics_addr: SocketAddr,
     /// After SIGTERM, how long listeners keep accepting once health went
     /// NOT_SERVING, so load balancers stop routing here before it closes.
-    pub readiness_drain_ms: u64,
+    #[serde(with = "humantime_serde")]
+    pub readiness_drain: Duration,
     /// How long in-flight requests may take to finish once listeners closed.
-    pub shutdown_grace_ms: u64,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
 }
 
 impl ServerConfig {
@@ -78,21 +132,18 @@ impl ServerConfig {
         Self {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], grpc)),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], metrics)),
-            readiness_drain_ms: 0,
-            shutdown_grace_ms: 10_000,
+            readiness_drain: Duration::ZERO,
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 
     /// Validation shared by every service.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.shutdown_grace_ms == 0 || self.shutdown_grace_ms > 300_000 {
-            return Err("server.shutdown_grace_ms: must be in 1..=300000".into());
-        }
-        if self.readiness_drain_ms > 300_000 {
-            return Err("server.readiness_drain_ms: must be in 0..=300000".into());
-        }
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let five_min = Duration::from_secs(300);
+        check_duration("server.shutdown_grace", self.shutdown_grace, Duration::from_millis(1), five_min)?;
+        check_duration("server.readiness_drain", self.readiness_drain, Duration::ZERO, five_min)?;
         if self.grpc_addr.port() != 0 && self.grpc_addr == self.metrics_addr {
-            return Err("server.metrics_addr: must differ from server.grpc_addr".into());
+            return Err(Invalid::new("server.metrics_addr", "must differ from server.grpc_addr"));
         }
         Ok(())
     }
@@ -106,7 +157,7 @@ impl Default for ServerConfig {
 
 /// Logging and trace export.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct TelemetryConfig {
     /// `tracing` filter directive, e.g. "info,adserve_ranker=debug".
     pub log_filter: String,
@@ -128,17 +179,17 @@ mod tests {
     use super::*;
 
     #[derive(Debug, Default, Serialize, Deserialize)]
-    #[serde(default)]
+    #[serde(default, deny_unknown_fields)]
     struct Demo {
         server: ServerConfig,
         name: String,
     }
 
     impl Validate for Demo {
-        fn validate(&self) -> Result<(), String> {
+        fn validate(&self) -> Result<(), Invalid> {
             self.server.validate()?;
             if self.name.len() > 5 {
-                return Err("name: at most 5 characters".into());
+                return Err(Invalid::new("name", "at most 5 characters"));
             }
             Ok(())
         }
@@ -147,11 +198,11 @@ mod tests {
     #[test]
     fn env_overrides_file_which_overrides_defaults() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("c.toml", "name = \"file\"\n[server]\nshutdown_grace_ms = 5\n")?;
+            jail.create_file("c.toml", "name = \"file\"\n[server]\nshutdown_grace = \"5ms\"\n")?;
             jail.set_env("ADSERVE_NAME", "env");
             let c: Demo = load_config_from(Some("c.toml"), Env::prefixed("ADSERVE_").split("__")).expect("loads");
             assert_eq!(c.name, "env");
-            assert_eq!(c.server.shutdown_grace_ms, 5);
+            assert_eq!(c.server.shutdown_grace, Duration::from_millis(5));
             assert_eq!(c.server.grpc_addr.port(), 0);
             Ok(())
         });
@@ -160,12 +211,42 @@ mod tests {
     #[test]
     fn invalid_values_are_rejected_naming_the_key() {
         figment::Jail::expect_with(|jail| {
-            jail.set_env("ADSERVE_SERVER__SHUTDOWN_GRACE_MS", "0");
+            jail.set_env("ADSERVE_SERVER__SHUTDOWN_GRACE", "0s");
             let err = load_config_from::<Demo>(None, Env::prefixed("ADSERVE_").split("__")).unwrap_err();
-            assert!(err.to_string().contains("server.shutdown_grace_ms"), "{err}");
-            jail.set_env("ADSERVE_SERVER__SHUTDOWN_GRACE_MS", "not-a-number");
+            match &err {
+                ConfigError::Invalid(invalid) => assert_eq!(invalid.key, "server.shutdown_grace"),
+                other => panic!("expected Invalid, got {other}"),
+            }
+            jail.set_env("ADSERVE_SERVER__SHUTDOWN_GRACE", "ten seconds");
             let err = load_config_from::<Demo>(None, Env::prefixed("ADSERVE_").split("__")).unwrap_err();
-            assert!(err.to_string().to_lowercase().contains("server.shutdown_grace_ms"), "{err}");
+            assert!(err.to_string().to_lowercase().contains("server.shutdown_grace"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_misspelt_key_stops_loading_and_is_named() {
+        figment::Jail::expect_with(|jail| {
+            // One underscore instead of two: `server_grpc_addr`, not `server.grpc_addr`.
+            jail.set_env("ADSERVE_SERVER_GRPC_ADDR", "0.0.0.0:1");
+            let err = load_config_from::<Demo>(None, Env::prefixed("ADSERVE_").split("__")).unwrap_err();
+            assert!(err.to_string().contains("server_grpc_addr"), "{err}");
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[server]\nshutdown_grace_ms = 5\n")?;
+            let err = load_config_from::<Demo>(Some("c.toml"), Env::prefixed("ADSERVE_").split("__")).unwrap_err();
+            assert!(err.to_string().contains("shutdown_grace_ms"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn durations_are_humantime_strings() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("ADSERVE_SERVER__READINESS_DRAIN", "1m 30s");
+            let c: Demo = load_config_from(None, Env::prefixed("ADSERVE_").split("__")).expect("loads");
+            assert_eq!(c.server.readiness_drain, Duration::from_secs(90));
             Ok(())
         });
     }

@@ -29,8 +29,8 @@ impl Lifecycle {
         Self {
             shutdown,
             readiness: Readiness::new(),
-            readiness_drain: Duration::from_millis(server.readiness_drain_ms),
-            grace: Duration::from_millis(server.shutdown_grace_ms),
+            readiness_drain: server.readiness_drain,
+            grace: server.shutdown_grace,
         }
     }
 

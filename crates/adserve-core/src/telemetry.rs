@@ -97,17 +97,45 @@ pub fn init_metrics() -> Result<PrometheusHandle, TelemetryError> {
     Ok(handle)
 }
 
-/// Serves `GET /metrics` (Prometheus text format) on `listener` until the
-/// process exits. Its accepted sockets get the same settings as every other
-/// server's ([`crate::net::http_listener`]).
-pub fn serve_metrics(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let handle = handle.clone();
-            async move { handle.render() }
-        }),
-    );
+/// Sets `adserve_build_info{service,version,git_sha,profile} 1` (the
+/// Prometheus convention: join on it to label any series with the build).
+pub fn report_build(build: crate::BuildInfo) {
+    metrics::gauge!(
+        "adserve_build_info",
+        "service" => build.service,
+        "version" => build.version,
+        "git_sha" => build.git_sha,
+        "profile" => build.profile,
+    )
+    .set(1.0);
+}
+
+/// The body of `GET /buildinfo`: the build plus the process id, so a
+/// supervisor (scripts/start.sh) can tell whether the process on a port is
+/// the binary it would start.
+pub fn build_info_json(build: crate::BuildInfo) -> serde_json::Value {
+    serde_json::json!({
+        "service": build.service,
+        "version": build.version,
+        "git_sha": build.git_sha,
+        "profile": build.profile,
+        "pid": std::process::id(),
+    })
+}
+
+/// Serves `GET /metrics` (Prometheus text format) and `GET /buildinfo`
+/// (JSON) on `listener` until the process exits. Its accepted sockets get
+/// the same settings as every other server's ([`crate::net::http_listener`]).
+pub fn serve_metrics(listener: tokio::net::TcpListener, handle: PrometheusHandle, build: crate::BuildInfo) {
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let handle = handle.clone();
+                async move { handle.render() }
+            }),
+        )
+        .route("/buildinfo", axum::routing::get(move || async move { axum::Json(build_info_json(build)) }));
     tokio::spawn(async move {
         if let Err(e) = axum::serve(crate::net::http_listener(listener), app).await {
             tracing::error!(error = %e, "metrics endpoint stopped");

@@ -5,6 +5,7 @@ mod publisher;
 
 use std::time::Duration;
 
+use adserve_core::{Invalid, check_duration, check_range};
 use adserve_proto::v1::{ClickEvent, ImpressionEvent};
 use prost::Message as _;
 use rdkafka::{
@@ -35,64 +36,72 @@ pub const HEADER_DLQ_SOURCE: &str = "adserve-dlq-source";
 
 /// Kafka connection settings, shared by producers and consumers.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Comma-separated bootstrap servers.
     pub brokers: String,
     /// Longest a publish may wait for the broker's acknowledgement.
-    pub publish_timeout_ms: u64,
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
     /// Partitions for topics this service creates.
     pub partitions: i32,
     /// Replication factor for topics this service creates.
     pub replication: i32,
     /// After a producer's fatal error (or a failed label-joiner consumer
     /// loop), the wait before the first replacement; later ones double (with
-    /// jitter) up to `recovery_backoff_max_ms`.
-    pub recovery_backoff_min_ms: u64,
+    /// jitter) up to `recovery_backoff_max`.
+    #[serde(with = "humantime_serde")]
+    pub recovery_backoff_min: Duration,
     /// Longest wait between replacements of a producer that keeps failing.
-    pub recovery_backoff_max_ms: u64,
+    #[serde(with = "humantime_serde")]
+    pub recovery_backoff_max: Duration,
 }
 
 impl Default for KafkaConfig {
     fn default() -> Self {
         Self {
             brokers: "127.0.0.1:9092".into(),
-            publish_timeout_ms: 2000,
+            publish_timeout: Duration::from_secs(2),
             partitions: 1,
             replication: 1,
-            recovery_backoff_min_ms: 200,
-            recovery_backoff_max_ms: 30_000,
+            recovery_backoff_min: Duration::from_millis(200),
+            recovery_backoff_max: Duration::from_secs(30),
         }
     }
 }
 
 impl KafkaConfig {
     /// Validation shared by every service that uses Kafka.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if self.brokers.trim().is_empty() {
-            return Err("kafka.brokers: required".into());
+            return Err(Invalid::new("kafka.brokers", "required"));
         }
-        if self.publish_timeout_ms == 0 || self.publish_timeout_ms > 60_000 {
-            return Err("kafka.publish_timeout_ms: must be in 1..=60000".into());
-        }
-        if self.recovery_backoff_min_ms == 0 || self.recovery_backoff_min_ms > self.recovery_backoff_max_ms {
-            return Err("kafka.recovery_backoff_min_ms: must be in 1..=kafka.recovery_backoff_max_ms".into());
-        }
-        if self.partitions < 1 || self.replication < 1 {
-            return Err("kafka.partitions / kafka.replication: must be >= 1".into());
-        }
+        check_duration(
+            "kafka.publish_timeout",
+            self.publish_timeout,
+            Duration::from_millis(1),
+            Duration::from_secs(60),
+        )?;
+        check_duration(
+            "kafka.recovery_backoff_min",
+            self.recovery_backoff_min,
+            Duration::from_millis(1),
+            self.recovery_backoff_max,
+        )?;
+        check_range("kafka.partitions", self.partitions, 1..=10_000)?;
+        check_range("kafka.replication", self.replication, 1..=100)?;
         Ok(())
     }
 
     /// The backoff between replacements of a Kafka client that keeps
     /// failing (a fatal producer, the label-joiner's consumer loop):
-    /// `recovery_backoff_min_ms` doubling, with jitter, up to
-    /// `recovery_backoff_max_ms`, without limit on attempts.
+    /// `recovery_backoff_min` doubling, with jitter, up to
+    /// `recovery_backoff_max`, without limit on attempts.
     pub fn recovery_backoff(&self) -> backon::ExponentialBackoff {
         use backon::BackoffBuilder as _;
         backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(self.recovery_backoff_min_ms))
-            .with_max_delay(Duration::from_millis(self.recovery_backoff_max_ms))
+            .with_min_delay(self.recovery_backoff_min)
+            .with_max_delay(self.recovery_backoff_max)
             .with_jitter()
             .without_max_times()
             .build()
@@ -204,34 +213,55 @@ pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), EventError> {
     Ok(())
 }
 
+/// Why a payload is not a valid event (the reason a dead letter carries).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    /// Not a protobuf message of the expected type.
+    #[error("not a valid {message}: {source}")]
+    Malformed {
+        /// The expected message.
+        message: &'static str,
+        /// prost's error.
+        source: prost::DecodeError,
+    },
+    /// A required field is empty or absent.
+    #[error("{0} is missing")]
+    Missing(&'static str),
+    /// The served feature row has as many names as values.
+    #[error("ImpressionEvent.features has {names} names and {values} values")]
+    RaggedFeatures {
+        /// Names sent.
+        names: usize,
+        /// Values sent.
+        values: usize,
+    },
+}
+
 /// Decodes an impression payload.
-pub fn decode_impression(payload: &[u8]) -> Result<ImpressionEvent, String> {
-    let e = ImpressionEvent::decode(payload).map_err(|e| format!("not an ImpressionEvent: {e}"))?;
+pub fn decode_impression(payload: &[u8]) -> Result<ImpressionEvent, DecodeError> {
+    let e = ImpressionEvent::decode(payload)
+        .map_err(|source| DecodeError::Malformed { message: "ImpressionEvent", source })?;
     if e.impression_id.is_empty() {
-        return Err("ImpressionEvent.impression_id is empty".into());
+        return Err(DecodeError::Missing("ImpressionEvent.impression_id"));
     }
-    let features = e.features.as_ref().ok_or("ImpressionEvent.features is missing")?;
+    let features = e.features.as_ref().ok_or(DecodeError::Missing("ImpressionEvent.features"))?;
     if features.names.len() != features.values.len() {
-        return Err(format!(
-            "ImpressionEvent.features has {} names and {} values",
-            features.names.len(),
-            features.values.len()
-        ));
+        return Err(DecodeError::RaggedFeatures { names: features.names.len(), values: features.values.len() });
     }
     if e.served_at.is_none() {
-        return Err("ImpressionEvent.served_at is missing".into());
+        return Err(DecodeError::Missing("ImpressionEvent.served_at"));
     }
     Ok(e)
 }
 
 /// Decodes a click payload.
-pub fn decode_click(payload: &[u8]) -> Result<ClickEvent, String> {
-    let e = ClickEvent::decode(payload).map_err(|e| format!("not a ClickEvent: {e}"))?;
+pub fn decode_click(payload: &[u8]) -> Result<ClickEvent, DecodeError> {
+    let e = ClickEvent::decode(payload).map_err(|source| DecodeError::Malformed { message: "ClickEvent", source })?;
     if e.impression_id.is_empty() {
-        return Err("ClickEvent.impression_id is empty".into());
+        return Err(DecodeError::Missing("ClickEvent.impression_id"));
     }
     if e.clicked_at.is_none() {
-        return Err("ClickEvent.clicked_at is missing".into());
+        return Err(DecodeError::Missing("ClickEvent.clicked_at"));
     }
     Ok(e)
 }
@@ -243,8 +273,10 @@ mod tests {
 
     #[test]
     fn garbage_is_not_an_impression() {
-        assert!(decode_impression(b"\xff\xff\xff").is_err());
-        assert!(decode_impression(&[]).unwrap_err().contains("impression_id"));
+        let e = decode_impression(b"\xff\xff\xff").unwrap_err();
+        assert!(matches!(e, DecodeError::Malformed { message: "ImpressionEvent", .. }), "{e}");
+        assert!(e.to_string().starts_with("not a valid ImpressionEvent"), "{e}");
+        assert_eq!(decode_impression(&[]).unwrap_err(), DecodeError::Missing("ImpressionEvent.impression_id"));
     }
 
     #[test]
@@ -255,7 +287,9 @@ mod tests {
             features: Some(FeatureRow { names: vec!["a".into()], values: vec![] }),
             ..Default::default()
         };
-        assert!(decode_impression(&e.encode_to_vec()).unwrap_err().contains("1 names and 0 values"));
+        let err = decode_impression(&e.encode_to_vec()).unwrap_err();
+        assert_eq!(err, DecodeError::RaggedFeatures { names: 1, values: 0 });
+        assert!(err.to_string().contains("1 names and 0 values"));
     }
 
     #[test]
@@ -273,6 +307,6 @@ mod tests {
     #[test]
     fn click_needs_impression_id_and_time() {
         let c = ClickEvent { click_id: "c".into(), impression_id: String::new(), clicked_at: None };
-        assert!(decode_click(&c.encode_to_vec()).unwrap_err().contains("impression_id"));
+        assert_eq!(decode_click(&c.encode_to_vec()).unwrap_err(), DecodeError::Missing("ClickEvent.impression_id"));
     }
 }

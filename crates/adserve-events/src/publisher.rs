@@ -101,7 +101,7 @@ impl std::fmt::Debug for EventPublisher {
 }
 
 fn build_producer(config: &KafkaConfig) -> Result<FutureProducer, EventError> {
-    let timeout_ms = config.publish_timeout_ms.to_string();
+    let timeout_ms = config.publish_timeout.as_millis().to_string();
     config
         .client()
         .set("enable.idempotence", "true")
@@ -122,7 +122,7 @@ impl EventPublisher {
         Ok(Self {
             inner: Arc::new(Inner {
                 config: config.clone(),
-                timeout: Duration::from_millis(config.publish_timeout_ms),
+                timeout: config.publish_timeout,
                 client,
                 producer: RwLock::new(Arc::new(producer)),
                 recovery: Mutex::new(Recovery {
@@ -205,7 +205,7 @@ impl EventPublisher {
     /// The next rebuild delay; marks the backoff as advanced.
     fn next_delay(&self, r: &mut Recovery) -> Duration {
         self.inner.escalated.store(true, Ordering::Release);
-        r.backoff.next().unwrap_or(Duration::from_millis(self.inner.config.recovery_backoff_max_ms))
+        r.backoff.next().unwrap_or(self.inner.config.recovery_backoff_max)
     }
 
     /// Replaces a fatal producer once its backoff has passed.
@@ -333,8 +333,8 @@ mod tests {
         // never connects; fatal state is local to librdkafka.
         KafkaConfig {
             brokers: "127.0.0.1:1".into(),
-            publish_timeout_ms: 300,
-            recovery_backoff_min_ms: 200,
+            publish_timeout: Duration::from_millis(300),
+            recovery_backoff_min: Duration::from_millis(200),
             ..KafkaConfig::default()
         }
     }
@@ -371,7 +371,7 @@ mod tests {
 
     #[tokio::test]
     async fn readiness_follows_the_producer_as_it_changes() {
-        let config = KafkaConfig { recovery_backoff_min_ms: 60_000, ..unreachable_broker() };
+        let config = KafkaConfig { recovery_backoff_min: Duration::from_secs(60), ..unreachable_broker() };
         let p = EventPublisher::new(&config, "test").expect("producer");
         let readiness = adserve_core::Readiness::new();
         p.report_to(readiness.clone(), "kafka");

@@ -9,6 +9,7 @@
 use std::{collections::HashSet, sync::OnceLock};
 
 pub mod assemble;
+pub mod request;
 
 pub use assemble::{SourceValues, assemble};
 
@@ -83,6 +84,29 @@ pub struct RedisLayout {
     pub key_prefix: String,
 }
 
+/// The request contract's closed sets.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RequestSpec {
+    /// Every accepted `context.device`.
+    pub devices: Vec<String>,
+}
+
+/// What a training label means.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LabelSpec {
+    /// A click counts when it arrives within this many seconds of its impression.
+    pub window_seconds: u64,
+}
+
+impl LabelSpec {
+    /// The label window.
+    pub fn window(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.window_seconds)
+    }
+}
+
 /// The parsed, validated registry.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -91,6 +115,10 @@ pub struct FeatureRegistry {
     pub tables: Tables,
     /// Real-time-tier key layout.
     pub redis: RedisLayout,
+    /// Closed sets of the request contract.
+    pub request: RequestSpec,
+    /// The label definition.
+    pub label: LabelSpec,
     /// Features in column order.
     #[serde(rename = "feature")]
     pub features: Vec<FeatureSpec>,
@@ -147,6 +175,18 @@ impl FeatureRegistry {
             if f.entity == Entity::Ad && f.personal {
                 return Err(invalid("ad features cannot be personal"));
             }
+            if f.attribute == "device"
+                && let Some(value) = &f.equals
+                && !self.request.devices.contains(value)
+            {
+                return Err(invalid("`equals` names a device missing from [request].devices"));
+            }
+        }
+        if self.request.devices.is_empty() || self.request.devices.iter().any(String::is_empty) {
+            return Err(RegistryError::Parse("[request].devices: at least one non-empty device".into()));
+        }
+        if self.label.window_seconds == 0 || self.label.window_seconds > 7 * 24 * 3600 {
+            return Err(RegistryError::Parse("[label].window_seconds: must be in 1..=604800 (7 days)".into()));
         }
         if self.features.is_empty() {
             return Err(RegistryError::Parse("no [[feature]] defined".into()));
@@ -222,7 +262,10 @@ mod tests {
     }
 
     fn doc(feature: &str) -> String {
-        format!("[tables]\nuser=\"u\"\nad=\"a\"\n[redis]\nkey_prefix=\"rt\"\n[[feature]]\n{feature}")
+        format!(
+            "[tables]\nuser=\"u\"\nad=\"a\"\n[redis]\nkey_prefix=\"rt\"\n[request]\ndevices=[\"mobile\"]\n\
+             [label]\nwindow_seconds=60\n[[feature]]\n{feature}"
+        )
     }
 
     #[test]
@@ -239,6 +282,14 @@ mod tests {
             "name=\"c\"\nentity=\"context\"\nsource=\"request\"\nattribute=\"device\"\ndefault=0.0\ndescription=\"\"\n";
         let err = FeatureRegistry::parse(&doc(f)).unwrap_err();
         assert!(err.to_string().contains("equals"), "{err}");
+    }
+
+    #[test]
+    fn device_indicators_must_name_a_known_device() {
+        let f = "name=\"c\"\nentity=\"context\"\nsource=\"request\"\nattribute=\"device\"\nequals=\"toaster\"\n\
+                 default=0.0\ndescription=\"\"\n";
+        let err = FeatureRegistry::parse(&doc(f)).unwrap_err();
+        assert!(err.to_string().contains("[request].devices"), "{err}");
     }
 
     #[test]

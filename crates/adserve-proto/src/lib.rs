@@ -11,6 +11,44 @@ pub mod v1 {
 /// Encoded `FileDescriptorSet` of every adserve proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/adserve_descriptor.bin"));
 
+/// Size limits of the wire contracts, defined once: every service that
+/// receives these messages checks them, and every config bound derives from them.
+pub mod limits {
+    /// Most candidate ads in one request anywhere on the path: eligible ads
+    /// per ad request, ads per GetFeatures, rows per Score, candidates per
+    /// RunAuction.
+    pub const MAX_CANDIDATES: usize = 5000;
+    /// Most slots one ad request (and so one auction) fills.
+    pub const MAX_SLOTS: usize = 10;
+}
+
+/// The closed set of `Degradation.component` values. Clients may match on
+/// them; adding one is a contract change (documented in docs/api.md).
+pub mod degraded {
+    /// The gateway served registry defaults: the feature-service failed.
+    pub const FEATURE_SERVICE: &str = "feature-service";
+    /// The feature-service served defaults for the batch tier.
+    pub const DYNAMODB: &str = "dynamodb";
+    /// The feature-service served defaults for the real-time tier.
+    pub const REDIS: &str = "redis";
+    /// The gateway priced with the prior pCTR: the ranker failed.
+    pub const RANKER: &str = "ranker";
+    /// The gateway ran the auction in-process: the auction service failed.
+    pub const AUCTION: &str = "auction";
+    /// Every value.
+    pub const ALL: [&str; 5] = [FEATURE_SERVICE, DYNAMODB, REDIS, RANKER, AUCTION];
+}
+
+/// The closed set of `GetAdsResponse.no_fill_reason` values (empty when filled).
+pub mod no_fill {
+    /// No ad matched the targeting.
+    pub const NO_ELIGIBLE_ADS: &str = "no_eligible_ads";
+    /// Every candidate's eCPM fell below the reserve.
+    pub const BELOW_RESERVE: &str = "below_reserve";
+    /// Every value.
+    pub const ALL: [&str; 2] = [NO_ELIGIBLE_ADS, BELOW_RESERVE];
+}
+
 /// Fully-qualified gRPC service names, as registered with the health service.
 pub mod service_names {
     /// `adserve.v1.GatewayService`

@@ -87,7 +87,7 @@ app.kubernetes.io/part-of: adserve
 {{- $k := .root.Values.kafka -}}
 [kafka]
 brokers = {{ $k.brokers | toJson }}
-publish_timeout_ms = {{ int64 $k.publishTimeoutMs }}
+publish_timeout = "{{ int64 $k.publishTimeoutMs }}ms"
 partitions = {{ int64 $k.partitions }}
 replication = {{ int64 $k.replication }}
 {{- end }}
@@ -122,16 +122,18 @@ reserve_ecpm_micros = {{ int64 $c.reserveEcpmMicros }}
 {{- else if eq .name "label-joiner" }}
 group_id = {{ $c.groupId | toJson }}
 output_dir = {{ $c.outputDir | toJson }}
-label_window_ms = {{ int64 $c.labelWindowMs }}
-flush_interval_ms = {{ int64 $c.flushIntervalMs }}
+{{- with $c.labelWindowMs }}
+label_window = "{{ int64 . }}ms"
+{{- end }}
+flush_interval = "{{ int64 $c.flushIntervalMs }}ms"
 max_rows_per_file = {{ int64 $c.maxRowsPerFile }}
 {{- end }}
 
 [server]
 grpc_addr = {{ printf "0.0.0.0:%d" (int .svc.ports.grpc) | toJson }}
 metrics_addr = {{ printf "0.0.0.0:%d" (int .svc.ports.metrics) | toJson }}
-readiness_drain_ms = {{ int64 $v.readinessDrainMs }}
-shutdown_grace_ms = {{ int64 $v.shutdownGraceMs }}
+readiness_drain = "{{ int64 $v.readinessDrainMs }}ms"
+shutdown_grace = "{{ int64 $v.shutdownGraceMs }}ms"
 
 [telemetry]
 log_filter = {{ $v.telemetry.logFilter | toJson }}
@@ -149,7 +151,7 @@ url = {{ $v.postgres.url | toJson }}
 {{- end }}
 schema = {{ $v.postgres.schema | toJson }}
 max_connections = {{ int64 $v.postgres.maxConnections }}
-timeout_ms = {{ int64 $v.postgres.timeoutMs }}
+timeout = "{{ int64 $v.postgres.timeoutMs }}ms"
 migrate = {{ $v.postgres.migrate }}
 
 {{ include "adserve.kafkaToml" . }}
@@ -160,15 +162,15 @@ ranker = {{ $up.ranker | default (include "adserve.upstreamUrl" (dict "root" .ro
 auction = {{ $up.auction | default (include "adserve.upstreamUrl" (dict "root" .root "name" "auction")) | toJson }}
 
 [deadlines]
-catalog_ms = {{ int64 $d.catalogMs }}
-features_ms = {{ int64 $d.featuresMs }}
-ranker_ms = {{ int64 $d.rankerMs }}
-auction_ms = {{ int64 $d.auctionMs }}
+catalog = "{{ int64 $d.catalogMs }}ms"
+features = "{{ int64 $d.featuresMs }}ms"
+ranker = "{{ int64 $d.rankerMs }}ms"
+auction = "{{ int64 $d.auctionMs }}ms"
 {{- else if eq .name "feature-service" }}
 
 [redis]
 url = {{ $v.redis.url | toJson }}
-timeout_ms = {{ int64 $v.redis.timeoutMs }}
+timeout = "{{ int64 $v.redis.timeoutMs }}ms"
 
 [dynamodb]
 endpoint = {{ $v.dynamodb.endpoint | default "" | toJson }}
@@ -183,7 +185,7 @@ access_key_id = {{ . | toJson }}
 secret_access_key = {{ . | toJson }}
 {{- end }}
 {{- end }}
-timeout_ms = {{ int64 $v.dynamodb.timeoutMs }}
+timeout = "{{ int64 $v.dynamodb.timeoutMs }}ms"
 {{- else if eq .name "ranker" }}
 {{- $m := $c.model }}
 {{- if not (has $m.executionProvider (list "cpu" "cuda" "tensorrt")) }}

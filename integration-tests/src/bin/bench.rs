@@ -38,16 +38,16 @@ struct Args {
     #[arg(long, default_value = "make bench")]
     command: String,
     /// Directory of the service binaries under test.
-    #[arg(long, env = "ADSERVE_BENCH_BIN_DIR")]
+    #[arg(long, env = "ADSTACK_BENCH_BIN_DIR")]
     bin_dir: PathBuf,
     /// Cargo profile the binaries were built with.
     #[arg(long, default_value = "release")]
     profile: String,
     /// Scratch space: peer state, logs.
-    #[arg(long, env = "ADSERVE_BENCH_WORK_DIR")]
+    #[arg(long, env = "ADSTACK_BENCH_WORK_DIR")]
     work_dir: PathBuf,
     /// Python of the peers' venv.
-    #[arg(long, env = "ADSERVE_BENCH_PYTHON")]
+    #[arg(long, env = "ADSTACK_BENCH_PYTHON")]
     peer_python: PathBuf,
     /// Cargo target directory (criterion's estimates).
     #[arg(long, env = "CARGO_TARGET_DIR")]
@@ -56,7 +56,7 @@ struct Args {
     #[arg(long, env = "ORT_DYLIB_PATH")]
     ort_dylib: PathBuf,
     /// Model directory the stack's ranker serves.
-    #[arg(long, env = "ADSERVE_MODEL_DIR")]
+    #[arg(long, env = "ADSTACK_MODEL_DIR")]
     model_dir: Option<PathBuf>,
     /// Gateway metrics address.
     #[arg(long, default_value = "127.0.0.1:9101")]
@@ -85,7 +85,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
-    let stack = Stack::ready().await.context("the stack is not up (scripts/start.sh; logs in $ADSERVE_RUN/logs)")?;
+    let stack = Stack::ready().await.context("the stack is not up (scripts/start.sh; logs in $ADSTACK_RUN/logs)")?;
     let settings = Settings {
         quick: args.quick,
         stack,

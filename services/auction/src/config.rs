@@ -1,11 +1,11 @@
 //! Auction service configuration.
 
-use adserve_core::{ServerConfig, TelemetryConfig, Validate};
+use adserve_core::{Invalid, ServerConfig, TelemetryConfig, Validate, check_range, ports};
 use serde::{Deserialize, Serialize};
 
 /// Everything the auction service reads at start.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct AuctionConfig {
     /// Listen addresses (gRPC 50054, metrics 9104 by default).
     pub server: ServerConfig,
@@ -18,19 +18,16 @@ pub struct AuctionConfig {
 impl Default for AuctionConfig {
     fn default() -> Self {
         Self {
-            server: ServerConfig::on_ports(50054, 9104),
+            server: ServerConfig::on_ports(ports::AUCTION_GRPC, ports::AUCTION_METRICS),
             telemetry: TelemetryConfig::default(),
-            reserve_ecpm_micros: 10_000,
+            reserve_ecpm_micros: adserve_auction::DEFAULT_RESERVE_ECPM_MICROS,
         }
     }
 }
 
 impl Validate for AuctionConfig {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), Invalid> {
         self.server.validate()?;
-        if self.reserve_ecpm_micros < 0 {
-            return Err("reserve_ecpm_micros: must be >= 0".into());
-        }
-        Ok(())
+        check_range("reserve_ecpm_micros", self.reserve_ecpm_micros, 0..=i64::MAX)
     }
 }

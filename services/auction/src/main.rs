@@ -1,5 +1,5 @@
 //! adserve-auction: config -> telemetry -> serve.
-use adserve_auction::{AuctionConfig, AuctionGrpc};
+use adserve_auction_service::{AuctionConfig, AuctionGrpc};
 use adserve_proto::service_names;
 use tonic::service::Routes;
 
@@ -7,7 +7,8 @@ use tonic::service::Routes;
 async fn main() -> anyhow::Result<()> {
     let config: AuctionConfig = adserve_core::load_config()?;
     let (_telemetry, lifecycle, listener) =
-        adserve_core::bootstrap("adserve-auction", &config.server, &config.telemetry).await?;
+        adserve_core::bootstrap(adserve_core::build_info!("adserve-auction"), &config.server, &config.telemetry)
+            .await?;
     let routes = Routes::new(AuctionGrpc::new(config.reserve_ecpm_micros).into_server());
     adserve_core::grpc::serve(listener, routes, &[service_names::AUCTION], &lifecycle).await?;
     Ok(())

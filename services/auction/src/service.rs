@@ -2,13 +2,15 @@
 
 use std::time::Instant;
 
+use adserve_auction::{
+    Candidate,
+    wire::{candidate_from_proto, winner_to_proto},
+};
 use adserve_proto::v1::{
-    AuctionCandidate, AuctionWinner, RunAuctionRequest, RunAuctionResponse,
+    RunAuctionRequest, RunAuctionResponse,
     auction_service_server::{AuctionService, AuctionServiceServer},
 };
 use tonic::{Request, Response, Status};
-
-use crate::{Candidate, Winner, auction};
 
 /// Serves `adserve.v1.AuctionService`.
 #[derive(Debug, Clone)]
@@ -37,7 +39,7 @@ impl AuctionService for AuctionGrpc {
         let candidates: Vec<Candidate> = req.candidates.iter().map(candidate_from_proto).collect();
         let reserve =
             if req.reserve_ecpm_micros == 0 { self.default_reserve_ecpm_micros } else { req.reserve_ecpm_micros };
-        let outcome = auction::run_auction(&candidates, req.slots as usize, reserve).map_err(|e| {
+        let outcome = adserve_auction::run_auction(&candidates, req.slots as usize, reserve).map_err(|e| {
             metrics::counter!("adserve_auction_rejected_total").increment(1);
             Status::invalid_argument(e.to_string())
         })?;
@@ -47,23 +49,5 @@ impl AuctionService for AuctionGrpc {
             eligible: outcome.eligible as u32,
             winners: outcome.winners.iter().map(winner_to_proto).collect(),
         }))
-    }
-}
-
-/// A candidate from its wire form.
-pub fn candidate_from_proto(c: &AuctionCandidate) -> Candidate {
-    Candidate { ad_id: c.ad_id, campaign_id: c.campaign_id, bid_cpc_micros: c.bid_cpc_micros, pctr: c.pctr }
-}
-
-/// A winner in its wire form.
-pub fn winner_to_proto(w: &Winner) -> AuctionWinner {
-    AuctionWinner {
-        ad_id: w.candidate.ad_id,
-        campaign_id: w.candidate.campaign_id,
-        slot: w.slot,
-        pctr: w.candidate.pctr,
-        bid_cpc_micros: w.candidate.bid_cpc_micros,
-        ecpm_micros: w.ecpm_micros,
-        price_cpc_micros: w.price_cpc_micros,
     }
 }

@@ -1,6 +1,6 @@
 //! The batch tier: user and ad features materialised in DynamoDB.
 
-use std::{collections::HashMap, time::Duration};
+use std::collections::HashMap;
 
 use adserve_features::{Entity, FeatureRegistry, Source};
 use aws_sdk_dynamodb::{
@@ -53,7 +53,7 @@ impl BatchStore {
         let http = HttpClientBuilder::new()
             .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
             .build_https();
-        let deadline = Duration::from_millis(config.timeout_ms);
+        let deadline = config.timeout;
         let mut builder = aws_sdk_dynamodb::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .http_client(http)

@@ -1,11 +1,13 @@
 //! Feature-service configuration.
 
-use adserve_core::{ServerConfig, TelemetryConfig, Validate};
+use std::time::Duration;
+
+use adserve_core::{Invalid, ServerConfig, TelemetryConfig, Validate, check_duration, check_range, ports};
 use serde::{Deserialize, Serialize};
 
 /// Everything the feature-service reads at start.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct FeatureServiceConfig {
     /// Listen addresses (gRPC 50052, metrics 9102 by default).
     pub server: ServerConfig,
@@ -21,23 +23,24 @@ pub struct FeatureServiceConfig {
 
 /// Redis connection.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://host:port/db`.
     pub url: String,
     /// Deadline for the whole real-time lookup of one request.
-    pub timeout_ms: u64,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        Self { url: "redis://127.0.0.1:6379/0".into(), timeout_ms: 50 }
+        Self { url: "redis://127.0.0.1:6379/0".into(), timeout: Duration::from_millis(50) }
     }
 }
 
 /// DynamoDB connection.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct DynamoConfig {
     /// Endpoint URL; DynamoDB Local is `http://127.0.0.1:8000`. Empty uses
     /// the regional AWS endpoint.
@@ -49,7 +52,8 @@ pub struct DynamoConfig {
     /// Static credentials secret.
     pub secret_access_key: String,
     /// Deadline for the whole batch-tier lookup of one request.
-    pub timeout_ms: u64,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 impl Default for DynamoConfig {
@@ -60,7 +64,7 @@ impl Default for DynamoConfig {
             // DynamoDB Local accepts only letters and digits in the key id.
             access_key_id: "adservelocal".into(),
             secret_access_key: "adservelocal".into(),
-            timeout_ms: 100,
+            timeout: Duration::from_millis(100),
         }
     }
 }
@@ -68,33 +72,37 @@ impl Default for DynamoConfig {
 impl Default for FeatureServiceConfig {
     fn default() -> Self {
         Self {
-            server: ServerConfig::on_ports(50052, 9102),
+            server: ServerConfig::on_ports(ports::FEATURE_SERVICE_GRPC, ports::FEATURE_SERVICE_METRICS),
             telemetry: TelemetryConfig::default(),
             redis: RedisConfig::default(),
             dynamodb: DynamoConfig::default(),
-            max_ads: 5000,
+            max_ads: adserve_proto::limits::MAX_CANDIDATES,
         }
     }
 }
 
 impl Validate for FeatureServiceConfig {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), Invalid> {
         self.server.validate()?;
         if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
-            return Err(format!("redis.url: must start with redis:// or rediss://, got {:?}", self.redis.url));
+            return Err(Invalid::new(
+                "redis.url",
+                format!("must start with redis:// or rediss://, got {:?}", self.redis.url),
+            ));
         }
-        if self.redis.timeout_ms == 0 || self.dynamodb.timeout_ms == 0 {
-            return Err("redis.timeout_ms / dynamodb.timeout_ms: must be > 0".into());
-        }
+        let (min, max) = (Duration::from_millis(1), Duration::from_secs(60));
+        check_duration("redis.timeout", self.redis.timeout, min, max)?;
+        check_duration("dynamodb.timeout", self.dynamodb.timeout, min, max)?;
         if self.dynamodb.region.is_empty() {
-            return Err("dynamodb.region: required".into());
+            return Err(Invalid::new("dynamodb.region", "required"));
         }
         if !self.dynamodb.endpoint.is_empty() && !self.dynamodb.endpoint.starts_with("http") {
-            return Err(format!("dynamodb.endpoint: must be an http(s) URL, got {:?}", self.dynamodb.endpoint));
+            return Err(Invalid::new(
+                "dynamodb.endpoint",
+                format!("must be an http(s) URL, got {:?}", self.dynamodb.endpoint),
+            ));
         }
-        if self.max_ads == 0 || self.max_ads > 100_000 {
-            return Err("max_ads: must be in 1..=100000".into());
-        }
+        check_range("max_ads", self.max_ads, 1..=100_000)?;
         Ok(())
     }
 }

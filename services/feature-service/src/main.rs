@@ -1,6 +1,4 @@
 //! adserve-feature-service: config -> telemetry -> connect stores -> serve.
-use std::time::Duration;
-
 use adserve_feature_service::{BatchStore, FeatureGrpc, FeatureServiceConfig, RealtimeStore};
 use adserve_proto::service_names;
 use tonic::service::Routes;
@@ -8,8 +6,12 @@ use tonic::service::Routes;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: FeatureServiceConfig = adserve_core::load_config()?;
-    let (_telemetry, lifecycle, listener) =
-        adserve_core::bootstrap("adserve-feature-service", &config.server, &config.telemetry).await?;
+    let (_telemetry, lifecycle, listener) = adserve_core::bootstrap(
+        adserve_core::build_info!("adserve-feature-service"),
+        &config.server,
+        &config.telemetry,
+    )
+    .await?;
     let registry = adserve_features::registry();
     let batch = BatchStore::new(&config.dynamodb, registry);
     if let Err(e) = batch.ensure_tables().await {
@@ -17,14 +19,8 @@ async fn main() -> anyhow::Result<()> {
         tracing::warn!(error = %e, "cannot ensure DynamoDB tables yet");
     }
     let realtime = RealtimeStore::connect(&config.redis, registry).await?;
-    let service = FeatureGrpc::new(
-        registry,
-        batch,
-        realtime,
-        Duration::from_millis(config.dynamodb.timeout_ms),
-        Duration::from_millis(config.redis.timeout_ms),
-        config.max_ads,
-    );
+    let service =
+        FeatureGrpc::new(registry, batch, realtime, config.dynamodb.timeout, config.redis.timeout, config.max_ads);
     let routes = Routes::new(service.into_server());
     adserve_core::grpc::serve(listener, routes, &[service_names::FEATURE_SERVICE], &lifecycle).await?;
     Ok(())

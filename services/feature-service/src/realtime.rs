@@ -43,7 +43,7 @@ impl RealtimeStore {
                 };
             })
             .with_performance_config(|c| {
-                c.default_command_timeout = std::time::Duration::from_millis(config.timeout_ms);
+                c.default_command_timeout = config.timeout;
             })
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
             .build()?;

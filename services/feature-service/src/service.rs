@@ -3,19 +3,20 @@
 
 use std::{collections::HashSet, future::Future, sync::Arc, time::Duration, time::Instant};
 
-use adserve_features::FeatureRegistry;
-use adserve_proto::v1::{
-    Degradation, GetFeaturesRequest, GetFeaturesResponse, RequestContext,
-    feature_service_server::{FeatureService, FeatureServiceServer},
+use adserve_features::{
+    FeatureRegistry,
+    request::{FieldError, check_context, check_user_id},
+};
+use adserve_proto::{
+    degraded,
+    v1::{
+        Degradation, GetFeaturesRequest, GetFeaturesResponse, RequestContext,
+        feature_service_server::{FeatureService, FeatureServiceServer},
+    },
 };
 use tonic::{Request, Response, Status};
 
 use crate::{BatchStore, RealtimeStore, SourceValues, assemble};
-
-/// Longest accepted user id.
-pub const MAX_USER_ID_LEN: usize = 128;
-/// Longest accepted context field.
-pub const MAX_CONTEXT_FIELD_LEN: usize = 64;
 
 /// Serves `adserve.v1.FeatureService`.
 #[derive(Debug, Clone)]
@@ -52,27 +53,18 @@ impl FeatureGrpc {
     }
 }
 
-/// Checks a request; the message names the offending field.
-pub fn validate(req: &GetFeaturesRequest, max_ads: usize) -> Result<(), String> {
-    let ctx = req.context.as_ref().ok_or("context: required")?;
-    if req.user_id.is_empty() && !ctx.coppa {
-        return Err("user_id: required (may be empty only when context.coppa is true)".into());
-    }
-    if req.user_id.len() > MAX_USER_ID_LEN {
-        return Err(format!("user_id: at most {MAX_USER_ID_LEN} bytes"));
-    }
-    for (name, value) in [("placement", &ctx.placement), ("device", &ctx.device), ("surface", &ctx.surface)] {
-        if value.len() > MAX_CONTEXT_FIELD_LEN {
-            return Err(format!("context.{name}: at most {MAX_CONTEXT_FIELD_LEN} bytes"));
-        }
-    }
+/// Checks a request against the shared request contract
+/// (adserve_features::request) and the service's `max_ads`.
+pub fn validate(req: &GetFeaturesRequest, registry: &FeatureRegistry, max_ads: usize) -> Result<(), FieldError> {
+    let ctx = check_context(req.context.as_ref(), registry)?;
+    check_user_id(&req.user_id, ctx.coppa)?;
     if req.ad_ids.is_empty() || req.ad_ids.len() > max_ads {
-        return Err(format!("ad_ids: must hold 1..={max_ads} ids, got {}", req.ad_ids.len()));
+        return Err(FieldError::new("ad_ids", format!("must hold 1..={max_ads} ids, got {}", req.ad_ids.len())));
     }
     let mut seen = HashSet::with_capacity(req.ad_ids.len());
     for id in &req.ad_ids {
         if !seen.insert(id) {
-            return Err(format!("ad_ids: {id} is repeated"));
+            return Err(FieldError::new("ad_ids", format!("{id} is repeated")));
         }
     }
     Ok(())
@@ -115,7 +107,7 @@ impl FeatureService for FeatureGrpc {
     ) -> Result<Response<GetFeaturesResponse>, Status> {
         let start = Instant::now();
         let req = request.into_inner();
-        validate(&req, self.inner.max_ads).map_err(Status::invalid_argument)?;
+        validate(&req, self.inner.registry, self.inner.max_ads).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let ctx: RequestContext = req.context.clone().unwrap_or_default();
         // COPPA: personal features are never read, let alone used.
         let user_id = if ctx.coppa { "" } else { req.user_id.as_str() };
@@ -124,9 +116,9 @@ impl FeatureService for FeatureGrpc {
         let user_batch =
             async { if user_id.is_empty() { Ok(Default::default()) } else { s.batch.user(user_id).await } };
         let (user_batch, ad_batch, (user_realtime, ad_realtime)) = tokio::join!(
-            within("dynamodb", s.batch_deadline, user_batch, &degraded),
-            within("dynamodb", s.batch_deadline, s.batch.ads(&req.ad_ids), &degraded),
-            within("redis", s.realtime_deadline, s.realtime.counters(user_id, &req.ad_ids), &degraded),
+            within(degraded::DYNAMODB, s.batch_deadline, user_batch, &degraded),
+            within(degraded::DYNAMODB, s.batch_deadline, s.batch.ads(&req.ad_ids), &degraded),
+            within(degraded::REDIS, s.realtime_deadline, s.realtime.counters(user_id, &req.ad_ids), &degraded),
         );
         let values = SourceValues { user_batch, ad_batch, user_realtime, ad_realtime };
         let matrix = assemble(s.registry, &req.ad_ids, &ctx, &values);
@@ -144,21 +136,33 @@ mod tests {
         GetFeaturesRequest {
             user_id: user.into(),
             ad_ids: ads,
-            context: Some(RequestContext { coppa, ..Default::default() }),
+            context: Some(RequestContext {
+                placement: "feed_top".into(),
+                device: "mobile".into(),
+                coppa,
+                ..Default::default()
+            }),
         }
+    }
+
+    fn field(r: &GetFeaturesRequest) -> &'static str {
+        validate(r, adserve_features::registry(), 10).unwrap_err().field
     }
 
     #[test]
     fn validation_names_the_field() {
-        assert!(validate(&req("u", vec![1], false), 10).is_ok());
-        assert!(validate(&req("", vec![1], true), 10).is_ok());
-        assert!(validate(&req("", vec![1], false), 10).unwrap_err().starts_with("user_id"));
-        assert!(validate(&req("u", vec![], false), 10).unwrap_err().starts_with("ad_ids"));
-        assert!(validate(&req("u", (0..11).collect(), false), 10).unwrap_err().starts_with("ad_ids"));
-        assert!(validate(&req("u", vec![3, 3], false), 10).unwrap_err().contains("repeated"));
-        assert!(validate(&req(&"x".repeat(129), vec![1], false), 10).unwrap_err().starts_with("user_id"));
+        let registry = adserve_features::registry();
+        assert!(validate(&req("u", vec![1], false), registry, 10).is_ok());
+        assert!(validate(&req("", vec![1], true), registry, 10).is_ok());
+        assert_eq!(field(&req("", vec![1], false)), "user_id");
+        assert_eq!(field(&req("u", vec![], false)), "ad_ids");
+        assert_eq!(field(&req("u", (0..11).collect(), false)), "ad_ids");
+        assert!(validate(&req("u", vec![3, 3], false), registry, 10).unwrap_err().why.contains("repeated"));
+        assert_eq!(field(&req(&"x".repeat(129), vec![1], false)), "user_id");
         let mut r = req("u", vec![1], false);
+        r.context.as_mut().unwrap().device = "toaster".into();
+        assert_eq!(field(&r), "context.device");
         r.context = None;
-        assert!(validate(&r, 10).unwrap_err().starts_with("context"));
+        assert_eq!(field(&r), "context");
     }
 }

@@ -1,15 +1,15 @@
 //! Gateway configuration.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use adserve_catalog::PostgresConfig;
-use adserve_core::{ServerConfig, TelemetryConfig, Validate};
+use adserve_core::{Invalid, ServerConfig, TelemetryConfig, Validate, check_duration, check_range, ports};
 use adserve_events::KafkaConfig;
 use serde::{Deserialize, Serialize};
 
 /// Everything the gateway reads at start.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
     /// gRPC (50051) and metrics (9101) listen addresses.
     pub server: ServerConfig,
@@ -38,7 +38,7 @@ pub struct GatewayConfig {
 
 /// gRPC endpoints of the other services.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Upstreams {
     /// feature-service URL.
     pub feature_service: String,
@@ -51,45 +51,54 @@ pub struct Upstreams {
 impl Default for Upstreams {
     fn default() -> Self {
         Self {
-            feature_service: "http://127.0.0.1:50052".into(),
-            ranker: "http://127.0.0.1:50053".into(),
-            auction: "http://127.0.0.1:50054".into(),
+            feature_service: ports::local_url(ports::FEATURE_SERVICE_GRPC),
+            ranker: ports::local_url(ports::RANKER_GRPC),
+            auction: ports::local_url(ports::AUCTION_GRPC),
         }
     }
 }
 
-/// How long each dependency may take, in milliseconds.
+/// How long each dependency may take.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Deadlines {
     /// Catalog eligibility query.
-    pub catalog_ms: u64,
+    #[serde(with = "humantime_serde")]
+    pub catalog: Duration,
     /// Feature-service call.
-    pub features_ms: u64,
+    #[serde(with = "humantime_serde")]
+    pub features: Duration,
     /// Ranker call.
-    pub ranker_ms: u64,
+    #[serde(with = "humantime_serde")]
+    pub ranker: Duration,
     /// Auction call.
-    pub auction_ms: u64,
+    #[serde(with = "humantime_serde")]
+    pub auction: Duration,
 }
 
 impl Default for Deadlines {
     fn default() -> Self {
-        Self { catalog_ms: 200, features_ms: 150, ranker_ms: 250, auction_ms: 50 }
+        Self {
+            catalog: Duration::from_millis(200),
+            features: Duration::from_millis(150),
+            ranker: Duration::from_millis(250),
+            auction: Duration::from_millis(50),
+        }
     }
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
-            server: ServerConfig::on_ports(50051, 9101),
-            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            server: ServerConfig::on_ports(ports::GATEWAY_GRPC, ports::GATEWAY_METRICS),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], ports::GATEWAY_HTTP)),
             telemetry: TelemetryConfig::default(),
             postgres: PostgresConfig::default(),
             kafka: KafkaConfig::default(),
             upstreams: Upstreams::default(),
             deadlines: Deadlines::default(),
             max_candidates: 1000,
-            reserve_ecpm_micros: 10_000,
+            reserve_ecpm_micros: adserve_auction::DEFAULT_RESERVE_ECPM_MICROS,
             fallback_pctr_feature: "ad_ctr_7d".into(),
             max_body_bytes: 16 * 1024,
         }
@@ -97,38 +106,34 @@ impl Default for GatewayConfig {
 }
 
 impl Validate for GatewayConfig {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), Invalid> {
         self.server.validate()?;
         self.postgres.validate()?;
         self.kafka.validate()?;
-        for (name, url) in [
+        for (key, url) in [
             ("upstreams.feature_service", &self.upstreams.feature_service),
             ("upstreams.ranker", &self.upstreams.ranker),
             ("upstreams.auction", &self.upstreams.auction),
         ] {
             if !url.starts_with("http://") && !url.starts_with("https://") {
-                return Err(format!("{name}: must be an http(s) URL, got {url:?}"));
+                return Err(Invalid::new(key, format!("must be an http(s) URL, got {url:?}")));
             }
         }
         let d = &self.deadlines;
-        if [d.catalog_ms, d.features_ms, d.ranker_ms, d.auction_ms].contains(&0) {
-            return Err("deadlines.*_ms: must be > 0".into());
-        }
-        if self.max_candidates == 0 || self.max_candidates > 5000 {
-            return Err("max_candidates: must be in 1..=5000".into());
-        }
+        let (min, max) = (Duration::from_millis(1), Duration::from_secs(60));
+        check_duration("deadlines.catalog", d.catalog, min, max)?;
+        check_duration("deadlines.features", d.features, min, max)?;
+        check_duration("deadlines.ranker", d.ranker, min, max)?;
+        check_duration("deadlines.auction", d.auction, min, max)?;
+        check_range("max_candidates", self.max_candidates, 1..=adserve_auction::MAX_CANDIDATES)?;
         if adserve_features::registry().index_of(&self.fallback_pctr_feature).is_none() {
-            return Err(format!(
-                "fallback_pctr_feature: {:?} is not in the feature registry",
-                self.fallback_pctr_feature
+            return Err(Invalid::new(
+                "fallback_pctr_feature",
+                format!("{:?} is not in the feature registry", self.fallback_pctr_feature),
             ));
         }
-        if self.reserve_ecpm_micros < 0 {
-            return Err("reserve_ecpm_micros: must be >= 0".into());
-        }
-        if self.max_body_bytes < 256 {
-            return Err("max_body_bytes: must be >= 256".into());
-        }
+        check_range("reserve_ecpm_micros", self.reserve_ecpm_micros, 0..=i64::MAX)?;
+        check_range("max_body_bytes", self.max_body_bytes, 256..=64 * 1024 * 1024)?;
         Ok(())
     }
 }

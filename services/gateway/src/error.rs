@@ -1,4 +1,6 @@
-//! The gateway's errors, mapped once to HTTP and gRPC status codes.
+//! The gateway's errors, mapped once to HTTP status, gRPC code and metric
+//! label: the HTTP and gRPC faces and the request counter all read
+//! [`ServeError::kind`].
 
 use axum::{Json, http::StatusCode, response::IntoResponse};
 
@@ -16,34 +18,121 @@ pub enum ServeError {
     TooLarge(usize),
 }
 
-impl ServeError {
-    fn code(&self) -> &'static str {
+impl From<adserve_features::request::FieldError> for ServeError {
+    fn from(e: adserve_features::request::FieldError) -> Self {
+        Self::InvalidArgument(e.to_string())
+    }
+}
+
+/// The closed set of outcomes of a gateway request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered (a fill or a no-fill).
+    Ok,
+    /// Refused: malformed input.
+    InvalidArgument,
+    /// Refused: body over the limit.
+    PayloadTooLarge,
+    /// Failed: a required dependency is down.
+    Unavailable,
+}
+
+impl Outcome {
+    /// Every outcome.
+    pub const ALL: [Outcome; 4] = [Self::Ok, Self::InvalidArgument, Self::PayloadTooLarge, Self::Unavailable];
+
+    /// The `status` label of `adserve_gateway_requests_total`, and the
+    /// `error.code` of a JSON error body.
+    pub fn label(self) -> &'static str {
         match self {
-            Self::InvalidArgument(_) => "invalid_argument",
-            Self::Unavailable(_) => "unavailable",
-            Self::TooLarge(_) => "payload_too_large",
+            Self::Ok => "ok",
+            Self::InvalidArgument => "invalid_argument",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::Unavailable => "unavailable",
+        }
+    }
+
+    /// The HTTP status.
+    pub fn http_status(self) -> StatusCode {
+        match self {
+            Self::Ok => StatusCode::OK,
+            Self::InvalidArgument => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The gRPC code.
+    pub fn grpc_code(self) -> tonic::Code {
+        match self {
+            Self::Ok => tonic::Code::Ok,
+            Self::InvalidArgument | Self::PayloadTooLarge => tonic::Code::InvalidArgument,
+            Self::Unavailable => tonic::Code::Unavailable,
         }
     }
 }
 
+impl ServeError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> Outcome {
+        match self {
+            Self::InvalidArgument(_) => Outcome::InvalidArgument,
+            Self::Unavailable(_) => Outcome::Unavailable,
+            Self::TooLarge(_) => Outcome::PayloadTooLarge,
+        }
+    }
+}
+
+/// Which face a request came through (`api` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// HTTP/JSON.
+    Http,
+    /// gRPC.
+    Grpc,
+}
+
+/// Counts one request in `adserve_gateway_requests_total{api,route,status}`.
+pub fn record<T>(api: Api, route: &'static str, result: &Result<T, ServeError>) {
+    let status = result.as_ref().map_or_else(ServeError::kind, |_| Outcome::Ok).label();
+    let api = match api {
+        Api::Http => "http",
+        Api::Grpc => "grpc",
+    };
+    metrics::counter!("adserve_gateway_requests_total", "api" => api, "route" => route, "status" => status)
+        .increment(1);
+}
+
 impl From<ServeError> for tonic::Status {
     fn from(e: ServeError) -> Self {
-        match e {
-            ServeError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
-            ServeError::Unavailable(m) => tonic::Status::unavailable(m),
-            e @ ServeError::TooLarge(_) => tonic::Status::invalid_argument(e.to_string()),
-        }
+        tonic::Status::new(e.kind().grpc_code(), e.to_string())
     }
 }
 
 impl IntoResponse for ServeError {
     fn into_response(self) -> axum::response::Response {
-        let status = match self {
-            Self::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-        };
-        let body = serde_json::json!({ "error": { "code": self.code(), "message": self.to_string() } });
-        (status, Json(body)).into_response()
+        let kind = self.kind();
+        let body = serde_json::json!({ "error": { "code": kind.label(), "message": self.to_string() } });
+        (kind.http_status(), Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_maps_the_same_way_on_both_faces() {
+        for e in
+            [ServeError::InvalidArgument("x: y".into()), ServeError::Unavailable("z".into()), ServeError::TooLarge(9)]
+        {
+            let kind = e.kind();
+            let message = e.to_string();
+            let status = tonic::Status::from(e);
+            assert_eq!(status.code(), kind.grpc_code());
+            assert_eq!(status.message(), message);
+            assert!(kind.http_status().is_client_error() || kind.http_status().is_server_error());
+        }
+        assert_eq!(Outcome::ALL.iter().filter(|o| o.http_status().is_success()).count(), 1);
     }
 }

@@ -6,7 +6,10 @@ use adserve_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::AdServer;
+use crate::{
+    AdServer,
+    error::{Api, record},
+};
 
 /// Serves `adserve.v1.GatewayService`.
 #[derive(Debug, Clone)]
@@ -22,13 +25,17 @@ impl GatewayGrpc {
 #[tonic::async_trait]
 impl GatewayService for GatewayGrpc {
     async fn get_ads(&self, request: Request<GetAdsRequest>) -> Result<Response<GetAdsResponse>, Status> {
-        Ok(Response::new(self.0.serve(request.into_inner()).await?))
+        let result = self.0.serve(request.into_inner()).await;
+        record(Api::Grpc, "ads", &result);
+        Ok(Response::new(result?))
     }
 
     async fn record_click(
         &self,
         request: Request<RecordClickRequest>,
     ) -> Result<Response<RecordClickResponse>, Status> {
-        Ok(Response::new(self.0.click(request.into_inner()).await?))
+        let result = self.0.click(request.into_inner()).await;
+        record(Api::Grpc, "clicks", &result);
+        Ok(Response::new(result?))
     }
 }

@@ -16,7 +16,10 @@ use axum::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::{AdServer, ServeError};
+use crate::{
+    AdServer, ServeError,
+    error::{Api, record},
+};
 
 /// The HTTP router.
 pub fn router(server: AdServer, max_body_bytes: usize, readiness: Readiness) -> Router {
@@ -86,7 +89,7 @@ async fn get_ads(State(state): State<HttpState>, headers: HeaderMap, body: Body)
         Ok(req) => state.server.serve(req).await.map(Json),
         Err(e) => Err(e),
     };
-    record("ads", &result);
+    record(Api::Http, "ads", &result);
     result
 }
 
@@ -99,16 +102,6 @@ async fn record_click(State(state): State<HttpState>, headers: HeaderMap, body: 
         Ok(req) => state.server.click(req).await.map(|r| (StatusCode::ACCEPTED, Json(r))),
         Err(e) => Err(e),
     };
-    record("clicks", &result);
+    record(Api::Http, "clicks", &result);
     result
-}
-
-fn record<T>(route: &'static str, result: &Result<T, ServeError>) {
-    let status = match result {
-        Ok(_) => "ok",
-        Err(ServeError::InvalidArgument(_)) => "invalid_argument",
-        Err(ServeError::Unavailable(_)) => "unavailable",
-        Err(ServeError::TooLarge(_)) => "too_large",
-    };
-    metrics::counter!("adserve_gateway_http_requests_total", "route" => route, "status" => status).increment(1);
 }

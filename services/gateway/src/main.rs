@@ -9,7 +9,8 @@ use tonic::service::Routes;
 async fn main() -> anyhow::Result<()> {
     let config: GatewayConfig = adserve_core::load_config()?;
     let (_telemetry, lifecycle, grpc_listener) =
-        adserve_core::bootstrap("adserve-gateway", &config.server, &config.telemetry).await?;
+        adserve_core::bootstrap(adserve_core::build_info!("adserve-gateway"), &config.server, &config.telemetry)
+            .await?;
     let catalog = Catalog::connect_lazy(&config.postgres)?;
     let migrated = if config.postgres.migrate { catalog.migrate(&config.postgres.schema).await } else { Ok(()) };
     if let Err(e) = migrated {

@@ -5,11 +5,15 @@ use std::{future::Future, time::Duration, time::Instant};
 
 use adserve_catalog::{Catalog, EligibleAd, Targeting};
 use adserve_events::EventPublisher;
-use adserve_proto::v1::{
-    AdWinner, AuctionCandidate, ClickEvent, Degradation, FeatureMatrix, FeatureRow, GetAdsRequest, GetAdsResponse,
-    GetFeaturesRequest, ImpressionEvent, RecordClickRequest, RecordClickResponse, RequestContext, RunAuctionRequest,
-    ScoreRequest, auction_service_client::AuctionServiceClient, feature_service_client::FeatureServiceClient,
-    ranker_service_client::RankerServiceClient,
+use adserve_features::request::{FieldError, check_context, check_user_id};
+use adserve_proto::{
+    degraded, no_fill,
+    v1::{
+        AdWinner, AuctionCandidate, ClickEvent, Degradation, FeatureMatrix, FeatureRow, GetAdsRequest, GetAdsResponse,
+        GetFeaturesRequest, ImpressionEvent, RecordClickRequest, RecordClickResponse, RequestContext,
+        RunAuctionRequest, ScoreRequest, auction_service_client::AuctionServiceClient,
+        feature_service_client::FeatureServiceClient, ranker_service_client::RankerServiceClient,
+    },
 };
 use tonic::transport::Channel;
 
@@ -17,12 +21,6 @@ use crate::{ServeError, config::GatewayConfig};
 
 /// Model version reported when the ranker was unavailable.
 pub const FALLBACK_MODEL_VERSION: &str = "fallback-prior";
-/// Slots a request may ask for.
-pub const MAX_SLOTS: u32 = 10;
-/// Longest user id.
-pub const MAX_USER_ID_LEN: usize = 128;
-/// Longest context field.
-pub const MAX_CONTEXT_FIELD_LEN: usize = 64;
 
 /// Everything one request needs; cheap to clone (channels and pools are shared).
 #[derive(Clone, Debug)]
@@ -64,14 +62,12 @@ impl AdServer {
         let mut degraded = Vec::new();
 
         let targeting = Targeting { placement: &ctx.placement, device: &ctx.device, coppa: ctx.coppa };
-        let ads = timed(
-            Hop::Catalog,
-            deadline(d.catalog_ms, self.catalog.eligible_ads(&targeting, self.config.max_candidates)),
-        )
-        .await
-        .map_err(|e| unavailable("catalog", e))?;
+        let ads =
+            timed(Hop::Catalog, deadline(d.catalog, self.catalog.eligible_ads(&targeting, self.config.max_candidates)))
+                .await
+                .map_err(|e| unavailable("catalog", e))?;
         if ads.is_empty() {
-            return Ok(no_fill(request_id, 0, degraded, "no_eligible_ads", ""));
+            return Ok(no_fill(request_id, 0, degraded, no_fill::NO_ELIGIBLE_ADS, ""));
         }
         // COPPA: the user id is neither sent for feature lookup nor logged.
         let user_id = if ctx.coppa { String::new() } else { req.user_id.clone() };
@@ -91,7 +87,7 @@ impl AdServer {
             .collect();
         let winners = timed(Hop::Auction, self.auction(candidates, req.slots, &mut degraded)).await?;
         if winners.is_empty() {
-            return Ok(no_fill(request_id, ads.len(), degraded, "below_reserve", &model_version));
+            return Ok(no_fill(request_id, ads.len(), degraded, no_fill::BELOW_RESERVE, &model_version));
         }
 
         let served_at = prost_types::Timestamp::from(std::time::SystemTime::now());
@@ -186,20 +182,20 @@ impl AdServer {
         let request =
             GetFeaturesRequest { user_id: user_id.to_string(), ad_ids: ad_ids.to_vec(), context: Some(ctx.clone()) };
         let mut client = self.features.clone();
-        match deadline(self.config.deadlines.features_ms, client.get_features(request)).await {
+        match deadline(self.config.deadlines.features, client.get_features(request)).await {
             Ok(resp) => {
                 let resp = resp.into_inner();
                 degraded.extend(resp.degraded);
                 match resp.matrix {
                     Some(m) if m.check_shape().is_ok() && m.num_rows as usize == ad_ids.len() => return m,
                     _ => degraded.push(Degradation {
-                        component: "feature-service".into(),
+                        component: degraded::FEATURE_SERVICE.into(),
                         reason: "returned a matrix of the wrong shape; serving registry defaults".into(),
                     }),
                 }
             }
             Err(e) => degraded.push(Degradation {
-                component: "feature-service".into(),
+                component: degraded::FEATURE_SERVICE.into(),
                 reason: format!("{e}; serving registry defaults"),
             }),
         }
@@ -209,28 +205,26 @@ impl AdServer {
     async fn scores(&self, matrix: &FeatureMatrix, degraded: &mut Vec<Degradation>) -> (Vec<f32>, String) {
         let mut client = self.ranker.clone();
         let rows = matrix.num_rows as usize;
-        match deadline(self.config.deadlines.ranker_ms, client.score(ScoreRequest { matrix: Some(matrix.clone()) }))
-            .await
+        match deadline(self.config.deadlines.ranker, client.score(ScoreRequest { matrix: Some(matrix.clone()) })).await
         {
             Ok(resp) => {
                 let resp = resp.into_inner();
-                if resp.pctr.len() == rows && resp.pctr.iter().all(|p| p.is_finite() && *p > 0.0 && *p <= 1.0) {
+                if resp.pctr.len() == rows && resp.pctr.iter().copied().all(adserve_auction::is_valid_pctr) {
                     return (resp.pctr, resp.model_version);
                 }
                 degraded.push(Degradation {
-                    component: "ranker".into(),
+                    component: degraded::RANKER.into(),
                     reason: "returned invalid scores; using prior pCTR".into(),
                 });
             }
-            Err(e) => {
-                degraded.push(Degradation { component: "ranker".into(), reason: format!("{e}; using prior pCTR") })
-            }
+            Err(e) => degraded
+                .push(Degradation { component: degraded::RANKER.into(), reason: format!("{e}; using prior pCTR") }),
         }
         let col = matrix.feature_names.iter().position(|n| *n == self.config.fallback_pctr_feature);
         let prior = (0..rows)
             .map(|r| {
                 let v = col.and_then(|c| matrix.row(r).map(|row| row[c])).unwrap_or(0.01);
-                v.clamp(1e-4, 1.0)
+                if v.is_finite() { v.clamp(adserve_auction::MIN_PCTR, 1.0) } else { adserve_auction::MIN_PCTR }
             })
             .collect();
         (prior, FALLBACK_MODEL_VERSION.to_string())
@@ -248,20 +242,22 @@ impl AdServer {
             slots,
             reserve_ecpm_micros: self.config.reserve_ecpm_micros,
         };
-        match deadline(self.config.deadlines.auction_ms, client.run_auction(request)).await {
+        match deadline(self.config.deadlines.auction, client.run_auction(request)).await {
             Ok(resp) => return Ok(resp.into_inner().winners),
             Err(e) if e.code() == Some(tonic::Code::InvalidArgument) => {
                 return Err(ServeError::Unavailable(format!("auction refused the candidates: {e}")));
             }
-            Err(e) => degraded
-                .push(Degradation { component: "auction".into(), reason: format!("{e}; ran the auction in-process") }),
+            Err(e) => degraded.push(Degradation {
+                component: degraded::AUCTION.into(),
+                reason: format!("{e}; ran the auction in-process"),
+            }),
         }
         // The auction is a pure function: the gateway can run it itself.
         let local: Vec<adserve_auction::Candidate> =
-            candidates.iter().map(adserve_auction::service::candidate_from_proto).collect();
+            candidates.iter().map(adserve_auction::wire::candidate_from_proto).collect();
         let outcome = adserve_auction::run_auction(&local, slots as usize, self.config.reserve_ecpm_micros)
             .map_err(|e| ServeError::Unavailable(format!("fallback auction: {e}")))?;
-        Ok(outcome.winners.iter().map(adserve_auction::service::winner_to_proto).collect())
+        Ok(outcome.winners.iter().map(adserve_auction::wire::winner_to_proto).collect())
     }
 }
 
@@ -308,7 +304,7 @@ async fn timed<T>(hop: Hop, step: impl Future<Output = T>) -> T {
 #[derive(Debug)]
 pub enum CallError {
     /// The deadline passed.
-    Timeout(u64),
+    Timeout(Duration),
     /// The call failed.
     Failed(String, Option<tonic::Code>),
 }
@@ -325,7 +321,7 @@ impl CallError {
 impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Timeout(ms) => write!(f, "no answer within {ms} ms"),
+            Self::Timeout(d) => write!(f, "no answer within {} ms", d.as_millis()),
             Self::Failed(m, _) => f.write_str(m),
         }
     }
@@ -347,11 +343,11 @@ impl CallFailure for adserve_catalog::CatalogError {
     }
 }
 
-async fn deadline<T, E: CallFailure>(ms: u64, fut: impl Future<Output = Result<T, E>>) -> Result<T, CallError> {
-    match tokio::time::timeout(Duration::from_millis(ms), fut).await {
+async fn deadline<T, E: CallFailure>(limit: Duration, fut: impl Future<Output = Result<T, E>>) -> Result<T, CallError> {
+    match tokio::time::timeout(limit, fut).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(e.describe()),
-        Err(_) => Err(CallError::Timeout(ms)),
+        Err(_) => Err(CallError::Timeout(limit)),
     }
 }
 
@@ -390,42 +386,18 @@ fn truncate(s: &str) -> String {
     s.chars().take(40).collect()
 }
 
-/// Checks an ad request; every error names its field.
-pub fn validate(req: &GetAdsRequest) -> Result<RequestContext, ServeError> {
-    let bad = |m: String| Err(ServeError::InvalidArgument(m));
-    let Some(ctx) = req.context.clone() else { return bad("context: required".into()) };
-    if ctx.coppa && req.user_id.len() > MAX_USER_ID_LEN {
-        return bad(format!("user_id: at most {MAX_USER_ID_LEN} bytes"));
+/// Checks an ad request against the shared request contract
+/// (adserve_features::request) and the auction's slot limit.
+pub fn validate(req: &GetAdsRequest) -> Result<RequestContext, FieldError> {
+    let ctx = check_context(req.context.as_ref(), adserve_features::registry())?;
+    check_user_id(&req.user_id, ctx.coppa)?;
+    if req.slots == 0 || req.slots as usize > adserve_auction::MAX_SLOTS {
+        return Err(FieldError::new(
+            "slots",
+            format!("must be in 1..={}, got {}", adserve_auction::MAX_SLOTS, req.slots),
+        ));
     }
-    if !ctx.coppa {
-        if req.user_id.trim().is_empty() {
-            return bad("user_id: required (may be empty only when context.coppa is true)".into());
-        }
-        if req.user_id.len() > MAX_USER_ID_LEN {
-            return bad(format!("user_id: at most {MAX_USER_ID_LEN} bytes"));
-        }
-        if req.user_id.chars().any(char::is_control) {
-            return bad("user_id: must not contain control characters".into());
-        }
-    }
-    for (name, value, required) in
-        [("placement", &ctx.placement, true), ("device", &ctx.device, true), ("surface", &ctx.surface, false)]
-    {
-        if required && value.is_empty() {
-            return bad(format!("context.{name}: required"));
-        }
-        if value.len() > MAX_CONTEXT_FIELD_LEN || value.chars().any(char::is_control) {
-            return bad(format!("context.{name}: at most {MAX_CONTEXT_FIELD_LEN} printable bytes"));
-        }
-    }
-    const DEVICES: [&str; 4] = ["mobile", "desktop", "tablet", "ctv"];
-    if !DEVICES.contains(&ctx.device.as_str()) {
-        return bad(format!("context.device: must be one of {DEVICES:?}, got {:?}", truncate(&ctx.device)));
-    }
-    if req.slots == 0 || req.slots > MAX_SLOTS {
-        return bad(format!("slots: must be in 1..={MAX_SLOTS}, got {}", req.slots));
-    }
-    Ok(ctx)
+    Ok(ctx.clone())
 }
 
 #[cfg(test)]

@@ -10,7 +10,8 @@ use tonic::service::Routes;
 async fn main() -> anyhow::Result<()> {
     let config: LabelJoinerConfig = adserve_core::load_config()?;
     let (_telemetry, lifecycle, listener) =
-        adserve_core::bootstrap("adserve-label-joiner", &config.server, &config.telemetry).await?;
+        adserve_core::bootstrap(adserve_core::build_info!("adserve-label-joiner"), &config.server, &config.telemetry)
+            .await?;
     if let Err(e) = adserve_events::ensure_topics(&config.kafka).await {
         tracing::warn!(error = %e, "cannot ensure Kafka topics yet");
     }

@@ -20,9 +20,18 @@ pub enum Command {
     Flush {
         /// Close windows that are still open.
         close_open_windows: bool,
-        /// File written and its rows.
-        reply: oneshot::Sender<Result<(Option<PathBuf>, usize), String>>,
+        /// What was written, or why not.
+        reply: oneshot::Sender<Result<Flushed, RunError>>,
     },
+}
+
+/// What one flush wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Flushed {
+    /// The last file written, if any.
+    pub file: Option<PathBuf>,
+    /// Rows written, across every file.
+    pub rows: usize,
 }
 
 /// Live counters, read by GetStatus.
@@ -50,13 +59,41 @@ pub struct Status {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// Kafka failed in a way the loop cannot ride out (broker unreachable at
-    /// start, dead-letter publishing failing); [`supervise`] starts over.
-    #[error("kafka: {0}")]
-    Kafka(String),
+    /// start); [`supervise`] starts over.
+    #[error("kafka: {during}: {source}")]
+    Kafka {
+        /// What the loop was doing.
+        during: &'static str,
+        /// librdkafka's error.
+        source: rdkafka::error::KafkaError,
+    },
+    /// The consumer could not be created.
+    #[error("kafka: creating the consumer: {0}")]
+    Consumer(#[source] adserve_events::EventError),
+    /// A poison message could not be dead-lettered after retries; it is not
+    /// skipped, and [`supervise`] starts over from the committed offsets.
+    #[error("dead-letter publish failed: {0}")]
+    DeadLetter(#[source] adserve_events::EventError),
+    /// A blocking Kafka call's task died.
+    #[error("{during}: blocking task failed: {source}")]
+    Task {
+        /// What the task was doing.
+        during: &'static str,
+        /// Why it died.
+        source: tokio::task::JoinError,
+    },
     /// The consumer is in librdkafka's fatal state and will never recover;
     /// [`supervise`] replaces it.
-    #[error("kafka consumer in a fatal state: {0}")]
-    FatalConsumer(String),
+    #[error("kafka consumer in a fatal state: {code:?}: {reason}")]
+    FatalConsumer {
+        /// librdkafka's fatal error code.
+        code: rdkafka::types::RDKafkaErrorCode,
+        /// Its description.
+        reason: String,
+    },
+    /// The loop stopped before answering.
+    #[error("the join loop has stopped")]
+    Stopped,
     /// Writing Parquet failed.
     #[error(transparent)]
     Sink(#[from] sink::SinkError),
@@ -91,30 +128,32 @@ impl Runner {
         status: Arc<std::sync::Mutex<Status>>,
         publisher: EventPublisher,
     ) -> Result<Self, RunError> {
-        let kafka = |e: &dyn std::fmt::Display| RunError::Kafka(e.to_string());
-        let consumer = Arc::new(config.kafka.consumer(&config.group_id).map_err(|e| kafka(&e))?);
+        let consumer = Arc::new(config.kafka.consumer(&config.group_id).map_err(RunError::Consumer)?);
         let sink = ParquetSink::new(&config.output_dir)?;
+        let during = "reading committed offsets";
         let committed = {
             let consumer = consumer.clone();
             tokio::task::spawn_blocking(move || committed_impression_offsets(&consumer))
                 .await
-                .map_err(|e| kafka(&e))?
-                .map_err(|e| kafka(&e))?
+                .map_err(|source| RunError::Task { during, source })?
+                .map_err(|source| RunError::Kafka { during, source })?
         };
-        let mut joiner = Joiner::new(config.label_window_ms);
+        let mut joiner = Joiner::new(config.label_window.as_millis().try_into().unwrap_or(u64::MAX));
         let written = sink::written_since(sink.dir(), &committed)?;
         if !written.is_empty() {
             tracing::info!(rows = written.len(), "rows written before the last commit will not be written again");
         }
         joiner.preload_written(written, now_ms());
-        consumer.subscribe(&[IMPRESSIONS_TOPIC, CLICKS_TOPIC]).map_err(|e| kafka(&e))?;
+        consumer
+            .subscribe(&[IMPRESSIONS_TOPIC, CLICKS_TOPIC])
+            .map_err(|source| RunError::Kafka { during: "subscribing", source })?;
         Ok(Self {
             consumer,
             publisher,
             joiner,
             sink,
             status,
-            flush_interval: Duration::from_millis(config.flush_interval_ms),
+            flush_interval: config.flush_interval,
             max_rows: config.max_rows_per_file,
             last_flush: Instant::now(),
             last_committed: Vec::new(),
@@ -145,7 +184,7 @@ impl Runner {
                             if let Err(e) = self.flush(false).await {
                                 tracing::error!(error = %e, "flush before replacing the consumer failed");
                             }
-                            return Err(RunError::FatalConsumer(format!("{code:?}: {reason}")));
+                            return Err(RunError::FatalConsumer { code, reason });
                         }
                         tracing::warn!(error = %e, "kafka consume error");
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -168,8 +207,7 @@ impl Runner {
                 }
                 Some(cmd) = commands.recv() => match cmd {
                     Command::Flush { close_open_windows, reply } => {
-                        let result = self.flush(close_open_windows).await.map_err(|e| e.to_string());
-                        let _ = reply.send(result);
+                        let _ = reply.send(self.flush(close_open_windows).await);
                     }
                 },
                 _ = shutdown.wait() => break,
@@ -201,6 +239,7 @@ impl Runner {
             decode_click(payload).map(|c| self.joiner.on_click(c, (tp, partition), offset, now_ms()))
         };
         if let Err(reason) = decoded {
+            let reason = reason.to_string();
             let source = format!("{topic}/{partition}/{offset}");
             tracing::warn!(%source, %reason, "poison message; dead-lettering");
             // The message is skipped only once the dead-letter topic has it.
@@ -215,7 +254,7 @@ impl Runner {
                 )
                 .notify(|e, after| tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "dead-letter publish failed"))
                 .await
-                .map_err(|e| RunError::Kafka(format!("dead-letter publish failed: {e}")))?;
+                .map_err(RunError::DeadLetter)?;
             self.joiner.skip((tp, partition), offset);
             metrics::counter!("adserve_label_joiner_dead_lettered_total").increment(1);
             if let Ok(mut s) = self.status.lock() {
@@ -252,7 +291,7 @@ impl Runner {
         .unwrap_or(false)
     }
 
-    async fn flush(&mut self, close_open_windows: bool) -> Result<(Option<PathBuf>, usize), RunError> {
+    async fn flush(&mut self, close_open_windows: bool) -> Result<Flushed, RunError> {
         if close_open_windows {
             self.joiner.close_windows(now_ms(), true);
         }
@@ -282,7 +321,7 @@ impl Runner {
         self.last_flush = Instant::now();
         self.commit().await;
         self.publish_status();
-        Ok((last, total))
+        Ok(Flushed { file: last, rows: total })
     }
 
     async fn commit(&mut self) {
@@ -342,8 +381,14 @@ pub async fn supervise(
         let result = match Runner::start(config, status.clone(), publisher.clone()).await {
             Ok(runner) => {
                 lifecycle.readiness.set(DEPENDENCY, None);
-                backoff = config.kafka.recovery_backoff();
-                runner.run(&lifecycle.shutdown, &mut commands).await
+                let started = Instant::now();
+                let result = runner.run(&lifecycle.shutdown, &mut commands).await;
+                // Only a run that stayed up for a while earns a fresh backoff:
+                // a loop that fails right after every start keeps backing off.
+                if started.elapsed() >= HEALTHY_RUN {
+                    backoff = config.kafka.recovery_backoff();
+                }
+                result
             }
             Err(e) => Err(e),
         };
@@ -352,7 +397,7 @@ pub async fn supervise(
             Err(e @ RunError::Sink(_)) => return Err(e),
             Err(e) => e,
         };
-        let delay = backoff.next().unwrap_or(Duration::from_millis(config.kafka.recovery_backoff_max_ms));
+        let delay = backoff.next().unwrap_or(config.kafka.recovery_backoff_max);
         tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "join loop failed; starting it over");
         metrics::counter!("adserve_label_joiner_restarts_total").increment(1);
         lifecycle.readiness.set(DEPENDENCY, Some(e.to_string()));
@@ -362,6 +407,10 @@ pub async fn supervise(
         }
     }
 }
+
+/// How long a join loop must run before its failure counts as a new
+/// incident (backoff starts over) rather than a crash loop (backoff grows).
+pub const HEALTHY_RUN: Duration = Duration::from_secs(30);
 
 /// Committed offsets of the impressions topic's partitions for this group.
 fn committed_impression_offsets(consumer: &StreamConsumer) -> Result<HashMap<i32, i64>, rdkafka::error::KafkaError> {

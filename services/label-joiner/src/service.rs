@@ -9,7 +9,7 @@ use adserve_proto::v1::{
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
-use crate::runner::{self, Command};
+use crate::runner::{self, Command, RunError};
 
 /// Serves `adserve.v1.LabelJoinerService`.
 #[derive(Debug, Clone)]
@@ -55,15 +55,15 @@ impl LabelJoinerService for LabelJoinerGrpc {
     async fn flush(&self, request: Request<FlushRequest>) -> Result<Response<FlushResponse>, Status> {
         let (reply, answer) = oneshot::channel();
         let cmd = Command::Flush { close_open_windows: request.into_inner().close_open_windows, reply };
-        self.commands.send(cmd).await.map_err(|_| Status::unavailable("the join loop has stopped"))?;
+        self.commands.send(cmd).await.map_err(|_| Status::unavailable(RunError::Stopped.to_string()))?;
         let result = tokio::time::timeout(Duration::from_secs(30), answer)
             .await
             .map_err(|_| Status::deadline_exceeded("flush did not finish within 30 s"))?
-            .map_err(|_| Status::unavailable("the join loop has stopped"))?;
-        let (file, rows) = result.map_err(Status::unavailable)?;
+            .map_err(|_| Status::unavailable(RunError::Stopped.to_string()))?;
+        let flushed = result.map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(FlushResponse {
-            file: file.map(|p| p.display().to_string()).unwrap_or_default(),
-            rows: rows as u64,
+            file: flushed.file.map(|p| p.display().to_string()).unwrap_or_default(),
+            rows: flushed.rows as u64,
         }))
     }
 }

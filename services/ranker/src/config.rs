@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use adserve_core::{ServerConfig, TelemetryConfig, Validate};
+use adserve_core::{Invalid, ServerConfig, TelemetryConfig, Validate, check_range, ports};
 use serde::{Deserialize, Serialize};
 
 /// Which ONNX Runtime execution provider to ask for. GPU providers need the
@@ -21,7 +21,7 @@ pub enum ExecutionProvider {
 
 /// Everything the ranker reads at start.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct RankerConfig {
     /// Listen addresses (gRPC 50053, metrics 9103 by default).
     pub server: ServerConfig,
@@ -29,8 +29,8 @@ pub struct RankerConfig {
     pub telemetry: TelemetryConfig,
     /// The model to serve.
     pub model: ModelConfig,
-    /// Path (or file name on the loader path) of `libonnxruntime.so`;
-    /// defaults to `$ORT_DYLIB_PATH`.
+    /// Path (or file name on the loader path) of `libonnxruntime.so`
+    /// (`ADSERVE_ONNXRUNTIME_DYLIB`; the ranker does not read ORT_DYLIB_PATH).
     pub onnxruntime_dylib: String,
     /// Largest matrix (rows) accepted by Score.
     pub max_rows: usize,
@@ -38,7 +38,7 @@ pub struct RankerConfig {
 
 /// Model location and execution settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
     /// Directory with `model.onnx` and `manifest.json`.
     pub dir: PathBuf,
@@ -64,30 +64,26 @@ impl Default for ModelConfig {
 impl Default for RankerConfig {
     fn default() -> Self {
         Self {
-            server: ServerConfig::on_ports(50053, 9103),
+            server: ServerConfig::on_ports(ports::RANKER_GRPC, ports::RANKER_METRICS),
             telemetry: TelemetryConfig::default(),
             model: ModelConfig::default(),
-            onnxruntime_dylib: std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| "libonnxruntime.so".into()),
-            max_rows: 5000,
+            onnxruntime_dylib: "libonnxruntime.so".into(),
+            max_rows: adserve_proto::limits::MAX_CANDIDATES,
         }
     }
 }
 
 impl Validate for RankerConfig {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), Invalid> {
         self.server.validate()?;
         if !self.model.dir.join("manifest.json").is_file() {
-            return Err(format!("model.dir: {} has no manifest.json", self.model.dir.display()));
+            return Err(Invalid::new("model.dir", format!("{} has no manifest.json", self.model.dir.display())));
         }
         if self.onnxruntime_dylib.is_empty() {
-            return Err("onnxruntime_dylib: must name libonnxruntime.so (or set ORT_DYLIB_PATH)".into());
+            return Err(Invalid::new("onnxruntime_dylib", "must name libonnxruntime.so"));
         }
-        if self.max_rows == 0 || self.max_rows > 100_000 {
-            return Err("max_rows: must be in 1..=100000".into());
-        }
-        if self.model.device_id < 0 {
-            return Err("model.device_id: must be >= 0".into());
-        }
+        check_range("max_rows", self.max_rows, 1..=100_000)?;
+        check_range("model.device_id", self.model.device_id, 0..=i32::MAX)?;
         Ok(())
     }
 }

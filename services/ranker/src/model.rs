@@ -11,9 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ExecutionProvider, ModelConfig};
 
-/// Lowest pCTR handed to the auction: a sigmoid can underflow to 0, and the
-/// auction divides by pCTR to price.
-pub const MIN_PCTR: f32 = 1e-7;
+/// Lowest pCTR handed to the auction (a sigmoid can underflow to 0, and the
+/// auction divides by pCTR to price): the auction's own floor.
+pub use adserve_auction::MIN_PCTR;
 
 /// `manifest.json`, written by the trainer next to `model.onnx`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -42,9 +42,28 @@ pub enum ModelError {
         /// What is wrong.
         why: String,
     },
-    /// ONNX Runtime could not be loaded or could not build the session.
-    #[error("onnxruntime: {0}")]
-    Runtime(String),
+    /// The ONNX Runtime shared library could not be loaded.
+    #[error("onnxruntime: cannot load {dylib}: {source}")]
+    Load {
+        /// Path or name of `libonnxruntime.so`.
+        dylib: String,
+        /// Why (ort's load error: file missing, wrong version, ...).
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// ONNX Runtime failed at one stage of loading or scoring.
+    #[error("onnxruntime: {stage}: {source}")]
+    Runtime {
+        /// What was being done (`building the session`, `run`, ...).
+        stage: &'static str,
+        /// ONNX Runtime's error.
+        source: ort::Error,
+    },
+    /// The ONNX graph does not match its manifest.
+    #[error("model.onnx does not match its manifest: {0}")]
+    Mismatch(String),
+    /// A scoring call panicked while holding the session.
+    #[error("onnxruntime session lock poisoned by an earlier panic")]
+    Poisoned,
     /// The request matrix does not fit the model.
     #[error("{0}")]
     BadInput(String),
@@ -60,11 +79,11 @@ fn environment(dylib: &str) -> Result<&'static Environment, ModelError> {
         return Ok(env);
     }
     let env = ort::init_from(dylib)
-        .map_err(|e| ModelError::Runtime(format!("cannot load {dylib}: {e}")))?
+        .map_err(|e| ModelError::Load { dylib: dylib.to_string(), source: Box::new(e) })?
         .with_name("adserve-ranker")
         .with_telemetry(false)
         .build()
-        .map_err(|e| ModelError::Runtime(e.to_string()))?;
+        .map_err(|source| ModelError::Runtime { stage: "creating the environment", source })?;
     Ok(ENV.get_or_init(|| env))
 }
 
@@ -93,16 +112,18 @@ impl CtrModel {
     pub fn load(config: &ModelConfig, dylib: &str) -> Result<Self, ModelError> {
         let manifest = read_manifest(&config.dir.join("manifest.json"))?;
         let env = environment(dylib)?;
-        let runtime = |e: ort::Error| ModelError::Runtime(e.to_string());
-        let mut builder = Session::builder(env).map_err(runtime)?;
+        let runtime = |stage| move |source| ModelError::Runtime { stage, source };
+        let mut builder = Session::builder(env).map_err(runtime("creating a session builder"))?;
         if config.intra_threads > 0 {
-            builder = builder.with_intra_threads(config.intra_threads).map_err(|e| runtime(e.into()))?;
+            builder = builder
+                .with_intra_threads(config.intra_threads)
+                .map_err(|e| runtime("setting intra-op threads")(e.into()))?;
         }
         let (mut builder, provider) = with_provider(builder, config);
-        let session = builder.commit_from_file(config.dir.join("model.onnx")).map_err(runtime)?;
+        let session = builder.commit_from_file(config.dir.join("model.onnx")).map_err(runtime("loading model.onnx"))?;
         let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         if !names.contains(&manifest.input_name.as_str()) {
-            return Err(ModelError::Runtime(format!(
+            return Err(ModelError::Mismatch(format!(
                 "model.onnx has inputs {names:?}, manifest input_name is {:?}",
                 manifest.input_name
             )));
@@ -156,11 +177,12 @@ impl CtrModel {
                 input.push(v);
             }
         }
-        let tensor = Tensor::from_array(([rows, width], input)).map_err(|e| ModelError::Runtime(e.to_string()))?;
-        let mut session = self.session.lock().map_err(|_| ModelError::Runtime("session lock poisoned".into()))?;
+        let tensor = Tensor::from_array(([rows, width], input))
+            .map_err(|source| ModelError::Runtime { stage: "building the input tensor", source })?;
+        let mut session = self.session.lock().map_err(|_| ModelError::Poisoned)?;
         let outputs = session
             .run(ort::inputs![self.manifest.input_name.as_str() => tensor])
-            .map_err(|e| ModelError::Runtime(e.to_string()))?;
+            .map_err(|source| ModelError::Runtime { stage: "run", source })?;
         let output = outputs
             .get(self.manifest.output_name.as_str())
             .ok_or_else(|| ModelError::BadOutput(format!("no output named {:?}", self.manifest.output_name)))?;

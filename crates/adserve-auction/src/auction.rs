@@ -9,10 +9,7 @@
 
 use std::cmp::Ordering;
 
-/// Upper bound on candidates per auction.
-pub const MAX_CANDIDATES: usize = 5000;
-/// Upper bound on slots per auction.
-pub const MAX_SLOTS: usize = 10;
+use crate::{MAX_CANDIDATES, MAX_SLOTS, MIN_PCTR, is_valid_pctr};
 
 /// One ad competing in the auction.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -23,7 +20,7 @@ pub struct Candidate {
     pub campaign_id: i64,
     /// Cost-per-click bid, micro currency units.
     pub bid_cpc_micros: i64,
-    /// Predicted click-through rate in (0, 1].
+    /// Predicted click-through rate in `[MIN_PCTR, 1]`.
     pub pctr: f32,
 }
 
@@ -59,9 +56,36 @@ pub struct Outcome {
 /// Input the auction refuses; each names the offending field.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum AuctionError {
-    /// No candidates, or too many.
-    #[error("candidates: {0}")]
-    Candidates(String),
+    /// No candidates at all.
+    #[error("candidates: at least one candidate is required")]
+    NoCandidates,
+    /// More than [`MAX_CANDIDATES`].
+    #[error("candidates: at most {MAX_CANDIDATES}, got {0}")]
+    TooManyCandidates(usize),
+    /// A candidate's bid is not positive.
+    #[error("candidates[{index}].bid_cpc_micros: must be > 0, got {bid}")]
+    Bid {
+        /// Position in the request.
+        index: usize,
+        /// The bid sent.
+        bid: i64,
+    },
+    /// A candidate's pCTR is not finite or outside `[MIN_PCTR, 1]`.
+    #[error("candidates[{index}].pctr: must be in [{MIN_PCTR:e}, 1], got {pctr}")]
+    Pctr {
+        /// Position in the request.
+        index: usize,
+        /// The pCTR sent.
+        pctr: f32,
+    },
+    /// Two candidates share an ad id.
+    #[error("candidates[{index}].ad_id: {ad_id} is repeated")]
+    RepeatedAd {
+        /// Position of the second occurrence.
+        index: usize,
+        /// The repeated id.
+        ad_id: i64,
+    },
     /// Slot count out of range.
     #[error("slots: must be in 1..={MAX_SLOTS}, got {0}")]
     Slots(usize),
@@ -123,10 +147,10 @@ fn by_rank(a: &(f64, &Candidate), b: &(f64, &Candidate)) -> Ordering {
 
 fn validate(candidates: &[Candidate], slots: usize, reserve: i64) -> Result<(), AuctionError> {
     if candidates.is_empty() {
-        return Err(AuctionError::Candidates("at least one candidate is required".into()));
+        return Err(AuctionError::NoCandidates);
     }
     if candidates.len() > MAX_CANDIDATES {
-        return Err(AuctionError::Candidates(format!("at most {MAX_CANDIDATES}, got {}", candidates.len())));
+        return Err(AuctionError::TooManyCandidates(candidates.len()));
     }
     if slots == 0 || slots > MAX_SLOTS {
         return Err(AuctionError::Slots(slots));
@@ -135,18 +159,15 @@ fn validate(candidates: &[Candidate], slots: usize, reserve: i64) -> Result<(), 
         return Err(AuctionError::Reserve(reserve));
     }
     let mut seen = std::collections::HashSet::with_capacity(candidates.len());
-    for (i, c) in candidates.iter().enumerate() {
+    for (index, c) in candidates.iter().enumerate() {
         if c.bid_cpc_micros <= 0 {
-            return Err(AuctionError::Candidates(format!(
-                "[{i}].bid_cpc_micros must be > 0, got {}",
-                c.bid_cpc_micros
-            )));
+            return Err(AuctionError::Bid { index, bid: c.bid_cpc_micros });
         }
-        if !(c.pctr.is_finite() && c.pctr > 0.0 && c.pctr <= 1.0) {
-            return Err(AuctionError::Candidates(format!("[{i}].pctr must be in (0, 1], got {}", c.pctr)));
+        if !is_valid_pctr(c.pctr) {
+            return Err(AuctionError::Pctr { index, pctr: c.pctr });
         }
         if !seen.insert(c.ad_id) {
-            return Err(AuctionError::Candidates(format!("[{i}].ad_id {} is repeated", c.ad_id)));
+            return Err(AuctionError::RepeatedAd { index, ad_id: c.ad_id });
         }
     }
     Ok(())
@@ -224,15 +245,21 @@ mod tests {
 
     #[test]
     fn bad_input_names_the_field() {
-        assert!(run_auction(&[], 1, 0).unwrap_err().to_string().starts_with("candidates"));
+        assert_eq!(run_auction(&[], 1, 0).unwrap_err(), AuctionError::NoCandidates);
+        assert!(AuctionError::NoCandidates.to_string().starts_with("candidates"));
+        let many = sample_candidates(MAX_CANDIDATES + 1);
+        assert_eq!(run_auction(&many, 1, 0).unwrap_err(), AuctionError::TooManyCandidates(MAX_CANDIDATES + 1));
         assert_eq!(run_auction(&[c(1, 1, 0.1)], 0, 0).unwrap_err(), AuctionError::Slots(0));
         assert_eq!(run_auction(&[c(1, 1, 0.1)], 11, 0).unwrap_err(), AuctionError::Slots(11));
         assert_eq!(run_auction(&[c(1, 1, 0.1)], 1, -1).unwrap_err(), AuctionError::Reserve(-1));
-        let e = run_auction(&[c(1, 0, 0.1)], 1, 0).unwrap_err().to_string();
-        assert!(e.contains("[0].bid_cpc_micros"), "{e}");
+        let e = run_auction(&[c(1, 0, 0.1)], 1, 0).unwrap_err();
+        assert_eq!(e, AuctionError::Bid { index: 0, bid: 0 });
+        assert!(e.to_string().starts_with("candidates[0].bid_cpc_micros"), "{e}");
         let e = run_auction(&[c(1, 1, f32::NAN)], 1, 0).unwrap_err().to_string();
-        assert!(e.contains("[0].pctr"), "{e}");
-        let e = run_auction(&[c(1, 1, 0.1), c(1, 2, 0.1)], 1, 0).unwrap_err().to_string();
-        assert!(e.contains("repeated"), "{e}");
+        assert!(e.starts_with("candidates[0].pctr"), "{e}");
+        let e = run_auction(&[c(1, 1, 0.1), c(2, 1, MIN_PCTR / 2.0)], 1, 0).unwrap_err();
+        assert!(matches!(e, AuctionError::Pctr { index: 1, .. }), "{e}");
+        let e = run_auction(&[c(1, 1, 0.1), c(1, 2, 0.1)], 1, 0).unwrap_err();
+        assert_eq!(e, AuctionError::RepeatedAd { index: 1, ad_id: 1 });
     }
 }
