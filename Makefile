@@ -14,7 +14,7 @@ help:
 	@echo "make test    install, start the stack, run buf, Python and Rust tests"
 	@echo "make up | down | status    start / stop / inspect the local stack (scripts/)"
 	@echo "make model   regenerate the committed baseline model (models/ctr-baseline)"
-	@echo "make lint    rustfmt --check, clippy -D warnings (make proto-check: buf lint + breaking)"
+	@echo "make lint    rustfmt --check, clippy -D warnings, cargo-deny (licences, bans, sources), cargo-machete (make proto-check: buf lint + breaking)"
 	@echo "make bench   release build, every benchmark next to its peer (QUICK=1: < 5 min; bench-<part>: one part)"
 
 install:
@@ -64,9 +64,13 @@ test: lint proto-check test-python test-rust
 fmt:
 	cargo fmt --all
 
+# Advisories (RustSec) need the network: run `cargo deny check advisories` where
+# it is allowed. Here: licences, bans and sources, then unused dependencies.
 lint: install
 	cargo fmt --all -- --check
 	$(ENV) cargo clippy --workspace --all-targets -- -D warnings
+	$(ENV) "$$ADSTACK_TOOLS/bin/cargo-deny" --offline check licenses bans sources
+	$(ENV) "$$ADSTACK_TOOLS/bin/cargo-machete"
 
 # Benchmarks (scripts/bench.sh): release build, the stack on release binaries,
 # every path next to its peer or floor in one run. QUICK=1 for short windows.

@@ -71,4 +71,14 @@ if [ ! -x "$BUF" ]; then
   mkdir -p "$ADSTACK_HOME/buf"
   (cd "$ADSTACK_HOME/buf" && npm install -s --no-audit --no-fund "$ADSTACK_BUF_PKG" >/dev/null)
 fi
+# Lint tools (make lint): built from crates.io into $ADSTACK_HOME/tools, pinned.
+# cargo-deny takes a few minutes to build once; the binaries are reused.
+for tool in "cargo-deny@$ADSTACK_CARGO_DENY_VERSION" "cargo-machete@$ADSTACK_CARGO_MACHETE_VERSION"; do
+  name="${tool%@*}" version="${tool#*@}"
+  if ! "$ADSTACK_TOOLS/bin/$name" --version 2>/dev/null | grep -q " $version"; then
+    log "building $name $version (cargo install --locked)"
+    cargo install --quiet --locked --root "$ADSTACK_TOOLS" "$name" --version "$version" ||
+      die "cargo install $name $version failed"
+  fi
+done
 log "install complete ($ADSTACK_HOME)"

@@ -159,12 +159,17 @@ async fn services_drain_and_exit_cleanly_on_sigterm() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn sigterm_flips_readiness_first_then_finishes_requests_in_flight() -> anyhow::Result<()> {
-    let s = Stack::ready().await?;
-    // A feature-service that accepts connections and never answers: the
-    // request below waits out its whole 3 s deadline, so it is in flight
-    // when SIGTERM arrives.
+/// A gateway of its own whose feature-service accepts connections and never
+/// answers (a hung peer, not a refused port): every ad request waits out the
+/// 3 s features deadline and is then served degraded.
+struct HungGateway {
+    child: tokio::process::Child,
+    http: String,
+    grpc: String,
+    holder: tokio::task::JoinHandle<()>,
+}
+
+async fn gateway_with_hung_features(s: &Stack, env: &[(&str, &str)]) -> anyhow::Result<HungGateway> {
     let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let hung_addr = hung.local_addr()?;
     let holder = tokio::spawn(async move {
@@ -173,10 +178,10 @@ async fn sigterm_flips_readiness_first_then_finishes_requests_in_flight() -> any
             held.push(conn);
         }
     });
-    let http_port = free_port();
-    let base = format!("http://127.0.0.1:{http_port}");
-    let mut gateway = tokio::process::Command::new(binary("adserve-gateway"))
-        .env("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{}", free_port()))
+    let (http_port, grpc_port) = (free_port(), free_port());
+    let mut command = tokio::process::Command::new(binary("adserve-gateway"));
+    command
+        .env("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
         .env("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
         .env("ADSERVE_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
         .env("ADSERVE_POSTGRES__URL", &s.postgres)
@@ -185,29 +190,38 @@ async fn sigterm_flips_readiness_first_then_finishes_requests_in_flight() -> any
         .env("ADSERVE_UPSTREAMS__RANKER", &s.ranker)
         .env("ADSERVE_UPSTREAMS__AUCTION", &s.auction)
         .env("ADSERVE_DEADLINES__FEATURES", "3s")
-        .env("ADSERVE_SERVER__READINESS_DRAIN", "1500ms")
-        .env("ADSERVE_SERVER__SHUTDOWN_GRACE", "10s")
-        .env("ADSERVE_TELEMETRY__LOG_FILTER", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut up = false;
+        .env("ADSERVE_TELEMETRY__LOG_FILTER", "warn");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let child = command.stdout(Stdio::null()).kill_on_drop(true).spawn()?;
+    let http = format!("http://127.0.0.1:{http_port}");
     for _ in 0..100 {
-        if reqwest::get(format!("{base}/healthz")).await.is_ok_and(|r| r.status() == 200) {
-            up = true;
-            break;
+        if reqwest::get(format!("{http}/healthz")).await.is_ok_and(|r| r.status() == 200) {
+            return Ok(HungGateway { child, http, grpc: format!("http://127.0.0.1:{grpc_port}"), holder });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    anyhow::ensure!(up, "the gateway did not become ready");
+    anyhow::bail!("the gateway did not become ready")
+}
+
+fn ad_request() -> serde_json::Value {
+    serde_json::json!({"user_id": "demo-user-1", "context": {"placement": "feed_top", "device": "mobile"}, "slots": 1})
+}
+
+#[tokio::test]
+async fn sigterm_flips_readiness_first_then_finishes_requests_in_flight() -> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    // The request below waits out its whole 3 s deadline, so it is in flight
+    // when SIGTERM arrives.
+    let env = [("ADSERVE_SERVER__READINESS_DRAIN", "1500ms"), ("ADSERVE_SERVER__SHUTDOWN_GRACE", "10s")];
+    let HungGateway { child: mut gateway, http: base, holder, .. } = gateway_with_hung_features(&s, &env).await?;
+    let http_port: u16 = base.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
 
     let in_flight = tokio::spawn({
         let url = format!("{base}/v1/ads");
         async move {
-            let body = serde_json::json!({
-                "user_id": "demo-user-1", "context": {"placement": "feed_top", "device": "mobile"}, "slots": 1
-            });
-            let r = reqwest::Client::new().post(url).json(&body).send().await?;
+            let r = reqwest::Client::new().post(url).json(&ad_request()).send().await?;
             let status = r.status().as_u16();
             anyhow::Ok((status, r.json::<serde_json::Value>().await?))
         }
@@ -303,5 +317,57 @@ async fn start_script_reuses_only_our_build_and_refuses_foreign_port_holders() -
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "start.sh reused a foreign port holder: {log}");
     assert!(log.contains(&format!("127.0.0.1:{port} is held by a process that is not adserve-auction")), "{log}");
+    Ok(())
+}
+
+/// Admission control across the process boundary: with
+/// server.max_concurrent_requests = 1 and one request in flight (held by a
+/// hung upstream), a second one is shed at once, HTTP 503 `overloaded` and
+/// gRPC RESOURCE_EXHAUSTED, answered while the first is still running;
+/// health checks are never shed; the first is served; capacity comes back.
+#[tokio::test]
+async fn requests_beyond_the_concurrency_limit_are_shed_not_queued() -> anyhow::Result<()> {
+    use adserve_proto::v1::{GetAdsRequest, RequestContext, gateway_service_client::GatewayServiceClient};
+    let s = Stack::ready().await?;
+    let g = gateway_with_hung_features(&s, &[("ADSERVE_SERVER__MAX_CONCURRENT_REQUESTS", "1")]).await?;
+    let client = reqwest::Client::new();
+
+    // HTTP.
+    let first = tokio::spawn(client.post(format!("{}/v1/ads", g.http)).json(&ad_request()).send());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let shed = client.post(format!("{}/v1/ads", g.http)).json(&ad_request()).send().await?;
+    assert!(!first.is_finished(), "the shed request was answered only after the first finished: it queued");
+    assert_eq!(shed.status(), 503);
+    let v: serde_json::Value = shed.json().await?;
+    assert_eq!(v["error"]["code"], "overloaded", "{v}");
+    let health = client.get(format!("{}/healthz", g.http)).send().await?;
+    assert_eq!(health.status(), 200, "health checks are never shed");
+    let first = first.await??;
+    assert_eq!(first.status(), 200);
+    let after = client.post(format!("{}/v1/ads", g.http)).json(&ad_request()).send();
+    let after = tokio::spawn(after);
+
+    // gRPC (its own budget): one GetAds in flight, the second shed.
+    let request = GetAdsRequest {
+        user_id: "demo-user-1".into(),
+        context: Some(RequestContext { placement: "feed_top".into(), device: "mobile".into(), ..Default::default() }),
+        slots: 1,
+    };
+    let mut grpc = GatewayServiceClient::connect(g.grpc.clone()).await?;
+    let grpc_first = tokio::spawn({
+        let mut grpc = grpc.clone();
+        let request = request.clone();
+        async move { grpc.get_ads(request).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = grpc.get_ads(request).await.expect_err("shed");
+    assert!(!grpc_first.is_finished(), "the shed call queued behind the first");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("max_concurrent_requests"), "{status:?}");
+    grpc_first.await?.expect("the admitted call is served");
+
+    // Capacity came back on HTTP once the first finished.
+    assert_eq!(after.await??.status(), 200);
+    g.holder.abort();
     Ok(())
 }

@@ -124,6 +124,14 @@ pub struct ServerConfig {
     /// How long in-flight requests may take to finish once listeners closed.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Most requests in flight per listener; beyond it requests are shed at
+    /// once (gRPC RESOURCE_EXHAUSTED, HTTP 503) rather than queued. Health
+    /// checks are never shed.
+    pub max_concurrent_requests: usize,
+    /// Longest any request may run, whatever deadline its caller sent (a
+    /// shorter gRPC deadline is honoured).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -134,6 +142,8 @@ impl ServerConfig {
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], metrics)),
             readiness_drain: Duration::ZERO,
             shutdown_grace: Duration::from_secs(10),
+            max_concurrent_requests: 1024,
+            request_timeout: Duration::from_secs(30),
         }
     }
 
@@ -142,6 +152,8 @@ impl ServerConfig {
         let five_min = Duration::from_secs(300);
         check_duration("server.shutdown_grace", self.shutdown_grace, Duration::from_millis(1), five_min)?;
         check_duration("server.readiness_drain", self.readiness_drain, Duration::ZERO, five_min)?;
+        check_duration("server.request_timeout", self.request_timeout, Duration::from_millis(1), five_min)?;
+        check_range("server.max_concurrent_requests", self.max_concurrent_requests, 1..=1_000_000)?;
         if self.grpc_addr.port() != 0 && self.grpc_addr == self.metrics_addr {
             return Err(Invalid::new("server.metrics_addr", "must differ from server.grpc_addr"));
         }

@@ -5,7 +5,7 @@ use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
-use crate::{Lifecycle, net};
+use crate::{Lifecycle, net, overload};
 
 /// Serves `routes` plus health and reflection on `listener`. The health of
 /// each of `service_names` follows the process's readiness (the overall `""`
@@ -47,10 +47,17 @@ pub async fn serve(
 
     // Accepted sockets get TCP_NODELAY and keep-alive from `net`: the builder's
     // own tcp_nodelay applies only to sockets tonic binds itself.
-    let server = net::grpc_server().add_routes(routes).serve_with_incoming_shutdown(net::grpc_incoming(listener), {
-        let lifecycle = lifecycle.clone();
-        async move { lifecycle.stop_accepting().await }
-    });
+    // Admission control (shed beyond max_concurrent_requests, health exempt)
+    // and the server-side bound on every call.
+    let gate = overload::GrpcGateLayer(overload::Gate::new("grpc", lifecycle.max_concurrent_requests));
+    let server = net::grpc_server()
+        .timeout(lifecycle.request_timeout)
+        .layer(gate)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(net::grpc_incoming(listener), {
+            let lifecycle = lifecycle.clone();
+            async move { lifecycle.stop_accepting().await }
+        });
     lifecycle.bounded("grpc", server).await.map(|_| ())
 }
 

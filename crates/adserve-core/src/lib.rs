@@ -8,6 +8,7 @@ pub mod grpc;
 pub mod http;
 pub mod lifecycle;
 pub mod net;
+pub mod overload;
 pub mod ports;
 pub mod readiness;
 pub mod shutdown;

@@ -21,6 +21,10 @@ pub struct Lifecycle {
     pub readiness_drain: Duration,
     /// How long in-flight requests may take once listeners closed.
     pub grace: Duration,
+    /// Most requests in flight per listener (`server.max_concurrent_requests`).
+    pub max_concurrent_requests: usize,
+    /// Longest any request may run (`server.request_timeout`).
+    pub request_timeout: Duration,
 }
 
 impl Lifecycle {
@@ -31,6 +35,8 @@ impl Lifecycle {
             readiness: Readiness::new(),
             readiness_drain: server.readiness_drain,
             grace: server.shutdown_grace,
+            max_concurrent_requests: server.max_concurrent_requests,
+            request_timeout: server.request_timeout,
         }
     }
 

@@ -119,7 +119,10 @@ impl BatchStore {
             KeysAndAttributes::builder().set_keys(Some(keys)).build().map_err(err("BatchGetItem"))?,
         )]);
         let mut out = HashMap::new();
-        // Unprocessed keys are retried; the caller's deadline bounds the loop.
+        // Unprocessed keys (throttling) are retried after a jittered,
+        // growing pause, a bounded number of times; the caller's deadline
+        // bounds it too.
+        let mut backoff = unprocessed_backoff();
         loop {
             let resp = self
                 .client
@@ -134,7 +137,10 @@ impl BatchStore {
                 }
             }
             match resp.unprocessed_keys() {
-                Some(u) if !u.is_empty() => request = u.clone(),
+                Some(u) if !u.is_empty() => {
+                    request = u.clone();
+                    retry_after(&mut backoff, "BatchGetItem").await?;
+                }
                 _ => return Ok(out),
             }
         }
@@ -199,6 +205,7 @@ impl BatchStore {
                 })
                 .collect::<Result<Vec<_>, BatchError>>()?;
             let mut pending = HashMap::from([(table.to_string(), writes)]);
+            let mut backoff = unprocessed_backoff();
             loop {
                 let resp = self
                     .client
@@ -208,12 +215,44 @@ impl BatchStore {
                     .await
                     .map_err(err("BatchWriteItem"))?;
                 match resp.unprocessed_items() {
-                    Some(u) if !u.is_empty() => pending = u.clone(),
+                    Some(u) if !u.is_empty() => {
+                        pending = u.clone();
+                        retry_after(&mut backoff, "BatchWriteItem").await?;
+                    }
                     _ => break,
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// Retries of a batch call's unprocessed keys: 10 ms doubling to 500 ms,
+/// jittered (AWS's advice for throttled batches), at most 8 times.
+pub const UNPROCESSED_RETRIES: usize = 8;
+
+fn unprocessed_backoff() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder as _;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_millis(10))
+        .with_max_delay(std::time::Duration::from_millis(500))
+        .with_max_times(UNPROCESSED_RETRIES)
+        .with_jitter()
+        .build()
+}
+
+/// Sleeps the next backoff step, or fails once the retries are spent.
+async fn retry_after(backoff: &mut backon::ExponentialBackoff, op: &'static str) -> Result<(), BatchError> {
+    match backoff.next() {
+        Some(pause) => {
+            metrics::counter!("adserve_feature_dynamodb_unprocessed_retries_total", "op" => op).increment(1);
+            tokio::time::sleep(pause).await;
+            Ok(())
+        }
+        None => Err(BatchError {
+            op,
+            message: format!("keys still unprocessed after {UNPROCESSED_RETRIES} retries (throttled)"),
+        }),
     }
 }
 

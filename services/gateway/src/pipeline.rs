@@ -182,7 +182,8 @@ impl AdServer {
         let request =
             GetFeaturesRequest { user_id: user_id.to_string(), ad_ids: ad_ids.to_vec(), context: Some(ctx.clone()) };
         let mut client = self.features.clone();
-        match deadline(self.config.deadlines.features, client.get_features(request)).await {
+        let limit = self.config.deadlines.features;
+        match deadline(limit, client.get_features(with_deadline(request, limit))).await {
             Ok(resp) => {
                 let resp = resp.into_inner();
                 degraded.extend(resp.degraded);
@@ -205,8 +206,9 @@ impl AdServer {
     async fn scores(&self, matrix: &FeatureMatrix, degraded: &mut Vec<Degradation>) -> (Vec<f32>, String) {
         let mut client = self.ranker.clone();
         let rows = matrix.num_rows as usize;
-        match deadline(self.config.deadlines.ranker, client.score(ScoreRequest { matrix: Some(matrix.clone()) })).await
-        {
+        let limit = self.config.deadlines.ranker;
+        let request = with_deadline(ScoreRequest { matrix: Some(matrix.clone()) }, limit);
+        match deadline(limit, client.score(request)).await {
             Ok(resp) => {
                 let resp = resp.into_inner();
                 if resp.pctr.len() == rows && resp.pctr.iter().copied().all(adserve_auction::is_valid_pctr) {
@@ -242,7 +244,8 @@ impl AdServer {
             slots,
             reserve_ecpm_micros: self.config.reserve_ecpm_micros,
         };
-        match deadline(self.config.deadlines.auction, client.run_auction(request)).await {
+        let limit = self.config.deadlines.auction;
+        match deadline(limit, client.run_auction(with_deadline(request, limit))).await {
             Ok(resp) => return Ok(resp.into_inner().winners),
             Err(e) if e.code() == Some(tonic::Code::InvalidArgument) => {
                 return Err(ServeError::Unavailable(format!("auction refused the candidates: {e}")));
@@ -343,6 +346,16 @@ impl CallFailure for adserve_catalog::CatalogError {
     }
 }
 
+/// `message` as a gRPC request carrying `limit` as its `grpc-timeout`, so the
+/// upstream stops working on it when the gateway stops waiting (tonic's
+/// server drops the handler at the deadline).
+fn with_deadline<T>(message: T, limit: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(limit);
+    request
+}
+
+/// Runs `fut` under `limit` (the gateway-side bound, covering connecting too).
 async fn deadline<T, E: CallFailure>(limit: Duration, fut: impl Future<Output = Result<T, E>>) -> Result<T, CallError> {
     match tokio::time::timeout(limit, fut).await {
         Ok(Ok(v)) => Ok(v),
