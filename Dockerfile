@@ -17,6 +17,9 @@
 #                   nvidia/cuda:12.x-cudnn-runtime-ubuntu24.04 - glibc >= 2.36 like
 #                   bookworm, where the binary is built - plus the cuda
 #                   cargo feature above). CPU images need neither.
+#   GIT_SHA         commit the image is built from, reported by /buildinfo and
+#                   adserve_build_info (the build context has no .git), e.g.
+#                   --build-arg GIT_SHA=$(git rev-parse --short=12 HEAD)
 #   ORT_VERSION     ONNX Runtime version; must match the ort crate's API level
 #                   (api-31 => 1.31.x). Same as ADSTACK_ORT_VERSION in scripts/env.sh.
 
@@ -27,6 +30,7 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 FROM ${RUST_IMAGE} AS build
 ARG SERVICE
 ARG CARGO_FEATURES=""
+ARG GIT_SHA=""
 # rdkafka-sys builds librdkafka from source with its bundled configure script
 # (make, g++, perl, python3); libz-sys links zlib.
 RUN apt-get update \
@@ -41,7 +45,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/src/target,id=adserve-target,sharing=locked \
     set -eu; \
     [ -n "${SERVICE:-}" ] || { echo "build arg SERVICE is required" >&2; exit 1; }; \
-    cargo build --release --locked --bin "$SERVICE" ${CARGO_FEATURES:+--features "$CARGO_FEATURES"}; \
+    ADSTACK_GIT_SHA="$GIT_SHA" cargo build --release --locked --bin "$SERVICE" ${CARGO_FEATURES:+--features "$CARGO_FEATURES"}; \
     install -D -m 0755 "target/release/$SERVICE" "/out/usr/local/bin/$SERVICE"
 
 # ------------------------------------------------- ONNX Runtime (ranker)

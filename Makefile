@@ -69,7 +69,7 @@ fmt:
 lint: install
 	cargo fmt --all -- --check
 	$(ENV) cargo clippy --workspace --all-targets -- -D warnings
-	$(ENV) "$$ADSTACK_TOOLS/bin/cargo-deny" --offline check licenses bans sources
+	$(ENV) "$$ADSTACK_TOOLS/bin/cargo-deny" check --hide-inclusion-graph licenses bans sources
 	$(ENV) "$$ADSTACK_TOOLS/bin/cargo-machete"
 
 # Benchmarks (scripts/bench.sh): release build, the stack on release binaries,

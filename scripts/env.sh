@@ -4,6 +4,17 @@
 # (the services refuse unknown ADSERVE_* keys at start).
 # Everything the scripts install lives under ADSTACK_HOME (outside the clone, so a
 # fresh clone on the same machine reuses it); run state (pids, logs) lives there too.
+# The scripts' knobs were once ADSERVE_*; exported now, they would reach the
+# services as config and stop them at start, so name the new spelling instead.
+for _old in HOME RUN VENV PROFILE SKIP_BUILD MODEL_DIR PARQUET_DIR LABEL_WINDOW BIN_DIR TAG TOOLS GIT_SHA \
+  $(compgen -e | sed -n 's/^ADSERVE_\(\(TEST\|BENCH\)_.*\)$/\1/p'); do
+  _var="ADSERVE_$_old"
+  if [ -n "${!_var+set}" ]; then
+    printf '[adserve] error: %s is a script setting now spelt ADSTACK_%s (ADSERVE_* is service config only); unset it\n' "$_var" "$_old" >&2
+    return 1
+  fi
+done
+unset _old _var
 ADSTACK_HOME="${ADSTACK_HOME:-$HOME/.cache/adserve}"
 ADSTACK_RUN="${ADSTACK_RUN:-$ADSTACK_HOME/run}"
 ADSTACK_VENV="$ADSTACK_HOME/venv"
@@ -140,14 +151,15 @@ http_status() {
 }
 
 # http_body PORT PATH: prints the body of GET http://127.0.0.1:PORT/PATH (no
-# chunked encoding expected: small JSON answers). Pure bash, like http_status.
+# chunked encoding expected: small JSON answers). Pure bash, like http_status;
+# every read is bounded (5 s), so a frozen service cannot hang the scripts.
 http_body() {
   (
     exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
     printf 'GET %s HTTP/1.1\r\nHost: 127.0.0.1:%s\r\nConnection: close\r\n\r\n' "$2" "$1" >&3
     local line
     while IFS= read -r -t 5 line <&3; do [ "${line%$'\r'}" = "" ] && break; done
-    cat <&3
+    timeout 5 cat <&3
   ) 2>/dev/null
 }
 

@@ -75,7 +75,7 @@ fi
 # cargo-deny takes a few minutes to build once; the binaries are reused.
 for tool in "cargo-deny@$ADSTACK_CARGO_DENY_VERSION" "cargo-machete@$ADSTACK_CARGO_MACHETE_VERSION"; do
   name="${tool%@*}" version="${tool#*@}"
-  if ! "$ADSTACK_TOOLS/bin/$name" --version 2>/dev/null | grep -q " $version"; then
+  if ! "$ADSTACK_TOOLS/bin/$name" --version 2>/dev/null | grep -qw -- "$version"; then
     log "building $name $version (cargo install --locked)"
     cargo install --quiet --locked --root "$ADSTACK_TOOLS" "$name" --version "$version" ||
       die "cargo install $name $version failed"

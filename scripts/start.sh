@@ -25,7 +25,7 @@ set -euo pipefail
 what="${1:-all}"
 case "$what" in
   infra | services | all) ;;
-  -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) die "usage: $0 [infra|services|all]" ;;
 esac
 mkdir -p "$ADSTACK_PIDS" "$ADSTACK_LOGS"

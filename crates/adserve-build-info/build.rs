@@ -1,5 +1,7 @@
 //! Records the git commit and cargo profile of this build as compile-time
-//! environment (`ADSERVE_GIT_SHA`, `ADSERVE_BUILD_PROFILE`).
+//! environment (`ADSERVE_GIT_SHA`, `ADSERVE_BUILD_PROFILE`). The input that
+//! overrides the commit is `ADSTACK_GIT_SHA` (a build knob, not service
+//! config: services refuse unknown `ADSERVE_*` variables at start).
 //!
 //! Only this small crate reruns when the commit changes; the services depend
 //! on it directly, the shared crates do not, so a commit recompiles the five
@@ -14,12 +16,12 @@ fn git(args: &[&str]) -> Option<String> {
 
 fn main() {
     // Outside a git checkout (a source tarball, a Docker build without .git)
-    // the commit is "unknown"; ADSERVE_GIT_SHA in the build environment wins.
-    println!("cargo:rerun-if-env-changed=ADSERVE_GIT_SHA");
+    // the commit is "unknown"; ADSTACK_GIT_SHA in the build environment wins.
+    println!("cargo:rerun-if-env-changed=ADSTACK_GIT_SHA");
     // The commit only: no "-dirty" mark, which would need a rerun on every
     // edit (and `git status` rewrites the index, which would rerun this on
     // every build). scripts/start.sh compares binaries, not commits.
-    let sha = std::env::var("ADSERVE_GIT_SHA")
+    let sha = std::env::var("ADSTACK_GIT_SHA")
         .ok()
         .filter(|s| !s.is_empty())
         .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]));

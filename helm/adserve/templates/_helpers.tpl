@@ -122,8 +122,11 @@ reserve_ecpm_micros = {{ int64 $c.reserveEcpmMicros }}
 {{- else if eq .name "label-joiner" }}
 group_id = {{ $c.groupId | toJson }}
 output_dir = {{ $c.outputDir | toJson }}
-{{- with $c.labelWindowMs }}
-label_window = "{{ int64 . }}ms"
+{{- if not (kindIs "invalid" $c.labelWindowMs) }}
+{{- if le (int64 $c.labelWindowMs) 0 }}
+{{- fail "services.label-joiner.config.labelWindowMs must be > 0 (null: the registry's window)" }}
+{{- end }}
+label_window = "{{ int64 $c.labelWindowMs }}ms"
 {{- end }}
 flush_interval = "{{ int64 $c.flushIntervalMs }}ms"
 max_rows_per_file = {{ int64 $c.maxRowsPerFile }}

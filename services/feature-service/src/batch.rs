@@ -227,8 +227,9 @@ impl BatchStore {
     }
 }
 
-/// Retries of a batch call's unprocessed keys: 10 ms doubling to 500 ms,
-/// jittered (AWS's advice for throttled batches), at most 8 times.
+/// Retries of a batch call's unprocessed keys: a pause of 10 ms doubling to
+/// 500 ms, plus up to as much again in random jitter (AWS's advice for
+/// throttled batches; so one pause is at most 1 s), at most 8 times.
 pub const UNPROCESSED_RETRIES: usize = 8;
 
 fn unprocessed_backoff() -> backon::ExponentialBackoff {
