@@ -9,17 +9,24 @@
 #
 # Build args:
 #   SERVICE         binary to build and run (required)
-#   CARGO_FEATURES  extra cargo features, e.g. "adserve-ranker/cuda" or
-#                   "adserve-ranker/tensorrt" for a GPU ranker
+#   CARGO_FEATURES  extra cargo features (the ranker's CUDA and TensorRT
+#                   providers are compiled in by default)
 #   ORT_PACKAGE     PyPI package the ONNX Runtime library is taken from:
-#                   "onnxruntime" (CPU, default) or "onnxruntime-gpu" (CUDA /
-#                   TensorRT; also needs a CUDA base image as RUNTIME_IMAGE, e.g.
-#                   nvidia/cuda:12.x-cudnn-runtime-ubuntu24.04 - glibc >= 2.36 like
-#                   bookworm, where the binary is built - plus the cuda
-#                   cargo feature above). CPU images need neither.
+#                   "onnxruntime" (CPU, default) or "onnxruntime-gpu" (CUDA 13 /
+#                   TensorRT 10 providers). onnxruntime-gpu 1.31.1 needs the
+#                   CUDA 13 runtime and cuDNN 9 (TensorRT 10 for tensorrt):
+#                   either GPU_LIBS=cuda13 below, or a CUDA 13 cuDNN runtime
+#                   image with glibc >= 2.36 as RUNTIME_IMAGE (e.g.
+#                   nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04).
 #   GIT_SHA         commit the image is built from, reported by /buildinfo and
 #                   adserve_build_info (the build context has no .git), e.g.
 #                   --build-arg GIT_SHA=$(git rev-parse --short=12 HEAD)
+#   GPU_LIBS        "cuda13": also copy the CUDA 13 runtime, cuBLAS, cuFFT,
+#                   cuRAND, cuDNN 9 and TensorRT 10 libraries from their PyPI
+#                   wheels (nvidia-*, tensorrt-cu13-libs) next to
+#                   libonnxruntime.so, so a plain debian runtime image works
+#                   on a GPU node (only the driver, libcuda.so.1, comes from
+#                   the host through the NVIDIA container toolkit). Several GB.
 #   ORT_VERSION     ONNX Runtime version; must match the ort crate's API level
 #                   (api-31 => 1.31.x). Same as ADSTACK_ORT_VERSION in scripts/env.sh.
 
@@ -56,11 +63,22 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
 FROM python:3.12-slim-bookworm AS onnxruntime
 ARG ORT_PACKAGE=onnxruntime
 ARG ORT_VERSION=1.31.1
+ARG GPU_LIBS=""
+ARG TENSORRT_LIBS="tensorrt-cu13-libs~=10.16"
 RUN set -eu; \
     pip install --no-cache-dir --no-deps --only-binary=:all: --target /ort "${ORT_PACKAGE}==${ORT_VERSION}"; \
     mkdir -p /lib-out; \
     cp -a /ort/onnxruntime/capi/libonnxruntime*.so* /lib-out/; \
-    test -f "/lib-out/libonnxruntime.so.${ORT_VERSION}"
+    test -f "/lib-out/libonnxruntime.so.${ORT_VERSION}"; \
+    if [ "$GPU_LIBS" = cuda13 ]; then \
+      [ "$ORT_PACKAGE" = onnxruntime-gpu ] || { echo "GPU_LIBS=cuda13 needs ORT_PACKAGE=onnxruntime-gpu" >&2; exit 1; }; \
+      pip install --no-cache-dir --only-binary=:all: --target /gpu \
+        "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}" "$TENSORRT_LIBS"; \
+      find /gpu/nvidia /gpu/tensorrt_libs -name 'lib*.so*' -exec cp -a {} /lib-out/ \; ; \
+      for lib in libcudart.so.13 libcublas.so.13 libcudnn.so.9 libnvinfer.so.10; do \
+        test -e "/lib-out/$lib" || { echo "missing $lib from the PyPI CUDA wheels" >&2; exit 1; }; \
+      done; \
+    elif [ -n "$GPU_LIBS" ]; then echo "GPU_LIBS must be empty or cuda13" >&2; exit 1; fi
 
 # --------------------------------------------- per-service extra files
 # Only the ranker image gets ONNX Runtime and the model; the other images get

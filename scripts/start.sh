@@ -16,7 +16,7 @@
 #   ADSTACK_PARQUET_DIR                     label-joiner output (default $ADSTACK_RUN/parquet)
 #   ADSTACK_LABEL_WINDOW                    label-joiner join window (default 5s; the
 #                                           registry's production window is 30 min)
-#   ADSERVE_TELEMETRY__LOG_FILTER           service log filter (default info)
+#   ADSERVE_TELEMETRY__LOG_FILTER           service log filter (default info,ort=warn)
 #   DYNAMODB_JAVA_OPTS                      JVM options for DynamoDB Local
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=env.sh
@@ -348,7 +348,7 @@ start_service() {
     "ADSERVE_SERVER__GRPC_ADDR=127.0.0.1:$grpc" \
     "ADSERVE_SERVER__METRICS_ADDR=127.0.0.1:$metrics" \
     "ADSERVE_TELEMETRY__LOG_JSON=true" \
-    "ADSERVE_TELEMETRY__LOG_FILTER=${ADSERVE_TELEMETRY__LOG_FILTER:-info}" \
+    "ADSERVE_TELEMETRY__LOG_FILTER=${ADSERVE_TELEMETRY__LOG_FILTER:-info,ort=warn}" \
     "$@" "$bin"
   await "$name" "$grpc" 60
   note "$name" "$addr" "started (pid $(owned_pid "$name"))"
@@ -383,6 +383,7 @@ start_services() {
   start_service adserve-auction
   start_service adserve-ranker \
     "ADSERVE_MODEL__DIR=$model" \
+    "ADSERVE_REGISTRY__POSTGRES__URL=postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DATABASE" \
     "ADSERVE_ONNXRUNTIME_DYLIB=$ORT_DYLIB_PATH"
   # Credentials come from the service's config (dynamodb.access_key_id), not AWS_*.
   start_service adserve-feature-service \

@@ -100,6 +100,50 @@ pub struct EligibleAd {
     pub bid_cpc_micros: i64,
 }
 
+/// A pool that connects lazily (the first query opens connections, so a
+/// database that is down at start does not stop the caller), every
+/// connection on `config.schema` with `config.timeout` as its statement
+/// timeout. Shared by the catalog and the model registry.
+pub fn pool_lazy(config: &PostgresConfig) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = config.url.parse()?;
+    let options = options.options([
+        ("search_path", config.schema.as_str()),
+        ("statement_timeout", &config.timeout.as_millis().to_string()),
+    ]);
+    Ok(PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(config.timeout.max(Duration::from_secs(1)))
+        .connect_lazy_with(options))
+}
+
+/// Creates `schema` if needed and applies `migrator`'s pending migrations.
+///
+/// Pool connections carry the request-path statement timeout
+/// (`postgres.timeout`, 200 ms by default); DDL on a busy database can take
+/// longer, so migrations run on one connection with
+/// [`MIGRATION_STATEMENT_TIMEOUT`] instead.
+pub async fn migrate(pool: &PgPool, schema: &str, migrator: &sqlx::migrate::Migrator) -> Result<(), CatalogError> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("SET statement_timeout = '{MIGRATION_STATEMENT_TIMEOUT}'")))
+        .execute(&mut *conn)
+        .await?;
+    if schema != "public" {
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")))
+            .execute(&mut *conn)
+            .await?;
+    }
+    // run_direct on the connection itself (not `run` over `Acquire`): the
+    // generic form makes callers' futures fail the Send check when spawned.
+    let migrated = migrator.run_direct(None, &mut *conn, false).await;
+    // Back to the pool's request-path timeout before the connection is reused.
+    let reset = sqlx::query("RESET statement_timeout").execute(&mut *conn).await;
+    migrated?;
+    if reset.is_err() {
+        conn.close_on_drop();
+    }
+    Ok(())
+}
+
 /// The catalog over a PostgreSQL pool.
 #[derive(Debug, Clone)]
 pub struct Catalog {
@@ -110,16 +154,7 @@ impl Catalog {
     /// Connects lazily (the first query opens connections, so a database that
     /// is down at start does not stop the caller) with per-statement timeouts.
     pub fn connect_lazy(config: &PostgresConfig) -> Result<Self, CatalogError> {
-        let options: PgConnectOptions = config.url.parse()?;
-        let options = options.options([
-            ("search_path", config.schema.as_str()),
-            ("statement_timeout", &config.timeout.as_millis().to_string()),
-        ]);
-        let pool = PgPoolOptions::new()
-            .max_connections(config.max_connections)
-            .acquire_timeout(config.timeout.max(Duration::from_secs(1)))
-            .connect_lazy_with(options);
-        Ok(Self { pool })
+        Ok(Self { pool: pool_lazy(config)? })
     }
 
     /// Creates the schema if needed and applies pending migrations.
@@ -129,23 +164,7 @@ impl Catalog {
     /// take longer, so migrations run on one connection with
     /// [`MIGRATION_STATEMENT_TIMEOUT`] instead.
     pub async fn migrate(&self, schema: &str) -> Result<(), CatalogError> {
-        let mut conn = self.pool.acquire().await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("SET statement_timeout = '{MIGRATION_STATEMENT_TIMEOUT}'")))
-            .execute(&mut *conn)
-            .await?;
-        if schema != "public" {
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")))
-                .execute(&mut *conn)
-                .await?;
-        }
-        let migrated = MIGRATOR.run(&mut *conn).await;
-        // Back to the pool's request-path timeout before the connection is reused.
-        let reset = sqlx::query("RESET statement_timeout").execute(&mut *conn).await;
-        migrated?;
-        if reset.is_err() {
-            conn.close_on_drop();
-        }
-        Ok(())
+        migrate(&self.pool, schema, &MIGRATOR).await
     }
 
     /// The pool, for callers that write to the catalog.

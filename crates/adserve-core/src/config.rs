@@ -181,7 +181,8 @@ pub struct TelemetryConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        Self { log_filter: "info".into(), log_json: true, otlp_endpoint: String::new() }
+        // ONNX Runtime logs every allocation at info (the ranker); keep it to warnings.
+        Self { log_filter: "info,ort=warn".into(), log_json: true, otlp_endpoint: String::new() }
     }
 }
 

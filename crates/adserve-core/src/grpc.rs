@@ -61,11 +61,57 @@ pub async fn serve(
     lifecycle.bounded("grpc", server).await.map(|_| ())
 }
 
+/// The caller's `grpc-timeout` (gRPC over HTTP/2: up to 8 digits and a unit
+/// `H`, `M`, `S`, `m`, `u` or `n`), if it sent a valid one. A handler that
+/// queues work uses it to drop the work once nobody waits for it; tonic's
+/// server has already bounded the call by it and `server.request_timeout`.
+pub fn caller_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    #[test]
+    fn caller_timeouts_parse_as_the_grpc_spec_writes_them() {
+        let timeout = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            caller_timeout(&m)
+        };
+        assert_eq!(timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "m", "123456789m", "12x", "-5m", "1.5S"] {
+            assert_eq!(timeout(bad), None, "{bad:?}");
+        }
+        assert_eq!(caller_timeout(&tonic::metadata::MetadataMap::new()), None);
+        // What tonic's client sends for Request::set_timeout.
+        let mut request = tonic::Request::new(());
+        request.set_timeout(Duration::from_millis(250));
+        assert_eq!(caller_timeout(request.metadata()), Some(Duration::from_millis(250)));
+    }
     use crate::net::tests::wait_server_side_nodelay;
 
     #[tokio::test]

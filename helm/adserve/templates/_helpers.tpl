@@ -191,15 +191,45 @@ secret_access_key = {{ . | toJson }}
 timeout = "{{ int64 $v.dynamodb.timeoutMs }}ms"
 {{- else if eq .name "ranker" }}
 {{- $m := $c.model }}
-{{- if not (has $m.executionProvider (list "cpu" "cuda" "tensorrt")) }}
-{{- fail (printf "services.ranker.config.model.executionProvider must be cpu, cuda or tensorrt, got %q" (toString $m.executionProvider)) }}
+{{- range $m.executionProviders }}
+{{- if not (has . (list "cpu" "cuda" "tensorrt")) }}
+{{- fail (printf "services.ranker.config.model.executionProviders: each must be cpu, cuda or tensorrt, got %q" (toString .)) }}
 {{- end }}
+{{- end }}
+{{- $b := $c.batching }}
 
 [model]
 dir = {{ $m.dir | toJson }}
-execution_provider = {{ $m.executionProvider | toJson }}
+execution_providers = {{ $m.executionProviders | toJson }}
 device_id = {{ int64 $m.deviceId }}
 intra_threads = {{ int64 $m.intraThreads }}
+
+[model.tensorrt]
+fp16 = {{ $m.tensorrt.fp16 }}
+{{- with $m.tensorrt.engineCacheDir }}
+engine_cache_dir = {{ . | toJson }}
+{{- end }}
+
+[batching]
+sessions = {{ int64 $b.sessions }}
+max_batch_rows = {{ int64 $b.maxBatchRows }}
+max_queue_delay = "{{ int64 $b.maxQueueDelayUs }}us"
+max_queue_rows = {{ int64 $b.maxQueueRows }}
+{{- $r := $c.registry }}
+
+[registry]
+enabled = {{ $r.enabled }}
+model_name = {{ $r.modelName | toJson }}
+poll_interval = "{{ int64 $r.pollIntervalMs }}ms"
+
+[registry.postgres]
+{{- if $v.postgres.existingSecret }}
+# url: from Secret {{ $v.postgres.existingSecret }} (ADSERVE_REGISTRY__POSTGRES__URL)
+{{- else }}
+url = {{ $v.postgres.url | toJson }}
+{{- end }}
+schema = {{ $r.schema | toJson }}
+migrate = {{ $v.postgres.migrate }}
 {{- else if eq .name "label-joiner" }}
 
 {{ include "adserve.kafkaToml" . }}

@@ -1,7 +1,9 @@
 //! Ranker: `Score` over gRPC at 1, 100 and 1000 rows and concurrency 1, 8
-//! and 32, next to a bare ONNX Runtime `session.run` loop on the same model
-//! and thread settings (the floor: what scoring costs with no server at all)
-//! and a FastAPI + onnxruntime server (the peer users would otherwise write).
+//! and 32, next to the same ranker binary with dynamic batching off
+//! (`batching.max_batch_rows = 1`, an instance of the bench's own), a bare
+//! ONNX Runtime `session.run` loop on the same model and thread settings
+//! (the floor: what scoring costs with no server at all) and a FastAPI +
+//! onnxruntime server (the peer users would otherwise write).
 
 use std::{sync::Arc, time::Duration};
 
@@ -77,8 +79,25 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
     let peer_url = format!("http://127.0.0.1:{port}/score");
     let http = reqwest::Client::new();
 
-    let channel = adserve_core::net::grpc_endpoint(s.stack.ranker.clone())?.connect().await?;
-    let client = RankerServiceClient::new(channel);
+    // The same binary and config as the stack's ranker, batching off.
+    let unbatched_port = crate::free_port();
+    let _unbatched = Child::spawn(
+        "adserve-ranker, batching off (bench instance)",
+        &[s.bin_dir.join("adserve-ranker").to_str().context("binary path")?],
+        &[
+            ("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{unbatched_port}")),
+            ("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{}", crate::free_port())),
+            ("ADSERVE_ONNXRUNTIME_DYLIB", s.ort_dylib.display().to_string()),
+            ("ADSERVE_MODEL__DIR", s.model_dir.display().to_string()),
+            ("ADSERVE_BATCHING__MAX_BATCH_ROWS", "1".into()),
+            ("ADSERVE_TELEMETRY__LOG_FILTER", "warn".into()),
+        ],
+        &crate::repo_root(),
+        s.work_dir.join("logs/ranker-unbatched.log"),
+    )?;
+    let unbatched = connect_ranker(&format!("http://127.0.0.1:{unbatched_port}"), Duration::from_secs(60)).await?;
+
+    let client = connect_ranker(&s.stack.ranker, Duration::from_secs(10)).await?;
     let timeout = Duration::from_secs(5);
     let mut out = Vec::new();
     for rows in ROWS {
@@ -93,6 +112,20 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
         for c in CONCURRENCY {
             let ours = {
                 let (client, m) = (client.clone(), Arc::new(m.clone()));
+                load::closed_loop(c, s.warmup(), s.window(), timeout, rows as u64, move |_| {
+                    let (mut client, m) = (client.clone(), m.clone());
+                    async move {
+                        match client.score(ScoreRequest { matrix: Some((*m).clone()) }).await {
+                            Ok(r) if r.get_ref().pctr.len() == rows => Outcome::Ok,
+                            Ok(r) => Outcome::Error(format!("{} scores for {rows} rows", r.get_ref().pctr.len())),
+                            Err(e) => Outcome::Error(format!("{:?}: {}", e.code(), e.message())),
+                        }
+                    }
+                })
+                .await
+            };
+            let off = {
+                let (client, m) = (unbatched.clone(), Arc::new(m.clone()));
                 load::closed_loop(c, s.warmup(), s.window(), timeout, rows as u64, move |_| {
                     let (mut client, m) = (client.clone(), m.clone());
                     async move {
@@ -145,6 +178,7 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
                     "adserve-ranker (gRPC)",
                     &ours,
                 )
+                .with("adserve-ranker, batching off (max_batch_rows = 1)", Role::Ours, &off)
                 .with(&format!("bare session.run x{c} threads"), Role::Floor, &bare)
                 .with("FastAPI + onnxruntime (HTTP/JSON)", Role::Peer, &peer)
                 .note(if c == 1 {
@@ -158,6 +192,25 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
     }
     drop(fastapi);
     Ok(out)
+}
+
+/// A ranker client once the service answers `GetModel` (it serves only
+/// after its model is loaded and warmed up).
+async fn connect_ranker(
+    url: &str,
+    patience: Duration,
+) -> anyhow::Result<RankerServiceClient<tonic::transport::Channel>> {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        if let Ok(channel) = adserve_core::net::grpc_endpoint(url.to_string())?.connect().await {
+            let mut client = RankerServiceClient::new(channel);
+            if client.get_model(adserve_proto::v1::GetModelRequest {}).await.is_ok() {
+                return Ok(client);
+            }
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the ranker at {url} did not answer within {patience:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The model's input: columns gathered by name into the manifest's order.

@@ -1,22 +1,37 @@
 //! Ranker configuration.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
-use adserve_core::{Invalid, ServerConfig, TelemetryConfig, Validate, check_range, ports};
+use adserve_core::{Invalid, ServerConfig, TelemetryConfig, Validate, check_duration, check_range, ports};
+use adserve_registry::RegistryConfig;
 use serde::{Deserialize, Serialize};
 
-/// Which ONNX Runtime execution provider to ask for. GPU providers need the
-/// `cuda` / `tensorrt` cargo features and a GPU build of ONNX Runtime; when
-/// either is missing the ranker logs a warning and runs on CPU.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+/// An ONNX Runtime execution provider. GPU providers need the `cuda` /
+/// `tensorrt` cargo features (on by default) and a GPU build of ONNX Runtime
+/// (onnxruntime-gpu) at run time; a provider that cannot be registered is
+/// logged and counted, and the next one in `model.execution_providers` is
+/// tried.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum ExecutionProvider {
-    /// CPU (always available).
-    Cpu,
+    /// NVIDIA TensorRT (FP16 and an engine cache from `model.tensorrt`);
+    /// nodes TensorRT cannot run go to the providers after it in the list.
+    Tensorrt,
     /// NVIDIA CUDA.
     Cuda,
-    /// NVIDIA TensorRT (with CUDA for unsupported nodes).
-    Tensorrt,
+    /// CPU (always available; always the last resort).
+    Cpu,
+}
+
+impl ExecutionProvider {
+    /// The name used in config, logs, metrics and `GetModel`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tensorrt => "tensorrt",
+            Self::Cuda => "cuda",
+            Self::Cpu => "cpu",
+        }
+    }
 }
 
 /// Everything the ranker reads at start.
@@ -29,10 +44,15 @@ pub struct RankerConfig {
     pub telemetry: TelemetryConfig,
     /// The model to serve.
     pub model: ModelConfig,
+    /// How concurrent Score calls share the model's sessions.
+    pub batching: BatchingConfig,
+    /// The model registry this ranker follows (on by default; `model.dir`
+    /// is served until the registry has a production version).
+    pub registry: RegistryConfig,
     /// Path (or file name on the loader path) of `libonnxruntime.so`
     /// (`ADSERVE_ONNXRUNTIME_DYLIB`; the ranker does not read ORT_DYLIB_PATH).
     pub onnxruntime_dylib: String,
-    /// Largest matrix (rows) accepted by Score.
+    /// Largest matrix (rows) accepted by one Score call.
     pub max_rows: usize,
 }
 
@@ -42,21 +62,71 @@ pub struct RankerConfig {
 pub struct ModelConfig {
     /// Directory with `model.onnx` and `manifest.json`.
     pub dir: PathBuf,
-    /// Requested execution provider.
-    pub execution_provider: ExecutionProvider,
+    /// Providers to try, in order; the first that registers runs the model
+    /// (those after it take the nodes it cannot run). CPU is always the last
+    /// resort, listed or not.
+    pub execution_providers: Vec<ExecutionProvider>,
     /// GPU ordinal for CUDA / TensorRT.
     pub device_id: i32,
-    /// ONNX Runtime intra-op threads (0 = ONNX Runtime's default).
+    /// ONNX Runtime intra-op threads per session (0 = ONNX Runtime's
+    /// default, one per core).
     pub intra_threads: usize,
+    /// TensorRT settings (used when `tensorrt` is in the list).
+    pub tensorrt: TensorrtConfig,
+}
+
+/// TensorRT execution provider settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TensorrtConfig {
+    /// Build FP16 engines (the usual choice for CTR models on T4/A10/L4).
+    pub fp16: bool,
+    /// Directory where built engines are cached; without it every start
+    /// rebuilds them (minutes for a large model). Put it on a volume.
+    pub engine_cache_dir: Option<PathBuf>,
+}
+
+impl Default for TensorrtConfig {
+    fn default() -> Self {
+        Self { fp16: true, engine_cache_dir: None }
+    }
+}
+
+/// Dynamic batching: concurrent Score calls queue per model and are run
+/// together. A batch is flushed when it holds `max_batch_rows` rows or when
+/// its oldest call has waited `max_queue_delay`, whichever comes first.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// ONNX Runtime sessions per model, each on its own thread: how many
+    /// batches run at once. With `model.intra_threads = 1`, one per core.
+    pub sessions: usize,
+    /// Rows that flush a batch at once. A call larger than this runs alone;
+    /// 1 turns batching off (every call is its own batch).
+    pub max_batch_rows: usize,
+    /// Longest a call waits for others to join its batch (humantime, e.g.
+    /// `"500us"`); 0 flushes whatever is queued when a session is free.
+    #[serde(with = "humantime_serde")]
+    pub max_queue_delay: Duration,
+    /// Rows allowed to wait in the queue; a call beyond it is refused at
+    /// once with `ResourceExhausted` rather than queued past its deadline.
+    pub max_queue_rows: usize,
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        Self { sessions: 2, max_batch_rows: 1024, max_queue_delay: Duration::from_micros(500), max_queue_rows: 32_768 }
+    }
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("models/ctr-baseline"),
-            execution_provider: ExecutionProvider::Cpu,
+            execution_providers: vec![ExecutionProvider::Cpu],
             device_id: 0,
             intra_threads: 1,
+            tensorrt: TensorrtConfig::default(),
         }
     }
 }
@@ -67,6 +137,8 @@ impl Default for RankerConfig {
             server: ServerConfig::on_ports(ports::RANKER_GRPC, ports::RANKER_METRICS),
             telemetry: TelemetryConfig::default(),
             model: ModelConfig::default(),
+            batching: BatchingConfig::default(),
+            registry: RegistryConfig::default(),
             onnxruntime_dylib: "libonnxruntime.so".into(),
             max_rows: adserve_proto::limits::MAX_CANDIDATES,
         }
@@ -82,8 +154,86 @@ impl Validate for RankerConfig {
         if self.onnxruntime_dylib.is_empty() {
             return Err(Invalid::new("onnxruntime_dylib", "must name libonnxruntime.so"));
         }
+        let eps = &self.model.execution_providers;
+        if eps.is_empty() {
+            return Err(Invalid::new("model.execution_providers", "must list at least one provider (e.g. [\"cpu\"])"));
+        }
+        for (i, ep) in eps.iter().enumerate() {
+            if eps[..i].contains(ep) {
+                return Err(Invalid::new("model.execution_providers", format!("{} is listed twice", ep.as_str())));
+            }
+        }
+        if let Some(i) = eps.iter().position(|e| *e == ExecutionProvider::Cpu)
+            && i + 1 != eps.len()
+        {
+            return Err(Invalid::new("model.execution_providers", "cpu must come last (it takes every node)"));
+        }
+        self.registry.validate()?;
         check_range("max_rows", self.max_rows, 1..=100_000)?;
         check_range("model.device_id", self.model.device_id, 0..=i32::MAX)?;
+        check_range("model.intra_threads", self.model.intra_threads, 0..=256)?;
+        check_range("batching.sessions", self.batching.sessions, 1..=64)?;
+        check_range("batching.max_batch_rows", self.batching.max_batch_rows, 1..=100_000)?;
+        check_duration(
+            "batching.max_queue_delay",
+            self.batching.max_queue_delay,
+            Duration::ZERO,
+            Duration::from_millis(100),
+        )?;
+        check_range("batching.max_queue_rows", self.batching.max_queue_rows, self.max_rows..=10_000_000)
+            .map_err(|e| Invalid::new(e.key, format!("{} (at least max_rows, so any valid call can queue)", e.why)))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> RankerConfig {
+        RankerConfig {
+            model: ModelConfig {
+                dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/ctr-baseline"),
+                ..ModelConfig::default()
+            },
+            ..RankerConfig::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        valid().validate().expect("defaults validate");
+    }
+
+    #[test]
+    fn provider_lists_are_checked() {
+        use ExecutionProvider::*;
+        for (list, why) in [
+            (vec![], "at least one"),
+            (vec![Cuda, Cuda], "cuda is listed twice"),
+            (vec![Cpu, Cuda], "cpu must come last"),
+        ] {
+            let mut c = valid();
+            c.model.execution_providers = list;
+            let err = c.validate().unwrap_err();
+            assert_eq!(err.key, "model.execution_providers");
+            assert!(err.why.contains(why), "{err}");
+        }
+        let mut c = valid();
+        c.model.execution_providers = vec![Tensorrt, Cuda, Cpu];
+        c.validate().expect("the GPU list validates");
+    }
+
+    #[test]
+    fn batching_limits_are_checked() {
+        let mut c = valid();
+        c.batching.max_queue_rows = c.max_rows - 1;
+        assert_eq!(c.validate().unwrap_err().key, "batching.max_queue_rows");
+        let mut c = valid();
+        c.batching.sessions = 0;
+        assert_eq!(c.validate().unwrap_err().key, "batching.sessions");
+        let mut c = valid();
+        c.batching.max_queue_delay = Duration::from_secs(1);
+        assert_eq!(c.validate().unwrap_err().key, "batching.max_queue_delay");
     }
 }

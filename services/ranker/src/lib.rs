@@ -4,12 +4,20 @@
 //! A model is a directory holding `model.onnx` and `manifest.json` (written by
 //! `training/`). The manifest's `feature_order` names the columns the model
 //! reads; rows are gathered from the request matrix *by name*, so column order
-//! on the wire can never silently skew a prediction.
+//! on the wire can never silently skew a prediction. Concurrent calls are
+//! batched ([`batcher`]) onto a bounded pool of sessions.
 
+pub mod batcher;
 pub mod config;
+pub mod follow;
 pub mod model;
 pub mod service;
 
-pub use config::{ExecutionProvider, RankerConfig};
+pub use batcher::{BatchStats, Batcher, ScoreError};
+pub use config::{BatchingConfig, ExecutionProvider, ModelConfig, RankerConfig};
+pub use follow::{Serving, Source};
 pub use model::{CtrModel, ModelError, ModelManifest};
 pub use service::RankerGrpc;
+
+#[cfg(test)]
+mod tests;

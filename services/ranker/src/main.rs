@@ -1,8 +1,11 @@
-//! adserve-ranker: config -> telemetry -> load model -> serve.
-use std::sync::Arc;
+//! adserve-ranker: config -> telemetry -> load and check the model (the
+//! registry's production version, else model.dir) -> follow the registry ->
+//! serve.
+use std::{sync::Arc, time::Duration};
 
 use adserve_proto::service_names;
-use adserve_ranker::{CtrModel, RankerConfig, RankerGrpc};
+use adserve_ranker::{RankerConfig, RankerGrpc, follow};
+use adserve_registry::Registry;
 use tonic::service::Routes;
 
 #[tokio::main]
@@ -10,8 +13,33 @@ async fn main() -> anyhow::Result<()> {
     let config: RankerConfig = adserve_core::load_config()?;
     let (_telemetry, lifecycle, listener) =
         adserve_core::bootstrap(adserve_core::build_info!("adserve-ranker"), &config.server, &config.telemetry).await?;
-    let model = Arc::new(CtrModel::load(&config.model, &config.onnxruntime_dylib)?);
-    let routes = Routes::new(RankerGrpc::new(model, config.max_rows).into_server());
+    let registry = match config.registry.enabled {
+        true => Some(Registry::connect_lazy(&config.registry.postgres)?),
+        false => None,
+    };
+    let serving = Arc::new(
+        follow::initial(
+            registry.as_ref(),
+            &config.registry,
+            &config.model,
+            &config.batching,
+            &config.onnxruntime_dylib,
+            Duration::from_secs(5),
+        )
+        .await?,
+    );
+    if let Some(registry) = registry {
+        tokio::spawn(follow::follow(
+            registry,
+            config.registry.clone(),
+            config.model.clone(),
+            config.batching.clone(),
+            config.onnxruntime_dylib.clone(),
+            serving.clone(),
+        ));
+    }
+    let service = RankerGrpc::new(serving, config.max_rows, config.server.request_timeout);
+    let routes = Routes::new(service.into_server());
     adserve_core::grpc::serve(listener, routes, &[service_names::RANKER], &lifecycle).await?;
     Ok(())
 }

@@ -1,47 +1,39 @@
-//! Loading a CTR model (ONNX + manifest) and scoring matrices with it.
+//! Loading a CTR model (ONNX + manifest): the checks that keep a bad model
+//! out of service, the execution providers, and the sessions it runs on.
+//!
+//! A model is refused at load, never at its first request: the manifest must
+//! name features the registry knows, `model.onnx` must hash to the manifest's
+//! `onnx_sha256` (a torn or swapped file), the graph's input and output must
+//! have the names, dtypes and widths the manifest promises, and a warm-up run
+//! on every session must return one probability per row.
 
-use std::{
-    path::{Path, PathBuf},
-    sync::{Mutex, OnceLock},
-};
+use std::sync::OnceLock;
 
 use adserve_proto::v1::FeatureMatrix;
-use ort::{environment::Environment, session::Session, value::Tensor};
-use serde::{Deserialize, Serialize};
+pub use adserve_registry::ModelManifest;
+use adserve_registry::{ManifestError, read_model_dir};
+use ort::{
+    environment::Environment,
+    session::Session,
+    value::{TensorElementType, ValueType},
+};
 
-use crate::config::{ExecutionProvider, ModelConfig};
+use crate::{
+    batcher::Batcher,
+    config::{BatchingConfig, ExecutionProvider, ModelConfig},
+};
 
 /// Lowest pCTR handed to the auction (a sigmoid can underflow to 0, and the
 /// auction divides by pCTR to price): the auction's own floor.
 pub use adserve_auction::MIN_PCTR;
 
-/// `manifest.json`, written by the trainer next to `model.onnx`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ModelManifest {
-    /// Unique model version, logged with every impression.
-    pub model_version: String,
-    /// Name of the `[N, F]` float32 input.
-    pub input_name: String,
-    /// Name of the `[N, 1]` (or `[N]`) float32 output.
-    pub output_name: String,
-    /// Feature names, in the model's column order.
-    pub feature_order: Vec<String>,
-    /// Anything else the trainer recorded (metrics, data, timestamps).
-    #[serde(flatten)]
-    pub extra: serde_json::Map<String, serde_json::Value>,
-}
-
-/// Why a model cannot be loaded or cannot score a request.
+/// Why a model cannot be loaded or a batch cannot be scored.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    /// The manifest is missing or malformed.
-    #[error("model manifest {path}: {why}")]
-    Manifest {
-        /// Manifest path.
-        path: PathBuf,
-        /// What is wrong.
-        why: String,
-    },
+    /// The manifest is missing or malformed, the file unreadable, or not
+    /// the file the manifest describes.
+    #[error(transparent)]
+    Artifact(#[from] ManifestError),
     /// The ONNX Runtime shared library could not be loaded.
     #[error("onnxruntime: cannot load {dylib}: {source}")]
     Load {
@@ -61,19 +53,32 @@ pub enum ModelError {
     /// The ONNX graph does not match its manifest.
     #[error("model.onnx does not match its manifest: {0}")]
     Mismatch(String),
-    /// A scoring call panicked while holding the session.
-    #[error("onnxruntime session lock poisoned by an earlier panic")]
-    Poisoned,
-    /// The request matrix does not fit the model.
-    #[error("{0}")]
-    BadInput(String),
     /// The model produced something that is not a probability.
     #[error("model output: {0}")]
     BadOutput(String),
+    /// The loading task panicked.
+    #[error("loading the model panicked: {0}")]
+    Panicked(String),
+}
+
+impl ModelError {
+    /// Short label for `adserve_ranker_model_load_failures_total{reason}`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Artifact(ManifestError::Invalid { .. }) => "manifest",
+            Self::Artifact(ManifestError::File { .. }) => "file",
+            Self::Artifact(ManifestError::Checksum { .. }) => "checksum",
+            Self::Load { .. } => "onnxruntime_library",
+            Self::Runtime { .. } => "onnxruntime",
+            Self::Mismatch(_) => "mismatch",
+            Self::BadOutput(_) => "bad_output",
+            Self::Panicked(_) => "panic",
+        }
+    }
 }
 
 /// The process-wide ONNX Runtime environment (ONNX Runtime allows one).
-fn environment(dylib: &str) -> Result<&'static Environment, ModelError> {
+pub(crate) fn environment(dylib: &str) -> Result<&'static Environment, ModelError> {
     static ENV: OnceLock<Environment> = OnceLock::new();
     if let Some(env) = ENV.get() {
         return Ok(env);
@@ -87,13 +92,11 @@ fn environment(dylib: &str) -> Result<&'static Environment, ModelError> {
     Ok(ENV.get_or_init(|| env))
 }
 
-/// A loaded, ready-to-score CTR model.
+/// A loaded, checked, warmed-up CTR model with its batching queue.
 pub struct CtrModel {
     manifest: ModelManifest,
-    /// `Session::run` needs `&mut`; dynamic batching (a later step) replaces
-    /// this lock with a queue that owns the session.
-    session: Mutex<Session>,
     provider: ExecutionProvider,
+    batcher: Batcher,
 }
 
 impl std::fmt::Debug for CtrModel {
@@ -105,31 +108,61 @@ impl std::fmt::Debug for CtrModel {
     }
 }
 
+impl Drop for CtrModel {
+    fn drop(&mut self) {
+        metrics::gauge!(
+            "adserve_ranker_sessions",
+            "model_version" => self.manifest.model_version.clone(),
+            "provider" => self.provider.as_str(),
+        )
+        .set(0.0);
+    }
+}
+
 impl CtrModel {
-    /// Loads `dir/manifest.json` and `dir/model.onnx`, checks the manifest
-    /// against the feature registry, and builds a session on the requested
-    /// execution provider (CPU when it is unavailable).
-    pub fn load(config: &ModelConfig, dylib: &str) -> Result<Self, ModelError> {
-        let manifest = read_manifest(&config.dir.join("manifest.json"))?;
+    /// Loads `dir/manifest.json` and `dir/model.onnx`, checks both, builds
+    /// `batching.sessions` sessions on the first execution provider that
+    /// registers, warms each up, and starts the batching queue. Any failure
+    /// is counted in `adserve_ranker_model_load_failures_total{reason}`.
+    /// Blocking (file I/O, graph optimisation): call it off the runtime.
+    pub fn load(config: &ModelConfig, batching: &BatchingConfig, dylib: &str) -> Result<Self, ModelError> {
+        Self::try_load(config, batching, dylib).inspect_err(|e| {
+            metrics::counter!("adserve_ranker_model_load_failures_total", "reason" => e.reason()).increment(1);
+            tracing::error!(dir = %config.dir.display(), error = %e, "model refused");
+        })
+    }
+
+    fn try_load(config: &ModelConfig, batching: &BatchingConfig, dylib: &str) -> Result<Self, ModelError> {
+        let (manifest, bytes) = read_model_dir(&config.dir)?;
         let env = environment(dylib)?;
-        let runtime = |stage| move |source| ModelError::Runtime { stage, source };
-        let mut builder = Session::builder(env).map_err(runtime("creating a session builder"))?;
-        if config.intra_threads > 0 {
-            builder = builder
-                .with_intra_threads(config.intra_threads)
-                .map_err(|e| runtime("setting intra-op threads")(e.into()))?;
+        let mut sessions = Vec::with_capacity(batching.sessions);
+        let mut provider = ExecutionProvider::Cpu;
+        for i in 0..batching.sessions {
+            let (mut session, got) = build_session(env, config, &bytes)?;
+            if i == 0 {
+                check_graph(&session, &manifest)?;
+                provider = got;
+            }
+            warm_up(&mut session, &manifest, batching.max_batch_rows)?;
+            sessions.push(session);
         }
-        let (mut builder, provider) = with_provider(builder, config);
-        let session = builder.commit_from_file(config.dir.join("model.onnx")).map_err(runtime("loading model.onnx"))?;
-        let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
-        if !names.contains(&manifest.input_name.as_str()) {
-            return Err(ModelError::Mismatch(format!(
-                "model.onnx has inputs {names:?}, manifest input_name is {:?}",
-                manifest.input_name
-            )));
-        }
-        tracing::info!(version = %manifest.model_version, ?provider, features = manifest.feature_order.len(), "model loaded");
-        Ok(Self { manifest, session: Mutex::new(session), provider })
+        metrics::gauge!(
+            "adserve_ranker_sessions",
+            "model_version" => manifest.model_version.clone(),
+            "provider" => provider.as_str(),
+        )
+        .set(sessions.len() as f64);
+        tracing::info!(
+            version = %manifest.model_version,
+            provider = provider.as_str(),
+            sessions = sessions.len(),
+            features = manifest.feature_order.len(),
+            max_batch_rows = batching.max_batch_rows,
+            max_queue_delay = ?batching.max_queue_delay,
+            "model loaded"
+        );
+        let batcher = Batcher::start(sessions, manifest.clone(), batching.clone());
+        Ok(Self { manifest, provider, batcher })
     }
 
     /// The manifest of this model.
@@ -137,218 +170,227 @@ impl CtrModel {
         &self.manifest
     }
 
-    /// The execution provider actually in use.
+    /// The execution provider the sessions actually got.
     pub fn provider(&self) -> ExecutionProvider {
         self.provider
     }
 
-    /// Scores every row of `matrix`. Columns are picked by name in the
-    /// manifest's order; extra columns are ignored, missing ones are an error.
-    /// Blocking (runs ONNX Runtime): call from `spawn_blocking`.
-    pub fn score(&self, matrix: &FeatureMatrix) -> Result<Vec<f32>, ModelError> {
-        matrix.check_shape().map_err(ModelError::BadInput)?;
-        let rows = matrix.num_rows as usize;
-        let cols = matrix.num_cols();
-        let index: Vec<usize> = self
-            .manifest
-            .feature_order
-            .iter()
-            .map(|name| {
-                matrix.feature_names.iter().position(|n| n == name).ok_or_else(|| {
-                    ModelError::BadInput(format!(
-                        "matrix.feature_names lacks {name:?}, which model {} needs",
-                        self.manifest.model_version
-                    ))
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        let width = index.len();
-        let mut input = Vec::with_capacity(rows * width);
-        for r in 0..rows {
-            let row = &matrix.values[r * cols..(r + 1) * cols];
-            for (c, &i) in index.iter().enumerate() {
-                let v = row[i];
-                if !v.is_finite() {
-                    return Err(ModelError::BadInput(format!(
-                        "matrix.values row {r} feature {:?} is {v}",
-                        self.manifest.feature_order[c]
-                    )));
-                }
-                input.push(v);
-            }
-        }
-        let tensor = Tensor::from_array(([rows, width], input))
-            .map_err(|source| ModelError::Runtime { stage: "building the input tensor", source })?;
-        let mut session = self.session.lock().map_err(|_| ModelError::Poisoned)?;
-        let outputs = session
-            .run(ort::inputs![self.manifest.input_name.as_str() => tensor])
-            .map_err(|source| ModelError::Runtime { stage: "run", source })?;
-        let output = outputs
-            .get(self.manifest.output_name.as_str())
-            .ok_or_else(|| ModelError::BadOutput(format!("no output named {:?}", self.manifest.output_name)))?;
-        let (_, values) = output.try_extract_tensor::<f32>().map_err(|e| ModelError::BadOutput(e.to_string()))?;
-        if values.len() != rows {
-            return Err(ModelError::BadOutput(format!("{} values for {rows} rows", values.len())));
-        }
-        values
-            .iter()
-            .map(|&p| {
-                if p.is_finite() && (0.0..=1.0).contains(&p) {
-                    Ok(p.max(MIN_PCTR))
-                } else {
-                    Err(ModelError::BadOutput(format!("pCTR {p} is not a probability")))
-                }
-            })
-            .collect()
+    /// The batching queue scoring for this model.
+    pub fn batcher(&self) -> &Batcher {
+        &self.batcher
+    }
+
+    /// The request's rows, gathered by name into the model's column order
+    /// (`rows × features`, row-major). Extra columns are ignored; a missing
+    /// column, a ragged matrix or a non-finite value is refused, named.
+    pub fn gather(&self, matrix: &FeatureMatrix) -> Result<Vec<f32>, String> {
+        gather(matrix, &self.manifest)
     }
 }
 
-fn read_manifest(path: &Path) -> Result<ModelManifest, ModelError> {
-    let bad = |why: String| ModelError::Manifest { path: path.to_path_buf(), why };
-    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-    let manifest: ModelManifest = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    if manifest.model_version.is_empty() {
-        return Err(bad("model_version is empty".into()));
-    }
-    if manifest.feature_order.is_empty() {
-        return Err(bad("feature_order is empty".into()));
-    }
-    let registry = adserve_features::registry();
-    for name in &manifest.feature_order {
-        if registry.index_of(name).is_none() {
-            return Err(bad(format!("feature {name:?} is not in the feature registry")));
+/// See [`CtrModel::gather`].
+pub fn gather(matrix: &FeatureMatrix, manifest: &ModelManifest) -> Result<Vec<f32>, String> {
+    matrix.check_shape()?;
+    let rows = matrix.num_rows as usize;
+    let cols = matrix.num_cols();
+    let index: Vec<usize> = manifest
+        .feature_order
+        .iter()
+        .map(|name| {
+            matrix.feature_names.iter().position(|n| n == name).ok_or_else(|| {
+                format!("matrix.feature_names lacks {name:?}, which model {} needs", manifest.model_version)
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let mut input = Vec::with_capacity(rows * index.len());
+    for (r, row) in matrix.values.chunks_exact(cols.max(1)).take(rows).enumerate() {
+        for (c, &i) in index.iter().enumerate() {
+            let v = row[i];
+            if !v.is_finite() {
+                return Err(format!("matrix.values row {r} feature {:?} is {v}", manifest.feature_order[c]));
+            }
+            input.push(v);
         }
     }
-    Ok(manifest)
+    Ok(input)
+}
+
+/// The graph must take exactly one float32 `[N, F]` input named as the
+/// manifest says, with F equal to the manifest's feature count (or dynamic)
+/// and N dynamic (batching stacks calls), and produce a float32 `[N]` or
+/// `[N, 1]` output under the manifest's output name.
+fn check_graph(session: &Session, m: &ModelManifest) -> Result<(), ModelError> {
+    let mismatch = |s: String| Err(ModelError::Mismatch(s));
+    let inputs = session.inputs();
+    let names: Vec<&str> = inputs.iter().map(|i| i.name()).collect();
+    let [input] = inputs else {
+        return mismatch(format!("model.onnx has inputs {names:?}; this ranker feeds exactly one, {:?}", m.input_name));
+    };
+    if input.name() != m.input_name {
+        return mismatch(format!("model.onnx has input {:?}, manifest input_name is {:?}", input.name(), m.input_name));
+    }
+    let (ty, shape) = tensor_of(input.dtype());
+    if ty != Some(TensorElementType::Float32) {
+        return mismatch(format!("input {:?} is {}, not a float32 tensor", m.input_name, describe(input.dtype())));
+    }
+    let width = m.feature_order.len() as i64;
+    match shape.as_deref() {
+        Some([n, f]) if *n < 0 && (*f < 0 || *f == width) => {}
+        Some([n, _]) if *n >= 0 => {
+            return mismatch(format!(
+                "input {:?} has a fixed batch dimension {n}; requests are stacked, so it must be dynamic",
+                m.input_name
+            ));
+        }
+        Some([_, f]) => {
+            return mismatch(format!("input {:?} has {f} columns, manifest feature_order has {width}", m.input_name));
+        }
+        other => return mismatch(format!("input {:?} has shape {other:?}, not [N, {width}]", m.input_name)),
+    }
+    let outputs = session.outputs();
+    let Some(output) = outputs.iter().find(|o| o.name() == m.output_name) else {
+        let names: Vec<&str> = outputs.iter().map(|o| o.name()).collect();
+        return mismatch(format!("model.onnx has outputs {names:?}, manifest output_name is {:?}", m.output_name));
+    };
+    let (ty, shape) = tensor_of(output.dtype());
+    if ty != Some(TensorElementType::Float32) {
+        return mismatch(format!("output {:?} is {}, not a float32 tensor", m.output_name, describe(output.dtype())));
+    }
+    match shape.as_deref() {
+        Some([_]) | Some([_, 1]) | Some([_, -1]) => Ok(()),
+        other => mismatch(format!("output {:?} has shape {other:?}, not [N] or [N, 1]", m.output_name)),
+    }
+}
+
+fn tensor_of(t: &ValueType) -> (Option<TensorElementType>, Option<Vec<i64>>) {
+    match t {
+        ValueType::Tensor { ty, shape, .. } => (Some(*ty), Some(shape.to_vec())),
+        _ => (None, None),
+    }
+}
+
+fn describe(t: &ValueType) -> String {
+    match t {
+        ValueType::Tensor { ty, .. } => format!("a {ty:?} tensor"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Runs one row and a full batch of the registry's defaults: the first call's
+/// graph initialisation happens now, not on a request, and a graph that
+/// fails at run time (a wrong width behind a dynamic dimension) is refused.
+fn warm_up(session: &mut Session, manifest: &ModelManifest, max_batch_rows: usize) -> Result<(), ModelError> {
+    let registry = adserve_features::registry();
+    let defaults = registry.defaults();
+    let row: Vec<f32> =
+        manifest.feature_order.iter().map(|n| registry.index_of(n).map(|i| defaults[i]).unwrap_or_default()).collect();
+    for rows in [1, max_batch_rows.min(1024)] {
+        let input: Vec<f32> = row.iter().copied().cycle().take(rows * row.len()).collect();
+        let scores = run(session, manifest, input, rows)?;
+        if let Some((i, p)) = scores.iter().enumerate().find(|(_, p)| !(p.is_finite() && (0.0..=1.0).contains(*p))) {
+            return Err(ModelError::BadOutput(format!("warm-up row {i} scored {p}, not a probability")));
+        }
+    }
+    Ok(())
+}
+
+/// One `session.run` over `rows` rows (`input` is `rows × features`): the
+/// raw output, one value per row.
+pub(crate) fn run(
+    session: &mut Session,
+    manifest: &ModelManifest,
+    input: Vec<f32>,
+    rows: usize,
+) -> Result<Vec<f32>, ModelError> {
+    let width = manifest.feature_order.len();
+    let tensor = ort::value::Tensor::from_array(([rows, width], input))
+        .map_err(|source| ModelError::Runtime { stage: "building the input tensor", source })?;
+    let outputs = session
+        .run(ort::inputs![manifest.input_name.as_str() => tensor])
+        .map_err(|source| ModelError::Runtime { stage: "run", source })?;
+    let output = outputs
+        .get(manifest.output_name.as_str())
+        .ok_or_else(|| ModelError::BadOutput(format!("no output named {:?}", manifest.output_name)))?;
+    let (_, values) = output.try_extract_tensor::<f32>().map_err(|e| ModelError::BadOutput(e.to_string()))?;
+    if values.len() != rows {
+        return Err(ModelError::BadOutput(format!("{} values for {rows} rows", values.len())));
+    }
+    Ok(values.to_vec())
+}
+
+fn build_session(
+    env: &Environment,
+    config: &ModelConfig,
+    bytes: &[u8],
+) -> Result<(Session, ExecutionProvider), ModelError> {
+    let runtime = |stage| move |source| ModelError::Runtime { stage, source };
+    let mut builder = Session::builder(env).map_err(runtime("creating a session builder"))?;
+    if config.intra_threads > 0 {
+        builder = builder
+            .with_intra_threads(config.intra_threads)
+            .map_err(|e| runtime("setting intra-op threads")(e.into()))?;
+    }
+    let (mut builder, provider) = with_providers(builder, config);
+    let session = builder.commit_from_memory(bytes).map_err(runtime("loading model.onnx"))?;
+    Ok((session, provider))
 }
 
 type Builder = ort::session::builder::SessionBuilder;
 
-/// Registers the requested GPU provider when compiled in; on any failure logs
-/// a warning and returns the builder unchanged (CPU).
-fn with_provider(builder: Builder, config: &ModelConfig) -> (Builder, ExecutionProvider) {
-    match config.execution_provider {
-        ExecutionProvider::Cpu => (builder, ExecutionProvider::Cpu),
-        #[cfg(feature = "cuda")]
-        ExecutionProvider::Cuda => {
-            let ep = ort::ep::CUDA::default().with_device_id(config.device_id).build().error_on_failure();
-            match builder.with_execution_providers([ep]) {
-                Ok(b) => (b, ExecutionProvider::Cuda),
-                Err(e) => {
-                    tracing::warn!(error = %e, "CUDA execution provider unavailable, falling back to CPU");
-                    (e.recover(), ExecutionProvider::Cpu)
-                }
-            }
+/// Registers the first provider of `model.execution_providers` that works,
+/// with those after it as fallbacks for nodes it cannot run. A provider that
+/// is not compiled in, or that this ONNX Runtime build or machine cannot
+/// register, is logged and counted in
+/// `adserve_ranker_provider_fallbacks_total{requested,reason}`.
+fn with_providers(mut builder: Builder, config: &ModelConfig) -> (Builder, ExecutionProvider) {
+    let list = &config.execution_providers;
+    for (i, &ep) in list.iter().enumerate() {
+        if ep == ExecutionProvider::Cpu {
+            return (builder, ExecutionProvider::Cpu);
         }
-        #[cfg(feature = "tensorrt")]
-        ExecutionProvider::Tensorrt => {
-            let eps = [
-                ort::ep::TensorRT::default().with_device_id(config.device_id).build().error_on_failure(),
-                ort::ep::CUDA::default().with_device_id(config.device_id).build(),
-            ];
-            match builder.with_execution_providers(eps) {
-                Ok(b) => (b, ExecutionProvider::Tensorrt),
-                Err(e) => {
-                    tracing::warn!(error = %e, "TensorRT execution provider unavailable, falling back to CPU");
-                    (e.recover(), ExecutionProvider::Cpu)
-                }
+        let Some(first) = dispatch(ep, config) else {
+            fallback(ep, "not_compiled", "this build lacks the cargo feature (cuda / tensorrt)");
+            continue;
+        };
+        let rest = list[i + 1..].iter().filter_map(|&e| dispatch(e, config)).map(|d| d.fail_silently());
+        let eps: Vec<_> = std::iter::once(first.error_on_failure()).chain(rest).collect();
+        match builder.with_execution_providers(eps) {
+            Ok(b) => return (b, ep),
+            Err(e) => {
+                fallback(ep, "unavailable", &e.to_string());
+                builder = e.recover();
             }
-        }
-        #[allow(unreachable_patterns)]
-        other => {
-            tracing::warn!(requested = ?other, "this build has no GPU execution providers (cargo features cuda/tensorrt); using CPU");
-            (builder, ExecutionProvider::Cpu)
         }
     }
+    (builder, ExecutionProvider::Cpu)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+fn fallback(ep: ExecutionProvider, reason: &'static str, detail: &str) {
+    metrics::counter!("adserve_ranker_provider_fallbacks_total", "requested" => ep.as_str(), "reason" => reason)
+        .increment(1);
+    tracing::warn!(requested = ep.as_str(), reason, detail, "execution provider not used; trying the next one");
+}
 
-    /// The committed baseline model. Fails (rather than passing vacuously)
-    /// without ONNX Runtime: `make test` sets ORT_DYLIB_PATH.
-    fn baseline() -> CtrModel {
-        let dylib = std::env::var("ORT_DYLIB_PATH")
-            .expect("ORT_DYLIB_PATH is unset: run the ranker tests through `make test` (scripts/env.sh)");
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/ctr-baseline");
-        let config = ModelConfig { dir, ..ModelConfig::default() };
-        CtrModel::load(&config, &dylib).expect("baseline model loads")
-    }
-
-    fn matrix(model: &CtrModel, rows: usize) -> FeatureMatrix {
-        let registry = adserve_features::registry();
-        let names: Vec<String> = registry.names().iter().map(|s| s.to_string()).collect();
-        let mut values = Vec::new();
-        for r in 0..rows {
-            values.extend(registry.defaults().iter().map(|d| d + r as f32 * 0.01));
+/// The ort dispatch for a GPU provider, if compiled in.
+#[allow(unused_variables)]
+fn dispatch(ep: ExecutionProvider, config: &ModelConfig) -> Option<ort::ep::ExecutionProviderDispatch> {
+    match ep {
+        ExecutionProvider::Cpu => None,
+        #[cfg(feature = "cuda")]
+        ExecutionProvider::Cuda => Some(ort::ep::CUDA::default().with_device_id(config.device_id).build()),
+        #[cfg(feature = "tensorrt")]
+        ExecutionProvider::Tensorrt => {
+            let mut trt = ort::ep::TensorRT::default().with_device_id(config.device_id).with_fp16(config.tensorrt.fp16);
+            if let Some(dir) = &config.tensorrt.engine_cache_dir {
+                trt = trt
+                    .with_engine_cache(true)
+                    .with_engine_cache_path(dir.display())
+                    .with_timing_cache(true)
+                    .with_timing_cache_path(dir.display());
+            }
+            Some(trt.build())
         }
-        assert!(model.manifest().feature_order.iter().all(|f| names.contains(f)));
-        FeatureMatrix { feature_names: names, num_rows: rows as u32, values }
-    }
-
-    #[test]
-    fn scores_are_probabilities_one_per_row() {
-        let model = baseline();
-        let scores = model.score(&matrix(&model, 7)).expect("scores");
-        assert_eq!(scores.len(), 7);
-        assert!(scores.iter().all(|p| (MIN_PCTR..=1.0).contains(p)));
-    }
-
-    #[test]
-    fn columns_are_matched_by_name_not_position() {
-        let model = baseline();
-        let m = matrix(&model, 3);
-        let want = model.score(&m).expect("scores");
-        // Reverse the column order: same features, same scores.
-        let cols = m.num_cols();
-        let mut names = m.feature_names.clone();
-        names.reverse();
-        let mut values = Vec::new();
-        for r in 0..3 {
-            let mut row = m.row(r).expect("row").to_vec();
-            row.reverse();
-            values.extend(row);
-        }
-        let reversed = FeatureMatrix { feature_names: names, num_rows: 3, values };
-        assert_eq!(reversed.values.len(), 3 * cols);
-        assert_eq!(model.score(&reversed).expect("scores"), want);
-    }
-
-    #[test]
-    fn a_missing_feature_is_named() {
-        let model = baseline();
-        let mut m = matrix(&model, 1);
-        let missing = model.manifest().feature_order[0].clone();
-        let i = m.feature_names.iter().position(|n| *n == missing).expect("present");
-        m.feature_names.remove(i);
-        m.values.remove(i);
-        let err = model.score(&m).unwrap_err().to_string();
-        assert!(err.contains(&missing), "{err}");
-    }
-
-    #[test]
-    fn ragged_and_non_finite_matrices_are_rejected() {
-        let model = baseline();
-        let mut m = matrix(&model, 2);
-        m.values.pop();
-        assert!(matches!(model.score(&m), Err(ModelError::BadInput(_))));
-        let mut m = matrix(&model, 2);
-        m.values[3] = f32::NAN;
-        let err = model.score(&m).unwrap_err().to_string();
-        assert!(err.contains("row 0"), "{err}");
-    }
-
-    #[test]
-    fn manifest_with_unregistered_feature_is_refused() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("manifest.json");
-        std::fs::write(
-            &path,
-            r#"{"model_version":"v","input_name":"features","output_name":"pctr","feature_order":["nope"]}"#,
-        )
-        .expect("write");
-        let err = read_manifest(&path).unwrap_err().to_string();
-        assert!(err.contains("\"nope\" is not in the feature registry"), "{err}");
+        #[allow(unreachable_patterns)]
+        _ => None,
     }
 }

@@ -1,6 +1,9 @@
 //! gRPC face of the ranker.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use adserve_proto::v1::{
     GetModelRequest, GetModelResponse, ScoreRequest, ScoreResponse,
@@ -8,19 +11,23 @@ use adserve_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::{CtrModel, ExecutionProvider, model::ModelError};
+use crate::{batcher::ScoreError, follow::Serving};
 
-/// Serves `adserve.v1.RankerService` with one loaded model.
+/// Serves `adserve.v1.RankerService` with the production model of
+/// [`Serving`] (swapped under it by the registry follower).
 #[derive(Debug, Clone)]
 pub struct RankerGrpc {
-    model: Arc<CtrModel>,
+    serving: Arc<Serving>,
     max_rows: usize,
+    request_timeout: Duration,
 }
 
 impl RankerGrpc {
-    /// A service scoring with `model`, refusing matrices above `max_rows`.
-    pub fn new(model: Arc<CtrModel>, max_rows: usize) -> Self {
-        Self { model, max_rows }
+    /// A service scoring with `serving`'s model, refusing matrices above
+    /// `max_rows`; a call's work is dropped once it is older than the
+    /// caller's `grpc-timeout` or `request_timeout`, whichever is shorter.
+    pub fn new(serving: Arc<Serving>, max_rows: usize, request_timeout: Duration) -> Self {
+        Self { serving, max_rows, request_timeout }
     }
 
     /// The tonic server for this service.
@@ -29,10 +36,22 @@ impl RankerGrpc {
     }
 }
 
+/// The gRPC status for a call the queue did not score.
+pub fn status(e: &ScoreError) -> Status {
+    match e {
+        ScoreError::DeadlineExceeded { .. } => Status::deadline_exceeded(e.to_string()),
+        ScoreError::Overloaded { .. } => Status::resource_exhausted(e.to_string()),
+        ScoreError::Closed(_) => Status::unavailable(e.to_string()),
+        ScoreError::Failed(_) => Status::internal(e.to_string()),
+    }
+}
+
 #[tonic::async_trait]
 impl RankerService for RankerGrpc {
     async fn score(&self, request: Request<ScoreRequest>) -> Result<Response<ScoreResponse>, Status> {
         let start = Instant::now();
+        let limit = adserve_core::grpc::caller_timeout(request.metadata())
+            .map_or(self.request_timeout, |t| t.min(self.request_timeout));
         let matrix = request.into_inner().matrix.ok_or_else(|| Status::invalid_argument("matrix: required"))?;
         let rows = matrix.num_rows as usize;
         if rows == 0 || rows > self.max_rows {
@@ -41,33 +60,22 @@ impl RankerService for RankerGrpc {
                 self.max_rows
             )));
         }
-        let model = self.model.clone();
-        let scores = tokio::task::spawn_blocking(move || model.score(&matrix))
-            .await
-            .map_err(|e| Status::internal(format!("scoring task failed: {e}")))?
-            .map_err(|e| match e {
-                ModelError::BadInput(m) => Status::invalid_argument(m),
-                other => {
-                    tracing::error!(error = %other, "scoring failed");
-                    Status::internal(other.to_string())
-                }
-            })?;
+        // This call's model: a swap during the call does not change it.
+        let model = self.serving.production();
+        let input = model.gather(&matrix).map_err(Status::invalid_argument)?;
+        let scores = model.batcher().score(input, rows, Some(start + limit)).await.map_err(|e| status(&e))?;
         metrics::histogram!("adserve_ranker_score_seconds").record(start.elapsed().as_secs_f64());
         metrics::histogram!("adserve_ranker_rows").record(rows as f64);
-        Ok(Response::new(ScoreResponse { pctr: scores, model_version: self.model.manifest().model_version.clone() }))
+        Ok(Response::new(ScoreResponse { pctr: scores, model_version: model.manifest().model_version.clone() }))
     }
 
     async fn get_model(&self, _: Request<GetModelRequest>) -> Result<Response<GetModelResponse>, Status> {
-        let m = self.model.manifest();
-        let provider = match self.model.provider() {
-            ExecutionProvider::Cpu => "cpu",
-            ExecutionProvider::Cuda => "cuda",
-            ExecutionProvider::Tensorrt => "tensorrt",
-        };
+        let model = self.serving.production();
+        let m = model.manifest();
         Ok(Response::new(GetModelResponse {
             model_version: m.model_version.clone(),
             feature_order: m.feature_order.clone(),
-            execution_provider: provider.into(),
+            execution_provider: model.provider().as_str().into(),
         }))
     }
 }

@@ -1,0 +1,218 @@
+//! Model loading and batching against the committed baseline model in a real
+//! ONNX Runtime. They fail (rather than pass vacuously) without ONNX Runtime:
+//! `make test` sets ORT_DYLIB_PATH.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use adserve_proto::v1::FeatureMatrix;
+use adserve_registry::ManifestError;
+
+use crate::{BatchingConfig, CtrModel, ModelConfig, ModelError, ScoreError, model::MIN_PCTR};
+
+fn dylib() -> String {
+    std::env::var("ORT_DYLIB_PATH")
+        .expect("ORT_DYLIB_PATH is unset: run the ranker tests through `make test` (scripts/env.sh)")
+}
+
+fn baseline_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/ctr-baseline")
+}
+
+fn load_from(dir: &Path, batching: &BatchingConfig) -> Result<CtrModel, ModelError> {
+    let config = ModelConfig { dir: dir.to_path_buf(), ..ModelConfig::default() };
+    CtrModel::load(&config, batching, &dylib())
+}
+
+fn baseline(batching: BatchingConfig) -> CtrModel {
+    load_from(&baseline_dir(), &batching).expect("baseline model loads")
+}
+
+/// Batches flush only when full: what a test can count on without timing.
+fn flush_when_full(rows: usize) -> BatchingConfig {
+    BatchingConfig {
+        sessions: 1,
+        max_batch_rows: rows,
+        max_queue_delay: Duration::from_secs(3600),
+        max_queue_rows: 100_000,
+    }
+}
+
+fn matrix(rows: usize) -> FeatureMatrix {
+    let registry = adserve_features::registry();
+    let names: Vec<String> = registry.names().iter().map(|s| s.to_string()).collect();
+    let mut values = Vec::new();
+    for r in 0..rows {
+        values.extend(registry.defaults().iter().map(|d| d + r as f32 * 0.01));
+    }
+    FeatureMatrix { feature_names: names, num_rows: rows as u32, values }
+}
+
+async fn score(model: &CtrModel, m: &FeatureMatrix) -> Result<Vec<f32>, ScoreError> {
+    let input = model.gather(m).expect("valid matrix");
+    model.batcher().score(input, m.num_rows as usize, None).await
+}
+
+#[tokio::test]
+async fn scores_are_probabilities_one_per_row() {
+    let model = baseline(BatchingConfig::default());
+    let scores = score(&model, &matrix(7)).await.expect("scores");
+    assert_eq!(scores.len(), 7);
+    assert!(scores.iter().all(|p| (MIN_PCTR..=1.0).contains(p)));
+    assert_eq!(model.provider().as_str(), "cpu");
+}
+
+#[tokio::test]
+async fn columns_are_matched_by_name_not_position() {
+    let model = baseline(BatchingConfig::default());
+    let m = matrix(3);
+    let want = score(&model, &m).await.expect("scores");
+    let mut names = m.feature_names.clone();
+    names.reverse();
+    let mut values = Vec::new();
+    for r in 0..3 {
+        let mut row = m.row(r).expect("row").to_vec();
+        row.reverse();
+        values.extend(row);
+    }
+    let reversed = FeatureMatrix { feature_names: names, num_rows: 3, values };
+    assert_eq!(score(&model, &reversed).await.expect("scores"), want);
+}
+
+#[tokio::test]
+async fn missing_ragged_and_non_finite_input_is_named() {
+    let model = baseline(BatchingConfig::default());
+    let mut m = matrix(1);
+    let missing = model.manifest().feature_order[0].clone();
+    let i = m.feature_names.iter().position(|n| *n == missing).expect("present");
+    m.feature_names.remove(i);
+    m.values.remove(i);
+    let err = model.gather(&m).unwrap_err();
+    assert!(err.contains(&missing), "{err}");
+    let mut m = matrix(2);
+    m.values.pop();
+    assert!(model.gather(&m).is_err());
+    let mut m = matrix(2);
+    let col = m.feature_names.iter().position(|n| *n == missing).expect("present");
+    let cols = m.num_cols();
+    m.values[cols + col] = f32::INFINITY;
+    let err = model.gather(&m).unwrap_err();
+    assert!(err.contains("row 1") && err.contains(&missing), "{err}");
+}
+
+#[tokio::test]
+async fn concurrent_calls_share_one_run_and_get_their_own_rows_back() {
+    // 8 calls of 10 rows, a batch of 80 rows: one session.run for all.
+    let model = Arc::new(baseline(flush_when_full(80)));
+    let alone = baseline(BatchingConfig { max_batch_rows: 1, ..BatchingConfig::default() });
+    let calls: Vec<FeatureMatrix> = (0..8)
+        .map(|k| {
+            let mut m = matrix(10);
+            m.values.iter_mut().for_each(|v| *v += k as f32 * 0.05);
+            m
+        })
+        .collect();
+    let tasks: Vec<_> = calls
+        .iter()
+        .cloned()
+        .map(|m| {
+            let model = model.clone();
+            tokio::spawn(async move { score(&model, &m).await })
+        })
+        .collect();
+    for (task, m) in tasks.into_iter().zip(&calls) {
+        let batched = task.await.expect("task").expect("scores");
+        assert_eq!(batched, score(&alone, m).await.expect("scored alone"), "a call got another call's rows");
+    }
+    let stats = model.batcher().stats();
+    assert_eq!((stats.batches, stats.calls, stats.rows), (1, 8, 80), "{stats:?}");
+    assert_eq!(alone.batcher().stats().batches, 8, "max_batch_rows = 1 runs every call alone");
+}
+
+#[tokio::test]
+async fn a_call_past_its_deadline_is_answered_without_compute() {
+    let model = baseline(BatchingConfig::default());
+    let m = matrix(5);
+    let input = model.gather(&m).expect("valid");
+    let err = model.batcher().score(input, 5, Some(Instant::now())).await.unwrap_err();
+    assert!(matches!(err, ScoreError::DeadlineExceeded { .. }), "{err}");
+    let stats = model.batcher().stats();
+    assert_eq!((stats.batches, stats.expired), (0, 1), "{stats:?}");
+}
+
+#[tokio::test]
+async fn an_abandoned_call_is_skipped_and_a_full_queue_refuses_at_once() {
+    let model = Arc::new(baseline(BatchingConfig { max_queue_rows: 30, ..flush_when_full(30) }));
+    // A caller that gives up (the gateway's deadline) before its batch fills.
+    let gone = tokio::time::timeout(Duration::from_millis(20), score(&model, &matrix(10))).await;
+    assert!(gone.is_err(), "the batch cannot flush before it is full");
+    // 10 rows still queued (the skipped call leaves the queue only with its
+    // batch); 25 more would pass max_queue_rows = 30.
+    let err = score(&model, &matrix(25)).await.unwrap_err();
+    assert!(matches!(err, ScoreError::Overloaded { queued: 10, rows: 25, limit: 30 }), "{err}");
+    // Fill the batch: the abandoned call is skipped, the live one scored.
+    let scores = score(&model, &matrix(20)).await.expect("scores");
+    assert_eq!(scores.len(), 20);
+    let stats = model.batcher().stats();
+    assert_eq!((stats.batches, stats.calls, stats.rows, stats.cancelled), (1, 1, 20, 1), "{stats:?}");
+}
+
+/// A copy of the baseline model whose manifest has been edited by `edit`.
+fn edited_model(edit: impl FnOnce(&mut serde_json::Value), bytes: Option<&[u8]>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(baseline_dir().join("manifest.json")).expect("manifest")).expect("json");
+    let model = match bytes {
+        Some(b) => b.to_vec(),
+        None => std::fs::read(baseline_dir().join("model.onnx")).expect("model"),
+    };
+    edit(&mut manifest);
+    std::fs::write(dir.path().join("manifest.json"), serde_json::to_vec(&manifest).expect("json")).expect("write");
+    std::fs::write(dir.path().join("model.onnx"), model).expect("write");
+    dir
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+#[test]
+fn a_model_that_does_not_match_its_manifest_is_refused_at_load() {
+    let batching = BatchingConfig::default();
+    let refuse = |dir: &tempfile::TempDir| load_from(dir.path(), &batching).map(|_| ()).unwrap_err();
+
+    let swapped = edited_model(|m| m["onnx_sha256"] = "0".repeat(64).into(), None);
+    assert!(matches!(refuse(&swapped), ModelError::Artifact(ManifestError::Checksum { .. })));
+
+    let output = edited_model(|m| m["output_name"] = "probability".into(), None);
+    let err = refuse(&output).to_string();
+    assert!(err.contains("outputs [\"pctr\"]") && err.contains("\"probability\""), "{err}");
+
+    let input = edited_model(|m| m["input_name"] = "x".into(), None);
+    assert!(matches!(refuse(&input), ModelError::Mismatch(_)));
+
+    // One feature fewer than the graph's 8 columns.
+    let narrow = edited_model(|m| m["feature_order"].as_array_mut().expect("array").truncate(7), None);
+    let err = refuse(&narrow).to_string();
+    assert!(err.contains("8 columns") && err.contains("feature_order has 7"), "{err}");
+
+    let garbage = b"not an onnx graph";
+    let corrupt = edited_model(|m| m["onnx_sha256"] = sha256(garbage).into(), Some(garbage));
+    assert!(matches!(refuse(&corrupt), ModelError::Runtime { stage: "loading model.onnx", .. }));
+
+    let missing = tempfile::tempdir().expect("temp dir");
+    assert!(matches!(refuse(&missing), ModelError::Artifact(ManifestError::Invalid { .. })));
+}
+
+#[test]
+fn a_gpu_provider_list_falls_back_to_cpu_here() {
+    use crate::ExecutionProvider::*;
+    let config =
+        ModelConfig { dir: baseline_dir(), execution_providers: vec![Tensorrt, Cuda, Cpu], ..ModelConfig::default() };
+    let model = CtrModel::load(&config, &BatchingConfig::default(), &dylib()).expect("loads on CPU");
+    assert_eq!(model.provider(), Cpu, "no GPU and a CPU build of ONNX Runtime on this machine");
+}
