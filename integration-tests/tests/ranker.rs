@@ -16,6 +16,12 @@ use std::{
     time::Duration,
 };
 
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+
 use adserve_integration_tests::{Stack, binary, free_port, repo_root};
 use adserve_proto::v1::{FeatureMatrix, GetModelRequest, ScoreRequest, ranker_service_client::RankerServiceClient};
 use tonic::transport::Channel;
@@ -54,10 +60,13 @@ async fn a_gpu_provider_list_falls_back_to_cpu_and_says_so() -> anyhow::Result<(
     assert_eq!(scores.pctr.len(), 2);
     // Each GPU provider that was tried and passed over is counted, by reason.
     let text = reqwest::get(format!("http://127.0.0.1:{metrics}/metrics")).await?.text().await?;
+    // "unavailable", not "not_compiled": the providers are in this build and
+    // it is ONNX Runtime (a CPU build, no GPU) that turned them down.
     for requested in ["tensorrt", "cuda"] {
         assert!(
             text.lines().any(|l| l.starts_with("adserve_ranker_provider_fallbacks_total")
-                && l.contains(&format!("requested=\"{requested}\""))),
+                && l.contains(&format!("requested=\"{requested}\""))
+                && l.contains("reason=\"unavailable\"")),
             "no fallback counted for {requested}:\n{text}"
         );
     }
@@ -228,6 +237,9 @@ async fn adservectl_swaps_and_rolls_back_a_running_ranker_under_load_without_a_f
         "{out}"
     );
     serves(&mut client, "ctr-it-v1").await?;
+    // v1 was the first production version: nothing earlier to go back to.
+    let (success, _, stderr) = adservectl(&s, &schema, &["models", "rollback", "--name", name]).await?;
+    assert!(!success && stderr.contains("no earlier production version"), "{stderr}");
 
     // Illegal transitions are refused with the reason.
     let (success, _, stderr) =
@@ -295,4 +307,168 @@ async fn adservectl_swaps_and_rolls_back_a_running_ranker_under_load_without_a_f
     })?;
     sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE"))).execute(registry.pool()).await?;
     Ok(())
+}
+
+/// A TCP relay to PostgreSQL that can be frozen: while frozen, no byte moves
+/// in either direction and every connection stays open, which is what a
+/// SIGSTOPped database looks like from the ranker (a hung peer, not a dead
+/// one). The shared test database itself keeps serving the other tests.
+struct FreezableRelay {
+    addr: std::net::SocketAddr,
+    frozen: watch::Sender<bool>,
+}
+
+impl FreezableRelay {
+    async fn start(upstream: String) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (frozen, thawed) = watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(&upstream).await else { continue };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pump(cr, sw, thawed.clone()));
+                tokio::spawn(pump(sr, cw, thawed.clone()));
+            }
+        });
+        Ok(Self { addr, frozen })
+    }
+
+    fn freeze(&self, on: bool) {
+        self.frozen.send_replace(on);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if frozen.wait_for(|f| !*f).await.is_err() {
+            return;
+        }
+        let n = tokio::select! {
+            n = from.read(&mut buf) => match n { Ok(0) | Err(_) => return, Ok(n) => n },
+            // Frozen while waiting to read: stop reading until thawed.
+            _ = frozen.wait_for(|f| *f) => continue,
+        };
+        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_frozen_registry_keeps_the_model_serving_and_following_resumes_when_it_thaws() -> anyhow::Result<()> {
+    let s = Stack::from_env();
+    let schema = format!("registry_freeze_{}_{}", std::process::id(), free_port());
+    let name = "ctr-freeze";
+    let models = tempfile::tempdir()?;
+    let v1 = model_version(models.path(), "ctr-freeze-v1")?;
+    let v2 = model_version(models.path(), "ctr-freeze-v2")?;
+    for dir in [&v1, &v2] {
+        ok(&s, &schema, &["models", "register", "--name", name, "--dir", dir.to_str().unwrap()]).await?;
+    }
+    ok(&s, &schema, &["models", "promote", "--name", name, "--version", "ctr-freeze-v1", "--to", "production"]).await?;
+
+    // The ranker reaches the registry only through the relay.
+    let pg: url_parts::Pg = url_parts::parse(&s.postgres)?;
+    let relay = FreezableRelay::start(format!("{}:{}", pg.host, pg.port)).await?;
+    let relayed = pg.with_addr(&relay.addr.to_string());
+    let (mut command, grpc, metrics) = ranker(
+        &repo_root().join("models/ctr-baseline"),
+        &[
+            ("ADSERVE_REGISTRY__ENABLED", "true"),
+            ("ADSERVE_REGISTRY__MODEL_NAME", name),
+            ("ADSERVE_REGISTRY__POSTGRES__URL", &relayed),
+            ("ADSERVE_REGISTRY__POSTGRES__SCHEMA", &schema),
+            ("ADSERVE_REGISTRY__POSTGRES__TIMEOUT", "500ms"),
+            ("ADSERVE_REGISTRY__POLL_INTERVAL", "1s"),
+        ],
+    );
+    let _ranker = command.stdout(Stdio::null()).spawn()?;
+    let mut client = connect(grpc).await?;
+    serves(&mut client, "ctr-freeze-v1").await?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let (mut client, stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Err(e) = client.score(ScoreRequest { matrix: Some(matrix(10)) }).await {
+                        failures.push(format!("{:?}: {}", e.code(), e.message()));
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+
+    // Freeze the registry's path, then promote v2 (straight to PostgreSQL).
+    relay.freeze(true);
+    ok(&s, &schema, &["models", "promote", "--name", name, "--version", "ctr-freeze-v2", "--to", "production"]).await?;
+    // Polls now time out on the client side; serving goes on with v1.
+    let url = format!("http://127.0.0.1:{metrics}/metrics");
+    let mut errors = 0.0;
+    for _ in 0..300 {
+        errors = counter(&reqwest::get(&url).await?.text().await?, "adserve_ranker_registry_errors_total", "");
+        if errors >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(errors >= 1.0, "no registry call was cut short while it hung");
+    assert_eq!(client.get_model(GetModelRequest {}).await?.into_inner().model_version, "ctr-freeze-v1");
+
+    // Thaw: the ranker catches up on its own.
+    relay.freeze(false);
+    serves(&mut client, "ctr-freeze-v2").await?;
+
+    stop.store(true, Ordering::Relaxed);
+    for caller in callers {
+        let failures = caller.await?;
+        assert!(failures.is_empty(), "calls failed while the registry hung: {failures:?}");
+    }
+    let registry = adserve_registry::Registry::connect_lazy(&adserve_registry::PostgresConfig {
+        url: s.postgres.clone(),
+        schema: schema.clone(),
+        ..Default::default()
+    })?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE"))).execute(registry.pool()).await?;
+    Ok(())
+}
+
+/// Just enough URL handling to point a postgres:// URL at the relay.
+mod url_parts {
+    pub struct Pg {
+        pub scheme_user: String,
+        pub host: String,
+        pub port: u16,
+        pub rest: String,
+    }
+
+    impl Pg {
+        pub fn with_addr(&self, addr: &str) -> String {
+            format!("{}{addr}{}", self.scheme_user, self.rest)
+        }
+    }
+
+    /// `postgres://user:pw@host:port/db?x` into its parts.
+    pub fn parse(url: &str) -> anyhow::Result<Pg> {
+        let at = url.rfind('@').map_or_else(|| url.find("://").map(|i| i + 3), |i| Some(i + 1));
+        let at = at.ok_or_else(|| anyhow::anyhow!("not a URL: {url}"))?;
+        let (scheme_user, hostpart) = url.split_at(at);
+        let end = hostpart.find('/').unwrap_or(hostpart.len());
+        let (hostport, rest) = hostpart.split_at(end);
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p.parse()?),
+            None => (hostport.to_string(), 5432),
+        };
+        Ok(Pg { scheme_user: scheme_user.into(), host, port, rest: rest.into() })
+    }
 }

@@ -35,6 +35,9 @@ CREATE TABLE model_stage_changes (
     to_stage    TEXT NOT NULL,
     actor       TEXT NOT NULL,
     reason      TEXT NOT NULL DEFAULT '',
+    -- Set on the two changes a rollback makes: the history of production
+    -- versions is then a stack (a promotion pushes, a rollback pops).
+    rollback    BOOLEAN NOT NULL DEFAULT false,
     at          TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
     FOREIGN KEY (name, version) REFERENCES models (name, version)
 );

@@ -66,6 +66,12 @@ impl RegistryConfig {
     pub fn validate(&self) -> Result<(), Invalid> {
         check_name(&self.model_name).map_err(|why| Invalid::new("registry.model_name", why))?;
         self.postgres.validate().map_err(|e| Invalid::new(format!("registry.{}", e.key), e.why))?;
+        if self.postgres.max_connections < 2 {
+            return Err(Invalid::new(
+                "registry.postgres.max_connections",
+                "must be at least 2: one connection is held for LISTEN, the other reads",
+            ));
+        }
         check_duration(
             "registry.poll_interval",
             self.poll_interval,
@@ -241,6 +247,8 @@ pub struct StageChange {
     pub actor: String,
     /// Why.
     pub reason: String,
+    /// Made by a rollback.
+    pub rollback: bool,
     /// When (RFC 3339, UTC, milliseconds).
     pub at: String,
 }
@@ -317,7 +325,8 @@ impl Registry {
                 artifact: existing.artifact,
             });
         }
-        record_change(&mut tx, name, &manifest.model_version, None, Stage::Candidate, actor, "registered").await?;
+        let change = Change { actor, reason: "registered", rollback: false };
+        record_change(&mut tx, name, &manifest.model_version, None, Stage::Candidate, &change).await?;
         tx.commit().await?;
         self.get(name, &manifest.model_version).await
     }
@@ -353,7 +362,7 @@ impl Registry {
     /// The stage history of `name`, oldest first.
     pub async fn history(&self, name: &str) -> Result<Vec<StageChange>, RegistryError> {
         Ok(sqlx::query_as::<_, StageChange>(
-            "SELECT version, from_stage, to_stage, actor, reason, \
+            "SELECT version, from_stage, to_stage, actor, reason, rollback, \
              to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS at \
              FROM model_stage_changes WHERE name = $1 ORDER BY id",
         )
@@ -386,6 +395,7 @@ impl Registry {
             (_, Some(_)) => return Err(RegistryError::Invalid("--canary-share applies to canary only".into())),
             (_, None) => 0.0,
         };
+        let change = Change { actor, reason, rollback: false };
         let mut tx = self.pool.begin().await?;
         let rows = lock(&mut tx, name).await?;
         let from = rows
@@ -404,7 +414,7 @@ impl Registry {
         if let Some((holder, _)) = rows.iter().find(|(v, s)| *s == to && v != version) {
             match to {
                 Stage::Production => {
-                    set_stage(&mut tx, name, holder, Stage::Production, Stage::Retired, 0.0, actor, reason).await?;
+                    set_stage(&mut tx, name, holder, Stage::Production, Stage::Retired, 0.0, &change).await?;
                     moved.push(Moved { version: holder.clone(), from: Stage::Production, to: Stage::Retired });
                 }
                 Stage::Canary | Stage::Shadow => {
@@ -413,7 +423,7 @@ impl Registry {
                 Stage::Candidate | Stage::Retired => {}
             }
         }
-        set_stage(&mut tx, name, version, from, to, share, actor, reason).await?;
+        set_stage(&mut tx, name, version, from, to, share, &change).await?;
         moved.push(Moved { version: version.into(), from, to });
         tx.commit().await?;
         Ok(moved)
@@ -431,15 +441,26 @@ impl Registry {
             .find(|(_, s)| *s == Stage::Production)
             .map(|(v, _)| v.clone())
             .ok_or_else(|| no("it has no production version".into()))?;
-        let previous: Option<String> = sqlx::query_scalar(
-            "SELECT version FROM model_stage_changes WHERE name = $1 AND to_stage = 'production' AND version <> $2 \
-             ORDER BY id DESC LIMIT 1",
+        // The production history as a stack: a promotion pushes its version,
+        // a rollback pops the version it retired. The one under the top is
+        // what a rollback restores, so rollbacks walk back one reign at a time.
+        let reigns: Vec<(String, bool)> = sqlx::query_as(
+            "SELECT version, rollback FROM model_stage_changes WHERE name = $1 AND to_stage = 'production' ORDER BY id",
         )
         .bind(name)
-        .bind(&current)
-        .fetch_optional(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
-        let previous = previous.ok_or_else(|| no(format!("{current:?} is the only version ever in production")))?;
+        let stack = production_stack(&reigns);
+        if stack.last() != Some(&current) {
+            return Err(no(format!(
+                "its history does not end with the current production version {current:?}; promote a version explicitly"
+            )));
+        }
+        let previous = stack
+            .len()
+            .checked_sub(2)
+            .map(|i| stack[i].clone())
+            .ok_or_else(|| no(format!("{current:?} has no earlier production version to go back to")))?;
         let stage = rows.iter().find(|(v, _)| *v == previous).map(|(_, s)| *s);
         if stage != Some(Stage::Retired) {
             return Err(no(format!(
@@ -448,8 +469,9 @@ impl Registry {
             )));
         }
         let reason = if reason.is_empty() { "rollback" } else { reason };
-        set_stage(&mut tx, name, &current, Stage::Production, Stage::Retired, 0.0, actor, reason).await?;
-        set_stage(&mut tx, name, &previous, Stage::Retired, Stage::Production, 0.0, actor, reason).await?;
+        let rollback = Change { actor, reason, rollback: true };
+        set_stage(&mut tx, name, &current, Stage::Production, Stage::Retired, 0.0, &rollback).await?;
+        set_stage(&mut tx, name, &previous, Stage::Retired, Stage::Production, 0.0, &rollback).await?;
         tx.commit().await?;
         Ok(vec![
             Moved { version: current, from: Stage::Production, to: Stage::Retired },
@@ -483,7 +505,32 @@ async fn lock(tx: &mut Transaction<'static, Postgres>, name: &str) -> Result<Vec
         .collect()
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Who made a change, why, and whether it is a rollback.
+struct Change<'a> {
+    actor: &'a str,
+    reason: &'a str,
+    rollback: bool,
+}
+
+/// Production versions in reign order, from the `(version, rollback)` of
+/// every change into production: a promotion pushes; a rollback pops the
+/// version it retired (the one it restores is then on top).
+fn production_stack(reigns: &[(String, bool)]) -> Vec<String> {
+    let mut stack: Vec<String> = Vec::new();
+    for (version, rollback) in reigns {
+        if *rollback {
+            stack.pop();
+            if stack.last() != Some(version) {
+                // History edited by hand: restart from what it says now.
+                stack.push(version.clone());
+            }
+        } else {
+            stack.push(version.clone());
+        }
+    }
+    stack
+}
+
 async fn set_stage(
     tx: &mut Transaction<'static, Postgres>,
     name: &str,
@@ -491,8 +538,7 @@ async fn set_stage(
     from: Stage,
     to: Stage,
     canary_share: f64,
-    actor: &str,
-    reason: &str,
+    change: &Change<'_>,
 ) -> Result<(), RegistryError> {
     sqlx::query(
         "UPDATE models SET stage = $3, canary_share = $4, stage_changed_by = $5, stage_changed_at = now() \
@@ -502,10 +548,10 @@ async fn set_stage(
     .bind(version)
     .bind(to.as_str())
     .bind(canary_share)
-    .bind(actor)
+    .bind(change.actor)
     .execute(&mut **tx)
     .await?;
-    record_change(tx, name, version, Some(from), to, actor, reason).await
+    record_change(tx, name, version, Some(from), to, change).await
 }
 
 async fn record_change(
@@ -514,19 +560,19 @@ async fn record_change(
     version: &str,
     from: Option<Stage>,
     to: Stage,
-    actor: &str,
-    reason: &str,
+    change: &Change<'_>,
 ) -> Result<(), RegistryError> {
     sqlx::query(
-        "INSERT INTO model_stage_changes (name, version, from_stage, to_stage, actor, reason) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO model_stage_changes (name, version, from_stage, to_stage, actor, reason, rollback) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(name)
     .bind(version)
     .bind(from.map(Stage::as_str))
     .bind(to.as_str())
-    .bind(actor)
-    .bind(reason)
+    .bind(change.actor)
+    .bind(change.reason)
+    .bind(change.rollback)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -544,6 +590,23 @@ mod tests {
         for bad in ["", "CTR", "-ctr", "ctr v2", &"a".repeat(65)] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn rollbacks_walk_back_one_reign_at_a_time() {
+        let r = |v: &str, rb: bool| (v.to_string(), rb);
+        // v1, v2, v3 promoted; rollback to v2; rollback to v1.
+        let mut h = vec![r("v1", false), r("v2", false), r("v3", false)];
+        assert_eq!(production_stack(&h), ["v1", "v2", "v3"]);
+        h.push(r("v2", true));
+        assert_eq!(production_stack(&h), ["v1", "v2"]);
+        h.push(r("v1", true));
+        assert_eq!(production_stack(&h), ["v1"]);
+        // A promotion after rollbacks stacks on what serves.
+        h.push(r("v4", false));
+        assert_eq!(production_stack(&h), ["v1", "v4"]);
+        // A version promoted twice appears twice, like its two reigns.
+        assert_eq!(production_stack(&[r("v1", false), r("v2", false), r("v1", false)]), ["v1", "v2", "v1"]);
     }
 
     #[test]

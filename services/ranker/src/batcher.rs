@@ -157,7 +157,19 @@ impl Batcher {
             }
             let limit = self.queue.config.max_queue_rows;
             if st.rows + rows > limit {
+                // Calls whose callers have gone do not count against the limit.
+                let before = st.jobs.len();
+                st.jobs.retain(|j| !j.reply.is_closed());
+                st.rows = st.jobs.iter().map(|j| j.rows).sum();
+                let purged = (before - st.jobs.len()) as u64;
+                if purged > 0 {
+                    metrics::counter!("adserve_ranker_dropped_total", "reason" => "cancelled").increment(purged);
+                    self.queue.stats.lock().unwrap_or_else(|p| p.into_inner()).cancelled += purged;
+                }
+            }
+            if st.rows + rows > limit {
                 metrics::counter!("adserve_ranker_dropped_total", "reason" => "overloaded").increment(1);
+                metrics::gauge!("adserve_ranker_queue_rows").set(st.rows as f64);
                 return Err(ScoreError::Overloaded { queued: st.rows, rows, limit });
             }
             st.rows += rows;
@@ -289,9 +301,10 @@ fn next_batch(queue: &Queue) -> Option<Vec<Job>> {
             st = queue.ready.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         // Wait for the batch to fill, at most max_queue_delay from the oldest
-        // call's arrival. Another thread may take the jobs meanwhile.
-        let flush_at = st.jobs.front().map(|j| j.enqueued + config.max_queue_delay)?;
-        while !st.jobs.is_empty() && st.rows < config.max_batch_rows && !st.closed {
+        // queued call's arrival (recomputed on every pass: another thread may
+        // have taken the calls this one was waiting with).
+        while st.rows < config.max_batch_rows && !st.closed {
+            let Some(flush_at) = st.jobs.front().map(|j| j.enqueued + config.max_queue_delay) else { break };
             let now = Instant::now();
             if now >= flush_at {
                 break;

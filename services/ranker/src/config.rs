@@ -105,7 +105,12 @@ pub struct BatchingConfig {
     /// 1 turns batching off (every call is its own batch).
     pub max_batch_rows: usize,
     /// Longest a call waits for others to join its batch (humantime, e.g.
-    /// `"500us"`); 0 flushes whatever is queued when a session is free.
+    /// `"500us"`). The default 0 is greedy batching: a free session takes
+    /// whatever is queued at once, so a lone call never waits, and batches
+    /// form exactly when calls queue behind busy sessions. A delay pays off
+    /// only where one run costs much more than the calls it merges (a GPU,
+    /// a large model): measured, it cost this CPU baseline latency and
+    /// throughput (docs/benchmarks.md).
     #[serde(with = "humantime_serde")]
     pub max_queue_delay: Duration,
     /// Rows allowed to wait in the queue; a call beyond it is refused at
@@ -115,7 +120,7 @@ pub struct BatchingConfig {
 
 impl Default for BatchingConfig {
     fn default() -> Self {
-        Self { sessions: 2, max_batch_rows: 1024, max_queue_delay: Duration::from_micros(500), max_queue_rows: 32_768 }
+        Self { sessions: 2, max_batch_rows: 1024, max_queue_delay: Duration::ZERO, max_queue_rows: 32_768 }
     }
 }
 

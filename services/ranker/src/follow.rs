@@ -11,15 +11,26 @@
 //! served, loads it beside the old one (checksum, graph checks, warm-up on
 //! every session), then swaps. A version that fails its checks is refused
 //! with a log line and `adserve_ranker_model_swaps_total{result="refused"}`;
-//! the previous one keeps serving, and the refused version is retried only
-//! on the next notification (not every poll).
+//! the previous one keeps serving. A refused version is retried on the next
+//! notification for the model, or on a poll once its backoff has passed
+//! (from `poll_interval`, doubling to 15 minutes), so a transient failure
+//! heals and a bad artifact is not reloaded every few seconds.
+//!
+//! Every registry call is bounded on the client side too (a frozen
+//! PostgreSQL holds a query past its `statement_timeout`), and the LISTEN
+//! connection is probed when idle, so a peer that hangs costs at most a
+//! poll, and following resumes when it comes back.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use adserve_registry::{ModelRecord, NOTIFY_CHANNEL, Registry, RegistryConfig, Stage};
+use adserve_registry::{ModelRecord, NOTIFY_CHANNEL, Registry, RegistryConfig, RegistryError, Stage};
 use arc_swap::ArcSwap;
 use sqlx::postgres::PgListener;
-use tokio::sync::Notify;
+use tokio::sync::mpsc;
 
 use crate::{BatchingConfig, CtrModel, ModelConfig, ModelError};
 
@@ -103,17 +114,71 @@ impl Serving {
     }
 }
 
+/// How the ranker loads models: the settings every version is loaded with.
+#[derive(Debug, Clone)]
+pub struct Loader {
+    /// Model settings (`dir` is replaced by a registry artifact's).
+    pub model: ModelConfig,
+    /// Batching settings.
+    pub batching: BatchingConfig,
+    /// Largest call (warmed up at load).
+    pub max_rows: usize,
+    /// `libonnxruntime.so`.
+    pub dylib: String,
+}
+
+impl Loader {
+    /// Loads `dir` (or `model.dir`) off the async runtime.
+    pub async fn load(&self, dir: Option<PathBuf>) -> Result<CtrModel, ModelError> {
+        let mut model = self.model.clone();
+        if let Some(dir) = dir {
+            model.dir = dir;
+        }
+        let (batching, max_rows, dylib) = (self.batching.clone(), self.max_rows, self.dylib.clone());
+        tokio::task::spawn_blocking(move || CtrModel::load(&model, &batching, max_rows, &dylib))
+            .await
+            .map_err(|e| ModelError::Panicked(e.to_string()))?
+    }
+
+    /// Loads a registry record's artifact and checks it is what was
+    /// registered.
+    async fn load_record(&self, record: &ModelRecord) -> Result<CtrModel, ModelError> {
+        let loaded = self.load(Some(record.artifact.clone().into())).await?;
+        let m = loaded.manifest();
+        if m.model_version != record.version || !m.onnx_sha256.eq_ignore_ascii_case(&record.onnx_sha256) {
+            return Err(ModelError::Mismatch(format!(
+                "{} now holds version {:?} (sha256 {}), the registry registered {:?} (sha256 {}): the artifact \
+                 changed after registration",
+                record.artifact, m.model_version, m.onnx_sha256, record.version, record.onnx_sha256
+            )));
+        }
+        Ok(loaded)
+    }
+}
+
+/// A registry call bounded on the client side: the query's statement
+/// timeout, plus the wait for a connection, plus slack.
+async fn bounded<T>(
+    config: &RegistryConfig,
+    what: &'static str,
+    call: impl Future<Output = Result<T, RegistryError>>,
+) -> Result<T, String> {
+    let limit = config.postgres.timeout * 2 + Duration::from_secs(1);
+    match tokio::time::timeout(limit, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!("{what}: no answer within {limit:?}")),
+    }
+}
+
 /// Loads the model the ranker starts with: the registry's production version
-/// when the registry is on, answers within `patience` and has one that
-/// passes its checks; otherwise `model.dir`. Never fails over the registry:
-/// only a `model.dir` that cannot be served stops the start.
+/// when the registry is on, answers in time and has one that passes its
+/// checks; otherwise `model.dir`. Never fails over the registry: only a
+/// `model.dir` that cannot be served stops the start.
 pub async fn initial(
     registry: Option<&Registry>,
     config: &RegistryConfig,
-    model: &ModelConfig,
-    batching: &BatchingConfig,
-    dylib: &str,
-    patience: Duration,
+    loader: &Loader,
 ) -> Result<Serving, ModelError> {
     if let Some(registry) = registry {
         let lookup = async {
@@ -122,61 +187,65 @@ pub async fn initial(
             }
             registry.serving(&config.model_name).await
         };
-        match tokio::time::timeout(patience, lookup).await {
-            Ok(Ok(rows)) => match rows.into_iter().find(|r| r.stage == Stage::Production) {
-                Some(prod) => match load_record(&prod, model, batching, dylib).await {
+        match bounded(config, "reading the production version", lookup).await {
+            Ok(rows) => match rows.into_iter().find(|r| r.stage == Stage::Production) {
+                Some(prod) => match loader.load_record(&prod).await {
                     Ok(m) => return Ok(Serving::new(m, Source::Registry)),
-                    Err(e) => {
-                        tracing::error!(version = %prod.version, error = %e, "registry production model refused; serving model.dir")
-                    }
+                    Err(e) => tracing::error!(version = %prod.version, error = %e,
+                        "registry production model refused; serving model.dir"),
                 },
-                None => {
-                    tracing::info!(name = %config.model_name, "the registry has no production version; serving model.dir")
-                }
+                None => tracing::info!(name = %config.model_name,
+                    "the registry has no production version; serving model.dir"),
             },
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "model registry unavailable at start; serving model.dir, following it in the background")
-            }
-            Err(_) => tracing::warn!(
-                ?patience,
-                "model registry did not answer at start; serving model.dir, following it in the background"
-            ),
+            Err(e) => tracing::warn!(error = %e,
+                "model registry unavailable at start; serving model.dir, following it in the background"),
         }
     }
-    let m = load_blocking(model.clone(), batching.clone(), dylib.to_string()).await?;
-    Ok(Serving::new(m, Source::Config))
+    Ok(Serving::new(loader.load(None).await?, Source::Config))
+}
+
+/// Why the follower woke up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// A NOTIFY for this model name.
+    Changed,
+    /// The LISTEN connection was (re)established: notifications may have
+    /// been missed, so look (like a poll).
+    Resync,
+}
+
+/// A version the ranker refused, and when to try it again.
+struct Refused {
+    key: (String, String),
+    retry_at: Instant,
+    backoff: Duration,
 }
 
 /// Follows the registry until the process ends (spawn it).
-pub async fn follow(
-    registry: Registry,
-    config: RegistryConfig,
-    model: ModelConfig,
-    batching: BatchingConfig,
-    dylib: String,
-    serving: Arc<Serving>,
-) {
-    let wake = Arc::new(Notify::new());
-    tokio::spawn(listen(registry.clone(), config.model_name.clone(), wake.clone()));
+pub async fn follow(registry: Registry, config: RegistryConfig, loader: Loader, serving: Arc<Serving>) {
+    let (wake_tx, mut wake) = mpsc::channel(16);
+    tokio::spawn(listen(registry.clone(), config.model_name.clone(), wake_tx));
     let mut tick = tokio::time::interval(config.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut refused: Option<(String, String)> = None;
+    let mut refused: Option<Refused> = None;
     let mut migrated = !config.postgres.migrate;
     loop {
         let notified = tokio::select! {
-            _ = wake.notified() => true,
+            Some(w) = wake.recv() => w == Wake::Changed,
             _ = tick.tick() => false,
         };
         if !migrated {
-            match registry.migrate().await {
+            match bounded(&config, "migrations", registry.migrate()).await {
                 Ok(()) => migrated = true,
                 Err(e) => {
+                    metrics::counter!("adserve_ranker_registry_errors_total").increment(1);
                     tracing::warn!(error = %e, "model registry: migrations failed; retrying");
                     continue;
                 }
             }
         }
-        let rows = match registry.serving(&config.model_name).await {
+        let rows = match bounded(&config, "reading the production version", registry.serving(&config.model_name)).await
+        {
             Ok(rows) => rows,
             Err(e) => {
                 metrics::counter!("adserve_ranker_registry_errors_total").increment(1);
@@ -192,11 +261,15 @@ pub async fn follow(
             continue;
         }
         let key = (prod.version.clone(), prod.onnx_sha256.clone());
-        if !notified && refused.as_ref() == Some(&key) {
+        if let Some(r) = &refused
+            && r.key == key
+            && !notified
+            && Instant::now() < r.retry_at
+        {
             continue;
         }
-        let started = std::time::Instant::now();
-        match load_record(&prod, &model, &batching, &dylib).await {
+        let started = Instant::now();
+        match loader.load_record(&prod).await {
             Ok(next) => {
                 let from = m.model_version.clone();
                 drop(current);
@@ -206,18 +279,25 @@ pub async fn follow(
                 tracing::info!(%from, to = %prod.version, took = ?started.elapsed(), "model swapped");
             }
             Err(e) => {
-                refused = Some(key);
+                let backoff = match &refused {
+                    Some(r) if r.key == key => (r.backoff * 2).min(Duration::from_secs(15 * 60)),
+                    _ => config.poll_interval,
+                };
+                refused = Some(Refused { key, retry_at: Instant::now() + backoff, backoff });
                 metrics::counter!("adserve_ranker_model_swaps_total", "result" => "refused").increment(1);
-                tracing::error!(version = %prod.version, artifact = %prod.artifact, error = %e,
+                tracing::error!(version = %prod.version, artifact = %prod.artifact, error = %e, retry_in = ?backoff,
                     "registry production model refused; the previous model keeps serving");
             }
         }
     }
 }
 
-/// Forwards notifications for `name` to `wake`, reconnecting forever. A
-/// (re)connect wakes too: notifications sent while disconnected are lost.
-async fn listen(registry: Registry, name: String, wake: Arc<Notify>) {
+/// Forwards notifications for `name`, reconnecting forever. A (re)connect
+/// asks for a resync: notifications sent while disconnected are lost. An
+/// idle connection is probed every 30 s, so one that died without a reset
+/// is noticed and replaced.
+async fn listen(registry: Registry, name: String, wake: mpsc::Sender<Wake>) {
+    const IDLE_PROBE: Duration = Duration::from_secs(30);
     let mut pause = Duration::from_millis(200);
     loop {
         let connected = async {
@@ -228,16 +308,26 @@ async fn listen(registry: Registry, name: String, wake: Arc<Notify>) {
         match tokio::time::timeout(Duration::from_secs(10), connected).await {
             Ok(Ok(mut listener)) => {
                 pause = Duration::from_millis(200);
-                wake.notify_one();
+                let _ = wake.try_send(Wake::Resync);
                 loop {
-                    match listener.try_recv().await {
-                        Ok(Some(n)) if n.payload() == name => wake.notify_one(),
-                        Ok(Some(_)) => {}
-                        // Reconnected underneath: catch up.
-                        Ok(None) => wake.notify_one(),
-                        Err(e) => {
+                    match tokio::time::timeout(IDLE_PROBE, listener.try_recv()).await {
+                        Ok(Ok(Some(n))) if n.payload() == name => {
+                            let _ = wake.try_send(Wake::Changed);
+                        }
+                        Ok(Ok(Some(_))) => {}
+                        Ok(Ok(None)) => {
+                            let _ = wake.try_send(Wake::Resync);
+                        }
+                        Ok(Err(e)) => {
                             tracing::warn!(error = %e, "model registry: LISTEN connection lost");
                             break;
+                        }
+                        Err(_) => {
+                            let probe = sqlx::query("SELECT 1").execute(&mut listener);
+                            if !matches!(tokio::time::timeout(Duration::from_secs(5), probe).await, Ok(Ok(_))) {
+                                tracing::warn!("model registry: LISTEN connection does not answer; reconnecting");
+                                break;
+                            }
                         }
                     }
                 }
@@ -248,29 +338,4 @@ async fn listen(registry: Registry, name: String, wake: Arc<Notify>) {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(10));
     }
-}
-
-/// Loads a registry record's artifact and checks it is what was registered.
-async fn load_record(
-    record: &ModelRecord,
-    model: &ModelConfig,
-    batching: &BatchingConfig,
-    dylib: &str,
-) -> Result<CtrModel, ModelError> {
-    let config = ModelConfig { dir: record.artifact.clone().into(), ..model.clone() };
-    let loaded = load_blocking(config, batching.clone(), dylib.to_string()).await?;
-    let m = loaded.manifest();
-    if m.model_version != record.version || !m.onnx_sha256.eq_ignore_ascii_case(&record.onnx_sha256) {
-        return Err(ModelError::Mismatch(format!(
-            "{} now holds version {:?} (sha256 {}), the registry registered {:?} (sha256 {}): the artifact changed after registration",
-            record.artifact, m.model_version, m.onnx_sha256, record.version, record.onnx_sha256
-        )));
-    }
-    Ok(loaded)
-}
-
-async fn load_blocking(config: ModelConfig, batching: BatchingConfig, dylib: String) -> Result<CtrModel, ModelError> {
-    tokio::task::spawn_blocking(move || CtrModel::load(&config, &batching, &dylib))
-        .await
-        .map_err(|e| ModelError::Panicked(e.to_string()))?
 }

@@ -1,7 +1,7 @@
 //! adserve-ranker: config -> telemetry -> load and check the model (the
 //! registry's production version, else model.dir) -> follow the registry ->
 //! serve.
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use adserve_proto::service_names;
 use adserve_ranker::{RankerConfig, RankerGrpc, follow};
@@ -17,26 +17,15 @@ async fn main() -> anyhow::Result<()> {
         true => Some(Registry::connect_lazy(&config.registry.postgres)?),
         false => None,
     };
-    let serving = Arc::new(
-        follow::initial(
-            registry.as_ref(),
-            &config.registry,
-            &config.model,
-            &config.batching,
-            &config.onnxruntime_dylib,
-            Duration::from_secs(5),
-        )
-        .await?,
-    );
+    let loader = follow::Loader {
+        model: config.model.clone(),
+        batching: config.batching.clone(),
+        max_rows: config.max_rows,
+        dylib: config.onnxruntime_dylib.clone(),
+    };
+    let serving = Arc::new(follow::initial(registry.as_ref(), &config.registry, &loader).await?);
     if let Some(registry) = registry {
-        tokio::spawn(follow::follow(
-            registry,
-            config.registry.clone(),
-            config.model.clone(),
-            config.batching.clone(),
-            config.onnxruntime_dylib.clone(),
-            serving.clone(),
-        ));
+        tokio::spawn(follow::follow(registry, config.registry.clone(), loader, serving.clone()));
     }
     let service = RankerGrpc::new(serving, config.max_rows, config.server.request_timeout);
     let routes = Routes::new(service.into_server());

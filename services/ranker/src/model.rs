@@ -77,9 +77,16 @@ impl ModelError {
     }
 }
 
-/// The process-wide ONNX Runtime environment (ONNX Runtime allows one).
+static ENV: OnceLock<Environment> = OnceLock::new();
+
+/// The process-wide ONNX Runtime environment (ONNX Runtime allows one;
+/// concurrent first loads wait for the one that creates it).
 pub(crate) fn environment(dylib: &str) -> Result<&'static Environment, ModelError> {
-    static ENV: OnceLock<Environment> = OnceLock::new();
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if let Some(env) = ENV.get() {
+        return Ok(env);
+    }
+    let _init = INIT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(env) = ENV.get() {
         return Ok(env);
     }
@@ -122,30 +129,46 @@ impl Drop for CtrModel {
 impl CtrModel {
     /// Loads `dir/manifest.json` and `dir/model.onnx`, checks both, builds
     /// `batching.sessions` sessions on the first execution provider that
-    /// registers, warms each up, and starts the batching queue. Any failure
-    /// is counted in `adserve_ranker_model_load_failures_total{reason}`.
+    /// works, warms each up (1 row, a full batch, and a `max_rows` call), and
+    /// starts the batching queue. Any failure is counted in
+    /// `adserve_ranker_model_load_failures_total{reason}`.
     /// Blocking (file I/O, graph optimisation): call it off the runtime.
-    pub fn load(config: &ModelConfig, batching: &BatchingConfig, dylib: &str) -> Result<Self, ModelError> {
-        Self::try_load(config, batching, dylib).inspect_err(|e| {
+    pub fn load(
+        config: &ModelConfig,
+        batching: &BatchingConfig,
+        max_rows: usize,
+        dylib: &str,
+    ) -> Result<Self, ModelError> {
+        Self::try_load(config, batching, max_rows, dylib).inspect_err(|e| {
             metrics::counter!("adserve_ranker_model_load_failures_total", "reason" => e.reason()).increment(1);
             tracing::error!(dir = %config.dir.display(), error = %e, "model refused");
         })
     }
 
-    fn try_load(config: &ModelConfig, batching: &BatchingConfig, dylib: &str) -> Result<Self, ModelError> {
+    fn try_load(
+        config: &ModelConfig,
+        batching: &BatchingConfig,
+        max_rows: usize,
+        dylib: &str,
+    ) -> Result<Self, ModelError> {
         let (manifest, bytes) = read_model_dir(&config.dir)?;
         let env = environment(dylib)?;
-        let mut sessions = Vec::with_capacity(batching.sessions);
-        let mut provider = ExecutionProvider::Cpu;
-        for i in 0..batching.sessions {
-            let (mut session, got) = build_session(env, config, &bytes)?;
-            if i == 0 {
-                check_graph(&session, &manifest)?;
-                provider = got;
+        // A GPU provider can register and still fail when the session is
+        // built or first run (no device, a TensorRT engine build error): then
+        // the whole pool is rebuilt from the next provider in the list. On
+        // CPU a failure is the model's own, and refuses it.
+        let mut start = 0;
+        let (sessions, provider) = loop {
+            let (provider, next) = resolve_providers(config, start);
+            match build_pool(env, config, &bytes, &manifest, batching, max_rows, next) {
+                Ok(sessions) => break (sessions, provider),
+                Err(e) if provider != ExecutionProvider::Cpu => {
+                    fallback(provider, "session_failed", &e.to_string());
+                    start = next + 1;
+                }
+                Err(e) => return Err(e),
             }
-            warm_up(&mut session, &manifest, batching.max_batch_rows)?;
-            sessions.push(session);
-        }
+        };
         metrics::gauge!(
             "adserve_ranker_sessions",
             "model_version" => manifest.model_version.clone(),
@@ -276,15 +299,17 @@ fn describe(t: &ValueType) -> String {
     }
 }
 
-/// Runs one row and a full batch of the registry's defaults: the first call's
-/// graph initialisation happens now, not on a request, and a graph that
-/// fails at run time (a wrong width behind a dynamic dimension) is refused.
-fn warm_up(session: &mut Session, manifest: &ModelManifest, max_batch_rows: usize) -> Result<(), ModelError> {
+/// Runs the registry's defaults at each of `sizes` rows (one row, a full
+/// batch, the largest call): graph initialisation, allocator growth and, on
+/// TensorRT, engine builds for those shapes happen now, not on a request;
+/// and a graph that fails at run time (a wrong width behind a dynamic
+/// dimension) is refused.
+fn warm_up(session: &mut Session, manifest: &ModelManifest, sizes: &[usize]) -> Result<(), ModelError> {
     let registry = adserve_features::registry();
     let defaults = registry.defaults();
     let row: Vec<f32> =
         manifest.feature_order.iter().map(|n| registry.index_of(n).map(|i| defaults[i]).unwrap_or_default()).collect();
-    for rows in [1, max_batch_rows.min(1024)] {
+    for &rows in sizes {
         let input: Vec<f32> = row.iter().copied().cycle().take(rows * row.len()).collect();
         let scores = run(session, manifest, input, rows)?;
         if let Some((i, p)) = scores.iter().enumerate().find(|(_, p)| !(p.is_finite() && (0.0..=1.0).contains(*p))) {
@@ -318,11 +343,33 @@ pub(crate) fn run(
     Ok(values.to_vec())
 }
 
-fn build_session(
+/// `batching.sessions` sessions with the providers from `list[first..]`
+/// registered, the graph checked and each session warmed up.
+#[allow(clippy::too_many_arguments)]
+fn build_pool(
     env: &Environment,
     config: &ModelConfig,
     bytes: &[u8],
-) -> Result<(Session, ExecutionProvider), ModelError> {
+    manifest: &ModelManifest,
+    batching: &BatchingConfig,
+    max_rows: usize,
+    first: usize,
+) -> Result<Vec<Session>, ModelError> {
+    let mut sizes = vec![1, batching.max_batch_rows, max_rows];
+    sizes.dedup();
+    let mut sessions = Vec::with_capacity(batching.sessions);
+    for i in 0..batching.sessions {
+        let mut session = build_session(env, config, bytes, first)?;
+        if i == 0 {
+            check_graph(&session, manifest)?;
+        }
+        warm_up(&mut session, manifest, &sizes)?;
+        sessions.push(session);
+    }
+    Ok(sessions)
+}
+
+fn build_session(env: &Environment, config: &ModelConfig, bytes: &[u8], first: usize) -> Result<Session, ModelError> {
     let runtime = |stage| move |source| ModelError::Runtime { stage, source };
     let mut builder = Session::builder(env).map_err(runtime("creating a session builder"))?;
     if config.intra_threads > 0 {
@@ -330,39 +377,49 @@ fn build_session(
             .with_intra_threads(config.intra_threads)
             .map_err(|e| runtime("setting intra-op threads")(e.into()))?;
     }
-    let (mut builder, provider) = with_providers(builder, config);
-    let session = builder.commit_from_memory(bytes).map_err(runtime("loading model.onnx"))?;
-    Ok((session, provider))
+    let list = &config.execution_providers;
+    if let Some(&ep) = list.get(first).filter(|&&ep| ep != ExecutionProvider::Cpu) {
+        let eps: Vec<_> = list[first..]
+            .iter()
+            .filter_map(|&e| dispatch(e, config))
+            .enumerate()
+            .map(|(i, d)| if i == 0 { d.error_on_failure() } else { d.fail_silently() })
+            .collect();
+        builder = builder.with_execution_providers(eps).map_err(|e| ModelError::Runtime {
+            stage: if ep == ExecutionProvider::Tensorrt { "registering TensorRT" } else { "registering CUDA" },
+            source: e.into(),
+        })?;
+    }
+    builder.commit_from_memory(bytes).map_err(runtime("loading model.onnx"))
 }
 
 type Builder = ort::session::builder::SessionBuilder;
 
-/// Registers the first provider of `model.execution_providers` that works,
-/// with those after it as fallbacks for nodes it cannot run. A provider that
-/// is not compiled in, or that this ONNX Runtime build or machine cannot
-/// register, is logged and counted in
+/// The first provider of `model.execution_providers[start..]` that this
+/// build and this ONNX Runtime can register (probed on a throwaway builder),
+/// and its index; CPU (at the list's length when the list ends on GPUs)
+/// when none can. Each one passed over is logged and counted once in
 /// `adserve_ranker_provider_fallbacks_total{requested,reason}`.
-fn with_providers(mut builder: Builder, config: &ModelConfig) -> (Builder, ExecutionProvider) {
+fn resolve_providers(config: &ModelConfig, start: usize) -> (ExecutionProvider, usize) {
     let list = &config.execution_providers;
-    for (i, &ep) in list.iter().enumerate() {
+    for (i, &ep) in list.iter().enumerate().skip(start) {
         if ep == ExecutionProvider::Cpu {
-            return (builder, ExecutionProvider::Cpu);
+            return (ExecutionProvider::Cpu, i);
         }
-        let Some(first) = dispatch(ep, config) else {
+        let Some(dispatch) = dispatch(ep, config) else {
             fallback(ep, "not_compiled", "this build lacks the cargo feature (cuda / tensorrt)");
             continue;
         };
-        let rest = list[i + 1..].iter().filter_map(|&e| dispatch(e, config)).map(|d| d.fail_silently());
-        let eps: Vec<_> = std::iter::once(first.error_on_failure()).chain(rest).collect();
-        match builder.with_execution_providers(eps) {
-            Ok(b) => return (b, ep),
-            Err(e) => {
-                fallback(ep, "unavailable", &e.to_string());
-                builder = e.recover();
-            }
+        let probe = ENV.get().map(Session::builder).and_then(Result::ok).map(|b: Builder| {
+            b.with_execution_providers([dispatch.error_on_failure()]).map(|_| ()).map_err(|e| e.to_string())
+        });
+        match probe {
+            Some(Ok(())) => return (ep, i),
+            Some(Err(e)) => fallback(ep, "unavailable", &e),
+            None => fallback(ep, "unavailable", "no ONNX Runtime session builder"),
         }
     }
-    (builder, ExecutionProvider::Cpu)
+    (ExecutionProvider::Cpu, list.len())
 }
 
 fn fallback(ep: ExecutionProvider, reason: &'static str, detail: &str) {

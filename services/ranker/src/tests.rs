@@ -24,7 +24,7 @@ fn baseline_dir() -> PathBuf {
 
 fn load_from(dir: &Path, batching: &BatchingConfig) -> Result<CtrModel, ModelError> {
     let config = ModelConfig { dir: dir.to_path_buf(), ..ModelConfig::default() };
-    CtrModel::load(&config, batching, &dylib())
+    CtrModel::load(&config, batching, 5000, &dylib())
 }
 
 fn baseline(batching: BatchingConfig) -> CtrModel {
@@ -144,20 +144,30 @@ async fn a_call_past_its_deadline_is_answered_without_compute() {
 }
 
 #[tokio::test]
-async fn an_abandoned_call_is_skipped_and_a_full_queue_refuses_at_once() {
+async fn abandoned_calls_are_skipped_and_a_full_queue_refuses_at_once() {
     let model = Arc::new(baseline(BatchingConfig { max_queue_rows: 30, ..flush_when_full(30) }));
-    // A caller that gives up (the gateway's deadline) before its batch fills.
+    // Callers that give up (the gateway's deadline) before their batch fills.
     let gone = tokio::time::timeout(Duration::from_millis(20), score(&model, &matrix(10))).await;
     assert!(gone.is_err(), "the batch cannot flush before it is full");
-    // 10 rows still queued (the skipped call leaves the queue only with its
-    // batch); 25 more would pass max_queue_rows = 30.
-    let err = score(&model, &matrix(25)).await.unwrap_err();
-    assert!(matches!(err, ScoreError::Overloaded { queued: 10, rows: 25, limit: 30 }), "{err}");
-    // Fill the batch: the abandoned call is skipped, the live one scored.
-    let scores = score(&model, &matrix(20)).await.expect("scores");
-    assert_eq!(scores.len(), 20);
+    let gone = tokio::time::timeout(Duration::from_millis(20), score(&model, &matrix(10))).await;
+    assert!(gone.is_err());
+    // 20 abandoned rows queued: 25 live ones fit only because abandoned calls
+    // do not count against max_queue_rows = 30.
+    let live = {
+        let model = model.clone();
+        tokio::spawn(async move { score(&model, &matrix(25)).await })
+    };
+    while model.batcher().queued_rows() != 25 {
+        tokio::task::yield_now().await;
+    }
+    // 25 live rows queued: 10 more would pass the limit, refused at once.
+    let err = score(&model, &matrix(10)).await.unwrap_err();
+    assert!(matches!(err, ScoreError::Overloaded { queued: 25, rows: 10, limit: 30 }), "{err}");
+    // 5 more fill the batch: both live calls are scored in one run.
+    assert_eq!(score(&model, &matrix(5)).await.expect("scores").len(), 5);
+    assert_eq!(live.await.expect("task").expect("scores").len(), 25);
     let stats = model.batcher().stats();
-    assert_eq!((stats.batches, stats.calls, stats.rows, stats.cancelled), (1, 1, 20, 1), "{stats:?}");
+    assert_eq!((stats.batches, stats.calls, stats.rows, stats.cancelled), (1, 2, 30, 2), "{stats:?}");
 }
 
 /// A copy of the baseline model whose manifest has been edited by `edit`.
@@ -213,6 +223,6 @@ fn a_gpu_provider_list_falls_back_to_cpu_here() {
     use crate::ExecutionProvider::*;
     let config =
         ModelConfig { dir: baseline_dir(), execution_providers: vec![Tensorrt, Cuda, Cpu], ..ModelConfig::default() };
-    let model = CtrModel::load(&config, &BatchingConfig::default(), &dylib()).expect("loads on CPU");
+    let model = CtrModel::load(&config, &BatchingConfig::default(), 5000, &dylib()).expect("loads on CPU");
     assert_eq!(model.provider(), Cpu, "no GPU and a CPU build of ONNX Runtime on this machine");
 }

@@ -149,12 +149,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Models(Models::History { name }) => {
             for c in registry.history(&name).await? {
                 println!(
-                    "{}  {:<24} {:>10} -> {:<10} by {}{}",
+                    "{}  {:<24} {:>10} -> {:<10} by {}{}{}",
                     c.at,
                     c.version,
                     c.from_stage.as_deref().unwrap_or("-"),
                     c.to_stage,
                     c.actor,
+                    if c.rollback { " (rollback)" } else { "" },
                     if c.reason.is_empty() { String::new() } else { format!(": {}", c.reason) }
                 );
             }
