@@ -80,6 +80,9 @@ async fn ranker_contract() -> anyhow::Result<()> {
     let scores = c.score(ScoreRequest { matrix: Some(matrix) }).await?.into_inner();
     assert_eq!(scores.pctr.len(), 2);
     assert!(scores.pctr.iter().all(|p| *p > 0.0 && *p <= 1.0));
+    // The baseline has no calibration: what is served is the raw output.
+    assert_eq!(scores.raw_pctr.len(), 2);
+    assert_eq!(scores.pctr, scores.raw_pctr.iter().map(|p| p.max(1e-7)).collect::<Vec<_>>());
     // Missing feature, ragged matrix, no matrix: InvalidArgument naming the problem.
     let missing =
         FeatureMatrix { feature_names: names[1..].to_vec(), num_rows: 1, values: registry.defaults()[1..].to_vec() };

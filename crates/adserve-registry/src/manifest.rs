@@ -20,6 +20,10 @@ pub struct ModelManifest {
     pub feature_order: Vec<String>,
     /// Hex SHA-256 of `model.onnx`; a file that does not match is refused.
     pub onnx_sha256: String,
+    /// How the model's raw output becomes the probability the auction
+    /// prices with. Absent: the raw output is served as is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Calibration>,
     /// Anything else the trainer recorded (metrics, data, timestamps).
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -54,6 +58,117 @@ pub enum ManifestError {
     },
 }
 
+/// Maps a model's raw output to a calibrated probability: first the
+/// negative-downsampling correction `p / (p + (1 - p) / keep_rate)` (the
+/// trainer kept each negative with probability `keep_rate`, so the raw
+/// output over-predicts by that factor in the odds), then an optional fitted
+/// mapping.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    /// Share of negatives kept in training, in (0, 1]; 1 = no downsampling.
+    #[serde(default = "one")]
+    pub keep_rate: f64,
+    /// Fitted on a holdout after the correction.
+    #[serde(default)]
+    pub mapping: Mapping,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// A fitted calibration mapping.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "method", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Mapping {
+    /// None.
+    #[default]
+    None,
+    /// Platt scaling: `sigmoid(a * logit(p) + b)`, `a > 0` (monotone).
+    Platt {
+        /// Slope on the logit.
+        a: f64,
+        /// Intercept.
+        b: f64,
+    },
+    /// Isotonic regression as a piecewise-linear function through
+    /// `(x[i], y[i])`: `x` strictly increasing in [0, 1], `y` non-decreasing
+    /// in [0, 1]; flat outside the first and last point.
+    Isotonic {
+        /// Raw (corrected) probabilities.
+        x: Vec<f64>,
+        /// Calibrated probabilities.
+        y: Vec<f64>,
+    },
+}
+
+impl Calibration {
+    /// Why this calibration cannot be served, if it cannot.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.keep_rate > 0.0 && self.keep_rate <= 1.0) {
+            return Err(format!("calibration.keep_rate {} is not in (0, 1]", self.keep_rate));
+        }
+        match &self.mapping {
+            Mapping::None => Ok(()),
+            Mapping::Platt { a, b } => {
+                if !(a.is_finite() && *a > 0.0 && b.is_finite()) {
+                    return Err(format!("calibration platt a = {a}, b = {b}: a must be > 0 and both finite"));
+                }
+                Ok(())
+            }
+            Mapping::Isotonic { x, y } => {
+                if x.len() < 2 || x.len() != y.len() {
+                    return Err(format!(
+                        "calibration isotonic needs x and y of equal length >= 2, got {} and {}",
+                        x.len(),
+                        y.len()
+                    ));
+                }
+                let unit = |v: &f64| v.is_finite() && (0.0..=1.0).contains(v);
+                if !x.iter().all(unit) || !y.iter().all(unit) {
+                    return Err("calibration isotonic x and y must be in [0, 1]".into());
+                }
+                if !x.windows(2).all(|w| w[0] < w[1]) {
+                    return Err("calibration isotonic x must be strictly increasing".into());
+                }
+                if !y.windows(2).all(|w| w[0] <= w[1]) {
+                    return Err("calibration isotonic y must be non-decreasing".into());
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The calibrated probability of raw output `p` (in [0, 1]).
+    pub fn apply(&self, p: f32) -> f32 {
+        let mut q = f64::from(p);
+        if self.keep_rate < 1.0 {
+            q = q / (q + (1.0 - q) / self.keep_rate);
+        }
+        let q = match &self.mapping {
+            Mapping::None => q,
+            Mapping::Platt { a, b } => {
+                let q = q.clamp(1e-12, 1.0 - 1e-12);
+                let z = a * (q / (1.0 - q)).ln() + b;
+                1.0 / (1.0 + (-z).exp())
+            }
+            Mapping::Isotonic { x, y } => {
+                let i = x.partition_point(|&xi| xi < q);
+                if i == 0 {
+                    y[0]
+                } else if i == x.len() {
+                    y[x.len() - 1]
+                } else {
+                    let t = (q - x[i - 1]) / (x[i] - x[i - 1]);
+                    y[i - 1] + t * (y[i] - y[i - 1])
+                }
+            }
+        };
+        q as f32
+    }
+}
+
 impl ModelManifest {
     /// The trainer's offline metrics (`metrics` object), if any.
     pub fn metrics(&self) -> serde_json::Value {
@@ -75,6 +190,9 @@ pub fn read_manifest(path: &Path) -> Result<ModelManifest, ManifestError> {
     }
     if manifest.onnx_sha256.len() != 64 || !manifest.onnx_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad(format!("onnx_sha256 {:?} is not 64 hex digits", manifest.onnx_sha256)));
+    }
+    if let Some(c) = &manifest.calibration {
+        c.check().map_err(bad)?;
     }
     let registry = adserve_features::registry();
     for (i, name) in manifest.feature_order.iter().enumerate() {
@@ -132,6 +250,57 @@ mod tests {
         std::fs::write(&path, manifest_json()).expect("write");
         let m = read_manifest(&path).expect("the untouched manifest reads");
         assert_eq!(m.metrics()["auc"], 0.7);
+    }
+
+    #[test]
+    fn downsampling_correction_and_mappings_calibrate_as_defined() {
+        let close = |a: f32, b: f64| (f64::from(a) - b).abs() < 1e-6;
+        // keep_rate 0.1: odds scale by 0.1; p = 0.5 (odds 1) -> odds 0.1.
+        let c = Calibration { keep_rate: 0.1, mapping: Mapping::None };
+        assert!(close(c.apply(0.5), 0.1 / 1.1));
+        assert_eq!(c.apply(0.0), 0.0);
+        assert!(close(c.apply(1.0), 1.0));
+        // Platt with a = 1, b = 0 is the identity; b shifts the logit.
+        let id = Calibration { keep_rate: 1.0, mapping: Mapping::Platt { a: 1.0, b: 0.0 } };
+        assert!(close(id.apply(0.3), 0.3));
+        let shift = Calibration { keep_rate: 1.0, mapping: Mapping::Platt { a: 1.0, b: (0.5f64).ln() } };
+        assert!(close(shift.apply(0.5), 1.0 / 3.0));
+        // Isotonic: interpolated between points, flat outside.
+        let iso = Calibration {
+            keep_rate: 1.0,
+            mapping: Mapping::Isotonic { x: vec![0.1, 0.5, 0.9], y: vec![0.05, 0.4, 0.8] },
+        };
+        assert!(close(iso.apply(0.3), 0.225));
+        assert!(close(iso.apply(0.01), 0.05));
+        assert!(close(iso.apply(0.95), 0.8));
+        assert!(close(iso.apply(0.5), 0.4));
+        // Monotone in p, for each mapping.
+        for c in [&c, &shift, &iso] {
+            let ps: Vec<f32> = (0..=100).map(|i| c.apply(i as f32 / 100.0)).collect();
+            assert!(ps.windows(2).all(|w| w[0] <= w[1]), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn bad_calibrations_are_refused_by_name() {
+        for (json, want) in [
+            (r#"{"keep_rate":0}"#, "keep_rate 0"),
+            (r#"{"keep_rate":1.5}"#, "keep_rate 1.5"),
+            (r#"{"mapping":{"method":"platt","a":-1,"b":0}}"#, "a must be > 0"),
+            (r#"{"mapping":{"method":"isotonic","x":[0.5,0.2],"y":[0.1,0.2]}}"#, "strictly increasing"),
+            (r#"{"mapping":{"method":"isotonic","x":[0.2,0.5],"y":[0.3,0.2]}}"#, "non-decreasing"),
+            (r#"{"mapping":{"method":"isotonic","x":[0.2],"y":[0.3]}}"#, ">= 2"),
+        ] {
+            let c: Calibration = serde_json::from_str(json).expect(json);
+            let err = c.check().unwrap_err();
+            assert!(err.contains(want), "{json}: {err}");
+        }
+        assert!(serde_json::from_str::<Calibration>(r#"{"mapping":{"method":"beta"}}"#).is_err());
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("manifest.json");
+        let with = manifest_json().replace(r#""metrics""#, r#""calibration":{"keep_rate":2},"metrics""#);
+        std::fs::write(&path, with).expect("write");
+        assert!(read_manifest(&path).unwrap_err().to_string().contains("keep_rate 2"));
     }
 
     #[test]

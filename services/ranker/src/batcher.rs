@@ -70,7 +70,17 @@ struct Job {
     rows: usize,
     enqueued: Instant,
     deadline: Option<Instant>,
-    reply: oneshot::Sender<Result<Vec<f32>, ScoreError>>,
+    reply: oneshot::Sender<Result<Scores, ScoreError>>,
+}
+
+/// One call's scores.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scores {
+    /// The model's output, one per row.
+    pub raw: Vec<f32>,
+    /// Calibrated (the manifest's downsampling correction and mapping), floored
+    /// at [`MIN_PCTR`]: what the auction prices with.
+    pub pctr: Vec<f32>,
 }
 
 #[derive(Default)]
@@ -146,9 +156,9 @@ impl Batcher {
     }
 
     /// Queues `rows` rows (`input` is `rows × features`, already gathered and
-    /// checked) and waits for their pCTRs (floored at [`MIN_PCTR`]). When
-    /// the returned future is dropped the call is skipped, not scored.
-    pub async fn score(&self, input: Vec<f32>, rows: usize, deadline: Option<Instant>) -> Result<Vec<f32>, ScoreError> {
+    /// checked) and waits for their scores. When the returned future is
+    /// dropped the call is skipped, not scored.
+    pub async fn score(&self, input: Vec<f32>, rows: usize, deadline: Option<Instant>) -> Result<Scores, ScoreError> {
         let (reply, answer) = oneshot::channel();
         {
             let mut st = self.queue.lock();
@@ -250,7 +260,7 @@ fn worker(mut session: Session, queue: &Queue, manifest: &ModelManifest) {
             Ok(Ok(scores)) => {
                 let mut at = 0;
                 for job in live {
-                    let _ = job.reply.send(probabilities(&scores[at..at + job.rows]));
+                    let _ = job.reply.send(calibrate(&scores[at..at + job.rows], manifest));
                     at += job.rows;
                 }
             }
@@ -275,18 +285,21 @@ fn worker(mut session: Session, queue: &Queue, manifest: &ModelManifest) {
     }
 }
 
-/// Checks one call's scores and floors them at [`MIN_PCTR`].
-fn probabilities(scores: &[f32]) -> Result<Vec<f32>, ScoreError> {
-    scores
-        .iter()
-        .map(|&p| {
-            if p.is_finite() && (0.0..=1.0).contains(&p) {
-                Ok(p.max(MIN_PCTR))
-            } else {
-                Err(ScoreError::Failed(format!("model output: pCTR {p} is not a probability")))
-            }
-        })
-        .collect()
+/// Checks one call's raw scores are probabilities, and calibrates them
+/// (floored at [`MIN_PCTR`]).
+fn calibrate(raw: &[f32], manifest: &ModelManifest) -> Result<Scores, ScoreError> {
+    let mut pctr = Vec::with_capacity(raw.len());
+    for &p in raw {
+        if !(p.is_finite() && (0.0..=1.0).contains(&p)) {
+            return Err(ScoreError::Failed(format!("model output: pCTR {p} is not a probability")));
+        }
+        let q = manifest.calibration.as_ref().map_or(p, |c| c.apply(p));
+        if !(q.is_finite() && (0.0..=1.0).contains(&q)) {
+            return Err(ScoreError::Failed(format!("calibration mapped {p} to {q}, not a probability")));
+        }
+        pctr.push(q.max(MIN_PCTR));
+    }
+    Ok(Scores { raw: raw.to_vec(), pctr })
 }
 
 /// Blocks until a batch is due; `None` once the queue is closed and empty.

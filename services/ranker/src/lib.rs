@@ -13,7 +13,7 @@ pub mod follow;
 pub mod model;
 pub mod service;
 
-pub use batcher::{BatchStats, Batcher, ScoreError};
+pub use batcher::{BatchStats, Batcher, ScoreError, Scores};
 pub use config::{BatchingConfig, ExecutionProvider, ModelConfig, RankerConfig};
 pub use follow::{Serving, Source};
 pub use model::{CtrModel, ModelError, ModelManifest};

@@ -66,7 +66,11 @@ impl RankerService for RankerGrpc {
         let scores = model.batcher().score(input, rows, Some(start + limit)).await.map_err(|e| status(&e))?;
         metrics::histogram!("adserve_ranker_score_seconds").record(start.elapsed().as_secs_f64());
         metrics::histogram!("adserve_ranker_rows").record(rows as f64);
-        Ok(Response::new(ScoreResponse { pctr: scores, model_version: model.manifest().model_version.clone() }))
+        Ok(Response::new(ScoreResponse {
+            pctr: scores.pctr,
+            model_version: model.manifest().model_version.clone(),
+            raw_pctr: scores.raw,
+        }))
     }
 
     async fn get_model(&self, _: Request<GetModelRequest>) -> Result<Response<GetModelResponse>, Status> {

@@ -53,7 +53,7 @@ fn matrix(rows: usize) -> FeatureMatrix {
 
 async fn score(model: &CtrModel, m: &FeatureMatrix) -> Result<Vec<f32>, ScoreError> {
     let input = model.gather(m).expect("valid matrix");
-    model.batcher().score(input, m.num_rows as usize, None).await
+    model.batcher().score(input, m.num_rows as usize, None).await.map(|s| s.pctr)
 }
 
 #[tokio::test]
@@ -63,6 +63,24 @@ async fn scores_are_probabilities_one_per_row() {
     assert_eq!(scores.len(), 7);
     assert!(scores.iter().all(|p| (MIN_PCTR..=1.0).contains(p)));
     assert_eq!(model.provider().as_str(), "cpu");
+}
+
+#[tokio::test]
+async fn the_manifest_calibration_is_applied_and_the_raw_score_kept() {
+    let calibration = serde_json::json!({"keep_rate": 0.25, "mapping": {"method": "platt", "a": 1.2, "b": -0.3}});
+    let dir = edited_model(|m| m["calibration"] = calibration.clone(), None);
+    let calibrated = load_from(dir.path(), &BatchingConfig::default()).expect("a calibrated model loads");
+    let plain = baseline(BatchingConfig::default());
+    let m = matrix(6);
+    let got = calibrated.batcher().score(calibrated.gather(&m).expect("valid"), 6, None).await.expect("scores");
+    let raw = plain.batcher().score(plain.gather(&m).expect("valid"), 6, None).await.expect("scores");
+    assert_eq!(got.raw, raw.raw, "calibration must not touch the model's output");
+    assert_eq!(raw.pctr, raw.raw.iter().map(|p| p.max(MIN_PCTR)).collect::<Vec<_>>(), "no calibration: served raw");
+    let c: adserve_registry::Calibration = serde_json::from_value(calibration).expect("calibration");
+    for (r, p) in got.raw.iter().zip(&got.pctr) {
+        assert_eq!(*p, c.apply(*r).max(MIN_PCTR));
+        assert!(p < r, "keeping a quarter of the negatives: the corrected pCTR is lower ({p} vs {r})");
+    }
 }
 
 #[tokio::test]
