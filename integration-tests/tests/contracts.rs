@@ -77,7 +77,7 @@ async fn ranker_contract() -> anyhow::Result<()> {
         num_rows: 2,
         values: [registry.defaults(), registry.defaults()].concat(),
     };
-    let scores = c.score(ScoreRequest { matrix: Some(matrix) }).await?.into_inner();
+    let scores = c.score(ScoreRequest { matrix: Some(matrix), ..Default::default() }).await?.into_inner();
     assert_eq!(scores.pctr.len(), 2);
     assert!(scores.pctr.iter().all(|p| *p > 0.0 && *p <= 1.0));
     // The baseline has no calibration: what is served is the raw output.
@@ -86,12 +86,15 @@ async fn ranker_contract() -> anyhow::Result<()> {
     // Missing feature, ragged matrix, no matrix: InvalidArgument naming the problem.
     let missing =
         FeatureMatrix { feature_names: names[1..].to_vec(), num_rows: 1, values: registry.defaults()[1..].to_vec() };
-    let err = c.score(ScoreRequest { matrix: Some(missing) }).await.unwrap_err();
+    let err = c.score(ScoreRequest { matrix: Some(missing), ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains(&names[0]), "{}", err.message());
     let ragged = FeatureMatrix { feature_names: names.clone(), num_rows: 2, values: registry.defaults() };
-    assert_eq!(c.score(ScoreRequest { matrix: Some(ragged) }).await.unwrap_err().code(), Code::InvalidArgument);
-    let err = c.score(ScoreRequest { matrix: None }).await.unwrap_err();
+    assert_eq!(
+        c.score(ScoreRequest { matrix: Some(ragged), ..Default::default() }).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let err = c.score(ScoreRequest { matrix: None, ..Default::default() }).await.unwrap_err();
     assert!(err.message().starts_with("matrix"), "{}", err.message());
     Ok(())
 }

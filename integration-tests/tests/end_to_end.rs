@@ -52,7 +52,7 @@ async fn ad_request_and_click_become_one_labelled_row_with_the_scored_features()
     // Re-scoring the logged row gives the logged pCTR: the log is what was scored.
     let mut ranker = RankerServiceClient::connect(stack.ranker.clone()).await?;
     let matrix = FeatureMatrix { feature_names: features.names.clone(), num_rows: 1, values: features.values.clone() };
-    let rescored = ranker.score(ScoreRequest { matrix: Some(matrix) }).await?.into_inner();
+    let rescored = ranker.score(ScoreRequest { matrix: Some(matrix), ..Default::default() }).await?.into_inner();
     assert_eq!(rescored.pctr[0], event.pctr);
 
     stack.wait_for_rows(&impression_id, Duration::from_secs(60)).await?;

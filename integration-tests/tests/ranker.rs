@@ -56,7 +56,7 @@ async fn a_gpu_provider_list_falls_back_to_cpu_and_says_so() -> anyhow::Result<(
     let model = client.get_model(GetModelRequest {}).await?.into_inner();
     assert_eq!(model.execution_provider, "cpu", "no GPU here: the list must end on CPU");
     // It scores, on CPU.
-    let scores = client.score(ScoreRequest { matrix: Some(matrix(2)) }).await?.into_inner();
+    let scores = client.score(ScoreRequest { matrix: Some(matrix(2)), ..Default::default() }).await?.into_inner();
     assert_eq!(scores.pctr.len(), 2);
     // Each GPU provider that was tried and passed over is counted, by reason.
     let text = reqwest::get(format!("http://127.0.0.1:{metrics}/metrics")).await?.text().await?;
@@ -208,7 +208,7 @@ async fn adservectl_swaps_and_rolls_back_a_running_ranker_under_load_without_a_f
                 let mut seen = std::collections::BTreeMap::<String, u64>::new();
                 let mut failures = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    match client.score(ScoreRequest { matrix: Some(matrix(1 + i * 30)) }).await {
+                    match client.score(ScoreRequest { matrix: Some(matrix(1 + i * 30)), ..Default::default() }).await {
                         Ok(r) => *seen.entry(r.into_inner().model_version).or_default() += 1,
                         Err(e) => failures.push(format!("{:?}: {}", e.code(), e.message())),
                     }
@@ -400,7 +400,8 @@ async fn a_frozen_registry_keeps_the_model_serving_and_following_resumes_when_it
             tokio::spawn(async move {
                 let mut failures = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    if let Err(e) = client.score(ScoreRequest { matrix: Some(matrix(10)) }).await {
+                    if let Err(e) = client.score(ScoreRequest { matrix: Some(matrix(10)), ..Default::default() }).await
+                    {
                         failures.push(format!("{:?}: {}", e.code(), e.message()));
                     }
                 }
@@ -471,4 +472,81 @@ mod url_parts {
         };
         Ok(Pg { scheme_user: scheme_user.into(), host, port, rest: rest.into() })
     }
+}
+
+#[tokio::test]
+async fn a_canary_serves_its_share_of_users_and_then_takes_over_production() -> anyhow::Result<()> {
+    let s = Stack::from_env();
+    let schema = format!("registry_canary_{}_{}", std::process::id(), free_port());
+    let name = "ctr-canary";
+    let models = tempfile::tempdir()?;
+    for version in ["ctr-canary-v1", "ctr-canary-v2"] {
+        let dir = model_version(models.path(), version)?;
+        ok(&s, &schema, &["models", "register", "--name", name, "--dir", dir.to_str().unwrap()]).await?;
+    }
+    ok(&s, &schema, &["models", "promote", "--name", name, "--version", "ctr-canary-v1", "--to", "production"]).await?;
+    let (mut command, grpc, _) = ranker(
+        &repo_root().join("models/ctr-baseline"),
+        &[
+            ("ADSERVE_REGISTRY__ENABLED", "true"),
+            ("ADSERVE_REGISTRY__MODEL_NAME", name),
+            ("ADSERVE_REGISTRY__POSTGRES__URL", &s.postgres),
+            ("ADSERVE_REGISTRY__POSTGRES__SCHEMA", &schema),
+            ("ADSERVE_REGISTRY__POLL_INTERVAL", "1h"),
+        ],
+    );
+    let _ranker = command.stdout(Stdio::null()).spawn()?;
+    let mut client = connect(grpc).await?;
+    serves(&mut client, "ctr-canary-v1").await?;
+
+    ok(
+        &s,
+        &schema,
+        &["models", "promote", "--name", name, "--version", "ctr-canary-v2", "--to", "canary", "--canary-share", "0.3"],
+    )
+    .await?;
+    let mut model = client.get_model(GetModelRequest {}).await?.into_inner();
+    for _ in 0..300 {
+        if model.canary_model_version == "ctr-canary-v2" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        model = client.get_model(GetModelRequest {}).await?.into_inner();
+    }
+    assert_eq!((model.model_version.as_str(), model.canary_model_version.as_str()), ("ctr-canary-v1", "ctr-canary-v2"));
+    assert_eq!(model.canary_share, 0.3);
+
+    // Each user goes where its bucket says, every time; anonymous calls stay
+    // on production.
+    let mut on_canary = 0;
+    for i in 0..200 {
+        let key = format!("user-{i}");
+        let want = if adserve_registry::in_canary(&key, 0.3) { "ctr-canary-v2" } else { "ctr-canary-v1" };
+        for _ in 0..2 {
+            let request = ScoreRequest { matrix: Some(matrix(3)), routing_key: key.clone() };
+            assert_eq!(client.score(request).await?.into_inner().model_version, want, "{key}");
+        }
+        on_canary += usize::from(want == "ctr-canary-v2");
+    }
+    assert!((30..=90).contains(&on_canary), "a 30% canary served {on_canary} of 200 users");
+    let anonymous = client.score(ScoreRequest { matrix: Some(matrix(1)), routing_key: String::new() }).await?;
+    assert_eq!(anonymous.into_inner().model_version, "ctr-canary-v1");
+
+    // Promote the canary: everyone moves to it, and the canary slot empties.
+    ok(&s, &schema, &["models", "promote", "--name", name, "--version", "ctr-canary-v2", "--to", "production"]).await?;
+    serves(&mut client, "ctr-canary-v2").await?;
+    let model = client.get_model(GetModelRequest {}).await?.into_inner();
+    assert_eq!((model.canary_model_version.as_str(), model.canary_share), ("", 0.0));
+    for i in 0..50 {
+        let request = ScoreRequest { matrix: Some(matrix(1)), routing_key: format!("user-{i}") };
+        assert_eq!(client.score(request).await?.into_inner().model_version, "ctr-canary-v2");
+    }
+
+    let registry = adserve_registry::Registry::connect_lazy(&adserve_registry::PostgresConfig {
+        url: s.postgres.clone(),
+        schema: schema.clone(),
+        ..Default::default()
+    })?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE"))).execute(registry.pool()).await?;
+    Ok(())
 }

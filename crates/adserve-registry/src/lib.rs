@@ -81,6 +81,28 @@ impl RegistryConfig {
     }
 }
 
+/// Buckets a canary share is cut into: a share s serves the routing keys
+/// whose [`canary_bucket`] is below `s * CANARY_BUCKETS`.
+pub const CANARY_BUCKETS: u64 = 10_000;
+
+/// The bucket of a routing key (a user id): FNV-1a 64 of its UTF-8 bytes,
+/// mod [`CANARY_BUCKETS`]. Stable across processes, versions and languages,
+/// so an analysis job can tell which users a canary served.
+pub fn canary_bucket(key: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h % CANARY_BUCKETS
+}
+
+/// Whether a canary with `share` serves `key`. Empty keys never go to a
+/// canary (anonymous and COPPA traffic stays on production).
+pub fn in_canary(key: &str, share: f64) -> bool {
+    !key.is_empty() && (canary_bucket(key) as f64) < share * CANARY_BUCKETS as f64
+}
+
 /// Model names: what the registry's CHECK constraint accepts.
 pub fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
@@ -590,6 +612,23 @@ mod tests {
         for bad in ["", "CTR", "-ctr", "ctr v2", &"a".repeat(65)] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn canary_routing_is_deterministic_and_serves_its_share() {
+        // FNV-1a 64 reference values (empty input: the offset basis).
+        assert_eq!(canary_bucket(""), 0xcbf2_9ce4_8422_2325 % CANARY_BUCKETS);
+        assert_eq!(canary_bucket("a"), 0xaf63_dc4c_8601_ec8c % CANARY_BUCKETS);
+        let keys: Vec<String> = (0..20_000).map(|i| format!("user-{i}")).collect();
+        for share in [0.01, 0.05, 0.3, 0.5] {
+            let served = keys.iter().filter(|k| in_canary(k, share)).count() as f64 / keys.len() as f64;
+            assert!((served - share).abs() < 0.02, "share {share}: served {served}");
+        }
+        assert!(keys.iter().all(|k| in_canary(k, 1.0)));
+        assert!(!keys.iter().any(|k| in_canary(k, 0.0)));
+        assert!(!in_canary("", 1.0), "anonymous traffic stays on production");
+        // A bigger share serves a superset: users in a 5% canary stay in it at 30%.
+        assert!(keys.iter().filter(|k| in_canary(k, 0.05)).all(|k| in_canary(k, 0.3)));
     }
 
     #[test]

@@ -280,7 +280,7 @@ async fn components(s: &Settings, placement: &str, ad_ids: &[i64]) -> anyhow::Re
         load::closed_loop(1, s.warmup(), s.window(), timeout, n as u64, move |_| {
             let (mut c, matrix) = (ranker.clone(), matrix.clone());
             async move {
-                match c.score(ScoreRequest { matrix: Some((*matrix).clone()) }).await {
+                match c.score(ScoreRequest { matrix: Some((*matrix).clone()), ..Default::default() }).await {
                     Ok(_) => Outcome::Ok,
                     Err(e) => Outcome::Error(e.message().to_string()),
                 }
@@ -290,7 +290,12 @@ async fn components(s: &Settings, placement: &str, ad_ids: &[i64]) -> anyhow::Re
     };
     parts.insert(2, ("ranker Score", m));
 
-    let pctr = ranker.clone().score(ScoreRequest { matrix: Some(matrix.clone()) }).await?.into_inner().pctr;
+    let pctr = ranker
+        .clone()
+        .score(ScoreRequest { matrix: Some(matrix.clone()), ..Default::default() })
+        .await?
+        .into_inner()
+        .pctr;
     let catalog_ads =
         stack.catalog()?.eligible_ads(&Targeting { placement, device: "mobile", coppa: false }, n).await?;
     let candidates: Vec<AuctionCandidate> = catalog_ads

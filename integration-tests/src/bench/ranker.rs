@@ -115,7 +115,7 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
                 load::closed_loop(c, s.warmup(), s.window(), timeout, rows as u64, move |_| {
                     let (mut client, m) = (client.clone(), m.clone());
                     async move {
-                        match client.score(ScoreRequest { matrix: Some((*m).clone()) }).await {
+                        match client.score(ScoreRequest { matrix: Some((*m).clone()), ..Default::default() }).await {
                             Ok(r) if r.get_ref().pctr.len() == rows => Outcome::Ok,
                             Ok(r) => Outcome::Error(format!("{} scores for {rows} rows", r.get_ref().pctr.len())),
                             Err(e) => Outcome::Error(format!("{:?}: {}", e.code(), e.message())),
@@ -129,7 +129,7 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
                 load::closed_loop(c, s.warmup(), s.window(), timeout, rows as u64, move |_| {
                     let (mut client, m) = (client.clone(), m.clone());
                     async move {
-                        match client.score(ScoreRequest { matrix: Some((*m).clone()) }).await {
+                        match client.score(ScoreRequest { matrix: Some((*m).clone()), ..Default::default() }).await {
                             Ok(r) if r.get_ref().pctr.len() == rows => Outcome::Ok,
                             Ok(r) => Outcome::Error(format!("{} scores for {rows} rows", r.get_ref().pctr.len())),
                             Err(e) => Outcome::Error(format!("{:?}: {}", e.code(), e.message())),

@@ -53,12 +53,42 @@ impl Source {
     }
 }
 
+/// Which of the served models scored a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The production model.
+    Production,
+    /// The canary.
+    Canary,
+}
+
+impl Role {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Production => "production",
+            Self::Canary => "canary",
+        }
+    }
+}
+
+/// A canary model and the share of routing keys it serves.
+#[derive(Clone)]
+pub struct Canary {
+    /// The model.
+    pub model: Arc<CtrModel>,
+    /// Share in (0, 1].
+    pub share: f64,
+}
+
+#[derive(Clone)]
 struct Active {
     model: Arc<CtrModel>,
     source: Source,
+    canary: Option<Canary>,
 }
 
-/// The production model, swapped atomically.
+/// The production model and the canary, swapped atomically.
 pub struct Serving {
     active: ArcSwap<Active>,
 }
@@ -66,51 +96,84 @@ pub struct Serving {
 impl std::fmt::Debug for Serving {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let a = self.active.load();
-        f.debug_struct("Serving").field("model", &a.model).field("source", &a.source).finish()
+        f.debug_struct("Serving")
+            .field("model", &a.model)
+            .field("source", &a.source)
+            .field("canary", &a.canary.as_ref().map(|c| (c.model.manifest().model_version.clone(), c.share)))
+            .finish()
     }
 }
 
 impl Serving {
-    /// Serving `model`.
+    /// Serving `model`, no canary.
     pub fn new(model: CtrModel, source: Source) -> Self {
-        let this = Self { active: ArcSwap::from_pointee(Active { model: Arc::new(model), source }) };
+        let this = Self { active: ArcSwap::from_pointee(Active { model: Arc::new(model), source, canary: None }) };
         this.publish(None);
         this
     }
 
-    /// The model to score the next call with (the caller keeps it alive).
+    /// The production model (the caller keeps it alive).
     pub fn production(&self) -> Arc<CtrModel> {
         self.active.load().model.clone()
     }
 
-    /// Where it came from.
+    /// The model for a call with `routing_key`: the canary for its share of
+    /// keys ([`adserve_registry::in_canary`]), production otherwise.
+    pub fn route(&self, routing_key: &str) -> (Arc<CtrModel>, Role) {
+        let a = self.active.load();
+        match &a.canary {
+            Some(c) if adserve_registry::in_canary(routing_key, c.share) => (c.model.clone(), Role::Canary),
+            _ => (a.model.clone(), Role::Production),
+        }
+    }
+
+    /// The canary, if one is served.
+    pub fn canary(&self) -> Option<Canary> {
+        self.active.load().canary.clone()
+    }
+
+    /// Where production came from.
     pub fn source(&self) -> Source {
         self.active.load().source.clone()
     }
 
-    /// Serves `model` from now on; calls already holding the old one finish
-    /// on it.
-    pub fn swap(&self, model: CtrModel, source: Source) {
-        let old = self.active.swap(Arc::new(Active { model: Arc::new(model), source }));
-        self.publish(Some(&old));
+    /// Serves `model` as production from now on (the canary stays); calls
+    /// already holding the old one finish on it.
+    pub fn swap(&self, model: Arc<CtrModel>, source: Source) {
+        let old =
+            self.active.rcu(|a| Active { model: model.clone(), source: source.clone(), canary: a.canary.clone() });
+        self.publish(Some(&*old));
+    }
+
+    /// Serves `canary` (or none) beside production from now on.
+    pub fn set_canary(&self, canary: Option<Canary>) {
+        let old = self.active.rcu(|a| Active { canary: canary.clone(), ..(**a).clone() });
+        self.publish(Some(&*old));
     }
 
     fn publish(&self, old: Option<&Active>) {
-        if let Some(old) = old {
+        let info = |a: &Active, on: f64| {
             metrics::gauge!(
                 "adserve_ranker_model_info",
-                "model_version" => old.model.manifest().model_version.clone(),
-                "source" => old.source.as_str(),
+                "model_version" => a.model.manifest().model_version.clone(),
+                "source" => a.source.as_str(),
+                "role" => "production",
             )
-            .set(0.0);
+            .set(on);
+            if let Some(c) = &a.canary {
+                metrics::gauge!(
+                    "adserve_ranker_model_info",
+                    "model_version" => c.model.manifest().model_version.clone(),
+                    "source" => "registry",
+                    "role" => "canary",
+                )
+                .set(on);
+            }
+        };
+        if let Some(old) = old {
+            info(old, 0.0);
         }
-        let a = self.active.load();
-        metrics::gauge!(
-            "adserve_ranker_model_info",
-            "model_version" => a.model.manifest().model_version.clone(),
-            "source" => a.source.as_str(),
-        )
-        .set(1.0);
+        info(&self.active.load(), 1.0);
     }
 }
 
@@ -227,7 +290,7 @@ pub async fn follow(registry: Registry, config: RegistryConfig, loader: Loader, 
     tokio::spawn(listen(registry.clone(), config.model_name.clone(), wake_tx));
     let mut tick = tokio::time::interval(config.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut refused: Option<Refused> = None;
+    let mut refused = RefusedVersions::default();
     let mut migrated = !config.postgres.migrate;
     loop {
         let notified = tokio::select! {
@@ -253,42 +316,94 @@ pub async fn follow(registry: Registry, config: RegistryConfig, loader: Loader, 
                 continue;
             }
         };
-        let Some(prod) = rows.into_iter().find(|r| r.stage == Stage::Production) else { continue };
-        let current = serving.production();
-        let m = current.manifest();
-        if m.model_version == prod.version && m.onnx_sha256.eq_ignore_ascii_case(&prod.onnx_sha256) {
-            refused = None;
-            continue;
-        }
-        let key = (prod.version.clone(), prod.onnx_sha256.clone());
-        if let Some(r) = &refused
-            && r.key == key
-            && !notified
-            && Instant::now() < r.retry_at
-        {
-            continue;
-        }
-        let started = Instant::now();
-        match loader.load_record(&prod).await {
-            Ok(next) => {
-                let from = m.model_version.clone();
-                drop(current);
-                serving.swap(next, Source::Registry);
-                refused = None;
-                metrics::counter!("adserve_ranker_model_swaps_total", "result" => "swapped").increment(1);
-                tracing::info!(%from, to = %prod.version, took = ?started.elapsed(), "model swapped");
-            }
-            Err(e) => {
-                let backoff = match &refused {
-                    Some(r) if r.key == key => (r.backoff * 2).min(Duration::from_secs(15 * 60)),
-                    _ => config.poll_interval,
+        if let Some(prod) = rows.iter().find(|r| r.stage == Stage::Production) {
+            let current = serving.production();
+            if !same(&current, prod) && refused.allows(Role::Production, prod, notified) {
+                // A canary promoted to production is already loaded and warm.
+                let reuse = serving.canary().filter(|c| same(&c.model, prod)).map(|c| c.model);
+                let started = Instant::now();
+                let loaded = match reuse {
+                    Some(model) => Ok(model),
+                    None => loader.load_record(prod).await.map(Arc::new),
                 };
-                refused = Some(Refused { key, retry_at: Instant::now() + backoff, backoff });
-                metrics::counter!("adserve_ranker_model_swaps_total", "result" => "refused").increment(1);
-                tracing::error!(version = %prod.version, artifact = %prod.artifact, error = %e, retry_in = ?backoff,
-                    "registry production model refused; the previous model keeps serving");
+                match loaded {
+                    Ok(next) => {
+                        let from = current.manifest().model_version.clone();
+                        drop(current);
+                        serving.swap(next, Source::Registry);
+                        refused.clear(Role::Production);
+                        metrics::counter!("adserve_ranker_model_swaps_total", "result" => "swapped").increment(1);
+                        tracing::info!(%from, to = %prod.version, took = ?started.elapsed(), "model swapped");
+                    }
+                    Err(e) => refused.refuse(Role::Production, prod, &e, config.poll_interval),
+                }
             }
         }
+        match rows.iter().find(|r| r.stage == Stage::Canary) {
+            None => {
+                if let Some(old) = serving.canary() {
+                    serving.set_canary(None);
+                    tracing::info!(version = %old.model.manifest().model_version, "canary removed");
+                }
+            }
+            Some(row) => match serving.canary() {
+                Some(c) if same(&c.model, row) && c.share != row.canary_share => {
+                    serving.set_canary(Some(Canary { model: c.model, share: row.canary_share }));
+                    tracing::info!(version = %row.version, share = row.canary_share, "canary share changed");
+                }
+                Some(c) if same(&c.model, row) => {}
+                _ if refused.allows(Role::Canary, row, notified) => match loader.load_record(row).await {
+                    Ok(model) => {
+                        serving.set_canary(Some(Canary { model: Arc::new(model), share: row.canary_share }));
+                        refused.clear(Role::Canary);
+                        metrics::counter!("adserve_ranker_model_swaps_total", "result" => "canary").increment(1);
+                        tracing::info!(version = %row.version, share = row.canary_share, "canary serving");
+                    }
+                    Err(e) => refused.refuse(Role::Canary, row, &e, config.poll_interval),
+                },
+                _ => {}
+            },
+        }
+    }
+}
+
+/// The loaded model is the registry row's version and file.
+fn same(model: &CtrModel, row: &ModelRecord) -> bool {
+    let m = model.manifest();
+    m.model_version == row.version && m.onnx_sha256.eq_ignore_ascii_case(&row.onnx_sha256)
+}
+
+/// Versions refused per role, and when each may be tried again.
+#[derive(Default)]
+struct RefusedVersions {
+    by_role: Vec<(Role, Refused)>,
+}
+
+impl RefusedVersions {
+    /// A notification always allows a retry; a poll only after the backoff.
+    fn allows(&self, role: Role, row: &ModelRecord, notified: bool) -> bool {
+        let key = (row.version.clone(), row.onnx_sha256.clone());
+        match self.by_role.iter().find(|(r, _)| *r == role) {
+            Some((_, refused)) if refused.key == key => notified || Instant::now() >= refused.retry_at,
+            _ => true,
+        }
+    }
+
+    fn clear(&mut self, role: Role) {
+        self.by_role.retain(|(r, _)| *r != role);
+    }
+
+    fn refuse(&mut self, role: Role, row: &ModelRecord, e: &ModelError, poll: Duration) {
+        let key = (row.version.clone(), row.onnx_sha256.clone());
+        let backoff = match self.by_role.iter().find(|(r, _)| *r == role) {
+            Some((_, r)) if r.key == key => (r.backoff * 2).min(Duration::from_secs(15 * 60)),
+            _ => poll,
+        };
+        self.clear(role);
+        self.by_role.push((role, Refused { key, retry_at: Instant::now() + backoff, backoff }));
+        metrics::counter!("adserve_ranker_model_swaps_total", "result" => "refused").increment(1);
+        tracing::error!(role = role.as_str(), version = %row.version, artifact = %row.artifact, error = %e,
+            retry_in = ?backoff, "registry model refused; the models already serving keep serving");
     }
 }
 

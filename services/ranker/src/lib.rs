@@ -15,7 +15,7 @@ pub mod service;
 
 pub use batcher::{BatchStats, Batcher, ScoreError, Scores};
 pub use config::{BatchingConfig, ExecutionProvider, ModelConfig, RankerConfig};
-pub use follow::{Serving, Source};
+pub use follow::{Canary, Role, Serving, Source};
 pub use model::{CtrModel, ModelError, ModelManifest};
 pub use service::RankerGrpc;
 

@@ -52,7 +52,14 @@ impl RankerService for RankerGrpc {
         let start = Instant::now();
         let limit = adserve_core::grpc::caller_timeout(request.metadata())
             .map_or(self.request_timeout, |t| t.min(self.request_timeout));
-        let matrix = request.into_inner().matrix.ok_or_else(|| Status::invalid_argument("matrix: required"))?;
+        let request = request.into_inner();
+        if request.routing_key.len() > 256 {
+            return Err(Status::invalid_argument(format!(
+                "routing_key: at most 256 bytes, got {}",
+                request.routing_key.len()
+            )));
+        }
+        let matrix = request.matrix.ok_or_else(|| Status::invalid_argument("matrix: required"))?;
         let rows = matrix.num_rows as usize;
         if rows == 0 || rows > self.max_rows {
             return Err(Status::invalid_argument(format!(
@@ -60,8 +67,10 @@ impl RankerService for RankerGrpc {
                 self.max_rows
             )));
         }
-        // This call's model: a swap during the call does not change it.
-        let model = self.serving.production();
+        // This call's model (production, or the canary for its share of
+        // routing keys): a swap during the call does not change it.
+        let (model, role) = self.serving.route(&request.routing_key);
+        metrics::counter!("adserve_ranker_calls_total", "role" => role.as_str()).increment(1);
         let input = model.gather(&matrix).map_err(Status::invalid_argument)?;
         let scores = model.batcher().score(input, rows, Some(start + limit)).await.map_err(|e| status(&e))?;
         metrics::histogram!("adserve_ranker_score_seconds").record(start.elapsed().as_secs_f64());
@@ -75,11 +84,14 @@ impl RankerService for RankerGrpc {
 
     async fn get_model(&self, _: Request<GetModelRequest>) -> Result<Response<GetModelResponse>, Status> {
         let model = self.serving.production();
+        let canary = self.serving.canary();
         let m = model.manifest();
         Ok(Response::new(GetModelResponse {
             model_version: m.model_version.clone(),
             feature_order: m.feature_order.clone(),
             execution_provider: model.provider().as_str().into(),
+            canary_model_version: canary.as_ref().map(|c| c.model.manifest().model_version.clone()).unwrap_or_default(),
+            canary_share: canary.map_or(0.0, |c| c.share),
         }))
     }
 }
