@@ -383,6 +383,7 @@ start_services() {
   start_service adserve-auction
   start_service adserve-ranker \
     "ADSERVE_MODEL__DIR=$model" \
+    "ADSERVE_KAFKA__BROKERS=$kafka" \
     "ADSERVE_REGISTRY__POSTGRES__URL=postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DATABASE" \
     "ADSERVE_ONNXRUNTIME_DYLIB=$ORT_DYLIB_PATH"
   # Credentials come from the service's config (dynamodb.access_key_id), not AWS_*.

@@ -523,13 +523,13 @@ async fn a_canary_serves_its_share_of_users_and_then_takes_over_production() -> 
         let key = format!("user-{i}");
         let want = if adserve_registry::in_canary(&key, 0.3) { "ctr-canary-v2" } else { "ctr-canary-v1" };
         for _ in 0..2 {
-            let request = ScoreRequest { matrix: Some(matrix(3)), routing_key: key.clone() };
+            let request = ScoreRequest { matrix: Some(matrix(3)), routing_key: key.clone(), ..Default::default() };
             assert_eq!(client.score(request).await?.into_inner().model_version, want, "{key}");
         }
         on_canary += usize::from(want == "ctr-canary-v2");
     }
     assert!((30..=90).contains(&on_canary), "a 30% canary served {on_canary} of 200 users");
-    let anonymous = client.score(ScoreRequest { matrix: Some(matrix(1)), routing_key: String::new() }).await?;
+    let anonymous = client.score(ScoreRequest { matrix: Some(matrix(1)), ..Default::default() }).await?;
     assert_eq!(anonymous.into_inner().model_version, "ctr-canary-v1");
 
     // Promote the canary: everyone moves to it, and the canary slot empties.
@@ -538,9 +538,94 @@ async fn a_canary_serves_its_share_of_users_and_then_takes_over_production() -> 
     let model = client.get_model(GetModelRequest {}).await?.into_inner();
     assert_eq!((model.canary_model_version.as_str(), model.canary_share), ("", 0.0));
     for i in 0..50 {
-        let request = ScoreRequest { matrix: Some(matrix(1)), routing_key: format!("user-{i}") };
+        let request = ScoreRequest { matrix: Some(matrix(1)), routing_key: format!("user-{i}"), ..Default::default() };
         assert_eq!(client.score(request).await?.into_inner().model_version, "ctr-canary-v2");
     }
+
+    let registry = adserve_registry::Registry::connect_lazy(&adserve_registry::PostgresConfig {
+        url: s.postgres.clone(),
+        schema: schema.clone(),
+        ..Default::default()
+    })?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE"))).execute(registry.pool()).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_shadow_scores_calls_after_the_answer_and_publishes_both_scores() -> anyhow::Result<()> {
+    use prost::Message as _;
+    use rdkafka::{
+        Message as _,
+        consumer::{Consumer as _, StreamConsumer},
+    };
+    let s = Stack::from_env();
+    let schema = format!("registry_shadow_{}_{}", std::process::id(), free_port());
+    let name = "ctr-shadow";
+    let models = tempfile::tempdir()?;
+    for version in ["ctr-shadow-v1", "ctr-shadow-v2"] {
+        let dir = model_version(models.path(), version)?;
+        ok(&s, &schema, &["models", "register", "--name", name, "--dir", dir.to_str().unwrap()]).await?;
+    }
+    ok(&s, &schema, &["models", "promote", "--name", name, "--version", "ctr-shadow-v1", "--to", "production"]).await?;
+    ok(&s, &schema, &["models", "promote", "--name", name, "--version", "ctr-shadow-v2", "--to", "shadow"]).await?;
+    let (mut command, grpc, metrics) = ranker(
+        &repo_root().join("models/ctr-baseline"),
+        &[
+            ("ADSERVE_REGISTRY__ENABLED", "true"),
+            ("ADSERVE_REGISTRY__MODEL_NAME", name),
+            ("ADSERVE_REGISTRY__POSTGRES__URL", &s.postgres),
+            ("ADSERVE_REGISTRY__POSTGRES__SCHEMA", &schema),
+            ("ADSERVE_REGISTRY__POLL_INTERVAL", "1h"),
+            ("ADSERVE_KAFKA__BROKERS", &s.kafka),
+        ],
+    );
+    let _ranker = command.stdout(Stdio::null()).spawn()?;
+    let mut client = connect(grpc).await?;
+    serves(&mut client, "ctr-shadow-v1").await?;
+    let url = format!("http://127.0.0.1:{metrics}/metrics");
+    let mut loaded = false;
+    for _ in 0..300 {
+        let text = reqwest::get(&url).await?.text().await?;
+        if counter(&text, "adserve_ranker_model_info", "role=\"shadow\"") >= 1.0 {
+            loaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(loaded, "the shadow version was never loaded");
+
+    let request_id = format!("shadow-test-{}", uuid::Uuid::new_v4());
+    let request =
+        ScoreRequest { matrix: Some(matrix(4)), routing_key: "user-1".into(), request_id: request_id.clone() };
+    let answer = client.score(request).await?.into_inner();
+    assert_eq!(answer.model_version, "ctr-shadow-v1", "the shadow is never served");
+
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &s.kafka)
+        .set("group.id", format!("adserve-test-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[adserve_events::SHADOW_SCORES_TOPIC])?;
+    let event = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let msg = consumer.recv().await?;
+            if msg.key() == Some(request_id.as_bytes()) {
+                return anyhow::Ok(adserve_proto::v1::ShadowScoreEvent::decode(msg.payload().unwrap_or_default())?);
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no shadow score for {request_id} within 30 s"))??;
+    assert_eq!(event.request_id, request_id);
+    assert_eq!(
+        (event.production_model_version.as_str(), event.shadow_model_version.as_str()),
+        ("ctr-shadow-v1", "ctr-shadow-v2")
+    );
+    assert_eq!(event.production_pctr, answer.pctr, "the production scores are the ones served");
+    // Same graph under two versions: the shadow scores the same rows alike.
+    assert_eq!(event.shadow_pctr, answer.pctr);
+    assert!(event.scored_at.is_some());
 
     let registry = adserve_registry::Registry::connect_lazy(&adserve_registry::PostgresConfig {
         url: s.postgres.clone(),

@@ -26,8 +26,11 @@ pub const IMPRESSIONS_TOPIC: &str = "adserve.impressions.v1";
 pub const CLICKS_TOPIC: &str = "adserve.clicks.v1";
 /// Messages no consumer could process, with the reason in headers.
 pub const DEAD_LETTER_TOPIC: &str = "adserve.dead-letter.v1";
+/// A shadow model's scores next to production's, keyed by request id,
+/// payload [`adserve_proto::v1::ShadowScoreEvent`] (best effort).
+pub const SHADOW_SCORES_TOPIC: &str = "adserve.shadow-scores.v1";
 /// Every topic the system owns.
-pub const TOPICS: [&str; 3] = [IMPRESSIONS_TOPIC, CLICKS_TOPIC, DEAD_LETTER_TOPIC];
+pub const TOPICS: [&str; 4] = [IMPRESSIONS_TOPIC, CLICKS_TOPIC, DEAD_LETTER_TOPIC, SHADOW_SCORES_TOPIC];
 
 /// Header naming why a message was dead-lettered.
 pub const HEADER_DLQ_REASON: &str = "adserve-dlq-reason";

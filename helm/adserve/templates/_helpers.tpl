@@ -222,6 +222,12 @@ enabled = {{ $r.enabled }}
 model_name = {{ $r.modelName | toJson }}
 poll_interval = "{{ int64 $r.pollIntervalMs }}ms"
 
+[shadow]
+enabled = {{ $c.shadow.enabled }}
+max_in_flight = {{ int64 $c.shadow.maxInFlight }}
+
+{{ include "adserve.kafkaToml" . }}
+
 [registry.postgres]
 {{- if $v.postgres.existingSecret }}
 # url: from Secret {{ $v.postgres.existingSecret }} (ADSERVE_REGISTRY__POSTGRES__URL)

@@ -74,7 +74,8 @@ impl AdServer {
         let ad_ids: Vec<i64> = ads.iter().map(|a| a.ad_id).collect();
 
         let matrix = timed(Hop::Features, self.features(&user_id, &ad_ids, &ctx, &mut degraded)).await;
-        let (pctrs, model_version) = timed(Hop::Ranker, self.scores(&matrix, &user_id, &mut degraded)).await;
+        let (pctrs, model_version) =
+            timed(Hop::Ranker, self.scores(&matrix, &user_id, &request_id, &mut degraded)).await;
         let candidates: Vec<AuctionCandidate> = ads
             .iter()
             .zip(&pctrs)
@@ -204,18 +205,24 @@ impl AdServer {
     }
 
     /// pCTRs from the ranker, routed by `user_id` (a canary serves a fixed
-    /// share of users; the empty COPPA/anonymous id stays on production).
+    /// share of users; the empty COPPA/anonymous id stays on production);
+    /// `request_id` ties a shadow model's scores to this request.
     async fn scores(
         &self,
         matrix: &FeatureMatrix,
         user_id: &str,
+        request_id: &str,
         degraded: &mut Vec<Degradation>,
     ) -> (Vec<f32>, String) {
         let mut client = self.ranker.clone();
         let rows = matrix.num_rows as usize;
         let limit = self.config.deadlines.ranker;
-        let request =
-            with_deadline(ScoreRequest { matrix: Some(matrix.clone()), routing_key: user_id.to_string() }, limit);
+        let request = ScoreRequest {
+            matrix: Some(matrix.clone()),
+            routing_key: user_id.to_string(),
+            request_id: request_id.to_string(),
+        };
+        let request = with_deadline(request, limit);
         match deadline(limit, client.score(request)).await {
             Ok(resp) => {
                 let resp = resp.into_inner();

@@ -3,6 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use adserve_core::{Invalid, ServerConfig, TelemetryConfig, Validate, check_duration, check_range, ports};
+use adserve_events::KafkaConfig;
 use adserve_registry::RegistryConfig;
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +50,10 @@ pub struct RankerConfig {
     /// The model registry this ranker follows (on by default; `model.dir`
     /// is served until the registry has a production version).
     pub registry: RegistryConfig,
+    /// Shadow scoring (a registry `shadow` version scores beside production).
+    pub shadow: ShadowConfig,
+    /// The broker shadow scores are published to.
+    pub kafka: KafkaConfig,
     /// Path (or file name on the loader path) of `libonnxruntime.so`
     /// (`ADSERVE_ONNXRUNTIME_DYLIB`; the ranker does not read ORT_DYLIB_PATH).
     pub onnxruntime_dylib: String,
@@ -118,6 +123,26 @@ pub struct BatchingConfig {
     pub max_queue_rows: usize,
 }
 
+/// Shadow scoring: when the registry has a `shadow` version, each call
+/// production answered is also scored by it, after the answer and on its own
+/// sessions, and both scores go to the shadow-scores topic.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShadowConfig {
+    /// Score and publish shadow scores (off: a shadow version is loaded but
+    /// scores nothing).
+    pub enabled: bool,
+    /// Shadow calls allowed in flight; beyond it a call's shadow scoring is
+    /// skipped and counted, so a slow shadow never queues up work.
+    pub max_in_flight: usize,
+}
+
+impl Default for ShadowConfig {
+    fn default() -> Self {
+        Self { enabled: true, max_in_flight: 64 }
+    }
+}
+
 impl Default for BatchingConfig {
     fn default() -> Self {
         Self { sessions: 2, max_batch_rows: 1024, max_queue_delay: Duration::ZERO, max_queue_rows: 32_768 }
@@ -144,6 +169,8 @@ impl Default for RankerConfig {
             model: ModelConfig::default(),
             batching: BatchingConfig::default(),
             registry: RegistryConfig::default(),
+            shadow: ShadowConfig::default(),
+            kafka: KafkaConfig::default(),
             onnxruntime_dylib: "libonnxruntime.so".into(),
             max_rows: adserve_proto::limits::MAX_CANDIDATES,
         }
@@ -174,6 +201,8 @@ impl Validate for RankerConfig {
             return Err(Invalid::new("model.execution_providers", "cpu must come last (it takes every node)"));
         }
         self.registry.validate()?;
+        self.kafka.validate()?;
+        check_range("shadow.max_in_flight", self.shadow.max_in_flight, 1..=10_000)?;
         check_range("max_rows", self.max_rows, 1..=100_000)?;
         check_range("model.device_id", self.model.device_id, 0..=i32::MAX)?;
         check_range("model.intra_threads", self.model.intra_threads, 0..=256)?;

@@ -60,6 +60,8 @@ pub enum Role {
     Production,
     /// The canary.
     Canary,
+    /// The shadow (scores off the critical path, never served).
+    Shadow,
 }
 
 impl Role {
@@ -68,6 +70,7 @@ impl Role {
         match self {
             Self::Production => "production",
             Self::Canary => "canary",
+            Self::Shadow => "shadow",
         }
     }
 }
@@ -86,6 +89,7 @@ struct Active {
     model: Arc<CtrModel>,
     source: Source,
     canary: Option<Canary>,
+    shadow: Option<Arc<CtrModel>>,
 }
 
 /// The production model and the canary, swapped atomically.
@@ -107,7 +111,9 @@ impl std::fmt::Debug for Serving {
 impl Serving {
     /// Serving `model`, no canary.
     pub fn new(model: CtrModel, source: Source) -> Self {
-        let this = Self { active: ArcSwap::from_pointee(Active { model: Arc::new(model), source, canary: None }) };
+        let this = Self {
+            active: ArcSwap::from_pointee(Active { model: Arc::new(model), source, canary: None, shadow: None }),
+        };
         this.publish(None);
         this
     }
@@ -132,6 +138,17 @@ impl Serving {
         self.active.load().canary.clone()
     }
 
+    /// The shadow model, if one is loaded.
+    pub fn shadow(&self) -> Option<Arc<CtrModel>> {
+        self.active.load().shadow.clone()
+    }
+
+    /// Scores calls with `shadow` (or none) beside production from now on.
+    pub fn set_shadow(&self, shadow: Option<Arc<CtrModel>>) {
+        let old = self.active.rcu(|a| Active { shadow: shadow.clone(), ..(**a).clone() });
+        self.publish(Some(&*old));
+    }
+
     /// Where production came from.
     pub fn source(&self) -> Source {
         self.active.load().source.clone()
@@ -140,8 +157,7 @@ impl Serving {
     /// Serves `model` as production from now on (the canary stays); calls
     /// already holding the old one finish on it.
     pub fn swap(&self, model: Arc<CtrModel>, source: Source) {
-        let old =
-            self.active.rcu(|a| Active { model: model.clone(), source: source.clone(), canary: a.canary.clone() });
+        let old = self.active.rcu(|a| Active { model: model.clone(), source: source.clone(), ..(**a).clone() });
         self.publish(Some(&*old));
     }
 
@@ -166,6 +182,15 @@ impl Serving {
                     "model_version" => c.model.manifest().model_version.clone(),
                     "source" => "registry",
                     "role" => "canary",
+                )
+                .set(on);
+            }
+            if let Some(s) = &a.shadow {
+                metrics::gauge!(
+                    "adserve_ranker_model_info",
+                    "model_version" => s.manifest().model_version.clone(),
+                    "source" => "registry",
+                    "role" => "shadow",
                 )
                 .set(on);
             }
@@ -338,6 +363,27 @@ pub async fn follow(registry: Registry, config: RegistryConfig, loader: Loader, 
                     Err(e) => refused.refuse(Role::Production, prod, &e, config.poll_interval),
                 }
             }
+        }
+        match rows.iter().find(|r| r.stage == Stage::Shadow) {
+            None => {
+                if let Some(old) = serving.shadow() {
+                    serving.set_shadow(None);
+                    tracing::info!(version = %old.manifest().model_version, "shadow removed");
+                }
+            }
+            Some(row) => match serving.shadow() {
+                Some(s) if same(&s, row) => {}
+                _ if refused.allows(Role::Shadow, row, notified) => match loader.load_record(row).await {
+                    Ok(model) => {
+                        serving.set_shadow(Some(Arc::new(model)));
+                        refused.clear(Role::Shadow);
+                        metrics::counter!("adserve_ranker_model_swaps_total", "result" => "shadow").increment(1);
+                        tracing::info!(version = %row.version, "shadow scoring");
+                    }
+                    Err(e) => refused.refuse(Role::Shadow, row, &e, config.poll_interval),
+                },
+                _ => {}
+            },
         }
         match rows.iter().find(|r| r.stage == Stage::Canary) {
             None => {

@@ -27,7 +27,17 @@ async fn main() -> anyhow::Result<()> {
     if let Some(registry) = registry {
         tokio::spawn(follow::follow(registry, config.registry.clone(), loader, serving.clone()));
     }
-    let service = RankerGrpc::new(serving, config.max_rows, config.server.request_timeout);
+    let mut service = RankerGrpc::new(serving, config.max_rows, config.server.request_timeout);
+    if config.shadow.enabled {
+        let kafka = config.kafka.clone();
+        tokio::spawn(async move {
+            if let Err(e) = adserve_events::ensure_topics(&kafka).await {
+                tracing::warn!(error = %e, "could not create the Kafka topics; shadow scores wait for the broker");
+            }
+        });
+        let publisher = adserve_events::EventPublisher::new(&config.kafka, "adserve-ranker")?;
+        service = service.with_shadow(adserve_ranker::service::ShadowSink::new(publisher, config.shadow.max_in_flight));
+    }
     let routes = Routes::new(service.into_server());
     adserve_core::grpc::serve(listener, routes, &[service_names::RANKER], &lifecycle).await?;
     Ok(())

@@ -2,16 +2,73 @@
 
 use std::{
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
+use adserve_events::{EventPublisher, SHADOW_SCORES_TOPIC};
 use adserve_proto::v1::{
-    GetModelRequest, GetModelResponse, ScoreRequest, ScoreResponse,
+    FeatureMatrix, GetModelRequest, GetModelResponse, ScoreRequest, ScoreResponse, ShadowScoreEvent,
     ranker_service_server::{RankerService, RankerServiceServer},
 };
+use prost::Message as _;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status};
 
-use crate::{batcher::ScoreError, follow::Serving};
+use crate::{CtrModel, batcher::ScoreError, follow::Serving};
+
+/// Where shadow scores go, and how many may be in flight.
+#[derive(Debug, Clone)]
+pub struct ShadowSink {
+    publisher: EventPublisher,
+    permits: Arc<Semaphore>,
+}
+
+impl ShadowSink {
+    /// Publishes through `publisher`, at most `max_in_flight` at a time.
+    pub fn new(publisher: EventPublisher, max_in_flight: usize) -> Self {
+        Self { publisher, permits: Arc::new(Semaphore::new(max_in_flight)) }
+    }
+
+    /// Scores `matrix` with `shadow` and publishes it next to production's
+    /// scores. Never fails the call it shadows: every outcome is a metric.
+    async fn run(
+        &self,
+        shadow: Arc<CtrModel>,
+        matrix: FeatureMatrix,
+        request_id: String,
+        production_model_version: String,
+        production_pctr: Vec<f32>,
+    ) {
+        let outcome = async {
+            let input = shadow.gather(&matrix).map_err(|e| format!("shadow cannot read the matrix: {e}"))?;
+            let rows = matrix.num_rows as usize;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let scores = shadow.batcher().score(input, rows, Some(deadline)).await.map_err(|e| e.to_string())?;
+            let event = ShadowScoreEvent {
+                request_id: request_id.clone(),
+                production_model_version,
+                production_pctr,
+                shadow_model_version: shadow.manifest().model_version.clone(),
+                shadow_pctr: scores.pctr,
+                scored_at: Some(prost_types::Timestamp::from(SystemTime::now())),
+            };
+            self.publisher
+                .send(SHADOW_SCORES_TOPIC, &request_id, &event.encode_to_vec(), None)
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("publishing: {e}"))
+        }
+        .await;
+        let result = match &outcome {
+            Ok(()) => "published",
+            Err(e) => {
+                tracing::debug!(error = %e, "shadow scoring failed");
+                "failed"
+            }
+        };
+        metrics::counter!("adserve_ranker_shadow_total", "result" => result).increment(1);
+    }
+}
 
 /// Serves `adserve.v1.RankerService` with the production model of
 /// [`Serving`] (swapped under it by the registry follower).
@@ -20,6 +77,7 @@ pub struct RankerGrpc {
     serving: Arc<Serving>,
     max_rows: usize,
     request_timeout: Duration,
+    shadow: Option<ShadowSink>,
 }
 
 impl RankerGrpc {
@@ -27,7 +85,26 @@ impl RankerGrpc {
     /// `max_rows`; a call's work is dropped once it is older than the
     /// caller's `grpc-timeout` or `request_timeout`, whichever is shorter.
     pub fn new(serving: Arc<Serving>, max_rows: usize, request_timeout: Duration) -> Self {
-        Self { serving, max_rows, request_timeout }
+        Self { serving, max_rows, request_timeout, shadow: None }
+    }
+
+    /// Scores with the registry's shadow model too, publishing to `sink`.
+    pub fn with_shadow(mut self, sink: ShadowSink) -> Self {
+        self.shadow = Some(sink);
+        self
+    }
+
+    /// A shadow model and an in-flight permit, when shadow scoring applies.
+    fn shadow_slot(&self) -> Option<(ShadowSink, Arc<CtrModel>, OwnedSemaphorePermit)> {
+        let sink = self.shadow.as_ref()?;
+        let model = self.serving.shadow()?;
+        match sink.permits.clone().try_acquire_owned() {
+            Ok(permit) => Some((sink.clone(), model, permit)),
+            Err(_) => {
+                metrics::counter!("adserve_ranker_shadow_total", "result" => "skipped_busy").increment(1);
+                None
+            }
+        }
     }
 
     /// The tonic server for this service.
@@ -59,6 +136,12 @@ impl RankerService for RankerGrpc {
                 request.routing_key.len()
             )));
         }
+        if request.request_id.len() > 128 {
+            return Err(Status::invalid_argument(format!(
+                "request_id: at most 128 bytes, got {}",
+                request.request_id.len()
+            )));
+        }
         let matrix = request.matrix.ok_or_else(|| Status::invalid_argument("matrix: required"))?;
         let rows = matrix.num_rows as usize;
         if rows == 0 || rows > self.max_rows {
@@ -72,14 +155,21 @@ impl RankerService for RankerGrpc {
         let (model, role) = self.serving.route(&request.routing_key);
         metrics::counter!("adserve_ranker_calls_total", "role" => role.as_str()).increment(1);
         let input = model.gather(&matrix).map_err(Status::invalid_argument)?;
+        // The shadow gets its own copy of the matrix (it may read other
+        // columns) and runs after the answer, never before it.
+        let shadow = self.shadow_slot().map(|slot| (slot, matrix));
         let scores = model.batcher().score(input, rows, Some(start + limit)).await.map_err(|e| status(&e))?;
         metrics::histogram!("adserve_ranker_score_seconds").record(start.elapsed().as_secs_f64());
         metrics::histogram!("adserve_ranker_rows").record(rows as f64);
-        Ok(Response::new(ScoreResponse {
-            pctr: scores.pctr,
-            model_version: model.manifest().model_version.clone(),
-            raw_pctr: scores.raw,
-        }))
+        let model_version = model.manifest().model_version.clone();
+        if let Some(((sink, shadow, permit), matrix)) = shadow {
+            let (request_id, version, pctr) = (request.request_id, model_version.clone(), scores.pctr.clone());
+            tokio::spawn(async move {
+                sink.run(shadow, matrix, request_id, version, pctr).await;
+                drop(permit);
+            });
+        }
+        Ok(Response::new(ScoreResponse { pctr: scores.pctr, model_version, raw_pctr: scores.raw }))
     }
 
     async fn get_model(&self, _: Request<GetModelRequest>) -> Result<Response<GetModelResponse>, Status> {
