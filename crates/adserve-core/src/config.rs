@@ -85,12 +85,37 @@ pub trait Validate {
 
 /// Loads `T` from defaults, the optional TOML file in `ADSERVE_CONFIG`, and
 /// `ADSERVE_*` variables, then validates it.
+///
+/// Started with `--check-config` (the only argument a service takes), the
+/// process stops here: it exits 0 when the configuration is valid, or prints
+/// the problem (naming the key) and exits 1, without binding a port or
+/// touching a dependency. It does not print the configuration (it holds
+/// credentials). Use it to check a config file, e.g. one rendered by the
+/// Helm chart, before a rollout.
 pub fn load_config<T>() -> Result<T, ConfigError>
 where
     T: Serialize + DeserializeOwned + Default + Validate,
 {
     let file = std::env::var("ADSERVE_CONFIG").ok();
-    load_config_from(file.as_deref(), Env::prefixed("ADSERVE_").split("__").ignore(&["config"]))
+    let loaded = load_config_from(file.as_deref(), Env::prefixed("ADSERVE_").split("__").ignore(&["config"]));
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [] => loaded,
+        [flag] if flag == "--check-config" => match loaded {
+            Ok(_) => {
+                eprintln!("config ok ({})", file.as_deref().unwrap_or("defaults and ADSERVE_* variables"));
+                std::process::exit(0)
+            }
+            Err(e) => {
+                eprintln!("config error: {e}");
+                std::process::exit(1)
+            }
+        },
+        other => {
+            eprintln!("usage: {} [--check-config]; got {other:?}", std::env::args().next().unwrap_or_default());
+            std::process::exit(2)
+        }
+    }
 }
 
 fn load_config_from<T>(file: Option<&str>, env: Env) -> Result<T, ConfigError>

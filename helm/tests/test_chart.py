@@ -1,0 +1,123 @@
+"""The Helm chart, rendered offline (helm-python-sdk: Helm's Go SDK, no cluster,
+no helm binary) with several value sets. Every service's rendered config.toml
+is then handed to that service's own binary with ``--check-config``, so a key
+the chart writes and the service does not accept (the services refuse unknown
+keys) fails here rather than in a rollout.
+
+Needs the debug binaries (``cargo build``; ``make test`` builds them first).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import tomllib
+
+import helm_python as helm
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "adserve"
+BIN = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "debug"
+SERVICES = ["gateway", "feature-service", "ranker", "auction", "label-joiner"]
+
+GPU = {
+    "services": {
+        "ranker": {
+            "gpu": {"enabled": True},
+            "nodeSelector": {"nvidia.com/gpu.present": "true"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "config": {
+                "model": {
+                    "executionProviders": ["tensorrt", "cuda", "cpu"],
+                    "tensorrt": {"fp16": True, "engineCacheDir": "/var/cache/adserve/trt"},
+                },
+                "batching": {"sessions": 1, "maxBatchRows": 4096, "maxQueueDelayUs": 2000},
+            },
+        }
+    }
+}
+SECRETS = {
+    "postgres": {"existingSecret": "adserve-postgres"},
+    "dynamodb": {"existingSecret": "adserve-dynamodb"},
+}
+CASES = {"defaults": None, "gpu": GPU, "secrets": SECRETS}
+
+
+def render(values: dict | None) -> dict[str, str]:
+    return helm.Chart.load(str(CHART)).render(values=values, name="adserve")
+
+
+def configs(manifests: dict[str, str]) -> dict[str, str]:
+    """config.toml of each service's ConfigMap."""
+    out = {}
+    for doc in manifests["adserve/templates/configmap.yaml"].split("\n---"):
+        for svc in SERVICES:
+            if f"name: adserve-{svc}\n" in doc and "config.toml: |" in doc:
+                body = doc.split("config.toml: |", 1)[1].splitlines()[1:]
+                out[svc] = "\n".join(line[4:] for line in body)
+    return out
+
+
+def binary(svc: str) -> pathlib.Path:
+    name = "adserve-auction" if svc == "auction" else f"adserve-{svc}"
+    path = BIN / name
+    assert path.exists(), f"{path} not built: run cargo build (make test does)"
+    return path
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_rendered_config_is_accepted_by_its_service(case: str, tmp_path: pathlib.Path) -> None:
+    rendered = configs(render(CASES[case]))
+    assert sorted(rendered) == sorted(SERVICES)
+    for svc, text in rendered.items():
+        tomllib.loads(text)
+        path = tmp_path / f"{svc}.toml"
+        path.write_text(text)
+        # Only the file: no ADSERVE_* from the caller's environment.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ADSERVE_")}
+        env["ADSERVE_CONFIG"] = str(path)
+        if svc == "ranker":
+            # The image's model path does not exist on this machine.
+            env["ADSERVE_MODEL__DIR"] = str(REPO / "models" / "ctr-baseline")
+        out = subprocess.run(
+            [str(binary(svc)), "--check-config"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, f"{case}: adserve-{svc} refused the chart's config:\n{out.stderr}\n{text}"
+
+
+def test_the_gpu_values_reach_the_ranker_and_only_the_ranker() -> None:
+    manifests = render(GPU)
+    ranker = tomllib.loads(configs(manifests)["ranker"])
+    assert ranker["model"]["execution_providers"] == ["tensorrt", "cuda", "cpu"]
+    assert ranker["model"]["tensorrt"]["engine_cache_dir"] == "/var/cache/adserve/trt"
+    assert ranker["batching"]["max_queue_delay"] == "2000us"
+    deployments = manifests["adserve/templates/deployment.yaml"].split("\n---")
+    with_gpu = [d for d in deployments if "nvidia.com/gpu: " in d]
+    assert len(with_gpu) == 1 and "name: adserve-ranker\n" in with_gpu[0]
+    # Kubernetes must not inject ADSERVE_*_SERVICE_HOST variables the
+    # services would refuse as unknown config keys.
+    assert all("enableServiceLinks: false" in d for d in deployments if "kind: Deployment" in d)
+
+
+def test_secrets_replace_urls_in_the_configs() -> None:
+    manifests = render(SECRETS)
+    rendered = configs(manifests)
+    assert "url" not in tomllib.loads(rendered["gateway"])["postgres"]
+    assert "url" not in tomllib.loads(rendered["ranker"])["registry"]["postgres"]
+    deployments = manifests["adserve/templates/deployment.yaml"]
+    assert "ADSERVE_POSTGRES__URL" in deployments and "ADSERVE_REGISTRY__POSTGRES__URL" in deployments
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"services": {"ranker": {"config": {"model": {"executionProviders": ["gpu"]}}}}}, "executionProviders"),
+        ({"services": {"label-joiner": {"config": {"labelWindowMs": 0}}}}, "labelWindowMs must be > 0"),
+    ],
+)
+def test_bad_values_are_refused_at_render(values: dict, message: str) -> None:
+    with pytest.raises(helm.HelmError) as err:
+        render(values)
+    assert message in str(err.value)
