@@ -36,6 +36,7 @@ bash integration-tests/peers/install.sh
 log "cargo build --release (services and adserve-bench; CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
 build_args=(build --release)
 for s in "${ADSTACK_SERVICES[@]}"; do build_args+=(--bin "$s"); done
+build_args+=(--bin adservectl)
 cargo "${build_args[@]}" --bin adserve-bench
 
 if [[ ",$parts," == *",auction,"* ]]; then

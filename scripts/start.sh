@@ -279,6 +279,7 @@ build_services() {
     *) args+=(--profile "$ADSTACK_PROFILE") ;;
   esac
   for s in "${ADSTACK_SERVICES[@]}"; do args+=(--bin "$s"); done
+  args+=(--bin adservectl)
   if [ "${ADSTACK_SKIP_BUILD:-0}" = 1 ]; then
     log "ADSTACK_SKIP_BUILD=1: not building"
     return 0
@@ -381,6 +382,10 @@ start_services() {
   mkdir -p "$parquet"
 
   start_service adserve-auction
+  # The model registry's schema (the rankers follow it but do not migrate it).
+  ADSERVE_REGISTRY__POSTGRES__URL="postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DATABASE" \
+    "$CARGO_TARGET_DIR/$(profile_dir)/adservectl" migrate >/dev/null ||
+    log "warning: adservectl migrate failed; the ranker serves model.dir until the registry exists"
   start_service adserve-ranker \
     "ADSERVE_MODEL__DIR=$model" \
     "ADSERVE_KAFKA__BROKERS=$kafka" \

@@ -59,12 +59,18 @@ async fn publish_batch(p: &EventPublisher, prefix: &str, n: usize) -> anyhow::Re
     let mut ids = Vec::new();
     for i in 0..n {
         let id = format!("{prefix}-{i}-{}", uuid::Uuid::new_v4());
-        p.impression(&impression(&id)).await?;
+        let event = impression(&id);
+        p.impression(&event).await?;
         if i % 2 == 0 {
+            // Event time: 10 ms after the impression was served, whatever the
+            // publish took (a fresh producer's first send can take longer
+            // than the 1 s window, which made the click late).
+            let served = event.served_at.map(|t| std::time::SystemTime::try_from(t)).transpose()?;
+            let clicked = served.unwrap_or_else(std::time::SystemTime::now) + Duration::from_millis(10);
             let click = ClickEvent {
                 click_id: format!("c-{id}"),
                 impression_id: id.clone(),
-                clicked_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+                clicked_at: Some(prost_types::Timestamp::from(clicked)),
             };
             p.click(&click).await?;
         }

@@ -50,10 +50,16 @@ impl Default for RegistryConfig {
         Self {
             enabled: true,
             model_name: DEFAULT_MODEL_NAME.into(),
+            // Followers do not migrate: sqlx holds a database-wide advisory
+            // lock while it migrates, and a ranker frozen or partitioned
+            // mid-migration would hold it and stall every other migration
+            // (the catalog's too). `adservectl` (any command) and
+            // `adservectl migrate` own the schema.
             postgres: PostgresConfig {
                 schema: "model_registry".into(),
                 max_connections: 2,
                 timeout: Duration::from_secs(2),
+                migrate: false,
                 ..PostgresConfig::default()
             },
             poll_interval: Duration::from_secs(10),
