@@ -65,7 +65,7 @@ async fn publish_batch(p: &EventPublisher, prefix: &str, n: usize) -> anyhow::Re
             // Event time: 10 ms after the impression was served, whatever the
             // publish took (a fresh producer's first send can take longer
             // than the 1 s window, which made the click late).
-            let served = event.served_at.map(|t| std::time::SystemTime::try_from(t)).transpose()?;
+            let served = event.served_at.map(std::time::SystemTime::try_from).transpose()?;
             let clicked = served.unwrap_or_else(std::time::SystemTime::now) + Duration::from_millis(10);
             let click = ClickEvent {
                 click_id: format!("c-{id}"),

@@ -174,26 +174,78 @@ fn counter(text: &str, name: &str, label: &str) -> f64 {
         .sum()
 }
 
+/// A model registry of the test's own: a schema of its own in the stack's
+/// PostgreSQL (dropped at the end), copies of the baseline model under the
+/// test's versions, adservectl against it, and rankers that follow it.
+struct TestRegistry {
+    s: Stack,
+    schema: String,
+    name: &'static str,
+    models: tempfile::TempDir,
+}
+
+impl TestRegistry {
+    fn new(name: &'static str) -> anyhow::Result<Self> {
+        let schema = format!("registry_{}_{}_{}", name.replace('-', "_"), std::process::id(), free_port());
+        Ok(Self { s: Stack::from_env(), schema, name, models: tempfile::tempdir()? })
+    }
+
+    /// Copies the baseline as `version`, registers it, returns its directory.
+    async fn register(&self, version: &str) -> anyhow::Result<std::path::PathBuf> {
+        let dir = model_version(self.models.path(), version)?;
+        let out = self.ok(&["models", "register", "--name", self.name, "--dir", dir.to_str().unwrap()]).await?;
+        anyhow::ensure!(out.contains(&format!("registered {} {version}", self.name)), "{out}");
+        Ok(dir)
+    }
+
+    async fn promote(&self, version: &str, to: &str) -> anyhow::Result<String> {
+        self.ok(&["models", "promote", "--name", self.name, "--version", version, "--to", to]).await
+    }
+
+    async fn ctl(&self, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+        adservectl(&self.s, &self.schema, args).await
+    }
+
+    async fn ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        ok(&self.s, &self.schema, args).await
+    }
+
+    /// A ranker following this registry through `url` (the stack's
+    /// PostgreSQL unless a test puts a relay in between), plus `extra` env.
+    fn ranker(&self, url: &str, extra: &[(&str, &str)]) -> (tokio::process::Command, u16, u16) {
+        let mut env = vec![
+            ("ADSERVE_REGISTRY__ENABLED", "true"),
+            ("ADSERVE_REGISTRY__MODEL_NAME", self.name),
+            ("ADSERVE_REGISTRY__POSTGRES__URL", url),
+            ("ADSERVE_REGISTRY__POSTGRES__SCHEMA", &self.schema),
+            // Only NOTIFY can bring a change in time, unless a test says otherwise.
+            ("ADSERVE_REGISTRY__POLL_INTERVAL", "1h"),
+        ];
+        env.extend_from_slice(extra);
+        ranker(&repo_root().join("models/ctr-baseline"), &env)
+    }
+
+    async fn drop_schema(self) -> anyhow::Result<()> {
+        let registry = adserve_registry::Registry::connect_lazy(&adserve_registry::PostgresConfig {
+            url: self.s.postgres.clone(),
+            schema: self.schema.clone(),
+            ..Default::default()
+        })?;
+        let drop = format!("DROP SCHEMA \"{}\" CASCADE", self.schema);
+        sqlx::query(sqlx::AssertSqlSafe(drop)).execute(registry.pool()).await?;
+        Ok(())
+    }
+}
+
 #[tokio::test]
 async fn adservectl_swaps_and_rolls_back_a_running_ranker_under_load_without_a_failed_call() -> anyhow::Result<()> {
-    let s = Stack::from_env();
-    let schema = format!("registry_test_{}_{}", std::process::id(), free_port());
-    let name = "ctr-it";
-    let models = tempfile::tempdir()?;
-    let v1 = model_version(models.path(), "ctr-it-v1")?;
-    let v2 = model_version(models.path(), "ctr-it-v2")?;
-    let v3 = model_version(models.path(), "ctr-it-v3")?;
+    let reg = TestRegistry::new("ctr-it")?;
+    let (s, name) = (&reg.s, reg.name);
+    let v1 = model_version(reg.models.path(), "ctr-it-v1")?;
+    let v2 = model_version(reg.models.path(), "ctr-it-v2")?;
+    let v3 = model_version(reg.models.path(), "ctr-it-v3")?;
 
-    let (mut command, grpc, metrics) = ranker(
-        &repo_root().join("models/ctr-baseline"),
-        &[
-            ("ADSERVE_REGISTRY__ENABLED", "true"),
-            ("ADSERVE_REGISTRY__MODEL_NAME", name),
-            ("ADSERVE_REGISTRY__POSTGRES__URL", &s.postgres),
-            ("ADSERVE_REGISTRY__POSTGRES__SCHEMA", &schema),
-            ("ADSERVE_REGISTRY__POLL_INTERVAL", "1h"),
-        ],
-    );
+    let (mut command, grpc, metrics) = reg.ranker(&s.postgres, &[]);
     let _ranker = command.stdout(Stdio::null()).spawn()?;
     let mut client = connect(grpc).await?;
     // An empty registry: the configured model serves.
@@ -219,36 +271,34 @@ async fn adservectl_swaps_and_rolls_back_a_running_ranker_under_load_without_a_f
         .collect();
 
     for (dir, version) in [(&v1, "ctr-it-v1"), (&v2, "ctr-it-v2"), (&v3, "ctr-it-v3")] {
-        let out = ok(&s, &schema, &["models", "register", "--name", name, "--dir", dir.to_str().unwrap()]).await?;
+        let out = reg.ok(&["models", "register", "--name", name, "--dir", dir.to_str().unwrap()]).await?;
         assert!(out.contains(&format!("registered {name} {version}")), "{out}");
     }
-    ok(&s, &schema, &["models", "promote", "--name", name, "--version", "ctr-it-v1", "--to", "production"]).await?;
+    reg.ok(&["models", "promote", "--name", name, "--version", "ctr-it-v1", "--to", "production"]).await?;
     serves(&mut client, "ctr-it-v1").await?;
-    ok(&s, &schema, &["models", "promote", "--name", name, "--version", "ctr-it-v2", "--to", "canary"])
+    reg.ok(&["models", "promote", "--name", name, "--version", "ctr-it-v2", "--to", "canary"])
         .await
         .expect_err("a canary without a share is refused");
-    ok(&s, &schema, &["models", "promote", "--name", name, "--version", "ctr-it-v2", "--to", "production"]).await?;
+    reg.ok(&["models", "promote", "--name", name, "--version", "ctr-it-v2", "--to", "production"]).await?;
     serves(&mut client, "ctr-it-v2").await?;
 
     // Rollback: v1 again.
-    let out = ok(&s, &schema, &["models", "rollback", "--name", name, "--reason", "test"]).await?;
+    let out = reg.ok(&["models", "rollback", "--name", name, "--reason", "test"]).await?;
     assert!(
         out.contains("ctr-it-v2: production -> retired") && out.contains("ctr-it-v1: retired -> production"),
         "{out}"
     );
     serves(&mut client, "ctr-it-v1").await?;
     // v1 was the first production version: nothing earlier to go back to.
-    let (success, _, stderr) = adservectl(&s, &schema, &["models", "rollback", "--name", name]).await?;
+    let (success, _, stderr) = reg.ctl(&["models", "rollback", "--name", name]).await?;
     assert!(!success && stderr.contains("no earlier production version"), "{stderr}");
 
     // Illegal transitions are refused with the reason.
     let (success, _, stderr) =
-        adservectl(&s, &schema, &["models", "promote", "--name", name, "--version", "ctr-it-v1", "--to", "retired"])
-            .await?;
+        reg.ctl(&["models", "promote", "--name", name, "--version", "ctr-it-v1", "--to", "retired"]).await?;
     assert!(!success && stderr.contains("would leave nothing to serve"), "{stderr}");
     let (success, _, stderr) =
-        adservectl(&s, &schema, &["models", "promote", "--name", name, "--version", "ctr-it-v2", "--to", "production"])
-            .await?;
+        reg.ctl(&["models", "promote", "--name", name, "--version", "ctr-it-v2", "--to", "production"]).await?;
     assert!(!success && stderr.contains("back to candidate first"), "{stderr}");
 
     // v3's file is damaged after registration: the ranker refuses it and
@@ -256,7 +306,7 @@ async fn adservectl_swaps_and_rolls_back_a_running_ranker_under_load_without_a_f
     let onnx = v3.join("model.onnx");
     let bytes = std::fs::read(&onnx)?;
     std::fs::write(&onnx, &bytes[..bytes.len() / 2])?;
-    ok(&s, &schema, &["models", "promote", "--name", name, "--version", "ctr-it-v3", "--to", "production"]).await?;
+    reg.ok(&["models", "promote", "--name", name, "--version", "ctr-it-v3", "--to", "production"]).await?;
     let url = format!("http://127.0.0.1:{metrics}/metrics");
     let mut refused = 0.0;
     for _ in 0..300 {
@@ -272,7 +322,7 @@ async fn adservectl_swaps_and_rolls_back_a_running_ranker_under_load_without_a_f
     assert_eq!(client.get_model(GetModelRequest {}).await?.into_inner().model_version, "ctr-it-v1");
 
     // The registry's own view.
-    let list = ok(&s, &schema, &["models", "list", "--name", name, "--json"]).await?;
+    let list = reg.ok(&["models", "list", "--name", name, "--json"]).await?;
     let stages: Vec<(String, String)> = list
         .lines()
         .map(|l| {
@@ -283,7 +333,7 @@ async fn adservectl_swaps_and_rolls_back_a_running_ranker_under_load_without_a_f
     for (version, stage) in [("ctr-it-v1", "retired"), ("ctr-it-v2", "retired"), ("ctr-it-v3", "production")] {
         assert!(stages.contains(&(version.into(), stage.into())), "{version} not {stage}: {stages:?}");
     }
-    let history = ok(&s, &schema, &["models", "history", "--name", name]).await?;
+    let history = reg.ok(&["models", "history", "--name", name]).await?;
     assert_eq!(history.lines().count(), 3 + 1 + 2 + 2 + 2, "{history}");
 
     stop.store(true, Ordering::Relaxed);
@@ -300,12 +350,7 @@ async fn adservectl_swaps_and_rolls_back_a_running_ranker_under_load_without_a_f
     }
     assert!(!seen.contains_key("ctr-it-v3"), "the torn model served: {seen:?}");
 
-    let registry = adserve_registry::Registry::connect_lazy(&adserve_registry::PostgresConfig {
-        url: s.postgres.clone(),
-        schema: schema.clone(),
-        ..Default::default()
-    })?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE"))).execute(registry.pool()).await?;
+    reg.drop_schema().await?;
     Ok(())
 }
 
@@ -363,31 +408,19 @@ async fn pump(
 
 #[tokio::test]
 async fn a_frozen_registry_keeps_the_model_serving_and_following_resumes_when_it_thaws() -> anyhow::Result<()> {
-    let s = Stack::from_env();
-    let schema = format!("registry_freeze_{}_{}", std::process::id(), free_port());
-    let name = "ctr-freeze";
-    let models = tempfile::tempdir()?;
-    let v1 = model_version(models.path(), "ctr-freeze-v1")?;
-    let v2 = model_version(models.path(), "ctr-freeze-v2")?;
-    for dir in [&v1, &v2] {
-        ok(&s, &schema, &["models", "register", "--name", name, "--dir", dir.to_str().unwrap()]).await?;
-    }
-    ok(&s, &schema, &["models", "promote", "--name", name, "--version", "ctr-freeze-v1", "--to", "production"]).await?;
+    let reg = TestRegistry::new("ctr-freeze")?;
+    let (s, name) = (&reg.s, reg.name);
+    reg.register("ctr-freeze-v1").await?;
+    reg.register("ctr-freeze-v2").await?;
+    reg.promote("ctr-freeze-v1", "production").await?;
 
     // The ranker reaches the registry only through the relay.
     let pg: url_parts::Pg = url_parts::parse(&s.postgres)?;
     let relay = FreezableRelay::start(format!("{}:{}", pg.host, pg.port)).await?;
     let relayed = pg.with_addr(&relay.addr.to_string());
-    let (mut command, grpc, metrics) = ranker(
-        &repo_root().join("models/ctr-baseline"),
-        &[
-            ("ADSERVE_REGISTRY__ENABLED", "true"),
-            ("ADSERVE_REGISTRY__MODEL_NAME", name),
-            ("ADSERVE_REGISTRY__POSTGRES__URL", &relayed),
-            ("ADSERVE_REGISTRY__POSTGRES__SCHEMA", &schema),
-            ("ADSERVE_REGISTRY__POSTGRES__TIMEOUT", "500ms"),
-            ("ADSERVE_REGISTRY__POLL_INTERVAL", "1s"),
-        ],
+    let (mut command, grpc, metrics) = reg.ranker(
+        &relayed,
+        &[("ADSERVE_REGISTRY__POSTGRES__TIMEOUT", "500ms"), ("ADSERVE_REGISTRY__POLL_INTERVAL", "1s")],
     );
     let _ranker = command.stdout(Stdio::null()).spawn()?;
     let mut client = connect(grpc).await?;
@@ -412,7 +445,7 @@ async fn a_frozen_registry_keeps_the_model_serving_and_following_resumes_when_it
 
     // Freeze the registry's path, then promote v2 (straight to PostgreSQL).
     relay.freeze(true);
-    ok(&s, &schema, &["models", "promote", "--name", name, "--version", "ctr-freeze-v2", "--to", "production"]).await?;
+    reg.ok(&["models", "promote", "--name", name, "--version", "ctr-freeze-v2", "--to", "production"]).await?;
     // Polls now time out on the client side; serving goes on with v1.
     let url = format!("http://127.0.0.1:{metrics}/metrics");
     let mut errors = 0.0;
@@ -435,12 +468,7 @@ async fn a_frozen_registry_keeps_the_model_serving_and_following_resumes_when_it
         let failures = caller.await?;
         assert!(failures.is_empty(), "calls failed while the registry hung: {failures:?}");
     }
-    let registry = adserve_registry::Registry::connect_lazy(&adserve_registry::PostgresConfig {
-        url: s.postgres.clone(),
-        schema: schema.clone(),
-        ..Default::default()
-    })?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE"))).execute(registry.pool()).await?;
+    reg.drop_schema().await?;
     Ok(())
 }
 
@@ -476,34 +504,28 @@ mod url_parts {
 
 #[tokio::test]
 async fn a_canary_serves_its_share_of_users_and_then_takes_over_production() -> anyhow::Result<()> {
-    let s = Stack::from_env();
-    let schema = format!("registry_canary_{}_{}", std::process::id(), free_port());
-    let name = "ctr-canary";
-    let models = tempfile::tempdir()?;
-    for version in ["ctr-canary-v1", "ctr-canary-v2"] {
-        let dir = model_version(models.path(), version)?;
-        ok(&s, &schema, &["models", "register", "--name", name, "--dir", dir.to_str().unwrap()]).await?;
-    }
-    ok(&s, &schema, &["models", "promote", "--name", name, "--version", "ctr-canary-v1", "--to", "production"]).await?;
-    let (mut command, grpc, _) = ranker(
-        &repo_root().join("models/ctr-baseline"),
-        &[
-            ("ADSERVE_REGISTRY__ENABLED", "true"),
-            ("ADSERVE_REGISTRY__MODEL_NAME", name),
-            ("ADSERVE_REGISTRY__POSTGRES__URL", &s.postgres),
-            ("ADSERVE_REGISTRY__POSTGRES__SCHEMA", &schema),
-            ("ADSERVE_REGISTRY__POLL_INTERVAL", "1h"),
-        ],
-    );
+    let reg = TestRegistry::new("ctr-canary")?;
+    let (s, name) = (&reg.s, reg.name);
+    reg.register("ctr-canary-v1").await?;
+    reg.register("ctr-canary-v2").await?;
+    reg.promote("ctr-canary-v1", "production").await?;
+    let (mut command, grpc, _) = reg.ranker(&s.postgres, &[]);
     let _ranker = command.stdout(Stdio::null()).spawn()?;
     let mut client = connect(grpc).await?;
     serves(&mut client, "ctr-canary-v1").await?;
 
-    ok(
-        &s,
-        &schema,
-        &["models", "promote", "--name", name, "--version", "ctr-canary-v2", "--to", "canary", "--canary-share", "0.3"],
-    )
+    reg.ok(&[
+        "models",
+        "promote",
+        "--name",
+        name,
+        "--version",
+        "ctr-canary-v2",
+        "--to",
+        "canary",
+        "--canary-share",
+        "0.3",
+    ])
     .await?;
     let mut model = client.get_model(GetModelRequest {}).await?.into_inner();
     for _ in 0..300 {
@@ -533,7 +555,7 @@ async fn a_canary_serves_its_share_of_users_and_then_takes_over_production() -> 
     assert_eq!(anonymous.into_inner().model_version, "ctr-canary-v1");
 
     // Promote the canary: everyone moves to it, and the canary slot empties.
-    ok(&s, &schema, &["models", "promote", "--name", name, "--version", "ctr-canary-v2", "--to", "production"]).await?;
+    reg.ok(&["models", "promote", "--name", name, "--version", "ctr-canary-v2", "--to", "production"]).await?;
     serves(&mut client, "ctr-canary-v2").await?;
     let model = client.get_model(GetModelRequest {}).await?.into_inner();
     assert_eq!((model.canary_model_version.as_str(), model.canary_share), ("", 0.0));
@@ -542,12 +564,7 @@ async fn a_canary_serves_its_share_of_users_and_then_takes_over_production() -> 
         assert_eq!(client.score(request).await?.into_inner().model_version, "ctr-canary-v2");
     }
 
-    let registry = adserve_registry::Registry::connect_lazy(&adserve_registry::PostgresConfig {
-        url: s.postgres.clone(),
-        schema: schema.clone(),
-        ..Default::default()
-    })?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE"))).execute(registry.pool()).await?;
+    reg.drop_schema().await?;
     Ok(())
 }
 
@@ -558,27 +575,13 @@ async fn a_shadow_scores_calls_after_the_answer_and_publishes_both_scores() -> a
         Message as _,
         consumer::{Consumer as _, StreamConsumer},
     };
-    let s = Stack::from_env();
-    let schema = format!("registry_shadow_{}_{}", std::process::id(), free_port());
-    let name = "ctr-shadow";
-    let models = tempfile::tempdir()?;
-    for version in ["ctr-shadow-v1", "ctr-shadow-v2"] {
-        let dir = model_version(models.path(), version)?;
-        ok(&s, &schema, &["models", "register", "--name", name, "--dir", dir.to_str().unwrap()]).await?;
-    }
-    ok(&s, &schema, &["models", "promote", "--name", name, "--version", "ctr-shadow-v1", "--to", "production"]).await?;
-    ok(&s, &schema, &["models", "promote", "--name", name, "--version", "ctr-shadow-v2", "--to", "shadow"]).await?;
-    let (mut command, grpc, metrics) = ranker(
-        &repo_root().join("models/ctr-baseline"),
-        &[
-            ("ADSERVE_REGISTRY__ENABLED", "true"),
-            ("ADSERVE_REGISTRY__MODEL_NAME", name),
-            ("ADSERVE_REGISTRY__POSTGRES__URL", &s.postgres),
-            ("ADSERVE_REGISTRY__POSTGRES__SCHEMA", &schema),
-            ("ADSERVE_REGISTRY__POLL_INTERVAL", "1h"),
-            ("ADSERVE_KAFKA__BROKERS", &s.kafka),
-        ],
-    );
+    let reg = TestRegistry::new("ctr-shadow")?;
+    let s = &reg.s;
+    reg.register("ctr-shadow-v1").await?;
+    reg.register("ctr-shadow-v2").await?;
+    reg.promote("ctr-shadow-v1", "production").await?;
+    reg.promote("ctr-shadow-v2", "shadow").await?;
+    let (mut command, grpc, metrics) = reg.ranker(&s.postgres, &[("ADSERVE_KAFKA__BROKERS", &s.kafka)]);
     let _ranker = command.stdout(Stdio::null()).spawn()?;
     let mut client = connect(grpc).await?;
     serves(&mut client, "ctr-shadow-v1").await?;
@@ -627,11 +630,6 @@ async fn a_shadow_scores_calls_after_the_answer_and_publishes_both_scores() -> a
     assert_eq!(event.shadow_pctr, answer.pctr);
     assert!(event.scored_at.is_some());
 
-    let registry = adserve_registry::Registry::connect_lazy(&adserve_registry::PostgresConfig {
-        url: s.postgres.clone(),
-        schema: schema.clone(),
-        ..Default::default()
-    })?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE"))).execute(registry.pool()).await?;
+    reg.drop_schema().await?;
     Ok(())
 }
