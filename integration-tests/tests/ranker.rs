@@ -633,3 +633,43 @@ async fn a_shadow_scores_calls_after_the_answer_and_publishes_both_scores() -> a
     reg.drop_schema().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_call_the_model_cannot_answer_in_time_is_scored_by_the_fallback_chain_and_says_so() -> anyhow::Result<()> {
+    use adserve_proto::v1::ScoreLevel;
+    let model_dir = repo_root().join("models/ctr-baseline");
+    // A reserve longer than any call's budget: the model never gets time.
+    let (mut with_model, grpc_a, _) = ranker(&model_dir, &[("ADSERVE_FALLBACK__RESERVE", "2s")]);
+    let (mut prior_only, grpc_b, _) =
+        ranker(&model_dir, &[("ADSERVE_FALLBACK__RESERVE", "2s"), ("ADSERVE_FALLBACK__ENABLED", "false")]);
+    let _a = with_model.stdout(Stdio::null()).spawn()?;
+    let _b = prior_only.stdout(Stdio::null()).spawn()?;
+    let (mut a, mut b) = (connect(grpc_a).await?, connect(grpc_b).await?);
+    let call = |m: FeatureMatrix| {
+        let mut request = tonic::Request::new(ScoreRequest { matrix: Some(m), ..Default::default() });
+        request.set_timeout(Duration::from_millis(500));
+        request
+    };
+    let mut m = matrix(3);
+    let col = m.feature_names.iter().position(|n| n == "ad_ctr_7d").expect("registry feature");
+    let cols = m.feature_names.len();
+    for (r, v) in [0.05f32, 2.0, -0.5].into_iter().enumerate() {
+        m.values[r * cols + col] = v;
+    }
+    // The lightweight fallback model (here the baseline itself).
+    let fb = a.score(call(matrix(3))).await?.into_inner();
+    assert_eq!(fb.level(), ScoreLevel::FallbackModel);
+    assert_eq!(fb.model_version, "ctr-baseline-v1");
+    assert!(fb.fallback_reason.contains("no time for the model"), "{}", fb.fallback_reason);
+    assert_eq!(fb.pctr.len(), 3);
+    // No fallback model: the prior per ad, the ad_ctr_7d column clamped to
+    // [1e-7, 1]. (A NaN never gets this far: it is refused as InvalidArgument.)
+    let prior = b.score(call(m.clone())).await?.into_inner();
+    assert_eq!(prior.level(), ScoreLevel::Prior);
+    assert_eq!(prior.model_version, "fallback-prior");
+    assert_eq!(prior.pctr, vec![0.05, 1.0, 1e-7]);
+    // Without a deadline the model has time: level MODEL, no reason.
+    let normal = b.score(ScoreRequest { matrix: Some(matrix(2)), ..Default::default() }).await?.into_inner();
+    assert_eq!((normal.level(), normal.fallback_reason.as_str()), (ScoreLevel::Model, ""));
+    Ok(())
+}

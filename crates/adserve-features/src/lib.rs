@@ -9,6 +9,7 @@
 use std::{collections::HashSet, sync::OnceLock};
 
 pub mod assemble;
+pub mod prior;
 pub mod request;
 
 pub use assemble::{SourceValues, assemble};

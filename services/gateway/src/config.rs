@@ -99,7 +99,7 @@ impl Default for GatewayConfig {
             deadlines: Deadlines::default(),
             max_candidates: 1000,
             reserve_ecpm_micros: adserve_auction::DEFAULT_RESERVE_ECPM_MICROS,
-            fallback_pctr_feature: "ad_ctr_7d".into(),
+            fallback_pctr_feature: adserve_features::prior::DEFAULT_PRIOR_FEATURE.into(),
             max_body_bytes: 16 * 1024,
         }
     }

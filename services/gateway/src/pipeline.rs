@@ -11,7 +11,7 @@ use adserve_proto::{
     v1::{
         AdWinner, AuctionCandidate, ClickEvent, Degradation, FeatureMatrix, FeatureRow, GetAdsRequest, GetAdsResponse,
         GetFeaturesRequest, ImpressionEvent, RecordClickRequest, RecordClickResponse, RequestContext,
-        RunAuctionRequest, ScoreRequest, auction_service_client::AuctionServiceClient,
+        RunAuctionRequest, ScoreLevel, ScoreRequest, auction_service_client::AuctionServiceClient,
         feature_service_client::FeatureServiceClient, ranker_service_client::RankerServiceClient,
     },
 };
@@ -20,7 +20,7 @@ use tonic::transport::Channel;
 use crate::{ServeError, config::GatewayConfig};
 
 /// Model version reported when the ranker was unavailable.
-pub const FALLBACK_MODEL_VERSION: &str = "fallback-prior";
+pub const FALLBACK_MODEL_VERSION: &str = adserve_features::prior::PRIOR_MODEL_VERSION;
 
 /// Everything one request needs; cheap to clone (channels and pools are shared).
 #[derive(Clone, Debug)]
@@ -227,6 +227,15 @@ impl AdServer {
             Ok(resp) => {
                 let resp = resp.into_inner();
                 if resp.pctr.len() == rows && resp.pctr.iter().copied().all(adserve_auction::is_valid_pctr) {
+                    // The ranker's own fallback chain answered: serve it, and say so.
+                    let level = ScoreLevel::try_from(resp.level).unwrap_or(ScoreLevel::Unspecified);
+                    if matches!(level, ScoreLevel::FallbackModel | ScoreLevel::Prior) {
+                        let by = if level == ScoreLevel::Prior { "the prior" } else { "the fallback model" };
+                        degraded.push(Degradation {
+                            component: degraded::RANKER.into(),
+                            reason: format!("scored by {by} ({}): {}", resp.model_version, resp.fallback_reason),
+                        });
+                    }
                     return (resp.pctr, resp.model_version);
                 }
                 degraded.push(Degradation {
@@ -237,13 +246,8 @@ impl AdServer {
             Err(e) => degraded
                 .push(Degradation { component: degraded::RANKER.into(), reason: format!("{e}; using prior pCTR") }),
         }
-        let col = matrix.feature_names.iter().position(|n| *n == self.config.fallback_pctr_feature);
-        let prior = (0..rows)
-            .map(|r| {
-                let v = col.and_then(|c| matrix.row(r).map(|row| row[c])).unwrap_or(0.01);
-                if v.is_finite() { v.clamp(adserve_auction::MIN_PCTR, 1.0) } else { adserve_auction::MIN_PCTR }
-            })
-            .collect();
+        let prior =
+            adserve_features::prior::prior_pctr(matrix, &self.config.fallback_pctr_feature, adserve_auction::MIN_PCTR);
         (prior, FALLBACK_MODEL_VERSION.to_string())
     }
 

@@ -52,6 +52,8 @@ pub struct RankerConfig {
     pub registry: RegistryConfig,
     /// Shadow scoring (a registry `shadow` version scores beside production).
     pub shadow: ShadowConfig,
+    /// What scores a call when the model cannot.
+    pub fallback: FallbackConfig,
     /// The broker shadow scores are published to.
     pub kafka: KafkaConfig,
     /// Path (or file name on the loader path) of `libonnxruntime.so`
@@ -123,6 +125,39 @@ pub struct BatchingConfig {
     pub max_queue_rows: usize,
 }
 
+/// The fallback chain: when the model fails, is overloaded, or would miss
+/// the call's deadline, a lightweight model scores the call; when that fails
+/// too, a prior per ad from the features. Every answer says which level
+/// scored it (`ScoreResponse.level`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FallbackConfig {
+    /// Directory of the fallback model (`model.onnx` + `manifest.json`,
+    /// checked like any model; one session of its own). Unset: `model.dir`,
+    /// the image's baked-in logistic regression. `enabled = false` skips
+    /// straight to the prior.
+    pub model_dir: Option<PathBuf>,
+    /// Use a fallback model at all.
+    pub enabled: bool,
+    /// Time kept back from the model for the fallback: the model gets the
+    /// call's deadline minus this, the fallback model what is left.
+    #[serde(with = "humantime_serde")]
+    pub reserve: Duration,
+    /// Registry feature read as the prior (an ad's historical CTR).
+    pub prior_feature: String,
+}
+
+impl Default for FallbackConfig {
+    fn default() -> Self {
+        Self {
+            model_dir: None,
+            enabled: true,
+            reserve: Duration::from_millis(20),
+            prior_feature: adserve_features::prior::DEFAULT_PRIOR_FEATURE.into(),
+        }
+    }
+}
+
 /// Shadow scoring: when the registry has a `shadow` version, each call
 /// production answered is also scored by it, after the answer and on its own
 /// sessions, and both scores go to the shadow-scores topic.
@@ -170,6 +205,7 @@ impl Default for RankerConfig {
             batching: BatchingConfig::default(),
             registry: RegistryConfig::default(),
             shadow: ShadowConfig::default(),
+            fallback: FallbackConfig::default(),
             kafka: KafkaConfig::default(),
             onnxruntime_dylib: "libonnxruntime.so".into(),
             max_rows: adserve_proto::limits::MAX_CANDIDATES,
@@ -203,6 +239,18 @@ impl Validate for RankerConfig {
         self.registry.validate()?;
         self.kafka.validate()?;
         check_range("shadow.max_in_flight", self.shadow.max_in_flight, 1..=10_000)?;
+        check_duration("fallback.reserve", self.fallback.reserve, Duration::ZERO, Duration::from_secs(10))?;
+        if adserve_features::registry().index_of(&self.fallback.prior_feature).is_none() {
+            return Err(Invalid::new(
+                "fallback.prior_feature",
+                format!("{:?} is not in the feature registry", self.fallback.prior_feature),
+            ));
+        }
+        if let Some(dir) = &self.fallback.model_dir
+            && !dir.join("manifest.json").is_file()
+        {
+            return Err(Invalid::new("fallback.model_dir", format!("{} has no manifest.json", dir.display())));
+        }
         check_range("max_rows", self.max_rows, 1..=100_000)?;
         check_range("model.device_id", self.model.device_id, 0..=i32::MAX)?;
         check_range("model.intra_threads", self.model.intra_threads, 0..=256)?;

@@ -25,9 +25,30 @@ async fn main() -> anyhow::Result<()> {
     };
     let serving = Arc::new(follow::initial(registry.as_ref(), &config.registry, &loader).await?);
     if let Some(registry) = registry {
-        tokio::spawn(follow::follow(registry, config.registry.clone(), loader, serving.clone()));
+        tokio::spawn(follow::follow(registry, config.registry.clone(), loader.clone(), serving.clone()));
     }
-    let mut service = RankerGrpc::new(serving, config.max_rows, config.server.request_timeout);
+    let fallback_model = if config.fallback.enabled {
+        let dir = config.fallback.model_dir.clone().unwrap_or_else(|| config.model.dir.clone());
+        let one_session = follow::Loader {
+            batching: adserve_ranker::BatchingConfig { sessions: 1, ..config.batching.clone() },
+            ..loader.clone()
+        };
+        match one_session.load(Some(dir)).await {
+            Ok(m) => Some(Arc::new(m)),
+            Err(e) => {
+                tracing::warn!(error = %e, "fallback model refused; the prior is the only fallback");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let fallback = adserve_ranker::service::Fallback {
+        model: fallback_model,
+        reserve: config.fallback.reserve,
+        prior_feature: config.fallback.prior_feature.clone(),
+    };
+    let mut service = RankerGrpc::new(serving, config.max_rows, config.server.request_timeout).with_fallback(fallback);
     if config.shadow.enabled {
         let kafka = config.kafka.clone();
         tokio::spawn(async move {

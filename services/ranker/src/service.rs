@@ -7,14 +7,18 @@ use std::{
 
 use adserve_events::{EventPublisher, SHADOW_SCORES_TOPIC};
 use adserve_proto::v1::{
-    FeatureMatrix, GetModelRequest, GetModelResponse, ScoreRequest, ScoreResponse, ShadowScoreEvent,
+    FeatureMatrix, GetModelRequest, GetModelResponse, ScoreLevel, ScoreRequest, ScoreResponse, ShadowScoreEvent,
     ranker_service_server::{RankerService, RankerServiceServer},
 };
 use prost::Message as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status};
 
-use crate::{CtrModel, batcher::ScoreError, follow::Serving};
+use crate::{
+    CtrModel,
+    batcher::{ScoreError, Scores},
+    follow::Serving,
+};
 
 /// Where shadow scores go, and how many may be in flight.
 #[derive(Debug, Clone)]
@@ -70,6 +74,51 @@ impl ShadowSink {
     }
 }
 
+/// The fallback chain behind the model: a lightweight model with its own
+/// session, then a prior per ad.
+#[derive(Debug, Clone)]
+pub struct Fallback {
+    /// The fallback model (none: straight to the prior).
+    pub model: Option<Arc<CtrModel>>,
+    /// Time kept back from the model for the fallback.
+    pub reserve: Duration,
+    /// Feature read as the prior.
+    pub prior_feature: String,
+}
+
+impl Fallback {
+    /// The prior only, no time reserved.
+    pub fn prior_only(prior_feature: &str) -> Self {
+        Self { model: None, reserve: Duration::ZERO, prior_feature: prior_feature.into() }
+    }
+
+    /// Scores with the fallback model if it answers by `deadline`, else the
+    /// prior; counts which level answered.
+    async fn score(
+        &self,
+        matrix: &FeatureMatrix,
+        rows: usize,
+        deadline: Instant,
+        why: &str,
+    ) -> (Scores, String, ScoreLevel) {
+        if let Some(model) = &self.model
+            && let Ok(input) = model.gather(matrix)
+        {
+            let call = model.batcher().score(input, rows, Some(deadline));
+            if let Ok(Ok(scores)) = tokio::time::timeout_at(deadline.into(), call).await {
+                metrics::counter!("adserve_ranker_fallbacks_total", "level" => "fallback_model").increment(1);
+                tracing::warn!(reason = why, "scored by the fallback model");
+                return (scores, model.manifest().model_version.clone(), ScoreLevel::FallbackModel);
+            }
+        }
+        metrics::counter!("adserve_ranker_fallbacks_total", "level" => "prior").increment(1);
+        tracing::warn!(reason = why, "scored by the prior");
+        let prior = adserve_features::prior::prior_pctr(matrix, &self.prior_feature, crate::model::MIN_PCTR);
+        let scores = Scores { raw: prior.clone(), pctr: prior };
+        (scores, adserve_features::prior::PRIOR_MODEL_VERSION.into(), ScoreLevel::Prior)
+    }
+}
+
 /// Serves `adserve.v1.RankerService` with the production model of
 /// [`Serving`] (swapped under it by the registry follower).
 #[derive(Debug, Clone)]
@@ -78,6 +127,7 @@ pub struct RankerGrpc {
     max_rows: usize,
     request_timeout: Duration,
     shadow: Option<ShadowSink>,
+    fallback: Fallback,
 }
 
 impl RankerGrpc {
@@ -85,7 +135,19 @@ impl RankerGrpc {
     /// `max_rows`; a call's work is dropped once it is older than the
     /// caller's `grpc-timeout` or `request_timeout`, whichever is shorter.
     pub fn new(serving: Arc<Serving>, max_rows: usize, request_timeout: Duration) -> Self {
-        Self { serving, max_rows, request_timeout, shadow: None }
+        Self {
+            serving,
+            max_rows,
+            request_timeout,
+            shadow: None,
+            fallback: Fallback::prior_only(adserve_features::prior::DEFAULT_PRIOR_FEATURE),
+        }
+    }
+
+    /// Falls back to `fallback` when the model cannot answer in time.
+    pub fn with_fallback(mut self, fallback: Fallback) -> Self {
+        self.fallback = fallback;
+        self
     }
 
     /// Scores with the registry's shadow model too, publishing to `sink`.
@@ -155,21 +217,49 @@ impl RankerService for RankerGrpc {
         let (model, role) = self.serving.route(&request.routing_key);
         metrics::counter!("adserve_ranker_calls_total", "role" => role.as_str()).increment(1);
         let input = model.gather(&matrix).map_err(Status::invalid_argument)?;
-        // The shadow gets its own copy of the matrix (it may read other
-        // columns) and runs after the answer, never before it.
-        let shadow = self.shadow_slot().map(|slot| (slot, matrix));
-        let scores = model.batcher().score(input, rows, Some(start + limit)).await.map_err(|e| status(&e))?;
+        let deadline = start + limit;
+        // The model gets the deadline minus the fallback's reserve; if it
+        // fails, is overloaded or would be late, the fallback chain answers.
+        let primary = match deadline.checked_sub(self.fallback.reserve).filter(|d| *d > Instant::now()) {
+            None => {
+                Err(format!("no time for the model: {limit:?} left, {:?} kept for the fallback", self.fallback.reserve))
+            }
+            Some(by) => match tokio::time::timeout_at(by.into(), model.batcher().score(input, rows, Some(by))).await {
+                Ok(Ok(scores)) => Ok(scores),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!(
+                    "the model would miss the call's deadline ({:?} kept for the fallback)",
+                    self.fallback.reserve
+                )),
+            },
+        };
+        let (scores, model_version, level, fallback_reason) = match primary {
+            Ok(scores) => (scores, model.manifest().model_version.clone(), ScoreLevel::Model, String::new()),
+            Err(reason) => {
+                let (scores, version, level) = self.fallback.score(&matrix, rows, deadline, &reason).await;
+                (scores, version, level, reason)
+            }
+        };
         metrics::histogram!("adserve_ranker_score_seconds").record(start.elapsed().as_secs_f64());
         metrics::histogram!("adserve_ranker_rows").record(rows as f64);
-        let model_version = model.manifest().model_version.clone();
-        if let Some(((sink, shadow, permit), matrix)) = shadow {
+        // The shadow scores what the model served (not a fallback), after the
+        // answer, with its own copy of the matrix (it may read other columns).
+        if level == ScoreLevel::Model
+            && let Some((sink, shadow, permit)) = self.shadow_slot()
+        {
             let (request_id, version, pctr) = (request.request_id, model_version.clone(), scores.pctr.clone());
             tokio::spawn(async move {
                 sink.run(shadow, matrix, request_id, version, pctr).await;
                 drop(permit);
             });
         }
-        Ok(Response::new(ScoreResponse { pctr: scores.pctr, model_version, raw_pctr: scores.raw }))
+        Ok(Response::new(ScoreResponse {
+            pctr: scores.pctr,
+            model_version,
+            raw_pctr: scores.raw,
+            level: level as i32,
+            fallback_reason,
+        }))
     }
 
     async fn get_model(&self, _: Request<GetModelRequest>) -> Result<Response<GetModelResponse>, Status> {
