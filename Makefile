@@ -38,14 +38,19 @@ model: install
 
 # The demo trains its own first model (no training rows exist yet, so from the
 # seeded synthetic generator) and serves with it.
+# The stack, a freshly trained model registered and promoted through the model
+# registry (the running ranker swaps it in), then traffic, clicks and the
+# training rows they produce.
 demo: build
-	$(ENV) bash scripts/start.sh infra
-	$(ENV) model_dir="$$ADSTACK_RUN/models/demo" && \
+	$(ENV) ADSTACK_SKIP_BUILD=1 bash scripts/start.sh all
+	$(ENV) version="ctr-lr-demo-$$(date -u +%Y%m%d%H%M%S)" && model_dir="$$ADSTACK_RUN/models/$$version" && \
 		(cd training && "$$ADSTACK_VENV/bin/python" -m adserve_trainer.train --synthetic 20000 --seed 11 \
-			--version "ctr-lr-demo-$$(date -u +%Y%m%d%H%M%S)" --out "$$model_dir") && \
-		bash scripts/stop.sh services && \
-		ADSTACK_MODEL_DIR="$$model_dir" ADSTACK_SKIP_BUILD=1 bash scripts/start.sh services
-	$(ENV) "$$CARGO_TARGET_DIR/debug/adserve-demo"
+			--version "$$version" --out "$$model_dir") && \
+		"$$CARGO_TARGET_DIR/debug/adservectl" models register --dir "$$model_dir" && \
+		"$$CARGO_TARGET_DIR/debug/adservectl" models promote --version "$$version" --to production \
+			--reason "make demo: freshly trained" && \
+		"$$CARGO_TARGET_DIR/debug/adserve-demo" --expect-model "$$version" && \
+		echo && "$$CARGO_TARGET_DIR/debug/adservectl" models list | head -4
 
 proto-check: install
 	$(ENV) "$$ADSTACK_HOME/buf/node_modules/.bin/buf" lint proto

@@ -1,17 +1,46 @@
 //! `make demo`: drives the running stack like a client would and shows what
 //! happened: winners, prices, latencies, and the Parquet training rows.
+//!
+//! `adserve-demo --expect-model VERSION` first waits until the ranker serves
+//! VERSION (make demo promotes a freshly trained model through the registry,
+//! and the running ranker swaps it in without a restart).
 
 use std::time::{Duration, Instant};
 
 use adserve_integration_tests::{Stack, read_rows};
-use adserve_proto::v1::{FlushRequest, GetStatusRequest};
+use adserve_proto::v1::{FlushRequest, GetModelRequest, GetStatusRequest, ranker_service_client::RankerServiceClient};
 use serde_json::{Value, json};
 
 const REQUESTS: usize = 200;
 
+/// Waits until the ranker serves `version`.
+async fn wait_for_model(stack: &Stack, version: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut client = RankerServiceClient::connect(stack.ranker.clone()).await?;
+    let mut serving = String::new();
+    while started.elapsed() < Duration::from_secs(30) {
+        serving = client.get_model(GetModelRequest {}).await?.into_inner().model_version;
+        if serving == version {
+            println!("\n== the ranker serves {version}, swapped in from the model registry while running");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the ranker still serves {serving:?}, not {version:?}: is registry.enabled on? (see its log)")
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let expect = match args.as_slice() {
+        [] => None,
+        [flag, version] if flag == "--expect-model" => Some(version.clone()),
+        other => anyhow::bail!("usage: adserve-demo [--expect-model VERSION], got {other:?}"),
+    };
     let stack = Stack::ready().await?;
+    if let Some(version) = &expect {
+        wait_for_model(&stack, version).await?;
+    }
     let http = reqwest::Client::new();
     let placements = ["feed_top", "feed_mid", "sidebar"];
     let devices = ["mobile", "desktop", "tablet"];
