@@ -213,7 +213,7 @@ fn worker(mut session: Session, queue: &Queue, manifest: &ModelManifest) {
     while let Some(batch) = next_batch(queue) {
         let now = Instant::now();
         let mut live = Vec::with_capacity(batch.len());
-        let (mut expired, mut cancelled) = (0, 0);
+        let (mut expired, mut cancelled) = (Vec::new(), 0);
         for job in batch {
             let waited = now.duration_since(job.enqueued);
             if job.reply.is_closed() {
@@ -221,8 +221,7 @@ fn worker(mut session: Session, queue: &Queue, manifest: &ModelManifest) {
                 cancelled += 1;
             } else if job.deadline.is_some_and(|d| d <= now) {
                 metrics::counter!("adserve_ranker_dropped_total", "reason" => "deadline").increment(1);
-                expired += 1;
-                let _ = job.reply.send(Err(ScoreError::DeadlineExceeded { waited }));
+                expired.push((job, waited));
             } else {
                 metrics::histogram!("adserve_ranker_queue_wait_seconds").record(waited.as_secs_f64());
                 live.push(job);
@@ -230,14 +229,19 @@ fn worker(mut session: Session, queue: &Queue, manifest: &ModelManifest) {
         }
         let rows: usize = live.iter().map(|j| j.rows).sum();
         {
+            // Counted before anyone is answered, so a caller that reads the
+            // stats after its answer sees itself counted.
             let mut stats = queue.stats.lock().unwrap_or_else(|p| p.into_inner());
-            stats.expired += expired;
+            stats.expired += expired.len() as u64;
             stats.cancelled += cancelled;
             if !live.is_empty() {
                 stats.batches += 1;
                 stats.calls += live.len() as u64;
                 stats.rows += rows as u64;
             }
+        }
+        for (job, waited) in expired {
+            let _ = job.reply.send(Err(ScoreError::DeadlineExceeded { waited }));
         }
         if live.is_empty() {
             continue;
