@@ -297,12 +297,18 @@ pub struct Moved {
 pub struct Registry {
     pool: PgPool,
     schema: String,
+    /// Set once migrations succeeded: later calls are no-ops.
+    migrated: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Registry {
     /// Connects lazily (see [`adserve_catalog::pool_lazy`]).
     pub fn connect_lazy(config: &PostgresConfig) -> Result<Self, RegistryError> {
-        Ok(Self { pool: adserve_catalog::pool_lazy(config)?, schema: config.schema.clone() })
+        Ok(Self {
+            pool: adserve_catalog::pool_lazy(config)?,
+            schema: config.schema.clone(),
+            migrated: Default::default(),
+        })
     }
 
     /// The pool (for LISTEN).
@@ -310,9 +316,16 @@ impl Registry {
         &self.pool
     }
 
-    /// Creates the schema and applies pending migrations.
+    /// Creates the schema and applies pending migrations, once per
+    /// `Registry` (and its clones): after a success, a no-op.
     pub async fn migrate(&self) -> Result<(), RegistryError> {
-        Ok(adserve_catalog::migrate(&self.pool, &self.schema, &MIGRATOR).await?)
+        use std::sync::atomic::Ordering;
+        if self.migrated.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        adserve_catalog::migrate(&self.pool, &self.schema, &MIGRATOR).await?;
+        self.migrated.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Registers the model in `dir` under `name` as a candidate. The

@@ -53,10 +53,6 @@ pub enum ScoreError {
         /// The limit.
         limit: usize,
     },
-    /// The model is being unloaded and takes no new calls (retry: the next
-    /// call goes to the model that replaced it).
-    #[error("model {0} is unloading")]
-    Closed(String),
     /// Scoring failed: ONNX Runtime's error, a panic in the session thread,
     /// or an output that is not a probability. Every call in the batch gets
     /// the same message.
@@ -161,10 +157,9 @@ impl Batcher {
     pub async fn score(&self, input: Vec<f32>, rows: usize, deadline: Option<Instant>) -> Result<Scores, ScoreError> {
         let (reply, answer) = oneshot::channel();
         {
+            // Never closed here: the queue closes only when the Batcher is
+            // dropped, and a caller holding `&self` keeps it alive.
             let mut st = self.queue.lock();
-            if st.closed {
-                return Err(ScoreError::Closed(self.queue.version.clone()));
-            }
             let limit = self.queue.config.max_queue_rows;
             if st.rows + rows > limit {
                 // Calls whose callers have gone do not count against the limit.

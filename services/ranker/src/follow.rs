@@ -149,11 +149,6 @@ impl Serving {
         self.publish(Some(&*old));
     }
 
-    /// Where production came from.
-    pub fn source(&self) -> Source {
-        self.active.load().source.clone()
-    }
-
     /// Serves `model` as production from now on (the canary stays); calls
     /// already holding the old one finish on it.
     pub fn swap(&self, model: Arc<CtrModel>, source: Source) {
@@ -169,28 +164,15 @@ impl Serving {
 
     fn publish(&self, old: Option<&Active>) {
         let info = |a: &Active, on: f64| {
-            metrics::gauge!(
-                "adserve_ranker_model_info",
-                "model_version" => a.model.manifest().model_version.clone(),
-                "source" => a.source.as_str(),
-                "role" => "production",
-            )
-            .set(on);
-            if let Some(c) = &a.canary {
+            let served = std::iter::once((&a.model, a.source.as_str(), Role::Production))
+                .chain(a.canary.as_ref().map(|c| (&c.model, "registry", Role::Canary)))
+                .chain(a.shadow.as_ref().map(|s| (s, "registry", Role::Shadow)));
+            for (model, source, role) in served {
                 metrics::gauge!(
                     "adserve_ranker_model_info",
-                    "model_version" => c.model.manifest().model_version.clone(),
-                    "source" => "registry",
-                    "role" => "canary",
-                )
-                .set(on);
-            }
-            if let Some(s) = &a.shadow {
-                metrics::gauge!(
-                    "adserve_ranker_model_info",
-                    "model_version" => s.manifest().model_version.clone(),
-                    "source" => "registry",
-                    "role" => "shadow",
+                    "model_version" => model.manifest().model_version.clone(),
+                    "source" => source,
+                    "role" => role.as_str(),
                 )
                 .set(on);
             }
@@ -232,8 +214,8 @@ impl Loader {
     /// registered.
     async fn load_record(&self, record: &ModelRecord) -> Result<CtrModel, ModelError> {
         let loaded = self.load(Some(record.artifact.clone().into())).await?;
-        let m = loaded.manifest();
-        if m.model_version != record.version || !m.onnx_sha256.eq_ignore_ascii_case(&record.onnx_sha256) {
+        if !same(&loaded, record) {
+            let m = loaded.manifest();
             return Err(ModelError::Mismatch(format!(
                 "{} now holds version {:?} (sha256 {}), the registry registered {:?} (sha256 {}): the artifact \
                  changed after registration",
@@ -316,21 +298,19 @@ pub async fn follow(registry: Registry, config: RegistryConfig, loader: Loader, 
     let mut tick = tokio::time::interval(config.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refused = RefusedVersions::default();
-    let mut migrated = !config.postgres.migrate;
     loop {
         let notified = tokio::select! {
             Some(w) = wake.recv() => w == Wake::Changed,
             _ = tick.tick() => false,
         };
-        if !migrated {
-            match bounded(&config, "migrations", registry.migrate()).await {
-                Ok(()) => migrated = true,
-                Err(e) => {
-                    metrics::counter!("adserve_ranker_registry_errors_total").increment(1);
-                    tracing::warn!(error = %e, "model registry: migrations failed; retrying");
-                    continue;
-                }
-            }
+        // Registry::migrate runs the migrations once per process (a no-op
+        // after initial() or an earlier pass succeeded).
+        if config.postgres.migrate
+            && let Err(e) = bounded(&config, "migrations", registry.migrate()).await
+        {
+            metrics::counter!("adserve_ranker_registry_errors_total").increment(1);
+            tracing::warn!(error = %e, "model registry: migrations failed; retrying");
+            continue;
         }
         let rows = match bounded(&config, "reading the production version", registry.serving(&config.model_name)).await
         {

@@ -180,7 +180,6 @@ pub fn status(e: &ScoreError) -> Status {
     match e {
         ScoreError::DeadlineExceeded { .. } => Status::deadline_exceeded(e.to_string()),
         ScoreError::Overloaded { .. } => Status::resource_exhausted(e.to_string()),
-        ScoreError::Closed(_) => Status::unavailable(e.to_string()),
         ScoreError::Failed(_) => Status::internal(e.to_string()),
     }
 }
