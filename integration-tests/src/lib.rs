@@ -247,25 +247,31 @@ impl Stack {
 
     /// The impression with `impression_id` and where it is in the log.
     pub async fn logged_impression(&self, impression_id: &str) -> anyhow::Result<LoggedImpression> {
+        let (payload, partition, offset) = self.keyed_message(adserve_events::IMPRESSIONS_TOPIC, impression_id).await?;
+        let event = adserve_events::decode_impression(&payload).map_err(anyhow::Error::msg)?;
+        Ok(LoggedImpression { event, partition, offset })
+    }
+
+    /// The first message keyed `key` on `topic`, read from the beginning with
+    /// a fresh consumer group: (payload, partition, offset). Waits up to 30 s.
+    pub async fn keyed_message(&self, topic: &str, key: &str) -> anyhow::Result<(Vec<u8>, i32, i64)> {
         let consumer: StreamConsumer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", &self.kafka)
             .set("group.id", format!("adserve-test-{}", uuid::Uuid::new_v4()))
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
             .create()?;
-        consumer.subscribe(&[adserve_events::IMPRESSIONS_TOPIC])?;
+        consumer.subscribe(&[topic])?;
         let found = tokio::time::timeout(Duration::from_secs(30), async {
             loop {
                 let msg = consumer.recv().await?;
-                if msg.key() == Some(impression_id.as_bytes()) {
-                    let payload = msg.payload().unwrap_or_default();
-                    let event = adserve_events::decode_impression(payload).map_err(anyhow::Error::msg)?;
-                    return anyhow::Ok(LoggedImpression { event, partition: msg.partition(), offset: msg.offset() });
+                if msg.key() == Some(key.as_bytes()) {
+                    return anyhow::Ok((msg.payload().unwrap_or_default().to_vec(), msg.partition(), msg.offset()));
                 }
             }
         })
         .await
-        .context("impression not on Kafka within 30 s")?;
+        .with_context(|| format!("no message keyed {key} on {topic} within 30 s"))?;
         consumer.unsubscribe();
         found
     }
@@ -409,6 +415,28 @@ pub fn read_rows(dir: &Path) -> anyhow::Result<Vec<ParquetRow>> {
         }
     }
     Ok(rows)
+}
+
+/// A ranker process of a test's own on free ports, serving `model_dir`, not
+/// following the registry unless `env` says so (`env` is applied last).
+/// Returns the command (kill-on-drop), its gRPC and metrics ports.
+pub fn ranker_command(model_dir: &Path, env: &[(&str, &str)]) -> (tokio::process::Command, u16, u16) {
+    let dylib = std::env::var("ORT_DYLIB_PATH")
+        .expect("ORT_DYLIB_PATH is unset: run the tests through `make test` (scripts/env.sh)");
+    let (grpc, metrics) = (free_port(), free_port());
+    let mut command = tokio::process::Command::new(binary("adserve-ranker"));
+    command
+        .env("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{grpc}"))
+        .env("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{metrics}"))
+        .env("ADSERVE_ONNXRUNTIME_DYLIB", dylib)
+        .env("ADSERVE_MODEL__DIR", model_dir)
+        .env("ADSERVE_TELEMETRY__LOG_FILTER", "warn")
+        .env("ADSERVE_REGISTRY__ENABLED", "false")
+        .kill_on_drop(true);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    (command, grpc, metrics)
 }
 
 /// Path of a workspace binary built by `cargo build` (same profile as the tests).

@@ -402,20 +402,11 @@ async fn requests_beyond_the_concurrency_limit_are_shed_not_queued() -> anyhow::
 #[tokio::test]
 async fn the_gateway_reports_scores_from_the_rankers_fallback_chain_as_degraded() -> anyhow::Result<()> {
     let s = Stack::ready().await?;
-    let ranker_port = free_port();
-    let dylib = std::env::var("ORT_DYLIB_PATH").expect("ORT_DYLIB_PATH: run through make test");
-    let _ranker = tokio::process::Command::new(binary("adserve-ranker"))
-        .env("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{ranker_port}"))
-        .env("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
-        .env("ADSERVE_ONNXRUNTIME_DYLIB", dylib)
-        .env("ADSERVE_MODEL__DIR", adserve_integration_tests::repo_root().join("models/ctr-baseline"))
-        .env("ADSERVE_REGISTRY__ENABLED", "false")
-        .env("ADSERVE_FALLBACK__ENABLED", "false")
-        .env("ADSERVE_FALLBACK__RESERVE", "5s")
-        .env("ADSERVE_TELEMETRY__LOG_FILTER", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
+    let (mut ranker, ranker_port, _) = adserve_integration_tests::ranker_command(
+        &adserve_integration_tests::repo_root().join("models/ctr-baseline"),
+        &[("ADSERVE_FALLBACK__ENABLED", "false"), ("ADSERVE_FALLBACK__RESERVE", "5s")],
+    );
+    let _ranker = ranker.stdout(Stdio::null()).spawn()?;
     let ranker_url = format!("http://127.0.0.1:{ranker_port}");
     let HungGateway { child: _gateway, http, holder, .. } =
         gateway_with_hung_features(&s, &[("ADSERVE_UPSTREAMS__RANKER", ranker_url.as_str())]).await?;

@@ -26,24 +26,34 @@ use adserve_integration_tests::{Stack, binary, free_port, repo_root};
 use adserve_proto::v1::{FeatureMatrix, GetModelRequest, ScoreRequest, ranker_service_client::RankerServiceClient};
 use tonic::transport::Channel;
 
-fn ranker(model_dir: &Path, env: &[(&str, &str)]) -> (tokio::process::Command, u16, u16) {
-    let dylib = std::env::var("ORT_DYLIB_PATH")
-        .expect("ORT_DYLIB_PATH is unset: run the tests through `make test` (scripts/env.sh)");
-    let (grpc, metrics) = (free_port(), free_port());
-    let mut command = tokio::process::Command::new(binary("adserve-ranker"));
-    command
-        .env("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{grpc}"))
-        .env("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{metrics}"))
-        .env("ADSERVE_ONNXRUNTIME_DYLIB", dylib)
-        .env("ADSERVE_MODEL__DIR", model_dir)
-        .env("ADSERVE_TELEMETRY__LOG_FILTER", "warn")
-        // These rankers do not follow the stack's registry unless a test says so.
-        .env("ADSERVE_REGISTRY__ENABLED", "false")
-        .kill_on_drop(true);
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    (command, grpc, metrics)
+use adserve_integration_tests::ranker_command as ranker;
+
+/// Callers scoring with `client` in a loop until `stop`: each returns the
+/// versions that answered it (with counts) and every failure.
+type Callers = Vec<tokio::task::JoinHandle<(std::collections::BTreeMap<String, u64>, Vec<String>)>>;
+
+fn callers(
+    client: &RankerServiceClient<Channel>,
+    n: usize,
+    rows: fn(usize) -> usize,
+    stop: &Arc<AtomicBool>,
+) -> Callers {
+    (0..n)
+        .map(|i| {
+            let (mut client, stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut seen = std::collections::BTreeMap::<String, u64>::new();
+                let mut failures = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match client.score(ScoreRequest { matrix: Some(matrix(rows(i))), ..Default::default() }).await {
+                        Ok(r) => *seen.entry(r.into_inner().model_version).or_default() += 1,
+                        Err(e) => failures.push(format!("{:?}: {}", e.code(), e.message())),
+                    }
+                }
+                (seen, failures)
+            })
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -253,22 +263,7 @@ async fn adservectl_swaps_and_rolls_back_a_running_ranker_under_load_without_a_f
 
     // Load: 8 callers, until the end of the test. Every call must succeed.
     let stop = Arc::new(AtomicBool::new(false));
-    let callers: Vec<_> = (0..8)
-        .map(|i| {
-            let (mut client, stop) = (client.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut seen = std::collections::BTreeMap::<String, u64>::new();
-                let mut failures = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    match client.score(ScoreRequest { matrix: Some(matrix(1 + i * 30)), ..Default::default() }).await {
-                        Ok(r) => *seen.entry(r.into_inner().model_version).or_default() += 1,
-                        Err(e) => failures.push(format!("{:?}: {}", e.code(), e.message())),
-                    }
-                }
-                (seen, failures)
-            })
-        })
-        .collect();
+    let callers = callers(&client, 8, |i| 1 + i * 30, &stop);
 
     for (dir, version) in [(&v1, "ctr-it-v1"), (&v2, "ctr-it-v2"), (&v3, "ctr-it-v3")] {
         let out = reg.ok(&["models", "register", "--name", name, "--dir", dir.to_str().unwrap()]).await?;
@@ -427,21 +422,7 @@ async fn a_frozen_registry_keeps_the_model_serving_and_following_resumes_when_it
     serves(&mut client, "ctr-freeze-v1").await?;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let callers: Vec<_> = (0..4)
-        .map(|_| {
-            let (mut client, stop) = (client.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut failures = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    if let Err(e) = client.score(ScoreRequest { matrix: Some(matrix(10)), ..Default::default() }).await
-                    {
-                        failures.push(format!("{:?}: {}", e.code(), e.message()));
-                    }
-                }
-                failures
-            })
-        })
-        .collect();
+    let callers = callers(&client, 4, |_| 10, &stop);
 
     // Freeze the registry's path, then promote v2 (straight to PostgreSQL).
     relay.freeze(true);
@@ -465,7 +446,7 @@ async fn a_frozen_registry_keeps_the_model_serving_and_following_resumes_when_it
 
     stop.store(true, Ordering::Relaxed);
     for caller in callers {
-        let failures = caller.await?;
+        let (_, failures) = caller.await?;
         assert!(failures.is_empty(), "calls failed while the registry hung: {failures:?}");
     }
     reg.drop_schema().await?;
@@ -571,10 +552,6 @@ async fn a_canary_serves_its_share_of_users_and_then_takes_over_production() -> 
 #[tokio::test]
 async fn a_shadow_scores_calls_after_the_answer_and_publishes_both_scores() -> anyhow::Result<()> {
     use prost::Message as _;
-    use rdkafka::{
-        Message as _,
-        consumer::{Consumer as _, StreamConsumer},
-    };
     let reg = TestRegistry::new("ctr-shadow")?;
     let s = &reg.s;
     reg.register("ctr-shadow-v1").await?;
@@ -603,23 +580,8 @@ async fn a_shadow_scores_calls_after_the_answer_and_publishes_both_scores() -> a
     let answer = client.score(request).await?.into_inner();
     assert_eq!(answer.model_version, "ctr-shadow-v1", "the shadow is never served");
 
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &s.kafka)
-        .set("group.id", format!("adserve-test-{}", uuid::Uuid::new_v4()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    consumer.subscribe(&[adserve_events::SHADOW_SCORES_TOPIC])?;
-    let event = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let msg = consumer.recv().await?;
-            if msg.key() == Some(request_id.as_bytes()) {
-                return anyhow::Ok(adserve_proto::v1::ShadowScoreEvent::decode(msg.payload().unwrap_or_default())?);
-            }
-        }
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("no shadow score for {request_id} within 30 s"))??;
+    let (payload, _, _) = s.keyed_message(adserve_events::SHADOW_SCORES_TOPIC, &request_id).await?;
+    let event = adserve_proto::v1::ShadowScoreEvent::decode(payload.as_slice())?;
     assert_eq!(event.request_id, request_id);
     assert_eq!(
         (event.production_model_version.as_str(), event.shadow_model_version.as_str()),

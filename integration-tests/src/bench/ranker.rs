@@ -110,34 +110,8 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
         }))?);
         let input = Arc::new(gather(&m, &manifest.feature_order)?);
         for c in CONCURRENCY {
-            let ours = {
-                let (client, m) = (client.clone(), Arc::new(m.clone()));
-                load::closed_loop(c, s.warmup(), s.window(), timeout, rows as u64, move |_| {
-                    let (mut client, m) = (client.clone(), m.clone());
-                    async move {
-                        match client.score(ScoreRequest { matrix: Some((*m).clone()), ..Default::default() }).await {
-                            Ok(r) if r.get_ref().pctr.len() == rows => Outcome::Ok,
-                            Ok(r) => Outcome::Error(format!("{} scores for {rows} rows", r.get_ref().pctr.len())),
-                            Err(e) => Outcome::Error(format!("{:?}: {}", e.code(), e.message())),
-                        }
-                    }
-                })
-                .await
-            };
-            let off = {
-                let (client, m) = (unbatched.clone(), Arc::new(m.clone()));
-                load::closed_loop(c, s.warmup(), s.window(), timeout, rows as u64, move |_| {
-                    let (mut client, m) = (client.clone(), m.clone());
-                    async move {
-                        match client.score(ScoreRequest { matrix: Some((*m).clone()), ..Default::default() }).await {
-                            Ok(r) if r.get_ref().pctr.len() == rows => Outcome::Ok,
-                            Ok(r) => Outcome::Error(format!("{} scores for {rows} rows", r.get_ref().pctr.len())),
-                            Err(e) => Outcome::Error(format!("{:?}: {}", e.code(), e.message())),
-                        }
-                    }
-                })
-                .await
-            };
+            let ours = score_loop(s, &client, &m, c, timeout).await;
+            let off = score_loop(s, &unbatched, &m, c, timeout).await;
             let bare = {
                 let (env, manifest, input, model) = (env.clone(), manifest.clone(), input.clone(), s.model_dir.clone());
                 let window = (s.warmup(), s.window());
@@ -192,6 +166,28 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
     }
     drop(fastapi);
     Ok(out)
+}
+
+/// `Score` calls of `m` by `concurrency` closed-loop callers through `client`.
+async fn score_loop(
+    s: &Settings,
+    client: &RankerServiceClient<tonic::transport::Channel>,
+    m: &FeatureMatrix,
+    concurrency: usize,
+    timeout: Duration,
+) -> load::Measurement {
+    let (client, m, rows) = (client.clone(), Arc::new(m.clone()), m.num_rows as usize);
+    load::closed_loop(concurrency, s.warmup(), s.window(), timeout, rows as u64, move |_| {
+        let (mut client, m) = (client.clone(), m.clone());
+        async move {
+            match client.score(ScoreRequest { matrix: Some((*m).clone()), ..Default::default() }).await {
+                Ok(r) if r.get_ref().pctr.len() == rows => Outcome::Ok,
+                Ok(r) => Outcome::Error(format!("{} scores for {rows} rows", r.get_ref().pctr.len())),
+                Err(e) => Outcome::Error(format!("{:?}: {}", e.code(), e.message())),
+            }
+        }
+    })
+    .await
 }
 
 /// A ranker client once the service answers `GetModel` (it serves only
