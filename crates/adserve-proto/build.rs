@@ -27,6 +27,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ser = "#[derive(serde::Serialize)]";
     tonic_prost_build::configure()
         .type_attribute(".adserve.v1.GetAdsRequest", de)
+        // Optional on the wire: the block lists (user_id, context and slots stay required).
+        .field_attribute(".adserve.v1.GetAdsRequest.blocked_categories", "#[serde(default)]")
+        .field_attribute(".adserve.v1.GetAdsRequest.blocked_advertisers", "#[serde(default)]")
         .type_attribute(".adserve.v1.RecordClickRequest", de)
         .type_attribute(
             ".adserve.v1.RequestContext",

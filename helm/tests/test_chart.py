@@ -42,7 +42,23 @@ SECRETS = {
     "postgres": {"existingSecret": "adserve-postgres"},
     "dynamodb": {"existingSecret": "adserve-dynamodb"},
 }
-CASES = {"defaults": None, "gpu": GPU, "secrets": SECRETS}
+# A multi-objective auction with exploration and a diurnal pacing profile.
+AUCTION = {
+    "services": {
+        "gateway": {
+            "config": {
+                "auction": {
+                    "qualityExponent": 0.5,
+                    "explorationShare": 0.05,
+                    "objective": {"pctrWeight": 0, "pcvrWeight": 5.5, "ecpmWeight": 1},
+                },
+                "pacing": {"hourlyTraffic": [0.5] * 8 + [1.5] * 16},
+                "frequencyCapPerDay": 3,
+            }
+        }
+    }
+}
+CASES = {"defaults": None, "gpu": GPU, "secrets": SECRETS, "auction": AUCTION}
 
 
 def render(values: dict | None) -> dict[str, str]:
@@ -85,6 +101,18 @@ def test_every_rendered_config_is_accepted_by_its_service(case: str, tmp_path: p
             [str(binary(svc)), "--check-config"], env=env, capture_output=True, text=True, timeout=60
         )
         assert out.returncode == 0, f"{case}: adserve-{svc} refused the chart's config:\n{out.stderr}\n{text}"
+
+
+def test_the_auction_values_reach_the_gateway() -> None:
+    gateway = tomllib.loads(configs(render(AUCTION))["gateway"])
+    assert gateway["auction"]["objective"] == {"pctr_weight": 0, "pcvr_weight": 5.5, "ecpm_weight": 1}
+    assert gateway["auction"]["quality_exponent"] == 0.5
+    assert gateway["pacing"]["hourly_traffic"] == [0.5] * 8 + [1.5] * 16
+    assert gateway["frequency_cap_per_day"] == 3
+    assert gateway["counters"]["url"] == "redis://redis:6379/0"
+    defaults = tomllib.loads(configs(render(None))["gateway"])
+    assert "objective" not in defaults["auction"]
+    assert "reserve_ecpm_micros" not in tomllib.loads(configs(render(None))["auction"])
 
 
 def test_the_gpu_values_reach_the_ranker_and_only_the_ranker() -> None:

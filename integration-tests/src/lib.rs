@@ -129,6 +129,57 @@ impl Stack {
         matches!(reqwest::get(&url).await, Ok(r) if r.status().is_success())
     }
 
+    /// A gateway in this process on a random port, wired to this stack (its
+    /// catalog in `public`, its counters in the stack's Redis) and then as
+    /// `tweak` says; a non-public `postgres.schema` is migrated first.
+    /// Returns its base URL (`http://127.0.0.1:port`).
+    pub async fn in_process_gateway(
+        &self,
+        tweak: impl FnOnce(&mut adserve_gateway::GatewayConfig),
+    ) -> anyhow::Result<String> {
+        let mut config = adserve_gateway::GatewayConfig {
+            postgres: self.postgres_config("public"),
+            kafka: adserve_events::KafkaConfig { brokers: self.kafka.clone(), ..Default::default() },
+            counters: adserve_counters::RedisConfig { url: self.redis.clone(), ..Default::default() },
+            ..Default::default()
+        };
+        config.upstreams.feature_service = self.features.clone();
+        config.upstreams.ranker = self.ranker.clone();
+        config.upstreams.auction = self.auction.clone();
+        tweak(&mut config);
+        let catalog = Catalog::connect_lazy(&config.postgres)?;
+        if config.postgres.schema != "public" {
+            catalog.migrate(&config.postgres.schema).await?;
+        }
+        let events = adserve_events::EventPublisher::new(&config.kafka, "test")?;
+        let server = adserve_gateway::AdServer::new(config.clone(), catalog, events)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let router = adserve_gateway::http::router(server, config.max_body_bytes, adserve_core::Readiness::new());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        Ok(format!("http://{addr}"))
+    }
+
+    /// A fresh catalog schema (migrated) whose campaign ids start at a random
+    /// point far above the shared catalog's, so the real-time counters (keyed
+    /// by campaign id) of a test never touch another's.
+    pub async fn fresh_catalog(&self) -> anyhow::Result<(String, Catalog)> {
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let catalog = Catalog::connect_lazy(&self.postgres_config(&schema))?;
+        catalog.migrate(&schema).await?;
+        let start = 1_000_000_000 + (uuid::Uuid::new_v4().as_u128() % 1_000_000_000) as i64 * 1000;
+        sqlx::query(sqlx::AssertSqlSafe(format!("ALTER SEQUENCE campaigns_id_seq RESTART WITH {start}")))
+            .execute(catalog.pool())
+            .await?;
+        Ok((schema, catalog))
+    }
+
+    /// The gateway's real-time counters in the stack's Redis.
+    pub async fn counters(&self) -> anyhow::Result<adserve_counters::Counters> {
+        let config = adserve_counters::RedisConfig { url: self.redis.clone(), timeout: Duration::from_secs(2) };
+        Ok(adserve_counters::Counters::connect(&config).await?)
+    }
+
     /// The catalog in the shared database.
     pub fn catalog(&self) -> anyhow::Result<Catalog> {
         Ok(Catalog::connect_lazy(&self.postgres_config("public"))?)
@@ -190,6 +241,9 @@ impl Stack {
             })
             .collect();
         batch.put_ads(&ads).await?;
+        // The catalog's retrieval estimate is the same CTR the batch tier serves.
+        let ctrs: Vec<(i64, f32)> = ads.iter().map(|(id, f)| (*id, f["ctr_7d"])).collect();
+        self.catalog()?.set_estimated_ctr(&ctrs).await?;
         let rows: Vec<(String, HashMap<String, f32>)> = users
             .iter()
             .enumerate()
@@ -255,6 +309,17 @@ impl Stack {
     /// The first message keyed `key` on `topic`, read from the beginning with
     /// a fresh consumer group: (payload, partition, offset). Waits up to 30 s.
     pub async fn keyed_message(&self, topic: &str, key: &str) -> anyhow::Result<(Vec<u8>, i32, i64)> {
+        let mut found = self.keyed_messages(topic, &[key]).await?;
+        found.remove(key).with_context(|| format!("no message keyed {key} on {topic}"))
+    }
+
+    /// The first message keyed by each of `keys` on `topic`, in one pass of
+    /// one fresh consumer group from the beginning. Waits up to 30 s for all.
+    pub async fn keyed_messages(
+        &self,
+        topic: &str,
+        keys: &[&str],
+    ) -> anyhow::Result<HashMap<String, (Vec<u8>, i32, i64)>> {
         let consumer: StreamConsumer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", &self.kafka)
             .set("group.id", format!("adserve-test-{}", uuid::Uuid::new_v4()))
@@ -262,18 +327,35 @@ impl Stack {
             .set("enable.auto.commit", "false")
             .create()?;
         consumer.subscribe(&[topic])?;
-        let found = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
+        let mut found = HashMap::new();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while found.len() < keys.len() {
                 let msg = consumer.recv().await?;
-                if msg.key() == Some(key.as_bytes()) {
-                    return anyhow::Ok((msg.payload().unwrap_or_default().to_vec(), msg.partition(), msg.offset()));
+                let Some(key) = msg.key().and_then(|k| std::str::from_utf8(k).ok()) else { continue };
+                if keys.contains(&key) && !found.contains_key(key) {
+                    found.insert(
+                        key.to_string(),
+                        (msg.payload().unwrap_or_default().to_vec(), msg.partition(), msg.offset()),
+                    );
                 }
             }
+            anyhow::Ok(())
         })
         .await
-        .with_context(|| format!("no message keyed {key} on {topic} within 30 s"))?;
+        .with_context(|| format!("{} of {} keys found on {topic} within 30 s", found.len(), keys.len()))??;
         consumer.unsubscribe();
-        found
+        Ok(found)
+    }
+
+    /// The impressions with these ids, in one pass over the topic.
+    pub async fn impression_events(&self, ids: &[&str]) -> anyhow::Result<HashMap<String, ImpressionEvent>> {
+        self.keyed_messages(adserve_events::IMPRESSIONS_TOPIC, ids)
+            .await?
+            .into_iter()
+            .map(|(k, (payload, _, _))| {
+                Ok((k, adserve_events::decode_impression(&payload).map_err(anyhow::Error::msg)?))
+            })
+            .collect()
     }
 
     /// Waits until the stack's label-joiner has committed its impressions
@@ -338,8 +420,10 @@ async fn all_ad_ids(catalog: &Catalog) -> anyhow::Result<Vec<i64>> {
     let mut ids = Vec::new();
     for placement in ["feed_top", "sidebar"] {
         for coppa in [false, true] {
-            let t = adserve_catalog::Targeting { placement, device: "mobile", coppa };
-            ids.extend(catalog.eligible_ads(&t, 5000).await?.into_iter().map(|a| a.ad_id));
+            let t = adserve_catalog::Targeting { placement, device: "mobile", coppa, ..Default::default() };
+            ids.extend(
+                catalog.eligible_ads(&t, &adserve_catalog::Retrieval::all(5000)).await?.into_iter().map(|a| a.ad_id),
+            );
         }
     }
     ids.sort_unstable();

@@ -100,25 +100,7 @@ async fn unknown_user_is_served_with_default_features() -> anyhow::Result<()> {
 
 /// A gateway in this process, on a random port, wired as `tweak` says.
 async fn gateway(s: &Stack, tweak: impl FnOnce(&mut GatewayConfig)) -> anyhow::Result<String> {
-    let mut config = GatewayConfig {
-        postgres: s.postgres_config("public"),
-        kafka: KafkaConfig { brokers: s.kafka.clone(), ..KafkaConfig::default() },
-        ..GatewayConfig::default()
-    };
-    config.upstreams.feature_service = s.features.clone();
-    config.upstreams.ranker = s.ranker.clone();
-    config.upstreams.auction = s.auction.clone();
-    tweak(&mut config);
-    let catalog = Catalog::connect_lazy(&config.postgres)?;
-    if config.postgres.schema != "public" {
-        catalog.migrate(&config.postgres.schema).await?;
-    }
-    let server = AdServer::new(config.clone(), catalog, EventPublisher::new(&config.kafka, "test")?)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let router = http::router(server, config.max_body_bytes, adserve_core::Readiness::new());
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    Ok(format!("http://{addr}/v1/ads"))
+    Ok(format!("{}/v1/ads", s.in_process_gateway(tweak).await?))
 }
 
 /// Guards against hangs only; no timing is asserted.
@@ -245,5 +227,33 @@ async fn a_fatal_kafka_producer_makes_the_gateway_unready_until_it_is_replaced()
         }
     }
     assert!(served, "the gateway did not serve again after the producer was replaced");
+    Ok(())
+}
+
+#[tokio::test]
+async fn dead_redis_counters_degrade_but_still_serve() -> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    let url = gateway(&s, |c| {
+        c.counters.url = "redis://127.0.0.1:1/0".into();
+        c.pacing.interval = Duration::from_millis(200);
+    })
+    .await?;
+    let (status, v) = answer(&url, &good()).await?;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["winners"].as_array().map(Vec::len), Some(1), "{v}");
+    let reasons: Vec<String> = v["degraded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["component"] == "redis")
+        .map(|d| d["reason"].as_str().unwrap().to_string())
+        .collect();
+    assert!(reasons.iter().any(|r| r.starts_with("frequency caps not applied")), "{v}");
+    assert!(reasons.iter().any(|r| r.starts_with("impressions not counted")), "{v}");
+    // A click is still logged (it is durable in Kafka), just not charged.
+    let click = json!({"impression_id": v["winners"][0]["impression_id"]});
+    let base = url.trim_end_matches("/v1/ads");
+    let (status, c) = post(&format!("{base}/v1/clicks"), &click.to_string()).await?;
+    assert_eq!(status, 202, "{c}");
     Ok(())
 }

@@ -40,26 +40,76 @@ async fn every_service_reports_serving_on_grpc_health() -> anyhow::Result<()> {
 async fn auction_contract() -> anyhow::Result<()> {
     let s = Stack::ready().await?;
     let mut c = AuctionServiceClient::connect(s.auction.clone()).await?;
-    let cand = |ad_id, bid, pctr| AuctionCandidate { ad_id, campaign_id: 1, bid_cpc_micros: bid, pctr };
-    let out = c
-        .run_auction(RunAuctionRequest {
-            candidates: vec![cand(1, 2_000_000, 0.01), cand(2, 1_000_000, 0.05)],
-            slots: 1,
-            reserve_ecpm_micros: 0,
-        })
-        .await?
-        .into_inner();
-    assert_eq!(out.winners[0].ad_id, 2);
-    assert_eq!(out.winners[0].price_cpc_micros, 400_000);
+    let cand = |ad_id, bid, pctr| AuctionCandidate {
+        ad_id,
+        campaign_id: ad_id,
+        advertiser_id: ad_id,
+        bid_cpc_micros: bid,
+        pctr,
+        ..AuctionCandidate::default()
+    };
+    let one = |candidates, reserve_ecpm_micros| RunAuctionRequest {
+        candidates,
+        slots: 1,
+        reserve_ecpm_micros,
+        quality_exponent: 1.0,
+        ..RunAuctionRequest::default()
+    };
+    // eCPMs 15.625e6 and 31.25e6: ad 2 wins and pays the least bid that keeps
+    // the slot; 500_000 ties ad 1, which wins ties on its lower id.
+    let out = c.run_auction(one(vec![cand(1, 2_000_000, 1.0 / 128.0), cand(2, 1_000_000, 1.0 / 32.0)], 0)).await?;
+    let w = &out.get_ref().winners[0];
+    assert_eq!((w.ad_id, w.price_cpc_micros, w.propensity, w.explored), (2, 500_001, 1.0, false));
+    // A reserve of 0 is a reserve of 0: a sole bidder pays nothing, exactly as
+    // the gateway's in-process fallback computes it.
+    let out = c.run_auction(one(vec![cand(1, 1_000_000, 1.0 / 32.0)], 0)).await?;
+    assert_eq!(out.get_ref().winners[0].price_cpc_micros, 0);
+
+    // The service and the library agree on a full request: CPM bids, floors,
+    // quality, an advertiser cap and exploration with a seed.
+    let mut sample = adserve_auction::sample_candidates(300);
+    sample[7].bid_type = adserve_auction::BidType::Cpm;
+    sample[7].bid_micros = 50_000_000;
+    sample[9].reserve_ecpm_micros = 5_000_000;
+    sample[11].quality = 3.0;
+    for seed in 0..20 {
+        let rules = adserve_auction::Rules {
+            max_per_advertiser: 1,
+            exploration: 0.3,
+            seed,
+            ..adserve_auction::Rules::new(4, 20_000)
+        };
+        let request = adserve_auction::wire::request_to_proto(
+            sample.iter().map(adserve_auction::wire::candidate_to_proto).collect(),
+            &rules,
+        );
+        let remote = c.run_auction(request).await?.into_inner().winners;
+        let local: Vec<_> = adserve_auction::run_auction(&sample, &rules)?
+            .winners
+            .iter()
+            .map(adserve_auction::wire::winner_to_proto)
+            .collect();
+        assert_eq!(remote, local, "seed {seed}");
+    }
+
     let err = c
-        .run_auction(RunAuctionRequest { candidates: vec![cand(1, 1, 0.1)], slots: 0, reserve_ecpm_micros: 0 })
+        .run_auction(RunAuctionRequest { candidates: vec![cand(1, 1, 0.1)], slots: 0, ..RunAuctionRequest::default() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("slots"), "{}", err.message());
-    let err =
-        c.run_auction(RunAuctionRequest { candidates: vec![], slots: 1, reserve_ecpm_micros: 0 }).await.unwrap_err();
+    let err = c.run_auction(one(vec![], 0)).await.unwrap_err();
     assert!(err.message().contains("candidates"), "{}", err.message());
+    let err = c.run_auction(one(vec![cand(1, 1, 0.1), cand(2, 1, f32::NAN)], 0)).await.unwrap_err();
+    assert!(err.message().starts_with("candidates[1].pctr"), "{}", err.message());
+    let err = c.run_auction(one(vec![cand(1, 1, 0.1), cand(1, 2, 0.1)], 0)).await.unwrap_err();
+    assert!(err.message().starts_with("candidates[1].ad_id"), "{}", err.message());
+    let both = AuctionCandidate { bid_cpm_micros: 5, ..cand(1, 1, 0.1) };
+    let err = c.run_auction(one(vec![both], 0)).await.unwrap_err();
+    assert!(err.message().starts_with("candidates[0].bid_cpm_micros"), "{}", err.message());
+    let err =
+        c.run_auction(RunAuctionRequest { exploration_share: 1.5, ..one(vec![cand(1, 1, 0.1)], 0) }).await.unwrap_err();
+    assert!(err.message().starts_with("exploration_share"), "{}", err.message());
     Ok(())
 }
 
@@ -138,13 +188,19 @@ async fn feature_service_contract() -> anyhow::Result<()> {
 async fn gateway_contract() -> anyhow::Result<()> {
     let s = Stack::ready().await?;
     let mut c = GatewayServiceClient::connect(s.gateway.clone()).await?;
-    let ads = c.get_ads(GetAdsRequest { user_id: "demo-user-7".into(), context: ctx(), slots: 1 }).await?.into_inner();
+    let ads = c
+        .get_ads(GetAdsRequest { user_id: "demo-user-7".into(), context: ctx(), slots: 1, ..Default::default() })
+        .await?
+        .into_inner();
     assert_eq!(ads.winners.len(), 1);
     assert!(ads.candidates >= 1);
     let click =
         c.record_click(RecordClickRequest { impression_id: ads.winners[0].impression_id.clone() }).await?.into_inner();
     assert!(!click.click_id.is_empty());
-    let err = c.get_ads(GetAdsRequest { user_id: "u".into(), context: ctx(), slots: 0 }).await.unwrap_err();
+    let err = c
+        .get_ads(GetAdsRequest { user_id: "u".into(), context: ctx(), slots: 0, ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("slots"), "{}", err.message());
     let err = c.record_click(RecordClickRequest { impression_id: "not-a-uuid".into() }).await.unwrap_err();

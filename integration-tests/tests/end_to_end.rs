@@ -95,8 +95,9 @@ async fn coppa_requests_get_only_safe_ads_and_log_no_personal_data() -> anyhow::
         reqwest::Client::new().post(format!("{}/v1/ads", stack.http)).json(&body).send().await?.json().await?;
     let safe: Vec<i64> = {
         let catalog = stack.catalog()?;
-        let t = adserve_catalog::Targeting { placement: "feed_top", device: "tablet", coppa: true };
-        catalog.eligible_ads(&t, 5000).await?.into_iter().map(|a| a.ad_id).collect()
+        let t =
+            adserve_catalog::Targeting { placement: "feed_top", device: "tablet", coppa: true, ..Default::default() };
+        catalog.eligible_ads(&t, &adserve_catalog::Retrieval::all(5000)).await?.into_iter().map(|a| a.ad_id).collect()
     };
     let winners = ad["winners"].as_array().expect("winners");
     assert!(!winners.is_empty());

@@ -21,10 +21,12 @@ fn config_defaults_derive_from_the_definitions() {
     let gateway = adserve_gateway::GatewayConfig::default();
     assert_eq!(gateway.http_addr.port(), ports::GATEWAY_HTTP);
     assert_eq!(gateway.upstreams.ranker, ports::local_url(ports::RANKER_GRPC));
-    assert_eq!(gateway.reserve_ecpm_micros, adserve_auction::DEFAULT_RESERVE_ECPM_MICROS);
+    assert_eq!(gateway.auction.reserve_ecpm_micros, adserve_auction::DEFAULT_RESERVE_ECPM_MICROS);
+    assert_eq!(gateway.click_window, adserve_features::registry().label.window());
     assert_eq!(
-        adserve_auction_service::AuctionConfig::default().reserve_ecpm_micros,
-        adserve_auction::DEFAULT_RESERVE_ECPM_MICROS
+        gateway.pacing.controller(),
+        adserve_auction::pacing::PacingConfig::default(),
+        "the gateway's pacing defaults are the controller's"
     );
     assert_eq!(
         adserve_label_joiner::LabelJoinerConfig::default().label_window,

@@ -376,6 +376,7 @@ async fn requests_beyond_the_concurrency_limit_are_shed_not_queued() -> anyhow::
         user_id: "demo-user-1".into(),
         context: Some(RequestContext { placement: "feed_top".into(), device: "mobile".into(), ..Default::default() }),
         slots: 1,
+        ..Default::default()
     };
     let mut grpc = GatewayServiceClient::connect(g.grpc.clone()).await?;
     let grpc_first = tokio::spawn({

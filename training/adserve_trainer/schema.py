@@ -31,6 +31,12 @@ ROW_SCHEMA = pa.schema(
         pa.field("pctr", pa.float32(), nullable=False),
         pa.field("ecpm_micros", pa.int64(), nullable=False),
         pa.field("price_cpc_micros", pa.int64(), nullable=False),
+        pa.field("advertiser_id", pa.int64(), nullable=False),
+        pa.field("price_cpm_micros", pa.int64(), nullable=False),  # CPM winners; 0 for CPC
+        # P(this ad in this slot | slots above); 1 unless the slot was explored.
+        # Weight a row by 1 / propensity to correct for exploration.
+        pa.field("propensity", pa.float32(), nullable=False),
+        pa.field("explored", pa.bool_(), nullable=False),
         # The exact row the ranker scored; names and values are aligned.
         pa.field("feature_names", pa.list_(pa.string()), nullable=False),
         pa.field("feature_values", pa.list_(pa.float32()), nullable=False),

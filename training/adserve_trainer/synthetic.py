@@ -160,6 +160,10 @@ def generate(n: int, seed: int, registry: Registry) -> pa.Table:
         "pctr": pa.array(pctr, pa.float32()),
         "ecpm_micros": pa.array(ecpm, pa.int64()),
         "price_cpc_micros": pa.array(price_cpc, pa.int64()),
+        "advertiser_id": pa.array(campaign_id // 3, pa.int64()),
+        "price_cpm_micros": pa.array(np.zeros(n, dtype=np.int64), pa.int64()),
+        "propensity": pa.array(np.ones(n, dtype=np.float32), pa.float32()),
+        "explored": pa.array(np.zeros(n, dtype=bool), pa.bool_()),
         "feature_names": pa.array(feature_names, ROW_SCHEMA.field("feature_names").type),
         "feature_values": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_values, pa.float32())),
     }

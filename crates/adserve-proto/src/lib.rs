@@ -45,8 +45,11 @@ pub mod no_fill {
     pub const NO_ELIGIBLE_ADS: &str = "no_eligible_ads";
     /// Every candidate's eCPM fell below the reserve.
     pub const BELOW_RESERVE: &str = "below_reserve";
+    /// Ads matched, but every one was frequency-capped for this user,
+    /// throttled by its campaign's budget pacing, or out of budget today.
+    pub const CAPPED_OR_PACED: &str = "capped_or_paced";
     /// Every value.
-    pub const ALL: [&str; 2] = [NO_ELIGIBLE_ADS, BELOW_RESERVE];
+    pub const ALL: [&str; 3] = [NO_ELIGIBLE_ADS, BELOW_RESERVE, CAPPED_OR_PACED];
 }
 
 /// Fully-qualified gRPC service names, as registered with the health service.

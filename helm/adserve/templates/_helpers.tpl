@@ -106,8 +106,8 @@ as floats, which would print as 1.8e+06).
 # ADSERVE_* environment variables override these keys.
 {{- if eq .name "gateway" }}
 http_addr = {{ printf "0.0.0.0:%d" (int .svc.ports.http) | toJson }}
-max_candidates = {{ int64 $c.maxCandidates }}
-reserve_ecpm_micros = {{ int64 $c.reserveEcpmMicros }}
+frequency_cap_per_day = {{ int64 $c.frequencyCapPerDay }}
+click_window = "{{ int64 $c.clickWindowMs }}ms"
 fallback_pctr_feature = {{ $c.fallbackPctrFeature | toJson }}
 max_body_bytes = {{ int64 $c.maxBodyBytes }}
 {{- else if eq .name "feature-service" }}
@@ -117,8 +117,6 @@ max_rows = {{ int64 $c.maxRows }}
 {{- with $c.onnxruntimeDylib }}
 onnxruntime_dylib = {{ . | toJson }}
 {{- end }}
-{{- else if eq .name "auction" }}
-reserve_ecpm_micros = {{ int64 $c.reserveEcpmMicros }}
 {{- else if eq .name "label-joiner" }}
 group_id = {{ $c.groupId | toJson }}
 output_dir = {{ $c.outputDir | toJson }}
@@ -169,6 +167,41 @@ catalog = "{{ int64 $d.catalogMs }}ms"
 features = "{{ int64 $d.featuresMs }}ms"
 ranker = "{{ int64 $d.rankerMs }}ms"
 auction = "{{ int64 $d.auctionMs }}ms"
+{{- $rt := $c.retrieval }}
+
+[retrieval]
+max_candidates = {{ int64 $rt.maxCandidates }}
+per_campaign = {{ int64 $rt.perCampaign }}
+per_advertiser = {{ int64 $rt.perAdvertiser }}
+{{- $a := $c.auction }}
+
+[auction]
+reserve_ecpm_micros = {{ int64 $a.reserveEcpmMicros }}
+quality_exponent = {{ float64 $a.qualityExponent }}
+max_per_advertiser = {{ int64 $a.maxPerAdvertiser }}
+exploration_share = {{ float64 $a.explorationShare }}
+{{- with $a.objective }}
+
+[auction.objective]
+pctr_weight = {{ float64 .pctrWeight }}
+pcvr_weight = {{ float64 .pcvrWeight }}
+ecpm_weight = {{ float64 .ecpmWeight }}
+{{- end }}
+
+[counters]
+url = {{ $v.redis.url | toJson }}
+timeout = "{{ int64 $v.redis.timeoutMs }}ms"
+{{- $p := $c.pacing }}
+
+[pacing]
+enabled = {{ $p.enabled }}
+interval = "{{ int64 $p.intervalMs }}ms"
+max_staleness = "{{ int64 $p.maxStalenessMs }}ms"
+min_rate = {{ float64 $p.minRate }}
+max_step = {{ float64 $p.maxStep }}
+memory = {{ float64 $p.memory }}
+spend_lag = "{{ int64 $p.spendLagMs }}ms"
+hourly_traffic = {{ $p.hourlyTraffic | toJson }}
 {{- else if eq .name "feature-service" }}
 
 [redis]

@@ -4,7 +4,7 @@
 
 use std::{path::Path, time::Duration};
 
-use adserve_proto::v1::{AuctionCandidate, RunAuctionRequest, auction_service_client::AuctionServiceClient};
+use adserve_proto::v1::{AuctionCandidate, auction_service_client::AuctionServiceClient};
 use anyhow::Context;
 
 use super::{
@@ -16,7 +16,7 @@ use super::{
 /// Candidates per auction.
 pub const SIZES: [usize; 3] = [1, 100, 1000];
 /// Slots per auction (as in the criterion bench).
-pub const SLOTS: u32 = 5;
+pub const SLOTS: u32 = 3;
 
 /// The criterion median of `group/function/param`, in milliseconds, or None
 /// when criterion has not run.
@@ -42,15 +42,7 @@ fn criterion_summary(median_ms: f64, n: usize) -> Summary {
 
 /// The criterion bench's candidates, as the gateway sends them.
 fn candidates(n: usize) -> Vec<AuctionCandidate> {
-    adserve_auction::sample_candidates(n)
-        .into_iter()
-        .map(|c| AuctionCandidate {
-            ad_id: c.ad_id,
-            campaign_id: c.campaign_id,
-            bid_cpc_micros: c.bid_cpc_micros,
-            pctr: c.pctr,
-        })
-        .collect()
+    adserve_auction::sample_candidates(n).into_iter().map(|c| adserve_auction::wire::candidate_to_proto(&c)).collect()
 }
 
 /// Runs the auction part.
@@ -60,7 +52,8 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
     let client = AuctionServiceClient::new(channel);
     let mut out = Vec::new();
     for n in SIZES {
-        let request = RunAuctionRequest { candidates: candidates(n), slots: SLOTS, reserve_ecpm_micros: 10_000 };
+        let rules = adserve_auction::Rules::new(SLOTS as usize, 10_000);
+        let request = adserve_auction::wire::request_to_proto(candidates(n), &rules);
         let grpc = {
             let client = client.clone();
             load::closed_loop(1, s.warmup(), s.window(), Duration::from_secs(2), n as u64, move |_| {

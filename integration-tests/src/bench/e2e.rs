@@ -6,14 +6,13 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use adserve_catalog::{NewAd, NewCampaign, Targeting};
+use adserve_catalog::{NewAd, NewCampaign, Retrieval, Targeting};
 use adserve_events::{EventPublisher, KafkaConfig};
 use adserve_gateway::pipeline::Hop;
 use adserve_proto::v1::{
-    AuctionCandidate, FeatureRow, GetAdsRequest, GetFeaturesRequest, ImpressionEvent, RequestContext,
-    RunAuctionRequest, ScoreRequest, auction_service_client::AuctionServiceClient,
-    feature_service_client::FeatureServiceClient, gateway_service_client::GatewayServiceClient,
-    ranker_service_client::RankerServiceClient,
+    AuctionCandidate, FeatureRow, GetAdsRequest, GetFeaturesRequest, ImpressionEvent, RequestContext, ScoreRequest,
+    auction_service_client::AuctionServiceClient, feature_service_client::FeatureServiceClient,
+    gateway_service_client::GatewayServiceClient, ranker_service_client::RankerServiceClient,
 };
 use anyhow::Context;
 
@@ -43,33 +42,36 @@ pub fn user(i: u64) -> String {
 /// up), seeds their features, and returns the eligible ad ids.
 pub async fn seed_placement(stack: &Stack, placement: &str, target: usize) -> anyhow::Result<Vec<i64>> {
     let catalog = stack.catalog()?;
-    let targeting = Targeting { placement, device: "mobile", coppa: false };
-    let existing = catalog.eligible_ads(&targeting, 5000).await?.len();
+    let targeting = Targeting { placement, device: "mobile", ..Targeting::default() };
+    let existing = catalog.eligible_ads(&targeting, &Retrieval::all(5000)).await?.len();
     let mut need = target.saturating_sub(existing);
     let mut k = 0;
     while need > 0 {
         let n = need.min(ADS_PER_CAMPAIGN);
+        // One advertiser per campaign: the gateway's retrieval quotas (per
+        // campaign, per advertiser) must not cut the bench's candidate set.
         let campaign = NewCampaign {
-            advertiser: "adserve-bench".into(),
+            advertiser: format!("adserve-bench-{placement}-{existing}-{k}"),
             name: format!("{placement}-{existing}-{k}"),
             bid_cpc_micros: 200_000 + ((k * 37) % 19) as i64 * 100_000,
             daily_budget_micros: 1_000_000_000_000,
             placements: vec![placement.into()],
-            devices: vec![],
             ads: (0..n)
                 .map(|a| NewAd {
                     title: format!("bench offer {k}.{a}"),
                     landing_url: format!("https://bench.example/{placement}/{k}/{a}"),
                     category: "bench".into(),
-                    under13_safe: false,
+                    ..NewAd::default()
                 })
                 .collect(),
+            ..NewCampaign::default()
         };
         catalog.insert_campaign(&campaign).await?;
         need -= n;
         k += 1;
     }
-    let ids: Vec<i64> = catalog.eligible_ads(&targeting, target).await?.into_iter().map(|a| a.ad_id).collect();
+    let ids: Vec<i64> =
+        catalog.eligible_ads(&targeting, &Retrieval::all(target)).await?.into_iter().map(|a| a.ad_id).collect();
     anyhow::ensure!(ids.len() == target, "{placement}: {} eligible ads after seeding, wanted {target}", ids.len());
     let users: Vec<String> = (0..USERS as u64).map(user).collect();
     stack.seed_features(&ids, &users).await?;
@@ -193,7 +195,8 @@ async fn step(s: &Settings, proto: &str, placement: &str, size: usize, rate: f64
         let ctx = context(placement);
         load::open_loop(rate, s.step(), timeout, max_in_flight, size as u64, move |i| {
             let mut client = client.clone();
-            let req = GetAdsRequest { user_id: user(i), context: Some(ctx.clone()), slots: SLOTS };
+            let req =
+                GetAdsRequest { user_id: user(i), context: Some(ctx.clone()), slots: SLOTS, ..Default::default() };
             async move {
                 match client.get_ads(req).await {
                     Ok(r) => {
@@ -235,8 +238,8 @@ async fn components(s: &Settings, placement: &str, ad_ids: &[i64]) -> anyhow::Re
     let m = load::closed_loop(1, s.warmup(), s.window(), timeout, n as u64, move |_| {
         let (catalog, placement) = (catalog.clone(), placement_owned.clone());
         async move {
-            let t = Targeting { placement: &placement, device: "mobile", coppa: false };
-            match catalog.eligible_ads(&t, n).await {
+            let t = Targeting { placement: &placement, device: "mobile", ..Targeting::default() };
+            match catalog.eligible_ads(&t, &Retrieval::all(n)).await {
                 Ok(a) if a.len() == n => Outcome::Ok,
                 Ok(a) => Outcome::Error(format!("{} ads", a.len())),
                 Err(e) => Outcome::Error(e.to_string()),
@@ -296,21 +299,29 @@ async fn components(s: &Settings, placement: &str, ad_ids: &[i64]) -> anyhow::Re
         .await?
         .into_inner()
         .pctr;
-    let catalog_ads =
-        stack.catalog()?.eligible_ads(&Targeting { placement, device: "mobile", coppa: false }, n).await?;
+    let catalog_ads = stack
+        .catalog()?
+        .eligible_ads(&Targeting { placement, device: "mobile", ..Targeting::default() }, &Retrieval::all(n))
+        .await?;
     let candidates: Vec<AuctionCandidate> = catalog_ads
         .iter()
         .zip(&pctr)
         .map(|(a, p)| AuctionCandidate {
             ad_id: a.ad_id,
             campaign_id: a.campaign_id,
-            bid_cpc_micros: a.bid_cpc_micros,
+            advertiser_id: a.advertiser_id,
+            bid_cpc_micros: a.bid_cpc_micros.unwrap_or(0),
+            bid_cpm_micros: a.bid_cpm_micros.unwrap_or(0),
             pctr: *p,
+            quality: a.quality,
+            reserve_ecpm_micros: a.reserve_ecpm_micros,
+            ..AuctionCandidate::default()
         })
         .collect();
     let auction = AuctionServiceClient::new(adserve_core::net::grpc_endpoint(stack.auction.clone())?.connect().await?);
     let m = {
-        let request = RunAuctionRequest { candidates, slots: SLOTS, reserve_ecpm_micros: 10_000 };
+        let rules = adserve_gateway::GatewayConfig::default().auction.rules(SLOTS as usize, 7);
+        let request = adserve_auction::wire::request_to_proto(candidates, &rules);
         load::closed_loop(1, s.warmup(), s.window(), timeout, n as u64, move |_| {
             let (mut c, request) = (auction.clone(), request.clone());
             async move {

@@ -1,6 +1,6 @@
 //! Auction service configuration.
 
-use adserve_core::{Invalid, ServerConfig, TelemetryConfig, Validate, check_range, ports};
+use adserve_core::{Invalid, ServerConfig, TelemetryConfig, Validate, ports};
 use serde::{Deserialize, Serialize};
 
 /// Everything the auction service reads at start.
@@ -11,8 +11,6 @@ pub struct AuctionConfig {
     pub server: ServerConfig,
     /// Logs and traces.
     pub telemetry: TelemetryConfig,
-    /// Reserve eCPM in micro units, used when a request does not set one.
-    pub reserve_ecpm_micros: i64,
 }
 
 impl Default for AuctionConfig {
@@ -20,14 +18,12 @@ impl Default for AuctionConfig {
         Self {
             server: ServerConfig::on_ports(ports::AUCTION_GRPC, ports::AUCTION_METRICS),
             telemetry: TelemetryConfig::default(),
-            reserve_ecpm_micros: adserve_auction::DEFAULT_RESERVE_ECPM_MICROS,
         }
     }
 }
 
 impl Validate for AuctionConfig {
     fn validate(&self) -> Result<(), Invalid> {
-        self.server.validate()?;
-        check_range("reserve_ecpm_micros", self.reserve_ecpm_micros, 0..=i64::MAX)
+        self.server.validate()
     }
 }

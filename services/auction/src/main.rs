@@ -9,7 +9,7 @@ async fn main() -> anyhow::Result<()> {
     let (_telemetry, lifecycle, listener) =
         adserve_core::bootstrap(adserve_core::build_info!("adserve-auction"), &config.server, &config.telemetry)
             .await?;
-    let routes = Routes::new(AuctionGrpc::new(config.reserve_ecpm_micros).into_server());
+    let routes = Routes::new(AuctionGrpc::new().into_server());
     adserve_core::grpc::serve(listener, routes, &[service_names::AUCTION], &lifecycle).await?;
     Ok(())
 }

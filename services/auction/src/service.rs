@@ -2,27 +2,23 @@
 
 use std::time::Instant;
 
-use adserve_auction::{
-    Candidate,
-    wire::{candidate_from_proto, winner_to_proto},
-};
+use adserve_auction::wire::{candidates_from_proto, rules_from_proto, winner_to_proto};
 use adserve_proto::v1::{
     RunAuctionRequest, RunAuctionResponse,
     auction_service_server::{AuctionService, AuctionServiceServer},
 };
 use tonic::{Request, Response, Status};
 
-/// Serves `adserve.v1.AuctionService`.
-#[derive(Debug, Clone)]
-pub struct AuctionGrpc {
-    /// Reserve used when a request sends 0.
-    default_reserve_ecpm_micros: i64,
-}
+/// Serves `adserve.v1.AuctionService`. Stateless: the rules, the reserve
+/// included, arrive with each request (a reserve of 0 is a reserve of 0), so
+/// this service and the gateway's in-process fallback price alike.
+#[derive(Debug, Clone, Default)]
+pub struct AuctionGrpc;
 
 impl AuctionGrpc {
-    /// A service with the given default reserve.
-    pub fn new(default_reserve_ecpm_micros: i64) -> Self {
-        Self { default_reserve_ecpm_micros }
+    /// The service.
+    pub fn new() -> Self {
+        Self
     }
 
     /// The tonic server for this service.
@@ -36,15 +32,18 @@ impl AuctionService for AuctionGrpc {
     async fn run_auction(&self, request: Request<RunAuctionRequest>) -> Result<Response<RunAuctionResponse>, Status> {
         let start = Instant::now();
         let req = request.into_inner();
-        let candidates: Vec<Candidate> = req.candidates.iter().map(candidate_from_proto).collect();
-        let reserve =
-            if req.reserve_ecpm_micros == 0 { self.default_reserve_ecpm_micros } else { req.reserve_ecpm_micros };
-        let outcome = adserve_auction::run_auction(&candidates, req.slots as usize, reserve).map_err(|e| {
+        let rejected = |e: adserve_auction::AuctionError| {
             metrics::counter!("adserve_auction_rejected_total").increment(1);
             Status::invalid_argument(e.to_string())
-        })?;
+        };
+        let candidates = candidates_from_proto(&req.candidates).map_err(rejected)?;
+        let outcome = adserve_auction::run_auction(&candidates, &rules_from_proto(&req)).map_err(rejected)?;
         metrics::histogram!("adserve_auction_seconds").record(start.elapsed().as_secs_f64());
         metrics::histogram!("adserve_auction_candidates").record(candidates.len() as f64);
+        let explored = outcome.winners.iter().filter(|w| w.explored).count();
+        metrics::counter!("adserve_auction_slots_total", "filled_by" => "rank")
+            .increment((outcome.winners.len() - explored) as u64);
+        metrics::counter!("adserve_auction_slots_total", "filled_by" => "exploration").increment(explored as u64);
         Ok(Response::new(RunAuctionResponse {
             eligible: outcome.eligible as u32,
             winners: outcome.winners.iter().map(winner_to_proto).collect(),

@@ -21,22 +21,8 @@ pub struct FeatureServiceConfig {
     pub max_ads: usize,
 }
 
-/// Redis connection.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct RedisConfig {
-    /// `redis://host:port/db`.
-    pub url: String,
-    /// Deadline for the whole real-time lookup of one request.
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-}
-
-impl Default for RedisConfig {
-    fn default() -> Self {
-        Self { url: "redis://127.0.0.1:6379/0".into(), timeout: Duration::from_millis(50) }
-    }
-}
+/// Redis connection: one definition, shared with the gateway's counters.
+pub use adserve_counters::RedisConfig;
 
 /// DynamoDB connection.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -84,15 +70,8 @@ impl Default for FeatureServiceConfig {
 impl Validate for FeatureServiceConfig {
     fn validate(&self) -> Result<(), Invalid> {
         self.server.validate()?;
-        if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
-            return Err(Invalid::new(
-                "redis.url",
-                format!("must start with redis:// or rediss://, got {:?}", self.redis.url),
-            ));
-        }
-        let (min, max) = (Duration::from_millis(1), Duration::from_secs(60));
-        check_duration("redis.timeout", self.redis.timeout, min, max)?;
-        check_duration("dynamodb.timeout", self.dynamodb.timeout, min, max)?;
+        self.redis.validate("redis")?;
+        check_duration("dynamodb.timeout", self.dynamodb.timeout, Duration::from_millis(1), Duration::from_secs(60))?;
         if self.dynamodb.region.is_empty() {
             return Err(Invalid::new("dynamodb.region", "required"));
         }

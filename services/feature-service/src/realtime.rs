@@ -30,29 +30,7 @@ impl RealtimeStore {
     /// A server that is down does not stop the service: the client keeps
     /// reconnecting in the background and lookups degrade to defaults meanwhile.
     pub async fn connect(config: &RedisConfig, registry: &'static FeatureRegistry) -> Result<Self, Error> {
-        let client = Builder::from_config(Config::from_url(&config.url)?)
-            .with_connection_config(|c| {
-                c.connection_timeout = std::time::Duration::from_millis(1000);
-                c.max_command_attempts = 1;
-                // An MGET of 1000 keys leaves in several writes: without
-                // TCP_NODELAY the tail waits for Redis's delayed ACK.
-                c.tcp = TcpConfig {
-                    nodelay: Some(true),
-                    keepalive: Some(fred::socket2::TcpKeepalive::new().with_time(adserve_core::net::TCP_KEEPALIVE)),
-                    ..TcpConfig::default()
-                };
-            })
-            .with_performance_config(|c| {
-                c.default_command_timeout = config.timeout;
-            })
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
-            .build()?;
-        let _task = client.connect();
-        match tokio::time::timeout(std::time::Duration::from_secs(1), client.wait_for_connect()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "redis not reachable yet; serving defaults until it is"),
-            Err(_) => tracing::warn!("redis not reachable within 1 s; serving defaults until it is"),
-        }
+        let client = adserve_counters::connect(config).await?;
         let specs = |entity| registry.select(entity, Source::Redis).map(|(_, f)| f.clone()).collect();
         Ok(Self { client, user_specs: specs(Entity::User), ad_specs: specs(Entity::Ad), registry })
     }

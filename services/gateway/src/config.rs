@@ -2,8 +2,10 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use adserve_catalog::PostgresConfig;
+use adserve_auction::{Objective, Rules, pacing::PacingConfig};
+use adserve_catalog::{PostgresConfig, Retrieval};
 use adserve_core::{Invalid, ServerConfig, TelemetryConfig, Validate, check_duration, check_range, ports};
+use adserve_counters::RedisConfig;
 use adserve_events::KafkaConfig;
 use serde::{Deserialize, Serialize};
 
@@ -25,15 +27,150 @@ pub struct GatewayConfig {
     pub upstreams: Upstreams,
     /// Per-dependency deadlines.
     pub deadlines: Deadlines,
-    /// Most eligible ads scored per request.
-    pub max_candidates: usize,
-    /// Reserve eCPM (micro units) sent with every auction request, and used by
-    /// the in-process fallback auction.
-    pub reserve_ecpm_micros: i64,
+    /// How many eligible ads are scored per request, and how they are chosen.
+    pub retrieval: Retrieval,
+    /// The auction's rules, sent with every auction request and used by the
+    /// in-process fallback auction.
+    pub auction: AuctionRules,
+    /// Real-time counters (Redis): spend, frequency, click charges.
+    pub counters: RedisConfig,
+    /// Budget pacing.
+    pub pacing: Pacing,
+    /// Impressions per user per campaign per UTC day when the campaign sets
+    /// no cap of its own; 0 = uncapped.
+    pub frequency_cap_per_day: u32,
+    /// How long a CPC impression can still be charged for a click (the
+    /// label window: a later click is not a label either).
+    #[serde(with = "humantime_serde")]
+    pub click_window: Duration,
     /// Feature whose value is the fallback pCTR when the ranker is down.
     pub fallback_pctr_feature: String,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+}
+
+/// The auction's rules (adserve_auction::Rules, less the per-request slots and seed).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuctionRules {
+    /// Request-wide reserve eCPM, micro units; 0 is none. Each candidate's
+    /// own floor (from the catalog's floors) applies where higher.
+    pub reserve_ecpm_micros: i64,
+    /// Exponent alpha of ad quality in the eCPM, `[0, 4]`.
+    pub quality_exponent: f64,
+    /// Most slots one advertiser may take per response; 0 = no cap.
+    pub max_per_advertiser: usize,
+    /// Share of slots filled by exploration (epsilon-greedy), `[0, 1)`.
+    pub exploration_share: f64,
+    /// Rank by `pctr_weight x pCTR + pcvr_weight x pCVR + ecpm_weight x
+    /// eCPM` instead of eCPM (absent: eCPM).
+    pub objective: Option<ObjectiveWeights>,
+}
+
+/// Weights of a multi-objective ranking.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectiveWeights {
+    /// Weight of pCTR.
+    pub pctr_weight: f64,
+    /// Weight of pCVR.
+    pub pcvr_weight: f64,
+    /// Weight of eCPM in currency units per mille (> 0).
+    pub ecpm_weight: f64,
+}
+
+impl Default for AuctionRules {
+    fn default() -> Self {
+        Self {
+            reserve_ecpm_micros: adserve_auction::DEFAULT_RESERVE_ECPM_MICROS,
+            quality_exponent: 1.0,
+            max_per_advertiser: 2,
+            exploration_share: 0.0,
+            objective: None,
+        }
+    }
+}
+
+impl AuctionRules {
+    /// The auction's rules for one request.
+    pub fn rules(&self, slots: usize, seed: u64) -> Rules {
+        Rules {
+            slots,
+            reserve_ecpm_micros: self.reserve_ecpm_micros,
+            quality_exponent: self.quality_exponent,
+            max_per_advertiser: self.max_per_advertiser,
+            objective: match self.objective {
+                None => Objective::Ecpm,
+                Some(w) => Objective::Weighted { pctr: w.pctr_weight, pcvr: w.pcvr_weight, ecpm: w.ecpm_weight },
+            },
+            exploration: self.exploration_share,
+            seed,
+        }
+    }
+}
+
+/// Budget pacing settings (adserve_auction::pacing::PacingConfig, plus how
+/// often it runs).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Pacing {
+    /// Off: campaigns bid on every request until their budget is spent (the
+    /// hard stop still applies).
+    pub enabled: bool,
+    /// How often spend is read and rates re-planned.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Rates older than this (Redis unreachable) are reported as degraded.
+    #[serde(with = "humantime_serde")]
+    pub max_staleness: Duration,
+    /// Rate of a campaign not yet planned today.
+    pub initial_rate: f64,
+    /// Lowest rate of a campaign with budget left.
+    pub min_rate: f64,
+    /// Largest factor a rate changes by per interval.
+    pub max_step: f64,
+    /// Memory of the spend estimate, as a share of a day's traffic.
+    pub memory: f64,
+    /// How late spend reaches the counters (CPC charges land with clicks).
+    #[serde(with = "humantime_serde")]
+    pub spend_lag: Duration,
+    /// Expected share of traffic per UTC hour (24 weights).
+    pub hourly_traffic: Vec<f64>,
+}
+
+impl Default for Pacing {
+    fn default() -> Self {
+        let c = PacingConfig::default();
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(5),
+            max_staleness: Duration::from_secs(60),
+            initial_rate: c.initial_rate,
+            min_rate: c.min_rate,
+            max_step: c.max_step,
+            memory: c.memory,
+            spend_lag: Duration::from_secs(c.spend_lag_seconds),
+            hourly_traffic: c.hourly_traffic.to_vec(),
+        }
+    }
+}
+
+impl Pacing {
+    /// The controller's settings.
+    pub fn controller(&self) -> PacingConfig {
+        let mut hourly = [0.0; 24];
+        for (h, w) in hourly.iter_mut().zip(&self.hourly_traffic) {
+            *h = *w;
+        }
+        PacingConfig {
+            initial_rate: self.initial_rate,
+            min_rate: self.min_rate,
+            max_step: self.max_step,
+            memory: self.memory,
+            spend_lag_seconds: self.spend_lag.as_secs(),
+            hourly_traffic: hourly,
+        }
+    }
 }
 
 /// gRPC endpoints of the other services.
@@ -97,8 +234,12 @@ impl Default for GatewayConfig {
             kafka: KafkaConfig::default(),
             upstreams: Upstreams::default(),
             deadlines: Deadlines::default(),
-            max_candidates: 1000,
-            reserve_ecpm_micros: adserve_auction::DEFAULT_RESERVE_ECPM_MICROS,
+            retrieval: Retrieval::default(),
+            auction: AuctionRules::default(),
+            counters: RedisConfig::default(),
+            pacing: Pacing::default(),
+            frequency_cap_per_day: 0,
+            click_window: adserve_features::registry().label.window(),
             fallback_pctr_feature: adserve_features::prior::DEFAULT_PRIOR_FEATURE.into(),
             max_body_bytes: 16 * 1024,
         }
@@ -125,14 +266,37 @@ impl Validate for GatewayConfig {
         check_duration("deadlines.features", d.features, min, max)?;
         check_duration("deadlines.ranker", d.ranker, min, max)?;
         check_duration("deadlines.auction", d.auction, min, max)?;
-        check_range("max_candidates", self.max_candidates, 1..=adserve_auction::MAX_CANDIDATES)?;
+        self.retrieval.validate("retrieval", adserve_auction::MAX_CANDIDATES)?;
+        // The auction's own checks, on a one-slot request: one definition of the limits.
+        match self.auction.rules(1, 0).check() {
+            // The rule names are the config keys: auction.quality_exponent, ...
+            Err(adserve_auction::AuctionError::Rule { field, reason }) => {
+                return Err(Invalid::new(format!("auction.{field}"), reason));
+            }
+            Err(e) => return Err(Invalid::new("auction", e.to_string())),
+            Ok(()) => {}
+        }
+        self.counters.validate("counters")?;
+        let p = &self.pacing;
+        check_duration("pacing.interval", p.interval, Duration::from_millis(100), Duration::from_secs(3600))?;
+        check_duration("pacing.max_staleness", p.max_staleness, p.interval, Duration::from_secs(86_400))?;
+        check_duration("pacing.spend_lag", p.spend_lag, Duration::ZERO, Duration::from_secs(86_400))?;
+        if p.hourly_traffic.len() != 24 {
+            return Err(Invalid::new(
+                "pacing.hourly_traffic",
+                format!("must have 24 weights, got {}", p.hourly_traffic.len()),
+            ));
+        }
+        if let Err((field, why)) = p.controller().validate() {
+            return Err(Invalid::new(format!("pacing.{field}"), why));
+        }
+        check_duration("click_window", self.click_window, Duration::from_secs(1), Duration::from_secs(7 * 86_400))?;
         if adserve_features::registry().index_of(&self.fallback_pctr_feature).is_none() {
             return Err(Invalid::new(
                 "fallback_pctr_feature",
                 format!("{:?} is not in the feature registry", self.fallback_pctr_feature),
             ));
         }
-        check_range("reserve_ecpm_micros", self.reserve_ecpm_micros, 0..=i64::MAX)?;
         check_range("max_body_bytes", self.max_body_bytes, 256..=64 * 1024 * 1024)?;
         Ok(())
     }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod pacing;
 pub mod pipeline;
 
 pub use config::GatewayConfig;

@@ -1,23 +1,28 @@
 //! One ad request, end to end: eligibility -> features -> scores -> auction ->
 //! acknowledged impression events -> answer.
 
-use std::{future::Future, time::Duration, time::Instant};
+use std::{collections::HashMap, future::Future, sync::Arc, time::Duration, time::Instant};
 
 use adserve_catalog::{Catalog, EligibleAd, Targeting};
+use adserve_counters::{Counters, Served, day_of};
 use adserve_events::EventPublisher;
 use adserve_features::request::{FieldError, check_context, check_user_id};
 use adserve_proto::{
     degraded, no_fill,
     v1::{
         AdWinner, AuctionCandidate, ClickEvent, Degradation, FeatureMatrix, FeatureRow, GetAdsRequest, GetAdsResponse,
-        GetFeaturesRequest, ImpressionEvent, RecordClickRequest, RecordClickResponse, RequestContext,
-        RunAuctionRequest, ScoreLevel, ScoreRequest, auction_service_client::AuctionServiceClient,
-        feature_service_client::FeatureServiceClient, ranker_service_client::RankerServiceClient,
+        GetFeaturesRequest, ImpressionEvent, RecordClickRequest, RecordClickResponse, RequestContext, ScoreLevel,
+        ScoreRequest, auction_service_client::AuctionServiceClient, feature_service_client::FeatureServiceClient,
+        ranker_service_client::RankerServiceClient,
     },
 };
 use tonic::transport::Channel;
 
-use crate::{ServeError, config::GatewayConfig};
+use crate::{
+    ServeError,
+    config::GatewayConfig,
+    pacing::{PacingState, Verdict, unix_now},
+};
 
 /// Model version reported when the ranker was unavailable.
 pub const FALLBACK_MODEL_VERSION: &str = adserve_features::prior::PRIOR_MODEL_VERSION;
@@ -30,7 +35,9 @@ pub struct AdServer {
     ranker: RankerServiceClient<Channel>,
     auction: AuctionServiceClient<Channel>,
     events: EventPublisher,
-    config: std::sync::Arc<GatewayConfig>,
+    counters: Counters,
+    pacing: Arc<PacingState>,
+    config: Arc<GatewayConfig>,
 }
 
 fn lazy_channel(url: &str, name: &str) -> Result<Channel, ServeError> {
@@ -42,35 +49,68 @@ fn lazy_channel(url: &str, name: &str) -> Result<Channel, ServeError> {
 impl AdServer {
     /// Wires the gateway to its dependencies. Nothing connects yet: a
     /// dependency that is down shows up as a degradation per request.
+    /// Call from within a Tokio runtime: the counters' client starts
+    /// connecting, and the budget pacer starts planning, in the background.
     pub fn new(config: GatewayConfig, catalog: Catalog, events: EventPublisher) -> Result<Self, ServeError> {
+        let counters = Counters::new(
+            adserve_counters::client(&config.counters)
+                .map_err(|e| ServeError::InvalidArgument(format!("counters.url: {e}")))?,
+        );
+        let pacing = Arc::new(PacingState::default());
+        crate::pacing::spawn(config.pacing.clone(), catalog.clone(), counters.clone(), Arc::downgrade(&pacing));
         Ok(Self {
             features: FeatureServiceClient::new(lazy_channel(&config.upstreams.feature_service, "feature_service")?),
             ranker: RankerServiceClient::new(lazy_channel(&config.upstreams.ranker, "ranker")?),
             auction: AuctionServiceClient::new(lazy_channel(&config.upstreams.auction, "auction")?),
             catalog,
             events,
-            config: std::sync::Arc::new(config),
+            counters,
+            pacing,
+            config: Arc::new(config),
         })
     }
 
     /// Serves one ad request.
     pub async fn serve(&self, req: GetAdsRequest) -> Result<GetAdsResponse, ServeError> {
         let started = Instant::now();
-        let ctx = validate(&req)?;
-        let request_id = uuid::Uuid::now_v7().to_string();
+        let checked = validate(&req)?;
+        let ctx = checked.context;
+        let request_uuid = uuid::Uuid::now_v7();
+        let request_id = request_uuid.to_string();
+        // The auction's exploration and the pacer's draws: reproducible per request.
+        let seed = seed_of(&request_uuid);
         let d = &self.config.deadlines;
         let mut degraded = Vec::new();
+        // COPPA: the user id is neither used (features, caps) nor logged.
+        let user_id = if ctx.coppa { String::new() } else { req.user_id.clone() };
+        let day = day_of(unix_now());
 
-        let targeting = Targeting { placement: &ctx.placement, device: &ctx.device, coppa: ctx.coppa };
-        let ads =
-            timed(Hop::Catalog, deadline(d.catalog, self.catalog.eligible_ads(&targeting, self.config.max_candidates)))
-                .await
-                .map_err(|e| unavailable("catalog", e))?;
+        let targeting = Targeting {
+            placement: &ctx.placement,
+            device: &ctx.device,
+            coppa: ctx.coppa,
+            blocked_categories: &checked.blocked_categories,
+            blocked_advertisers: &checked.blocked_advertisers,
+        };
+        let (ads, seen) = tokio::join!(
+            timed(Hop::Catalog, deadline(d.catalog, self.catalog.eligible_ads(&targeting, &self.config.retrieval))),
+            self.frequency(day, &user_id),
+        );
+        let ads = ads.map_err(|e| unavailable("catalog", e))?;
         if ads.is_empty() {
             return Ok(no_fill(request_id, 0, degraded, no_fill::NO_ELIGIBLE_ADS, ""));
         }
-        // COPPA: the user id is neither sent for feature lookup nor logged.
-        let user_id = if ctx.coppa { String::new() } else { req.user_id.clone() };
+        let seen = seen.unwrap_or_else(|e| {
+            degraded.push(Degradation {
+                component: degraded::REDIS.into(),
+                reason: format!("frequency caps not applied: {e}"),
+            });
+            HashMap::new()
+        });
+        let ads = self.apply_caps_and_pacing(ads, &seen, seed, &mut degraded);
+        if ads.is_empty() {
+            return Ok(no_fill(request_id, 0, degraded, no_fill::CAPPED_OR_PACED, ""));
+        }
         let ad_ids: Vec<i64> = ads.iter().map(|a| a.ad_id).collect();
 
         let matrix = timed(Hop::Features, self.features(&user_id, &ad_ids, &ctx, &mut degraded)).await;
@@ -82,11 +122,17 @@ impl AdServer {
             .map(|(ad, &pctr)| AuctionCandidate {
                 ad_id: ad.ad_id,
                 campaign_id: ad.campaign_id,
-                bid_cpc_micros: ad.bid_cpc_micros,
+                advertiser_id: ad.advertiser_id,
+                bid_cpc_micros: ad.bid_cpc_micros.unwrap_or(0),
+                bid_cpm_micros: ad.bid_cpm_micros.unwrap_or(0),
                 pctr,
+                pcvr: 0.0,
+                quality: ad.quality,
+                reserve_ecpm_micros: ad.reserve_ecpm_micros,
             })
             .collect();
-        let winners = timed(Hop::Auction, self.auction(candidates, req.slots, &mut degraded)).await?;
+        let rules = self.config.auction.rules(req.slots as usize, seed);
+        let winners = timed(Hop::Auction, self.auction(candidates, &rules, &mut degraded)).await?;
         if winners.is_empty() {
             return Ok(no_fill(request_id, ads.len(), degraded, no_fill::BELOW_RESERVE, &model_version));
         }
@@ -121,6 +167,10 @@ impl AdServer {
                     names: matrix.feature_names.clone(),
                     values: matrix.row(row).map(<[f32]>::to_vec).unwrap_or_default(),
                 }),
+                advertiser_id: w.advertiser_id,
+                price_cpm_micros: w.price_cpm_micros,
+                propensity: w.propensity,
+                explored: w.explored,
             });
             out.push(AdWinner {
                 impression_id,
@@ -133,12 +183,16 @@ impl AdServer {
                 bid_cpc_micros: w.bid_cpc_micros,
                 ecpm_micros: w.ecpm_micros,
                 price_cpc_micros: w.price_cpc_micros,
+                bid_cpm_micros: w.bid_cpm_micros,
+                price_cpm_micros: w.price_cpm_micros,
             });
         }
         // No lost events: the ad is returned only after the broker has every impression.
         timed(Hop::ImpressionLog, futures::future::try_join_all(events.iter().map(|e| self.events.impression(e))))
             .await
             .map_err(|e| unavailable("impression log (kafka)", e))?;
+        // Only what was served counts against caps and budgets.
+        self.count_served(day, &user_id, &events, &mut degraded).await;
         for d in &degraded {
             metrics::counter!("adserve_gateway_degraded_total", "component" => d.component.clone()).increment(1);
         }
@@ -154,7 +208,101 @@ impl AdServer {
         })
     }
 
-    /// Records a click once the broker has acknowledged it.
+    /// The user's impressions per campaign today; empty without a user.
+    async fn frequency(&self, day: u64, user_id: &str) -> Result<HashMap<i64, i64>, String> {
+        if user_id.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let limit = self.config.counters.timeout;
+        match tokio::time::timeout(limit, self.counters.frequency(day, user_id)).await {
+            Ok(Ok(seen)) => Ok(seen),
+            Ok(Err(e)) => Err(format!("redis: {e}")),
+            Err(_) => Err(format!("redis: no answer within {} ms", limit.as_millis())),
+        }
+    }
+
+    /// Drops ads whose campaign the user has seen its cap of times today,
+    /// and ads whose campaign budget pacing holds back (or whose budget is
+    /// spent); reports stale pacing rates.
+    fn apply_caps_and_pacing(
+        &self,
+        ads: Vec<EligibleAd>,
+        seen: &HashMap<i64, i64>,
+        seed: u64,
+        degraded: &mut Vec<Degradation>,
+    ) -> Vec<EligibleAd> {
+        let rates = self.pacing.rates();
+        let stale = rates.planned_at.map_or(Duration::MAX, |t| t.elapsed());
+        if stale > self.config.pacing.max_staleness && rates.planned_at.is_some() {
+            degraded.push(Degradation {
+                component: degraded::REDIS.into(),
+                reason: format!("budget pacing rates are {} s old; spend could not be read", stale.as_secs()),
+            });
+        }
+        let default_cap = self.config.frequency_cap_per_day;
+        let (mut capped, mut throttled, mut spent) = (0u64, 0u64, 0u64);
+        let kept: Vec<EligibleAd> = ads
+            .into_iter()
+            .filter(|ad| {
+                let cap = ad.frequency_cap_per_day.map_or(default_cap as i64, i64::from);
+                if cap > 0 && seen.get(&ad.campaign_id).copied().unwrap_or(0) >= cap {
+                    capped += 1;
+                    return false;
+                }
+                match self.pacing.verdict(&rates, ad.campaign_id, seed) {
+                    Verdict::Admit => true,
+                    Verdict::Throttled => {
+                        throttled += 1;
+                        false
+                    }
+                    Verdict::OutOfBudget => {
+                        spent += 1;
+                        false
+                    }
+                }
+            })
+            .collect();
+        for (reason, n) in [("frequency_cap", capped), ("pacing", throttled), ("out_of_budget", spent)] {
+            if n > 0 {
+                metrics::counter!("adserve_gateway_candidates_dropped_total", "reason" => reason).increment(n);
+            }
+        }
+        kept
+    }
+
+    /// Counts served impressions against frequency caps and spend, and
+    /// leaves each CPC impression's charge for its click. Bounded by the
+    /// counters' deadline; a failure is reported, not fatal (the impression
+    /// is already logged).
+    async fn count_served(&self, day: u64, user_id: &str, events: &[ImpressionEvent], degraded: &mut Vec<Degradation>) {
+        let served: Vec<Served<'_>> = events
+            .iter()
+            .map(|e| Served {
+                impression_id: &e.impression_id,
+                campaign_id: e.campaign_id,
+                price_cpc_micros: e.price_cpc_micros,
+                price_cpm_micros: e.price_cpm_micros,
+            })
+            .collect();
+        let limit = self.config.counters.timeout;
+        let recorded =
+            tokio::time::timeout(limit, self.counters.record_served(day, user_id, &served, self.config.click_window))
+                .await;
+        let failure = match recorded {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => format!("redis: {e}"),
+            Err(_) => format!("redis: no answer within {} ms", limit.as_millis()),
+        };
+        metrics::counter!("adserve_gateway_counter_write_failures_total").increment(1);
+        tracing::warn!(error = %failure, "served impressions not counted");
+        degraded.push(Degradation {
+            component: degraded::REDIS.into(),
+            reason: format!("impressions not counted for frequency caps and spend: {failure}"),
+        });
+    }
+
+    /// Records a click once the broker has acknowledged it, then charges a
+    /// CPC impression's price to its campaign (once per impression).
     pub async fn click(&self, req: RecordClickRequest) -> Result<RecordClickResponse, ServeError> {
         let impression_id = req.impression_id.trim();
         if uuid::Uuid::parse_str(impression_id).is_err() {
@@ -170,6 +318,24 @@ impl AdServer {
         };
         self.events.click(&event).await.map_err(|e| unavailable("click log (kafka)", e))?;
         metrics::counter!("adserve_gateway_clicks_total").increment(1);
+        let limit = self.config.counters.timeout;
+        let outcome =
+            match tokio::time::timeout(limit, self.counters.charge_click(day_of(unix_now()), impression_id)).await {
+                Ok(Ok(Some(charge))) => {
+                    metrics::counter!("adserve_gateway_spend_micros_total").increment(charge.micros.max(0) as u64);
+                    "charged"
+                }
+                Ok(Ok(None)) => "nothing_to_charge",
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "click logged but not charged");
+                    "failed"
+                }
+                Err(_) => {
+                    tracing::warn!("click logged but not charged: redis did not answer in time");
+                    "failed"
+                }
+            };
+        metrics::counter!("adserve_gateway_click_charges_total", "outcome" => outcome).increment(1);
         Ok(RecordClickResponse { click_id: event.click_id })
     }
 
@@ -254,17 +420,14 @@ impl AdServer {
     async fn auction(
         &self,
         candidates: Vec<AuctionCandidate>,
-        slots: u32,
+        rules: &adserve_auction::Rules,
         degraded: &mut Vec<Degradation>,
     ) -> Result<Vec<adserve_proto::v1::AuctionWinner>, ServeError> {
+        use adserve_auction::wire;
         let mut client = self.auction.clone();
-        let request = RunAuctionRequest {
-            candidates: candidates.clone(),
-            slots,
-            reserve_ecpm_micros: self.config.reserve_ecpm_micros,
-        };
+        let request = wire::request_to_proto(candidates, rules);
         let limit = self.config.deadlines.auction;
-        match deadline(limit, client.run_auction(with_deadline(request, limit))).await {
+        match deadline(limit, client.run_auction(with_deadline(request.clone(), limit))).await {
             Ok(resp) => return Ok(resp.into_inner().winners),
             Err(e) if e.code() == Some(tonic::Code::InvalidArgument) => {
                 return Err(ServeError::Unavailable(format!("auction refused the candidates: {e}")));
@@ -274,13 +437,19 @@ impl AdServer {
                 reason: format!("{e}; ran the auction in-process"),
             }),
         }
-        // The auction is a pure function: the gateway can run it itself.
-        let local: Vec<adserve_auction::Candidate> =
-            candidates.iter().map(adserve_auction::wire::candidate_from_proto).collect();
-        let outcome = adserve_auction::run_auction(&local, slots as usize, self.config.reserve_ecpm_micros)
+        // The auction is a pure function of the request: the gateway can run
+        // it itself, with the same rules and seed, to the same answer.
+        let outcome = wire::candidates_from_proto(&request.candidates)
+            .and_then(|local| adserve_auction::run_auction(&local, rules))
             .map_err(|e| ServeError::Unavailable(format!("fallback auction: {e}")))?;
-        Ok(outcome.winners.iter().map(adserve_auction::wire::winner_to_proto).collect())
+        Ok(outcome.winners.iter().map(wire::winner_to_proto).collect())
     }
+}
+
+/// A 64-bit seed from a request id (its two halves folded).
+pub fn seed_of(request_id: &uuid::Uuid) -> u64 {
+    let v = request_id.as_u128();
+    (v as u64) ^ ((v >> 64) as u64)
 }
 
 /// A step of the request path, timed by `adserve_gateway_hop_seconds{hop}`.
@@ -418,9 +587,26 @@ fn truncate(s: &str) -> String {
     s.chars().take(40).collect()
 }
 
+/// Most entries in each of `blocked_categories` and `blocked_advertisers`.
+pub const MAX_BLOCKED: usize = 256;
+/// Longest entry in those lists.
+pub const MAX_BLOCKED_LEN: usize = 128;
+
+/// A request that passed validation.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// The checked context.
+    pub context: RequestContext,
+    /// Blocked categories, trimmed.
+    pub blocked_categories: Vec<String>,
+    /// Blocked advertiser domains, trimmed and lower-cased.
+    pub blocked_advertisers: Vec<String>,
+}
+
 /// Checks an ad request against the shared request contract
-/// (adserve_features::request) and the auction's slot limit.
-pub fn validate(req: &GetAdsRequest) -> Result<RequestContext, FieldError> {
+/// (adserve_features::request), the auction's slot limit and the block
+/// lists' limits.
+pub fn validate(req: &GetAdsRequest) -> Result<Checked, FieldError> {
     let ctx = check_context(req.context.as_ref(), adserve_features::registry())?;
     check_user_id(&req.user_id, ctx.coppa)?;
     if req.slots == 0 || req.slots as usize > adserve_auction::MAX_SLOTS {
@@ -429,7 +615,30 @@ pub fn validate(req: &GetAdsRequest) -> Result<RequestContext, FieldError> {
             format!("must be in 1..={}, got {}", adserve_auction::MAX_SLOTS, req.slots),
         ));
     }
-    Ok(ctx.clone())
+    let list = |field: &'static str, values: &[String], lower: bool| -> Result<Vec<String>, FieldError> {
+        if values.len() > MAX_BLOCKED {
+            return Err(FieldError::new(field, format!("at most {MAX_BLOCKED} entries, got {}", values.len())));
+        }
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let v = v.trim();
+                if v.is_empty() || v.len() > MAX_BLOCKED_LEN || v.chars().any(char::is_control) {
+                    return Err(FieldError::new(
+                        field,
+                        format!("entry [{i}] must be 1..={MAX_BLOCKED_LEN} printable characters"),
+                    ));
+                }
+                Ok(if lower { v.to_ascii_lowercase() } else { v.to_string() })
+            })
+            .collect()
+    };
+    Ok(Checked {
+        context: ctx.clone(),
+        blocked_categories: list("blocked_categories", &req.blocked_categories, false)?,
+        blocked_advertisers: list("blocked_advertisers", &req.blocked_advertisers, true)?,
+    })
 }
 
 #[cfg(test)]
@@ -446,6 +655,7 @@ mod tests {
                 coppa: false,
             }),
             slots: 1,
+            ..Default::default()
         }
     }
 
@@ -471,6 +681,32 @@ mod tests {
         let mut r = req();
         r.context.as_mut().unwrap().placement = String::new();
         assert!(err(r).starts_with("context.placement"));
+        let r = GetAdsRequest { blocked_categories: vec!["ok".into(), " ".into()], ..req() };
+        let e = err(r);
+        assert!(e.starts_with("blocked_categories: entry [1]"), "{e}");
+        let r = GetAdsRequest { blocked_advertisers: vec!["x".into(); MAX_BLOCKED + 1], ..req() };
+        assert!(err(r).starts_with("blocked_advertisers"));
+        let r = GetAdsRequest { blocked_advertisers: vec!["a".repeat(MAX_BLOCKED_LEN + 1)], ..req() };
+        assert!(err(r).starts_with("blocked_advertisers: entry [0]"));
+    }
+
+    #[test]
+    fn block_lists_are_trimmed_and_domains_lower_cased() {
+        let r = GetAdsRequest {
+            blocked_categories: vec![" Travel ".into()],
+            blocked_advertisers: vec!["Acme.Example".into()],
+            ..req()
+        };
+        let c = validate(&r).unwrap();
+        assert_eq!(c.blocked_categories, vec!["Travel"]);
+        assert_eq!(c.blocked_advertisers, vec!["acme.example"]);
+    }
+
+    #[test]
+    fn seeds_differ_per_request() {
+        let a = seed_of(&uuid::Uuid::now_v7());
+        let b = seed_of(&uuid::Uuid::now_v7());
+        assert_ne!(a, b);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use parquet::{
 use crate::join::{LabelledRow, millis};
 
 /// Version of the row schema; bump on any change (see training/adserve_trainer/schema.py).
-pub const SCHEMA_VERSION: &str = "1";
+pub const SCHEMA_VERSION: &str = "2";
 /// Footer key: JSON `{"partition": [min_offset, max_offset]}` of the impressions in the file.
 pub const OFFSETS_KEY: &str = "adserve.offsets";
 
@@ -77,6 +77,10 @@ pub fn schema() -> SchemaRef {
         Field::new("pctr", DataType::Float32, false),
         Field::new("ecpm_micros", DataType::Int64, false),
         Field::new("price_cpc_micros", DataType::Int64, false),
+        Field::new("advertiser_id", DataType::Int64, false),
+        Field::new("price_cpm_micros", DataType::Int64, false),
+        Field::new("propensity", DataType::Float32, false),
+        Field::new("explored", DataType::Boolean, false),
         Field::new("feature_names", list(DataType::Utf8), false),
         Field::new("feature_values", list(DataType::Float32), false),
         Field::new("kafka_partition", DataType::Int32, false),
@@ -118,6 +122,14 @@ pub fn to_batch(rows: &[LabelledRow]) -> Result<RecordBatch, SinkError> {
         Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.event.pctr))),
         Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.event.ecpm_micros))),
         Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.event.price_cpc_micros))),
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.event.advertiser_id))),
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.event.price_cpm_micros))),
+        // Events from before propensities were logged carry 0: they were
+        // served by rank, with probability 1.
+        Arc::new(Float32Array::from_iter_values(
+            rows.iter().map(|r| if r.event.propensity > 0.0 { r.event.propensity } else { 1.0 }),
+        )),
+        Arc::new(BooleanArray::from(rows.iter().map(|r| r.event.explored).collect::<Vec<_>>())),
         Arc::new(names.finish()),
         Arc::new(values.finish()),
         Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.partition))),
