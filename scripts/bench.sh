@@ -71,7 +71,13 @@ args=(--json "$work/results.json" --work-dir "$work" --bin-dir "$CARGO_TARGET_DI
   --peer-python "$ADSTACK_HOME/bench-venv/bin/python" --only "$parts")
 command="make bench"
 [ "$quick" = 1 ] && { args+=(--quick); command="make bench QUICK=1"; }
-[ "$parts" != "auction,ranker,features,e2e,joiner" ] && command="make bench-${parts//,/+}$([ "$quick" = 1 ] && echo ' QUICK=1')"
+if [ "$parts" != "auction,ranker,features,e2e,joiner" ]; then
+  # (An assignment takes its status from the substitution: a bare
+  # `[ quick ] && echo` failed it, and set -e ended every non-quick partial run.)
+  suffix=""
+  [ "$quick" = 1 ] && suffix=" QUICK=1"
+  command="make bench-${parts//,/+}$suffix"
+fi
 if [ "${BENCH_DOCS:-0}" = 1 ] || { [ "$quick" != 1 ] && [ "$parts" = "auction,ranker,features,e2e,joiner" ]; }; then
   args+=(--doc docs/benchmarks.md)
   cp_json=1

@@ -236,39 +236,52 @@ impl Catalog {
         retrieval: &Retrieval,
     ) -> Result<Vec<EligibleAd>, CatalogError> {
         let rows = sqlx::query_as::<_, EligibleAd>(
-            "WITH eligible AS (
-               SELECT a.id AS ad_id, a.campaign_id, c.advertiser_id, a.title, a.landing_url, a.category,
-                      c.bid_cpc_micros, c.bid_cpm_micros, a.quality, c.daily_budget_micros,
-                      c.frequency_cap_per_day, COALESCE(fl.reserve, 0) AS reserve_ecpm_micros,
+            // Ranked on narrow rows (ids and the estimate), wide columns joined
+            // back for the chosen few; floors pre-aggregated per category; the
+            // advertisers table read only when the request blocks some.
+            "WITH fl AS (
+               SELECT category, max(reserve_ecpm_micros) AS reserve FROM floors
+               WHERE placement IN ($1, '*') GROUP BY category
+             ), eligible AS (
+               SELECT a.id AS ad_id, a.campaign_id, c.advertiser_id,
                       COALESCE(c.bid_cpc_micros::float8 * a.est_ctr * 1000, c.bid_cpm_micros::float8)
                         * a.quality AS est_ecpm
                FROM ads a
                JOIN campaigns c ON c.id = a.campaign_id
-               JOIN advertisers v ON v.id = c.advertiser_id
-               LEFT JOIN LATERAL (
-                 SELECT max(f.reserve_ecpm_micros) AS reserve FROM floors f
-                 WHERE f.placement IN ($1, '*') AND f.category IN (a.category, '*')
-               ) fl ON true
                WHERE a.status = 'active' AND c.status = 'active'
                  AND (c.starts_at IS NULL OR c.starts_at <= now())
                  AND (c.ends_at IS NULL OR c.ends_at > now())
                  AND (cardinality(c.placements) = 0 OR $1 = ANY (c.placements))
                  AND (cardinality(c.devices) = 0 OR $2 = ANY (c.devices))
-               AND (NOT $3 OR a.under13_safe)
+                 AND (NOT $3 OR a.under13_safe)
                  AND NOT (a.category = ANY ($4))
-                 AND NOT (v.domain <> '' AND v.domain = ANY ($5))
+                 AND (cardinality($5::text[]) = 0 OR NOT EXISTS (
+                   SELECT 1 FROM advertisers v
+                   WHERE v.id = c.advertiser_id AND v.domain <> '' AND v.domain = ANY ($5)))
              ), in_campaign AS (
-               SELECT *, row_number() OVER (PARTITION BY campaign_id ORDER BY est_ecpm DESC, ad_id) AS nth
+               SELECT ad_id, advertiser_id, est_ecpm,
+                      row_number() OVER (PARTITION BY campaign_id ORDER BY est_ecpm DESC, ad_id) AS nth
                FROM eligible
-             ), in_advertiser AS (
-               SELECT *, row_number() OVER (PARTITION BY advertiser_id ORDER BY est_ecpm DESC, ad_id) AS nth_adv
-               FROM in_campaign WHERE nth <= $6
+             ), chosen AS (
+               SELECT ad_id, est_ecpm FROM (
+                 SELECT ad_id, est_ecpm,
+                        row_number() OVER (PARTITION BY advertiser_id ORDER BY est_ecpm DESC, ad_id) AS nth_adv
+                 FROM in_campaign WHERE nth <= $6
+               ) r
+               WHERE nth_adv <= $7
+               ORDER BY est_ecpm DESC, ad_id
+               LIMIT $8
              )
-             SELECT ad_id, campaign_id, advertiser_id, title, landing_url, category, bid_cpc_micros,
-                    bid_cpm_micros, quality, daily_budget_micros, frequency_cap_per_day, reserve_ecpm_micros
-             FROM in_advertiser WHERE nth_adv <= $7
-             ORDER BY est_ecpm DESC, ad_id
-             LIMIT $8",
+             SELECT a.id AS ad_id, a.campaign_id, c.advertiser_id, a.title, a.landing_url, a.category,
+                    c.bid_cpc_micros, c.bid_cpm_micros, a.quality, c.daily_budget_micros,
+                    c.frequency_cap_per_day,
+                    GREATEST(COALESCE(fc.reserve, 0), COALESCE((SELECT reserve FROM fl WHERE category = '*'), 0))
+                      AS reserve_ecpm_micros
+             FROM chosen ch
+             JOIN ads a ON a.id = ch.ad_id
+             JOIN campaigns c ON c.id = a.campaign_id
+             LEFT JOIN fl fc ON fc.category = a.category
+             ORDER BY ch.est_ecpm DESC, a.id",
         )
         .bind(targeting.placement)
         .bind(targeting.device)
