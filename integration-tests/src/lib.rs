@@ -153,6 +153,7 @@ impl Stack {
         }
         let events = adserve_events::EventPublisher::new(&config.kafka, "test")?;
         let server = adserve_gateway::AdServer::new(config.clone(), catalog, events)?;
+        server.wait_for_counters(Duration::from_secs(1)).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let router = adserve_gateway::http::router(server, config.max_body_bytes, adserve_core::Readiness::new());

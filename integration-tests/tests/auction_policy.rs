@@ -238,3 +238,111 @@ async fn explored_slots_log_their_propensity_in_the_impression() -> anyhow::Resu
     assert!(explored > 0 && exploited > 0, "explored {explored}, exploited {exploited}");
     Ok(())
 }
+
+/// Thaws a process when dropped, so a failing test never leaves it frozen.
+struct Frozen(i32);
+
+impl Frozen {
+    fn freeze(pid: i32) -> anyhow::Result<Self> {
+        // SAFETY: plain signal syscalls.
+        anyhow::ensure!(unsafe { libc::kill(pid, libc::SIGSTOP) } == 0, "SIGSTOP {pid}");
+        Ok(Self(pid))
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: plain signal syscall.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+fn redis_degradations(v: &Value) -> Vec<String> {
+    v["degraded"]
+        .as_array()
+        .map(|d| {
+            d.iter()
+                .filter(|d| d["component"] == "redis")
+                .map(|d| d["reason"].as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Requests with fresh users until one answers without a Redis degradation
+/// (stale pacing rates aside); false after ~10 s.
+async fn until_counters_answer(ads: &str) -> anyhow::Result<bool> {
+    for _ in 0..100 {
+        let (_, v) = post(ads, &request(&format!("probe-{}", uuid::Uuid::new_v4()), 1)).await?;
+        if redis_degradations(&v).iter().all(|r| r.starts_with("budget pacing")) {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(false)
+}
+
+#[tokio::test]
+async fn redis_down_at_start_then_frozen_costs_its_deadline_and_caps_resume_when_it_thaws() -> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    let (schema, catalog) = s.fresh_catalog().await?;
+    let mut capped = campaign("acme", "capped", 3_000_000, "travel");
+    capped.frequency_cap_per_day = Some(1);
+    let ids = insert(&catalog, &[capped, campaign("globex", "open", 1_000_000, "travel")]).await?;
+    // A Redis of this test's own (freezing it stops nothing else), not
+    // started yet: the gateway starts without it.
+    let port = adserve_integration_tests::free_port();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let base = gateway_on(&s, &schema, |c| {
+        c.counters.url = url.clone();
+        c.counters.timeout = Duration::from_millis(100);
+        c.pacing.max_staleness = Duration::from_secs(1);
+    })
+    .await?;
+    let ads = format!("{base}/v1/ads");
+    let (status, v) = post(&ads, &request("down-a", 1)).await?;
+    assert_eq!(status, 200, "{v}");
+    assert!(redis_degradations(&v).iter().any(|r| r.starts_with("frequency caps not applied")), "{v}");
+
+    // Redis comes up: the gateway's client connects by itself (it used to
+    // give up for good when its first connection failed).
+    let mut redis = tokio::process::Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = redis.id().expect("running") as i32;
+    assert!(until_counters_answer(&ads).await?, "the gateway never connected to the Redis that came up after it");
+    let counters = adserve_counters::Counters::connect(&adserve_counters::RedisConfig {
+        url: url.clone(),
+        timeout: Duration::from_secs(2),
+    })
+    .await?;
+    let (_, v) = post(&ads, &request("up-a", 1)).await?;
+    assert_eq!((campaigns_of(&v), redis_degradations(&v).len()), (vec![ids[0]], 0), "{v}");
+
+    // Frozen: a hung peer, not a dead one. Every answer still comes (the
+    // counters' deadline is 100 ms per call; post gives up after 20 s), says
+    // what degraded, and serves without caps.
+    let frozen = Frozen::freeze(pid)?;
+    for i in 0..3 {
+        let (status, v) = post(&ads, &request(&format!("frozen-{i}"), 1)).await?;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(campaigns_of(&v), vec![ids[0]], "{v}");
+        let reasons = redis_degradations(&v);
+        assert!(reasons.iter().any(|r| r.starts_with("frequency caps not applied")), "{v}");
+        assert!(reasons.iter().any(|r| r.starts_with("impressions not counted")), "{v}");
+    }
+    drop(frozen);
+
+    // Thawed: counting and caps come back without a restart.
+    assert!(until_counters_answer(&ads).await?, "the gateway did not recover its counters after the thaw");
+    let user = format!("after-thaw-{}", uuid::Uuid::new_v4());
+    let (_, first) = post(&ads, &request(&user, 1)).await?;
+    let (_, second) = post(&ads, &request(&user, 1)).await?;
+    assert_eq!(campaigns_of(&first), vec![ids[0]], "{first}");
+    assert_eq!(campaigns_of(&second), vec![ids[1]], "the cap holds again: {second}");
+    assert_eq!(counters.frequency(today(), &user).await?.get(&ids[0]), Some(&1));
+    redis.kill().await?;
+    Ok(())
+}

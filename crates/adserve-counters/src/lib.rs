@@ -69,7 +69,13 @@ pub async fn connect(config: &RedisConfig) -> Result<Client, Error> {
 /// [`connect`] without the wait: the client starts connecting in the
 /// background (call from within a Tokio runtime); fails only on bad settings.
 pub fn client(config: &RedisConfig) -> Result<Client, Error> {
-    let client = Builder::from_config(Config::from_url(&config.url)?)
+    let mut redis = Config::from_url(&config.url)?;
+    // Without this, a client whose first connection fails (Redis down or not
+    // yet up when the service starts) never connects: fred returns the error
+    // to the connect task and skips its reconnect policy, and every command
+    // then times out for the life of the process.
+    redis.fail_fast = false;
+    let client = Builder::from_config(redis)
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_millis(1000);
             c.max_command_attempts = 1;
@@ -160,6 +166,12 @@ impl Counters {
     /// Connects (see [`connect`]).
     pub async fn connect(config: &RedisConfig) -> Result<Self, Error> {
         Ok(Self::new(connect(config).await?))
+    }
+
+    /// Waits up to `limit` for the first connection; false if not made yet
+    /// (the client keeps connecting in the background either way).
+    pub async fn wait_for_connect(&self, limit: Duration) -> bool {
+        matches!(tokio::time::timeout(limit, self.client.wait_for_connect()).await, Ok(Ok(())))
     }
 
     /// Impressions of `user` per campaign on `day` (one HGETALL).

@@ -23,6 +23,7 @@ async fn main() -> anyhow::Result<()> {
     // No ad is served unlogged: while the producer is being replaced the gateway is not ready.
     adserve_events::report_health(events.clone(), lifecycle.readiness.clone(), "kafka impression log");
     let server = AdServer::new(config.clone(), catalog, events)?;
+    server.wait_for_counters(std::time::Duration::from_secs(1)).await;
     let http_listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .map_err(|e| anyhow::anyhow!("http_addr: cannot listen on {}: {e}", config.http_addr))?;

@@ -70,6 +70,15 @@ impl AdServer {
         })
     }
 
+    /// Waits up to `limit` for the counters' first connection, so the first
+    /// requests after start do not all degrade while it is being made. Redis
+    /// being down is not fatal: the client keeps connecting in the background.
+    pub async fn wait_for_counters(&self, limit: Duration) {
+        if !self.counters.wait_for_connect(limit).await {
+            tracing::warn!(url = %self.config.counters.url, "counters (redis) not reachable yet; degrading until they are");
+        }
+    }
+
     /// Serves one ad request.
     pub async fn serve(&self, req: GetAdsRequest) -> Result<GetAdsResponse, ServeError> {
         let started = Instant::now();
