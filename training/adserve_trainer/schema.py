@@ -43,6 +43,16 @@ ROW_SCHEMA = pa.schema(
     ]
 )
 
+# Columns added in schema version 2 (issue 8), with the value a version-1 file
+# means: every ad was placed by rank (propensity 1), CPC-priced, advertiser
+# unknown (0). Older files are read with these filled in, not refused.
+ADDED_IN_V2 = {
+    "advertiser_id": 0,
+    "price_cpm_micros": 0,
+    "propensity": 1.0,
+    "explored": False,
+}
+
 # Columns the trainer actually reads (all of ROW_SCHEMA is still validated).
 TRAINING_COLUMNS = ("label", "feature_names", "feature_values")
 
@@ -70,6 +80,8 @@ def validate_schema(schema: pa.Schema, source: str = "input") -> None:
     """Raise TrainerError naming the first missing or mistyped column."""
     names = set(schema.names)
     for field in ROW_SCHEMA:
+        if field.name not in names and field.name in ADDED_IN_V2:
+            continue
         if field.name not in names:
             raise TrainerError(f"{source}: schema mismatch: missing column '{field.name}' ({field.type})")
         got = schema.field(field.name).type
@@ -86,5 +98,11 @@ def conform(table: pa.Table, source: str = "input") -> pa.Table:
         nulls = table.column(name).null_count
         if nulls:
             raise TrainerError(f"{source}: column '{name}' has {nulls} null value(s)")
-    columns = [table.column(f.name).cast(f.type) for f in ROW_SCHEMA]
+    n = table.num_rows
+    columns = [
+        table.column(f.name).cast(f.type)
+        if f.name in table.schema.names
+        else pa.array([ADDED_IN_V2[f.name]] * n, f.type)
+        for f in ROW_SCHEMA
+    ]
     return pa.Table.from_arrays(columns, schema=ROW_SCHEMA)

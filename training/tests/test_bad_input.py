@@ -77,3 +77,19 @@ def test_cli_exit_code(tmp_path):
     )
     assert r.returncode != 0
     assert r.stderr.strip().startswith("error:") and "does not exist" in r.stderr
+
+
+def test_version_1_rows_without_the_auction_columns_still_load(tmp_path, registry):
+    from adserve_trainer.data import load_rows
+
+    t = generate(60, 3, registry)
+    old = t.drop_columns(["advertiser_id", "price_cpm_micros", "propensity", "explored"])
+    pq.write_table(old, tmp_path / "v1.parquet")
+    rows = load_rows(tmp_path / "v1.parquet")
+    assert rows.schema == ROW_SCHEMA
+    assert rows.column("propensity").to_pylist() == [1.0] * 60
+    assert rows.column("explored").to_pylist() == [False] * 60
+    # A column of the original schema is still required.
+    pq.write_table(t.drop_columns(["label"]), tmp_path / "bad.parquet")
+    with pytest.raises(TrainerError, match="missing column 'label'"):
+        load_rows(tmp_path / "bad.parquet")
