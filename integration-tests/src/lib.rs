@@ -161,17 +161,22 @@ impl Stack {
         Ok(format!("http://{addr}"))
     }
 
-    /// A fresh catalog schema (migrated) whose campaign ids start at a random
-    /// point far above the shared catalog's, so the real-time counters (keyed
-    /// by campaign id) of a test never touch another's.
+    /// A fresh catalog schema (migrated) whose campaign and ad ids start at a
+    /// random point far above the shared catalog's, so the real-time counters
+    /// (keyed by campaign id) and the feature stores (keyed by ad id) of a
+    /// test never touch another's.
     pub async fn fresh_catalog(&self) -> anyhow::Result<(String, Catalog)> {
         let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
         let catalog = Catalog::connect_lazy(&self.postgres_config(&schema))?;
         catalog.migrate(&schema).await?;
         let start = 1_000_000_000 + (uuid::Uuid::new_v4().as_u128() % 1_000_000_000) as i64 * 1000;
-        sqlx::query(sqlx::AssertSqlSafe(format!("ALTER SEQUENCE campaigns_id_seq RESTART WITH {start}")))
-            .execute(catalog.pool())
-            .await?;
+        // Ads too: the feature stores are keyed by ad id, and a test's ads must
+        // get registry defaults, not the demo catalog's features.
+        for seq in ["campaigns_id_seq", "ads_id_seq"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!("ALTER SEQUENCE {seq} RESTART WITH {start}")))
+                .execute(catalog.pool())
+                .await?;
+        }
         Ok((schema, catalog))
     }
 
