@@ -260,7 +260,7 @@ pub fn run_auction(candidates: &[Candidate], rules: &Rules) -> Result<Outcome, A
             }
         };
         let c = &candidates[r.index as usize];
-        let qf = quality_factor(c.quality, alpha);
+        let qf = qf_of(c.quality, alpha);
         let reserve = reserve_of(c, rules);
         let price = if explored {
             least_bid(c, qf, reserve, &rules.objective, None)
@@ -344,13 +344,8 @@ impl<'a> Slots<'a> {
     }
 }
 
-/// `quality^alpha`, exact (and free) in the common cases.
-fn quality_factor(quality: f32, alpha: f64) -> f64 {
-    quality_factor_fn(alpha)(quality, alpha)
-}
-
-/// [`quality_factor`] specialised once per auction on alpha: chosen outside
-/// the per-candidate loop so the compiler cannot turn it into a `pow` per
+/// `quality^alpha` (exact, and free, in the common cases), specialised once
+/// per auction on alpha: chosen outside the per-candidate loop so the compiler cannot turn it into a `pow` per
 /// candidate (it speculates the pure call when the branch sits inside).
 fn quality_factor_fn(alpha: f64) -> fn(f32, f64) -> f64 {
     if alpha == 0.0 {

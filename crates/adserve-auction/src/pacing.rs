@@ -133,11 +133,6 @@ impl Pacer {
         Self { config, campaigns: HashMap::new() }
     }
 
-    /// The settings.
-    pub fn config(&self) -> &PacingConfig {
-        &self.config
-    }
-
     /// Re-plans one campaign at `unix_seconds` (UTC days) from its spend so
     /// far today; returns its new rate.
     pub fn update(&mut self, spend: Spend, unix_seconds: u64) -> f64 {
@@ -149,9 +144,8 @@ impl Pacer {
         if state.day != day {
             // A new day: counters restart, and so does the plan (the
             // estimate of what the campaign would spend carries over).
-            *state = State { spend_acc: state.spend_acc, exposure_acc: state.exposure_acc, ..fresh };
-            state.spent = 0;
-            state.second = 0;
+            *state =
+                State { second: 0, spent: 0, spend_acc: state.spend_acc, exposure_acc: state.exposure_acc, ..fresh };
         }
         let remaining = spend.budget_micros - spend.spent_micros;
         if remaining <= 0 {
@@ -205,11 +199,6 @@ impl Pacer {
     /// `[0, 1)` is `draw`. Out of budget is always false.
     pub fn admits(&self, campaign_id: i64, draw: f64) -> bool {
         draw < self.rate(campaign_id)
-    }
-
-    /// Every campaign's rate, for publishing to the request path.
-    pub fn rates(&self) -> HashMap<i64, f64> {
-        self.campaigns.iter().map(|(id, s)| (*id, s.rate)).collect()
     }
 }
 

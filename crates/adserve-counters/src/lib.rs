@@ -19,6 +19,9 @@ use adserve_core::{Invalid, check_duration};
 use fred::prelude::*;
 use serde::{Deserialize, Serialize};
 
+/// What a failed counter read or write returns.
+pub use fred::error::Error as RedisError;
+
 /// Seconds a day's counters outlive the day (late clicks, and yesterday's
 /// spend for reports).
 pub const DAY_KEY_TTL_SECONDS: i64 = 2 * 86_400;

@@ -43,6 +43,18 @@ pub enum Verdict {
     OutOfBudget,
 }
 
+impl Rates {
+    /// Whether `campaign_id` may bid on a request whose seed is `seed`.
+    pub fn verdict(&self, campaign_id: i64, seed: u64) -> Verdict {
+        match self.rates.get(&campaign_id) {
+            None => Verdict::Admit,
+            Some(r) if *r <= 0.0 => Verdict::OutOfBudget,
+            Some(r) if adserve_auction::pacing::draw(seed, campaign_id) < *r => Verdict::Admit,
+            Some(_) => Verdict::Throttled,
+        }
+    }
+}
+
 /// The rates shared between the planner and the request path.
 #[derive(Debug, Default)]
 pub struct PacingState {
@@ -50,16 +62,6 @@ pub struct PacingState {
 }
 
 impl PacingState {
-    /// Whether `campaign_id` may bid on a request whose seed is `seed`.
-    pub fn verdict(&self, rates: &Rates, campaign_id: i64, seed: u64) -> Verdict {
-        match rates.rates.get(&campaign_id) {
-            None => Verdict::Admit,
-            Some(r) if *r <= 0.0 => Verdict::OutOfBudget,
-            Some(r) if adserve_auction::pacing::draw(seed, campaign_id) < *r => Verdict::Admit,
-            Some(_) => Verdict::Throttled,
-        }
-    }
-
     /// The rates in force.
     pub fn rates(&self) -> Arc<Rates> {
         self.current.load_full()
@@ -147,10 +149,10 @@ mod tests {
     fn verdicts_follow_the_published_rates() {
         let state = PacingState::default();
         let rates = Rates { rates: HashMap::from([(1, 0.0), (2, 1.0), (3, 0.3)]), planned_at: Some(Instant::now()) };
-        assert_eq!(state.verdict(&rates, 1, 42), Verdict::OutOfBudget);
-        assert_eq!(state.verdict(&rates, 2, 42), Verdict::Admit);
-        assert_eq!(state.verdict(&rates, 9, 42), Verdict::Admit, "unplanned campaigns bid");
-        let admitted = (0..10_000u64).filter(|seed| state.verdict(&rates, 3, *seed) == Verdict::Admit).count();
+        assert_eq!(rates.verdict(1, 42), Verdict::OutOfBudget);
+        assert_eq!(rates.verdict(2, 42), Verdict::Admit);
+        assert_eq!(rates.verdict(9, 42), Verdict::Admit, "unplanned campaigns bid");
+        let admitted = (0..10_000u64).filter(|seed| rates.verdict(3, *seed) == Verdict::Admit).count();
         assert!((2_700..3_300).contains(&admitted), "{admitted}");
         assert!(state.rates().planned_at.is_none());
         state.publish(rates);

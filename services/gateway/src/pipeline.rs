@@ -112,7 +112,7 @@ impl AdServer {
         let seen = seen.unwrap_or_else(|e| {
             degraded.push(Degradation {
                 component: degraded::REDIS.into(),
-                reason: format!("frequency caps not applied: {e}"),
+                reason: format!("frequency caps not applied: redis: {e}"),
             });
             HashMap::new()
         });
@@ -218,16 +218,11 @@ impl AdServer {
     }
 
     /// The user's impressions per campaign today; empty without a user.
-    async fn frequency(&self, day: u64, user_id: &str) -> Result<HashMap<i64, i64>, String> {
+    async fn frequency(&self, day: u64, user_id: &str) -> Result<HashMap<i64, i64>, CallError> {
         if user_id.is_empty() {
             return Ok(HashMap::new());
         }
-        let limit = self.config.counters.timeout;
-        match tokio::time::timeout(limit, self.counters.frequency(day, user_id)).await {
-            Ok(Ok(seen)) => Ok(seen),
-            Ok(Err(e)) => Err(format!("redis: {e}")),
-            Err(_) => Err(format!("redis: no answer within {} ms", limit.as_millis())),
-        }
+        deadline(self.config.counters.timeout, self.counters.frequency(day, user_id)).await
     }
 
     /// Drops ads whose campaign the user has seen its cap of times today,
@@ -241,11 +236,12 @@ impl AdServer {
         degraded: &mut Vec<Degradation>,
     ) -> Vec<EligibleAd> {
         let rates = self.pacing.rates();
-        let stale = rates.planned_at.map_or(Duration::MAX, |t| t.elapsed());
-        if stale > self.config.pacing.max_staleness && rates.planned_at.is_some() {
+        if let Some(age) = rates.planned_at.map(|t| t.elapsed())
+            && age > self.config.pacing.max_staleness
+        {
             degraded.push(Degradation {
                 component: degraded::REDIS.into(),
-                reason: format!("budget pacing rates are {} s old; spend could not be read", stale.as_secs()),
+                reason: format!("budget pacing rates are {} s old; spend could not be read", age.as_secs()),
             });
         }
         let default_cap = self.config.frequency_cap_per_day;
@@ -258,7 +254,7 @@ impl AdServer {
                     capped += 1;
                     return false;
                 }
-                match self.pacing.verdict(&rates, ad.campaign_id, seed) {
+                match rates.verdict(ad.campaign_id, seed) {
                     Verdict::Admit => true,
                     Verdict::Throttled => {
                         throttled += 1;
@@ -293,20 +289,13 @@ impl AdServer {
                 price_cpm_micros: e.price_cpm_micros,
             })
             .collect();
-        let limit = self.config.counters.timeout;
-        let recorded =
-            tokio::time::timeout(limit, self.counters.record_served(day, user_id, &served, self.config.click_window))
-                .await;
-        let failure = match recorded {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => format!("redis: {e}"),
-            Err(_) => format!("redis: no answer within {} ms", limit.as_millis()),
-        };
+        let recorded = self.counters.record_served(day, user_id, &served, self.config.click_window);
+        let Err(failure) = deadline(self.config.counters.timeout, recorded).await else { return };
         metrics::counter!("adserve_gateway_counter_write_failures_total").increment(1);
         tracing::warn!(error = %failure, "served impressions not counted");
         degraded.push(Degradation {
             component: degraded::REDIS.into(),
-            reason: format!("impressions not counted for frequency caps and spend: {failure}"),
+            reason: format!("impressions not counted for frequency caps and spend: redis: {failure}"),
         });
     }
 
@@ -327,23 +316,18 @@ impl AdServer {
         };
         self.events.click(&event).await.map_err(|e| unavailable("click log (kafka)", e))?;
         metrics::counter!("adserve_gateway_clicks_total").increment(1);
-        let limit = self.config.counters.timeout;
-        let outcome =
-            match tokio::time::timeout(limit, self.counters.charge_click(day_of(unix_now()), impression_id)).await {
-                Ok(Ok(Some(charge))) => {
-                    metrics::counter!("adserve_gateway_spend_micros_total").increment(charge.micros.max(0) as u64);
-                    "charged"
-                }
-                Ok(Ok(None)) => "nothing_to_charge",
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "click logged but not charged");
-                    "failed"
-                }
-                Err(_) => {
-                    tracing::warn!("click logged but not charged: redis did not answer in time");
-                    "failed"
-                }
-            };
+        let charged = self.counters.charge_click(day_of(unix_now()), impression_id);
+        let outcome = match deadline(self.config.counters.timeout, charged).await {
+            Ok(Some(charge)) => {
+                metrics::counter!("adserve_gateway_spend_micros_total").increment(charge.micros.max(0) as u64);
+                "charged"
+            }
+            Ok(None) => "nothing_to_charge",
+            Err(e) => {
+                tracing::warn!(error = %e, "click logged but not charged (redis)");
+                "failed"
+            }
+        };
         metrics::counter!("adserve_gateway_click_charges_total", "outcome" => outcome).increment(1);
         Ok(RecordClickResponse { click_id: event.click_id })
     }
@@ -534,6 +518,12 @@ trait CallFailure {
 impl CallFailure for tonic::Status {
     fn describe(self) -> CallError {
         CallError::Failed(format!("{:?}: {}", self.code(), self.message()), Some(self.code()))
+    }
+}
+
+impl CallFailure for adserve_counters::RedisError {
+    fn describe(self) -> CallError {
+        CallError::Failed(self.to_string(), None)
     }
 }
 

@@ -306,7 +306,7 @@ proptest! {
         for w in &out.winners {
             let c = &w.candidate;
             prop_assert!(w.price_micros <= c.bid_micros, "{w:?}");
-            let qf = quality_factor(c.quality, rules.quality_exponent);
+            let qf = quality_factor_fn(rules.quality_exponent)(c.quality, rules.quality_exponent);
             let reserve = c.reserve_ecpm_micros.max(rules.reserve_ecpm_micros) as f64;
             prop_assert!(ecpm_at(c, w.price_micros, qf) >= reserve, "{w:?} under reserve {reserve}");
         }
