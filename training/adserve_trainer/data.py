@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 
 from . import TrainerError
 from .registry import Registry
-from .schema import ROW_SCHEMA, conform
+from .schema import FEATURE_NAMES_KEY, ROW_SCHEMA, conform
 
 
 def parquet_files(path: str | Path) -> list[Path]:
@@ -27,15 +28,40 @@ def parquet_files(path: str | Path) -> list[Path]:
     return [p]
 
 
-def load_rows(path: str | Path) -> pa.Table:
-    """Read one Parquet file or a directory of them, validating each file's schema."""
+def _with_footer_names(t: pa.Table, source: str) -> pa.Table:
+    """Schema-3 files name their features once, in the footer: rebuild the per-row column."""
+    if "feature_names" in t.schema.names:
+        return t
+    meta = t.schema.metadata or {}
+    if FEATURE_NAMES_KEY not in meta:
+        return t  # validation names the missing column
+    try:
+        names = json.loads(meta[FEATURE_NAMES_KEY])
+    except ValueError as e:
+        raise TrainerError(f"{source}: footer {FEATURE_NAMES_KEY.decode()} is not JSON: {e}") from e
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise TrainerError(f"{source}: footer {FEATURE_NAMES_KEY.decode()} must be a list of strings")
+    column = pa.array([names] * t.num_rows, ROW_SCHEMA.field("feature_names").type)
+    return t.append_column(ROW_SCHEMA.field("feature_names"), column)
+
+
+def load_rows(path: str | Path, final_only: bool = True) -> pa.Table:
+    """Read one Parquet file or a directory tree of them, validating each file's schema.
+
+    With ``final_only`` (the default) only final rows are kept: the
+    provisional and correction rows of the joiner's streaming mode describe
+    the same impressions again.
+    """
     tables = []
     for f in parquet_files(path):
         try:
-            t = pq.read_table(f)
+            t = pq.read_table(f, partitioning=None)
         except (pa.ArrowInvalid, OSError) as e:
             raise TrainerError(f"{f}: cannot read as Parquet: {e}") from e
-        tables.append(conform(t, source=str(f)))
+        t = conform(_with_footer_names(t, str(f)), source=str(f))
+        if final_only:
+            t = t.filter(pc.field("is_final"))
+        tables.append(t)
     table = pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
     if table.num_rows == 0:
         raise TrainerError(f"no rows: {path} contains 0 training rows")

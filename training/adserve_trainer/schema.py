@@ -27,6 +27,17 @@ ROW_SCHEMA = pa.schema(
         pa.field("clicked_at", _TS, nullable=True),
         pa.field("joined_at", _TS, nullable=False),
         pa.field("label", pa.int8(), nullable=False),  # 1 clicked within the label window
+        # "final" (is_final: the label once the window closed), or in the
+        # joiner's streaming mode "provisional" (a negative written at
+        # impression time, with reduced weight) and "correction" (a positive
+        # written when the click arrived). Train on final rows unless you
+        # model the delay yourself.
+        pa.field("row_kind", pa.string(), nullable=False),
+        pa.field("is_final", pa.bool_(), nullable=False),
+        pa.field("weight", pa.float32(), nullable=False),
+        # Share of negatives the joiner kept (negative downsampling); the
+        # ranker's manifest carries it to correct pCTR: p / (p + (1 - p) / r).
+        pa.field("keep_rate", pa.float32(), nullable=False),
         pa.field("model_version", pa.string(), nullable=False),
         pa.field("pctr", pa.float32(), nullable=False),
         pa.field("ecpm_micros", pa.int64(), nullable=False),
@@ -38,6 +49,8 @@ ROW_SCHEMA = pa.schema(
         pa.field("propensity", pa.float32(), nullable=False),
         pa.field("explored", pa.bool_(), nullable=False),
         # The exact row the ranker scored; names and values are aligned.
+        # Schema-3 files store the names once, in the footer key
+        # FEATURE_NAMES_KEY; data.load_rows rebuilds this column from it.
         pa.field("feature_names", pa.list_(pa.string()), nullable=False),
         pa.field("feature_values", pa.list_(pa.float32()), nullable=False),
     ]
@@ -52,6 +65,21 @@ ADDED_IN_V2 = {
     "propensity": 1.0,
     "explored": False,
 }
+
+# Columns added in schema version 3 (issue 7), with what older files mean:
+# every row was a final, unweighted row, without downsampling.
+ADDED_IN_V3 = {
+    "row_kind": "final",
+    "is_final": True,
+    "weight": 1.0,
+    "keep_rate": 1.0,
+}
+
+# Defaults for every column an older file may lack.
+DEFAULTS_FOR_OLDER_FILES = {**ADDED_IN_V2, **ADDED_IN_V3}
+
+# Footer key holding a schema-3 file's feature names (JSON list).
+FEATURE_NAMES_KEY = b"adserve.feature_names"
 
 # Columns the trainer actually reads (all of ROW_SCHEMA is still validated).
 TRAINING_COLUMNS = ("label", "feature_names", "feature_values")
@@ -80,7 +108,7 @@ def validate_schema(schema: pa.Schema, source: str = "input") -> None:
     """Raise TrainerError naming the first missing or mistyped column."""
     names = set(schema.names)
     for field in ROW_SCHEMA:
-        if field.name not in names and field.name in ADDED_IN_V2:
+        if field.name not in names and field.name in DEFAULTS_FOR_OLDER_FILES:
             continue
         if field.name not in names:
             raise TrainerError(f"{source}: schema mismatch: missing column '{field.name}' ({field.type})")
@@ -102,7 +130,7 @@ def conform(table: pa.Table, source: str = "input") -> pa.Table:
     columns = [
         table.column(f.name).cast(f.type)
         if f.name in table.schema.names
-        else pa.array([ADDED_IN_V2[f.name]] * n, f.type)
+        else pa.array([DEFAULTS_FOR_OLDER_FILES[f.name]] * n, f.type)
         for f in ROW_SCHEMA
     ]
     return pa.Table.from_arrays(columns, schema=ROW_SCHEMA)

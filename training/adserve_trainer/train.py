@@ -81,6 +81,17 @@ def manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode()
 
 
+def negative_keep_rate(table) -> float:
+    """The one negative keep rate the rows were written with (label-joiner downsampling)."""
+    rates = set(table.column("keep_rate").unique().to_pylist())
+    if len(rates) > 1:
+        raise TrainerError(
+            f"rows were written with different negative keep rates {sorted(rates)}; "
+            "train on data written with one rate"
+        )
+    return float(rates.pop()) if rates else 1.0
+
+
 def run(argv: list[str] | None = None) -> dict:
     """Train and publish; returns the manifest. Raises TrainerError on bad input."""
     args = parse_args(argv)
@@ -105,6 +116,7 @@ def run(argv: list[str] | None = None) -> dict:
         data_desc = f"parquet: {args.data} ({table.num_rows} rows)"
 
     X, y, stats = build_matrix(table, registry)
+    keep_rate = negative_keep_rate(table)
     if y.min() == y.max():
         raise TrainerError(f"labels are all one class (label={int(y[0])}) in {table.num_rows} rows; cannot fit")
     train_idx, hold_idx = split(len(y), args.seed, HOLDOUT_FRACTION)
@@ -139,6 +151,10 @@ def run(argv: list[str] | None = None) -> dict:
         "trainer": "adserve_trainer.train",
         "data": data_desc,
     }
+    if keep_rate < 1.0:
+        # The rows kept only this share of negatives: the ranker corrects the
+        # raw output by p / (p + (1 - p) / keep_rate) before the auction.
+        manifest["calibration"] = {"keep_rate": keep_rate, "mapping": {"method": "none"}}
     out = args.out if args.out is not None else Path("out") / version
     write_atomically(out, model_bytes, manifest)
 

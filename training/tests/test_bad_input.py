@@ -93,3 +93,51 @@ def test_version_1_rows_without_the_auction_columns_still_load(tmp_path, registr
     pq.write_table(t.drop_columns(["label"]), tmp_path / "bad.parquet")
     with pytest.raises(TrainerError, match="missing column 'label'"):
         load_rows(tmp_path / "bad.parquet")
+
+
+def test_version_3_files_name_features_in_the_footer_and_only_final_rows_train(tmp_path, registry):
+    """The label-joiner's schema 3: names once per file, streaming rows beside final ones."""
+    import json
+
+    from adserve_trainer.data import load_rows
+    from adserve_trainer.schema import FEATURE_NAMES_KEY
+
+    t = generate(80, 3, registry)
+    t = t.filter(pc.invert(t.column("coppa")))  # one feature list per file
+    names = t.column("feature_names")[0].as_py()
+    provisional = t.slice(0, 5)
+    provisional = provisional.set_column(
+        provisional.schema.get_field_index("row_kind"), "row_kind", pa.array(["provisional"] * 5)
+    ).set_column(provisional.schema.get_field_index("is_final"), "is_final", pa.array([False] * 5)).cast(t.schema)
+    on_disk = pa.concat_tables([t, provisional]).drop_columns(["feature_names"])
+    on_disk = on_disk.replace_schema_metadata({FEATURE_NAMES_KEY: json.dumps(names).encode()})
+    hour = tmp_path / "date=2026-12-01" / "hour=10"
+    hour.mkdir(parents=True)
+    pq.write_table(on_disk, hour / "rows-1.parquet")
+
+    rows = load_rows(tmp_path)
+    assert rows.num_rows == t.num_rows, "provisional rows are not training rows"
+    assert rows.column("feature_names").to_pylist() == [names] * t.num_rows
+    assert "date" not in rows.schema.names, "hive directories do not become columns"
+    assert load_rows(tmp_path, final_only=False).num_rows == t.num_rows + 5
+
+    broken = on_disk.replace_schema_metadata({FEATURE_NAMES_KEY: b"[1, 2"})
+    pq.write_table(broken, tmp_path / "broken.parquet")
+    with pytest.raises(TrainerError, match="not JSON"):
+        load_rows(tmp_path / "broken.parquet")
+
+
+def test_downsampled_rows_carry_their_keep_rate_into_the_manifest(tmp_path, registry):
+    from adserve_trainer.train import run
+
+    t = generate(400, 5, registry)
+    i = t.schema.get_field_index("keep_rate")
+    half = t.set_column(i, "keep_rate", pa.array([0.5] * t.num_rows, pa.float32())).cast(t.schema)
+    pq.write_table(half, tmp_path / "half.parquet")
+    manifest = run(["--data", str(tmp_path / "half.parquet"), "--out", str(tmp_path / "m")])
+    assert manifest["calibration"] == {"keep_rate": 0.5, "mapping": {"method": "none"}}
+
+    mixed = pa.concat_tables([half, t])
+    pq.write_table(mixed, tmp_path / "mixed.parquet")
+    with pytest.raises(TrainerError, match="different negative keep rates"):
+        run(["--data", str(tmp_path / "mixed.parquet"), "--out", str(tmp_path / "m2")])
