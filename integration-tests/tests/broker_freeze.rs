@@ -80,7 +80,7 @@ async fn gateway_serves_again_after_the_broker_is_frozen_and_thawed() -> anyhow:
     // Traffic: two clients back to back, every answer recorded.
     let answers: Arc<Mutex<Vec<Answer>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let http = adserve_integration_tests::http_builder().timeout(Duration::from_secs(5)).build()?;
     let mut clients = Vec::new();
     for c in 0..2 {
         let (http, answers, stop, url) = (http.clone(), answers.clone(), stop.clone(), format!("{}/v1/ads", s.http));
@@ -155,7 +155,7 @@ async fn gateway_serves_again_after_the_broker_is_frozen_and_thawed() -> anyhow:
     let ok_after = after.iter().filter(|a| a.status == 200).count();
     assert!(ok_after * 10 >= after.len() * 9, "after recovery {ok_after} of {} answers were 200", after.len());
     eprintln!("recovered {:.1} s after the thaw", recovered_at.duration_since(thawed_at).as_secs_f64());
-    let health = reqwest::get(format!("{}/healthz", s.http)).await?;
+    let health = adserve_integration_tests::http_client().get(format!("{}/healthz", s.http)).send().await?;
     assert_eq!(health.status(), 200, "gateway ready again: {}", health.text().await?);
 
     // Every impression answered with 200 is on the topic exactly once; none twice.

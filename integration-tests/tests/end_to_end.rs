@@ -21,7 +21,7 @@ async fn ad_request_and_click_become_one_labelled_row_with_the_scored_features()
         )])
         .await?;
 
-    let http = reqwest::Client::new();
+    let http = adserve_integration_tests::http_client();
     let body = json!({"user_id": user, "context": {"placement": "feed_top", "device": "mobile", "surface": "home"}, "slots": 1});
     let resp = http.post(format!("{}/v1/ads", stack.http)).json(&body).send().await?;
     assert_eq!(resp.status(), 200);
@@ -75,8 +75,13 @@ async fn ad_request_and_click_become_one_labelled_row_with_the_scored_features()
 async fn unclicked_impression_is_labelled_zero() -> anyhow::Result<()> {
     let stack = Stack::ready().await?;
     let body = json!({"user_id": "demo-user-3", "context": {"placement": "feed_top", "device": "desktop"}, "slots": 2});
-    let ad: Value =
-        reqwest::Client::new().post(format!("{}/v1/ads", stack.http)).json(&body).send().await?.json().await?;
+    let ad: Value = adserve_integration_tests::http_client()
+        .post(format!("{}/v1/ads", stack.http))
+        .json(&body)
+        .send()
+        .await?
+        .json()
+        .await?;
     let winners = ad["winners"].as_array().expect("winners");
     assert_eq!(winners.len(), 2);
     assert!(winners[0]["ecpm_micros"].as_i64() >= winners[1]["ecpm_micros"].as_i64(), "slots in eCPM order");
@@ -91,8 +96,13 @@ async fn unclicked_impression_is_labelled_zero() -> anyhow::Result<()> {
 async fn coppa_requests_get_only_safe_ads_and_log_no_personal_data() -> anyhow::Result<()> {
     let stack = Stack::ready().await?;
     let body = json!({"user_id": "demo-user-1", "context": {"placement": "feed_top", "device": "tablet", "coppa": true}, "slots": 3});
-    let ad: Value =
-        reqwest::Client::new().post(format!("{}/v1/ads", stack.http)).json(&body).send().await?.json().await?;
+    let ad: Value = adserve_integration_tests::http_client()
+        .post(format!("{}/v1/ads", stack.http))
+        .json(&body)
+        .send()
+        .await?
+        .json()
+        .await?;
     let safe: Vec<i64> = {
         let catalog = stack.catalog()?;
         let t =

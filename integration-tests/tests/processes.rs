@@ -1,20 +1,14 @@
-//! Killing and stopping real service processes: the label-joiner loses and
-//! duplicates nothing across a SIGKILL, poison messages are dead-lettered,
-//! and services drain and exit cleanly on SIGTERM.
+//! Stopping real service processes: services drain and exit cleanly on
+//! SIGTERM, refuse misspelt config, shed load. (The label-joiner's SIGKILL
+//! and rebalance tests are in label_joiner.rs.)
 
-use std::{collections::HashMap, process::Stdio, time::Duration};
+use std::{process::Stdio, time::Duration};
 
-use adserve_events::{EventPublisher, IMPRESSIONS_TOPIC, KafkaConfig};
-use adserve_integration_tests::{Stack, binary, free_port, read_rows};
-use adserve_proto::v1::{
-    ClickEvent, FeatureRow, FlushRequest, GetStatusRequest, ImpressionEvent,
-    label_joiner_service_client::LabelJoinerServiceClient,
-};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use adserve_integration_tests::{Stack, binary, free_port};
+use adserve_proto::v1::label_joiner_service_client::LabelJoinerServiceClient;
 
 struct Joiner {
     child: tokio::process::Child,
-    url: String,
 }
 
 async fn start_joiner(s: &Stack, group: &str, dir: &std::path::Path) -> anyhow::Result<Joiner> {
@@ -25,121 +19,17 @@ async fn start_joiner(s: &Stack, group: &str, dir: &std::path::Path) -> anyhow::
         .env("ADSERVE_KAFKA__BROKERS", &s.kafka)
         .env("ADSERVE_GROUP_ID", group)
         .env("ADSERVE_OUTPUT_DIR", dir)
-        .env("ADSERVE_LABEL_WINDOW", "1s")
         .env("ADSERVE_TELEMETRY__LOG_FILTER", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
-    let url = format!("http://127.0.0.1:{port}");
     for _ in 0..100 {
-        if LabelJoinerServiceClient::connect(url.clone()).await.is_ok() {
-            return Ok(Joiner { child, url });
+        if LabelJoinerServiceClient::connect(format!("http://127.0.0.1:{port}")).await.is_ok() {
+            return Ok(Joiner { child });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     anyhow::bail!("label-joiner did not start on port {port}")
-}
-
-fn impression(id: &str) -> ImpressionEvent {
-    ImpressionEvent {
-        impression_id: id.into(),
-        request_id: id.into(),
-        user_id: "restart-test".into(),
-        ad_id: 1,
-        campaign_id: 1,
-        served_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
-        model_version: "test".into(),
-        pctr: 0.5,
-        features: Some(FeatureRow { names: vec!["a".into()], values: vec![id.len() as f32] }),
-        ..Default::default()
-    }
-}
-
-async fn publish_batch(p: &EventPublisher, prefix: &str, n: usize) -> anyhow::Result<Vec<String>> {
-    let mut ids = Vec::new();
-    for i in 0..n {
-        let id = format!("{prefix}-{i}-{}", uuid::Uuid::new_v4());
-        let event = impression(&id);
-        p.impression(&event).await?;
-        if i % 2 == 0 {
-            // Event time: 10 ms after the impression was served, whatever the
-            // publish took (a fresh producer's first send can take longer
-            // than the 1 s window, which made the click late).
-            let served = event.served_at.map(std::time::SystemTime::try_from).transpose()?;
-            let clicked = served.unwrap_or_else(std::time::SystemTime::now) + Duration::from_millis(10);
-            let click = ClickEvent {
-                click_id: format!("c-{id}"),
-                impression_id: id.clone(),
-                clicked_at: Some(prost_types::Timestamp::from(clicked)),
-            };
-            p.click(&click).await?;
-        }
-        ids.push(id);
-    }
-    Ok(ids)
-}
-
-async fn wait_for(dir: &std::path::Path, url: &str, ids: &[String]) -> anyhow::Result<()> {
-    let mut client = LabelJoinerServiceClient::connect(url.to_string()).await?;
-    for _ in 0..120 {
-        client.flush(FlushRequest { close_open_windows: false }).await?;
-        let rows = read_rows(dir)?;
-        if ids.iter().all(|id| rows.iter().any(|r| &r.impression_id == id)) {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    anyhow::bail!("rows did not appear in {}", dir.display())
-}
-
-#[tokio::test]
-async fn label_joiner_killed_mid_stream_loses_and_duplicates_nothing() -> anyhow::Result<()> {
-    let s = Stack::ready().await?;
-    let kafka = KafkaConfig { brokers: s.kafka.clone(), ..KafkaConfig::default() };
-    adserve_events::ensure_topics(&kafka).await?;
-    let publisher = EventPublisher::new(&kafka, "test")?;
-    let tmp = tempfile::tempdir()?;
-    let dir = tmp.path().to_path_buf();
-    let group = format!("adserve-restart-test-{}", uuid::Uuid::new_v4());
-
-    let first = publish_batch(&publisher, "a", 20).await?;
-    let mut a = start_joiner(&s, &group, &dir).await?;
-    wait_for(&dir, &a.url, &first).await?;
-    // More events, a poison message, then SIGKILL: no chance to flush or commit.
-    let second = publish_batch(&publisher, "b", 20).await?;
-    let producer: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &s.kafka).create()?;
-    producer
-        .send(
-            FutureRecord::to(IMPRESSIONS_TOPIC).key("poison").payload(&b"\xff\x00 not protobuf"[..]),
-            Duration::from_secs(5),
-        )
-        .await
-        .map_err(|(e, _)| e)?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    a.child.start_kill()?;
-    a.child.wait().await?;
-
-    let b = start_joiner(&s, &group, &dir).await?;
-    let third = publish_batch(&publisher, "c", 10).await?;
-    let all: Vec<String> = first.iter().chain(&second).chain(&third).cloned().collect();
-    wait_for(&dir, &b.url, &all).await?;
-
-    let rows = read_rows(&dir)?;
-    let mut counts: HashMap<&str, usize> = HashMap::new();
-    for r in &rows {
-        *counts.entry(r.impression_id.as_str()).or_default() += 1;
-    }
-    for (i, id) in all.iter().enumerate() {
-        assert_eq!(counts.get(id.as_str()), Some(&1), "{id} must be written exactly once");
-        let row = rows.iter().find(|r| &r.impression_id == id).unwrap();
-        // publish_batch clicks every even-numbered impression of a batch.
-        let clicked = id.split('-').nth(1).and_then(|n| n.parse::<usize>().ok()).is_some_and(|n| n % 2 == 0);
-        assert_eq!(row.label == 1, clicked, "{id} label (#{i})");
-    }
-    let mut client = LabelJoinerServiceClient::connect(b.url.clone()).await?;
-    let status = client.get_status(GetStatusRequest {}).await?.into_inner();
-    assert!(status.rows_written > 0);
-    Ok(())
 }
 
 #[tokio::test]
@@ -203,7 +93,12 @@ async fn gateway_with_hung_features(s: &Stack, env: &[(&str, &str)]) -> anyhow::
     let child = command.stdout(Stdio::null()).kill_on_drop(true).spawn()?;
     let http = format!("http://127.0.0.1:{http_port}");
     for _ in 0..100 {
-        if reqwest::get(format!("{http}/healthz")).await.is_ok_and(|r| r.status() == 200) {
+        if adserve_integration_tests::http_client()
+            .get(format!("{http}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
             return Ok(HungGateway { child, http, grpc: format!("http://127.0.0.1:{grpc_port}"), holder });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -227,7 +122,7 @@ async fn sigterm_flips_readiness_first_then_finishes_requests_in_flight() -> any
     let in_flight = tokio::spawn({
         let url = format!("{base}/v1/ads");
         async move {
-            let r = reqwest::Client::new().post(url).json(&ad_request()).send().await?;
+            let r = adserve_integration_tests::http_client().post(url).json(&ad_request()).send().await?;
             let status = r.status().as_u16();
             anyhow::Ok((status, r.json::<serde_json::Value>().await?))
         }
@@ -239,7 +134,7 @@ async fn sigterm_flips_readiness_first_then_finishes_requests_in_flight() -> any
     // Readiness flips at once, while the listener still accepts new
     // connections (the readiness drain): a fresh client is told 503, draining.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let r = reqwest::Client::new().get(format!("{base}/healthz")).send().await?;
+    let r = adserve_integration_tests::http_client().get(format!("{base}/healthz")).send().await?;
     assert_eq!(r.status(), 503, "readiness must flip as soon as SIGTERM arrives");
     let v: serde_json::Value = r.json().await?;
     assert!(v["reasons"].to_string().contains("draining"), "{v}");
@@ -354,7 +249,7 @@ async fn requests_beyond_the_concurrency_limit_are_shed_not_queued() -> anyhow::
     use adserve_proto::v1::{GetAdsRequest, RequestContext, gateway_service_client::GatewayServiceClient};
     let s = Stack::ready().await?;
     let g = gateway_with_hung_features(&s, &[("ADSERVE_SERVER__MAX_CONCURRENT_REQUESTS", "1")]).await?;
-    let client = reqwest::Client::new();
+    let client = adserve_integration_tests::http_client();
 
     // HTTP.
     let first = tokio::spawn(client.post(format!("{}/v1/ads", g.http)).json(&ad_request()).send());
@@ -413,7 +308,8 @@ async fn the_gateway_reports_scores_from_the_rankers_fallback_chain_as_degraded(
         gateway_with_hung_features(&s, &[("ADSERVE_UPSTREAMS__RANKER", ranker_url.as_str())]).await?;
     let mut answer = serde_json::Value::Null;
     for _ in 0..50 {
-        let r = reqwest::Client::new().post(format!("{http}/v1/ads")).json(&ad_request()).send().await?;
+        let r =
+            adserve_integration_tests::http_client().post(format!("{http}/v1/ads")).json(&ad_request()).send().await?;
         answer = r.json().await?;
         // Until the ranker listens, the gateway's own fallback answers.
         if answer["degraded"].to_string().contains("scored by the prior") {

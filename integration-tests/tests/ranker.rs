@@ -69,7 +69,12 @@ async fn a_gpu_provider_list_falls_back_to_cpu_and_says_so() -> anyhow::Result<(
     let scores = client.score(ScoreRequest { matrix: Some(matrix(2)), ..Default::default() }).await?.into_inner();
     assert_eq!(scores.pctr.len(), 2);
     // Each GPU provider that was tried and passed over is counted, by reason.
-    let text = reqwest::get(format!("http://127.0.0.1:{metrics}/metrics")).await?.text().await?;
+    let text = adserve_integration_tests::http_client()
+        .get(format!("http://127.0.0.1:{metrics}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
     // "unavailable", not "not_compiled": the providers are in this build and
     // it is ONNX Runtime (a CPU build, no GPU) that turned them down.
     for requested in ["tensorrt", "cuda"] {
@@ -305,7 +310,7 @@ async fn adservectl_swaps_and_rolls_back_a_running_ranker_under_load_without_a_f
     let url = format!("http://127.0.0.1:{metrics}/metrics");
     let mut refused = 0.0;
     for _ in 0..300 {
-        let text = reqwest::get(&url).await?.text().await?;
+        let text = adserve_integration_tests::http_client().get(&url).send().await?.text().await?;
         refused = counter(&text, "adserve_ranker_model_swaps_total", "result=\"refused\"");
         if refused >= 1.0 {
             assert!(counter(&text, "adserve_ranker_model_load_failures_total", "reason=\"checksum\"") >= 1.0, "{text}");
@@ -431,7 +436,11 @@ async fn a_frozen_registry_keeps_the_model_serving_and_following_resumes_when_it
     let url = format!("http://127.0.0.1:{metrics}/metrics");
     let mut errors = 0.0;
     for _ in 0..300 {
-        errors = counter(&reqwest::get(&url).await?.text().await?, "adserve_ranker_registry_errors_total", "");
+        errors = counter(
+            &adserve_integration_tests::http_client().get(&url).send().await?.text().await?,
+            "adserve_ranker_registry_errors_total",
+            "",
+        );
         if errors >= 1.0 {
             break;
         }
@@ -565,7 +574,7 @@ async fn a_shadow_scores_calls_after_the_answer_and_publishes_both_scores() -> a
     let url = format!("http://127.0.0.1:{metrics}/metrics");
     let mut loaded = false;
     for _ in 0..300 {
-        let text = reqwest::get(&url).await?.text().await?;
+        let text = adserve_integration_tests::http_client().get(&url).send().await?.text().await?;
         if counter(&text, "adserve_ranker_model_info", "role=\"shadow\"") >= 1.0 {
             loaded = true;
             break;

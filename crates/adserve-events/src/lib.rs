@@ -119,13 +119,27 @@ impl KafkaConfig {
     /// A consumer in `group_id` that never auto-commits and starts from the
     /// earliest offset when the group has none.
     pub fn consumer(&self, group_id: &str) -> Result<StreamConsumer, EventError> {
+        self.consumer_with_context(group_id, rdkafka::consumer::DefaultConsumerContext)
+    }
+
+    /// [`KafkaConfig::consumer`] with a context of the caller's (e.g. one
+    /// that flushes and commits before partitions are revoked). Partitions
+    /// are assigned with the `range` strategy, so members of a group get the
+    /// same partition numbers of co-partitioned topics (impressions and
+    /// clicks).
+    pub fn consumer_with_context<C: rdkafka::consumer::ConsumerContext + 'static>(
+        &self,
+        group_id: &str,
+        context: C,
+    ) -> Result<StreamConsumer<C>, EventError> {
         self.client()
             .set("group.id", group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "10000")
-            .create()
+            .set("partition.assignment.strategy", "range")
+            .create_with_context(context)
             .map_err(|e| EventError::Kafka(e.to_string()))
     }
 }

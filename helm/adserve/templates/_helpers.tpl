@@ -120,6 +120,12 @@ onnxruntime_dylib = {{ . | toJson }}
 {{- else if eq .name "label-joiner" }}
 group_id = {{ $c.groupId | toJson }}
 output_dir = {{ $c.outputDir | toJson }}
+{{- with $c.outputUrl }}
+{{- if not (hasPrefix "s3://" .) }}
+{{- fail "services.label-joiner.config.outputUrl must be s3://bucket/prefix" }}
+{{- end }}
+output_url = {{ . | toJson }}
+{{- end }}
 {{- if not (kindIs "invalid" $c.labelWindowMs) }}
 {{- if le (int64 $c.labelWindowMs) 0 }}
 {{- fail "services.label-joiner.config.labelWindowMs must be > 0 (null: the registry's window)" }}
@@ -128,6 +134,18 @@ label_window = "{{ int64 $c.labelWindowMs }}ms"
 {{- end }}
 flush_interval = "{{ int64 $c.flushIntervalMs }}ms"
 max_rows_per_file = {{ int64 $c.maxRowsPerFile }}
+allowed_lateness = "{{ int64 $c.allowedLatenessMs }}ms"
+mode = {{ $c.mode | toJson }}
+negative_keep_rate = {{ $c.negativeKeepRate }}
+max_orphan_clicks = {{ int64 $c.maxOrphanClicks }}
+memory_budget_bytes = {{ int64 $c.memoryBudgetBytes }}
+{{- if $c.outputUrl }}
+
+[s3]
+endpoint = {{ $c.s3.endpoint | default "" | toJson }}
+region = {{ $c.s3.region | default "" | toJson }}
+allow_http = false
+{{- end }}
 {{- end }}
 
 [server]

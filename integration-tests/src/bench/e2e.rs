@@ -166,7 +166,7 @@ async fn step(s: &Settings, proto: &str, placement: &str, size: usize, rate: f64
     let timeout = Duration::from_secs(2);
     let max_in_flight = 4096;
     let m = if proto == "HTTP" {
-        let http = reqwest::Client::builder().pool_max_idle_per_host(512).build()?;
+        let http = crate::http_builder().pool_max_idle_per_host(512).build()?;
         let url = format!("{}/v1/ads", s.stack.http);
         let placement = placement.to_string();
         load::open_loop(rate, s.step(), timeout, max_in_flight, size as u64, move |i| {

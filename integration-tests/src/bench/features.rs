@@ -80,7 +80,7 @@ pub async fn run(s: &Settings, ad_ids: &[i64]) -> anyhow::Result<Vec<Comparison>
     )?;
     feast.wait_ready(&format!("http://127.0.0.1:{port}/health"), Duration::from_secs(120)).await?;
     let feast_url = format!("http://127.0.0.1:{port}/get-online-features");
-    let http = reqwest::Client::new();
+    let http = crate::http_client();
 
     let client = FeatureServiceClient::new(adserve_core::net::grpc_endpoint(stack.features.clone())?.connect().await?);
     let redis_client = raw_redis(&stack.redis).await?;

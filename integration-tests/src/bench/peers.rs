@@ -51,7 +51,7 @@ impl Child {
     /// before it can serve); fails early, naming the log, if the child exits.
     pub async fn wait_ready(&mut self, url: &str, patience: Duration) -> anyhow::Result<()> {
         let deadline = std::time::Instant::now() + patience;
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+        let http = crate::http_builder().timeout(Duration::from_secs(2)).build()?;
         loop {
             if http.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
                 return Ok(());

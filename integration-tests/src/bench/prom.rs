@@ -84,7 +84,7 @@ pub fn quantile(b: &Buckets, q: f64) -> Option<f64> {
 
 /// Fetches `url` (a `/metrics` endpoint) as text.
 pub async fn scrape(url: &str) -> anyhow::Result<String> {
-    Ok(reqwest::get(url).await?.error_for_status()?.text().await?)
+    Ok(crate::http_client().get(url).send().await?.error_for_status()?.text().await?)
 }
 
 #[cfg(test)]

@@ -77,7 +77,7 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
     )?;
     fastapi.wait_ready(&format!("http://127.0.0.1:{port}/healthz"), Duration::from_secs(60)).await?;
     let peer_url = format!("http://127.0.0.1:{port}/score");
-    let http = reqwest::Client::new();
+    let http = crate::http_client();
 
     // The same binary and config as the stack's ranker, batching off.
     let unbatched_port = crate::free_port();

@@ -41,7 +41,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(version) = &expect {
         wait_for_model(&stack, version).await?;
     }
-    let http = reqwest::Client::new();
+    let http = adserve_integration_tests::http_client();
     let placements = ["feed_top", "feed_mid", "sidebar"];
     let devices = ["mobile", "desktop", "tablet"];
     let mut latencies = Vec::with_capacity(REQUESTS);

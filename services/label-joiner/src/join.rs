@@ -1,16 +1,42 @@
 //! The join itself, as a pure state machine over (message, offset) inputs.
 //!
-//! Offsets are tracked per topic-partition: an offset stays *in flight* until
-//! everything it contributed is durable (its impression's row is in a written
-//! file) or it is known to contribute nothing (duplicate, late click,
-//! dead-lettered). The committable position of a partition is its lowest
+//! **Co-partitioning.** Impressions and clicks are both keyed by impression
+//! id on topics with the same partition count, so the click for an
+//! impression on impressions partition `k` is on clicks partition `k`. All
+//! state here is kept per partition number: a joiner that owns `k` owns both
+//! halves of the join, and giving `k` up ([`Joiner::revoke`]) drops exactly
+//! that state.
+//!
+//! **Event time and watermarks.** A window closes when the *clicks*
+//! watermark of its partition passes the impression's `served_at + window`:
+//! the largest `clicked_at` read from clicks partition `k` minus the allowed
+//! lateness, or, when the consumer has read partition `k` up to its high
+//! watermark, the wall clock minus the allowed lateness (an idle partition
+//! does not hold windows open). Under steady traffic the watermark follows
+//! the clicks; after a restart on a quiet topic it follows the clock. Orphan
+//! clicks (read before their impression) expire on the *impressions*
+//! watermark the same way: once impressions up to the click's time have been
+//! read, the impression does not exist. Watermarks never move backwards.
+//!
+//! **Offsets.** An offset stays *in flight* until everything it contributed
+//! is durable (its impression's final row is in a written file) or it is
+//! known to contribute nothing (duplicate, late click, dead-lettered,
+//! downsampled). The committable position of a partition is its lowest
 //! in-flight offset, or one past the highest offset seen when none is in
-//! flight, so a crash can only make the joiner re-read, never skip.
+//! flight, so a crash can only make the joiner re-read, never skip; rows
+//! re-read that are already in a file are recognised from the files
+//! ([`Joiner::preload_written`]) and not written again.
 
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    hash::{BuildHasher, Hasher},
+    sync::Arc,
+};
 
 use adserve_proto::v1::{ClickEvent, ImpressionEvent};
+use prost::Message as _;
 use prost_types::Timestamp;
+use serde::{Deserialize, Serialize};
 
 /// A topic-partition.
 pub type TopicPartition = (&'static str, i32);
@@ -20,88 +46,353 @@ pub fn millis(ts: &Timestamp) -> i64 {
     ts.seconds.saturating_mul(1000).saturating_add(i64::from(ts.nanos) / 1_000_000)
 }
 
+/// How rows are emitted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// One final row per impression, once its window has closed.
+    #[default]
+    Window,
+    /// A provisional negative at impression time (reduced weight), a
+    /// correction when a click arrives inside the window, and the final row
+    /// when the window closes.
+    Streaming,
+}
+
+/// What a row is, in the `row_kind` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RowKind {
+    /// The impression's label once its window has closed (`is_final`).
+    Final,
+    /// Streaming mode: label 0 at impression time, before any click could arrive.
+    Provisional,
+    /// Streaming mode: label 1 as soon as a click arrives inside the window.
+    Correction,
+}
+
+impl RowKind {
+    /// Every kind.
+    pub const ALL: [RowKind; 3] = [RowKind::Final, RowKind::Provisional, RowKind::Correction];
+
+    /// The column value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RowKind::Final => "final",
+            RowKind::Provisional => "provisional",
+            RowKind::Correction => "correction",
+        }
+    }
+
+    /// Parses a column value.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    fn bit(self) -> u8 {
+        match self {
+            RowKind::Final => 1,
+            RowKind::Provisional => 2,
+            RowKind::Correction => 4,
+        }
+    }
+}
+
+/// Row kinds already written for one impression (found in files at start or
+/// on assignment).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Kinds(u8);
+
+impl Kinds {
+    /// Adds `kind`.
+    pub fn insert(&mut self, kind: RowKind) {
+        self.0 |= kind.bit();
+    }
+    /// Whether `kind` is in.
+    pub fn contains(self, kind: RowKind) -> bool {
+        self.0 & kind.bit() != 0
+    }
+}
+
+/// The join's rules (from config).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JoinRules {
+    /// Label window (ms): a click counts when `clicked_at <= served_at + window`.
+    pub window_ms: i64,
+    /// How far behind the newest event time (or the clock, on a caught-up
+    /// partition) the watermark stays, for events published out of order.
+    pub lateness_ms: i64,
+    /// Window or streaming rows.
+    pub mode: Mode,
+    /// Weight of a provisional negative (streaming mode).
+    pub provisional_weight: f32,
+    /// Share of negatives kept (1 = all); recorded on every row.
+    pub negative_keep_rate: f64,
+    /// Orphan clicks held at most; the oldest beyond it are dropped and counted.
+    pub max_orphans: usize,
+    /// An impression stamped further than this in the future is refused.
+    pub max_clock_skew_ms: i64,
+}
+
+impl JoinRules {
+    /// Window mode, no downsampling, with `window_ms` and `lateness_ms`.
+    pub fn window(window_ms: i64, lateness_ms: i64) -> Self {
+        Self {
+            window_ms,
+            lateness_ms,
+            mode: Mode::Window,
+            provisional_weight: 0.5,
+            negative_keep_rate: 1.0,
+            max_orphans: 100_000,
+            max_clock_skew_ms: 60_000,
+        }
+    }
+}
+
 /// One training row: an impression, its label and where it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabelledRow {
-    /// The impression as served, with its feature row.
+    /// The impression as served. Its feature row's names are moved to
+    /// `names` (shared by every row with the same list); values stay.
     pub event: ImpressionEvent,
-    /// Clicked within the label window.
+    /// Feature names, aligned with `event.features.values`.
+    pub names: Arc<[String]>,
+    /// Final, provisional or correction.
+    pub kind: RowKind,
+    /// Clicked (within the window, for final rows).
     pub label: bool,
-    /// When the click arrived, if it did.
+    /// Sample weight.
+    pub weight: f32,
+    /// Share of negatives kept when this row was written.
+    pub keep_rate: f32,
+    /// When the click happened, if it did.
     pub clicked_at: Option<Timestamp>,
-    /// When the window closed and the row was labelled (ms).
+    /// When the row was made (ms, wall clock).
     pub joined_at_ms: i64,
     /// Impression's partition in the impressions topic.
     pub partition: i32,
     /// Impression's offset.
     pub offset: i64,
-    click_source: Option<(TopicPartition, i64)>,
+    /// Offsets this row's durability releases.
+    releases: Vec<(TopicPartition, i64)>,
+    /// Bytes it counts for in the joiner's state (final rows only).
+    bytes: usize,
+}
+
+/// Why an event was refused (it goes to the dead-letter topic with this reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    /// No impression id.
+    #[error("impression_id is empty")]
+    NoImpressionId,
+    /// No `served_at`.
+    #[error("served_at is missing")]
+    NoServedAt,
+    /// `served_at` far in the future.
+    #[error("served_at is {0} ms in the future")]
+    FutureServedAt(i64),
+    /// The impression carries no feature row.
+    #[error("features: the impression carries no feature row")]
+    NoFeatureRow,
+    /// Names and values disagree.
+    #[error("features: {names} names but {values} values")]
+    MisalignedFeatures {
+        /// Names.
+        names: usize,
+        /// Values.
+        values: usize,
+    },
+    /// No `clicked_at`.
+    #[error("clicked_at is missing")]
+    NoClickedAt,
+}
+
+impl Rejected {
+    /// Short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Rejected::NoImpressionId => "no_impression_id",
+            Rejected::NoServedAt => "no_served_at",
+            Rejected::FutureServedAt(_) => "future_served_at",
+            Rejected::NoFeatureRow => "no_feature_row",
+            Rejected::MisalignedFeatures { .. } => "misaligned_features",
+            Rejected::NoClickedAt => "no_clicked_at",
+        }
+    }
+}
+
+/// Counters for status and metrics (cumulative).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct JoinStats {
+    /// Clicks attached to their impression within the window.
+    pub clicks_joined: u64,
+    /// Clicks after the window (the row is, or will be, labelled 0).
+    pub late_clicks: u64,
+    /// Clicks whose impression never came (expired on the impressions watermark).
+    pub unmatched_clicks: u64,
+    /// Orphan clicks dropped because `max_orphans` were already held.
+    pub orphans_evicted: u64,
+    /// Clicks stamped before their impression was served (dropped).
+    pub clicks_before_impression: u64,
+    /// Impressions or clicks seen twice.
+    pub duplicates: u64,
+    /// Negatives not written (downsampling).
+    pub downsampled: u64,
+    /// Impressions re-read after a restart or rebalance whose final row is
+    /// already in a file.
+    pub already_written: u64,
 }
 
 #[derive(Debug)]
 struct Pending {
     event: ImpressionEvent,
-    source: (TopicPartition, i64),
+    names: Arc<[String]>,
+    offset: i64,
+    served_ms: i64,
     deadline_ms: i64,
     click: Option<(Timestamp, (TopicPartition, i64))>,
+    written: Kinds,
+    bytes: usize,
 }
 
 #[derive(Debug)]
 struct Orphan {
     click: ClickEvent,
-    source: (TopicPartition, i64),
-    expires_ms: i64,
+    at_ms: i64,
+    offset: i64,
+    bytes: usize,
 }
 
-/// Counters for status and metrics.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct JoinStats {
-    /// Clicks attached to their impression within the window.
-    pub clicks_joined: u64,
-    /// Clicks that arrived after the window (row already labelled 0).
-    pub late_clicks: u64,
-    /// Clicks whose impression never arrived within the window.
-    pub unmatched_clicks: u64,
-    /// Impressions or clicks seen twice.
-    pub duplicates: u64,
+#[derive(Debug, Clone, Copy)]
+struct Done {
+    clicked: bool,
+}
+
+/// Per partition number: event-time progress and the ordered queues.
+#[derive(Debug)]
+struct Part {
+    max_served_ms: Option<i64>,
+    max_clicked_ms: Option<i64>,
+    impressions_caught_up: bool,
+    clicks_caught_up: bool,
+    /// Monotone watermarks (ms); `i64::MIN` until known.
+    clicks_wm: i64,
+    impressions_wm: i64,
+    /// (deadline, offset, key) of pending impressions: rows leave in
+    /// deadline order, then log order.
+    windows: BTreeSet<(i64, i64, u128)>,
+    /// (clicked_at, key) of orphan clicks.
+    orphans: BTreeSet<(i64, u128)>,
+    /// (forget at, key) of labelled impressions.
+    done: BTreeSet<(i64, u128)>,
+}
+
+impl Default for Part {
+    fn default() -> Self {
+        Self {
+            max_served_ms: None,
+            max_clicked_ms: None,
+            impressions_caught_up: false,
+            clicks_caught_up: false,
+            clicks_wm: i64::MIN,
+            impressions_wm: i64::MIN,
+            windows: BTreeSet::new(),
+            orphans: BTreeSet::new(),
+            done: BTreeSet::new(),
+        }
+    }
+}
+
+/// Approximate bytes of a labelled impression remembered for dedupe.
+const DONE_BYTES: usize = 64;
+
+/// A 128-bit key for an impression id: the UUID itself when it is one (the
+/// gateway's ids are), else two independent 64-bit hashes.
+pub fn id_key(id: &str) -> u128 {
+    if let Ok(u) = uuid::Uuid::parse_str(id) {
+        return u.as_u128();
+    }
+    let hash = |seed: u64| {
+        let mut h =
+            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().build_hasher();
+        h.write_u64(seed);
+        h.write(id.as_bytes());
+        h.finish()
+    };
+    (u128::from(hash(0x9e37_79b9_7f4a_7c15)) << 64) | u128::from(hash(0xc2b2_ae3d_27d4_eb4f))
+}
+
+/// Whether a negative for `key` is kept at `rate`: a deterministic draw, so a
+/// re-read after a restart decides the same way.
+pub fn kept(key: u128, rate: f64) -> bool {
+    if rate >= 1.0 {
+        return true;
+    }
+    // splitmix64 over both halves: uniform even for sequential ids.
+    let mut z = (key as u64) ^ ((key >> 64) as u64).rotate_left(17);
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    ((z >> 11) as f64 / (1u64 << 53) as f64) < rate
 }
 
 /// Joins impressions with clicks within a label window.
 #[derive(Debug)]
 pub struct Joiner {
-    window_ms: i64,
-    pending: HashMap<String, Pending>,
-    orphans: HashMap<String, Orphan>,
+    rules: JoinRules,
+    impressions: &'static str,
+    clicks: &'static str,
+    pending: HashMap<u128, Pending>,
+    orphans: HashMap<u128, Orphan>,
+    done: HashMap<u128, Done>,
+    written: HashMap<u128, (i32, Kinds)>,
+    parts: HashMap<i32, Part>,
     ready: Vec<LabelledRow>,
-    /// Impressions already labelled (ready or written), with when: dedupe
-    /// and late-click detection.
-    done: HashMap<String, i64>,
+    names: HashSet<Arc<[String]>>,
     inflight: HashMap<TopicPartition, BTreeSet<i64>>,
     next: HashMap<TopicPartition, i64>,
+    bytes: usize,
     stats: JoinStats,
 }
 
 impl Joiner {
-    /// A joiner with the given label window.
-    pub fn new(window_ms: u64) -> Self {
+    /// A joiner reading `impressions` and `clicks` under `rules`.
+    pub fn new(rules: JoinRules, impressions: &'static str, clicks: &'static str) -> Self {
         Self {
-            window_ms: window_ms as i64,
+            rules,
+            impressions,
+            clicks,
             pending: HashMap::new(),
             orphans: HashMap::new(),
-            ready: Vec::new(),
             done: HashMap::new(),
+            written: HashMap::new(),
+            parts: HashMap::new(),
+            ready: Vec::new(),
+            names: HashSet::new(),
             inflight: HashMap::new(),
             next: HashMap::new(),
+            bytes: 0,
             stats: JoinStats::default(),
         }
     }
 
-    /// Impressions already written by an earlier run (read back from files at
-    /// start): seeing them again is a duplicate, not a new row.
-    pub fn preload_written(&mut self, ids: impl IntoIterator<Item = String>, now_ms: i64) {
-        for id in ids {
-            self.done.insert(id, now_ms);
+    /// The rules.
+    pub fn rules(&self) -> &JoinRules {
+        &self.rules
+    }
+
+    /// Rows an earlier run (or the partition's previous owner) wrote past the
+    /// committed offsets, read back from files: (impression id, impressions
+    /// partition, kind). Seeing those impressions again writes nothing twice.
+    pub fn preload_written(&mut self, rows: impl IntoIterator<Item = (String, i32, RowKind)>) {
+        for (id, partition, kind) in rows {
+            let entry = self.written.entry(id_key(&id)).or_insert((partition, Kinds::default()));
+            entry.1.insert(kind);
         }
+    }
+
+    fn part(&mut self, partition: i32) -> &mut Part {
+        self.parts.entry(partition).or_default()
     }
 
     fn seen(&mut self, tp: TopicPartition, offset: i64) {
@@ -119,108 +410,352 @@ impl Joiner {
         }
     }
 
+    fn intern(&mut self, names: Vec<String>) -> Arc<[String]> {
+        if let Some(found) = self.names.get(names.as_slice()) {
+            return Arc::clone(found);
+        }
+        let names: Arc<[String]> = names.into();
+        self.names.insert(Arc::clone(&names));
+        names
+    }
+
     /// A message that contributes nothing (e.g. dead-lettered) at `offset`.
     pub fn skip(&mut self, tp: TopicPartition, offset: i64) {
         self.seen(tp, offset);
     }
 
-    /// An impression read at `offset`.
-    pub fn on_impression(&mut self, event: ImpressionEvent, tp: TopicPartition, offset: i64) {
-        self.seen(tp, offset);
-        let id = event.impression_id.clone();
-        if self.pending.contains_key(&id) || self.done.contains_key(&id) {
-            self.stats.duplicates += 1;
-            return;
+    fn row(&self, p: &Pending, partition: i32, kind: RowKind, now_ms: i64) -> LabelledRow {
+        let (label, weight, clicked_at) = match kind {
+            RowKind::Final => (p.click.is_some(), 1.0, p.click.as_ref().map(|c| c.0)),
+            RowKind::Provisional => (false, self.rules.provisional_weight, None),
+            RowKind::Correction => (true, 1.0, p.click.as_ref().map(|c| c.0)),
+        };
+        LabelledRow {
+            event: p.event.clone(),
+            names: Arc::clone(&p.names),
+            kind,
+            label,
+            weight,
+            keep_rate: self.rules.negative_keep_rate as f32,
+            clicked_at,
+            joined_at_ms: now_ms,
+            partition,
+            offset: p.offset,
+            releases: Vec::new(),
+            bytes: 0,
         }
-        let served_ms = event.served_at.as_ref().map(millis).unwrap_or_default();
-        let deadline_ms = served_ms + self.window_ms;
-        self.hold(tp, offset);
-        let mut pending = Pending { event, source: (tp, offset), deadline_ms, click: None };
-        if let Some(orphan) = self.orphans.remove(&id) {
-            let at = orphan.click.clicked_at.unwrap_or_default();
-            if millis(&at) <= deadline_ms {
-                pending.click = Some((at, orphan.source));
-                self.stats.clicks_joined += 1;
-            } else {
-                self.release(orphan.source.0, orphan.source.1);
-                self.stats.late_clicks += 1;
-            }
-        }
-        self.pending.insert(id, pending);
     }
 
-    /// A click read at `offset`, received by the joiner at `now_ms`.
-    pub fn on_click(&mut self, click: ClickEvent, tp: TopicPartition, offset: i64, now_ms: i64) {
+    /// An impression read at `offset` of impressions partition `partition`,
+    /// at wall-clock `now_ms`. A refused impression contributes nothing (the
+    /// caller dead-letters it, then calls [`Joiner::skip`]).
+    pub fn on_impression(
+        &mut self,
+        mut event: ImpressionEvent,
+        partition: i32,
+        offset: i64,
+        now_ms: i64,
+    ) -> Result<(), Rejected> {
+        let tp = (self.impressions, partition);
+        if event.impression_id.is_empty() {
+            return Err(Rejected::NoImpressionId);
+        }
+        let served_ms = event.served_at.as_ref().map(millis).ok_or(Rejected::NoServedAt)?;
+        if served_ms > now_ms + self.rules.max_clock_skew_ms {
+            return Err(Rejected::FutureServedAt(served_ms - now_ms));
+        }
+        let features = event.features.as_mut().ok_or(Rejected::NoFeatureRow)?;
+        if features.names.len() != features.values.len() {
+            return Err(Rejected::MisalignedFeatures { names: features.names.len(), values: features.values.len() });
+        }
         self.seen(tp, offset);
-        let at = click.clicked_at.unwrap_or_default();
-        if let Some(p) = self.pending.get_mut(&click.impression_id) {
+        let key = id_key(&event.impression_id);
+        if self.pending.contains_key(&key) || self.done.contains_key(&key) {
+            self.stats.duplicates += 1;
+            return Ok(());
+        }
+        let part = self.part(partition);
+        part.max_served_ms = Some(part.max_served_ms.map_or(served_ms, |m| m.max(served_ms)));
+        let written = self.written.remove(&key).map(|(_, k)| k).unwrap_or_default();
+        if written.contains(RowKind::Final) {
+            self.stats.already_written += 1;
+            self.remember_done(key, partition, served_ms + self.rules.window_ms, false);
+            return Ok(());
+        }
+        let names = self.intern(std::mem::take(&mut features.names));
+        let deadline_ms = served_ms + self.rules.window_ms;
+        let bytes = event.encoded_len() + 96;
+        let mut pending = Pending { event, names, offset, served_ms, deadline_ms, click: None, written, bytes };
+        if let Some(orphan) = self.orphans.remove(&key) {
+            self.bytes = self.bytes.saturating_sub(orphan.bytes);
+            self.part(partition).orphans.remove(&(orphan.at_ms, key));
+            let click_tp = (self.clicks, partition);
+            if orphan.at_ms < served_ms {
+                self.stats.clicks_before_impression += 1;
+                self.release(click_tp, orphan.offset);
+            } else if orphan.at_ms <= deadline_ms {
+                pending.click = Some((orphan.click.clicked_at.unwrap_or_default(), (click_tp, orphan.offset)));
+                self.stats.clicks_joined += 1;
+            } else {
+                self.stats.late_clicks += 1;
+                self.release(click_tp, orphan.offset);
+            }
+        }
+        if self.rules.mode == Mode::Streaming {
+            if kept(key, self.rules.negative_keep_rate) && !pending.written.contains(RowKind::Provisional) {
+                let row = self.row(&pending, partition, RowKind::Provisional, now_ms);
+                self.ready.push(row);
+            }
+            if pending.click.is_some() && !pending.written.contains(RowKind::Correction) {
+                let row = self.row(&pending, partition, RowKind::Correction, now_ms);
+                self.ready.push(row);
+            }
+        }
+        self.hold(tp, offset);
+        self.bytes += pending.bytes;
+        self.part(partition).windows.insert((deadline_ms, offset, key));
+        self.pending.insert(key, pending);
+        Ok(())
+    }
+
+    /// A click read at `offset` of clicks partition `partition`, at wall-clock `now_ms`.
+    pub fn on_click(&mut self, click: ClickEvent, partition: i32, offset: i64, now_ms: i64) -> Result<(), Rejected> {
+        let tp = (self.clicks, partition);
+        if click.impression_id.is_empty() {
+            return Err(Rejected::NoImpressionId);
+        }
+        let at_ms = click.clicked_at.as_ref().map(millis).ok_or(Rejected::NoClickedAt)?;
+        self.seen(tp, offset);
+        let part = self.part(partition);
+        part.max_clicked_ms = Some(part.max_clicked_ms.map_or(at_ms, |m| m.max(at_ms)));
+        let key = id_key(&click.impression_id);
+        let streaming = self.rules.mode == Mode::Streaming;
+        if let Some(p) = self.pending.get_mut(&key) {
             if p.click.is_some() {
                 self.stats.duplicates += 1;
-            } else if millis(&at) <= p.deadline_ms {
-                p.click = Some((at, (tp, offset)));
+            } else if at_ms < p.served_ms {
+                self.stats.clicks_before_impression += 1;
+            } else if at_ms <= p.deadline_ms {
+                p.click = Some((click.clicked_at.unwrap_or_default(), (tp, offset)));
                 self.stats.clicks_joined += 1;
-                self.hold(tp, offset);
+                self.inflight.entry(tp).or_default().insert(offset);
+                if streaming && !p.written.contains(RowKind::Correction) {
+                    let p = &self.pending[&key];
+                    let row = self.row(p, partition, RowKind::Correction, now_ms);
+                    self.ready.push(row);
+                }
             } else {
                 self.stats.late_clicks += 1;
             }
-            return;
+            return Ok(());
         }
-        if self.done.contains_key(&click.impression_id) {
-            // The row is already labelled 0; corrections are a later step.
-            self.stats.late_clicks += 1;
-            return;
+        if let Some(done) = self.done.get(&key) {
+            if done.clicked {
+                self.stats.duplicates += 1;
+            } else {
+                self.stats.late_clicks += 1;
+            }
+            return Ok(());
         }
-        if self.orphans.contains_key(&click.impression_id) {
+        if self.orphans.contains_key(&key) {
             self.stats.duplicates += 1;
-            return;
+            return Ok(());
         }
-        // The impression may still be on its way (partitions are consumed
-        // independently): hold the click for one window.
+        // The impression may still be on its way (the two topics are read
+        // independently): hold the click until the impressions watermark
+        // passes its time.
+        let bytes = click.encoded_len() + 96;
         self.hold(tp, offset);
-        let id = click.impression_id.clone();
-        self.orphans.insert(id, Orphan { click, source: (tp, offset), expires_ms: now_ms + self.window_ms });
+        self.bytes += bytes;
+        self.part(partition).orphans.insert((at_ms, key));
+        self.orphans.insert(key, Orphan { click, at_ms, offset, bytes });
+        if self.orphans.len() > self.rules.max_orphans {
+            self.evict_oldest_orphan(partition);
+        }
+        Ok(())
     }
 
-    /// Labels every impression whose window has closed by `now_ms` (all of
-    /// them when `all`), and drops clicks whose impression never came.
-    pub fn close_windows(&mut self, now_ms: i64, all: bool) -> usize {
-        let mut closing: Vec<((TopicPartition, i64), String)> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| all || p.deadline_ms <= now_ms)
-            .map(|(id, p)| (p.source, id.clone()))
-            .collect();
-        // Rows leave in log order, so files are deterministic for the same input.
-        closing.sort();
-        for (_, id) in &closing {
-            if let Some(p) = self.pending.remove(id) {
-                self.done.insert(id.clone(), now_ms);
-                self.ready.push(LabelledRow {
-                    label: p.click.is_some(),
-                    clicked_at: p.click.as_ref().map(|c| c.0),
-                    joined_at_ms: now_ms,
-                    partition: p.source.0.1,
-                    offset: p.source.1,
-                    click_source: p.click.map(|c| c.1),
-                    event: p.event,
-                });
-            }
+    fn evict_oldest_orphan(&mut self, partition: i32) {
+        let Some((_, key)) = self.part(partition).orphans.pop_first() else { return };
+        if let Some(o) = self.orphans.remove(&key) {
+            self.bytes = self.bytes.saturating_sub(o.bytes);
+            self.release((self.clicks, partition), o.offset);
+            self.stats.orphans_evicted += 1;
         }
-        let expired: Vec<String> =
-            self.orphans.iter().filter(|(_, o)| all || o.expires_ms <= now_ms).map(|(id, _)| id.clone()).collect();
-        for id in expired {
-            if let Some(o) = self.orphans.remove(&id) {
-                self.release(o.source.0, o.source.1);
-                self.stats.unmatched_clicks += 1;
-            }
-        }
-        // Forget labelled impressions once no click could still be matched to them.
-        let horizon = now_ms - 2 * self.window_ms;
-        self.done.retain(|_, at| *at > horizon);
-        closing.len()
     }
 
-    /// Rows whose window has closed, not yet written.
+    fn remember_done(&mut self, key: u128, partition: i32, deadline_ms: i64, clicked: bool) {
+        // Remembered one more window (event time) after closing: a click
+        // until then is counted late, an impression re-delivered until then
+        // is a duplicate.
+        let forget_at = deadline_ms.saturating_add(self.rules.window_ms);
+        self.part(partition).done.insert((forget_at, key));
+        self.done.insert(key, Done { clicked });
+        self.bytes += DONE_BYTES;
+    }
+
+    /// Marks whether the consumer has read `topic`/`partition` up to its
+    /// high watermark (checked by the caller against the broker).
+    pub fn set_caught_up(&mut self, topic: &str, partition: i32, caught_up: bool) {
+        let is_clicks = topic == self.clicks;
+        let part = self.part(partition);
+        if is_clicks {
+            part.clicks_caught_up = caught_up;
+        } else {
+            part.impressions_caught_up = caught_up;
+        }
+    }
+
+    /// Advances every partition's watermarks to `now_ms`, labels impressions
+    /// whose window they passed, and expires orphan clicks and remembered
+    /// impressions. Returns the number of windows closed.
+    pub fn advance(&mut self, now_ms: i64) -> usize {
+        let lateness = self.rules.lateness_ms;
+        let partitions: Vec<i32> = self.parts.keys().copied().collect();
+        let mut closed = 0;
+        for k in partitions {
+            let (clicks_wm, impressions_wm) = {
+                let p = self.part(k);
+                let c = if p.clicks_caught_up { Some(now_ms) } else { p.max_clicked_ms };
+                let i = if p.impressions_caught_up { Some(now_ms) } else { p.max_served_ms };
+                if let Some(c) = c {
+                    p.clicks_wm = p.clicks_wm.max(c - lateness);
+                }
+                if let Some(i) = i {
+                    p.impressions_wm = p.impressions_wm.max(i - lateness);
+                }
+                (p.clicks_wm, p.impressions_wm)
+            };
+            closed += self.close_until(k, clicks_wm, now_ms);
+            while let Some(&(at, key)) = self.part(k).orphans.first() {
+                if at > impressions_wm {
+                    break;
+                }
+                self.part(k).orphans.pop_first();
+                if let Some(o) = self.orphans.remove(&key) {
+                    self.bytes = self.bytes.saturating_sub(o.bytes);
+                    self.release((self.clicks, k), o.offset);
+                    self.stats.unmatched_clicks += 1;
+                }
+            }
+            while let Some(&(at, key)) = self.part(k).done.first() {
+                if at > clicks_wm {
+                    break;
+                }
+                self.part(k).done.pop_first();
+                if self.done.remove(&key).is_some() {
+                    self.bytes = self.bytes.saturating_sub(DONE_BYTES);
+                }
+            }
+        }
+        if self.names.len() > 64 {
+            self.names.retain(|n| Arc::strong_count(n) > 1);
+        }
+        closed
+    }
+
+    fn close_until(&mut self, partition: i32, watermark: i64, now_ms: i64) -> usize {
+        let mut closed = 0;
+        while let Some(&(deadline, _, key)) = self.part(partition).windows.first() {
+            if deadline > watermark {
+                break;
+            }
+            self.part(partition).windows.pop_first();
+            self.close(partition, key, now_ms);
+            closed += 1;
+        }
+        closed
+    }
+
+    fn close(&mut self, partition: i32, key: u128, now_ms: i64) {
+        let Some(p) = self.pending.remove(&key) else { return };
+        self.bytes = self.bytes.saturating_sub(p.bytes);
+        let clicked = p.click.is_some();
+        let imp = (self.impressions, partition);
+        self.remember_done(key, partition, p.deadline_ms, clicked);
+        if clicked || kept(key, self.rules.negative_keep_rate) {
+            let mut releases = vec![(imp, p.offset)];
+            releases.extend(p.click.as_ref().map(|c| c.1));
+            // The final row takes the pending impression's event (no copy).
+            let row = LabelledRow {
+                label: clicked,
+                weight: 1.0,
+                keep_rate: self.rules.negative_keep_rate as f32,
+                clicked_at: p.click.map(|c| c.0),
+                kind: RowKind::Final,
+                joined_at_ms: now_ms,
+                partition,
+                offset: p.offset,
+                names: p.names,
+                event: p.event,
+                releases,
+                bytes: p.bytes,
+            };
+            self.bytes += row.bytes;
+            self.ready.push(row);
+        } else {
+            self.stats.downsampled += 1;
+            self.release(imp, p.offset);
+        }
+    }
+
+    /// Labels every pending impression now, whatever the watermark (tests and
+    /// demos; the gRPC Flush guards it), and drops every orphan click.
+    pub fn close_all(&mut self, now_ms: i64) -> usize {
+        let partitions: Vec<i32> = self.parts.keys().copied().collect();
+        let mut closed = 0;
+        for k in partitions {
+            closed += self.close_until(k, i64::MAX, now_ms);
+            while let Some((_, key)) = self.part(k).orphans.pop_first() {
+                if let Some(o) = self.orphans.remove(&key) {
+                    self.bytes = self.bytes.saturating_sub(o.bytes);
+                    self.release((self.clicks, k), o.offset);
+                    self.stats.unmatched_clicks += 1;
+                }
+            }
+        }
+        closed
+    }
+
+    /// Gives partition numbers up: every impression, click, row and offset of
+    /// theirs is forgotten (the next owner re-reads from the committed offset).
+    /// Write and commit what can be written first.
+    pub fn revoke(&mut self, partitions: &[i32]) {
+        for &k in partitions {
+            if let Some(part) = self.parts.remove(&k) {
+                for (_, _, key) in part.windows {
+                    if let Some(p) = self.pending.remove(&key) {
+                        self.bytes = self.bytes.saturating_sub(p.bytes);
+                    }
+                }
+                for (_, key) in part.orphans {
+                    if let Some(o) = self.orphans.remove(&key) {
+                        self.bytes = self.bytes.saturating_sub(o.bytes);
+                    }
+                }
+                for (_, key) in part.done {
+                    if self.done.remove(&key).is_some() {
+                        self.bytes = self.bytes.saturating_sub(DONE_BYTES);
+                    }
+                }
+            }
+            for topic in [self.impressions, self.clicks] {
+                self.inflight.remove(&(topic, k));
+                self.next.remove(&(topic, k));
+            }
+        }
+        let ready = std::mem::take(&mut self.ready);
+        for row in ready {
+            if partitions.contains(&row.partition) {
+                self.bytes = self.bytes.saturating_sub(row.bytes);
+            } else {
+                self.ready.push(row);
+            }
+        }
+        self.written.retain(|_, (p, _)| !partitions.contains(p));
+    }
+
+    /// Rows ready to be written.
     pub fn ready(&self) -> &[LabelledRow] {
         &self.ready
     }
@@ -239,11 +774,11 @@ impl Joiner {
     }
 
     /// Rows are in a durable file: their offsets may be committed.
-    pub fn mark_durable(&mut self, rows: &[LabelledRow], impressions: &'static str) {
+    pub fn mark_durable(&mut self, rows: &[LabelledRow]) {
         for r in rows {
-            self.release((impressions, r.partition), r.offset);
-            if let Some((tp, off)) = r.click_source {
-                self.release(tp, off);
+            self.bytes = self.bytes.saturating_sub(r.bytes);
+            for (tp, off) in &r.releases {
+                self.release(*tp, *off);
             }
         }
     }
@@ -265,6 +800,23 @@ impl Joiner {
         self.pending.len()
     }
 
+    /// Orphan clicks held.
+    pub fn orphans_len(&self) -> usize {
+        self.orphans.len()
+    }
+
+    /// Approximate bytes of state: pending impressions, orphan clicks,
+    /// remembered impressions and final rows not yet written.
+    pub fn state_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The lowest clicks watermark over the partitions this joiner holds
+    /// (ms), if any is known: windows up to it are closed.
+    pub fn watermark_ms(&self) -> Option<i64> {
+        self.parts.values().map(|p| p.clicks_wm).filter(|w| *w > i64::MIN).min()
+    }
+
     /// Counters.
     pub fn stats(&self) -> JoinStats {
         self.stats
@@ -272,134 +824,4 @@ impl Joiner {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use adserve_proto::v1::FeatureRow;
-
-    const IMP: &str = "imps";
-    const CLK: &str = "clicks";
-
-    fn ts(ms: i64) -> Timestamp {
-        Timestamp { seconds: ms / 1000, nanos: ((ms % 1000) * 1_000_000) as i32 }
-    }
-
-    fn imp(id: &str, served_ms: i64) -> ImpressionEvent {
-        ImpressionEvent {
-            impression_id: id.into(),
-            served_at: Some(ts(served_ms)),
-            features: Some(FeatureRow { names: vec!["f".into()], values: vec![1.0] }),
-            ..Default::default()
-        }
-    }
-
-    fn click(id: &str, at_ms: i64) -> ClickEvent {
-        ClickEvent { click_id: format!("c-{id}"), impression_id: id.into(), clicked_at: Some(ts(at_ms)) }
-    }
-
-    fn commit_of(j: &Joiner, topic: &'static str) -> i64 {
-        j.committable().into_iter().find(|(tp, _)| tp.0 == topic).map(|(_, o)| o).unwrap()
-    }
-
-    #[test]
-    fn click_within_window_labels_one() {
-        let mut j = Joiner::new(1000);
-        j.on_impression(imp("a", 10_000), (IMP, 0), 0);
-        j.on_click(click("a", 10_500), (CLK, 0), 0, 10_500);
-        assert_eq!(j.close_windows(10_999, false), 0, "window still open");
-        assert_eq!(j.close_windows(11_000, false), 1);
-        let rows = j.take_ready(10);
-        assert!(rows[0].label);
-        assert_eq!(rows[0].clicked_at, Some(ts(10_500)));
-    }
-
-    #[test]
-    fn no_click_labels_zero_when_the_window_closes() {
-        let mut j = Joiner::new(1000);
-        j.on_impression(imp("a", 0), (IMP, 0), 0);
-        j.close_windows(1000, false);
-        assert!(!j.take_ready(10)[0].label);
-    }
-
-    #[test]
-    fn late_click_after_window_is_counted_not_joined() {
-        let mut j = Joiner::new(1000);
-        j.on_impression(imp("a", 0), (IMP, 0), 0);
-        j.on_click(click("a", 5000), (CLK, 0), 0, 5000);
-        j.close_windows(5000, false);
-        assert!(!j.take_ready(10)[0].label);
-        assert_eq!(j.stats().late_clicks, 1);
-        // A click for an already-labelled impression is late too.
-        j.on_click(click("a", 5001), (CLK, 0), 1, 5001);
-        assert_eq!(j.stats().late_clicks, 2);
-    }
-
-    #[test]
-    fn click_before_impression_is_held_and_joined() {
-        let mut j = Joiner::new(1000);
-        j.on_click(click("a", 100), (CLK, 0), 0, 100);
-        assert_eq!(commit_of(&j, CLK), 0, "orphan click stays uncommitted");
-        j.on_impression(imp("a", 50), (IMP, 0), 0);
-        j.close_windows(2000, false);
-        assert!(j.take_ready(10)[0].label);
-    }
-
-    #[test]
-    fn unmatched_click_expires_and_is_released() {
-        let mut j = Joiner::new(1000);
-        j.on_click(click("ghost", 0), (CLK, 0), 7, 0);
-        j.close_windows(1000, false);
-        assert_eq!(j.stats().unmatched_clicks, 1);
-        assert_eq!(commit_of(&j, CLK), 8);
-    }
-
-    #[test]
-    fn offsets_commit_only_after_rows_are_durable() {
-        let mut j = Joiner::new(1000);
-        j.on_impression(imp("a", 0), (IMP, 0), 0);
-        j.on_impression(imp("b", 500), (IMP, 0), 1);
-        j.on_click(click("a", 100), (CLK, 0), 0, 100);
-        assert_eq!(commit_of(&j, IMP), 0);
-        j.close_windows(1000, false); // only "a" closes
-        let rows = j.take_ready(10);
-        assert_eq!(commit_of(&j, IMP), 0, "taken but not durable");
-        j.mark_durable(&rows, IMP);
-        assert_eq!(commit_of(&j, IMP), 1, "b still pending");
-        assert_eq!(commit_of(&j, CLK), 1, "a's click is durable with its row");
-        j.close_windows(1500, false);
-        let rows = j.take_ready(10);
-        j.mark_durable(&rows, IMP);
-        assert_eq!(commit_of(&j, IMP), 2);
-    }
-
-    #[test]
-    fn duplicate_impressions_produce_one_row() {
-        let mut j = Joiner::new(1000);
-        j.on_impression(imp("a", 0), (IMP, 0), 0);
-        j.on_impression(imp("a", 0), (IMP, 0), 1);
-        j.close_windows(1000, true);
-        assert_eq!(j.take_ready(10).len(), 1);
-        assert_eq!(j.stats().duplicates, 1);
-    }
-
-    #[test]
-    fn impressions_written_before_a_restart_are_not_written_again() {
-        let mut j = Joiner::new(1000);
-        j.preload_written(["a".to_string()], 0);
-        j.on_impression(imp("a", 0), (IMP, 0), 0);
-        j.close_windows(5000, true);
-        assert!(j.take_ready(10).is_empty());
-        assert_eq!(commit_of(&j, IMP), 1);
-    }
-
-    #[test]
-    fn failed_write_restores_rows_in_order() {
-        let mut j = Joiner::new(10);
-        j.on_impression(imp("a", 0), (IMP, 0), 0);
-        j.on_impression(imp("b", 0), (IMP, 0), 1);
-        j.close_windows(100, false);
-        let rows = j.take_ready(1);
-        j.restore(rows);
-        assert_eq!(j.ready().len(), 2);
-        assert_eq!(commit_of(&j, IMP), 0);
-    }
-}
+mod tests;

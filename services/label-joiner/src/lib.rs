@@ -12,7 +12,8 @@ pub mod join;
 pub mod runner;
 pub mod service;
 pub mod sink;
+pub mod store;
 
 pub use config::LabelJoinerConfig;
-pub use join::{Joiner, LabelledRow};
+pub use join::{JoinRules, Joiner, LabelledRow, Mode, RowKind};
 pub use sink::ParquetSink;

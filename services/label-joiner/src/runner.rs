@@ -1,17 +1,34 @@
-//! The consume -> join -> write -> commit loop.
+//! The consume -> join -> write -> commit loop, and what happens when the
+//! group rebalances.
+//!
+//! The join state lives in a [`Core`] shared (behind a mutex that is never
+//! held across an `.await`) between the loop and the consumer's
+//! [`JoinContext`]: librdkafka calls the context's rebalance hook from inside
+//! `recv()`, and before partitions are revoked the hook writes every ready
+//! row, commits what the partitions owe and forgets their state; when
+//! partitions are assigned it reads the files for rows the previous owner
+//! wrote past the committed offsets, so none is written twice.
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration, time::Instant};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
 
-use adserve_core::{Lifecycle, Shutdown};
+use adserve_core::{Lifecycle, Readiness, Shutdown};
 use adserve_events::{CLICKS_TOPIC, EventPublisher, IMPRESSIONS_TOPIC, decode_click, decode_impression};
 use backon::Retryable as _;
 use rdkafka::{
-    Message, Offset, TopicPartitionList,
-    consumer::{CommitMode, Consumer, StreamConsumer},
+    ClientContext, Message, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Joiner, LabelJoinerConfig, ParquetSink, sink};
+use crate::{
+    Joiner, LabelJoinerConfig, ParquetSink,
+    join::{LabelledRow, RowKind, TopicPartition, millis},
+    sink::{self, SinkError},
+};
 
 /// What the gRPC service can ask of the loop.
 #[derive(Debug)]
@@ -28,8 +45,8 @@ pub enum Command {
 /// What one flush wrote.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Flushed {
-    /// The last file written, if any.
-    pub file: Option<PathBuf>,
+    /// The last file written (path or URL), if any.
+    pub file: Option<String>,
     /// Rows written, across every file.
     pub rows: usize,
 }
@@ -45,14 +62,22 @@ pub struct Status {
     pub rows_written: u64,
     /// Files written.
     pub files_written: u64,
-    /// Clicks joined.
-    pub clicks_joined: u64,
-    /// Late clicks.
-    pub late_clicks: u64,
     /// Dead-lettered messages.
     pub dead_lettered: u64,
     /// Last successful commit.
     pub last_commit: Option<std::time::SystemTime>,
+    /// The join's counters.
+    pub join: crate::join::JoinStats,
+    /// Orphan clicks held.
+    pub orphans: u64,
+    /// Lowest clicks watermark (ms).
+    pub watermark_ms: Option<i64>,
+    /// Impressions partitions owned.
+    pub partitions: Vec<i32>,
+    /// Reading impressions is paused (memory budget).
+    pub paused: bool,
+    /// Approximate bytes of join state.
+    pub state_bytes: u64,
 }
 
 /// Why the loop stopped.
@@ -70,6 +95,17 @@ pub enum RunError {
     /// The consumer could not be created.
     #[error("kafka: creating the consumer: {0}")]
     Consumer(#[source] adserve_events::EventError),
+    /// The two topics are not co-partitioned, so a click could land on a
+    /// partition whose impression another instance owns.
+    #[error(
+        "{IMPRESSIONS_TOPIC} has {impressions} partitions but {CLICKS_TOPIC} has {clicks}: the topics must be co-partitioned"
+    )]
+    NotCoPartitioned {
+        /// Impressions partitions.
+        impressions: usize,
+        /// Clicks partitions.
+        clicks: usize,
+    },
     /// A poison message could not be dead-lettered after retries; it is not
     /// skipped, and [`supervise`] starts over from the committed offsets.
     #[error("dead-letter publish failed: {0}")]
@@ -94,9 +130,13 @@ pub enum RunError {
     /// The loop stopped before answering.
     #[error("the join loop has stopped")]
     Stopped,
-    /// Writing Parquet failed.
+    /// The dataset location cannot be used (e.g. a malformed `output_url`).
+    #[error("output: {0}")]
+    Config(String),
+    /// Writing Parquet failed. Only [`SinkError::Ambiguous`] stops the
+    /// process; other failures keep the rows buffered and are retried.
     #[error(transparent)]
-    Sink(#[from] sink::SinkError),
+    Sink(#[from] SinkError),
 }
 
 fn now_ms() -> i64 {
@@ -107,56 +147,307 @@ fn topic_of(name: &str) -> Option<&'static str> {
     [IMPRESSIONS_TOPIC, CLICKS_TOPIC].into_iter().find(|t| *t == name)
 }
 
-/// The running joiner.
-pub struct Runner {
-    consumer: Arc<StreamConsumer>,
-    publisher: EventPublisher,
+const SINK_DEPENDENCY: &str = "parquet sink";
+
+/// Join state, the sink and what was committed: shared by the loop and the
+/// rebalance hook.
+pub struct Core {
     joiner: Joiner,
     sink: ParquetSink,
-    status: Arc<std::sync::Mutex<Status>>,
-    flush_interval: Duration,
+    status: Arc<Mutex<Status>>,
+    readiness: Readiness,
     max_rows: usize,
+    /// Where each assigned partition started (its committed offset, or the
+    /// low watermark without one): the position until a message is read.
+    assigned: HashMap<TopicPartition, i64>,
+    last_committed: Vec<(TopicPartition, i64)>,
+}
+
+impl Core {
+    /// Writes every ready row, one file per hour and feature list. Rows of a
+    /// failed file go back to the buffer (with every row after them).
+    fn write_ready(&mut self) -> Result<Flushed, SinkError> {
+        let mut flushed = Flushed::default();
+        let rows = self.joiner.take_ready(usize::MAX);
+        if rows.is_empty() {
+            return Ok(flushed);
+        }
+        let mut groups = sink::groups(rows).into_iter();
+        while let Some(mut group) = groups.next() {
+            while !group.is_empty() {
+                let rest = group.split_off(group.len().min(self.max_rows));
+                match self.sink.write(&group) {
+                    Ok(path) => {
+                        self.joiner.mark_durable(&group);
+                        self.record_written(&group, &path);
+                        flushed.rows += group.len();
+                        flushed.file = Some(path);
+                        group = rest;
+                    }
+                    Err(e) => {
+                        group.extend(rest);
+                        group.extend(groups.flatten());
+                        self.joiner.restore(group);
+                        metrics::counter!("adserve_label_joiner_write_errors_total").increment(1);
+                        self.readiness.set(SINK_DEPENDENCY, Some(e.to_string()));
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        self.readiness.set(SINK_DEPENDENCY, None);
+        Ok(flushed)
+    }
+
+    fn record_written(&self, rows: &[LabelledRow], location: &str) {
+        let now = now_ms();
+        for kind in RowKind::ALL {
+            let n = rows.iter().filter(|r| r.kind == kind).count();
+            if n > 0 {
+                metrics::counter!("adserve_label_joiner_rows_written_total", "kind" => kind.as_str())
+                    .increment(n as u64);
+            }
+        }
+        let lag = metrics::histogram!("adserve_label_joiner_join_lag_seconds");
+        for r in rows.iter().filter(|r| r.kind == RowKind::Final) {
+            let served = r.event.served_at.as_ref().map(millis).unwrap_or(now);
+            lag.record((now - served).max(0) as f64 / 1000.0);
+        }
+        metrics::counter!("adserve_label_joiner_files_written_total").increment(1);
+        if let Ok(mut s) = self.status.lock() {
+            s.rows_written += rows.len() as u64;
+            s.files_written += 1;
+        }
+        tracing::debug!(file = %location, rows = rows.len(), "parquet file written");
+    }
+
+    /// Positions to commit (all partitions, or only `only`), if they changed.
+    fn to_commit(&self, only: Option<&[i32]>) -> Option<(Vec<(TopicPartition, i64)>, TopicPartitionList)> {
+        let mut positions: Vec<(TopicPartition, i64)> =
+            self.joiner.committable().into_iter().filter(|((_, p), _)| only.is_none_or(|o| o.contains(p))).collect();
+        positions.sort();
+        if positions.is_empty() || (only.is_none() && positions == self.last_committed) {
+            return None;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in &positions {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)).ok()?;
+        }
+        Some((positions, tpl))
+    }
+
+    fn committed(&mut self, positions: Vec<(TopicPartition, i64)>) {
+        self.last_committed = positions;
+        if let Ok(mut s) = self.status.lock() {
+            s.last_commit = Some(std::time::SystemTime::now());
+        }
+    }
+
+    fn publish_status(&self, paused: bool) {
+        let stats = self.joiner.stats();
+        let pending = self.joiner.pending_len();
+        metrics::gauge!("adserve_label_joiner_pending_impressions").set(pending as f64);
+        metrics::gauge!("adserve_label_joiner_orphan_clicks").set(self.joiner.orphans_len() as f64);
+        metrics::gauge!("adserve_label_joiner_state_bytes").set(self.joiner.state_bytes() as f64);
+        metrics::gauge!("adserve_label_joiner_paused").set(if paused { 1.0 } else { 0.0 });
+        let watermark = self.joiner.watermark_ms();
+        if let Some(wm) = watermark {
+            metrics::gauge!("adserve_label_joiner_watermark_lag_seconds").set((now_ms() - wm).max(0) as f64 / 1000.0);
+        }
+        for (name, value) in [
+            ("adserve_label_joiner_clicks_joined_total", stats.clicks_joined),
+            ("adserve_label_joiner_late_clicks_total", stats.late_clicks),
+            ("adserve_label_joiner_unmatched_clicks_total", stats.unmatched_clicks),
+            ("adserve_label_joiner_orphans_evicted_total", stats.orphans_evicted),
+            ("adserve_label_joiner_clicks_before_impression_total", stats.clicks_before_impression),
+            ("adserve_label_joiner_duplicates_total", stats.duplicates),
+            ("adserve_label_joiner_downsampled_total", stats.downsampled),
+            ("adserve_label_joiner_already_written_total", stats.already_written),
+        ] {
+            metrics::counter!(name).absolute(value);
+        }
+        let mut partitions: Vec<i32> =
+            self.assigned.keys().filter(|(t, _)| *t == IMPRESSIONS_TOPIC).map(|(_, p)| *p).collect();
+        partitions.sort_unstable();
+        if let Ok(mut s) = self.status.lock() {
+            s.pending = pending as u64;
+            s.buffered = self.joiner.ready().len() as u64;
+            s.join = stats;
+            s.orphans = self.joiner.orphans_len() as u64;
+            s.watermark_ms = watermark;
+            s.partitions = partitions;
+            s.paused = paused;
+            s.state_bytes = self.joiner.state_bytes() as u64;
+        }
+    }
+}
+
+fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
+    // A panic while holding the lock leaves consistent-enough state for a
+    // restart from committed offsets; never propagate the poison.
+    core.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The consumer's context: flushes and commits before partitions go, reads
+/// the files before partitions come.
+pub struct JoinContext {
+    core: Arc<Mutex<Core>>,
+}
+
+impl ClientContext for JoinContext {}
+
+impl ConsumerContext for JoinContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => self.revoke(consumer, tpl),
+            Rebalance::Assign(tpl) => self.assign(consumer, tpl),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
+    let mut parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+    parts.sort_unstable();
+    parts.dedup();
+    parts
+}
+
+impl JoinContext {
+    fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let parts = partitions_of(tpl);
+        metrics::counter!("adserve_label_joiner_rebalances_total", "change" => "revoke").increment(1);
+        let mut core = lock(&self.core);
+        let before = core.joiner.pending_len();
+        // Rows whose window closed are written now; open windows are the next
+        // owner's (it re-reads them from the committed offsets).
+        match core.write_ready() {
+            Ok(f) if f.rows > 0 => tracing::info!(rows = f.rows, "wrote ready rows before giving partitions up"),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "write before revocation failed; the next owner re-reads those rows"),
+        }
+        if let Some((positions, commit)) = core.to_commit(Some(&parts)) {
+            match consumer.commit(&commit, CommitMode::Sync) {
+                Ok(()) => core.committed(positions),
+                Err(e) => tracing::warn!(error = %e, "commit before revocation failed; the next owner re-reads more"),
+            }
+        }
+        core.joiner.revoke(&parts);
+        core.assigned.retain(|(_, p), _| !parts.contains(p));
+        tracing::info!(
+            partitions = ?parts,
+            dropped_pending = before - core.joiner.pending_len(),
+            "partitions revoked"
+        );
+        core.publish_status(false);
+    }
+
+    fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        metrics::counter!("adserve_label_joiner_rebalances_total", "change" => "assign").increment(1);
+        let committed = match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            Ok(c) => c,
+            Err(e) => {
+                // Without the committed offsets the files cannot be matched:
+                // treat every row of these partitions as possibly written.
+                tracing::warn!(error = %e, "reading committed offsets on assignment failed; scanning from 0");
+                tpl.clone()
+            }
+        };
+        let mut from: HashMap<TopicPartition, i64> = HashMap::new();
+        for e in committed.elements() {
+            let Some(topic) = topic_of(e.topic()) else { continue };
+            let offset = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => consumer.fetch_watermarks(topic, e.partition(), Duration::from_secs(5)).map_or(0, |(low, _)| low),
+            };
+            from.insert((topic, e.partition()), offset);
+        }
+        let impressions: HashMap<i32, i64> =
+            from.iter().filter(|((t, _), _)| *t == IMPRESSIONS_TOPIC).map(|((_, p), o)| (*p, *o)).collect();
+        let mut core = lock(&self.core);
+        match core.sink.written_since(&impressions) {
+            Ok(written) => {
+                if !written.is_empty() {
+                    tracing::info!(
+                        rows = written.len(),
+                        "rows written before the last commit will not be written again"
+                    );
+                }
+                core.joiner.preload_written(written);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list the dataset; rows past the committed offsets may repeat")
+            }
+        }
+        tracing::info!(partitions = ?partitions_of(tpl), "partitions assigned");
+        core.assigned.extend(from);
+        core.publish_status(false);
+    }
+}
+
+/// The running joiner.
+pub struct Runner {
+    consumer: Arc<StreamConsumer<JoinContext>>,
+    core: Arc<Mutex<Core>>,
+    publisher: EventPublisher,
+    status: Arc<Mutex<Status>>,
+    flush_interval: Duration,
+    budget: usize,
+    pause_before_commit: Duration,
+    paused: bool,
     last_flush: Instant,
-    last_committed: Vec<((&'static str, i32), i64)>,
 }
 
 impl Runner {
-    /// Subscribes to both topics and recovers what an earlier run wrote but
-    /// did not commit.
+    /// Checks the topics are co-partitioned and subscribes to both.
     pub async fn start(
         config: &LabelJoinerConfig,
-        status: Arc<std::sync::Mutex<Status>>,
+        status: Arc<Mutex<Status>>,
         publisher: EventPublisher,
+        readiness: Readiness,
     ) -> Result<Self, RunError> {
-        let consumer = Arc::new(config.kafka.consumer(&config.group_id).map_err(RunError::Consumer)?);
-        let sink = ParquetSink::new(&config.output_dir)?;
-        let during = "reading committed offsets";
-        let committed = {
+        let core = Arc::new(Mutex::new(Core {
+            joiner: Joiner::new(config.rules(), IMPRESSIONS_TOPIC, CLICKS_TOPIC),
+            sink: ParquetSink::with_target(config.target().map_err(RunError::Config)?),
+            status: status.clone(),
+            readiness,
+            max_rows: config.max_rows_per_file,
+            assigned: HashMap::new(),
+            last_committed: Vec::new(),
+        }));
+        let context = JoinContext { core: core.clone() };
+        let consumer =
+            Arc::new(config.kafka.consumer_with_context(&config.group_id, context).map_err(RunError::Consumer)?);
+        let during = "reading topic metadata";
+        let counts = {
             let consumer = consumer.clone();
-            tokio::task::spawn_blocking(move || committed_impression_offsets(&consumer))
-                .await
-                .map_err(|source| RunError::Task { during, source })?
-                .map_err(|source| RunError::Kafka { during, source })?
+            tokio::task::spawn_blocking(move || -> Result<(usize, usize), rdkafka::error::KafkaError> {
+                let count = |topic: &str| -> Result<usize, rdkafka::error::KafkaError> {
+                    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+                    Ok(md.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len()))
+                };
+                Ok((count(IMPRESSIONS_TOPIC)?, count(CLICKS_TOPIC)?))
+            })
+            .await
+            .map_err(|source| RunError::Task { during, source })?
+            .map_err(|source| RunError::Kafka { during, source })?
         };
-        let mut joiner = Joiner::new(config.label_window.as_millis().try_into().unwrap_or(u64::MAX));
-        let written = sink::written_since(sink.dir(), &committed)?;
-        if !written.is_empty() {
-            tracing::info!(rows = written.len(), "rows written before the last commit will not be written again");
+        if counts.0 != counts.1 && counts.0 > 0 && counts.1 > 0 {
+            return Err(RunError::NotCoPartitioned { impressions: counts.0, clicks: counts.1 });
         }
-        joiner.preload_written(written, now_ms());
         consumer
             .subscribe(&[IMPRESSIONS_TOPIC, CLICKS_TOPIC])
             .map_err(|source| RunError::Kafka { during: "subscribing", source })?;
         Ok(Self {
             consumer,
+            core,
             publisher,
-            joiner,
-            sink,
             status,
             flush_interval: config.flush_interval,
-            max_rows: config.max_rows_per_file,
+            budget: config.memory_budget_bytes,
+            pause_before_commit: config.test_pause_before_commit,
+            paused: false,
             last_flush: Instant::now(),
-            last_committed: Vec::new(),
         })
     }
 
@@ -164,7 +455,7 @@ impl Runner {
     /// leaves the group. Commands (Flush) come from `commands`, which outlives
     /// the runner so a replacement keeps serving them.
     pub async fn run(mut self, shutdown: &Shutdown, commands: &mut mpsc::Receiver<Command>) -> Result<(), RunError> {
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -190,21 +481,7 @@ impl Runner {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 },
-                _ = tick.tick() => {
-                    if self.clicks_caught_up().await {
-                        self.joiner.close_windows(now_ms(), false);
-                    }
-                    let due = self.joiner.ready().len() >= self.max_rows
-                        || (!self.joiner.ready().is_empty() && self.last_flush.elapsed() >= self.flush_interval);
-                    if due {
-                        if let Err(e) = self.flush(false).await {
-                            tracing::error!(error = %e, "flush failed; rows stay buffered and offsets uncommitted");
-                        }
-                    } else {
-                        self.commit().await;
-                    }
-                    self.publish_status();
-                }
+                _ = tick.tick() => self.on_tick().await?,
                 Some(cmd) = commands.recv() => match cmd {
                     Command::Flush { close_open_windows, reply } => {
                         let _ = reply.send(self.flush(close_open_windows).await);
@@ -214,14 +491,86 @@ impl Runner {
             }
         }
         // Rows whose window closed are written; open windows are re-read after restart.
-        if self.clicks_caught_up().await {
-            self.joiner.close_windows(now_ms(), false);
-        }
+        self.advance().await;
         if let Err(e) = self.flush(false).await {
             tracing::error!(error = %e, "final flush failed; rows will be re-read after restart");
         }
         self.consumer.unsubscribe();
         Ok(())
+    }
+
+    async fn on_tick(&mut self) -> Result<(), RunError> {
+        self.advance().await;
+        let ready = lock(&self.core).joiner.ready().len();
+        let due = ready > 0 && self.last_flush.elapsed() >= self.flush_interval;
+        if due {
+            match self.flush(false).await {
+                Ok(_) => {}
+                Err(e @ RunError::Sink(SinkError::Ambiguous { .. })) => return Err(e),
+                Err(e) => tracing::error!(error = %e, "flush failed; rows stay buffered and offsets uncommitted"),
+            }
+        } else {
+            self.commit().await;
+        }
+        self.apply_budget();
+        lock(&self.core).publish_status(self.paused);
+        Ok(())
+    }
+
+    /// Marks which partitions are read to their end, then closes the windows
+    /// the watermarks passed.
+    async fn advance(&mut self) {
+        let assigned = lock(&self.core).assigned.clone();
+        let consumer = self.consumer.clone();
+        let caught_up = tokio::task::spawn_blocking(move || caught_up(&consumer, &assigned)).await;
+        let mut core = lock(&self.core);
+        match caught_up {
+            Ok(Ok(flags)) => {
+                for (topic, partition, flag) in flags {
+                    core.joiner.set_caught_up(topic, partition, flag);
+                }
+            }
+            Ok(Err(e)) => {
+                // Unknown: event time alone moves the watermarks meanwhile.
+                tracing::debug!(error = %e, "reading high watermarks failed");
+                for (topic, partition) in core.assigned.keys().copied().collect::<Vec<_>>() {
+                    core.joiner.set_caught_up(topic, partition, false);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "watermark task failed"),
+        }
+        core.joiner.advance(now_ms());
+    }
+
+    /// Stops reading impressions while the join state is over budget
+    /// (clicks are still read, so windows keep closing and rows keep leaving).
+    fn apply_budget(&mut self) {
+        let (bytes, impressions) = {
+            let core = lock(&self.core);
+            let mut tpl = TopicPartitionList::new();
+            for (topic, partition) in core.assigned.keys() {
+                if *topic == IMPRESSIONS_TOPIC {
+                    tpl.add_partition(topic, *partition);
+                }
+            }
+            (core.joiner.state_bytes(), tpl)
+        };
+        if bytes > self.budget {
+            if !self.paused {
+                tracing::warn!(bytes, budget = self.budget, "join state over its memory budget; pausing impressions");
+            }
+            if let Err(e) = self.consumer.pause(&impressions) {
+                tracing::warn!(error = %e, "pausing impressions failed");
+            }
+            self.paused = true;
+        } else if self.paused && bytes < self.budget / 10 * 8 {
+            if let Err(e) = self.consumer.resume(&impressions) {
+                tracing::warn!(error = %e, "resuming impressions failed");
+                return;
+            }
+            tracing::info!(bytes, "join state back under budget; reading impressions again");
+            self.paused = false;
+        }
     }
 
     async fn handle(
@@ -233,15 +582,22 @@ impl Runner {
         payload: &[u8],
     ) -> Result<(), RunError> {
         let Some(tp) = topic_of(topic) else { return Ok(()) };
-        let decoded = if tp == IMPRESSIONS_TOPIC {
-            decode_impression(payload).map(|e| self.joiner.on_impression(e, (tp, partition), offset))
-        } else {
-            decode_click(payload).map(|c| self.joiner.on_click(c, (tp, partition), offset, now_ms()))
+        let now = now_ms();
+        let refused = {
+            let mut core = lock(&self.core);
+            if tp == IMPRESSIONS_TOPIC {
+                decode_impression(payload)
+                    .map_err(|e| e.to_string())
+                    .and_then(|e| core.joiner.on_impression(e, partition, offset, now).map_err(|r| r.to_string()))
+            } else {
+                decode_click(payload)
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| core.joiner.on_click(c, partition, offset, now).map_err(|r| r.to_string()))
+            }
         };
-        if let Err(reason) = decoded {
-            let reason = reason.to_string();
+        if let Err(reason) = refused {
             let source = format!("{topic}/{partition}/{offset}");
-            tracing::warn!(%source, %reason, "poison message; dead-lettering");
+            tracing::warn!(%source, %reason, "refused message; dead-lettering");
             // The message is skipped only once the dead-letter topic has it.
             let publisher = self.publisher.clone();
             (|| publisher.dead_letter(&source, key, payload, &reason))
@@ -255,8 +611,8 @@ impl Runner {
                 .notify(|e, after| tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "dead-letter publish failed"))
                 .await
                 .map_err(RunError::DeadLetter)?;
-            self.joiner.skip((tp, partition), offset);
-            metrics::counter!("adserve_label_joiner_dead_lettered_total").increment(1);
+            lock(&self.core).joiner.skip((tp, partition), offset);
+            metrics::counter!("adserve_label_joiner_dead_lettered_total", "topic" => tp).increment(1);
             if let Ok(mut s) = self.status.lock() {
                 s.dead_lettered += 1;
             }
@@ -265,100 +621,54 @@ impl Runner {
         Ok(())
     }
 
-    /// True when every clicks partition has been read up to its high
-    /// watermark: only then may a window close without missing a click that
-    /// is already in the log (matters when catching up after downtime).
-    async fn clicks_caught_up(&self) -> bool {
-        let consumer = self.consumer.clone();
-        tokio::task::spawn_blocking(move || -> Result<bool, rdkafka::error::KafkaError> {
-            let positions = consumer.position()?;
-            let assigned = consumer.assignment()?;
-            for el in assigned.elements_for_topic(CLICKS_TOPIC) {
-                let (_, high) = consumer.fetch_watermarks(CLICKS_TOPIC, el.partition(), Duration::from_secs(1))?;
-                let pos = positions.find_partition(CLICKS_TOPIC, el.partition()).and_then(|p| match p.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                });
-                if high > 0 && pos.is_none_or(|p| p < high) {
-                    return Ok(false);
-                }
-            }
-            Ok(true)
-        })
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or(false)
-    }
-
     async fn flush(&mut self, close_open_windows: bool) -> Result<Flushed, RunError> {
-        if close_open_windows {
-            self.joiner.close_windows(now_ms(), true);
-        }
-        let mut last = None;
-        let mut total = 0;
-        while !self.joiner.ready().is_empty() {
-            let rows = self.joiner.take_ready(self.max_rows);
-            match self.sink.write(&rows) {
-                Ok(path) => {
-                    self.joiner.mark_durable(&rows, IMPRESSIONS_TOPIC);
-                    metrics::counter!("adserve_label_joiner_rows_written_total").increment(rows.len() as u64);
-                    metrics::counter!("adserve_label_joiner_files_written_total").increment(1);
-                    if let Ok(mut s) = self.status.lock() {
-                        s.rows_written += rows.len() as u64;
-                        s.files_written += 1;
-                    }
-                    tracing::info!(file = %path.display(), rows = rows.len(), "parquet file written");
-                    total += rows.len();
-                    last = Some(path);
-                }
-                Err(e) => {
-                    self.joiner.restore(rows);
-                    return Err(e.into());
-                }
+        let written = {
+            let mut core = lock(&self.core);
+            if close_open_windows {
+                core.joiner.close_all(now_ms());
             }
-        }
+            core.write_ready()
+        };
         self.last_flush = Instant::now();
+        let flushed = written?;
+        if flushed.rows > 0 && !self.pause_before_commit.is_zero() {
+            tokio::time::sleep(self.pause_before_commit).await;
+        }
         self.commit().await;
-        self.publish_status();
-        Ok(Flushed { file: last, rows: total })
+        lock(&self.core).publish_status(self.paused);
+        Ok(flushed)
     }
 
     async fn commit(&mut self) {
-        let mut positions = self.joiner.committable();
-        positions.sort();
-        if positions.is_empty() || positions == self.last_committed {
-            return;
-        }
-        let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), offset) in &positions {
-            if tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)).is_err() {
-                return;
-            }
-        }
+        let Some((positions, tpl)) = lock(&self.core).to_commit(None) else { return };
         let consumer = self.consumer.clone();
         match tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync)).await {
-            Ok(Ok(())) => {
-                self.last_committed = positions;
-                if let Ok(mut s) = self.status.lock() {
-                    s.last_commit = Some(std::time::SystemTime::now());
-                }
-            }
+            Ok(Ok(())) => lock(&self.core).committed(positions),
             Ok(Err(e)) => tracing::warn!(error = %e, "offset commit failed; will retry"),
             Err(e) => tracing::warn!(error = %e, "offset commit task failed"),
         }
     }
+}
 
-    fn publish_status(&self) {
-        let stats = self.joiner.stats();
-        metrics::gauge!("adserve_label_joiner_pending_impressions").set(self.joiner.pending_len() as f64);
-        if let Ok(mut s) = self.status.lock() {
-            s.pending = self.joiner.pending_len() as u64;
-            s.buffered = self.joiner.ready().len() as u64;
-            s.clicks_joined = stats.clicks_joined;
-            s.late_clicks = stats.late_clicks;
-        }
+/// For each assigned topic-partition: whether the consumer has read it to
+/// its high watermark. A partition nothing was read from yet counts from
+/// where it was assigned (its committed offset), so a quiet topic after a
+/// restart is caught up, not behind.
+fn caught_up(
+    consumer: &StreamConsumer<JoinContext>,
+    assigned: &HashMap<TopicPartition, i64>,
+) -> Result<Vec<(&'static str, i32, bool)>, rdkafka::error::KafkaError> {
+    let positions = consumer.position()?;
+    let mut flags = Vec::with_capacity(assigned.len());
+    for (&(topic, partition), &from) in assigned {
+        let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(1))?;
+        let position = match positions.find_partition(topic, partition).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => from.max(low),
+        };
+        flags.push((topic, partition, position >= high));
     }
+    Ok(flags)
 }
 
 /// Runs the join loop until shutdown, replacing it (consumer, producer
@@ -366,11 +676,11 @@ impl Runner {
 /// broker unreachable at start, dead-lettering that keeps failing. Each
 /// replacement starts from the committed offsets and the files already
 /// written, exactly as a process restart would, after a jittered exponential
-/// backoff; readiness reports the consumer down meanwhile. Only a failure of
-/// the Parquet sink (the output directory) stops the process.
+/// backoff; readiness reports the consumer down meanwhile. Only a sink
+/// failure that leaves a file's fate unknown stops the process.
 pub async fn supervise(
     config: &LabelJoinerConfig,
-    status: Arc<std::sync::Mutex<Status>>,
+    status: Arc<Mutex<Status>>,
     publisher: EventPublisher,
     lifecycle: &Lifecycle,
     mut commands: mpsc::Receiver<Command>,
@@ -378,7 +688,7 @@ pub async fn supervise(
     const DEPENDENCY: &str = "kafka consumer";
     let mut backoff = config.kafka.recovery_backoff();
     loop {
-        let result = match Runner::start(config, status.clone(), publisher.clone()).await {
+        let result = match Runner::start(config, status.clone(), publisher.clone(), lifecycle.readiness.clone()).await {
             Ok(runner) => {
                 lifecycle.readiness.set(DEPENDENCY, None);
                 let started = Instant::now();
@@ -411,32 +721,3 @@ pub async fn supervise(
 /// How long a join loop must run before its failure counts as a new
 /// incident (backoff starts over) rather than a crash loop (backoff grows).
 pub const HEALTHY_RUN: Duration = Duration::from_secs(30);
-
-/// Committed offsets of the impressions topic's partitions for this group.
-fn committed_impression_offsets(consumer: &StreamConsumer) -> Result<HashMap<i32, i64>, rdkafka::error::KafkaError> {
-    let timeout = Duration::from_secs(5);
-    let metadata = consumer.fetch_metadata(Some(IMPRESSIONS_TOPIC), timeout)?;
-    let mut tpl = TopicPartitionList::new();
-    for topic in metadata.topics() {
-        for p in topic.partitions() {
-            tpl.add_partition(topic.name(), p.id());
-        }
-    }
-    if tpl.count() == 0 {
-        return Ok(HashMap::new());
-    }
-    let committed = consumer.committed_offsets(tpl, timeout)?;
-    Ok(committed
-        .elements()
-        .iter()
-        .map(|e| {
-            (
-                e.partition(),
-                match e.offset() {
-                    Offset::Offset(o) => o,
-                    _ => 0,
-                },
-            )
-        })
-        .collect())
-}

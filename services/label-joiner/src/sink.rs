@@ -1,14 +1,24 @@
 //! Durable Parquet files of labelled rows.
 //!
-//! A file is written to `*.parquet.tmp`, fsynced, renamed into place and the
-//! directory fsynced: readers never see half a file, and a file that exists
-//! has all its rows. Its footer records the impression offsets it covers
-//! (`adserve.offsets`), which is how a restarted joiner recognises rows it
-//! already wrote but had not yet committed.
+//! The dataset is Hive-partitioned by the impression's serving time:
+//! `<dir>/date=YYYY-MM-DD/hour=HH/rows-….parquet`. A file is written to
+//! `*.parquet.tmp`, fsynced, renamed into place and its directory fsynced:
+//! readers never see half a file, and a file that exists has all its rows.
+//! If the directory fsync fails after the rename the file is taken back (the
+//! rows are written again later, not twice); if even that fails the error is
+//! [`SinkError::Ambiguous`] and the process must restart, which re-reads the
+//! files before writing anything.
+//!
+//! Each file holds rows of one hour and one feature list. Its footer records
+//! the feature names once (`adserve.feature_names`), the impression offsets
+//! it covers (`adserve.offsets`) and the schema version. The offsets are how
+//! a restarted joiner, or a partition's new owner, recognises rows already
+//! written but not yet committed.
 
 use std::{
     collections::HashMap,
     fs::File,
+    io::Write,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -16,22 +26,29 @@ use std::{
 use arrow::{
     array::{
         ArrayRef, AsArray, BooleanArray, Float32Array, Float32Builder, Int8Array, Int32Array, Int64Array, ListBuilder,
-        RecordBatch, StringArray, StringBuilder, TimestampMillisecondArray,
+        RecordBatch, StringArray, TimestampMillisecondArray,
     },
     datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit},
 };
 use parquet::{
     arrow::{ArrowWriter, ProjectionMask, arrow_reader::ParquetRecordBatchReaderBuilder},
     basic::Compression,
-    file::{metadata::KeyValue, properties::WriterProperties},
+    file::{metadata::KeyValue, properties::WriterProperties, reader::ChunkReader},
 };
 
-use crate::join::{LabelledRow, millis};
+use crate::{
+    join::{LabelledRow, RowKind, millis},
+    store::ObjectTarget,
+};
 
 /// Version of the row schema; bump on any change (see training/adserve_trainer/schema.py).
-pub const SCHEMA_VERSION: &str = "2";
+pub const SCHEMA_VERSION: &str = "3";
+/// Footer key: the schema version.
+pub const VERSION_KEY: &str = "adserve.schema_version";
 /// Footer key: JSON `{"partition": [min_offset, max_offset]}` of the impressions in the file.
 pub const OFFSETS_KEY: &str = "adserve.offsets";
+/// Footer key: JSON list of the feature names every row's `feature_values` follows.
+pub const FEATURE_NAMES_KEY: &str = "adserve.feature_names";
 
 /// A Parquet failure.
 #[derive(Debug, thiserror::Error)]
@@ -47,14 +64,28 @@ pub enum SinkError {
     /// Encoding.
     #[error("parquet sink: {0}")]
     Parquet(String),
+    /// Object storage.
+    #[error("parquet sink: {0}")]
+    Object(String),
+    /// A file may or may not be durable, and could not be taken back:
+    /// whether its rows are written is unknown until a restart reads the
+    /// dataset again.
+    #[error("parquet sink: {location}: {reason}")]
+    Ambiguous {
+        /// The file.
+        location: String,
+        /// What failed.
+        reason: String,
+    },
 }
 
 fn pq<E: std::fmt::Display>(e: E) -> SinkError {
     SinkError::Parquet(e.to_string())
 }
 
-/// The row schema. The Python trainer's `ROW_SCHEMA` mirrors it; its tests
-/// read files written here.
+/// The row schema. The Python trainer's `ROW_SCHEMA` mirrors it (plus the
+/// per-row `feature_names` it rebuilds from the footer); its tests read
+/// files written here.
 pub fn schema() -> SchemaRef {
     let ts = || DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
     let list = |t: DataType| DataType::List(Arc::new(Field::new_list_field(t, true)));
@@ -73,6 +104,10 @@ pub fn schema() -> SchemaRef {
         Field::new("clicked_at", ts(), true),
         Field::new("joined_at", ts(), false),
         Field::new("label", DataType::Int8, false),
+        Field::new("row_kind", DataType::Utf8, false),
+        Field::new("is_final", DataType::Boolean, false),
+        Field::new("weight", DataType::Float32, false),
+        Field::new("keep_rate", DataType::Float32, false),
         Field::new("model_version", DataType::Utf8, false),
         Field::new("pctr", DataType::Float32, false),
         Field::new("ecpm_micros", DataType::Int64, false),
@@ -81,230 +116,440 @@ pub fn schema() -> SchemaRef {
         Field::new("price_cpm_micros", DataType::Int64, false),
         Field::new("propensity", DataType::Float32, false),
         Field::new("explored", DataType::Boolean, false),
-        Field::new("feature_names", list(DataType::Utf8), false),
         Field::new("feature_values", list(DataType::Float32), false),
         Field::new("kafka_partition", DataType::Int32, false),
         Field::new("kafka_offset", DataType::Int64, false),
     ]))
 }
 
+/// `(date, hour)` of a row's serving time, e.g. `("2026-12-01", "09")`.
+pub fn hour_of(row: &LabelledRow) -> (String, String) {
+    let ms = row.event.served_at.as_ref().map(millis).unwrap_or_default().max(0);
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms as u64);
+    // "YYYY-MM-DDTHH:MM:SSZ"
+    let s = humantime::format_rfc3339_seconds(at).to_string();
+    (s.get(..10).unwrap_or("1970-01-01").to_string(), s.get(11..13).unwrap_or("00").to_string())
+}
+
+/// Splits rows into groups a file can hold (one hour, one feature list),
+/// keeping their order within each group.
+pub fn groups(rows: Vec<LabelledRow>) -> Vec<Vec<LabelledRow>> {
+    type Group = ((String, String), Arc<[String]>, Vec<LabelledRow>);
+    let mut out: Vec<Group> = Vec::new();
+    for row in rows {
+        let hour = hour_of(&row);
+        match out.iter_mut().find(|(h, n, _)| *h == hour && Arc::ptr_eq(n, &row.names)) {
+            Some((_, _, g)) => g.push(row),
+            None => out.push((hour, Arc::clone(&row.names), vec![row])),
+        }
+    }
+    out.into_iter().map(|(_, _, g)| g).collect()
+}
+
 /// Converts rows to one record batch.
 pub fn to_batch(rows: &[LabelledRow]) -> Result<RecordBatch, SinkError> {
     let s = |f: fn(&LabelledRow) -> &str| Arc::new(StringArray::from_iter_values(rows.iter().map(f))) as ArrayRef;
     let ts = |v: Vec<Option<i64>>| Arc::new(TimestampMillisecondArray::from(v).with_timezone("UTC")) as ArrayRef;
-    let mut names = ListBuilder::new(StringBuilder::new());
+    let f32s = |f: fn(&LabelledRow) -> f32| Arc::new(Float32Array::from_iter_values(rows.iter().map(f))) as ArrayRef;
+    let i64s = |f: fn(&LabelledRow) -> i64| Arc::new(Int64Array::from_iter_values(rows.iter().map(f))) as ArrayRef;
+    let bools =
+        |f: fn(&LabelledRow) -> bool| Arc::new(BooleanArray::from(rows.iter().map(f).collect::<Vec<_>>())) as ArrayRef;
     let mut values = ListBuilder::new(Float32Builder::new());
     for r in rows {
-        let f = r.event.features.clone().unwrap_or_default();
-        for n in &f.names {
-            names.values().append_value(n);
-        }
-        names.append(true);
-        values.values().append_slice(&f.values);
+        values.values().append_slice(r.event.features.as_ref().map(|f| f.values.as_slice()).unwrap_or_default());
         values.append(true);
     }
     let columns: Vec<ArrayRef> = vec![
         s(|r| &r.event.impression_id),
         s(|r| &r.event.request_id),
         s(|r| &r.event.user_id),
-        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.event.ad_id))),
-        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.event.campaign_id))),
+        i64s(|r| r.event.ad_id),
+        i64s(|r| r.event.campaign_id),
         Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.event.slot as i32))),
         s(|r| &r.event.placement),
         s(|r| &r.event.device),
         s(|r| &r.event.surface),
-        Arc::new(BooleanArray::from(rows.iter().map(|r| r.event.coppa).collect::<Vec<_>>())),
+        bools(|r| r.event.coppa),
         ts(rows.iter().map(|r| Some(r.event.served_at.as_ref().map(millis).unwrap_or_default())).collect()),
         ts(rows.iter().map(|r| r.clicked_at.as_ref().map(millis)).collect()),
         ts(rows.iter().map(|r| Some(r.joined_at_ms)).collect()),
         Arc::new(Int8Array::from_iter_values(rows.iter().map(|r| i8::from(r.label)))),
+        s(|r| r.kind.as_str()),
+        bools(|r| r.kind == RowKind::Final),
+        f32s(|r| r.weight),
+        f32s(|r| r.keep_rate),
         s(|r| &r.event.model_version),
-        Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.event.pctr))),
-        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.event.ecpm_micros))),
-        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.event.price_cpc_micros))),
-        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.event.advertiser_id))),
-        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.event.price_cpm_micros))),
+        f32s(|r| r.event.pctr),
+        i64s(|r| r.event.ecpm_micros),
+        i64s(|r| r.event.price_cpc_micros),
+        i64s(|r| r.event.advertiser_id),
+        i64s(|r| r.event.price_cpm_micros),
         // Events from before propensities were logged carry 0: they were
         // served by rank, with probability 1.
-        Arc::new(Float32Array::from_iter_values(
-            rows.iter().map(|r| if r.event.propensity > 0.0 { r.event.propensity } else { 1.0 }),
-        )),
-        Arc::new(BooleanArray::from(rows.iter().map(|r| r.event.explored).collect::<Vec<_>>())),
-        Arc::new(names.finish()),
+        f32s(|r| if r.event.propensity > 0.0 { r.event.propensity } else { 1.0 }),
+        bools(|r| r.event.explored),
         Arc::new(values.finish()),
         Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.partition))),
-        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.offset))),
+        i64s(|r| r.offset),
     ];
     RecordBatch::try_new(schema(), columns).map_err(pq)
 }
 
-/// Writes files into one directory.
+/// Where the dataset lives.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A local (or mounted) directory.
+    Dir(PathBuf),
+    /// A bucket and prefix on object storage.
+    Object(ObjectTarget),
+}
+
+/// Writes files into one dataset.
 #[derive(Debug)]
 pub struct ParquetSink {
-    dir: PathBuf,
+    target: Target,
     seq: u64,
 }
 
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SinkError {
+    let path = path.to_path_buf();
+    move |source| SinkError::Io { path, source }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Encodes `rows` as one Parquet file into `out`.
+fn encode<W: Write + Send>(out: W, rows: &[LabelledRow]) -> Result<W, SinkError> {
+    let batch = to_batch(rows)?;
+    let mut offsets: HashMap<i32, (i64, i64)> = HashMap::new();
+    for r in rows {
+        let e = offsets.entry(r.partition).or_insert((r.offset, r.offset));
+        e.0 = e.0.min(r.offset);
+        e.1 = e.1.max(r.offset);
+    }
+    let offsets: HashMap<String, [i64; 2]> =
+        offsets.into_iter().map(|(p, (lo, hi))| (p.to_string(), [lo, hi])).collect();
+    let offsets = serde_json::to_string(&offsets).map_err(pq)?;
+    let names = rows.first().map(|r| serde_json::to_string(&*r.names)).transpose().map_err(pq)?.unwrap_or_default();
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_key_value_metadata(Some(vec![
+            KeyValue::new(VERSION_KEY.to_string(), SCHEMA_VERSION.to_string()),
+            KeyValue::new(OFFSETS_KEY.to_string(), offsets),
+            KeyValue::new(FEATURE_NAMES_KEY.to_string(), names),
+        ]))
+        .build();
+    let mut writer = ArrowWriter::try_new(out, schema(), Some(props)).map_err(pq)?;
+    writer.write(&batch).map_err(pq)?;
+    writer.into_inner().map_err(pq)
+}
+
 impl ParquetSink {
-    /// A sink writing into `dir` (created if missing).
-    pub fn new(dir: impl Into<PathBuf>) -> Result<Self, SinkError> {
-        let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(|source| SinkError::Io { path: dir.clone(), source })?;
-        Ok(Self { dir, seq: 0 })
+    /// A sink writing below the local directory `dir` (created when the
+    /// first file is written).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self::with_target(Target::Dir(dir.into()))
     }
 
-    /// The output directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// A sink writing to `target`.
+    pub fn with_target(target: Target) -> Self {
+        Self { target, seq: 0 }
     }
 
-    /// Writes `rows` to a new durable file and returns its path.
-    pub fn write(&mut self, rows: &[LabelledRow]) -> Result<PathBuf, SinkError> {
-        let batch = to_batch(rows)?;
-        let mut offsets: HashMap<i32, (i64, i64)> = HashMap::new();
-        for r in rows {
-            let e = offsets.entry(r.partition).or_insert((r.offset, r.offset));
-            e.0 = e.0.min(r.offset);
-            e.1 = e.1.max(r.offset);
+    /// The dataset's location: a directory path or an `s3://` URL.
+    pub fn location(&self) -> String {
+        match &self.target {
+            Target::Dir(d) => d.display().to_string(),
+            Target::Object(o) => o.url().to_string(),
         }
-        let offsets: HashMap<String, [i64; 2]> =
-            offsets.into_iter().map(|(p, (lo, hi))| (p.to_string(), [lo, hi])).collect();
-        let offsets = serde_json::to_string(&offsets).map_err(pq)?;
+    }
+
+    /// Creates `dir` and any missing parents, fsyncing each parent whose
+    /// entries changed so the new directories survive a crash.
+    fn make_dirs(dir: &Path) -> Result<(), SinkError> {
+        if dir.is_dir() {
+            return Ok(());
+        }
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            Self::make_dirs(parent)?;
+            match std::fs::create_dir(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+                Err(e) => return Err(io(dir)(e)),
+            }
+            sync_dir(parent).map_err(io(parent))?;
+            return Ok(());
+        }
+        std::fs::create_dir_all(dir).map_err(io(dir))
+    }
+
+    /// Writes `rows` (one hour, one feature list: see [`groups`]) to a new
+    /// durable file and returns its location.
+    pub fn write(&mut self, rows: &[LabelledRow]) -> Result<String, SinkError> {
+        let Some(first) = rows.first() else { return Err(SinkError::Parquet("no rows to write".into())) };
+        let hour = hour_of(first);
+        if rows.iter().any(|r| hour_of(r) != hour || !Arc::ptr_eq(&r.names, &first.names)) {
+            return Err(SinkError::Parquet("a file holds rows of one hour and one feature list".into()));
+        }
         self.seq += 1;
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
         let name = format!("rows-{stamp:013}-{:05}-{}.parquet", std::process::id() % 100_000, self.seq);
-        let path = self.dir.join(&name);
-        let tmp = self.dir.join(format!("{name}.tmp"));
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| SinkError::Io { path, source }
-        };
-        let file = File::create(&tmp).map_err(io(&tmp))?;
-        let props = WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .set_key_value_metadata(Some(vec![
-                KeyValue::new("adserve.schema_version".to_string(), SCHEMA_VERSION.to_string()),
-                KeyValue::new(OFFSETS_KEY.to_string(), offsets),
-            ]))
-            .build();
-        let mut writer = ArrowWriter::try_new(file, schema(), Some(props)).map_err(pq)?;
-        writer.write(&batch).map_err(pq)?;
-        let file = writer.into_inner().map_err(pq)?;
-        file.sync_all().map_err(io(&tmp))?;
-        drop(file);
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
-        Ok(path)
-    }
-}
-
-/// Impression ids in `dir`'s files at or past `committed` offsets (per
-/// impressions partition): rows written whose offsets were not committed.
-/// Only file footers are read for files entirely below the committed offsets.
-pub fn written_since(dir: &Path, committed: &HashMap<i32, i64>) -> Result<Vec<String>, SinkError> {
-    let mut ids = Vec::new();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ids),
-        Err(source) => return Err(SinkError::Io { path: dir.to_path_buf(), source }),
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("parquet") {
-            continue;
-        }
-        let file = File::open(&path).map_err(|source| SinkError::Io { path: path.clone(), source })?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(pq)?;
-        let covered: HashMap<String, [i64; 2]> = builder
-            .metadata()
-            .file_metadata()
-            .key_value_metadata()
-            .and_then(|kv| kv.iter().find(|k| k.key == OFFSETS_KEY))
-            .and_then(|k| k.value.as_deref())
-            .and_then(|v| serde_json::from_str(v).ok())
-            .unwrap_or_default();
-        let relevant = covered.iter().any(|(p, [_, hi])| {
-            let p: i32 = p.parse().unwrap_or(-1);
-            *hi >= committed.get(&p).copied().unwrap_or(0)
-        });
-        if !relevant {
-            continue;
-        }
-        let mask =
-            ProjectionMask::columns(builder.parquet_schema(), ["impression_id", "kafka_partition", "kafka_offset"]);
-        for batch in builder.with_projection(mask).build().map_err(pq)? {
-            let batch = batch.map_err(pq)?;
-            let (Some(id), Some(part), Some(off)) = (
-                batch.column_by_name("impression_id"),
-                batch.column_by_name("kafka_partition"),
-                batch.column_by_name("kafka_offset"),
-            ) else {
-                return Err(SinkError::Parquet(format!("{} lacks lineage columns", path.display())));
-            };
-            let (id, part, off) = (
-                id.as_string::<i32>(),
-                part.as_primitive::<arrow::datatypes::Int32Type>(),
-                off.as_primitive::<arrow::datatypes::Int64Type>(),
-            );
-            for i in 0..batch.num_rows() {
-                if off.value(i) >= committed.get(&part.value(i)).copied().unwrap_or(0) {
-                    ids.push(id.value(i).to_string());
+        let partition = format!("date={}/hour={}", hour.0, hour.1);
+        match &self.target {
+            Target::Object(store) => {
+                let bytes = encode(Vec::new(), rows)?;
+                store.put(&format!("{partition}/{name}"), bytes)
+            }
+            Target::Dir(root) => {
+                let dir = root.join(&partition);
+                Self::make_dirs(&dir)?;
+                let path = dir.join(&name);
+                let tmp = dir.join(format!("{name}.tmp"));
+                let file = File::create(&tmp).map_err(io(&tmp))?;
+                let written = encode(file, rows).and_then(|file| file.sync_all().map_err(io(&tmp)));
+                if let Err(e) = written {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e);
                 }
+                if let Err(e) = std::fs::rename(&tmp, &path) {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(io(&path)(e));
+                }
+                if let Err(sync) = sync_dir(&dir) {
+                    // Visible but maybe not durable: take it back so the rows
+                    // are written again, not twice.
+                    return match std::fs::remove_file(&path) {
+                        Ok(()) => Err(io(&dir)(sync)),
+                        Err(remove) => Err(SinkError::Ambiguous {
+                            location: path.display().to_string(),
+                            reason: format!("directory fsync failed ({sync}) and removing the file failed ({remove})"),
+                        }),
+                    };
+                }
+                Ok(path.display().to_string())
             }
         }
     }
-    Ok(ids)
+
+    /// Rows in the dataset at or past the `committed` offsets of the given
+    /// impressions partitions: rows written whose offsets were not
+    /// committed, as (impression id, partition, kind). Only footers are read
+    /// for files entirely below the committed offsets. A file that cannot be
+    /// read is reported and skipped (the joiner never leaves half files).
+    pub fn written_since(&self, committed: &HashMap<i32, i64>) -> Result<Vec<(String, i32, RowKind)>, SinkError> {
+        let mut found = Vec::new();
+        match &self.target {
+            Target::Dir(dir) => {
+                for path in dataset_files(dir)? {
+                    let read = File::open(&path)
+                        .map_err(io(&path))
+                        .and_then(|f| written_in(f, &path.display().to_string(), committed, &mut found));
+                    skip_unreadable(read, &path.display().to_string());
+                }
+            }
+            Target::Object(store) => {
+                for (path, size) in store.files()? {
+                    let url = store.url_of(&path);
+                    let read = store.footer(&path, size).and_then(|kv| {
+                        if covers(&kv, committed) {
+                            written_in(store.get(&path)?, &url, committed, &mut found)
+                        } else {
+                            Ok(())
+                        }
+                    });
+                    skip_unreadable(read, &url);
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+fn skip_unreadable(read: Result<(), SinkError>, location: &str) {
+    if let Err(e) = read {
+        metrics::counter!("adserve_label_joiner_unreadable_files_total").increment(1);
+        tracing::error!(file = %location, error = %e, "cannot read a dataset file; skipping it");
+    }
+}
+
+/// Every `*.parquet` file below `dir`, sorted by path.
+pub fn dataset_files(dir: &Path) -> Result<Vec<PathBuf>, SinkError> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = match std::fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(SinkError::Io { path: d, source }),
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().and_then(|e| e.to_str()) == Some("parquet") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Whether a file's footer says it holds impressions at or past `committed`.
+fn covers(footer: &HashMap<String, String>, committed: &HashMap<i32, i64>) -> bool {
+    let ranges: HashMap<String, [i64; 2]> =
+        footer.get(OFFSETS_KEY).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
+    ranges.iter().any(|(p, [_, hi])| {
+        let p: i32 = p.parse().unwrap_or(-1);
+        committed.get(&p).is_some_and(|c| hi >= c)
+    })
+}
+
+fn written_in<R: ChunkReader + 'static>(
+    reader: R,
+    location: &str,
+    committed: &HashMap<i32, i64>,
+    found: &mut Vec<(String, i32, RowKind)>,
+) -> Result<(), SinkError> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(reader).map_err(pq)?;
+    let footer: HashMap<String, String> = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .map(|kv| kv.iter().filter_map(|k| Some((k.key.clone(), k.value.clone()?))).collect())
+        .unwrap_or_default();
+    if !covers(&footer, committed) {
+        return Ok(());
+    }
+    let has_kind = builder.schema().column_with_name("row_kind").is_some();
+    let mut columns = vec!["impression_id", "kafka_partition", "kafka_offset"];
+    if has_kind {
+        columns.push("row_kind");
+    }
+    let mask = ProjectionMask::columns(builder.parquet_schema(), columns);
+    for batch in builder.with_projection(mask).build().map_err(pq)? {
+        let batch = batch.map_err(pq)?;
+        let (Some(id), Some(part), Some(off)) = (
+            batch.column_by_name("impression_id"),
+            batch.column_by_name("kafka_partition"),
+            batch.column_by_name("kafka_offset"),
+        ) else {
+            return Err(SinkError::Parquet(format!("{location} lacks lineage columns")));
+        };
+        let (id, part, off) = (
+            id.as_string::<i32>(),
+            part.as_primitive::<arrow::datatypes::Int32Type>(),
+            off.as_primitive::<arrow::datatypes::Int64Type>(),
+        );
+        let kind = batch.column_by_name("row_kind").map(|k| k.as_string::<i32>().clone());
+        for i in 0..batch.num_rows() {
+            let p = part.value(i);
+            if committed.get(&p).is_some_and(|c| off.value(i) >= *c) {
+                // Files from before schema 3 hold final rows only.
+                let k = kind.as_ref().and_then(|k| RowKind::parse(k.value(i))).unwrap_or(RowKind::Final);
+                found.push((id.value(i).to_string(), p, k));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Joiner;
+    use crate::join::{JoinRules, Joiner};
     use adserve_proto::v1::{FeatureRow, ImpressionEvent};
 
     fn rows(n: usize) -> Vec<LabelledRow> {
-        let mut j = Joiner::new(1);
+        let mut j = Joiner::new(JoinRules::window(1, 0), "imps", "clicks");
         for i in 0..n {
             j.on_impression(
                 ImpressionEvent {
                     impression_id: format!("imp-{i}"),
-                    served_at: Some(prost_types::Timestamp { seconds: 1, nanos: 0 }),
+                    served_at: Some(prost_types::Timestamp { seconds: 1_764_583_200, nanos: 0 }),
                     features: Some(FeatureRow { names: vec!["a".into(), "b".into()], values: vec![i as f32, 0.5] }),
                     ..Default::default()
                 },
-                ("imps", 0),
+                0,
                 i as i64,
-            );
+                1_764_583_200_000,
+            )
+            .unwrap();
         }
-        j.close_windows(i64::MAX / 4, true);
+        j.close_all(1_764_583_300_000);
         j.take_ready(n)
     }
 
     #[test]
-    fn written_files_round_trip_features_exactly() {
+    fn written_files_round_trip_features_exactly_with_names_in_the_footer() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sink = ParquetSink::new(dir.path()).unwrap();
-        let path = sink.write(&rows(3)).unwrap();
-        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&path).unwrap()).unwrap().build().unwrap();
-        let batch = reader.into_iter().next().unwrap().unwrap();
+        let mut sink = ParquetSink::new(dir.path());
+        let path = PathBuf::from(sink.write(&rows(3)).unwrap());
+        assert!(path.starts_with(dir.path().join("date=2025-12-01").join("hour=10")), "{}", path.display());
+        let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(&path).unwrap()).unwrap();
+        let kv = builder.metadata().file_metadata().key_value_metadata().unwrap().clone();
+        let names = kv.iter().find(|k| k.key == FEATURE_NAMES_KEY).and_then(|k| k.value.clone()).unwrap();
+        assert_eq!(names, r#"["a","b"]"#);
+        let batch = builder.build().unwrap().next().unwrap().unwrap();
         assert_eq!(batch.num_rows(), 3);
         let values = batch.column_by_name("feature_values").unwrap().as_list::<i32>();
         let row2 = values.value(2);
         assert_eq!(row2.as_primitive::<arrow::datatypes::Float32Type>().values(), &[2.0, 0.5]);
-        assert!(!dir.path().read_dir().unwrap().any(|e| e.unwrap().path().to_string_lossy().ends_with(".tmp")));
+        assert_eq!(batch.column_by_name("row_kind").unwrap().as_string::<i32>().value(0), "final");
+        assert!(dataset_files(dir.path()).unwrap().iter().all(|p| !p.to_string_lossy().ends_with(".tmp")));
+    }
+
+    #[test]
+    fn rows_of_different_hours_or_feature_lists_go_to_different_files() {
+        let mut all = rows(3);
+        all[1].event.served_at = Some(prost_types::Timestamp { seconds: 1_764_583_200 + 3600, nanos: 0 });
+        all[2].names = vec!["a".to_string(), "c".to_string()].into();
+        let groups = groups(all.clone());
+        assert_eq!(groups.len(), 3);
+        let mut sink = ParquetSink::new(tempfile::tempdir().unwrap().path().join("nested"));
+        assert!(sink.write(&all).is_err(), "a mixed batch is refused");
+        for g in groups {
+            sink.write(&g).unwrap();
+        }
     }
 
     #[test]
     fn rows_past_the_committed_offset_are_found_after_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sink = ParquetSink::new(dir.path()).unwrap();
+        let mut sink = ParquetSink::new(dir.path());
         let all = rows(4);
         sink.write(&all[..2]).unwrap();
         sink.write(&all[2..]).unwrap();
-        let mut ids = written_since(dir.path(), &HashMap::from([(0, 1)])).unwrap();
+        let mut ids: Vec<String> =
+            sink.written_since(&HashMap::from([(0, 1)])).unwrap().into_iter().map(|(id, _, _)| id).collect();
         ids.sort();
         assert_eq!(ids, vec!["imp-1", "imp-2", "imp-3"]);
-        assert!(written_since(dir.path(), &HashMap::from([(0, 4)])).unwrap().is_empty());
-        assert!(written_since(&dir.path().join("missing"), &HashMap::new()).unwrap().is_empty());
+        assert!(sink.written_since(&HashMap::from([(0, 4)])).unwrap().is_empty());
+        assert!(sink.written_since(&HashMap::from([(1, 0)])).unwrap().is_empty(), "other partitions only");
+        let missing = ParquetSink::new(dir.path().join("missing"));
+        assert!(missing.written_since(&HashMap::new()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_unreadable_file_is_skipped_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = ParquetSink::new(dir.path());
+        let path = PathBuf::from(sink.write(&rows(2)).unwrap());
+        std::fs::write(path.with_file_name("garbage.parquet"), b"not parquet").unwrap();
+        assert_eq!(sink.written_since(&HashMap::from([(0, 0)])).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn an_output_dir_that_cannot_be_created_is_a_clear_error_and_leaves_nothing_behind() {
+        // A regular file where the dataset directory should be: refused even
+        // for root, unlike a permission bit.
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("rows");
+        std::fs::write(&blocker, b"a file, not a directory").unwrap();
+        let err = ParquetSink::new(&blocker).write(&rows(1)).unwrap_err();
+        assert!(err.to_string().contains("rows"), "{err}");
+        assert_eq!(std::fs::read(&blocker).unwrap(), b"a file, not a directory");
     }
 }

@@ -1,0 +1,384 @@
+use super::*;
+use adserve_proto::v1::FeatureRow;
+
+const IMP: &str = "imps";
+const CLK: &str = "clicks";
+const W: i64 = 1000;
+const L: i64 = 100;
+
+fn ts(ms: i64) -> Timestamp {
+    Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
+}
+
+fn imp(id: &str, served_ms: i64) -> ImpressionEvent {
+    ImpressionEvent {
+        impression_id: id.into(),
+        served_at: Some(ts(served_ms)),
+        features: Some(FeatureRow { names: vec!["f".into(), "g".into()], values: vec![1.0, 2.0] }),
+        ..Default::default()
+    }
+}
+
+fn click(id: &str, at_ms: i64) -> ClickEvent {
+    ClickEvent { click_id: format!("c-{id}"), impression_id: id.into(), clicked_at: Some(ts(at_ms)) }
+}
+
+fn joiner() -> Joiner {
+    Joiner::new(JoinRules::window(W, L), IMP, CLK)
+}
+
+fn commit_of(j: &Joiner, topic: &'static str, partition: i32) -> i64 {
+    j.committable().into_iter().find(|(tp, _)| *tp == (topic, partition)).map(|(_, o)| o).unwrap()
+}
+
+/// Both partitions read to their end at `now`.
+fn caught_up(j: &mut Joiner, partition: i32) {
+    j.set_caught_up(IMP, partition, true);
+    j.set_caught_up(CLK, partition, true);
+}
+
+#[test]
+fn click_within_window_labels_one_once_the_clicks_watermark_passes() {
+    let mut j = joiner();
+    j.on_impression(imp("a", 10_000), 0, 0, 10_000).unwrap();
+    j.on_click(click("a", 10_500), 0, 0, 10_500).unwrap();
+    caught_up(&mut j, 0);
+    assert_eq!(j.advance(11_000 + L - 1), 0, "watermark = now - lateness is still inside the window");
+    assert_eq!(j.advance(11_000 + L), 1);
+    let rows = j.take_ready(10);
+    assert!(rows[0].label);
+    assert_eq!(rows[0].kind, RowKind::Final);
+    assert_eq!(rows[0].clicked_at, Some(ts(10_500)));
+    assert_eq!(&*rows[0].names, &["f".to_string(), "g".to_string()]);
+}
+
+#[test]
+fn windows_close_under_steady_click_traffic_without_ever_catching_up() {
+    // The defect: windows closed only when every clicks partition sat exactly
+    // at its high watermark. Here the consumer is never caught up; event
+    // time alone must move the watermark.
+    let mut j = joiner();
+    let mut closed = 0;
+    for t in 0..100 {
+        let now = t * 100;
+        j.on_impression(imp(&format!("i{t}"), now), 0, t, now).unwrap();
+        j.on_click(click(&format!("i{}", t / 2), now), 0, t, now).unwrap();
+        j.set_caught_up(CLK, 0, false);
+        closed += j.advance(now);
+    }
+    // Impressions served before 9900 - W - L have closed while traffic went on.
+    assert!(closed >= 85, "only {closed} windows closed under steady traffic");
+    assert!(j.take_ready(1000).iter().any(|r| r.label));
+}
+
+#[test]
+fn an_idle_caught_up_partition_does_not_hold_windows_open() {
+    let mut j = joiner();
+    j.on_impression(imp("a", 0), 0, 0, 0).unwrap();
+    // No click ever comes on clicks partition 0, but it is read to its end.
+    j.set_caught_up(CLK, 0, false);
+    assert_eq!(j.advance(10_000), 0, "behind and without clicks: wait");
+    j.set_caught_up(CLK, 0, true);
+    assert_eq!(j.advance(10_000), 1);
+}
+
+#[test]
+fn one_partitions_backlog_does_not_hold_another_partitions_windows() {
+    let mut j = joiner();
+    j.on_impression(imp("a", 0), 0, 0, 0).unwrap();
+    j.on_impression(imp("b", 0), 1, 0, 0).unwrap();
+    j.set_caught_up(CLK, 0, true);
+    j.set_caught_up(CLK, 1, false); // partition 1 has a backlog of clicks to read
+    assert_eq!(j.advance(5000), 1);
+    assert_eq!(j.take_ready(10)[0].partition, 0);
+    assert_eq!(j.pending_len(), 1);
+}
+
+#[test]
+fn the_watermark_never_moves_backwards() {
+    let mut j = joiner();
+    caught_up(&mut j, 0);
+    j.advance(50_000);
+    let wm = j.watermark_ms().unwrap();
+    j.set_caught_up(CLK, 0, false);
+    j.on_click(click("x", 1000), 0, 0, 50_000).unwrap();
+    j.advance(50_001);
+    assert_eq!(j.watermark_ms(), Some(wm));
+}
+
+#[test]
+fn no_click_labels_zero_when_the_window_closes() {
+    let mut j = joiner();
+    j.on_impression(imp("a", 0), 0, 0, 0).unwrap();
+    caught_up(&mut j, 0);
+    j.advance(W + L);
+    assert!(!j.take_ready(10)[0].label);
+}
+
+#[test]
+fn late_click_after_window_is_counted_not_joined() {
+    let mut j = joiner();
+    j.on_impression(imp("a", 0), 0, 0, 0).unwrap();
+    j.on_click(click("a", 1500), 0, 0, 1500).unwrap();
+    caught_up(&mut j, 0);
+    j.advance(W + L);
+    assert!(!j.take_ready(10)[0].label);
+    assert_eq!(j.stats().late_clicks, 1);
+    // A click for an already-labelled impression is late too (it is
+    // remembered one more window in event time).
+    j.on_click(click("a", 1600), 0, 1, 1600).unwrap();
+    assert_eq!(j.stats().late_clicks, 2);
+    assert_eq!(j.orphans_len(), 0);
+    assert_eq!(commit_of(&j, CLK, 0), 2, "late clicks contribute nothing and are committed");
+}
+
+#[test]
+fn click_before_impression_is_held_and_joined() {
+    let mut j = joiner();
+    j.on_click(click("a", 100), 0, 0, 100).unwrap();
+    assert_eq!(commit_of(&j, CLK, 0), 0, "orphan click stays uncommitted");
+    j.on_impression(imp("a", 50), 0, 0, 100).unwrap();
+    caught_up(&mut j, 0);
+    j.advance(2000);
+    assert!(j.take_ready(10)[0].label);
+}
+
+#[test]
+fn a_click_stamped_before_its_impression_is_counted_and_dropped() {
+    let mut j = joiner();
+    j.on_impression(imp("a", 1000), 0, 0, 1000).unwrap();
+    j.on_click(click("a", 999), 0, 0, 1000).unwrap();
+    j.on_click(click("b", 10), 0, 1, 1000).unwrap();
+    j.on_impression(imp("b", 20), 0, 1, 1000).unwrap();
+    assert_eq!(j.stats().clicks_before_impression, 2);
+    caught_up(&mut j, 0);
+    j.advance(10_000);
+    assert!(j.take_ready(10).iter().all(|r| !r.label));
+}
+
+#[test]
+fn orphan_clicks_expire_on_the_impressions_watermark_not_the_clock() {
+    let mut j = joiner();
+    j.on_click(click("ghost", 5000), 0, 7, 5000).unwrap();
+    // The impressions partition is far behind (a backlog): however late it
+    // is by the clock, the impression may still come.
+    j.set_caught_up(IMP, 0, false);
+    j.on_impression(imp("early", 1000), 0, 0, 1_000_000).unwrap();
+    j.advance(1_000_000);
+    assert_eq!(j.orphans_len(), 1, "held while impressions are behind the click's time");
+    // Impressions read past the click's time (+ lateness): it is unmatched.
+    j.on_impression(imp("later", 5000 + L), 0, 1, 1_000_000).unwrap();
+    j.advance(1_000_000);
+    assert_eq!(j.orphans_len(), 0);
+    assert_eq!(j.stats().unmatched_clicks, 1);
+    assert_eq!(commit_of(&j, CLK, 0), 8);
+}
+
+#[test]
+fn orphan_clicks_are_capped_and_the_oldest_is_dropped_and_counted() {
+    let mut rules = JoinRules::window(W, L);
+    rules.max_orphans = 3;
+    let mut j = Joiner::new(rules, IMP, CLK);
+    for i in 0..5 {
+        j.on_click(click(&format!("ghost-{i}"), 100 + i), 0, i, 1000).unwrap();
+    }
+    assert_eq!(j.orphans_len(), 3);
+    assert_eq!(j.stats().orphans_evicted, 2);
+    assert_eq!(commit_of(&j, CLK, 0), 2, "evicted offsets are released");
+}
+
+#[test]
+fn offsets_commit_only_after_rows_are_durable() {
+    let mut j = joiner();
+    j.on_impression(imp("a", 0), 0, 0, 0).unwrap();
+    j.on_impression(imp("b", 500), 0, 1, 500).unwrap();
+    j.on_click(click("a", 100), 0, 0, 500).unwrap();
+    assert_eq!(commit_of(&j, IMP, 0), 0);
+    caught_up(&mut j, 0);
+    j.advance(W + L); // only "a" closes
+    let rows = j.take_ready(10);
+    assert_eq!(commit_of(&j, IMP, 0), 0, "taken but not durable");
+    j.mark_durable(&rows);
+    assert_eq!(commit_of(&j, IMP, 0), 1, "b still pending");
+    assert_eq!(commit_of(&j, CLK, 0), 1, "a's click is durable with its row");
+    j.advance(W + L + 500);
+    let rows = j.take_ready(10);
+    j.mark_durable(&rows);
+    assert_eq!(commit_of(&j, IMP, 0), 2);
+}
+
+#[test]
+fn duplicate_impressions_produce_one_row() {
+    let mut j = joiner();
+    j.on_impression(imp("a", 0), 0, 0, 0).unwrap();
+    j.on_impression(imp("a", 0), 0, 1, 0).unwrap();
+    j.close_all(1000);
+    assert_eq!(j.take_ready(10).len(), 1);
+    assert_eq!(j.stats().duplicates, 1);
+}
+
+#[test]
+fn impressions_written_before_a_restart_are_not_written_again() {
+    let mut j = joiner();
+    j.preload_written([("a".to_string(), 0, RowKind::Final)]);
+    j.on_impression(imp("a", 0), 0, 0, 0).unwrap();
+    j.close_all(5000);
+    assert!(j.take_ready(10).is_empty());
+    assert_eq!(j.stats().already_written, 1);
+    assert_eq!(commit_of(&j, IMP, 0), 1);
+}
+
+#[test]
+fn failed_write_restores_rows_in_order() {
+    let mut j = joiner();
+    j.on_impression(imp("a", 0), 0, 0, 0).unwrap();
+    j.on_impression(imp("b", 0), 0, 1, 0).unwrap();
+    j.close_all(100);
+    let rows = j.take_ready(1);
+    j.restore(rows);
+    assert_eq!(j.ready().len(), 2);
+    assert_eq!(j.ready()[0].event.impression_id, "a");
+    assert_eq!(commit_of(&j, IMP, 0), 0);
+}
+
+#[test]
+fn refused_events_name_the_problem() {
+    let mut j = joiner();
+    let mut no_row = imp("a", 0);
+    no_row.features = None;
+    assert_eq!(j.on_impression(no_row, 0, 0, 0), Err(Rejected::NoFeatureRow));
+    let mut skewed = imp("b", 0);
+    skewed.features.as_mut().unwrap().values.pop();
+    assert_eq!(j.on_impression(skewed, 0, 1, 0), Err(Rejected::MisalignedFeatures { names: 2, values: 1 }));
+    assert!(matches!(j.on_impression(imp("c", 10_000_000), 0, 2, 0), Err(Rejected::FutureServedAt(_))));
+    let mut no_time = imp("d", 0);
+    no_time.served_at = None;
+    assert_eq!(j.on_impression(no_time, 0, 3, 0), Err(Rejected::NoServedAt));
+    assert_eq!(
+        j.on_click(ClickEvent { impression_id: "a".into(), ..Default::default() }, 0, 0, 0),
+        Err(Rejected::NoClickedAt)
+    );
+    assert_eq!(j.pending_len(), 0);
+}
+
+#[test]
+fn streaming_mode_writes_provisional_correction_and_final_rows() {
+    let mut rules = JoinRules::window(W, L);
+    rules.mode = Mode::Streaming;
+    rules.provisional_weight = 0.25;
+    let mut j = Joiner::new(rules, IMP, CLK);
+    j.on_impression(imp("a", 0), 0, 0, 0).unwrap();
+    j.on_impression(imp("b", 0), 0, 1, 0).unwrap();
+    let provisional = j.take_ready(10);
+    assert_eq!(provisional.len(), 2);
+    assert!(provisional.iter().all(|r| r.kind == RowKind::Provisional && !r.label && r.weight == 0.25));
+    j.mark_durable(&provisional);
+    assert_eq!(commit_of(&j, IMP, 0), 0, "a provisional row releases nothing");
+    j.on_click(click("a", 500), 0, 0, 500).unwrap();
+    let correction = j.take_ready(10);
+    assert_eq!(correction.len(), 1);
+    assert_eq!((correction[0].kind, correction[0].label), (RowKind::Correction, true));
+    caught_up(&mut j, 0);
+    j.advance(W + L);
+    let finals = j.take_ready(10);
+    assert_eq!(
+        finals.iter().map(|r| (r.kind, r.label)).collect::<Vec<_>>(),
+        [(RowKind::Final, true), (RowKind::Final, false)]
+    );
+    j.mark_durable(&finals);
+    assert_eq!(commit_of(&j, IMP, 0), 2);
+    assert_eq!(commit_of(&j, CLK, 0), 1);
+}
+
+#[test]
+fn streaming_rows_already_written_before_a_restart_are_not_repeated() {
+    let mut rules = JoinRules::window(W, L);
+    rules.mode = Mode::Streaming;
+    let mut j = Joiner::new(rules, IMP, CLK);
+    j.preload_written([("a".to_string(), 0, RowKind::Provisional), ("a".to_string(), 0, RowKind::Correction)]);
+    j.on_impression(imp("a", 0), 0, 0, 0).unwrap();
+    j.on_click(click("a", 10), 0, 0, 10).unwrap();
+    assert!(j.take_ready(10).is_empty());
+    j.close_all(5000);
+    let rows = j.take_ready(10);
+    assert_eq!(rows.iter().map(|r| r.kind).collect::<Vec<_>>(), [RowKind::Final]);
+}
+
+#[test]
+fn negative_downsampling_is_deterministic_and_recorded_on_every_row() {
+    let mut rules = JoinRules::window(W, L);
+    rules.negative_keep_rate = 0.25;
+    let run = || {
+        let mut j = Joiner::new(rules.clone(), IMP, CLK);
+        for i in 0..4000 {
+            let id = uuid::Uuid::from_u128(0x1234_5678_0000_0000_0000_0000_0000_0000 + i as u128).to_string();
+            j.on_impression(imp(&id, 0), 0, i, 0).unwrap();
+            if i % 10 == 0 {
+                j.on_click(click(&id, 5), 0, i / 10, 5).unwrap();
+            }
+        }
+        j.close_all(5000);
+        let rows = j.take_ready(10_000);
+        j.mark_durable(&rows);
+        (rows, j.stats(), commit_of(&j, IMP, 0))
+    };
+    let (rows, stats, committed) = run();
+    let positives = rows.iter().filter(|r| r.label).count();
+    let negatives = rows.len() - positives;
+    assert_eq!(positives, 400, "every positive is kept");
+    let expected = 3600.0 * 0.25;
+    assert!((negatives as f64 - expected).abs() < 4.0 * (3600.0f64 * 0.25 * 0.75).sqrt(), "{negatives} kept");
+    assert_eq!(stats.downsampled as usize, 3600 - negatives);
+    assert!(rows.iter().all(|r| r.keep_rate == 0.25));
+    assert_eq!(committed, 4000, "dropped negatives release their offsets");
+    let (again, _, _) = run();
+    let ids = |rows: &[LabelledRow]| rows.iter().map(|r| r.event.impression_id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&rows), ids(&again), "the same impressions are kept on a re-read");
+}
+
+#[test]
+fn revoking_a_partition_forgets_exactly_its_state() {
+    let mut j = joiner();
+    j.on_impression(imp("a", 0), 0, 0, 0).unwrap();
+    j.on_impression(imp("b", 0), 1, 0, 0).unwrap();
+    j.on_click(click("ghost", 0), 1, 0, 0).unwrap();
+    j.on_impression(imp("c", 0), 1, 1, 0).unwrap();
+    j.close_all(0); // every row ready; none written
+    j.on_impression(imp("d", 10), 1, 2, 10).unwrap();
+    j.revoke(&[1]);
+    assert_eq!(j.pending_len(), 0);
+    assert_eq!(j.orphans_len(), 0);
+    assert!(j.ready().iter().all(|r| r.partition == 0), "partition 1's unwritten rows are the next owner's");
+    assert!(j.committable().iter().all(|((_, p), _)| *p == 0));
+    // Partition 0 is untouched.
+    assert_eq!(j.ready().len(), 1);
+    assert_eq!(commit_of(&j, IMP, 0), 0);
+}
+
+#[test]
+fn state_bytes_grow_with_pending_impressions_and_return_to_zero() {
+    let mut j = joiner();
+    for i in 0..100 {
+        j.on_impression(imp(&format!("i{i}"), 0), 0, i, 0).unwrap();
+    }
+    let full = j.state_bytes();
+    assert!(full > 100 * 50, "{full}");
+    j.close_all(10);
+    let rows = j.take_ready(1000);
+    j.mark_durable(&rows);
+    caught_up(&mut j, 0);
+    j.advance(1_000_000); // forget the remembered ids too
+    assert_eq!(j.state_bytes(), 0);
+}
+
+#[test]
+fn feature_names_are_stored_once_per_list() {
+    let mut j = joiner();
+    for i in 0..10 {
+        j.on_impression(imp(&format!("i{i}"), 0), 0, i, 0).unwrap();
+    }
+    j.close_all(10);
+    let rows = j.take_ready(100);
+    assert!(rows.windows(2).all(|w| Arc::ptr_eq(&w[0].names, &w[1].names)));
+    assert!(rows.iter().all(|r| r.event.features.as_ref().unwrap().names.is_empty()));
+}
