@@ -6,7 +6,7 @@ SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 CARGO_TEST_ENV := ADSTACK_TEST_POSTGRES_URL=postgres://adserve:adserve@127.0.0.1:5432/adserve
 
-.PHONY: help install build up down status model demo test test-python test-rust test-helm proto-check lint fmt bench \
+.PHONY: help install build up down status model train demo test test-python test-rust test-helm proto-check lint fmt bench \
 	bench-e2e bench-features bench-ranker bench-auction bench-joiner
 
 help:
@@ -14,6 +14,7 @@ help:
 	@echo "make test    install, start the stack, run buf, Python and Rust tests"
 	@echo "make up | down | status    start / stop / inspect the local stack (scripts/)"
 	@echo "make model   regenerate the committed baseline model (models/ctr-baseline)"
+	@echo "make train   train on the label-joiner's rows (DATA=dir, default \$$ADSTACK_RUN/parquet; OUT=dir; MODEL=dcnv2|lr)"
 	@echo "make lint    rustfmt --check, clippy -D warnings, cargo-deny (licences, bans, sources), cargo-machete (make proto-check: buf lint + breaking)"
 	@echo "make bench   release build, every benchmark next to its peer (QUICK=1: < 5 min; bench-<part>: one part)"
 
@@ -36,6 +37,18 @@ model: install
 	$(ENV) cd training && "$$ADSTACK_VENV/bin/python" -m adserve_trainer.train --synthetic 20000 --seed 7 \
 		--version ctr-baseline-v1 --out ../models/ctr-baseline
 
+# Retrain from the label-joiner's Parquet rows (DATA, default the local stack's
+# joiner output dir) into OUT (default $ADSTACK_RUN/models/<version>): model.onnx,
+# manifest.json, report.json, calibration.png. Register it with
+# `adservectl models register --dir OUT`. MODEL=lr exports the LR baseline.
+MODEL ?= dcnv2
+train: install
+	$(ENV) data="$(DATA)" && data="$$(realpath -m "$${data:-$${ADSTACK_PARQUET_DIR:-$$ADSTACK_RUN/parquet}}")" && \
+		version="$(VERSION)" && version="$${version:-ctr-$(MODEL)-$$(date -u +%Y%m%d%H%M%S)}" && \
+		out="$(OUT)" && out="$$(realpath -m "$${out:-$$ADSTACK_RUN/models/$$version}")" && \
+		cd training && "$$ADSTACK_VENV/bin/python" -m adserve_trainer.train --data "$$data" --model "$(MODEL)" \
+			--version "$$version" --out "$$out"
+
 # The demo trains its own first model (no training rows exist yet, so from the
 # seeded synthetic generator) and serves with it.
 # The stack, a freshly trained model registered and promoted through the model
@@ -43,7 +56,7 @@ model: install
 # training rows they produce.
 demo: build
 	$(ENV) ADSTACK_SKIP_BUILD=1 bash scripts/start.sh all
-	$(ENV) version="ctr-lr-demo-$$(date -u +%Y%m%d%H%M%S)" && model_dir="$$ADSTACK_RUN/models/$$version" && \
+	$(ENV) version="ctr-dcnv2-demo-$$(date -u +%Y%m%d%H%M%S)" && model_dir="$$ADSTACK_RUN/models/$$version" && \
 		(cd training && "$$ADSTACK_VENV/bin/python" -m adserve_trainer.train --synthetic 20000 --seed 11 \
 			--version "$$version" --out "$$model_dir") && \
 		"$$CARGO_TARGET_DIR/debug/adservectl" models register --dir "$$model_dir" && \

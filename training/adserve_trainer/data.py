@@ -122,3 +122,36 @@ def build_matrix(table: pa.Table, registry: Registry, warn: bool = True) -> tupl
     if np.any((y != 0) & (y != 1)):
         raise TrainerError(f"column 'label' must be 0 or 1, found values {sorted(set(np.unique(y)) - {0, 1})}")
     return X, y, stats
+
+
+def time_order(table: pa.Table) -> np.ndarray:
+    """Row indices sorted by served_at (stable: ties keep file order)."""
+    served = table.column("served_at").cast(pa.int64()).to_numpy(zero_copy_only=False)
+    return np.argsort(served, kind="mergesort")
+
+
+IPS_CLIP = 10.0
+
+
+def row_weights(table: pa.Table, ips_clip: float = IPS_CLIP) -> np.ndarray:
+    """Training weight per row: ``weight * min(1 / propensity, ips_clip)``.
+
+    ``weight`` is the joiner's sample weight (1 for final rows). The
+    propensity is the auction's probability of placing this ad in this slot
+    given the slots above: 1 without exploration, ``exploration / n`` for an
+    explored winner and ``1 - exploration + exploration / n`` for the greedy
+    winner when exploration is on. Inverse-propensity weighting moves the
+    training distribution from "what the ranker chose" towards "every
+    candidate", which is what the ranker scores; the clip bounds the variance
+    an explored row (1/propensity can be in the hundreds) adds. ``ips_clip``
+    <= 0 turns the propensity weighting off.
+    """
+    w = table.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise TrainerError("column 'weight' must be finite and >= 0")
+    if ips_clip > 0:
+        prop = table.column("propensity").to_numpy(zero_copy_only=False).astype(np.float64)
+        if not np.all(np.isfinite(prop)) or np.any(prop <= 0) or np.any(prop > 1):
+            raise TrainerError("column 'propensity' must be in (0, 1]")
+        w = w * np.minimum(1.0 / prop, ips_clip)
+    return w

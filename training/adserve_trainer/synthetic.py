@@ -181,3 +181,11 @@ def write_parquet(table: pa.Table, path: str | Path) -> Path:
     pq.write_table(table, tmp)
     tmp.replace(p)
     return p
+
+
+def true_probability(X: np.ndarray, feature_order: list[str]) -> np.ndarray:
+    """The generator's ground-truth click probability for RAW feature rows (the oracle)."""
+    logit = np.full(X.shape[0], TRUE_INTERCEPT)
+    for j, name in enumerate(feature_order):
+        logit += TRUE_WEIGHTS.get(name, 0.0) * np.asarray(X[:, j], dtype=np.float64)
+    return 1.0 / (1.0 + np.exp(-logit))

@@ -1,8 +1,10 @@
-"""CLI: fit the logistic-regression CTR baseline and export ONNX + manifest.
+"""CLI: train the CTR models (LR baseline and DCN-v2), evaluate, calibrate, export ONNX + manifest.
 
-    python -m adserve_trainer.train (--data PATH | --synthetic N) [--seed 7] [--out DIR]
-                                    [--version V] [--l2 1.0] [--registry PATH]
+    python -m adserve_trainer.train (--data PATH | --synthetic N) [--model dcnv2|lr] [--seed 7] [--out DIR]
+                                    [--version V] [--calibration platt|isotonic|none] [--ips-clip 10]
+                                    [--epochs 30] [--batch-size 512] [--lr X] [--l2 1.0] [--threads 1]
     python -m adserve_trainer.train --synthetic N --seed S --write-synthetic FILE.parquet
+    python -m adserve_trainer.train --criteo FILE --out DIR [--limit N] [--hash-buckets 20000]
 """
 
 from __future__ import annotations
@@ -20,15 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from . import TrainerError
-from .data import build_matrix, load_rows
-from .export import INPUT_NAME, OUTPUT_NAME, to_onnx, verify_with_onnxruntime
-from .model import fit, metrics, split
-from .registry import load_registry
-from .synthetic import generate, write_parquet
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
-HOLDOUT_FRACTION = 0.2
+REPORT_FILE = "report.json"
+PLOT_FILE = "calibration.png"
+MODELS = ("dcnv2", "lr")
+DEFAULT_LR = {"lr": 1e-2, "dcnv2": 2e-3}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,27 +36,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, help="Parquet file or directory of *.parquet label-joiner rows")
     src.add_argument("--synthetic", type=int, metavar="N", help="train on N synthetic rows instead of --data")
-    ap.add_argument("--seed", type=int, default=7, help="seed for synthetic data and the train/holdout split")
+    src.add_argument("--criteo", type=Path, metavar="FILE", help="Criteo Display Advertising Challenge TSV: report only")
+    ap.add_argument("--model", choices=MODELS, default="dcnv2", help="model exported for the ranker (default dcnv2)")
+    ap.add_argument("--seed", type=int, default=7, help="seed for synthetic data, initialization and batch order")
     ap.add_argument("--out", type=Path, help="output directory (default: out/<version>)")
-    ap.add_argument("--version", help='model_version (default: "ctr-lr-" + UTC yyyymmddHHMMSS)')
-    ap.add_argument("--l2", type=float, default=1.0, help="L2 penalty on standardized weights (default 1.0)")
+    ap.add_argument("--version", help='model_version (default: "ctr-<model>-" + UTC yyyymmddHHMMSS)')
+    ap.add_argument(
+        "--calibration", choices=("platt", "isotonic", "none"), default="platt",
+        help="mapping fitted on the calibration slice and put into the manifest (default platt)",
+    )
+    ap.add_argument(
+        "--ips-clip", type=float, default=10.0,
+        help="weight rows by min(1/propensity, CLIP) (default 10; 0: ignore propensities)",
+    )
+    ap.add_argument("--epochs", type=int, default=30, help="maximum epochs (early stopping, patience --patience)")
+    ap.add_argument("--patience", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--lr", type=float, help="Adam learning rate (default: lr 1e-2, dcnv2 2e-3)")
+    ap.add_argument("--l2", type=float, default=1.0, help="L2 penalty on weights, on the summed loss (default 1.0)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: light and deterministic)")
     ap.add_argument("--registry", type=Path, help="features.toml (default: crates/adserve-features/features.toml)")
     ap.add_argument("--write-synthetic", type=Path, metavar="PATH", help="with --synthetic: only write the rows to PATH")
+    ap.add_argument("--limit", type=int, help="--criteo: read at most N lines")
+    ap.add_argument("--hash-buckets", type=int, default=20_000, help="--criteo: hash buckets per field (20000)")
     return ap.parse_args(argv)
 
 
-def write_atomically(out: Path, model_bytes: bytes, manifest: dict) -> None:
-    """Publish model.onnx + manifest.json so a reader never sees a half-written model.
+def write_atomically(out: Path, model_bytes: bytes, manifest: dict, extra: dict[str, bytes] | None = None) -> None:
+    """Publish model.onnx + manifest.json (and report files) so a reader never sees a half-written model.
 
-    New directory: both files are written into a sibling temp dir that is then
+    New directory: every file is written into a sibling temp dir that is then
     renamed into place (one atomic rename). Existing directory: each file is
-    written to a temp name and os.replace()d, model first and manifest LAST; the
-    manifest's onnx_sha256 lets a loader detect (and retry) a torn pair.
+    written to a temp name and os.replace()d, the extra files first, then the
+    model, and the manifest LAST; the manifest's onnx_sha256 lets a loader
+    detect (and retry) a torn pair.
     """
+    files = list((extra or {}).items()) + [(MODEL_FILE, model_bytes), (MANIFEST_FILE, manifest_bytes(manifest))]
+    write_files_atomically(out, files)
+
+
+def write_files_atomically(out: Path, files: list[tuple[str, bytes]]) -> None:
+    """Write ``files`` (in order) into ``out`` as described in write_atomically."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        for name, data in ((MODEL_FILE, model_bytes), (MANIFEST_FILE, manifest_bytes(manifest))):
+        for name, data in files:
             with open(tmp / name, "wb") as fh:
                 fh.write(data)
                 fh.flush()
@@ -71,14 +95,31 @@ def write_atomically(out: Path, model_bytes: bytes, manifest: dict) -> None:
                     raise
         if not out.is_dir():
             raise TrainerError(f"--out {out} exists and is not a directory")
-        os.replace(tmp / MODEL_FILE, out / MODEL_FILE)
-        os.replace(tmp / MANIFEST_FILE, out / MANIFEST_FILE)
+        for name, _ in files:
+            os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode()
+
+
+def json_bytes(doc: dict) -> bytes:
+    """A report as JSON; NaN / infinite figures (e.g. an undefined AUC) become null."""
+    return (json.dumps(_finite(doc), indent=2, allow_nan=False) + "\n").encode()
+
+
+def _finite(o):
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, (np.floating, np.integer)):
+        o = o.item()
+    if isinstance(o, float) and not np.isfinite(o):
+        return None
+    return o
 
 
 def negative_keep_rate(table) -> float:
@@ -89,14 +130,73 @@ def negative_keep_rate(table) -> float:
             f"rows were written with different negative keep rates {sorted(rates)}; "
             "train on data written with one rate"
         )
-    return float(rates.pop()) if rates else 1.0
+    rate = float(rates.pop()) if rates else 1.0
+    if not (0.0 < rate <= 1.0):
+        raise TrainerError(f"rows were written with keep_rate {rate}, not in (0, 1]")
+    return rate
+
+
+def fit_configs(args: argparse.Namespace, batch_size: int | None = None) -> dict:
+    from .fitting import FitConfig
+
+    return {
+        key: FitConfig(
+            epochs=args.epochs,
+            batch_size=batch_size or args.batch_size,
+            lr=args.lr if args.lr is not None else DEFAULT_LR[key],
+            l2=args.l2,
+            patience=args.patience,
+            seed=args.seed,
+        )
+        for key in MODELS
+    }
+
+
+def ranker_candidates(X: np.ndarray, train: slice, registry, args: argparse.Namespace) -> list:
+    """LR on all features standardized; DCN-v2 with an embedding per indicator feature."""
+    from .experiment import Candidate
+    from .nets import Arch, DCNConfig, RankerGraph
+
+    f = X.shape[1]
+    # Registry features with `equals` are 0/1 request indicators: categorical
+    # with two values, embedded inside the graph (Round, Clip, Cast, Gather).
+    indicators = [j for j, feat in enumerate(registry.features) if feat.equals is not None]
+    cfgs = fit_configs(args)
+
+    def graph(kind: str, dense_cols: list[int], cat_cols: list[int]):
+        xs = X[train][:, dense_cols].astype(np.float64)
+        mean = xs.mean(axis=0)
+        std = xs.std(axis=0)
+        std = np.where(std < 1e-6, 1.0, std)  # a constant column carries nothing: scale 1
+        arch = Arch(kind, len(dense_cols), tuple(2 for _ in cat_cols), DCNConfig(emb_dim=4, cross_layers=2, hidden=(64, 32)))
+        return lambda: RankerGraph(arch, f, dense_cols, cat_cols, mean.astype(np.float32), std.astype(np.float32))
+
+    dense = [j for j in range(f) if j not in indicators]
+    return [
+        Candidate("lr", graph("lr", list(range(f)), []), (X,), cfgs["lr"]),
+        Candidate("dcnv2", graph("dcnv2", dense, indicators), (X,), cfgs["dcnv2"]),
+    ]
+
+
+WEIGHTING = (
+    "training: weight * min(1/propensity, {clip}); evaluation and calibration: the same, "
+    "with negatives weighted by 1/keep_rate"
+)
 
 
 def run(argv: list[str] | None = None) -> dict:
-    """Train and publish; returns the manifest. Raises TrainerError on bad input."""
+    """Train and publish; returns the manifest (the report for --criteo). Raises TrainerError on bad input."""
     args = parse_args(argv)
-    registry = load_registry(args.registry)
+    if args.criteo is not None:
+        from .criteo import train_criteo
 
+        return train_criteo(args)
+
+    from .data import build_matrix, load_rows, row_weights, time_order
+    from .registry import load_registry
+    from .synthetic import generate, true_probability, write_parquet
+
+    registry = load_registry(args.registry)
     if args.write_synthetic is not None:
         if args.synthetic is None:
             raise TrainerError("--write-synthetic needs --synthetic N")
@@ -115,57 +215,100 @@ def run(argv: list[str] | None = None) -> dict:
         table = load_rows(args.data)
         data_desc = f"parquet: {args.data} ({table.num_rows} rows)"
 
+    # Everything below is in time order (served_at).
+    table = table.take(time_order(table))
     X, y, stats = build_matrix(table, registry)
     keep_rate = negative_keep_rate(table)
-    if y.min() == y.max():
-        raise TrainerError(f"labels are all one class (label={int(y[0])}) in {table.num_rows} rows; cannot fit")
-    train_idx, hold_idx = split(len(y), args.seed, HOLDOUT_FRACTION)
-    if len(hold_idx) == 0 or len(train_idx) == 0:
-        raise TrainerError(f"too few rows ({len(y)}) for a train/holdout split")
-    for nm, idx in (("training", train_idx), ("holdout", hold_idx)):
-        if y[idx].min() == y[idx].max():
-            raise TrainerError(f"the {nm} split has labels of one class only ({len(idx)} rows); need more rows")
+    w_train = row_weights(table, args.ips_clip)
+    w_eval = w_train * np.where(y == 0, 1.0 / keep_rate, 1.0)
 
-    model = fit(X[train_idx], y[train_idx], l2=args.l2)
-    p_hold = model.predict(X[hold_idx])
-    m = metrics(y[hold_idx], p_hold)
+    from . import calibration as C
+    from . import experiment as E
+    from .export import INPUT_NAME, OUTPUT_NAME, to_onnx, verify_with_onnxruntime
+    from .fitting import predict, set_threads
+    from .nets import MODEL_TYPES
+
+    split = E.time_split(len(y))
+    E.check_labels(y, split)
+    set_threads(args.threads)
+    outcomes = E.run(
+        ranker_candidates(X, split.train, registry, args), y, w_train, w_eval, split,
+        keep_rate=keep_rate, calibration=args.calibration, seed=args.seed,
+    )
+    chosen = outcomes[args.model]
 
     now = datetime.now(timezone.utc)
-    version = args.version or "ctr-lr-" + now.strftime("%Y%m%d%H%M%S")
-    onnx_model = to_onnx(model, registry.names, version)
-    model_bytes = onnx_model.SerializeToString()
-    max_diff = verify_with_onnxruntime(model_bytes, X[hold_idx], p_hold)
+    version = args.version or f"ctr-{args.model}-" + now.strftime("%Y%m%d%H%M%S")
+    graph = chosen.model
+    model_bytes = to_onnx(
+        graph, registry.names, version,
+        doc=f"{MODEL_TYPES[args.model]} CTR model; input is RAW features in feature_order, output pctr.",
+    )
+    holdout = slice(split.calib.start, split.test.stop)
+    max_diff = verify_with_onnxruntime(model_bytes, X[holdout], predict(graph, (X[holdout],)))
 
+    calibration = {"keep_rate": keep_rate, "mapping": chosen.mapping}
+    C.check(calibration)
+    served = chosen.served
+    weighting = WEIGHTING.format(clip=args.ips_clip) if args.ips_clip > 0 else "training: weight (propensities ignored)"
     manifest = {
         "model_version": version,
-        "model_type": "logistic_regression",
+        "model_type": MODEL_TYPES[args.model],
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
         "feature_order": registry.names,
         "feature_defaults": registry.defaults,
         "created_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "training_rows": int(len(train_idx)),
-        "holdout_rows": int(len(hold_idx)),
-        "metrics": {k: round(v, 6) for k, v in m.items()},
+        "training_rows": split.sizes()["train"],
+        "holdout_rows": split.sizes()["calibration"] + split.sizes()["evaluation"],
+        "calibration_rows": split.sizes()["calibration"],
+        "evaluation_rows": split.sizes()["evaluation"],
+        # Evaluation rows, as served (after `calibration`); report.json has the rest.
+        "metrics": {k: round(v, 6) for k, v in served.items()},
         "onnx_sha256": hashlib.sha256(model_bytes).hexdigest(),
         "trainer": "adserve_trainer.train",
         "data": data_desc,
+        "architecture": graph.arch.describe(),
+        "weighting": weighting,
     }
-    if keep_rate < 1.0:
-        # The rows kept only this share of negatives: the ranker corrects the
-        # raw output by p / (p + (1 - p) / keep_rate) before the auction.
-        manifest["calibration"] = {"keep_rate": keep_rate, "mapping": {"method": "none"}}
+    if keep_rate < 1.0 or calibration["mapping"]["method"] != "none":
+        # The ranker serves calibration(raw): the keep-rate correction
+        # p / (p + (1 - p) / keep_rate), then the mapping.
+        manifest["calibration"] = calibration
+
+    report = {
+        "model_version": version,
+        "dataset": data_desc,
+        "exported": args.model,
+        **E.protocol(split, keep_rate, args.calibration, weighting),
+        "models": {k: o.report() for k, o in outcomes.items()},
+    }
+    if args.synthetic is not None:
+        p_true = true_probability(X[split.test], registry.names)
+        from . import metrics as M
+
+        report["oracle"] = {
+            k: round(v, 6) for k, v in M.summary(y[split.test], p_true, w_eval[split.test]).items()
+        }
+    png = E.plot_reliability(outcomes, f"{version}: evaluation rows ({split.sizes()['evaluation']})")
     out = args.out if args.out is not None else Path("out") / version
-    write_atomically(out, model_bytes, manifest)
+    write_atomically(out, model_bytes, manifest, {REPORT_FILE: json_bytes(report), PLOT_FILE: png})
 
     defaulted = {k: v for k, v in stats["defaulted_fraction"].items() if v > 0}
-    print(f"model {version} -> {out}")
-    print(f"  rows: {len(train_idx)} train / {len(hold_idx)} holdout; newton iterations: {model.iterations}")
-    print(
-        f"  holdout: logloss {m['logloss']:.5f}  auc {m['auc']:.4f}  calibration {m['calibration']:.4f}"
-        f"  base_rate {m['base_rate']:.4f}"
-    )
-    print(f"  onnxruntime max |diff| vs numpy: {max_diff:.2e}")
+    sizes = split.sizes()
+    print(f"model {version} ({MODEL_TYPES[args.model]}) -> {out}")
+    print(f"  rows: {sizes['train']} train / {sizes['calibration']} calibration / {sizes['evaluation']} evaluation")
+    for k, o in outcomes.items():
+        u, s = o.metrics["uncalibrated"], o.served
+        print(
+            f"  {k:6s} auc {s['auc']:.4f}  logloss {s['logloss']:.5f}  ne {s['normalized_entropy']:.4f}  "
+            f"ece {s['ece']:.5f} ({o.mapping['method']}; uncalibrated ece {u['ece']:.5f})  "
+            f"epochs {o.fit.best_epoch}/{o.fit.epochs_run}"
+        )
+    if "oracle" in report:
+        o = report["oracle"]
+        print(f"  oracle auc {o['auc']:.4f}  logloss {o['logloss']:.5f}  ne {o['normalized_entropy']:.4f}")
+    print(f"  onnxruntime max |diff| vs PyTorch: {max_diff:.2e}")
     if defaulted:
         print("  filled with registry default: " + ", ".join(f"{k} {v:.1%}" for k, v in defaulted.items()))
     return manifest

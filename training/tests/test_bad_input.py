@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -141,3 +142,63 @@ def test_downsampled_rows_carry_their_keep_rate_into_the_manifest(tmp_path, regi
     pq.write_table(mixed, tmp_path / "mixed.parquet")
     with pytest.raises(TrainerError, match="different negative keep rates"):
         run(["--data", str(tmp_path / "mixed.parquet"), "--out", str(tmp_path / "m2")])
+
+
+def _set(t, name, values):
+    i = t.schema.get_field_index(name)
+    return t.set_column(i, ROW_SCHEMA.field(name), pa.array(values, ROW_SCHEMA.field(name).type))
+
+
+def test_one_class_in_the_training_period_is_refused(tmp_path, registry):
+    """The split is by time: clicks only in the last fifth leave the training rows one class."""
+    t = generate(1000, 1, registry)
+    labels = [0] * 800 + [1, 0] * 100
+    pq.write_table(_set(t, "label", labels), tmp_path / "rows.parquet")
+    with pytest.raises(TrainerError, match="training split has labels of one class only"):
+        _train(tmp_path / "rows.parquet", tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_clicks_in_the_evaluation_period_is_refused(tmp_path, registry):
+    t = generate(1000, 1, registry)
+    labels = [1, 0, 0, 0] * 225 + [0] * 100
+    pq.write_table(_set(t, "label", labels), tmp_path / "rows.parquet")
+    with pytest.raises(TrainerError, match="evaluation split has labels of one class only"):
+        _train(tmp_path / "rows.parquet", tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "column, value, message",
+    [
+        ("propensity", 0.0, "'propensity' must be in \\(0, 1\\]"),
+        ("propensity", float("nan"), "'propensity' must be in \\(0, 1\\]"),
+        ("weight", -1.0, "'weight' must be finite and >= 0"),
+    ],
+)
+def test_bad_weights_are_refused(tmp_path, registry, column, value, message):
+    t = generate(300, 2, registry)
+    values = t.column(column).to_pylist()
+    values[5] = value
+    pq.write_table(_set(t, column, values), tmp_path / "rows.parquet")
+    with pytest.raises(TrainerError, match=message):
+        _train(tmp_path / "rows.parquet", tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_zero_total_weight_is_refused(tmp_path, registry):
+    t = generate(300, 2, registry)
+    pq.write_table(_set(t, "weight", [0.0] * 300), tmp_path / "rows.parquet")
+    with pytest.raises(TrainerError, match="weights sum to 0"):
+        _train(tmp_path / "rows.parquet", tmp_path)
+
+
+def test_rows_are_weighted_by_clipped_inverse_propensity(registry):
+    from adserve_trainer.data import row_weights
+
+    t = generate(4, 2, registry)
+    t = _set(t, "propensity", [1.0, 0.5, 0.01, 0.95])
+    t = _set(t, "explored", [False, True, True, False])
+    t = _set(t, "weight", [1.0, 1.0, 0.5, 1.0])
+    np.testing.assert_allclose(row_weights(t), [1.0, 2.0, 5.0, 1 / 0.95], rtol=1e-6)
+    np.testing.assert_allclose(row_weights(t, ips_clip=0), [1.0, 1.0, 0.5, 1.0])
