@@ -6,7 +6,7 @@ SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 CARGO_TEST_ENV := ADSTACK_TEST_POSTGRES_URL=postgres://adserve:adserve@127.0.0.1:5432/adserve
 
-.PHONY: help install build up down status model train demo test test-python test-rust test-helm proto-check lint fmt bench \
+.PHONY: help install build up down status model train gate demo test test-python test-rust test-helm proto-check lint fmt bench \
 	bench-e2e bench-features bench-ranker bench-auction bench-joiner
 
 help:
@@ -15,6 +15,7 @@ help:
 	@echo "make up | down | status    start / stop / inspect the local stack (scripts/)"
 	@echo "make model   regenerate the committed baseline model (models/ctr-baseline)"
 	@echo "make train   train on the label-joiner's rows (DATA=dir, default \$$ADSTACK_RUN/parquet; OUT=dir; MODEL=dcnv2|lr)"
+	@echo "make gate    promotion gate: CANDIDATE=dir vs production on DATA's holdout -> shadow or retired (DRY_RUN=1, PRODUCTION=dir)"
 	@echo "make lint    rustfmt --check, clippy -D warnings, cargo-deny (licences, bans, sources), cargo-machete (make proto-check: buf lint + breaking)"
 	@echo "make bench   release build, every benchmark next to its peer (QUICK=1: < 5 min; bench-<part>: one part)"
 
@@ -48,6 +49,20 @@ train: install
 		out="$(OUT)" && out="$$(realpath -m "$${out:-$$ADSTACK_RUN/models/$$version}")" && \
 		cd training && "$$ADSTACK_VENV/bin/python" -m adserve_trainer.train --data "$$data" --model "$(MODEL)" \
 			--version "$$version" --out "$$out"
+
+# The promotion gate (training/README.md): score CANDIDATE (a registered model
+# directory) and the registry's production model on the same holdout of DATA
+# (default as for train); promote CANDIDATE to shadow if it passes, retire it
+# if not. PRODUCTION=dir scores that model instead of the registry's; DRY_RUN=1
+# leaves the registry alone. Exit status 1: refused; 2: error.
+gate: install
+	$(ENV) test -n "$(CANDIDATE)" || { echo "make gate: CANDIDATE=<model dir> is required" >&2; exit 2; } && \
+		data="$(DATA)" && data="$$(realpath -m "$${data:-$${ADSTACK_PARQUET_DIR:-$$ADSTACK_RUN/parquet}}")" && \
+		candidate="$$(realpath -m "$(CANDIDATE)")" && \
+		production="$(PRODUCTION)" && production="$${production:+$$(realpath -m "$$production")}" && \
+		cd training && "$$ADSTACK_VENV/bin/python" -m adserve_trainer.gate --candidate "$$candidate" --data "$$data" \
+			$${production:+--production "$$production"} $(if $(DRY_RUN),--dry-run) \
+			--adservectl "$$CARGO_TARGET_DIR/debug/adservectl"
 
 # The demo trains its own first model (no training rows exist yet, so from the
 # seeded synthetic generator) and serves with it.

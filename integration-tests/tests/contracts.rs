@@ -113,6 +113,19 @@ async fn auction_contract() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The calibration of the model version the stack's ranker serves: from its
+/// registry record, or none when the ranker serves its configured directory
+/// (the committed, uncalibrated baseline) without a registry record.
+async fn served_calibration(s: &Stack, version: &str) -> anyhow::Result<Option<adserve_registry::Calibration>> {
+    let mut config = adserve_registry::RegistryConfig::default();
+    config.postgres.url = s.postgres.clone();
+    let registry = adserve_registry::Registry::connect_lazy(&config.postgres)?;
+    let records = registry.list(Some(&config.model_name)).await?;
+    let Some(record) = records.into_iter().find(|r| r.version == version) else { return Ok(None) };
+    let manifest: adserve_registry::ModelManifest = serde_json::from_value(record.manifest)?;
+    Ok(manifest.calibration)
+}
+
 #[tokio::test]
 async fn ranker_contract() -> anyhow::Result<()> {
     let s = Stack::ready().await?;
@@ -130,9 +143,16 @@ async fn ranker_contract() -> anyhow::Result<()> {
     let scores = c.score(ScoreRequest { matrix: Some(matrix), ..Default::default() }).await?.into_inner();
     assert_eq!(scores.pctr.len(), 2);
     assert!(scores.pctr.iter().all(|p| *p > 0.0 && *p <= 1.0));
-    // The baseline has no calibration: what is served is the raw output.
+    // What is served is the raw output through the served model's manifest
+    // calibration (none for the committed baseline; `make demo` promotes a
+    // calibrated model into the same registry).
     assert_eq!(scores.raw_pctr.len(), 2);
-    assert_eq!(scores.pctr, scores.raw_pctr.iter().map(|p| p.max(1e-7)).collect::<Vec<_>>());
+    let calibration = served_calibration(&s, &model.model_version).await?;
+    let want: Vec<f32> =
+        scores.raw_pctr.iter().map(|p| calibration.as_ref().map_or(*p, |c| c.apply(*p)).max(1e-7)).collect();
+    for (got, want) in scores.pctr.iter().zip(&want) {
+        assert!((got - want).abs() <= 1e-6, "served {got}, calibrated raw {want} ({calibration:?})");
+    }
     // Missing feature, ragged matrix, no matrix: InvalidArgument naming the problem.
     let missing =
         FeatureMatrix { feature_names: names[1..].to_vec(), num_rows: 1, values: registry.defaults()[1..].to_vec() };
