@@ -644,3 +644,79 @@ async fn a_call_the_model_cannot_answer_in_time_is_scored_by_the_fallback_chain_
     assert_eq!((normal.level(), normal.fallback_reason.as_str()), (ScoreLevel::Model, ""));
     Ok(())
 }
+
+/// Runs the trainer's promotion gate (Python) on `candidate` against the
+/// test registry's production model: (exit code, stdout, stderr).
+async fn gate(reg: &TestRegistry, candidate: &Path) -> anyhow::Result<(i32, String, String)> {
+    let home = std::env::var("ADSTACK_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/adserve"));
+    let out = tokio::time::timeout(
+        Duration::from_secs(180),
+        tokio::process::Command::new(home.join("venv/bin/python"))
+            .args(["-m", "adserve_trainer.gate", "--name", reg.name, "--synthetic", "20000", "--seed", "11"])
+            .arg("--candidate")
+            .arg(candidate)
+            .arg("--adservectl")
+            .arg(binary("adservectl"))
+            .current_dir(repo_root().join("training"))
+            .env("ADSERVE_REGISTRY__POSTGRES__URL", &reg.s.postgres)
+            .env("ADSERVE_REGISTRY__POSTGRES__SCHEMA", &reg.schema)
+            .env("USER", "integration-test")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the gate did not finish"))??;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// The stage of `version` in the test registry.
+async fn stage_of(reg: &TestRegistry, version: &str) -> anyhow::Result<String> {
+    let list = reg.ok(&["models", "list", "--name", reg.name, "--json"]).await?;
+    for line in list.lines() {
+        let record: serde_json::Value = serde_json::from_str(line)?;
+        if record["version"] == version {
+            return Ok(record["stage"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    anyhow::bail!("{version} is not in the registry: {list}")
+}
+
+#[tokio::test]
+async fn the_promotion_gate_shadows_a_good_candidate_and_retires_a_miscalibrated_one() -> anyhow::Result<()> {
+    let reg = TestRegistry::new("ctr-gate")?;
+    reg.register("ctr-gate-v1").await?;
+    reg.promote("ctr-gate-v1", "production").await?;
+
+    // The same model under a new version: equal AUC, calibrated as well as production.
+    let v2 = reg.register("ctr-gate-v2").await?;
+    let (code, stdout, stderr) = gate(&reg, &v2).await?;
+    assert_eq!(code, 0, "a candidate as good as production passes:\n{stdout}\n{stderr}");
+    assert_eq!(stage_of(&reg, "ctr-gate-v2").await?, "shadow");
+    let decision: serde_json::Value = serde_json::from_slice(&std::fs::read(v2.join("gate.json"))?)?;
+    assert_eq!(decision["passed"], true, "{decision}");
+
+    // Same ranking, but a Platt mapping that doubles the odds (b = ln 2): refused on ECE.
+    reg.promote("ctr-gate-v2", "retired").await?;
+    let v3 = model_version(reg.models.path(), "ctr-gate-v3")?;
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(v3.join("manifest.json"))?)?;
+    manifest["calibration"] =
+        serde_json::json!({"keep_rate": 1.0, "mapping": {"method": "platt", "a": 1.0, "b": std::f64::consts::LN_2}});
+    std::fs::write(v3.join("manifest.json"), serde_json::to_vec_pretty(&manifest)?)?;
+    reg.ok(&["models", "register", "--name", reg.name, "--dir", v3.to_str().unwrap_or_default()]).await?;
+    let (code, stdout, stderr) = gate(&reg, &v3).await?;
+    assert_eq!(code, 1, "a miscalibrated candidate is refused:\n{stdout}\n{stderr}");
+    assert_eq!(stage_of(&reg, "ctr-gate-v3").await?, "retired");
+
+    // Both decisions, with their numbers, are in the registry's history.
+    let history = reg.ok(&["models", "history", "--name", reg.name]).await?;
+    assert!(history.contains("gate: passed") && history.contains("gate: refused (ece)"), "{history}");
+    assert!(history.contains("ece "), "the numbers are recorded: {history}");
+    reg.drop_schema().await?;
+    Ok(())
+}
