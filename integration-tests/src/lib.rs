@@ -460,12 +460,9 @@ pub struct ParquetRow {
     pub kind: String,
 }
 
-/// Every row of every Parquet file below `dir` (the dataset's
-/// `date=…/hour=…/` directories included), files in path order. Feature
-/// names come from each file's footer (schema 3) or its `feature_names`
-/// column (older files).
-pub fn read_rows(dir: &Path) -> anyhow::Result<Vec<ParquetRow>> {
-    let mut rows = Vec::new();
+/// Every `*.parquet` file below `dir` (the dataset's `date=…/hour=…/`
+/// directories included), sorted by path; none when `dir` does not exist.
+pub fn parquet_files(dir: &Path) -> Vec<PathBuf> {
     let mut paths = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -480,6 +477,24 @@ pub fn read_rows(dir: &Path) -> anyhow::Result<Vec<ParquetRow>> {
         }
     }
     paths.sort();
+    paths
+}
+
+/// Where scripts/install.sh put the stack's tools: `$ADSTACK_HOME`, by
+/// default `~/.cache/adserve`.
+pub fn adstack_home() -> PathBuf {
+    std::env::var("ADSTACK_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/adserve"))
+}
+
+/// Every row of every Parquet file below `dir` (the dataset's
+/// `date=…/hour=…/` directories included), files in path order. Feature
+/// names come from each file's footer (schema 3) or its `feature_names`
+/// column (older files).
+pub fn read_rows(dir: &Path) -> anyhow::Result<Vec<ParquetRow>> {
+    let mut rows = Vec::new();
+    let paths = parquet_files(dir);
     for path in paths {
         let builder = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path)?)?;
         let footer_names: Option<Vec<String>> = builder

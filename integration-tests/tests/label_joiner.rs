@@ -16,7 +16,7 @@ use std::{
 };
 
 use adserve_events::{EventPublisher, IMPRESSIONS_TOPIC, KafkaConfig};
-use adserve_integration_tests::{ParquetRow, Stack, binary, free_port, read_rows};
+use adserve_integration_tests::{ParquetRow, Stack, binary, free_port, parquet_files, read_rows};
 use adserve_proto::v1::{
     ClickEvent, FeatureRow, FlushRequest, GetStatusRequest, ImpressionEvent,
     label_joiner_service_client::LabelJoinerServiceClient,
@@ -183,19 +183,7 @@ fn assert_exactly_once(dir: &Path, published: &Published) -> anyhow::Result<()> 
 }
 
 fn newest_file(dir: &Path) -> Option<PathBuf> {
-    let mut files = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "parquet") {
-                files.push(p);
-            }
-        }
-    }
-    files.into_iter().max_by_key(|p| p.file_name().map(|n| n.to_os_string()))
+    parquet_files(dir).into_iter().max_by_key(|p| p.file_name().map(|n| n.to_os_string()))
 }
 
 async fn committed_impressions(brokers: &str, group: &str, partition: i32) -> anyhow::Result<i64> {
@@ -358,9 +346,7 @@ struct PrivateBroker {
 }
 
 async fn private_broker() -> anyhow::Result<PrivateBroker> {
-    let home = std::env::var("ADSTACK_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/adserve"));
+    let home = adserve_integration_tests::adstack_home();
     let port = free_port();
     let url = format!("tcp://127.0.0.1:{port}");
     let child = tokio::process::Command::new(home.join("tansu/bin/tansu"))
@@ -447,29 +433,13 @@ async fn two_instances_split_the_partitions_and_rebalance_without_loss_or_duplic
     let rows = read_rows(dir)?;
     assert!(rows.len() >= published.ids.len());
     let mut writers = std::collections::HashSet::new();
-    for f in walk(dir) {
+    for f in parquet_files(dir) {
         if let Some(pid) = f.file_name().and_then(|n| n.to_str()).and_then(|n| n.split('-').nth(2)) {
             writers.insert(pid.to_string());
         }
     }
     assert!(writers.len() >= 2, "files from both instances: {writers:?}");
     Ok(())
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "parquet") {
-                files.push(p);
-            }
-        }
-    }
-    files
 }
 
 /// A local S3-compatible server (moto, installed by scripts/install.sh).
@@ -479,9 +449,7 @@ struct Moto {
 }
 
 async fn moto() -> anyhow::Result<Moto> {
-    let home = std::env::var("ADSTACK_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/adserve"));
+    let home = adserve_integration_tests::adstack_home();
     let port = free_port();
     let child = tokio::process::Command::new(home.join("s3-venv/bin/moto_server"))
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])

@@ -648,9 +648,7 @@ async fn a_call_the_model_cannot_answer_in_time_is_scored_by_the_fallback_chain_
 /// Runs the trainer's promotion gate (Python) on `candidate` against the
 /// test registry's production model: (exit code, stdout, stderr).
 async fn gate(reg: &TestRegistry, candidate: &Path) -> anyhow::Result<(i32, String, String)> {
-    let home = std::env::var("ADSTACK_HOME")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/adserve"));
+    let home = adserve_integration_tests::adstack_home();
     let out = tokio::time::timeout(
         Duration::from_secs(180),
         tokio::process::Command::new(home.join("venv/bin/python"))

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import TrainerError
+from . import EXIT_ERROR, TrainerError, cli
 
 # The rule. The candidate may rank at most this much worse than production ...
 AUC_TOLERANCE = 0.002
@@ -57,7 +57,6 @@ FLOAT_SLACK = 1e-9
 
 EXIT_PASSED = 0
 EXIT_REFUSED = 1
-EXIT_ERROR = 2
 
 GATE_FILE = "gate.json"
 DEFAULT_MODEL_NAME = "ctr"  # RegistryConfig::default().model_name
@@ -671,15 +670,7 @@ def _print(doc: dict, cand: Model, prod: Model | None, hold: Holdout, decision: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        status, _ = run(argv)
-    except TrainerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as e:
-        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
-        return EXIT_ERROR
-    return status
+    return cli(lambda: run(argv)[0])
 
 
 if __name__ == "__main__":

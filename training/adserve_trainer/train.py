@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import TrainerError
+from . import TrainerError, cli
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -315,15 +315,11 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def body() -> int:
         run(argv)
-    except TrainerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return cli(body)
 
 
 if __name__ == "__main__":
