@@ -283,6 +283,34 @@ pub fn decode_click(payload: &[u8]) -> Result<ClickEvent, DecodeError> {
     Ok(e)
 }
 
+/// The low and high watermarks of `topic`/`partition` as of the consumer's
+/// last fetch response, without asking the broker (librdkafka keeps them
+/// from every fetch, empty ones included). None until a fetch for the
+/// partition has answered. A consumer loop can check on every tick whether
+/// it has read a partition to its end this way; `fetch_watermarks` costs a
+/// broker round trip each time, and at a few per tick it starved the loop.
+pub fn cached_watermarks<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<(i64, i64)> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `client` is borrowed; the
+    // topic string outlives the call, which only reads it; low and high
+    // are written by the call and owned here.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            client.native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some((low, high))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

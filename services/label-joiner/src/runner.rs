@@ -18,6 +18,7 @@ use std::{
 use adserve_core::{Lifecycle, Readiness, Shutdown};
 use adserve_events::{CLICKS_TOPIC, EventPublisher, IMPRESSIONS_TOPIC, decode_click, decode_impression};
 use backon::Retryable as _;
+use futures::FutureExt as _;
 use rdkafka::{
     ClientContext, Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
@@ -461,11 +462,27 @@ impl Runner {
             tokio::select! {
                 msg = self.consumer.recv() => match msg {
                     Ok(m) => {
-                        let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
-                        let key = m.key().map(<[u8]>::to_vec).unwrap_or_default();
-                        let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
-                        drop(m);
-                        self.handle(&topic, partition, offset, &key, &payload).await?;
+                        let mut next = Some(Ok(m));
+                        // Whatever else is already fetched, up to a bound, before
+                        // the next select: one message per turn let the tick
+                        // (due on most turns under a backlog) set the pace.
+                        let mut drained = 0;
+                        while let Some(Ok(m)) = next {
+                            let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
+                            let key = m.key().map(<[u8]>::to_vec).unwrap_or_default();
+                            let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
+                            drop(m);
+                            self.handle(&topic, partition, offset, &key, &payload).await?;
+                            drained += 1;
+                            if drained >= DRAIN_PER_TURN {
+                                break;
+                            }
+                            // An error is left for the next turn's recv to report.
+                            next = self.consumer.recv().now_or_never();
+                            if matches!(next, Some(Err(_))) {
+                                break;
+                            }
+                        }
                     }
                     Err(e) => {
                         if let Some((code, reason)) = self.consumer.client().fatal_error() {
@@ -520,24 +537,21 @@ impl Runner {
     /// Marks which partitions are read to their end, then closes the windows
     /// the watermarks passed.
     async fn advance(&mut self) {
-        let assigned = lock(&self.core).assigned.clone();
-        let consumer = self.consumer.clone();
-        let caught_up = tokio::task::spawn_blocking(move || caught_up(&consumer, &assigned)).await;
         let mut core = lock(&self.core);
-        match caught_up {
-            Ok(Ok(flags)) => {
+        let assigned = core.assigned.clone();
+        match caught_up(&self.consumer, &assigned) {
+            Ok(flags) => {
                 for (topic, partition, flag) in flags {
                     core.joiner.set_caught_up(topic, partition, flag);
                 }
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 // Unknown: event time alone moves the watermarks meanwhile.
-                tracing::debug!(error = %e, "reading high watermarks failed");
-                for (topic, partition) in core.assigned.keys().copied().collect::<Vec<_>>() {
+                tracing::debug!(error = %e, "reading consumer positions failed");
+                for (topic, partition) in assigned.keys().copied() {
                     core.joiner.set_caught_up(topic, partition, false);
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "watermark task failed"),
         }
         core.joiner.advance(now_ms());
     }
@@ -651,9 +665,11 @@ impl Runner {
 }
 
 /// For each assigned topic-partition: whether the consumer has read it to
-/// its high watermark. A partition nothing was read from yet counts from
-/// where it was assigned (its committed offset), so a quiet topic after a
-/// restart is caught up, not behind.
+/// its high watermark, as of the last fetch response (no broker round trip:
+/// this runs on every tick, on the loop). A partition no fetch has answered
+/// for yet is not caught up; one nothing was read from yet counts from where
+/// it was assigned (its committed offset), so a quiet topic after a restart
+/// is caught up once its first (empty) fetch answers, not behind forever.
 fn caught_up(
     consumer: &StreamConsumer<JoinContext>,
     assigned: &HashMap<TopicPartition, i64>,
@@ -661,7 +677,10 @@ fn caught_up(
     let positions = consumer.position()?;
     let mut flags = Vec::with_capacity(assigned.len());
     for (&(topic, partition), &from) in assigned {
-        let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(1))?;
+        let Some((low, high)) = adserve_events::cached_watermarks(consumer.client(), topic, partition) else {
+            flags.push((topic, partition, false));
+            continue;
+        };
         let position = match positions.find_partition(topic, partition).map(|e| e.offset()) {
             Some(Offset::Offset(o)) => o,
             _ => from.max(low),
@@ -717,6 +736,10 @@ pub async fn supervise(
         }
     }
 }
+
+/// Messages handled per turn of the join loop before ticks and commands
+/// get a look in.
+const DRAIN_PER_TURN: usize = 1000;
 
 /// How long a join loop must run before its failure counts as a new
 /// incident (backoff starts over) rather than a crash loop (backoff grows).
