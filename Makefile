@@ -10,7 +10,7 @@ CARGO_TEST_ENV := ADSTACK_TEST_POSTGRES_URL=postgres://adserve:adserve@127.0.0.1
 	bench-e2e bench-features bench-ranker bench-auction bench-joiner
 
 help:
-	@echo "make demo    install, start the stack, train a model, serve ads and clicks, show the Parquet rows"
+	@echo "make demo    install, start the stack, then the loop: bootstrap model, simulate, join, train, gate, promote, serve"
 	@echo "make test    install, start the stack, run buf, Python and Rust tests"
 	@echo "make up | down | status    start / stop / inspect the local stack (scripts/)"
 	@echo "make model   regenerate the committed baseline model (models/ctr-baseline)"
@@ -64,21 +64,13 @@ gate: install
 			$${production:+--production "$$production"} $(if $(DRY_RUN),--dry-run) \
 			--adservectl "$$CARGO_TARGET_DIR/debug/adservectl"
 
-# The demo trains its own first model (no training rows exist yet, so from the
-# seeded synthetic generator) and serves with it.
-# The stack, a freshly trained model registered and promoted through the model
-# registry (the running ranker swaps it in), then traffic, clicks and the
-# training rows they produce.
+# The whole feedback loop (scripts/demo.sh): the stack; a bootstrap model
+# trained on synthetic rows and promoted through the registry; a simulated
+# world of known click truth driving the gateway (adserve-sim); training on the
+# label-joiner's rows, scored against the simulator's oracle; the promotion
+# gate; the candidate promoted and served by the running ranker.
 demo: build
-	$(ENV) ADSTACK_SKIP_BUILD=1 bash scripts/start.sh all
-	$(ENV) version="ctr-dcnv2-demo-$$(date -u +%Y%m%d%H%M%S)" && model_dir="$$ADSTACK_RUN/models/$$version" && \
-		(cd training && "$$ADSTACK_VENV/bin/python" -m adserve_trainer.train --synthetic 20000 --seed 11 \
-			--version "$$version" --out "$$model_dir") && \
-		"$$CARGO_TARGET_DIR/debug/adservectl" models register --dir "$$model_dir" && \
-		"$$CARGO_TARGET_DIR/debug/adservectl" models promote --version "$$version" --to production \
-			--reason "make demo: freshly trained" && \
-		"$$CARGO_TARGET_DIR/debug/adserve-demo" --expect-model "$$version" && \
-		echo && "$$CARGO_TARGET_DIR/debug/adservectl" models list | head -4
+	bash scripts/demo.sh
 
 proto-check: install
 	$(ENV) "$$ADSTACK_HOME/buf/node_modules/.bin/buf" lint proto

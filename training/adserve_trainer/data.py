@@ -28,11 +28,17 @@ def parquet_files(path: str | Path) -> list[Path]:
     return [p]
 
 
-def _with_footer_names(t: pa.Table, source: str) -> pa.Table:
-    """Schema-3 files name their features once, in the footer: rebuild the per-row column."""
+def _with_footer_names(t: pa.Table, source: str, file_meta: dict | None = None) -> pa.Table:
+    """Schema-3 files name their features once, in the footer: rebuild the per-row column.
+
+    The label-joiner (arrow-rs) writes the names as Parquet key-value
+    metadata beside ARROW:schema, which pyarrow does not carry onto the
+    table's schema: ``file_meta`` is the file's own footer metadata.
+    """
     if "feature_names" in t.schema.names:
         return t
-    meta = t.schema.metadata or {}
+    meta = dict(file_meta or {})
+    meta.update(t.schema.metadata or {})
     if FEATURE_NAMES_KEY not in meta:
         return t  # validation names the missing column
     try:
@@ -56,9 +62,10 @@ def load_rows(path: str | Path, final_only: bool = True) -> pa.Table:
     for f in parquet_files(path):
         try:
             t = pq.read_table(f, partitioning=None)
+            file_meta = pq.read_metadata(f).metadata
         except (pa.ArrowInvalid, OSError) as e:
             raise TrainerError(f"{f}: cannot read as Parquet: {e}") from e
-        t = conform(_with_footer_names(t, str(f)), source=str(f))
+        t = conform(_with_footer_names(t, str(f), file_meta), source=str(f))
         if final_only:
             t = t.filter(pc.field("is_final"))
         tables.append(t)

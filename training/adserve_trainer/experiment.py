@@ -21,7 +21,7 @@ ranker serves with mapping "none").
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -96,6 +96,8 @@ class Outcome:
     metrics: dict[str, dict]  # "uncalibrated" | "platt" | "isotonic" -> summary
     reliability: dict[str, dict]
     selected: str  # calibration method served
+    # "uncalibrated" | "platt" | "isotonic" -> predictions on the evaluation rows (what `metrics` scores)
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def mapping(self) -> dict:
@@ -104,6 +106,11 @@ class Outcome:
     @property
     def served(self) -> dict:
         return self.metrics[self.selected if self.selected in self.metrics else "uncalibrated"]
+
+    @property
+    def served_predictions(self) -> np.ndarray:
+        """The served (calibrated) predictions on the evaluation rows: the figures of ``served``."""
+        return self.predictions[self.selected if self.selected in self.predictions else "uncalibrated"]
 
     def report(self) -> dict:
         d = {k: round(v, 6) for k, v in self.served.items()}
@@ -163,8 +170,10 @@ def run(
         mappings = {m: C.fit(m, q_cal, y_cal, w_eval[split.calib], what=c.key) for m in ("platt", "isotonic")}
         metrics = {"uncalibrated": M.summary(y_te, q_te, w_te)}
         reliability = {"uncalibrated": M.reliability(y_te, q_te, w_te)}
+        predictions = {"uncalibrated": q_te}
         for m, (mapping, _) in mappings.items():
             q_m = C.apply_mapping(mapping, q_te)
+            predictions[m] = q_m
             metrics[m] = M.summary(y_te, q_m, w_te)
             reliability[m] = M.reliability(y_te, q_m, w_te)
         out[c.key] = Outcome(
@@ -176,8 +185,29 @@ def run(
             metrics=metrics,
             reliability=reliability,
             selected=calibration if calibration != "none" else "uncalibrated",
+            predictions=predictions,
         )
     return out
+
+
+def versus_oracle(
+    outcomes: dict[str, Outcome], y_test: np.ndarray, p_true_test: np.ndarray, w_test: np.ndarray
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The oracle (true label probabilities scored as a model) and each model's served predictions against it.
+
+    All on the evaluation rows, weighted as every reported figure. Returns
+    (oracle summary, {model: {auc_vs_oracle, calibration_vs_truth, mae_vs_truth}}).
+    """
+    p_true_test = np.asarray(p_true_test, dtype=np.float64)
+    if p_true_test.shape != y_test.shape:
+        raise TrainerError(f"true probabilities for {p_true_test.shape[0]} rows, {y_test.shape[0]} evaluation rows")
+    oracle = M.summary(y_test, p_true_test, w_test)
+    per_model = {}
+    for key, o in outcomes.items():
+        d = {"auc_vs_oracle": o.served["auc"] / oracle["auc"] if oracle["auc"] > 0 else float("nan")}
+        d.update(M.versus_truth(o.served_predictions, p_true_test, w_test))
+        per_model[key] = d
+    return oracle, per_model
 
 
 def plot_reliability(outcomes: dict[str, Outcome], title: str) -> bytes:

@@ -103,6 +103,27 @@ def ece(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None, bins: int = E
     )
 
 
+def versus_truth(p: np.ndarray, p_true: np.ndarray, w: np.ndarray | None = None, bins: int = ECE_BINS) -> dict[str, float]:
+    """Predictions against the TRUE probabilities of the same rows (an oracle is known).
+
+    ``calibration_vs_truth``: the ECE's equal-mass bins of ``p`` (``reliability``,
+    the same cut), each bin's weighted mean prediction against its weighted mean
+    true probability, ``sum_b share_b * |mean p_b - mean p_true_b|`` (no label
+    noise: 0 for a calibrated model at any sample size). ``mae_vs_truth``: the
+    weighted mean ``|p - p_true|`` (0 only for the oracle itself).
+    """
+    p = np.asarray(p, dtype=np.float64)
+    p_true = np.asarray(p_true, dtype=np.float64)
+    if p_true.shape != p.shape:
+        raise TrainerError(f"true probabilities have shape {p_true.shape}, predictions {p.shape}")
+    w = _weights(p, w)
+    return {
+        # reliability() bins by p and averages its first argument per bin: here the truth.
+        "calibration_vs_truth": ece(p_true, p, w, bins),
+        "mae_vs_truth": float(np.sum(w * np.abs(p - p_true)) / np.sum(w)),
+    }
+
+
 def summary(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> dict[str, float]:
     """The figures every report carries for one set of predictions."""
     rate = base_rate(y, w)

@@ -1,6 +1,6 @@
 """CLI: train the CTR models (LR baseline and DCN-v2), evaluate, calibrate, export ONNX + manifest.
 
-    python -m adserve_trainer.train (--data PATH | --synthetic N) [--model dcnv2|lr] [--seed 7] [--out DIR]
+    python -m adserve_trainer.train (--data PATH [--truth FILE.csv] | --synthetic N) [--model dcnv2|lr] [--seed 7] [--out DIR]
                                     [--version V] [--calibration platt|isotonic|none] [--ips-clip 10]
                                     [--epochs 30] [--batch-size 512] [--lr X] [--l2 1.0] [--threads 1]
     python -m adserve_trainer.train --synthetic N --seed S --write-synthetic FILE.parquet
@@ -37,6 +37,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--data", type=Path, help="Parquet file or directory of *.parquet label-joiner rows")
     src.add_argument("--synthetic", type=int, metavar="N", help="train on N synthetic rows instead of --data")
     src.add_argument("--criteo", type=Path, metavar="FILE", help="Criteo Display Advertising Challenge TSV: report only")
+    ap.add_argument(
+        "--truth", type=Path, metavar="FILE",
+        help="with --data: CSV impression_id,p_click,p_label of true probabilities (a simulator's); "
+        "only rows with a truth are used and the report scores the models against it",
+    )
     ap.add_argument("--model", choices=MODELS, default="dcnv2", help="model exported for the ranker (default dcnv2)")
     ap.add_argument("--seed", type=int, default=7, help="seed for synthetic data, initialization and batch order")
     ap.add_argument("--out", type=Path, help="output directory (default: out/<version>)")
@@ -187,6 +192,12 @@ WEIGHTING = (
 def run(argv: list[str] | None = None) -> dict:
     """Train and publish; returns the manifest (the report for --criteo). Raises TrainerError on bad input."""
     args = parse_args(argv)
+    if args.truth is not None and args.data is None:
+        source = "--synthetic" if args.synthetic is not None else "--criteo"
+        raise TrainerError(
+            f"--truth goes with --data (label-joiner rows with impression ids), not {source}"
+            + (" (synthetic rows carry their own true probability)" if source == "--synthetic" else "")
+        )
     if args.criteo is not None:
         from .criteo import train_criteo
 
@@ -195,6 +206,7 @@ def run(argv: list[str] | None = None) -> dict:
     from .data import build_matrix, load_rows, row_weights, time_order
     from .registry import load_registry
     from .synthetic import generate, true_probability, write_parquet
+    from .truth import attach, read_truth
 
     registry = load_registry(args.registry)
     if args.write_synthetic is not None:
@@ -215,9 +227,31 @@ def run(argv: list[str] | None = None) -> dict:
         table = load_rows(args.data)
         data_desc = f"parquet: {args.data} ({table.num_rows} rows)"
 
-    # Everything below is in time order (served_at).
-    table = table.take(time_order(table))
+    # True probabilities per row, when known: p_label (the probability the row's
+    # label is 1) is the oracle every model is compared with.
+    p_label = p_click = truth_counts = None
+    if args.truth is not None:
+        truth = read_truth(args.truth)
+        table, p_click, p_label, truth_counts = attach(table, truth)
+        c = truth_counts
+        data_desc += (
+            f"; --truth {args.truth}: {c['rows_with_truth']} rows with truth used, "
+            f"{c['rows_dropped_without_truth']} without dropped"
+        )
+        print(
+            f"truth {args.truth}: {c['rows_with_truth']} of {c['rows_read']} rows have a truth "
+            f"({c['rows_dropped_without_truth']} dropped without one); "
+            f"{c['truth_ids_without_row']} of {c['truth_ids']} truth ids have no row"
+        )
+
+    # Everything below is in time order (served_at); the truth moves with its rows.
+    order = time_order(table)
+    table = table.take(order)
+    if p_label is not None:
+        p_label, p_click = p_label[order], p_click[order]
     X, y, stats = build_matrix(table, registry)
+    if args.synthetic is not None:
+        p_label = true_probability(X, registry.names)
     keep_rate = negative_keep_rate(table)
     w_train = row_weights(table, args.ips_clip)
     w_eval = w_train * np.where(y == 0, 1.0 / keep_rate, 1.0)
@@ -283,13 +317,24 @@ def run(argv: list[str] | None = None) -> dict:
         **E.protocol(split, keep_rate, args.calibration, weighting),
         "models": {k: o.report() for k, o in outcomes.items()},
     }
-    if args.synthetic is not None:
-        p_true = true_probability(X[split.test], registry.names)
-        from . import metrics as M
-
-        report["oracle"] = {
-            k: round(v, 6) for k, v in M.summary(y[split.test], p_true, w_eval[split.test]).items()
-        }
+    if p_label is not None:
+        # The oracle: the true label probabilities scored like a model; each
+        # model's served predictions against them (same rows, same weights).
+        test = split.test
+        oracle, vs_oracle = E.versus_oracle(outcomes, y[test], p_label[test], w_eval[test])
+        report["oracle"] = {k: round(v, 6) for k, v in oracle.items()}
+        for k, d in vs_oracle.items():
+            report["models"][k].update({name: round(v, 6) for name, v in d.items()})
+        if truth_counts is not None:
+            we = w_eval[test]
+            report["truth"] = {
+                **truth_counts,
+                "p_label": "P(label = 1): p_click times the probability the click arrives inside the label window",
+                "evaluation_mean_p_click": round(float(np.sum(we * p_click[test]) / np.sum(we)), 6),
+                "evaluation_mean_p_label": round(float(np.sum(we * p_label[test]) / np.sum(we)), 6),
+            }
+        else:
+            report["truth"] = {"source": "adserve_trainer.synthetic.true_probability (p_label = p_click)"}
     png = E.plot_reliability(outcomes, f"{version}: evaluation rows ({split.sizes()['evaluation']})")
     out = args.out if args.out is not None else Path("out") / version
     write_atomically(out, model_bytes, manifest, {REPORT_FILE: json_bytes(report), PLOT_FILE: png})
@@ -307,7 +352,11 @@ def run(argv: list[str] | None = None) -> dict:
         )
     if "oracle" in report:
         o = report["oracle"]
-        print(f"  oracle auc {o['auc']:.4f}  logloss {o['logloss']:.5f}  ne {o['normalized_entropy']:.4f}")
+        vs = "; ".join(
+            f"{k} auc/oracle {r['auc_vs_oracle']:.3f}, calibration vs truth {r['calibration_vs_truth']:.4f}"
+            for k, r in report["models"].items()
+        )
+        print(f"  oracle auc {o['auc']:.4f}  logloss {o['logloss']:.5f}  ne {o['normalized_entropy']:.4f}; {vs}")
     print(f"  onnxruntime max |diff| vs PyTorch: {max_diff:.2e}")
     if defaulted:
         print("  filled with registry default: " + ", ".join(f"{k} {v:.1%}" for k, v in defaulted.items()))

@@ -1,9 +1,10 @@
 //! `make demo`: drives the running stack like a client would and shows what
 //! happened: winners, prices, latencies, and the Parquet training rows.
 //!
-//! `adserve-demo --expect-model VERSION` first waits until the ranker serves
-//! VERSION (make demo promotes a freshly trained model through the registry,
-//! and the running ranker swaps it in without a restart).
+//! `adserve-demo [--expect-model VERSION] [--requests N]`: with
+//! --expect-model it first waits until the ranker serves VERSION (make demo
+//! promotes freshly trained models through the registry, and the running
+//! ranker swaps them in without a restart); N ad requests (default 200).
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,8 @@ use adserve_proto::v1::{FlushRequest, GetModelRequest, GetStatusRequest, ranker_
 use serde_json::{Value, json};
 
 const REQUESTS: usize = 200;
+
+const USAGE: &str = "usage: adserve-demo [--expect-model VERSION] [--requests N]";
 
 /// Waits until the ranker serves `version`.
 async fn wait_for_model(stack: &Stack, version: &str) -> anyhow::Result<()> {
@@ -31,12 +34,20 @@ async fn wait_for_model(stack: &Stack, version: &str) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let expect = match args.as_slice() {
-        [] => None,
-        [flag, version] if flag == "--expect-model" => Some(version.clone()),
-        other => anyhow::bail!("usage: adserve-demo [--expect-model VERSION], got {other:?}"),
-    };
+    let mut args = std::env::args().skip(1);
+    let (mut expect, mut requests) = (None, REQUESTS);
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or_else(|| anyhow::anyhow!("{flag} needs a value; {USAGE}"))?;
+        match flag.as_str() {
+            "--expect-model" => expect = Some(value),
+            "--requests" => {
+                requests = value.parse().ok().filter(|n| (1..=100_000).contains(n)).ok_or_else(|| {
+                    anyhow::anyhow!("--requests must be an integer in 1..=100000, got {value:?}; {USAGE}")
+                })?
+            }
+            other => anyhow::bail!("unknown argument {other:?}; {USAGE}"),
+        }
+    }
     let stack = Stack::ready().await?;
     if let Some(version) = &expect {
         wait_for_model(&stack, version).await?;
@@ -44,15 +55,15 @@ async fn main() -> anyhow::Result<()> {
     let http = adserve_integration_tests::http_client();
     let placements = ["feed_top", "feed_mid", "sidebar"];
     let devices = ["mobile", "desktop", "tablet"];
-    let mut latencies = Vec::with_capacity(REQUESTS);
+    let mut latencies = Vec::with_capacity(requests);
     let mut served = Vec::new();
     let mut clicks = 0;
-    println!("\n== {REQUESTS} ad requests to {}/v1/ads", stack.http);
+    println!("\n== {requests} ad requests to {}/v1/ads", stack.http);
     println!(
         "{:<14} {:<9} {:>6} {:<26} {:>7} {:>10} {:>10}",
         "user", "placement", "ad", "title", "pCTR", "eCPM", "price/click"
     );
-    for i in 0..REQUESTS {
+    for i in 0..requests {
         let body = json!({
             "user_id": format!("demo-user-{}", i % 50),
             "context": {"placement": placements[i % 3], "device": devices[i % 3 % 2 + (i / 7) % 2], "surface": "home"},
@@ -97,7 +108,7 @@ async fn main() -> anyhow::Result<()> {
     let pct =
         |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1000.0;
     println!(
-        "\n== latency over {REQUESTS} sequential requests (client side, debug build): p50 {:.1} ms  p95 {:.1} ms  p99 {:.1} ms",
+        "\n== latency over {requests} sequential requests (client side, debug build): p50 {:.1} ms  p95 {:.1} ms  p99 {:.1} ms",
         pct(0.5),
         pct(0.95),
         pct(0.99)
