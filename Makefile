@@ -36,7 +36,8 @@ status:
 
 model: install
 	$(ENV) cd training && "$$ADSTACK_VENV/bin/python" -m adserve_trainer.train --synthetic 20000 --seed 7 \
-		--version ctr-baseline-v1 --out ../models/ctr-baseline
+		--model lr --calibration none --version ctr-baseline-v1 --out ../models/ctr-baseline && \
+		rm -f ../models/ctr-baseline/report.json ../models/ctr-baseline/calibration.png
 
 # Retrain from the label-joiner's Parquet rows (DATA, default the local stack's
 # joiner output dir) into OUT (default $ADSTACK_RUN/models/<version>): model.onnx,

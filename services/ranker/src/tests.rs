@@ -223,10 +223,14 @@ fn a_model_that_does_not_match_its_manifest_is_refused_at_load() {
     let input = edited_model(|m| m["input_name"] = "x".into(), None);
     assert!(matches!(refuse(&input), ModelError::Mismatch(_)));
 
-    // One feature fewer than the graph's 8 columns.
-    let narrow = edited_model(|m| m["feature_order"].as_array_mut().expect("array").truncate(7), None);
+    // One feature fewer than the graph's columns.
+    let width = adserve_features::registry().features.len();
+    let narrow = edited_model(|m| m["feature_order"].as_array_mut().expect("array").truncate(width - 1), None);
     let err = refuse(&narrow).to_string();
-    assert!(err.contains("8 columns") && err.contains("feature_order has 7"), "{err}");
+    assert!(
+        err.contains(&format!("{width} columns")) && err.contains(&format!("feature_order has {}", width - 1)),
+        "{err}"
+    );
 
     let garbage = b"not an onnx graph";
     let corrupt = edited_model(|m| m["onnx_sha256"] = sha256(garbage).into(), Some(garbage));
