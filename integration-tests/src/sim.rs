@@ -112,7 +112,7 @@ pub struct Truth {
 impl Default for Truth {
     fn default() -> Self {
         Self {
-            base_logit: -2.9,
+            base_logit: -3.5,
             interest_weight: 4.0,
             user_sigma: 0.4,
             ad_sigma: 0.3,

@@ -2,8 +2,12 @@
 //! click truth is known, so the feedback loop (serve → log → join → train)
 //! can be scored against an oracle.
 //!
-//! It publishes the world's features (DynamoDB batch features for its users
-//! and for every active catalog ad, and the catalog's retrieval estimate),
+//! It creates the world's own advertisers, campaigns and ads in the catalog
+//! (once per seed; their budgets are far above what a run spends, and every
+//! other advertiser is blocked from the world's requests, so simulated
+//! traffic never spends a real campaign's budget), publishes the world's
+//! features (DynamoDB batch features for its users and ads, and the
+//! catalog's retrieval estimate),
 //! sends ad requests to the gateway from `--concurrency` clients, decides
 //! each served impression's click from the TRUE probability, posts the
 //! click after a long-tailed delay (some after the label window, as in
@@ -114,18 +118,80 @@ fn check(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Active catalog ads (id, category).
-async fn catalog_ads(stack: &Stack) -> anyhow::Result<Vec<(i64, String)>> {
+/// Campaigns of the simulated world's advertisers.
+const WORLD_CAMPAIGNS: usize = 20;
+/// Ads per world campaign.
+const WORLD_ADS_PER_CAMPAIGN: usize = 5;
+/// Daily budget of a world campaign (micro units): far above what any
+/// simulated run spends, so budget pacing never throttles the world.
+const WORLD_DAILY_BUDGET_MICROS: i64 = 1_000_000_000_000_000;
+
+/// The world's own advertisers, campaigns and ads in the catalog (created
+/// once per seed; idempotent), so simulated traffic never spends the budgets
+/// of the catalog's real campaigns (and never makes the pacer throttle
+/// them). Returns the world's active ads (id, category) and the domains of
+/// every other advertiser, which the simulated publisher blocks (OpenRTB
+/// badv), so only the world's ads compete.
+async fn world_catalog(stack: &Stack, seed: u64) -> anyhow::Result<(Vec<(i64, String)>, Vec<String>)> {
     let catalog = stack.catalog()?;
-    let rows: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT a.id, a.category FROM ads a JOIN campaigns c ON c.id = a.campaign_id \
-         WHERE a.status = 'active' AND c.status = 'active' ORDER BY a.id",
+    let prefix = format!("sim-{seed}-advertiser-");
+    let like = format!("{prefix}%");
+    let existing: Vec<(i64,)> = sqlx::query_as(
+        "SELECT c.id FROM campaigns c JOIN advertisers v ON v.id = c.advertiser_id WHERE v.name LIKE $1",
     )
+    .bind(&like)
     .fetch_all(catalog.pool())
     .await
-    .context("reading the catalog's active ads")?;
-    ensure!(!rows.is_empty(), "the catalog has no active ads");
-    Ok(rows)
+    .context("reading the world's campaigns")?;
+    if existing.is_empty() {
+        for c in 0..WORLD_CAMPAIGNS {
+            let mut r = Rng::new(derive(seed, "campaign", c as u64));
+            let campaign = adserve_catalog::NewCampaign {
+                advertiser: format!("{prefix}{}", c % 8),
+                advertiser_domain: format!("sim-{seed}-advertiser-{}.example", c % 8),
+                name: format!("sim-{seed}-campaign-{c}"),
+                bid_cpc_micros: 300_000 + (r.uniform() * 1_700_000.0) as i64,
+                daily_budget_micros: WORLD_DAILY_BUDGET_MICROS,
+                ads: (0..WORLD_ADS_PER_CAMPAIGN)
+                    .map(|a| {
+                        let topic = TOPICS[(c + a) % TOPICS.len()];
+                        adserve_catalog::NewAd {
+                            title: format!("{topic} (simulated) {c}.{a}"),
+                            landing_url: format!("https://sim-{seed}.example/{c}/{a}"),
+                            category: topic.into(),
+                            ..adserve_catalog::NewAd::default()
+                        }
+                    })
+                    .collect(),
+                ..adserve_catalog::NewCampaign::default()
+            };
+            catalog.insert_campaign(&campaign).await.context("creating the world's campaigns")?;
+        }
+    }
+    let ads: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT a.id, a.category FROM ads a JOIN campaigns c ON c.id = a.campaign_id \
+         JOIN advertisers v ON v.id = c.advertiser_id \
+         WHERE v.name LIKE $1 AND a.status = 'active' AND c.status = 'active' ORDER BY a.id",
+    )
+    .bind(&like)
+    .fetch_all(catalog.pool())
+    .await
+    .context("reading the world's ads")?;
+    ensure!(!ads.is_empty(), "the world's campaigns have no active ads (paused by hand?)");
+    let others: Vec<(String,)> = sqlx::query_as(
+        "SELECT DISTINCT domain FROM advertisers WHERE domain <> '' AND name NOT LIKE $1 ORDER BY domain",
+    )
+    .bind(&like)
+    .fetch_all(catalog.pool())
+    .await
+    .context("reading the catalog's other advertisers")?;
+    let others: Vec<String> = others.into_iter().map(|(d,)| d).collect();
+    ensure!(
+        others.len() <= 256,
+        "the catalog has {} other advertisers; a request blocks at most 256 (run the simulator on its own stack)",
+        others.len()
+    );
+    Ok((ads, others))
 }
 
 /// Writes the world's batch features (users, ads) and the catalog's CTR estimate.
@@ -156,6 +222,7 @@ async fn client(
     world: Arc<World>,
     args: Arc<Args>,
     cumulative: Arc<Vec<f64>>,
+    blocked: Arc<Vec<String>>,
     next: Arc<AtomicUsize>,
     served: Arc<Mutex<Vec<Served>>>,
     counts: Arc<Mutex<Counts>>,
@@ -179,6 +246,7 @@ async fn client(
             "user_id": user.id,
             "context": {"placement": PLACEMENTS[placement].0, "device": DEVICES[device].0, "surface": "home"},
             "slots": 1,
+            "blocked_advertisers": blocked.as_slice(),
         });
         let answer = http.post(format!("{}/v1/ads", stack.http)).json(&body).send().await;
         let v: Value = match answer {
@@ -260,16 +328,18 @@ async fn main() -> anyhow::Result<()> {
     check(&args)?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let stack = Arc::new(Stack::ready().await?);
-    let ads = catalog_ads(&stack).await?;
+    let (ads, blocked) = world_catalog(&stack, args.seed).await?;
     let world = Arc::new(World::new(args.seed, args.users as usize, &ads, Truth::default()));
-    let topical = world.ads.values().filter(|a| a.topic.is_some()).count();
     println!(
-        "== simulated world (seed {}): {} users, {} catalog ads ({topical} with a topic among {})",
+        "== simulated world (seed {}): {} users, {} ads of its own advertisers over {}; \
+         the {} other advertisers of the catalog are blocked from its requests",
         args.seed,
         world.users.len(),
         world.ads.len(),
-        TOPICS.join(", ")
+        TOPICS.join(", "),
+        blocked.len()
     );
+    let blocked = Arc::new(blocked);
     publish(&stack, &world).await?;
     println!("== published the world's batch features (DynamoDB) and CTR estimates (catalog)");
 
@@ -308,6 +378,7 @@ async fn main() -> anyhow::Result<()> {
             world.clone(),
             args.clone(),
             cumulative.clone(),
+            blocked.clone(),
             next.clone(),
             served.clone(),
             counts.clone(),
