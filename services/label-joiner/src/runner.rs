@@ -460,44 +460,32 @@ impl Runner {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                msg = self.consumer.recv() => match msg {
-                    Ok(m) => {
-                        let mut next = Some(Ok(m));
-                        // Whatever else is already fetched, up to a bound, before
-                        // the next select: one message per turn let the tick
-                        // (due on most turns under a backlog) set the pace.
-                        let mut drained = 0;
-                        while let Some(Ok(m)) = next {
-                            let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
-                            let key = m.key().map(<[u8]>::to_vec).unwrap_or_default();
-                            let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
-                            drop(m);
-                            self.handle(&topic, partition, offset, &key, &payload).await?;
-                            drained += 1;
-                            if drained >= DRAIN_PER_TURN {
-                                break;
+                msg = self.consumer.recv() => {
+                    // Whatever else is already fetched, up to a bound, before the
+                    // next select: one message per turn let the tick (due on most
+                    // turns under a backlog) set the pace.
+                    let mut next = Some(msg);
+                    let mut drained = 0;
+                    // (`next` is moved, not taken, while a message is handled: a
+                    // message borrows the consumer, and `handle` needs `&mut self`.)
+                    while let Some(msg) = next {
+                        match msg {
+                            Ok(m) => {
+                                let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
+                                let key = m.key().map(<[u8]>::to_vec).unwrap_or_default();
+                                let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
+                                drop(m);
+                                self.handle(&topic, partition, offset, &key, &payload).await?;
+                                drained += 1;
+                                next = if drained < DRAIN_PER_TURN { self.consumer.recv().now_or_never() } else { None };
                             }
-                            // An error is left for the next turn's recv to report.
-                            next = self.consumer.recv().now_or_never();
-                            if matches!(next, Some(Err(_))) {
-                                break;
+                            Err(e) => {
+                                self.on_consume_error(e).await?;
+                                next = None;
                             }
                         }
                     }
-                    Err(e) => {
-                        if let Some((code, reason)) = self.consumer.client().fatal_error() {
-                            // Rows whose window closed are written; their offsets stay
-                            // uncommitted and the replacement consumer re-reads them
-                            // (and skips them: they are in a file).
-                            if let Err(e) = self.flush(false).await {
-                                tracing::error!(error = %e, "flush before replacing the consumer failed");
-                            }
-                            return Err(RunError::FatalConsumer { code, reason });
-                        }
-                        tracing::warn!(error = %e, "kafka consume error");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                },
+                }
                 _ = tick.tick() => self.on_tick().await?,
                 Some(cmd) = commands.recv() => match cmd {
                     Command::Flush { close_open_windows, reply } => {
@@ -513,6 +501,23 @@ impl Runner {
             tracing::error!(error = %e, "final flush failed; rows will be re-read after restart");
         }
         self.consumer.unsubscribe();
+        Ok(())
+    }
+
+    /// A consume error: a fatal consumer ends this run (the supervisor
+    /// replaces it); anything else is logged and retried after a pause.
+    async fn on_consume_error(&mut self, e: rdkafka::error::KafkaError) -> Result<(), RunError> {
+        if let Some((code, reason)) = self.consumer.client().fatal_error() {
+            // Rows whose window closed are written; their offsets stay
+            // uncommitted and the replacement consumer re-reads them
+            // (and skips them: they are in a file).
+            if let Err(e) = self.flush(false).await {
+                tracing::error!(error = %e, "flush before replacing the consumer failed");
+            }
+            return Err(RunError::FatalConsumer { code, reason });
+        }
+        tracing::warn!(error = %e, "kafka consume error");
+        tokio::time::sleep(Duration::from_millis(200)).await;
         Ok(())
     }
 
