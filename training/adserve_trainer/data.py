@@ -61,8 +61,8 @@ def load_rows(path: str | Path, final_only: bool = True) -> pa.Table:
     tables = []
     for f in parquet_files(path):
         try:
-            t = pq.read_table(f, partitioning=None)
-            file_meta = pq.read_metadata(f).metadata
+            pf = pq.ParquetFile(f)
+            t, file_meta = pf.read(), pf.metadata.metadata
         except (pa.ArrowInvalid, OSError) as e:
             raise TrainerError(f"{f}: cannot read as Parquet: {e}") from e
         t = conform(_with_footer_names(t, str(f), file_meta), source=str(f))

@@ -34,6 +34,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use adserve_gateway::pipeline::MAX_BLOCKED;
 use adserve_integration_tests::{
     Stack, read_rows,
     sim::{DEVICES, Delays, Exposure, PLACEMENTS, Rng, TOPICS, Truth, World, auc, derive},
@@ -148,7 +149,7 @@ async fn world_catalog(stack: &Stack, seed: u64) -> anyhow::Result<(Vec<(i64, St
             let mut r = Rng::new(derive(seed, "campaign", c as u64));
             let campaign = adserve_catalog::NewCampaign {
                 advertiser: format!("{prefix}{}", c % 8),
-                advertiser_domain: format!("sim-{seed}-advertiser-{}.example", c % 8),
+                advertiser_domain: format!("{prefix}{}.example", c % 8),
                 name: format!("sim-{seed}-campaign-{c}"),
                 bid_cpc_micros: 300_000 + (r.uniform() * 1_700_000.0) as i64,
                 daily_budget_micros: WORLD_DAILY_BUDGET_MICROS,
@@ -187,8 +188,8 @@ async fn world_catalog(stack: &Stack, seed: u64) -> anyhow::Result<(Vec<(i64, St
     .context("reading the catalog's other advertisers")?;
     let others: Vec<String> = others.into_iter().map(|(d,)| d).collect();
     ensure!(
-        others.len() <= 256,
-        "the catalog has {} other advertisers; a request blocks at most 256 (run the simulator on its own stack)",
+        others.len() <= MAX_BLOCKED,
+        "the catalog has {} other advertisers; a request blocks at most {MAX_BLOCKED} (run the simulator on its own stack)",
         others.len()
     );
     Ok((ads, others))
