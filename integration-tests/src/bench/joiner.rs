@@ -12,7 +12,10 @@
 use std::{collections::HashMap, time::Duration, time::Instant};
 
 use adserve_events::{CLICKS_TOPIC, IMPRESSIONS_TOPIC, KafkaConfig};
-use adserve_proto::v1::{ClickEvent, FeatureRow, ImpressionEvent};
+use adserve_proto::v1::{
+    ClickEvent, FeatureRow, GetStatusRequest, GetStatusResponse, ImpressionEvent,
+    label_joiner_service_client::LabelJoinerServiceClient,
+};
 use anyhow::Context;
 use prost::Message as _;
 use rdkafka::{
@@ -28,10 +31,24 @@ use super::{
     report::{Comparison, Metric, Role},
 };
 
-/// Label window of the bench's joiner. The pre-filled impressions were
-/// "served" an hour ago, so their windows close as soon as the clicks topic
-/// is caught up, and the figure is throughput, not the window.
+/// Label window of the bench's joiner: short, so the figure is throughput,
+/// not the window.
 const WINDOW_MS: u64 = 1000;
+
+/// Allowed lateness of the bench's joiner (its default).
+const LATENESS_MS: u64 = 3000;
+
+/// How far behind the wall clock the pre-fill is stamped. The log stays in
+/// event-time order, as a gateway writes it: the pre-fill comes after
+/// whatever earlier runs left in the topics (the e2e part's impressions a
+/// moment ago), and is back-dated by less than the allowed lateness, so
+/// nothing in it is behind the watermark those events set. Being back-dated
+/// by most of it, the last windows are closable about `WINDOW_MS +
+/// LATENESS_MS - BACKDATE_MS` after the pre-fill ends, which the reader's
+/// turn has already taken. (An earlier version stamped the pre-fill an hour
+/// ago, behind the newer events already in the log: the joiner then rightly
+/// treated a third of its clicks as behind the watermark.)
+const BACKDATE_MS: u64 = 2500;
 
 /// Impressions pre-filled (a click for every 20th).
 fn prefill_size(quick: bool) -> usize {
@@ -51,7 +68,22 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
     let total: i64 = high.values().sum();
 
     let reader = read_only(&kafka, &high).await?;
-    let joiner = run_joiner(s, &kafka, &high).await?;
+    let (joiner, status) = run_joiner(s, &kafka, &high).await?;
+    // A fast joiner that lost clicks is no result: every pre-filled click
+    // must have joined (earlier runs' clicks in the log may add to it).
+    let clicks = (n / 20) as u64;
+    anyhow::ensure!(
+        status.clicks_joined >= clicks && status.clicks_after_close == 0,
+        "the label-joiner joined {} clicks of the {clicks} pre-filled ({} unmatched, {} read after their window \
+         closed, {} late; {} impressions and {} clicks out of event-time order): the figure would not be a \
+         correct join",
+        status.clicks_joined,
+        status.unmatched_clicks,
+        status.clicks_after_close,
+        status.late_clicks,
+        status.out_of_order_impressions,
+        status.out_of_order_clicks
+    );
     let summary = |events: i64, elapsed: Duration| Summary {
         rate_per_s: events as f64 / elapsed.as_secs_f64(),
         items_per_s: events as f64 / elapsed.as_secs_f64(),
@@ -66,7 +98,10 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
         subjects: vec![],
         note: format!(
             "joiner: from process start until its committed offsets reach the high watermarks (rows durable); \
-             reader: consume-only, same consumer settings, fresh group; label window {WINDOW_MS} ms"
+             reader: consume-only, same consumer settings, fresh group; label window {WINDOW_MS} ms, \
+             allowed lateness {LATENESS_MS} ms; joiner status at the end: {} rows written, {} clicks joined, \
+             {} unmatched, {} late",
+            status.rows_written, status.clicks_joined, status.unmatched_clicks, status.late_clicks
         ),
     };
     c.subjects.push(super::report::Subject {
@@ -77,7 +112,8 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
     Ok(vec![c.with_summary("consume-only reader", Role::Floor, summary(reader.0, reader.1))])
 }
 
-/// Produces `n` impressions served an hour ago and a click for every 20th.
+/// Produces `n` impressions, stamped as they are produced (less
+/// `BACKDATE_MS`), and a click 200 ms after every 20th.
 async fn prefill(brokers: &str, n: usize) -> anyhow::Result<()> {
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -88,9 +124,9 @@ async fn prefill(brokers: &str, n: usize) -> anyhow::Result<()> {
         .create()?;
     let registry = adserve_features::registry();
     let names: Vec<String> = registry.names().iter().map(|s| s.to_string()).collect();
-    let served = std::time::SystemTime::now() - Duration::from_secs(3600);
     let run = uuid::Uuid::new_v4().simple().to_string();
     for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
+        let served = std::time::SystemTime::now() - Duration::from_millis(BACKDATE_MS);
         let mut payloads = Vec::with_capacity(chunk.len() * 2);
         for &i in chunk {
             let id = format!("bench-{run}-{i}");
@@ -170,9 +206,15 @@ async fn read_only(kafka: &KafkaConfig, high: &HashMap<(String, i32), i64>) -> a
 }
 
 /// Starts the label-joiner binary on a fresh group and waits until its
-/// committed offsets reach `high`; returns the elapsed time from spawn.
-async fn run_joiner(s: &Settings, kafka: &KafkaConfig, high: &HashMap<(String, i32), i64>) -> anyhow::Result<Duration> {
+/// committed offsets reach `high`; returns the elapsed time from spawn and
+/// the joiner's own status then.
+async fn run_joiner(
+    s: &Settings,
+    kafka: &KafkaConfig,
+    high: &HashMap<(String, i32), i64>,
+) -> anyhow::Result<(Duration, GetStatusResponse)> {
     let group = format!("adserve-bench-joiner-{}", uuid::Uuid::new_v4());
+    let grpc_addr = format!("127.0.0.1:{}", crate::free_port());
     let out_dir = s.work_dir.join("joiner-parquet").join(&group);
     std::fs::create_dir_all(&out_dir)?;
     let bin = s.bin_dir.join("adserve-label-joiner");
@@ -181,12 +223,13 @@ async fn run_joiner(s: &Settings, kafka: &KafkaConfig, high: &HashMap<(String, i
         "adserve-label-joiner (bench instance)",
         &[bin.to_str().context("binary path")?],
         &[
-            ("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{}", crate::free_port())),
+            ("ADSERVE_SERVER__GRPC_ADDR", grpc_addr.clone()),
             ("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{}", crate::free_port())),
             ("ADSERVE_KAFKA__BROKERS", kafka.brokers.clone()),
             ("ADSERVE_GROUP_ID", group.clone()),
             ("ADSERVE_OUTPUT_DIR", out_dir.display().to_string()),
             ("ADSERVE_LABEL_WINDOW", format!("{WINDOW_MS}ms")),
+            ("ADSERVE_ALLOWED_LATENESS", format!("{LATENESS_MS}ms")),
             ("ADSERVE_FLUSH_INTERVAL", "1s".into()),
             ("ADSERVE_TELEMETRY__LOG_FILTER", "warn".into()),
         ],
@@ -217,9 +260,16 @@ async fn run_joiner(s: &Settings, kafka: &KafkaConfig, high: &HashMap<(String, i
             });
             if all {
                 let elapsed = started.elapsed();
+                let status = LabelJoinerServiceClient::connect(format!("http://{grpc_addr}"))
+                    .await
+                    .context("connecting to the bench's label-joiner")?
+                    .get_status(GetStatusRequest {})
+                    .await
+                    .context("label-joiner GetStatus")?
+                    .into_inner();
                 child.stop();
                 std::fs::remove_dir_all(&out_dir).ok();
-                return Ok(elapsed);
+                return Ok((elapsed, status));
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

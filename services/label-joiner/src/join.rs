@@ -113,6 +113,29 @@ impl Kinds {
     }
 }
 
+/// A row found in a dataset file past the committed offsets (see
+/// [`Joiner::preload_written`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrittenRow {
+    /// The impression.
+    pub impression_id: String,
+    /// Its impressions partition.
+    pub partition: i32,
+    /// Which row of it.
+    pub kind: RowKind,
+    /// The row's label.
+    pub label: bool,
+}
+
+/// What the files say about one impression.
+#[derive(Debug, Clone, Copy)]
+struct Written {
+    partition: i32,
+    kinds: Kinds,
+    /// The final row's label (false without a final row).
+    clicked: bool,
+}
+
 /// The join's rules (from config).
 #[derive(Debug, Clone, PartialEq)]
 pub struct JoinRules {
@@ -227,6 +250,19 @@ pub struct JoinStats {
     pub clicks_joined: u64,
     /// Clicks after the window (the row is, or will be, labelled 0).
     pub late_clicks: u64,
+    /// Clicks stamped *inside* their impression's window that were read after
+    /// the watermark had closed it: the row went out labelled 0 although the
+    /// click counts. Only event time published further out of order than
+    /// `allowed_lateness` (a replayed or merged backlog) causes these; each
+    /// one is a false negative in the training data.
+    pub clicks_after_close: u64,
+    /// Impressions read with `served_at` more than `allowed_lateness` before
+    /// the newest `served_at` already read from their partition: the log is
+    /// out of event-time order, and windows may have closed too early.
+    pub out_of_order_impressions: u64,
+    /// Clicks read with `clicked_at` more than `allowed_lateness` before the
+    /// newest `clicked_at` already read from their partition.
+    pub out_of_order_clicks: u64,
     /// Clicks whose impression never came (expired on the impressions watermark).
     pub unmatched_clicks: u64,
     /// Orphan clicks dropped because `max_orphans` were already held.
@@ -265,6 +301,8 @@ struct Orphan {
 #[derive(Debug, Clone, Copy)]
 struct Done {
     clicked: bool,
+    /// End of the label window (ms, event time).
+    deadline_ms: i64,
 }
 
 /// Per partition number: event-time progress and the ordered queues.
@@ -345,7 +383,7 @@ pub struct Joiner {
     pending: HashMap<u128, Pending>,
     orphans: HashMap<u128, Orphan>,
     done: HashMap<u128, Done>,
-    written: HashMap<u128, (i32, Kinds)>,
+    written: HashMap<u128, Written>,
     parts: HashMap<i32, Part>,
     ready: Vec<LabelledRow>,
     names: HashSet<Arc<[String]>>,
@@ -382,12 +420,20 @@ impl Joiner {
     }
 
     /// Rows an earlier run (or the partition's previous owner) wrote past the
-    /// committed offsets, read back from files: (impression id, impressions
-    /// partition, kind). Seeing those impressions again writes nothing twice.
-    pub fn preload_written(&mut self, rows: impl IntoIterator<Item = (String, i32, RowKind)>) {
-        for (id, partition, kind) in rows {
-            let entry = self.written.entry(id_key(&id)).or_insert((partition, Kinds::default()));
-            entry.1.insert(kind);
+    /// committed offsets, read back from files. Seeing those impressions
+    /// again writes nothing twice, and a click re-read for a final row
+    /// labelled 1 is a duplicate, not a late click.
+    pub fn preload_written(&mut self, rows: impl IntoIterator<Item = WrittenRow>) {
+        for row in rows {
+            let entry = self.written.entry(id_key(&row.impression_id)).or_insert(Written {
+                partition: row.partition,
+                kinds: Kinds::default(),
+                clicked: false,
+            });
+            entry.kinds.insert(row.kind);
+            if row.kind == RowKind::Final {
+                entry.clicked = row.label;
+            }
         }
     }
 
@@ -469,17 +515,22 @@ impl Joiner {
             return Err(Rejected::MisalignedFeatures { names: features.names.len(), values: features.values.len() });
         }
         self.seen(tp, offset);
+        let lateness = self.rules.lateness_ms;
+        let part = self.part(partition);
+        let behind = part.max_served_ms.is_some_and(|m| served_ms < m.saturating_sub(lateness));
+        part.max_served_ms = Some(part.max_served_ms.map_or(served_ms, |m| m.max(served_ms)));
+        if behind {
+            self.stats.out_of_order_impressions += 1;
+        }
         let key = id_key(&event.impression_id);
         if self.pending.contains_key(&key) || self.done.contains_key(&key) {
             self.stats.duplicates += 1;
             return Ok(());
         }
-        let part = self.part(partition);
-        part.max_served_ms = Some(part.max_served_ms.map_or(served_ms, |m| m.max(served_ms)));
-        let written = self.written.remove(&key).map(|(_, k)| k).unwrap_or_default();
+        let (written, clicked) = self.written.remove(&key).map_or((Kinds::default(), false), |w| (w.kinds, w.clicked));
         if written.contains(RowKind::Final) {
             self.stats.already_written += 1;
-            self.remember_done(key, partition, served_ms + self.rules.window_ms, false);
+            self.remember_done(key, partition, served_ms + self.rules.window_ms, clicked);
             return Ok(());
         }
         let names = self.intern(std::mem::take(&mut features.names));
@@ -526,8 +577,13 @@ impl Joiner {
         }
         let at_ms = click.clicked_at.as_ref().map(millis).ok_or(Rejected::NoClickedAt)?;
         self.seen(tp, offset);
+        let lateness = self.rules.lateness_ms;
         let part = self.part(partition);
+        let behind = part.max_clicked_ms.is_some_and(|m| at_ms < m.saturating_sub(lateness));
         part.max_clicked_ms = Some(part.max_clicked_ms.map_or(at_ms, |m| m.max(at_ms)));
+        if behind {
+            self.stats.out_of_order_clicks += 1;
+        }
         let key = id_key(&click.impression_id);
         let streaming = self.rules.mode == Mode::Streaming;
         if let Some(p) = self.pending.get_mut(&key) {
@@ -552,6 +608,8 @@ impl Joiner {
         if let Some(done) = self.done.get(&key) {
             if done.clicked {
                 self.stats.duplicates += 1;
+            } else if at_ms <= done.deadline_ms {
+                self.stats.clicks_after_close += 1;
             } else {
                 self.stats.late_clicks += 1;
             }
@@ -590,7 +648,7 @@ impl Joiner {
         // is a duplicate.
         let forget_at = deadline_ms.saturating_add(self.rules.window_ms);
         self.part(partition).done.insert((forget_at, key));
-        self.done.insert(key, Done { clicked });
+        self.done.insert(key, Done { clicked, deadline_ms });
         self.bytes += DONE_BYTES;
     }
 
@@ -752,7 +810,7 @@ impl Joiner {
                 self.ready.push(row);
             }
         }
-        self.written.retain(|_, (p, _)| !partitions.contains(p));
+        self.written.retain(|_, w| !partitions.contains(&w.partition));
     }
 
     /// Rows ready to be written.

@@ -15,5 +15,5 @@ pub mod sink;
 pub mod store;
 
 pub use config::LabelJoinerConfig;
-pub use join::{JoinRules, Joiner, LabelledRow, Mode, RowKind};
+pub use join::{JoinRules, Joiner, LabelledRow, Mode, RowKind, WrittenRow};
 pub use sink::ParquetSink;

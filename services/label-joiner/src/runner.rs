@@ -258,6 +258,7 @@ impl Core {
         for (name, value) in [
             ("adserve_label_joiner_clicks_joined_total", stats.clicks_joined),
             ("adserve_label_joiner_late_clicks_total", stats.late_clicks),
+            ("adserve_label_joiner_clicks_after_close_total", stats.clicks_after_close),
             ("adserve_label_joiner_unmatched_clicks_total", stats.unmatched_clicks),
             ("adserve_label_joiner_orphans_evicted_total", stats.orphans_evicted),
             ("adserve_label_joiner_clicks_before_impression_total", stats.clicks_before_impression),
@@ -266,6 +267,11 @@ impl Core {
             ("adserve_label_joiner_already_written_total", stats.already_written),
         ] {
             metrics::counter!(name).absolute(value);
+        }
+        for (topic, value) in
+            [(IMPRESSIONS_TOPIC, stats.out_of_order_impressions), (CLICKS_TOPIC, stats.out_of_order_clicks)]
+        {
+            metrics::counter!("adserve_label_joiner_out_of_order_total", "topic" => topic).absolute(value);
         }
         let mut partitions: Vec<i32> =
             self.assigned.keys().filter(|(t, _)| *t == IMPRESSIONS_TOPIC).map(|(_, p)| *p).collect();

@@ -37,7 +37,7 @@ use parquet::{
 };
 
 use crate::{
-    join::{LabelledRow, RowKind, millis},
+    join::{LabelledRow, RowKind, WrittenRow, millis},
     store::ObjectTarget,
 };
 
@@ -338,7 +338,7 @@ impl ParquetSink {
     /// committed, as (impression id, partition, kind). Only footers are read
     /// for files entirely below the committed offsets. A file that cannot be
     /// read is reported and skipped (the joiner never leaves half files).
-    pub fn written_since(&self, committed: &HashMap<i32, i64>) -> Result<Vec<(String, i32, RowKind)>, SinkError> {
+    pub fn written_since(&self, committed: &HashMap<i32, i64>) -> Result<Vec<WrittenRow>, SinkError> {
         let mut found = Vec::new();
         match &self.target {
             Target::Dir(dir) => {
@@ -411,7 +411,7 @@ fn written_in<R: ChunkReader + 'static>(
     reader: R,
     location: &str,
     committed: &HashMap<i32, i64>,
-    found: &mut Vec<(String, i32, RowKind)>,
+    found: &mut Vec<WrittenRow>,
 ) -> Result<(), SinkError> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(reader).map_err(pq)?;
     let footer: HashMap<String, String> = builder
@@ -424,7 +424,7 @@ fn written_in<R: ChunkReader + 'static>(
         return Ok(());
     }
     let has_kind = builder.schema().column_with_name("row_kind").is_some();
-    let mut columns = vec!["impression_id", "kafka_partition", "kafka_offset"];
+    let mut columns = vec!["impression_id", "kafka_partition", "kafka_offset", "label"];
     if has_kind {
         columns.push("row_kind");
     }
@@ -444,12 +444,17 @@ fn written_in<R: ChunkReader + 'static>(
             off.as_primitive::<arrow::datatypes::Int64Type>(),
         );
         let kind = batch.column_by_name("row_kind").map(|k| k.as_string::<i32>().clone());
+        let label = batch.column_by_name("label").map(|l| l.as_primitive::<arrow::datatypes::Int8Type>().clone());
         for i in 0..batch.num_rows() {
             let p = part.value(i);
             if committed.get(&p).is_some_and(|c| off.value(i) >= *c) {
-                // Files from before schema 3 hold final rows only.
-                let k = kind.as_ref().and_then(|k| RowKind::parse(k.value(i))).unwrap_or(RowKind::Final);
-                found.push((id.value(i).to_string(), p, k));
+                found.push(WrittenRow {
+                    impression_id: id.value(i).to_string(),
+                    partition: p,
+                    // Files from before schema 3 hold final rows only.
+                    kind: kind.as_ref().and_then(|k| RowKind::parse(k.value(i))).unwrap_or(RowKind::Final),
+                    label: label.as_ref().is_some_and(|l| l.value(i) != 0),
+                });
             }
         }
     }
@@ -523,7 +528,7 @@ mod tests {
         sink.write(&all[..2]).unwrap();
         sink.write(&all[2..]).unwrap();
         let mut ids: Vec<String> =
-            sink.written_since(&HashMap::from([(0, 1)])).unwrap().into_iter().map(|(id, _, _)| id).collect();
+            sink.written_since(&HashMap::from([(0, 1)])).unwrap().into_iter().map(|w| w.impression_id).collect();
         ids.sort();
         assert_eq!(ids, vec!["imp-1", "imp-2", "imp-3"]);
         assert!(sink.written_since(&HashMap::from([(0, 4)])).unwrap().is_empty());

@@ -23,6 +23,10 @@ fn click(id: &str, at_ms: i64) -> ClickEvent {
     ClickEvent { click_id: format!("c-{id}"), impression_id: id.into(), clicked_at: Some(ts(at_ms)) }
 }
 
+fn written(id: &str, kind: RowKind, label: bool) -> WrittenRow {
+    WrittenRow { impression_id: id.into(), partition: 0, kind, label }
+}
+
 fn joiner() -> Joiner {
     Joiner::new(JoinRules::window(W, L), IMP, CLK)
 }
@@ -220,12 +224,67 @@ fn duplicate_impressions_produce_one_row() {
 #[test]
 fn impressions_written_before_a_restart_are_not_written_again() {
     let mut j = joiner();
-    j.preload_written([("a".to_string(), 0, RowKind::Final)]);
+    j.preload_written([written("a", RowKind::Final, false)]);
     j.on_impression(imp("a", 0), 0, 0, 0).unwrap();
     j.close_all(5000);
     assert!(j.take_ready(10).is_empty());
     assert_eq!(j.stats().already_written, 1);
     assert_eq!(commit_of(&j, IMP, 0), 1);
+}
+
+#[test]
+fn a_click_re_read_for_a_row_already_written_as_clicked_is_a_duplicate_not_late() {
+    let mut j = joiner();
+    j.preload_written([written("a", RowKind::Final, true), written("b", RowKind::Final, false)]);
+    j.on_impression(imp("a", 0), 0, 0, 0).unwrap();
+    j.on_impression(imp("b", 0), 0, 1, 0).unwrap();
+    j.on_click(click("a", 10), 0, 0, 10).unwrap();
+    assert_eq!((j.stats().duplicates, j.stats().late_clicks, j.stats().clicks_after_close), (1, 0, 0));
+    // b's row says no click came inside its window; a click stamped after
+    // the window is late.
+    j.on_click(click("b", W + 10), 0, 1, W + 10).unwrap();
+    assert_eq!(j.stats().late_clicks, 1);
+    assert!(j.take_ready(10).is_empty(), "nothing is written twice");
+    assert_eq!(commit_of(&j, CLK, 0), 2);
+}
+
+#[test]
+fn an_in_window_click_read_after_its_window_closed_is_counted_as_a_false_negative() {
+    // A backlog whose event time goes backwards by more than the allowed
+    // lateness (newer events first): the watermark has passed the older
+    // impression's window before its click is read. The row is already
+    // labelled 0; the click is counted apart from late clicks, because it
+    // was not late: the log was out of order.
+    let mut j = joiner();
+    j.on_impression(imp("new", 1800), 0, 0, 1800).unwrap();
+    j.on_click(click("new", 1900), 0, 0, 1900).unwrap();
+    j.on_impression(imp("old", 0), 0, 1, 1900).unwrap();
+    j.advance(1900);
+    let rows = j.take_ready(10);
+    assert_eq!(rows.len(), 1, "the old impression's window closed on the newer click");
+    assert!(!rows[0].label);
+    j.on_click(click("old", 500), 0, 1, 1900).unwrap();
+    let stats = j.stats();
+    assert_eq!((stats.clicks_after_close, stats.late_clicks), (1, 0));
+    assert_eq!((stats.out_of_order_impressions, stats.out_of_order_clicks), (1, 1));
+}
+
+#[test]
+fn events_behind_their_partitions_newest_time_by_more_than_the_lateness_are_counted_out_of_order() {
+    let mut j = joiner();
+    j.on_impression(imp("a", 10_000), 0, 0, 10_000).unwrap();
+    // Within the allowed lateness: ordinary publishing jitter.
+    j.on_impression(imp("b", 10_000 - L), 0, 1, 10_000).unwrap();
+    // Another partition has its own order.
+    j.on_impression(imp("c", 0), 1, 0, 10_000).unwrap();
+    assert_eq!(j.stats().out_of_order_impressions, 0);
+    j.on_impression(imp("d", 10_000 - L - 1), 0, 2, 10_000).unwrap();
+    assert_eq!(j.stats().out_of_order_impressions, 1);
+    j.on_click(click("a", 10_500), 0, 0, 10_500).unwrap();
+    j.on_click(click("b", 10_500 - L), 0, 1, 10_500).unwrap();
+    assert_eq!(j.stats().out_of_order_clicks, 0);
+    j.on_click(click("d", 10_000), 0, 2, 10_500).unwrap();
+    assert_eq!(j.stats().out_of_order_clicks, 1);
 }
 
 #[test]
@@ -295,7 +354,7 @@ fn streaming_rows_already_written_before_a_restart_are_not_repeated() {
     let mut rules = JoinRules::window(W, L);
     rules.mode = Mode::Streaming;
     let mut j = Joiner::new(rules, IMP, CLK);
-    j.preload_written([("a".to_string(), 0, RowKind::Provisional), ("a".to_string(), 0, RowKind::Correction)]);
+    j.preload_written([written("a", RowKind::Provisional, false), written("a", RowKind::Correction, true)]);
     j.on_impression(imp("a", 0), 0, 0, 0).unwrap();
     j.on_click(click("a", 10), 0, 0, 10).unwrap();
     assert!(j.take_ready(10).is_empty());
