@@ -54,7 +54,7 @@ cand_dir="$ADSTACK_RUN/models/$cand"
 step "5/6 promotion gate: $cand against production ($boot) on the same holdout"
 gate_rc=0
 (cd training && "$py" -m adserve_trainer.gate --candidate "$cand_dir" --data "$parquet" \
-  --adservectl "$bin/adservectl") || gate_rc=$?
+  --truth "$sim_dir/truth.csv" --adservectl "$bin/adservectl") || gate_rc=$?
 if [ "$gate_rc" -ne 0 ]; then
   die "the candidate did not pass the gate (exit $gate_rc; $cand_dir/gate.json): production stays $boot"
 fi

@@ -3,7 +3,7 @@
 A candidate passes only if it ranks about as well as production on the same
 holdout and its served pCTR is calibrated.
 
-    python -m adserve_trainer.gate --candidate DIR (--data ROWS | --synthetic N [--seed S])
+    python -m adserve_trainer.gate --candidate DIR (--data ROWS [--truth FILE.csv] | --synthetic N [--seed S])
         [--production DIR] [--name ctr] [--adservectl PATH] [--database-url URL] [--schema S]
         [--out FILE] [--dry-run] [--ips-clip 10] [--registry features.toml]
 
@@ -418,6 +418,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--synthetic", type=int, metavar="N", help="N synthetic rows (as train.py --synthetic)")
     ap.add_argument("--seed", type=int, default=7, help="--synthetic: seed (default 7, as train.py)")
     ap.add_argument(
+        "--truth", type=Path, metavar="FILE",
+        help="--data: keep only the rows whose impression_id the truth CSV lists, as train.py --truth does, "
+        "so the holdout is the candidate's own evaluation slice even when DATA holds other runs' rows",
+    )
+    ap.add_argument(
         "--production", type=Path, metavar="DIR", help="production model directory (default: the registry's)"
     )
     ap.add_argument("--name", default=DEFAULT_MODEL_NAME, help=f"registry model name (default {DEFAULT_MODEL_NAME})")
@@ -481,6 +486,8 @@ def run(argv: list[str] | None = None) -> tuple[int, dict]:
     from . import metrics as M
     from .registry import load_registry
 
+    if args.truth is not None and args.data is None:
+        raise TrainerError("--truth goes with --data (label-joiner rows with impression ids), not --synthetic")
     registry = load_registry(args.registry)
     cand = read_model_dir(args.candidate, registry, "candidate")
     warnings: list[str] = []
@@ -557,6 +564,11 @@ def run(argv: list[str] | None = None) -> tuple[int, dict]:
 
         table = load_rows(args.data)
         dataset = f"parquet: {args.data} ({table.num_rows} rows)"
+        if args.truth is not None:
+            from .truth import attach, read_truth
+
+            table, _, _, counts = attach(table, read_truth(args.truth))
+            dataset += f"; the {counts['rows_with_truth']} with a truth in {args.truth}"
     hold = holdout(table, registry, dataset, args.ips_clip, cand.manifest)
     warnings += hold.warnings
 

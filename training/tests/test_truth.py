@@ -228,3 +228,33 @@ def test_cli_reports_bad_truth_as_one_line(small_rows, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --truth ") and "truth.csv:2: p_click 2 is not a probability" in err
     assert err.count("\n") == 1
+
+
+def test_the_gate_with_truth_judges_the_candidates_own_evaluation_rows(trained_with_truth, dataset, tmp_path):
+    """DATA holds rows of other runs (here: rows without a truth). Without
+    --truth the gate's holdout is a different slice and it says so; with it,
+    the gate scores exactly the candidate's evaluation rows."""
+    from adserve_trainer import gate as G
+
+    out, manifest, _, _ = trained_with_truth
+    rows, truth, _, _ = dataset
+    base = ["--candidate", str(out), "--production", str(out), "--data", str(rows), "--dry-run"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        _, mixed = G.run(base + ["--out", str(tmp_path / "mixed.json")])
+        _, own = G.run(base + ["--truth", str(truth), "--out", str(tmp_path / "own.json")])
+    assert mixed["holdout"]["same_as_candidate_evaluation"] is False
+    assert any("may overlap the candidate's training rows" in w for w in mixed["warnings"])
+    assert own["holdout"]["same_as_candidate_evaluation"] is True
+    assert own["warnings"] == []
+    assert own["holdout"]["rows"] == manifest["evaluation_rows"]
+    assert own["candidate"]["metrics"]["auc"] == pytest.approx(manifest["metrics"]["auc"], abs=2e-6)
+
+
+def test_the_gate_refuses_truth_with_synthetic_rows(trained_with_truth, dataset):
+    from adserve_trainer import gate as G
+
+    out, _, _, _ = trained_with_truth
+    _, truth, _, _ = dataset
+    with pytest.raises(TrainerError, match="--truth goes with --data"):
+        G.run(["--candidate", str(out), "--production", str(out), "--synthetic", "100", "--truth", str(truth),
+               "--dry-run"])
