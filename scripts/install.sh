@@ -42,27 +42,22 @@ if [ ! -f "$ORT_DYLIB_PATH" ]; then
   cp "$capi"/libonnxruntime.so* "$(dirname "$ORT_DYLIB_PATH")/"
   [ -f "$ORT_DYLIB_PATH" ] || die "libonnxruntime.so.$ADSTACK_ORT_VERSION not found in $capi"
 fi
-# The Helm chart's render test (make test): its own venv, pinned.
-helm_req="$(dirname "$0")/../helm/tests/requirements.txt"
-helm_stamp="$ADSTACK_HOME/helm-venv/.requirements.sha"
-helm_want="$(sha256sum "$helm_req" | cut -d' ' -f1)"
-if [ "$(cat "$helm_stamp" 2>/dev/null)" != "$helm_want" ]; then
-  log "installing the chart test venv (helm-python-sdk)"
-  python3 -m venv "$ADSTACK_HOME/helm-venv"
-  "$ADSTACK_HOME/helm-venv/bin/pip" install -q --disable-pip-version-check -r "$helm_req"
-  echo "$helm_want" >"$helm_stamp"
-fi
-# A local S3-compatible server (moto) for the label-joiner's object-storage
-# tests: its own venv, pinned.
-s3_req="$(dirname "$0")/../integration-tests/s3/requirements.txt"
-s3_stamp="$ADSTACK_HOME/s3-venv/.requirements.sha"
-s3_want="$(sha256sum "$s3_req" | cut -d' ' -f1)"
-if [ "$(cat "$s3_stamp" 2>/dev/null)" != "$s3_want" ]; then
-  log "installing the S3 test server venv (moto)"
-  python3 -m venv "$ADSTACK_HOME/s3-venv"
-  "$ADSTACK_HOME/s3-venv/bin/pip" install -q --disable-pip-version-check -r "$s3_req"
-  echo "$s3_want" >"$s3_stamp"
-fi
+# A venv of its own for a pinned requirements file, (re)installed when the
+# file changes: venv NAME REQUIREMENTS WHAT.
+venv() {
+  local dir="$ADSTACK_HOME/$1" req="$2" what="$3" want
+  want="$(sha256sum "$req" | cut -d' ' -f1)"
+  if [ "$(cat "$dir/.requirements.sha" 2>/dev/null)" != "$want" ]; then
+    log "installing $what ($1)"
+    python3 -m venv "$dir"
+    "$dir/bin/pip" install -q --disable-pip-version-check -r "$req"
+    echo "$want" >"$dir/.requirements.sha"
+  fi
+}
+# The Helm chart's render test (make test).
+venv helm-venv "$(dirname "$0")/../helm/tests/requirements.txt" "the chart test venv (helm-python-sdk)"
+# A local S3-compatible server (moto) for the label-joiner's object-storage tests.
+venv s3-venv "$(dirname "$0")/../integration-tests/s3/requirements.txt" "the S3 test server venv (moto)"
 TANSU="$ADSTACK_HOME/tansu/bin/tansu"
 if [ ! -x "$TANSU" ]; then
   log "installing the tansu Kafka-protocol broker ($ADSTACK_TANSU_PKG)"
