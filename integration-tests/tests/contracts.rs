@@ -130,7 +130,7 @@ async fn served_calibration(s: &Stack, version: &str) -> anyhow::Result<Option<a
 async fn ranker_contract() -> anyhow::Result<()> {
     let s = Stack::ready().await?;
     let mut c = RankerServiceClient::connect(s.ranker.clone()).await?;
-    let model = c.get_model(GetModelRequest {}).await?.into_inner();
+    let model = c.get_model(GetModelRequest::default()).await?.into_inner();
     assert!(!model.model_version.is_empty());
     assert_eq!(model.execution_provider, "cpu");
     let registry = adserve_features::registry();
@@ -166,6 +166,17 @@ async fn ranker_contract() -> anyhow::Result<()> {
     );
     let err = c.score(ScoreRequest { matrix: None, ..Default::default() }).await.unwrap_err();
     assert!(err.message().starts_with("matrix"), "{}", err.message());
+    // A model name: the served one scores; any other is NOT_FOUND, naming both.
+    assert_eq!(model.model_name, "ctr");
+    let one = || FeatureMatrix { feature_names: names.clone(), num_rows: 1, values: registry.defaults() };
+    let named = ScoreRequest { matrix: Some(one()), model_name: model.model_name.clone(), ..Default::default() };
+    assert_eq!(c.score(named).await?.into_inner().pctr.len(), 1);
+    let other = ScoreRequest { matrix: Some(one()), model_name: "ctr-video".into(), ..Default::default() };
+    let err = c.score(other).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().starts_with("model_name") && err.message().contains("\"ctr\""), "{}", err.message());
+    let err = c.get_model(GetModelRequest { model_name: "ctr-video".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
     Ok(())
 }
 

@@ -63,7 +63,7 @@ async fn a_gpu_provider_list_falls_back_to_cpu_and_says_so() -> anyhow::Result<(
         ranker(&model, &[("ADSERVE_MODEL__EXECUTION_PROVIDERS", r#"["tensorrt","cuda","cpu"]"#)]);
     let _child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
     let mut client = connect(grpc).await?;
-    let model = client.get_model(GetModelRequest {}).await?.into_inner();
+    let model = client.get_model(GetModelRequest::default()).await?.into_inner();
     assert_eq!(model.execution_provider, "cpu", "no GPU here: the list must end on CPU");
     // It scores, on CPU.
     let scores = client.score(ScoreRequest { matrix: Some(matrix(2)), ..Default::default() }).await?.into_inner();
@@ -112,7 +112,7 @@ async fn connect(port: u16) -> anyhow::Result<RankerServiceClient<Channel>> {
     let url = format!("http://127.0.0.1:{port}");
     for _ in 0..300 {
         if let Ok(mut c) = RankerServiceClient::connect(url.clone()).await
-            && c.get_model(GetModelRequest {}).await.is_ok()
+            && c.get_model(GetModelRequest::default()).await.is_ok()
         {
             return Ok(c);
         }
@@ -174,7 +174,7 @@ async fn ok(s: &Stack, schema: &str, args: &[&str]) -> anyhow::Result<String> {
 /// an hour in this test, so only LISTEN/NOTIFY can get it there in time.
 async fn serves(client: &mut RankerServiceClient<Channel>, version: &str) -> anyhow::Result<()> {
     for _ in 0..300 {
-        if client.get_model(GetModelRequest {}).await?.into_inner().model_version == version {
+        if client.get_model(GetModelRequest::default()).await?.into_inner().model_version == version {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -319,7 +319,7 @@ async fn adservectl_swaps_and_rolls_back_a_running_ranker_under_load_without_a_f
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(refused >= 1.0, "the torn v3 was never refused");
-    assert_eq!(client.get_model(GetModelRequest {}).await?.into_inner().model_version, "ctr-it-v1");
+    assert_eq!(client.get_model(GetModelRequest::default()).await?.into_inner().model_version, "ctr-it-v1");
 
     // The registry's own view.
     let list = reg.ok(&["models", "list", "--name", name, "--json"]).await?;
@@ -447,7 +447,7 @@ async fn a_frozen_registry_keeps_the_model_serving_and_following_resumes_when_it
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(errors >= 1.0, "no registry call was cut short while it hung");
-    assert_eq!(client.get_model(GetModelRequest {}).await?.into_inner().model_version, "ctr-freeze-v1");
+    assert_eq!(client.get_model(GetModelRequest::default()).await?.into_inner().model_version, "ctr-freeze-v1");
 
     // Thaw: the ranker catches up on its own.
     relay.freeze(false);
@@ -517,13 +517,13 @@ async fn a_canary_serves_its_share_of_users_and_then_takes_over_production() -> 
         "0.3",
     ])
     .await?;
-    let mut model = client.get_model(GetModelRequest {}).await?.into_inner();
+    let mut model = client.get_model(GetModelRequest::default()).await?.into_inner();
     for _ in 0..300 {
         if model.canary_model_version == "ctr-canary-v2" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        model = client.get_model(GetModelRequest {}).await?.into_inner();
+        model = client.get_model(GetModelRequest::default()).await?.into_inner();
     }
     assert_eq!((model.model_version.as_str(), model.canary_model_version.as_str()), ("ctr-canary-v1", "ctr-canary-v2"));
     assert_eq!(model.canary_share, 0.3);
@@ -547,7 +547,7 @@ async fn a_canary_serves_its_share_of_users_and_then_takes_over_production() -> 
     // Promote the canary: everyone moves to it, and the canary slot empties.
     reg.ok(&["models", "promote", "--name", name, "--version", "ctr-canary-v2", "--to", "production"]).await?;
     serves(&mut client, "ctr-canary-v2").await?;
-    let model = client.get_model(GetModelRequest {}).await?.into_inner();
+    let model = client.get_model(GetModelRequest::default()).await?.into_inner();
     assert_eq!((model.canary_model_version.as_str(), model.canary_share), ("", 0.0));
     for i in 0..50 {
         let request = ScoreRequest { matrix: Some(matrix(1)), routing_key: format!("user-{i}"), ..Default::default() };
@@ -584,8 +584,12 @@ async fn a_shadow_scores_calls_after_the_answer_and_publishes_both_scores() -> a
     assert!(loaded, "the shadow version was never loaded");
 
     let request_id = format!("shadow-test-{}", uuid::Uuid::new_v4());
-    let request =
-        ScoreRequest { matrix: Some(matrix(4)), routing_key: "user-1".into(), request_id: request_id.clone() };
+    let request = ScoreRequest {
+        matrix: Some(matrix(4)),
+        routing_key: "user-1".into(),
+        request_id: request_id.clone(),
+        ..Default::default()
+    };
     let answer = client.score(request).await?.into_inner();
     assert_eq!(answer.model_version, "ctr-shadow-v1", "the shadow is never served");
 

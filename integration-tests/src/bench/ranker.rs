@@ -200,7 +200,7 @@ async fn connect_ranker(
     loop {
         if let Ok(channel) = adserve_core::net::grpc_endpoint(url.to_string())?.connect().await {
             let mut client = RankerServiceClient::new(channel);
-            if client.get_model(adserve_proto::v1::GetModelRequest {}).await.is_ok() {
+            if client.get_model(adserve_proto::v1::GetModelRequest::default()).await.is_ok() {
                 return Ok(client);
             }
         }

@@ -22,7 +22,7 @@ async fn wait_for_model(stack: &Stack, version: &str) -> anyhow::Result<()> {
     let mut client = RankerServiceClient::connect(stack.ranker.clone()).await?;
     let mut serving = String::new();
     while started.elapsed() < Duration::from_secs(30) {
-        serving = client.get_model(GetModelRequest {}).await?.into_inner().model_version;
+        serving = client.get_model(GetModelRequest::default()).await?.into_inner().model_version;
         if serving == version {
             println!("\n== the ranker serves {version}, swapped in from the model registry while running");
             return Ok(());

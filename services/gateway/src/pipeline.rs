@@ -380,6 +380,8 @@ impl AdServer {
             matrix: Some(matrix.clone()),
             routing_key: user_id.to_string(),
             request_id: request_id.to_string(),
+            // Empty: whatever model name the ranker deployment serves.
+            model_name: String::new(),
         };
         let request = with_deadline(request, limit);
         match deadline(limit, client.score(request)).await {

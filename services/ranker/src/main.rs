@@ -48,7 +48,9 @@ async fn main() -> anyhow::Result<()> {
         reserve: config.fallback.reserve,
         prior_feature: config.fallback.prior_feature.clone(),
     };
-    let mut service = RankerGrpc::new(serving, config.max_rows, config.server.request_timeout).with_fallback(fallback);
+    let mut service = RankerGrpc::new(serving, config.max_rows, config.server.request_timeout)
+        .with_fallback(fallback)
+        .with_model_name(config.registry.model_name.clone());
     if config.shadow.enabled {
         let kafka = config.kafka.clone();
         tokio::spawn(async move {

@@ -128,6 +128,8 @@ pub struct RankerGrpc {
     request_timeout: Duration,
     shadow: Option<ShadowSink>,
     fallback: Fallback,
+    /// The registry model name served; calls naming another are NOT_FOUND.
+    model_name: String,
 }
 
 impl RankerGrpc {
@@ -141,7 +143,27 @@ impl RankerGrpc {
             request_timeout,
             shadow: None,
             fallback: Fallback::prior_only(adserve_features::prior::DEFAULT_PRIOR_FEATURE),
+            model_name: adserve_registry::DEFAULT_MODEL_NAME.into(),
         }
+    }
+
+    /// Serves the registry model `name` (default
+    /// [`adserve_registry::DEFAULT_MODEL_NAME`]).
+    pub fn with_model_name(mut self, name: impl Into<String>) -> Self {
+        self.model_name = name.into();
+        self
+    }
+
+    /// A call naming a model this ranker does not serve is NOT_FOUND.
+    fn check_model_name(&self, asked: &str) -> Result<(), Status> {
+        if asked.is_empty() || asked == self.model_name {
+            return Ok(());
+        }
+        let shown: String = asked.chars().take(64).collect();
+        Err(Status::not_found(format!(
+            "model_name: no model {shown:?} is served here; this ranker serves {:?}",
+            self.model_name
+        )))
     }
 
     /// Falls back to `fallback` when the model cannot answer in time.
@@ -191,6 +213,7 @@ impl RankerService for RankerGrpc {
         let limit = adserve_core::grpc::caller_timeout(request.metadata())
             .map_or(self.request_timeout, |t| t.min(self.request_timeout));
         let request = request.into_inner();
+        self.check_model_name(&request.model_name)?;
         if request.routing_key.len() > 256 {
             return Err(Status::invalid_argument(format!(
                 "routing_key: at most 256 bytes, got {}",
@@ -261,7 +284,8 @@ impl RankerService for RankerGrpc {
         }))
     }
 
-    async fn get_model(&self, _: Request<GetModelRequest>) -> Result<Response<GetModelResponse>, Status> {
+    async fn get_model(&self, request: Request<GetModelRequest>) -> Result<Response<GetModelResponse>, Status> {
+        self.check_model_name(&request.get_ref().model_name)?;
         let model = self.serving.production();
         let canary = self.serving.canary();
         let m = model.manifest();
@@ -271,6 +295,7 @@ impl RankerService for RankerGrpc {
             execution_provider: model.provider().as_str().into(),
             canary_model_version: canary.as_ref().map(|c| c.model.manifest().model_version.clone()).unwrap_or_default(),
             canary_share: canary.map_or(0.0, |c| c.share),
+            model_name: self.model_name.clone(),
         }))
     }
 }
