@@ -98,6 +98,74 @@ async fn unknown_user_is_served_with_default_features() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn corrupt_stored_feature_values_are_served_as_defaults_and_counted() -> anyhow::Result<()> {
+    // A stored "nan", a counter past f32, a value that is not a number and a
+    // CTR of 3.5: each cell is served as its default and counted invalid; the
+    // rest of the request (other columns, other ads) is served as stored, and
+    // nothing is reported degraded. Before, the NaN reached the ranker, which
+    // refused the whole matrix, and "lots" failed the whole Redis MGET.
+    use adserve_proto::v1::{GetFeaturesRequest, RequestContext, feature_service_client::FeatureServiceClient};
+    use fred::interfaces::KeysInterface as _;
+    let s = Stack::ready().await?;
+    let registry = adserve_features::registry();
+    let run = uuid::Uuid::new_v4().as_u128() as i64 & 0x7fff_ffff;
+    let (user, bad_ad, good_ad) = (format!("corrupt-{run}"), 9_000_000_000 + run, 9_100_000_000 + run);
+    let spec = |name: &str| registry.features.iter().find(|f| f.name == name).expect(name);
+    let realtime = s.realtime_store().await?;
+    realtime
+        .set_counters(&[
+            (registry.redis_key(spec("user_impressions_1h"), &user), f64::NAN),
+            (registry.redis_key(spec("ad_impressions_1h"), &good_ad.to_string()), 12.0),
+        ])
+        .await?;
+    let redis = fred::prelude::Client::new(fred::prelude::Config::from_url(&s.redis)?, None, None, None);
+    fred::interfaces::ClientLike::init(&redis).await?;
+    let _: () = redis
+        .set(registry.redis_key(spec("ad_impressions_1h"), &bad_ad.to_string()), "lots", None, None, false)
+        .await?;
+    let batch = s.batch_store();
+    batch
+        .put_users(&[(user.clone(), [("ctr_30d".to_string(), 0.05), ("sessions_7d".to_string(), 1e30)].into())])
+        .await?;
+    batch
+        .put_ads(&[
+            (bad_ad, [("ctr_7d".to_string(), 3.5), ("quality_score".to_string(), 0.8)].into()),
+            (good_ad, [("ctr_7d".to_string(), 0.04), ("quality_score".to_string(), 0.7)].into()),
+        ])
+        .await?;
+    let mut c = FeatureServiceClient::connect(s.features.clone()).await?;
+    let ctx = RequestContext { placement: "feed_top".into(), device: "mobile".into(), ..Default::default() };
+    let resp = c
+        .get_features(GetFeaturesRequest { user_id: user.clone(), ad_ids: vec![bad_ad, good_ad], context: Some(ctx) })
+        .await?
+        .into_inner();
+    assert!(resp.degraded.is_empty(), "{:?}", resp.degraded);
+    let m = resp.matrix.expect("matrix");
+    assert!(m.values.iter().all(|v| v.is_finite()));
+    let col = |name: &str| registry.index_of(name).expect(name);
+    let cell = |row: usize, name: &str| m.values[row * m.feature_names.len() + col(name)];
+    for row in 0..2 {
+        assert_eq!(cell(row, "user_impressions_1h"), spec("user_impressions_1h").default, "NaN in Redis");
+        assert_eq!(cell(row, "user_sessions_7d"), spec("user_sessions_7d").default, "1e30 is out of range");
+        assert_eq!(cell(row, "user_ctr_30d"), 0.05, "the user's valid values are served");
+    }
+    assert_eq!(cell(0, "ad_ctr_7d"), spec("ad_ctr_7d").default, "a CTR of 3.5");
+    assert_eq!(cell(0, "ad_impressions_1h"), spec("ad_impressions_1h").default, "\"lots\"");
+    assert_eq!(cell(0, "ad_quality_score"), 0.8);
+    assert_eq!((cell(1, "ad_ctr_7d"), cell(1, "ad_impressions_1h")), (0.04, 12.0), "the other ad is untouched");
+    assert_eq!(resp.invalid.len(), m.feature_names.len());
+    assert_eq!(resp.invalid[col("user_impressions_1h")], 2);
+    assert_eq!(resp.invalid[col("user_sessions_7d")], 2);
+    assert_eq!(resp.invalid[col("ad_ctr_7d")], 1);
+    assert_eq!(resp.invalid[col("ad_impressions_1h")], 1);
+    assert_eq!(resp.invalid.iter().sum::<u32>(), 6);
+    // Columns nobody stored are missing, not invalid.
+    assert_eq!(resp.missing[col("user_interest_travel")], 2);
+    assert_eq!(resp.missing[col("ad_ctr_7d")], 0);
+    Ok(())
+}
+
 /// A gateway in this process, on a random port, wired as `tweak` says.
 async fn gateway(s: &Stack, tweak: impl FnOnce(&mut GatewayConfig)) -> anyhow::Result<String> {
     Ok(format!("{}/v1/ads", s.in_process_gateway(tweak).await?))

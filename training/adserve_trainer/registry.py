@@ -24,6 +24,14 @@ class Feature:
     default: float
     personal: bool = False
     equals: str | None = None
+    # Stored features: [min, max] a store may hold (adserve_features::FeatureSpec::range).
+    range: tuple[float, float] | None = None
+
+    def accepts(self, value: float) -> bool:
+        """FeatureSpec::accepts: finite and inside ``range`` when one is declared."""
+        if not math.isfinite(value):
+            return False
+        return self.range is None or self.range[0] <= value <= self.range[1]
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,20 @@ def load_registry(path: str | Path | None = None) -> Registry:
         default = e["default"]
         if isinstance(default, bool) or not isinstance(default, (int, float)) or not math.isfinite(default):
             raise TrainerError(f"feature registry {p}: feature '{name}' default must be a finite number")
+        rng = e.get("range")
+        if rng is not None:
+            ok = (
+                isinstance(rng, list) and len(rng) == 2
+                and all(not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) for v in rng)
+                and rng[0] <= rng[1]
+            )
+            if not ok:
+                raise TrainerError(f"feature registry {p}: feature '{name}' range must be [min, max] with finite min <= max")
+            if e["source"] == "request":
+                raise TrainerError(f"feature registry {p}: feature '{name}' range is for stored features")
+            if not rng[0] <= default <= rng[1]:
+                raise TrainerError(f"feature registry {p}: feature '{name}' default lies outside range")
+            rng = (float(rng[0]), float(rng[1]))
         features.append(
             Feature(
                 name=name,
@@ -77,6 +99,7 @@ def load_registry(path: str | Path | None = None) -> Registry:
                 default=float(default),
                 personal=bool(e.get("personal", False)),
                 equals=e.get("equals"),
+                range=rng,
             )
         )
     devices = doc.get("request", {}).get("devices")

@@ -65,3 +65,27 @@ def test_misaligned_names_and_values_rejected(registry):
     t = generate(2, 4, registry).slice(0, 2)
     with pytest.raises(TrainerError, match="different lengths"):
         build_matrix(_with_features(t, [["ad_ctr_7d"], ["ad_ctr_7d"]], [[0.1], [0.1, 0.2]]), registry)
+
+
+def test_the_registry_declares_a_range_for_every_stored_feature(registry):
+    """The trainer reads the same `range` the feature-service enforces."""
+    for f in registry.features:
+        assert (f.range is not None) == (f.source != "request"), f.name
+        if f.range is not None:
+            assert f.accepts(f.default) and f.accepts(f.range[0]) and f.accepts(f.range[1])
+            assert not f.accepts(float("nan")) and not f.accepts(f.range[1] + 1.0)
+
+
+@pytest.mark.parametrize(
+    "rng, why",
+    [("[1.0, 0.0]", "min <= max"), ("[0.0]", "min <= max"), ("[0.0, 0.1]", "outside range"), ('["a", 1.0]', "min <= max")],
+)
+def test_a_malformed_range_is_refused_naming_the_feature(tmp_path, registry, rng, why):
+    from adserve_trainer.registry import load_registry
+
+    text = registry.path.read_text().replace("default = 0.5\nrange = [0.0, 1.0]", f"default = 0.5\nrange = {rng}", 1)
+    assert text != registry.path.read_text(), "ad_quality_score's entry is the one rewritten"
+    p = tmp_path / "features.toml"
+    p.write_text(text)
+    with pytest.raises(TrainerError, match=f"ad_quality_score.*{why}"):
+        load_registry(p)

@@ -21,40 +21,79 @@ pub struct SourceValues {
     pub ad_realtime: HashMap<i64, HashMap<String, f32>>,
 }
 
+/// The matrix and, per registry column, how many cells took the default.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assembled {
+    /// `ad_ids.len() x registry`, in registry column order.
+    pub matrix: FeatureMatrix,
+    /// Per column: cells whose source had no value (unknown entity, missing
+    /// attribute, failed source).
+    pub missing: Vec<u32>,
+    /// Per column: cells whose stored value was refused by
+    /// [`crate::FeatureSpec::accepts`] (not finite, or outside the declared
+    /// range) and replaced by the default.
+    pub invalid: Vec<u32>,
+}
+
+/// A stored value for `f`, or its default; counted as missing or invalid.
+fn checked(f: &FeatureSpec, value: Option<f32>, missing: &mut u32, invalid: &mut u32) -> f32 {
+    match value {
+        Some(v) if f.accepts(v) => v,
+        Some(_) => {
+            *invalid += 1;
+            f.default
+        }
+        None => {
+            *missing += 1;
+            f.default
+        }
+    }
+}
+
 /// Builds the `ad_ids.len() x registry` matrix in registry column order.
 /// For COPPA requests personal features always hold their defaults, whatever
-/// the sources returned.
-pub fn assemble(
-    registry: &FeatureRegistry,
-    ad_ids: &[i64],
-    ctx: &RequestContext,
-    values: &SourceValues,
-) -> FeatureMatrix {
+/// the sources returned (not counted as missing: nothing was looked up).
+/// Every stored value is checked against its spec first.
+pub fn assemble(registry: &FeatureRegistry, ad_ids: &[i64], ctx: &RequestContext, values: &SourceValues) -> Assembled {
     let cols = registry.features.len();
-    // Row-invariant columns (user and context) are computed once.
-    let template: Vec<f32> = registry
-        .features
-        .iter()
-        .map(|f| {
-            if f.personal && ctx.coppa {
-                return f.default;
+    let mut missing = vec![0u32; cols];
+    let mut invalid = vec![0u32; cols];
+    let rows = ad_ids.len() as u32;
+    // Row-invariant columns (user and context) are computed once, and count
+    // once per row.
+    let mut template = Vec::with_capacity(cols);
+    for (c, f) in registry.features.iter().enumerate() {
+        if f.personal && ctx.coppa {
+            template.push(f.default);
+            continue;
+        }
+        let (mut m, mut i) = (0, 0);
+        let v = match (f.entity, f.source) {
+            (Entity::User, Source::Dynamodb) => {
+                checked(f, values.user_batch.get(&f.attribute).copied(), &mut m, &mut i)
             }
-            match (f.entity, f.source) {
-                (Entity::User, Source::Dynamodb) => values.user_batch.get(&f.attribute).copied().unwrap_or(f.default),
-                (Entity::User, Source::Redis) => values.user_realtime.get(&f.attribute).copied().unwrap_or(f.default),
-                (Entity::Context, _) => {
-                    let field = match f.attribute.as_str() {
-                        "device" => &ctx.device,
-                        "placement" => &ctx.placement,
-                        "surface" => &ctx.surface,
-                        _ => return f.default,
-                    };
-                    if Some(field) == f.equals.as_ref() { 1.0 } else { 0.0 }
+            (Entity::User, Source::Redis) => {
+                checked(f, values.user_realtime.get(&f.attribute).copied(), &mut m, &mut i)
+            }
+            (Entity::Context, _) => {
+                let field = match f.attribute.as_str() {
+                    "device" => Some(&ctx.device),
+                    "placement" => Some(&ctx.placement),
+                    "surface" => Some(&ctx.surface),
+                    _ => None,
+                };
+                match field {
+                    Some(field) if Some(field) == f.equals.as_ref() => 1.0,
+                    Some(_) => 0.0,
+                    None => f.default,
                 }
-                _ => f.default,
             }
-        })
-        .collect();
+            _ => f.default,
+        };
+        missing[c] = m * rows;
+        invalid[c] = i * rows;
+        template.push(v);
+    }
     let ad_cols: Vec<(usize, &FeatureSpec)> =
         registry.features.iter().enumerate().filter(|(_, f)| f.entity == Entity::Ad).collect();
     let mut out = Vec::with_capacity(ad_ids.len() * cols);
@@ -65,15 +104,18 @@ pub fn assemble(
         let realtime = values.ad_realtime.get(ad_id);
         for &(c, f) in &ad_cols {
             let source = if f.source == Source::Redis { realtime } else { batch };
-            if let Some(v) = source.and_then(|m| m.get(&f.attribute)) {
-                out[start + c] = *v;
-            }
+            let stored = source.and_then(|m| m.get(&f.attribute)).copied();
+            out[start + c] = checked(f, stored, &mut missing[c], &mut invalid[c]);
         }
     }
-    FeatureMatrix {
-        feature_names: registry.names().into_iter().map(String::from).collect(),
-        num_rows: ad_ids.len() as u32,
-        values: out,
+    Assembled {
+        matrix: FeatureMatrix {
+            feature_names: registry.names().into_iter().map(String::from).collect(),
+            num_rows: rows,
+            values: out,
+        },
+        missing,
+        invalid,
     }
 }
 
@@ -102,7 +144,7 @@ mod tests {
     #[test]
     fn values_land_in_their_registry_columns() {
         let r = crate::registry();
-        let m = assemble(r, &[7, 8], &ctx(false), &sample());
+        let m = assemble(r, &[7, 8], &ctx(false), &sample()).matrix;
         assert_eq!(m.num_rows, 2);
         assert_eq!(m.values.len(), 2 * r.features.len());
         assert_eq!(value(&m, 0, "user_ctr_30d"), 0.11);
@@ -116,7 +158,7 @@ mod tests {
     #[test]
     fn unknown_entities_get_registry_defaults() {
         let r = crate::registry();
-        let m = assemble(r, &[99], &ctx(false), &SourceValues::default());
+        let m = assemble(r, &[99], &ctx(false), &SourceValues::default()).matrix;
         for (i, f) in r.features.iter().enumerate() {
             if f.entity != Entity::Context {
                 assert_eq!(m.values[i], f.default, "{}", f.name);
@@ -127,12 +169,37 @@ mod tests {
     #[test]
     fn coppa_requests_never_use_personal_features() {
         let r = crate::registry();
-        let m = assemble(r, &[7], &ctx(true), &sample());
+        let m = assemble(r, &[7], &ctx(true), &sample()).matrix;
         for (i, f) in r.features.iter().enumerate() {
             if f.personal {
                 assert_eq!(m.values[i], f.default, "{}", f.name);
             }
         }
         assert_eq!(value(&m, 0, "ad_ctr_7d"), 0.3, "ad features are still used");
+    }
+
+    #[test]
+    fn stored_values_that_are_not_finite_or_out_of_range_are_served_as_defaults_and_counted() {
+        let r = crate::registry();
+        let mut v = sample();
+        v.user_batch.insert("ctr_30d".into(), f32::NAN);
+        v.user_realtime.insert("impressions_1h".into(), 1e40_f64 as f32); // inf after the cast
+        v.ad_batch.insert(7, HashMap::from([("ctr_7d".to_string(), 3.5), ("quality_score".to_string(), 0.9)]));
+        let a = assemble(r, &[7, 8], &ctx(false), &v);
+        let col = |name: &str| r.index_of(name).expect(name);
+        let default = |name: &str| r.features[col(name)].default;
+        assert!(a.matrix.values.iter().all(|x| x.is_finite()), "nothing non-finite reaches the ranker");
+        assert_eq!(value(&a.matrix, 0, "user_ctr_30d"), default("user_ctr_30d"));
+        assert_eq!(value(&a.matrix, 1, "user_impressions_1h"), default("user_impressions_1h"));
+        assert_eq!(value(&a.matrix, 0, "ad_ctr_7d"), default("ad_ctr_7d"));
+        assert_eq!(value(&a.matrix, 0, "ad_quality_score"), 0.9, "the row's valid values are kept");
+        // User columns count once per row; ad 7's ctr is invalid, ad 8 has no batch row.
+        assert_eq!(a.invalid[col("user_ctr_30d")], 2);
+        assert_eq!(a.invalid[col("user_impressions_1h")], 2);
+        assert_eq!(a.invalid[col("ad_ctr_7d")], 1);
+        assert_eq!(a.missing[col("ad_ctr_7d")], 1);
+        assert_eq!(a.missing[col("ad_quality_score")], 1);
+        assert_eq!(a.invalid[col("ad_quality_score")], 0);
+        assert_eq!(a.missing[col("ctx_device_mobile")] + a.invalid[col("ctx_device_mobile")], 0);
     }
 }

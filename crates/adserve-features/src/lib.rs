@@ -12,7 +12,7 @@ pub mod assemble;
 pub mod prior;
 pub mod request;
 
-pub use assemble::{SourceValues, assemble};
+pub use assemble::{Assembled, SourceValues, assemble};
 
 use serde::Deserialize;
 
@@ -63,8 +63,22 @@ pub struct FeatureSpec {
     /// Request features: indicator value to compare the field against.
     #[serde(default)]
     pub equals: Option<String>,
+    /// Stored features: the values a store may hold, `[min, max]` inclusive
+    /// (any finite value without it). See [`FeatureSpec::accepts`].
+    #[serde(default)]
+    pub range: Option<[f32; 2]>,
     /// What the feature means.
     pub description: String,
+}
+
+impl FeatureSpec {
+    /// Whether a value read from a store may be served: finite, and inside
+    /// `range` when one is declared. Anything else is served as the default
+    /// and counted, so one corrupt stored value never reaches the ranker
+    /// (which refuses a matrix holding NaN or infinity as a whole).
+    pub fn accepts(&self, value: f32) -> bool {
+        value.is_finite() && self.range.is_none_or(|[lo, hi]| lo <= value && value <= hi)
+    }
 }
 
 /// DynamoDB table names of the batch tier.
@@ -161,6 +175,17 @@ impl FeatureRegistry {
             }
             if !f.default.is_finite() {
                 return Err(invalid("default must be finite"));
+            }
+            if let Some([lo, hi]) = f.range {
+                if f.source == Source::Request {
+                    return Err(invalid("`range` is for stored features; request features are 0 or 1"));
+                }
+                if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
+                    return Err(invalid("`range` must be [min, max] with finite min <= max"));
+                }
+                if !f.accepts(f.default) {
+                    return Err(invalid("default lies outside `range`"));
+                }
             }
             match (f.entity, f.source) {
                 (Entity::Context, Source::Request) if f.equals.is_none() => {
@@ -291,6 +316,38 @@ mod tests {
                  default=0.0\ndescription=\"\"\n";
         let err = FeatureRegistry::parse(&doc(f)).unwrap_err();
         assert!(err.to_string().contains("[request].devices"), "{err}");
+    }
+
+    #[test]
+    fn ranges_are_checked_at_load_and_bound_what_is_served() {
+        let f = |range: &str, default: &str| {
+            format!(
+                "name=\"x\"\nentity=\"ad\"\nsource=\"redis\"\nattribute=\"x\"\ndefault={default}\n\
+                 range={range}\ndescription=\"\"\n"
+            )
+        };
+        let ok = FeatureRegistry::parse(&doc(&f("[0.0, 1.0]", "0.5"))).expect("valid");
+        let spec = &ok.features[0];
+        assert!(spec.accepts(0.0) && spec.accepts(1.0) && spec.accepts(0.25));
+        assert!(!spec.accepts(1.5) && !spec.accepts(-0.1) && !spec.accepts(f32::NAN) && !spec.accepts(f32::INFINITY));
+        for (range, default, why) in [
+            ("[1.0, 0.0]", "0.5", "min <= max"),
+            ("[0.0, 1.0]", "2.0", "outside `range`"),
+            ("[0.0, inf]", "0.5", "finite"),
+        ] {
+            let err = FeatureRegistry::parse(&doc(&f(range, default))).unwrap_err();
+            assert!(err.to_string().contains(why), "{range} {default}: {err}");
+        }
+        // Without a range, any finite value is served.
+        let spec = registry().features.iter().find(|f| f.source == Source::Request).expect("a request feature");
+        assert!(spec.range.is_none() && !spec.accepts(f32::NAN) && spec.accepts(1e30));
+    }
+
+    #[test]
+    fn every_stored_feature_declares_a_range() {
+        for f in &registry().features {
+            assert_eq!(f.range.is_some(), f.source != Source::Request, "{}", f.name);
+        }
     }
 
     #[test]

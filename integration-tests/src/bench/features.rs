@@ -136,8 +136,9 @@ pub async fn run(s: &Settings, ad_ids: &[i64]) -> anyhow::Result<Vec<Comparison>
                 async move {
                     let user = super::e2e::user(i);
                     let keys = redis_keys(&user, &ids);
-                    let (r, u, a) =
-                        tokio::join!(redis.mget::<Vec<Option<f64>>, _>(keys), batch.user(&user), batch.ads(&ids));
+                    let (r, u, a) = tokio::join!(redis.mget::<Vec<Option<f64>>, _>(keys), batch.user(&user), async {
+                        batch.ads(&ids).await.into_result(0).map(|l| l.values)
+                    });
                     match (r, u, a) {
                         (Ok(_), Ok(_), Ok(a)) if a.len() == ids.len() => Outcome::Ok,
                         (Ok(_), Ok(_), Ok(a)) => {

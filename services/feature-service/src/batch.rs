@@ -37,6 +37,28 @@ fn err<E: std::error::Error>(op: &'static str) -> impl Fn(E) -> BatchError {
     move |e| BatchError { op, message: DisplayErrorContext(&e).to_string() }
 }
 
+/// What [`BatchStore::ads`] found.
+#[derive(Debug, Default)]
+pub struct AdLookup {
+    /// Attributes of each ad that was found.
+    pub values: HashMap<i64, HashMap<String, f32>>,
+    /// Ads whose chunk failed (absent from `values` whatever they hold).
+    pub failed: usize,
+    /// The first chunk's failure, when any failed.
+    pub error: Option<BatchError>,
+}
+
+impl AdLookup {
+    /// `Err` only when every chunk failed, for callers that treat the
+    /// lookup as one call.
+    pub fn into_result(self, asked: usize) -> Result<Self, BatchError> {
+        match self.error {
+            Some(e) if self.failed >= asked => Err(e),
+            _ => Ok(self),
+        }
+    }
+}
+
 /// Reads (and, for seeding, writes) batch features.
 #[derive(Debug, Clone)]
 pub struct BatchStore {
@@ -98,14 +120,24 @@ impl BatchStore {
         Ok(out.item().map(|item| numbers(item, &self.user_attrs)).unwrap_or_default())
     }
 
-    /// Batch attributes of each known ad; unknown ads are absent.
-    pub async fn ads(&self, ad_ids: &[i64]) -> Result<HashMap<i64, HashMap<String, f32>>, BatchError> {
-        let chunks = ad_ids.chunks(BATCH_GET_LIMIT).map(|chunk| self.ads_chunk(chunk));
-        let mut out = HashMap::with_capacity(ad_ids.len());
-        for part in futures::future::try_join_all(chunks).await? {
-            out.extend(part);
+    /// Batch attributes of each known ad; unknown ads are absent. The ids go
+    /// out in BatchGetItem chunks of 100, in parallel; a chunk that fails
+    /// costs only its own ads (they are absent, and [`AdLookup::failed`]
+    /// says how many), never the chunks that answered.
+    pub async fn ads(&self, ad_ids: &[i64]) -> AdLookup {
+        let chunks =
+            ad_ids.chunks(BATCH_GET_LIMIT).map(|chunk| async move { (chunk.len(), self.ads_chunk(chunk).await) });
+        let mut lookup = AdLookup { values: HashMap::with_capacity(ad_ids.len()), failed: 0, error: None };
+        for (n, part) in futures::future::join_all(chunks).await {
+            match part {
+                Ok(values) => lookup.values.extend(values),
+                Err(e) => {
+                    lookup.failed += n;
+                    lookup.error.get_or_insert(e);
+                }
+            }
         }
-        Ok(out)
+        lookup
     }
 
     async fn ads_chunk(&self, ad_ids: &[i64]) -> Result<HashMap<i64, HashMap<String, f32>>, BatchError> {
@@ -259,12 +291,51 @@ async fn retry_after(backoff: &mut backon::ExponentialBackoff, op: &'static str)
 
 /// Numeric attributes named in `wanted`; non-numeric values are skipped (and
 /// so take the registry default).
+/// The wanted attributes an item holds. One that is present but not a
+/// finite number (another type, an unparsable or overflowing N) comes back
+/// as NaN, so assembly serves the default and counts it as invalid rather
+/// than as missing.
 fn numbers(item: &HashMap<String, AttributeValue>, wanted: &[String]) -> HashMap<String, f32> {
     wanted
         .iter()
         .filter_map(|a| {
-            let v: f32 = item.get(a)?.as_n().ok()?.parse().ok()?;
-            v.is_finite().then(|| (a.clone(), v))
+            let v = item.get(a)?;
+            let n = v.as_n().ok().and_then(|n| n.parse::<f32>().ok()).unwrap_or(f32::NAN);
+            Some((a.clone(), n))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error() -> BatchError {
+        BatchError { op: "BatchGetItem", message: "throttled".into() }
+    }
+
+    #[test]
+    fn a_lookup_fails_as_a_whole_only_when_every_chunk_failed() {
+        let partial = AdLookup { values: HashMap::from([(1, HashMap::new())]), failed: 100, error: Some(error()) };
+        let kept = partial.into_result(150).expect("some chunks answered");
+        assert_eq!((kept.values.len(), kept.failed), (1, 100));
+        let all = AdLookup { values: HashMap::new(), failed: 150, error: Some(error()) };
+        assert_eq!(all.into_result(150).unwrap_err().message, "throttled");
+        assert!(AdLookup::default().into_result(3).is_ok());
+    }
+
+    #[test]
+    fn a_stored_attribute_that_is_not_a_finite_number_reads_as_nan_not_absent() {
+        let wanted = ["a", "b", "c", "d"].map(String::from);
+        let item = HashMap::from([
+            ("a".to_string(), AttributeValue::N("0.25".into())),
+            ("b".to_string(), AttributeValue::N("1e60".into())),
+            ("c".to_string(), AttributeValue::S("high".into())),
+        ]);
+        let got = numbers(&item, &wanted);
+        assert_eq!(got["a"], 0.25);
+        assert!(got["b"].is_infinite() || got["b"].is_nan(), "{}", got["b"]);
+        assert!(got["c"].is_nan());
+        assert!(!got.contains_key("d"), "absent stays absent (missing, not invalid)");
+    }
 }

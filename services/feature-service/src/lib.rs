@@ -12,7 +12,7 @@ pub mod realtime;
 pub mod service;
 
 pub use adserve_features::{SourceValues, assemble};
-pub use batch::BatchStore;
+pub use batch::{AdLookup, BatchStore};
 pub use config::FeatureServiceConfig;
 pub use realtime::RealtimeStore;
 pub use service::FeatureGrpc;

@@ -47,19 +47,22 @@ impl RealtimeStore {
         if keys.is_empty() {
             return Ok(Default::default());
         }
-        let values: Vec<Option<f64>> = self.client.mget(keys).await?;
-        let mut values = values.into_iter();
+        // Read as strings and parsed here: one value that is not a number
+        // must cost that value (NaN: served as the default and counted
+        // invalid), not fail the whole MGET.
+        let values: Vec<Option<String>> = self.client.mget(keys).await?;
+        let mut values = values.into_iter().map(|v| v.map(|s| s.trim().parse::<f64>().map_or(f32::NAN, |x| x as f32)));
         let mut user = HashMap::new();
         for f in user_specs {
             if let Some(Some(v)) = values.next() {
-                user.insert(f.attribute.clone(), v as f32);
+                user.insert(f.attribute.clone(), v);
             }
         }
         let mut ads = HashMap::new();
         for id in ad_ids {
             for f in &self.ad_specs {
                 if let Some(Some(v)) = values.next() {
-                    ads.entry(*id).or_insert_with(HashMap::new).insert(f.attribute.clone(), v as f32);
+                    ads.entry(*id).or_insert_with(HashMap::new).insert(f.attribute.clone(), v);
                 }
             }
         }

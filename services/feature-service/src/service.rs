@@ -115,16 +115,46 @@ impl FeatureService for FeatureGrpc {
         let degraded = std::sync::Mutex::new(Vec::new());
         let user_batch =
             async { if user_id.is_empty() { Ok(Default::default()) } else { s.batch.user(user_id).await } };
-        let (user_batch, ad_batch, (user_realtime, ad_realtime)) = tokio::join!(
+        let asked = req.ad_ids.len();
+        let ad_batch = async { s.batch.ads(&req.ad_ids).await.into_result(asked) };
+        let (user_batch, ad_lookup, (user_realtime, ad_realtime)) = tokio::join!(
             within(degraded::DYNAMODB, s.batch_deadline, user_batch, &degraded),
-            within(degraded::DYNAMODB, s.batch_deadline, s.batch.ads(&req.ad_ids), &degraded),
+            within(degraded::DYNAMODB, s.batch_deadline, ad_batch, &degraded),
             within(degraded::REDIS, s.realtime_deadline, s.realtime.counters(user_id, &req.ad_ids), &degraded),
         );
-        let values = SourceValues { user_batch, ad_batch, user_realtime, ad_realtime };
-        let matrix = assemble(s.registry, &req.ad_ids, &ctx, &values);
+        if let Some(e) = &ad_lookup.error {
+            // Some chunks answered: only the failed chunks' ads take defaults.
+            let reason = format!(
+                "{e}; {} of {asked} ads served with registry defaults for their batch features",
+                ad_lookup.failed
+            );
+            metrics::counter!("adserve_feature_source_failures_total", "source" => degraded::DYNAMODB).increment(1);
+            tracing::warn!(component = degraded::DYNAMODB, %reason, "feature source partly degraded");
+            if let Ok(mut d) = degraded.lock()
+                && !d.iter().any(|x| x.component == degraded::DYNAMODB)
+            {
+                d.push(Degradation { component: degraded::DYNAMODB.into(), reason });
+            }
+        }
+        let values = SourceValues { user_batch, ad_batch: ad_lookup.values, user_realtime, ad_realtime };
+        let assembled = assemble(s.registry, &req.ad_ids, &ctx, &values);
+        for (f, n) in s.registry.features.iter().zip(&assembled.invalid) {
+            if *n > 0 {
+                // A store holds values the registry does not allow (a stored
+                // "nan", a counter gone wild): served as defaults, and loud.
+                metrics::counter!("adserve_feature_invalid_values_total", "feature" => f.name.clone())
+                    .increment(u64::from(*n));
+                tracing::debug!(feature = %f.name, cells = n, "stored values refused by the registry's range");
+            }
+        }
         let degraded = degraded.into_inner().unwrap_or_default();
         metrics::histogram!("adserve_feature_request_seconds").record(start.elapsed().as_secs_f64());
-        Ok(Response::new(GetFeaturesResponse { matrix: Some(matrix), degraded }))
+        Ok(Response::new(GetFeaturesResponse {
+            matrix: Some(assembled.matrix),
+            degraded,
+            missing: assembled.missing,
+            invalid: assembled.invalid,
+        }))
     }
 }
 

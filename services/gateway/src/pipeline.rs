@@ -582,6 +582,7 @@ fn no_fill(
 /// context features from the request).
 pub fn default_matrix(ad_ids: &[i64], ctx: &RequestContext) -> FeatureMatrix {
     adserve_features::assemble(adserve_features::registry(), ad_ids, ctx, &adserve_features::SourceValues::default())
+        .matrix
 }
 
 fn truncate(s: &str) -> String {
