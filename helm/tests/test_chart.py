@@ -139,6 +139,33 @@ def test_secrets_replace_urls_in_the_configs() -> None:
     assert "ADSERVE_POSTGRES__URL" in deployments and "ADSERVE_REGISTRY__POSTGRES__URL" in deployments
 
 
+def test_no_credential_is_ever_written_into_a_configmap() -> None:
+    values = {"dynamodb": {"accessKeyId": "AKIDEXAMPLE", "secretAccessKey": "s3cr3t-key"}}
+    manifests = render(values)
+    configmaps = manifests["adserve/templates/configmap.yaml"]
+    for secret in ("adserve:adserve@", "s3cr3t-key", "AKIDEXAMPLE"):
+        assert secret not in configmaps, secret
+    rendered = configs(manifests)
+    assert "url" not in tomllib.loads(rendered["gateway"])["postgres"]
+    assert "url" not in tomllib.loads(rendered["ranker"])["registry"]["postgres"]
+    assert "secret_access_key" not in tomllib.loads(rendered["feature-service"])["dynamodb"]
+    # The chart's own Secrets hold them, and the pods read them from there.
+    secrets = manifests["adserve/templates/secret.yaml"]
+    assert "name: adserve-postgres" in secrets and "postgres://adserve:adserve@postgres:5432/adserve" in secrets
+    assert "name: adserve-dynamodb" in secrets and "s3cr3t-key" in secrets
+    deployments = manifests["adserve/templates/deployment.yaml"]
+    assert deployments.count("name: adserve-postgres") == 2, "gateway and ranker"
+    assert "name: adserve-dynamodb" in deployments
+    # With existing Secrets the chart makes none of its own.
+    assert "kind: Secret" not in render(SECRETS).get("adserve/templates/secret.yaml", "")
+
+
+def test_topics_are_replicated_by_default() -> None:
+    rendered = configs(render(None))
+    for svc in ("gateway", "label-joiner"):
+        assert tomllib.loads(rendered[svc])["kafka"]["replication"] == 3, svc
+
+
 @pytest.mark.parametrize(
     "values, message",
     [

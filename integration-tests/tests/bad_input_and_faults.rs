@@ -61,6 +61,13 @@ async fn malformed_requests_get_400_naming_the_field() -> anyhow::Result<()> {
             "context.device",
         ),
         (json!({"user_id": "", "context": {"placement": "p", "device": "mobile"}, "slots": 1}).to_string(), "user_id"),
+        (
+            format!(
+                "{}trailing",
+                json!({"user_id": "u", "context": {"placement": "p", "device": "mobile"}, "slots": 1})
+            ),
+            "body: after the JSON value",
+        ),
     ];
     for (body, needle) in cases {
         let (status, v) = post(&url, &body).await?;
@@ -71,6 +78,26 @@ async fn malformed_requests_get_400_naming_the_field() -> anyhow::Result<()> {
     let (status, v) = post(&format!("{}/v1/clicks", s.http), &json!({"impression_id": "nope"}).to_string()).await?;
     assert_eq!(status, 400);
     assert!(message(&v).starts_with("impression_id"), "{v}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_is_a_400_not_a_413() -> anyhow::Result<()> {
+    // Before, every body-read error answered 413 "larger than the limit".
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let s = Stack::ready().await?;
+    let addr = s.http.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await?;
+    conn.write_all(
+        b"POST /v1/ads HTTP/1.1\r\nHost: adserve\r\nContent-Type: application/json\r\n\
+          Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\n{\"use\r\nnot-a-size\r\n\r\n",
+    )
+    .await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), conn.read_to_end(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("body: could not be read"), "{answer}");
     Ok(())
 }
 

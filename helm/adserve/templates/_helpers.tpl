@@ -82,6 +82,25 @@ app.kubernetes.io/part-of: adserve
 {{- toYaml $res }}
 {{- end }}
 
+{{/* The Secret holding the PostgreSQL URL (key: adserve.postgresSecretKey):
+postgres.existingSecret, or the chart's own, made from postgres.url. */}}
+{{- define "adserve.postgresSecret" -}}
+{{- .Values.postgres.existingSecret | default (printf "%s-postgres" (include "adserve.fullname" .)) }}
+{{- end }}
+
+{{- define "adserve.postgresSecretKey" -}}
+{{- if .Values.postgres.existingSecret }}{{ .Values.postgres.existingSecretKey }}{{ else }}url{{ end }}
+{{- end }}
+
+{{/* The Secret holding static DynamoDB keys: dynamodb.existingSecret, the
+chart's own when dynamodb.accessKeyId is set, or empty (the SDK's default
+chain, e.g. IRSA, is not wired yet: static keys or none). */}}
+{{- define "adserve.dynamodbSecret" -}}
+{{- if .Values.dynamodb.existingSecret }}{{ .Values.dynamodb.existingSecret }}
+{{- else if .Values.dynamodb.accessKeyId }}{{ printf "%s-dynamodb" (include "adserve.fullname" .) }}
+{{- end }}
+{{- end }}
+
 {{/* [kafka] table (gateway, label-joiner). */}}
 {{- define "adserve.kafkaToml" -}}
 {{- $k := .root.Values.kafka -}}
@@ -163,11 +182,7 @@ otlp_endpoint = {{ $v.telemetry.otlpEndpoint | default "" | toJson }}
 {{- $d := $c.deadlines }}
 
 [postgres]
-{{- if $v.postgres.existingSecret }}
-# url: from Secret {{ $v.postgres.existingSecret }} (ADSERVE_POSTGRES__URL)
-{{- else }}
-url = {{ $v.postgres.url | toJson }}
-{{- end }}
+# url: from Secret {{ include "adserve.postgresSecret" .root }} (ADSERVE_POSTGRES__URL), never this file
 schema = {{ $v.postgres.schema | toJson }}
 max_connections = {{ int64 $v.postgres.maxConnections }}
 timeout = "{{ int64 $v.postgres.timeoutMs }}ms"
@@ -229,15 +244,8 @@ timeout = "{{ int64 $v.redis.timeoutMs }}ms"
 [dynamodb]
 endpoint = {{ $v.dynamodb.endpoint | default "" | toJson }}
 region = {{ $v.dynamodb.region | toJson }}
-{{- if $v.dynamodb.existingSecret }}
-# access_key_id / secret_access_key: from Secret {{ $v.dynamodb.existingSecret }}
-{{- else }}
-{{- with $v.dynamodb.accessKeyId }}
-access_key_id = {{ . | toJson }}
-{{- end }}
-{{- with $v.dynamodb.secretAccessKey }}
-secret_access_key = {{ . | toJson }}
-{{- end }}
+{{- with include "adserve.dynamodbSecret" .root }}
+# access_key_id / secret_access_key: from Secret {{ . }}, never this file
 {{- end }}
 timeout = "{{ int64 $v.dynamodb.timeoutMs }}ms"
 {{- else if eq .name "ranker" }}
@@ -280,11 +288,7 @@ max_in_flight = {{ int64 $c.shadow.maxInFlight }}
 {{ include "adserve.kafkaToml" . }}
 
 [registry.postgres]
-{{- if $v.postgres.existingSecret }}
-# url: from Secret {{ $v.postgres.existingSecret }} (ADSERVE_REGISTRY__POSTGRES__URL)
-{{- else }}
-url = {{ $v.postgres.url | toJson }}
-{{- end }}
+# url: from Secret {{ include "adserve.postgresSecret" .root }} (ADSERVE_REGISTRY__POSTGRES__URL), never this file
 schema = {{ $r.schema | toJson }}
 migrate = {{ $v.postgres.migrate }}
 {{- else if eq .name "label-joiner" }}

@@ -54,9 +54,20 @@ async fn healthz(State(state): State<HttpState>) -> axum::response::Response {
     }
 }
 
-/// Reads at most `limit` bytes of the body.
+/// Reads at most `limit` bytes of the body: more is 413; a body that cannot
+/// be read (the client broke off, a malformed chunk) is 400, not 413.
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ServeError> {
-    axum::body::to_bytes(body, limit).await.map_err(|_| ServeError::TooLarge(limit))
+    use futures::StreamExt as _;
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ServeError::InvalidArgument(format!("body: could not be read: {e}")))?;
+        if buf.len() + chunk.len() > limit {
+            return Err(ServeError::TooLarge(limit));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(buf))
 }
 
 /// Parses a JSON body; errors name the offending field path.
@@ -71,13 +82,17 @@ fn parse<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Result<T, Se
     if body.is_empty() {
         return Err(ServeError::InvalidArgument("body: a JSON object is required".into()));
     }
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let message = if path == "." { inner.to_string() } else { format!("{path}: {inner}") };
         ServeError::InvalidArgument(message)
-    })
+    })?;
+    // One JSON value, then only whitespace: `{...}garbage` or two objects
+    // back to back is a malformed request, not the first object.
+    de.end().map_err(|e| ServeError::InvalidArgument(format!("body: after the JSON value: {e}")))?;
+    Ok(value)
 }
 
 async fn get_ads(State(state): State<HttpState>, headers: HeaderMap, body: Body) -> impl IntoResponse {
@@ -104,4 +119,37 @@ async fn record_click(State(state): State<HttpState>, headers: HeaderMap, body: 
     };
     record(Api::Http, "clicks", &result);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Thing {
+        #[allow(dead_code)]
+        a: i32,
+    }
+
+    #[tokio::test]
+    async fn a_body_that_breaks_off_is_a_400_not_a_413() {
+        let chunks: Vec<Result<Bytes, std::io::Error>> =
+            vec![Ok(Bytes::from_static(b"{\"a\":")), Err(std::io::Error::other("connection reset"))];
+        let body = Body::from_stream(futures::stream::iter(chunks));
+        let err = read_body(body, 1024).await.unwrap_err();
+        assert!(matches!(&err, ServeError::InvalidArgument(m) if m.starts_with("body: could not be read")), "{err}");
+        let big = Body::from(vec![b' '; 2048]);
+        assert!(matches!(read_body(big, 1024).await.unwrap_err(), ServeError::TooLarge(1024)));
+        assert_eq!(read_body(Body::from("{}"), 2).await.unwrap(), Bytes::from_static(b"{}"));
+    }
+
+    #[test]
+    fn bytes_after_the_json_value_are_refused() {
+        let h = HeaderMap::new();
+        assert!(parse::<Thing>(&h, &Bytes::from_static(b" {\"a\": 1}\n ")).is_ok());
+        for bad in [&b"{\"a\": 1}x"[..], b"{\"a\": 1}{\"a\": 2}", b"{\"a\": 1} 7"] {
+            let err = parse::<Thing>(&h, &Bytes::copy_from_slice(bad)).unwrap_err();
+            assert!(err.to_string().starts_with("body: after the JSON value"), "{err}");
+        }
+    }
 }
