@@ -193,6 +193,68 @@ async fn corrupt_stored_feature_values_are_served_as_defaults_and_counted() -> a
     Ok(())
 }
 
+#[tokio::test]
+async fn an_updated_ad_row_reaches_the_in_process_table_within_seconds() -> anyhow::Result<()> {
+    // The feature-service serves ad batch features from memory; a write
+    // bumps the table's version and the next refresh swaps the copy. A new
+    // ad is served at once (looked up in DynamoDB until the reload).
+    use adserve_proto::v1::{GetFeaturesRequest, RequestContext, feature_service_client::FeatureServiceClient};
+    let s = Stack::ready().await?;
+    let registry = adserve_features::registry();
+    let ad = 9_200_000_000 + (uuid::Uuid::new_v4().as_u128() as i64 & 0x7fff_ffff);
+    let batch = s.batch_store();
+    let before = batch.ad_version().await?;
+    batch.put_ads(&[(ad, [("ctr_7d".to_string(), 0.011)].into())]).await?;
+    assert!(batch.ad_version().await? > before, "a write bumps the version");
+    let mut c = FeatureServiceClient::connect(s.features.clone()).await?;
+    let ctx = RequestContext { placement: "feed_top".into(), device: "mobile".into(), ..Default::default() };
+    let col = registry.index_of("ad_ctr_7d").expect("ad_ctr_7d");
+    let ask = |c: &mut FeatureServiceClient<tonic::transport::Channel>| {
+        let req = GetFeaturesRequest { user_id: "u".into(), ad_ids: vec![ad], context: Some(ctx.clone()) };
+        let mut c = c.clone();
+        async move { anyhow::Ok(c.get_features(req).await?.into_inner().matrix.expect("matrix").values[col]) }
+    };
+    assert_eq!(ask(&mut c).await?, 0.011, "a new ad is served at once");
+    // Wait until the service's copy holds the write (its version gauge), so
+    // the update below can only reach the answer through a reload.
+    let written = batch.ad_version().await?;
+    let metrics = s.metrics.iter().find(|(n, _)| n == "feature-service").map(|(_, a)| a.clone()).expect("address");
+    let version = || async {
+        let text = adserve_integration_tests::http_client()
+            .get(format!("http://{metrics}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        anyhow::Ok(
+            text.lines()
+                .find_map(|l| l.strip_prefix("adserve_feature_ad_table_version "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(-1.0),
+        )
+    };
+    let mut loaded = false;
+    for _ in 0..100 {
+        if version().await? >= written as f64 {
+            loaded = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(loaded, "the table reloaded to version {written} within 10 s");
+    batch.put_ads(&[(ad, [("ctr_7d".to_string(), 0.022)].into())]).await?;
+    let mut seen = 0.0;
+    for _ in 0..100 {
+        seen = ask(&mut c).await?;
+        if seen == 0.022 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, 0.022, "the update is served after the refresh (ad_table.refresh = 1 s)");
+    Ok(())
+}
+
 /// A gateway in this process, on a random port, wired as `tweak` says.
 async fn gateway(s: &Stack, tweak: impl FnOnce(&mut GatewayConfig)) -> anyhow::Result<String> {
     Ok(format!("{}/v1/ads", s.in_process_gateway(tweak).await?))

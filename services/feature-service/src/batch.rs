@@ -20,6 +20,10 @@ use crate::config::DynamoConfig;
 pub const USER_KEY: &str = "user_id";
 /// Partition key of the ad table.
 pub const AD_KEY: &str = "ad_id";
+/// Key of the ad table's version item, bumped by every ad write.
+pub const AD_VERSION_ID: &str = "__version__";
+/// Its numeric attribute.
+const AD_VERSION_ATTR: &str = "version";
 /// DynamoDB's BatchGetItem limit.
 const BATCH_GET_LIMIT: usize = 100;
 
@@ -217,11 +221,78 @@ impl BatchStore {
         self.put(&self.user_table, USER_KEY, rows).await
     }
 
-    /// Writes ad feature rows (`ad_id -> attribute -> value`).
+    /// Writes ad feature rows (`ad_id -> attribute -> value`), then bumps the
+    /// table's version item, so every feature-service reloads its in-process
+    /// copy ([`crate::AdTable`]). Writers that bypass this must bump it too
+    /// ([`BatchStore::bump_ad_version`]) or wait for `ad_table.max_age`.
     pub async fn put_ads(&self, rows: &[(i64, HashMap<String, f32>)]) -> Result<(), BatchError> {
         let rows: Vec<(String, HashMap<String, f32>)> =
             rows.iter().map(|(id, m)| (id.to_string(), m.clone())).collect();
-        self.put(&self.ad_table, AD_KEY, &rows).await
+        self.put(&self.ad_table, AD_KEY, &rows).await?;
+        self.bump_ad_version().await
+    }
+
+    /// Adds one to the ad table's version item (`ad_id = "__version__"`).
+    pub async fn bump_ad_version(&self) -> Result<(), BatchError> {
+        self.client
+            .update_item()
+            .table_name(&self.ad_table)
+            .key(AD_KEY, AttributeValue::S(AD_VERSION_ID.into()))
+            .update_expression("ADD #v :one")
+            .expression_attribute_names("#v", AD_VERSION_ATTR)
+            .expression_attribute_values(":one", AttributeValue::N("1".into()))
+            .send()
+            .await
+            .map_err(err("UpdateItem"))?;
+        Ok(())
+    }
+
+    /// The ad table's version item (0 when it does not exist yet).
+    pub async fn ad_version(&self) -> Result<i64, BatchError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.ad_table)
+            .key(AD_KEY, AttributeValue::S(AD_VERSION_ID.into()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(err("GetItem"))?;
+        Ok(out
+            .item()
+            .and_then(|i| i.get(AD_VERSION_ATTR))
+            .and_then(|v| v.as_n().ok())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// Every ad row of the table (a full Scan, page by page; the version
+    /// item and rows whose id is not a number are skipped).
+    pub async fn scan_ads(&self) -> Result<HashMap<i64, HashMap<String, f32>>, BatchError> {
+        let mut out = HashMap::new();
+        let mut start = None;
+        loop {
+            let resp = self
+                .client
+                .scan()
+                .table_name(&self.ad_table)
+                // Consistent: the copy is labelled with the version read
+                // before it, so it must hold every write before that bump.
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(err("Scan"))?;
+            for item in resp.items() {
+                if let Some(id) = item.get(AD_KEY).and_then(|v| v.as_s().ok()).and_then(|s| s.parse::<i64>().ok()) {
+                    out.insert(id, numbers(item, &self.ad_attrs));
+                }
+            }
+            match resp.last_evaluated_key() {
+                Some(k) if !k.is_empty() => start = Some(k.clone()),
+                _ => return Ok(out),
+            }
+        }
     }
 
     async fn put(&self, table: &str, key: &str, rows: &[(String, HashMap<String, f32>)]) -> Result<(), BatchError> {
@@ -289,8 +360,6 @@ async fn retry_after(backoff: &mut backon::ExponentialBackoff, op: &'static str)
     }
 }
 
-/// Numeric attributes named in `wanted`; non-numeric values are skipped (and
-/// so take the registry default).
 /// The wanted attributes an item holds. One that is present but not a
 /// finite number (another type, an unparsable or overflowing N) comes back
 /// as NaN, so assembly serves the default and counts it as invalid rather

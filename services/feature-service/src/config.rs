@@ -19,6 +19,30 @@ pub struct FeatureServiceConfig {
     pub dynamodb: DynamoConfig,
     /// Most candidate ads accepted per request.
     pub max_ads: usize,
+    /// The in-process copy of the batch tier's ad rows.
+    pub ad_table: AdTableConfig,
+}
+
+/// The in-process ad-feature table ([`crate::AdTable`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdTableConfig {
+    /// Serve ad batch features from memory (false: a DynamoDB read per
+    /// request, as before).
+    pub enabled: bool,
+    /// How often the table's version item is read (one GetItem).
+    #[serde(with = "humantime_serde")]
+    pub refresh: Duration,
+    /// Reload at least this often even if the version did not move (a
+    /// writer that forgot to bump it).
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for AdTableConfig {
+    fn default() -> Self {
+        Self { enabled: true, refresh: Duration::from_secs(1), max_age: Duration::from_secs(300) }
+    }
 }
 
 /// Redis connection: one definition, shared with the gateway's counters.
@@ -63,6 +87,7 @@ impl Default for FeatureServiceConfig {
             redis: RedisConfig::default(),
             dynamodb: DynamoConfig::default(),
             max_ads: adserve_proto::limits::MAX_CANDIDATES,
+            ad_table: AdTableConfig::default(),
         }
     }
 }
@@ -82,6 +107,13 @@ impl Validate for FeatureServiceConfig {
             ));
         }
         check_range("max_ads", self.max_ads, 1..=100_000)?;
+        check_duration(
+            "ad_table.refresh",
+            self.ad_table.refresh,
+            Duration::from_millis(10),
+            Duration::from_secs(3600),
+        )?;
+        check_duration("ad_table.max_age", self.ad_table.max_age, self.ad_table.refresh, Duration::from_secs(86_400))?;
         Ok(())
     }
 }

@@ -6,11 +6,13 @@
 //! most that deadline: its features take registry defaults and the response
 //! names the degradation. COPPA requests never read personal features.
 
+pub mod ad_table;
 pub mod batch;
 pub mod config;
 pub mod realtime;
 pub mod service;
 
+pub use ad_table::AdTable;
 pub use adserve_features::{SourceValues, assemble};
 pub use batch::{AdLookup, BatchStore};
 pub use config::FeatureServiceConfig;

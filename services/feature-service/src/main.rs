@@ -1,5 +1,5 @@
 //! adserve-feature-service: config -> telemetry -> connect stores -> serve.
-use adserve_feature_service::{BatchStore, FeatureGrpc, FeatureServiceConfig, RealtimeStore};
+use adserve_feature_service::{AdTable, BatchStore, FeatureGrpc, FeatureServiceConfig, RealtimeStore};
 use adserve_proto::service_names;
 use tonic::service::Routes;
 
@@ -19,8 +19,19 @@ async fn main() -> anyhow::Result<()> {
         tracing::warn!(error = %e, "cannot ensure DynamoDB tables yet");
     }
     let realtime = RealtimeStore::connect(&config.redis, registry).await?;
-    let service =
-        FeatureGrpc::new(registry, batch, realtime, config.dynamodb.timeout, config.redis.timeout, config.max_ads);
+    let mut service = FeatureGrpc::new(
+        registry,
+        batch.clone(),
+        realtime,
+        config.dynamodb.timeout,
+        config.redis.timeout,
+        config.max_ads,
+    );
+    if config.ad_table.enabled {
+        let table = AdTable::new();
+        tokio::spawn(table.clone().refresh(batch, config.ad_table.refresh, config.ad_table.max_age));
+        service = service.with_ad_table(table);
+    }
     let routes = Routes::new(service.into_server());
     adserve_core::grpc::serve(listener, routes, &[service_names::FEATURE_SERVICE], &lifecycle).await?;
     Ok(())

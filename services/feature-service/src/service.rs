@@ -16,7 +16,7 @@ use adserve_proto::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::{BatchStore, RealtimeStore, SourceValues, assemble};
+use crate::{AdTable, BatchStore, RealtimeStore, SourceValues, assemble};
 
 /// Serves `adserve.v1.FeatureService`.
 #[derive(Debug, Clone)]
@@ -32,6 +32,8 @@ struct Inner {
     batch_deadline: Duration,
     realtime_deadline: Duration,
     max_ads: usize,
+    /// In-process ad rows of the batch tier (None: every request reads DynamoDB).
+    ad_table: Option<AdTable>,
 }
 
 impl FeatureGrpc {
@@ -44,7 +46,26 @@ impl FeatureGrpc {
         realtime_deadline: Duration,
         max_ads: usize,
     ) -> Self {
-        Self { inner: Arc::new(Inner { registry, batch, realtime, batch_deadline, realtime_deadline, max_ads }) }
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                batch,
+                realtime,
+                batch_deadline,
+                realtime_deadline,
+                max_ads,
+                ad_table: None,
+            }),
+        }
+    }
+
+    /// Serves ad batch features from `table`; only the ads it does not hold
+    /// are read from DynamoDB.
+    pub fn with_ad_table(mut self, table: AdTable) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.ad_table = Some(table);
+        }
+        self
     }
 
     /// The tonic server for this service.
@@ -116,7 +137,25 @@ impl FeatureService for FeatureGrpc {
         let user_batch =
             async { if user_id.is_empty() { Ok(Default::default()) } else { s.batch.user(user_id).await } };
         let asked = req.ad_ids.len();
-        let ad_batch = async { s.batch.ads(&req.ad_ids).await.into_result(asked) };
+        // Ad rows from the in-process table; DynamoDB only for the ads it
+        // does not hold (all of them without a table).
+        let table = s.ad_table.as_ref().map(|t| t.lookup(&req.ad_ids)).unwrap_or_default();
+        let misses: &[i64] = if s.ad_table.is_some() { &table.misses } else { &req.ad_ids };
+        if s.ad_table.is_some() {
+            metrics::counter!("adserve_feature_ad_table_misses_total").increment(misses.len() as u64);
+        }
+        let ad_batch = async {
+            if misses.is_empty() {
+                return Ok(crate::AdLookup::default());
+            }
+            let lookup = s.batch.ads(misses).await;
+            if lookup.error.is_none()
+                && let Some(t) = &s.ad_table
+            {
+                t.remember_absent(misses, &lookup.values);
+            }
+            lookup.into_result(misses.len())
+        };
         let (user_batch, ad_lookup, (user_realtime, ad_realtime)) = tokio::join!(
             within(degraded::DYNAMODB, s.batch_deadline, user_batch, &degraded),
             within(degraded::DYNAMODB, s.batch_deadline, ad_batch, &degraded),
@@ -136,7 +175,9 @@ impl FeatureService for FeatureGrpc {
                 d.push(Degradation { component: degraded::DYNAMODB.into(), reason });
             }
         }
-        let values = SourceValues { user_batch, ad_batch: ad_lookup.values, user_realtime, ad_realtime };
+        let mut ad_batch = table.found;
+        ad_batch.extend(ad_lookup.values);
+        let values = SourceValues { user_batch, ad_batch, user_realtime, ad_realtime };
         let assembled = assemble(s.registry, &req.ad_ids, &ctx, &values);
         for (f, n) in s.registry.features.iter().zip(&assembled.invalid) {
             if *n > 0 {

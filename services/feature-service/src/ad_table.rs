@@ -1,0 +1,203 @@
+//! The in-process ad-feature table: the batch tier's ad rows, held in memory
+//! and swapped whole when the table's version item changes.
+//!
+//! Ads change far less often than they are scored, so a request must not
+//! pay a DynamoDB round trip per ad. A background task ([`AdTable::refresh`])
+//! reads the version item every `refresh` (one consistent GetItem), and
+//! re-reads the table (a Scan) when it moved or the copy is older than
+//! `max_age`; requests read the current copy through an `ArcSwap`, so a
+//! reload never blocks or tears a request. Writers bump the version after
+//! writing (`BatchStore::put_ads`).
+//!
+//! An ad the copy does not hold (created since the last reload, or the copy
+//! not loaded yet) is looked up in DynamoDB for that request, only that ad;
+//! an id DynamoDB does not know is remembered as absent until the next
+//! reload, so unknown ids cost one lookup per reload, not one per request.
+//! When DynamoDB fails, the last good copy keeps serving.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+
+use crate::BatchStore;
+
+/// Most ids remembered as absent per copy (a flood of garbage ids clears it).
+const MAX_ABSENT: usize = 100_000;
+
+/// One loaded copy of the ad table.
+#[derive(Debug, Default)]
+struct Snapshot {
+    /// The version item when the copy was read (`None`: nothing loaded yet).
+    version: Option<i64>,
+    rows: HashMap<i64, HashMap<String, f32>>,
+    loaded_at: Option<Instant>,
+    /// Ids DynamoDB answered "no such item" for since this copy was read.
+    absent: Mutex<HashSet<i64>>,
+}
+
+/// What the table holds for one request's ads.
+#[derive(Debug, Default)]
+pub struct TableLookup {
+    /// Rows of the ads the copy holds.
+    pub found: HashMap<i64, HashMap<String, f32>>,
+    /// Ads to look up in DynamoDB (neither in the copy nor known absent).
+    pub misses: Vec<i64>,
+}
+
+/// The shared, swappable copy.
+#[derive(Debug, Clone, Default)]
+pub struct AdTable {
+    current: Arc<ArcSwap<Snapshot>>,
+}
+
+impl AdTable {
+    /// An empty table: every ad is a miss until the first load.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The copy's rows for `ad_ids`, and the ids it cannot answer for.
+    pub fn lookup(&self, ad_ids: &[i64]) -> TableLookup {
+        let snap = self.current.load();
+        let absent = snap.absent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out = TableLookup { found: HashMap::with_capacity(ad_ids.len()), misses: Vec::new() };
+        for id in ad_ids {
+            match snap.rows.get(id) {
+                Some(row) => {
+                    out.found.insert(*id, row.clone());
+                }
+                None if absent.contains(id) => {}
+                None => out.misses.push(*id),
+            }
+        }
+        out
+    }
+
+    /// Ids DynamoDB answered for (`looked_up`) without a row in `found`:
+    /// absent until the next reload.
+    pub fn remember_absent(&self, looked_up: &[i64], found: &HashMap<i64, HashMap<String, f32>>) {
+        let snap = self.current.load();
+        let mut absent = snap.absent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if absent.len() > MAX_ABSENT {
+            absent.clear();
+        }
+        absent.extend(looked_up.iter().filter(|id| !found.contains_key(id)));
+    }
+
+    /// Replaces the copy.
+    pub fn swap(&self, version: i64, rows: HashMap<i64, HashMap<String, f32>>) {
+        metrics::gauge!("adserve_feature_ad_table_rows").set(rows.len() as f64);
+        metrics::gauge!("adserve_feature_ad_table_version").set(version as f64);
+        self.current.store(Arc::new(Snapshot {
+            version: Some(version),
+            rows,
+            loaded_at: Some(Instant::now()),
+            absent: Mutex::new(HashSet::new()),
+        }));
+    }
+
+    /// The loaded copy's version, if any.
+    pub fn version(&self) -> Option<i64> {
+        self.current.load().version
+    }
+
+    /// Rows in the copy.
+    pub fn len(&self) -> usize {
+        self.current.load().rows.len()
+    }
+
+    /// Whether the copy holds no row.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// One refresh step: reloads when the version item moved, nothing is
+    /// loaded yet, or the copy is older than `max_age`. Returns whether it
+    /// reloaded. On error the current copy stays.
+    pub async fn refresh_once(&self, store: &BatchStore, max_age: Duration) -> Result<bool, crate::batch::BatchError> {
+        let version = store.ad_version().await?;
+        let snap = self.current.load();
+        let stale = snap.loaded_at.is_none_or(|t| t.elapsed() >= max_age);
+        if snap.version == Some(version) && !stale {
+            return Ok(false);
+        }
+        // Read the version before the rows: a write during the scan bumps it
+        // again afterwards, and the next step reloads.
+        let started = Instant::now();
+        let rows = store.scan_ads().await?;
+        tracing::info!(
+            version,
+            rows = rows.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "ad feature table loaded"
+        );
+        metrics::histogram!("adserve_feature_ad_table_load_seconds").record(started.elapsed().as_secs_f64());
+        self.swap(version, rows);
+        Ok(true)
+    }
+
+    /// Runs [`AdTable::refresh_once`] every `every` until the process ends;
+    /// failures are logged and counted, and the last good copy serves.
+    pub async fn refresh(self, store: BatchStore, every: Duration, max_age: Duration) {
+        loop {
+            match self.refresh_once(&store, max_age).await {
+                Ok(true) => metrics::counter!("adserve_feature_ad_table_reloads_total", "result" => "ok").increment(1),
+                Ok(false) => {}
+                Err(e) => {
+                    metrics::counter!("adserve_feature_ad_table_reloads_total", "result" => "error").increment(1);
+                    tracing::warn!(error = %e, rows = self.len(), "ad feature table not refreshed; the last copy serves");
+                }
+            }
+            if let Some(t) = self.current.load().loaded_at {
+                metrics::gauge!("adserve_feature_ad_table_age_seconds").set(t.elapsed().as_secs_f64());
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(v: f32) -> HashMap<String, f32> {
+        HashMap::from([("ctr_7d".to_string(), v)])
+    }
+
+    #[test]
+    fn before_the_first_load_every_ad_is_a_miss() {
+        let t = AdTable::new();
+        let l = t.lookup(&[1, 2]);
+        assert!(l.found.is_empty());
+        assert_eq!(l.misses, [1, 2]);
+        assert_eq!(t.version(), None);
+    }
+
+    #[test]
+    fn loaded_ads_are_served_from_memory_and_only_the_others_are_misses() {
+        let t = AdTable::new();
+        t.swap(3, HashMap::from([(1, row(0.1)), (2, row(0.2))]));
+        let l = t.lookup(&[2, 7, 1]);
+        assert_eq!(l.found[&1]["ctr_7d"], 0.1);
+        assert_eq!(l.found[&2]["ctr_7d"], 0.2);
+        assert_eq!(l.misses, [7]);
+        assert_eq!((t.version(), t.len()), (Some(3), 2));
+    }
+
+    #[test]
+    fn ids_dynamodb_does_not_know_are_not_looked_up_again_until_the_next_reload() {
+        let t = AdTable::new();
+        t.swap(1, HashMap::new());
+        // 7 was found (a new ad since the load), 8 is unknown.
+        t.remember_absent(&[7, 8], &HashMap::from([(7, row(0.3))]));
+        assert_eq!(t.lookup(&[7, 8]).misses, [7], "the new ad is asked again; the unknown one is not");
+        t.swap(2, HashMap::from([(7, row(0.3))]));
+        let l = t.lookup(&[7, 8]);
+        assert_eq!(l.misses, [8], "a reload forgets what was absent");
+        assert!(l.found.contains_key(&7));
+    }
+}
