@@ -160,6 +160,13 @@ def test_no_credential_is_ever_written_into_a_configmap() -> None:
     assert "kind: Secret" not in render(SECRETS).get("adserve/templates/secret.yaml", "")
 
 
+def test_grpc_reflection_is_off_unless_asked_for() -> None:
+    for svc, text in configs(render(None)).items():
+        assert tomllib.loads(text)["server"]["reflection"] is False, svc
+    for svc, text in configs(render({"grpcReflection": True})).items():
+        assert tomllib.loads(text)["server"]["reflection"] is True, svc
+
+
 def test_topics_are_replicated_by_default() -> None:
     rendered = configs(render(None))
     for svc in ("gateway", "label-joiner"):

@@ -157,6 +157,10 @@ pub struct ServerConfig {
     /// shorter gRPC deadline is honoured).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Serve gRPC server reflection (v1), for `grpcurl list` and friends.
+    /// On for the local stack; the Helm chart turns it off (it hands anyone
+    /// who can reach the port the whole API surface).
+    pub reflection: bool,
 }
 
 impl ServerConfig {
@@ -169,6 +173,7 @@ impl ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             max_concurrent_requests: 1024,
             request_timeout: Duration::from_secs(30),
+            reflection: true,
         }
     }
 

@@ -38,12 +38,15 @@ pub async fn serve(
             }
         }
     });
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(adserve_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("the compiled-in descriptor sets are valid");
-    let routes = routes.add_service(health_service).add_service(reflection);
+    let mut routes = routes.add_service(health_service);
+    if lifecycle.reflection {
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(adserve_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .expect("the compiled-in descriptor sets are valid");
+        routes = routes.add_service(reflection);
+    }
 
     // Accepted sockets get TCP_NODELAY and keep-alive from `net`: the builder's
     // own tcp_nodelay applies only to sockets tonic binds itself.
@@ -113,6 +116,43 @@ mod tests {
         assert_eq!(caller_timeout(request.metadata()), Some(Duration::from_millis(250)));
     }
     use crate::net::tests::wait_server_side_nodelay;
+
+    /// Whether a server started with `server.reflection = enabled` answers a
+    /// reflection ListServices call (false: UNIMPLEMENTED).
+    async fn reflection_answers(enabled: bool) -> bool {
+        use tonic_reflection::pb::v1::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = crate::ServerConfig { reflection: enabled, ..crate::ServerConfig::default() };
+        let lifecycle = Lifecycle::new(&config, crate::Shutdown::default());
+        let shutdown = lifecycle.shutdown.clone();
+        tokio::spawn(async move { serve(listener, Routes::default(), &[], &lifecycle).await });
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let answered =
+            match ServerReflectionClient::new(channel).server_reflection_info(futures::stream::iter([request])).await {
+                Ok(stream) => stream.into_inner().message().await.unwrap().is_some(),
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status}");
+                    false
+                }
+            };
+        shutdown.trigger();
+        answered
+    }
+
+    #[tokio::test]
+    async fn reflection_is_served_only_when_configured() {
+        assert!(reflection_answers(true).await);
+        assert!(!reflection_answers(false).await);
+    }
 
     #[tokio::test]
     async fn served_grpc_connections_have_nodelay() {

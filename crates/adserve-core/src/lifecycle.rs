@@ -25,6 +25,8 @@ pub struct Lifecycle {
     pub max_concurrent_requests: usize,
     /// Longest any request may run (`server.request_timeout`).
     pub request_timeout: Duration,
+    /// Serve gRPC reflection (`server.reflection`).
+    pub reflection: bool,
 }
 
 impl Lifecycle {
@@ -37,6 +39,7 @@ impl Lifecycle {
             grace: server.shutdown_grace,
             max_concurrent_requests: server.max_concurrent_requests,
             request_timeout: server.request_timeout,
+            reflection: server.reflection,
         }
     }
 

@@ -172,6 +172,7 @@ grpc_addr = {{ printf "0.0.0.0:%d" (int .svc.ports.grpc) | toJson }}
 metrics_addr = {{ printf "0.0.0.0:%d" (int .svc.ports.metrics) | toJson }}
 readiness_drain = "{{ int64 $v.readinessDrainMs }}ms"
 shutdown_grace = "{{ int64 $v.shutdownGraceMs }}ms"
+reflection = {{ $v.grpcReflection }}
 
 [telemetry]
 log_filter = {{ $v.telemetry.logFilter | toJson }}
