@@ -157,7 +157,11 @@ impl Stack {
         server.wait_for_counters(Duration::from_secs(1)).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let router = adserve_gateway::http::router(server, config.max_body_bytes, adserve_core::Readiness::new());
+        let router = adserve_gateway::http::router(
+            server,
+            adserve_gateway::http::BodyLimits::of(&config),
+            adserve_core::Readiness::new(),
+        );
         tokio::spawn(async move { axum::serve(listener, router).await });
         Ok(format!("http://{addr}"))
     }

@@ -102,6 +102,30 @@ async fn a_malformed_chunked_body_is_a_400_not_a_413() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_client_that_stalls_mid_body_gets_408_after_the_body_timeout() -> anyhow::Result<()> {
+    // Content-Length promises 100 bytes, 10 arrive, then nothing: the
+    // gateway answers 408 after `body_timeout` (2 s) instead of holding the
+    // connection until the request timeout (30 s) or forever.
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let s = Stack::ready().await?;
+    let addr = s.http.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await?;
+    conn.write_all(
+        b"POST /v1/ads HTTP/1.1\r\nHost: adserve\r\nContent-Type: application/json\r\n\
+          Content-Length: 100\r\n\r\n{\"user_id\"",
+    )
+    .await?;
+    let started = std::time::Instant::now();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(20), conn.read(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout") && answer.contains("body: not received within"), "{answer}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    Ok(())
+}
+
+#[tokio::test]
 async fn oversized_body_is_rejected_with_413() -> anyhow::Result<()> {
     let s = Stack::ready().await?;
     let body = json!({"user_id": "x".repeat(100_000), "context": {"placement": "p", "device": "mobile"}, "slots": 1});
@@ -357,7 +381,7 @@ async fn a_fatal_kafka_producer_makes_the_gateway_unready_until_it_is_replaced()
     let server = AdServer::new(config.clone(), Catalog::connect_lazy(&config.postgres)?, events.clone())?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
-    let router = http::router(server, config.max_body_bytes, readiness);
+    let router = http::router(server, http::BodyLimits::of(&config), readiness);
     tokio::spawn(async move { axum::serve(listener, router).await });
     let ads = format!("{base}/v1/ads");
     assert_eq!(answer(&ads, &good()).await?.0, 200);

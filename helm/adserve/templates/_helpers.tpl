@@ -129,6 +129,7 @@ frequency_cap_per_day = {{ int64 $c.frequencyCapPerDay }}
 click_window = "{{ int64 $c.clickWindowMs }}ms"
 fallback_pctr_feature = {{ $c.fallbackPctrFeature | toJson }}
 max_body_bytes = {{ int64 $c.maxBodyBytes }}
+body_timeout = "{{ int64 $c.bodyTimeoutMs }}ms"
 {{- else if eq .name "feature-service" }}
 max_ads = {{ int64 $c.maxAds }}
 {{- else if eq .name "ranker" }}

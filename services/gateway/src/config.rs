@@ -47,6 +47,10 @@ pub struct GatewayConfig {
     pub fallback_pctr_feature: String,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Longest a client may take to send a request body once its headers
+    /// arrived; a slower (trickling or stalled) client gets 408.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
 }
 
 /// The auction's rules (adserve_auction::Rules, less the per-request slots and seed).
@@ -242,6 +246,7 @@ impl Default for GatewayConfig {
             click_window: adserve_features::registry().label.window(),
             fallback_pctr_feature: adserve_features::prior::DEFAULT_PRIOR_FEATURE.into(),
             max_body_bytes: 16 * 1024,
+            body_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -298,6 +303,7 @@ impl Validate for GatewayConfig {
             ));
         }
         check_range("max_body_bytes", self.max_body_bytes, 256..=64 * 1024 * 1024)?;
+        check_duration("body_timeout", self.body_timeout, Duration::from_millis(10), Duration::from_secs(300))?;
         Ok(())
     }
 }

@@ -16,6 +16,9 @@ pub enum ServeError {
     /// The request body is larger than `max_body_bytes`.
     #[error("body: larger than the {0}-byte limit")]
     TooLarge(usize),
+    /// The client did not send the whole body within `body_timeout`.
+    #[error("body: not received within {} ms", .0.as_millis())]
+    BodyTimeout(std::time::Duration),
 }
 
 impl From<adserve_features::request::FieldError> for ServeError {
@@ -33,13 +36,16 @@ pub enum Outcome {
     InvalidArgument,
     /// Refused: body over the limit.
     PayloadTooLarge,
+    /// Refused: the body was not received in time (a slow or stalled client).
+    RequestTimeout,
     /// Failed: a required dependency is down.
     Unavailable,
 }
 
 impl Outcome {
     /// Every outcome.
-    pub const ALL: [Outcome; 4] = [Self::Ok, Self::InvalidArgument, Self::PayloadTooLarge, Self::Unavailable];
+    pub const ALL: [Outcome; 5] =
+        [Self::Ok, Self::InvalidArgument, Self::PayloadTooLarge, Self::RequestTimeout, Self::Unavailable];
 
     /// The `status` label of `adserve_gateway_requests_total`, and the
     /// `error.code` of a JSON error body.
@@ -48,6 +54,7 @@ impl Outcome {
             Self::Ok => "ok",
             Self::InvalidArgument => "invalid_argument",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::RequestTimeout => "request_timeout",
             Self::Unavailable => "unavailable",
         }
     }
@@ -58,6 +65,7 @@ impl Outcome {
             Self::Ok => StatusCode::OK,
             Self::InvalidArgument => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -67,6 +75,7 @@ impl Outcome {
         match self {
             Self::Ok => tonic::Code::Ok,
             Self::InvalidArgument | Self::PayloadTooLarge => tonic::Code::InvalidArgument,
+            Self::RequestTimeout => tonic::Code::DeadlineExceeded,
             Self::Unavailable => tonic::Code::Unavailable,
         }
     }
@@ -79,6 +88,7 @@ impl ServeError {
             Self::InvalidArgument(_) => Outcome::InvalidArgument,
             Self::Unavailable(_) => Outcome::Unavailable,
             Self::TooLarge(_) => Outcome::PayloadTooLarge,
+            Self::BodyTimeout(_) => Outcome::RequestTimeout,
         }
     }
 }

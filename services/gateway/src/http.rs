@@ -22,8 +22,8 @@ use crate::{
 };
 
 /// The HTTP router.
-pub fn router(server: AdServer, max_body_bytes: usize, readiness: Readiness) -> Router {
-    let state = HttpState { server, max_body_bytes, readiness };
+pub fn router(server: AdServer, body: BodyLimits, readiness: Readiness) -> Router {
+    let state = HttpState { server, body, readiness };
     Router::new()
         .route("/v1/ads", post(get_ads))
         .route("/v1/clicks", post(record_click))
@@ -38,7 +38,7 @@ pub fn router(server: AdServer, max_body_bytes: usize, readiness: Readiness) -> 
 #[derive(Clone)]
 struct HttpState {
     server: AdServer,
-    max_body_bytes: usize,
+    body: BodyLimits,
     readiness: Readiness,
 }
 
@@ -54,20 +54,41 @@ async fn healthz(State(state): State<HttpState>) -> axum::response::Response {
     }
 }
 
-/// Reads at most `limit` bytes of the body: more is 413; a body that cannot
-/// be read (the client broke off, a malformed chunk) is 400, not 413.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ServeError> {
-    use futures::StreamExt as _;
-    let mut stream = body.into_data_stream();
-    let mut buf = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ServeError::InvalidArgument(format!("body: could not be read: {e}")))?;
-        if buf.len() + chunk.len() > limit {
-            return Err(ServeError::TooLarge(limit));
-        }
-        buf.extend_from_slice(&chunk);
+/// How much body a request may send, and how fast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyLimits {
+    /// Largest body (`max_body_bytes`); more is 413.
+    pub max_bytes: usize,
+    /// Longest the whole body may take to arrive (`body_timeout`); slower is 408.
+    pub timeout: std::time::Duration,
+}
+
+impl BodyLimits {
+    /// The limits `config` sets.
+    pub fn of(config: &crate::GatewayConfig) -> Self {
+        Self { max_bytes: config.max_body_bytes, timeout: config.body_timeout }
     }
-    Ok(Bytes::from(buf))
+}
+
+/// Reads the body within `limits`: more than `max_bytes` is 413; a body that
+/// has not arrived within `timeout` (a trickling or stalled client holding a
+/// connection) is 408; a body that cannot be read (the client broke off, a
+/// malformed chunk) is 400, not 413.
+async fn read_body(body: Body, limits: BodyLimits) -> Result<Bytes, ServeError> {
+    use futures::StreamExt as _;
+    let read = async {
+        let mut stream = body.into_data_stream();
+        let mut buf = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ServeError::InvalidArgument(format!("body: could not be read: {e}")))?;
+            if buf.len() + chunk.len() > limits.max_bytes {
+                return Err(ServeError::TooLarge(limits.max_bytes));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(buf))
+    };
+    tokio::time::timeout(limits.timeout, read).await.map_err(|_| ServeError::BodyTimeout(limits.timeout))?
 }
 
 /// Parses a JSON body; errors name the offending field path.
@@ -96,7 +117,7 @@ fn parse<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Result<T, Se
 }
 
 async fn get_ads(State(state): State<HttpState>, headers: HeaderMap, body: Body) -> impl IntoResponse {
-    let parsed = match read_body(body, state.max_body_bytes).await {
+    let parsed = match read_body(body, state.body).await {
         Ok(bytes) => parse(&headers, &bytes),
         Err(e) => Err(e),
     };
@@ -109,7 +130,7 @@ async fn get_ads(State(state): State<HttpState>, headers: HeaderMap, body: Body)
 }
 
 async fn record_click(State(state): State<HttpState>, headers: HeaderMap, body: Body) -> impl IntoResponse {
-    let parsed = match read_body(body, state.max_body_bytes).await {
+    let parsed = match read_body(body, state.body).await {
         Ok(bytes) => parse(&headers, &bytes),
         Err(e) => Err(e),
     };
@@ -124,6 +145,7 @@ async fn record_click(State(state): State<HttpState>, headers: HeaderMap, body: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt as _;
 
     #[derive(Debug, serde::Deserialize)]
     struct Thing {
@@ -136,11 +158,26 @@ mod tests {
         let chunks: Vec<Result<Bytes, std::io::Error>> =
             vec![Ok(Bytes::from_static(b"{\"a\":")), Err(std::io::Error::other("connection reset"))];
         let body = Body::from_stream(futures::stream::iter(chunks));
-        let err = read_body(body, 1024).await.unwrap_err();
+        let err = read_body(body, limits(1024)).await.unwrap_err();
         assert!(matches!(&err, ServeError::InvalidArgument(m) if m.starts_with("body: could not be read")), "{err}");
         let big = Body::from(vec![b' '; 2048]);
-        assert!(matches!(read_body(big, 1024).await.unwrap_err(), ServeError::TooLarge(1024)));
-        assert_eq!(read_body(Body::from("{}"), 2).await.unwrap(), Bytes::from_static(b"{}"));
+        assert!(matches!(read_body(big, limits(1024)).await.unwrap_err(), ServeError::TooLarge(1024)));
+        assert_eq!(read_body(Body::from("{}"), limits(2)).await.unwrap(), Bytes::from_static(b"{}"));
+    }
+
+    fn limits(max_bytes: usize) -> BodyLimits {
+        BodyLimits { max_bytes, timeout: std::time::Duration::from_secs(5) }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stalls_is_a_408_after_the_body_timeout() {
+        let first: Vec<Result<Bytes, std::io::Error>> = vec![Ok(Bytes::from_static(b"{\"a\":"))];
+        let stalled = futures::stream::iter(first).chain(futures::stream::pending());
+        let limits = BodyLimits { max_bytes: 1024, timeout: std::time::Duration::from_millis(50) };
+        let err = read_body(Body::from_stream(stalled), limits).await.unwrap_err();
+        assert!(matches!(err, ServeError::BodyTimeout(t) if t == limits.timeout), "{err}");
+        assert_eq!(err.kind().http_status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(err.to_string(), "body: not received within 50 ms");
     }
 
     #[test]

@@ -28,7 +28,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("http_addr: cannot listen on {}: {e}", config.http_addr))?;
     tracing::info!(http = %config.http_addr, "listening");
-    let router = http::router(server.clone(), config.max_body_bytes, lifecycle.readiness.clone());
+    let router = http::router(server.clone(), http::BodyLimits::of(&config), lifecycle.readiness.clone());
     let http = adserve_core::http::serve(http_listener, router, &lifecycle);
     let routes = Routes::new(GatewayGrpc(server).into_server());
     let grpc = adserve_core::grpc::serve(grpc_listener, routes, &[service_names::GATEWAY], &lifecycle);
