@@ -40,7 +40,7 @@ struct Snapshot {
 }
 
 /// What the table holds for one request's ads.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TableLookup {
     /// Rows of the ads the copy holds.
     pub found: HashMap<i64, HashMap<String, f32>>,
@@ -63,15 +63,22 @@ impl AdTable {
     /// The copy's rows for `ad_ids`, and the ids it cannot answer for.
     pub fn lookup(&self, ad_ids: &[i64]) -> TableLookup {
         let snap = self.current.load();
-        let absent = snap.absent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The absent set is locked only once an id is not in the copy: the
+        // common request (every ad loaded) takes no lock.
+        let mut absent = None;
         let mut out = TableLookup { found: HashMap::with_capacity(ad_ids.len()), misses: Vec::new() };
         for id in ad_ids {
             match snap.rows.get(id) {
                 Some(row) => {
                     out.found.insert(*id, row.clone());
                 }
-                None if absent.contains(id) => {}
-                None => out.misses.push(*id),
+                None => {
+                    let absent = absent
+                        .get_or_insert_with(|| snap.absent.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+                    if !absent.contains(id) {
+                        out.misses.push(*id);
+                    }
+                }
             }
         }
         out

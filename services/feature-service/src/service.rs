@@ -109,15 +109,20 @@ async fn within<T: Default, E: std::fmt::Display>(
         Ok(Err(e)) => format!("{e}; serving registry defaults"),
         Err(_) => format!("no answer within {} ms; serving registry defaults", deadline.as_millis()),
     };
+    report_degraded(component, reason, degraded);
+    T::default()
+}
+
+/// Counts and logs a source failure and names it in the response: one entry
+/// per source, however many of its lookups failed.
+fn report_degraded(component: &'static str, reason: String, degraded: &std::sync::Mutex<Vec<Degradation>>) {
     metrics::counter!("adserve_feature_source_failures_total", "source" => component).increment(1);
     tracing::warn!(component, %reason, "feature source degraded");
-    // One entry per source, however many of its lookups failed.
     if let Ok(mut d) = degraded.lock()
         && !d.iter().any(|x| x.component == component)
     {
         d.push(Degradation { component: component.into(), reason });
     }
-    T::default()
 }
 
 #[tonic::async_trait]
@@ -139,9 +144,9 @@ impl FeatureService for FeatureGrpc {
         let asked = req.ad_ids.len();
         // Ad rows from the in-process table; DynamoDB only for the ads it
         // does not hold (all of them without a table).
-        let table = s.ad_table.as_ref().map(|t| t.lookup(&req.ad_ids)).unwrap_or_default();
-        let misses: &[i64] = if s.ad_table.is_some() { &table.misses } else { &req.ad_ids };
-        if s.ad_table.is_some() {
+        let table = s.ad_table.as_ref().map(|t| t.lookup(&req.ad_ids));
+        let misses: &[i64] = table.as_ref().map_or(&req.ad_ids, |l| &l.misses);
+        if table.is_some() {
             metrics::counter!("adserve_feature_ad_table_misses_total").increment(misses.len() as u64);
         }
         let ad_batch = async {
@@ -167,15 +172,9 @@ impl FeatureService for FeatureGrpc {
                 "{e}; {} of {asked} ads served with registry defaults for their batch features",
                 ad_lookup.failed
             );
-            metrics::counter!("adserve_feature_source_failures_total", "source" => degraded::DYNAMODB).increment(1);
-            tracing::warn!(component = degraded::DYNAMODB, %reason, "feature source partly degraded");
-            if let Ok(mut d) = degraded.lock()
-                && !d.iter().any(|x| x.component == degraded::DYNAMODB)
-            {
-                d.push(Degradation { component: degraded::DYNAMODB.into(), reason });
-            }
+            report_degraded(degraded::DYNAMODB, reason, &degraded);
         }
-        let mut ad_batch = table.found;
+        let mut ad_batch = table.map(|l| l.found).unwrap_or_default();
         ad_batch.extend(ad_lookup.values);
         let values = SourceValues { user_batch, ad_batch, user_realtime, ad_realtime };
         let assembled = assemble(s.registry, &req.ad_ids, &ctx, &values);

@@ -340,6 +340,15 @@ impl Default for Part {
     }
 }
 
+/// Folds an event time into its partition's newest (`max`); true when the
+/// event is more than `lateness` behind it (the log is out of event-time
+/// order).
+fn observe(max: &mut Option<i64>, at_ms: i64, lateness: i64) -> bool {
+    let behind = max.is_some_and(|m| at_ms < m.saturating_sub(lateness));
+    *max = Some(max.map_or(at_ms, |m| m.max(at_ms)));
+    behind
+}
+
 /// Approximate bytes of a labelled impression remembered for dedupe.
 const DONE_BYTES: usize = 64;
 
@@ -516,10 +525,7 @@ impl Joiner {
         }
         self.seen(tp, offset);
         let lateness = self.rules.lateness_ms;
-        let part = self.part(partition);
-        let behind = part.max_served_ms.is_some_and(|m| served_ms < m.saturating_sub(lateness));
-        part.max_served_ms = Some(part.max_served_ms.map_or(served_ms, |m| m.max(served_ms)));
-        if behind {
+        if observe(&mut self.part(partition).max_served_ms, served_ms, lateness) {
             self.stats.out_of_order_impressions += 1;
         }
         let key = id_key(&event.impression_id);
@@ -578,10 +584,7 @@ impl Joiner {
         let at_ms = click.clicked_at.as_ref().map(millis).ok_or(Rejected::NoClickedAt)?;
         self.seen(tp, offset);
         let lateness = self.rules.lateness_ms;
-        let part = self.part(partition);
-        let behind = part.max_clicked_ms.is_some_and(|m| at_ms < m.saturating_sub(lateness));
-        part.max_clicked_ms = Some(part.max_clicked_ms.map_or(at_ms, |m| m.max(at_ms)));
-        if behind {
+        if observe(&mut self.part(partition).max_clicked_ms, at_ms, lateness) {
             self.stats.out_of_order_clicks += 1;
         }
         let key = id_key(&click.impression_id);
