@@ -392,9 +392,11 @@ start_services() {
     "ADSERVE_REGISTRY__POSTGRES__URL=postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DATABASE" \
     "ADSERVE_ONNXRUNTIME_DYLIB=$ORT_DYLIB_PATH"
   # Credentials come from the service's config (dynamodb.access_key_id), not AWS_*.
+  # It also runs the streaming aggregates (mode = both): the real-time counters.
   start_service adserve-feature-service \
     "ADSERVE_REDIS__URL=redis://127.0.0.1:$REDIS_PORT" \
-    "ADSERVE_DYNAMODB__ENDPOINT=http://127.0.0.1:$DYNAMODB_PORT"
+    "ADSERVE_DYNAMODB__ENDPOINT=http://127.0.0.1:$DYNAMODB_PORT" \
+    "ADSERVE_AGGREGATES__KAFKA__BROKERS=$kafka"
   start_service adserve-label-joiner \
     "ADSERVE_KAFKA__BROKERS=$kafka" \
     "ADSERVE_OUTPUT_DIR=$parquet" \

@@ -59,7 +59,15 @@ AUCTION = {
     }
 }
 OBJECT_STORAGE = {"services": {"label-joiner": {"config": {"outputUrl": "s3://bucket/rows", "mode": "streaming"}}}}
-CASES = {"defaults": None, "gpu": GPU, "secrets": SECRETS, "auction": AUCTION, "object-storage": OBJECT_STORAGE}
+AGGREGATE_ONLY = {"services": {"feature-service": {"config": {"mode": "aggregate"}}}}
+CASES = {
+    "defaults": None,
+    "gpu": GPU,
+    "secrets": SECRETS,
+    "auction": AUCTION,
+    "object-storage": OBJECT_STORAGE,
+    "aggregate-only": AGGREGATE_ONLY,
+}
 
 
 def render(values: dict | None) -> dict[str, str]:
@@ -167,6 +175,15 @@ def test_grpc_reflection_is_off_unless_asked_for() -> None:
         assert tomllib.loads(text)["server"]["reflection"] is True, svc
 
 
+def test_the_feature_service_aggregates_from_the_releases_kafka() -> None:
+    features = tomllib.loads(configs(render(None))["feature-service"])
+    assert features["mode"] == "both"
+    assert features["aggregates"]["kafka"]["brokers"] == "kafka:9092"
+    assert features["aggregates"]["group_id"] == "adserve-feature-aggregates"
+    serve_only = {"services": {"feature-service": {"config": {"mode": "serve"}}}}
+    assert "aggregates" not in tomllib.loads(configs(render(serve_only))["feature-service"])
+
+
 def test_topics_are_replicated_by_default() -> None:
     rendered = configs(render(None))
     for svc in ("gateway", "label-joiner"):
@@ -184,6 +201,7 @@ def test_topics_are_replicated_by_default() -> None:
             "outputUrl must be s3://",
         ),
         ({"services": {"label-joiner": {"replicaCount": 2}}}, "needs persistence.accessModes [ReadWriteMany]"),
+        ({"services": {"feature-service": {"config": {"mode": "all"}}}}, "mode must be serve, aggregate or both"),
     ],
 )
 def test_bad_values_are_refused_at_render(values: dict, message: str) -> None:

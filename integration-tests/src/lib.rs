@@ -16,6 +16,7 @@ use std::{
 
 use adserve_catalog::{Catalog, PostgresConfig};
 use adserve_feature_service::{BatchStore, RealtimeStore, config::DynamoConfig, config::RedisConfig};
+use adserve_features::Entity;
 use adserve_proto::v1::{
     FlushRequest, GetStatusRequest, ImpressionEvent, label_joiner_service_client::LabelJoinerServiceClient,
 };
@@ -271,11 +272,18 @@ impl Stack {
         batch.put_users(&rows).await?;
         let realtime = self.realtime_store().await?;
         let registry = adserve_features::registry();
-        let ad_spec = registry.features.iter().find(|f| f.name == "ad_impressions_1h").context("registry")?;
-        let user_spec = registry.features.iter().find(|f| f.name == "user_impressions_1h").context("registry")?;
-        let mut counters: Vec<(String, f64)> =
-            ad_ids.iter().map(|id| (registry.redis_key(ad_spec, &id.to_string()), (*id % 40) as f64)).collect();
-        counters.extend(users.iter().enumerate().map(|(u, id)| (registry.redis_key(user_spec, id), (u % 7) as f64)));
+        let attribute = |name: &str| -> anyhow::Result<String> {
+            Ok(registry.features.iter().find(|f| f.name == name).context("registry")?.attribute.clone())
+        };
+        let (ad_attr, user_attr) = (attribute("ad_impressions_1h")?, attribute("user_impressions_1h")?);
+        let mut counters: Vec<adserve_feature_service::realtime::Seed> =
+            ad_ids.iter().map(|id| (Entity::Ad, id.to_string(), vec![(ad_attr.clone(), (*id % 40) as f64)])).collect();
+        counters.extend(
+            users
+                .iter()
+                .enumerate()
+                .map(|(u, id)| (Entity::User, id.clone(), vec![(user_attr.clone(), (u % 7) as f64)])),
+        );
         realtime.set_counters(&counters).await?;
         Ok(())
     }

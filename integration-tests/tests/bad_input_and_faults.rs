@@ -156,6 +156,7 @@ async fn corrupt_stored_feature_values_are_served_as_defaults_and_counted() -> a
     // rest of the request (other columns, other ads) is served as stored, and
     // nothing is reported degraded. Before, the NaN reached the ranker, which
     // refused the whole matrix, and "lots" failed the whole Redis MGET.
+    use adserve_features::Entity;
     use adserve_proto::v1::{GetFeaturesRequest, RequestContext, feature_service_client::FeatureServiceClient};
     use fred::interfaces::KeysInterface as _;
     let s = Stack::ready().await?;
@@ -166,14 +167,14 @@ async fn corrupt_stored_feature_values_are_served_as_defaults_and_counted() -> a
     let realtime = s.realtime_store().await?;
     realtime
         .set_counters(&[
-            (registry.redis_key(spec("user_impressions_1h"), &user), f64::NAN),
-            (registry.redis_key(spec("ad_impressions_1h"), &good_ad.to_string()), 12.0),
+            (Entity::User, user.clone(), vec![(spec("user_impressions_1h").attribute.clone(), f64::NAN)]),
+            (Entity::Ad, good_ad.to_string(), vec![(spec("ad_impressions_1h").attribute.clone(), 12.0)]),
         ])
         .await?;
     let redis = fred::prelude::Client::new(fred::prelude::Config::from_url(&s.redis)?, None, None, None);
     fred::interfaces::ClientLike::init(&redis).await?;
     let _: () = redis
-        .set(registry.redis_key(spec("ad_impressions_1h"), &bad_ad.to_string()), "lots", None, None, false)
+        .set(registry.realtime_key(Entity::Ad, &bad_ad.to_string()), "impressions_1h=lots", None, None, false)
         .await?;
     let batch = s.batch_store();
     batch

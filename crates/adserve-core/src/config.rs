@@ -48,6 +48,12 @@ impl Invalid {
     pub fn new(key: impl Into<String>, why: impl Into<String>) -> Self {
         Self { key: key.into(), why: why.into() }
     }
+
+    /// The same problem, for a config table nested under `table` (a shared
+    /// section such as `kafka` inside `aggregates`).
+    pub fn within(self, table: &str) -> Self {
+        Self { key: format!("{table}.{}", self.key), why: self.why }
+    }
 }
 
 /// Fails with `key` unless `value` lies in `min..=max`.

@@ -186,6 +186,30 @@ impl EventPublisher {
         let key = String::from_utf8_lossy(key).into_owned();
         self.send(DEAD_LETTER_TOPIC, &key, payload, Some(headers)).await
     }
+
+    /// [`EventPublisher::dead_letter`], retried with backoff (five tries
+    /// over about four seconds): a consumer skips a message only once the
+    /// dead-letter topic has it, so the error returned here should stop the
+    /// caller from committing past it.
+    pub async fn dead_letter_patiently(
+        &self,
+        source: &str,
+        key: &[u8],
+        payload: &[u8],
+        reason: &str,
+    ) -> Result<Ack, EventError> {
+        use backon::Retryable as _;
+        (|| self.dead_letter(source, key, payload, reason))
+            .retry(
+                backon::ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(100))
+                    .with_max_delay(Duration::from_secs(2))
+                    .with_max_times(5)
+                    .with_jitter(),
+            )
+            .notify(|e, after| tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "dead-letter publish failed"))
+            .await
+    }
 }
 
 /// How often [`report_health`] probes its publisher.

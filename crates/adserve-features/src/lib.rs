@@ -10,6 +10,7 @@ use std::{collections::HashSet, sync::OnceLock};
 
 pub mod assemble;
 pub mod prior;
+pub mod realtime;
 pub mod request;
 
 pub use assemble::{Assembled, SourceValues, assemble};
@@ -95,7 +96,7 @@ pub struct Tables {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RedisLayout {
-    /// Keys are `{key_prefix}:{entity}:{id}:{attribute}`.
+    /// Every key of the real-time tier starts with it (see [`realtime`]).
     pub key_prefix: String,
 }
 
@@ -198,6 +199,13 @@ impl FeatureRegistry {
                 _ if f.equals.is_some() => return Err(invalid("`equals` is only for request features")),
                 _ => {}
             }
+            if f.source == Source::Redis && !realtime::attributes().contains(&f.attribute) {
+                return Err(invalid(&format!(
+                    "real-time attribute {:?} is not one the aggregator keeps: {}",
+                    f.attribute,
+                    realtime::attributes().join(", ")
+                )));
+            }
             if f.entity == Entity::Ad && f.personal {
                 return Err(invalid("ad features cannot be personal"));
             }
@@ -240,14 +248,10 @@ impl FeatureRegistry {
         self.features.iter().enumerate().filter(move |(_, f)| f.entity == entity && f.source == source)
     }
 
-    /// Redis key holding `spec` for entity id `id`.
-    pub fn redis_key(&self, spec: &FeatureSpec, id: &str) -> String {
-        let entity = match spec.entity {
-            Entity::User => "user",
-            Entity::Ad => "ad",
-            Entity::Context => "context",
-        };
-        format!("{}:{entity}:{id}:{}", self.redis.key_prefix, spec.attribute)
+    /// Redis key holding every real-time counter of `entity` `id`, packed
+    /// (see [`realtime`]).
+    pub fn realtime_key(&self, entity: Entity, id: &str) -> String {
+        realtime::value_key(&self.redis.key_prefix, entity, id)
     }
 }
 
@@ -283,8 +287,8 @@ mod tests {
     #[test]
     fn redis_keys_follow_the_layout() {
         let r = registry();
-        let spec = r.features.iter().find(|f| f.name == "ad_impressions_1h").expect("defined");
-        assert_eq!(r.redis_key(spec, "42"), "rt:ad:42:impressions_1h");
+        assert_eq!(r.realtime_key(Entity::Ad, "42"), "rt:{a}:42");
+        assert_eq!(r.realtime_key(Entity::User, "u-1"), "rt:{u:u-1}");
     }
 
     fn doc(feature: &str) -> String {
@@ -296,7 +300,7 @@ mod tests {
 
     #[test]
     fn duplicate_names_are_rejected() {
-        let f = "name=\"x\"\nentity=\"ad\"\nsource=\"redis\"\nattribute=\"x\"\ndefault=0.0\ndescription=\"\"\n";
+        let f = "name=\"x\"\nentity=\"ad\"\nsource=\"redis\"\nattribute=\"clicks_1h\"\ndefault=0.0\ndescription=\"\"\n";
         let text = format!("{}[[feature]]\n{f}", doc(f));
         let err = FeatureRegistry::parse(&text).unwrap_err();
         assert!(err.to_string().contains("defined twice"), "{err}");
@@ -322,7 +326,7 @@ mod tests {
     fn ranges_are_checked_at_load_and_bound_what_is_served() {
         let f = |range: &str, default: &str| {
             format!(
-                "name=\"x\"\nentity=\"ad\"\nsource=\"redis\"\nattribute=\"x\"\ndefault={default}\n\
+                "name=\"x\"\nentity=\"ad\"\nsource=\"redis\"\nattribute=\"clicks_1h\"\ndefault={default}\n\
                  range={range}\ndescription=\"\"\n"
             )
         };
@@ -351,9 +355,16 @@ mod tests {
     }
 
     #[test]
+    fn real_time_features_must_name_an_aggregated_counter() {
+        let f = "name=\"x\"\nentity=\"ad\"\nsource=\"redis\"\nattribute=\"views_1h\"\ndefault=0.0\ndescription=\"\"\n";
+        let err = FeatureRegistry::parse(&doc(f)).unwrap_err();
+        assert!(err.to_string().contains("not one the aggregator keeps"), "{err}");
+        assert!(err.to_string().contains("impressions_5m"), "the message lists what is kept: {err}");
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
-        let f =
-            "name=\"x\"\nentity=\"ad\"\nsource=\"redis\"\nattribute=\"x\"\ndefault=0.0\ndescription=\"\"\ncolour=1\n";
+        let f = "name=\"x\"\nentity=\"ad\"\nsource=\"redis\"\nattribute=\"clicks_1h\"\ndefault=0.0\ndescription=\"\"\ncolour=1\n";
         assert!(matches!(FeatureRegistry::parse(&doc(f)), Err(RegistryError::Parse(_))));
     }
 }

@@ -104,7 +104,7 @@ chain, e.g. IRSA, is not wired yet: static keys or none). */}}
 {{/* [kafka] table (gateway, label-joiner). */}}
 {{- define "adserve.kafkaToml" -}}
 {{- $k := .root.Values.kafka -}}
-[kafka]
+[{{ .kafkaTable | default "kafka" }}]
 brokers = {{ $k.brokers | toJson }}
 publish_timeout = "{{ int64 $k.publishTimeoutMs }}ms"
 partitions = {{ int64 $k.partitions }}
@@ -132,6 +132,10 @@ max_body_bytes = {{ int64 $c.maxBodyBytes }}
 body_timeout = "{{ int64 $c.bodyTimeoutMs }}ms"
 {{- else if eq .name "feature-service" }}
 max_ads = {{ int64 $c.maxAds }}
+{{- if not (has $c.mode (list "serve" "aggregate" "both")) }}
+{{- fail (printf "services.feature-service.config.mode must be serve, aggregate or both, got %q" (toString $c.mode)) }}
+{{- end }}
+mode = {{ $c.mode | toJson }}
 {{- else if eq .name "ranker" }}
 max_rows = {{ int64 $c.maxRows }}
 {{- with $c.onnxruntimeDylib }}
@@ -250,6 +254,17 @@ region = {{ $v.dynamodb.region | toJson }}
 # access_key_id / secret_access_key: from Secret {{ . }}, never this file
 {{- end }}
 timeout = "{{ int64 $v.dynamodb.timeoutMs }}ms"
+{{- if ne $c.mode "serve" }}
+{{- $ag := $c.aggregates }}
+
+[aggregates]
+group_id = {{ $ag.groupId | toJson }}
+allowed_lateness = "{{ int64 $ag.allowedLatenessMs }}ms"
+click_wait = "{{ int64 $ag.clickWaitMs }}ms"
+refresh_interval = "{{ int64 $ag.refreshIntervalMs }}ms"
+
+{{ include "adserve.kafkaToml" (merge (dict "kafkaTable" "aggregates.kafka") .) }}
+{{- end }}
 {{- else if eq .name "ranker" }}
 {{- $m := $c.model }}
 {{- range $m.executionProviders }}

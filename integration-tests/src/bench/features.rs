@@ -120,7 +120,7 @@ pub async fn run(s: &Settings, ad_ids: &[i64]) -> anyhow::Result<Vec<Comparison>
             load::closed_loop(1, s.warmup(), s.window(), timeout, n as u64, move |i| {
                 let (redis, keys) = (redis.clone(), redis_keys(&super::e2e::user(i), &ids));
                 async move {
-                    match redis.mget::<Vec<Option<f64>>, _>(keys).await {
+                    match redis.mget::<Vec<Option<String>>, _>(keys).await {
                         Ok(v) if v.iter().any(Option::is_some) => Outcome::Ok,
                         Ok(_) => Outcome::Error("no values: features not seeded".into()),
                         Err(e) => Outcome::Error(e.to_string()),
@@ -136,9 +136,10 @@ pub async fn run(s: &Settings, ad_ids: &[i64]) -> anyhow::Result<Vec<Comparison>
                 async move {
                     let user = super::e2e::user(i);
                     let keys = redis_keys(&user, &ids);
-                    let (r, u, a) = tokio::join!(redis.mget::<Vec<Option<f64>>, _>(keys), batch.user(&user), async {
-                        batch.ads(&ids).await.into_result(0).map(|l| l.values)
-                    });
+                    let (r, u, a) =
+                        tokio::join!(redis.mget::<Vec<Option<String>>, _>(keys), batch.user(&user), async {
+                            batch.ads(&ids).await.into_result(0).map(|l| l.values)
+                        });
                     match (r, u, a) {
                         (Ok(_), Ok(_), Ok(a)) if a.len() == ids.len() => Outcome::Ok,
                         (Ok(_), Ok(_), Ok(a)) => {
@@ -221,14 +222,17 @@ async fn raw_redis(url: &str) -> anyhow::Result<Client> {
     Ok(client)
 }
 
-/// The Redis keys the feature-service reads for `user` and `ids`.
+/// The Redis keys the feature-service reads for `user` and `ids`: one
+/// packed value per entity that has real-time features.
 fn redis_keys(user: &str, ids: &[i64]) -> Vec<String> {
     let registry = adserve_features::registry();
-    let mut keys: Vec<String> =
-        registry.select(Entity::User, Source::Redis).map(|(_, f)| registry.redis_key(f, user)).collect();
-    for id in ids {
-        let id = id.to_string();
-        keys.extend(registry.select(Entity::Ad, Source::Redis).map(|(_, f)| registry.redis_key(f, &id)));
+    let has = |entity| registry.select(entity, Source::Redis).next().is_some();
+    let mut keys = Vec::with_capacity(1 + ids.len());
+    if has(Entity::User) {
+        keys.push(registry.realtime_key(Entity::User, user));
+    }
+    if has(Entity::Ad) {
+        keys.extend(ids.iter().map(|id| registry.realtime_key(Entity::Ad, &id.to_string())));
     }
     keys
 }

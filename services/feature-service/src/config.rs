@@ -21,6 +21,122 @@ pub struct FeatureServiceConfig {
     pub max_ads: usize,
     /// The in-process copy of the batch tier's ad rows.
     pub ad_table: AdTableConfig,
+    /// What this process runs: the GetFeatures service, the streaming
+    /// aggregates consumer, or both.
+    pub mode: Mode,
+    /// The streaming aggregates (real-time counters from Kafka).
+    pub aggregates: AggregatesConfig,
+}
+
+/// What a feature-service process runs.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Serve GetFeatures and aggregate (one process does everything; the
+    /// local stack). Readiness follows serving only.
+    #[default]
+    Both,
+    /// Serve GetFeatures only (with aggregators deployed on their own).
+    Serve,
+    /// Aggregate only: health and metrics, no GetFeatures; readiness
+    /// follows the Kafka consumer.
+    Aggregate,
+}
+
+impl Mode {
+    /// Whether GetFeatures is served.
+    pub fn serves(self) -> bool {
+        self != Mode::Aggregate
+    }
+
+    /// Whether the aggregates consumer runs.
+    pub fn aggregates(self) -> bool {
+        self != Mode::Serve
+    }
+}
+
+/// The streaming aggregates consumer ([`crate::aggregates`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AggregatesConfig {
+    /// Kafka connection (the impressions and clicks topics; malformed
+    /// messages go to the dead-letter topic).
+    pub kafka: adserve_events::KafkaConfig,
+    /// Consumer group: aggregators share the partitions of one group.
+    pub group_id: String,
+    /// An event this far behind its partition's newest event time is
+    /// counted late (and still applied to the windows that hold it).
+    #[serde(with = "humantime_serde")]
+    pub allowed_lateness: Duration,
+    /// How long a click read before its impression waits for it before it is
+    /// counted unattributed.
+    #[serde(with = "humantime_serde")]
+    pub click_wait: Duration,
+    /// Most clicks waiting at once (the oldest gives up first).
+    pub max_waiting_clicks: usize,
+    /// How long an impression's marker (dedup, and the user and ad its
+    /// clicks count for) is kept: at least the label window.
+    #[serde(with = "humantime_serde")]
+    pub attribution_ttl: Duration,
+    /// TTL of an entity's counters after its last change (at least the
+    /// longest window, 24 h).
+    #[serde(with = "humantime_serde")]
+    pub value_ttl: Duration,
+    /// How often entities whose windows moved are re-summed.
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
+    /// Most entities re-summed per refresh tick.
+    pub refresh_batch: usize,
+    /// How often offsets are committed (and waiting clicks retried).
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+}
+
+impl Default for AggregatesConfig {
+    fn default() -> Self {
+        let label = adserve_features::registry().label.window();
+        Self {
+            kafka: adserve_events::KafkaConfig::default(),
+            group_id: "adserve-feature-aggregates".into(),
+            allowed_lateness: Duration::from_secs(60),
+            click_wait: Duration::from_secs(30),
+            max_waiting_clicks: 100_000,
+            attribution_ttl: label + Duration::from_secs(600),
+            value_ttl: Duration::from_secs(25 * 3600),
+            refresh_interval: Duration::from_secs(5),
+            refresh_batch: 2000,
+            commit_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl AggregatesConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        self.kafka.validate().map_err(|e| e.within("aggregates"))?;
+        if self.group_id.trim().is_empty() {
+            return Err(Invalid::new("aggregates.group_id", "required"));
+        }
+        let day = Duration::from_secs(86_400);
+        check_duration("aggregates.allowed_lateness", self.allowed_lateness, Duration::ZERO, day)?;
+        check_duration("aggregates.click_wait", self.click_wait, Duration::from_millis(1), Duration::from_secs(3600))?;
+        check_range("aggregates.max_waiting_clicks", self.max_waiting_clicks, 1..=10_000_000)?;
+        let label = adserve_features::registry().label.window();
+        check_duration("aggregates.attribution_ttl", self.attribution_ttl, label, 7 * day)?;
+        check_duration("aggregates.value_ttl", self.value_ttl, day, 7 * day)?;
+        check_duration(
+            "aggregates.refresh_interval",
+            self.refresh_interval,
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+        )?;
+        check_range("aggregates.refresh_batch", self.refresh_batch, 1..=1_000_000)?;
+        check_duration(
+            "aggregates.commit_interval",
+            self.commit_interval,
+            Duration::from_millis(10),
+            Duration::from_secs(60),
+        )
+    }
 }
 
 /// The in-process ad-feature table ([`crate::AdTable`]).
@@ -88,6 +204,8 @@ impl Default for FeatureServiceConfig {
             dynamodb: DynamoConfig::default(),
             max_ads: adserve_proto::limits::MAX_CANDIDATES,
             ad_table: AdTableConfig::default(),
+            mode: Mode::default(),
+            aggregates: AggregatesConfig::default(),
         }
     }
 }
@@ -114,6 +232,9 @@ impl Validate for FeatureServiceConfig {
             Duration::from_secs(3600),
         )?;
         check_duration("ad_table.max_age", self.ad_table.max_age, self.ad_table.refresh, Duration::from_secs(86_400))?;
+        if self.mode.aggregates() {
+            self.aggregates.validate()?;
+        }
         Ok(())
     }
 }

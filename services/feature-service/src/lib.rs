@@ -5,8 +5,13 @@
 //! Each source has its own deadline. A source that fails or is late costs at
 //! most that deadline: its features take registry defaults and the response
 //! names the degradation. COPPA requests never read personal features.
+//!
+//! The same binary runs the streaming aggregates ([`aggregates`]) that keep
+//! the real-time tier's counters from the impressions and clicks topics
+//! (`mode`: serve, aggregate or both).
 
 pub mod ad_table;
+pub mod aggregates;
 pub mod batch;
 pub mod config;
 pub mod realtime;
@@ -14,6 +19,7 @@ pub mod service;
 
 pub use ad_table::AdTable;
 pub use adserve_features::{SourceValues, assemble};
+pub use aggregates::Aggregator;
 pub use batch::{AdLookup, BatchStore};
 pub use config::FeatureServiceConfig;
 pub use realtime::RealtimeStore;

@@ -17,7 +17,6 @@ use std::{
 
 use adserve_core::{Lifecycle, Readiness, Shutdown};
 use adserve_events::{CLICKS_TOPIC, EventPublisher, IMPRESSIONS_TOPIC, decode_click, decode_impression};
-use backon::Retryable as _;
 use futures::FutureExt as _;
 use rdkafka::{
     ClientContext, Message, Offset, TopicPartitionList,
@@ -624,18 +623,7 @@ impl Runner {
             let source = format!("{topic}/{partition}/{offset}");
             tracing::warn!(%source, %reason, "refused message; dead-lettering");
             // The message is skipped only once the dead-letter topic has it.
-            let publisher = self.publisher.clone();
-            (|| publisher.dead_letter(&source, key, payload, &reason))
-                .retry(
-                    backon::ExponentialBuilder::default()
-                        .with_min_delay(Duration::from_millis(100))
-                        .with_max_delay(Duration::from_secs(2))
-                        .with_max_times(5)
-                        .with_jitter(),
-                )
-                .notify(|e, after| tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "dead-letter publish failed"))
-                .await
-                .map_err(RunError::DeadLetter)?;
+            self.publisher.dead_letter_patiently(&source, key, payload, &reason).await.map_err(RunError::DeadLetter)?;
             lock(&self.core).joiner.skip((tp, partition), offset);
             metrics::counter!("adserve_label_joiner_dead_lettered_total", "topic" => tp).increment(1);
             if let Ok(mut s) = self.status.lock() {

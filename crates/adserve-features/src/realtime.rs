@@ -1,0 +1,273 @@
+//! The real-time tier's layout in Redis: the one definition shared by the
+//! feature-service's reader (one MGET per request) and its stream aggregator
+//! (the only writer, outside seeding and tests).
+//!
+//! Each entity (user, ad) has **one** string key holding every counter of
+//! that entity, packed as `name=value;name=value;...`, so one MGET serves a
+//! user and 1000 ads. Names the reader does not know are skipped (a newer
+//! aggregator may write more), and a value that does not parse is served as
+//! the feature's default and counted invalid.
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `{prefix}:{u:<user>}` | string | the user's packed counters |
+//! | `{prefix}:{a}:<ad>` | string | the ad's packed counters |
+//! | `<value key>:b` | hash | the per-minute and per-hour buckets the value is summed from |
+//! | `{prefix}:refresh` | sorted set | entity -> the time one of its windows next changes |
+//! | `{prefix}:seen:i:<impression>` | string | the impression's `user\|ad` (dedup and click attribution) |
+//! | `{prefix}:seen:c:<click>` | string | dedup marker of a counted click |
+//!
+//! The hash tags (`{u:<user>}`, `{a}`) keep an entity's value and buckets in
+//! one Redis Cluster slot, and every ad value in one slot, so the reader's
+//! MGET of all candidate ads never crosses slots.
+
+use crate::Entity;
+
+/// The sliding windows every counter is kept over: `(suffix, seconds)`.
+/// 5 m and 1 h are summed from 1-minute buckets, 24 h from 1-hour buckets;
+/// a window is "the current bucket and the ones before it that fit".
+pub const WINDOWS: [(&str, u64); 3] = [("5m", 300), ("1h", 3600), ("24h", 86_400)];
+
+/// The counted events.
+pub const COUNTERS: [&str; 2] = ["impressions", "clicks"];
+
+/// Name of the smoothed click-through rate over 24 h:
+/// `(clicks_24h + PRIOR_CTR * PRIOR_WEIGHT) / (impressions_24h + PRIOR_WEIGHT)`.
+pub const SMOOTHED_CTR: &str = "ctr_24h_smoothed";
+/// Prior of [`SMOOTHED_CTR`].
+pub const PRIOR_CTR: f64 = 0.02;
+/// Weight of the prior, in impressions.
+pub const PRIOR_WEIGHT: f64 = 100.0;
+
+/// Name of the packed value's own time (unix seconds at which its sums were
+/// computed): not a feature, read for freshness.
+pub const AS_OF: &str = "as_of";
+
+/// Every attribute a packed value holds, in the order the aggregator writes
+/// them: `impressions_5m, impressions_1h, impressions_24h, clicks_5m, ...,
+/// ctr_24h_smoothed`. Registry features with `source = "redis"` must name one.
+pub fn attributes() -> Vec<String> {
+    let mut names: Vec<String> =
+        COUNTERS.iter().flat_map(|c| WINDOWS.iter().map(move |(w, _)| format!("{c}_{w}"))).collect();
+    names.push(SMOOTHED_CTR.to_string());
+    names
+}
+
+/// Whether `entity` has real-time counters (users and ads do).
+pub fn has_counters(entity: Entity) -> bool {
+    matches!(entity, Entity::User | Entity::Ad)
+}
+
+/// The key of an entity's packed counters.
+pub fn value_key(prefix: &str, entity: Entity, id: &str) -> String {
+    match entity {
+        Entity::User => format!("{prefix}:{{u:{id}}}"),
+        Entity::Ad => format!("{prefix}:{{a}}:{id}"),
+        Entity::Context => format!("{prefix}:{{c}}:{id}"),
+    }
+}
+
+/// The key of the buckets an entity's value is summed from.
+pub fn buckets_key(prefix: &str, entity: Entity, id: &str) -> String {
+    format!("{}:b", value_key(prefix, entity, id))
+}
+
+/// The member naming an entity in the refresh schedule.
+pub fn member(entity: Entity, id: &str) -> String {
+    match entity {
+        Entity::User => format!("u:{id}"),
+        Entity::Ad => format!("a:{id}"),
+        Entity::Context => format!("c:{id}"),
+    }
+}
+
+/// The inverse of [`member`].
+pub fn parse_member(member: &str) -> Option<(Entity, &str)> {
+    let (kind, id) = member.split_once(':')?;
+    let entity = match kind {
+        "u" => Entity::User,
+        "a" => Entity::Ad,
+        _ => return None,
+    };
+    (!id.is_empty()).then_some((entity, id))
+}
+
+/// The refresh schedule: entity -> when one of its windows next changes.
+pub fn refresh_key(prefix: &str) -> String {
+    format!("{prefix}:refresh")
+}
+
+/// The dedup (and attribution) marker of an impression.
+pub fn impression_marker(prefix: &str, impression_id: &str) -> String {
+    format!("{prefix}:seen:i:{impression_id}")
+}
+
+/// The dedup marker of a click.
+pub fn click_marker(prefix: &str, click_id: &str) -> String {
+    format!("{prefix}:seen:c:{click_id}")
+}
+
+/// Calls `f(name, value)` for every pair of a packed value, in order. A
+/// value that does not parse as a number comes through as NaN (served as the
+/// default and counted invalid); pairs without `=` are skipped.
+pub fn parse_packed(packed: &str, mut f: impl FnMut(&str, f32)) {
+    for pair in packed.split(';') {
+        if let Some((name, value)) = pair.split_once('=') {
+            f(name.trim(), value.trim().parse::<f64>().map_or(f32::NAN, |v| v as f32));
+        }
+    }
+}
+
+/// Packs `(name, value)` pairs (seeding and tests; the aggregator writes the
+/// same format from its script).
+pub fn pack<S: AsRef<str>>(pairs: &[(S, f64)]) -> String {
+    pairs.iter().map(|(n, v)| format!("{}={v}", n.as_ref())).collect::<Vec<_>>().join(";")
+}
+
+/// The bucket fields one event adds 1 to, for `counter` (an index into
+/// [`COUNTERS`]) at `event_s`, as seen at `now_s` (both unix seconds): the
+/// minute bucket while it is inside the longest minute-resolution window
+/// (1 h), the hour bucket while inside 24 h. Empty when the event is too old
+/// for every window (or `counter` unknown).
+pub fn bucket_fields(counter: usize, event_s: i64, now_s: i64) -> Vec<String> {
+    let Some(kind) = COUNTERS.get(counter).and_then(|c| c.chars().next()) else { return Vec::new() };
+    let mut fields = Vec::with_capacity(2);
+    let (minute, hour) = (event_s.div_euclid(60), event_s.div_euclid(3600));
+    if now_s.div_euclid(60) - minute < 60 {
+        fields.push(format!("{kind}:m:{minute}"));
+    }
+    if now_s.div_euclid(3600) - hour < 24 {
+        fields.push(format!("{kind}:h:{hour}"));
+    }
+    fields
+}
+
+/// The script that applies one event (or, with no fields, only re-sums an
+/// entity whose windows moved) atomically:
+///
+/// - `KEYS[1]`: dedup marker (`""`: none), `KEYS[2]`: refresh schedule, then
+///   per entity its buckets hash and its value key.
+/// - `ARGV`: now (unix s), value TTL (s), marker value, marker TTL (s),
+///   number of bucket fields n, the n fields, one schedule member per
+///   entity, prior CTR, prior weight, then the attribute names in
+///   [`attributes`] order.
+///
+/// Returns 0 when the marker already existed (a redelivered event: nothing
+/// changed), else 1. Each entity's value is re-summed from its buckets at
+/// `now`; buckets out of every window are deleted; an entity left with no
+/// counts loses its value, buckets and schedule entry; otherwise its value
+/// and buckets get the TTL and its schedule entry the time its sums next
+/// change (when a bucket leaves a window).
+pub const APPLY_SCRIPT: &str = r#"
+local now = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+if KEYS[1] ~= '' then
+  if not redis.call('SET', KEYS[1], ARGV[3], 'NX', 'EX', tonumber(ARGV[4])) then return 0 end
+end
+local nf = tonumber(ARGV[5])
+local entities = (#KEYS - 2) / 2
+local at = 6 + nf
+local prior, weight = tonumber(ARGV[at + entities]), tonumber(ARGV[at + entities + 1])
+local names = at + entities + 2
+local minute, hour = math.floor(now / 60), math.floor(now / 3600)
+for e = 0, entities - 1 do
+  local hash, value, member = KEYS[3 + 2 * e], KEYS[4 + 2 * e], ARGV[at + e]
+  for f = 0, nf - 1 do redis.call('HINCRBY', hash, ARGV[6 + f], 1) end
+  local sums = { i = { 0, 0, 0 }, c = { 0, 0, 0 } }
+  local next_change, stale = nil, {}
+  local function change_at(t) if next_change == nil or t < next_change then next_change = t end end
+  local all = redis.call('HGETALL', hash)
+  for k = 1, #all, 2 do
+    local kind, res, b = string.match(all[k], '^(%a):(%a):(%-?%d+)$')
+    local v, s = tonumber(all[k + 1]), sums[kind or '']
+    b = tonumber(b)
+    local keep = false
+    if s and v and b then
+      if res == 'm' and minute - b < 60 then
+        keep = true
+        s[2] = s[2] + v
+        change_at((b + 60) * 60)
+        if minute - b < 5 then s[1] = s[1] + v; change_at((b + 5) * 60) end
+      elseif res == 'h' and hour - b < 24 then
+        keep = true
+        s[3] = s[3] + v
+        change_at((b + 24) * 3600)
+      end
+    end
+    if not keep then stale[#stale + 1] = all[k] end
+  end
+  if #stale > 0 then redis.call('HDEL', hash, unpack(stale)) end
+  if next_change == nil then
+    redis.call('DEL', hash, value)
+    redis.call('ZREM', KEYS[2], member)
+  else
+    local ctr = (sums.c[3] + prior * weight) / (sums.i[3] + weight)
+    local packed = string.format('%s=%d;%s=%d;%s=%d;%s=%d;%s=%d;%s=%d;%s=%.6g;as_of=%d',
+      ARGV[names], sums.i[1], ARGV[names + 1], sums.i[2], ARGV[names + 2], sums.i[3],
+      ARGV[names + 3], sums.c[1], ARGV[names + 4], sums.c[2], ARGV[names + 5], sums.c[3],
+      ARGV[names + 6], ctr, now)
+    redis.call('SET', value, packed, 'EX', ttl)
+    redis.call('EXPIRE', hash, ttl)
+    redis.call('ZADD', KEYS[2], next_change, member)
+  end
+end
+return 1
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attributes_are_counters_by_window_then_ctr() {
+        let a = attributes();
+        assert_eq!(a.len(), COUNTERS.len() * WINDOWS.len() + 1, "the script packs exactly 7 names");
+        assert_eq!(a[0], "impressions_5m");
+        assert_eq!(a[1], "impressions_1h");
+        assert_eq!(a[5], "clicks_24h");
+        assert_eq!(a[6], SMOOTHED_CTR);
+    }
+
+    #[test]
+    fn keys_keep_an_entity_and_all_ads_in_one_slot() {
+        assert_eq!(value_key("rt", Entity::User, "u1"), "rt:{u:u1}");
+        assert_eq!(buckets_key("rt", Entity::User, "u1"), "rt:{u:u1}:b");
+        assert_eq!(value_key("rt", Entity::Ad, "42"), "rt:{a}:42");
+        assert_eq!(buckets_key("rt", Entity::Ad, "42"), "rt:{a}:42:b");
+        assert_eq!(parse_member(&member(Entity::User, "a:b")), Some((Entity::User, "a:b")));
+        assert_eq!(parse_member(&member(Entity::Ad, "7")), Some((Entity::Ad, "7")));
+        assert_eq!(parse_member("x:1"), None);
+        assert_eq!(parse_member("u:"), None);
+    }
+
+    #[test]
+    fn packed_values_round_trip_and_bad_numbers_are_nan() {
+        let packed = pack(&[("impressions_1h", 3.0), ("ctr_24h_smoothed", 0.025)]);
+        assert_eq!(packed, "impressions_1h=3;ctr_24h_smoothed=0.025");
+        let mut seen = Vec::new();
+        parse_packed(&format!("{packed};junk;clicks_5m=lots"), |n, v| seen.push((n.to_string(), v)));
+        assert_eq!(seen[0], ("impressions_1h".to_string(), 3.0));
+        assert_eq!(seen[1], ("ctr_24h_smoothed".to_string(), 0.025));
+        assert_eq!(seen[2].0, "clicks_5m");
+        assert!(seen[2].1.is_nan());
+        assert_eq!(seen.len(), 3, "a pair without '=' is skipped");
+    }
+
+    #[test]
+    fn an_event_lands_in_the_buckets_whose_windows_still_hold_it() {
+        let now = 1_800_000_000; // a minute boundary plus change
+        assert_eq!(bucket_fields(0, now, now), vec![format!("i:m:{}", now / 60), format!("i:h:{}", now / 3600)]);
+        assert_eq!(bucket_fields(1, now - 30, now)[0], format!("c:m:{}", (now - 30) / 60));
+        // Two hours old: only the 24 h window still holds it.
+        assert_eq!(bucket_fields(0, now - 7200, now), vec![format!("i:h:{}", (now - 7200) / 3600)]);
+        // Older than a day: nothing.
+        assert!(bucket_fields(0, now - 90_000, now).is_empty());
+        assert!(bucket_fields(9, now, now).is_empty());
+    }
+
+    #[test]
+    fn the_script_packs_every_attribute_once() {
+        let placeholders = APPLY_SCRIPT.matches("=%d").count() + APPLY_SCRIPT.matches("=%.6g").count();
+        assert_eq!(placeholders, attributes().len() + 1, "six counts, the CTR and as_of");
+    }
+}

@@ -1,0 +1,309 @@
+//! The streaming aggregates against the real broker and Redis: events on the
+//! impressions and clicks topics become the users' and ads' real-time
+//! features within seconds, exactly once, with event-time windows that move
+//! as time passes; malformed messages are dead-lettered and the consumer
+//! goes on; a killed or frozen aggregator loses and duplicates nothing.
+
+use std::{process::Stdio, time::Duration};
+
+use adserve_events::{EventPublisher, IMPRESSIONS_TOPIC, KafkaConfig};
+use adserve_feature_service::{Aggregator, aggregates::Applied, aggregates::Attribution, config::AggregatesConfig};
+use adserve_features::{Entity, realtime};
+use adserve_integration_tests::{Stack, binary, free_port};
+use adserve_proto::v1::{
+    ClickEvent, FeatureRow, GetFeaturesRequest, ImpressionEvent, RequestContext,
+    feature_service_client::FeatureServiceClient,
+};
+use fred::prelude::*;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+fn run_id() -> i64 {
+    (uuid::Uuid::new_v4().as_u128() as i64 & 0x3fff_ffff) + 1
+}
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64
+}
+
+fn impression(id: &str, user: &str, ad_id: i64, served_at_s: i64) -> ImpressionEvent {
+    ImpressionEvent {
+        impression_id: id.into(),
+        request_id: uuid::Uuid::new_v4().to_string(),
+        user_id: user.into(),
+        ad_id,
+        campaign_id: 1,
+        served_at: Some(prost_types::Timestamp { seconds: served_at_s, nanos: 0 }),
+        features: Some(FeatureRow::default()),
+        ..Default::default()
+    }
+}
+
+fn click(impression_id: &str, at_s: i64) -> ClickEvent {
+    ClickEvent {
+        click_id: uuid::Uuid::new_v4().to_string(),
+        impression_id: impression_id.into(),
+        clicked_at: Some(prost_types::Timestamp { seconds: at_s, nanos: 0 }),
+    }
+}
+
+async fn redis(url: &str) -> anyhow::Result<Client> {
+    let client = Client::new(Config::from_url(url)?, None, None, None);
+    client.init().await?;
+    Ok(client)
+}
+
+/// The packed counters of an entity, by name (empty when it has none).
+async fn counters(
+    redis: &Client,
+    prefix: &str,
+    entity: Entity,
+    id: &str,
+) -> anyhow::Result<std::collections::HashMap<String, f32>> {
+    let value: Option<String> = redis.get(realtime::value_key(prefix, entity, id)).await?;
+    let mut out = std::collections::HashMap::new();
+    if let Some(v) = value {
+        realtime::parse_packed(&v, |n, x| {
+            out.insert(n.to_string(), x);
+        });
+    }
+    Ok(out)
+}
+
+async fn wait_for(
+    what: &str,
+    patience: Duration,
+    mut check: impl AsyncFnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<Duration> {
+    let start = tokio::time::Instant::now();
+    loop {
+        if check().await? {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > patience {
+            anyhow::bail!("{what}: not within {patience:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn windows_move_with_event_time_and_redeliveries_count_once() -> anyhow::Result<()> {
+    // The aggregator's script driven with a clock of the test's own, against
+    // the real Redis, under a key prefix of its own (the stack's aggregator
+    // never refreshes these entities).
+    let s = Stack::ready().await?;
+    let client = redis(&s.redis).await?;
+    let prefix = format!("test-agg-{}", run_id());
+    let agg = Aggregator::new(client.clone(), &prefix, &AggregatesConfig::default());
+    let t0 = 1_800_000_010; // 10 s into a minute (1_800_000_000 is an hour boundary)
+    let (user, ad) = ("u1".to_string(), 42);
+
+    let imp = impression("imp-1", &user, ad, t0);
+    assert_eq!(agg.impression(&imp, t0).await?, Applied::Counted);
+    assert_eq!(agg.impression(&imp, t0 + 1).await?, Applied::Duplicate, "a redelivery changes nothing");
+    let u = counters(&client, &prefix, Entity::User, &user).await?;
+    assert_eq!((u["impressions_5m"], u["impressions_1h"], u["impressions_24h"]), (1.0, 1.0, 1.0));
+    let a = counters(&client, &prefix, Entity::Ad, "42").await?;
+    assert_eq!(a["impressions_1h"], 1.0);
+
+    // The click is attributed through the impression's marker.
+    let to = agg.attributions(&["imp-1", "never-shown"]).await?;
+    assert_eq!(to, vec![Some(Attribution { user_id: user.clone(), ad_id: ad }), None]);
+    let c = click("imp-1", t0 + 5);
+    assert_eq!(agg.click(&c, to[0].as_ref().expect("attributed"), t0 + 5).await?, Applied::Counted);
+    assert_eq!(agg.click(&c, to[0].as_ref().expect("attributed"), t0 + 6).await?, Applied::Duplicate);
+    let a = counters(&client, &prefix, Entity::Ad, "42").await?;
+    assert_eq!((a["clicks_5m"], a["clicks_1h"], a["clicks_24h"]), (1.0, 1.0, 1.0));
+    let smoothed = (1.0 + realtime::PRIOR_CTR * realtime::PRIOR_WEIGHT) / (1.0 + realtime::PRIOR_WEIGHT);
+    assert!((f64::from(a[realtime::SMOOTHED_CTR]) - smoothed).abs() < 1e-5, "{a:?}");
+
+    // Six minutes on, with no new event: the refresh takes the impression and
+    // click out of the 5-minute window only.
+    assert_eq!(agg.refresh_due(t0 + 360, 100).await?, 2, "the user and the ad were due");
+    let u = counters(&client, &prefix, Entity::User, &user).await?;
+    assert_eq!((u["impressions_5m"], u["impressions_1h"], u["clicks_5m"], u["clicks_1h"]), (0.0, 1.0, 0.0, 1.0));
+    assert_eq!(agg.refresh_due(t0 + 361, 100).await?, 0, "nothing is due again before the hour is up");
+
+    // Two hours on: only the day still holds them.
+    agg.refresh_due(t0 + 7200, 100).await?;
+    let u = counters(&client, &prefix, Entity::User, &user).await?;
+    assert_eq!((u["impressions_1h"], u["impressions_24h"], u["clicks_24h"]), (0.0, 1.0, 1.0));
+
+    // An event read late (two hours behind the clock) counts in the day only;
+    // one older than a day counts nowhere.
+    let late = impression("imp-late", &user, ad, t0);
+    assert_eq!(agg.impression(&late, t0 + 7200).await?, Applied::Counted);
+    let u = counters(&client, &prefix, Entity::User, &user).await?;
+    assert_eq!((u["impressions_1h"], u["impressions_24h"]), (0.0, 2.0));
+    let expired = impression("imp-old", &user, ad, t0 + 7200 - 90_000);
+    assert_eq!(agg.impression(&expired, t0 + 7200).await?, Applied::Expired);
+
+    // A day later everything is gone: value, buckets and schedule entry.
+    agg.refresh_due(t0 + 7200 + 86_400, 100).await?;
+    assert!(counters(&client, &prefix, Entity::User, &user).await?.is_empty());
+    let buckets: i64 = client.exists(realtime::buckets_key(&prefix, Entity::User, &user)).await?;
+    assert_eq!(buckets, 0);
+    let scheduled: i64 = client.zcard(realtime::refresh_key(&prefix)).await?;
+    assert_eq!(scheduled, 0);
+
+    // COPPA impressions count for the ad only.
+    let mut coppa = impression("imp-coppa", "child", ad, t0);
+    coppa.coppa = true;
+    assert_eq!(agg.impression(&coppa, t0).await?, Applied::Counted);
+    assert!(counters(&client, &prefix, Entity::User, "child").await?.is_empty());
+    assert_eq!(agg.attributions(&["imp-coppa"]).await?, vec![Some(Attribution { user_id: String::new(), ad_id: ad })]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_click_changes_the_users_features_within_seconds() -> anyhow::Result<()> {
+    // Through the stack: the gateway's topics, the feature-service's own
+    // aggregator (mode = both), and GetFeatures.
+    let s = Stack::ready().await?;
+    let kafka = KafkaConfig { brokers: s.kafka.clone(), ..KafkaConfig::default() };
+    let events = EventPublisher::new(&kafka, "test")?;
+    let client = redis(&s.redis).await?;
+    let prefix = adserve_features::registry().redis.key_prefix.clone();
+    let run = run_id();
+    let (user, ad) = (format!("agg-user-{run}"), 8_000_000_000 + run);
+    let imp_id = uuid::Uuid::new_v4().to_string();
+    events.impression(&impression(&imp_id, &user, ad, now_s())).await?;
+
+    let mut features = FeatureServiceClient::connect(s.features.clone()).await?;
+    let registry = adserve_features::registry();
+    let col = |name: &str| registry.index_of(name).expect(name);
+    let request = GetFeaturesRequest {
+        user_id: user.clone(),
+        ad_ids: vec![ad],
+        context: Some(RequestContext { placement: "feed_top".into(), device: "mobile".into(), ..Default::default() }),
+    };
+    let took = wait_for("the impression in GetFeatures", Duration::from_secs(20), async || {
+        let m = features.get_features(request.clone()).await?.into_inner().matrix.expect("matrix");
+        let row = &m.values[..m.feature_names.len()];
+        Ok(row[col("user_impressions_1h")] == 1.0 && row[col("ad_impressions_1h")] == 1.0)
+    })
+    .await?;
+    eprintln!("impression visible in GetFeatures after {took:?}");
+
+    events.click(&click(&imp_id, now_s())).await?;
+    let took = wait_for("the click in the user's counters", Duration::from_secs(20), async || {
+        let u = counters(&client, &prefix, Entity::User, &user).await?;
+        Ok(u.get("clicks_5m") == Some(&1.0))
+    })
+    .await?;
+    eprintln!("click visible in the user's real-time features after {took:?}");
+
+    // The same impression published again (a producer retry) and a garbage
+    // message: the first changes nothing, the second is dead-lettered, and the
+    // consumer goes on to count the next impression.
+    let metrics_url = format!(
+        "http://{}/metrics",
+        s.metrics.iter().find(|(n, _)| n == "feature-service").expect("feature-service metrics").1
+    );
+    let scrape = async || adserve_integration_tests::bench::prom::scrape(&metrics_url).await;
+    let dead_before = metric(&scrape().await?, "adserve_feature_aggregates_events_total", &["dead_lettered"]);
+    events.impression(&impression(&imp_id, &user, ad, now_s())).await?;
+    let producer: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &s.kafka).create()?;
+    producer
+        .send(
+            FutureRecord::to(IMPRESSIONS_TOPIC).key("agg-garbage").payload(&b"\xff\xfenot protobuf"[..]),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    events.impression(&impression(&uuid::Uuid::new_v4().to_string(), &user, ad, now_s())).await?;
+    wait_for("the next impression after the garbage", Duration::from_secs(20), async || {
+        let u = counters(&client, &prefix, Entity::User, &user).await?;
+        Ok(u.get("impressions_1h") == Some(&2.0))
+    })
+    .await?;
+    let dead_after = metric(&scrape().await?, "adserve_feature_aggregates_events_total", &["dead_lettered"]);
+    assert!(dead_after > dead_before, "the garbage was dead-lettered ({dead_before} -> {dead_after})");
+    let u = counters(&client, &prefix, Entity::User, &user).await?;
+    assert_eq!(u["impressions_1h"], 2.0, "the redelivered impression counted once: {u:?}");
+    Ok(())
+}
+
+/// A feature-service of its own that only aggregates, into a Redis database
+/// of its own (so the stack's aggregator's counts do not mix in), in a
+/// consumer group of its own.
+fn aggregator_process(s: &Stack, db: &str, group: &str) -> anyhow::Result<tokio::process::Child> {
+    let base = s.redis.rsplit_once('/').map_or(s.redis.as_str(), |(b, _)| b);
+    Ok(tokio::process::Command::new(binary("adserve-feature-service"))
+        .env("ADSERVE_MODE", "aggregate")
+        .env("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("ADSERVE_REDIS__URL", format!("{base}/{db}"))
+        .env("ADSERVE_AGGREGATES__KAFKA__BROKERS", &s.kafka)
+        .env("ADSERVE_AGGREGATES__GROUP_ID", group)
+        .env("ADSERVE_AGGREGATES__COMMIT_INTERVAL", "200ms")
+        .env("ADSERVE_TELEMETRY__LOG_FILTER", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?)
+}
+
+fn signal(child: &tokio::process::Child, sig: &str) -> anyhow::Result<()> {
+    let pid = child.id().expect("running");
+    anyhow::ensure!(std::process::Command::new("kill").args([sig, &pid.to_string()]).status()?.success());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_killed_or_frozen_aggregator_loses_and_duplicates_nothing() -> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    let kafka = KafkaConfig { brokers: s.kafka.clone(), ..KafkaConfig::default() };
+    let events = EventPublisher::new(&kafka, "test")?;
+    let db = "9";
+    let base = s.redis.rsplit_once('/').map_or(s.redis.as_str(), |(b, _)| b);
+    let client = redis(&format!("{base}/{db}")).await?;
+    let prefix = adserve_features::registry().redis.key_prefix.clone();
+    let run = run_id();
+    let (user, ad) = (format!("agg-kill-{run}"), 8_500_000_000 + run);
+    let group = format!("adserve-test-aggregates-{run}");
+    let total = 300;
+
+    let mut child = aggregator_process(&s, db, &group)?;
+    let publish = {
+        let (events, user) = (events.clone(), user.clone());
+        tokio::spawn(async move {
+            for i in 0..total {
+                events.impression(&impression(&format!("{run}-{i}"), &user, ad, now_s())).await?;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            anyhow::Ok(())
+        })
+    };
+    // Kill it mid-stream, then freeze its replacement for longer than the
+    // consumer's session timeout, then let it go on.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    signal(&child, "-KILL")?;
+    let _ = child.wait().await;
+    let child = aggregator_process(&s, db, &group)?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    signal(&child, "-STOP")?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    signal(&child, "-CONT")?;
+    publish.await??;
+    let took = wait_for("every impression counted", Duration::from_secs(60), async || {
+        let u = counters(&client, &prefix, Entity::User, &user).await?;
+        Ok(u.get("impressions_1h").copied().unwrap_or(0.0) >= total as f32)
+    })
+    .await?;
+    eprintln!("all {total} counted {took:?} after the last publish");
+    // Give a duplicate time to show, then check the exact count.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let u = counters(&client, &prefix, Entity::User, &user).await?;
+    assert_eq!(u["impressions_1h"], total as f32, "exactly once after SIGKILL and SIGSTOP: {u:?}");
+    let a = counters(&client, &prefix, Entity::Ad, &ad.to_string()).await?;
+    assert_eq!(a["impressions_1h"], total as f32, "{a:?}");
+    drop(child);
+    Ok(())
+}

@@ -1,0 +1,586 @@
+//! Streaming aggregates: the real-time tier's only writer.
+//!
+//! A consumer of the impressions and clicks topics (group
+//! `aggregates.group_id`; in the feature-service process, or alone with
+//! `mode = "aggregate"`) keeps, for every user and ad, impressions and clicks
+//! over sliding 5-minute, 1-hour and 24-hour windows and a smoothed 24-hour
+//! CTR, packed into one Redis string per entity (layout and script in
+//! [`adserve_features::realtime`]).
+//!
+//! - **Event time.** An event counts in the buckets of its own time
+//!   (`served_at`, `clicked_at`), not of when it was read. Windows are
+//!   re-summed as time passes by a refresh schedule in Redis, so a count
+//!   leaves its window without a new event.
+//! - **Watermark.** Per partition, the newest event time read. An event more
+//!   than `allowed_lateness` behind it is *late*: counted in
+//!   `adserve_feature_aggregates_late_total` and still applied to the
+//!   windows that hold it. An event older than every window (24 h) is
+//!   *expired*: counted, not applied.
+//! - **Exactly once in effect.** Offsets are committed only after Redis has
+//!   the event; a redelivered event finds its dedup marker and changes
+//!   nothing (marker, buckets, value and schedule change in one script).
+//! - **Clicks** carry only their impression id. The impression's marker
+//!   holds its user and ad; a click read before its impression waits (up to
+//!   `click_wait`, and the clicks partition commits no further than the
+//!   oldest waiting click) and is then counted as unattributed.
+//! - **Bad input.** A message that does not decode goes to the dead-letter
+//!   topic with the reason; the consumer goes on.
+//! - **Redis down.** The consumer retries the event with backoff and commits
+//!   nothing past it: the counters lag (see the freshness histogram), and
+//!   nothing is lost.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    time::{Duration, Instant},
+};
+
+use adserve_core::Lifecycle;
+use adserve_events::{
+    CLICKS_TOPIC, EventError, EventPublisher, IMPRESSIONS_TOPIC, KafkaConfig, decode_click, decode_impression,
+};
+use adserve_features::{Entity, realtime};
+use adserve_proto::v1::{ClickEvent, ImpressionEvent};
+use fred::prelude::*;
+use rdkafka::{
+    Message as _, Offset, TopicPartitionList,
+    consumer::{CommitMode, Consumer as _},
+};
+
+use crate::config::AggregatesConfig;
+
+/// What applying one event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Counted in the windows that hold it.
+    Counted,
+    /// Already counted (a redelivery): nothing changed.
+    Duplicate,
+    /// Older than every window: not counted.
+    Expired,
+}
+
+/// Who an impression was shown to, as its marker records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attribution {
+    /// The user (empty: COPPA or anonymous, no user counters).
+    pub user_id: String,
+    /// The ad.
+    pub ad_id: i64,
+}
+
+impl Attribution {
+    fn encode(&self) -> String {
+        format!("{}|{}", self.ad_id, self.user_id)
+    }
+
+    fn decode(value: &str) -> Option<Self> {
+        let (ad, user) = value.split_once('|')?;
+        Some(Self { user_id: user.to_string(), ad_id: ad.parse().ok()? })
+    }
+}
+
+/// Applies events to the real-time tier (one script call each).
+#[derive(Clone)]
+pub struct Aggregator {
+    client: Client,
+    sha: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    prefix: String,
+    value_ttl: Duration,
+    attribution_ttl: Duration,
+    /// Tail of every script call: prior CTR, prior weight, attribute names.
+    tail: Vec<String>,
+}
+
+impl std::fmt::Debug for Aggregator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Aggregator").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+/// Seconds since the Unix epoch of a protobuf timestamp.
+fn seconds(t: Option<&prost_types::Timestamp>) -> i64 {
+    t.map_or(0, |t| t.seconds)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Aggregator {
+    /// An aggregator writing keys under `prefix` (the registry's
+    /// `[redis].key_prefix`) over `client`.
+    pub fn new(client: Client, prefix: &str, config: &AggregatesConfig) -> Self {
+        let mut tail = vec![realtime::PRIOR_CTR.to_string(), realtime::PRIOR_WEIGHT.to_string()];
+        tail.extend(realtime::attributes());
+        Self {
+            client,
+            sha: Default::default(),
+            prefix: prefix.to_string(),
+            value_ttl: config.value_ttl,
+            attribution_ttl: config.attribution_ttl,
+            tail,
+        }
+    }
+
+    /// Runs the apply script (loading it first, and again after a Redis
+    /// restart forgot it).
+    async fn script(&self, keys: Vec<String>, args: Vec<String>) -> Result<i64, Error> {
+        for _ in 0..2 {
+            let cached = self.sha.lock().map_or(None, |s| s.clone());
+            let sha = match cached {
+                Some(sha) => sha,
+                None => {
+                    let sha: String = self.client.script_load(realtime::APPLY_SCRIPT).await?;
+                    if let Ok(mut s) = self.sha.lock() {
+                        *s = Some(sha.clone());
+                    }
+                    sha
+                }
+            };
+            match self.client.evalsha::<i64, _, _, _>(sha, keys.clone(), args.clone()).await {
+                Err(e) if e.details().starts_with("NOSCRIPT") => {
+                    if let Ok(mut s) = self.sha.lock() {
+                        *s = None;
+                    }
+                }
+                result => return result,
+            }
+        }
+        Err(Error::new(ErrorKind::Unknown, "apply script not loaded after two tries"))
+    }
+
+    /// Adds 1 to `counter` (index into [`realtime::COUNTERS`]) at `event_s`
+    /// for each entity, guarded by `marker` (empty: none), as of `now_s`.
+    async fn apply(
+        &self,
+        marker: (&str, &str, Duration),
+        counter: usize,
+        event_s: i64,
+        entities: &[(Entity, String)],
+        now_s: i64,
+    ) -> Result<Applied, Error> {
+        let fields = realtime::bucket_fields(counter, event_s.min(now_s), now_s);
+        if fields.is_empty() {
+            return Ok(Applied::Expired);
+        }
+        self.run(marker, &fields, entities, now_s).await
+    }
+
+    async fn run(
+        &self,
+        (marker, marker_value, marker_ttl): (&str, &str, Duration),
+        fields: &[String],
+        entities: &[(Entity, String)],
+        now_s: i64,
+    ) -> Result<Applied, Error> {
+        let mut keys = vec![marker.to_string(), realtime::refresh_key(&self.prefix)];
+        for (entity, id) in entities {
+            keys.push(realtime::buckets_key(&self.prefix, *entity, id));
+            keys.push(realtime::value_key(&self.prefix, *entity, id));
+        }
+        let mut args = vec![
+            now_s.to_string(),
+            self.value_ttl.as_secs().max(1).to_string(),
+            marker_value.to_string(),
+            marker_ttl.as_secs().max(1).to_string(),
+            fields.len().to_string(),
+        ];
+        args.extend(fields.iter().cloned());
+        args.extend(entities.iter().map(|(e, id)| realtime::member(*e, id)));
+        args.extend(self.tail.iter().cloned());
+        Ok(if self.script(keys, args).await? == 0 { Applied::Duplicate } else { Applied::Counted })
+    }
+
+    /// Counts an impression for its user (unless COPPA or anonymous) and
+    /// its ad, and leaves its marker for dedup and for its clicks.
+    pub async fn impression(&self, e: &ImpressionEvent, now_s: i64) -> Result<Applied, Error> {
+        let user = if e.coppa { String::new() } else { e.user_id.clone() };
+        let attribution = Attribution { user_id: user.clone(), ad_id: e.ad_id }.encode();
+        let marker = realtime::impression_marker(&self.prefix, &e.impression_id);
+        let mut entities = vec![(Entity::Ad, e.ad_id.to_string())];
+        if !user.is_empty() {
+            entities.push((Entity::User, user));
+        }
+        let event_s = seconds(e.served_at.as_ref());
+        self.apply((&marker, &attribution, self.attribution_ttl), 0, event_s, &entities, now_s).await
+    }
+
+    /// Who each impression was shown to (None: not counted yet, or its
+    /// marker expired), in one MGET.
+    pub async fn attributions(&self, impression_ids: &[&str]) -> Result<Vec<Option<Attribution>>, Error> {
+        if impression_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = impression_ids.iter().map(|id| realtime::impression_marker(&self.prefix, id)).collect();
+        let values: Vec<Option<String>> = self.client.mget(keys).await?;
+        Ok(values.into_iter().map(|v| v.as_deref().and_then(Attribution::decode)).collect())
+    }
+
+    /// Counts a click for the user and ad it is attributed to.
+    pub async fn click(&self, c: &ClickEvent, to: &Attribution, now_s: i64) -> Result<Applied, Error> {
+        let event_s = seconds(c.clicked_at.as_ref());
+        // A click without an id is deduplicated on its impression and time.
+        let id = if c.click_id.is_empty() {
+            format!(
+                "{}@{}",
+                c.impression_id,
+                c.clicked_at.as_ref().map_or(0, |t| t.seconds * 1_000_000_000 + i64::from(t.nanos))
+            )
+        } else {
+            c.click_id.clone()
+        };
+        let marker = realtime::click_marker(&self.prefix, &id);
+        let mut entities = vec![(Entity::Ad, to.ad_id.to_string())];
+        if !to.user_id.is_empty() {
+            entities.push((Entity::User, to.user_id.clone()));
+        }
+        self.apply((&marker, "1", self.attribution_ttl), 1, event_s, &entities, now_s).await
+    }
+
+    /// Re-sums up to `limit` entities whose windows moved by `now_s`;
+    /// returns how many. Safe to run from several processes at once.
+    pub async fn refresh_due(&self, now_s: i64, limit: usize) -> Result<usize, Error> {
+        let due: Vec<String> = self
+            .client
+            .zrangebyscore(realtime::refresh_key(&self.prefix), "-inf", now_s as f64, false, Some((0, limit as i64)))
+            .await?;
+        let mut refreshed = 0;
+        for member in &due {
+            let Some((entity, id)) = realtime::parse_member(member) else {
+                let _: i64 = self.client.zrem(realtime::refresh_key(&self.prefix), member.as_str()).await?;
+                continue;
+            };
+            self.run(("", "", Duration::from_secs(1)), &[], &[(entity, id.to_string())], now_s).await?;
+            refreshed += 1;
+        }
+        Ok(refreshed)
+    }
+}
+
+/// Why the consumer loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The consumer failed.
+    #[error("kafka consumer: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The consumer could not be made.
+    #[error("{0}")]
+    Events(#[from] EventError),
+    /// A refused message could not be dead-lettered.
+    #[error("dead-letter topic unavailable: {0}")]
+    DeadLetter(EventError),
+}
+
+/// A click read before its impression was counted.
+#[derive(Debug)]
+struct Waiting {
+    partition: i32,
+    offset: i64,
+    click: ClickEvent,
+    since: Instant,
+}
+
+/// The consumer loop's state.
+struct Loop<'a> {
+    config: &'a AggregatesConfig,
+    aggregator: &'a Aggregator,
+    publisher: &'a EventPublisher,
+    lifecycle: &'a Lifecycle,
+    /// Newest event time read per (topic, partition), unix seconds.
+    watermarks: HashMap<(&'static str, i32), i64>,
+    /// Next offset to commit per (topic, partition), waiting clicks aside.
+    next: HashMap<(&'static str, i32), i64>,
+    waiting: VecDeque<Waiting>,
+}
+
+fn topic_of(name: &str) -> Option<&'static str> {
+    [IMPRESSIONS_TOPIC, CLICKS_TOPIC].into_iter().find(|t| *t == name)
+}
+
+impl Loop<'_> {
+    /// Retries a Redis call until it succeeds or the process stops (None).
+    async fn patiently<T, F, Fut>(&self, what: &'static str, mut call: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match call().await {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    metrics::counter!("adserve_feature_aggregates_redis_errors_total", "op" => what).increment(1);
+                    tracing::warn!(error = %e, op = what, retry_in_ms = delay.as_millis() as u64, "redis write failed; retrying (nothing is committed past it)");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.lifecycle.shutdown.wait() => return None,
+            }
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    fn observe(&mut self, topic: &'static str, partition: i32, event_s: i64, outcome: Applied, now_s: i64) {
+        let newest = self.watermarks.entry((topic, partition)).or_insert(event_s);
+        if event_s < *newest - self.config.allowed_lateness.as_secs() as i64 {
+            metrics::counter!("adserve_feature_aggregates_late_total", "topic" => topic).increment(1);
+        }
+        *newest = (*newest).max(event_s);
+        let outcome = match outcome {
+            Applied::Counted => {
+                metrics::histogram!("adserve_feature_aggregates_freshness_seconds", "topic" => topic)
+                    .record((now_s - event_s).max(0) as f64);
+                "counted"
+            }
+            Applied::Duplicate => "duplicate",
+            Applied::Expired => "expired",
+        };
+        metrics::counter!("adserve_feature_aggregates_events_total", "topic" => topic, "outcome" => outcome)
+            .increment(1);
+    }
+
+    /// Handles one message; false when the process is stopping (the message
+    /// is then not marked done).
+    async fn handle(
+        &mut self,
+        topic: &'static str,
+        partition: i32,
+        offset: i64,
+        key: &[u8],
+        payload: &[u8],
+    ) -> Result<bool, RunError> {
+        let now_s = unix_now();
+        let decoded = if topic == IMPRESSIONS_TOPIC {
+            decode_impression(payload).map(|e| Event::Impression(Box::new(e)))
+        } else {
+            decode_click(payload).map(Event::Click)
+        };
+        match decoded {
+            Err(reason) => {
+                let source = format!("{topic}/{partition}/{offset}");
+                tracing::warn!(%source, %reason, "refused message; dead-lettering");
+                self.publisher
+                    .dead_letter_patiently(&source, key, payload, &reason.to_string())
+                    .await
+                    .map_err(RunError::DeadLetter)?;
+                metrics::counter!("adserve_feature_aggregates_events_total", "topic" => topic, "outcome" => "dead_lettered")
+                    .increment(1);
+            }
+            Ok(Event::Impression(e)) => {
+                let aggregator = self.aggregator;
+                let Some(applied) = self.patiently("impression", || aggregator.impression(&e, now_s)).await else {
+                    return Ok(false);
+                };
+                self.observe(topic, partition, seconds(e.served_at.as_ref()), applied, now_s);
+            }
+            Ok(Event::Click(c)) => {
+                let aggregator = self.aggregator;
+                let ids = [c.impression_id.as_str()];
+                let Some(found) = self.patiently("attribution", || aggregator.attributions(&ids)).await else {
+                    return Ok(false);
+                };
+                match found.into_iter().next().flatten() {
+                    Some(to) => {
+                        let Some(applied) = self.patiently("click", || aggregator.click(&c, &to, now_s)).await else {
+                            return Ok(false);
+                        };
+                        self.observe(topic, partition, seconds(c.clicked_at.as_ref()), applied, now_s);
+                    }
+                    None => {
+                        if self.waiting.len() >= self.config.max_waiting_clicks {
+                            self.give_up_oldest();
+                        }
+                        self.waiting.push_back(Waiting { partition, offset, click: c, since: Instant::now() });
+                    }
+                }
+            }
+        }
+        self.next.insert((topic, partition), offset + 1);
+        Ok(true)
+    }
+
+    fn give_up_oldest(&mut self) {
+        if let Some(w) = self.waiting.pop_front() {
+            tracing::debug!(impression_id = %w.click.impression_id, "click never matched a counted impression");
+            metrics::counter!("adserve_feature_aggregates_events_total", "topic" => CLICKS_TOPIC, "outcome" => "unattributed")
+                .increment(1);
+        }
+    }
+
+    /// Counts waiting clicks whose impression has been counted since, and
+    /// gives up on those that waited `click_wait`. False when stopping.
+    async fn retry_waiting(&mut self) -> bool {
+        if self.waiting.is_empty() {
+            return true;
+        }
+        let aggregator = self.aggregator;
+        let mut still = VecDeque::with_capacity(self.waiting.len());
+        let waiting: Vec<Waiting> = self.waiting.drain(..).collect();
+        for chunk in waiting.chunks(500) {
+            let ids: Vec<&str> = chunk.iter().map(|w| w.click.impression_id.as_str()).collect();
+            let Some(found) = self.patiently("attribution", || aggregator.attributions(&ids)).await else {
+                return false;
+            };
+            for (w, to) in chunk.iter().zip(found) {
+                let now_s = unix_now();
+                match to {
+                    Some(to) => {
+                        let Some(applied) = self.patiently("click", || aggregator.click(&w.click, &to, now_s)).await
+                        else {
+                            return false;
+                        };
+                        self.observe(CLICKS_TOPIC, w.partition, seconds(w.click.clicked_at.as_ref()), applied, now_s);
+                    }
+                    None if w.since.elapsed() >= self.config.click_wait => {
+                        metrics::counter!("adserve_feature_aggregates_events_total", "topic" => CLICKS_TOPIC, "outcome" => "unattributed")
+                            .increment(1);
+                    }
+                    None => still.push_back(Waiting {
+                        partition: w.partition,
+                        offset: w.offset,
+                        click: w.click.clone(),
+                        since: w.since,
+                    }),
+                }
+            }
+        }
+        self.waiting = still;
+        metrics::gauge!("adserve_feature_aggregates_waiting_clicks").set(self.waiting.len() as f64);
+        true
+    }
+
+    /// Commits what Redis has: each partition's next offset, but never past
+    /// a click still waiting for its impression.
+    fn commit<C: rdkafka::consumer::ConsumerContext>(&self, consumer: &rdkafka::consumer::StreamConsumer<C>) {
+        let Ok(assigned) = consumer.assignment() else { return };
+        let mut tpl = TopicPartitionList::new();
+        for e in assigned.elements() {
+            let Some(topic) = topic_of(e.topic()) else { continue };
+            let Some(mut next) = self.next.get(&(topic, e.partition())).copied() else { continue };
+            if topic == CLICKS_TOPIC
+                && let Some(oldest) =
+                    self.waiting.iter().filter(|w| w.partition == e.partition()).map(|w| w.offset).min()
+            {
+                next = next.min(oldest);
+            }
+            let _ = tpl.add_partition_offset(topic, e.partition(), Offset::Offset(next));
+        }
+        if tpl.count() > 0
+            && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
+        {
+            tracing::warn!(error = %e, "offset commit failed; events since the last commit will be re-read (and deduplicated)");
+        }
+    }
+
+    async fn run(&mut self) -> Result<(), RunError> {
+        let consumer = self.config.kafka.consumer(&self.config.group_id)?;
+        consumer.subscribe(&[IMPRESSIONS_TOPIC, CLICKS_TOPIC])?;
+        tracing::info!(group = %self.config.group_id, "streaming aggregates: consuming impressions and clicks");
+        let mut commit = tokio::time::interval(self.config.commit_interval);
+        let mut refresh = tokio::time::interval(self.config.refresh_interval);
+        commit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.lifecycle.shutdown.wait() => {
+                    self.commit(&consumer);
+                    return Ok(());
+                }
+                _ = commit.tick() => {
+                    if !self.retry_waiting().await {
+                        return Ok(());
+                    }
+                    self.commit(&consumer);
+                }
+                _ = refresh.tick() => {
+                    match self.aggregator.refresh_due(unix_now(), self.config.refresh_batch).await {
+                        Ok(n) => metrics::counter!("adserve_feature_aggregates_refreshed_total").increment(n as u64),
+                        Err(e) => {
+                            metrics::counter!("adserve_feature_aggregates_redis_errors_total", "op" => "refresh").increment(1);
+                            tracing::warn!(error = %e, "refreshing moved windows failed; next tick retries");
+                        }
+                    }
+                }
+                message = consumer.recv() => {
+                    let m = message?;
+                    let Some(topic) = topic_of(m.topic()) else { continue };
+                    let (partition, offset) = (m.partition(), m.offset());
+                    let (key, payload) = (m.key().unwrap_or_default().to_vec(), m.payload().unwrap_or_default().to_vec());
+                    drop(m);
+                    if !self.handle(topic, partition, offset, &key, &payload).await? {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum Event {
+    Impression(Box<ImpressionEvent>),
+    Click(ClickEvent),
+}
+
+/// Runs the consumer until shutdown, starting it over with backoff after a
+/// Kafka failure. `report_readiness`: the consumer's health is the
+/// process's readiness (a process that only aggregates); otherwise it is
+/// only logged and counted (serving does not depend on it).
+pub async fn supervise(
+    config: &AggregatesConfig,
+    kafka: &KafkaConfig,
+    aggregator: Aggregator,
+    publisher: EventPublisher,
+    lifecycle: &Lifecycle,
+    report_readiness: bool,
+) {
+    const DEPENDENCY: &str = "kafka consumer (aggregates)";
+    let mut backoff = kafka.recovery_backoff();
+    loop {
+        let started = Instant::now();
+        let mut state = Loop {
+            config,
+            aggregator: &aggregator,
+            publisher: &publisher,
+            lifecycle,
+            watermarks: HashMap::new(),
+            next: HashMap::new(),
+            waiting: VecDeque::new(),
+        };
+        if report_readiness {
+            lifecycle.readiness.set(DEPENDENCY, None);
+        }
+        let e = match state.run().await {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        if started.elapsed() >= Duration::from_secs(30) {
+            backoff = kafka.recovery_backoff();
+        }
+        let delay = backoff.next().unwrap_or(kafka.recovery_backoff_max);
+        tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "aggregates loop failed; starting it over");
+        metrics::counter!("adserve_feature_aggregates_restarts_total").increment(1);
+        if report_readiness {
+            lifecycle.readiness.set(DEPENDENCY, Some(e.to_string()));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = lifecycle.shutdown.wait() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attributions_round_trip_with_and_without_a_user() {
+        for a in [Attribution { user_id: "u|1".into(), ad_id: 7 }, Attribution { user_id: String::new(), ad_id: -3 }] {
+            assert_eq!(Attribution::decode(&a.encode()), Some(a));
+        }
+        assert_eq!(Attribution::decode("garbage"), None);
+        assert_eq!(Attribution::decode("x|u"), None);
+    }
+}
