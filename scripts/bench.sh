@@ -18,7 +18,7 @@
 #
 # Environment:
 #   BENCH_QUICK=1        short windows (< 5 minutes once built)
-#   BENCH_PARTS=a,b      only these parts: auction, ranker, features, e2e, joiner
+#   BENCH_PARTS=a,b      only these parts: auction, ranker, features, e2e, joiner, aggregates
 #   BENCH_DOCS=1         write docs/ even for a quick or partial run
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=env.sh
@@ -26,7 +26,7 @@ set -euo pipefail
 cd "$ADSTACK_REPO"
 
 quick="${BENCH_QUICK:-0}"
-parts="${BENCH_PARTS:-auction,ranker,features,e2e,joiner}"
+parts="${BENCH_PARTS:-auction,ranker,features,e2e,joiner,aggregates}"
 export ADSTACK_PROFILE=release
 work="$ADSTACK_RUN/bench"
 mkdir -p "$work/logs"
@@ -71,14 +71,14 @@ args=(--json "$work/results.json" --work-dir "$work" --bin-dir "$CARGO_TARGET_DI
   --peer-python "$ADSTACK_HOME/bench-venv/bin/python" --only "$parts")
 command="make bench"
 [ "$quick" = 1 ] && { args+=(--quick); command="make bench QUICK=1"; }
-if [ "$parts" != "auction,ranker,features,e2e,joiner" ]; then
+if [ "$parts" != "auction,ranker,features,e2e,joiner,aggregates" ]; then
   # (An assignment takes its status from the substitution: a bare
   # `[ quick ] && echo` failed it, and set -e ended every non-quick partial run.)
   suffix=""
   [ "$quick" = 1 ] && suffix=" QUICK=1"
   command="make bench-${parts//,/+}$suffix"
 fi
-if [ "${BENCH_DOCS:-0}" = 1 ] || { [ "$quick" != 1 ] && [ "$parts" = "auction,ranker,features,e2e,joiner" ]; }; then
+if [ "${BENCH_DOCS:-0}" = 1 ] || { [ "$quick" != 1 ] && [ "$parts" = "auction,ranker,features,e2e,joiner,aggregates" ]; }; then
   args+=(--doc docs/benchmarks.md)
   cp_json=1
 fi

@@ -271,19 +271,30 @@ impl Stack {
             .collect();
         batch.put_users(&rows).await?;
         let realtime = self.realtime_store().await?;
-        let registry = adserve_features::registry();
-        let attribute = |name: &str| -> anyhow::Result<String> {
-            Ok(registry.features.iter().find(|f| f.name == name).context("registry")?.attribute.clone())
+        // Every counter the aggregator keeps, so values are as long as real
+        // ones (the MGET moves the same bytes); `impressions_1h` carries the
+        // seeded signal.
+        let full = |impressions_1h: f64| -> Vec<(String, f64)> {
+            let mut v: Vec<(String, f64)> = adserve_features::realtime::attributes()
+                .into_iter()
+                .map(|a| {
+                    let x = match a.as_str() {
+                        "impressions_5m" => (impressions_1h / 12.0).floor(),
+                        "impressions_1h" => impressions_1h,
+                        "impressions_24h" => impressions_1h * 20.0,
+                        "clicks_24h" => (impressions_1h * 20.0 * 0.02).floor(),
+                        a if a.starts_with("clicks_") => 0.0,
+                        _ => 0.019_802,
+                    };
+                    (a, x)
+                })
+                .collect();
+            v.push((adserve_features::realtime::AS_OF.to_string(), 1_800_000_000.0));
+            v
         };
-        let (ad_attr, user_attr) = (attribute("ad_impressions_1h")?, attribute("user_impressions_1h")?);
         let mut counters: Vec<adserve_feature_service::realtime::Seed> =
-            ad_ids.iter().map(|id| (Entity::Ad, id.to_string(), vec![(ad_attr.clone(), (*id % 40) as f64)])).collect();
-        counters.extend(
-            users
-                .iter()
-                .enumerate()
-                .map(|(u, id)| (Entity::User, id.clone(), vec![(user_attr.clone(), (u % 7) as f64)])),
-        );
+            ad_ids.iter().map(|id| (Entity::Ad, id.to_string(), full((*id % 40) as f64))).collect();
+        counters.extend(users.iter().enumerate().map(|(u, id)| (Entity::User, id.clone(), full((u % 7) as f64))));
         realtime.set_counters(&counters).await?;
         Ok(())
     }

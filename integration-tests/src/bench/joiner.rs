@@ -51,7 +51,7 @@ const LATENESS_MS: u64 = 3000;
 const BACKDATE_MS: u64 = 2500;
 
 /// Impressions pre-filled (a click for every 20th).
-fn prefill_size(quick: bool) -> usize {
+pub(super) fn prefill_size(quick: bool) -> usize {
     if quick { 50_000 } else { 200_000 }
 }
 
@@ -114,7 +114,7 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
 
 /// Produces `n` impressions, stamped as they are produced (less
 /// `BACKDATE_MS`), and a click 200 ms after every 20th.
-async fn prefill(brokers: &str, n: usize) -> anyhow::Result<()> {
+pub(super) async fn prefill(brokers: &str, n: usize) -> anyhow::Result<()> {
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
@@ -167,7 +167,7 @@ async fn prefill(brokers: &str, n: usize) -> anyhow::Result<()> {
 }
 
 /// High watermark of every partition of both topics.
-fn watermarks(kafka: &KafkaConfig) -> anyhow::Result<HashMap<(String, i32), i64>> {
+pub(super) fn watermarks(kafka: &KafkaConfig) -> anyhow::Result<HashMap<(String, i32), i64>> {
     let consumer = kafka.consumer(&format!("adserve-bench-meta-{}", uuid::Uuid::new_v4()))?;
     let mut out = HashMap::new();
     for topic in [IMPRESSIONS_TOPIC, CLICKS_TOPIC] {
@@ -183,7 +183,10 @@ fn watermarks(kafka: &KafkaConfig) -> anyhow::Result<HashMap<(String, i32), i64>
 }
 
 /// Consumes both topics to `high` and counts; returns (events, elapsed).
-async fn read_only(kafka: &KafkaConfig, high: &HashMap<(String, i32), i64>) -> anyhow::Result<(i64, Duration)> {
+pub(super) async fn read_only(
+    kafka: &KafkaConfig,
+    high: &HashMap<(String, i32), i64>,
+) -> anyhow::Result<(i64, Duration)> {
     let consumer: StreamConsumer = kafka.consumer(&format!("adserve-bench-reader-{}", uuid::Uuid::new_v4()))?;
     consumer.subscribe(&[IMPRESSIONS_TOPIC, CLICKS_TOPIC])?;
     let started = Instant::now();
@@ -236,18 +239,40 @@ async fn run_joiner(
         &crate::repo_root(),
         s.work_dir.join("logs/label-joiner-bench.log"),
     )?;
-    // Reads the group's committed offsets without joining it.
-    let watcher = std::sync::Arc::new(kafka.consumer(&group)?);
+    if let Err(e) = wait_committed(kafka, &group, high, started, Duration::from_secs(600)).await {
+        anyhow::bail!("the label-joiner {e}; see {}", child.log.display());
+    }
+    let elapsed = started.elapsed();
+    let status = LabelJoinerServiceClient::connect(format!("http://{grpc_addr}"))
+        .await
+        .context("connecting to the bench's label-joiner")?
+        .get_status(GetStatusRequest {})
+        .await
+        .context("label-joiner GetStatus")?
+        .into_inner();
+    child.stop();
+    std::fs::remove_dir_all(&out_dir).ok();
+    Ok((elapsed, status))
+}
+
+/// Waits until consumer group `group` has committed offsets up to `high` on
+/// every partition, polling without joining the group; fails once `limit`
+/// has passed since `started`.
+pub(super) async fn wait_committed(
+    kafka: &KafkaConfig,
+    group: &str,
+    high: &HashMap<(String, i32), i64>,
+    started: Instant,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let watcher = std::sync::Arc::new(kafka.consumer(group)?);
     let mut tpl = TopicPartitionList::new();
     for (topic, partition) in high.keys() {
         tpl.add_partition(topic, *partition);
     }
     loop {
-        if started.elapsed() > Duration::from_secs(600) {
-            anyhow::bail!(
-                "the label-joiner did not commit up to the high watermarks within 600 s; see {}",
-                child.log.display()
-            );
+        if started.elapsed() > limit {
+            anyhow::bail!("did not commit up to the high watermarks within {} s", limit.as_secs());
         }
         let (tpl, watcher) = (tpl.clone(), watcher.clone());
         let committed =
@@ -259,17 +284,7 @@ async fn run_joiner(
                         .is_some_and(|e| matches!(e.offset(), Offset::Offset(o) if o >= *h))
             });
             if all {
-                let elapsed = started.elapsed();
-                let status = LabelJoinerServiceClient::connect(format!("http://{grpc_addr}"))
-                    .await
-                    .context("connecting to the bench's label-joiner")?
-                    .get_status(GetStatusRequest {})
-                    .await
-                    .context("label-joiner GetStatus")?
-                    .into_inner();
-                child.stop();
-                std::fs::remove_dir_all(&out_dir).ok();
-                return Ok((elapsed, status));
+                return Ok(());
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

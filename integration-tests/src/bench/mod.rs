@@ -5,8 +5,11 @@
 //! [`features`] (GetFeatures next to Feast and a raw Redis MGET), [`ranker`]
 //! (Score next to a bare `session.run` and a FastAPI + onnxruntime server),
 //! [`auction`] (criterion in-process figures next to the same over gRPC) and
-//! [`joiner`] (label-joiner throughput next to a consume-only reader).
+//! [`joiner`] (label-joiner throughput next to a consume-only reader) and
+//! [`aggregates`] (the streaming aggregates' throughput next to the same
+//! reader, and their freshness next to the broker's delivery latency).
 
+pub mod aggregates;
 pub mod auction;
 pub mod e2e;
 pub mod features;

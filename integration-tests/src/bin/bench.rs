@@ -8,7 +8,7 @@ use std::{path::PathBuf, time::Instant};
 use adserve_integration_tests::{
     Stack,
     bench::{
-        Settings, auction, e2e, features, joiner, ranker,
+        Settings, aggregates, auction, e2e, features, joiner, ranker,
         report::{self, Report, RunInfo},
     },
     repo_root,
@@ -17,7 +17,7 @@ use anyhow::Context;
 use clap::Parser;
 
 /// The benchmark parts, in run order.
-const PARTS: [&str; 5] = ["auction", "ranker", "features", "e2e", "joiner"];
+const PARTS: [&str; 6] = ["auction", "ranker", "features", "e2e", "joiner", "aggregates"];
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmarks every adserve path next to its peer or floor, in one run")]
@@ -25,7 +25,7 @@ struct Args {
     /// Short windows: the whole run well under five minutes.
     #[arg(long)]
     quick: bool,
-    /// Comma-separated parts to run (auction, ranker, features, e2e, joiner).
+    /// Comma-separated parts to run (auction, ranker, features, e2e, joiner, aggregates).
     #[arg(long, value_delimiter = ',', default_values_t = PARTS.map(String::from))]
     only: Vec<String>,
     /// Where to write the JSON results.
@@ -117,6 +117,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if wants("joiner") {
         report.comparisons.extend(joiner::run(&settings).await.context("label-joiner benchmark")?);
+    }
+    if wants("aggregates") {
+        report.comparisons.extend(aggregates::run(&settings).await.context("streaming aggregates benchmark")?);
     }
     println!("\n{}", report.text());
     report::write(&report, &args.json, args.doc.as_deref())?;

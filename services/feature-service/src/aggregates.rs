@@ -102,6 +102,15 @@ fn seconds(t: Option<&prost_types::Timestamp>) -> i64 {
     t.map_or(0, |t| t.seconds)
 }
 
+/// Milliseconds since the Unix epoch of a protobuf timestamp.
+fn millis(t: Option<&prost_types::Timestamp>) -> i64 {
+    t.map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+}
+
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
 fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
@@ -286,7 +295,7 @@ struct Loop<'a> {
     aggregator: &'a Aggregator,
     publisher: &'a EventPublisher,
     lifecycle: &'a Lifecycle,
-    /// Newest event time read per (topic, partition), unix seconds.
+    /// Newest event time read per (topic, partition), unix milliseconds.
     watermarks: HashMap<(&'static str, i32), i64>,
     /// Next offset to commit per (topic, partition), waiting clicks aside.
     next: HashMap<(&'static str, i32), i64>,
@@ -321,16 +330,17 @@ impl Loop<'_> {
         }
     }
 
-    fn observe(&mut self, topic: &'static str, partition: i32, event_s: i64, outcome: Applied, now_s: i64) {
-        let newest = self.watermarks.entry((topic, partition)).or_insert(event_s);
-        if event_s < *newest - self.config.allowed_lateness.as_secs() as i64 {
+    fn observe(&mut self, topic: &'static str, partition: i32, event_ms: i64, outcome: Applied) {
+        let newest = self.watermarks.entry((topic, partition)).or_insert(event_ms);
+        if event_ms < *newest - self.config.allowed_lateness.as_millis() as i64 {
             metrics::counter!("adserve_feature_aggregates_late_total", "topic" => topic).increment(1);
         }
-        *newest = (*newest).max(event_s);
+        *newest = (*newest).max(event_ms);
         let outcome = match outcome {
             Applied::Counted => {
+                // Event time to visible in Redis (the script has returned).
                 metrics::histogram!("adserve_feature_aggregates_freshness_seconds", "topic" => topic)
-                    .record((now_s - event_s).max(0) as f64);
+                    .record((unix_now_ms() - event_ms).max(0) as f64 / 1000.0);
                 "counted"
             }
             Applied::Duplicate => "duplicate",
@@ -372,7 +382,7 @@ impl Loop<'_> {
                 let Some(applied) = self.patiently("impression", || aggregator.impression(&e, now_s)).await else {
                     return Ok(false);
                 };
-                self.observe(topic, partition, seconds(e.served_at.as_ref()), applied, now_s);
+                self.observe(topic, partition, millis(e.served_at.as_ref()), applied);
             }
             Ok(Event::Click(c)) => {
                 let aggregator = self.aggregator;
@@ -385,7 +395,7 @@ impl Loop<'_> {
                         let Some(applied) = self.patiently("click", || aggregator.click(&c, &to, now_s)).await else {
                             return Ok(false);
                         };
-                        self.observe(topic, partition, seconds(c.clicked_at.as_ref()), applied, now_s);
+                        self.observe(topic, partition, millis(c.clicked_at.as_ref()), applied);
                     }
                     None => {
                         if self.waiting.len() >= self.config.max_waiting_clicks {
@@ -430,7 +440,7 @@ impl Loop<'_> {
                         else {
                             return false;
                         };
-                        self.observe(CLICKS_TOPIC, w.partition, seconds(w.click.clicked_at.as_ref()), applied, now_s);
+                        self.observe(CLICKS_TOPIC, w.partition, millis(w.click.clicked_at.as_ref()), applied);
                     }
                     None if w.since.elapsed() >= self.config.click_wait => {
                         metrics::counter!("adserve_feature_aggregates_events_total", "topic" => CLICKS_TOPIC, "outcome" => "unattributed")
