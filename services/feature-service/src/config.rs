@@ -26,6 +26,8 @@ pub struct FeatureServiceConfig {
     pub mode: Mode,
     /// The streaming aggregates (real-time counters from Kafka).
     pub aggregates: AggregatesConfig,
+    /// When a tier that keeps failing is skipped instead of waited for.
+    pub breaker: crate::breaker::BreakerConfig,
 }
 
 /// What a feature-service process runs.
@@ -206,6 +208,7 @@ impl Default for FeatureServiceConfig {
             ad_table: AdTableConfig::default(),
             mode: Mode::default(),
             aggregates: AggregatesConfig::default(),
+            breaker: crate::breaker::BreakerConfig::default(),
         }
     }
 }
@@ -235,6 +238,7 @@ impl Validate for FeatureServiceConfig {
         if self.mode.aggregates() {
             self.aggregates.validate()?;
         }
+        self.breaker.validate()?;
         Ok(())
     }
 }

@@ -13,6 +13,7 @@
 pub mod ad_table;
 pub mod aggregates;
 pub mod batch;
+pub mod breaker;
 pub mod config;
 pub mod realtime;
 pub mod service;

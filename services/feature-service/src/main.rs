@@ -66,7 +66,8 @@ async fn main() -> anyhow::Result<()> {
             config.dynamodb.timeout,
             config.redis.timeout,
             config.max_ads,
-        );
+        )
+        .with_breakers(config.breaker);
         if config.ad_table.enabled {
             let table = AdTable::new();
             tokio::spawn(table.clone().refresh(batch, config.ad_table.refresh, config.ad_table.max_age));

@@ -16,7 +16,10 @@ use adserve_proto::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::{AdTable, BatchStore, RealtimeStore, SourceValues, assemble};
+use crate::{
+    AdTable, BatchStore, RealtimeStore, SourceValues, assemble,
+    breaker::{Admit, Breaker, BreakerConfig},
+};
 
 /// Serves `adserve.v1.FeatureService`.
 #[derive(Debug, Clone)]
@@ -34,6 +37,9 @@ struct Inner {
     max_ads: usize,
     /// In-process ad rows of the batch tier (None: every request reads DynamoDB).
     ad_table: Option<AdTable>,
+    /// One breaker per tier: a dead tier stops costing its deadline.
+    batch_breaker: Breaker,
+    realtime_breaker: Breaker,
 }
 
 impl FeatureGrpc {
@@ -55,6 +61,8 @@ impl FeatureGrpc {
                 realtime_deadline,
                 max_ads,
                 ad_table: None,
+                batch_breaker: Breaker::new(degraded::DYNAMODB, BreakerConfig::default()),
+                realtime_breaker: Breaker::new(degraded::REDIS, BreakerConfig::default()),
             }),
         }
     }
@@ -64,6 +72,16 @@ impl FeatureGrpc {
     pub fn with_ad_table(mut self, table: AdTable) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.ad_table = Some(table);
+        }
+        self
+    }
+
+    /// Opens a tier's breaker after `config.failures` consecutive failures
+    /// (default: [`BreakerConfig::default`]).
+    pub fn with_breakers(mut self, config: BreakerConfig) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.batch_breaker = Breaker::new(degraded::DYNAMODB, config);
+            inner.realtime_breaker = Breaker::new(degraded::REDIS, config);
         }
         self
     }
@@ -91,17 +109,28 @@ pub fn validate(req: &GetFeaturesRequest, registry: &FeatureRegistry, max_ads: u
     Ok(())
 }
 
-/// Runs `fut` under `deadline`; on error or timeout records the degradation
-/// and returns `T::default()`.
+/// Runs `fut` under `deadline` unless `breaker` is open; on error, timeout or
+/// an open breaker records the degradation and returns `T::default()`.
 async fn within<T: Default, E: std::fmt::Display>(
     component: &'static str,
     deadline: Duration,
+    breaker: &Breaker,
     fut: impl Future<Output = Result<T, E>>,
     degraded: &std::sync::Mutex<Vec<Degradation>>,
 ) -> T {
     let start = Instant::now();
+    if let Admit::Skip { next_probe_in } = breaker.admit(start) {
+        let reason = format!(
+            "circuit open after {} consecutive failures (next probe in {} ms); serving registry defaults",
+            breaker.threshold(),
+            next_probe_in.as_millis()
+        );
+        report_degraded(component, reason, degraded);
+        return T::default();
+    }
     let reason = match tokio::time::timeout(deadline, fut).await {
         Ok(Ok(v)) => {
+            breaker.record(true, Instant::now());
             metrics::histogram!("adserve_feature_source_seconds", "source" => component)
                 .record(start.elapsed().as_secs_f64());
             return v;
@@ -109,6 +138,7 @@ async fn within<T: Default, E: std::fmt::Display>(
         Ok(Err(e)) => format!("{e}; serving registry defaults"),
         Err(_) => format!("no answer within {} ms; serving registry defaults", deadline.as_millis()),
     };
+    breaker.record(false, Instant::now());
     report_degraded(component, reason, degraded);
     T::default()
 }
@@ -139,8 +169,15 @@ impl FeatureService for FeatureGrpc {
         let user_id = if ctx.coppa { "" } else { req.user_id.as_str() };
         let s = &self.inner;
         let degraded = std::sync::Mutex::new(Vec::new());
-        let user_batch =
-            async { if user_id.is_empty() { Ok(Default::default()) } else { s.batch.user(user_id).await } };
+        // A tier is only asked (and its breaker only told) when there is
+        // something to ask it.
+        let user_batch = async {
+            if user_id.is_empty() {
+                Default::default()
+            } else {
+                within(degraded::DYNAMODB, s.batch_deadline, &s.batch_breaker, s.batch.user(user_id), &degraded).await
+            }
+        };
         let asked = req.ad_ids.len();
         // Ad rows from the in-process table; DynamoDB only for the ads it
         // does not hold (all of them without a table).
@@ -151,20 +188,24 @@ impl FeatureService for FeatureGrpc {
         }
         let ad_batch = async {
             if misses.is_empty() {
-                return Ok(crate::AdLookup::default());
+                return crate::AdLookup::default();
             }
-            let lookup = s.batch.ads(misses).await;
-            if lookup.error.is_none()
-                && let Some(t) = &s.ad_table
-            {
-                t.remember_absent(misses, &lookup.values);
-            }
-            lookup.into_result(misses.len())
+            let fetch = async {
+                let lookup = s.batch.ads(misses).await;
+                if lookup.error.is_none()
+                    && let Some(t) = &s.ad_table
+                {
+                    t.remember_absent(misses, &lookup.values);
+                }
+                lookup.into_result(misses.len())
+            };
+            within(degraded::DYNAMODB, s.batch_deadline, &s.batch_breaker, fetch, &degraded).await
         };
+        let realtime = s.realtime.counters(user_id, &req.ad_ids);
         let (user_batch, ad_lookup, (user_realtime, ad_realtime)) = tokio::join!(
-            within(degraded::DYNAMODB, s.batch_deadline, user_batch, &degraded),
-            within(degraded::DYNAMODB, s.batch_deadline, ad_batch, &degraded),
-            within(degraded::REDIS, s.realtime_deadline, s.realtime.counters(user_id, &req.ad_ids), &degraded),
+            user_batch,
+            ad_batch,
+            within(degraded::REDIS, s.realtime_deadline, &s.realtime_breaker, realtime, &degraded),
         );
         if let Some(e) = &ad_lookup.error {
             // Some chunks answered: only the failed chunks' ads take defaults.
