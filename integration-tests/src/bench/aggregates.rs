@@ -131,7 +131,7 @@ fn counter(text: &str, name: &str, outcome: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && l.contains(&label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .fold(0.0, |a, b| a + b)
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {

@@ -418,9 +418,24 @@ impl Loop<'_> {
         }
     }
 
+    /// Whether a waiting click's impression can no longer come: the
+    /// impressions of its partition (co-partitioned by impression id) have
+    /// been read past its time plus the allowed lateness, or they are read
+    /// to their end and the click has waited `click_wait`. Wall time alone
+    /// is not enough: while the consumer works through a backlog its clicks
+    /// run ahead of their impressions by as long as the backlog takes.
+    fn hopeless(&self, w: &Waiting, caught_up: &std::collections::HashSet<i32>) -> bool {
+        let newest = self.watermarks.get(&(IMPRESSIONS_TOPIC, w.partition)).copied();
+        let clicked = millis(w.click.clicked_at.as_ref());
+        newest.is_some_and(|t| t > clicked + self.config.allowed_lateness.as_millis() as i64)
+            || (w.since.elapsed() >= self.config.click_wait && caught_up.contains(&w.partition))
+    }
+
     /// Counts waiting clicks whose impression has been counted since, and
-    /// gives up on those that waited `click_wait`. False when stopping.
-    async fn retry_waiting(&mut self) -> bool {
+    /// gives up on those whose impression can no longer come ([`Loop::hopeless`];
+    /// `caught_up`: impressions partitions read to their end). False when
+    /// stopping.
+    async fn retry_waiting(&mut self, caught_up: &std::collections::HashSet<i32>) -> bool {
         if self.waiting.is_empty() {
             return true;
         }
@@ -442,7 +457,7 @@ impl Loop<'_> {
                         };
                         self.observe(CLICKS_TOPIC, w.partition, millis(w.click.clicked_at.as_ref()), applied);
                     }
-                    None if w.since.elapsed() >= self.config.click_wait => {
+                    None if self.hopeless(w, caught_up) => {
                         metrics::counter!("adserve_feature_aggregates_events_total", "topic" => CLICKS_TOPIC, "outcome" => "unattributed")
                             .increment(1);
                     }
@@ -458,6 +473,26 @@ impl Loop<'_> {
         self.waiting = still;
         metrics::gauge!("adserve_feature_aggregates_waiting_clicks").set(self.waiting.len() as f64);
         true
+    }
+
+    /// The impressions partitions this consumer has read to their end (as of
+    /// its last fetch).
+    fn impressions_caught_up<C: rdkafka::consumer::ConsumerContext>(
+        &self,
+        consumer: &rdkafka::consumer::StreamConsumer<C>,
+    ) -> std::collections::HashSet<i32> {
+        let Ok(assigned) = consumer.assignment() else { return Default::default() };
+        assigned
+            .elements()
+            .iter()
+            .filter(|e| e.topic() == IMPRESSIONS_TOPIC)
+            .filter(|e| {
+                adserve_events::cached_watermarks(consumer.client(), IMPRESSIONS_TOPIC, e.partition()).is_some_and(
+                    |(low, high)| high <= self.next.get(&(IMPRESSIONS_TOPIC, e.partition())).copied().unwrap_or(low),
+                )
+            })
+            .map(|e| e.partition())
+            .collect()
     }
 
     /// Commits what Redis has: each partition's next offset, but never past
@@ -499,7 +534,8 @@ impl Loop<'_> {
                     return Ok(());
                 }
                 _ = commit.tick() => {
-                    if !self.retry_waiting().await {
+                    let caught_up = self.impressions_caught_up(&consumer);
+                    if !self.retry_waiting(&caught_up).await {
                         return Ok(());
                     }
                     self.commit(&consumer);
