@@ -7,8 +7,9 @@
 # 3. Runs the auction's criterion bench (in-process figures).
 # 4. Starts the infrastructure the way `make demo` does, and the five services
 #    from the release build (restarting ours if they run another build). The
-#    stack's own label-joiner is then stopped: it would consume the bench's
-#    events and compete for the cores; the joiner bench starts its own.
+#    stack's own label-joiner is then stopped, and the feature-service runs
+#    with mode = serve: both would consume the bench's events and compete for
+#    the cores; the joiner and aggregates parts start their own.
 # 5. Runs adserve-bench, which prints the table and writes JSON (and, for full
 #    runs or BENCH_DOCS=1, the generated section of docs/benchmarks.md).
 # 6. Stops the release services, so `make demo` / `make test` start their own,
@@ -49,8 +50,11 @@ fi
 
 bash scripts/start.sh infra
 # Our services may be running a debug build (make demo / make test): restart them.
+# The feature-service only serves: its streaming aggregates would consume every
+# part's synthetic events and compete for the cores (the aggregates part runs
+# an aggregator of its own).
 bash scripts/stop.sh services
-ADSTACK_SKIP_BUILD=1 bash scripts/start.sh services
+ADSTACK_FEATURES_MODE=serve ADSTACK_SKIP_BUILD=1 bash scripts/start.sh services
 for s in "${ADSTACK_SERVICES[@]}"; do
   owned_pid "$s" >/dev/null ||
     die "$s: port $(svc_port "$s" grpc) is held by a process scripts/start.sh did not start; stop it so the release build is what gets measured"

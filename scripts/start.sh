@@ -393,10 +393,12 @@ start_services() {
     "ADSERVE_ONNXRUNTIME_DYLIB=$ORT_DYLIB_PATH"
   # Credentials come from the service's config (dynamodb.access_key_id), not AWS_*.
   # It also runs the streaming aggregates (mode = both): the real-time counters.
+  # ADSTACK_FEATURES_MODE=serve turns them off (scripts/bench.sh does).
   start_service adserve-feature-service \
     "ADSERVE_REDIS__URL=redis://127.0.0.1:$REDIS_PORT" \
     "ADSERVE_DYNAMODB__ENDPOINT=http://127.0.0.1:$DYNAMODB_PORT" \
-    "ADSERVE_AGGREGATES__KAFKA__BROKERS=$kafka"
+    "ADSERVE_AGGREGATES__KAFKA__BROKERS=$kafka" \
+    "ADSERVE_MODE=${ADSTACK_FEATURES_MODE:-both}"
   start_service adserve-label-joiner \
     "ADSERVE_KAFKA__BROKERS=$kafka" \
     "ADSERVE_OUTPUT_DIR=$parquet" \
