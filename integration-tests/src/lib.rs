@@ -275,7 +275,7 @@ impl Stack {
         // ones (the MGET moves the same bytes); `impressions_1h` carries the
         // seeded signal.
         let full = |impressions_1h: f64| -> Vec<(String, f64)> {
-            let mut v: Vec<(String, f64)> = adserve_features::realtime::attributes()
+            adserve_features::realtime::attributes()
                 .into_iter()
                 .map(|a| {
                     let x = match a.as_str() {
@@ -288,9 +288,7 @@ impl Stack {
                     };
                     (a, x)
                 })
-                .collect();
-            v.push((adserve_features::realtime::AS_OF.to_string(), 1_800_000_000.0));
-            v
+                .collect()
         };
         let mut counters: Vec<adserve_feature_service::realtime::Seed> =
             ad_ids.iter().map(|id| (Entity::Ad, id.to_string(), full((*id % 40) as f64))).collect();

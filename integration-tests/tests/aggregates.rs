@@ -14,6 +14,7 @@ use adserve_proto::v1::{
     ClickEvent, FeatureRow, GetFeaturesRequest, ImpressionEvent, RequestContext,
     feature_service_client::FeatureServiceClient,
 };
+use anyhow::Context as _;
 use fred::prelude::*;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -59,14 +60,10 @@ async fn counters(
     entity: Entity,
     id: &str,
 ) -> anyhow::Result<std::collections::HashMap<String, f32>> {
-    let value: Option<String> = redis.get(realtime::value_key(prefix, entity, id)).await?;
-    let mut out = std::collections::HashMap::new();
-    if let Some(v) = value {
-        realtime::parse_packed(&v, |n, x| {
-            out.insert(n.to_string(), x);
-        });
-    }
-    Ok(out)
+    let value: Option<Vec<u8>> = redis.get(realtime::value_key(prefix, entity, id)).await?;
+    let Some(bytes) = value else { return Ok(Default::default()) };
+    let packed = realtime::Packed::decode(&bytes).context("not the packed layout")?;
+    Ok(realtime::attributes().into_iter().zip(packed.values).collect())
 }
 
 async fn wait_for(

@@ -81,7 +81,8 @@ async fn frozen_tiers_cost_their_deadline_then_nothing_and_are_probed_back() -> 
     // The values each tier serves while it is up.
     let redis = Client::new(Config::from_url(&stores.redis_url)?, None, None, None);
     redis.init().await?;
-    let () = redis.set(registry.realtime_key(Entity::User, &user), "impressions_1h=5", None, None, false).await?;
+    let packed = adserve_features::realtime::Packed::of(&[("impressions_1h", 5.0)], 0).expect("an attribute");
+    let () = redis.set(registry.realtime_key(Entity::User, &user), packed.encode(), None, None, false).await?;
     let batch = BatchStore::new(
         &DynamoConfig {
             endpoint: stores.dynamodb_url.clone(),

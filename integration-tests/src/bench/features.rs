@@ -120,7 +120,7 @@ pub async fn run(s: &Settings, ad_ids: &[i64]) -> anyhow::Result<Vec<Comparison>
             load::closed_loop(1, s.warmup(), s.window(), timeout, n as u64, move |i| {
                 let (redis, keys) = (redis.clone(), redis_keys(&super::e2e::user(i), &ids));
                 async move {
-                    match redis.mget::<Vec<Option<String>>, _>(keys).await {
+                    match redis.mget::<Vec<Option<Vec<u8>>>, _>(keys).await {
                         Ok(v) if v.iter().any(Option::is_some) => Outcome::Ok,
                         Ok(_) => Outcome::Error("no values: features not seeded".into()),
                         Err(e) => Outcome::Error(e.to_string()),
@@ -137,7 +137,7 @@ pub async fn run(s: &Settings, ad_ids: &[i64]) -> anyhow::Result<Vec<Comparison>
                     let user = super::e2e::user(i);
                     let keys = redis_keys(&user, &ids);
                     let (r, u, a) =
-                        tokio::join!(redis.mget::<Vec<Option<String>>, _>(keys), batch.user(&user), async {
+                        tokio::join!(redis.mget::<Vec<Option<Vec<u8>>>, _>(keys), batch.user(&user), async {
                             batch.ads(&ids).await.into_result(0).map(|l| l.values)
                         });
                     match (r, u, a) {

@@ -87,7 +87,7 @@ pub struct Aggregator {
     prefix: String,
     value_ttl: Duration,
     attribution_ttl: Duration,
-    /// Tail of every script call: prior CTR, prior weight, attribute names.
+    /// Tail of every script call: prior CTR, prior weight.
     tail: Vec<String>,
 }
 
@@ -119,8 +119,7 @@ impl Aggregator {
     /// An aggregator writing keys under `prefix` (the registry's
     /// `[redis].key_prefix`) over `client`.
     pub fn new(client: Client, prefix: &str, config: &AggregatesConfig) -> Self {
-        let mut tail = vec![realtime::PRIOR_CTR.to_string(), realtime::PRIOR_WEIGHT.to_string()];
-        tail.extend(realtime::attributes());
+        let tail = vec![realtime::PRIOR_CTR.to_string(), realtime::PRIOR_WEIGHT.to_string()];
         Self {
             client,
             sha: Default::default(),

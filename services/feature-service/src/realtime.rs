@@ -13,9 +13,10 @@ use crate::config::RedisConfig;
 #[derive(Clone)]
 pub struct RealtimeStore {
     client: Client,
-    /// The attributes each entity's features read (empty: no MGET key).
-    user_attributes: Vec<String>,
-    ad_attributes: Vec<String>,
+    /// The attributes each entity's features read, with their position in
+    /// the packed layout, resolved once (empty: no MGET key).
+    user_attributes: Vec<(String, usize)>,
+    ad_attributes: Vec<(String, usize)>,
     registry: &'static FeatureRegistry,
 }
 
@@ -41,7 +42,14 @@ impl RealtimeStore {
 
     /// The store over an existing client.
     pub fn new(client: Client, registry: &'static FeatureRegistry) -> Self {
-        let attributes = |entity| registry.select(entity, Source::Redis).map(|(_, f)| f.attribute.clone()).collect();
+        // The registry refuses a real-time attribute the layout lacks, so
+        // every one has a position.
+        let attributes = |entity| {
+            registry
+                .select(entity, Source::Redis)
+                .filter_map(|(_, f)| Some((f.attribute.clone(), realtime::attribute_index(&f.attribute)?)))
+                .collect()
+        };
         Self { client, user_attributes: attributes(Entity::User), ad_attributes: attributes(Entity::Ad), registry }
     }
 
@@ -60,10 +68,10 @@ impl RealtimeStore {
         if keys.is_empty() {
             return Ok(Default::default());
         }
-        // Read as strings and parsed here: one value that is not a number
-        // must cost that value (NaN: served as the default and counted
-        // invalid), not fail the whole MGET.
-        let values: Vec<Option<String>> = self.client.mget(keys).await?;
+        // Read as bytes and decoded here: a value that is not the layout
+        // costs that entity's values (NaN: served as the defaults and
+        // counted invalid), not the whole MGET.
+        let values: Vec<Option<Vec<u8>>> = self.client.mget(keys).await?;
         let mut values = values.into_iter();
         let mut user = HashMap::new();
         if with_user && let Some(Some(packed)) = values.next() {
@@ -81,29 +89,27 @@ impl RealtimeStore {
     }
 
     /// Overwrites entities' packed counters: `(entity, id, [(attribute,
-    /// value)])`, for seeding and tests (the aggregator replaces a seeded
-    /// value with the counts from events at the entity's next event).
+    /// value)])`, the attributes not named 0, for seeding and tests (the
+    /// aggregator replaces a seeded value at the entity's next event).
     pub async fn set_counters(&self, values: &[Seed]) -> Result<(), Error> {
         if values.is_empty() {
             return Ok(());
         }
-        let pairs: Vec<(String, String)> = values
-            .iter()
-            .map(|(entity, id, counters)| (self.registry.realtime_key(*entity, id), realtime::pack(counters)))
-            .collect();
+        let mut pairs: Vec<(String, Vec<u8>)> = Vec::with_capacity(values.len());
+        for (entity, id, counters) in values {
+            let packed = realtime::Packed::of(counters, 0)
+                .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "an attribute the layout does not have"))?;
+            pairs.push((self.registry.realtime_key(*entity, id), packed.encode()));
+        }
         self.client.mset(pairs).await
     }
 }
 
-/// The `wanted` attributes of one packed value.
-fn unpack(packed: &str, wanted: &[String]) -> HashMap<String, f32> {
-    let mut out = HashMap::with_capacity(wanted.len());
-    realtime::parse_packed(packed, |name, value| {
-        if let Some(w) = wanted.iter().find(|w| *w == name) {
-            out.insert(w.clone(), value);
-        }
-    });
-    out
+/// The `wanted` attributes of one packed value (all NaN when it is not the
+/// layout: served as defaults, counted invalid).
+fn unpack(packed: &[u8], wanted: &[(String, usize)]) -> HashMap<String, f32> {
+    let decoded = realtime::Packed::decode(packed);
+    wanted.iter().map(|(name, at)| (name.clone(), decoded.map_or(f32::NAN, |p| p.values[*at]))).collect()
 }
 
 #[cfg(test)]
@@ -111,11 +117,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unpack_keeps_the_wanted_attributes_only() {
-        let wanted = vec!["impressions_1h".to_string(), "clicks_5m".to_string()];
-        let got = unpack("impressions_5m=1;impressions_1h=4;clicks_5m=x;as_of=17", &wanted);
-        assert_eq!(got.len(), 2);
-        assert_eq!(got["impressions_1h"], 4.0);
-        assert!(got["clicks_5m"].is_nan(), "an unparsable value reaches assembly as NaN (served as default, counted)");
+    fn unpack_copies_the_wanted_attributes_and_refuses_other_layouts() {
+        let at = |n: &str| realtime::attribute_index(n).expect(n);
+        let wanted = vec![("impressions_1h".to_string(), at("impressions_1h")), ("clicks_5m".into(), at("clicks_5m"))];
+        let packed = realtime::Packed::of(&[("impressions_5m", 1.0), ("impressions_1h", 4.0)], 17).expect("names");
+        let got = unpack(&packed.encode(), &wanted);
+        assert_eq!((got.len(), got["impressions_1h"], got["clicks_5m"]), (2, 4.0, 0.0));
+        let got = unpack(b"impressions_1h=4", &wanted);
+        assert!(got.values().all(|v| v.is_nan()), "another layout: every wanted value invalid");
     }
 }
