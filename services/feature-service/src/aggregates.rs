@@ -42,7 +42,7 @@ use adserve_features::{Entity, realtime};
 use adserve_proto::v1::{ClickEvent, ImpressionEvent};
 use fred::prelude::*;
 use rdkafka::{
-    Message as _, Offset, TopicPartitionList,
+    Offset, TopicPartitionList,
     consumer::{CommitMode, Consumer as _},
 };
 
@@ -279,6 +279,30 @@ pub enum RunError {
     DeadLetter(EventError),
 }
 
+/// Most messages applied in one batch.
+const BATCH: usize = 256;
+
+/// One message of the two topics, owned.
+struct Read {
+    topic: &'static str,
+    partition: i32,
+    offset: i64,
+    key: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+impl Read {
+    fn of<M: rdkafka::Message>(m: &M) -> Option<Self> {
+        Some(Self {
+            topic: topic_of(m.topic())?,
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().unwrap_or_default().to_vec(),
+            payload: m.payload().unwrap_or_default().to_vec(),
+        })
+    }
+}
+
 /// A click read before its impression was counted.
 #[derive(Debug)]
 struct Waiting {
@@ -349,63 +373,79 @@ impl Loop<'_> {
             .increment(1);
     }
 
-    /// Handles one message; false when the process is stopping (the message
-    /// is then not marked done).
-    async fn handle(
-        &mut self,
-        topic: &'static str,
-        partition: i32,
-        offset: i64,
-        key: &[u8],
-        payload: &[u8],
-    ) -> Result<bool, RunError> {
+    /// Applies a batch of messages; false when the process is stopping (the
+    /// batch is then not marked done, and is read again after a restart).
+    ///
+    /// The batch's scripts run concurrently on the one connection (fred
+    /// pipelines them): per event they are atomic and idempotent, and counts
+    /// commute, so their order does not matter. Impressions go first, so a
+    /// click in the same batch finds its impression's marker.
+    async fn handle_batch(&mut self, batch: Vec<Read>) -> Result<bool, RunError> {
         let now_s = unix_now();
-        let decoded = if topic == IMPRESSIONS_TOPIC {
-            decode_impression(payload).map(|e| Event::Impression(Box::new(e)))
-        } else {
-            decode_click(payload).map(Event::Click)
-        };
-        match decoded {
-            Err(reason) => {
-                let source = format!("{topic}/{partition}/{offset}");
-                tracing::warn!(%source, %reason, "refused message; dead-lettering");
-                self.publisher
-                    .dead_letter_patiently(&source, key, payload, &reason.to_string())
-                    .await
-                    .map_err(RunError::DeadLetter)?;
-                metrics::counter!("adserve_feature_aggregates_events_total", "topic" => topic, "outcome" => "dead_lettered")
-                    .increment(1);
+        let mut impressions = Vec::new();
+        let mut clicks = Vec::new();
+        for r in &batch {
+            let decoded = if r.topic == IMPRESSIONS_TOPIC {
+                decode_impression(&r.payload).map(|e| Event::Impression(Box::new(e)))
+            } else {
+                decode_click(&r.payload).map(Event::Click)
+            };
+            match decoded {
+                Err(reason) => {
+                    let source = format!("{}/{}/{}", r.topic, r.partition, r.offset);
+                    tracing::warn!(%source, %reason, "refused message; dead-lettering");
+                    self.publisher
+                        .dead_letter_patiently(&source, &r.key, &r.payload, &reason.to_string())
+                        .await
+                        .map_err(RunError::DeadLetter)?;
+                    metrics::counter!("adserve_feature_aggregates_events_total", "topic" => r.topic, "outcome" => "dead_lettered")
+                        .increment(1);
+                }
+                Ok(Event::Impression(e)) => impressions.push((r.partition, e)),
+                Ok(Event::Click(c)) => clicks.push((r.partition, r.offset, c)),
             }
-            Ok(Event::Impression(e)) => {
-                let aggregator = self.aggregator;
-                let Some(applied) = self.patiently("impression", || aggregator.impression(&e, now_s)).await else {
-                    return Ok(false);
-                };
-                self.observe(topic, partition, millis(e.served_at.as_ref()), applied);
-            }
-            Ok(Event::Click(c)) => {
-                let aggregator = self.aggregator;
-                let ids = [c.impression_id.as_str()];
-                let Some(found) = self.patiently("attribution", || aggregator.attributions(&ids)).await else {
-                    return Ok(false);
-                };
-                match found.into_iter().next().flatten() {
-                    Some(to) => {
-                        let Some(applied) = self.patiently("click", || aggregator.click(&c, &to, now_s)).await else {
-                            return Ok(false);
-                        };
-                        self.observe(topic, partition, millis(c.clicked_at.as_ref()), applied);
+        }
+        let aggregator = self.aggregator;
+        let this = &*self;
+        let applied = futures::future::join_all(
+            impressions.iter().map(|(_, e)| this.patiently("impression", move || aggregator.impression(e, now_s))),
+        )
+        .await;
+        for ((partition, e), applied) in impressions.iter().zip(applied) {
+            let Some(applied) = applied else { return Ok(false) };
+            self.observe(IMPRESSIONS_TOPIC, *partition, millis(e.served_at.as_ref()), applied);
+        }
+        if !clicks.is_empty() {
+            let ids: Vec<&str> = clicks.iter().map(|(_, _, c)| c.impression_id.as_str()).collect();
+            let Some(found) = self.patiently("attribution", || aggregator.attributions(&ids)).await else {
+                return Ok(false);
+            };
+            let this = &*self;
+            let applied = futures::future::join_all(clicks.iter().zip(&found).map(|((_, _, c), to)| async move {
+                match to {
+                    Some(to) => this.patiently("click", || aggregator.click(c, to, now_s)).await.map(Some),
+                    None => Some(None),
+                }
+            }))
+            .await;
+            for ((partition, offset, click), applied) in clicks.into_iter().zip(applied) {
+                match applied {
+                    None => return Ok(false),
+                    Some(Some(applied)) => {
+                        self.observe(CLICKS_TOPIC, partition, millis(click.clicked_at.as_ref()), applied);
                     }
-                    None => {
+                    Some(None) => {
                         if self.waiting.len() >= self.config.max_waiting_clicks {
                             self.give_up_oldest();
                         }
-                        self.waiting.push_back(Waiting { partition, offset, click: c, since: Instant::now() });
+                        self.waiting.push_back(Waiting { partition, offset, click, since: Instant::now() });
                     }
                 }
             }
         }
-        self.next.insert((topic, partition), offset + 1);
+        for r in &batch {
+            self.next.insert((r.topic, r.partition), r.offset + 1);
+        }
         Ok(true)
     }
 
@@ -549,12 +589,16 @@ impl Loop<'_> {
                     }
                 }
                 message = consumer.recv() => {
-                    let m = message?;
-                    let Some(topic) = topic_of(m.topic()) else { continue };
-                    let (partition, offset) = (m.partition(), m.offset());
-                    let (key, payload) = (m.key().unwrap_or_default().to_vec(), m.payload().unwrap_or_default().to_vec());
-                    drop(m);
-                    if !self.handle(topic, partition, offset, &key, &payload).await? {
+                    // What is already fetched goes in one batch.
+                    let mut batch = Vec::with_capacity(BATCH);
+                    batch.extend(Read::of(&message?));
+                    while batch.len() < BATCH {
+                        match futures::FutureExt::now_or_never(consumer.recv()) {
+                            Some(m) => batch.extend(Read::of(&m?)),
+                            None => break,
+                        }
+                    }
+                    if !batch.is_empty() && !self.handle_batch(batch).await? {
                         return Ok(());
                     }
                 }
