@@ -297,6 +297,13 @@ impl Stack {
         Ok(())
     }
 
+    /// The stack's Redis URL with logical database `db` (tests and benches
+    /// that must not mix their keys with the stack's).
+    pub fn redis_db(&self, db: u32) -> String {
+        let base = self.redis.rsplit_once('/').map_or(self.redis.as_str(), |(b, _)| b);
+        format!("{base}/{db}")
+    }
+
     /// A label-joiner client.
     pub async fn joiner_client(&self) -> anyhow::Result<LabelJoinerServiceClient<tonic::transport::Channel>> {
         Ok(LabelJoinerServiceClient::connect(self.joiner.clone()).await?)

@@ -9,7 +9,7 @@ use std::{process::Stdio, time::Duration};
 use adserve_events::{EventPublisher, IMPRESSIONS_TOPIC, KafkaConfig};
 use adserve_feature_service::{Aggregator, aggregates::Applied, aggregates::Attribution, config::AggregatesConfig};
 use adserve_features::{Entity, realtime};
-use adserve_integration_tests::{Stack, binary, free_port};
+use adserve_integration_tests::{Stack, bench::prom, binary, free_port};
 use adserve_proto::v1::{
     ClickEvent, FeatureRow, GetFeaturesRequest, ImpressionEvent, RequestContext,
     feature_service_client::FeatureServiceClient,
@@ -81,13 +81,6 @@ async fn wait_for(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test]
@@ -204,8 +197,8 @@ async fn a_click_changes_the_users_features_within_seconds() -> anyhow::Result<(
         "http://{}/metrics",
         s.metrics.iter().find(|(n, _)| n == "feature-service").expect("feature-service metrics").1
     );
-    let scrape = async || adserve_integration_tests::bench::prom::scrape(&metrics_url).await;
-    let dead_before = metric(&scrape().await?, "adserve_feature_aggregates_events_total", &["dead_lettered"]);
+    let scrape = async || prom::scrape(&metrics_url).await;
+    let dead_before = prom::counter(&scrape().await?, "adserve_feature_aggregates_events_total", &["dead_lettered"]);
     events.impression(&impression(&imp_id, &user, ad, now_s())).await?;
     let producer: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &s.kafka).create()?;
     producer
@@ -221,7 +214,7 @@ async fn a_click_changes_the_users_features_within_seconds() -> anyhow::Result<(
         Ok(u.get("impressions_1h") == Some(&2.0))
     })
     .await?;
-    let dead_after = metric(&scrape().await?, "adserve_feature_aggregates_events_total", &["dead_lettered"]);
+    let dead_after = prom::counter(&scrape().await?, "adserve_feature_aggregates_events_total", &["dead_lettered"]);
     assert!(dead_after > dead_before, "the garbage was dead-lettered ({dead_before} -> {dead_after})");
     let u = counters(&client, &prefix, Entity::User, &user).await?;
     assert_eq!(u["impressions_1h"], 2.0, "the redelivered impression counted once: {u:?}");
@@ -231,13 +224,12 @@ async fn a_click_changes_the_users_features_within_seconds() -> anyhow::Result<(
 /// A feature-service of its own that only aggregates, into a Redis database
 /// of its own (so the stack's aggregator's counts do not mix in), in a
 /// consumer group of its own.
-fn aggregator_process(s: &Stack, db: &str, group: &str) -> anyhow::Result<tokio::process::Child> {
-    let base = s.redis.rsplit_once('/').map_or(s.redis.as_str(), |(b, _)| b);
+fn aggregator_process(s: &Stack, db: u32, group: &str) -> anyhow::Result<tokio::process::Child> {
     Ok(tokio::process::Command::new(binary("adserve-feature-service"))
         .env("ADSERVE_MODE", "aggregate")
         .env("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{}", free_port()))
         .env("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
-        .env("ADSERVE_REDIS__URL", format!("{base}/{db}"))
+        .env("ADSERVE_REDIS__URL", s.redis_db(db))
         .env("ADSERVE_AGGREGATES__KAFKA__BROKERS", &s.kafka)
         .env("ADSERVE_AGGREGATES__GROUP_ID", group)
         .env("ADSERVE_AGGREGATES__COMMIT_INTERVAL", "200ms")
@@ -258,9 +250,8 @@ async fn a_killed_or_frozen_aggregator_loses_and_duplicates_nothing() -> anyhow:
     let s = Stack::ready().await?;
     let kafka = KafkaConfig { brokers: s.kafka.clone(), ..KafkaConfig::default() };
     let events = EventPublisher::new(&kafka, "test")?;
-    let db = "9";
-    let base = s.redis.rsplit_once('/').map_or(s.redis.as_str(), |(b, _)| b);
-    let client = redis(&format!("{base}/{db}")).await?;
+    let db = 9;
+    let client = redis(&s.redis_db(db)).await?;
     let prefix = adserve_features::registry().redis.key_prefix.clone();
     let run = run_id();
     let (user, ad) = (format!("agg-kill-{run}"), 8_500_000_000 + run);

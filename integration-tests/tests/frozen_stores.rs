@@ -153,11 +153,9 @@ async fn frozen_tiers_cost_their_deadline_then_nothing_and_are_probed_back() -> 
 
     let text = adserve_integration_tests::bench::prom::scrape(&format!("http://127.0.0.1:{metrics}/metrics")).await?;
     for source in ["redis", "dynamodb"] {
-        let opened = text
-            .lines()
-            .filter(|l| l.starts_with("adserve_feature_breaker_opened_total") && l.contains(&format!("\"{source}\"")))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>();
+        let label = format!("source=\"{source}\"");
+        let opened =
+            adserve_integration_tests::bench::prom::counter(&text, "adserve_feature_breaker_opened_total", &[&label]);
         assert!(opened >= 1.0, "{source}: the breaker opened ({opened})\n{text}");
     }
     drop(stores.dynamodb);

@@ -183,10 +183,7 @@ async fn serves(client: &mut RankerServiceClient<Channel>, version: &str) -> any
 }
 
 fn counter(text: &str, name: &str, label: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    adserve_integration_tests::bench::prom::counter(text, name, &[label])
 }
 
 /// A model registry of the test's own: a schema of its own in the stack's

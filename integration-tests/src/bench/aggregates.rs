@@ -68,8 +68,7 @@ async fn throughput_then_freshness(s: &Settings, kafka: &KafkaConfig) -> anyhow:
     let total: i64 = high.values().sum();
     let reader = joiner::read_only(kafka, &high).await?;
 
-    let base = s.stack.redis.rsplit_once('/').map_or(s.stack.redis.as_str(), |(b, _)| b).to_string();
-    let redis_url = format!("{base}/{BENCH_DB}");
+    let redis_url = s.stack.redis_db(BENCH_DB);
     let redis = Client::new(Config::from_url(&redis_url)?, None, None, None);
     redis.init().await?;
     let () = redis.custom(fred::cmd!("FLUSHDB"), Vec::<String>::new()).await?;
@@ -100,8 +99,8 @@ async fn throughput_then_freshness(s: &Settings, kafka: &KafkaConfig) -> anyhow:
     let metrics_url = format!("http://{metrics_addr}/metrics");
     let text = prom::scrape(&metrics_url).await?;
     let outcomes = ["counted", "duplicate", "expired", "unattributed", "dead_lettered"]
-        .map(|o| format!("{o} {}", counter(&text, "adserve_feature_aggregates_events_total", o)));
-    let counted = counter(&text, "adserve_feature_aggregates_events_total", "counted");
+        .map(|o| format!("{o} {}", outcome(&text, o)));
+    let counted = outcome(&text, "counted");
     // Every pre-filled impression and click must have been counted.
     let clicks = (n / 20) as f64;
     anyhow::ensure!(
@@ -132,12 +131,9 @@ async fn throughput_then_freshness(s: &Settings, kafka: &KafkaConfig) -> anyhow:
     Ok(out)
 }
 
-fn counter(text: &str, name: &str, outcome: &str) -> f64 {
-    let label = format!("outcome=\"{outcome}\"");
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(&label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .fold(0.0, |a, b| a + b)
+/// Events of one outcome the aggregator counted.
+fn outcome(text: &str, outcome: &str) -> f64 {
+    prom::counter(text, "adserve_feature_aggregates_events_total", &[&format!("outcome=\"{outcome}\"")])
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {

@@ -82,6 +82,15 @@ pub fn quantile(b: &Buckets, q: f64) -> Option<f64> {
     Some(prev.0)
 }
 
+/// Sum of every sample of counter or gauge `name` whose line holds each of
+/// `labels` (e.g. `outcome="counted"`); 0 when none does.
+pub fn counter(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |a, b| a + b)
+}
+
 /// Fetches `url` (a `/metrics` endpoint) as text.
 pub async fn scrape(url: &str) -> anyhow::Result<String> {
     Ok(crate::http_client().get(url).send().await?.error_for_status()?.text().await?)
