@@ -20,9 +20,10 @@
 //!   the event; a redelivered event finds its dedup marker and changes
 //!   nothing (marker, buckets, value and schedule change in one script).
 //! - **Clicks** carry only their impression id. The impression's marker
-//!   holds its user and ad; a click read before its impression waits (up to
-//!   `click_wait`, and the clicks partition commits no further than the
-//!   oldest waiting click) and is then counted as unattributed.
+//!   holds its user and ad; a click read before its impression waits (and
+//!   the clicks partition commits no further than the oldest waiting click)
+//!   until its impression is counted, or can no longer come
+//!   ([`Loop::hopeless`]), and is then counted as unattributed.
 //! - **Bad input.** A message that does not decode goes to the dead-letter
 //!   topic with the reason; the consumer goes on.
 //! - **Redis down.** The consumer retries the event with backoff and commits
@@ -252,16 +253,21 @@ impl Aggregator {
             .client
             .zrangebyscore(realtime::refresh_key(&self.prefix), "-inf", now_s as f64, false, Some((0, limit as i64)))
             .await?;
-        let mut refreshed = 0;
-        for member in &due {
-            let Some((entity, id)) = realtime::parse_member(member) else {
-                let _: i64 = self.client.zrem(realtime::refresh_key(&self.prefix), member.as_str()).await?;
-                continue;
-            };
-            self.run(("", "", Duration::from_secs(1)), &[], &[(entity, id.to_string())], now_s).await?;
-            refreshed += 1;
-        }
-        Ok(refreshed)
+        // Concurrent scripts on the one connection, as for events.
+        let resums = due.iter().map(|member| async move {
+            match realtime::parse_member(member) {
+                Some((entity, id)) => {
+                    self.run(("", "", Duration::from_secs(1)), &[], &[(entity, id.to_string())], now_s).await?;
+                    Ok::<usize, Error>(1)
+                }
+                None => {
+                    let _: i64 = self.client.zrem(realtime::refresh_key(&self.prefix), member.as_str()).await?;
+                    Ok(0)
+                }
+            }
+        });
+        let done: Vec<usize> = futures::future::try_join_all(resums).await?;
+        Ok(done.into_iter().sum())
     }
 }
 
@@ -277,6 +283,13 @@ pub enum RunError {
     /// A refused message could not be dead-lettered.
     #[error("dead-letter topic unavailable: {0}")]
     DeadLetter(EventError),
+}
+
+/// Counts a click whose impression was never counted.
+fn count_unattributed(click: &ClickEvent) {
+    tracing::debug!(impression_id = %click.impression_id, "click never matched a counted impression");
+    metrics::counter!("adserve_feature_aggregates_events_total", "topic" => CLICKS_TOPIC, "outcome" => "unattributed")
+        .increment(1);
 }
 
 /// Most messages applied in one batch.
@@ -451,9 +464,7 @@ impl Loop<'_> {
 
     fn give_up_oldest(&mut self) {
         if let Some(w) = self.waiting.pop_front() {
-            tracing::debug!(impression_id = %w.click.impression_id, "click never matched a counted impression");
-            metrics::counter!("adserve_feature_aggregates_events_total", "topic" => CLICKS_TOPIC, "outcome" => "unattributed")
-                .increment(1);
+            count_unattributed(&w.click);
         }
     }
 
@@ -496,10 +507,7 @@ impl Loop<'_> {
                         };
                         self.observe(CLICKS_TOPIC, w.partition, millis(w.click.clicked_at.as_ref()), applied);
                     }
-                    None if self.hopeless(w, caught_up) => {
-                        metrics::counter!("adserve_feature_aggregates_events_total", "topic" => CLICKS_TOPIC, "outcome" => "unattributed")
-                            .increment(1);
-                    }
+                    None if self.hopeless(w, caught_up) => count_unattributed(&w.click),
                     None => still.push_back(Waiting {
                         partition: w.partition,
                         offset: w.offset,

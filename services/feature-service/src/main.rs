@@ -17,7 +17,6 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let registry = adserve_features::registry();
-    let redis = adserve_counters::connect(&config.redis).await?;
 
     let aggregating = if config.mode.aggregates() {
         let kafka = &config.aggregates.kafka;
@@ -58,7 +57,7 @@ async fn main() -> anyhow::Result<()> {
             // The service still starts: lookups degrade to defaults until DynamoDB answers.
             tracing::warn!(error = %e, "cannot ensure DynamoDB tables yet");
         }
-        let realtime = RealtimeStore::new(redis, registry);
+        let realtime = RealtimeStore::connect(&config.redis, registry).await?;
         let mut service = FeatureGrpc::new(
             registry,
             batch.clone(),
