@@ -1,12 +1,23 @@
 """The feature registry (crates/adserve-features/features.toml): names, order,
-defaults, the request contract's devices and the label window."""
+defaults, transforms, the request contract's devices and the label window.
+
+``Feature.serve`` is the Python twin of ``adserve_features::FeatureSpec``'s
+``accepts`` + ``serve``: a stored raw value is checked against ``range`` and
+put through the feature's transform exactly as the feature-service does,
+computing in f64 and rounding once to f32, so a row built offline
+(``adserve_trainer.offline``) is bit-identical to the row served.
+"""
 
 from __future__ import annotations
 
+import bisect
 import math
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from . import TrainerError
 
@@ -26,12 +37,38 @@ class Feature:
     equals: str | None = None
     # Stored features: [min, max] a store may hold (adserve_features::FeatureSpec::range).
     range: tuple[float, float] | None = None
+    # Stored features: ("log1p", None), ("clip", (lo, hi)) or ("bucketize", (b1, ...)).
+    transform: tuple[str, tuple[float, ...] | None] | None = None
+    owner: str = ""
+    freshness_sla_seconds: float | None = None
 
     def accepts(self, value: float) -> bool:
         """FeatureSpec::accepts: finite and inside ``range`` when one is declared."""
+        value = float(np.float32(value))
         if not math.isfinite(value):
             return False
         return self.range is None or self.range[0] <= value <= self.range[1]
+
+    def serve(self, raw: float) -> np.float32:
+        """FeatureSpec::serve for a value ``accepts`` took: the transform's output as f32."""
+        x = np.float32(raw)
+        if self.transform is None:
+            return x
+        kind, params = self.transform
+        if kind == "log1p":
+            return np.float32(math.log1p(float(x)))
+        if kind == "clip":
+            return np.float32(min(max(x, params[0]), params[1]))
+        return np.float32(bisect.bisect_right(params, float(x)))
+
+    def stored(self, raw: float | None) -> tuple[np.float32, str]:
+        """The served value of a stored ``raw`` (None: absent) and what happened:
+        "ok", "missing" (the default) or "invalid" (refused, the default)."""
+        if raw is None:
+            return np.float32(self.default), "missing"
+        if not self.accepts(raw):
+            return np.float32(self.default), "invalid"
+        return self.serve(raw), "ok"
 
 
 @dataclass(frozen=True)
@@ -87,9 +124,16 @@ def load_registry(path: str | Path | None = None) -> Registry:
                 raise TrainerError(f"feature registry {p}: feature '{name}' range must be [min, max] with finite min <= max")
             if e["source"] == "request":
                 raise TrainerError(f"feature registry {p}: feature '{name}' range is for stored features")
-            if not rng[0] <= default <= rng[1]:
+            if "transform" not in e and not rng[0] <= default <= rng[1]:
                 raise TrainerError(f"feature registry {p}: feature '{name}' default lies outside range")
-            rng = (float(rng[0]), float(rng[1]))
+            rng = (float(np.float32(rng[0])), float(np.float32(rng[1])))
+        transform = _transform(p, name, e.get("transform"), rng, default)
+        owner = e.get("owner")
+        if not isinstance(owner, str) or not owner.strip():
+            raise TrainerError(f"feature registry {p}: feature '{name}' needs an owner")
+        sla = e.get("freshness_sla")
+        if sla is not None:
+            sla = _duration_seconds(p, name, sla)
         features.append(
             Feature(
                 name=name,
@@ -100,6 +144,9 @@ def load_registry(path: str | Path | None = None) -> Registry:
                 personal=bool(e.get("personal", False)),
                 equals=e.get("equals"),
                 range=rng,
+                transform=transform,
+                owner=owner,
+                freshness_sla_seconds=sla,
             )
         )
     devices = doc.get("request", {}).get("devices")
@@ -109,3 +156,46 @@ def load_registry(path: str | Path | None = None) -> Registry:
     if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
         raise TrainerError(f"feature registry {p}: [label].window_seconds must be a positive integer")
     return Registry(path=p, features=tuple(features), devices=tuple(devices), label_window_seconds=window)
+
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def _duration_seconds(p: Path, name: str, text) -> float:
+    """The humantime forms the registry uses: "90s", "1m", "36h", "7d"."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d)\s*", text) if isinstance(text, str) else None
+    if m is None:
+        raise TrainerError(f"feature registry {p}: feature '{name}' freshness_sla {text!r} is not a duration like \"36h\"")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _transform(p: Path, name: str, spec, rng, default):
+    """adserve_features::Transform, parsed and validated the same way."""
+    if spec is None:
+        return None
+    bad = lambda why: TrainerError(f"feature registry {p}: feature '{name}' {why}")  # noqa: E731
+    if spec == "log1p":
+        if rng is None or rng[0] <= -1.0:
+            raise bad("log1p needs a range with min above -1")
+        lo, hi = (float(np.float32(math.log1p(v))) for v in rng)
+        if not lo <= default <= hi:
+            raise bad("default is not between log1p(range min) and log1p(range max)")
+        return ("log1p", None)
+    if isinstance(spec, dict) and len(spec) == 1:
+        ((kind, params),) = spec.items()
+        nums = isinstance(params, list) and all(
+            not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) for v in params
+        )
+        if kind == "clip":
+            if not nums or len(params) != 2 or params[0] > params[1]:
+                raise bad("clip must be [lo, hi] with finite lo <= hi")
+            if not params[0] <= default <= params[1]:
+                raise bad("default lies outside clip")
+            return ("clip", tuple(float(np.float32(v)) for v in params))
+        if kind == "bucketize":
+            if not nums or not params or any(a >= b for a, b in zip(params, params[1:])):
+                raise bad("bucketize needs strictly increasing finite boundaries")
+            if default != int(default) or not 0 <= default <= len(params):
+                raise bad(f"default must be a bucket index, 0..={len(params)}")
+            return ("bucketize", tuple(float(np.float32(v)) for v in params))
+    raise bad(f"unknown transform {spec!r} (log1p, {{clip = [lo, hi]}}, {{bucketize = [...]}})")

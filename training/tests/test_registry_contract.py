@@ -34,3 +34,33 @@ def test_a_registry_without_devices_is_refused(tmp_path):
     p.write_text(text)
     with pytest.raises(TrainerError, match="devices"):
         load_registry(p)
+
+
+@pytest.mark.parametrize(
+    "transform, default, why",
+    [
+        ('"log1p"', "0.0", None),
+        ('"sqrt"', "0.0", "unknown transform"),
+        ("{ clip = [1.0, 0.0] }", "0.5", "clip must be"),
+        ("{ bucketize = [0.5, 0.5] }", "0.0", "strictly increasing"),
+        ("{ bucketize = [0.5] }", "0.5", "bucket index"),
+    ],
+)
+def test_transforms_are_validated_like_the_services_do(tmp_path, transform, default, why):
+    text = load_registry().path.read_text().replace(
+        'transform = "log1p"\npersonal = true', f"transform = {transform}\npersonal = true"
+    ).replace('name = "user_sessions_7d_log"\nentity = "user"\nsource = "dynamodb"\nattribute = "sessions_7d"\ndefault = 0.0',
+              f'name = "user_sessions_7d_log"\nentity = "user"\nsource = "dynamodb"\nattribute = "sessions_7d"\ndefault = {default}')
+    p = tmp_path / "features.toml"
+    p.write_text(text)
+    if why is None:
+        assert load_registry(p).features[-2].transform == ("log1p", None)
+    else:
+        with pytest.raises(TrainerError, match=why):
+            load_registry(p)
+
+
+def test_every_feature_has_an_owner_and_stored_ones_a_freshness_sla(registry):
+    for f in registry.features:
+        assert f.owner, f.name
+        assert (f.freshness_sla_seconds is not None) == (f.source != "request"), f.name

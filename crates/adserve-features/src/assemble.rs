@@ -38,7 +38,7 @@ pub struct Assembled {
 /// A stored value for `f`, or its default; counted as missing or invalid.
 fn checked(f: &FeatureSpec, value: Option<f32>, missing: &mut u32, invalid: &mut u32) -> f32 {
     match value {
-        Some(v) if f.accepts(v) => v,
+        Some(v) if f.accepts(v) => f.serve(v),
         Some(_) => {
             *invalid += 1;
             f.default

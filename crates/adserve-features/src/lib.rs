@@ -65,11 +65,95 @@ pub struct FeatureSpec {
     #[serde(default)]
     pub equals: Option<String>,
     /// Stored features: the values a store may hold, `[min, max]` inclusive
-    /// (any finite value without it). See [`FeatureSpec::accepts`].
+    /// (any finite value without it), in the store's (raw) units. See
+    /// [`FeatureSpec::accepts`].
     #[serde(default)]
     pub range: Option<[f32; 2]>,
+    /// Stored features: applied to an accepted stored value before it is
+    /// served (the default is already in served units). See [`Transform`].
+    #[serde(default)]
+    pub transform: Option<Transform>,
+    /// Stored features: how old a value may be and still be right (the
+    /// aggregator's freshness for real-time counters, the batch pipeline's
+    /// schedule for batch features); `"1m"`, `"24h"`.
+    #[serde(default, with = "humantime_serde")]
+    pub freshness_sla: Option<std::time::Duration>,
+    /// Who answers for the feature (a team).
+    pub owner: String,
     /// What the feature means.
     pub description: String,
+}
+
+/// What a stored feature's value goes through before it is served. The
+/// feature-service applies it at serving time and the Python trainer's
+/// offline retrieval (`adserve_trainer.offline`) applies the same function
+/// to the same raw values, bit for bit: both compute in f64 and round once
+/// to f32 (the identity test holds them to it).
+///
+/// ```toml
+/// transform = "log1p"                        # ln(1 + x); needs range min > -1
+/// transform = { clip = [0.0, 100.0] }        # min(max(x, lo), hi)
+/// transform = { bucketize = [1.0, 10.0] }    # boundaries <= x: 0, 1 or 2
+/// ```
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Transform {
+    /// `ln(1 + x)`.
+    Log1p,
+    /// `x` clamped to `[lo, hi]`.
+    Clip([f32; 2]),
+    /// The number of boundaries `<= x` (so `x` below the first is 0), as
+    /// f32; boundaries strictly increasing.
+    Bucketize(Vec<f32>),
+}
+
+impl Transform {
+    /// The served value of an accepted raw value.
+    pub fn apply(&self, raw: f32) -> f32 {
+        match self {
+            Self::Log1p => f64::from(raw).ln_1p() as f32,
+            Self::Clip([lo, hi]) => raw.clamp(*lo, *hi),
+            Self::Bucketize(bounds) => bounds.partition_point(|b| *b <= raw) as f32,
+        }
+    }
+
+    /// Checks the transform's parameters against the feature's raw `range`
+    /// and served `default`.
+    fn validate(&self, range: Option<[f32; 2]>, default: f32) -> Result<(), String> {
+        match self {
+            Self::Log1p => {
+                let Some([lo, hi]) = range else {
+                    return Err("`log1p` needs a `range` (its min above -1)".into());
+                };
+                if lo <= -1.0 {
+                    return Err("`log1p` needs `range` min above -1".into());
+                }
+                if !(self.apply(lo) <= default && default <= self.apply(hi)) {
+                    return Err("default is not between log1p(range min) and log1p(range max)".into());
+                }
+            }
+            Self::Clip([lo, hi]) => {
+                if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
+                    return Err("`clip` must be [lo, hi] with finite lo <= hi".into());
+                }
+                if !(*lo <= default && default <= *hi) {
+                    return Err("default lies outside `clip`".into());
+                }
+            }
+            Self::Bucketize(bounds) => {
+                if bounds.is_empty() || !bounds.iter().all(|b| b.is_finite()) {
+                    return Err("`bucketize` needs at least one finite boundary".into());
+                }
+                if !bounds.windows(2).all(|w| w[0] < w[1]) {
+                    return Err("`bucketize` boundaries must be strictly increasing".into());
+                }
+                if default.fract() != 0.0 || !(0.0..=bounds.len() as f32).contains(&default) {
+                    return Err(format!("default must be a bucket index, 0..={}", bounds.len()));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl FeatureSpec {
@@ -79,6 +163,12 @@ impl FeatureSpec {
     /// (which refuses a matrix holding NaN or infinity as a whole).
     pub fn accepts(&self, value: f32) -> bool {
         value.is_finite() && self.range.is_none_or(|[lo, hi]| lo <= value && value <= hi)
+    }
+
+    /// The served value of a stored value the spec [`accepts`](Self::accepts):
+    /// the value through the feature's [`Transform`], if it has one.
+    pub fn serve(&self, raw: f32) -> f32 {
+        self.transform.as_ref().map_or(raw, |t| t.apply(raw))
     }
 }
 
@@ -177,6 +267,12 @@ impl FeatureRegistry {
             if !f.default.is_finite() {
                 return Err(invalid("default must be finite"));
             }
+            if f.owner.trim().is_empty() {
+                return Err(invalid("`owner` must name who answers for the feature"));
+            }
+            if f.source == Source::Request && (f.transform.is_some() || f.freshness_sla.is_some()) {
+                return Err(invalid("`transform` and `freshness_sla` are for stored features"));
+            }
             if let Some([lo, hi]) = f.range {
                 if f.source == Source::Request {
                     return Err(invalid("`range` is for stored features; request features are 0 or 1"));
@@ -184,9 +280,13 @@ impl FeatureRegistry {
                 if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
                     return Err(invalid("`range` must be [min, max] with finite min <= max"));
                 }
-                if !f.accepts(f.default) {
+                // With a transform the default is in served units, checked below.
+                if f.transform.is_none() && !f.accepts(f.default) {
                     return Err(invalid("default lies outside `range`"));
                 }
+            }
+            if let Some(t) = &f.transform {
+                t.validate(f.range, f.default).map_err(|why| invalid(&why))?;
             }
             match (f.entity, f.source) {
                 (Entity::Context, Source::Request) if f.equals.is_none() => {
@@ -300,7 +400,7 @@ mod tests {
 
     #[test]
     fn duplicate_names_are_rejected() {
-        let f = "name=\"x\"\nentity=\"ad\"\nsource=\"redis\"\nattribute=\"clicks_1h\"\ndefault=0.0\ndescription=\"\"\n";
+        let f = "name=\"x\"\nentity=\"ad\"\nsource=\"redis\"\nattribute=\"clicks_1h\"\ndefault=0.0\ndescription=\"\"\nowner=\"t\"\n";
         let text = format!("{}[[feature]]\n{f}", doc(f));
         let err = FeatureRegistry::parse(&text).unwrap_err();
         assert!(err.to_string().contains("defined twice"), "{err}");
@@ -308,8 +408,7 @@ mod tests {
 
     #[test]
     fn request_feature_without_equals_is_rejected() {
-        let f =
-            "name=\"c\"\nentity=\"context\"\nsource=\"request\"\nattribute=\"device\"\ndefault=0.0\ndescription=\"\"\n";
+        let f = "name=\"c\"\nentity=\"context\"\nsource=\"request\"\nattribute=\"device\"\ndefault=0.0\ndescription=\"\"\nowner=\"t\"\n";
         let err = FeatureRegistry::parse(&doc(f)).unwrap_err();
         assert!(err.to_string().contains("equals"), "{err}");
     }
@@ -317,7 +416,7 @@ mod tests {
     #[test]
     fn device_indicators_must_name_a_known_device() {
         let f = "name=\"c\"\nentity=\"context\"\nsource=\"request\"\nattribute=\"device\"\nequals=\"toaster\"\n\
-                 default=0.0\ndescription=\"\"\n";
+                 default=0.0\ndescription=\"\"\nowner=\"t\"\n";
         let err = FeatureRegistry::parse(&doc(f)).unwrap_err();
         assert!(err.to_string().contains("[request].devices"), "{err}");
     }
@@ -327,7 +426,7 @@ mod tests {
         let f = |range: &str, default: &str| {
             format!(
                 "name=\"x\"\nentity=\"ad\"\nsource=\"redis\"\nattribute=\"clicks_1h\"\ndefault={default}\n\
-                 range={range}\ndescription=\"\"\n"
+                 range={range}\ndescription=\"\"\nowner=\"t\"\n"
             )
         };
         let ok = FeatureRegistry::parse(&doc(&f("[0.0, 1.0]", "0.5"))).expect("valid");
@@ -356,15 +455,72 @@ mod tests {
 
     #[test]
     fn real_time_features_must_name_an_aggregated_counter() {
-        let f = "name=\"x\"\nentity=\"ad\"\nsource=\"redis\"\nattribute=\"views_1h\"\ndefault=0.0\ndescription=\"\"\n";
+        let f = "name=\"x\"\nentity=\"ad\"\nsource=\"redis\"\nattribute=\"views_1h\"\ndefault=0.0\ndescription=\"\"\nowner=\"t\"\n";
         let err = FeatureRegistry::parse(&doc(f)).unwrap_err();
         assert!(err.to_string().contains("not one the aggregator keeps"), "{err}");
         assert!(err.to_string().contains("impressions_5m"), "the message lists what is kept: {err}");
     }
 
+    fn stored(extra: &str) -> String {
+        format!(
+            "name=\"x\"\nentity=\"user\"\nsource=\"dynamodb\"\nattribute=\"a\"\ndescription=\"\"\nowner=\"t\"\n{extra}\n"
+        )
+    }
+
+    #[test]
+    fn transforms_map_accepted_raw_values_to_served_ones() {
+        let log = FeatureRegistry::parse(&doc(&stored("default=0.0\nrange=[0.0, 1e6]\ntransform=\"log1p\""))).unwrap();
+        let f = &log.features[0];
+        assert_eq!(f.transform, Some(Transform::Log1p));
+        assert_eq!(f.serve(0.0), 0.0);
+        assert!((f.serve(std::f32::consts::E - 1.0) - 1.0).abs() < 1e-6);
+        // f64 then one rounding: what Python's float32(math.log1p(float(x))) gives.
+        assert_eq!(f.serve(3.0), (4.0f64).ln() as f32);
+        let clip =
+            FeatureRegistry::parse(&doc(&stored("default=1.0\nrange=[-5.0, 5.0]\ntransform={ clip = [0.0, 2.0] }")))
+                .unwrap();
+        assert_eq!([-1.0, 0.5, 3.0].map(|v| clip.features[0].serve(v)), [0.0, 0.5, 2.0]);
+        let b = FeatureRegistry::parse(&doc(&stored(
+            "default=1.0\nrange=[0.0, 1.0]\ntransform={ bucketize = [0.25, 0.5] }",
+        )))
+        .unwrap();
+        // A value on a boundary belongs to the bucket above it.
+        assert_eq!([0.0, 0.25, 0.3, 0.5, 1.0].map(|v| b.features[0].serve(v)), [0.0, 1.0, 1.0, 2.0, 2.0]);
+        // No transform: served as stored.
+        assert_eq!(registry().features[0].serve(0.125), 0.125);
+    }
+
+    #[test]
+    fn bad_transforms_and_metadata_are_refused_with_the_reason() {
+        for (extra, why) in [
+            ("default=0.0\ntransform=\"log1p\"", "needs a `range`"),
+            ("default=0.0\nrange=[-2.0, 1.0]\ntransform=\"log1p\"", "min above -1"),
+            ("default=9.0\nrange=[0.0, 1.0]\ntransform=\"log1p\"", "between log1p"),
+            ("default=0.0\nrange=[0.0, 1.0]\ntransform={ clip = [1.0, 0.0] }", "lo <= hi"),
+            ("default=5.0\nrange=[0.0, 9.0]\ntransform={ clip = [0.0, 1.0] }", "outside `clip`"),
+            ("default=0.0\nrange=[0.0, 1.0]\ntransform={ bucketize = [] }", "at least one"),
+            ("default=0.0\nrange=[0.0, 1.0]\ntransform={ bucketize = [0.5, 0.5] }", "strictly increasing"),
+            ("default=0.5\nrange=[0.0, 1.0]\ntransform={ bucketize = [0.5] }", "bucket index"),
+            ("default=3.0\nrange=[0.0, 1.0]\ntransform={ bucketize = [0.5] }", "bucket index"),
+        ] {
+            let err = FeatureRegistry::parse(&doc(&stored(extra))).unwrap_err();
+            assert!(err.to_string().contains(why), "{extra}: {err}");
+        }
+        for extra in ["default=0.0\ntransform=\"sqrt\"", "default=0.0\nfreshness_sla=\"soon\""] {
+            assert!(matches!(FeatureRegistry::parse(&doc(&stored(extra))), Err(RegistryError::Parse(_))), "{extra}");
+        }
+        let no_owner = stored("default=0.0").replace("owner=\"t\"", "owner=\" \"");
+        assert!(FeatureRegistry::parse(&doc(&no_owner)).unwrap_err().to_string().contains("`owner`"));
+        let request = "name=\"c\"\nentity=\"context\"\nsource=\"request\"\nattribute=\"device\"\nequals=\"mobile\"\n\
+                       default=0.0\ndescription=\"\"\nowner=\"t\"\nfreshness_sla=\"1m\"\n";
+        assert!(FeatureRegistry::parse(&doc(request)).unwrap_err().to_string().contains("stored features"));
+        let sla = FeatureRegistry::parse(&doc(&stored("default=0.0\nfreshness_sla=\"24h\""))).unwrap();
+        assert_eq!(sla.features[0].freshness_sla, Some(std::time::Duration::from_secs(86_400)));
+    }
+
     #[test]
     fn unknown_keys_are_rejected() {
-        let f = "name=\"x\"\nentity=\"ad\"\nsource=\"redis\"\nattribute=\"clicks_1h\"\ndefault=0.0\ndescription=\"\"\ncolour=1\n";
+        let f = "name=\"x\"\nentity=\"ad\"\nsource=\"redis\"\nattribute=\"clicks_1h\"\ndefault=0.0\ndescription=\"\"\nowner=\"t\"\ncolour=1\n";
         assert!(matches!(FeatureRegistry::parse(&doc(f)), Err(RegistryError::Parse(_))));
     }
 }
