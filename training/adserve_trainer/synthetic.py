@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .offline import serve_stored
 from .registry import Registry
 from .schema import ROW_SCHEMA
 
@@ -110,8 +111,19 @@ def generate(n: int, seed: int, registry: Registry) -> pa.Table:
     # requests; the ranker scored them at the registry default.
     logit = np.full(n, TRUE_INTERCEPT)
     served_cols: list[np.ndarray] = []
+    raw_of: dict[tuple[str, str, str], np.ndarray] = {}
     for f in registry.features:
-        col = _feature_column(f.name, n, f.default, ctx, rng)
+        twin = raw_of.get((f.entity, f.source, f.attribute))
+        if f.transform is not None and twin is not None:
+            # A transformed view of a stored value generated above: served
+            # as the feature-service would serve it (no extra draws, so the
+            # other columns and the truth do not move).
+            col, _, _ = serve_stored(f, twin.astype(np.float32), np.ones(n, dtype=bool))
+            col = col.astype(np.float64)
+        else:
+            col = _feature_column(f.name, n, f.default, ctx, rng)
+            if f.transform is None and f.source != "request":
+                raw_of.setdefault((f.entity, f.source, f.attribute), col)
         if f.personal:
             col = np.where(coppa, f.default, col)
         col = col.astype(np.float32)

@@ -1,6 +1,8 @@
-//! adservectl: operate the model registry.
+//! adservectl: operate the model registry and the feature store's batch tier.
 //!
 //! ```text
+//! adservectl features list [--json]
+//! adservectl features backfill --entity user --file users.parquet [--max-items-per-second 2000]
 //! adservectl models list [--name ctr] [--json]
 //! adservectl models register --name ctr --dir models/ctr-2026-12-01
 //! adservectl models promote --name ctr --version V --to canary --canary-share 0.05
@@ -12,14 +14,25 @@
 //! Rankers following the registry (`registry.enabled`) pick a change up
 //! within a second (LISTEN/NOTIFY; `registry.poll_interval` as a safety net).
 //! Illegal stage changes are refused with the reason and exit status 1.
+//!
+//! `features backfill` loads a batch pipeline's Parquet output into the
+//! DynamoDB batch tier (see `adserve_feature_service::backfill` for the file
+//! format, idempotency and resumption); the trainer's point-in-time
+//! retrieval reads the same file.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
+use adserve_feature_service::{
+    BatchStore,
+    backfill::{self, Options},
+    config::DynamoConfig,
+};
+use adserve_features::{Entity, FeatureRegistry, Source};
 use adserve_registry::{ModelRecord, Moved, Registry, RegistryConfig, Stage};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "adservectl", version, about = "Operate adserve's model registry")]
+#[command(name = "adservectl", version, about = "Operate adserve's model registry and feature store")]
 struct Cli {
     /// Registry database (the rankers' `registry.postgres.url`).
     #[arg(long, env = "ADSERVE_REGISTRY__POSTGRES__URL", default_value_t = RegistryConfig::default().postgres.url, global = true)]
@@ -36,8 +49,81 @@ enum Command {
     /// Model versions and their stages.
     #[command(subcommand)]
     Models(Models),
-    /// Create or upgrade the registry schema (the other commands do it too).
+    /// Create or upgrade the registry schema (the `models` commands do it too).
     Migrate,
+    /// The feature registry and the batch tier.
+    #[command(subcommand)]
+    Features(Features),
+}
+
+#[derive(Subcommand)]
+enum Features {
+    /// The registry compiled into this build: every feature, in column order.
+    List {
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load batch features from a Parquet file into DynamoDB: each entity's
+    /// latest row, resumable (a checkpoint beside the file) and idempotent.
+    Backfill {
+        /// Which entity's table: user or ad.
+        #[arg(long)]
+        entity: EntityArg,
+        /// Parquet file: the entity key, event_timestamp, one column per batch attribute.
+        #[arg(long)]
+        file: PathBuf,
+        /// Progress file (default: FILE.checkpoint.json).
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// Ignore the checkpoint and write every row group again.
+        #[arg(long)]
+        restart: bool,
+        /// Items per second at most (0: unlimited); spares a serving table's write capacity.
+        #[arg(long, default_value_t = 0)]
+        max_items_per_second: u32,
+        /// BatchWriteItem calls in flight.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+        concurrency: u16,
+        #[command(flatten)]
+        dynamodb: DynamoArgs,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EntityArg {
+    User,
+    Ad,
+}
+
+/// The batch tier, as the feature-service's `dynamodb.*` settings name it.
+#[derive(clap::Args)]
+struct DynamoArgs {
+    /// DynamoDB endpoint (empty: the region's AWS endpoint).
+    #[arg(long, env = "ADSERVE_DYNAMODB__ENDPOINT", default_value_t = DynamoConfig::default().endpoint)]
+    dynamodb_endpoint: String,
+    /// AWS region.
+    #[arg(long, env = "ADSERVE_DYNAMODB__REGION", default_value_t = DynamoConfig::default().region)]
+    dynamodb_region: String,
+    /// Access key id.
+    #[arg(long, env = "ADSERVE_DYNAMODB__ACCESS_KEY_ID", default_value_t = DynamoConfig::default().access_key_id, hide_default_value = true)]
+    dynamodb_access_key_id: String,
+    /// Secret access key.
+    #[arg(long, env = "ADSERVE_DYNAMODB__SECRET_ACCESS_KEY", default_value_t = DynamoConfig::default().secret_access_key, hide_default_value = true, hide_env_values = true)]
+    dynamodb_secret_access_key: String,
+}
+
+impl DynamoArgs {
+    fn config(self) -> DynamoConfig {
+        DynamoConfig {
+            endpoint: self.dynamodb_endpoint,
+            region: self.dynamodb_region,
+            access_key_id: self.dynamodb_access_key_id,
+            secret_access_key: self.dynamodb_secret_access_key,
+            // A batch call's attempt, not a request's budget.
+            timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -117,6 +203,10 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let command = match cli.command {
+        Command::Features(f) => return features(f, adserve_features::registry()).await,
+        other => other,
+    };
     let mut config = RegistryConfig::default();
     config.postgres.url = cli.database_url;
     config.postgres.schema = cli.schema;
@@ -124,7 +214,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     config.validate()?;
     let registry = Registry::connect_lazy(&config.postgres)?;
     registry.migrate().await?;
-    match cli.command {
+    match command {
+        Command::Features(_) => unreachable!("handled above"),
         Command::Migrate => println!("registry schema {} is up to date", config.postgres.schema),
         Command::Models(Models::List { name, json }) => {
             let records = registry.list(name.as_deref()).await?;
@@ -189,4 +280,103 @@ fn print_table(records: &[ModelRecord]) {
             r.artifact
         );
     }
+}
+
+async fn features(command: Features, registry: &FeatureRegistry) -> anyhow::Result<()> {
+    match command {
+        Features::List { json } => list_features(registry, json),
+        Features::Backfill { entity, file, checkpoint, restart, max_items_per_second, concurrency, dynamodb } => {
+            let entity = match entity {
+                EntityArg::User => Entity::User,
+                EntityArg::Ad => Entity::Ad,
+            };
+            let plan = backfill::plan(&file, entity, registry)?;
+            let mut options = Options::for_input(&file);
+            options.checkpoint = checkpoint.unwrap_or(options.checkpoint);
+            options.restart = restart;
+            options.max_items_per_second = max_items_per_second;
+            options.concurrency = usize::from(concurrency);
+            eprintln!(
+                "{}: {} rows, {} {} entities (their latest rows), {} row groups; checkpoint {}",
+                file.display(),
+                plan.rows,
+                plan.entities,
+                if entity == Entity::User { "user" } else { "ad" },
+                plan.groups(),
+                options.checkpoint.display()
+            );
+            let store = BatchStore::new(&dynamodb.config(), registry);
+            store.ensure_tables().await?;
+            let bar = indicatif::ProgressBar::new(plan.entities as u64).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:40}] {pos}/{len} items ({per_sec}, eta {eta})",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            let started = std::time::Instant::now();
+            let outcome = backfill::run(&plan, &store, &options, |items| bar.inc(items as u64)).await;
+            bar.finish_and_clear();
+            let outcome = outcome?;
+            if outcome.already_complete {
+                println!(
+                    "already complete (checkpoint {}); nothing written. --restart writes it again",
+                    options.checkpoint.display()
+                );
+            } else {
+                println!(
+                    "backfilled {} items in {} ({} of {} row groups done by an earlier run)",
+                    outcome.written,
+                    humantime::format_duration(Duration::from_millis(started.elapsed().as_millis() as u64)),
+                    outcome.groups_skipped,
+                    outcome.groups
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn list_features(registry: &FeatureRegistry, json: bool) -> anyhow::Result<()> {
+    let tier = |s: Source| match s {
+        Source::Dynamodb => "batch",
+        Source::Redis => "real-time",
+        Source::Request => "request",
+    };
+    for (i, f) in registry.features.iter().enumerate() {
+        let transform = f.transform.as_ref().map(|t| format!("{t:?}").to_lowercase());
+        let sla = f.freshness_sla.map(|d| match d.as_secs() {
+            s if s > 0 && s % 3600 == 0 => format!("{}h", s / 3600),
+            s if s > 0 && s % 60 == 0 => format!("{}m", s / 60),
+            _ => humantime::format_duration(d).to_string(),
+        });
+        if json {
+            let doc = serde_json::json!({
+                "column": i, "name": f.name, "entity": format!("{:?}", f.entity).to_lowercase(),
+                "tier": tier(f.source), "attribute": f.attribute, "default": f.default, "range": f.range,
+                "transform": transform, "freshness_sla": sla, "owner": f.owner, "personal": f.personal,
+                "description": f.description,
+            });
+            println!("{doc}");
+        } else {
+            if i == 0 {
+                println!(
+                    "{:>3}  {:<26} {:<8} {:<10} {:<16} {:>8}  {:<30} {:<6} owner",
+                    "col", "name", "entity", "tier", "attribute", "default", "transform", "sla"
+                );
+            }
+            println!(
+                "{i:>3}  {:<26} {:<8} {:<10} {:<16} {:>8}  {:<30} {:<6} {}",
+                f.name,
+                format!("{:?}", f.entity).to_lowercase(),
+                tier(f.source),
+                f.attribute,
+                f.default,
+                transform.as_deref().unwrap_or("-"),
+                sla.as_deref().unwrap_or("-"),
+                f.owner
+            );
+        }
+    }
+    Ok(())
 }

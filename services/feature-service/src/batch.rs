@@ -26,6 +26,22 @@ pub const AD_VERSION_ID: &str = "__version__";
 const AD_VERSION_ATTR: &str = "version";
 /// DynamoDB's BatchGetItem limit.
 const BATCH_GET_LIMIT: usize = 100;
+/// DynamoDB's BatchWriteItem limit.
+pub const BATCH_WRITE_LIMIT: usize = 25;
+/// The item attribute holding when its values became true (epoch ms),
+/// written by the backfill ([`crate::backfill`]).
+pub const AS_OF_ATTR: &str = "as_of";
+
+/// One item to write: the entity's id and its attributes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchRow {
+    /// `user_id`, or `ad_id` as a decimal string.
+    pub id: String,
+    /// Attribute values; an attribute left out is absent from the item.
+    pub values: HashMap<String, f32>,
+    /// When the values became true (epoch ms), stored as [`AS_OF_ATTR`].
+    pub as_of_ms: Option<i64>,
+}
 
 /// A DynamoDB failure, with the SDK's full context.
 #[derive(Debug, thiserror::Error)]
@@ -218,7 +234,9 @@ impl BatchStore {
 
     /// Writes user feature rows (`user_id -> attribute -> value`).
     pub async fn put_users(&self, rows: &[(String, HashMap<String, f32>)]) -> Result<(), BatchError> {
-        self.put(&self.user_table, USER_KEY, rows).await
+        let rows: Vec<BatchRow> =
+            rows.iter().map(|(id, m)| BatchRow { id: id.clone(), values: m.clone(), as_of_ms: None }).collect();
+        self.put_rows(Entity::User, &rows).await
     }
 
     /// Writes ad feature rows (`ad_id -> attribute -> value`), then bumps the
@@ -226,9 +244,9 @@ impl BatchStore {
     /// copy ([`crate::AdTable`]). Writers that bypass this must bump it too
     /// ([`BatchStore::bump_ad_version`]) or wait for `ad_table.max_age`.
     pub async fn put_ads(&self, rows: &[(i64, HashMap<String, f32>)]) -> Result<(), BatchError> {
-        let rows: Vec<(String, HashMap<String, f32>)> =
-            rows.iter().map(|(id, m)| (id.to_string(), m.clone())).collect();
-        self.put(&self.ad_table, AD_KEY, &rows).await?;
+        let rows: Vec<BatchRow> =
+            rows.iter().map(|(id, m)| BatchRow { id: id.to_string(), values: m.clone(), as_of_ms: None }).collect();
+        self.put_rows(Entity::Ad, &rows).await?;
         self.bump_ad_version().await
     }
 
@@ -295,14 +313,29 @@ impl BatchStore {
         }
     }
 
-    async fn put(&self, table: &str, key: &str, rows: &[(String, HashMap<String, f32>)]) -> Result<(), BatchError> {
-        for chunk in rows.chunks(25) {
+    /// Writes whole items (a put replaces the entity's item) in
+    /// BatchWriteItem chunks, one after another, retrying unprocessed items
+    /// with backoff. An ad writer must bump the version item afterwards
+    /// ([`BatchStore::bump_ad_version`]). A value is written as the f32's
+    /// shortest decimal, so it reads back as the same f32.
+    pub async fn put_rows(&self, entity: Entity, rows: &[BatchRow]) -> Result<(), BatchError> {
+        let (table, key) = match entity {
+            Entity::User => (&self.user_table, USER_KEY),
+            Entity::Ad => (&self.ad_table, AD_KEY),
+            Entity::Context => {
+                return Err(BatchError { op: "BatchWriteItem", message: "context features are not stored".into() });
+            }
+        };
+        for chunk in rows.chunks(BATCH_WRITE_LIMIT) {
             let writes = chunk
                 .iter()
-                .map(|(id, attrs)| {
+                .map(|row| {
                     let mut item: HashMap<String, AttributeValue> =
-                        attrs.iter().map(|(k, v)| (k.clone(), AttributeValue::N(v.to_string()))).collect();
-                    item.insert(key.to_string(), AttributeValue::S(id.clone()));
+                        row.values.iter().map(|(k, v)| (k.clone(), AttributeValue::N(v.to_string()))).collect();
+                    item.insert(key.to_string(), AttributeValue::S(row.id.clone()));
+                    if let Some(ms) = row.as_of_ms {
+                        item.insert(AS_OF_ATTR.to_string(), AttributeValue::N(ms.to_string()));
+                    }
                     let put = PutRequest::builder().set_item(Some(item)).build().map_err(err("BatchWriteItem"))?;
                     Ok(WriteRequest::builder().put_request(put).build())
                 })

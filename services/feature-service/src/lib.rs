@@ -12,6 +12,7 @@
 
 pub mod ad_table;
 pub mod aggregates;
+pub mod backfill;
 pub mod batch;
 pub mod breaker;
 pub mod config;
@@ -21,7 +22,7 @@ pub mod service;
 pub use ad_table::AdTable;
 pub use adserve_features::{SourceValues, assemble};
 pub use aggregates::Aggregator;
-pub use batch::{AdLookup, BatchStore};
+pub use batch::{AdLookup, BatchRow, BatchStore};
 pub use config::FeatureServiceConfig;
 pub use realtime::RealtimeStore;
 pub use service::FeatureGrpc;

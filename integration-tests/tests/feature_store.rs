@@ -1,0 +1,342 @@
+//! The feature store's batch path across its real process boundaries:
+//! `adservectl features backfill` (a Parquet file into DynamoDB Local), the
+//! running feature-service (GetFeatures) and the trainer's point-in-time
+//! retrieval (`python -m adserve_trainer.offline`) over the same file.
+//!
+//! - The same raw values give bit-identical rows through the serving path
+//!   and the training path (range checks and transforms included).
+//! - A backfill killed mid-run resumes where its checkpoint says, and ends
+//!   with every entity's latest row in the table.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    fs::File,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use adserve_feature_service::backfill::EVENT_TIMESTAMP;
+use adserve_features::{Entity, Source};
+use adserve_integration_tests::{Stack, adstack_home, binary, repo_root};
+use adserve_proto::v1::{GetFeaturesRequest, RequestContext, feature_service_client::FeatureServiceClient};
+use arrow::{
+    array::{
+        ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+    },
+    datatypes::{DataType, Field, Float32Type, Schema, TimeUnit},
+};
+use parquet::{
+    arrow::{ArrowWriter, arrow_reader::ParquetRecordBatchReaderBuilder},
+    file::properties::WriterProperties,
+};
+use tokio::process::Command;
+
+/// The batch attributes of `entity`, sorted (one column each in a batch file).
+fn attributes(entity: Entity) -> Vec<String> {
+    let set: BTreeSet<String> =
+        adserve_features::registry().select(entity, Source::Dynamodb).map(|(_, f)| f.attribute.clone()).collect();
+    set.into_iter().collect()
+}
+
+/// One history row of a batch file: key, event time, attribute values (None: null).
+struct Row {
+    key: String,
+    ms: i64,
+    values: HashMap<String, Option<f64>>,
+}
+
+/// Writes a batch file for `entity` (ad keys as int64) with `per_group` rows per row group.
+fn write_batch_file(path: &Path, entity: Entity, rows: &[Row], per_group: usize) -> anyhow::Result<()> {
+    let attrs = attributes(entity);
+    let (key, key_type) = match entity {
+        Entity::Ad => ("ad_id", DataType::Int64),
+        _ => ("user_id", DataType::Utf8),
+    };
+    let mut fields = vec![
+        Field::new(key, key_type.clone(), false),
+        Field::new(EVENT_TIMESTAMP, DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false),
+    ];
+    fields.extend(attrs.iter().map(|a| Field::new(a, DataType::Float64, true)));
+    let schema = Arc::new(Schema::new(fields));
+    let key_col: ArrayRef = if key_type == DataType::Int64 {
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.key.parse::<i64>().expect("ad id"))))
+    } else {
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.key.as_str())))
+    };
+    let mut columns = vec![
+        key_col,
+        Arc::new(TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.ms)).with_timezone("UTC"))
+            as ArrayRef,
+    ];
+    for a in &attrs {
+        columns.push(Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.values.get(a).copied().flatten()))));
+    }
+    let props = WriterProperties::builder().set_max_row_group_row_count(Some(per_group)).build();
+    let mut w = ArrowWriter::try_new(File::create(path)?, schema.clone(), Some(props))?;
+    w.write(&RecordBatch::try_new(schema, columns)?)?;
+    w.close()?;
+    Ok(())
+}
+
+fn backfill(s: &Stack, entity: &str, file: &Path) -> Command {
+    let mut c = Command::new(binary("adservectl"));
+    c.args(["features", "backfill", "--entity", entity, "--file"])
+        .arg(file)
+        .env("ADSERVE_DYNAMODB__ENDPOINT", &s.dynamodb)
+        .kill_on_drop(true);
+    c
+}
+
+async fn run_ok(mut c: Command) -> anyhow::Result<String> {
+    let out = c.output().await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{:?} exited {}: {}{}",
+        c.as_std().get_program(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn python() -> PathBuf {
+    adstack_home().join("venv/bin/python")
+}
+
+#[tokio::test]
+async fn the_serving_path_and_the_training_path_give_identical_rows() -> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    let registry = adserve_features::registry();
+    let dir = tempfile::tempdir()?;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let user = format!("identity-{tag}");
+    let now = adserve_feature_service::backfill::now_ms();
+    let hour = 3_600_000;
+    let v = |pairs: &[(&str, Option<f64>)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect::<HashMap<_, _>>();
+
+    // The user's history: the older row must not be what either path serves.
+    // Values that are not exact in f32 (0.1, 1/3), one outside its range
+    // (interest_food), one null (interest_books), and a count log1p'd.
+    let users = [
+        Row {
+            key: user.clone(),
+            ms: now - 48 * hour,
+            values: v(&[("ctr_30d", Some(0.9)), ("sessions_7d", Some(1.0))]),
+        },
+        Row {
+            key: user.clone(),
+            ms: now - hour,
+            values: v(&[
+                ("ctr_30d", Some(0.1)),
+                ("sessions_7d", Some(12_345.0)),
+                ("interest_travel", Some(1.0 / 3.0)),
+                ("interest_games", Some(0.0)),
+                ("interest_finance", Some(0.999_999_9)),
+                ("interest_food", Some(1.5)),
+                ("interest_books", None),
+            ]),
+        },
+    ];
+    let base = 9_300_000_000 + (uuid::Uuid::new_v4().as_u128() as i64 & 0x3fff_ffff);
+    let ads: Vec<i64> = (0..5).map(|i| base + i).collect();
+    let mut ad_rows = Vec::new();
+    for (i, ad) in ads.iter().enumerate() {
+        let q = [0.1, 0.25, 0.6, 0.75, 2.0][i]; // buckets 0, 1, 2, 3 and one out of range
+        ad_rows.push(Row {
+            key: ad.to_string(),
+            ms: now - 2 * hour,
+            values: v(&[("ctr_7d", Some(0.5)), ("quality_score", Some(0.9))]),
+        });
+        if i < 4 {
+            ad_rows.push(Row {
+                key: ad.to_string(),
+                ms: now - hour,
+                values: v(&[
+                    ("ctr_7d", Some(0.01 * (i as f64 + 1.0) / 3.0)),
+                    ("quality_score", Some(q)),
+                    ("topic_travel", Some((i % 2) as f64)),
+                    ("topic_food", Some(1.0)),
+                ]),
+            });
+        }
+    }
+    let (user_file, ad_file) = (dir.path().join("users.parquet"), dir.path().join("ads.parquet"));
+    write_batch_file(&user_file, Entity::User, &users, 1)?;
+    write_batch_file(&ad_file, Entity::Ad, &ad_rows, 3)?;
+    run_ok(backfill(&s, "user", &user_file)).await?;
+    run_ok(backfill(&s, "ad", &ad_file)).await?;
+
+    // Serving: GetFeatures from the running feature-service.
+    let ctx = RequestContext { placement: "sidebar".into(), device: "tablet".into(), ..Default::default() };
+    let mut c = FeatureServiceClient::connect(s.features.clone()).await?;
+    let resp = c
+        .get_features(GetFeaturesRequest { user_id: user.clone(), ad_ids: ads.clone(), context: Some(ctx.clone()) })
+        .await?
+        .into_inner();
+    anyhow::ensure!(resp.degraded.is_empty(), "degraded: {:?}", resp.degraded);
+    let served = resp.matrix.expect("matrix");
+    assert_eq!(served.feature_names, registry.names());
+
+    // Training: point-in-time retrieval over the same files, as of now.
+    let entities = dir.path().join("entities.parquet");
+    let n = ads.len();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("user_id", DataType::Utf8, false),
+        Field::new("ad_id", DataType::Int64, false),
+        Field::new(EVENT_TIMESTAMP, DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false),
+        Field::new("device", DataType::Utf8, false),
+        Field::new("placement", DataType::Utf8, false),
+        Field::new("surface", DataType::Utf8, false),
+        Field::new("coppa", DataType::Boolean, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from(vec![user.as_str(); n])),
+            Arc::new(Int64Array::from(ads.clone())),
+            Arc::new(TimestampMillisecondArray::from(vec![now; n]).with_timezone("UTC")),
+            Arc::new(StringArray::from(vec![ctx.device.as_str(); n])),
+            Arc::new(StringArray::from(vec![ctx.placement.as_str(); n])),
+            Arc::new(StringArray::from(vec![ctx.surface.as_str(); n])),
+            Arc::new(BooleanArray::from(vec![false; n])),
+        ],
+    )?;
+    let mut w = ArrowWriter::try_new(File::create(&entities)?, schema, None)?;
+    w.write(&batch)?;
+    w.close()?;
+    let out = dir.path().join("offline.parquet");
+    let mut py = Command::new(python());
+    py.current_dir(repo_root().join("training"))
+        .args(["-m", "adserve_trainer.offline", "--entities"])
+        .arg(&entities)
+        .arg("--user-features")
+        .arg(&user_file)
+        .arg("--ad-features")
+        .arg(&ad_file)
+        .arg("--out")
+        .arg(&out);
+    run_ok(py).await?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&out)?)?.build()?;
+    let offline: Vec<RecordBatch> = reader.collect::<Result<_, _>>()?;
+    let offline = arrow::compute::concat_batches(&offline[0].schema(), &offline)?;
+
+    let cols = registry.features.len();
+    let mut compared = 0;
+    for (c, name) in registry.names().iter().enumerate() {
+        let col = offline.column_by_name(name).unwrap_or_else(|| panic!("offline output lacks {name}"));
+        let col = col.as_primitive::<Float32Type>();
+        for (row, ad) in ads.iter().enumerate() {
+            let (s_v, o_v) = (served.values[row * cols + c], col.value(row));
+            assert_eq!(s_v.to_bits(), o_v.to_bits(), "{name}, ad {ad}: served {s_v} vs offline {o_v}");
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, n * cols);
+    // The rows are not all defaults: the file's latest values and transforms
+    // reached both paths.
+    let cell = |row: usize, name: &str| served.values[row * cols + registry.index_of(name).expect(name)];
+    assert_eq!(cell(0, "user_ctr_30d"), 0.1f64 as f32);
+    assert_eq!(cell(0, "user_sessions_7d_log"), 12_346f64.ln() as f32);
+    assert_eq!(
+        cell(0, "user_interest_food"),
+        registry.features[registry.index_of("user_interest_food").unwrap()].default
+    );
+    assert_eq!((0..4).map(|r| cell(r, "ad_quality_bucket")).collect::<Vec<_>>(), [0.0, 1.0, 2.0, 3.0]);
+    assert_eq!(cell(4, "ad_quality_score"), 0.9, "the ad with one old row serves it");
+    assert_eq!(cell(0, "ctx_placement_sidebar"), 1.0);
+    let col = |name: &str| registry.index_of(name).expect(name);
+    assert_eq!(resp.invalid[col("user_interest_food")], n as u32);
+    assert_eq!(resp.missing[col("user_interest_books")], n as u32);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_killed_backfill_resumes_from_its_checkpoint_and_writes_each_latest_row() -> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    let dir = tempfile::tempdir()?;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let (users, groups, per_group) = (6000usize, 12usize, 1000usize);
+    // Every user has two rows, one in each half of the file; which half holds
+    // the newer one alternates, so every row group holds winners.
+    let mut rows = Vec::with_capacity(users * 2);
+    for half in 0..2 {
+        for u in 0..users {
+            let newer = (u % 2 == 0) == (half == 0);
+            let ctr = if newer { 0.0001 * (u % 5000) as f64 } else { 0.9 };
+            rows.push(Row {
+                key: format!("bf-{tag}-{u}"),
+                ms: if newer { 2_000 } else { 1_000 },
+                values: [("ctr_30d".to_string(), Some(ctr)), ("sessions_7d".to_string(), Some(u as f64))].into(),
+            });
+        }
+    }
+    let file = dir.path().join("users.parquet");
+    write_batch_file(&file, Entity::User, &rows, per_group)?;
+    let checkpoint = dir.path().join("users.parquet.checkpoint.json");
+    let done = |cp: &Path| -> (usize, bool) {
+        std::fs::read(cp)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .map_or((0, false), |v| (v["done"].as_array().map_or(0, Vec::len), v["complete"] == true))
+    };
+
+    // Throttled so it cannot finish before it is killed.
+    let mut first = backfill(&s, "user", &file);
+    first.args(["--max-items-per-second", "1500"]);
+    let mut child = first.spawn()?;
+    let start = tokio::time::Instant::now();
+    while done(&checkpoint).0 < 2 {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(60), "no progress in the checkpoint");
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("the backfill ended ({status}) before it could be killed");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().await?; // SIGKILL
+    let (after_kill, complete) = done(&checkpoint);
+    assert!(!complete && (2..groups).contains(&after_kill), "killed mid-run: {after_kill} groups done");
+
+    let out = run_ok(backfill(&s, "user", &file)).await?;
+    let skipped: usize = out
+        .split(" of ")
+        .next()
+        .and_then(|s| s.rsplit('(').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no resume count in {out:?}"));
+    assert!(skipped >= after_kill, "resumed past the checkpoint: {out}");
+    assert!(out.contains(&format!("of {groups} row groups")), "{out}");
+    assert_eq!(done(&checkpoint), (groups, true));
+
+    // Every user holds its newer row (a sample across every row group).
+    let store = s.batch_store();
+    for u in (0..users).step_by(97) {
+        let got = store.user(&format!("bf-{tag}-{u}")).await?;
+        assert_eq!(got.get("ctr_30d").copied(), Some((0.0001 * (u % 5000) as f64) as f32), "user {u}");
+        assert_eq!(got.get("sessions_7d").copied(), Some(u as f32), "user {u}");
+    }
+    // Run again: the checkpoint says complete, nothing is written.
+    let again = run_ok(backfill(&s, "user", &file)).await?;
+    assert!(again.contains("already complete"), "{again}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_backfill_file_that_does_not_fit_the_registry_is_refused_naming_the_column() -> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("ads.parquet");
+    // An ad file given as users: its key and attributes are not the user's.
+    let rows = [Row { key: "7".into(), ms: 1, values: HashMap::new() }];
+    write_batch_file(&file, Entity::Ad, &rows, 10)?;
+    let out = backfill(&s, "user", &file).output().await?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("column ad_id: not a batch attribute of user features"), "{err}");
+    let missing = dir.path().join("nope.parquet");
+    let out = backfill(&s, "ad", &missing).output().await?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.parquet"));
+    Ok(())
+}
