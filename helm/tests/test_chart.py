@@ -184,6 +184,15 @@ def test_the_feature_service_aggregates_from_the_releases_kafka() -> None:
     assert "aggregates" not in tomllib.loads(configs(render(serve_only))["feature-service"])
 
 
+def test_the_ad_table_and_breaker_values_reach_the_feature_service() -> None:
+    features = tomllib.loads(configs(render(None))["feature-service"])
+    assert features["ad_table"] == {"enabled": True, "refresh": "1000ms", "max_age": "300000ms"}
+    assert features["breaker"] == {"failures": 5, "cooldown": "1000ms"}
+    tuned = {"services": {"feature-service": {"config": {"adTable": {"enabled": False}, "breaker": {"failures": 2}}}}}
+    features = tomllib.loads(configs(render(tuned))["feature-service"])
+    assert features["ad_table"]["enabled"] is False and features["breaker"]["failures"] == 2
+
+
 def test_topics_are_replicated_by_default() -> None:
     rendered = configs(render(None))
     for svc in ("gateway", "label-joiner"):
@@ -202,6 +211,7 @@ def test_topics_are_replicated_by_default() -> None:
         ),
         ({"services": {"label-joiner": {"replicaCount": 2}}}, "needs persistence.accessModes [ReadWriteMany]"),
         ({"services": {"feature-service": {"config": {"mode": "all"}}}}, "mode must be serve, aggregate or both"),
+        ({"services": {"feature-service": {"config": {"breaker": {"failures": 0}}}}}, "breaker.failures"),
     ],
 )
 def test_bad_values_are_refused_at_render(values: dict, message: str) -> None:

@@ -136,6 +136,20 @@ max_ads = {{ int64 $c.maxAds }}
 {{- fail (printf "services.feature-service.config.mode must be serve, aggregate or both, got %q" (toString $c.mode)) }}
 {{- end }}
 mode = {{ $c.mode | toJson }}
+{{- $at := $c.adTable }}
+{{- $br := $c.breaker }}
+{{- if or (le (int64 $at.refreshMs) 0) (le (int64 $at.maxAgeMs) 0) (le (int64 $br.failures) 0) (le (int64 $br.cooldownMs) 0) }}
+{{- fail "services.feature-service.config.adTable.refreshMs, .maxAgeMs, .breaker.failures and .breaker.cooldownMs must be > 0" }}
+{{- end }}
+
+[ad_table]
+enabled = {{ $at.enabled }}
+refresh = "{{ int64 $at.refreshMs }}ms"
+max_age = "{{ int64 $at.maxAgeMs }}ms"
+
+[breaker]
+failures = {{ int64 $br.failures }}
+cooldown = "{{ int64 $br.cooldownMs }}ms"
 {{- else if eq .name "ranker" }}
 max_rows = {{ int64 $c.maxRows }}
 {{- with $c.onnxruntimeDylib }}
