@@ -13,7 +13,7 @@ pub mod prior;
 pub mod realtime;
 pub mod request;
 
-pub use assemble::{Assembled, SourceValues, assemble};
+pub use assemble::{AdRow, Assembled, Plan, RealtimeValues, SourceValues, assemble};
 
 use serde::Deserialize;
 
@@ -228,6 +228,9 @@ pub struct FeatureRegistry {
     /// Features in column order.
     #[serde(rename = "feature")]
     pub features: Vec<FeatureSpec>,
+    /// Where each stored ad column reads from, resolved at parse.
+    #[serde(skip)]
+    plan: Plan,
 }
 
 /// Why a registry document is invalid.
@@ -237,27 +240,37 @@ pub enum RegistryError {
     #[error("feature registry: {0}")]
     Parse(String),
     /// Valid shape, inconsistent content.
-    #[error("feature registry: feature {name:?}: {why}")]
+    #[error("feature registry, line {line}: feature {name:?}: {why}")]
     Invalid {
         /// The offending feature.
         name: String,
         /// What is wrong.
         why: String,
+        /// 1-based line of the feature's `name = ...` in the document (its
+        /// second definition for a duplicate; 0 when it cannot be found).
+        line: usize,
     },
 }
 
 impl FeatureRegistry {
     /// Parses and validates a registry document.
     pub fn parse(toml_text: &str) -> Result<Self, RegistryError> {
-        let registry: Self = toml::from_str(toml_text).map_err(|e| RegistryError::Parse(e.to_string()))?;
-        registry.validate()?;
+        let mut registry: Self = toml::from_str(toml_text).map_err(|e| RegistryError::Parse(e.to_string()))?;
+        registry.validate().map_err(|e| match e {
+            RegistryError::Invalid { name, why, .. } => {
+                let line = name_line(toml_text, &name, why.contains("defined twice"));
+                RegistryError::Invalid { name, why, line }
+            }
+            other => other,
+        })?;
+        registry.plan = Plan::of(&registry.features);
         Ok(registry)
     }
 
     fn validate(&self) -> Result<(), RegistryError> {
         let mut seen = HashSet::new();
         for f in &self.features {
-            let invalid = |why: &str| RegistryError::Invalid { name: f.name.clone(), why: why.to_string() };
+            let invalid = |why: &str| RegistryError::Invalid { name: f.name.clone(), why: why.to_string(), line: 0 };
             if f.name.is_empty() || !f.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
                 return Err(invalid("name must be non-empty snake_case"));
             }
@@ -328,6 +341,11 @@ impl FeatureRegistry {
         Ok(())
     }
 
+    /// Where each stored ad column reads from (resolved once, at parse).
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
     /// Feature names in column order.
     pub fn names(&self) -> Vec<&str> {
         self.features.iter().map(|f| f.name.as_str()).collect()
@@ -353,6 +371,20 @@ impl FeatureRegistry {
     pub fn realtime_key(&self, entity: Entity, id: &str) -> String {
         realtime::value_key(&self.redis.key_prefix, entity, id)
     }
+}
+
+/// The 1-based line defining feature `name` (`name = "..."`): the first,
+/// or the second when `second` (a duplicate); 0 when not found.
+fn name_line(text: &str, name: &str, second: bool) -> usize {
+    let quoted = format!("\"{name}\"");
+    let mut hits = text.lines().enumerate().filter(|(_, l)| {
+        let l = l.trim_start();
+        l.strip_prefix("name").is_some_and(|rest| {
+            rest.trim_start().strip_prefix('=').is_some_and(|v| v.trim().split('#').next().unwrap_or("").trim() == quoted)
+        })
+    });
+    let hit = if second { hits.nth(1) } else { hits.next() };
+    hit.map_or(0, |(i, _)| i + 1)
 }
 
 /// The registry compiled into this binary.
@@ -404,6 +436,9 @@ mod tests {
         let text = format!("{}[[feature]]\n{f}", doc(f));
         let err = FeatureRegistry::parse(&text).unwrap_err();
         assert!(err.to_string().contains("defined twice"), "{err}");
+        // The line of the second definition.
+        let second = text.lines().enumerate().filter(|(_, l)| l.starts_with("name=\"x\"")).nth(1).unwrap().0 + 1;
+        assert!(err.to_string().contains(&format!("line {second}:")), "{err}");
     }
 
     #[test]

@@ -14,6 +14,10 @@
 //! an id DynamoDB does not know is remembered as absent until the next
 //! reload, so unknown ids cost one lookup per reload, not one per request.
 //! When DynamoDB fails, the last good copy keeps serving.
+//!
+//! The copy is dense: one `Option<f32>` per ad and batch attribute in the
+//! registry's slot order ([`adserve_features::Plan::ad_batch_attributes`]),
+//! id → row index, so a request borrows rows instead of copying maps.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -21,6 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use adserve_features::{AdRow, Plan};
 use arc_swap::ArcSwap;
 
 use crate::BatchStore;
@@ -33,55 +38,96 @@ const MAX_ABSENT: usize = 100_000;
 struct Snapshot {
     /// The version item when the copy was read (`None`: nothing loaded yet).
     version: Option<i64>,
-    rows: HashMap<i64, HashMap<String, f32>>,
+    /// Ad id → row index.
+    index: HashMap<i64, u32>,
+    /// Rows of `stride` raw values each ([`AdRow`] layout).
+    values: Vec<Option<f32>>,
+    stride: usize,
     loaded_at: Option<Instant>,
     /// Ids DynamoDB answered "no such item" for since this copy was read.
     absent: Mutex<HashSet<i64>>,
 }
 
+impl Snapshot {
+    fn row(&self, at: u32) -> &AdRow {
+        let start = at as usize * self.stride;
+        &self.values[start..start + self.stride]
+    }
+}
+
 /// What the table holds for one request's ads.
 #[derive(Debug)]
 pub struct TableLookup {
-    /// Rows of the ads the copy holds.
-    pub found: HashMap<i64, HashMap<String, f32>>,
+    /// The copy the rows are in (kept alive by the lookup).
+    snapshot: Arc<Snapshot>,
+    /// Per requested ad, in request order: its row in the copy, if any.
+    rows: Vec<Option<u32>>,
     /// Ads to look up in DynamoDB (neither in the copy nor known absent).
     pub misses: Vec<i64>,
 }
 
+impl TableLookup {
+    /// The batch row of the `i`-th requested ad, if the copy holds it.
+    pub fn row(&self, i: usize) -> Option<&AdRow> {
+        self.rows.get(i).copied().flatten().map(|at| self.snapshot.row(at))
+    }
+
+    /// Requested ads the copy holds.
+    pub fn found(&self) -> usize {
+        self.rows.iter().filter(|r| r.is_some()).count()
+    }
+}
+
 /// The shared, swappable copy.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AdTable {
     current: Arc<ArcSwap<Snapshot>>,
+    /// The registry's ad batch attributes, in row (slot) order.
+    plan: &'static Plan,
+}
+
+impl Default for AdTable {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl AdTable {
-    /// An empty table: every ad is a miss until the first load.
+    /// An empty table for the registry compiled in: every ad is a miss
+    /// until the first load.
     pub fn new() -> Self {
-        Self::default()
+        let plan = adserve_features::registry().plan();
+        Self {
+            current: Arc::new(ArcSwap::from_pointee(Snapshot { stride: plan.ad_batch_attributes.len(), ..Default::default() })),
+            plan,
+        }
     }
 
     /// The copy's rows for `ad_ids`, and the ids it cannot answer for.
     pub fn lookup(&self, ad_ids: &[i64]) -> TableLookup {
-        let snap = self.current.load();
+        let snapshot = self.current.load_full();
         // The absent set is locked only once an id is not in the copy: the
         // common request (every ad loaded) takes no lock.
         let mut absent = None;
-        let mut out = TableLookup { found: HashMap::with_capacity(ad_ids.len()), misses: Vec::new() };
+        let mut rows = Vec::with_capacity(ad_ids.len());
+        let mut misses = Vec::new();
         for id in ad_ids {
-            match snap.rows.get(id) {
-                Some(row) => {
-                    out.found.insert(*id, row.clone());
-                }
+            let at = snapshot.index.get(id).copied();
+            rows.push(at);
+            match at {
+                Some(_) => {}
                 None => {
-                    let absent = absent
-                        .get_or_insert_with(|| snap.absent.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+                    let absent = absent.get_or_insert_with(|| {
+                        snapshot.absent.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+                    });
                     if !absent.contains(id) {
-                        out.misses.push(*id);
+                        misses.push(*id);
                     }
                 }
             }
         }
-        out
+        drop(absent);
+        TableLookup { snapshot, rows, misses }
     }
 
     /// Ids DynamoDB answered for (`looked_up`) without a row in `found`:
@@ -95,13 +141,23 @@ impl AdTable {
         absent.extend(looked_up.iter().filter(|id| !found.contains_key(id)));
     }
 
-    /// Replaces the copy.
+    /// Replaces the copy with `rows` (`ad id -> attribute -> value`, as
+    /// DynamoDB items read), laid out dense.
     pub fn swap(&self, version: i64, rows: HashMap<i64, HashMap<String, f32>>) {
         metrics::gauge!("adserve_feature_ad_table_rows").set(rows.len() as f64);
         metrics::gauge!("adserve_feature_ad_table_version").set(version as f64);
+        let stride = self.plan.ad_batch_attributes.len();
+        let mut index = HashMap::with_capacity(rows.len());
+        let mut values = Vec::with_capacity(rows.len() * stride);
+        for (at, (id, item)) in rows.into_iter().enumerate() {
+            index.insert(id, at as u32);
+            values.extend(self.plan.ad_row(&item));
+        }
         self.current.store(Arc::new(Snapshot {
             version: Some(version),
-            rows,
+            index,
+            values,
+            stride,
             loaded_at: Some(Instant::now()),
             absent: Mutex::new(HashSet::new()),
         }));
@@ -114,7 +170,7 @@ impl AdTable {
 
     /// Rows in the copy.
     pub fn len(&self) -> usize {
-        self.current.load().rows.len()
+        self.current.load().index.len()
     }
 
     /// Whether the copy holds no row.
@@ -179,9 +235,14 @@ mod tests {
     fn before_the_first_load_every_ad_is_a_miss() {
         let t = AdTable::new();
         let l = t.lookup(&[1, 2]);
-        assert!(l.found.is_empty());
+        assert_eq!(l.found(), 0);
         assert_eq!(l.misses, [1, 2]);
         assert_eq!(t.version(), None);
+    }
+
+    fn ctr(l: &TableLookup, i: usize) -> Option<f32> {
+        let slot = adserve_features::registry().plan().ad_batch_attributes.iter().position(|a| a == "ctr_7d")?;
+        l.row(i)?[slot]
     }
 
     #[test]
@@ -189,8 +250,8 @@ mod tests {
         let t = AdTable::new();
         t.swap(3, HashMap::from([(1, row(0.1)), (2, row(0.2))]));
         let l = t.lookup(&[2, 7, 1]);
-        assert_eq!(l.found[&1]["ctr_7d"], 0.1);
-        assert_eq!(l.found[&2]["ctr_7d"], 0.2);
+        assert_eq!((ctr(&l, 0), ctr(&l, 1), ctr(&l, 2)), (Some(0.2), None, Some(0.1)));
+        assert_eq!(l.found(), 2);
         assert_eq!(l.misses, [7]);
         assert_eq!((t.version(), t.len()), (Some(3), 2));
     }
@@ -205,6 +266,6 @@ mod tests {
         t.swap(2, HashMap::from([(7, row(0.3))]));
         let l = t.lookup(&[7, 8]);
         assert_eq!(l.misses, [8], "a reload forgets what was absent");
-        assert!(l.found.contains_key(&7));
+        assert_eq!(ctr(&l, 0), Some(0.3));
     }
 }

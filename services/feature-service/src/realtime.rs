@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use adserve_features::{Entity, FeatureRegistry, Source, realtime};
+use adserve_features::{Entity, FeatureRegistry, RealtimeValues, Source, realtime};
 use fred::prelude::*;
 
 use crate::config::RedisConfig;
@@ -13,10 +13,11 @@ use crate::config::RedisConfig;
 #[derive(Clone)]
 pub struct RealtimeStore {
     client: Client,
-    /// The attributes each entity's features read, with their position in
+    /// The attributes the user's features read, with their position in
     /// the packed layout, resolved once (empty: no MGET key).
     user_attributes: Vec<(String, usize)>,
-    ad_attributes: Vec<(String, usize)>,
+    /// Whether any ad feature is real-time (else no ad keys are read).
+    ad_features: bool,
     registry: &'static FeatureRegistry,
 }
 
@@ -29,8 +30,10 @@ impl std::fmt::Debug for RealtimeStore {
 /// One entity's counters to seed: `(entity, id, [(attribute, value)])`.
 pub type Seed = (Entity, String, Vec<(String, f64)>);
 
-/// Values read for one request.
-pub type Counters = (HashMap<String, f32>, HashMap<i64, HashMap<String, f32>>);
+/// Values read for one request: the user's (`attribute -> value`), and per
+/// requested ad, in request order, its packed values if it has any (empty
+/// when no ad feature is real-time).
+pub type Counters = (HashMap<String, f32>, Vec<Option<RealtimeValues>>);
 
 impl RealtimeStore {
     /// Connects to Redis, waiting at most one second for the first connection.
@@ -44,20 +47,19 @@ impl RealtimeStore {
     pub fn new(client: Client, registry: &'static FeatureRegistry) -> Self {
         // The registry refuses a real-time attribute the layout lacks, so
         // every one has a position.
-        let attributes = |entity| {
-            registry
-                .select(entity, Source::Redis)
-                .filter_map(|(_, f)| Some((f.attribute.clone(), realtime::attribute_index(&f.attribute)?)))
-                .collect()
-        };
-        Self { client, user_attributes: attributes(Entity::User), ad_attributes: attributes(Entity::Ad), registry }
+        let user_attributes = registry
+            .select(Entity::User, Source::Redis)
+            .filter_map(|(_, f)| Some((f.attribute.clone(), realtime::attribute_index(&f.attribute)?)))
+            .collect();
+        let ad_features = registry.select(Entity::Ad, Source::Redis).next().is_some();
+        Self { client, user_attributes, ad_features, registry }
     }
 
     /// Counters for the user (skipped when `user_id` is empty) and each ad,
     /// in one MGET of one key per entity.
     pub async fn counters(&self, user_id: &str, ad_ids: &[i64]) -> Result<Counters, Error> {
         let with_user = !user_id.is_empty() && !self.user_attributes.is_empty();
-        let with_ads = !self.ad_attributes.is_empty();
+        let with_ads = self.ad_features;
         let mut keys = Vec::with_capacity(1 + ad_ids.len());
         if with_user {
             keys.push(self.registry.realtime_key(Entity::User, user_id));
@@ -77,14 +79,11 @@ impl RealtimeStore {
         if with_user && let Some(Some(packed)) = values.next() {
             user = unpack(&packed, &self.user_attributes);
         }
-        let mut ads = HashMap::new();
-        if with_ads {
-            for (id, value) in ad_ids.iter().zip(values) {
-                if let Some(packed) = value {
-                    ads.insert(*id, unpack(&packed, &self.ad_attributes));
-                }
-            }
-        }
+        let ads = if with_ads {
+            values.map(|v| v.map(|packed| decode(&packed))).collect()
+        } else {
+            Vec::new()
+        };
         Ok((user, ads))
     }
 
@@ -105,11 +104,17 @@ impl RealtimeStore {
     }
 }
 
+/// One packed value's values (all NaN when it is not the layout: served as
+/// defaults, counted invalid).
+fn decode(packed: &[u8]) -> RealtimeValues {
+    realtime::Packed::decode(packed).map_or([f32::NAN; realtime::ATTRIBUTES], |p| p.values)
+}
+
 /// The `wanted` attributes of one packed value (all NaN when it is not the
-/// layout: served as defaults, counted invalid).
+/// layout).
 fn unpack(packed: &[u8], wanted: &[(String, usize)]) -> HashMap<String, f32> {
-    let decoded = realtime::Packed::decode(packed);
-    wanted.iter().map(|(name, at)| (name.clone(), decoded.map_or(f32::NAN, |p| p.values[*at]))).collect()
+    let decoded = decode(packed);
+    wanted.iter().map(|(name, at)| (name.clone(), decoded[*at])).collect()
 }
 
 #[cfg(test)]

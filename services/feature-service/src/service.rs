@@ -1,7 +1,13 @@
 //! gRPC face of the feature-service: validation, per-source deadlines and
 //! degradation.
 
-use std::{collections::HashSet, future::Future, sync::Arc, time::Duration, time::Instant};
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    sync::Arc,
+    time::Duration,
+    time::Instant,
+};
 
 use adserve_features::{
     FeatureRegistry,
@@ -215,8 +221,17 @@ impl FeatureService for FeatureGrpc {
             );
             report_degraded(degraded::DYNAMODB, reason, &degraded);
         }
-        let mut ad_batch = table.map(|l| l.found).unwrap_or_default();
-        ad_batch.extend(ad_lookup.values);
+        // Each ad's batch row, borrowed from the table's copy or, for the
+        // ads it lacked, from what DynamoDB answered (laid out the same way).
+        let plan = s.registry.plan();
+        let fetched: HashMap<i64, Vec<Option<f32>>> =
+            ad_lookup.values.iter().map(|(id, item)| (*id, plan.ad_row(item))).collect();
+        let ad_batch = req
+            .ad_ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| table.as_ref().and_then(|t| t.row(i)).or_else(|| fetched.get(id).map(Vec::as_slice)))
+            .collect();
         let values = SourceValues { user_batch, ad_batch, user_realtime, ad_realtime };
         let assembled = assemble(s.registry, &req.ad_ids, &ctx, &values);
         for (f, n) in s.registry.features.iter().zip(&assembled.invalid) {
