@@ -202,7 +202,9 @@ mod tests {
 
     /// Ad 7's batch row (ctr_7d, quality_score), as the table holds it.
     fn row7(ctr: f32) -> Vec<Option<f32>> {
-        crate::registry().plan().ad_row(&HashMap::from([("ctr_7d".to_string(), ctr), ("quality_score".to_string(), 0.9)]))
+        crate::registry()
+            .plan()
+            .ad_row(&HashMap::from([("ctr_7d".to_string(), ctr), ("quality_score".to_string(), 0.9)]))
     }
 
     /// Ad 8's real-time values (impressions_1h = 12).
@@ -295,7 +297,8 @@ mod tests {
         let slots = plan.ad_batch_attributes.iter().filter(|a| *a == "quality_score").count();
         assert_eq!(slots, 1);
         let row = row7(0.3);
-        let m = assemble(r, &[7], &ctx(false), &SourceValues { ad_batch: vec![Some(&row)], ..Default::default() }).matrix;
+        let m =
+            assemble(r, &[7], &ctx(false), &SourceValues { ad_batch: vec![Some(&row)], ..Default::default() }).matrix;
         assert_eq!(value(&m, 0, "ad_quality_score"), 0.9);
         assert_eq!(value(&m, 0, "ad_quality_bucket"), 3.0);
         // A malformed packed value: every real-time column invalid for that ad.

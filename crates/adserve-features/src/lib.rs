@@ -380,7 +380,9 @@ fn name_line(text: &str, name: &str, second: bool) -> usize {
     let mut hits = text.lines().enumerate().filter(|(_, l)| {
         let l = l.trim_start();
         l.strip_prefix("name").is_some_and(|rest| {
-            rest.trim_start().strip_prefix('=').is_some_and(|v| v.trim().split('#').next().unwrap_or("").trim() == quoted)
+            rest.trim_start()
+                .strip_prefix('=')
+                .is_some_and(|v| v.trim().split('#').next().unwrap_or("").trim() == quoted)
         })
     });
     let hit = if second { hits.nth(1) } else { hits.next() };

@@ -98,7 +98,10 @@ impl AdTable {
     pub fn new() -> Self {
         let plan = adserve_features::registry().plan();
         Self {
-            current: Arc::new(ArcSwap::from_pointee(Snapshot { stride: plan.ad_batch_attributes.len(), ..Default::default() })),
+            current: Arc::new(ArcSwap::from_pointee(Snapshot {
+                stride: plan.ad_batch_attributes.len(),
+                ..Default::default()
+            })),
             plan,
         }
     }

@@ -79,11 +79,7 @@ impl RealtimeStore {
         if with_user && let Some(Some(packed)) = values.next() {
             user = unpack(&packed, &self.user_attributes);
         }
-        let ads = if with_ads {
-            values.map(|v| v.map(|packed| decode(&packed))).collect()
-        } else {
-            Vec::new()
-        };
+        let ads = if with_ads { values.map(|v| v.map(|packed| decode(&packed))).collect() } else { Vec::new() };
         Ok((user, ads))
     }
 
