@@ -157,6 +157,10 @@ def fit_configs(args: argparse.Namespace, batch_size: int | None = None) -> dict
     }
 
 
+# The std given to a column that is constant in the training rows (see ranker_candidates).
+CONSTANT_COLUMN_SCALE = 1e30
+
+
 def ranker_candidates(X: np.ndarray, train: slice, registry, args: argparse.Namespace) -> list:
     """LR on all features standardized; DCN-v2 with an embedding per indicator feature."""
     from .experiment import Candidate
@@ -172,7 +176,11 @@ def ranker_candidates(X: np.ndarray, train: slice, registry, args: argparse.Name
         xs = X[train][:, dense_cols].astype(np.float64)
         mean = xs.mean(axis=0)
         std = xs.std(axis=0)
-        std = np.where(std < 1e-6, 1.0, std)  # a constant column carries nothing: scale 1
+        # A column constant in training (a feature the data never filled)
+        # carries nothing, and must not start to matter when serving fills
+        # it: a scale of 1e30 keeps its standardized input ~0 for any value,
+        # so the (random, never trained) weights it meets see nothing.
+        std = np.where(std < 1e-6, CONSTANT_COLUMN_SCALE, std)
         arch = Arch(kind, len(dense_cols), tuple(2 for _ in cat_cols), DCNConfig(emb_dim=4, cross_layers=2, hidden=(64, 32)))
         return lambda: RankerGraph(arch, f, dense_cols, cat_cols, mean.astype(np.float32), std.astype(np.float32))
 
