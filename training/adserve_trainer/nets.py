@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 MODEL_TYPES = {"lr": "logistic_regression", "dcnv2": "dcn_v2"}
+# Standardized dense inputs are clamped to +-this many training standard deviations.
+STANDARDIZED_LIMIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,10 @@ class RankerGraph(nn.Module):
 
     def encode(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         dense = features if self.all_dense else features.index_select(1, self.dense_cols)
-        dense = (dense - self.mean) / self.std
+        # Clamped: a value far outside what training saw (a counter that
+        # grew tenfold since) saturates instead of extrapolating the model
+        # to a pCTR of 0 or 1.
+        dense = torch.clamp((dense - self.mean) / self.std, -STANDARDIZED_LIMIT, STANDARDIZED_LIMIT)
         cats = None
         if self.arch.cardinalities:
             codes = features.index_select(1, self.cat_cols).round()

@@ -112,7 +112,10 @@ def test_onnx_graphs_take_raw_features(trained, trained_lr, registry):
 
 
 def test_lr_graph_is_standardize_then_linear(trained_lr, registry):
-    """An independent numpy evaluation of the exported LR: sigmoid(((x - mean) / std) @ w + b)."""
+    """An independent numpy evaluation of the exported LR:
+    sigmoid(clip((x - mean) / std, -L, L) @ w + b), L = STANDARDIZED_LIMIT."""
+    from adserve_trainer.nets import STANDARDIZED_LIMIT as L
+
     out, m = trained_lr
     assert m["model_type"] == "logistic_regression"
     from onnx import numpy_helper
@@ -124,10 +127,17 @@ def test_lr_graph_is_standardize_then_linear(trained_lr, registry):
     w = next(v for k, v in inits.items() if k.endswith("linear.weight"))
     b = next(v for k, v in inits.items() if k.endswith("linear.bias"))
     X, _, _ = build_matrix(generate(500, 98, registry), registry, warn=False)
-    z = ((X - mean) / std).astype(np.float64) @ w.astype(np.float64).reshape(-1) + float(b.reshape(-1)[0])
+    # Row 0 gets a counter far beyond anything in training: it saturates.
+    j = registry.names.index("ad_impressions_1h")
+    X[0, j] = 1e6
+    zs = np.clip((X - mean) / std, -L, L)
+    z = zs.astype(np.float64) @ w.astype(np.float64).reshape(-1) + float(b.reshape(-1)[0])
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(["pctr"], {"features": X})[0][:, 0]
     np.testing.assert_allclose(got, 1.0 / (1.0 + np.exp(-z)), atol=1e-6, rtol=0)
+    at_limit = X[:1].copy()
+    at_limit[0, j] = mean.reshape(-1)[j] + L * std.reshape(-1)[j] * 1.01
+    assert sess.run(["pctr"], {"features": at_limit})[0][0, 0] == got[0]
 
 
 @pytest.mark.parametrize("kind", ["lr", "dcnv2"])
