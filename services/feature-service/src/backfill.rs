@@ -42,7 +42,10 @@ use arrow::{
     compute::cast,
     datatypes::{DataType, Float32Type, Int64Type, TimeUnit},
 };
-use parquet::arrow::{ProjectionMask, arrow_reader::ParquetRecordBatchReaderBuilder};
+use parquet::arrow::{
+    ProjectionMask,
+    arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder},
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{BatchStore, batch::BatchRow};
@@ -94,6 +97,8 @@ pub struct Plan {
     time_index: usize,
     /// Per row group, the in-group offsets of winning rows, ascending.
     winners: Vec<Vec<usize>>,
+    /// The file's footer, read once: every row-group reader starts from it.
+    metadata: ArrowReaderMetadata,
     /// Rows in the file.
     pub rows: usize,
     /// Distinct entities (the items the backfill writes).
@@ -176,16 +181,16 @@ pub fn plan(path: &Path, entity: Entity, registry: &FeatureRegistry) -> Result<P
         entity: format!("{entity:?}").to_lowercase(),
         table,
     };
-    let builder =
-        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| input_err(path, format!("not Parquet: {e}")))?;
-    let schema = builder.schema().clone();
-    let mut wanted: Vec<String> = registry
+    let metadata = ArrowReaderMetadata::load(&file, ArrowReaderOptions::default())
+        .map_err(|e| input_err(path, format!("not Parquet: {e}")))?;
+    let schema = metadata.schema().clone();
+    // Sorted and distinct: two features may read one attribute.
+    let wanted: Vec<String> = registry
         .select(entity, Source::Dynamodb)
         .map(|(_, f)| f.attribute.clone())
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    wanted.sort();
     let (mut key_index, mut time_index, mut attributes) = (None, None, Vec::new());
     for (i, field) in schema.fields().iter().enumerate() {
         let name = field.name().as_str();
@@ -229,15 +234,16 @@ pub fn plan(path: &Path, entity: Entity, registry: &FeatureRegistry) -> Result<P
         ));
     }
 
-    let groups = builder.metadata().num_row_groups();
-    let mask = ProjectionMask::roots(builder.parquet_schema(), [key_index, time_index]);
+    let groups = metadata.metadata().num_row_groups();
+    let mask = ProjectionMask::roots(metadata.parquet_schema(), [key_index, time_index]);
     let mut latest: HashMap<String, Winner> = HashMap::new();
     let mut rows = 0usize;
     for group in 0..groups {
-        let reader =
-            ParquetRecordBatchReaderBuilder::try_new(File::open(path).map_err(|e| input_err(path, e.to_string()))?)
-                .and_then(|b| b.with_row_groups(vec![group]).with_projection(mask.clone()).build())
-                .map_err(|e| input_err(path, e.to_string()))?;
+        let reader = reader_for(path, &metadata)?
+            .with_row_groups(vec![group])
+            .with_projection(mask.clone())
+            .build()
+            .map_err(|e| input_err(path, e.to_string()))?;
         let mut offset = 0usize;
         for batch in reader {
             let batch = batch.map_err(|e| input_err(path, e.to_string()))?;
@@ -275,7 +281,17 @@ pub fn plan(path: &Path, entity: Entity, registry: &FeatureRegistry) -> Result<P
         rows,
         entities: latest.len(),
         fingerprint,
+        metadata,
     })
+}
+
+/// A reader of `path` over its already-read footer.
+fn reader_for(
+    path: &Path,
+    metadata: &ArrowReaderMetadata,
+) -> Result<ParquetRecordBatchReaderBuilder<File>, BackfillError> {
+    let file = File::open(path).map_err(|e| input_err(path, e.to_string()))?;
+    Ok(ParquetRecordBatchReaderBuilder::new_with_metadata(file, metadata.clone()))
 }
 
 /// The keys of one batch as DynamoDB strings; refuses an empty, null or
@@ -359,8 +375,7 @@ impl Plan {
     /// (DynamoDB cannot store it), naming the column and row.
     fn rows_of(&self, group: usize) -> Result<Vec<BatchRow>, BackfillError> {
         let path = &self.path;
-        let file = File::open(path).map_err(|e| input_err(path, e.to_string()))?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| input_err(path, e.to_string()))?;
+        let builder = reader_for(path, &self.metadata)?;
         let mut roots = vec![self.key_index, self.time_index];
         roots.extend(self.attributes.iter().map(|(i, _)| *i));
         let mask = ProjectionMask::roots(builder.parquet_schema(), roots.iter().copied());
