@@ -105,10 +105,13 @@ async fn windows_move_with_event_time_and_redeliveries_count_once() -> anyhow::R
 
     // The click is attributed through the impression's marker.
     let to = agg.attributions(&["imp-1", "never-shown"]).await?;
-    assert_eq!(to, vec![Some(Attribution { user_id: user.clone(), ad_id: ad }), None]);
+    let shown =
+        Attribution { user_id: user.clone(), ad_id: ad, campaign_id: 1, price_cpc_micros: 0, served_ms: t0 * 1000 };
+    assert_eq!(to, vec![Some(shown), None]);
     let c = click("imp-1", t0 + 5);
-    assert_eq!(agg.click(&c, to[0].as_ref().expect("attributed"), t0 + 5).await?, Applied::Counted);
-    assert_eq!(agg.click(&c, to[0].as_ref().expect("attributed"), t0 + 6).await?, Applied::Duplicate);
+    let to = to[0].as_ref().expect("attributed");
+    assert_eq!(agg.click(&c, to, t0 + 5).await?, (Applied::Counted, false), "a CPM impression's click pays nothing");
+    assert_eq!(agg.click(&c, to, t0 + 6).await?, (Applied::Duplicate, false));
     let a = counters(&client, &prefix, Entity::Ad, "42").await?;
     assert_eq!((a["clicks_5m"], a["clicks_1h"], a["clicks_24h"]), (1.0, 1.0, 1.0));
     let smoothed = (1.0 + realtime::PRIOR_CTR * realtime::PRIOR_WEIGHT) / (1.0 + realtime::PRIOR_WEIGHT);
@@ -148,7 +151,101 @@ async fn windows_move_with_event_time_and_redeliveries_count_once() -> anyhow::R
     coppa.coppa = true;
     assert_eq!(agg.impression(&coppa, t0).await?, Applied::Counted);
     assert!(counters(&client, &prefix, Entity::User, "child").await?.is_empty());
-    assert_eq!(agg.attributions(&["imp-coppa"]).await?, vec![Some(Attribution { user_id: String::new(), ad_id: ad })]);
+    let anonymous =
+        Attribution { user_id: String::new(), ad_id: ad, campaign_id: 1, price_cpc_micros: 0, served_ms: t0 * 1000 };
+    assert_eq!(agg.attributions(&["imp-coppa"]).await?, vec![Some(anonymous)]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn impressions_and_first_clicks_are_what_frequency_and_spend_count() -> anyhow::Result<()> {
+    // The script driven with the test's own clock against the real Redis.
+    // Spend and frequency keys are the gateway's (no registry prefix): the
+    // campaigns and the user are this run's own, on a day no traffic uses.
+    let s = Stack::ready().await?;
+    let client = redis(&s.redis).await?;
+    let run = run_id();
+    let prefix = format!("test-agg-{run}");
+    let agg = Aggregator::new(client.clone(), &prefix, &AggregatesConfig::default());
+    let counters = adserve_counters::Counters::new(client.clone());
+    let t0 = 1_800_000_010;
+    let day = adserve_counters::day_of(t0 as u64);
+    let user = format!("spender-{run}");
+    let (cpm, cpc) = (run * 10, run * 10 + 1);
+    let window = adserve_features::registry().label.window().as_secs() as i64;
+
+    // A CPM impression: the user's count and a thousandth of the price, once.
+    let mut shown = impression(&format!("{run}-cpm"), &user, 42, t0);
+    (shown.campaign_id, shown.price_cpm_micros) = (cpm, 2_000_400);
+    assert_eq!(agg.impression(&shown, t0).await?, Applied::Counted);
+    assert_eq!(agg.impression(&shown, t0 + 1).await?, Applied::Duplicate);
+    assert_eq!(counters.spend(day).await?.get(&cpm), Some(&2_000));
+    assert_eq!(counters.frequency(day, &user).await?.get(&cpm), Some(&1));
+
+    // CPC impressions count for frequency now and pay on their first click
+    // within the label window only.
+    let cpc_imp = |n: &str| {
+        let mut e = impression(&format!("{run}-{n}"), &user, 43, t0);
+        (e.campaign_id, e.price_cpc_micros) = (cpc, 150_000);
+        e
+    };
+    let (first, late, racing) = (cpc_imp("first"), cpc_imp("late"), cpc_imp("racing"));
+    for e in [&first, &late, &racing] {
+        assert_eq!(agg.impression(e, t0).await?, Applied::Counted);
+    }
+    assert_eq!(counters.frequency(day, &user).await?.get(&cpc), Some(&3));
+    assert_eq!(counters.spend(day).await?.get(&cpc), None, "nothing before a click");
+
+    let attributed = |id: String| {
+        let agg = agg.clone();
+        async move { anyhow::Ok(agg.attributions(&[id.as_str()]).await?.remove(0).context("attributed")?) }
+    };
+    let c = click(&first.impression_id, t0 + 5);
+    let to = attributed(first.impression_id.clone()).await?;
+    assert_eq!(agg.click(&c, &to, t0 + 5).await?, (Applied::Counted, true));
+    assert_eq!(agg.click(&c, &to, t0 + 6).await?, (Applied::Duplicate, false), "a redelivered click");
+    let again = click(&first.impression_id, t0 + 7);
+    let to = attributed(first.impression_id.clone()).await?;
+    assert_eq!(to.price_cpc_micros, 0, "the marker says it was charged");
+    assert_eq!(agg.click(&again, &to, t0 + 7).await?, (Applied::Counted, false), "a second click counts, pays nothing");
+    assert_eq!(counters.spend(day).await?.get(&cpc), Some(&150_000));
+
+    // After the label window: a click, not a paid one (the joiner labels it 0).
+    let to = attributed(late.impression_id.clone()).await?;
+    let after = t0 + window + 1;
+    assert_eq!(agg.click(&click(&late.impression_id, after), &to, after).await?, (Applied::Counted, false));
+
+    // Two clicks on one impression applied concurrently, both read its price:
+    // the guard lets one pay.
+    let to = attributed(racing.impression_id.clone()).await?;
+    let (c1, c2) = (click(&racing.impression_id, t0 + 9), click(&racing.impression_id, t0 + 9));
+    let (r1, r2) = tokio::join!(agg.click(&c1, &to, t0 + 9), agg.click(&c2, &to, t0 + 9));
+    let paid = [r1?, r2?].iter().filter(|(a, charged)| *a == Applied::Counted && *charged).count();
+    assert_eq!(paid, 1);
+    assert_eq!(counters.spend(day).await?.get(&cpc), Some(&300_000));
+
+    // A COPPA impression: no user count, its CPM spend still counts.
+    let mut child = impression(&format!("{run}-coppa"), &format!("child-{run}"), 44, t0);
+    (child.coppa, child.campaign_id, child.price_cpm_micros) = (true, cpm, 1_000_000);
+    assert_eq!(agg.impression(&child, t0).await?, Applied::Counted);
+    assert_eq!(counters.spend(day).await?.get(&cpm), Some(&3_000));
+    assert!(counters.frequency(day, &format!("child-{run}")).await?.is_empty());
+
+    // A click charges the day it happened on, an impression the day it was served.
+    let mut midnight = impression(&format!("{run}-midnight"), &user, 45, (day as i64 + 1) * 86_400 - 1);
+    (midnight.campaign_id, midnight.price_cpc_micros) = (cpc, 70_000);
+    assert_eq!(agg.impression(&midnight, t0).await?, Applied::Counted);
+    assert_eq!(counters.frequency(day, &user).await?.get(&cpc), Some(&4));
+    let to = attributed(midnight.impression_id.clone()).await?;
+    let next_day = (day as i64 + 1) * 86_400 + 5;
+    assert_eq!(agg.click(&click(&midnight.impression_id, next_day), &to, next_day).await?, (Applied::Counted, true));
+    assert_eq!(counters.spend(day + 1).await?.get(&cpc), Some(&70_000));
+    assert_eq!(counters.spend(day).await?.get(&cpc), Some(&300_000));
+
+    for key in [adserve_counters::keys::spend(day), adserve_counters::keys::spend(day + 1)] {
+        let _: i64 = client.hdel(&key, vec![cpm.to_string(), cpc.to_string()]).await?;
+    }
+    let _: i64 = client.del(adserve_counters::keys::frequency(day, &user)).await?;
     Ok(())
 }
 

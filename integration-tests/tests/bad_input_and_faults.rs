@@ -440,8 +440,8 @@ async fn dead_redis_counters_degrade_but_still_serve() -> anyhow::Result<()> {
         .map(|d| d["reason"].as_str().unwrap().to_string())
         .collect();
     assert!(reasons.iter().any(|r| r.starts_with("frequency caps not applied")), "{v}");
-    assert!(reasons.iter().any(|r| r.starts_with("impressions not counted")), "{v}");
-    // A click is still logged (it is durable in Kafka), just not charged.
+    // A click is still logged: durable in Kafka, where the aggregator reads
+    // it (the gateway writes no counters).
     let click = json!({"impression_id": v["winners"][0]["impression_id"]});
     let base = url.trim_end_matches("/v1/ads");
     let (status, c) = post(&format!("{base}/v1/clicks"), &click.to_string()).await?;

@@ -22,7 +22,6 @@ fn config_defaults_derive_from_the_definitions() {
     assert_eq!(gateway.http_addr.port(), ports::GATEWAY_HTTP);
     assert_eq!(gateway.upstreams.ranker, ports::local_url(ports::RANKER_GRPC));
     assert_eq!(gateway.auction.reserve_ecpm_micros, adserve_auction::DEFAULT_RESERVE_ECPM_MICROS);
-    assert_eq!(gateway.click_window, adserve_features::registry().label.window());
     assert_eq!(
         gateway.pacing.controller(),
         adserve_auction::pacing::PacingConfig::default(),

@@ -1,17 +1,25 @@
-//! Real-time counters in Redis that the serving path reads and writes:
-//! campaign spend today (budget pacing), user x campaign impressions today
-//! (frequency caps) and the pending charge of each CPC impression (so a
-//! click is charged once, at the price the auction set).
+//! Real-time counters in Redis that the serving path reads: campaign spend
+//! today (budget pacing) and user x campaign impressions today (frequency
+//! caps).
 //!
-//! This crate is the one definition of their keys and of the Redis
-//! connection settings; the feature-service's real-time tier connects the
-//! same way. Days are UTC days since the Unix epoch.
+//! They are written by one writer, the feature-service's stream aggregator
+//! (`services/feature-service/src/aggregates.rs`), from the impressions and
+//! clicks topics: only what was durably logged counts or is charged, each
+//! event once (under the aggregator's dedup markers), and an impression
+//! whose counter write failed is not lost (the aggregator retries it before
+//! committing its offset). The price of serving them from the stream is its
+//! lag (`adserve_feature_aggregates_freshness_seconds`): a user's requests
+//! within it of an impression do not see that impression yet.
+//!
+//! This crate is the one definition of their keys, of what an impression and
+//! a charged click add to them ([`on_impression`], [`on_charged_click`]), and
+//! of the Redis connection settings; the feature-service's real-time tier
+//! connects the same way. Days are UTC days since the Unix epoch.
 //!
 //! | key | type | written | read |
 //! |---|---|---|---|
-//! | `adserve:spend:{day}` | hash campaign -> micros | CPM impressions (gateway), CPC clicks (gateway) | pacer, every interval |
-//! | `adserve:freq:{day}:{user}` | hash campaign -> impressions | every served impression | every request with a user |
-//! | `adserve:charge:{impression}` | string `campaign:price` | every CPC impression | the first click on it |
+//! | `adserve:spend:{day}` | hash campaign -> micros | CPM impressions, the first click on a CPC impression within the label window (aggregator) | pacer, every interval |
+//! | `adserve:freq:{day}:{user}` | hash campaign -> impressions | every impression with a user (aggregator) | every request with a user |
 
 use std::{collections::HashMap, time::Duration};
 
@@ -115,33 +123,47 @@ pub mod keys {
     pub fn frequency(day: u64, user: &str) -> String {
         format!("adserve:freq:{day}:{user}")
     }
+}
 
-    /// The pending charge of a CPC impression.
-    pub fn charge(impression_id: &str) -> String {
-        format!("adserve:charge:{impression_id}")
+/// One change an event makes to the counters: `HINCRBY key field amount`,
+/// then the key lives [`DAY_KEY_TTL_SECONDS`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Increment {
+    /// The counter's key (one of [`keys`]).
+    pub key: String,
+    /// The hash field (a campaign id).
+    pub field: String,
+    /// What is added.
+    pub amount: i64,
+}
+
+/// Micros a CPM price charges one impression: a thousandth, rounded.
+pub fn cpm_share(price_cpm_micros: i64) -> i64 {
+    (price_cpm_micros.max(0) + 500) / 1000
+}
+
+/// What one impression served on `day` adds: 1 to the user's count of its
+/// campaign (when there is a user: none for COPPA or anonymous requests),
+/// and a CPM winner's price share to the campaign's spend.
+pub fn on_impression(day: u64, user: &str, campaign_id: i64, price_cpm_micros: i64) -> Vec<Increment> {
+    let mut out = Vec::with_capacity(2);
+    if !user.is_empty() {
+        out.push(Increment { key: keys::frequency(day, user), field: campaign_id.to_string(), amount: 1 });
     }
+    let share = cpm_share(price_cpm_micros);
+    if share > 0 {
+        out.push(Increment { key: keys::spend(day), field: campaign_id.to_string(), amount: share });
+    }
+    out
 }
 
-/// One served impression, as the counters record it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Served<'a> {
-    /// The impression.
-    pub impression_id: &'a str,
-    /// Its campaign.
-    pub campaign_id: i64,
-    /// CPC price per click (charged when clicked), or 0.
-    pub price_cpc_micros: i64,
-    /// CPM price per thousand impressions (charged now), or 0.
-    pub price_cpm_micros: i64,
-}
-
-/// A click's charge, once found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Charge {
-    /// The campaign charged.
-    pub campaign_id: i64,
-    /// Micros charged.
-    pub micros: i64,
+/// What the charged click (on `day`) of a CPC impression adds: its price to
+/// the campaign's spend.
+pub fn on_charged_click(day: u64, campaign_id: i64, price_cpc_micros: i64) -> Vec<Increment> {
+    if price_cpc_micros <= 0 {
+        return Vec::new();
+    }
+    vec![Increment { key: keys::spend(day), field: campaign_id.to_string(), amount: price_cpc_micros }]
 }
 
 /// The counters over one Redis client.
@@ -189,66 +211,8 @@ impl Counters {
         Ok(parse_hash(raw))
     }
 
-    /// Records served impressions in one pipeline: the user's frequency
-    /// counts (when there is a user), CPM spend now, and for each CPC
-    /// impression its pending charge, kept `charge_ttl` (the click window).
-    pub async fn record_served(
-        &self,
-        day: u64,
-        user: &str,
-        served: &[Served<'_>],
-        charge_ttl: Duration,
-    ) -> Result<(), Error> {
-        if served.is_empty() {
-            return Ok(());
-        }
-        let pipe = self.client.pipeline();
-        if !user.is_empty() {
-            let key = keys::frequency(day, user);
-            for s in served {
-                let () = pipe.hincrby(&key, s.campaign_id.to_string(), 1).await?;
-            }
-            let () = pipe.expire(&key, DAY_KEY_TTL_SECONDS, None).await?;
-        }
-        let spend = keys::spend(day);
-        let mut spent_now = false;
-        for s in served {
-            if s.price_cpm_micros > 0 {
-                // Per impression: a thousandth of the CPM price, rounded.
-                let micros = (s.price_cpm_micros + 500) / 1000;
-                let () = pipe.hincrby(&spend, s.campaign_id.to_string(), micros).await?;
-                spent_now = true;
-            }
-            if s.price_cpc_micros > 0 {
-                let value = format!("{}:{}", s.campaign_id, s.price_cpc_micros);
-                let ttl = Expiration::EX(charge_ttl.as_secs().max(1) as i64);
-                let () = pipe.set(keys::charge(s.impression_id), value, Some(ttl), None, false).await?;
-            }
-        }
-        if spent_now {
-            let () = pipe.expire(&spend, DAY_KEY_TTL_SECONDS, None).await?;
-        }
-        let _: Vec<Value> = pipe.all().await?;
-        Ok(())
-    }
-
-    /// Charges the click on `impression_id` to its campaign's spend on
-    /// `day`, once: the pending charge is taken (GETDEL) before it is added,
-    /// so a second click on the same impression finds nothing. `None` when
-    /// there was nothing to charge (a CPM impression, a repeated click, or
-    /// one after the click window).
-    pub async fn charge_click(&self, day: u64, impression_id: &str) -> Result<Option<Charge>, Error> {
-        let pending: Option<String> = self.client.getdel(keys::charge(impression_id)).await?;
-        let Some(charge) = pending.as_deref().and_then(parse_charge) else { return Ok(None) };
-        let spend = keys::spend(day);
-        let pipe = self.client.pipeline();
-        let () = pipe.hincrby(&spend, charge.campaign_id.to_string(), charge.micros).await?;
-        let () = pipe.expire(&spend, DAY_KEY_TTL_SECONDS, None).await?;
-        let _: Vec<Value> = pipe.all().await?;
-        Ok(Some(charge))
-    }
-
-    /// Adds `micros` to a campaign's spend (back-office corrections and tests).
+    /// Adds `micros` to a campaign's spend (back-office corrections and
+    /// tests; serving traffic is counted by the stream aggregator).
     pub async fn add_spend(&self, day: u64, campaign_id: i64, micros: i64) -> Result<i64, Error> {
         self.client.hincrby(keys::spend(day), campaign_id.to_string(), micros).await
     }
@@ -257,11 +221,6 @@ impl Counters {
     pub fn client(&self) -> &Client {
         &self.client
     }
-}
-
-fn parse_charge(v: &str) -> Option<Charge> {
-    let (campaign, micros) = v.split_once(':')?;
-    Some(Charge { campaign_id: campaign.parse().ok()?, micros: micros.parse().ok()? })
 }
 
 #[cfg(test)]
@@ -274,42 +233,25 @@ mod tests {
         assert_eq!(day_of(86_400), 1);
         assert_eq!(keys::spend(20_000), "adserve:spend:20000");
         assert_eq!(keys::frequency(3, "u1"), "adserve:freq:3:u1");
-        assert_eq!(parse_charge("12:340000"), Some(Charge { campaign_id: 12, micros: 340_000 }));
-        assert_eq!(parse_charge("garbage"), None);
+        assert_eq!(cpm_share(2_000_400), 2_000);
+        assert_eq!(cpm_share(499), 0);
+        assert_eq!(cpm_share(500), 1);
+        assert_eq!(cpm_share(-7), 0);
+        assert_eq!(
+            on_impression(3, "u1", 7, 2_000_400),
+            vec![
+                Increment { key: "adserve:freq:3:u1".into(), field: "7".into(), amount: 1 },
+                Increment { key: "adserve:spend:3".into(), field: "7".into(), amount: 2_000 },
+            ]
+        );
+        assert_eq!(on_impression(3, "", 7, 0), vec![], "no user, CPC: nothing until a click");
+        assert_eq!(
+            on_charged_click(4, 8, 150_000),
+            vec![Increment { key: "adserve:spend:4".into(), field: "8".into(), amount: 150_000 }]
+        );
+        assert!(on_charged_click(4, 8, 0).is_empty());
         assert!(RedisConfig::default().validate("redis").is_ok());
         let bad = RedisConfig { url: "http://x".into(), ..RedisConfig::default() };
         assert!(bad.validate("counters").unwrap_err().to_string().starts_with("counters.url"));
-    }
-
-    /// Against the real Redis `make test` runs (keys in a unique namespace day).
-    #[tokio::test]
-    async fn served_impressions_count_and_clicks_charge_once() {
-        let url = std::env::var("ADSTACK_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
-        let counters = Counters::connect(&RedisConfig { url, timeout: Duration::from_secs(2) }).await.unwrap();
-        // A far-future day no real traffic uses, unique per run.
-        let day = 1_000_000 + (uuid::Uuid::new_v4().as_u128() % 1_000_000) as u64;
-        let (i1, i2, i3) = ("imp-a", uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string());
-        let served = [
-            Served { impression_id: i1, campaign_id: 7, price_cpc_micros: 0, price_cpm_micros: 2_000_400 },
-            Served { impression_id: &i2, campaign_id: 8, price_cpc_micros: 150_000, price_cpm_micros: 0 },
-            Served { impression_id: &i3, campaign_id: 8, price_cpc_micros: 90_000, price_cpm_micros: 0 },
-        ];
-        counters.record_served(day, "user-1", &served, Duration::from_secs(60)).await.unwrap();
-        assert_eq!(counters.frequency(day, "user-1").await.unwrap(), HashMap::from([(7, 1), (8, 2)]));
-        assert_eq!(counters.spend(day).await.unwrap(), HashMap::from([(7, 2_000)]), "CPM charged on impression");
-
-        let charged = counters.charge_click(day, &i2).await.unwrap();
-        assert_eq!(charged, Some(Charge { campaign_id: 8, micros: 150_000 }));
-        assert_eq!(counters.charge_click(day, &i2).await.unwrap(), None, "a second click is not charged");
-        assert_eq!(counters.charge_click(day, "never-served").await.unwrap(), None);
-        assert_eq!(counters.spend(day).await.unwrap(), HashMap::from([(7, 2_000), (8, 150_000)]));
-        // Anonymous requests are not counted per user, and still charge.
-        counters.record_served(day, "", &served[..1], Duration::from_secs(60)).await.unwrap();
-        assert_eq!(counters.spend(day).await.unwrap()[&7], 4_000);
-        let _: i64 = counters
-            .client()
-            .del(vec![keys::spend(day), keys::frequency(day, "user-1"), keys::charge(&i3)])
-            .await
-            .unwrap();
     }
 }

@@ -58,6 +58,13 @@ pub struct KafkaConfig {
     /// Longest wait between replacements of a producer that keeps failing.
     #[serde(with = "humantime_serde")]
     pub recovery_backoff_max: Duration,
+    /// Consumers: longest a fetch waits on the broker for new data
+    /// (`fetch.wait.max.ms`). It bounds how late an event is read when the
+    /// broker does not answer a fetch as soon as data arrives (librdkafka's
+    /// default, 500 ms, was the aggregator's lag, and so the lag of the
+    /// frequency caps it keeps); lower costs more empty fetches when idle.
+    #[serde(with = "humantime_serde")]
+    pub fetch_wait_max: Duration,
 }
 
 impl Default for KafkaConfig {
@@ -69,6 +76,7 @@ impl Default for KafkaConfig {
             replication: 1,
             recovery_backoff_min: Duration::from_millis(200),
             recovery_backoff_max: Duration::from_secs(30),
+            fetch_wait_max: Duration::from_millis(100),
         }
     }
 }
@@ -91,6 +99,7 @@ impl KafkaConfig {
             Duration::from_millis(1),
             self.recovery_backoff_max,
         )?;
+        check_duration("kafka.fetch_wait_max", self.fetch_wait_max, Duration::from_millis(1), Duration::from_secs(10))?;
         check_range("kafka.partitions", self.partitions, 1..=10_000)?;
         check_range("kafka.replication", self.replication, 1..=100)?;
         Ok(())
@@ -139,6 +148,7 @@ impl KafkaConfig {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "10000")
             .set("partition.assignment.strategy", "range")
+            .set("fetch.wait.max.ms", self.fetch_wait_max.as_millis().max(1).to_string())
             .create_with_context(context)
             .map_err(|e| EventError::Kafka(e.to_string()))
     }

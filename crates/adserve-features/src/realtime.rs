@@ -19,7 +19,7 @@
 //! | `{prefix}:{a}:<ad>` | string | the ad's packed counters |
 //! | `<value key>:b` | hash | the per-minute and per-hour buckets the value is summed from |
 //! | `{prefix}:refresh` | sorted set | entity -> the time one of its windows next changes |
-//! | `{prefix}:seen:i:<impression>` | string | the impression's `user\|ad` (dedup and click attribution) |
+//! | `{prefix}:seen:i:<impression>` | string | the impression's ad, campaign, CPC price (0 once charged), time and user (dedup, click attribution, the charge) |
 //! | `{prefix}:seen:c:<click>` | string | dedup marker of a counted click |
 //!
 //! The hash tags (`{u:<user>}`, `{a}`) keep an entity's value and buckets in
@@ -193,34 +193,43 @@ pub fn bucket_fields(counter: usize, event_s: i64, now_s: i64) -> Vec<String> {
 /// The script that applies one event (or, with no fields, only re-sums an
 /// entity whose windows moved) atomically:
 ///
-/// - `KEYS[1]`: dedup marker (`""`: none), `KEYS[2]`: refresh schedule, then
-///   per entity its buckets hash and its value key.
+/// - `KEYS[1]`: dedup marker (`""`: none), `KEYS[2]`: refresh schedule,
+///   `KEYS[3]`: guard of the increments (`""`: none), then per entity its
+///   buckets hash and its value key, then one key per increment.
 /// - `ARGV`: now (unix s), value TTL (s), marker value, marker TTL (s),
-///   number of bucket fields n, the n fields, one schedule member per
-///   entity, prior CTR, prior weight.
+///   number of bucket fields n, number of entities e, the value the guard
+///   must hold, the value it is then set to, the n fields, the e schedule
+///   members, prior CTR, prior weight, then per increment its field, amount
+///   and key TTL (s).
 ///
 /// The value it writes is [`Packed`]'s layout (`struct.pack('<BfffffffI4')`).
 ///
 /// Returns 0 when the marker already existed (a redelivered event: nothing
-/// changed), else 1. Each entity's value is re-summed from its buckets at
-/// `now`; buckets out of every window are deleted; an entity left with no
-/// counts loses its value, buckets and schedule entry; otherwise its value
-/// and buckets get the TTL and its schedule entry the time its sums next
-/// change (when a bucket leaves a window).
+/// changed), 2 when the increments were applied, else 1. Each entity's
+/// value is re-summed from its buckets at `now`; buckets out of every window
+/// are deleted; an entity left with no counts loses its value, buckets and
+/// schedule entry; otherwise its value and buckets get the TTL and its
+/// schedule entry the time its sums next change (when a bucket leaves a
+/// window).
+///
+/// The increments (`HINCRBY`, then `EXPIRE`) are counters outside the
+/// windows (spend, frequency: `adserve_counters::on_impression`). They run
+/// once per event, under the same marker; with a guard, only while the
+/// guard key holds the expected value, which they replace (KEEPTTL): a
+/// compare-and-set that charges an impression's first click only.
 pub const APPLY_SCRIPT: &str = r#"
 local now = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 if KEYS[1] ~= '' then
   if not redis.call('SET', KEYS[1], ARGV[3], 'NX', 'EX', tonumber(ARGV[4])) then return 0 end
 end
-local nf = tonumber(ARGV[5])
-local entities = (#KEYS - 2) / 2
-local at = 6 + nf
+local nf, entities = tonumber(ARGV[5]), tonumber(ARGV[6])
+local at = 9 + nf
 local prior, weight = tonumber(ARGV[at + entities]), tonumber(ARGV[at + entities + 1])
 local minute, hour = math.floor(now / 60), math.floor(now / 3600)
 for e = 0, entities - 1 do
-  local hash, value, member = KEYS[3 + 2 * e], KEYS[4 + 2 * e], ARGV[at + e]
-  for f = 0, nf - 1 do redis.call('HINCRBY', hash, ARGV[6 + f], 1) end
+  local hash, value, member = KEYS[4 + 2 * e], KEYS[5 + 2 * e], ARGV[at + e]
+  for f = 0, nf - 1 do redis.call('HINCRBY', hash, ARGV[9 + f], 1) end
   local sums = { i = { 0, 0, 0 }, c = { 0, 0, 0 } }
   local next_change, stale = nil, {}
   local function change_at(t) if next_change == nil or t < next_change then next_change = t end end
@@ -257,7 +266,19 @@ for e = 0, entities - 1 do
     redis.call('ZADD', KEYS[2], next_change, member)
   end
 end
-return 1
+local first = 4 + 2 * entities
+if #KEYS < first then return 1 end
+if KEYS[3] ~= '' then
+  if redis.call('GET', KEYS[3]) ~= ARGV[7] then return 1 end
+  redis.call('SET', KEYS[3], ARGV[8], 'KEEPTTL')
+end
+local a = at + entities + 2
+for k = first, #KEYS do
+  local i = a + 3 * (k - first)
+  redis.call('HINCRBY', KEYS[k], ARGV[i], ARGV[i + 1])
+  redis.call('EXPIRE', KEYS[k], tonumber(ARGV[i + 2]))
+end
+return 2
 "#;
 
 #[cfg(test)]

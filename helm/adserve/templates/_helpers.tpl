@@ -126,7 +126,6 @@ as floats, which would print as 1.8e+06).
 {{- if eq .name "gateway" }}
 http_addr = {{ printf "0.0.0.0:%d" (int .svc.ports.http) | toJson }}
 frequency_cap_per_day = {{ int64 $c.frequencyCapPerDay }}
-click_window = "{{ int64 $c.clickWindowMs }}ms"
 fallback_pctr_feature = {{ $c.fallbackPctrFeature | toJson }}
 max_body_bytes = {{ int64 $c.maxBodyBytes }}
 body_timeout = "{{ int64 $c.bodyTimeoutMs }}ms"

@@ -60,24 +60,66 @@ pub enum Applied {
     Expired,
 }
 
-/// Who an impression was shown to, as its marker records it.
+/// Who an impression was shown to and what a click on it is charged, as
+/// its marker records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attribution {
     /// The user (empty: COPPA or anonymous, no user counters).
     pub user_id: String,
     /// The ad.
     pub ad_id: i64,
+    /// The ad's campaign (0: a marker written before markers carried it).
+    pub campaign_id: i64,
+    /// CPC price a click is charged; 0 for a CPM impression, and once the
+    /// impression's click has been charged.
+    pub price_cpc_micros: i64,
+    /// When the impression was served (ms since the Unix epoch).
+    pub served_ms: i64,
 }
 
 impl Attribution {
+    /// The marker value: `v2|ad|campaign|price|served_ms|user` (the user
+    /// last: it may hold `|`).
     fn encode(&self) -> String {
-        format!("{}|{}", self.ad_id, self.user_id)
+        format!("v2|{}|{}|{}|{}|{}", self.ad_id, self.campaign_id, self.price_cpc_micros, self.served_ms, self.user_id)
     }
 
     fn decode(value: &str) -> Option<Self> {
+        if let Some(rest) = value.strip_prefix("v2|") {
+            let mut parts = rest.splitn(5, '|');
+            let mut number = || parts.next()?.parse::<i64>().ok();
+            let (ad_id, campaign_id, price_cpc_micros, served_ms) = (number()?, number()?, number()?, number()?);
+            let user_id = parts.next()?.to_string();
+            return Some(Self { user_id, ad_id, campaign_id, price_cpc_micros, served_ms });
+        }
+        // Written before markers carried the charge (`ad|user`): counted,
+        // never charged.
         let (ad, user) = value.split_once('|')?;
-        Some(Self { user_id: user.to_string(), ad_id: ad.parse().ok()? })
+        Some(Self {
+            user_id: user.to_string(),
+            ad_id: ad.parse().ok()?,
+            campaign_id: 0,
+            price_cpc_micros: 0,
+            served_ms: 0,
+        })
     }
+
+    /// The marker once its click has been charged.
+    fn charged(&self) -> Self {
+        Self { price_cpc_micros: 0, ..self.clone() }
+    }
+}
+
+/// One run of the apply script.
+struct Call<'a> {
+    /// Dedup marker key, its value and TTL (key `""`: none).
+    marker: (&'a str, &'a str, Duration),
+    /// Bucket fields to add 1 to, per entity.
+    fields: &'a [String],
+    entities: &'a [(Entity, String)],
+    /// Guard key, the value it must hold and the value it then gets.
+    guard: Option<(String, String, String)>,
+    increments: Vec<adserve_counters::Increment>,
 }
 
 /// Applies events to the real-time tier (one script call each).
@@ -88,6 +130,9 @@ pub struct Aggregator {
     prefix: String,
     value_ttl: Duration,
     attribution_ttl: Duration,
+    /// A click is charged when `clicked_at <= served_at + window` (the label
+    /// window: what the joiner labels a click is what is paid for).
+    charge_window_ms: i64,
     /// Tail of every script call: prior CTR, prior weight.
     tail: Vec<String>,
 }
@@ -127,6 +172,7 @@ impl Aggregator {
             prefix: prefix.to_string(),
             value_ttl: config.value_ttl,
             attribution_ttl: config.attribution_ttl,
+            charge_window_ms: adserve_features::registry().label.window().as_millis() as i64,
             tail,
         }
     }
@@ -159,31 +205,26 @@ impl Aggregator {
     }
 
     /// Adds 1 to `counter` (index into [`realtime::COUNTERS`]) at `event_s`
-    /// for each entity, guarded by `marker` (empty: none), as of `now_s`.
-    async fn apply(
-        &self,
-        marker: (&str, &str, Duration),
-        counter: usize,
-        event_s: i64,
-        entities: &[(Entity, String)],
-        now_s: i64,
-    ) -> Result<Applied, Error> {
+    /// for each entity, and applies the call's increments, guarded by its
+    /// marker, as of `now_s`.
+    async fn apply(&self, counter: usize, event_s: i64, call: Call<'_>, now_s: i64) -> Result<Applied, Error> {
         let fields = realtime::bucket_fields(counter, event_s.min(now_s), now_s);
         if fields.is_empty() {
             return Ok(Applied::Expired);
         }
-        self.run(marker, &fields, entities, now_s).await
+        Ok(match self.run(Call { fields: &fields, ..call }, now_s).await? {
+            0 => Applied::Duplicate,
+            _ => Applied::Counted,
+        })
     }
 
-    async fn run(
-        &self,
-        (marker, marker_value, marker_ttl): (&str, &str, Duration),
-        fields: &[String],
-        entities: &[(Entity, String)],
-        now_s: i64,
-    ) -> Result<Applied, Error> {
-        let mut keys = vec![marker.to_string(), realtime::refresh_key(&self.prefix)];
-        for (entity, id) in entities {
+    /// Runs the script; its answer (0 duplicate, 1 counted, 2 counted and
+    /// increments applied).
+    async fn run(&self, call: Call<'_>, now_s: i64) -> Result<i64, Error> {
+        let (marker, marker_value, marker_ttl) = call.marker;
+        let (guard, expected, replacement) = call.guard.unwrap_or_default();
+        let mut keys = vec![marker.to_string(), realtime::refresh_key(&self.prefix), guard];
+        for (entity, id) in call.entities {
             keys.push(realtime::buckets_key(&self.prefix, *entity, id));
             keys.push(realtime::value_key(&self.prefix, *entity, id));
         }
@@ -192,26 +233,52 @@ impl Aggregator {
             self.value_ttl.as_secs().max(1).to_string(),
             marker_value.to_string(),
             marker_ttl.as_secs().max(1).to_string(),
-            fields.len().to_string(),
+            call.fields.len().to_string(),
+            call.entities.len().to_string(),
+            expected,
+            replacement,
         ];
-        args.extend(fields.iter().cloned());
-        args.extend(entities.iter().map(|(e, id)| realtime::member(*e, id)));
+        args.extend(call.fields.iter().cloned());
+        args.extend(call.entities.iter().map(|(e, id)| realtime::member(*e, id)));
         args.extend(self.tail.iter().cloned());
-        Ok(if self.script(keys, args).await? == 0 { Applied::Duplicate } else { Applied::Counted })
+        for inc in call.increments {
+            keys.push(inc.key);
+            args.extend([inc.field, inc.amount.to_string(), adserve_counters::DAY_KEY_TTL_SECONDS.to_string()]);
+        }
+        self.script(keys, args).await
     }
 
     /// Counts an impression for its user (unless COPPA or anonymous) and
-    /// its ad, and leaves its marker for dedup and for its clicks.
+    /// its ad, adds it to the user's frequency count of its campaign and a
+    /// CPM winner's price to its campaign's spend (on the day it was
+    /// served), and leaves its marker for dedup and for its clicks.
     pub async fn impression(&self, e: &ImpressionEvent, now_s: i64) -> Result<Applied, Error> {
         let user = if e.coppa { String::new() } else { e.user_id.clone() };
-        let attribution = Attribution { user_id: user.clone(), ad_id: e.ad_id }.encode();
+        let served_ms = millis(e.served_at.as_ref());
+        let attribution = Attribution {
+            user_id: user.clone(),
+            ad_id: e.ad_id,
+            campaign_id: e.campaign_id,
+            price_cpc_micros: e.price_cpc_micros.max(0),
+            served_ms,
+        }
+        .encode();
         let marker = realtime::impression_marker(&self.prefix, &e.impression_id);
+        let event_s = seconds(e.served_at.as_ref());
+        let day = adserve_counters::day_of(event_s.max(0) as u64);
+        let increments = adserve_counters::on_impression(day, &user, e.campaign_id, e.price_cpm_micros);
         let mut entities = vec![(Entity::Ad, e.ad_id.to_string())];
         if !user.is_empty() {
             entities.push((Entity::User, user));
         }
-        let event_s = seconds(e.served_at.as_ref());
-        self.apply((&marker, &attribution, self.attribution_ttl), 0, event_s, &entities, now_s).await
+        let call = Call {
+            marker: (&marker, &attribution, self.attribution_ttl),
+            fields: &[],
+            entities: &entities,
+            guard: None,
+            increments,
+        };
+        self.apply(0, event_s, call, now_s).await
     }
 
     /// Who each impression was shown to (None: not counted yet, or its
@@ -225,8 +292,13 @@ impl Aggregator {
         Ok(values.into_iter().map(|v| v.as_deref().and_then(Attribution::decode)).collect())
     }
 
-    /// Counts a click for the user and ad it is attributed to.
-    pub async fn click(&self, c: &ClickEvent, to: &Attribution, now_s: i64) -> Result<Applied, Error> {
+    /// Counts a click for the user and ad it is attributed to, and charges
+    /// a CPC impression's price to its campaign's spend (on the day of the
+    /// click) when this is the first click on it within the label window:
+    /// the charge clears the price in the impression's marker, so a second
+    /// click, or a redelivered one, pays nothing. Returns what was counted
+    /// and whether it was charged.
+    pub async fn click(&self, c: &ClickEvent, to: &Attribution, now_s: i64) -> Result<(Applied, bool), Error> {
         let event_s = seconds(c.clicked_at.as_ref());
         // A click without an id is deduplicated on its impression and time.
         let id = if c.click_id.is_empty() {
@@ -243,7 +315,33 @@ impl Aggregator {
         if !to.user_id.is_empty() {
             entities.push((Entity::User, to.user_id.clone()));
         }
-        self.apply((&marker, "1", self.attribution_ttl), 1, event_s, &entities, now_s).await
+        let chargeable = to.price_cpc_micros > 0
+            && to.campaign_id > 0
+            && millis(c.clicked_at.as_ref()) <= to.served_ms.saturating_add(self.charge_window_ms);
+        let (guard, increments) = if chargeable {
+            let day = adserve_counters::day_of(event_s.max(0) as u64);
+            let guard =
+                (realtime::impression_marker(&self.prefix, &c.impression_id), to.encode(), to.charged().encode());
+            (Some(guard), adserve_counters::on_charged_click(day, to.campaign_id, to.price_cpc_micros))
+        } else {
+            (None, Vec::new())
+        };
+        let fields = realtime::bucket_fields(1, event_s.min(now_s), now_s);
+        if fields.is_empty() {
+            return Ok((Applied::Expired, false));
+        }
+        let call = Call {
+            marker: (&marker, "1", self.attribution_ttl),
+            fields: &fields,
+            entities: &entities,
+            guard,
+            increments,
+        };
+        Ok(match self.run(call, now_s).await? {
+            0 => (Applied::Duplicate, false),
+            2 => (Applied::Counted, chargeable),
+            _ => (Applied::Counted, false),
+        })
     }
 
     /// Re-sums up to `limit` entities whose windows moved by `now_s`;
@@ -257,7 +355,15 @@ impl Aggregator {
         let resums = due.iter().map(|member| async move {
             match realtime::parse_member(member) {
                 Some((entity, id)) => {
-                    self.run(("", "", Duration::from_secs(1)), &[], &[(entity, id.to_string())], now_s).await?;
+                    let entities = [(entity, id.to_string())];
+                    let call = Call {
+                        marker: ("", "", Duration::from_secs(1)),
+                        fields: &[],
+                        entities: &entities,
+                        guard: None,
+                        increments: Vec::new(),
+                    };
+                    self.run(call, now_s).await?;
                     Ok::<usize, Error>(1)
                 }
                 None => {
@@ -283,6 +389,14 @@ pub enum RunError {
     /// A refused message could not be dead-lettered.
     #[error("dead-letter topic unavailable: {0}")]
     DeadLetter(EventError),
+}
+
+/// Counts a click that charged its impression's campaign.
+fn observe_charge(click: &ClickEvent, charged: bool) {
+    if charged {
+        tracing::debug!(impression_id = %click.impression_id, "click charged");
+        metrics::counter!("adserve_feature_aggregates_clicks_charged_total").increment(1);
+    }
 }
 
 /// Counts a click whose impression was never counted.
@@ -444,8 +558,9 @@ impl Loop<'_> {
             for ((partition, offset, click), applied) in clicks.into_iter().zip(applied) {
                 match applied {
                     None => return Ok(false),
-                    Some(Some(applied)) => {
+                    Some(Some((applied, charged))) => {
                         self.observe(CLICKS_TOPIC, partition, millis(click.clicked_at.as_ref()), applied);
+                        observe_charge(&click, charged);
                     }
                     Some(None) => {
                         if self.waiting.len() >= self.config.max_waiting_clicks {
@@ -501,11 +616,13 @@ impl Loop<'_> {
                 let now_s = unix_now();
                 match to {
                     Some(to) => {
-                        let Some(applied) = self.patiently("click", || aggregator.click(&w.click, &to, now_s)).await
+                        let Some((applied, charged)) =
+                            self.patiently("click", || aggregator.click(&w.click, &to, now_s)).await
                         else {
                             return false;
                         };
                         self.observe(CLICKS_TOPIC, w.partition, millis(w.click.clicked_at.as_ref()), applied);
+                        observe_charge(&w.click, charged);
                     }
                     None if self.hopeless(w, caught_up) => count_unattributed(&w.click),
                     None => still.push_back(Waiting {
@@ -674,10 +791,22 @@ mod tests {
 
     #[test]
     fn attributions_round_trip_with_and_without_a_user() {
-        for a in [Attribution { user_id: "u|1".into(), ad_id: 7 }, Attribution { user_id: String::new(), ad_id: -3 }] {
+        let a =
+            Attribution { user_id: "u|1".into(), ad_id: 7, campaign_id: 3, price_cpc_micros: 150_000, served_ms: 17 };
+        let b = Attribution { user_id: String::new(), ad_id: -3, campaign_id: 4, price_cpc_micros: 0, served_ms: 0 };
+        for a in [a.clone(), b] {
             assert_eq!(Attribution::decode(&a.encode()), Some(a));
         }
+        assert_eq!(a.charged().price_cpc_micros, 0);
+        assert_ne!(a.charged().encode(), a.encode(), "the guard sees the charge");
+        // Markers written before they carried the charge: counted, never charged.
+        assert_eq!(
+            Attribution::decode("7|u|1"),
+            Some(Attribution { user_id: "u|1".into(), ad_id: 7, campaign_id: 0, price_cpc_micros: 0, served_ms: 0 })
+        );
         assert_eq!(Attribution::decode("garbage"), None);
         assert_eq!(Attribution::decode("x|u"), None);
+        assert_eq!(Attribution::decode("v2|7|3|x|17|u"), None);
+        assert_eq!(Attribution::decode("v2|7|3|1"), None);
     }
 }

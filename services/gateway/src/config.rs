@@ -32,17 +32,14 @@ pub struct GatewayConfig {
     /// The auction's rules, sent with every auction request and used by the
     /// in-process fallback auction.
     pub auction: AuctionRules,
-    /// Real-time counters (Redis): spend, frequency, click charges.
+    /// Real-time counters (Redis) the gateway reads: spend (pacing) and
+    /// frequency (caps). The stream aggregator writes them.
     pub counters: RedisConfig,
     /// Budget pacing.
     pub pacing: Pacing,
     /// Impressions per user per campaign per UTC day when the campaign sets
     /// no cap of its own; 0 = uncapped.
     pub frequency_cap_per_day: u32,
-    /// How long a CPC impression can still be charged for a click (the
-    /// label window: a later click is not a label either).
-    #[serde(with = "humantime_serde")]
-    pub click_window: Duration,
     /// Feature whose value is the fallback pCTR when the ranker is down.
     pub fallback_pctr_feature: String,
     /// Largest accepted request body.
@@ -243,7 +240,6 @@ impl Default for GatewayConfig {
             counters: RedisConfig::default(),
             pacing: Pacing::default(),
             frequency_cap_per_day: 0,
-            click_window: adserve_features::registry().label.window(),
             fallback_pctr_feature: adserve_features::prior::DEFAULT_PRIOR_FEATURE.into(),
             max_body_bytes: 16 * 1024,
             body_timeout: Duration::from_secs(2),
@@ -295,7 +291,6 @@ impl Validate for GatewayConfig {
         if let Err((field, why)) = p.controller().validate() {
             return Err(Invalid::new(format!("pacing.{field}"), why));
         }
-        check_duration("click_window", self.click_window, Duration::from_secs(1), Duration::from_secs(7 * 86_400))?;
         if adserve_features::registry().index_of(&self.fallback_pctr_feature).is_none() {
             return Err(Invalid::new(
                 "fallback_pctr_feature",

@@ -4,7 +4,7 @@
 use std::{collections::HashMap, future::Future, sync::Arc, time::Duration, time::Instant};
 
 use adserve_catalog::{Catalog, EligibleAd, Targeting};
-use adserve_counters::{Counters, Served, day_of};
+use adserve_counters::{Counters, day_of};
 use adserve_events::EventPublisher;
 use adserve_features::request::{FieldError, check_context, check_user_id};
 use adserve_proto::{
@@ -200,8 +200,6 @@ impl AdServer {
         timed(Hop::ImpressionLog, futures::future::try_join_all(events.iter().map(|e| self.events.impression(e))))
             .await
             .map_err(|e| unavailable("impression log (kafka)", e))?;
-        // Only what was served counts against caps and budgets.
-        self.count_served(day, &user_id, &events, &mut degraded).await;
         for d in &degraded {
             metrics::counter!("adserve_gateway_degraded_total", "component" => d.component.clone()).increment(1);
         }
@@ -275,32 +273,9 @@ impl AdServer {
         kept
     }
 
-    /// Counts served impressions against frequency caps and spend, and
-    /// leaves each CPC impression's charge for its click. Bounded by the
-    /// counters' deadline; a failure is reported, not fatal (the impression
-    /// is already logged).
-    async fn count_served(&self, day: u64, user_id: &str, events: &[ImpressionEvent], degraded: &mut Vec<Degradation>) {
-        let served: Vec<Served<'_>> = events
-            .iter()
-            .map(|e| Served {
-                impression_id: &e.impression_id,
-                campaign_id: e.campaign_id,
-                price_cpc_micros: e.price_cpc_micros,
-                price_cpm_micros: e.price_cpm_micros,
-            })
-            .collect();
-        let recorded = self.counters.record_served(day, user_id, &served, self.config.click_window);
-        let Err(failure) = deadline(self.config.counters.timeout, recorded).await else { return };
-        metrics::counter!("adserve_gateway_counter_write_failures_total").increment(1);
-        tracing::warn!(error = %failure, "served impressions not counted");
-        degraded.push(Degradation {
-            component: degraded::REDIS.into(),
-            reason: format!("impressions not counted for frequency caps and spend: redis: {failure}"),
-        });
-    }
-
-    /// Records a click once the broker has acknowledged it, then charges a
-    /// CPC impression's price to its campaign (once per impression).
+    /// Records a click once the broker has acknowledged it. The stream
+    /// aggregator charges a CPC impression's price to its campaign from the
+    /// logged click (once per impression, within the label window).
     pub async fn click(&self, req: RecordClickRequest) -> Result<RecordClickResponse, ServeError> {
         let impression_id = req.impression_id.trim();
         if uuid::Uuid::parse_str(impression_id).is_err() {
@@ -316,19 +291,6 @@ impl AdServer {
         };
         self.events.click(&event).await.map_err(|e| unavailable("click log (kafka)", e))?;
         metrics::counter!("adserve_gateway_clicks_total").increment(1);
-        let charged = self.counters.charge_click(day_of(unix_now()), impression_id);
-        let outcome = match deadline(self.config.counters.timeout, charged).await {
-            Ok(Some(charge)) => {
-                metrics::counter!("adserve_gateway_spend_micros_total").increment(charge.micros.max(0) as u64);
-                "charged"
-            }
-            Ok(None) => "nothing_to_charge",
-            Err(e) => {
-                tracing::warn!(error = %e, "click logged but not charged (redis)");
-                "failed"
-            }
-        };
-        metrics::counter!("adserve_gateway_click_charges_total", "outcome" => outcome).increment(1);
         Ok(RecordClickResponse { click_id: event.click_id })
     }
 
