@@ -39,14 +39,29 @@ use super::{
 /// Redis database the bench's aggregator writes (flushed before the run).
 const BENCH_DB: u32 = 10;
 
-/// Offered rate of the freshness case, impressions per second.
-const STEADY_RATE: u64 = 1000;
+/// Offered rates of the freshness cases, impressions per second: a busy
+/// topic, and a quiet one (where a consumer's fetches find nothing new and
+/// wait on the broker: the lag a frequency cap sees at low traffic).
+const STEADY_RATES: [u64; 2] = [1000, 20];
+
+/// The consumers' `kafka.fetch_wait_max` for this run (the aggregator and
+/// its peers alike): `BENCH_FETCH_WAIT_MS`, or the default. Lets a run
+/// compare settings with one build.
+fn fetch_wait() -> anyhow::Result<Option<Duration>> {
+    match std::env::var("BENCH_FETCH_WAIT_MS") {
+        Ok(ms) => Ok(Some(Duration::from_millis(ms.parse().context("BENCH_FETCH_WAIT_MS: milliseconds")?))),
+        Err(_) => Ok(None),
+    }
+}
 
 /// Runs the aggregates part.
 pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
     super::load::ensure_loopback(&s.stack.kafka)?;
     super::load::ensure_loopback(&s.stack.redis)?;
-    let kafka = KafkaConfig { brokers: s.stack.kafka.clone(), ..KafkaConfig::default() };
+    let mut kafka = KafkaConfig { brokers: s.stack.kafka.clone(), ..KafkaConfig::default() };
+    if let Some(wait) = fetch_wait()? {
+        kafka.fetch_wait_max = wait;
+    }
     adserve_events::ensure_topics(&kafka).await?;
     throughput_then_freshness(s, &kafka).await
 }
@@ -87,6 +102,7 @@ async fn throughput_then_freshness(s: &Settings, kafka: &KafkaConfig) -> anyhow:
             ("ADSERVE_REDIS__URL", redis_url),
             ("ADSERVE_AGGREGATES__KAFKA__BROKERS", kafka.brokers.clone()),
             ("ADSERVE_AGGREGATES__GROUP_ID", group.clone()),
+            ("ADSERVE_AGGREGATES__KAFKA__FETCH_WAIT_MAX", format!("{}ms", kafka.fetch_wait_max.as_millis())),
             ("ADSERVE_TELEMETRY__LOG_FILTER", "warn".into()),
         ],
         &crate::repo_root(),
@@ -125,9 +141,14 @@ async fn throughput_then_freshness(s: &Settings, kafka: &KafkaConfig) -> anyhow:
         ),
     };
     let mut out = vec![c.with_summary("consume-only reader", Role::Floor, rate(reader.0, reader.1))];
-    let fresh = freshness(s, kafka, &metrics_url).await;
+    for rate in STEADY_RATES {
+        let fresh = freshness(s, kafka, &metrics_url, rate).await;
+        if fresh.is_err() {
+            child.stop();
+        }
+        out.extend(fresh?);
+    }
     child.stop();
-    out.extend(fresh?);
     Ok(out)
 }
 
@@ -143,7 +164,7 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-async fn freshness(s: &Settings, kafka: &KafkaConfig, metrics: &str) -> anyhow::Result<Vec<Comparison>> {
+async fn freshness(s: &Settings, kafka: &KafkaConfig, metrics: &str, rate: u64) -> anyhow::Result<Vec<Comparison>> {
     let histogram = "adserve_feature_aggregates_freshness_seconds";
     let before = prom::histogram(&prom::scrape(metrics).await?, histogram, "topic");
 
@@ -160,7 +181,7 @@ async fn freshness(s: &Settings, kafka: &KafkaConfig, metrics: &str) -> anyhow::
     consumer.assign(&tpl)?;
     let run = uuid::Uuid::new_v4().simple().to_string();
     let window = s.step();
-    let expected = STEADY_RATE * window.as_secs();
+    let expected = rate * window.as_secs();
     let reader = {
         let run = run.clone();
         tokio::spawn(async move {
@@ -182,11 +203,11 @@ async fn freshness(s: &Settings, kafka: &KafkaConfig, metrics: &str) -> anyhow::
         })
     };
 
-    // Open loop at STEADY_RATE through the gateway's own publisher.
+    // Open loop at `rate` through the gateway's own publisher.
     let publisher = EventPublisher::new(kafka, "bench")?;
     let names: Vec<String> = adserve_features::registry().names().iter().map(|n| n.to_string()).collect();
     let defaults = adserve_features::registry().defaults();
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / STEADY_RATE));
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut sends = tokio::task::JoinSet::new();
     for i in 0..expected {
@@ -221,7 +242,7 @@ async fn freshness(s: &Settings, kafka: &KafkaConfig, metrics: &str) -> anyhow::
         p50_ms: q(ours, 0.5),
         p99_ms: q(ours, 0.99),
         ok: observed as u64,
-        offered_rate_per_s: Some(STEADY_RATE as f64),
+        offered_rate_per_s: Some(rate as f64),
         seconds: window.as_secs_f64(),
         ..Summary::default()
     };
@@ -229,11 +250,15 @@ async fn freshness(s: &Settings, kafka: &KafkaConfig, metrics: &str) -> anyhow::
         p50_ms: percentile(&latencies, 0.5),
         p99_ms: percentile(&latencies, 0.99),
         ok: latencies.len() as u64,
-        offered_rate_per_s: Some(STEADY_RATE as f64),
+        offered_rate_per_s: Some(rate as f64),
         seconds: window.as_secs_f64(),
         ..Summary::default()
     };
-    let case = format!("{STEADY_RATE} impressions/s for {} s, after the backlog above", window.as_secs());
+    let case = format!(
+        "{rate} impressions/s for {} s, after the backlog above (consumers' fetch_wait_max {} ms)",
+        window.as_secs(),
+        kafka.fetch_wait_max.as_millis()
+    );
     let note = "ours: event time to the script's return, from the bench aggregator's freshness histogram \
                 (interpolated inside its buckets); broker: event time to delivery to a bare consumer of the same \
                 events (milliseconds, exact)";
