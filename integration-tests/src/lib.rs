@@ -483,6 +483,10 @@ pub struct ParquetRow {
     pub feature_names: Vec<String>,
     /// Feature values.
     pub feature_values: Vec<f32>,
+    /// Categorical feature names (the footer's; empty before schema 4).
+    pub categorical_names: Vec<String>,
+    /// Categorical bucket ids, aligned with them.
+    pub categorical_ids: Vec<i64>,
     /// Clicked at (ms), if clicked.
     pub clicked_at_ms: Option<i64>,
     /// `final`, `provisional` or `correction`.
@@ -526,14 +530,18 @@ pub fn read_rows(dir: &Path) -> anyhow::Result<Vec<ParquetRow>> {
     let paths = parquet_files(dir);
     for path in paths {
         let builder = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path)?)?;
-        let footer_names: Option<Vec<String>> = builder
-            .metadata()
-            .file_metadata()
-            .key_value_metadata()
-            .and_then(|kv| kv.iter().find(|k| k.key == "adserve.feature_names"))
-            .and_then(|k| k.value.as_deref())
-            .map(serde_json::from_str)
-            .transpose()?;
+        let footer = |key: &str| -> anyhow::Result<Option<Vec<String>>> {
+            Ok(builder
+                .metadata()
+                .file_metadata()
+                .key_value_metadata()
+                .and_then(|kv| kv.iter().find(|k| k.key == key))
+                .and_then(|k| k.value.as_deref())
+                .map(serde_json::from_str)
+                .transpose()?)
+        };
+        let footer_names = footer("adserve.feature_names")?;
+        let categorical_names = footer("adserve.categorical_names")?.unwrap_or_default();
         let reader = builder.build()?;
         for batch in reader {
             let b = batch?;
@@ -548,6 +556,7 @@ pub fn read_rows(dir: &Path) -> anyhow::Result<Vec<ParquetRow>> {
             let clicked = col("clicked_at")?;
             let kind = b.column_by_name("row_kind").cloned();
             let names = b.column_by_name("feature_names").cloned();
+            let typed_ids = b.column_by_name("categorical_ids").cloned();
             let (ids, ad, label, mv, pctr) = (
                 ids.as_string::<i32>(),
                 ad.as_primitive::<arrow::datatypes::Int64Type>(),
@@ -575,6 +584,10 @@ pub fn read_rows(dir: &Path) -> anyhow::Result<Vec<ParquetRow>> {
                     pctr: pctr.value(i),
                     feature_names,
                     feature_values: v.as_primitive::<arrow::datatypes::Float32Type>().values().to_vec(),
+                    categorical_names: categorical_names.clone(),
+                    categorical_ids: typed_ids.as_ref().map_or_else(Vec::new, |c| {
+                        c.as_list::<i32>().value(i).as_primitive::<arrow::datatypes::Int64Type>().values().to_vec()
+                    }),
                     clicked_at_ms: (!clicked.is_null(i)).then(|| clicked.value(i)),
                     kind: kind.as_ref().map_or("final", |k| k.as_string::<i32>().value(i)).to_string(),
                 });

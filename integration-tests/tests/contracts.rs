@@ -139,6 +139,7 @@ async fn ranker_contract() -> anyhow::Result<()> {
         feature_names: names.clone(),
         num_rows: 2,
         values: [registry.defaults(), registry.defaults()].concat(),
+        ..Default::default()
     };
     let scores = c.score(ScoreRequest { matrix: Some(matrix), ..Default::default() }).await?.into_inner();
     assert_eq!(scores.pctr.len(), 2);
@@ -154,12 +155,17 @@ async fn ranker_contract() -> anyhow::Result<()> {
         assert!((got - want).abs() <= 1e-6, "served {got}, calibrated raw {want} ({calibration:?})");
     }
     // Missing feature, ragged matrix, no matrix: InvalidArgument naming the problem.
-    let missing =
-        FeatureMatrix { feature_names: names[1..].to_vec(), num_rows: 1, values: registry.defaults()[1..].to_vec() };
+    let missing = FeatureMatrix {
+        feature_names: names[1..].to_vec(),
+        num_rows: 1,
+        values: registry.defaults()[1..].to_vec(),
+        ..Default::default()
+    };
     let err = c.score(ScoreRequest { matrix: Some(missing), ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains(&names[0]), "{}", err.message());
-    let ragged = FeatureMatrix { feature_names: names.clone(), num_rows: 2, values: registry.defaults() };
+    let ragged =
+        FeatureMatrix { feature_names: names.clone(), num_rows: 2, values: registry.defaults(), ..Default::default() };
     assert_eq!(
         c.score(ScoreRequest { matrix: Some(ragged), ..Default::default() }).await.unwrap_err().code(),
         Code::InvalidArgument
@@ -168,7 +174,12 @@ async fn ranker_contract() -> anyhow::Result<()> {
     assert!(err.message().starts_with("matrix"), "{}", err.message());
     // A model name: the served one scores; any other is NOT_FOUND, naming both.
     assert_eq!(model.model_name, "ctr");
-    let one = || FeatureMatrix { feature_names: names.clone(), num_rows: 1, values: registry.defaults() };
+    let one = || FeatureMatrix {
+        feature_names: names.clone(),
+        num_rows: 1,
+        values: registry.defaults(),
+        ..Default::default()
+    };
     let named = ScoreRequest { matrix: Some(one()), model_name: model.model_name.clone(), ..Default::default() };
     assert_eq!(c.score(named).await?.into_inner().pctr.len(), 1);
     let other = ScoreRequest { matrix: Some(one()), model_name: "ctr-video".into(), ..Default::default() };

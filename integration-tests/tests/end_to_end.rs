@@ -48,10 +48,23 @@ async fn ad_request_and_click_become_one_labelled_row_with_the_scored_features()
     let value = |name: &str| features.values[features.names.iter().position(|n| n == name).unwrap()];
     assert_eq!(value("user_ctr_30d"), 0.0625, "batch tier (DynamoDB) reached the ranker");
     assert_eq!(value("ctx_device_mobile"), 1.0);
+    // The typed columns travel beside the dense row: the request's context as
+    // bucket ids, the same the trainer computes (pinned in both test suites).
+    let typed: Vec<(&str, i64)> =
+        features.categorical_names.iter().map(String::as_str).zip(features.categorical_ids.iter().copied()).collect();
+    assert_eq!(
+        typed,
+        [("ctx_placement_id", 96), ("ctx_device_id", 4), ("ctx_surface_id", 80), ("ctx_placement_x_device", 914)]
+    );
 
     // Re-scoring the logged row gives the logged pCTR: the log is what was scored.
     let mut ranker = RankerServiceClient::connect(stack.ranker.clone()).await?;
-    let matrix = FeatureMatrix { feature_names: features.names.clone(), num_rows: 1, values: features.values.clone() };
+    let matrix = FeatureMatrix {
+        feature_names: features.names.clone(),
+        num_rows: 1,
+        values: features.values.clone(),
+        ..Default::default()
+    };
     let rescored = ranker.score(ScoreRequest { matrix: Some(matrix), ..Default::default() }).await?.into_inner();
     assert_eq!(rescored.pctr[0], event.pctr);
 
@@ -66,6 +79,10 @@ async fn ad_request_and_click_become_one_labelled_row_with_the_scored_features()
     assert!(row.clicked_at_ms.is_some());
     assert_eq!(row.feature_names, features.names);
     assert_eq!(row.feature_values, features.values);
+    assert_eq!(
+        (&row.categorical_names, &row.categorical_ids),
+        (&features.categorical_names, &features.categorical_ids)
+    );
     assert_eq!(row.pctr, event.pctr);
     assert_eq!(row.model_version, event.model_version);
     Ok(())

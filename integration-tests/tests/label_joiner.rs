@@ -94,7 +94,11 @@ fn impression(id: &str, test: &str) -> ImpressionEvent {
         served_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
         model_version: test.into(),
         pctr: 0.5,
-        features: Some(FeatureRow { names: vec!["a".into(), "b".into()], values: vec![id.len() as f32, 1.0] }),
+        features: Some(FeatureRow {
+            names: vec!["a".into(), "b".into()],
+            values: vec![id.len() as f32, 1.0],
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }

@@ -128,6 +128,7 @@ fn matrix(rows: usize) -> FeatureMatrix {
         feature_names: registry.names().iter().map(|s| s.to_string()).collect(),
         num_rows: rows as u32,
         values: (0..rows).flat_map(|_| defaults.iter().copied()).collect(),
+        ..Default::default()
     }
 }
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from . import TrainerError
 from .registry import Registry
-from .schema import FEATURE_NAMES_KEY, ROW_SCHEMA, conform
+from .schema import FEATURE_NAMES_KEY, ROW_SCHEMA, TYPED_FOOTER_KEYS, conform
 
 
 def parquet_files(path: str | Path) -> list[Path]:
@@ -35,20 +35,22 @@ def _with_footer_names(t: pa.Table, source: str, file_meta: dict | None = None) 
     metadata beside ARROW:schema, which pyarrow does not carry onto the
     table's schema: ``file_meta`` is the file's own footer metadata.
     """
-    if "feature_names" in t.schema.names:
-        return t
     meta = dict(file_meta or {})
     meta.update(t.schema.metadata or {})
-    if FEATURE_NAMES_KEY not in meta:
-        return t  # validation names the missing column
-    try:
-        names = json.loads(meta[FEATURE_NAMES_KEY])
-    except ValueError as e:
-        raise TrainerError(f"{source}: footer {FEATURE_NAMES_KEY.decode()} is not JSON: {e}") from e
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise TrainerError(f"{source}: footer {FEATURE_NAMES_KEY.decode()} must be a list of strings")
-    column = pa.array([names] * t.num_rows, ROW_SCHEMA.field("feature_names").type)
-    return t.append_column(ROW_SCHEMA.field("feature_names"), column)
+    keys = {"feature_names": FEATURE_NAMES_KEY, **TYPED_FOOTER_KEYS}
+    for column_name, key in keys.items():
+        if column_name in t.schema.names or key not in meta:
+            continue  # per-row already, or an older file (defaults), or validation names it
+        try:
+            value = json.loads(meta[key])
+        except ValueError as e:
+            raise TrainerError(f"{source}: footer {key.decode()} is not JSON: {e}") from e
+        item = str if column_name != "embedding_dims" else int
+        if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            raise TrainerError(f"{source}: footer {key.decode()} must be a list of {item.__name__}")
+        field = ROW_SCHEMA.field(column_name)
+        t = t.append_column(field, pa.array([value] * t.num_rows, field.type))
+    return t
 
 
 def load_rows(path: str | Path, final_only: bool = True) -> pa.Table:
@@ -129,6 +131,43 @@ def build_matrix(table: pa.Table, registry: Registry, warn: bool = True) -> tupl
     if np.any((y != 0) & (y != 1)):
         raise TrainerError(f"column 'label' must be 0 or 1, found values {sorted(set(np.unique(y)) - {0, 1})}")
     return X, y, stats
+
+
+def build_typed(table: pa.Table, registry: Registry) -> tuple[np.ndarray, np.ndarray]:
+    """Categorical ids ``[rows, C]`` (int64, registry.categorical order) and
+    embeddings ``[rows, sum(dims)]`` (float32, registry.embeddings order, one
+    after the other), placed by NAME like ``build_matrix``: a column a row
+    lacks is 0 (the missing bucket) or the embedding's default; names not in
+    the registry are ignored. A ragged row is refused."""
+    n = table.num_rows
+    cats, embs = registry.categorical, registry.embeddings
+    ids = np.zeros((n, len(cats)), dtype=np.int64)
+    offsets = np.cumsum([0] + [f.dim for f in embs])
+    vectors = np.zeros((n, int(offsets[-1])), dtype=np.float32)
+    for k, f in enumerate(embs):
+        vectors[:, offsets[k] : offsets[k + 1]] = np.float32(f.default)
+    if n == 0 or not (cats or embs):
+        return ids, vectors
+    cat_at = {f.name: k for k, f in enumerate(cats)}
+    emb_at = {f.name: (k, f.dim) for k, f in enumerate(embs)}
+    columns = ("categorical_names", "categorical_ids", "embedding_names", "embedding_dims", "embedding_values")
+    rows = zip(*(table.column(c).to_pylist() for c in columns))
+    for r, (cnames, cids, enames, edims, evalues) in enumerate(rows):
+        if len(cnames) != len(cids) or len(enames) != len(edims) or sum(edims) != len(evalues):
+            raise TrainerError(f"row {r}: typed feature names, lengths and values disagree")
+        for name, v in zip(cnames, cids):
+            k = cat_at.get(name)
+            if k is not None:
+                ids[r, k] = v
+        at = 0
+        for name, dim in zip(enames, edims):
+            slot = emb_at.get(name)
+            if slot is not None and slot[1] == dim:
+                vectors[r, offsets[slot[0]] : offsets[slot[0]] + dim] = evalues[at : at + dim]
+            at += dim
+    if not np.all(np.isfinite(vectors)):
+        raise TrainerError("embedding_values contain NaN or infinite values")
+    return ids, vectors
 
 
 def time_order(table: pa.Table) -> np.ndarray:

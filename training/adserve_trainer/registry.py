@@ -6,6 +6,14 @@ defaults, transforms, the request contract's devices and the label window.
 put through the feature's transform exactly as the feature-service does,
 computing in f64 and rounding once to f32, so a row built offline
 (``adserve_trainer.offline``) is bit-identical to the row served.
+
+Typed features (``type = "categorical"`` / ``"embedding"``) are kept apart
+from the dense columns: ``Registry.features`` is the dense matrix's column
+order (a model's ``feature_order``), ``Registry.categorical`` and
+``Registry.embeddings`` the typed columns' orders. A categorical value is
+hashed (FNV-1a 64 over its UTF-8 bytes, ``category_id``) into buckets
+1..buckets-1; bucket 0 is "missing". A cross hashes its two operands' raw
+values joined by U+001F.
 """
 
 from __future__ import annotations
@@ -41,6 +49,36 @@ class Feature:
     transform: tuple[str, tuple[float, ...] | None] | None = None
     owner: str = ""
     freshness_sla_seconds: float | None = None
+    # "dense" (f32), "categorical" (int64 bucket ids) or "embedding" (f32 x dim).
+    kind: str = "dense"
+    buckets: int | None = None
+    dim: int | None = None
+    # source = "cross": the two categorical features whose raw values are hashed together.
+    cross: tuple[str, str] | None = None
+
+    def category_id(self, raw: str | None) -> int:
+        """The bucket of a raw categorical value (None or empty: 0, missing)."""
+        if raw is None or raw == "":
+            return 0
+        return 1 + fnv1a64(raw.encode("utf-8")) % (self.buckets - 1)
+
+    def cross_id(self, a: str | None, b: str | None) -> int:
+        """The bucket of a cross of two raw values (either missing: 0)."""
+        if not a or not b:
+            return 0
+        return self.category_id(a + CROSS_SEPARATOR + b)
+
+    def embedding(self, raw) -> tuple[np.ndarray, str]:
+        """The served vector of a stored embedding (None: absent) and what happened:
+        "ok", "missing" or "invalid" (wrong length, or an element ``accepts``
+        refuses: the whole vector is the default)."""
+        fill = np.full(self.dim, np.float32(self.default), dtype=np.float32)
+        if raw is None:
+            return fill, "missing"
+        v = np.asarray(raw, dtype=np.float32)
+        if v.shape != (self.dim,) or not all(self.accepts(x) for x in v):
+            return fill, "invalid"
+        return v, "ok"
 
     def accepts(self, value: float) -> bool:
         """FeatureSpec::accepts: finite and inside ``range`` when one is declared."""
@@ -71,12 +109,32 @@ class Feature:
         return self.serve(raw), "ok"
 
 
+CROSS_SEPARATOR = "\x1f"
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+_REQUEST_CATEGORICALS = ("placement", "device", "surface")
+MAX_BUCKETS = 1 << 24
+MAX_DIM = 1024
+
+
+def fnv1a64(data: bytes) -> int:
+    """FNV-1a, 64 bits (adserve_features::fnv1a64)."""
+    h = _FNV_OFFSET
+    for byte in data:
+        h = ((h ^ byte) * _FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
 @dataclass(frozen=True)
 class Registry:
     path: Path
+    # Dense columns, in column order.
     features: tuple[Feature, ...]
     devices: tuple[str, ...]
     label_window_seconds: int
+    # Typed columns, each in its own column order.
+    categorical: tuple[Feature, ...] = ()
+    embeddings: tuple[Feature, ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -134,6 +192,7 @@ def load_registry(path: str | Path | None = None) -> Registry:
         sla = e.get("freshness_sla")
         if sla is not None:
             sla = _duration_seconds(p, name, sla)
+        kind, buckets, dim, cross = _typed(p, name, e, default, {f.name: f for f in features})
         features.append(
             Feature(
                 name=name,
@@ -147,6 +206,10 @@ def load_registry(path: str | Path | None = None) -> Registry:
                 transform=transform,
                 owner=owner,
                 freshness_sla_seconds=sla,
+                kind=kind,
+                buckets=buckets,
+                dim=dim,
+                cross=cross,
             )
         )
     devices = doc.get("request", {}).get("devices")
@@ -155,7 +218,73 @@ def load_registry(path: str | Path | None = None) -> Registry:
     window = doc.get("label", {}).get("window_seconds")
     if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
         raise TrainerError(f"feature registry {p}: [label].window_seconds must be a positive integer")
-    return Registry(path=p, features=tuple(features), devices=tuple(devices), label_window_seconds=window)
+    return Registry(
+        path=p,
+        features=tuple(f for f in features if f.kind == "dense"),
+        devices=tuple(devices),
+        label_window_seconds=window,
+        categorical=tuple(f for f in features if f.kind == "categorical"),
+        embeddings=tuple(f for f in features if f.kind == "embedding"),
+    )
+
+
+def _typed(p: Path, name: str, e: dict, default, earlier: dict):
+    """adserve_features::Kind and the cross operands, validated the same way."""
+    bad = lambda why: TrainerError(f"feature registry {p}: feature '{name}' {why}")  # noqa: E731
+    kind = e.get("type", "dense")
+    source = e["source"]
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if kind not in ("dense", "categorical", "embedding"):
+        raise bad(f"unknown type {kind!r} (dense, categorical, embedding)")
+    if kind != "categorical" and ("buckets" in e or "cross" in e):
+        raise bad("`buckets` and `cross` are for categorical features")
+    if kind != "embedding" and "dim" in e:
+        raise bad("`dim` is for embedding features")
+    if source == "cross" and kind != "categorical":
+        raise bad("a cross is a categorical feature")
+    if kind == "dense":
+        return kind, None, None, None
+    if "transform" in e or "equals" in e:
+        raise bad("`transform` and `equals` are for dense features")
+    if kind == "categorical":
+        buckets = e.get("buckets")
+        if not is_int(buckets) or not 2 <= buckets <= MAX_BUCKETS:
+            raise bad(f"categorical features need `buckets` in 2..={MAX_BUCKETS}")
+        if default != 0:
+            raise bad("a categorical default must be 0 (bucket 0 is missing)")
+        if "range" in e:
+            raise bad("`range` is for numeric features")
+        cross = None
+        if source == "cross":
+            ops = e.get("cross")
+            if not isinstance(ops, list) or len(ops) != 2 or ops[0] == ops[1]:
+                raise bad("`cross` must name two different categorical features")
+            for op in ops:
+                f = earlier.get(op)
+                if f is None or f.kind != "categorical" or f.source == "cross":
+                    raise bad(f"`cross` operand {op!r} must be a categorical, non-cross feature defined above it")
+            cross = (ops[0], ops[1])
+            entities = {earlier[op].entity for op in ops}
+            want = "ad" if "ad" in entities else "user" if "user" in entities else "context"
+            if e["entity"] != want:
+                raise bad(f"a cross of these features has entity {want!r}")
+            if any(earlier[op].personal for op in ops) and not e.get("personal", False):
+                raise bad("a cross of a personal feature is personal")
+        elif "cross" in e:
+            raise bad("`cross` needs source = \"cross\"")
+        elif source == "request" and e["entity"] != "context":
+            raise bad("context features, and only they, come from the request")
+        elif source == "request" and e["attribute"] not in _REQUEST_CATEGORICALS:
+            raise bad(f"request categoricals read one of {', '.join(_REQUEST_CATEGORICALS)}")
+        elif source not in ("request", "dynamodb"):
+            raise bad("categorical features come from the request, DynamoDB or a cross")
+        return kind, buckets, None, cross
+    dim = e.get("dim")
+    if not is_int(dim) or not 1 <= dim <= MAX_DIM:
+        raise bad(f"embedding features need `dim` in 1..={MAX_DIM}")
+    if source != "dynamodb":
+        raise bad("embeddings are stored features (source = \"dynamodb\")")
+    return kind, None, dim, None
 
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}

@@ -53,6 +53,15 @@ ROW_SCHEMA = pa.schema(
         # FEATURE_NAMES_KEY; data.load_rows rebuilds this column from it.
         pa.field("feature_names", pa.list_(pa.string()), nullable=False),
         pa.field("feature_values", pa.list_(pa.float32()), nullable=False),
+        # Typed features (registry type "categorical" / "embedding"), served
+        # beside the dense row: bucket ids aligned with categorical_names;
+        # embeddings one after the other, embedding_dims long each. Schema-4
+        # files store the names and dims once, in the footer keys below.
+        pa.field("categorical_names", pa.list_(pa.string()), nullable=False),
+        pa.field("categorical_ids", pa.list_(pa.int64()), nullable=False),
+        pa.field("embedding_names", pa.list_(pa.string()), nullable=False),
+        pa.field("embedding_dims", pa.list_(pa.int32()), nullable=False),
+        pa.field("embedding_values", pa.list_(pa.float32()), nullable=False),
     ]
 )
 
@@ -75,11 +84,28 @@ ADDED_IN_V3 = {
     "keep_rate": 1.0,
 }
 
+# Columns added in schema version 4 (issue 10, typed features): older rows
+# carried none.
+ADDED_IN_V4 = {
+    "categorical_names": [],
+    "categorical_ids": [],
+    "embedding_names": [],
+    "embedding_dims": [],
+    "embedding_values": [],
+}
+
 # Defaults for every column an older file may lack.
-DEFAULTS_FOR_OLDER_FILES = {**ADDED_IN_V2, **ADDED_IN_V3}
+DEFAULTS_FOR_OLDER_FILES = {**ADDED_IN_V2, **ADDED_IN_V3, **ADDED_IN_V4}
 
 # Footer key holding a schema-3 file's feature names (JSON list).
 FEATURE_NAMES_KEY = b"adserve.feature_names"
+# Footer keys of a schema-4 file's typed columns (JSON lists), by the per-row
+# column each one rebuilds.
+TYPED_FOOTER_KEYS = {
+    "categorical_names": b"adserve.categorical_names",
+    "embedding_names": b"adserve.embedding_names",
+    "embedding_dims": b"adserve.embedding_dims",
+}
 
 # Columns the trainer actually reads (all of ROW_SCHEMA is still validated).
 TRAINING_COLUMNS = ("label", "feature_names", "feature_values")

@@ -183,7 +183,34 @@ def generate(n: int, seed: int, registry: Registry) -> pa.Table:
         "feature_names": pa.array(feature_names, ROW_SCHEMA.field("feature_names").type),
         "feature_values": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_values, pa.float32())),
     }
+    cols.update(_typed_columns(registry, ctx["placement"], ctx["device"], surface_r[req]))
     return pa.Table.from_arrays([cols[f.name] for f in ROW_SCHEMA], schema=ROW_SCHEMA)
+
+
+def _typed_columns(registry: Registry, placement, device, surface) -> dict:
+    """The typed columns as the feature-service would serve them: request
+    categoricals (and crosses of them) hashed from the row's context;
+    stored ones missing (bucket 0, the embedding's default)."""
+    n = len(placement)
+    fields = {"placement": placement, "device": device, "surface": surface}
+    raw = {f.name: fields[f.attribute] for f in registry.categorical if f.source == "request"}
+    ids = np.zeros((n, len(registry.categorical)), dtype=np.int64)
+    for k, f in enumerate(registry.categorical):
+        if f.source == "request":
+            ids[:, k] = [f.category_id(v) for v in raw[f.name]]
+        elif f.cross is not None and all(op in raw for op in f.cross):
+            a, b = raw[f.cross[0]], raw[f.cross[1]]
+            ids[:, k] = [f.cross_id(x, y) for x, y in zip(a, b)]
+    dims = [f.dim for f in registry.embeddings]
+    row = np.concatenate([np.full(f.dim, f.default, np.float32) for f in registry.embeddings] or [np.zeros(0, np.float32)])
+    lists = lambda name, values: pa.array(values, ROW_SCHEMA.field(name).type)  # noqa: E731
+    return {
+        "categorical_names": lists("categorical_names", [[f.name for f in registry.categorical]] * n),
+        "categorical_ids": lists("categorical_ids", ids.tolist()),
+        "embedding_names": lists("embedding_names", [[f.name for f in registry.embeddings]] * n),
+        "embedding_dims": lists("embedding_dims", [dims] * n),
+        "embedding_values": lists("embedding_values", [row.tolist()] * n),
+    }
 
 
 def write_parquet(table: pa.Table, path: str | Path) -> Path:

@@ -286,6 +286,9 @@ pub enum DecodeError {
         /// Values sent.
         values: usize,
     },
+    /// The served row's typed blocks do not match their names.
+    #[error("ImpressionEvent.features: {0}")]
+    RaggedTypedFeatures(String),
 }
 
 /// Decodes an impression payload.
@@ -298,6 +301,22 @@ pub fn decode_impression(payload: &[u8]) -> Result<ImpressionEvent, DecodeError>
     let features = e.features.as_ref().ok_or(DecodeError::Missing("ImpressionEvent.features"))?;
     if features.names.len() != features.values.len() {
         return Err(DecodeError::RaggedFeatures { names: features.names.len(), values: features.values.len() });
+    }
+    if features.categorical_names.len() != features.categorical_ids.len() {
+        return Err(DecodeError::RaggedTypedFeatures(format!(
+            "{} categorical_names and {} categorical_ids",
+            features.categorical_names.len(),
+            features.categorical_ids.len()
+        )));
+    }
+    let width: usize = features.embedding_dims.iter().map(|d| *d as usize).sum();
+    if features.embedding_dims.len() != features.embedding_names.len() || width != features.embedding_values.len() {
+        return Err(DecodeError::RaggedTypedFeatures(format!(
+            "{} embedding_names with {} embedding_dims summing to {width}, and {} embedding_values",
+            features.embedding_names.len(),
+            features.embedding_dims.len(),
+            features.embedding_values.len()
+        )));
     }
     if e.served_at.is_none() {
         return Err(DecodeError::Missing("ImpressionEvent.served_at"));
@@ -363,12 +382,35 @@ mod tests {
         let e = ImpressionEvent {
             impression_id: "i".into(),
             served_at: Some(prost_types::Timestamp::default()),
-            features: Some(FeatureRow { names: vec!["a".into()], values: vec![] }),
+            features: Some(FeatureRow { names: vec!["a".into()], values: vec![], ..Default::default() }),
             ..Default::default()
         };
         let err = decode_impression(&e.encode_to_vec()).unwrap_err();
         assert_eq!(err, DecodeError::RaggedFeatures { names: 1, values: 0 });
         assert!(err.to_string().contains("1 names and 0 values"));
+        let typed = |row: FeatureRow| {
+            let e = ImpressionEvent { features: Some(row), ..e.clone() };
+            decode_impression(&e.encode_to_vec())
+        };
+        let row = FeatureRow { names: vec!["a".into()], values: vec![0.5], ..Default::default() };
+        let ids = FeatureRow { categorical_names: vec!["c".into()], categorical_ids: vec![], ..row.clone() };
+        assert!(typed(ids).unwrap_err().to_string().contains("1 categorical_names and 0 categorical_ids"));
+        let vecs = FeatureRow {
+            embedding_names: vec!["v".into()],
+            embedding_dims: vec![2],
+            embedding_values: vec![0.1],
+            ..row.clone()
+        };
+        assert!(typed(vecs).unwrap_err().to_string().contains("summing to 2, and 1 embedding_values"));
+        let ok = FeatureRow {
+            categorical_names: vec!["c".into()],
+            categorical_ids: vec![7],
+            embedding_names: vec!["v".into()],
+            embedding_dims: vec![2],
+            embedding_values: vec![0.1, 0.2],
+            ..row
+        };
+        assert!(typed(ok).is_ok());
     }
 
     #[test]
@@ -376,7 +418,7 @@ mod tests {
         let e = ImpressionEvent {
             impression_id: "i".into(),
             served_at: Some(prost_types::Timestamp { seconds: 5, nanos: 0 }),
-            features: Some(FeatureRow { names: vec!["a".into()], values: vec![0.5] }),
+            features: Some(FeatureRow { names: vec!["a".into()], values: vec![0.5], ..Default::default() }),
             pctr: 0.25,
             ..Default::default()
         };

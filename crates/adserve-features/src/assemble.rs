@@ -18,6 +18,17 @@ use adserve_proto::v1::{FeatureMatrix, RequestContext};
 /// order (`None`: the item lacks the attribute).
 pub type AdRow = [Option<f32>];
 
+/// A batch-tier ad's typed values: raw categorical values in
+/// [`Plan::ad_text_attributes`] order and embeddings in
+/// [`Plan::ad_vector_attributes`] order (`None`: the item lacks it).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AdTypedRow {
+    /// Raw categorical values (hashed at assembly, so crosses see them).
+    pub text: Vec<Option<String>>,
+    /// Embeddings, as stored (checked at assembly).
+    pub vectors: Vec<Option<Vec<f32>>>,
+}
+
 /// Real-time values of one entity: the packed layout's values in
 /// [`realtime::attributes`] order (all NaN when the stored value was not
 /// the layout: served as defaults, counted invalid).
@@ -37,6 +48,37 @@ pub struct SourceValues<'a> {
     /// Per requested ad, in request order: its real-time values, if any.
     /// Empty or one entry per ad.
     pub ad_realtime: Vec<Option<RealtimeValues>>,
+    /// Batch-tier user categorical values (`attribute -> raw value`).
+    pub user_text: HashMap<String, String>,
+    /// Batch-tier user embeddings (`attribute -> vector`).
+    pub user_vectors: HashMap<String, Vec<f32>>,
+    /// Per requested ad, in request order: its typed batch values, if any.
+    /// Empty or one entry per ad.
+    pub ad_typed: Vec<Option<&'a AdTypedRow>>,
+}
+
+/// Where a categorical column's raw value comes from.
+#[derive(Debug, Clone, PartialEq)]
+enum Categorical {
+    /// A request field: 0 placement, 1 device, 2 surface.
+    Request(usize),
+    /// A user batch attribute.
+    User(String),
+    /// A slot of [`AdTypedRow::text`].
+    Ad(usize),
+    /// A cross of two categorical columns (their indices).
+    Cross(usize, usize),
+    /// Nothing (a context categorical of another source; refused at parse).
+    None,
+}
+
+/// Where an embedding column comes from.
+#[derive(Debug, Clone, PartialEq)]
+enum Embedding {
+    /// A user batch attribute.
+    User(String),
+    /// A slot of [`AdTypedRow::vectors`].
+    Ad(usize),
 }
 
 /// Where each stored ad column reads from, resolved once per registry
@@ -50,23 +92,66 @@ pub struct Plan {
     ad_batch: Vec<(usize, usize)>,
     /// `(column, index in RealtimeValues)` of each ad real-time feature.
     ad_realtime: Vec<(usize, usize)>,
+    /// The distinct batch attributes of ad categorical features, in slot
+    /// order: the layout of [`AdTypedRow::text`].
+    pub ad_text_attributes: Vec<String>,
+    /// The distinct batch attributes of ad embeddings: the layout of
+    /// [`AdTypedRow::vectors`].
+    pub ad_vector_attributes: Vec<String>,
+    /// Per categorical column, its raw value's source.
+    categorical: Vec<Categorical>,
+    /// Per embedding column, its source.
+    embeddings: Vec<Embedding>,
+}
+
+/// The slot of `attribute` in `slots`, added at the end the first time.
+fn slot_of(slots: &mut Vec<String>, attribute: &str) -> usize {
+    match slots.iter().position(|a| a == attribute) {
+        Some(slot) => slot,
+        None => {
+            slots.push(attribute.to_string());
+            slots.len() - 1
+        }
+    }
 }
 
 impl Plan {
-    /// Resolves `features` (already validated: every real-time attribute is
-    /// in the packed layout).
-    pub(crate) fn of(features: &[FeatureSpec]) -> Self {
+    /// Resolves the dense, categorical and embedding columns (already
+    /// validated: every real-time attribute is in the packed layout, every
+    /// cross operand is a categorical column above it).
+    pub(crate) fn of(features: &[FeatureSpec], categorical: &[FeatureSpec], embeddings: &[FeatureSpec]) -> Self {
         let mut plan = Self::default();
+        for f in categorical {
+            let source = match (f.entity, f.source) {
+                (_, Source::Request) => match f.attribute.as_str() {
+                    "placement" => Categorical::Request(0),
+                    "device" => Categorical::Request(1),
+                    "surface" => Categorical::Request(2),
+                    _ => Categorical::None,
+                },
+                (_, Source::Cross) => {
+                    let index = |op: &str| categorical.iter().position(|c| c.name == op);
+                    match f.cross.as_ref().map(|[a, b]| (index(a), index(b))) {
+                        Some((Some(a), Some(b))) => Categorical::Cross(a, b),
+                        _ => Categorical::None,
+                    }
+                }
+                (Entity::User, Source::Dynamodb) => Categorical::User(f.attribute.clone()),
+                (Entity::Ad, Source::Dynamodb) => Categorical::Ad(slot_of(&mut plan.ad_text_attributes, &f.attribute)),
+                _ => Categorical::None,
+            };
+            plan.categorical.push(source);
+        }
+        for f in embeddings {
+            plan.embeddings.push(match f.entity {
+                Entity::Ad => Embedding::Ad(slot_of(&mut plan.ad_vector_attributes, &f.attribute)),
+                _ => Embedding::User(f.attribute.clone()),
+            });
+        }
         for (c, f) in features.iter().enumerate() {
             match (f.entity, f.source) {
                 (Entity::Ad, Source::Dynamodb) => {
-                    let slot = match plan.ad_batch_attributes.iter().position(|a| *a == f.attribute) {
-                        Some(slot) => slot,
-                        None => {
-                            plan.ad_batch_attributes.push(f.attribute.clone());
-                            plan.ad_batch_attributes.len() - 1
-                        }
-                    };
+                    let slot = slot_of(&mut plan.ad_batch_attributes, &f.attribute);
                     plan.ad_batch.push((c, slot));
                 }
                 (Entity::Ad, Source::Redis) => {
@@ -84,6 +169,20 @@ impl Plan {
     pub fn ad_row(&self, values: &HashMap<String, f32>) -> Vec<Option<f32>> {
         self.ad_batch_attributes.iter().map(|a| values.get(a).copied()).collect()
     }
+
+    /// An [`AdTypedRow`] from a DynamoDB item's text and vector attributes.
+    pub fn ad_typed_row(&self, text: &HashMap<String, String>, vectors: &HashMap<String, Vec<f32>>) -> AdTypedRow {
+        AdTypedRow {
+            text: self.ad_text_attributes.iter().map(|a| text.get(a).cloned()).collect(),
+            vectors: self.ad_vector_attributes.iter().map(|a| vectors.get(a).cloned()).collect(),
+        }
+    }
+
+    /// Whether the registry has typed ad features (the ad table then keeps
+    /// typed rows).
+    pub fn has_typed_ad_features(&self) -> bool {
+        !self.ad_text_attributes.is_empty() || !self.ad_vector_attributes.is_empty()
+    }
 }
 
 /// The matrix and, per registry column, how many cells took the default.
@@ -91,8 +190,9 @@ impl Plan {
 pub struct Assembled {
     /// `ad_ids.len() x registry`, in registry column order.
     pub matrix: FeatureMatrix,
-    /// Per column: cells whose source had no value (unknown entity, missing
-    /// attribute, failed source).
+    /// Per column (dense, then categorical, then embedding columns): cells
+    /// whose source had no value (unknown entity, missing attribute, failed
+    /// source).
     pub missing: Vec<u32>,
     /// Per column: cells whose stored value was refused by
     /// [`crate::FeatureSpec::accepts`] (not finite, or outside the declared
@@ -176,15 +276,127 @@ pub fn assemble(registry: &FeatureRegistry, ad_ids: &[i64], ctx: &RequestContext
             row[c] = checked(&features[c], realtime.map(|v| v[at]), &mut missing[c], &mut invalid[c]);
         }
     }
+    let typed = assemble_typed(registry, ad_ids.len(), ctx, values);
+    missing.extend(typed.missing);
+    invalid.extend(typed.invalid);
     Assembled {
         matrix: FeatureMatrix {
             feature_names: registry.names().into_iter().map(String::from).collect(),
             num_rows: rows,
             values: out,
+            categorical_names: registry.categorical.iter().map(|f| f.name.clone()).collect(),
+            categorical_ids: typed.ids,
+            embedding_names: registry.embeddings.iter().map(|f| f.name.clone()).collect(),
+            embedding_dims: registry.embeddings.iter().map(|f| f.dim.unwrap_or(0)).collect(),
+            embedding_values: typed.vectors,
         },
         missing,
         invalid,
     }
+}
+
+/// The categorical and embedding blocks and their counts (categorical
+/// columns, then embedding columns).
+struct Typed {
+    ids: Vec<i64>,
+    vectors: Vec<f32>,
+    missing: Vec<u32>,
+    invalid: Vec<u32>,
+}
+
+/// A raw categorical value, empty treated as absent.
+fn present(v: Option<&str>) -> Option<&str> {
+    v.filter(|s| !s.is_empty())
+}
+
+fn assemble_typed(registry: &FeatureRegistry, rows: usize, ctx: &RequestContext, values: &SourceValues) -> Typed {
+    let plan = registry.plan();
+    let (cats, embs) = (&registry.categorical, &registry.embeddings);
+    let mut missing = vec![0u32; cats.len() + embs.len()];
+    let mut invalid = vec![0u32; cats.len() + embs.len()];
+    let blank = |f: &FeatureSpec| f.personal && ctx.coppa;
+    // Row-invariant raw values (request, user), counted once per row.
+    let mut template: Vec<Option<&str>> = vec![None; cats.len()];
+    for (k, (f, source)) in cats.iter().zip(&plan.categorical).enumerate() {
+        if blank(f) {
+            continue;
+        }
+        let raw = match source {
+            Categorical::Request(0) => present(Some(&ctx.placement)),
+            Categorical::Request(1) => present(Some(&ctx.device)),
+            Categorical::Request(_) => present(Some(&ctx.surface)),
+            Categorical::User(a) => present(values.user_text.get(a).map(String::as_str)),
+            Categorical::Ad(_) | Categorical::Cross(..) | Categorical::None => continue,
+        };
+        if raw.is_none() {
+            missing[k] = rows as u32;
+        }
+        template[k] = raw;
+    }
+    let mut ids = Vec::with_capacity(rows * cats.len());
+    let mut raw = template.clone();
+    for r in 0..rows {
+        raw.copy_from_slice(&template);
+        let typed = values.ad_typed.get(r).copied().flatten();
+        for (k, source) in plan.categorical.iter().enumerate() {
+            if let Categorical::Ad(slot) = source {
+                let v = present(typed.and_then(|t| t.text.get(*slot)).and_then(|v| v.as_deref()));
+                if v.is_none() {
+                    missing[k] += 1;
+                }
+                raw[k] = v;
+            }
+        }
+        for (k, (f, source)) in cats.iter().zip(&plan.categorical).enumerate() {
+            ids.push(match source {
+                _ if blank(f) => 0,
+                Categorical::Cross(a, b) => f.cross_id(raw[*a], raw[*b]),
+                _ => f.category_id(raw[k]),
+            });
+        }
+    }
+    // Embeddings: the user's once, each ad's per row; a refused vector is
+    // the default in every element.
+    let width: usize = embs.iter().map(|f| f.dim.unwrap_or(0) as usize).sum();
+    let mut vectors = Vec::with_capacity(rows * width);
+    let mut user: Vec<Option<&[f32]>> = vec![None; embs.len()];
+    for (k, (f, source)) in embs.iter().zip(&plan.embeddings).enumerate() {
+        if let Embedding::User(a) = source
+            && !blank(f)
+        {
+            let c = cats.len() + k;
+            match values.user_vectors.get(a) {
+                Some(v) if f.accepts_embedding(v) => user[k] = Some(v.as_slice()),
+                Some(_) => invalid[c] = rows as u32,
+                None => missing[c] = rows as u32,
+            }
+        }
+    }
+    for r in 0..rows {
+        let typed = values.ad_typed.get(r).copied().flatten();
+        for (k, (f, source)) in embs.iter().zip(&plan.embeddings).enumerate() {
+            let c = cats.len() + k;
+            let v = match source {
+                Embedding::User(_) => user[k],
+                Embedding::Ad(slot) => match typed.and_then(|t| t.vectors.get(*slot)).and_then(Option::as_deref) {
+                    Some(v) if f.accepts_embedding(v) => Some(v),
+                    Some(_) => {
+                        invalid[c] += 1;
+                        None
+                    }
+                    None => {
+                        missing[c] += 1;
+                        None
+                    }
+                },
+            };
+            match v {
+                Some(v) => vectors.extend_from_slice(v),
+                None => vectors.extend(std::iter::repeat_n(f.default, f.dim.unwrap_or(0) as usize)),
+            }
+        }
+    }
+    Typed { ids, vectors, missing, invalid }
 }
 
 #[cfg(test)]
@@ -305,5 +517,105 @@ mod tests {
         let v = SourceValues { ad_realtime: vec![Some([f32::NAN; realtime::ATTRIBUTES])], ..Default::default() };
         let a = assemble(r, &[7], &ctx(false), &v);
         assert_eq!(a.invalid[r.index_of("ad_impressions_1h").unwrap()], 1);
+    }
+
+    /// A registry with every typed kind: context, user and ad categoricals,
+    /// a cross, and user and ad embeddings.
+    fn typed_registry() -> FeatureRegistry {
+        let entry = |body: &str| format!("[[feature]]\n{body}description=\"\"\nowner=\"t\"\n");
+        let doc = [
+            "[tables]\nuser=\"u\"\nad=\"a\"\n[redis]\nkey_prefix=\"rt\"\n[request]\ndevices=[\"mobile\"]\n\
+             [label]\nwindow_seconds=60\n"
+                .to_string(),
+            entry(
+                "name=\"ad_x\"\nentity=\"ad\"\nsource=\"dynamodb\"\nattribute=\"x\"\ndefault=0.0\nrange=[0.0, 1.0]\n",
+            ),
+            entry(
+                "name=\"ctx_placement\"\nentity=\"context\"\nsource=\"request\"\nattribute=\"placement\"\n\
+                 type=\"categorical\"\nbuckets=64\ndefault=0.0\n",
+            ),
+            entry(
+                "name=\"user_country\"\nentity=\"user\"\nsource=\"dynamodb\"\nattribute=\"country\"\n\
+                 type=\"categorical\"\nbuckets=300\ndefault=0.0\npersonal=true\n",
+            ),
+            entry(
+                "name=\"ad_category\"\nentity=\"ad\"\nsource=\"dynamodb\"\nattribute=\"category\"\n\
+                 type=\"categorical\"\nbuckets=1000\ndefault=0.0\n",
+            ),
+            entry(
+                "name=\"placement_x_category\"\nentity=\"ad\"\nsource=\"cross\"\nattribute=\"-\"\n\
+                 type=\"categorical\"\ncross=[\"ctx_placement\", \"ad_category\"]\nbuckets=4096\ndefault=0.0\n",
+            ),
+            entry(
+                "name=\"user_vec\"\nentity=\"user\"\nsource=\"dynamodb\"\nattribute=\"vec\"\ntype=\"embedding\"\n\
+                 dim=2\ndefault=0.0\nrange=[-1.0, 1.0]\npersonal=true\n",
+            ),
+            entry(
+                "name=\"ad_vec\"\nentity=\"ad\"\nsource=\"dynamodb\"\nattribute=\"vec\"\ntype=\"embedding\"\n\
+                 dim=3\ndefault=0.5\nrange=[-1.0, 1.0]\n",
+            ),
+        ]
+        .concat();
+        FeatureRegistry::parse(&doc).expect("valid")
+    }
+
+    #[test]
+    fn typed_columns_travel_as_ids_and_vectors_in_their_own_blocks() {
+        let r = typed_registry();
+        let plan = r.plan();
+        assert_eq!(plan.ad_text_attributes, ["category"]);
+        assert_eq!(plan.ad_vector_attributes, ["vec"]);
+        let full = plan.ad_typed_row(
+            &HashMap::from([("category".to_string(), "travel".to_string())]),
+            &HashMap::from([("vec".to_string(), vec![0.1, -0.2, 0.3])]),
+        );
+        let bad = AdTypedRow { text: vec![None], vectors: vec![Some(vec![0.1, 2.0, 0.3])] };
+        let mut v = SourceValues { ad_typed: vec![Some(&full), Some(&bad), None], ..Default::default() };
+        v.user_text.insert("country".into(), "NL".into());
+        v.user_vectors.insert("vec".into(), vec![0.25, -0.75]);
+        let a = assemble(&r, &[1, 2, 3], &ctx(false), &v);
+        let m = &a.matrix;
+        m.check_shape().expect("consistent blocks");
+        assert_eq!(m.categorical_names, ["ctx_placement", "user_country", "ad_category", "placement_x_category"]);
+        assert_eq!(
+            (m.embedding_names.clone(), m.embedding_dims.clone()),
+            (vec!["user_vec".into(), "ad_vec".into()], vec![2, 3])
+        );
+        let (placement, country, category, cross) =
+            (&r.categorical[0], &r.categorical[1], &r.categorical[2], &r.categorical[3]);
+        let id = |f: &FeatureSpec, v: &str| f.category_id(Some(v));
+        let crossed = cross.cross_id(Some("feed_top"), Some("travel"));
+        assert_eq!(
+            m.categorical_row(0).unwrap(),
+            [id(placement, "feed_top"), id(country, "NL"), id(category, "travel"), crossed]
+        );
+        assert_eq!(
+            m.categorical_row(1).unwrap(),
+            [id(placement, "feed_top"), id(country, "NL"), 0, 0],
+            "no category: no cross"
+        );
+        assert_eq!(m.categorical_row(2).unwrap(), [id(placement, "feed_top"), id(country, "NL"), 0, 0]);
+        assert_eq!(m.embedding_row(0).unwrap(), [0.25, -0.75, 0.1, -0.2, 0.3]);
+        assert_eq!(m.embedding_row(1).unwrap(), [0.25, -0.75, 0.5, 0.5, 0.5], "out of range: the default, whole");
+        assert_eq!(m.embedding_row(2).unwrap(), [0.25, -0.75, 0.5, 0.5, 0.5]);
+        // Counts: dense column, then categorical, then embedding columns.
+        assert_eq!(a.missing, [3, 0, 0, 2, 0, 0, 1]);
+        assert_eq!(a.invalid, [0, 0, 0, 0, 0, 0, 1]);
+
+        // COPPA: personal columns (and crosses of them) hold 0 / the default,
+        // uncounted; the rest is served.
+        let a = assemble(&r, &[1], &ctx(true), &SourceValues { ad_typed: vec![Some(&full)], ..v.clone() });
+        assert_eq!(
+            a.matrix.categorical_row(0).unwrap(),
+            [id(placement, "feed_top"), 0, id(category, "travel"), crossed]
+        );
+        assert_eq!(a.matrix.embedding_row(0).unwrap(), [0.0, 0.0, 0.1, -0.2, 0.3]);
+        assert_eq!(a.missing[1..], [0, 0, 0, 0, 0, 0]);
+        // The embedded registry's typed features come from the request: they
+        // are served with no source at all (the gateway's fallback matrix).
+        let plain = assemble(crate::registry(), &[1, 2], &ctx(false), &SourceValues::default()).matrix;
+        plain.check_shape().expect("consistent blocks");
+        assert_eq!(plain.categorical_row(1).unwrap(), [96, 3, 80, 591], "feed_top, desktop, home: the trainer's ids");
+        assert!(plain.embedding_values.is_empty());
     }
 }

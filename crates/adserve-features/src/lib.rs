@@ -13,7 +13,7 @@ pub mod prior;
 pub mod realtime;
 pub mod request;
 
-pub use assemble::{AdRow, Assembled, Plan, RealtimeValues, SourceValues, assemble};
+pub use assemble::{AdRow, AdTypedRow, Assembled, Plan, RealtimeValues, SourceValues, assemble};
 
 use serde::Deserialize;
 
@@ -42,6 +42,54 @@ pub enum Source {
     Redis,
     /// Derived from the request context.
     Request,
+    /// A categorical cross of two categorical features ([`FeatureSpec::cross`]).
+    Cross,
+}
+
+/// What a feature's values are, and so which part of the matrix carries
+/// them.
+///
+/// ```toml
+/// type = "dense"                                   # the default: one f32
+/// type = "categorical"                             # one int64 bucket id
+/// buckets = 1000                                   #   in 0..1000, 0 = missing
+/// type = "embedding"                               # dim f32 values
+/// dim = 16
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// One f32 per row, in the dense matrix.
+    #[default]
+    Dense,
+    /// A raw value (a string: request field, DynamoDB `S`) hashed into
+    /// `buckets`: [`FeatureSpec::category_id`]. Bucket 0 means missing.
+    Categorical,
+    /// A fixed-size f32 vector (a DynamoDB attribute), `dim` long; refused
+    /// whole (served as `default` in every element) when its length is
+    /// wrong or an element fails `range`.
+    Embedding,
+}
+
+/// Most buckets a categorical feature may declare (2^24: an embedding
+/// table a trainer can hold).
+pub const MAX_BUCKETS: u32 = 1 << 24;
+
+/// Longest embedding a feature may declare.
+pub const MAX_DIM: u32 = 1024;
+
+/// The request fields a categorical feature may read.
+pub const REQUEST_CATEGORICALS: [&str; 3] = ["placement", "device", "surface"];
+
+/// What a cross hashes between its operands' raw values.
+pub const CROSS_SEPARATOR: char = '\u{1f}';
+
+/// FNV-1a, 64 bits: the hash of categorical values, in the trainer too
+/// (`adserve_trainer.registry.fnv1a64`). Chosen for being defined in a
+/// line and identical everywhere, not for speed or resistance to attack:
+/// bucket ids only index embedding tables.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// One feature's definition.
@@ -82,6 +130,19 @@ pub struct FeatureSpec {
     pub owner: String,
     /// What the feature means.
     pub description: String,
+    /// What its values are (`type`; dense unless declared).
+    #[serde(default, rename = "type")]
+    pub kind: Kind,
+    /// Categorical features: the hash space, bucket 0 included.
+    #[serde(default)]
+    pub buckets: Option<u32>,
+    /// Embedding features: the vector's length.
+    #[serde(default)]
+    pub dim: Option<u32>,
+    /// `source = "cross"`: the two categorical features (declared above it)
+    /// whose raw values it hashes together.
+    #[serde(default)]
+    pub cross: Option<[String; 2]>,
 }
 
 /// What a stored feature's value goes through before it is served. The
@@ -170,6 +231,112 @@ impl FeatureSpec {
     pub fn serve(&self, raw: f32) -> f32 {
         self.transform.as_ref().map_or(raw, |t| t.apply(raw))
     }
+
+    /// A categorical feature's bucket of a raw value: `1 + fnv1a64(raw) %
+    /// (buckets - 1)`, and 0 (missing) for no value or an empty one.
+    pub fn category_id(&self, raw: Option<&str>) -> i64 {
+        let buckets = u64::from(self.buckets.unwrap_or(2).max(2));
+        match raw {
+            None | Some("") => 0,
+            Some(v) => (1 + fnv1a64(v.as_bytes()) % (buckets - 1)) as i64,
+        }
+    }
+
+    /// A cross's bucket of its operands' raw values (0 when either is
+    /// missing): the bucket of `a U+001F b`.
+    pub fn cross_id(&self, a: Option<&str>, b: Option<&str>) -> i64 {
+        match (a, b) {
+            (Some(a), Some(b)) if !a.is_empty() && !b.is_empty() => {
+                self.category_id(Some(&format!("{a}{CROSS_SEPARATOR}{b}")))
+            }
+            _ => 0,
+        }
+    }
+
+    /// Whether a stored embedding may be served: `dim` long, every element
+    /// [`accepts`](Self::accepts)ed.
+    pub fn accepts_embedding(&self, values: &[f32]) -> bool {
+        self.dim.is_some_and(|d| values.len() == d as usize) && values.iter().all(|v| self.accepts(*v))
+    }
+
+    /// Checks the type's keys; `earlier`: the features declared above it.
+    fn validate_kind(&self, earlier: &[FeatureSpec]) -> Result<(), String> {
+        if self.kind != Kind::Categorical && (self.buckets.is_some() || self.cross.is_some()) {
+            return Err("`buckets` and `cross` are for categorical features".into());
+        }
+        if self.kind != Kind::Embedding && self.dim.is_some() {
+            return Err("`dim` is for embedding features".into());
+        }
+        if self.source == Source::Cross && self.kind != Kind::Categorical {
+            return Err("a cross is a categorical feature".into());
+        }
+        if self.kind == Kind::Dense {
+            return Ok(());
+        }
+        if self.transform.is_some() || self.equals.is_some() {
+            return Err("`transform` and `equals` are for dense features".into());
+        }
+        if self.kind == Kind::Embedding {
+            if !self.dim.is_some_and(|d| (1..=MAX_DIM).contains(&d)) {
+                return Err(format!("embedding features need `dim` in 1..={MAX_DIM}"));
+            }
+            if self.source != Source::Dynamodb {
+                return Err("embeddings are stored features (source = \"dynamodb\")".into());
+            }
+            return Ok(());
+        }
+        if !self.buckets.is_some_and(|b| (2..=MAX_BUCKETS).contains(&b)) {
+            return Err(format!("categorical features need `buckets` in 2..={MAX_BUCKETS}"));
+        }
+        if self.default != 0.0 {
+            return Err("a categorical default must be 0 (bucket 0 is missing)".into());
+        }
+        if self.range.is_some() {
+            return Err("`range` is for numeric features".into());
+        }
+        match (self.source, &self.cross) {
+            (Source::Cross, Some([a, b])) if a != b => {
+                let mut entities = Vec::new();
+                for op in [a, b] {
+                    let Some(f) = earlier.iter().find(|f| &f.name == op) else {
+                        return Err(format!(
+                            "`cross` operand {op:?} must be a categorical, non-cross feature defined above it"
+                        ));
+                    };
+                    if f.kind != Kind::Categorical || f.source == Source::Cross {
+                        return Err(format!(
+                            "`cross` operand {op:?} must be a categorical, non-cross feature defined above it"
+                        ));
+                    }
+                    if f.personal && !self.personal {
+                        return Err("a cross of a personal feature is personal".into());
+                    }
+                    entities.push(f.entity);
+                }
+                let want = if entities.contains(&Entity::Ad) {
+                    Entity::Ad
+                } else if entities.contains(&Entity::User) {
+                    Entity::User
+                } else {
+                    Entity::Context
+                };
+                if self.entity != want {
+                    return Err(format!(
+                        "a cross of these features has entity {:?}",
+                        format!("{want:?}").to_lowercase()
+                    ));
+                }
+                Ok(())
+            }
+            (Source::Cross, _) => Err("`cross` must name two different categorical features".into()),
+            (_, Some(_)) => Err("`cross` needs source = \"cross\"".into()),
+            (Source::Request, None) if !REQUEST_CATEGORICALS.contains(&self.attribute.as_str()) => {
+                Err(format!("request categoricals read one of {}", REQUEST_CATEGORICALS.join(", ")))
+            }
+            (Source::Request | Source::Dynamodb, None) => Ok(()),
+            _ => Err("categorical features come from the request, DynamoDB or a cross".into()),
+        }
+    }
 }
 
 /// DynamoDB table names of the batch tier.
@@ -225,9 +392,17 @@ pub struct FeatureRegistry {
     pub request: RequestSpec,
     /// The label definition.
     pub label: LabelSpec,
-    /// Features in column order.
+    /// Dense features, in the dense matrix's column order (after parsing;
+    /// the document's `[[feature]]` entries of every type are read into it
+    /// first).
     #[serde(rename = "feature")]
     pub features: Vec<FeatureSpec>,
+    /// Categorical features, in their column order.
+    #[serde(skip)]
+    pub categorical: Vec<FeatureSpec>,
+    /// Embedding features, in their column order.
+    #[serde(skip)]
+    pub embeddings: Vec<FeatureSpec>,
     /// Where each stored ad column reads from, resolved at parse.
     #[serde(skip)]
     plan: Plan,
@@ -263,13 +438,23 @@ impl FeatureRegistry {
             }
             other => other,
         })?;
-        registry.plan = Plan::of(&registry.features);
+        for f in std::mem::take(&mut registry.features) {
+            match f.kind {
+                Kind::Dense => registry.features.push(f),
+                Kind::Categorical => registry.categorical.push(f),
+                Kind::Embedding => registry.embeddings.push(f),
+            }
+        }
+        if registry.features.is_empty() {
+            return Err(RegistryError::Parse("no dense [[feature]] defined".into()));
+        }
+        registry.plan = Plan::of(&registry.features, &registry.categorical, &registry.embeddings);
         Ok(registry)
     }
 
     fn validate(&self) -> Result<(), RegistryError> {
         let mut seen = HashSet::new();
-        for f in &self.features {
+        for (i, f) in self.features.iter().enumerate() {
             let invalid = |why: &str| RegistryError::Invalid { name: f.name.clone(), why: why.to_string(), line: 0 };
             if f.name.is_empty() || !f.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
                 return Err(invalid("name must be non-empty snake_case"));
@@ -283,11 +468,13 @@ impl FeatureRegistry {
             if f.owner.trim().is_empty() {
                 return Err(invalid("`owner` must name who answers for the feature"));
             }
-            if f.source == Source::Request && (f.transform.is_some() || f.freshness_sla.is_some()) {
+            f.validate_kind(&self.features[..i]).map_err(|why| invalid(&why))?;
+            let computed = matches!(f.source, Source::Request | Source::Cross);
+            if computed && (f.transform.is_some() || f.freshness_sla.is_some()) {
                 return Err(invalid("`transform` and `freshness_sla` are for stored features"));
             }
             if let Some([lo, hi]) = f.range {
-                if f.source == Source::Request {
+                if computed {
                     return Err(invalid("`range` is for stored features; request features are 0 or 1"));
                 }
                 if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
@@ -302,7 +489,8 @@ impl FeatureRegistry {
                 t.validate(f.range, f.default).map_err(|why| invalid(&why))?;
             }
             match (f.entity, f.source) {
-                (Entity::Context, Source::Request) if f.equals.is_none() => {
+                (_, Source::Cross) => {}
+                (Entity::Context, Source::Request) if f.kind == Kind::Dense && f.equals.is_none() => {
                     return Err(invalid("request features need `equals`"));
                 }
                 (Entity::Context, Source::Request) => {}
@@ -553,6 +741,92 @@ mod tests {
         assert!(FeatureRegistry::parse(&doc(request)).unwrap_err().to_string().contains("stored features"));
         let sla = FeatureRegistry::parse(&doc(&stored("default=0.0\nfreshness_sla=\"24h\""))).unwrap();
         assert_eq!(sla.features[0].freshness_sla, Some(std::time::Duration::from_secs(86_400)));
+    }
+
+    const PLACEMENT: &str = "name=\"ctx_placement\"\nentity=\"context\"\nsource=\"request\"\nattribute=\"placement\"\n\
+        type=\"categorical\"\nbuckets=64\ndefault=0.0\ndescription=\"\"\nowner=\"t\"\n";
+    const CATEGORY: &str = "name=\"ad_category\"\nentity=\"ad\"\nsource=\"dynamodb\"\nattribute=\"category\"\n\
+        type=\"categorical\"\nbuckets=1000\ndefault=0.0\ndescription=\"\"\nowner=\"t\"\n";
+    const CROSS: &str = "name=\"placement_x_category\"\nentity=\"ad\"\nsource=\"cross\"\nattribute=\"-\"\n\
+        type=\"categorical\"\ncross=[\"ctx_placement\", \"ad_category\"]\nbuckets=4096\ndefault=0.0\n\
+        description=\"\"\nowner=\"t\"\n";
+    const EMBEDDING: &str = "name=\"ad_embedding\"\nentity=\"ad\"\nsource=\"dynamodb\"\nattribute=\"embedding\"\n\
+        type=\"embedding\"\ndim=4\ndefault=0.0\nrange=[-10.0, 10.0]\ndescription=\"\"\nowner=\"t\"\n";
+    const DENSE: &str = "name=\"dense_one\"\nentity=\"ad\"\nsource=\"dynamodb\"\nattribute=\"x\"\ndefault=0.0\n\
+        range=[0.0, 1.0]\ndescription=\"\"\nowner=\"t\"\n";
+
+    fn typed(entries: &[&str]) -> Result<FeatureRegistry, RegistryError> {
+        let rest: Vec<String> = entries.iter().map(|e| format!("[[feature]]\n{e}")).collect();
+        FeatureRegistry::parse(&format!("{}{}", doc(DENSE), rest.join("")))
+    }
+
+    #[test]
+    fn fnv1a64_is_the_published_function() {
+        // The FNV test vectors (draft-eastlake-fnv); the trainer tests the same ones.
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn typed_columns_are_kept_apart_in_registry_order() {
+        let r = typed(&[PLACEMENT, CATEGORY, CROSS, EMBEDDING]).expect("valid");
+        assert_eq!(r.names(), ["dense_one"]);
+        let names = |fs: &[FeatureSpec]| fs.iter().map(|f| f.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&r.categorical), ["ctx_placement", "ad_category", "placement_x_category"]);
+        assert_eq!(names(&r.embeddings), ["ad_embedding"]);
+        let (placement, category, cross) = (&r.categorical[0], &r.categorical[1], &r.categorical[2]);
+        assert_eq!((placement.category_id(None), placement.category_id(Some(""))), (0, 0));
+        assert_eq!(placement.category_id(Some("feed_top")), (1 + fnv1a64(b"feed_top") % 63) as i64);
+        assert!((1..1000).contains(&category.category_id(Some("travel"))));
+        assert_eq!(
+            cross.cross_id(Some("feed_top"), Some("travel")),
+            (1 + fnv1a64(b"feed_top\x1ftravel") % 4095) as i64
+        );
+        assert_eq!(cross.cross_id(Some("feed_top"), None), 0);
+        let e = &r.embeddings[0];
+        assert!(e.accepts_embedding(&[0.5, -1.0, 2.0, 0.25]));
+        assert!(!e.accepts_embedding(&[1.0, 2.0]));
+        assert!(!e.accepts_embedding(&[0.0, 0.0, 0.0, f32::NAN]));
+        assert!(!e.accepts_embedding(&[0.0, 0.0, 0.0, 11.0]));
+    }
+
+    #[test]
+    fn the_registrys_request_categoricals_hash_to_the_pinned_ids() {
+        // The same four numbers are pinned in the trainer's tests
+        // (training/tests/test_typed_features.py).
+        let by = |name: &str| registry().categorical.iter().find(|f| f.name == name).expect(name);
+        assert_eq!(by("ctx_placement_id").category_id(Some("feed_top")), 96);
+        assert_eq!(by("ctx_device_id").category_id(Some("mobile")), 4);
+        assert_eq!(by("ctx_surface_id").category_id(Some("home")), 80);
+        assert_eq!(by("ctx_placement_x_device").cross_id(Some("feed_top"), Some("mobile")), 914);
+    }
+
+    #[test]
+    fn typed_mistakes_are_refused_with_the_reason() {
+        let cross_self = CROSS.replace("[\"ctx_placement\", \"ad_category\"]", "[\"ad_category\", \"ad_category\"]");
+        let cases: Vec<(Vec<String>, &str)> = vec![
+            (vec![PLACEMENT.replace("buckets=64", "buckets=1")], "buckets"),
+            (vec![PLACEMENT.replace("buckets=64\n", "")], "buckets"),
+            (vec![PLACEMENT.replace("default=0.0", "default=3.0")], "must be 0"),
+            (vec![PLACEMENT.replace("attribute=\"placement\"", "attribute=\"user_agent\"")], "request categoricals"),
+            (vec![EMBEDDING.replace("dim=4", "dim=0")], "dim"),
+            (vec![EMBEDDING.replace("source=\"dynamodb\"", "source=\"redis\"")], "stored features"),
+            (
+                vec![PLACEMENT.into(), CATEGORY.into(), CROSS.replace("entity=\"ad\"", "entity=\"context\"")],
+                "has entity \"ad\"",
+            ),
+            (vec![PLACEMENT.into(), CROSS.replace("\"ad_category\"]", "\"missing\"]")], "defined above"),
+            (vec![CATEGORY.into(), PLACEMENT.into(), cross_self], "two different"),
+            (vec![PLACEMENT.replace("buckets=64", "buckets=64\ndim=3")], "`dim` is for embedding"),
+        ];
+        for (entries, why) in cases {
+            let entries: Vec<&str> = entries.iter().map(String::as_str).collect();
+            let err = typed(&entries).unwrap_err();
+            assert!(err.to_string().contains(why), "{why}: {err}");
+        }
+        let unknown = PLACEMENT.replace("type=\"categorical\"", "type=\"sparse\"");
+        assert!(matches!(typed(&[&unknown]), Err(RegistryError::Parse(_))));
     }
 
     #[test]

@@ -37,6 +37,7 @@ mod tests {
             feature_names: vec!["x".into(), "ad_ctr_7d".into()],
             num_rows: 4,
             values: vec![0.0, 0.03, 0.0, 2.0, 0.0, f32::NAN, 0.0, 0.0],
+            ..Default::default()
         };
         assert_eq!(prior_pctr(&m, "ad_ctr_7d", 1e-7), vec![0.03, 1.0, 1e-7, 1e-7]);
         assert_eq!(prior_pctr(&m, "absent", 1e-7), vec![PRIOR_WHEN_MISSING; 4]);

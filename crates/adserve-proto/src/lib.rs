@@ -78,25 +78,60 @@ impl v1::FeatureMatrix {
         self.values.get(i * cols..(i + 1) * cols)
     }
 
-    /// Checks that `values` holds exactly `num_rows x num_cols` numbers and
-    /// that names are unique and non-empty; returns a message naming the field.
+    /// Row `i`'s categorical ids, or `None` when out of range or ragged.
+    pub fn categorical_row(&self, i: usize) -> Option<&[i64]> {
+        let cols = self.categorical_names.len();
+        self.categorical_ids.get(i * cols..(i + 1) * cols)
+    }
+
+    /// Values of one row's embeddings (all of them, in column order).
+    pub fn embedding_width(&self) -> usize {
+        self.embedding_dims.iter().map(|d| *d as usize).sum()
+    }
+
+    /// Row `i`'s embeddings, one after the other, or `None` when out of
+    /// range or ragged.
+    pub fn embedding_row(&self, i: usize) -> Option<&[f32]> {
+        let width = self.embedding_width();
+        self.embedding_values.get(i * width..(i + 1) * width)
+    }
+
+    /// Checks that every block holds exactly `num_rows` rows of its columns
+    /// and that names are unique (across blocks) and non-empty; returns a
+    /// message naming the field.
     pub fn check_shape(&self) -> Result<(), String> {
-        let want = self.num_rows as usize * self.num_cols();
-        if self.values.len() != want {
+        let rows = self.num_rows as usize;
+        let blocks = [
+            ("values", self.values.len(), "feature_names", self.num_cols()),
+            ("categorical_ids", self.categorical_ids.len(), "categorical_names", self.categorical_names.len()),
+            ("embedding_values", self.embedding_values.len(), "sum(embedding_dims)", self.embedding_width()),
+        ];
+        for (field, have, per_row, width) in blocks {
+            let want = rows * width;
+            if have != want {
+                return Err(format!(
+                    "matrix.{field} has {have} numbers, expected num_rows ({rows}) x {per_row} ({width}) = {want}"
+                ));
+            }
+        }
+        if self.embedding_dims.len() != self.embedding_names.len() {
             return Err(format!(
-                "matrix.values has {} numbers, expected num_rows ({}) x feature_names ({}) = {want}",
-                self.values.len(),
-                self.num_rows,
-                self.num_cols()
+                "matrix.embedding_dims has {} lengths for {} embedding_names",
+                self.embedding_dims.len(),
+                self.embedding_names.len()
             ));
         }
+        if self.embedding_dims.contains(&0) {
+            return Err("matrix.embedding_dims holds a 0".into());
+        }
         let mut seen = std::collections::HashSet::new();
-        for name in &self.feature_names {
+        let names = self.feature_names.iter().chain(&self.categorical_names).chain(&self.embedding_names);
+        for name in names {
             if name.is_empty() {
-                return Err("matrix.feature_names contains an empty name".into());
+                return Err("matrix: a column name is empty".into());
             }
             if !seen.insert(name) {
-                return Err(format!("matrix.feature_names repeats {name:?}"));
+                return Err(format!("matrix: column {name:?} appears twice"));
             }
         }
         Ok(())

@@ -342,9 +342,20 @@ fn list_features(registry: &FeatureRegistry, json: bool) -> anyhow::Result<()> {
         Source::Dynamodb => "batch",
         Source::Redis => "real-time",
         Source::Request => "request",
+        Source::Cross => "cross",
     };
-    for (i, f) in registry.features.iter().enumerate() {
-        let transform = f.transform.as_ref().map(|t| format!("{t:?}").to_lowercase());
+    // Dense columns, then categorical, then embedding ones, each block in
+    // its column order (`col` counts within the block).
+    let blocks =
+        [("dense", &registry.features), ("categorical", &registry.categorical), ("embedding", &registry.embeddings)];
+    let all = blocks.iter().flat_map(|(kind, fs)| fs.iter().enumerate().map(move |(i, f)| (*kind, i, f)));
+    for (n, (kind, i, f)) in all.enumerate() {
+        let transform = match (f.kind, &f.cross) {
+            (_, Some([a, b])) => Some(format!("cross({a}, {b})")),
+            (adserve_features::Kind::Categorical, None) => Some(format!("hash({})", f.buckets.unwrap_or(0))),
+            (adserve_features::Kind::Embedding, _) => Some(format!("dim {}", f.dim.unwrap_or(0))),
+            _ => f.transform.as_ref().map(|t| format!("{t:?}").to_lowercase()),
+        };
         let sla = f.freshness_sla.map(|d| match d.as_secs() {
             s if s > 0 && s % 3600 == 0 => format!("{}h", s / 3600),
             s if s > 0 && s % 60 == 0 => format!("{}m", s / 60),
@@ -352,21 +363,22 @@ fn list_features(registry: &FeatureRegistry, json: bool) -> anyhow::Result<()> {
         });
         if json {
             let doc = serde_json::json!({
-                "column": i, "name": f.name, "entity": format!("{:?}", f.entity).to_lowercase(),
+                "column": i, "type": kind, "buckets": f.buckets, "dim": f.dim, "cross": f.cross,
+                "name": f.name, "entity": format!("{:?}", f.entity).to_lowercase(),
                 "tier": tier(f.source), "attribute": f.attribute, "default": f.default, "range": f.range,
                 "transform": transform, "freshness_sla": sla, "owner": f.owner, "personal": f.personal,
                 "description": f.description,
             });
             println!("{doc}");
         } else {
-            if i == 0 {
+            if n == 0 {
                 println!(
-                    "{:>3}  {:<26} {:<8} {:<10} {:<16} {:>8}  {:<30} {:<6} owner",
-                    "col", "name", "entity", "tier", "attribute", "default", "transform", "sla"
+                    "{:<11} {:>3}  {:<26} {:<8} {:<10} {:<16} {:>8}  {:<30} {:<6} owner",
+                    "type", "col", "name", "entity", "tier", "attribute", "default", "transform", "sla"
                 );
             }
             println!(
-                "{i:>3}  {:<26} {:<8} {:<10} {:<16} {:>8}  {:<30} {:<6} {}",
+                "{kind:<11} {i:>3}  {:<26} {:<8} {:<10} {:<16} {:>8}  {:<30} {:<6} {}",
                 f.name,
                 format!("{:?}", f.entity).to_lowercase(),
                 tier(f.source),

@@ -219,7 +219,7 @@ async fn freshness(s: &Settings, kafka: &KafkaConfig, metrics: &str, rate: u64) 
             ad_id: (i % 1000) as i64,
             campaign_id: 1,
             served_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
-            features: Some(FeatureRow { names: names.clone(), values: defaults.clone() }),
+            features: Some(FeatureRow { names: names.clone(), values: defaults.clone(), ..Default::default() }),
             ..Default::default()
         };
         let p = publisher.clone();

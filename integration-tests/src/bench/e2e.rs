@@ -337,7 +337,11 @@ async fn components(s: &Settings, placement: &str, ad_ids: &[i64]) -> anyhow::Re
 
     let kafka = KafkaConfig { brokers: stack.kafka.clone(), ..KafkaConfig::default() };
     let publisher = EventPublisher::new(&kafka, "adserve-bench")?;
-    let row = FeatureRow { names: matrix.feature_names.clone(), values: matrix.row(0).unwrap_or_default().to_vec() };
+    let row = FeatureRow {
+        names: matrix.feature_names.clone(),
+        values: matrix.row(0).unwrap_or_default().to_vec(),
+        ..Default::default()
+    };
     let m = load::closed_loop(1, s.warmup(), s.window(), timeout, SLOTS as u64, move |_| {
         let publisher = publisher.clone();
         let events: Vec<ImpressionEvent> = (0..SLOTS)

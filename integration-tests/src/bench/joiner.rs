@@ -142,6 +142,7 @@ pub(super) async fn prefill(brokers: &str, n: usize) -> anyhow::Result<()> {
                 features: Some(FeatureRow {
                     names: names.clone(),
                     values: registry.defaults().iter().map(|d| d + (i % 7) as f32 * 0.01).collect(),
+                    ..Default::default()
                 }),
                 ..Default::default()
             };

@@ -42,7 +42,7 @@ pub fn matrix(rows: usize) -> FeatureMatrix {
     for r in 0..rows {
         values.extend(registry.defaults().iter().enumerate().map(|(c, d)| d + ((r * 7 + c) % 13) as f32 * 0.01));
     }
-    FeatureMatrix { feature_names: names, num_rows: rows as u32, values }
+    FeatureMatrix { feature_names: names, num_rows: rows as u32, values, ..Default::default() }
 }
 
 /// Runs the ranker part.

@@ -232,9 +232,10 @@ impl FeatureService for FeatureGrpc {
             .enumerate()
             .map(|(i, id)| table.as_ref().and_then(|t| t.row(i)).or_else(|| fetched.get(id).map(Vec::as_slice)))
             .collect();
-        let values = SourceValues { user_batch, ad_batch, user_realtime, ad_realtime };
+        let values = SourceValues { user_batch, ad_batch, user_realtime, ad_realtime, ..Default::default() };
         let assembled = assemble(s.registry, &req.ad_ids, &ctx, &values);
-        for (f, n) in s.registry.features.iter().zip(&assembled.invalid) {
+        let columns = s.registry.features.iter().chain(&s.registry.categorical).chain(&s.registry.embeddings);
+        for (f, n) in columns.zip(&assembled.invalid) {
             if *n > 0 {
                 // A store holds values the registry does not allow (a stored
                 // "nan", a counter gone wild): served as defaults, and loud.
@@ -254,6 +255,28 @@ impl FeatureService for FeatureGrpc {
     }
 }
 
+/// Refuses a registry this version cannot serve in full: typed features
+/// from the batch tier (DynamoDB strings and vectors) are declared by the
+/// registry's grammar and assembled, but the batch store reads numbers only
+/// so far; served, they would be "missing" on every request, silently.
+pub fn servable(registry: &adserve_features::FeatureRegistry) -> Result<(), String> {
+    let stored: Vec<&str> = registry
+        .categorical
+        .iter()
+        .chain(&registry.embeddings)
+        .filter(|f| f.source == adserve_features::Source::Dynamodb)
+        .map(|f| f.name.as_str())
+        .collect();
+    if stored.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "feature registry: typed features from DynamoDB ({}) are not served by this version: its batch tier reads \
+         numbers only (request categoricals and their crosses are served)",
+        stored.join(", ")
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,6 +292,18 @@ mod tests {
                 ..Default::default()
             }),
         }
+    }
+
+    #[test]
+    fn a_registry_with_typed_batch_features_is_refused_until_the_batch_tier_reads_them() {
+        assert_eq!(servable(adserve_features::registry()), Ok(()), "the embedded registry is served in full");
+        let text = format!(
+            "{}\n[[feature]]\nname=\"ad_category\"\nentity=\"ad\"\nsource=\"dynamodb\"\nattribute=\"category\"\n\
+             type=\"categorical\"\nbuckets=100\ndefault=0\ndescription=\"\"\nowner=\"t\"\n",
+            adserve_features::REGISTRY_TOML
+        );
+        let r = adserve_features::FeatureRegistry::parse(&text).expect("valid grammar");
+        assert!(servable(&r).unwrap_err().contains("ad_category"));
     }
 
     fn field(r: &GetFeaturesRequest) -> &'static str {

@@ -175,6 +175,11 @@ impl AdServer {
                 features: Some(FeatureRow {
                     names: matrix.feature_names.clone(),
                     values: matrix.row(row).map(<[f32]>::to_vec).unwrap_or_default(),
+                    categorical_names: matrix.categorical_names.clone(),
+                    categorical_ids: matrix.categorical_row(row).map(<[i64]>::to_vec).unwrap_or_default(),
+                    embedding_names: matrix.embedding_names.clone(),
+                    embedding_dims: matrix.embedding_dims.clone(),
+                    embedding_values: matrix.embedding_row(row).map(<[f32]>::to_vec).unwrap_or_default(),
                 }),
                 advertiser_id: w.advertiser_id,
                 price_cpm_micros: w.price_cpm_micros,

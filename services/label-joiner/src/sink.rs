@@ -10,8 +10,10 @@
 //! files before writing anything.
 //!
 //! Each file holds rows of one hour and one feature list. Its footer records
-//! the feature names once (`adserve.feature_names`), the impression offsets
-//! it covers (`adserve.offsets`) and the schema version. The offsets are how
+//! the feature names once (`adserve.feature_names`, and for typed features
+//! `adserve.categorical_names`, `adserve.embedding_names` and
+//! `adserve.embedding_dims`), the impression offsets it covers
+//! (`adserve.offsets`) and the schema version. The offsets are how
 //! a restarted joiner, or a partition's new owner, recognises rows already
 //! written but not yet committed.
 
@@ -25,8 +27,8 @@ use std::{
 
 use arrow::{
     array::{
-        ArrayRef, AsArray, BooleanArray, Float32Array, Float32Builder, Int8Array, Int32Array, Int64Array, ListBuilder,
-        RecordBatch, StringArray, TimestampMillisecondArray,
+        ArrayRef, AsArray, BooleanArray, Float32Array, Float32Builder, Int8Array, Int32Array, Int64Array, Int64Builder,
+        ListBuilder, RecordBatch, StringArray, TimestampMillisecondArray,
     },
     datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit},
 };
@@ -42,13 +44,21 @@ use crate::{
 };
 
 /// Version of the row schema; bump on any change (see training/adserve_trainer/schema.py).
-pub const SCHEMA_VERSION: &str = "3";
+pub const SCHEMA_VERSION: &str = "4";
 /// Footer key: the schema version.
 pub const VERSION_KEY: &str = "adserve.schema_version";
 /// Footer key: JSON `{"partition": [min_offset, max_offset]}` of the impressions in the file.
 pub const OFFSETS_KEY: &str = "adserve.offsets";
 /// Footer key: JSON list of the feature names every row's `feature_values` follows.
 pub const FEATURE_NAMES_KEY: &str = "adserve.feature_names";
+/// Footer key: JSON list of the categorical feature names every row's
+/// `categorical_ids` follows.
+pub const CATEGORICAL_NAMES_KEY: &str = "adserve.categorical_names";
+/// Footer key: JSON list of the embedding feature names every row's
+/// `embedding_values` holds, one after the other.
+pub const EMBEDDING_NAMES_KEY: &str = "adserve.embedding_names";
+/// Footer key: JSON list of their lengths.
+pub const EMBEDDING_DIMS_KEY: &str = "adserve.embedding_dims";
 
 /// A Parquet failure.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +127,8 @@ pub fn schema() -> SchemaRef {
         Field::new("propensity", DataType::Float32, false),
         Field::new("explored", DataType::Boolean, false),
         Field::new("feature_values", list(DataType::Float32), false),
+        Field::new("categorical_ids", list(DataType::Int64), false),
+        Field::new("embedding_values", list(DataType::Float32), false),
         Field::new("kafka_partition", DataType::Int32, false),
         Field::new("kafka_offset", DataType::Int64, false),
     ]))
@@ -131,19 +143,34 @@ pub fn hour_of(row: &LabelledRow) -> (String, String) {
     (s.get(..10).unwrap_or("1970-01-01").to_string(), s.get(11..13).unwrap_or("00").to_string())
 }
 
+/// Whether two rows have the same typed columns (names and lengths).
+fn same_typed_columns(a: &LabelledRow, b: &LabelledRow) -> bool {
+    match (&a.event.features, &b.event.features) {
+        (Some(a), Some(b)) => {
+            a.categorical_names == b.categorical_names
+                && a.embedding_names == b.embedding_names
+                && a.embedding_dims == b.embedding_dims
+        }
+        (a, b) => a.is_none() && b.is_none(),
+    }
+}
+
+/// Whether two rows can share a file: one hour, one feature list.
+fn same_file(a: &LabelledRow, b: &LabelledRow) -> bool {
+    Arc::ptr_eq(&a.names, &b.names) && same_typed_columns(a, b) && hour_of(a) == hour_of(b)
+}
+
 /// Splits rows into groups a file can hold (one hour, one feature list),
 /// keeping their order within each group.
 pub fn groups(rows: Vec<LabelledRow>) -> Vec<Vec<LabelledRow>> {
-    type Group = ((String, String), Arc<[String]>, Vec<LabelledRow>);
-    let mut out: Vec<Group> = Vec::new();
+    let mut out: Vec<Vec<LabelledRow>> = Vec::new();
     for row in rows {
-        let hour = hour_of(&row);
-        match out.iter_mut().find(|(h, n, _)| *h == hour && Arc::ptr_eq(n, &row.names)) {
-            Some((_, _, g)) => g.push(row),
-            None => out.push((hour, Arc::clone(&row.names), vec![row])),
+        match out.iter_mut().find(|g| same_file(&g[0], &row)) {
+            Some(g) => g.push(row),
+            None => out.push(vec![row]),
         }
     }
-    out.into_iter().map(|(_, _, g)| g).collect()
+    out
 }
 
 /// Converts rows to one record batch.
@@ -155,9 +182,16 @@ pub fn to_batch(rows: &[LabelledRow]) -> Result<RecordBatch, SinkError> {
     let bools =
         |f: fn(&LabelledRow) -> bool| Arc::new(BooleanArray::from(rows.iter().map(f).collect::<Vec<_>>())) as ArrayRef;
     let mut values = ListBuilder::new(Float32Builder::new());
+    let mut ids = ListBuilder::new(Int64Builder::new());
+    let mut vectors = ListBuilder::new(Float32Builder::new());
     for r in rows {
-        values.values().append_slice(r.event.features.as_ref().map(|f| f.values.as_slice()).unwrap_or_default());
+        let f = r.event.features.as_ref();
+        values.values().append_slice(f.map(|f| f.values.as_slice()).unwrap_or_default());
         values.append(true);
+        ids.values().append_slice(f.map(|f| f.categorical_ids.as_slice()).unwrap_or_default());
+        ids.append(true);
+        vectors.values().append_slice(f.map(|f| f.embedding_values.as_slice()).unwrap_or_default());
+        vectors.append(true);
     }
     let columns: Vec<ArrayRef> = vec![
         s(|r| &r.event.impression_id),
@@ -189,6 +223,8 @@ pub fn to_batch(rows: &[LabelledRow]) -> Result<RecordBatch, SinkError> {
         f32s(|r| if r.event.propensity > 0.0 { r.event.propensity } else { 1.0 }),
         bools(|r| r.event.explored),
         Arc::new(values.finish()),
+        Arc::new(ids.finish()),
+        Arc::new(vectors.finish()),
         Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.partition))),
         i64s(|r| r.offset),
     ];
@@ -233,12 +269,19 @@ fn encode<W: Write + Send>(out: W, rows: &[LabelledRow]) -> Result<W, SinkError>
         offsets.into_iter().map(|(p, (lo, hi))| (p.to_string(), [lo, hi])).collect();
     let offsets = serde_json::to_string(&offsets).map_err(pq)?;
     let names = rows.first().map(|r| serde_json::to_string(&*r.names)).transpose().map_err(pq)?.unwrap_or_default();
+    let typed = rows.first().and_then(|r| r.event.features.clone()).unwrap_or_default();
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_key_value_metadata(Some(vec![
             KeyValue::new(VERSION_KEY.to_string(), SCHEMA_VERSION.to_string()),
             KeyValue::new(OFFSETS_KEY.to_string(), offsets),
             KeyValue::new(FEATURE_NAMES_KEY.to_string(), names),
+            KeyValue::new(
+                CATEGORICAL_NAMES_KEY.to_string(),
+                serde_json::to_string(&typed.categorical_names).map_err(pq)?,
+            ),
+            KeyValue::new(EMBEDDING_NAMES_KEY.to_string(), serde_json::to_string(&typed.embedding_names).map_err(pq)?),
+            KeyValue::new(EMBEDDING_DIMS_KEY.to_string(), serde_json::to_string(&typed.embedding_dims).map_err(pq)?),
         ]))
         .build();
     let mut writer = ArrowWriter::try_new(out, schema(), Some(props)).map_err(pq)?;
@@ -290,7 +333,7 @@ impl ParquetSink {
     pub fn write(&mut self, rows: &[LabelledRow]) -> Result<String, SinkError> {
         let Some(first) = rows.first() else { return Err(SinkError::Parquet("no rows to write".into())) };
         let hour = hour_of(first);
-        if rows.iter().any(|r| hour_of(r) != hour || !Arc::ptr_eq(&r.names, &first.names)) {
+        if rows.iter().any(|r| !same_file(r, first)) {
             return Err(SinkError::Parquet("a file holds rows of one hour and one feature list".into()));
         }
         self.seq += 1;
@@ -474,7 +517,11 @@ mod tests {
                 ImpressionEvent {
                     impression_id: format!("imp-{i}"),
                     served_at: Some(prost_types::Timestamp { seconds: 1_764_583_200, nanos: 0 }),
-                    features: Some(FeatureRow { names: vec!["a".into(), "b".into()], values: vec![i as f32, 0.5] }),
+                    features: Some(FeatureRow {
+                        names: vec!["a".into(), "b".into()],
+                        values: vec![i as f32, 0.5],
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 },
                 0,
@@ -504,6 +551,36 @@ mod tests {
         assert_eq!(row2.as_primitive::<arrow::datatypes::Float32Type>().values(), &[2.0, 0.5]);
         assert_eq!(batch.column_by_name("row_kind").unwrap().as_string::<i32>().value(0), "final");
         assert!(dataset_files(dir.path()).unwrap().iter().all(|p| !p.to_string_lossy().ends_with(".tmp")));
+    }
+
+    #[test]
+    fn typed_columns_round_trip_with_their_names_in_the_footer() {
+        let mut all = rows(3);
+        for (i, r) in all.iter_mut().enumerate() {
+            let f = r.event.features.as_mut().unwrap();
+            f.categorical_names = vec!["ctx_placement".into(), "placement_x_device".into()];
+            f.categorical_ids = vec![i as i64 + 1, 40 + i as i64];
+            f.embedding_names = vec!["v".into()];
+            f.embedding_dims = vec![2];
+            f.embedding_values = vec![i as f32, -0.5];
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = PathBuf::from(ParquetSink::new(dir.path()).write(&all).unwrap());
+        let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(&path).unwrap()).unwrap();
+        let kv = builder.metadata().file_metadata().key_value_metadata().unwrap().clone();
+        let footer = |key: &str| kv.iter().find(|k| k.key == key).and_then(|k| k.value.clone()).unwrap();
+        assert_eq!(footer(CATEGORICAL_NAMES_KEY), r#"["ctx_placement","placement_x_device"]"#);
+        assert_eq!(footer(EMBEDDING_NAMES_KEY), r#"["v"]"#);
+        assert_eq!(footer(EMBEDDING_DIMS_KEY), "[2]");
+        assert_eq!(footer(VERSION_KEY), "4");
+        let batch = builder.build().unwrap().next().unwrap().unwrap();
+        let ids = batch.column_by_name("categorical_ids").unwrap().as_list::<i32>();
+        assert_eq!(ids.value(2).as_primitive::<arrow::datatypes::Int64Type>().values(), &[3, 42]);
+        let vectors = batch.column_by_name("embedding_values").unwrap().as_list::<i32>();
+        assert_eq!(vectors.value(1).as_primitive::<arrow::datatypes::Float32Type>().values(), &[1.0, -0.5]);
+        // Rows whose typed columns differ do not share a file.
+        all[1].event.features.as_mut().unwrap().embedding_dims = vec![1];
+        assert_eq!(groups(all).len(), 2);
     }
 
     #[test]

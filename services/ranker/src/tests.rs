@@ -48,7 +48,7 @@ fn matrix(rows: usize) -> FeatureMatrix {
     for r in 0..rows {
         values.extend(registry.defaults().iter().map(|d| d + r as f32 * 0.01));
     }
-    FeatureMatrix { feature_names: names, num_rows: rows as u32, values }
+    FeatureMatrix { feature_names: names, num_rows: rows as u32, values, ..Default::default() }
 }
 
 async fn score(model: &CtrModel, m: &FeatureMatrix) -> Result<Vec<f32>, ScoreError> {
@@ -96,7 +96,7 @@ async fn columns_are_matched_by_name_not_position() {
         row.reverse();
         values.extend(row);
     }
-    let reversed = FeatureMatrix { feature_names: names, num_rows: 3, values };
+    let reversed = FeatureMatrix { feature_names: names, num_rows: 3, values, ..Default::default() };
     assert_eq!(score(&model, &reversed).await.expect("scores"), want);
 }
 

@@ -14,7 +14,11 @@ fn imp(id: &str, served_ms: i64) -> ImpressionEvent {
     ImpressionEvent {
         impression_id: id.into(),
         served_at: Some(ts(served_ms)),
-        features: Some(FeatureRow { names: vec!["f".into(), "g".into()], values: vec![1.0, 2.0] }),
+        features: Some(FeatureRow {
+            names: vec!["f".into(), "g".into()],
+            values: vec![1.0, 2.0],
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
