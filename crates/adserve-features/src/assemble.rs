@@ -333,9 +333,36 @@ fn assemble_typed(registry: &FeatureRegistry, rows: usize, ctx: &RequestContext,
         }
         template[k] = raw;
     }
+    // Columns that differ per row: ad values, and crosses of them. The rest
+    // is hashed once.
+    let varies: Vec<bool> = plan
+        .categorical
+        .iter()
+        .map(|source| match source {
+            Categorical::Ad(_) => true,
+            Categorical::Cross(a, b) => {
+                matches!(plan.categorical[*a], Categorical::Ad(_)) || matches!(plan.categorical[*b], Categorical::Ad(_))
+            }
+            _ => false,
+        })
+        .collect();
+    let id_of = |k: usize, raw: &[Option<&str>]| -> i64 {
+        let f = &cats[k];
+        match &plan.categorical[k] {
+            _ if blank(f) => 0,
+            Categorical::Cross(a, b) => f.cross_id(raw[*a], raw[*b]),
+            _ => f.category_id(raw[k]),
+        }
+    };
+    let template_ids: Vec<i64> = (0..cats.len()).map(|k| if varies[k] { 0 } else { id_of(k, &template) }).collect();
     let mut ids = Vec::with_capacity(rows * cats.len());
     let mut raw = template.clone();
     for r in 0..rows {
+        let at = ids.len();
+        ids.extend_from_slice(&template_ids);
+        if !varies.iter().any(|v| *v) {
+            continue;
+        }
         raw.copy_from_slice(&template);
         let typed = values.ad_typed.get(r).copied().flatten();
         for (k, source) in plan.categorical.iter().enumerate() {
@@ -347,12 +374,8 @@ fn assemble_typed(registry: &FeatureRegistry, rows: usize, ctx: &RequestContext,
                 raw[k] = v;
             }
         }
-        for (k, (f, source)) in cats.iter().zip(&plan.categorical).enumerate() {
-            ids.push(match source {
-                _ if blank(f) => 0,
-                Categorical::Cross(a, b) => f.cross_id(raw[*a], raw[*b]),
-                _ => f.category_id(raw[k]),
-            });
+        for k in (0..cats.len()).filter(|k| varies[*k]) {
+            ids[at + k] = id_of(k, &raw);
         }
     }
     // Embeddings: the user's once, each ad's per row; a refused vector is

@@ -89,7 +89,15 @@ pub const CROSS_SEPARATOR: char = '\u{1f}';
 /// line and identical everywhere, not for speed or resistance to attack:
 /// bucket ids only index embedding tables.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+    fnv1a64_parts(&[bytes])
+}
+
+/// [`fnv1a64`] of the concatenation of `parts`, without building it.
+pub fn fnv1a64_parts(parts: &[&[u8]]) -> u64 {
+    parts
+        .iter()
+        .flat_map(|p| p.iter())
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// One feature's definition.
@@ -235,11 +243,16 @@ impl FeatureSpec {
     /// A categorical feature's bucket of a raw value: `1 + fnv1a64(raw) %
     /// (buckets - 1)`, and 0 (missing) for no value or an empty one.
     pub fn category_id(&self, raw: Option<&str>) -> i64 {
-        let buckets = u64::from(self.buckets.unwrap_or(2).max(2));
         match raw {
             None | Some("") => 0,
-            Some(v) => (1 + fnv1a64(v.as_bytes()) % (buckets - 1)) as i64,
+            Some(v) => self.bucket(fnv1a64(v.as_bytes())),
         }
+    }
+
+    /// `1 + hash % (buckets - 1)`.
+    fn bucket(&self, hash: u64) -> i64 {
+        let buckets = u64::from(self.buckets.unwrap_or(2).max(2));
+        (1 + hash % (buckets - 1)) as i64
     }
 
     /// A cross's bucket of its operands' raw values (0 when either is
@@ -247,7 +260,9 @@ impl FeatureSpec {
     pub fn cross_id(&self, a: Option<&str>, b: Option<&str>) -> i64 {
         match (a, b) {
             (Some(a), Some(b)) if !a.is_empty() && !b.is_empty() => {
-                self.category_id(Some(&format!("{a}{CROSS_SEPARATOR}{b}")))
+                let mut sep = [0u8; 4];
+                let sep = CROSS_SEPARATOR.encode_utf8(&mut sep).as_bytes();
+                self.bucket(fnv1a64_parts(&[a.as_bytes(), sep, b.as_bytes()]))
             }
             _ => 0,
         }
