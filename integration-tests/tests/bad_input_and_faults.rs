@@ -206,7 +206,9 @@ async fn corrupt_stored_feature_values_are_served_as_defaults_and_counted() -> a
     assert_eq!(cell(0, "ad_impressions_1h"), spec("ad_impressions_1h").default, "\"lots\"");
     assert_eq!(cell(0, "ad_quality_score"), 0.8);
     assert_eq!((cell(1, "ad_ctr_7d"), cell(1, "ad_impressions_1h")), (0.04, 12.0), "the other ad is untouched");
-    assert_eq!(resp.invalid.len(), m.feature_names.len());
+    // One count per column: dense, then categorical, then embedding columns.
+    let columns = m.feature_names.len() + m.categorical_names.len() + m.embedding_names.len();
+    assert_eq!((resp.invalid.len(), resp.missing.len()), (columns, columns));
     assert_eq!(resp.invalid[col("user_impressions_1h")], 2);
     assert_eq!(resp.invalid[col("user_sessions_7d")], 2);
     assert_eq!(resp.invalid[col("ad_ctr_7d")], 1);
