@@ -206,16 +206,14 @@ impl Aggregator {
 
     /// Adds 1 to `counter` (index into [`realtime::COUNTERS`]) at `event_s`
     /// for each entity, and applies the call's increments, guarded by its
-    /// marker, as of `now_s`.
-    async fn apply(&self, counter: usize, event_s: i64, call: Call<'_>, now_s: i64) -> Result<Applied, Error> {
+    /// marker, as of `now_s`: the script's answer ([`Aggregator::run`]), or
+    /// None when the event is older than every window (nothing is applied).
+    async fn apply(&self, counter: usize, event_s: i64, call: Call<'_>, now_s: i64) -> Result<Option<i64>, Error> {
         let fields = realtime::bucket_fields(counter, event_s.min(now_s), now_s);
         if fields.is_empty() {
-            return Ok(Applied::Expired);
+            return Ok(None);
         }
-        Ok(match self.run(Call { fields: &fields, ..call }, now_s).await? {
-            0 => Applied::Duplicate,
-            _ => Applied::Counted,
-        })
+        Ok(Some(self.run(Call { fields: &fields, ..call }, now_s).await?))
     }
 
     /// Runs the script; its answer (0 duplicate, 1 counted, 2 counted and
@@ -278,7 +276,11 @@ impl Aggregator {
             guard: None,
             increments,
         };
-        self.apply(0, event_s, call, now_s).await
+        Ok(match self.apply(0, event_s, call, now_s).await? {
+            None => Applied::Expired,
+            Some(0) => Applied::Duplicate,
+            Some(_) => Applied::Counted,
+        })
     }
 
     /// Who each impression was shown to (None: not counted yet, or its
@@ -326,21 +328,13 @@ impl Aggregator {
         } else {
             (None, Vec::new())
         };
-        let fields = realtime::bucket_fields(1, event_s.min(now_s), now_s);
-        if fields.is_empty() {
-            return Ok((Applied::Expired, false));
-        }
-        let call = Call {
-            marker: (&marker, "1", self.attribution_ttl),
-            fields: &fields,
-            entities: &entities,
-            guard,
-            increments,
-        };
-        Ok(match self.run(call, now_s).await? {
-            0 => (Applied::Duplicate, false),
-            2 => (Applied::Counted, chargeable),
-            _ => (Applied::Counted, false),
+        let call =
+            Call { marker: (&marker, "1", self.attribution_ttl), fields: &[], entities: &entities, guard, increments };
+        Ok(match self.apply(1, event_s, call, now_s).await? {
+            None => (Applied::Expired, false),
+            Some(0) => (Applied::Duplicate, false),
+            Some(2) => (Applied::Counted, chargeable),
+            Some(_) => (Applied::Counted, false),
         })
     }
 
