@@ -30,6 +30,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Optional on the wire: the block lists (user_id, context and slots stay required).
         .field_attribute(".adserve.v1.GetAdsRequest.blocked_categories", "#[serde(default)]")
         .field_attribute(".adserve.v1.GetAdsRequest.blocked_advertisers", "#[serde(default)]")
+        .field_attribute(".adserve.v1.GetAdsRequest.tmax_ms", "#[serde(default)]")
+        // Missing is refused by the gateway with a message naming the field.
+        .field_attribute(".adserve.v1.RecordClickRequest.click_token", "#[serde(default)]")
         .type_attribute(".adserve.v1.RecordClickRequest", de)
         .type_attribute(
             ".adserve.v1.RequestContext",

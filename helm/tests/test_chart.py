@@ -41,6 +41,7 @@ GPU = {
 SECRETS = {
     "postgres": {"existingSecret": "adserve-postgres"},
     "dynamodb": {"existingSecret": "adserve-dynamodb"},
+    "clickTokens": {"existingSecret": "adserve-click-keys"},
 }
 # A multi-objective auction with exploration and a diurnal pacing profile.
 AUCTION = {
@@ -249,3 +250,39 @@ def test_label_joiner_on_object_storage_mounts_no_volume() -> None:
     config = tomllib.loads(configs(manifests)["label-joiner"])
     assert config["output_url"] == "s3://bucket/rows"
     assert config["s3"] == {"endpoint": "https://minio.local:9000", "region": "", "allow_http": False}
+
+
+def test_the_impression_log_timeout_is_the_gateways_own_and_fits_its_budget(tmp_path: pathlib.Path) -> None:
+    rendered = configs(render(None))
+    gateway = tomllib.loads(rendered["gateway"])
+    assert gateway["kafka"]["publish_timeout"] == "150ms"
+    assert gateway["deadlines"]["request"] == "500ms"
+    # The other services keep the release-wide timeout.
+    assert tomllib.loads(rendered["label-joiner"])["kafka"]["publish_timeout"] == "2000ms"
+    # A budget that cannot hold the log's reserve is refused by the gateway itself.
+    tight = {"services": {"gateway": {"config": {"publishTimeoutMs": 600, "deadlines": {"requestMs": 500}}}}}
+    path = tmp_path / "gateway.toml"
+    path.write_text(configs(render(tight))["gateway"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADSERVE_")}
+    env["ADSERVE_CONFIG"] = str(path)
+    out = subprocess.run([str(binary("gateway")), "--check-config"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "deadlines.request" in out.stderr, out.stderr
+
+
+def test_the_gateway_reads_its_click_token_keys_from_a_secret() -> None:
+    import json
+    import re
+
+    manifests = render(None)
+    secrets = manifests["adserve/templates/secret.yaml"]
+    assert "name: adserve-click-tokens" in secrets
+    keys = json.loads(json.loads(re.search(r"\n  keys: (.+)\n", secrets + "\n").group(1)))
+    # One generated key: 64 hex digits, as the gateway accepts (32 bytes).
+    assert len(keys) == 1 and re.fullmatch(r"[0-9a-f]{64}", keys[0]), keys
+    assert keys != json.loads(json.loads(re.search(r"\n  keys: (.+)\n", render(None)["adserve/templates/secret.yaml"] + "\n").group(1))), "a fresh install draws its own key"
+    deployments = manifests["adserve/templates/deployment.yaml"]
+    assert deployments.count("ADSERVE_CLICK_TOKENS__KEYS") == 1, "the gateway, and only it"
+    assert "click_tokens" not in configs(manifests)["gateway"], "keys never go into the ConfigMap"
+    mine = render({"clickTokens": {"existingSecret": "my-click-keys"}})
+    assert "adserve-click-tokens" not in mine.get("adserve/templates/secret.yaml", "")
+    assert "name: my-click-keys" in mine["adserve/templates/deployment.yaml"]

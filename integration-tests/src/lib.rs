@@ -37,6 +37,9 @@ fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
 
+/// The topics a gateway publishes to, warmed before it serves.
+pub const WARM_TOPICS: [&str; 2] = [adserve_events::IMPRESSIONS_TOPIC, adserve_events::CLICKS_TOPIC];
+
 /// Where the stack listens.
 #[derive(Debug, Clone)]
 pub struct Stack {
@@ -141,7 +144,12 @@ impl Stack {
     ) -> anyhow::Result<String> {
         let mut config = adserve_gateway::GatewayConfig {
             postgres: self.postgres_config("public"),
-            kafka: adserve_events::KafkaConfig { brokers: self.kafka.clone(), ..Default::default() },
+            // The gateway's own Kafka defaults (its publish timeout is part of
+            // every request's budget).
+            kafka: adserve_events::KafkaConfig {
+                brokers: self.kafka.clone(),
+                ..adserve_gateway::GatewayConfig::default().kafka
+            },
             counters: adserve_counters::RedisConfig { url: self.redis.clone(), ..Default::default() },
             ..Default::default()
         };
@@ -154,6 +162,9 @@ impl Stack {
             catalog.migrate(&config.postgres.schema).await?;
         }
         let events = adserve_events::EventPublisher::new(&config.kafka, "test")?;
+        // As the gateway does at start (a dead broker fails this; the tests of
+        // that expect the 503 that follows).
+        let _ = events.warm_up(&WARM_TOPICS, Duration::from_secs(2)).await;
         let server = adserve_gateway::AdServer::new(config.clone(), catalog, events)?;
         server.wait_for_counters(Duration::from_secs(1)).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -380,6 +391,36 @@ impl Stack {
         .with_context(|| format!("{} of {} keys found on {topic} within 30 s", found.len(), keys.len()))??;
         consumer.unsubscribe();
         Ok(found)
+    }
+
+    /// Every key on `topic`, from the beginning, up to and including the
+    /// first message keyed `last` (a fresh consumer group; waits up to 30 s).
+    /// On a one-partition topic (the local stack's) these are all the
+    /// messages logged before `last`.
+    pub async fn keys_until(&self, topic: &str, last: &str) -> anyhow::Result<Vec<String>> {
+        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.kafka)
+            .set("group.id", format!("adserve-test-{}", uuid::Uuid::new_v4()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()?;
+        consumer.subscribe(&[topic])?;
+        let mut keys = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let msg = consumer.recv().await?;
+                let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+                let done = key == last;
+                keys.push(key);
+                if done {
+                    return anyhow::Ok(());
+                }
+            }
+        })
+        .await
+        .with_context(|| format!("no message keyed {last} on {topic} within 30 s"))??;
+        consumer.unsubscribe();
+        Ok(keys)
     }
 
     /// The impressions with these ids, in one pass over the topic.

@@ -141,23 +141,26 @@ async fn a_campaign_out_of_budget_is_never_served_and_clicks_charge_once() -> an
     assert_eq!(campaigns_of(&v), vec![ids[0]], "{v}");
     let price = v["winners"][0]["price_cpc_micros"].as_i64().unwrap();
     assert!(price > 0 && price <= 3_000_000, "{v}");
-    let click = json!({"impression_id": v["winners"][0]["impression_id"]});
-    let mut click_ids = Vec::new();
-    for _ in 0..2 {
-        let (status, c) = post(&format!("{base}/v1/clicks"), &click).await?;
-        assert_eq!(status, 202, "{c}");
-        click_ids.push(c["click_id"].as_str().expect("click id").to_string());
-    }
-    // Both clicks reach the aggregator (their dedup markers); one pays.
+    let click =
+        json!({"impression_id": v["winners"][0]["impression_id"], "click_token": v["winners"][0]["click_token"]});
+    let (status, c) = post(&format!("{base}/v1/clicks"), &click).await?;
+    assert_eq!(status, 202, "{c}");
+    let click_id = c["click_id"].as_str().expect("click id").to_string();
+    // The same click again is a replay: refused at the door, never logged.
+    let (status, c) = post(&format!("{base}/v1/clicks"), &click).await?;
+    assert_eq!(status, 409, "{c}");
+    assert_eq!(c["error"]["code"], "already_recorded", "{c}");
+    // The click reaches the aggregator (its dedup marker) and pays. (Two
+    // logged clicks of one impression, as when the replay guard's Redis is
+    // down, pay once: aggregates.rs.)
     let prefix = &adserve_features::registry().redis.key_prefix;
-    let markers: Vec<String> =
-        click_ids.iter().map(|id| adserve_features::realtime::click_marker(prefix, id)).collect();
-    let counted = settles(Some(2), || async {
-        let n: i64 = counters.client().exists(markers.clone()).await?;
+    let marker = adserve_features::realtime::click_marker(prefix, &click_id);
+    let counted = settles(Some(1), || async {
+        let n: i64 = counters.client().exists(marker.clone()).await?;
         Ok(Some(n))
     })
     .await?;
-    assert_eq!(counted, Some(2), "both clicks were counted");
+    assert_eq!(counted, Some(1), "the click was counted");
     assert_eq!(counters.spend(today()).await?.get(&ids[0]), Some(&price), "charged once");
 
     // Spend reaches the budget: within a few pacing rounds the campaign is

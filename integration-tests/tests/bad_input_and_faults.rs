@@ -81,6 +81,50 @@ async fn malformed_requests_get_400_naming_the_field() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Click tokens across the process boundary: a click without a token, with
+/// a malformed one, with another impression's token or with an altered one
+/// is refused (400 / 403, counted) and never reaches the click log, so it
+/// can never become a label or a charge; the genuine click is logged once
+/// and its replay refused (409).
+#[tokio::test]
+async fn forged_and_replayed_clicks_are_refused_and_never_logged() -> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    let ads = format!("{}/v1/ads", s.http);
+    let clicks = format!("{}/v1/clicks", s.http);
+    let body = json!({"user_id": "click-forger", "context": {"placement": "feed_top", "device": "mobile"}, "slots": 1});
+    let (_, a) = post(&ads, &body.to_string()).await?;
+    let (_, b) = post(&ads, &body.to_string()).await?;
+    let (a, b) = (&a["winners"][0], &b["winners"][0]);
+    let a_id = a["impression_id"].as_str().expect("impression").to_string();
+    let token = b["click_token"].as_str().expect("token").to_string();
+    let mut altered = token.clone();
+    let last = altered.pop().expect("non-empty");
+    altered.push(if last == 'A' { 'B' } else { 'A' });
+    let cases = [
+        (json!({"impression_id": a_id}), 400, "click_token: required"),
+        (json!({"impression_id": a_id, "click_token": "v1.1.2.AAAA.x"}), 400, "click_token: malformed"),
+        (json!({"impression_id": a_id, "click_token": token}), 403, "click_token: does not match"),
+        (json!({"impression_id": b["impression_id"], "click_token": altered}), 403, "click_token: does not match"),
+    ];
+    for (click, status, needle) in cases {
+        let (got, v) = post(&clicks, &click.to_string()).await?;
+        assert_eq!(got, status, "{click} -> {v}");
+        assert!(message(&v).starts_with(needle), "{click}: expected {needle:?} in {v}");
+    }
+    // The genuine click on B is logged; its replay is refused.
+    let genuine = json!({"impression_id": b["impression_id"], "click_token": token});
+    let (status, v) = post(&clicks, &genuine.to_string()).await?;
+    assert_eq!(status, 202, "{v}");
+    let (status, v) = post(&clicks, &genuine.to_string()).await?;
+    assert_eq!((status, v["error"]["code"].as_str()), (409, Some("already_recorded")), "{v}");
+    // Nothing for A reached the click log before B's click (one partition:
+    // everything the refused requests could have logged comes before it).
+    let b_id = b["impression_id"].as_str().unwrap();
+    let keys = s.keys_until(adserve_events::CLICKS_TOPIC, b_id).await?;
+    assert!(!keys.iter().any(|k| k == &a_id), "a refused click was logged");
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_malformed_chunked_body_is_a_400_not_a_413() -> anyhow::Result<()> {
     // Before, every body-read error answered 413 "larger than the limit".
@@ -362,6 +406,7 @@ async fn dead_kafka_serves_no_unlogged_ad() -> anyhow::Result<()> {
     let url = gateway(&s, |c| {
         c.kafka.brokers = "127.0.0.1:1".into();
         c.kafka.publish_timeout = std::time::Duration::from_secs(1);
+        c.deadlines.request = std::time::Duration::from_secs(2);
     })
     .await?;
     let (status, v) = answer(&url, &good()).await?;
@@ -379,7 +424,7 @@ async fn a_fatal_kafka_producer_makes_the_gateway_unready_until_it_is_replaced()
         kafka: KafkaConfig {
             brokers: s.kafka.clone(),
             recovery_backoff_min: Duration::from_secs(3),
-            ..KafkaConfig::default()
+            ..GatewayConfig::default().kafka
         },
         ..GatewayConfig::default()
     };
@@ -387,6 +432,7 @@ async fn a_fatal_kafka_producer_makes_the_gateway_unready_until_it_is_replaced()
     config.upstreams.ranker = s.ranker.clone();
     config.upstreams.auction = s.auction.clone();
     let events = EventPublisher::new(&config.kafka, "test")?;
+    events.warm_up(&adserve_integration_tests::WARM_TOPICS, Duration::from_secs(5)).await?;
     let readiness = adserve_core::Readiness::new();
     adserve_events::report_health(events.clone(), readiness.clone(), "kafka impression log");
     let server = AdServer::new(config.clone(), Catalog::connect_lazy(&config.postgres)?, events.clone())?;
@@ -444,7 +490,10 @@ async fn dead_redis_counters_degrade_but_still_serve() -> anyhow::Result<()> {
     assert!(reasons.iter().any(|r| r.starts_with("frequency caps not applied")), "{v}");
     // A click is still logged: durable in Kafka, where the aggregator reads
     // it (the gateway writes no counters).
-    let click = json!({"impression_id": v["winners"][0]["impression_id"]});
+    // The replay guard is in Redis too: without it the click is logged
+    // unguarded (the joiner and aggregator count one click per impression).
+    let click =
+        json!({"impression_id": v["winners"][0]["impression_id"], "click_token": v["winners"][0]["click_token"]});
     let base = url.trim_end_matches("/v1/ads");
     let (status, c) = post(&format!("{base}/v1/clicks"), &click.to_string()).await?;
     assert_eq!(status, 202, "{c}");

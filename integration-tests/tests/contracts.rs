@@ -236,16 +236,40 @@ async fn gateway_contract() -> anyhow::Result<()> {
         .into_inner();
     assert_eq!(ads.winners.len(), 1);
     assert!(ads.candidates >= 1);
-    let click =
-        c.record_click(RecordClickRequest { impression_id: ads.winners[0].impression_id.clone() }).await?.into_inner();
+    let winner = &ads.winners[0];
+    let click = c
+        .record_click(RecordClickRequest {
+            impression_id: winner.impression_id.clone(),
+            click_token: winner.click_token.clone(),
+        })
+        .await?
+        .into_inner();
     assert!(!click.click_id.is_empty());
+    let replay =
+        RecordClickRequest { impression_id: winner.impression_id.clone(), click_token: winner.click_token.clone() };
+    assert_eq!(c.record_click(replay).await.unwrap_err().code(), Code::AlreadyExists);
+    // Another impression's token: forged for this one.
+    let other = c
+        .get_ads(GetAdsRequest { user_id: "demo-user-7".into(), context: ctx(), slots: 1, ..Default::default() })
+        .await?
+        .into_inner();
+    let forged = RecordClickRequest {
+        impression_id: other.winners[0].impression_id.clone(),
+        click_token: winner.click_token.clone(),
+    };
+    let err = c.record_click(forged).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().starts_with("click_token"), "{}", err.message());
     let err = c
         .get_ads(GetAdsRequest { user_id: "u".into(), context: ctx(), slots: 0, ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("slots"), "{}", err.message());
-    let err = c.record_click(RecordClickRequest { impression_id: "not-a-uuid".into() }).await.unwrap_err();
+    let err = c
+        .record_click(RecordClickRequest { impression_id: "not-a-uuid".into(), click_token: String::new() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("impression_id"), "{}", err.message());
     Ok(())

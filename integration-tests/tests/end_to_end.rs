@@ -32,8 +32,8 @@ async fn ad_request_and_click_become_one_labelled_row_with_the_scored_features()
     assert!(winner["price_cpc_micros"].as_i64().unwrap() <= winner["bid_cpc_micros"].as_i64().unwrap());
 
     // The user clicks right away (well inside the stack's label window).
-    let click =
-        http.post(format!("{}/v1/clicks", stack.http)).json(&json!({"impression_id": impression_id})).send().await?;
+    let click = json!({"impression_id": impression_id, "click_token": winner["click_token"]});
+    let click = http.post(format!("{}/v1/clicks", stack.http)).json(&click).send().await?;
     assert_eq!(click.status(), 202);
 
     // The impression was on Kafka, with the feature row that was scored.

@@ -86,6 +86,10 @@ async fn gateway_with_hung_features(s: &Stack, env: &[(&str, &str)]) -> anyhow::
         .env("ADSERVE_UPSTREAMS__RANKER", &s.ranker)
         .env("ADSERVE_UPSTREAMS__AUCTION", &s.auction)
         .env("ADSERVE_DEADLINES__FEATURES", "3s")
+        // Room for the 3 s features deadline in the request's budget.
+        .env("ADSERVE_DEADLINES__REQUEST", "4s")
+        // Keys as the Helm chart passes them (a TOML list from a Secret).
+        .env("ADSERVE_CLICK_TOKENS__KEYS", format!("[\"{}\", \"{}\"]", "ab".repeat(32), "cd".repeat(32)))
         .env("ADSERVE_TELEMETRY__LOG_FILTER", "warn");
     for (k, v) in env {
         command.env(k, v);
@@ -257,6 +261,7 @@ async fn requests_beyond_the_concurrency_limit_are_shed_not_queued() -> anyhow::
     let shed = client.post(format!("{}/v1/ads", g.http)).json(&ad_request()).send().await?;
     assert!(!first.is_finished(), "the shed request was answered only after the first finished: it queued");
     assert_eq!(shed.status(), 503);
+    assert_eq!(shed.headers().get("retry-after").map(|v| v.as_bytes()), Some(&b"1"[..]), "shed without Retry-After");
     let v: serde_json::Value = shed.json().await?;
     assert_eq!(v["error"]["code"], "overloaded", "{v}");
     let health = client.get(format!("{}/healthz", g.http)).send().await?;
@@ -324,5 +329,114 @@ async fn the_gateway_reports_scores_from_the_rankers_fallback_chain_as_degraded(
     );
     assert_eq!(answer["model_version"], "fallback-prior", "{answer}");
     holder.abort();
+    Ok(())
+}
+
+/// Slow clients across the process boundary: a client that trickles its
+/// request headers one line at a time (slowloris) is cut off after
+/// server.http_header_timeout, however long it keeps trickling; so is a
+/// client that connects and sends nothing. A prompt client on the same
+/// listener is served meanwhile.
+#[tokio::test]
+async fn a_client_trickling_its_headers_is_cut_off() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Stack::ready().await?;
+    let g = gateway_with_hung_features(&s, &[("ADSERVE_SERVER__HTTP_HEADER_TIMEOUT", "300ms")]).await?;
+    let addr = g.http.trim_start_matches("http://").to_string();
+
+    // Trickles a header line every 100 ms for up to 20 s; returns how many
+    // lines it sent before the server closed the connection, or None if it
+    // never did.
+    let trickle = |first: &'static [u8]| {
+        let addr = addr.clone();
+        async move {
+            let stream = tokio::net::TcpStream::connect(&addr).await?;
+            let (mut read, mut write) = stream.into_split();
+            let closed = tokio::spawn(async move {
+                let mut buf = [0u8; 512];
+                // EOF, a reset or an error answer: the server is done with us.
+                let _ = read.read(&mut buf).await;
+            });
+            write.write_all(first).await?;
+            for line in 0..200u32 {
+                if closed.is_finished() {
+                    return anyhow::Ok(Some(line));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if !first.is_empty() && write.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                    return anyhow::Ok(Some(line));
+                }
+            }
+            anyhow::Ok(None)
+        }
+    };
+    let (slowloris, silent) = tokio::join!(trickle(b"POST /v1/ads HTTP/1.1\r\nHost: x\r\n"), trickle(b""));
+    let lines = slowloris?.expect("a client trickling headers for 20 s was never cut off");
+    assert!(lines < 100, "cut off only after {lines} header lines");
+    silent?.expect("a connection that never sent a byte was held for 20 s");
+
+    // The listener is fine: a prompt client is served.
+    let r = adserve_integration_tests::http_client().get(format!("{}/livez", g.http)).send().await?;
+    assert_eq!(r.status(), 200);
+    g.holder.abort();
+    Ok(())
+}
+
+/// The end-to-end budget across the process boundary, against a black hole
+/// (a feature-service that accepts connections and never answers) behind a
+/// generous 3 s features deadline: a request with tmax_ms = 400 is answered
+/// within its budget, degraded, with the features call cut at what was left
+/// of it; a gRPC deadline does the same; a tmax too short to log the
+/// impression is refused naming the field.
+#[tokio::test]
+async fn a_black_hole_upstream_costs_at_most_the_requests_budget() -> anyhow::Result<()> {
+    use adserve_proto::v1::{GetAdsRequest, RequestContext, gateway_service_client::GatewayServiceClient};
+    let s = Stack::ready().await?;
+    let g = gateway_with_hung_features(&s, &[]).await?;
+    let client = adserve_integration_tests::http_client();
+
+    let mut body = ad_request();
+    body["tmax_ms"] = 400.into();
+    let r = client.post(format!("{}/v1/ads", g.http)).json(&body).send().await?;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await?;
+    let degraded = v["degraded"].to_string();
+    assert!(degraded.contains("feature-service"), "{v}");
+    // Cut at what the budget left (400 ms less the 150 ms log reserve, less
+    // the catalog's share), not at the 3 s features deadline.
+    let cut: u64 = degraded
+        .split("no answer within ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no features timeout in {degraded}"));
+    assert!(cut <= 250, "the features call got {cut} ms of a 400 ms budget");
+    // The click token was signed with the configured key (from the
+    // environment, as the chart passes it): the click is accepted.
+    if let Some(w) = v["winners"].get(0) {
+        let click = serde_json::json!({"impression_id": w["impression_id"], "click_token": w["click_token"]});
+        let r = client.post(format!("{}/v1/clicks", g.http)).json(&click).send().await?;
+        assert_eq!(r.status(), 202);
+    }
+
+    // A budget too short to log the impression: refused, naming the field.
+    body["tmax_ms"] = 50.into();
+    let r = client.post(format!("{}/v1/ads", g.http)).json(&body).send().await?;
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await?;
+    assert!(v["error"]["message"].as_str().unwrap_or("").starts_with("tmax_ms"), "{v}");
+
+    // gRPC: the caller's deadline is the budget.
+    let mut grpc = GatewayServiceClient::connect(g.grpc.clone()).await?;
+    let mut request = tonic::Request::new(GetAdsRequest {
+        user_id: "demo-user-1".into(),
+        context: Some(RequestContext { placement: "feed_top".into(), device: "mobile".into(), ..Default::default() }),
+        slots: 1,
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(600));
+    let answer = grpc.get_ads(request).await.expect("answered within the caller's deadline").into_inner();
+    assert!(answer.degraded.iter().any(|d| d.component == "feature-service"), "{answer:?}");
+    g.holder.abort();
     Ok(())
 }

@@ -163,6 +163,13 @@ pub struct ServerConfig {
     /// shorter gRPC deadline is honoured).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Longest an HTTP/1 client may take to send a request's headers, from
+    /// the moment the connection is ready for them; slower (a trickling
+    /// slowloris client, a connection that sends nothing, one idle between
+    /// requests) and the connection is closed. gRPC listeners are
+    /// HTTP/2 and bound by their keep-alive PINGs instead.
+    #[serde(with = "humantime_serde")]
+    pub http_header_timeout: Duration,
     /// Serve gRPC server reflection (v1), for `grpcurl list` and friends.
     /// On for the local stack; the Helm chart turns it off (it hands anyone
     /// who can reach the port the whole API surface).
@@ -179,6 +186,7 @@ impl ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             max_concurrent_requests: 1024,
             request_timeout: Duration::from_secs(30),
+            http_header_timeout: Duration::from_secs(10),
             reflection: true,
         }
     }
@@ -189,6 +197,7 @@ impl ServerConfig {
         check_duration("server.shutdown_grace", self.shutdown_grace, Duration::from_millis(1), five_min)?;
         check_duration("server.readiness_drain", self.readiness_drain, Duration::ZERO, five_min)?;
         check_duration("server.request_timeout", self.request_timeout, Duration::from_millis(1), five_min)?;
+        check_duration("server.http_header_timeout", self.http_header_timeout, Duration::from_millis(10), five_min)?;
         check_range("server.max_concurrent_requests", self.max_concurrent_requests, 1..=1_000_000)?;
         if self.grpc_addr.port() != 0 && self.grpc_addr == self.metrics_addr {
             return Err(Invalid::new("server.metrics_addr", "must differ from server.grpc_addr"));

@@ -25,6 +25,8 @@ pub struct Lifecycle {
     pub max_concurrent_requests: usize,
     /// Longest any request may run (`server.request_timeout`).
     pub request_timeout: Duration,
+    /// Longest an HTTP/1 client may take to send its headers (`server.http_header_timeout`).
+    pub http_header_timeout: Duration,
     /// Serve gRPC reflection (`server.reflection`).
     pub reflection: bool,
 }
@@ -39,6 +41,7 @@ impl Lifecycle {
             grace: server.shutdown_grace,
             max_concurrent_requests: server.max_concurrent_requests,
             request_timeout: server.request_timeout,
+            http_header_timeout: server.http_header_timeout,
             reflection: server.reflection,
         }
     }

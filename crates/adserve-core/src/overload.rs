@@ -118,6 +118,9 @@ where
     }
 }
 
+/// `Retry-After` of a shed HTTP request, in seconds.
+pub const RETRY_AFTER_SECONDS: &str = "1";
+
 /// State of [`http_admission`].
 #[derive(Debug, Clone)]
 pub struct HttpLimits {
@@ -145,7 +148,13 @@ pub async fn http_admission(
         return next.run(req).await;
     }
     let Some(permit) = limits.gate.admit() else {
-        return json_error(axum::http::StatusCode::SERVICE_UNAVAILABLE, "overloaded", limits.gate.overloaded_message());
+        let mut shed =
+            json_error(axum::http::StatusCode::SERVICE_UNAVAILABLE, "overloaded", limits.gate.overloaded_message());
+        // Shedding is momentary: say when to come back, so clients back off
+        // instead of retrying at once into the same full gate.
+        shed.headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static(RETRY_AFTER_SECONDS));
+        return shed;
     };
     let response = tokio::time::timeout(limits.timeout, next.run(req)).await;
     drop(permit);

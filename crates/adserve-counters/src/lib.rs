@@ -20,6 +20,7 @@
 //! |---|---|---|---|
 //! | `adserve:spend:{day}` | hash campaign -> micros | CPM impressions, the first click on a CPC impression within the label window (aggregator) | pacer, every interval |
 //! | `adserve:freq:{day}:{user}` | hash campaign -> impressions | every impression with a user (aggregator) | every request with a user |
+//! | `adserve:clicked:{impression}` | string, lives the label window | the gateway, on the first click with a valid token (`SET NX`) | the gateway: a second click is a replay |
 
 use std::{collections::HashMap, time::Duration};
 
@@ -123,6 +124,11 @@ pub mod keys {
     pub fn frequency(day: u64, user: &str) -> String {
         format!("adserve:freq:{day}:{user}")
     }
+
+    /// Set once `impression` was clicked (the gateway's replay guard).
+    pub fn clicked(impression: &str) -> String {
+        format!("adserve:clicked:{impression}")
+    }
 }
 
 /// One change an event makes to the counters: `HINCRBY key field amount`,
@@ -215,6 +221,24 @@ impl Counters {
     /// tests; serving traffic is counted by the stream aggregator).
     pub async fn add_spend(&self, day: u64, campaign_id: i64, micros: i64) -> Result<i64, Error> {
         self.client.hincrby(keys::spend(day), campaign_id.to_string(), micros).await
+    }
+
+    /// Marks `impression_id` clicked for `ttl`; false when it already was
+    /// (the click is a replay). One `SET NX PX`.
+    pub async fn mark_clicked(&self, impression_id: &str, ttl: Duration) -> Result<bool, Error> {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        let set: Option<String> = self
+            .client
+            .set(keys::clicked(impression_id), "1", Some(Expiration::PX(ttl_ms)), Some(SetOptions::NX), false)
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Undoes [`Self::mark_clicked`] (the click could not be logged, so a
+    /// retry must not look like a replay).
+    pub async fn unmark_clicked(&self, impression_id: &str) -> Result<(), Error> {
+        let _: i64 = self.client.del(keys::clicked(impression_id)).await?;
+        Ok(())
     }
 
     /// The client, for callers with their own keys.

@@ -64,6 +64,25 @@ struct Inner {
     escalated: AtomicBool,
     /// Where to report the producer's health, and as which dependency.
     readiness: Mutex<Option<(adserve_core::Readiness, &'static str)>>,
+    /// Topics whose metadata a new producer fetches before it is used
+    /// ([`EventPublisher::warm_up`]).
+    warm_topics: Mutex<Vec<String>>,
+}
+
+/// Longest a replacement producer is warmed before it is used anyway.
+const WARM_LIMIT: Duration = Duration::from_secs(5);
+
+/// Fetches each topic's metadata with `producer`: broker connections, the
+/// partition leaders, and (idempotent producers) the producer id, which the
+/// first send would otherwise wait for.
+fn warm(producer: &FutureProducer, topics: &[String], limit: Duration) -> Result<(), EventError> {
+    for topic in topics {
+        producer
+            .client()
+            .fetch_metadata(Some(topic), limit)
+            .map_err(|e| EventError::Kafka(format!("metadata of {topic}: {e}")))?;
+    }
+    Ok(())
 }
 
 struct Recovery {
@@ -133,8 +152,24 @@ impl EventPublisher {
                 fatal: AtomicBool::new(false),
                 escalated: AtomicBool::new(false),
                 readiness: Mutex::new(None),
+                warm_topics: Mutex::new(Vec::new()),
             }),
         })
+    }
+
+    /// Makes the producer ready to send to `topics` at once: a fresh
+    /// librdkafka producer's first send waits for broker discovery and
+    /// topic metadata (about 500 ms on the local broker, longer than the
+    /// gateway's publish timeout), so a service calls this before it reports
+    /// ready. Remembered: a producer replacing a fatal one is warmed the same
+    /// way before it takes traffic.
+    pub async fn warm_up(&self, topics: &[&str], limit: Duration) -> Result<(), EventError> {
+        let topics: Vec<String> = topics.iter().map(|t| (*t).to_string()).collect();
+        *self.inner.warm_topics.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = topics.clone();
+        let producer = self.current();
+        tokio::task::spawn_blocking(move || warm(&producer, &topics, limit))
+            .await
+            .map_err(|e| EventError::Kafka(format!("warm-up: {e}")))?
     }
 
     /// Whether the publisher can publish; also notices a fatal producer and
@@ -216,18 +251,23 @@ impl EventPublisher {
         }
         match build_producer(&self.inner.config) {
             Ok(fresh) => {
-                let old = std::mem::replace(
-                    &mut *self.inner.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner),
-                    Arc::new(fresh),
-                );
-                r.fatal = None;
-                self.inner.fatal.store(false, Ordering::Release);
-                self.report(None);
-                tracing::warn!(client = self.inner.client, "kafka producer replaced after a fatal error");
-                metrics::counter!("adserve_events_producer_rebuilds_total", "client" => self.inner.client).increment(1);
-                metrics::gauge!("adserve_events_producer_ready", "client" => self.inner.client).set(1.0);
-                // Dropping a producer purges and flushes (blocking up to 500 ms): not on this thread.
-                std::thread::spawn(move || drop(old));
+                let topics = self.inner.warm_topics.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+                if topics.is_empty() {
+                    self.install(&mut r, fresh);
+                    return;
+                }
+                // Warmed off this thread (a health probe on the async runtime)
+                // and installed once warm; no second rebuild starts meanwhile.
+                r.next_rebuild = Instant::now() + WARM_LIMIT + Duration::from_secs(1);
+                let this = self.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = warm(&fresh, &topics, WARM_LIMIT) {
+                        tracing::warn!(client = this.inner.client, error = %e,
+                            "replacement kafka producer could not be warmed; using it anyway");
+                    }
+                    let mut r = this.inner.recovery.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    this.install(&mut r, fresh);
+                });
             }
             Err(e) => {
                 let delay = self.next_delay(&mut r);
@@ -235,6 +275,22 @@ impl EventPublisher {
                 tracing::error!(client = self.inner.client, error = %e, "cannot build a kafka producer; retrying");
             }
         }
+    }
+
+    /// Makes `fresh` the producer and reports the publisher healthy.
+    fn install(&self, r: &mut Recovery, fresh: FutureProducer) {
+        let old = std::mem::replace(
+            &mut *self.inner.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner),
+            Arc::new(fresh),
+        );
+        r.fatal = None;
+        self.inner.fatal.store(false, Ordering::Release);
+        self.report(None);
+        tracing::warn!(client = self.inner.client, "kafka producer replaced after a fatal error");
+        metrics::counter!("adserve_events_producer_rebuilds_total", "client" => self.inner.client).increment(1);
+        metrics::gauge!("adserve_events_producer_ready", "client" => self.inner.client).set(1.0);
+        // Dropping a producer purges and flushes (blocking up to 500 ms): not on this thread.
+        std::thread::spawn(move || drop(old));
     }
 
     /// Forces the current producer into librdkafka's fatal state, as a

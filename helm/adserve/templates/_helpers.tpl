@@ -92,6 +92,14 @@ postgres.existingSecret, or the chart's own, made from postgres.url. */}}
 {{- if .Values.postgres.existingSecret }}{{ .Values.postgres.existingSecretKey }}{{ else }}url{{ end }}
 {{- end }}
 
+{{/* The Secret holding the gateway's click token keys (key "keys", a TOML
+list of hex or base64 keys): clickTokens.existingSecret or the chart's own. */}}
+{{- define "adserve.clickTokenSecret" -}}
+{{- if .Values.clickTokens.existingSecret }}{{ .Values.clickTokens.existingSecret }}
+{{- else }}{{ printf "%s-click-tokens" (include "adserve.fullname" .) }}
+{{- end }}
+{{- end }}
+
 {{/* The Secret holding static DynamoDB keys: dynamodb.existingSecret, the
 chart's own when dynamodb.accessKeyId is set, or empty (the SDK's default
 chain, e.g. IRSA, is not wired yet: static keys or none). */}}
@@ -101,12 +109,16 @@ chain, e.g. IRSA, is not wired yet: static keys or none). */}}
 {{- end }}
 {{- end }}
 
-{{/* [kafka] table (gateway, label-joiner). */}}
+{{/* [kafka] table (gateway, label-joiner, ...). The gateway's publish
+timeout is its own (services.gateway.config.publishTimeoutMs): it is the
+impression log's share of every request's budget. */}}
 {{- define "adserve.kafkaToml" -}}
 {{- $k := .root.Values.kafka -}}
+{{- $timeout := $k.publishTimeoutMs -}}
+{{- if and (eq .name "gateway") .svc.config.publishTimeoutMs }}{{ $timeout = .svc.config.publishTimeoutMs }}{{ end -}}
 [{{ .kafkaTable | default "kafka" }}]
 brokers = {{ $k.brokers | toJson }}
-publish_timeout = "{{ int64 $k.publishTimeoutMs }}ms"
+publish_timeout = "{{ int64 $timeout }}ms"
 partitions = {{ int64 $k.partitions }}
 replication = {{ int64 $k.replication }}
 {{- end }}
@@ -215,6 +227,7 @@ ranker = {{ $up.ranker | default (include "adserve.upstreamUrl" (dict "root" .ro
 auction = {{ $up.auction | default (include "adserve.upstreamUrl" (dict "root" .root "name" "auction")) | toJson }}
 
 [deadlines]
+request = "{{ int64 $d.requestMs }}ms"
 catalog = "{{ int64 $d.catalogMs }}ms"
 features = "{{ int64 $d.featuresMs }}ms"
 ranker = "{{ int64 $d.rankerMs }}ms"

@@ -93,8 +93,8 @@ async fn main() -> anyhow::Result<()> {
             // Users click with the probability the model predicts.
             let draw = id.bytes().fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))) % 10_000;
             if (draw as f64) < pctr * 10_000.0 {
-                let r =
-                    http.post(format!("{}/v1/clicks", stack.http)).json(&json!({"impression_id": id})).send().await?;
+                let click = json!({"impression_id": id, "click_token": w["click_token"]});
+                let r = http.post(format!("{}/v1/clicks", stack.http)).json(&click).send().await?;
                 anyhow::ensure!(r.status().is_success(), "click failed: {}", r.status());
                 clicks += 1;
             }

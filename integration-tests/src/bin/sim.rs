@@ -300,9 +300,10 @@ async fn client(
             }
             if let Some(delay) = sent {
                 let (http, url, id) = (http.clone(), format!("{}/v1/clicks", stack.http), id.clone());
+                let token = w["click_token"].clone();
                 clicks.lock().expect("clicks").spawn(async move {
                     tokio::time::sleep(delay).await;
-                    let r = http.post(url).json(&json!({"impression_id": id})).send().await?;
+                    let r = http.post(url).json(&json!({"impression_id": id, "click_token": token})).send().await?;
                     ensure!(r.status().is_success(), "click for {id} answered {}", r.status());
                     Ok(())
                 });

@@ -48,6 +48,45 @@ pub struct GatewayConfig {
     /// arrived; a slower (trickling or stalled) client gets 408.
     #[serde(with = "humantime_serde")]
     pub body_timeout: Duration,
+    /// Keys of the click tokens ([`crate::click_token`]).
+    pub click_tokens: ClickTokenConfig,
+}
+
+/// Keys that sign and verify click tokens.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClickTokenConfig {
+    /// Hex or base64, at least 32 bytes each. The first signs, all verify
+    /// (rotation: prepend the new key; drop the old one a label window
+    /// later). Every replica needs the same keys. Empty: a random key per
+    /// process, for a single local gateway only (tokens then die with the
+    /// process); the gateway warns at start.
+    pub keys: Vec<String>,
+}
+
+impl std::fmt::Debug for ClickTokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keys themselves.
+        f.debug_struct("ClickTokenConfig").field("keys", &format_args!("[{} redacted]", self.keys.len())).finish()
+    }
+}
+
+impl ClickTokenConfig {
+    /// The decoded keys; a fresh random one when none is configured.
+    pub fn decoded(&self) -> Result<Vec<Vec<u8>>, Invalid> {
+        if self.keys.is_empty() {
+            let mut key = vec![0u8; crate::click_token::MIN_KEY_BYTES];
+            getrandom::fill(&mut key).map_err(|e| Invalid::new("click_tokens.keys", format!("no randomness: {e}")))?;
+            return Ok(vec![key]);
+        }
+        self.keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                crate::click_token::decode_key(k).map_err(|why| Invalid::new(format!("click_tokens.keys[{i}]"), why))
+            })
+            .collect()
+    }
 }
 
 /// The auction's rules (adserve_auction::Rules, less the per-request slots and seed).
@@ -196,10 +235,16 @@ impl Default for Upstreams {
     }
 }
 
-/// How long each dependency may take.
+/// How long a request, and each dependency within it, may take.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Deadlines {
+    /// The whole answer, impression log included, when the request names no
+    /// shorter `tmax_ms` or gRPC deadline. Each hop below gets the smaller of
+    /// its own deadline and what is left of this, less `kafka.publish_timeout`
+    /// (set aside for the impression log).
+    #[serde(with = "humantime_serde")]
+    pub request: Duration,
     /// Catalog eligibility query.
     #[serde(with = "humantime_serde")]
     pub catalog: Duration,
@@ -217,6 +262,7 @@ pub struct Deadlines {
 impl Default for Deadlines {
     fn default() -> Self {
         Self {
+            request: Duration::from_millis(500),
             catalog: Duration::from_millis(200),
             features: Duration::from_millis(150),
             ranker: Duration::from_millis(250),
@@ -225,6 +271,10 @@ impl Default for Deadlines {
     }
 }
 
+/// The gateway's default `kafka.publish_timeout`: the impression log's share
+/// of a request's budget (`deadlines.request`).
+pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_millis(150);
+
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
@@ -232,7 +282,9 @@ impl Default for GatewayConfig {
             http_addr: SocketAddr::from(([127, 0, 0, 1], ports::GATEWAY_HTTP)),
             telemetry: TelemetryConfig::default(),
             postgres: PostgresConfig::default(),
-            kafka: KafkaConfig::default(),
+            // The impression log's timeout is part of every request's budget:
+            // shorter than the other services' default.
+            kafka: KafkaConfig { publish_timeout: DEFAULT_PUBLISH_TIMEOUT, ..KafkaConfig::default() },
             upstreams: Upstreams::default(),
             deadlines: Deadlines::default(),
             retrieval: Retrieval::default(),
@@ -243,6 +295,7 @@ impl Default for GatewayConfig {
             fallback_pctr_feature: adserve_features::prior::DEFAULT_PRIOR_FEATURE.into(),
             max_body_bytes: 16 * 1024,
             body_timeout: Duration::from_secs(2),
+            click_tokens: ClickTokenConfig::default(),
         }
     }
 }
@@ -263,6 +316,19 @@ impl Validate for GatewayConfig {
         }
         let d = &self.deadlines;
         let (min, max) = (Duration::from_millis(1), Duration::from_secs(60));
+        check_duration("deadlines.request", d.request, min, max)?;
+        let least = self.kafka.publish_timeout + crate::budget::MIN_PIPELINE;
+        if d.request < least {
+            return Err(Invalid::new(
+                "deadlines.request",
+                format!(
+                    "must be at least kafka.publish_timeout + {} ms = {} ms (the impression log's reserve), got {} ms",
+                    crate::budget::MIN_PIPELINE.as_millis(),
+                    least.as_millis(),
+                    d.request.as_millis()
+                ),
+            ));
+        }
         check_duration("deadlines.catalog", d.catalog, min, max)?;
         check_duration("deadlines.features", d.features, min, max)?;
         check_duration("deadlines.ranker", d.ranker, min, max)?;
@@ -299,6 +365,45 @@ impl Validate for GatewayConfig {
         }
         check_range("max_body_bytes", self.max_body_bytes, 256..=64 * 1024 * 1024)?;
         check_duration("body_timeout", self.body_timeout, Duration::from_millis(10), Duration::from_secs(300))?;
+        self.click_tokens.decoded()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid_and_the_log_fits_the_budget() {
+        let c = GatewayConfig::default();
+        c.validate().unwrap();
+        assert!(c.kafka.publish_timeout + crate::budget::MIN_PIPELINE <= c.deadlines.request);
+    }
+
+    #[test]
+    fn click_token_keys_must_decode_and_be_long_enough() {
+        let mut c = GatewayConfig::default();
+        c.click_tokens.keys = vec!["ab".repeat(32), "abcd".into()];
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "click_tokens.keys[1]", "{e}");
+        c.click_tokens.keys.pop();
+        c.validate().unwrap();
+        assert_eq!(c.click_tokens.decoded().unwrap(), vec![vec![0xab; 32]]);
+        // Debug output never shows a key.
+        assert!(!format!("{c:?}").contains("abab"));
+        // Without keys: one random key per process.
+        let random = GatewayConfig::default().click_tokens.decoded().unwrap();
+        assert_eq!(random.len(), 1);
+        assert_ne!(random, GatewayConfig::default().click_tokens.decoded().unwrap());
+    }
+
+    #[test]
+    fn a_request_budget_without_room_for_the_impression_log_is_refused() {
+        let mut c = GatewayConfig::default();
+        c.deadlines.request = c.kafka.publish_timeout;
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "deadlines.request", "{e}");
+        assert!(e.to_string().contains("kafka.publish_timeout"), "{e}");
     }
 }

@@ -19,6 +19,12 @@ pub enum ServeError {
     /// The client did not send the whole body within `body_timeout`.
     #[error("body: not received within {} ms", .0.as_millis())]
     BodyTimeout(std::time::Duration),
+    /// Well-formed but not allowed: a click token that does not verify.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Already done: a click replayed for an impression already clicked.
+    #[error("{0}")]
+    AlreadyRecorded(String),
 }
 
 impl From<adserve_features::request::FieldError> for ServeError {
@@ -40,12 +46,23 @@ pub enum Outcome {
     RequestTimeout,
     /// Failed: a required dependency is down.
     Unavailable,
+    /// Refused: not allowed (a forged, expired or future click token).
+    Forbidden,
+    /// Refused: already recorded (a replayed click).
+    AlreadyRecorded,
 }
 
 impl Outcome {
     /// Every outcome.
-    pub const ALL: [Outcome; 5] =
-        [Self::Ok, Self::InvalidArgument, Self::PayloadTooLarge, Self::RequestTimeout, Self::Unavailable];
+    pub const ALL: [Outcome; 7] = [
+        Self::Ok,
+        Self::InvalidArgument,
+        Self::PayloadTooLarge,
+        Self::RequestTimeout,
+        Self::Unavailable,
+        Self::Forbidden,
+        Self::AlreadyRecorded,
+    ];
 
     /// The `status` label of `adserve_gateway_requests_total`, and the
     /// `error.code` of a JSON error body.
@@ -56,6 +73,8 @@ impl Outcome {
             Self::PayloadTooLarge => "payload_too_large",
             Self::RequestTimeout => "request_timeout",
             Self::Unavailable => "unavailable",
+            Self::Forbidden => "forbidden",
+            Self::AlreadyRecorded => "already_recorded",
         }
     }
 
@@ -67,6 +86,8 @@ impl Outcome {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::AlreadyRecorded => StatusCode::CONFLICT,
         }
     }
 
@@ -77,6 +98,8 @@ impl Outcome {
             Self::InvalidArgument | Self::PayloadTooLarge => tonic::Code::InvalidArgument,
             Self::RequestTimeout => tonic::Code::DeadlineExceeded,
             Self::Unavailable => tonic::Code::Unavailable,
+            Self::Forbidden => tonic::Code::PermissionDenied,
+            Self::AlreadyRecorded => tonic::Code::AlreadyExists,
         }
     }
 }
@@ -89,6 +112,8 @@ impl ServeError {
             Self::Unavailable(_) => Outcome::Unavailable,
             Self::TooLarge(_) => Outcome::PayloadTooLarge,
             Self::BodyTimeout(_) => Outcome::RequestTimeout,
+            Self::Forbidden(_) => Outcome::Forbidden,
+            Self::AlreadyRecorded(_) => Outcome::AlreadyRecorded,
         }
     }
 }

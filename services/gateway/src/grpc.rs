@@ -25,7 +25,9 @@ impl GatewayGrpc {
 #[tonic::async_trait]
 impl GatewayService for GatewayGrpc {
     async fn get_ads(&self, request: Request<GetAdsRequest>) -> Result<Response<GetAdsResponse>, Status> {
-        let result = self.0.serve(request.into_inner()).await;
+        // The caller's grpc-timeout is part of the request's budget.
+        let caller_deadline = adserve_core::grpc::caller_timeout(request.metadata());
+        let result = self.0.serve(request.into_inner(), caller_deadline).await;
         record(Api::Grpc, "ads", &result);
         Ok(Response::new(result?))
     }

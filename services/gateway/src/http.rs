@@ -122,7 +122,7 @@ async fn get_ads(State(state): State<HttpState>, headers: HeaderMap, body: Body)
         Err(e) => Err(e),
     };
     let result = match parsed {
-        Ok(req) => state.server.serve(req).await.map(Json),
+        Ok(req) => state.server.serve(req, None).await.map(Json),
         Err(e) => Err(e),
     };
     record(Api::Http, "ads", &result);

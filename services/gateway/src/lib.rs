@@ -3,11 +3,14 @@
 //!
 //! One ad request runs [`pipeline::AdServer::serve`]: catalog eligibility ->
 //! feature-service -> ranker -> auction -> one acknowledged ImpressionEvent
-//! per winner -> response. Each dependency has a deadline; a slow or dead one
+//! per winner -> response, within one end-to-end budget ([`budget`]). Each
+//! dependency has a deadline carved from it; a slow or dead one
 //! degrades the answer (defaults, prior pCTR, in-process auction) and says so,
 //! except the catalog and the event log, without which no ad can be served
 //! honestly.
 
+pub mod budget;
+pub mod click_token;
 pub mod config;
 pub mod error;
 pub mod grpc;

@@ -20,6 +20,12 @@ async fn main() -> anyhow::Result<()> {
         tracing::warn!(error = %e, "cannot ensure Kafka topics yet");
     }
     let events = EventPublisher::new(&config.kafka, "gateway")?;
+    // The first send of a cold producer waits for broker discovery, longer
+    // than the impression log's share of a request: warm it before serving.
+    let topics = [adserve_events::IMPRESSIONS_TOPIC, adserve_events::CLICKS_TOPIC];
+    if let Err(e) = events.warm_up(&topics, std::time::Duration::from_secs(5)).await {
+        tracing::warn!(error = %e, "kafka producer not warmed; the first requests may answer 503");
+    }
     // No ad is served unlogged: while the producer is being replaced the gateway is not ready.
     adserve_events::report_health(events.clone(), lifecycle.readiness.clone(), "kafka impression log");
     let server = AdServer::new(config.clone(), catalog, events)?;

@@ -1,7 +1,12 @@
 //! One ad request, end to end: eligibility -> features -> scores -> auction ->
 //! acknowledged impression events -> answer.
 
-use std::{collections::HashMap, future::Future, sync::Arc, time::Duration, time::Instant};
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
 use adserve_catalog::{Catalog, EligibleAd, Targeting};
 use adserve_counters::{Counters, day_of};
@@ -20,6 +25,8 @@ use tonic::transport::Channel;
 
 use crate::{
     ServeError,
+    budget::{self, Budget},
+    click_token::ClickTokens,
     config::GatewayConfig,
     pacing::{PacingState, Verdict, unix_now},
 };
@@ -37,6 +44,7 @@ pub struct AdServer {
     events: EventPublisher,
     counters: Counters,
     pacing: Arc<PacingState>,
+    click_tokens: ClickTokens,
     config: Arc<GatewayConfig>,
 }
 
@@ -52,10 +60,21 @@ impl AdServer {
     /// Call from within a Tokio runtime: the counters' client starts
     /// connecting, and the budget pacer starts planning, in the background.
     pub fn new(config: GatewayConfig, catalog: Catalog, events: EventPublisher) -> Result<Self, ServeError> {
+        // The same checks as at start-up, for gateways built in code.
+        adserve_core::Validate::validate(&config).map_err(|e| ServeError::InvalidArgument(e.to_string()))?;
         let counters = Counters::new(
             adserve_counters::client(&config.counters)
                 .map_err(|e| ServeError::InvalidArgument(format!("counters.url: {e}")))?,
         );
+        let keys = config.click_tokens.decoded().map_err(|e| ServeError::InvalidArgument(e.to_string()))?;
+        if config.click_tokens.keys.is_empty() {
+            tracing::warn!(
+                "click_tokens.keys is empty: signing clicks with a random key of this process; \
+                 tokens will not verify after a restart or on another replica"
+            );
+        }
+        // A click later than the label window is neither a label nor charged.
+        let click_tokens = ClickTokens::new(keys, adserve_features::registry().label.window());
         let pacing = Arc::new(PacingState::default());
         crate::pacing::spawn(config.pacing.clone(), catalog.clone(), counters.clone(), Arc::downgrade(&pacing));
         Ok(Self {
@@ -66,6 +85,7 @@ impl AdServer {
             events,
             counters,
             pacing,
+            click_tokens,
             config: Arc::new(config),
         })
     }
@@ -79,10 +99,19 @@ impl AdServer {
         }
     }
 
-    /// Serves one ad request.
-    pub async fn serve(&self, req: GetAdsRequest) -> Result<GetAdsResponse, ServeError> {
+    /// Serves one ad request within its budget: `tmax_ms`, the caller's
+    /// gRPC deadline (`caller_deadline`) or `deadlines.request`, whichever is
+    /// shortest ([`budget`]).
+    pub async fn serve(
+        &self,
+        req: GetAdsRequest,
+        caller_deadline: Option<Duration>,
+    ) -> Result<GetAdsResponse, ServeError> {
         let started = Instant::now();
         let checked = validate(&req)?;
+        let log_reserve = self.config.kafka.publish_timeout;
+        let total = budget::requested(req.tmax_ms, caller_deadline, self.config.deadlines.request, log_reserve)?;
+        let budget = Budget::new(started, total, log_reserve);
         let ctx = checked.context;
         let request_uuid = uuid::Uuid::now_v7();
         let request_id = request_uuid.to_string();
@@ -101,9 +130,12 @@ impl AdServer {
             blocked_categories: &checked.blocked_categories,
             blocked_advertisers: &checked.blocked_advertisers,
         };
+        // The first hops always have time: the budget is at least the log's
+        // reserve plus MIN_PIPELINE.
+        let catalog_limit = budget.for_hop(d.catalog).unwrap_or(budget::MIN_HOP);
         let (ads, seen) = tokio::join!(
-            timed(Hop::Catalog, deadline(d.catalog, self.catalog.eligible_ads(&targeting, &self.config.retrieval))),
-            self.frequency(day, &user_id),
+            timed(Hop::Catalog, deadline(catalog_limit, self.catalog.eligible_ads(&targeting, &self.config.retrieval))),
+            self.frequency(day, &user_id, &budget),
         );
         let ads = ads.map_err(|e| unavailable("catalog", e))?;
         if ads.is_empty() {
@@ -122,9 +154,9 @@ impl AdServer {
         }
         let ad_ids: Vec<i64> = ads.iter().map(|a| a.ad_id).collect();
 
-        let matrix = timed(Hop::Features, self.features(&user_id, &ad_ids, &ctx, &mut degraded)).await;
+        let matrix = timed(Hop::Features, self.features(&user_id, &ad_ids, &ctx, &budget, &mut degraded)).await;
         let (pctrs, model_version) =
-            timed(Hop::Ranker, self.scores(&matrix, &user_id, &request_id, &mut degraded)).await;
+            timed(Hop::Ranker, self.scores(&matrix, &user_id, &request_id, &budget, &mut degraded)).await;
         let candidates: Vec<AuctionCandidate> = ads
             .iter()
             .zip(&pctrs)
@@ -141,12 +173,14 @@ impl AdServer {
             })
             .collect();
         let rules = self.config.auction.rules(req.slots as usize, seed);
-        let winners = timed(Hop::Auction, self.auction(candidates, &rules, &mut degraded)).await?;
+        let winners = timed(Hop::Auction, self.auction(candidates, &rules, &budget, &mut degraded)).await?;
         if winners.is_empty() {
             return Ok(no_fill(request_id, ads.len(), degraded, no_fill::BELOW_RESERVE, &model_version));
         }
 
-        let served_at = prost_types::Timestamp::from(std::time::SystemTime::now());
+        let now = std::time::SystemTime::now();
+        let served_at = prost_types::Timestamp::from(now);
+        let served_ms = unix_ms(now);
         let mut out = Vec::with_capacity(winners.len());
         let mut events = Vec::with_capacity(winners.len());
         for w in winners {
@@ -187,6 +221,7 @@ impl AdServer {
                 explored: w.explored,
             });
             out.push(AdWinner {
+                click_token: self.click_tokens.sign(&impression_id, w.ad_id, served_ms),
                 impression_id,
                 ad_id: w.ad_id,
                 campaign_id: w.campaign_id,
@@ -221,11 +256,12 @@ impl AdServer {
     }
 
     /// The user's impressions per campaign today; empty without a user.
-    async fn frequency(&self, day: u64, user_id: &str) -> Result<HashMap<i64, i64>, CallError> {
+    async fn frequency(&self, day: u64, user_id: &str, budget: &Budget) -> Result<HashMap<i64, i64>, CallError> {
         if user_id.is_empty() {
             return Ok(HashMap::new());
         }
-        deadline(self.config.counters.timeout, self.counters.frequency(day, user_id)).await
+        let limit = budget.for_hop(self.config.counters.timeout).unwrap_or(budget::MIN_HOP);
+        deadline(limit, self.counters.frequency(day, user_id)).await
     }
 
     /// Drops ads whose campaign the user has seen its cap of times today,
@@ -278,9 +314,11 @@ impl AdServer {
         kept
     }
 
-    /// Records a click once the broker has acknowledged it. The stream
-    /// aggregator charges a CPC impression's price to its campaign from the
-    /// logged click (once per impression, within the label window).
+    /// Records a click once the broker has acknowledged it, if its token
+    /// proves the impression was served here within the label window and it
+    /// is the impression's first click. The stream aggregator charges a CPC
+    /// impression's price to its campaign from the logged click (once per
+    /// impression, within the label window).
     pub async fn click(&self, req: RecordClickRequest) -> Result<RecordClickResponse, ServeError> {
         let impression_id = req.impression_id.trim();
         if uuid::Uuid::parse_str(impression_id).is_err() {
@@ -289,12 +327,52 @@ impl AdServer {
                 truncate(impression_id)
             )));
         }
+        if req.click_token.is_empty() {
+            return Err(ServeError::InvalidArgument("click_token: required (returned with the ad)".into()));
+        }
+        let refused = |e: crate::click_token::TokenError| {
+            metrics::counter!("adserve_gateway_clicks_refused_total", "reason" => e.reason()).increment(1);
+            e
+        };
+        let claims = match self.click_tokens.verify(&req.click_token, impression_id, unix_ms(SystemTime::now())) {
+            Ok(claims) => claims,
+            Err(e @ crate::click_token::TokenError::Malformed) => {
+                return Err(ServeError::InvalidArgument(refused(e).to_string()));
+            }
+            Err(e) => return Err(ServeError::Forbidden(refused(e).to_string())),
+        };
+        // Replays: the first click marks the impression for the label window.
+        // Without Redis the click is still logged: the joiner and the
+        // aggregator count one click per impression whatever arrives.
+        let ttl = adserve_features::registry().label.window();
+        let limit = self.config.counters.timeout;
+        let marked = match deadline(limit, self.counters.mark_clicked(impression_id, ttl)).await {
+            Ok(true) => true,
+            Ok(false) => {
+                metrics::counter!("adserve_gateway_clicks_refused_total", "reason" => "replay").increment(1);
+                return Err(ServeError::AlreadyRecorded(format!(
+                    "impression_id: a click on {impression_id} is already recorded"
+                )));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "click replay guard (redis) unavailable; logging the click unguarded");
+                metrics::counter!("adserve_gateway_click_replay_unchecked_total").increment(1);
+                false
+            }
+        };
         let event = ClickEvent {
             click_id: uuid::Uuid::now_v7().to_string(),
             impression_id: impression_id.to_string(),
-            clicked_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+            clicked_at: Some(prost_types::Timestamp::from(SystemTime::now())),
         };
-        self.events.click(&event).await.map_err(|e| unavailable("click log (kafka)", e))?;
+        if let Err(e) = self.events.click(&event).await {
+            if marked {
+                // Not logged: a retry must be accepted, not taken for a replay.
+                let _ = deadline(limit, self.counters.unmark_clicked(impression_id)).await;
+            }
+            return Err(unavailable("click log (kafka)", e));
+        }
+        tracing::debug!(ad_id = claims.ad_id, served_ms = claims.served_ms, "click recorded");
         metrics::counter!("adserve_gateway_clicks_total").increment(1);
         Ok(RecordClickResponse { click_id: event.click_id })
     }
@@ -304,12 +382,16 @@ impl AdServer {
         user_id: &str,
         ad_ids: &[i64],
         ctx: &RequestContext,
+        budget: &Budget,
         degraded: &mut Vec<Degradation>,
     ) -> FeatureMatrix {
+        let Some(limit) = budget.for_hop(self.config.deadlines.features) else {
+            degraded.push(budget_spent(Hop::Features, degraded::FEATURE_SERVICE, budget, "serving registry defaults"));
+            return default_matrix(ad_ids, ctx);
+        };
         let request =
             GetFeaturesRequest { user_id: user_id.to_string(), ad_ids: ad_ids.to_vec(), context: Some(ctx.clone()) };
         let mut client = self.features.clone();
-        let limit = self.config.deadlines.features;
         match deadline(limit, client.get_features(with_deadline(request, limit))).await {
             Ok(resp) => {
                 let resp = resp.into_inner();
@@ -338,11 +420,23 @@ impl AdServer {
         matrix: &FeatureMatrix,
         user_id: &str,
         request_id: &str,
+        budget: &Budget,
         degraded: &mut Vec<Degradation>,
     ) -> (Vec<f32>, String) {
+        let prior = || {
+            let p = adserve_features::prior::prior_pctr(
+                matrix,
+                &self.config.fallback_pctr_feature,
+                adserve_auction::MIN_PCTR,
+            );
+            (p, FALLBACK_MODEL_VERSION.to_string())
+        };
+        let Some(limit) = budget.for_hop(self.config.deadlines.ranker) else {
+            degraded.push(budget_spent(Hop::Ranker, degraded::RANKER, budget, "using prior pCTR"));
+            return prior();
+        };
         let mut client = self.ranker.clone();
         let rows = matrix.num_rows as usize;
-        let limit = self.config.deadlines.ranker;
         let request = ScoreRequest {
             matrix: Some(matrix.clone()),
             routing_key: user_id.to_string(),
@@ -374,30 +468,33 @@ impl AdServer {
             Err(e) => degraded
                 .push(Degradation { component: degraded::RANKER.into(), reason: format!("{e}; using prior pCTR") }),
         }
-        let prior =
-            adserve_features::prior::prior_pctr(matrix, &self.config.fallback_pctr_feature, adserve_auction::MIN_PCTR);
-        (prior, FALLBACK_MODEL_VERSION.to_string())
+        prior()
     }
 
     async fn auction(
         &self,
         candidates: Vec<AuctionCandidate>,
         rules: &adserve_auction::Rules,
+        budget: &Budget,
         degraded: &mut Vec<Degradation>,
     ) -> Result<Vec<adserve_proto::v1::AuctionWinner>, ServeError> {
         use adserve_auction::wire;
-        let mut client = self.auction.clone();
         let request = wire::request_to_proto(candidates, rules);
-        let limit = self.config.deadlines.auction;
-        match deadline(limit, client.run_auction(with_deadline(request.clone(), limit))).await {
-            Ok(resp) => return Ok(resp.into_inner().winners),
-            Err(e) if e.code() == Some(tonic::Code::InvalidArgument) => {
-                return Err(ServeError::Unavailable(format!("auction refused the candidates: {e}")));
+        match budget.for_hop(self.config.deadlines.auction) {
+            None => degraded.push(budget_spent(Hop::Auction, degraded::AUCTION, budget, "ran the auction in-process")),
+            Some(limit) => {
+                let mut client = self.auction.clone();
+                match deadline(limit, client.run_auction(with_deadline(request.clone(), limit))).await {
+                    Ok(resp) => return Ok(resp.into_inner().winners),
+                    Err(e) if e.code() == Some(tonic::Code::InvalidArgument) => {
+                        return Err(ServeError::Unavailable(format!("auction refused the candidates: {e}")));
+                    }
+                    Err(e) => degraded.push(Degradation {
+                        component: degraded::AUCTION.into(),
+                        reason: format!("{e}; ran the auction in-process"),
+                    }),
+                }
             }
-            Err(e) => degraded.push(Degradation {
-                component: degraded::AUCTION.into(),
-                reason: format!("{e}; ran the auction in-process"),
-            }),
         }
         // The auction is a pure function of the request: the gateway can run
         // it itself, with the same rules and seed, to the same answer.
@@ -406,6 +503,11 @@ impl AdServer {
             .map_err(|e| ServeError::Unavailable(format!("fallback auction: {e}")))?;
         Ok(outcome.winners.iter().map(wire::winner_to_proto).collect())
     }
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A 64-bit seed from a request id (its two halves folded).
@@ -482,11 +584,24 @@ impl std::fmt::Display for CallError {
 
 trait CallFailure {
     fn describe(self) -> CallError;
+
+    /// The call ran out of time on its own clock (the same deadline as ours).
+    fn timed_out(&self) -> bool {
+        false
+    }
 }
 
 impl CallFailure for tonic::Status {
     fn describe(self) -> CallError {
         CallError::Failed(format!("{:?}: {}", self.code(), self.message()), Some(self.code()))
+    }
+
+    /// tonic's client enforces the `grpc-timeout` it sends (`Cancelled:
+    /// Timeout expired`), and the upstream may answer `DeadlineExceeded`;
+    /// both are the deadline we set, and are reported as such.
+    fn timed_out(&self) -> bool {
+        self.code() == tonic::Code::DeadlineExceeded
+            || (self.code() == tonic::Code::Cancelled && self.message().contains("Timeout expired"))
     }
 }
 
@@ -515,8 +630,23 @@ fn with_deadline<T>(message: T, limit: Duration) -> tonic::Request<T> {
 async fn deadline<T, E: CallFailure>(limit: Duration, fut: impl Future<Output = Result<T, E>>) -> Result<T, CallError> {
     match tokio::time::timeout(limit, fut).await {
         Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) if e.timed_out() => Err(CallError::Timeout(limit)),
         Ok(Err(e)) => Err(e.describe()),
         Err(_) => Err(CallError::Timeout(limit)),
+    }
+}
+
+/// The degradation of a hop skipped because the request's budget is spent
+/// (counted in `adserve_gateway_budget_skips_total{hop}`).
+fn budget_spent(hop: Hop, component: &str, budget: &Budget, fallback: &str) -> Degradation {
+    metrics::counter!("adserve_gateway_budget_skips_total", "hop" => hop.label()).increment(1);
+    Degradation {
+        component: component.into(),
+        reason: format!(
+            "not called: {} ms of the request's {} ms budget used, the rest is the impression log's; {fallback}",
+            budget.elapsed().as_millis(),
+            budget.total().as_millis()
+        ),
     }
 }
 
@@ -669,6 +799,17 @@ mod tests {
         let c = validate(&r).unwrap();
         assert_eq!(c.blocked_categories, vec!["Travel"]);
         assert_eq!(c.blocked_advertisers, vec!["acme.example"]);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_times_out_on_its_own_clock_reads_as_our_deadline() {
+        let limit = Duration::from_millis(7);
+        for status in [tonic::Status::cancelled("Timeout expired"), tonic::Status::deadline_exceeded("late")] {
+            let e = deadline(limit, async { Err::<(), _>(status) }).await.unwrap_err();
+            assert_eq!(e.to_string(), "no answer within 7 ms");
+        }
+        let e = deadline(limit, async { Err::<(), _>(tonic::Status::unavailable("down")) }).await.unwrap_err();
+        assert_eq!(e.code(), Some(tonic::Code::Unavailable));
     }
 
     #[test]
