@@ -286,3 +286,18 @@ def test_the_gateway_reads_its_click_token_keys_from_a_secret() -> None:
     mine = render({"clickTokens": {"existingSecret": "my-click-keys"}})
     assert "adserve-click-tokens" not in mine.get("adserve/templates/secret.yaml", "")
     assert "name: my-click-keys" in mine["adserve/templates/deployment.yaml"]
+
+
+def test_without_static_keys_dynamodb_uses_the_default_chain_through_irsa() -> None:
+    role = "arn:aws:iam::123456789012:role/adserve-features"
+    manifests = render({"serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": role}}})
+    dynamodb = tomllib.loads(configs(manifests)["feature-service"])["dynamodb"]
+    assert dynamodb["credentials"] == "default_chain"
+    assert dynamodb["access_key_id"] == "" and dynamodb["secret_access_key"] == ""
+    account = manifests["adserve/templates/serviceaccount.yaml"]
+    assert "kind: ServiceAccount" in account and "name: adserve\n" in account and role in account
+    deployments = manifests["adserve/templates/deployment.yaml"]
+    assert deployments.count("serviceAccountName: adserve\n") == len(SERVICES)
+    # With static keys from a Secret, the keys are used.
+    static = tomllib.loads(configs(render(SECRETS))["feature-service"])["dynamodb"]
+    assert static["credentials"] == "static" and "access_key_id" not in static

@@ -340,3 +340,91 @@ async fn a_backfill_file_that_does_not_fit_the_registry_is_refused_naming_the_co
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope.parquet"));
     Ok(())
 }
+
+/// Credentials from the AWS SDK's default chain (what EKS IRSA, ECS task
+/// roles and instance profiles use), across the process boundary: a
+/// feature-service with `dynamodb.credentials = "default_chain"` and no keys
+/// of its own reads the batch tier with the credentials the chain finds in
+/// its environment; the same service with nothing for the chain to find
+/// serves defaults and names DynamoDB, rather than failing or hanging.
+#[tokio::test]
+async fn the_batch_tier_reads_with_the_default_credential_chain() -> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    let user = format!("chain-user-{}", uuid::Uuid::new_v4().simple());
+    let batch = s.batch_store();
+    batch.ensure_tables().await?;
+    batch.put_users(&[(user.clone(), [("ctr_30d".to_string(), 0.0625)].into())]).await?;
+    let registry = adserve_features::registry();
+    let col = registry.index_of("user_ctr_30d").expect("user_ctr_30d");
+    let empty_home = tempfile::tempdir()?;
+
+    let serve = |with_env_keys: bool| {
+        let port = adserve_integration_tests::free_port();
+        let mut command = Command::new(binary("adserve-feature-service"));
+        command
+            .env("ADSERVE_MODE", "serve")
+            .env("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{port}"))
+            .env("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{}", adserve_integration_tests::free_port()))
+            .env("ADSERVE_REDIS__URL", &s.redis)
+            .env("ADSERVE_DYNAMODB__ENDPOINT", &s.dynamodb)
+            .env("ADSERVE_DYNAMODB__CREDENTIALS", "default_chain")
+            .env("ADSERVE_DYNAMODB__ACCESS_KEY_ID", "")
+            .env("ADSERVE_DYNAMODB__SECRET_ACCESS_KEY", "")
+            // Nothing else for the chain to find: no profile, no instance metadata.
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_PROFILE")
+            .env("HOME", empty_home.path())
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("ADSERVE_TELEMETRY__LOG_FILTER", "error")
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        if with_env_keys {
+            // DynamoDB Local accepts any key made of letters and digits.
+            command.env("AWS_ACCESS_KEY_ID", "adservechain").env("AWS_SECRET_ACCESS_KEY", "adservechain");
+        }
+        (command, port)
+    };
+    let request = GetFeaturesRequest {
+        user_id: user.clone(),
+        ad_ids: vec![1],
+        context: Some(RequestContext { placement: "feed_top".into(), device: "mobile".into(), ..Default::default() }),
+    };
+    for with_env_keys in [true, false] {
+        let (mut command, port) = serve(with_env_keys);
+        let _child = command.spawn()?;
+        let mut client = None;
+        for _ in 0..100 {
+            if let Ok(c) = FeatureServiceClient::connect(format!("http://127.0.0.1:{port}")).await {
+                client = Some(c);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut client = client.expect("the feature-service started");
+        // The first call resolves the chain; ask until the answer settles.
+        let mut last = None;
+        for _ in 0..50 {
+            let r = client.get_features(request.clone()).await?.into_inner();
+            let value = r.matrix.as_ref().expect("matrix").values[col];
+            let dynamodb_degraded = r.degraded.iter().any(|d| d.component == "dynamodb");
+            last = Some((value, dynamodb_degraded, r.degraded));
+            if with_env_keys && value == 0.0625 && !dynamodb_degraded {
+                break;
+            }
+            if !with_env_keys && dynamodb_degraded {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (value, dynamodb_degraded, degraded) = last.expect("asked");
+        if with_env_keys {
+            assert_eq!(value, 0.0625, "the chain's credentials read the batch row: {degraded:?}");
+            assert!(!dynamodb_degraded, "{degraded:?}");
+        } else {
+            assert!(dynamodb_degraded, "no credentials anywhere, yet DynamoDB answered: {degraded:?}");
+            assert_ne!(value, 0.0625);
+        }
+    }
+    Ok(())
+}

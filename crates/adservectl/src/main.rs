@@ -25,7 +25,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use adserve_feature_service::{
     BatchStore,
     backfill::{self, Options},
-    config::DynamoConfig,
+    config::{CredentialSource, DynamoConfig},
 };
 use adserve_features::{Entity, FeatureRegistry, Source};
 use adserve_registry::{ModelRecord, Moved, Registry, RegistryConfig, Stage};
@@ -105,7 +105,11 @@ struct DynamoArgs {
     /// AWS region.
     #[arg(long, env = "ADSERVE_DYNAMODB__REGION", default_value_t = DynamoConfig::default().region)]
     dynamodb_region: String,
-    /// Access key id.
+    /// Where credentials come from: static (the keys below) or default-chain
+    /// (the AWS SDK's chain: environment, profile, EKS IRSA, ECS, IMDS).
+    #[arg(long, env = "ADSERVE_DYNAMODB__CREDENTIALS", value_enum, default_value_t = Credentials::Static)]
+    dynamodb_credentials: Credentials,
+    /// Access key id (static credentials).
     #[arg(long, env = "ADSERVE_DYNAMODB__ACCESS_KEY_ID", default_value_t = DynamoConfig::default().access_key_id, hide_default_value = true)]
     dynamodb_access_key_id: String,
     /// Secret access key.
@@ -113,13 +117,25 @@ struct DynamoArgs {
     dynamodb_secret_access_key: String,
 }
 
+/// `dynamodb.credentials`, as a flag.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Credentials {
+    Static,
+    // `default_chain` is how the service's config spells it.
+    #[value(alias = "default_chain")]
+    DefaultChain,
+}
+
 impl DynamoArgs {
     fn config(self) -> DynamoConfig {
+        let default_chain = matches!(self.dynamodb_credentials, Credentials::DefaultChain);
         DynamoConfig {
             endpoint: self.dynamodb_endpoint,
             region: self.dynamodb_region,
-            access_key_id: self.dynamodb_access_key_id,
-            secret_access_key: self.dynamodb_secret_access_key,
+            credentials: if default_chain { CredentialSource::DefaultChain } else { CredentialSource::Static },
+            // The chain takes no keys (the local defaults would be ignored).
+            access_key_id: if default_chain { String::new() } else { self.dynamodb_access_key_id },
+            secret_access_key: if default_chain { String::new() } else { self.dynamodb_secret_access_key },
             // A batch call's attempt, not a request's budget.
             timeout: Duration::from_secs(10),
         }

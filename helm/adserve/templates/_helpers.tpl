@@ -100,6 +100,13 @@ list of hex or base64 keys): clickTokens.existingSecret or the chart's own. */}}
 {{- end }}
 {{- end }}
 
+{{/* The pods' ServiceAccount. */}}
+{{- define "adserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}{{ .Values.serviceAccount.name | default (include "adserve.fullname" .) }}
+{{- else }}{{ .Values.serviceAccount.name | default "default" }}
+{{- end }}
+{{- end }}
+
 {{/* The Secret holding static DynamoDB keys: dynamodb.existingSecret, the
 chart's own when dynamodb.accessKeyId is set, or empty (the SDK's default
 chain, e.g. IRSA, is not wired yet: static keys or none). */}}
@@ -277,7 +284,14 @@ timeout = "{{ int64 $v.redis.timeoutMs }}ms"
 endpoint = {{ $v.dynamodb.endpoint | default "" | toJson }}
 region = {{ $v.dynamodb.region | toJson }}
 {{- with include "adserve.dynamodbSecret" .root }}
+credentials = "static"
 # access_key_id / secret_access_key: from Secret {{ . }}, never this file
+{{- else }}
+# No static keys: the AWS SDK's default chain (EKS IRSA through
+# serviceAccount.annotations, an ECS task role, an instance profile).
+credentials = "default_chain"
+access_key_id = ""
+secret_access_key = ""
 {{- end }}
 timeout = "{{ int64 $v.dynamodb.timeoutMs }}ms"
 {{- if ne $c.mode "serve" }}

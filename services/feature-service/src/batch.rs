@@ -14,7 +14,42 @@ use aws_sdk_dynamodb::{
 };
 use aws_smithy_http_client::{Builder as HttpClientBuilder, tls};
 
-use crate::config::DynamoConfig;
+use crate::config::{CredentialSource, DynamoConfig};
+
+/// The AWS SDK's default credential chain (environment, profile, web identity
+/// token as EKS IRSA provides it, ECS, IMDS), built on first use: building it
+/// is async (it reads profile files), and the store is built synchronously.
+/// The chain caches and refreshes what it resolves; the SDK caches it too.
+#[derive(Debug)]
+struct DefaultChain {
+    region: Region,
+    http: aws_sdk_dynamodb::config::SharedHttpClient,
+    chain: tokio::sync::OnceCell<aws_config::default_provider::credentials::DefaultCredentialsChain>,
+}
+
+impl aws_credential_types::provider::ProvideCredentials for DefaultChain {
+    fn provide_credentials<'a>(&'a self) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        aws_credential_types::provider::future::ProvideCredentials::new(async move {
+            let chain = self
+                .chain
+                .get_or_init(|| async {
+                    let config = aws_config::provider_config::ProviderConfig::without_region()
+                        .with_region(Some(self.region.clone()))
+                        .with_http_client(self.http.clone());
+                    aws_config::default_provider::credentials::DefaultCredentialsChain::builder()
+                        .region(self.region.clone())
+                        .configure(config)
+                        .build()
+                        .await
+                })
+                .await;
+            chain.provide_credentials().await
+        })
+    }
+}
 
 /// Partition key of the user table.
 pub const USER_KEY: &str = "user_id";
@@ -96,17 +131,11 @@ impl BatchStore {
             .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
             .build_https();
         let deadline = config.timeout;
+        let region = Region::new(config.region.clone());
         let mut builder = aws_sdk_dynamodb::Config::builder()
             .behavior_version(BehaviorVersion::latest())
-            .http_client(http)
-            .region(Region::new(config.region.clone()))
-            .credentials_provider(Credentials::new(
-                config.access_key_id.clone(),
-                config.secret_access_key.clone(),
-                None,
-                None,
-                "adserve-config",
-            ))
+            .http_client(http.clone())
+            .region(region.clone())
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(deadline)
@@ -114,6 +143,18 @@ impl BatchStore {
                     .operation_timeout(deadline * 2)
                     .build(),
             );
+        builder = match config.credentials {
+            CredentialSource::Static => builder.credentials_provider(Credentials::new(
+                config.access_key_id.clone(),
+                config.secret_access_key.clone(),
+                None,
+                None,
+                "adserve-config",
+            )),
+            CredentialSource::DefaultChain => {
+                builder.credentials_provider(DefaultChain { region, http, chain: tokio::sync::OnceCell::new() })
+            }
+        };
         if !config.endpoint.is_empty() {
             builder = builder.endpoint_url(config.endpoint.clone());
         }

@@ -166,6 +166,17 @@ impl Default for AdTableConfig {
 /// Redis connection: one definition, shared with the gateway's counters.
 pub use adserve_counters::RedisConfig;
 
+/// Where the DynamoDB client's credentials come from.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialSource {
+    /// `access_key_id` / `secret_access_key`.
+    Static,
+    /// The AWS SDK's default chain, resolved on first use and refreshed
+    /// before expiry (IRSA tokens rotate hourly).
+    DefaultChain,
+}
+
 /// DynamoDB connection.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -175,6 +186,11 @@ pub struct DynamoConfig {
     pub endpoint: String,
     /// AWS region.
     pub region: String,
+    /// Where credentials come from: `static` (the two keys below) or
+    /// `default_chain` (the AWS SDK's chain: environment, profile, web
+    /// identity token (EKS IRSA), ECS task role, EC2 instance profile; the
+    /// keys below must then be empty).
+    pub credentials: CredentialSource,
     /// Static credentials (DynamoDB Local accepts any).
     pub access_key_id: String,
     /// Static credentials secret.
@@ -184,11 +200,31 @@ pub struct DynamoConfig {
     pub timeout: Duration,
 }
 
+impl DynamoConfig {
+    /// Static credentials need both keys; the default chain takes none (a
+    /// key left over from a static setup would be silently ignored).
+    pub fn check_credentials(&self) -> Result<(), Invalid> {
+        let (id, secret) = (self.access_key_id.is_empty(), self.secret_access_key.is_empty());
+        match self.credentials {
+            CredentialSource::Static if id || secret => Err(Invalid::new(
+                if id { "dynamodb.access_key_id" } else { "dynamodb.secret_access_key" },
+                "required with dynamodb.credentials = \"static\" (or use \"default_chain\")",
+            )),
+            CredentialSource::DefaultChain if !id || !secret => Err(Invalid::new(
+                if !id { "dynamodb.access_key_id" } else { "dynamodb.secret_access_key" },
+                "must be empty with dynamodb.credentials = \"default_chain\"",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Default for DynamoConfig {
     fn default() -> Self {
         Self {
             endpoint: "http://127.0.0.1:8000".into(),
             region: "us-east-1".into(),
+            credentials: CredentialSource::Static,
             // DynamoDB Local accepts only letters and digits in the key id.
             access_key_id: "adservelocal".into(),
             secret_access_key: "adservelocal".into(),
@@ -221,6 +257,7 @@ impl Validate for FeatureServiceConfig {
         if self.dynamodb.region.is_empty() {
             return Err(Invalid::new("dynamodb.region", "required"));
         }
+        self.dynamodb.check_credentials()?;
         if !self.dynamodb.endpoint.is_empty() && !self.dynamodb.endpoint.starts_with("http") {
             return Err(Invalid::new(
                 "dynamodb.endpoint",
@@ -240,5 +277,22 @@ impl Validate for FeatureServiceConfig {
         }
         self.breaker.validate()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_and_keys_must_agree() {
+        let mut c = FeatureServiceConfig::default();
+        c.validate().unwrap();
+        c.dynamodb.secret_access_key.clear();
+        assert_eq!(c.validate().unwrap_err().key, "dynamodb.secret_access_key");
+        c.dynamodb.credentials = CredentialSource::DefaultChain;
+        assert_eq!(c.validate().unwrap_err().key, "dynamodb.access_key_id", "leftover static key");
+        c.dynamodb.access_key_id.clear();
+        c.validate().unwrap();
     }
 }
