@@ -68,6 +68,15 @@ CASES = {
     "auction": AUCTION,
     "object-storage": OBJECT_STORAGE,
     "aggregate-only": AGGREGATE_ONLY,
+    "api-keys": {
+        "services": {
+            "gateway": {
+                "config": {
+                    "apiKeys": [{"publisher": "news-site", "sha256": "ab" * 32, "requestsPerSecond": 5, "burst": 10}]
+                }
+            }
+        }
+    },
 }
 
 
@@ -301,3 +310,73 @@ def test_without_static_keys_dynamodb_uses_the_default_chain_through_irsa() -> N
     # With static keys from a Secret, the keys are used.
     static = tomllib.loads(configs(render(SECRETS))["feature-service"])["dynamodb"]
     assert static["credentials"] == "static" and "access_key_id" not in static
+
+
+PRODUCTION = {
+    "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+    "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/adserve"}},
+    "services": {
+        svc: {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 12}}
+        for svc in ("gateway", "feature-service", "ranker", "auction")
+    },
+}
+
+
+def manifest_documents(manifests: dict[str, str]) -> list[dict]:
+    import yaml
+
+    return [d for text in manifests.values() for d in yaml.safe_load_all(text) if d]
+
+
+@pytest.mark.parametrize("case", [*CASES, "production"])
+def test_every_rendered_manifest_validates_against_the_kubernetes_api_schemas(case: str) -> None:
+    import kubernetes_validate
+
+    values = PRODUCTION if case == "production" else CASES[case]
+    documents = manifest_documents(render(values))
+    kinds = {d["kind"] for d in documents}
+    assert {"Deployment", "Service", "ConfigMap", "ServiceAccount"} <= kinds, kinds
+    for d in documents:
+        if d["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD: not in the Kubernetes API schemas
+        # strict: unknown fields are errors too.
+        kubernetes_validate.validate(d, "1.33.0", strict=True)
+
+
+def test_production_values_add_autoscalers_disruption_budgets_and_a_service_monitor() -> None:
+    documents = manifest_documents(render(PRODUCTION))
+    by_kind: dict[str, list[dict]] = {}
+    for d in documents:
+        by_kind.setdefault(d["kind"], []).append(d)
+    hpas = {d["metadata"]["name"]: d["spec"] for d in by_kind["HorizontalPodAutoscaler"]}
+    assert sorted(hpas) == ["adserve-auction", "adserve-feature-service", "adserve-gateway", "adserve-ranker"]
+    assert all(h["minReplicas"] == 3 and h["maxReplicas"] == 12 for h in hpas.values())
+    # The HPA owns the replica count of what it scales; the joiner keeps its own.
+    replicas = {d["metadata"]["name"]: d["spec"].get("replicas") for d in by_kind["Deployment"]}
+    assert all(replicas[name] is None for name in hpas), replicas
+    assert replicas["adserve-label-joiner"] == 1
+    # A disruption budget for every service with more than one pod; none for the single joiner.
+    pdbs = sorted(d["metadata"]["name"] for d in by_kind["PodDisruptionBudget"])
+    assert pdbs == sorted(hpas), pdbs
+    monitor = by_kind["ServiceMonitor"][0]
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    # The defaults: fixed replicas, budgets for the 2-replica services, no monitor.
+    defaults = manifest_documents(render(None))
+    assert not [d for d in defaults if d["kind"] in ("HorizontalPodAutoscaler", "ServiceMonitor")]
+    assert len([d for d in defaults if d["kind"] == "PodDisruptionBudget"]) == 4
+
+
+def test_the_label_joiner_refuses_cpu_autoscaling() -> None:
+    with pytest.raises(Exception, match="scales by Kafka partition"):
+        render({"services": {"label-joiner": {"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 2}}}})
+
+
+def test_publisher_api_keys_reach_the_gateway_as_hashes() -> None:
+    digest = "a" * 64
+    keys = {"apiKeys": [{"publisher": "news-site", "sha256": digest, "requestsPerSecond": 500, "burst": 1000}]}
+    gateway = tomllib.loads(configs(render({"services": {"gateway": {"config": keys}}}))["gateway"])
+    assert gateway["auth"]["api_keys"] == [
+        {"publisher": "news-site", "sha256": digest, "requests_per_second": 500, "burst": 1000}
+    ]
+    assert "auth" not in tomllib.loads(configs(render(None))["gateway"])

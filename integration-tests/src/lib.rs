@@ -359,13 +359,9 @@ impl Stack {
         found.remove(key).with_context(|| format!("no message keyed {key} on {topic}"))
     }
 
-    /// The first message keyed by each of `keys` on `topic`, in one pass of
-    /// one fresh consumer group from the beginning. Waits up to 30 s for all.
-    pub async fn keyed_messages(
-        &self,
-        topic: &str,
-        keys: &[&str],
-    ) -> anyhow::Result<HashMap<String, (Vec<u8>, i32, i64)>> {
+    /// A consumer of `topic` from its earliest offset, in a fresh group that
+    /// commits nothing.
+    fn consumer_from_start(&self, topic: &str) -> anyhow::Result<StreamConsumer> {
         let consumer: StreamConsumer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", &self.kafka)
             .set("group.id", format!("adserve-test-{}", uuid::Uuid::new_v4()))
@@ -373,6 +369,17 @@ impl Stack {
             .set("enable.auto.commit", "false")
             .create()?;
         consumer.subscribe(&[topic])?;
+        Ok(consumer)
+    }
+
+    /// The first message keyed by each of `keys` on `topic`, in one pass of
+    /// one fresh consumer group from the beginning. Waits up to 30 s for all.
+    pub async fn keyed_messages(
+        &self,
+        topic: &str,
+        keys: &[&str],
+    ) -> anyhow::Result<HashMap<String, (Vec<u8>, i32, i64)>> {
+        let consumer = self.consumer_from_start(topic)?;
         let mut found = HashMap::new();
         tokio::time::timeout(Duration::from_secs(30), async {
             while found.len() < keys.len() {
@@ -398,13 +405,7 @@ impl Stack {
     /// On a one-partition topic (the local stack's) these are all the
     /// messages logged before `last`.
     pub async fn keys_until(&self, topic: &str, last: &str) -> anyhow::Result<Vec<String>> {
-        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &self.kafka)
-            .set("group.id", format!("adserve-test-{}", uuid::Uuid::new_v4()))
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .create()?;
-        consumer.subscribe(&[topic])?;
+        let consumer = self.consumer_from_start(topic)?;
         let mut keys = Vec::new();
         tokio::time::timeout(Duration::from_secs(30), async {
             loop {

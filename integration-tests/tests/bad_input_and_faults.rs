@@ -499,3 +499,95 @@ async fn dead_redis_counters_degrade_but_still_serve() -> anyhow::Result<()> {
     assert_eq!(status, 202, "{c}");
     Ok(())
 }
+
+/// Publisher API keys across both faces of a real gateway: without a key,
+/// or with one that is not configured, ad requests and clicks are refused
+/// (401 / Unauthenticated) before any work; each configured key is admitted
+/// up to its own bucket and then refused (429 with Retry-After /
+/// ResourceExhausted) without touching the other publisher; health checks
+/// need no key.
+#[tokio::test]
+async fn api_keys_admit_their_publishers_and_each_has_its_own_rate_limit() -> anyhow::Result<()> {
+    use adserve_gateway::{auth::key_sha256, config::ApiKey, grpc::GatewayGrpc};
+    use adserve_proto::v1::{GetAdsRequest, RequestContext, gateway_service_client::GatewayServiceClient};
+    let s = Stack::ready().await?;
+    let (news, app) = ("news-key-5b2f0c7e91d4", "app-key-0f6c2d9a84e1");
+    let mut config = GatewayConfig {
+        postgres: s.postgres_config("public"),
+        kafka: KafkaConfig { brokers: s.kafka.clone(), ..GatewayConfig::default().kafka },
+        ..GatewayConfig::default()
+    };
+    config.upstreams.feature_service = s.features.clone();
+    config.upstreams.ranker = s.ranker.clone();
+    config.upstreams.auction = s.auction.clone();
+    config.auth.api_keys = vec![
+        ApiKey { publisher: "news".into(), sha256: key_sha256(news), requests_per_second: 1, burst: 2 },
+        ApiKey { publisher: "app".into(), sha256: key_sha256(app), requests_per_second: 1000, burst: 1000 },
+    ];
+    let events = EventPublisher::new(&config.kafka, "test")?;
+    events.warm_up(&adserve_integration_tests::WARM_TOPICS, Duration::from_secs(5)).await?;
+    let server = AdServer::new(config.clone(), Catalog::connect_lazy(&config.postgres)?, events)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let router = http::router(server.clone(), http::BodyLimits::of(&config), adserve_core::Readiness::new());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let grpc_url = format!("http://{}", grpc_listener.local_addr()?);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(GatewayGrpc(server).into_server())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(grpc_listener)),
+    );
+
+    let client = adserve_integration_tests::http_client();
+    let ads = format!("{base}/v1/ads");
+    let post = |header: Option<(&'static str, String)>| {
+        let mut r = client.post(&ads).json(&good());
+        if let Some((name, value)) = header {
+            r = r.header(name, value);
+        }
+        r.send()
+    };
+    // No key, an unknown key: 401, before any work.
+    for header in [None, Some(("authorization", "Bearer not-a-key".to_string()))] {
+        let r = post(header).await?;
+        assert_eq!(r.status(), 401);
+        assert_eq!(r.headers().get("www-authenticate").map(|v| v.as_bytes()), Some(&b"Bearer"[..]));
+        let v: Value = r.json().await?;
+        assert_eq!(v["error"]["code"], "unauthenticated", "{v}");
+    }
+    let r = client.post(format!("{base}/v1/clicks")).json(&json!({"impression_id": "x"})).send().await?;
+    assert_eq!(r.status(), 401, "clicks need a key too");
+    assert_eq!(client.get(format!("{base}/healthz")).send().await?.status(), 200, "health needs none");
+
+    // The news publisher: its burst of 2 (either header form), then 429.
+    assert_eq!(post(Some(("authorization", format!("Bearer {news}")))).await?.status(), 200);
+    assert_eq!(post(Some(("x-api-key", news.to_string()))).await?.status(), 200);
+    let r = post(Some(("x-api-key", news.to_string()))).await?;
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).expect("Retry-After");
+    assert!(retry >= 1, "{retry}");
+    let v: Value = r.json().await?;
+    assert_eq!(v["error"]["code"], "rate_limited", "{v}");
+    // The other publisher is not throttled by it.
+    assert_eq!(post(Some(("x-api-key", app.to_string()))).await?.status(), 200);
+
+    // gRPC: the same keys in metadata.
+    let mut grpc = GatewayServiceClient::connect(grpc_url).await?;
+    let request = || GetAdsRequest {
+        user_id: "demo-user-2".into(),
+        context: Some(RequestContext { placement: "feed_top".into(), device: "mobile".into(), ..Default::default() }),
+        slots: 1,
+        ..Default::default()
+    };
+    let status = grpc.get_ads(request()).await.expect_err("no key");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    let mut keyed = tonic::Request::new(request());
+    keyed.metadata_mut().insert("authorization", format!("Bearer {app}").parse()?);
+    assert!(grpc.get_ads(keyed).await.is_ok());
+    let mut throttled = tonic::Request::new(request());
+    throttled.metadata_mut().insert("x-api-key", news.parse()?);
+    let status = grpc.get_ads(throttled).await.expect_err("news is over its rate");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    Ok(())
+}

@@ -274,6 +274,14 @@ max_step = {{ float64 $p.maxStep }}
 memory = {{ float64 $p.memory }}
 spend_lag = "{{ int64 $p.spendLagMs }}ms"
 hourly_traffic = {{ $p.hourlyTraffic | toJson }}
+{{- range $c.apiKeys }}
+
+[[auth.api_keys]]
+publisher = {{ .publisher | toJson }}
+sha256 = {{ .sha256 | toJson }}
+requests_per_second = {{ int64 .requestsPerSecond }}
+burst = {{ int64 .burst }}
+{{- end }}
 {{- else if eq .name "feature-service" }}
 
 [redis]

@@ -50,6 +50,52 @@ pub struct GatewayConfig {
     pub body_timeout: Duration,
     /// Keys of the click tokens ([`crate::click_token`]).
     pub click_tokens: ClickTokenConfig,
+    /// Publisher API keys and their rate limits ([`crate::auth`]).
+    pub auth: AuthConfig,
+}
+
+/// Publisher API keys.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Empty: no authentication (the local stack; the gateway warns at start).
+    pub api_keys: Vec<ApiKey>,
+}
+
+/// One publisher's key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// Who holds the key: the `publisher` label of its metrics.
+    pub publisher: String,
+    /// SHA-256 of the key, 64 hex digits (`printf %s "$KEY" | sha256sum`);
+    /// the key itself is never configured.
+    pub sha256: String,
+    /// Sustained requests per second, ads and clicks together.
+    pub requests_per_second: u32,
+    /// Requests allowed at once above the sustained rate (the bucket size).
+    pub burst: u32,
+}
+
+impl AuthConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        let mut seen = std::collections::HashSet::new();
+        for (i, k) in self.api_keys.iter().enumerate() {
+            let key = |field: &str| format!("auth.api_keys[{i}].{field}");
+            if k.publisher.is_empty() || k.publisher.len() > 64 || k.publisher.chars().any(char::is_control) {
+                return Err(Invalid::new(key("publisher"), "must be 1..=64 printable characters"));
+            }
+            if k.sha256.len() != 64 || !k.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(Invalid::new(key("sha256"), "must be the key's SHA-256, 64 hex digits"));
+            }
+            if !seen.insert(k.sha256.to_ascii_lowercase()) {
+                return Err(Invalid::new(key("sha256"), "the same key is configured twice"));
+            }
+            check_range(&key("requests_per_second"), k.requests_per_second, 1..=1_000_000)?;
+            check_range(&key("burst"), k.burst, 1..=1_000_000)?;
+        }
+        Ok(())
+    }
 }
 
 /// Keys that sign and verify click tokens.
@@ -296,6 +342,7 @@ impl Default for GatewayConfig {
             max_body_bytes: 16 * 1024,
             body_timeout: Duration::from_secs(2),
             click_tokens: ClickTokenConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -366,6 +413,7 @@ impl Validate for GatewayConfig {
         check_range("max_body_bytes", self.max_body_bytes, 256..=64 * 1024 * 1024)?;
         check_duration("body_timeout", self.body_timeout, Duration::from_millis(10), Duration::from_secs(300))?;
         self.click_tokens.decoded()?;
+        self.auth.validate()?;
         Ok(())
     }
 }

@@ -25,6 +25,17 @@ pub enum ServeError {
     /// Already done: a click replayed for an impression already clicked.
     #[error("{0}")]
     AlreadyRecorded(String),
+    /// No API key, or one that is not configured.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The publisher's rate limit is spent.
+    #[error("rate limit of publisher {publisher:?} reached; retry in {} ms", retry_after.as_millis())]
+    RateLimited {
+        /// The publisher.
+        publisher: String,
+        /// Until a request would be admitted.
+        retry_after: std::time::Duration,
+    },
 }
 
 impl From<adserve_features::request::FieldError> for ServeError {
@@ -50,11 +61,15 @@ pub enum Outcome {
     Forbidden,
     /// Refused: already recorded (a replayed click).
     AlreadyRecorded,
+    /// Refused: no valid API key.
+    Unauthenticated,
+    /// Refused: the publisher's rate limit.
+    RateLimited,
 }
 
 impl Outcome {
     /// Every outcome.
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 9] = [
         Self::Ok,
         Self::InvalidArgument,
         Self::PayloadTooLarge,
@@ -62,6 +77,8 @@ impl Outcome {
         Self::Unavailable,
         Self::Forbidden,
         Self::AlreadyRecorded,
+        Self::Unauthenticated,
+        Self::RateLimited,
     ];
 
     /// The `status` label of `adserve_gateway_requests_total`, and the
@@ -75,6 +92,8 @@ impl Outcome {
             Self::Unavailable => "unavailable",
             Self::Forbidden => "forbidden",
             Self::AlreadyRecorded => "already_recorded",
+            Self::Unauthenticated => "unauthenticated",
+            Self::RateLimited => "rate_limited",
         }
     }
 
@@ -88,6 +107,8 @@ impl Outcome {
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::AlreadyRecorded => StatusCode::CONFLICT,
+            Self::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -100,6 +121,8 @@ impl Outcome {
             Self::Unavailable => tonic::Code::Unavailable,
             Self::Forbidden => tonic::Code::PermissionDenied,
             Self::AlreadyRecorded => tonic::Code::AlreadyExists,
+            Self::Unauthenticated => tonic::Code::Unauthenticated,
+            Self::RateLimited => tonic::Code::ResourceExhausted,
         }
     }
 }
@@ -114,6 +137,8 @@ impl ServeError {
             Self::BodyTimeout(_) => Outcome::RequestTimeout,
             Self::Forbidden(_) => Outcome::Forbidden,
             Self::AlreadyRecorded(_) => Outcome::AlreadyRecorded,
+            Self::Unauthenticated(_) => Outcome::Unauthenticated,
+            Self::RateLimited { .. } => Outcome::RateLimited,
         }
     }
 }
@@ -148,7 +173,20 @@ impl IntoResponse for ServeError {
     fn into_response(self) -> axum::response::Response {
         let kind = self.kind();
         let body = serde_json::json!({ "error": { "code": kind.label(), "message": self.to_string() } });
-        (kind.http_status(), Json(body)).into_response()
+        let mut response = (kind.http_status(), Json(body)).into_response();
+        if let Self::RateLimited { retry_after, .. } = &self {
+            // Whole seconds, rounded up: never earlier than the bucket refills.
+            let seconds = retry_after.as_millis().div_ceil(1000).max(1);
+            if let Ok(value) = axum::http::HeaderValue::from_str(&seconds.to_string()) {
+                response.headers_mut().insert(axum::http::header::RETRY_AFTER, value);
+            }
+        }
+        if let Self::Unauthenticated(_) = &self {
+            response
+                .headers_mut()
+                .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        }
+        response
     }
 }
 

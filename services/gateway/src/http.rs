@@ -116,11 +116,21 @@ fn parse<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Result<T, Se
     Ok(value)
 }
 
+/// The API key the request presents (see [`crate::auth`]).
+fn api_key(headers: &HeaderMap) -> Option<&str> {
+    crate::auth::presented(|name| headers.get(name).and_then(|v| v.to_str().ok()))
+}
+
+/// Admits the caller, then reads and parses the body. An unknown or
+/// throttled caller is refused before its body is read: it costs nothing.
+async fn admitted<T: DeserializeOwned>(state: &HttpState, headers: &HeaderMap, body: Body) -> Result<T, ServeError> {
+    state.server.admit(api_key(headers))?;
+    let bytes = read_body(body, state.body).await?;
+    parse(headers, &bytes)
+}
+
 async fn get_ads(State(state): State<HttpState>, headers: HeaderMap, body: Body) -> impl IntoResponse {
-    let parsed = match read_body(body, state.body).await {
-        Ok(bytes) => parse(&headers, &bytes),
-        Err(e) => Err(e),
-    };
+    let parsed = admitted(&state, &headers, body).await;
     let result = match parsed {
         Ok(req) => state.server.serve(req, None).await.map(Json),
         Err(e) => Err(e),
@@ -130,10 +140,7 @@ async fn get_ads(State(state): State<HttpState>, headers: HeaderMap, body: Body)
 }
 
 async fn record_click(State(state): State<HttpState>, headers: HeaderMap, body: Body) -> impl IntoResponse {
-    let parsed = match read_body(body, state.body).await {
-        Ok(bytes) => parse(&headers, &bytes),
-        Err(e) => Err(e),
-    };
+    let parsed = admitted(&state, &headers, body).await;
     let result = match parsed {
         Ok(req) => state.server.click(req).await.map(|r| (StatusCode::ACCEPTED, Json(r))),
         Err(e) => Err(e),

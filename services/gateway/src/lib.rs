@@ -9,6 +9,7 @@
 //! except the catalog and the event log, without which no ad can be served
 //! honestly.
 
+pub mod auth;
 pub mod budget;
 pub mod click_token;
 pub mod config;

@@ -45,6 +45,7 @@ pub struct AdServer {
     counters: Counters,
     pacing: Arc<PacingState>,
     click_tokens: ClickTokens,
+    publishers: crate::auth::Publishers,
     config: Arc<GatewayConfig>,
 }
 
@@ -75,6 +76,10 @@ impl AdServer {
         }
         // A click later than the label window is neither a label nor charged.
         let click_tokens = ClickTokens::new(keys, adserve_features::registry().label.window());
+        let publishers = crate::auth::Publishers::new(&config.auth.api_keys);
+        if publishers.is_open() {
+            tracing::warn!("auth.api_keys is empty: ad requests and clicks are served without an API key");
+        }
         let pacing = Arc::new(PacingState::default());
         crate::pacing::spawn(config.pacing.clone(), catalog.clone(), counters.clone(), Arc::downgrade(&pacing));
         Ok(Self {
@@ -86,8 +91,34 @@ impl AdServer {
             counters,
             pacing,
             click_tokens,
+            publishers,
             config: Arc::new(config),
         })
+    }
+
+    /// Admits a request presenting API key `key` ([`crate::auth`]), or
+    /// refuses it (401 / 429), counted in `adserve_gateway_auth_refused_total`.
+    pub fn admit(&self, key: Option<&str>) -> Result<(), ServeError> {
+        use crate::auth::Refusal;
+        let refused = |reason: &'static str, publisher: &str| {
+            metrics::counter!("adserve_gateway_auth_refused_total", "reason" => reason, "publisher" => publisher.to_string())
+                .increment(1);
+        };
+        match self.publishers.admit(key) {
+            Ok(_) => Ok(()),
+            Err(Refusal::Missing) => {
+                refused("missing", "");
+                Err(ServeError::Unauthenticated("api key: required (Authorization: Bearer <key>, or x-api-key)".into()))
+            }
+            Err(Refusal::Unknown) => {
+                refused("unknown", "");
+                Err(ServeError::Unauthenticated("api key: not recognised".into()))
+            }
+            Err(Refusal::Limited { publisher, retry_after }) => {
+                refused("rate_limited", &publisher);
+                Err(ServeError::RateLimited { publisher, retry_after })
+            }
+        }
     }
 
     /// Waits up to `limit` for the counters' first connection, so the first
