@@ -16,6 +16,10 @@
 #   ADSTACK_PARQUET_DIR                     label-joiner output (default $ADSTACK_RUN/parquet)
 #   ADSTACK_LABEL_WINDOW                    label-joiner join window (default 5s; the
 #                                           registry's production window is 30 min)
+#   ADSTACK_PUBLISH_TIMEOUT                 the gateway's impression log timeout (default
+#                                           1s: the local broker shares two cores with
+#                                           everything; production's default is 150ms)
+#   ADSTACK_REQUEST_BUDGET                  the gateway's deadlines.request (default 1500ms)
 #   ADSERVE_TELEMETRY__LOG_FILTER           service log filter (default info,ort=warn)
 #   DYNAMODB_JAVA_OPTS                      JVM options for DynamoDB Local
 set -euo pipefail
@@ -407,6 +411,8 @@ start_services() {
     "ADSERVE_HTTP_ADDR=127.0.0.1:$GATEWAY_HTTP_PORT" \
     "ADSERVE_POSTGRES__URL=postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DATABASE" \
     "ADSERVE_KAFKA__BROKERS=$kafka" \
+    "ADSERVE_KAFKA__PUBLISH_TIMEOUT=${ADSTACK_PUBLISH_TIMEOUT:-1s}" \
+    "ADSERVE_DEADLINES__REQUEST=${ADSTACK_REQUEST_BUDGET:-1500ms}" \
     "ADSERVE_UPSTREAMS__FEATURE_SERVICE=http://127.0.0.1:$FEATURE_SERVICE_GRPC_PORT" \
     "ADSERVE_UPSTREAMS__RANKER=http://127.0.0.1:$RANKER_GRPC_PORT" \
     "ADSERVE_UPSTREAMS__AUCTION=http://127.0.0.1:$AUCTION_GRPC_PORT"

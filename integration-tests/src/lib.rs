@@ -37,6 +37,14 @@ fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
 
+/// The impression log timeout and request budget of the tests' own gateways:
+/// the local stack's (scripts/start.sh), not production's 150 ms / 500 ms,
+/// because the local broker shares two cores with the whole stack and the
+/// test run, and stalls past 150 ms under load.
+pub const LOCAL_PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
+/// See [`LOCAL_PUBLISH_TIMEOUT`].
+pub const LOCAL_REQUEST_BUDGET: Duration = Duration::from_millis(1500);
+
 /// The topics a gateway publishes to, warmed before it serves.
 pub const WARM_TOPICS: [&str; 2] = [adserve_events::IMPRESSIONS_TOPIC, adserve_events::CLICKS_TOPIC];
 
@@ -144,10 +152,9 @@ impl Stack {
     ) -> anyhow::Result<String> {
         let mut config = adserve_gateway::GatewayConfig {
             postgres: self.postgres_config("public"),
-            // The gateway's own Kafka defaults (its publish timeout is part of
-            // every request's budget).
             kafka: adserve_events::KafkaConfig {
                 brokers: self.kafka.clone(),
+                publish_timeout: LOCAL_PUBLISH_TIMEOUT,
                 ..adserve_gateway::GatewayConfig::default().kafka
             },
             counters: adserve_counters::RedisConfig { url: self.redis.clone(), ..Default::default() },
@@ -156,6 +163,7 @@ impl Stack {
         config.upstreams.feature_service = self.features.clone();
         config.upstreams.ranker = self.ranker.clone();
         config.upstreams.auction = self.auction.clone();
+        config.deadlines.request = LOCAL_REQUEST_BUDGET;
         tweak(&mut config);
         let catalog = Catalog::connect_lazy(&config.postgres)?;
         if config.postgres.schema != "public" {

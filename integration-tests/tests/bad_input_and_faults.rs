@@ -424,7 +424,12 @@ async fn a_fatal_kafka_producer_makes_the_gateway_unready_until_it_is_replaced()
         kafka: KafkaConfig {
             brokers: s.kafka.clone(),
             recovery_backoff_min: Duration::from_secs(3),
+            publish_timeout: adserve_integration_tests::LOCAL_PUBLISH_TIMEOUT,
             ..GatewayConfig::default().kafka
+        },
+        deadlines: adserve_gateway::config::Deadlines {
+            request: adserve_integration_tests::LOCAL_REQUEST_BUDGET,
+            ..Default::default()
         },
         ..GatewayConfig::default()
     };
@@ -514,7 +519,15 @@ async fn api_keys_admit_their_publishers_and_each_has_its_own_rate_limit() -> an
     let (news, app) = ("news-key-5b2f0c7e91d4", "app-key-0f6c2d9a84e1");
     let mut config = GatewayConfig {
         postgres: s.postgres_config("public"),
-        kafka: KafkaConfig { brokers: s.kafka.clone(), ..GatewayConfig::default().kafka },
+        kafka: KafkaConfig {
+            brokers: s.kafka.clone(),
+            publish_timeout: adserve_integration_tests::LOCAL_PUBLISH_TIMEOUT,
+            ..GatewayConfig::default().kafka
+        },
+        deadlines: adserve_gateway::config::Deadlines {
+            request: adserve_integration_tests::LOCAL_REQUEST_BUDGET,
+            ..Default::default()
+        },
         ..GatewayConfig::default()
     };
     config.upstreams.feature_service = s.features.clone();

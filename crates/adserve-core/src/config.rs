@@ -222,12 +222,21 @@ pub struct TelemetryConfig {
     pub log_json: bool,
     /// OTLP gRPC endpoint (e.g. "http://127.0.0.1:4317"); empty disables export.
     pub otlp_endpoint: String,
+    /// Share of requests traced when the caller sent no sampling decision,
+    /// `[0, 1]`. A caller's sampled `traceparent` is always followed, so one
+    /// trace is never cut in half between services.
+    pub trace_sample_ratio: f64,
 }
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
         // ONNX Runtime logs every allocation at info (the ranker); keep it to warnings.
-        Self { log_filter: "info,ort=warn".into(), log_json: true, otlp_endpoint: String::new() }
+        Self {
+            log_filter: "info,ort=warn".into(),
+            log_json: true,
+            otlp_endpoint: String::new(),
+            trace_sample_ratio: 0.05,
+        }
     }
 }
 

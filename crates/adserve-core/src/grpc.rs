@@ -56,6 +56,8 @@ pub async fn serve(
     let server = net::grpc_server()
         .timeout(lifecycle.request_timeout)
         .layer(gate)
+        // A span per call, joined to the caller's trace.
+        .layer(crate::trace_context::GrpcTraceLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(net::grpc_incoming(listener), {
             let lifecycle = lifecycle.clone();

@@ -48,7 +48,10 @@ pub async fn serve(listener: TcpListener, router: axum::Router, lifecycle: &Life
         gate: overload::Gate::new("http", lifecycle.max_concurrent_requests),
         timeout: lifecycle.request_timeout,
     };
-    let router = router.layer(axum::middleware::from_fn_with_state(limits, overload::http_admission));
+    let router = router
+        .layer(axum::middleware::from_fn_with_state(limits, overload::http_admission))
+        // Outermost: a span per request, joined to the caller's trace.
+        .layer(axum::middleware::from_fn(crate::trace_context::http_trace));
     let builder = builder(lifecycle.http_header_timeout);
     let graceful = GracefulShutdown::new();
     let stop = lifecycle.stop_accepting();

@@ -13,6 +13,7 @@ pub mod ports;
 pub mod readiness;
 pub mod shutdown;
 pub mod telemetry;
+pub mod trace_context;
 
 pub use config::{
     ConfigError, Invalid, ServerConfig, TelemetryConfig, Validate, check_duration, check_range, load_config,

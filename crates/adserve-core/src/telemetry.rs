@@ -18,6 +18,9 @@ pub enum TelemetryError {
     /// The OTLP exporter could not be built.
     #[error("telemetry.otlp_endpoint: {0}")]
     Otlp(String),
+    /// `telemetry.trace_sample_ratio` is outside `[0, 1]`.
+    #[error("telemetry.trace_sample_ratio: must be in [0, 1], got {0}")]
+    SampleRatio(f64),
     /// The metrics endpoint could not bind.
     #[error("server.metrics_addr: {0}")]
     Metrics(String),
@@ -45,6 +48,9 @@ pub fn init_tracing(service: &'static str, config: &TelemetryConfig) -> Result<T
     } else {
         tracing_subscriber::fmt::layer().boxed()
     };
+    if !(0.0..=1.0).contains(&config.trace_sample_ratio) {
+        return Err(TelemetryError::SampleRatio(config.trace_sample_ratio));
+    }
     let (otel, provider) = if config.otlp_endpoint.is_empty() {
         (None, None)
     } else {
@@ -53,13 +59,20 @@ pub fn init_tracing(service: &'static str, config: &TelemetryConfig) -> Result<T
             .with_endpoint(config.otlp_endpoint.clone())
             .build()
             .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
+        // Head sampling at the edge; downstream services follow the caller.
+        let sampler = opentelemetry_sdk::trace::Sampler::ParentBased(Box::new(
+            opentelemetry_sdk::trace::Sampler::TraceIdRatioBased(config.trace_sample_ratio),
+        ));
         let provider = SdkTracerProvider::builder()
+            .with_sampler(sampler)
             .with_batch_exporter(exporter)
             .with_resource(Resource::builder().with_service_name(service).build())
             .build();
         let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(service));
         (Some(layer), Some(provider))
     };
+    // traceparent in and out of every request (trace_context).
+    crate::trace_context::install_propagator();
     // A second init (e.g. several services in one test process) keeps the first.
     let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init();
     Ok(TelemetryGuard { provider })

@@ -215,6 +215,7 @@ reflection = {{ $v.grpcReflection }}
 log_filter = {{ $v.telemetry.logFilter | toJson }}
 log_json = {{ $v.telemetry.logJson }}
 otlp_endpoint = {{ $v.telemetry.otlpEndpoint | default "" | toJson }}
+trace_sample_ratio = {{ float64 $v.telemetry.traceSampleRatio }}
 {{- if eq .name "gateway" }}
 {{- $up := $c.upstreams | default dict }}
 {{- $d := $c.deadlines }}

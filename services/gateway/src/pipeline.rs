@@ -578,10 +578,13 @@ impl Hop {
     }
 }
 
-/// Runs `step`, recording how long it took under `hop`, whatever its outcome.
+/// Runs `step` in a span of its own (the upstream call made inside it joins
+/// the request's trace), recording how long it took under `hop`, whatever its
+/// outcome.
 async fn timed<T>(hop: Hop, step: impl Future<Output = T>) -> T {
+    use tracing::Instrument as _;
     let started = Instant::now();
-    let out = step.await;
+    let out = step.instrument(tracing::info_span!("hop", otel.name = hop.label())).await;
     metrics::histogram!("adserve_gateway_hop_seconds", "hop" => hop.label()).record(started.elapsed().as_secs_f64());
     out
 }
@@ -654,6 +657,8 @@ impl CallFailure for adserve_catalog::CatalogError {
 fn with_deadline<T>(message: T, limit: Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.set_timeout(limit);
+    // The upstream's span joins this request's trace.
+    adserve_core::trace_context::inject(&mut request);
     request
 }
 
