@@ -97,9 +97,11 @@ async fn forged_and_replayed_clicks_are_refused_and_never_logged() -> anyhow::Re
     let (a, b) = (&a["winners"][0], &b["winners"][0]);
     let a_id = a["impression_id"].as_str().expect("impression").to_string();
     let token = b["click_token"].as_str().expect("token").to_string();
-    let mut altered = token.clone();
-    let last = altered.pop().expect("non-empty");
-    altered.push(if last == 'A' { 'B' } else { 'A' });
+    // One signature character changed: the first, whose 6 bits all count (the
+    // last one of unpadded base64 carries padding bits a strict decoder checks).
+    let at = token.rfind('.').expect("signed token") + 1;
+    let first = &token[at..=at];
+    let altered = format!("{}{}{}", &token[..at], if first == "A" { "B" } else { "A" }, &token[at + 1..]);
     let cases = [
         (json!({"impression_id": a_id}), 400, "click_token: required"),
         (json!({"impression_id": a_id, "click_token": "v1.1.2.AAAA.x"}), 400, "click_token: malformed"),
