@@ -314,6 +314,8 @@ def test_without_static_keys_dynamodb_uses_the_default_chain_through_irsa() -> N
 
 PRODUCTION = {
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+    "prometheusRule": {"enabled": True},
+    "dashboards": {"enabled": True},
     "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/adserve"}},
     "services": {
         svc: {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 12}}
@@ -380,3 +382,26 @@ def test_publisher_api_keys_reach_the_gateway_as_hashes() -> None:
         {"publisher": "news-site", "sha256": digest, "requests_per_second": 500, "burst": 1000}
     ]
     assert "auth" not in tomllib.loads(configs(render(None))["gateway"])
+
+
+def test_alert_rules_and_the_dashboard_render_and_use_documented_metrics() -> None:
+    import json
+    import re
+
+    manifests = render({"prometheusRule": {"enabled": True}, "dashboards": {"enabled": True}})
+    documents = manifest_documents({"o": manifests["adserve/templates/observability.yaml"]})
+    rule = next(d for d in documents if d["kind"] == "PrometheusRule")
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert {"AdserveAvailability", "AdserveLatencyP99", "AdserveFeatureFreshness", "AdserveJoinerLag"} <= set(alerts)
+    assert "> 0.025" in alerts["AdserveLatencyP99"]["expr"]
+    dashboard_map = next(d for d in documents if d["kind"] == "ConfigMap")
+    assert dashboard_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(dashboard_map["data"]["adserve.json"])
+    assert dashboard["uid"] == "adserve-overview" and len(dashboard["panels"]) >= 6
+    # Every metric they use is one the services export (docs/operations.md lists them).
+    documented = set(re.findall(r"`(adserve_[a-z_]+)`", (REPO / "docs" / "operations.md").read_text()))
+    used = set(re.findall(r"adserve_[a-z_]+", json.dumps([alerts, dashboard])))
+    used = {re.sub(r"_(bucket|sum|count)$", "", m) for m in used}
+    assert used <= documented, sorted(used - documented)
+    # Off by default.
+    assert "observability.yaml" not in "".join(k for k, v in render(None).items() if v.strip())
