@@ -150,20 +150,7 @@ impl Stack {
         &self,
         tweak: impl FnOnce(&mut adserve_gateway::GatewayConfig),
     ) -> anyhow::Result<String> {
-        let mut config = adserve_gateway::GatewayConfig {
-            postgres: self.postgres_config("public"),
-            kafka: adserve_events::KafkaConfig {
-                brokers: self.kafka.clone(),
-                publish_timeout: LOCAL_PUBLISH_TIMEOUT,
-                ..adserve_gateway::GatewayConfig::default().kafka
-            },
-            counters: adserve_counters::RedisConfig { url: self.redis.clone(), ..Default::default() },
-            ..Default::default()
-        };
-        config.upstreams.feature_service = self.features.clone();
-        config.upstreams.ranker = self.ranker.clone();
-        config.upstreams.auction = self.auction.clone();
-        config.deadlines.request = LOCAL_REQUEST_BUDGET;
+        let mut config = self.gateway_config();
         tweak(&mut config);
         let catalog = Catalog::connect_lazy(&config.postgres)?;
         if config.postgres.schema != "public" {
@@ -184,6 +171,27 @@ impl Stack {
         );
         tokio::spawn(async move { axum::serve(listener, router).await });
         Ok(format!("http://{addr}"))
+    }
+
+    /// The config of a test's own gateway on this stack: its stores, broker
+    /// and upstreams, with the local stack's impression-log timeout and
+    /// request budget ([`LOCAL_PUBLISH_TIMEOUT`]).
+    pub fn gateway_config(&self) -> adserve_gateway::GatewayConfig {
+        let mut config = adserve_gateway::GatewayConfig {
+            postgres: self.postgres_config("public"),
+            kafka: adserve_events::KafkaConfig {
+                brokers: self.kafka.clone(),
+                publish_timeout: LOCAL_PUBLISH_TIMEOUT,
+                ..adserve_gateway::GatewayConfig::default().kafka
+            },
+            counters: adserve_counters::RedisConfig { url: self.redis.clone(), ..Default::default() },
+            ..Default::default()
+        };
+        config.upstreams.feature_service = self.features.clone();
+        config.upstreams.ranker = self.ranker.clone();
+        config.upstreams.auction = self.auction.clone();
+        config.deadlines.request = LOCAL_REQUEST_BUDGET;
+        config
     }
 
     /// A fresh catalog schema (migrated) whose campaign and ad ids start at a

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use adserve_catalog::Catalog;
-use adserve_events::{EventPublisher, KafkaConfig};
+use adserve_events::EventPublisher;
 use adserve_gateway::{AdServer, GatewayConfig, http};
 use adserve_integration_tests::Stack;
 use serde_json::{Value, json};
@@ -420,24 +420,9 @@ async fn dead_kafka_serves_no_unlogged_ad() -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_fatal_kafka_producer_makes_the_gateway_unready_until_it_is_replaced() -> anyhow::Result<()> {
     let s = Stack::ready().await?;
-    let mut config = GatewayConfig {
-        postgres: s.postgres_config("public"),
-        // The first replacement waits 3 s: long enough to observe the unready state.
-        kafka: KafkaConfig {
-            brokers: s.kafka.clone(),
-            recovery_backoff_min: Duration::from_secs(3),
-            publish_timeout: adserve_integration_tests::LOCAL_PUBLISH_TIMEOUT,
-            ..GatewayConfig::default().kafka
-        },
-        deadlines: adserve_gateway::config::Deadlines {
-            request: adserve_integration_tests::LOCAL_REQUEST_BUDGET,
-            ..Default::default()
-        },
-        ..GatewayConfig::default()
-    };
-    config.upstreams.feature_service = s.features.clone();
-    config.upstreams.ranker = s.ranker.clone();
-    config.upstreams.auction = s.auction.clone();
+    let mut config = s.gateway_config();
+    // The first replacement waits 3 s: long enough to observe the unready state.
+    config.kafka.recovery_backoff_min = Duration::from_secs(3);
     let events = EventPublisher::new(&config.kafka, "test")?;
     events.warm_up(&adserve_integration_tests::WARM_TOPICS, Duration::from_secs(5)).await?;
     let readiness = adserve_core::Readiness::new();
@@ -519,22 +504,7 @@ async fn api_keys_admit_their_publishers_and_each_has_its_own_rate_limit() -> an
     use adserve_proto::v1::{GetAdsRequest, RequestContext, gateway_service_client::GatewayServiceClient};
     let s = Stack::ready().await?;
     let (news, app) = ("news-key-5b2f0c7e91d4", "app-key-0f6c2d9a84e1");
-    let mut config = GatewayConfig {
-        postgres: s.postgres_config("public"),
-        kafka: KafkaConfig {
-            brokers: s.kafka.clone(),
-            publish_timeout: adserve_integration_tests::LOCAL_PUBLISH_TIMEOUT,
-            ..GatewayConfig::default().kafka
-        },
-        deadlines: adserve_gateway::config::Deadlines {
-            request: adserve_integration_tests::LOCAL_REQUEST_BUDGET,
-            ..Default::default()
-        },
-        ..GatewayConfig::default()
-    };
-    config.upstreams.feature_service = s.features.clone();
-    config.upstreams.ranker = s.ranker.clone();
-    config.upstreams.auction = s.auction.clone();
+    let mut config = s.gateway_config();
     config.auth.api_keys = vec![
         ApiKey { publisher: "news".into(), sha256: key_sha256(news), requests_per_second: 1, burst: 2 },
         ApiKey { publisher: "app".into(), sha256: key_sha256(app), requests_per_second: 1000, burst: 1000 },
