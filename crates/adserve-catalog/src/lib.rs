@@ -173,27 +173,28 @@ pub fn pool_lazy(config: &PostgresConfig) -> Result<PgPool, sqlx::Error> {
 ///
 /// Pool connections carry the request-path statement timeout
 /// (`postgres.timeout`, 200 ms by default); DDL on a busy database can take
-/// longer, so migrations run on one connection with
-/// [`MIGRATION_STATEMENT_TIMEOUT`] instead.
+/// longer, so migrations run on a connection of their own, opened with
+/// [`MIGRATION_STATEMENT_TIMEOUT`] as its timeout from the start. (Lifting
+/// the timeout with `SET` on a pool connection is not enough: the `SET` is
+/// itself a statement under the request-path timeout, and with a timeout of
+/// a few milliseconds on a busy machine even it can be cancelled.) The
+/// pool's connections never see the longer timeout.
 pub async fn migrate(pool: &PgPool, schema: &str, migrator: &sqlx::migrate::Migrator) -> Result<(), CatalogError> {
-    let mut conn = pool.acquire().await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("SET statement_timeout = '{MIGRATION_STATEMENT_TIMEOUT}'")))
-        .execute(&mut *conn)
-        .await?;
+    use sqlx::Connection as _;
+    // `options` appends `-c statement_timeout=...` after the pool's own:
+    // PostgreSQL applies startup options in order, so the last one wins.
+    let options = (*pool.connect_options()).clone().options([("statement_timeout", MIGRATION_STATEMENT_TIMEOUT)]);
+    let mut conn = sqlx::PgConnection::connect_with(&options).await?;
     if schema != "public" {
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")))
-            .execute(&mut *conn)
+            .execute(&mut conn)
             .await?;
     }
     // run_direct on the connection itself (not `run` over `Acquire`): the
     // generic form makes callers' futures fail the Send check when spawned.
-    let migrated = migrator.run_direct(None, &mut *conn, false).await;
-    // Back to the pool's request-path timeout before the connection is reused.
-    let reset = sqlx::query("RESET statement_timeout").execute(&mut *conn).await;
+    let migrated = migrator.run_direct(None, &mut conn, false).await;
+    let _ = conn.close().await;
     migrated?;
-    if reset.is_err() {
-        conn.close_on_drop();
-    }
     Ok(())
 }
 
@@ -215,7 +216,7 @@ impl Catalog {
     /// Pool connections carry the request-path statement timeout
     /// (`postgres.timeout`, 200 ms by default); DDL on a busy database can
     /// take longer, so migrations run on one connection with
-    /// [`MIGRATION_STATEMENT_TIMEOUT`] instead.
+    /// [`MIGRATION_STATEMENT_TIMEOUT`] instead ([`migrate`]).
     pub async fn migrate(&self, schema: &str) -> Result<(), CatalogError> {
         migrate(&self.pool, schema, &MIGRATOR).await
     }
@@ -641,7 +642,7 @@ mod tests {
         };
         let catalog = Catalog::connect_lazy(&config).expect("config");
         catalog.migrate(&schema).await.expect("migrations run under their own timeout");
-        // The same connection is back on the request-path timeout.
+        // The pool's connections keep the request-path timeout.
         let slow = sqlx::query("SELECT pg_sleep(0.2)").execute(catalog.pool()).await;
         assert!(slow.is_err(), "a 200 ms statement must still hit the 1 ms request timeout");
     }
