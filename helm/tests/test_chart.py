@@ -55,6 +55,7 @@ AUCTION = {
                 },
                 "pacing": {"hourlyTraffic": [0.5] * 8 + [1.5] * 16},
                 "frequencyCapPerDay": 3,
+                "openrtb": {"placements": {"agltb3B1Yi1pbmNy": "feed_top", "side bar": "sidebar"}, "currency": "EUR"},
             }
         }
     }
@@ -129,6 +130,8 @@ def test_the_auction_values_reach_the_gateway() -> None:
     assert gateway["pacing"]["hourly_traffic"] == [0.5] * 8 + [1.5] * 16
     assert gateway["frequency_cap_per_day"] == 3
     assert gateway["counters"]["url"] == "redis://redis:6379/0"
+    assert gateway["openrtb"]["placements"] == {"agltb3B1Yi1pbmNy": "feed_top", "side bar": "sidebar"}
+    assert (gateway["openrtb"]["currency"], gateway["openrtb"]["network_allowance"]) == ("EUR", "10ms")
     defaults = tomllib.loads(configs(render(None))["gateway"])
     assert "objective" not in defaults["auction"]
     assert "reserve_ecpm_micros" not in tomllib.loads(configs(render(None))["auction"])

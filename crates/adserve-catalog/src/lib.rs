@@ -151,6 +151,8 @@ pub struct EligibleAd {
     pub frequency_cap_per_day: Option<i32>,
     /// The highest floor matching the placement and the ad's category.
     pub reserve_ecpm_micros: i64,
+    /// The advertiser's domain (OpenRTB `adomain`); empty when unknown.
+    pub advertiser_domain: String,
 }
 
 /// A pool that connects lazily (the first query opens connections, so a
@@ -277,10 +279,12 @@ impl Catalog {
                     c.bid_cpc_micros, c.bid_cpm_micros, a.quality, c.daily_budget_micros,
                     c.frequency_cap_per_day,
                     GREATEST(COALESCE(fc.reserve, 0), COALESCE((SELECT reserve FROM fl WHERE category = '*'), 0))
-                      AS reserve_ecpm_micros
+                      AS reserve_ecpm_micros,
+                    COALESCE(v.domain, '') AS advertiser_domain
              FROM chosen ch
              JOIN ads a ON a.id = ch.ad_id
              JOIN campaigns c ON c.id = a.campaign_id
+             LEFT JOIN advertisers v ON v.id = c.advertiser_id
              LEFT JOIN fl fc ON fc.category = a.category
              ORDER BY ch.est_ecpm DESC, a.id",
         )

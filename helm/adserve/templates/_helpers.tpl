@@ -275,6 +275,20 @@ max_step = {{ float64 $p.maxStep }}
 memory = {{ float64 $p.memory }}
 spend_lag = "{{ int64 $p.spendLagMs }}ms"
 hourly_traffic = {{ $p.hourlyTraffic | toJson }}
+{{- $o := $c.openrtb }}
+
+[openrtb]
+seat = {{ $o.seat | toJson }}
+currency = {{ $o.currency | toJson }}
+default_placement = {{ $o.defaultPlacement | toJson }}
+network_allowance = "{{ int64 $o.networkAllowanceMs }}ms"
+{{- with $o.placements }}
+
+[openrtb.placements]
+{{- range $tag, $placement := . }}
+{{ $tag | toJson }} = {{ $placement | toJson }}
+{{- end }}
+{{- end }}
 {{- range $c.apiKeys }}
 
 [[auth.api_keys]]

@@ -102,7 +102,9 @@ impl FeatureGrpc {
 /// (adserve_features::request) and the service's `max_ads`.
 pub fn validate(req: &GetFeaturesRequest, registry: &FeatureRegistry, max_ads: usize) -> Result<(), FieldError> {
     let ctx = check_context(req.context.as_ref(), registry)?;
-    check_user_id(&req.user_id, ctx.coppa)?;
+    // Empty: an anonymous user (the gateway's OpenRTB face serves requests
+    // that identify nobody); no user feature is read. Blank is still refused.
+    check_user_id(&req.user_id, ctx.coppa || req.user_id.is_empty())?;
     if req.ad_ids.is_empty() || req.ad_ids.len() > max_ads {
         return Err(FieldError::new("ad_ids", format!("must hold 1..={max_ads} ids, got {}", req.ad_ids.len())));
     }
@@ -315,7 +317,9 @@ mod tests {
         let registry = adserve_features::registry();
         assert!(validate(&req("u", vec![1], false), registry, 10).is_ok());
         assert!(validate(&req("", vec![1], true), registry, 10).is_ok());
-        assert_eq!(field(&req("", vec![1], false)), "user_id");
+        // Anonymous: no user features are read.
+        assert!(validate(&req("", vec![1], false), registry, 10).is_ok());
+        assert_eq!(field(&req(" ", vec![1], false)), "user_id");
         assert_eq!(field(&req("u", vec![], false)), "ad_ids");
         assert_eq!(field(&req("u", (0..11).collect(), false)), "ad_ids");
         assert!(validate(&req("u", vec![3, 3], false), registry, 10).unwrap_err().why.contains("repeated"));

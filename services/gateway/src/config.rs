@@ -52,6 +52,66 @@ pub struct GatewayConfig {
     pub click_tokens: ClickTokenConfig,
     /// Publisher API keys and their rate limits ([`crate::auth`]).
     pub auth: AuthConfig,
+    /// The OpenRTB 2.5/2.6 endpoint ([`crate::openrtb`]).
+    pub openrtb: OpenRtbConfig,
+}
+
+/// How the OpenRTB endpoint bids.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpenRtbConfig {
+    /// The seat the bids are made from (`seatbid.seat`; a request's `wseat`
+    /// and `bseat` are matched against it).
+    pub seat: String,
+    /// The one currency bids are made in (ISO 4217); budgets and bids in the
+    /// catalog are in it. A request that allows only other currencies, or an
+    /// imp whose `bidfloorcur` is another one, gets no bid.
+    pub currency: String,
+    /// `imp.tagid` -> catalog placement (what campaigns target).
+    pub placements: std::collections::BTreeMap<String, String>,
+    /// The placement of an imp whose `tagid` is absent or not in `placements`.
+    pub default_placement: String,
+    /// Taken off a request's `tmax` for the network between the exchange and
+    /// the gateway: the answer must arrive within `tmax`, not just leave.
+    #[serde(with = "humantime_serde")]
+    pub network_allowance: Duration,
+}
+
+impl Default for OpenRtbConfig {
+    fn default() -> Self {
+        Self {
+            seat: "adserve".into(),
+            currency: "USD".into(),
+            placements: Default::default(),
+            default_placement: "openrtb".into(),
+            network_allowance: Duration::from_millis(10),
+        }
+    }
+}
+
+impl OpenRtbConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        let printable = |key: String, v: &str, max: usize| {
+            if v.is_empty() || v.len() > max || v.chars().any(char::is_control) {
+                return Err(Invalid::new(key, format!("must be 1..={max} printable bytes, got {v:?}")));
+            }
+            Ok(())
+        };
+        printable("openrtb.seat".into(), &self.seat, 64)?;
+        if self.currency.len() != 3 || !self.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(Invalid::new(
+                "openrtb.currency",
+                format!("must be an ISO 4217 code (3 capitals), got {:?}", self.currency),
+            ));
+        }
+        // The same limit as the request contract's context.placement.
+        printable("openrtb.default_placement".into(), &self.default_placement, 64)?;
+        for (tag, placement) in &self.placements {
+            printable(format!("openrtb.placements.{tag:?}"), placement, 64)?;
+        }
+        check_duration("openrtb.network_allowance", self.network_allowance, Duration::ZERO, Duration::from_secs(1))?;
+        Ok(())
+    }
 }
 
 /// Publisher API keys.
@@ -343,6 +403,7 @@ impl Default for GatewayConfig {
             body_timeout: Duration::from_secs(2),
             click_tokens: ClickTokenConfig::default(),
             auth: AuthConfig::default(),
+            openrtb: OpenRtbConfig::default(),
         }
     }
 }
@@ -414,6 +475,7 @@ impl Validate for GatewayConfig {
         check_duration("body_timeout", self.body_timeout, Duration::from_millis(10), Duration::from_secs(300))?;
         self.click_tokens.decoded()?;
         self.auth.validate()?;
+        self.openrtb.validate()?;
         Ok(())
     }
 }

@@ -1,4 +1,5 @@
-//! HTTP/JSON API: `POST /v1/ads`, `POST /v1/clicks`, `GET /healthz`
+//! HTTP/JSON API: `POST /v1/ads`, `POST /v1/clicks`, `POST
+//! /openrtb2/auction` (OpenRTB 2.5/2.6, [`crate::openrtb`]), `GET /healthz`
 //! (readiness), `GET /livez` (liveness).
 //!
 //! Bodies are the gRPC messages' JSON form (one contract). Unknown fields,
@@ -27,6 +28,7 @@ pub fn router(server: AdServer, body: BodyLimits, readiness: Readiness) -> Route
     Router::new()
         .route("/v1/ads", post(get_ads))
         .route("/v1/clicks", post(record_click))
+        .route("/openrtb2/auction", post(openrtb_auction))
         .route("/healthz", get(healthz))
         // Liveness: the process answers at all. Not ready is not dead.
         .route("/livez", get(|| async { "ok" }))
@@ -137,6 +139,23 @@ async fn get_ads(State(state): State<HttpState>, headers: HeaderMap, body: Body)
     };
     record(Api::Http, "ads", &result);
     result
+}
+
+/// OpenRTB: 200 with a BidResponse, or 204 (no bid); both carry
+/// `x-openrtb-version: 2.6`.
+async fn openrtb_auction(State(state): State<HttpState>, headers: HeaderMap, body: Body) -> axum::response::Response {
+    let parsed = admitted(&state, &headers, body).await;
+    let result = match parsed {
+        Ok(req) => state.server.openrtb(req).await,
+        Err(e) => Err(e),
+    };
+    record(Api::Http, "openrtb", &result);
+    let version = (header::HeaderName::from_static("x-openrtb-version"), header::HeaderValue::from_static("2.6"));
+    match result {
+        Ok(Some(bids)) => ([version], Json(bids)).into_response(),
+        Ok(None) => (StatusCode::NO_CONTENT, [version]).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn record_click(State(state): State<HttpState>, headers: HeaderMap, body: Body) -> impl IntoResponse {

@@ -16,6 +16,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod openrtb;
 pub mod pacing;
 pub mod pipeline;
 

@@ -96,6 +96,11 @@ impl AdServer {
         })
     }
 
+    /// The configuration it runs with.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.config
+    }
+
     /// Admits a request presenting API key `key` ([`crate::auth`]), or
     /// refuses it (401 / 429), counted in `adserve_gateway_auth_refused_total`.
     pub fn admit(&self, key: Option<&str>) -> Result<(), ServeError> {
@@ -138,8 +143,20 @@ impl AdServer {
         req: GetAdsRequest,
         caller_deadline: Option<Duration>,
     ) -> Result<GetAdsResponse, ServeError> {
+        Ok(self.serve_with(req, caller_deadline, ServeOptions::default()).await?.response)
+    }
+
+    /// [`serve`](Self::serve), with what a face other than the native API
+    /// adds (the OpenRTB endpoint: anonymous users, a publisher's floor), and
+    /// each winner's creative details beside the answer.
+    pub async fn serve_with(
+        &self,
+        req: GetAdsRequest,
+        caller_deadline: Option<Duration>,
+        options: ServeOptions,
+    ) -> Result<Served, ServeError> {
         let started = Instant::now();
-        let checked = validate(&req)?;
+        let checked = validate_with(&req, options.anonymous)?;
         let log_reserve = self.config.kafka.publish_timeout;
         let total = budget::requested(req.tmax_ms, caller_deadline, self.config.deadlines.request, log_reserve)?;
         let budget = Budget::new(started, total, log_reserve);
@@ -170,7 +187,7 @@ impl AdServer {
         );
         let ads = ads.map_err(|e| unavailable("catalog", e))?;
         if ads.is_empty() {
-            return Ok(no_fill(request_id, 0, degraded, no_fill::NO_ELIGIBLE_ADS, ""));
+            return Ok(Served::nothing(no_fill(request_id, 0, degraded, no_fill::NO_ELIGIBLE_ADS, "")));
         }
         let seen = seen.unwrap_or_else(|e| {
             degraded.push(Degradation {
@@ -181,7 +198,7 @@ impl AdServer {
         });
         let ads = self.apply_caps_and_pacing(ads, &seen, seed, &mut degraded);
         if ads.is_empty() {
-            return Ok(no_fill(request_id, 0, degraded, no_fill::CAPPED_OR_PACED, ""));
+            return Ok(Served::nothing(no_fill(request_id, 0, degraded, no_fill::CAPPED_OR_PACED, "")));
         }
         let ad_ids: Vec<i64> = ads.iter().map(|a| a.ad_id).collect();
 
@@ -200,19 +217,40 @@ impl AdServer {
                 pctr,
                 pcvr: 0.0,
                 quality: ad.quality,
-                reserve_ecpm_micros: ad.reserve_ecpm_micros,
+                // The caller's floor raises every reserve; the catalog's may be higher.
+                reserve_ecpm_micros: ad.reserve_ecpm_micros.max(options.floor_ecpm_micros),
             })
             .collect();
         let rules = self.config.auction.rules(req.slots as usize, seed);
-        let winners = timed(Hop::Auction, self.auction(candidates, &rules, &budget, &mut degraded)).await?;
+        let mut winners = timed(Hop::Auction, self.auction(candidates, &rules, &budget, &mut degraded)).await?;
+        // The auction's reserve is on quality-weighted eCPM; a caller's floor
+        // is on the price actually paid per mille. A winner whose price falls
+        // below it is dropped here, before anything is logged: an impression
+        // that is not served must not become a training row.
+        if options.floor_ecpm_micros > 0 {
+            let before = winners.len();
+            winners.retain(|w| price_per_mille_micros(w) >= options.floor_ecpm_micros);
+            let dropped = (before - winners.len()) as u64;
+            if dropped > 0 {
+                metrics::counter!("adserve_gateway_candidates_dropped_total", "reason" => "below_floor")
+                    .increment(dropped);
+            }
+        }
         if winners.is_empty() {
-            return Ok(no_fill(request_id, ads.len(), degraded, no_fill::BELOW_RESERVE, &model_version));
+            return Ok(Served::nothing(no_fill(
+                request_id,
+                ads.len(),
+                degraded,
+                no_fill::BELOW_RESERVE,
+                &model_version,
+            )));
         }
 
         let now = std::time::SystemTime::now();
         let served_at = prost_types::Timestamp::from(now);
         let served_ms = unix_ms(now);
         let mut out = Vec::with_capacity(winners.len());
+        let mut creatives = Vec::with_capacity(winners.len());
         let mut events = Vec::with_capacity(winners.len());
         for w in winners {
             let row = ad_ids
@@ -251,6 +289,11 @@ impl AdServer {
                 propensity: w.propensity,
                 explored: w.explored,
             });
+            creatives.push(Creative {
+                advertiser_domain: ad.advertiser_domain.clone(),
+                category: ad.category.clone(),
+                price_per_mille_micros: price_per_mille_micros(&w),
+            });
             out.push(AdWinner {
                 click_token: self.click_tokens.sign(&impression_id, w.ad_id, served_ms),
                 impression_id,
@@ -276,13 +319,16 @@ impl AdServer {
         }
         metrics::histogram!("adserve_gateway_request_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("adserve_gateway_impressions_total").increment(out.len() as u64);
-        Ok(GetAdsResponse {
-            request_id,
-            winners: out,
-            model_version,
-            candidates: ads.len() as u32,
-            degraded,
-            no_fill_reason: String::new(),
+        Ok(Served {
+            response: GetAdsResponse {
+                request_id,
+                winners: out,
+                model_version,
+                candidates: ads.len() as u32,
+                degraded,
+                no_fill_reason: String::new(),
+            },
+            creatives,
         })
     }
 
@@ -692,6 +738,56 @@ fn unavailable(component: &str, e: impl std::fmt::Display) -> ServeError {
     ServeError::Unavailable(format!("{component} unavailable: {e}"))
 }
 
+/// What a face other than the native API adds to a request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServeOptions {
+    /// An empty `user_id` is an anonymous user (no user features, no
+    /// frequency caps), not a missing field. COPPA requests are anonymous anyway.
+    pub anonymous: bool,
+    /// The caller's floor, micro units per mille (OpenRTB `bidfloor`): it
+    /// raises every candidate's reserve, and a winner whose price per mille
+    /// ([`price_per_mille_micros`]) is below it is dropped before it is
+    /// logged. 0 = none.
+    pub floor_ecpm_micros: i64,
+}
+
+/// One answer, with the creative details of each winner.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// The answer.
+    pub response: GetAdsResponse,
+    /// One per winner, in the same order.
+    pub creatives: Vec<Creative>,
+}
+
+impl Served {
+    fn nothing(response: GetAdsResponse) -> Self {
+        Self { response, creatives: Vec::new() }
+    }
+}
+
+/// What the native answer does not carry of a winner.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Creative {
+    /// The advertiser's domain (OpenRTB `adomain`); may be empty.
+    pub advertiser_domain: String,
+    /// The ad's content category.
+    pub category: String,
+    /// The winner's price per thousand impressions ([`price_per_mille_micros`]).
+    pub price_per_mille_micros: i64,
+}
+
+/// A winner's price per thousand impressions, micro units: a CPM winner's
+/// price, or a CPC winner's price per click times its pCTR times 1000 (the
+/// expected cost of a thousand such impressions), rounded down.
+pub fn price_per_mille_micros(w: &adserve_proto::v1::AuctionWinner) -> i64 {
+    if w.bid_cpm_micros > 0 {
+        w.price_cpm_micros
+    } else {
+        (w.price_cpc_micros as f64 * f64::from(w.pctr) * 1000.0).floor() as i64
+    }
+}
+
 fn no_fill(
     request_id: String,
     candidates: usize,
@@ -742,8 +838,14 @@ pub struct Checked {
 /// (adserve_features::request), the auction's slot limit and the block
 /// lists' limits.
 pub fn validate(req: &GetAdsRequest) -> Result<Checked, FieldError> {
+    validate_with(req, false)
+}
+
+/// [`validate`]; with `anonymous`, an empty `user_id` is accepted without
+/// COPPA (no user features, no frequency caps).
+fn validate_with(req: &GetAdsRequest, anonymous: bool) -> Result<Checked, FieldError> {
     let ctx = check_context(req.context.as_ref(), adserve_features::registry())?;
-    check_user_id(&req.user_id, ctx.coppa)?;
+    check_user_id(&req.user_id, ctx.coppa || (anonymous && req.user_id.is_empty()))?;
     if req.slots == 0 || req.slots as usize > adserve_auction::MAX_SLOTS {
         return Err(FieldError::new(
             "slots",
