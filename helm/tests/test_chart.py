@@ -55,7 +55,7 @@ AUCTION = {
                 },
                 "pacing": {"hourlyTraffic": [0.5] * 8 + [1.5] * 16},
                 "frequencyCapPerDay": 3,
-                "openrtb": {"placements": {"agltb3B1Yi1pbmNy": "feed_top", "side bar": "sidebar"}, "currency": "EUR"},
+                "openrtb": {"placements": {"agltb3B1Yi1pbmNy": "feed_top", "side bar": "sidebar"}, "currency": "EUR", "clickUrl": "https://ads.example.com/v1/clicks/redirect"},
             }
         }
     }
@@ -132,6 +132,7 @@ def test_the_auction_values_reach_the_gateway() -> None:
     assert gateway["counters"]["url"] == "redis://redis:6379/0"
     assert gateway["openrtb"]["placements"] == {"agltb3B1Yi1pbmNy": "feed_top", "side bar": "sidebar"}
     assert (gateway["openrtb"]["currency"], gateway["openrtb"]["network_allowance"]) == ("EUR", "10ms")
+    assert gateway["openrtb"]["click_url"] == "https://ads.example.com/v1/clicks/redirect"
     defaults = tomllib.loads(configs(render(None))["gateway"])
     assert "objective" not in defaults["auction"]
     assert "reserve_ecpm_micros" not in tomllib.loads(configs(render(None))["auction"])

@@ -301,6 +301,15 @@ impl Catalog {
         Ok(rows)
     }
 
+    /// Where a click on ad `ad_id` goes (any status: an ad paused since it
+    /// was served still has its landing page); `None` for an unknown ad.
+    pub async fn landing_url(&self, ad_id: i64) -> Result<Option<String>, CatalogError> {
+        Ok(sqlx::query_scalar("SELECT landing_url FROM ads WHERE id = $1")
+            .bind(ad_id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
     /// Daily budget of every active campaign, micro units (the pacer's input).
     pub async fn campaign_budgets(&self) -> Result<Vec<(i64, i64)>, CatalogError> {
         Ok(sqlx::query_as("SELECT id, daily_budget_micros FROM campaigns WHERE status = 'active'")

@@ -282,6 +282,7 @@ seat = {{ $o.seat | toJson }}
 currency = {{ $o.currency | toJson }}
 default_placement = {{ $o.defaultPlacement | toJson }}
 network_allowance = "{{ int64 $o.networkAllowanceMs }}ms"
+click_url = {{ $o.clickUrl | default "" | toJson }}
 {{- with $o.placements }}
 
 [openrtb.placements]

@@ -114,6 +114,21 @@ impl ClickTokens {
 
     /// Checks `token` against `impression_id` at `now_ms`.
     pub fn verify(&self, token: &str, impression_id: &str, now_ms: u64) -> Result<Claims, TokenError> {
+        let claims = self.genuine(token, impression_id)?;
+        if claims.served_ms > now_ms + CLOCK_SKEW.as_millis() as u64 {
+            return Err(TokenError::FromTheFuture);
+        }
+        let age = Duration::from_millis(now_ms.saturating_sub(claims.served_ms));
+        if age > self.max_age {
+            return Err(TokenError::Expired { age_s: age.as_secs(), window_s: self.max_age.as_secs() });
+        }
+        Ok(claims)
+    }
+
+    /// Checks only that `token` was signed here for `impression_id`, at any
+    /// time: its claims (the ad) can be trusted, though a click on it may
+    /// no longer count ([`verify`](Self::verify) says whether it does).
+    pub fn genuine(&self, token: &str, impression_id: &str) -> Result<Claims, TokenError> {
         let mut parts = token.split('.');
         let (Some(VERSION), Some(ad), Some(served), Some(sig), None) =
             (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
@@ -128,13 +143,6 @@ impl ClickTokens {
             self.keys.iter().any(|key| Self::mac(key, impression_id, ad_id, served_ms).verify_slice(&sig).is_ok());
         if !genuine {
             return Err(TokenError::Forged);
-        }
-        if served_ms > now_ms + CLOCK_SKEW.as_millis() as u64 {
-            return Err(TokenError::FromTheFuture);
-        }
-        let age = Duration::from_millis(now_ms.saturating_sub(served_ms));
-        if age > self.max_age {
-            return Err(TokenError::Expired { age_s: age.as_secs(), window_s: self.max_age.as_secs() });
         }
         Ok(Claims { ad_id, served_ms })
     }
@@ -196,6 +204,9 @@ mod tests {
         assert_eq!(t.verify(&token, IMP, 1_000_000 - 10_000), Err(TokenError::FromTheFuture));
         // Within the skew is fine.
         assert!(t.verify(&token, IMP, 1_000_000 - 1_000).is_ok());
+        // Genuine at any age (the click redirect still lands such a click).
+        assert_eq!(t.genuine(&token, IMP), Ok(Claims { ad_id: 42, served_ms: 1_000_000 }));
+        assert_eq!(tokens(&[2]).genuine(&token, IMP), Err(TokenError::Forged));
     }
 
     #[test]

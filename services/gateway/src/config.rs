@@ -75,6 +75,12 @@ pub struct OpenRtbConfig {
     /// the gateway: the answer must arrive within `tmax`, not just leave.
     #[serde(with = "humantime_serde")]
     pub network_allowance: Duration,
+    /// The public URL of this gateway's `GET /v1/clicks/redirect`, e.g.
+    /// `https://ads.example.com/v1/clicks/redirect`. Set: creatives link
+    /// through it (the click is recorded, then the browser goes to the
+    /// landing page). Empty: creatives link to the landing page, and the
+    /// integrator reports clicks with `POST /v1/clicks`.
+    pub click_url: String,
 }
 
 impl Default for OpenRtbConfig {
@@ -85,6 +91,7 @@ impl Default for OpenRtbConfig {
             placements: Default::default(),
             default_placement: "openrtb".into(),
             network_allowance: Duration::from_millis(10),
+            click_url: String::new(),
         }
     }
 }
@@ -110,6 +117,17 @@ impl OpenRtbConfig {
             printable(format!("openrtb.placements.{tag:?}"), placement, 64)?;
         }
         check_duration("openrtb.network_allowance", self.network_allowance, Duration::ZERO, Duration::from_secs(1))?;
+        let url = &self.click_url;
+        if !url.is_empty()
+            && (!(url.starts_with("https://") || url.starts_with("http://"))
+                || url.contains(['?', '#'])
+                || url.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(Invalid::new(
+                "openrtb.click_url",
+                format!("must be empty or an http(s) URL without query or fragment, got {url:?}"),
+            ));
+        }
         Ok(())
     }
 }

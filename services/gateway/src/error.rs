@@ -28,6 +28,9 @@ pub enum ServeError {
     /// No API key, or one that is not configured.
     #[error("{0}")]
     Unauthenticated(String),
+    /// What the request names does not exist.
+    #[error("{0}")]
+    NotFound(String),
     /// The publisher's rate limit is spent.
     #[error("rate limit of publisher {publisher:?} reached; retry in {} ms", retry_after.as_millis())]
     RateLimited {
@@ -65,11 +68,13 @@ pub enum Outcome {
     Unauthenticated,
     /// Refused: the publisher's rate limit.
     RateLimited,
+    /// Refused: what it names does not exist.
+    NotFound,
 }
 
 impl Outcome {
     /// Every outcome.
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Self::Ok,
         Self::InvalidArgument,
         Self::PayloadTooLarge,
@@ -79,6 +84,7 @@ impl Outcome {
         Self::AlreadyRecorded,
         Self::Unauthenticated,
         Self::RateLimited,
+        Self::NotFound,
     ];
 
     /// The `status` label of `adserve_gateway_requests_total`, and the
@@ -94,6 +100,7 @@ impl Outcome {
             Self::AlreadyRecorded => "already_recorded",
             Self::Unauthenticated => "unauthenticated",
             Self::RateLimited => "rate_limited",
+            Self::NotFound => "not_found",
         }
     }
 
@@ -109,6 +116,7 @@ impl Outcome {
             Self::AlreadyRecorded => StatusCode::CONFLICT,
             Self::Unauthenticated => StatusCode::UNAUTHORIZED,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::NotFound => StatusCode::NOT_FOUND,
         }
     }
 
@@ -123,6 +131,7 @@ impl Outcome {
             Self::AlreadyRecorded => tonic::Code::AlreadyExists,
             Self::Unauthenticated => tonic::Code::Unauthenticated,
             Self::RateLimited => tonic::Code::ResourceExhausted,
+            Self::NotFound => tonic::Code::NotFound,
         }
     }
 }
@@ -139,6 +148,7 @@ impl ServeError {
             Self::AlreadyRecorded(_) => Outcome::AlreadyRecorded,
             Self::Unauthenticated(_) => Outcome::Unauthenticated,
             Self::RateLimited { .. } => Outcome::RateLimited,
+            Self::NotFound(_) => Outcome::NotFound,
         }
     }
 }

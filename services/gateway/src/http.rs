@@ -29,6 +29,7 @@ pub fn router(server: AdServer, body: BodyLimits, readiness: Readiness) -> Route
         .route("/v1/ads", post(get_ads))
         .route("/v1/clicks", post(record_click))
         .route("/openrtb2/auction", post(openrtb_auction))
+        .route("/v1/clicks/redirect", get(click_redirect))
         .route("/healthz", get(healthz))
         // Liveness: the process answers at all. Not ready is not dead.
         .route("/livez", get(|| async { "ok" }))
@@ -154,6 +155,27 @@ async fn openrtb_auction(State(state): State<HttpState>, headers: HeaderMap, bod
     match result {
         Ok(Some(bids)) => ([version], Json(bids)).into_response(),
         Ok(None) => (StatusCode::NO_CONTENT, [version]).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A click through a creative's link: 302 to the landing page. No API key
+/// (a browser follows it): the click token is the credential.
+async fn click_redirect(State(state): State<HttpState>, uri: axum::http::Uri) -> axum::response::Response {
+    let result = match axum::extract::Query::<adserve_proto::v1::RecordClickRequest>::try_from_uri(&uri) {
+        Ok(axum::extract::Query(req)) => state.server.click_through(req).await,
+        Err(e) => Err(ServeError::InvalidArgument(format!("query: {}", e.body_text()))),
+    };
+    record(Api::Http, "click_redirect", &result);
+    match result {
+        Ok(landing) => match header::HeaderValue::from_str(&landing) {
+            Ok(location) => (
+                StatusCode::FOUND,
+                [(header::LOCATION, location), (header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"))],
+            )
+                .into_response(),
+            Err(_) => ServeError::NotFound("the ad's landing URL is not a valid header value".into()).into_response(),
+        },
         Err(e) => e.into_response(),
     }
 }

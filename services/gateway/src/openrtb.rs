@@ -9,8 +9,10 @@
 //! device, and `imp.bidfloor` a floor on every candidate's reserve and on
 //! the price of each bid. Winners become bids: `price` is the winner's
 //! price per thousand impressions in `openrtb.currency`, `adm` is markup for
-//! the imp's format, and `ext.adserve` carries the impression id and click
-//! token a click is recorded with (`POST /v1/clicks`).
+//! the imp's format, linking through the gateway's click redirect
+//! (`openrtb.click_url`, `GET /v1/clicks/redirect`: the click is recorded,
+//! then the browser lands), and `ext.adserve` carries the impression id and
+//! click token for integrators who report clicks themselves (`POST /v1/clicks`).
 //!
 //! What the catalog cannot serve is a no-bid, never an error: the catalog
 //! holds text creatives (a headline and a landing URL), so banner imps and
@@ -749,14 +751,22 @@ fn cut(s: &str, len: Option<u32>) -> String {
     }
 }
 
-/// The creative's markup for `slot`.
-pub fn markup(slot: &Slot, title: &str, landing_url: &str, advertiser_domain: &str) -> String {
+/// Where a creative links: through `click_url` (the gateway's click
+/// redirect) when it is set, else straight to the landing page.
+pub fn link(click_url: &str, landing_url: &str, impression_id: &str, click_token: &str) -> String {
+    if click_url.is_empty() {
+        return landing_url.to_string();
+    }
+    // A UUID and a token of [A-Za-z0-9._-]: nothing to escape.
+    format!("{click_url}?impression_id={impression_id}&click_token={click_token}")
+}
+
+/// The creative's markup for `slot`, linking to `href`.
+pub fn markup(slot: &Slot, title: &str, href: &str, advertiser_domain: &str) -> String {
     match slot {
-        Slot::Banner { .. } => format!(
-            "<a href=\"{}\" target=\"_blank\" rel=\"noopener\">{}</a>",
-            escape_html(landing_url),
-            escape_html(title)
-        ),
+        Slot::Banner { .. } => {
+            format!("<a href=\"{}\" target=\"_blank\" rel=\"noopener\">{}</a>", escape_html(href), escape_html(title))
+        }
         Slot::Native(plan) => {
             let assets: Vec<serde_json::Value> = plan
                 .assets
@@ -770,7 +780,7 @@ pub fn markup(slot: &Slot, title: &str, landing_url: &str, advertiser_domain: &s
                     Fill::Description(len) => serde_json::json!({"id": id, "data": {"value": cut(title, *len)}}),
                 })
                 .collect();
-            let body = serde_json::json!({"ver": plan.ver, "assets": assets, "link": {"url": landing_url}});
+            let body = serde_json::json!({"ver": plan.ver, "assets": assets, "link": {"url": href}});
             let doc = if plan.wrapped { serde_json::json!({ "native": body }) } else { body };
             doc.to_string()
         }
@@ -778,7 +788,7 @@ pub fn markup(slot: &Slot, title: &str, landing_url: &str, advertiser_domain: &s
 }
 
 /// The bids of one served group, one per winner, winners in slot order.
-fn bids(group: &Group, served: &Served) -> (Vec<Bid>, Vec<String>) {
+fn bids(group: &Group, served: &Served, click_url: &str) -> (Vec<Bid>, Vec<String>) {
     let mut winners: Vec<_> = served.response.winners.iter().zip(&served.creatives).collect();
     winners.sort_by_key(|(w, _)| w.slot);
     let mut bids = Vec::new();
@@ -791,7 +801,12 @@ fn bids(group: &Group, served: &Served) -> (Vec<Bid>, Vec<String>) {
             id: w.impression_id.clone(),
             impid: imp.id.clone(),
             price: creative.price_per_mille_micros as f64 / 1e6,
-            adm: markup(&imp.slot, &w.title, &w.landing_url, &creative.advertiser_domain),
+            adm: markup(
+                &imp.slot,
+                &w.title,
+                &link(click_url, &w.landing_url, &w.impression_id, &w.click_token),
+                &creative.advertiser_domain,
+            ),
             adomain: if creative.advertiser_domain.is_empty() {
                 vec![]
             } else {
@@ -848,7 +863,7 @@ impl AdServer {
         for (group, result) in plan.groups.iter().zip(served) {
             match result {
                 Ok(served) => {
-                    let (bids, unfilled) = bids(group, &served);
+                    let (bids, unfilled) = bids(group, &served, &config.click_url);
                     plan.no_bids.extend(unfilled.into_iter().map(|id| (id, NoBid::NoFill)));
                     if bidid.is_empty() {
                         bidid = served.response.request_id.clone();
@@ -1087,6 +1102,23 @@ mod tests {
         assert_eq!(id(&format!(r#"{{"id":"r",{imp},"user":{{"id":"x"}},"regs":{{"gdpr":1}}}}"#)), "");
         assert_eq!(id(&format!(r#"{{"id":"r",{imp},"user":{{"id":"x"}},"regs":{{"ext":{{"gdpr":1}}}}}}"#)), "");
         assert_eq!(id(&format!(r#"{{"id":"r",{imp},"user":{{"id":"{}"}}}}"#, "x".repeat(200))), "");
+    }
+
+    #[test]
+    fn creatives_link_through_the_click_redirect_when_it_is_configured() {
+        assert_eq!(link("", "https://l.example/x", "imp", "v1.1.2.s"), "https://l.example/x");
+        assert_eq!(
+            link("https://ads.example/v1/clicks/redirect", "https://l.example/x", "imp", "v1.1.2.s"),
+            "https://ads.example/v1/clicks/redirect?impression_id=imp&click_token=v1.1.2.s"
+        );
+        let mut c = crate::GatewayConfig::default();
+        for bad in ["ads.example/r", "https://a.example/r?x=1", "https://a.example/r#f", "javascript:alert(1)"] {
+            c.openrtb.click_url = bad.into();
+            let e = adserve_core::Validate::validate(&c).unwrap_err();
+            assert_eq!(e.key, "openrtb.click_url", "{bad}");
+        }
+        c.openrtb.click_url = "https://ads.example/v1/clicks/redirect".into();
+        adserve_core::Validate::validate(&c).unwrap();
     }
 
     #[test]

@@ -454,6 +454,52 @@ impl AdServer {
         Ok(RecordClickResponse { click_id: event.click_id })
     }
 
+    /// A click through a creative's link (`GET /v1/clicks/redirect`):
+    /// where to send the browser. A genuine token's click is recorded as
+    /// [`click`](Self::click) records it (so an expired, early or repeated
+    /// one is not), and the browser goes to the ad's landing page either
+    /// way: a user who clicks late still lands. A token that is not this
+    /// gateway's sends nobody anywhere (400 / 403), and neither does an ad
+    /// the catalog no longer has (404).
+    pub async fn click_through(&self, req: RecordClickRequest) -> Result<String, ServeError> {
+        let impression_id = req.impression_id.trim();
+        if uuid::Uuid::parse_str(impression_id).is_err() {
+            return Err(ServeError::InvalidArgument(format!(
+                "impression_id: must be the UUID of the impression, got {:?}",
+                truncate(impression_id)
+            )));
+        }
+        if req.click_token.is_empty() {
+            return Err(ServeError::InvalidArgument("click_token: required".into()));
+        }
+        let claims = match self.click_tokens.genuine(&req.click_token, impression_id) {
+            Ok(claims) => claims,
+            Err(e) => {
+                metrics::counter!("adserve_gateway_clicks_refused_total", "reason" => e.reason()).increment(1);
+                return Err(match e {
+                    crate::click_token::TokenError::Malformed => ServeError::InvalidArgument(e.to_string()),
+                    e => ServeError::Forbidden(e.to_string()),
+                });
+            }
+        };
+        let landing = deadline(self.config.deadlines.catalog, self.catalog.landing_url(claims.ad_id))
+            .await
+            .map_err(|e| unavailable("catalog", e))?
+            .ok_or_else(|| ServeError::NotFound(format!("click_token: ad {} is not in the catalog", claims.ad_id)))?;
+        if !(landing.starts_with("https://") || landing.starts_with("http://")) {
+            return Err(ServeError::NotFound(format!("ad {}: its landing URL is not http(s)", claims.ad_id)));
+        }
+        match self.click(req).await {
+            Ok(_) => {}
+            // Refused and counted by click(): late, early or repeated. Not
+            // a label, not a charge; the user still lands.
+            Err(ServeError::Forbidden(_) | ServeError::AlreadyRecorded(_)) => {}
+            // The click log is down: counted as unavailable; the user lands.
+            Err(e) => tracing::warn!(error = %e, "click-through not logged"),
+        }
+        Ok(landing)
+    }
+
     async fn features(
         &self,
         user_id: &str,
