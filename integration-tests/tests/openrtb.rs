@@ -124,7 +124,7 @@ async fn a_bid_is_clicked_with_its_token_and_a_floor_above_every_price_is_a_no_b
     let landed = browser.get(&href).send().await?;
     assert_eq!(landed.status(), 302);
     let location = landed.headers()["location"].to_str()?.to_string();
-    assert!(location.starts_with("https://ads.example/"), "{location}");
+    assert!(location.starts_with("https://"), "{location}");
     let click = json!({"impression_id": bid.ext.adserve.impression_id, "click_token": bid.ext.adserve.click_token});
     let reported = http.post(format!("{}/v1/clicks", stack.http)).json(&click).send().await?;
     assert_eq!(reported.status(), 409, "the redirect recorded the click");

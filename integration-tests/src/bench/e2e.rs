@@ -2,7 +2,9 @@
 //! `GetAds`) at rising rates up to saturation, with 500 and 1000 eligible
 //! candidates per request; beside it the sum of the component medians, each
 //! component called directly in the same run, and the gateway's own per-hop
-//! histogram for each step.
+//! histogram for each step. Then the OpenRTB face (`POST /openrtb2/auction`,
+//! two banner imps) against the native `POST /v1/ads` on the same 500
+//! candidates, step by step at the same rates: what the OpenRTB mapping costs.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -144,6 +146,7 @@ pub async fn run(s: &Settings) -> anyhow::Result<(Vec<Comparison>, Vec<Breakdown
             }
         }
     }
+    comparisons.extend(openrtb(s, &metrics_url, &mut hop_rows).await?);
     let mut columns = vec!["step".to_string()];
     columns.extend(Hop::ALL.iter().map(|h| format!("{} p50 / p99 ms", h.label())));
     let breakdowns = vec![
@@ -161,11 +164,89 @@ pub async fn run(s: &Settings) -> anyhow::Result<(Vec<Comparison>, Vec<Breakdown
     Ok((comparisons, breakdowns))
 }
 
+/// The OpenRTB ladder: at each rate a native `POST /v1/ads` step, then an
+/// OpenRTB step, on the same 500 candidates (the placement an OpenRTB imp
+/// without a mapped `tagid` gets).
+async fn openrtb(s: &Settings, metrics_url: &str, hop_rows: &mut Vec<Vec<String>>) -> anyhow::Result<Vec<Comparison>> {
+    let placement = adserve_gateway::GatewayConfig::default().openrtb.default_placement;
+    let size = SIZES[0].1;
+    seed_placement(&s.stack, &placement, size).await?;
+    let mut out = Vec::new();
+    for &rate in rates(s.quick) {
+        let native = step(s, "HTTP", &placement, size, rate).await?;
+        let before = prom::histogram(&prom::scrape(metrics_url).await?, "adserve_gateway_hop_seconds", "hop");
+        let m = step(s, "OpenRTB", &placement, size, rate).await?;
+        let after = prom::histogram(&prom::scrape(metrics_url).await?, "adserve_gateway_hop_seconds", "hop");
+        let hops = prom::delta(&before, &after);
+        let mut row = vec![format!("OpenRTB {size} @ {rate:.0}/s")];
+        for hop in Hop::ALL {
+            let q = |q: f64| {
+                hops.get(hop.label())
+                    .and_then(|b| prom::quantile(b, q))
+                    .map_or("—".into(), |v| format!("{:.2}", v * 1e3))
+            };
+            row.push(format!("{} / {}", q(0.5), q(0.99)));
+        }
+        hop_rows.push(row);
+        let sat = saturated(&m) || saturated(&native);
+        let case = format!("OpenRTB {size} candidates, 2 banner imps, {rate:.0} req/s offered");
+        let mut c = Comparison::new("end-to-end", case, Metric::P50, "adserve gateway (OpenRTB)", &m).with(
+            "native HTTP /v1/ads, same candidates and slots, step before",
+            Role::Floor,
+            &native,
+        );
+        if sat {
+            c = c.note("saturated: achieved rate below 90% of offered, >1% errors or degraded answers, or p99 > 1 s");
+        }
+        out.push(c);
+        tracing::info!(size, rate, achieved = m.rate(), p99_ms = m.ms(0.99), "OpenRTB step done");
+        if sat {
+            break;
+        }
+    }
+    Ok(out)
+}
+
 /// One open-loop step against the gateway.
 async fn step(s: &Settings, proto: &str, placement: &str, size: usize, rate: f64) -> anyhow::Result<Measurement> {
     let timeout = Duration::from_secs(2);
     let max_in_flight = 4096;
-    let m = if proto == "HTTP" {
+    let m = if proto == "OpenRTB" {
+        let http = crate::http_builder().pool_max_idle_per_host(512).build()?;
+        let url = format!("{}/openrtb2/auction", s.stack.http);
+        load::open_loop(rate, s.step(), timeout, max_in_flight, size as u64, move |i| {
+            let (http, url) = (http.clone(), url.clone());
+            let imp = |id: &str| serde_json::json!({"id": id, "banner": {"w": 300, "h": 250}});
+            let body = serde_json::json!({
+                "id": format!("bench-{i}"),
+                "imp": [imp("1"), imp("2")],
+                "site": {"page": "https://bench.example/"},
+                "device": {"devicetype": 4},
+                "user": {"id": user(i)},
+            });
+            async move {
+                let resp = match http.post(url).json(&body).send().await {
+                    Ok(r) => r,
+                    Err(e) => return Outcome::Error(e.to_string()),
+                };
+                if resp.status() == reqwest::StatusCode::NO_CONTENT {
+                    return Outcome::Error("no bid".into());
+                }
+                match load::json_answer_of(resp).await {
+                    Ok(v) if v["seatbid"][0]["bid"].as_array().is_some_and(|b| !b.is_empty()) => {
+                        if v["ext"]["adserve"]["degraded"].as_array().is_some_and(|d| !d.is_empty()) {
+                            Outcome::Degraded
+                        } else {
+                            Outcome::Ok
+                        }
+                    }
+                    Ok(v) => Outcome::Error(format!("no bids: {v}")),
+                    Err(e) => e,
+                }
+            }
+        })
+        .await
+    } else if proto == "HTTP" {
         let http = crate::http_builder().pool_max_idle_per_host(512).build()?;
         let url = format!("{}/v1/ads", s.stack.http);
         let placement = placement.to_string();

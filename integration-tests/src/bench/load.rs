@@ -316,6 +316,11 @@ where
 /// that is not JSON), naming the status and what came back.
 pub async fn json_answer(request: reqwest::RequestBuilder) -> Result<serde_json::Value, Outcome> {
     let resp = request.send().await.map_err(|e| Outcome::Error(e.to_string()))?;
+    json_answer_of(resp).await
+}
+
+/// [`json_answer`] of a response already received.
+pub async fn json_answer_of(resp: reqwest::Response) -> Result<serde_json::Value, Outcome> {
     let status = resp.status();
     match resp.json::<serde_json::Value>().await {
         Ok(v) if status.is_success() => Ok(v),
