@@ -133,6 +133,7 @@ def test_the_auction_values_reach_the_gateway() -> None:
     assert gateway["openrtb"]["placements"] == {"agltb3B1Yi1pbmNy": "feed_top", "side bar": "sidebar"}
     assert (gateway["openrtb"]["currency"], gateway["openrtb"]["network_allowance"]) == ("EUR", "10ms")
     assert gateway["openrtb"]["click_url"] == "https://ads.example.com/v1/clicks/redirect"
+    assert gateway["catalog_index"] == {"enabled": True, "refresh": "30000ms", "debounce": "50ms", "max_staleness": "300000ms"}
     defaults = tomllib.loads(configs(render(None))["gateway"])
     assert "objective" not in defaults["auction"]
     assert "reserve_ecpm_micros" not in tomllib.loads(configs(render(None))["auction"])

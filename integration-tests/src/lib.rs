@@ -162,6 +162,7 @@ impl Stack {
         let _ = events.warm_up(&WARM_TOPICS, Duration::from_secs(2)).await;
         let server = adserve_gateway::AdServer::new(config.clone(), catalog, events)?;
         server.wait_for_counters(Duration::from_secs(1)).await;
+        server.wait_for_catalog(Duration::from_secs(10)).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let router = adserve_gateway::http::router(
@@ -256,9 +257,35 @@ impl Stack {
                 catalog.insert_campaign(&campaign).await?;
             }
             ad_ids = all_ad_ids(&catalog).await?;
+            self.wait_gateway_catalog(std::time::SystemTime::now()).await?;
         }
         let users: Vec<String> = (0..50).map(|u| format!("demo-user-{u}")).collect();
         self.seed_features(&ad_ids, &users).await
+    }
+
+    /// Waits (up to 30 s) until the stack's gateway serves a catalog index
+    /// read after `since` (its `adserve_catalog_index_as_of_timestamp_seconds`),
+    /// so catalog changes committed before `since` are what it serves. A
+    /// gateway without the index (the gauge absent) queries PostgreSQL per
+    /// request: nothing to wait for.
+    pub async fn wait_gateway_catalog(&self, since: std::time::SystemTime) -> anyhow::Result<()> {
+        let since = since.duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+        let addr = self.metrics.iter().find(|(n, _)| n == "gateway").map(|(_, a)| a.clone()).unwrap_or_default();
+        let url = format!("http://{addr}/metrics");
+        let mut last = None;
+        for _ in 0..300 {
+            let text = http_client().get(&url).send().await?.text().await?;
+            let as_of = text.lines().find_map(|l| {
+                l.strip_prefix("adserve_catalog_index_as_of_timestamp_seconds ")?.trim().parse::<f64>().ok()
+            });
+            match as_of {
+                None if !text.contains("adserve_catalog_index_") => return Ok(()),
+                Some(t) if t > since => return Ok(()),
+                other => last = other,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("the gateway's catalog index is not newer than {since} within 30 s (last as of {last:?})")
     }
 
     /// Writes batch (DynamoDB) and real-time (Redis) features for `ad_ids`

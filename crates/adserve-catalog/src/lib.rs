@@ -1,8 +1,12 @@
 //! The ad catalog in PostgreSQL: schema migrations, the eligibility query
-//! that turns a request context into candidate ads, and a deterministic demo
-//! seed.
+//! that turns a request context into candidate ads, the same eligibility
+//! from memory ([`index`]), and a deterministic demo seed.
 
 use std::time::Duration;
+
+pub mod index;
+pub mod notify;
+pub use index::{CatalogIndex, CatalogIndexConfig};
 
 use adserve_core::{Invalid, check_duration, check_range};
 use serde::{Deserialize, Serialize};
@@ -480,16 +484,21 @@ mod tests {
     /// A catalog in a fresh schema of the test database. Fails (rather than
     /// passing vacuously) when none is configured: `make test` provides one.
     async fn fresh() -> Catalog {
+        fresh_schema().await.0
+    }
+
+    /// [`fresh`], and the schema's name.
+    pub(crate) async fn fresh_schema() -> (Catalog, String) {
         let url = std::env::var("ADSTACK_TEST_POSTGRES_URL")
             .expect("ADSTACK_TEST_POSTGRES_URL is unset: run the catalog tests through `make test`");
         let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
         let config = PostgresConfig { url, schema: schema.clone(), ..Default::default() };
         let catalog = Catalog::connect_lazy(&config).expect("config");
         catalog.migrate(&schema).await.expect("migrates");
-        catalog
+        (catalog, schema)
     }
 
-    fn campaign(name: &str, bid: i64, placements: &[&str], ads: &[(&str, bool)]) -> NewCampaign {
+    pub(crate) fn campaign(name: &str, bid: i64, placements: &[&str], ads: &[(&str, bool)]) -> NewCampaign {
         NewCampaign {
             advertiser: "acme".into(),
             name: name.into(),

@@ -35,8 +35,11 @@ pub mod degraded {
     pub const RANKER: &str = "ranker";
     /// The gateway ran the auction in-process: the auction service failed.
     pub const AUCTION: &str = "auction";
+    /// The gateway served eligibility from a catalog index older than
+    /// `catalog_index.max_staleness`: PostgreSQL could not be read.
+    pub const CATALOG: &str = "catalog";
     /// Every value.
-    pub const ALL: [&str; 5] = [FEATURE_SERVICE, DYNAMODB, REDIS, RANKER, AUCTION];
+    pub const ALL: [&str; 6] = [FEATURE_SERVICE, DYNAMODB, REDIS, RANKER, AUCTION, CATALOG];
 }
 
 /// The closed set of `GetAdsResponse.no_fill_reason` values (empty when filled).

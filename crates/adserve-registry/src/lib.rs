@@ -13,7 +13,7 @@ pub mod stage;
 
 use std::{path::Path, time::Duration};
 
-pub use adserve_catalog::PostgresConfig;
+pub use adserve_catalog::{PostgresConfig, notify};
 use adserve_core::{Invalid, check_duration};
 pub use manifest::{Calibration, ManifestError, Mapping, ModelManifest, read_manifest, read_model_dir};
 use serde::{Deserialize, Serialize};

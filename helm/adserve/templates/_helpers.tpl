@@ -226,6 +226,13 @@ schema = {{ $v.postgres.schema | toJson }}
 max_connections = {{ int64 $v.postgres.maxConnections }}
 timeout = "{{ int64 $v.postgres.timeoutMs }}ms"
 migrate = {{ $v.postgres.migrate }}
+{{- $ci := $c.catalogIndex }}
+
+[catalog_index]
+enabled = {{ $ci.enabled }}
+refresh = "{{ int64 $ci.refreshMs }}ms"
+debounce = "{{ int64 $ci.debounceMs }}ms"
+max_staleness = "{{ int64 $ci.maxStalenessMs }}ms"
 
 {{ include "adserve.kafkaToml" . }}
 

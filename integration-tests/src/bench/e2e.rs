@@ -112,6 +112,7 @@ pub async fn run(s: &Settings) -> anyhow::Result<(Vec<Comparison>, Vec<Breakdown
     let mut component_rows = Vec::new();
     for (placement, size) in SIZES {
         let ad_ids = seed_placement(stack, placement, size).await?;
+        stack.wait_gateway_catalog(std::time::SystemTime::now()).await?;
         let (floor, rows) = components(s, placement, &ad_ids).await?;
         component_rows.extend(rows);
         for proto in ["HTTP", "gRPC"] {
@@ -171,6 +172,7 @@ async fn openrtb(s: &Settings, metrics_url: &str, hop_rows: &mut Vec<Vec<String>
     let placement = adserve_gateway::GatewayConfig::default().openrtb.default_placement;
     let size = SIZES[0].1;
     seed_placement(&s.stack, &placement, size).await?;
+    s.stack.wait_gateway_catalog(std::time::SystemTime::now()).await?;
     let mut out = Vec::new();
     for &rate in rates(s.quick) {
         let native = step(s, "HTTP", &placement, size, rate).await?;

@@ -343,6 +343,8 @@ async fn main() -> anyhow::Result<()> {
     );
     let blocked = Arc::new(blocked);
     publish(&stack, &world).await?;
+    // The world's campaigns and CTR estimates are what the gateway's catalog index serves.
+    stack.wait_gateway_catalog(std::time::SystemTime::now()).await?;
     println!("== published the world's batch features (DynamoDB) and CTR estimates (catalog)");
 
     // Users come back in proportion to their sessions.

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use adserve_auction::{Objective, Rules, pacing::PacingConfig};
-use adserve_catalog::{PostgresConfig, Retrieval};
+use adserve_catalog::{CatalogIndexConfig, PostgresConfig, Retrieval};
 use adserve_core::{Invalid, ServerConfig, TelemetryConfig, Validate, check_duration, check_range, ports};
 use adserve_counters::RedisConfig;
 use adserve_events::KafkaConfig;
@@ -21,6 +21,9 @@ pub struct GatewayConfig {
     pub telemetry: TelemetryConfig,
     /// Ad catalog.
     pub postgres: PostgresConfig,
+    /// The catalog in memory ([`adserve_catalog::index`]): eligibility
+    /// without a database round trip, and through a PostgreSQL outage.
+    pub catalog_index: CatalogIndexConfig,
     /// Impression and click log.
     pub kafka: KafkaConfig,
     /// Where the other services listen.
@@ -406,6 +409,7 @@ impl Default for GatewayConfig {
             http_addr: SocketAddr::from(([127, 0, 0, 1], ports::GATEWAY_HTTP)),
             telemetry: TelemetryConfig::default(),
             postgres: PostgresConfig::default(),
+            catalog_index: CatalogIndexConfig::default(),
             // The impression log's timeout is part of every request's budget:
             // shorter than the other services' default.
             kafka: KafkaConfig { publish_timeout: DEFAULT_PUBLISH_TIMEOUT, ..KafkaConfig::default() },
@@ -430,6 +434,7 @@ impl Validate for GatewayConfig {
     fn validate(&self) -> Result<(), Invalid> {
         self.server.validate()?;
         self.postgres.validate()?;
+        self.catalog_index.validate("catalog_index")?;
         self.kafka.validate()?;
         for (key, url) in [
             ("upstreams.feature_service", &self.upstreams.feature_service),

@@ -30,6 +30,7 @@ async fn main() -> anyhow::Result<()> {
     adserve_events::report_health(events.clone(), lifecycle.readiness.clone(), "kafka impression log");
     let server = AdServer::new(config.clone(), catalog, events)?;
     server.wait_for_counters(std::time::Duration::from_secs(1)).await;
+    server.wait_for_catalog(std::time::Duration::from_secs(10)).await;
     let http_listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .map_err(|e| anyhow::anyhow!("http_addr: cannot listen on {}: {e}", config.http_addr))?;

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use adserve_catalog::{Catalog, EligibleAd, Targeting};
+use adserve_catalog::{Catalog, CatalogIndex, EligibleAd, Targeting};
 use adserve_counters::{Counters, day_of};
 use adserve_events::EventPublisher;
 use adserve_features::request::{FieldError, check_context, check_user_id};
@@ -38,6 +38,8 @@ pub const FALLBACK_MODEL_VERSION: &str = adserve_features::prior::PRIOR_MODEL_VE
 #[derive(Clone, Debug)]
 pub struct AdServer {
     catalog: Catalog,
+    /// The catalog in memory (`catalog_index.enabled`).
+    index: Option<CatalogIndex>,
     features: FeatureServiceClient<Channel>,
     ranker: RankerServiceClient<Channel>,
     auction: AuctionServiceClient<Channel>,
@@ -80,6 +82,9 @@ impl AdServer {
         if publishers.is_open() {
             tracing::warn!("auth.api_keys is empty: ad requests and clicks are served without an API key");
         }
+        let index = config.catalog_index.enabled.then(|| {
+            CatalogIndex::spawn(catalog.pool().clone(), &config.postgres.schema, config.catalog_index.clone())
+        });
         let pacing = Arc::new(PacingState::default());
         crate::pacing::spawn(config.pacing.clone(), catalog.clone(), counters.clone(), Arc::downgrade(&pacing));
         Ok(Self {
@@ -87,6 +92,7 @@ impl AdServer {
             ranker: RankerServiceClient::new(lazy_channel(&config.upstreams.ranker, "ranker")?),
             auction: AuctionServiceClient::new(lazy_channel(&config.upstreams.auction, "auction")?),
             catalog,
+            index,
             events,
             counters,
             pacing,
@@ -123,6 +129,17 @@ impl AdServer {
                 refused("rate_limited", &publisher);
                 Err(ServeError::RateLimited { publisher, retry_after })
             }
+        }
+    }
+
+    /// Waits up to `limit` for the catalog index's first snapshot (with the
+    /// index off, or PostgreSQL down, requests query PostgreSQL until it
+    /// loads).
+    pub async fn wait_for_catalog(&self, limit: Duration) {
+        if let Some(index) = &self.index
+            && !index.wait_loaded(limit).await
+        {
+            tracing::warn!("catalog index not loaded yet; querying PostgreSQL per request until it is");
         }
     }
 
@@ -182,10 +199,11 @@ impl AdServer {
         // reserve plus MIN_PIPELINE.
         let catalog_limit = budget.for_hop(d.catalog).unwrap_or(budget::MIN_HOP);
         let (ads, seen) = tokio::join!(
-            timed(Hop::Catalog, deadline(catalog_limit, self.catalog.eligible_ads(&targeting, &self.config.retrieval))),
+            timed(Hop::Catalog, self.eligible(&targeting, catalog_limit)),
             self.frequency(day, &user_id, &budget),
         );
-        let ads = ads.map_err(|e| unavailable("catalog", e))?;
+        let (ads, stale) = ads.map_err(|e| unavailable("catalog", e))?;
+        degraded.extend(stale);
         if ads.is_empty() {
             return Ok(Served::nothing(no_fill(request_id, 0, degraded, no_fill::NO_ELIGIBLE_ADS, "")));
         }
@@ -330,6 +348,29 @@ impl AdServer {
             },
             creatives,
         })
+    }
+
+    /// The eligible ads: from the catalog index when it has a snapshot (with
+    /// a degradation when that is older than `catalog_index.max_staleness`),
+    /// else from PostgreSQL within `limit`.
+    async fn eligible(
+        &self,
+        targeting: &Targeting<'_>,
+        limit: Duration,
+    ) -> Result<(Vec<EligibleAd>, Option<Degradation>), CallError> {
+        if let Some(snapshot) = self.index.as_ref().and_then(CatalogIndex::snapshot) {
+            let age = snapshot.age();
+            let stale = (age > self.config.catalog_index.max_staleness).then(|| Degradation {
+                component: degraded::CATALOG.into(),
+                reason: format!(
+                    "serving the catalog as read {} s ago: PostgreSQL could not be read since",
+                    age.as_secs()
+                ),
+            });
+            return Ok((snapshot.eligible_ads(targeting, &self.config.retrieval), stale));
+        }
+        let ads = deadline(limit, self.catalog.eligible_ads(targeting, &self.config.retrieval)).await?;
+        Ok((ads, None))
     }
 
     /// The user's impressions per campaign today; empty without a user.

@@ -29,7 +29,6 @@ use std::{
 
 use adserve_registry::{ModelRecord, NOTIFY_CHANNEL, Registry, RegistryConfig, RegistryError, Stage};
 use arc_swap::ArcSwap;
-use sqlx::postgres::PgListener;
 use tokio::sync::mpsc;
 
 use crate::{BatchingConfig, CtrModel, ModelConfig, ModelError};
@@ -434,49 +433,26 @@ impl RefusedVersions {
 }
 
 /// Forwards notifications for `name`, reconnecting forever. A (re)connect
-/// asks for a resync: notifications sent while disconnected are lost. An
-/// idle connection is probed every 30 s, so one that died without a reset
-/// is noticed and replaced.
+/// asks for a resync: notifications sent while disconnected are lost.
 async fn listen(registry: Registry, name: String, wake: mpsc::Sender<Wake>) {
-    const IDLE_PROBE: Duration = Duration::from_secs(30);
-    let mut pause = Duration::from_millis(200);
-    loop {
-        let connected = async {
-            let mut listener = PgListener::connect_with(registry.pool()).await?;
-            listener.listen(NOTIFY_CHANNEL).await?;
-            Ok::<_, sqlx::Error>(listener)
-        };
-        match tokio::time::timeout(Duration::from_secs(10), connected).await {
-            Ok(Ok(mut listener)) => {
-                pause = Duration::from_millis(200);
-                let _ = wake.try_send(Wake::Resync);
-                loop {
-                    match tokio::time::timeout(IDLE_PROBE, listener.try_recv()).await {
-                        Ok(Ok(Some(n))) if n.payload() == name => {
-                            let _ = wake.try_send(Wake::Changed);
-                        }
-                        Ok(Ok(Some(_))) => {}
-                        Ok(Ok(None)) => {
-                            let _ = wake.try_send(Wake::Resync);
-                        }
-                        Ok(Err(e)) => {
-                            tracing::warn!(error = %e, "model registry: LISTEN connection lost");
-                            break;
-                        }
-                        Err(_) => {
-                            let probe = sqlx::query("SELECT 1").execute(&mut listener);
-                            if !matches!(tokio::time::timeout(Duration::from_secs(5), probe).await, Ok(Ok(_))) {
-                                tracing::warn!("model registry: LISTEN connection does not answer; reconnecting");
-                                break;
-                            }
-                        }
-                    }
+    use adserve_registry::notify::{Notice, listen_forever};
+    listen_forever(
+        registry.pool().clone(),
+        NOTIFY_CHANNEL,
+        "model registry",
+        || true,
+        |notice| {
+            match notice {
+                Notice::Payload(p) if p == name => {
+                    let _ = wake.try_send(Wake::Changed);
+                }
+                Notice::Payload(_) => {}
+                Notice::Resync => {
+                    let _ = wake.try_send(Wake::Resync);
                 }
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "model registry: cannot LISTEN; polling only until it can"),
-            Err(_) => tracing::warn!("model registry: LISTEN connect timed out; polling only until it can"),
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(10));
-    }
+            true
+        },
+    )
+    .await;
 }
