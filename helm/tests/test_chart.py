@@ -397,7 +397,15 @@ def test_alert_rules_and_the_dashboard_render_and_use_documented_metrics() -> No
     documents = manifest_documents({"o": manifests["adserve/templates/observability.yaml"]})
     rule = next(d for d in documents if d["kind"] == "PrometheusRule")
     alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
-    assert {"AdserveAvailability", "AdserveLatencyP99", "AdserveFeatureFreshness", "AdserveJoinerLag"} <= set(alerts)
+    assert {
+        "AdserveAvailability",
+        "AdserveLatencyP99",
+        "AdserveFeatureFreshness",
+        "AdserveJoinerLag",
+        "AdserveCalibrationDrift",
+        "AdserveCatalogIndexStale",
+    } <= set(alerts)
+    assert "> 1.1" in alerts["AdserveCalibrationDrift"]["expr"] and "< 0.9" in alerts["AdserveCalibrationDrift"]["expr"]
     assert "> 0.025" in alerts["AdserveLatencyP99"]["expr"]
     dashboard_map = next(d for d in documents if d["kind"] == "ConfigMap")
     assert dashboard_map["metadata"]["labels"]["grafana_dashboard"] == "1"

@@ -85,6 +85,21 @@ async fn ad_request_and_click_become_one_labelled_row_with_the_scored_features()
     );
     assert_eq!(row.pctr, event.pctr);
     assert_eq!(row.model_version, event.model_version);
+
+    // The joiner counts the labelled click against the model's prediction
+    // (calibration drift is watched from these).
+    let joiner = &stack.metrics.iter().find(|(n, _)| n == "label-joiner").expect("joiner metrics").1;
+    let text =
+        adserve_integration_tests::http_client().get(format!("http://{joiner}/metrics")).send().await?.text().await?;
+    let counter = |name: &str| -> f64 {
+        let series = format!("{name}{{model_version=\"{}\"}} ", event.model_version);
+        text.lines().find_map(|l| l.strip_prefix(&series)?.trim().parse().ok()).unwrap_or(0.0)
+    };
+    assert!(counter("adserve_label_joiner_calibration_clicks_total") >= 1.0, "{text}");
+    assert!(counter("adserve_label_joiner_calibration_impressions_total") >= 1.0);
+    assert!(
+        counter("adserve_label_joiner_calibration_expected_clicks_micros_total") >= f64::from(event.pctr) * 1e6 - 1.0
+    );
     Ok(())
 }
 

@@ -201,6 +201,27 @@ pub struct LabelledRow {
     bytes: usize,
 }
 
+impl LabelledRow {
+    /// A row for the tests of what consumes rows.
+    #[cfg(test)]
+    pub(crate) fn test_row(event: ImpressionEvent, kind: RowKind, label: bool, keep_rate: f32) -> Self {
+        Self {
+            event,
+            names: Vec::new().into(),
+            kind,
+            label,
+            weight: 1.0,
+            keep_rate,
+            clicked_at: None,
+            joined_at_ms: 0,
+            partition: 0,
+            offset: 0,
+            releases: Vec::new(),
+            bytes: 0,
+        }
+    }
+}
+
 /// Why an event was refused (it goes to the dead-letter topic with this reason).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejected {

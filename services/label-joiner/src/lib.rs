@@ -7,6 +7,7 @@
 //! each file records the offsets it covers, so a restart skips rows that were
 //! written but whose offsets were not yet committed.
 
+pub mod calibration;
 pub mod config;
 pub mod join;
 pub mod runner;

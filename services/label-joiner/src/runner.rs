@@ -208,6 +208,7 @@ impl Core {
                     .increment(n as u64);
             }
         }
+        crate::calibration::record(rows);
         let lag = metrics::histogram!("adserve_label_joiner_join_lag_seconds");
         for r in rows.iter().filter(|r| r.kind == RowKind::Final) {
             let served = r.event.served_at.as_ref().map(millis).unwrap_or(now);
