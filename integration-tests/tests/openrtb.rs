@@ -160,6 +160,13 @@ async fn invalid_bid_requests_are_refused_naming_the_field() -> anyhow::Result<(
         (json!({"id": "r", "imp": [{"id": "1", "banner": {"w": "wide"}}]}), "imp[0].banner.w: invalid type"),
         (json!({"id": "r", "imp": [{"id": "1", "banner": {}, "bidfloor": -2}]}), "imp[0].bidfloor"),
         (json!({"id": "r", "site": {}, "app": {}, "imp": [{"id": "1", "banner": {}}]}), "site/app"),
+        (json!({"id": "r", "imp": {"id": "1", "banner": {}}}), "imp: invalid type: map, expected a sequence"),
+        (json!({"id": "r", "tmax": -5, "imp": [{"id": "1", "banner": {}}]}), "tmax: invalid value: integer `-5`"),
+        (
+            json!({"id": "r", "imp": [{"id": "1", "banner": {}, "bidfloor": "0.5"}]}),
+            "imp[0].bidfloor: invalid type: string",
+        ),
+        (json!({"id": "r", "imp": [{"id": "1", "banner": {}}, {"banner": {}}]}), "imp[1].id: required"),
     ];
     for (body, expected) in cases {
         let resp = auction(&stack, &body).await?;
