@@ -176,6 +176,21 @@ async fn invalid_bid_requests_are_refused_naming_the_field() -> anyhow::Result<(
         let message = error["error"]["message"].as_str().unwrap();
         assert!(message.contains(expected), "{body}: {message}");
     }
+    // Exchanges' requests run larger than native ones: 20 KiB of extensions
+    // pass on this route (openrtb.max_body_bytes, 64 KiB), not on /v1/ads
+    // (max_body_bytes, 16 KiB); 100 KiB is refused here too.
+    let mut big = sample("simple-banner.json");
+    big["ext"] = json!({"padding": "x".repeat(20 * 1024)});
+    assert_eq!(auction(&stack, &big).await?.status(), 200);
+    let on_native = adserve_integration_tests::http_client()
+        .post(format!("{}/v1/ads", stack.http))
+        .header("content-type", "application/json")
+        .body(big.to_string())
+        .send()
+        .await?;
+    assert_eq!(on_native.status(), 413);
+    big["ext"] = json!({"padding": "x".repeat(100 * 1024)});
+    assert_eq!(auction(&stack, &big).await?.status(), 413);
     let garbage = adserve_integration_tests::http_client()
         .post(format!("{}/openrtb2/auction", stack.http))
         .header("content-type", "application/json")

@@ -290,6 +290,7 @@ currency = {{ $o.currency | toJson }}
 default_placement = {{ $o.defaultPlacement | toJson }}
 network_allowance = "{{ int64 $o.networkAllowanceMs }}ms"
 click_url = {{ $o.clickUrl | default "" | toJson }}
+max_body_bytes = {{ int64 $o.maxBodyBytes }}
 {{- with $o.placements }}
 
 [openrtb.placements]

@@ -84,6 +84,9 @@ pub struct OpenRtbConfig {
     /// landing page). Empty: creatives link to the landing page, and the
     /// integrator reports clicks with `POST /v1/clicks`.
     pub click_url: String,
+    /// Largest accepted bid request body (exchanges' requests, with `eids`,
+    /// `schain` and extensions, run larger than native ones); more is 413.
+    pub max_body_bytes: usize,
 }
 
 impl Default for OpenRtbConfig {
@@ -95,6 +98,7 @@ impl Default for OpenRtbConfig {
             default_placement: "openrtb".into(),
             network_allowance: Duration::from_millis(10),
             click_url: String::new(),
+            max_body_bytes: 64 * 1024,
         }
     }
 }
@@ -120,6 +124,7 @@ impl OpenRtbConfig {
             printable(format!("openrtb.placements.{tag:?}"), placement, 64)?;
         }
         check_duration("openrtb.network_allowance", self.network_allowance, Duration::ZERO, Duration::from_secs(1))?;
+        check_range("openrtb.max_body_bytes", self.max_body_bytes, 256..=64 * 1024 * 1024)?;
         let url = &self.click_url;
         if !url.is_empty()
             && (!(url.starts_with("https://") || url.starts_with("http://"))

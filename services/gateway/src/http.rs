@@ -126,14 +126,19 @@ fn api_key(headers: &HeaderMap) -> Option<&str> {
 
 /// Admits the caller, then reads and parses the body. An unknown or
 /// throttled caller is refused before its body is read: it costs nothing.
-async fn admitted<T: DeserializeOwned>(state: &HttpState, headers: &HeaderMap, body: Body) -> Result<T, ServeError> {
+async fn admitted<T: DeserializeOwned>(
+    state: &HttpState,
+    headers: &HeaderMap,
+    body: Body,
+    limits: BodyLimits,
+) -> Result<T, ServeError> {
     state.server.admit(api_key(headers))?;
-    let bytes = read_body(body, state.body).await?;
+    let bytes = read_body(body, limits).await?;
     parse(headers, &bytes)
 }
 
 async fn get_ads(State(state): State<HttpState>, headers: HeaderMap, body: Body) -> impl IntoResponse {
-    let parsed = admitted(&state, &headers, body).await;
+    let parsed = admitted(&state, &headers, body, state.body).await;
     let result = match parsed {
         Ok(req) => state.server.serve(req, None).await.map(Json),
         Err(e) => Err(e),
@@ -145,7 +150,9 @@ async fn get_ads(State(state): State<HttpState>, headers: HeaderMap, body: Body)
 /// OpenRTB: 200 with a BidResponse, or 204 (no bid); both carry
 /// `x-openrtb-version: 2.6`.
 async fn openrtb_auction(State(state): State<HttpState>, headers: HeaderMap, body: Body) -> axum::response::Response {
-    let parsed = admitted(&state, &headers, body).await;
+    // Exchanges' requests carry more than ours (eids, schain, ext): a limit of their own.
+    let limits = BodyLimits { max_bytes: state.server.config().openrtb.max_body_bytes, ..state.body };
+    let parsed = admitted(&state, &headers, body, limits).await;
     let result = match parsed {
         Ok(req) => state.server.openrtb(req).await,
         Err(e) => Err(e),
@@ -181,7 +188,7 @@ async fn click_redirect(State(state): State<HttpState>, uri: axum::http::Uri) ->
 }
 
 async fn record_click(State(state): State<HttpState>, headers: HeaderMap, body: Body) -> impl IntoResponse {
-    let parsed = admitted(&state, &headers, body).await;
+    let parsed = admitted(&state, &headers, body, state.body).await;
     let result = match parsed {
         Ok(req) => state.server.click(req).await.map(|r| (StatusCode::ACCEPTED, Json(r))),
         Err(e) => Err(e),
