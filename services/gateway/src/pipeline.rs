@@ -438,27 +438,11 @@ impl AdServer {
     /// impression's price to its campaign from the logged click (once per
     /// impression, within the label window).
     pub async fn click(&self, req: RecordClickRequest) -> Result<RecordClickResponse, ServeError> {
-        let impression_id = req.impression_id.trim();
-        if uuid::Uuid::parse_str(impression_id).is_err() {
-            return Err(ServeError::InvalidArgument(format!(
-                "impression_id: must be the UUID returned with the ad, got {:?}",
-                truncate(impression_id)
-            )));
-        }
-        if req.click_token.is_empty() {
-            return Err(ServeError::InvalidArgument("click_token: required (returned with the ad)".into()));
-        }
-        let refused = |e: crate::click_token::TokenError| {
-            metrics::counter!("adserve_gateway_clicks_refused_total", "reason" => e.reason()).increment(1);
-            e
-        };
-        let claims = match self.click_tokens.verify(&req.click_token, impression_id, unix_ms(SystemTime::now())) {
-            Ok(claims) => claims,
-            Err(e @ crate::click_token::TokenError::Malformed) => {
-                return Err(ServeError::InvalidArgument(refused(e).to_string()));
-            }
-            Err(e) => return Err(ServeError::Forbidden(refused(e).to_string())),
-        };
+        let impression_id = click_fields(&req)?;
+        let claims = self
+            .click_tokens
+            .verify(&req.click_token, impression_id, unix_ms(SystemTime::now()))
+            .map_err(token_refused)?;
         // Replays: the first click marks the impression for the label window.
         // Without Redis the click is still logged: the joiner and the
         // aggregator count one click per impression whatever arrives.
@@ -503,26 +487,8 @@ impl AdServer {
     /// gateway's sends nobody anywhere (400 / 403), and neither does an ad
     /// the catalog no longer has (404).
     pub async fn click_through(&self, req: RecordClickRequest) -> Result<String, ServeError> {
-        let impression_id = req.impression_id.trim();
-        if uuid::Uuid::parse_str(impression_id).is_err() {
-            return Err(ServeError::InvalidArgument(format!(
-                "impression_id: must be the UUID of the impression, got {:?}",
-                truncate(impression_id)
-            )));
-        }
-        if req.click_token.is_empty() {
-            return Err(ServeError::InvalidArgument("click_token: required".into()));
-        }
-        let claims = match self.click_tokens.genuine(&req.click_token, impression_id) {
-            Ok(claims) => claims,
-            Err(e) => {
-                metrics::counter!("adserve_gateway_clicks_refused_total", "reason" => e.reason()).increment(1);
-                return Err(match e {
-                    crate::click_token::TokenError::Malformed => ServeError::InvalidArgument(e.to_string()),
-                    e => ServeError::Forbidden(e.to_string()),
-                });
-            }
-        };
+        let impression_id = click_fields(&req)?;
+        let claims = self.click_tokens.genuine(&req.click_token, impression_id).map_err(token_refused)?;
         let landing = deadline(self.config.deadlines.catalog, self.catalog.landing_url(claims.ad_id))
             .await
             .map_err(|e| unavailable("catalog", e))?
@@ -899,6 +865,31 @@ fn no_fill(
 pub fn default_matrix(ad_ids: &[i64], ctx: &RequestContext) -> FeatureMatrix {
     adserve_features::assemble(adserve_features::registry(), ad_ids, ctx, &adserve_features::SourceValues::default())
         .matrix
+}
+
+/// A click's impression id (trimmed), once it is a UUID and a token came with it.
+fn click_fields(req: &RecordClickRequest) -> Result<&str, ServeError> {
+    let impression_id = req.impression_id.trim();
+    if uuid::Uuid::parse_str(impression_id).is_err() {
+        return Err(ServeError::InvalidArgument(format!(
+            "impression_id: must be the UUID returned with the ad, got {:?}",
+            truncate(impression_id)
+        )));
+    }
+    if req.click_token.is_empty() {
+        return Err(ServeError::InvalidArgument("click_token: required (returned with the ad)".into()));
+    }
+    Ok(impression_id)
+}
+
+/// A refused click token, counted in `adserve_gateway_clicks_refused_total`:
+/// 400 when it is not a token at all, 403 otherwise.
+fn token_refused(e: crate::click_token::TokenError) -> ServeError {
+    metrics::counter!("adserve_gateway_clicks_refused_total", "reason" => e.reason()).increment(1);
+    match e {
+        crate::click_token::TokenError::Malformed => ServeError::InvalidArgument(e.to_string()),
+        e => ServeError::Forbidden(e.to_string()),
+    }
 }
 
 fn truncate(s: &str) -> String {
