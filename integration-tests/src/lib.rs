@@ -272,20 +272,19 @@ impl Stack {
         let since = since.duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
         let addr = self.metrics.iter().find(|(n, _)| n == "gateway").map(|(_, a)| a.clone()).unwrap_or_default();
         let url = format!("http://{addr}/metrics");
-        let mut last = None;
+        let mut last = 0.0;
         for _ in 0..300 {
-            let text = http_client().get(&url).send().await?.text().await?;
-            let as_of = text.lines().find_map(|l| {
-                l.strip_prefix("adserve_catalog_index_as_of_timestamp_seconds ")?.trim().parse::<f64>().ok()
-            });
-            match as_of {
-                None if !text.contains("adserve_catalog_index_") => return Ok(()),
-                Some(t) if t > since => return Ok(()),
-                other => last = other,
+            let text = bench::prom::scrape(&url).await?;
+            if !text.contains("adserve_catalog_index_") {
+                return Ok(());
+            }
+            last = bench::prom::counter(&text, "adserve_catalog_index_as_of_timestamp_seconds", &[]);
+            if last > since {
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        bail!("the gateway's catalog index is not newer than {since} within 30 s (last as of {last:?})")
+        bail!("the gateway's catalog index is not newer than {since} within 30 s (last as of {last})")
     }
 
     /// Writes batch (DynamoDB) and real-time (Redis) features for `ad_ids`

@@ -89,12 +89,9 @@ async fn ad_request_and_click_become_one_labelled_row_with_the_scored_features()
     // The joiner counts the labelled click against the model's prediction
     // (calibration drift is watched from these).
     let joiner = &stack.metrics.iter().find(|(n, _)| n == "label-joiner").expect("joiner metrics").1;
-    let text =
-        adserve_integration_tests::http_client().get(format!("http://{joiner}/metrics")).send().await?.text().await?;
-    let counter = |name: &str| -> f64 {
-        let series = format!("{name}{{model_version=\"{}\"}} ", event.model_version);
-        text.lines().find_map(|l| l.strip_prefix(&series)?.trim().parse().ok()).unwrap_or(0.0)
-    };
+    let text = adserve_integration_tests::bench::prom::scrape(&format!("http://{joiner}/metrics")).await?;
+    let version = format!("model_version=\"{}\"", event.model_version);
+    let counter = |name: &str| adserve_integration_tests::bench::prom::counter(&text, name, &[&version]);
     assert!(counter("adserve_label_joiner_calibration_clicks_total") >= 1.0, "{text}");
     assert!(counter("adserve_label_joiner_calibration_impressions_total") >= 1.0);
     assert!(

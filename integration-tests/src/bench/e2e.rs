@@ -117,18 +117,10 @@ pub async fn run(s: &Settings) -> anyhow::Result<(Vec<Comparison>, Vec<Breakdown
         component_rows.extend(rows);
         for proto in ["HTTP", "gRPC"] {
             for &rate in rates(s.quick) {
-                let before = prom::histogram(&prom::scrape(&metrics_url).await?, "adserve_gateway_hop_seconds", "hop");
-                let m = step(s, proto, placement, size, rate).await?;
-                let after = prom::histogram(&prom::scrape(&metrics_url).await?, "adserve_gateway_hop_seconds", "hop");
-                let hops = prom::delta(&before, &after);
-                let mut row = vec![format!("{proto} {size} @ {rate:.0}/s")];
-                for hop in Hop::ALL {
-                    let b = hops.get(hop.label());
-                    let q = |q: f64| {
-                        b.and_then(|b| prom::quantile(b, q)).map_or("—".into(), |v| format!("{:.2}", v * 1e3))
-                    };
-                    row.push(format!("{} / {}", q(0.5), q(0.99)));
-                }
+                let (m, row) = with_hops(&metrics_url, format!("{proto} {size} @ {rate:.0}/s"), async {
+                    step(s, proto, placement, size, rate).await
+                })
+                .await?;
                 hop_rows.push(row);
                 let sat = saturated(&m);
                 let case = format!("{proto} {size} candidates, {rate:.0} req/s offered");
@@ -176,19 +168,10 @@ async fn openrtb(s: &Settings, metrics_url: &str, hop_rows: &mut Vec<Vec<String>
     let mut out = Vec::new();
     for &rate in rates(s.quick) {
         let native = step(s, "HTTP", &placement, size, rate).await?;
-        let before = prom::histogram(&prom::scrape(metrics_url).await?, "adserve_gateway_hop_seconds", "hop");
-        let m = step(s, "OpenRTB", &placement, size, rate).await?;
-        let after = prom::histogram(&prom::scrape(metrics_url).await?, "adserve_gateway_hop_seconds", "hop");
-        let hops = prom::delta(&before, &after);
-        let mut row = vec![format!("OpenRTB {size} @ {rate:.0}/s")];
-        for hop in Hop::ALL {
-            let q = |q: f64| {
-                hops.get(hop.label())
-                    .and_then(|b| prom::quantile(b, q))
-                    .map_or("—".into(), |v| format!("{:.2}", v * 1e3))
-            };
-            row.push(format!("{} / {}", q(0.5), q(0.99)));
-        }
+        let (m, row) = with_hops(metrics_url, format!("OpenRTB {size} @ {rate:.0}/s"), async {
+            step(s, "OpenRTB", &placement, size, rate).await
+        })
+        .await?;
         hop_rows.push(row);
         let sat = saturated(&m) || saturated(&native);
         let case = format!("OpenRTB {size} candidates, 2 banner imps, {rate:.0} req/s offered");
@@ -207,6 +190,28 @@ async fn openrtb(s: &Settings, metrics_url: &str, hop_rows: &mut Vec<Vec<String>
         }
     }
     Ok(out)
+}
+
+/// Runs `step`, and the gateway's per-hop p50 / p99 over it (from the
+/// change in `adserve_gateway_hop_seconds`) as a row headed `label`.
+async fn with_hops(
+    metrics_url: &str,
+    label: String,
+    step: impl std::future::Future<Output = anyhow::Result<Measurement>>,
+) -> anyhow::Result<(Measurement, Vec<String>)> {
+    let hops = || async {
+        anyhow::Ok(prom::histogram(&prom::scrape(metrics_url).await?, "adserve_gateway_hop_seconds", "hop"))
+    };
+    let before = hops().await?;
+    let m = step.await?;
+    let delta = prom::delta(&before, &hops().await?);
+    let mut row = vec![label];
+    for hop in Hop::ALL {
+        let b = delta.get(hop.label());
+        let q = |q: f64| b.and_then(|b| prom::quantile(b, q)).map_or("—".into(), |v| format!("{:.2}", v * 1e3));
+        row.push(format!("{} / {}", q(0.5), q(0.99)));
+    }
+    Ok((m, row))
 }
 
 /// One open-loop step against the gateway.

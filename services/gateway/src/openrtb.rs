@@ -589,7 +589,7 @@ fn native_plan(native: &Native) -> Result<Option<NativePlan>, String> {
 }
 
 /// Maps a checked request onto native requests.
-pub fn plan(req: &BidRequest, config: &OpenRtbConfig, anonymous_id: bool) -> Plan {
+pub fn plan(req: &BidRequest, config: &OpenRtbConfig) -> Plan {
     let mut out = Plan::default();
     let all = |reason: NoBid| req.imp.iter().map(|i| (i.id.clone(), reason)).collect::<Vec<_>>();
     if !req.cur.is_empty() && !req.cur.iter().any(|c| c.eq_ignore_ascii_case(&config.currency)) {
@@ -605,11 +605,7 @@ pub fn plan(req: &BidRequest, config: &OpenRtbConfig, anonymous_id: bool) -> Pla
     let gdpr = regs.gdpr == Some(1) || regs.ext.as_ref().and_then(|e| e.gdpr) == Some(1);
     let device = req.device.clone().unwrap_or_default();
     let tracking_limited = device.lmt == Some(1) || device.dnt == Some(1);
-    let user_id = if coppa || gdpr || tracking_limited || anonymous_id {
-        String::new()
-    } else {
-        user_id(req.user.as_ref(), &device)
-    };
+    let user_id = if coppa || gdpr || tracking_limited { String::new() } else { user_id(req.user.as_ref(), &device) };
     out.anonymous = user_id.is_empty();
     let surface = if req.app.is_some() {
         "app"
@@ -841,7 +837,7 @@ impl AdServer {
     pub async fn openrtb(&self, req: BidRequest) -> Result<Option<BidResponse>, ServeError> {
         check(&req)?;
         let config = &self.config().openrtb;
-        let mut plan = plan(&req, config, false);
+        let mut plan = plan(&req, config);
         let log_reserve = self.config().kafka.publish_timeout;
         let short = plan.groups.first().is_some_and(|g| {
             crate::budget::requested(g.request.tmax_ms, None, self.config().deadlines.request, log_reserve).is_err()
@@ -933,7 +929,7 @@ mod tests {
     fn every_sample_is_valid_and_maps_onto_valid_native_requests() {
         for (name, req) in samples() {
             check(&req).unwrap_or_else(|e| panic!("{name}: {e}"));
-            let plan = plan(&req, &config(), false);
+            let plan = plan(&req, &config());
             let planned: usize = plan.groups.iter().map(|g| g.imps.len()).sum();
             assert_eq!(planned + plan.no_bids.len(), req.imp.len(), "{name}: every imp is bid on or not, once");
             for g in &plan.groups {
@@ -950,7 +946,7 @@ mod tests {
     #[test]
     fn the_samples_map_as_the_specification_says() {
         let by_name: BTreeMap<String, BidRequest> = samples().into_iter().collect();
-        let p = |n: &str| plan(&by_name[n], &config(), false);
+        let p = |n: &str| plan(&by_name[n], &config());
 
         // IAB's banner on a site: user.id, floor 0.03 USD per mille.
         let banner = p("simple-banner.json");
@@ -1033,7 +1029,7 @@ mod tests {
     #[test]
     fn what_cannot_be_served_is_a_no_bid_with_its_reason() {
         let c = config();
-        let one = |json: &str| plan(&parse(json), &c, false).no_bids;
+        let one = |json: &str| plan(&parse(json), &c).no_bids;
         assert_eq!(one(r#"{"id":"r","cur":["EUR"],"imp":[{"id":"1","banner":{}}]}"#), [("1".into(), NoBid::Currency)]);
         assert!(one(r#"{"id":"r","cur":["EUR","USD"],"imp":[{"id":"1","banner":{}}]}"#).is_empty());
         assert_eq!(one(r#"{"id":"r","wseat":["other"],"imp":[{"id":"1","banner":{}}]}"#), [("1".into(), NoBid::Seat)]);
@@ -1068,7 +1064,7 @@ mod tests {
             })
             .collect();
         let json = format!(r#"{{"id":"r","user":{{"id":"u1"}},"imp":[{}]}}"#, imps.join(","));
-        let plan = plan(&parse(&json), &c, false);
+        let plan = plan(&parse(&json), &c);
         let shape: Vec<(String, i64, usize)> = plan
             .groups
             .iter()
@@ -1090,7 +1086,7 @@ mod tests {
     fn users_are_identified_only_when_allowed() {
         let c = config();
         let id = |json: &str| {
-            let p = plan(&parse(json), &c, false);
+            let p = plan(&parse(json), &c);
             p.groups[0].request.user_id.clone()
         };
         let imp = r#""imp":[{"id":"1","banner":{}}]"#;
