@@ -134,6 +134,13 @@ def test_the_auction_values_reach_the_gateway() -> None:
     assert (gateway["openrtb"]["currency"], gateway["openrtb"]["network_allowance"]) == ("EUR", "10ms")
     assert gateway["openrtb"]["click_url"] == "https://ads.example.com/v1/clicks/redirect"
     assert gateway["catalog_index"] == {"enabled": True, "refresh": "30000ms", "debounce": "50ms", "max_staleness": "300000ms"}
+    assert gateway["prediction_cache"] == {
+        "enabled": True,
+        "ttl": "10000ms",
+        "max_entries": 200000,
+        "mantissa_bits": 23,
+        "refresh": "1000ms",
+    }
     defaults = tomllib.loads(configs(render(None))["gateway"])
     assert "objective" not in defaults["auction"]
     assert "reserve_ecpm_micros" not in tomllib.loads(configs(render(None))["auction"])

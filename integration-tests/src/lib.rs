@@ -150,6 +150,26 @@ impl Stack {
         &self,
         tweak: impl FnOnce(&mut adserve_gateway::GatewayConfig),
     ) -> anyhow::Result<String> {
+        let server = self.in_process_server(tweak).await?;
+        let config = server.config().clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let router = adserve_gateway::http::router(
+            server,
+            adserve_gateway::http::BodyLimits::of(&config),
+            adserve_core::Readiness::new(),
+        );
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        Ok(format!("http://{addr}"))
+    }
+
+    /// A test's own gateway on this stack, called as a library (no HTTP):
+    /// [`gateway_config`](Self::gateway_config) changed by `tweak`, with its
+    /// catalog schema migrated, counters connected and catalog index loaded.
+    pub async fn in_process_server(
+        &self,
+        tweak: impl FnOnce(&mut adserve_gateway::GatewayConfig),
+    ) -> anyhow::Result<adserve_gateway::AdServer> {
         let mut config = self.gateway_config();
         tweak(&mut config);
         let catalog = Catalog::connect_lazy(&config.postgres)?;
@@ -160,18 +180,10 @@ impl Stack {
         // As the gateway does at start (a dead broker fails this; the tests of
         // that expect the 503 that follows).
         let _ = events.warm_up(&WARM_TOPICS, Duration::from_secs(2)).await;
-        let server = adserve_gateway::AdServer::new(config.clone(), catalog, events)?;
+        let server = adserve_gateway::AdServer::new(config, catalog, events)?;
         server.wait_for_counters(Duration::from_secs(1)).await;
         server.wait_for_catalog(Duration::from_secs(10)).await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let router = adserve_gateway::http::router(
-            server,
-            adserve_gateway::http::BodyLimits::of(&config),
-            adserve_core::Readiness::new(),
-        );
-        tokio::spawn(async move { axum::serve(listener, router).await });
-        Ok(format!("http://{addr}"))
+        Ok(server)
     }
 
     /// The config of a test's own gateway on this stack: its stores, broker

@@ -99,6 +99,32 @@ impl v1::FeatureMatrix {
         self.embedding_values.get(i * width..(i + 1) * width)
     }
 
+    /// A matrix of only `rows` (indices into this one, in the order given),
+    /// with the same columns. Rows out of range are skipped.
+    pub fn select_rows(&self, rows: &[usize]) -> Self {
+        let (cols, cats, width) = (self.num_cols(), self.categorical_names.len(), self.embedding_width());
+        let mut out = Self {
+            feature_names: self.feature_names.clone(),
+            num_rows: 0,
+            values: Vec::with_capacity(rows.len() * cols),
+            categorical_names: self.categorical_names.clone(),
+            categorical_ids: Vec::with_capacity(rows.len() * cats),
+            embedding_names: self.embedding_names.clone(),
+            embedding_dims: self.embedding_dims.clone(),
+            embedding_values: Vec::with_capacity(rows.len() * width),
+        };
+        for &i in rows.iter().filter(|i| **i < self.num_rows as usize) {
+            let (Some(v), Some(c), Some(e)) = (self.row(i), self.categorical_row(i), self.embedding_row(i)) else {
+                continue;
+            };
+            out.values.extend_from_slice(v);
+            out.categorical_ids.extend_from_slice(c);
+            out.embedding_values.extend_from_slice(e);
+            out.num_rows += 1;
+        }
+        out
+    }
+
     /// Checks that every block holds exactly `num_rows` rows of its columns
     /// and that names are unique (across blocks) and non-empty; returns a
     /// message naming the field.
@@ -138,5 +164,31 @@ impl v1::FeatureMatrix {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::v1::FeatureMatrix;
+
+    #[test]
+    fn select_rows_keeps_every_block_of_the_rows_asked_for_in_order() {
+        let m = FeatureMatrix {
+            feature_names: vec!["a".into(), "b".into()],
+            num_rows: 3,
+            values: vec![0.0, 0.1, 1.0, 1.1, 2.0, 2.1],
+            categorical_names: vec!["c".into()],
+            categorical_ids: vec![10, 11, 12],
+            embedding_names: vec!["e".into()],
+            embedding_dims: vec![2],
+            embedding_values: vec![0.5, 0.6, 1.5, 1.6, 2.5, 2.6],
+        };
+        let s = m.select_rows(&[2, 0, 7]);
+        assert_eq!(s.num_rows, 2, "row 7 does not exist");
+        assert_eq!(s.values, vec![2.0, 2.1, 0.0, 0.1]);
+        assert_eq!(s.categorical_ids, vec![12, 10]);
+        assert_eq!(s.embedding_values, vec![2.5, 2.6, 0.5, 0.6]);
+        assert!(s.check_shape().is_ok());
+        assert_eq!((s.feature_names, s.embedding_dims), (m.feature_names.clone(), m.embedding_dims.clone()));
     }
 }

@@ -233,6 +233,14 @@ enabled = {{ $ci.enabled }}
 refresh = "{{ int64 $ci.refreshMs }}ms"
 debounce = "{{ int64 $ci.debounceMs }}ms"
 max_staleness = "{{ int64 $ci.maxStalenessMs }}ms"
+{{- $pc := $c.predictionCache }}
+
+[prediction_cache]
+enabled = {{ $pc.enabled }}
+ttl = "{{ int64 $pc.ttlMs }}ms"
+max_entries = {{ int64 $pc.maxEntries }}
+mantissa_bits = {{ int64 $pc.mantissaBits }}
+refresh = "{{ int64 $pc.refreshMs }}ms"
 
 {{ include "adserve.kafkaToml" . }}
 

@@ -118,7 +118,7 @@ pub async fn run(s: &Settings) -> anyhow::Result<(Vec<Comparison>, Vec<Breakdown
         for proto in ["HTTP", "gRPC"] {
             for &rate in rates(s.quick) {
                 let (m, row) = with_hops(&metrics_url, format!("{proto} {size} @ {rate:.0}/s"), async {
-                    step(s, proto, placement, size, rate).await
+                    step(s, &s.stack.http, proto, placement, size, rate, Users::Known).await
                 })
                 .await?;
                 hop_rows.push(row);
@@ -140,6 +140,8 @@ pub async fn run(s: &Settings) -> anyhow::Result<(Vec<Comparison>, Vec<Breakdown
         }
     }
     comparisons.extend(openrtb(s, &metrics_url, &mut hop_rows).await?);
+    let (cache, cache_rows) = prediction_cache(s).await?;
+    comparisons.extend(cache);
     let mut columns = vec!["step".to_string()];
     columns.extend(Hop::ALL.iter().map(|h| format!("{} p50 / p99 ms", h.label())));
     let breakdowns = vec![
@@ -147,6 +149,12 @@ pub async fn run(s: &Settings) -> anyhow::Result<(Vec<Comparison>, Vec<Breakdown
             title: "Gateway per-hop latency (from adserve_gateway_hop_seconds, per step)".into(),
             columns,
             rows: hop_rows,
+        },
+        Breakdown {
+            title: "Prediction cache: share of candidate rows the ranker did not score (from adserve_ranker_rows)"
+                .into(),
+            columns: ["users", "gateway", "rows not sent to the ranker", "p50 ms", "p99 ms"].map(String::from).to_vec(),
+            rows: cache_rows,
         },
         Breakdown {
             title: "Components called directly (closed loop, concurrency 1)".into(),
@@ -167,9 +175,9 @@ async fn openrtb(s: &Settings, metrics_url: &str, hop_rows: &mut Vec<Vec<String>
     s.stack.wait_gateway_catalog(std::time::SystemTime::now()).await?;
     let mut out = Vec::new();
     for &rate in rates(s.quick) {
-        let native = step(s, "HTTP", &placement, size, rate).await?;
+        let native = step(s, &s.stack.http, "HTTP", &placement, size, rate, Users::Known).await?;
         let (m, row) = with_hops(metrics_url, format!("OpenRTB {size} @ {rate:.0}/s"), async {
-            step(s, "OpenRTB", &placement, size, rate).await
+            step(s, &s.stack.http, "OpenRTB", &placement, size, rate, Users::Known).await
         })
         .await?;
         hop_rows.push(row);
@@ -190,6 +198,67 @@ async fn openrtb(s: &Settings, metrics_url: &str, hop_rows: &mut Vec<Vec<String>
         }
     }
     Ok(out)
+}
+
+/// The prediction cache off, exact (the default) and at 8 mantissa bits, on
+/// the same 500 candidates at one rate, for known users and for anonymous
+/// ones (OpenRTB `lmt`): three gateways in this process (alike but for the
+/// cache) in front of the stack's feature-service, ranker and auction, run
+/// one after the other. The hit rate is the share of candidate rows the
+/// stack's ranker, which nothing else calls meanwhile, did not score.
+async fn prediction_cache(s: &Settings) -> anyhow::Result<(Vec<Comparison>, Vec<Vec<String>>)> {
+    const RATE: f64 = 100.0;
+    let placement = adserve_gateway::GatewayConfig::default().openrtb.default_placement;
+    let size = SIZES[0].1;
+    let ranker_metrics = s
+        .stack
+        .metrics
+        .iter()
+        .find(|(name, _)| name == "ranker")
+        .map(|(_, addr)| format!("http://{addr}/metrics"))
+        .ok_or_else(|| anyhow::anyhow!("no ranker metrics address"))?;
+    let rows_scored = async || -> anyhow::Result<f64> {
+        Ok(prom::counter(&prom::scrape(&ranker_metrics).await?, "adserve_ranker_rows_sum", &[]))
+    };
+    let arms: [(&str, Option<u32>); 3] =
+        [("cache off", None), ("cache on, exact", Some(23)), ("cache on, 8 bits", Some(8))];
+    let mut gateways = Vec::new();
+    for (name, bits) in arms {
+        let url = s
+            .stack
+            .in_process_gateway(|c| match bits {
+                None => c.prediction_cache.enabled = false,
+                Some(b) => c.prediction_cache.mantissa_bits = b,
+            })
+            .await?;
+        gateways.push((name, url));
+    }
+    let (mut out, mut rows) = (Vec::new(), Vec::new());
+    for users in [Users::Known, Users::Anonymous] {
+        let mut ms = Vec::new();
+        for (name, url) in &gateways {
+            let before = rows_scored().await?;
+            let m = step(s, url, "OpenRTB", &placement, size, RATE, users).await?;
+            let scored = rows_scored().await? - before;
+            let asked = m.calls() as f64 * size as f64;
+            let skipped = if asked > 0.0 { (1.0 - scored / asked).max(0.0) } else { 0.0 };
+            rows.push(vec![
+                format!("{users:?}"),
+                name.to_string(),
+                format!("{:.1}%", skipped * 100.0),
+                format!("{:.2}", m.ms(0.5)),
+                format!("{:.2}", m.ms(0.99)),
+            ]);
+            tracing::info!(?users, gateway = name, skipped, p50_ms = m.ms(0.5), "prediction cache step done");
+            ms.push(m);
+        }
+        let case = format!("prediction cache: OpenRTB {size} candidates, {users:?} users, {RATE:.0} req/s offered");
+        let c = Comparison::new("end-to-end", case, Metric::P50, "in-process gateway, cache on (exact)", &ms[1])
+            .with("the same gateway, cache off", Role::Peer, &ms[0])
+            .with("the same gateway, cache on, 8 mantissa bits", Role::Peer, &ms[2]);
+        out.push(c);
+    }
+    Ok((out, rows))
 }
 
 /// Runs `step`, and the gateway's per-hop p50 / p99 over it (from the
@@ -214,13 +283,33 @@ async fn with_hops(
     Ok((m, row))
 }
 
-/// One open-loop step against the gateway.
-async fn step(s: &Settings, proto: &str, placement: &str, size: usize, rate: f64) -> anyhow::Result<Measurement> {
+/// Who the requests of a step are for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Users {
+    /// The bench's users ([`user`]), features seeded.
+    Known,
+    /// OpenRTB only: the same user ids, with `device.lmt = 1`, so the
+    /// gateway serves them as anonymous (no user features).
+    Anonymous,
+}
+
+/// One open-loop step against the gateway whose HTTP face is `http`
+/// (gRPC: the stack's).
+async fn step(
+    s: &Settings,
+    http: &str,
+    proto: &str,
+    placement: &str,
+    size: usize,
+    rate: f64,
+    users: Users,
+) -> anyhow::Result<Measurement> {
     let timeout = Duration::from_secs(2);
     let max_in_flight = 4096;
     let m = if proto == "OpenRTB" {
+        let url = format!("{http}/openrtb2/auction");
         let http = crate::http_builder().pool_max_idle_per_host(512).build()?;
-        let url = format!("{}/openrtb2/auction", s.stack.http);
+        let lmt = u8::from(users == Users::Anonymous);
         load::open_loop(rate, s.step(), timeout, max_in_flight, size as u64, move |i| {
             let (http, url) = (http.clone(), url.clone());
             let imp = |id: &str| serde_json::json!({"id": id, "banner": {"w": 300, "h": 250}});
@@ -228,7 +317,7 @@ async fn step(s: &Settings, proto: &str, placement: &str, size: usize, rate: f64
                 "id": format!("bench-{i}"),
                 "imp": [imp("1"), imp("2")],
                 "site": {"page": "https://bench.example/"},
-                "device": {"devicetype": 4},
+                "device": {"devicetype": 4, "lmt": lmt},
                 "user": {"id": user(i)},
             });
             async move {
@@ -254,8 +343,9 @@ async fn step(s: &Settings, proto: &str, placement: &str, size: usize, rate: f64
         })
         .await
     } else if proto == "HTTP" {
+        anyhow::ensure!(users == Users::Known, "native requests always name their user");
+        let url = format!("{http}/v1/ads");
         let http = crate::http_builder().pool_max_idle_per_host(512).build()?;
-        let url = format!("{}/v1/ads", s.stack.http);
         let placement = placement.to_string();
         load::open_loop(rate, s.step(), timeout, max_in_flight, size as u64, move |i| {
             let (http, url) = (http.clone(), url.clone());

@@ -9,6 +9,8 @@ use adserve_counters::RedisConfig;
 use adserve_events::KafkaConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::prediction_cache::PredictionCacheConfig;
+
 /// Everything the gateway reads at start.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -57,6 +59,9 @@ pub struct GatewayConfig {
     pub auth: AuthConfig,
     /// The OpenRTB 2.5/2.6 endpoint ([`crate::openrtb`]).
     pub openrtb: OpenRtbConfig,
+    /// The ranker's scores reused for the same row, ad and model version
+    /// ([`crate::prediction_cache`]).
+    pub prediction_cache: PredictionCacheConfig,
 }
 
 /// How the OpenRTB endpoint bids.
@@ -431,6 +436,7 @@ impl Default for GatewayConfig {
             click_tokens: ClickTokenConfig::default(),
             auth: AuthConfig::default(),
             openrtb: OpenRtbConfig::default(),
+            prediction_cache: PredictionCacheConfig::default(),
         }
     }
 }
@@ -440,6 +446,7 @@ impl Validate for GatewayConfig {
         self.server.validate()?;
         self.postgres.validate()?;
         self.catalog_index.validate("catalog_index")?;
+        self.prediction_cache.validate("prediction_cache")?;
         self.kafka.validate()?;
         for (key, url) in [
             ("upstreams.feature_service", &self.upstreams.feature_service),

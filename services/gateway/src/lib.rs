@@ -19,6 +19,7 @@ pub mod http;
 pub mod openrtb;
 pub mod pacing;
 pub mod pipeline;
+pub mod prediction_cache;
 
 pub use config::GatewayConfig;
 pub use error::ServeError;

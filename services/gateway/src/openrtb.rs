@@ -819,7 +819,7 @@ fn bids(group: &Group, served: &Served, click_url: &str) -> (Vec<Bid>, Vec<Strin
                     click_token: w.click_token.clone(),
                     category: creative.category.clone(),
                     pctr: w.pctr,
-                    model_version: served.response.model_version.clone(),
+                    model_version: creative.model_version.clone(),
                 },
             },
         });

@@ -29,6 +29,7 @@ use crate::{
     click_token::ClickTokens,
     config::GatewayConfig,
     pacing::{PacingState, Verdict, unix_now},
+    prediction_cache::PredictionCache,
 };
 
 /// Model version reported when the ranker was unavailable.
@@ -48,6 +49,8 @@ pub struct AdServer {
     pacing: Arc<PacingState>,
     click_tokens: ClickTokens,
     publishers: crate::auth::Publishers,
+    /// The ranker's scores, reused ([`crate::prediction_cache`]).
+    prediction_cache: Arc<PredictionCache>,
     config: Arc<GatewayConfig>,
 }
 
@@ -87,9 +90,18 @@ impl AdServer {
         });
         let pacing = Arc::new(PacingState::default());
         crate::pacing::spawn(config.pacing.clone(), catalog.clone(), counters.clone(), Arc::downgrade(&pacing));
+        let ranker = RankerServiceClient::new(lazy_channel(&config.upstreams.ranker, "ranker")?);
+        let prediction_cache = PredictionCache::new(config.prediction_cache.clone());
+        if config.prediction_cache.enabled {
+            crate::prediction_cache::follow(
+                Arc::downgrade(&prediction_cache),
+                ranker.clone(),
+                config.prediction_cache.refresh,
+            );
+        }
         Ok(Self {
             features: FeatureServiceClient::new(lazy_channel(&config.upstreams.feature_service, "feature_service")?),
-            ranker: RankerServiceClient::new(lazy_channel(&config.upstreams.ranker, "ranker")?),
+            ranker,
             auction: AuctionServiceClient::new(lazy_channel(&config.upstreams.auction, "auction")?),
             catalog,
             index,
@@ -98,6 +110,7 @@ impl AdServer {
             pacing,
             click_tokens,
             publishers,
+            prediction_cache,
             config: Arc::new(config),
         })
     }
@@ -221,11 +234,11 @@ impl AdServer {
         let ad_ids: Vec<i64> = ads.iter().map(|a| a.ad_id).collect();
 
         let matrix = timed(Hop::Features, self.features(&user_id, &ad_ids, &ctx, &budget, &mut degraded)).await;
-        let (pctrs, model_version) =
-            timed(Hop::Ranker, self.scores(&matrix, &user_id, &request_id, &budget, &mut degraded)).await;
+        let scores =
+            timed(Hop::Ranker, self.scores(&matrix, &ads, &user_id, &request_id, &budget, &mut degraded)).await;
         let candidates: Vec<AuctionCandidate> = ads
             .iter()
-            .zip(&pctrs)
+            .zip(&scores.pctr)
             .map(|(ad, &pctr)| AuctionCandidate {
                 ad_id: ad.ad_id,
                 campaign_id: ad.campaign_id,
@@ -260,10 +273,16 @@ impl AdServer {
                 ads.len(),
                 degraded,
                 no_fill::BELOW_RESERVE,
-                &model_version,
+                scores.headline(),
             )));
         }
 
+        // The answer names the model that scored its best ad.
+        let model_version = winners
+            .first()
+            .and_then(|w| ad_ids.iter().position(|id| *id == w.ad_id))
+            .map_or(scores.headline(), |row| scores.version(row))
+            .to_string();
         let now = std::time::SystemTime::now();
         let served_at = prost_types::Timestamp::from(now);
         let served_ms = unix_ms(now);
@@ -289,7 +308,7 @@ impl AdServer {
                 surface: ctx.surface.clone(),
                 coppa: ctx.coppa,
                 served_at: Some(served_at),
-                model_version: model_version.clone(),
+                model_version: scores.version(row).to_string(),
                 pctr: w.pctr,
                 ecpm_micros: w.ecpm_micros,
                 price_cpc_micros: w.price_cpc_micros,
@@ -311,6 +330,7 @@ impl AdServer {
                 advertiser_domain: ad.advertiser_domain.clone(),
                 category: ad.category.clone(),
                 price_per_mille_micros: price_per_mille_micros(&w),
+                model_version: scores.version(row).to_string(),
             });
             out.push(AdWinner {
                 click_token: self.click_tokens.sign(&impression_id, w.ad_id, served_ms),
@@ -542,28 +562,72 @@ impl AdServer {
         default_matrix(ad_ids, ctx)
     }
 
-    /// pCTRs from the ranker, routed by `user_id` (a canary serves a fixed
-    /// share of users; the empty COPPA/anonymous id stays on production);
+    /// pCTRs for every row of `matrix` (row `i` is `ads[i]`): from the
+    /// prediction cache where it holds the row's score for the model the
+    /// ranker routes `user_id` to, from the ranker for the rest (a canary
+    /// serves a fixed share of users; the empty COPPA/anonymous id stays on
+    /// production), and from the prior for rows neither can score in time.
     /// `request_id` ties a shadow model's scores to this request.
     async fn scores(
+        &self,
+        matrix: &FeatureMatrix,
+        ads: &[EligibleAd],
+        user_id: &str,
+        request_id: &str,
+        budget: &Budget,
+        degraded: &mut Vec<Degradation>,
+    ) -> Scores {
+        let rows = matrix.num_rows as usize;
+        let lookup = self.prediction_cache.version_for(user_id).map(|v| self.prediction_cache.lookup(v, matrix, ads));
+        let mut scores = Scores::new(rows);
+        let misses = match &lookup {
+            Some(l) => {
+                scores.fill(&l.pctr, &l.version);
+                l.misses()
+            }
+            None => (0..rows).collect(),
+        };
+        if misses.is_empty() {
+            return scores;
+        }
+        // The ranker scores only what the cache could not.
+        let sub = if misses.len() == rows { None } else { Some(matrix.select_rows(&misses)) };
+        let to_score = sub.as_ref().unwrap_or(matrix);
+        match self.rank(to_score, user_id, request_id, budget, degraded).await {
+            Some((pctr, version, level)) => {
+                if let Some(l) = &lookup
+                    && level == ScoreLevel::Model
+                    && *version == *l.version
+                {
+                    self.prediction_cache.store(l, &misses, &pctr);
+                }
+                scores.set(&misses, &pctr, &version);
+            }
+            None => {
+                let prior = adserve_features::prior::prior_pctr(
+                    to_score,
+                    &self.config.fallback_pctr_feature,
+                    adserve_auction::MIN_PCTR,
+                );
+                scores.set(&misses, &prior, FALLBACK_MODEL_VERSION);
+            }
+        }
+        scores
+    }
+
+    /// The ranker's answer for `matrix`, or `None` (with the degradation
+    /// recorded) when it has no time, fails, or answers nonsense.
+    async fn rank(
         &self,
         matrix: &FeatureMatrix,
         user_id: &str,
         request_id: &str,
         budget: &Budget,
         degraded: &mut Vec<Degradation>,
-    ) -> (Vec<f32>, String) {
-        let prior = || {
-            let p = adserve_features::prior::prior_pctr(
-                matrix,
-                &self.config.fallback_pctr_feature,
-                adserve_auction::MIN_PCTR,
-            );
-            (p, FALLBACK_MODEL_VERSION.to_string())
-        };
+    ) -> Option<(Vec<f32>, String, ScoreLevel)> {
         let Some(limit) = budget.for_hop(self.config.deadlines.ranker) else {
             degraded.push(budget_spent(Hop::Ranker, degraded::RANKER, budget, "using prior pCTR"));
-            return prior();
+            return None;
         };
         let mut client = self.ranker.clone();
         let rows = matrix.num_rows as usize;
@@ -588,7 +652,7 @@ impl AdServer {
                             reason: format!("scored by {by} ({}): {}", resp.model_version, resp.fallback_reason),
                         });
                     }
-                    return (resp.pctr, resp.model_version);
+                    return Some((resp.pctr, resp.model_version, level));
                 }
                 degraded.push(Degradation {
                     component: degraded::RANKER.into(),
@@ -598,7 +662,7 @@ impl AdServer {
             Err(e) => degraded
                 .push(Degradation { component: degraded::RANKER.into(), reason: format!("{e}; using prior pCTR") }),
         }
-        prior()
+        None
     }
 
     async fn auction(
@@ -632,6 +696,67 @@ impl AdServer {
             .and_then(|local| adserve_auction::run_auction(&local, rules))
             .map_err(|e| ServeError::Unavailable(format!("fallback auction: {e}")))?;
         Ok(outcome.winners.iter().map(wire::winner_to_proto).collect())
+    }
+}
+
+/// Every candidate's pCTR, and which model version scored it: one request
+/// can mix cached scores, the ranker's and the prior's (the ranker down, or
+/// answering with another version than the cache expected, mid-swap).
+#[derive(Debug)]
+struct Scores {
+    pctr: Vec<f32>,
+    /// The distinct versions, in the order first used.
+    versions: Vec<String>,
+    /// Each row's index into `versions`.
+    of_row: Vec<u8>,
+}
+
+impl Scores {
+    fn new(rows: usize) -> Self {
+        Self { pctr: vec![0.0; rows], versions: Vec::new(), of_row: vec![0; rows] }
+    }
+
+    fn version_index(&mut self, version: &str) -> u8 {
+        match self.versions.iter().position(|v| v == version) {
+            Some(i) => i as u8,
+            None => {
+                self.versions.push(version.to_string());
+                (self.versions.len() - 1) as u8
+            }
+        }
+    }
+
+    /// The cache's hits (`None`: a miss, set later).
+    fn fill(&mut self, cached: &[Option<f32>], version: &str) {
+        if cached.iter().any(Option::is_some) {
+            let v = self.version_index(version);
+            for (i, p) in cached.iter().enumerate() {
+                if let Some(p) = p {
+                    self.pctr[i] = *p;
+                    self.of_row[i] = v;
+                }
+            }
+        }
+    }
+
+    /// `pctr[k]` for row `rows[k]`, scored by `version`.
+    fn set(&mut self, rows: &[usize], pctr: &[f32], version: &str) {
+        let v = self.version_index(version);
+        for (&row, &p) in rows.iter().zip(pctr) {
+            self.pctr[row] = p;
+            self.of_row[row] = v;
+        }
+    }
+
+    /// The version that scored `row`.
+    fn version(&self, row: usize) -> &str {
+        self.versions.get(self.of_row[row] as usize).map_or(FALLBACK_MODEL_VERSION, String::as_str)
+    }
+
+    /// The version an answer without winners names: the last one used (the
+    /// ranker's or the prior's when it was called, else the cache's).
+    fn headline(&self) -> &str {
+        self.versions.last().map_or(FALLBACK_MODEL_VERSION, String::as_str)
     }
 }
 
@@ -828,6 +953,8 @@ pub struct Creative {
     pub category: String,
     /// The winner's price per thousand impressions ([`price_per_mille_micros`]).
     pub price_per_mille_micros: i64,
+    /// The model version that scored this winner (its impression's).
+    pub model_version: String,
 }
 
 /// A winner's price per thousand impressions, micro units: a CPM winner's
@@ -1050,5 +1177,23 @@ mod tests {
         assert!(m.check_shape().is_ok());
         let c = m.feature_names.iter().position(|n| n == "ctx_device_mobile").unwrap();
         assert_eq!(m.row(2).unwrap()[c], 1.0);
+    }
+
+    #[test]
+    fn scores_name_the_version_of_each_row_when_one_request_mixes_them() {
+        let mut s = Scores::new(4);
+        s.fill(&[Some(0.1), None, Some(0.3), None], "v1");
+        assert_eq!(s.headline(), "v1");
+        s.set(&[1], &[0.2], "v2");
+        s.set(&[3], &[0.4], FALLBACK_MODEL_VERSION);
+        assert_eq!(s.pctr, vec![0.1, 0.2, 0.3, 0.4]);
+        let versions: Vec<&str> = (0..4).map(|r| s.version(r)).collect();
+        assert_eq!(versions, ["v1", "v2", "v1", FALLBACK_MODEL_VERSION]);
+        assert_eq!(s.headline(), FALLBACK_MODEL_VERSION, "the last one used");
+        // No hits: the ranker's version alone.
+        let mut s = Scores::new(2);
+        s.fill(&[None, None], "v1");
+        s.set(&[0, 1], &[0.5, 0.6], "v2");
+        assert_eq!((s.version(0), s.version(1), s.headline()), ("v2", "v2", "v2"));
     }
 }
