@@ -152,6 +152,7 @@ def test_the_gpu_values_reach_the_ranker_and_only_the_ranker() -> None:
     assert ranker["model"]["execution_providers"] == ["tensorrt", "cuda", "cpu"]
     assert ranker["model"]["tensorrt"]["engine_cache_dir"] == "/var/cache/adserve/trt"
     assert ranker["batching"]["max_queue_delay"] == "2000us"
+    assert ranker["batching"]["predict_misses"] is True
     deployments = manifests["adserve/templates/deployment.yaml"].split("\n---")
     with_gpu = [d for d in deployments if "nvidia.com/gpu: " in d]
     assert len(with_gpu) == 1 and "name: adserve-ranker\n" in with_gpu[0]

@@ -371,6 +371,7 @@ sessions = {{ int64 $b.sessions }}
 max_batch_rows = {{ int64 $b.maxBatchRows }}
 max_queue_delay = "{{ int64 $b.maxQueueDelayUs }}us"
 max_queue_rows = {{ int64 $b.maxQueueRows }}
+predict_misses = {{ $b.predictMisses }}
 {{- $r := $c.registry }}
 
 [registry]

@@ -15,6 +15,15 @@
 //! would exceed `max_queue_rows` is refused at once (`Overloaded`) instead of
 //! waiting behind work it cannot outlive.
 //!
+//! **Deadline misses are predicted** (`predict_misses`): the queue fits what
+//! one run of n rows costs here, a + b·n, by exponentially weighted least
+//! squares over recent runs ([`CostModel`]), and a call that arrives with a
+//! deadline it would miss (the batches queued and running ahead of it, shared
+//! across the sessions, then its own run) is refused at once (`WouldMiss`):
+//! the caller's fallback answers now instead of after the wait, and the
+//! queue does not grow with work nobody will read. At most one such call a
+//! second runs anyway, so a cost inflated by a past burst is re-measured.
+//!
 //! Dropping the [`Batcher`] (the last handle of a model, e.g. after a swap)
 //! closes the queue: calls already queued are still scored, then the threads
 //! exit.
@@ -53,12 +62,29 @@ pub enum ScoreError {
         /// The limit.
         limit: usize,
     },
+    /// The call would finish after its deadline (predicted at arrival).
+    #[error(
+        "the model would miss the call's deadline: predicted {predicted:?} ({queued} rows queued, {running} running), {left:?} left"
+    )]
+    WouldMiss {
+        /// Predicted time from arrival to the call's scores.
+        predicted: Duration,
+        /// Time left before the call's deadline.
+        left: Duration,
+        /// Rows queued ahead of it.
+        queued: usize,
+        /// Rows being scored.
+        running: usize,
+    },
     /// Scoring failed: ONNX Runtime's error, a panic in the session thread,
     /// or an output that is not a probability. Every call in the batch gets
     /// the same message.
     #[error("scoring failed: {0}")]
     Failed(String),
 }
+
+/// How often a call runs despite a predicted miss (see the module doc).
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Job {
     /// `rows × features`, in the model's column order.
@@ -84,6 +110,83 @@ struct State {
     jobs: VecDeque<Job>,
     rows: usize,
     closed: bool,
+    /// Batches being scored, and their rows.
+    running: usize,
+    running_rows: usize,
+    /// What a run costs, fitted on the runs so far.
+    cost: CostModel,
+    /// When a call last ran despite a predicted miss.
+    probed: Option<Instant>,
+}
+
+/// What one `session.run` of n rows costs: a + b·n seconds, fitted by least
+/// squares with exponentially decaying weights (each run's weight halves
+/// after ~70 more), so it follows the machine's load.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CostModel {
+    w: f64,
+    x: f64,
+    y: f64,
+    xx: f64,
+    xy: f64,
+    runs: u64,
+}
+
+impl CostModel {
+    const DECAY: f64 = 0.99;
+    /// Runs observed before the fit is trusted.
+    pub const WARM: u64 = 16;
+
+    /// Records one run of `rows` rows that took `secs`.
+    pub fn observe(&mut self, rows: usize, secs: f64) {
+        let (x, d) = (rows as f64, Self::DECAY);
+        self.w = self.w * d + 1.0;
+        self.x = self.x * d + x;
+        self.y = self.y * d + secs;
+        self.xx = self.xx * d + x * x;
+        self.xy = self.xy * d + x * secs;
+        self.runs += 1;
+    }
+
+    /// `(a, b)`: seconds per run and per row, both >= 0; `None` until
+    /// [`WARM`](Self::WARM) runs. When every run had about the same size the
+    /// two cannot be told apart, and the cost is taken as proportional to
+    /// the rows.
+    pub fn fit(&self) -> Option<(f64, f64)> {
+        if self.runs < Self::WARM || self.x <= 0.0 {
+            return None;
+        }
+        let mean_x = self.x / self.w;
+        let var = self.xx / self.w - mean_x * mean_x;
+        if var <= (0.05 * mean_x).powi(2) {
+            return Some((0.0, self.y / self.x));
+        }
+        let b = ((self.xy / self.w - mean_x * self.y / self.w) / var).max(0.0);
+        let a = ((self.y - b * self.x) / self.w).max(0.0);
+        Some((a, b))
+    }
+
+    /// Seconds one run of `rows` rows takes, once warm.
+    pub fn cost(&self, rows: usize) -> Option<f64> {
+        self.fit().map(|(a, b)| a + b * rows as f64)
+    }
+}
+
+/// When a call of `rows` rows arriving now would have its scores: the
+/// queued batches (`max_batch_rows` each) and half of each running one,
+/// shared across `sessions`, then its own run. `None` until the cost model
+/// is warm.
+fn predict(st: &State, rows: usize, sessions: usize, max_batch_rows: usize) -> Option<Duration> {
+    let (a, b) = st.cost.fit()?;
+    let own = a + b * rows as f64;
+    let wait = if st.rows == 0 && st.running < sessions {
+        0.0
+    } else {
+        let queued = st.rows.div_ceil(max_batch_rows.max(1)) as f64 * a + b * st.rows as f64;
+        let running = 0.5 * (st.running as f64 * a + b * st.running_rows as f64);
+        (queued + running) / sessions.max(1) as f64
+    };
+    Some(Duration::from_secs_f64(wait + own))
 }
 
 struct Queue {
@@ -108,6 +211,8 @@ pub struct BatchStats {
     pub expired: u64,
     /// Calls dropped unscored because their caller had gone.
     pub cancelled: u64,
+    /// Calls refused at arrival because they would have missed their deadline.
+    pub predicted_misses: u64,
 }
 
 impl Queue {
@@ -177,6 +282,26 @@ impl Batcher {
                 metrics::gauge!("adserve_ranker_queue_rows").set(st.rows as f64);
                 return Err(ScoreError::Overloaded { queued: st.rows, rows, limit });
             }
+            let config = &self.queue.config;
+            if let Some(deadline) = deadline.filter(|_| config.predict_misses) {
+                let now = Instant::now();
+                if let Some(predicted) = predict(&st, rows, config.sessions, config.max_batch_rows)
+                    && now + predicted > deadline
+                {
+                    if st.probed.is_some_and(|at| now.duration_since(at) < PROBE_INTERVAL) {
+                        metrics::counter!("adserve_ranker_dropped_total", "reason" => "predicted_miss").increment(1);
+                        self.queue.stats.lock().unwrap_or_else(|p| p.into_inner()).predicted_misses += 1;
+                        return Err(ScoreError::WouldMiss {
+                            predicted,
+                            left: deadline.saturating_duration_since(now),
+                            queued: st.rows,
+                            running: st.running_rows,
+                        });
+                    }
+                    // The probe: runs despite the prediction, so the cost is re-measured.
+                    st.probed = Some(now);
+                }
+            }
             st.rows += rows;
             st.jobs.push_back(Job { input, rows, enqueued: Instant::now(), deadline, reply });
             metrics::gauge!("adserve_ranker_queue_rows").set(st.rows as f64);
@@ -188,6 +313,11 @@ impl Batcher {
     /// Rows waiting in the queue now.
     pub fn queued_rows(&self) -> usize {
         self.queue.lock().rows
+    }
+
+    /// What a run costs here, as fitted so far.
+    pub fn cost_model(&self) -> CostModel {
+        self.queue.lock().cost
     }
 
     /// Counts since the queue started.
@@ -206,6 +336,7 @@ impl Drop for Batcher {
 /// A session thread: take a batch, drop what is stale, score the rest.
 fn worker(mut session: Session, queue: &Queue, manifest: &ModelManifest) {
     while let Some(batch) = next_batch(queue) {
+        let taken: usize = batch.iter().map(|j| j.rows).sum();
         let now = Instant::now();
         let mut live = Vec::with_capacity(batch.len());
         let (mut expired, mut cancelled) = (Vec::new(), 0);
@@ -239,6 +370,9 @@ fn worker(mut session: Session, queue: &Queue, manifest: &ModelManifest) {
             let _ = job.reply.send(Err(ScoreError::DeadlineExceeded { waited }));
         }
         if live.is_empty() {
+            let mut st = queue.lock();
+            st.running -= 1;
+            st.running_rows -= taken;
             continue;
         }
         metrics::histogram!("adserve_ranker_batch_rows").record(rows as f64);
@@ -254,7 +388,16 @@ fn worker(mut session: Session, queue: &Queue, manifest: &ModelManifest) {
         };
         let start = Instant::now();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| model::run(&mut session, manifest, input, rows)));
-        metrics::histogram!("adserve_ranker_inference_seconds").record(start.elapsed().as_secs_f64());
+        let took = start.elapsed();
+        metrics::histogram!("adserve_ranker_inference_seconds").record(took.as_secs_f64());
+        {
+            let mut st = queue.lock();
+            st.running -= 1;
+            st.running_rows -= taken;
+            if matches!(result, Ok(Ok(_))) {
+                st.cost.observe(rows, took.as_secs_f64());
+            }
+        }
         match result {
             Ok(Ok(scores)) => {
                 let mut at = 0;
@@ -337,6 +480,8 @@ fn next_batch(queue: &Queue) -> Option<Vec<Job>> {
             batch.extend(st.jobs.pop_front());
         }
         st.rows -= rows;
+        st.running += 1;
+        st.running_rows += rows;
         metrics::gauge!("adserve_ranker_queue_rows").set(st.rows as f64);
         if !st.jobs.is_empty() {
             // What is left is due for another session.

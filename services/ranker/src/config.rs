@@ -123,6 +123,11 @@ pub struct BatchingConfig {
     /// Rows allowed to wait in the queue; a call beyond it is refused at
     /// once with `ResourceExhausted` rather than queued past its deadline.
     pub max_queue_rows: usize,
+    /// Refuse, at arrival, a call the queue predicts would finish after its
+    /// deadline (from the rows queued ahead of it and a cost per batch fitted
+    /// on recent runs), so the fallback answers at once instead of after the
+    /// wait. `false`: such a call waits until its deadline.
+    pub predict_misses: bool,
 }
 
 /// The fallback chain: when the model fails, is overloaded, or would miss
@@ -180,7 +185,13 @@ impl Default for ShadowConfig {
 
 impl Default for BatchingConfig {
     fn default() -> Self {
-        Self { sessions: 2, max_batch_rows: 1024, max_queue_delay: Duration::ZERO, max_queue_rows: 32_768 }
+        Self {
+            sessions: 2,
+            max_batch_rows: 1024,
+            max_queue_delay: Duration::ZERO,
+            max_queue_rows: 32_768,
+            predict_misses: true,
+        }
     }
 }
 

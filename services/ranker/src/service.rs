@@ -200,7 +200,7 @@ impl RankerGrpc {
 /// The gRPC status for a call the queue did not score.
 pub fn status(e: &ScoreError) -> Status {
     match e {
-        ScoreError::DeadlineExceeded { .. } => Status::deadline_exceeded(e.to_string()),
+        ScoreError::DeadlineExceeded { .. } | ScoreError::WouldMiss { .. } => Status::deadline_exceeded(e.to_string()),
         ScoreError::Overloaded { .. } => Status::resource_exhausted(e.to_string()),
         ScoreError::Failed(_) => Status::internal(e.to_string()),
     }

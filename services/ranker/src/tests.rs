@@ -38,6 +38,7 @@ fn flush_when_full(rows: usize) -> BatchingConfig {
         max_batch_rows: rows,
         max_queue_delay: Duration::from_secs(3600),
         max_queue_rows: 100_000,
+        ..BatchingConfig::default()
     }
 }
 
@@ -159,6 +160,69 @@ async fn a_call_past_its_deadline_is_answered_without_compute() {
     assert!(matches!(err, ScoreError::DeadlineExceeded { .. }), "{err}");
     let stats = model.batcher().stats();
     assert_eq!((stats.batches, stats.expired), (0, 1), "{stats:?}");
+}
+
+#[tokio::test]
+async fn a_call_predicted_to_miss_its_deadline_is_refused_at_arrival_once_costs_are_known() {
+    for predict_misses in [true, false] {
+        let model = baseline(BatchingConfig { sessions: 1, predict_misses, ..BatchingConfig::default() });
+        let call = |rows: usize, deadline: Option<Instant>| {
+            let input = model.gather(&matrix(rows)).expect("valid");
+            model.batcher().score(input, rows, deadline)
+        };
+        // Cold: nothing is predicted; a past deadline is found in the queue.
+        let err = call(50, Some(Instant::now())).await.unwrap_err();
+        assert!(matches!(err, ScoreError::DeadlineExceeded { .. }), "{err}");
+        // Warm the cost model on runs of several sizes.
+        for i in 0..crate::batcher::CostModel::WARM as usize + 4 {
+            call(1 + (i % 4) * 60, None).await.expect("scores");
+        }
+        let (a, b) = model.batcher().cost_model().fit().expect("warm");
+        assert!(a >= 0.0 && b >= 0.0 && a + b * 100.0 > 0.0, "a = {a}, b = {b}");
+        // The first call that would miss still runs (a probe, re-measuring
+        // the cost), and expires in the queue; the next is refused at once.
+        let first = call(100, Some(Instant::now())).await.unwrap_err();
+        assert!(matches!(first, ScoreError::DeadlineExceeded { .. }), "{first}");
+        let second = call(100, Some(Instant::now())).await.unwrap_err();
+        if predict_misses {
+            assert!(matches!(second, ScoreError::WouldMiss { queued: 0, .. }), "{second}");
+            assert!(second.to_string().starts_with("the model would miss the call's deadline: predicted"), "{second}");
+        } else {
+            assert!(matches!(second, ScoreError::DeadlineExceeded { .. }), "{second}");
+        }
+        // A call with time to spare is scored.
+        let later = Some(Instant::now() + Duration::from_secs(30));
+        assert_eq!(call(100, later).await.expect("scores").pctr.len(), 100);
+        assert_eq!(model.batcher().stats().predicted_misses, u64::from(predict_misses));
+    }
+}
+
+#[test]
+fn the_cost_model_fits_a_run_cost_and_a_row_cost() {
+    use crate::batcher::CostModel;
+    let mut c = CostModel::default();
+    assert_eq!(c.fit(), None, "cold");
+    // 1 ms per run + 10 us per row, exactly.
+    for i in 0..40 {
+        let rows = 1 + (i % 5) * 100;
+        c.observe(rows, 0.001 + 0.000_01 * rows as f64);
+    }
+    let (a, b) = c.fit().expect("warm");
+    assert!((a - 0.001).abs() < 1e-6 && (b - 0.000_01).abs() < 1e-9, "a = {a}, b = {b}");
+    assert!((c.cost(1000).unwrap() - 0.011).abs() < 1e-6);
+    // Runs all of one size cannot separate the two: cost proportional to rows.
+    let mut same = CostModel::default();
+    for _ in 0..40 {
+        same.observe(100, 0.002);
+    }
+    let (a, b) = same.fit().expect("warm");
+    assert_eq!(a, 0.0);
+    assert!((b * 100.0 - 0.002).abs() < 1e-9, "b = {b}");
+    // Recent runs weigh more: after a slowdown the fit follows it.
+    for _ in 0..400 {
+        same.observe(100, 0.02);
+    }
+    assert!(same.cost(100).unwrap() > 0.019, "{:?}", same.cost(100));
 }
 
 #[tokio::test]
