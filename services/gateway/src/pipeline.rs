@@ -578,7 +578,12 @@ impl AdServer {
         degraded: &mut Vec<Degradation>,
     ) -> Scores {
         let rows = matrix.num_rows as usize;
-        let lookup = self.prediction_cache.version_for(user_id).map(|v| self.prediction_cache.lookup(v, matrix, ads));
+        let lookup = self
+            .prediction_cache
+            .version_for(user_id)
+            .map(|v| self.prediction_cache.lookup(v, matrix, ads))
+            // A matrix that does not match the ads (never expected) is not cached.
+            .filter(|l| l.pctr.len() == rows);
         let mut scores = Scores::new(rows);
         let misses = match &lookup {
             Some(l) => {
