@@ -48,26 +48,37 @@ async fn rows_scored(metrics: &str) -> anyhow::Result<f64> {
     Ok(prom::counter(&prom::scrape(metrics).await?, "adserve_ranker_rows_sum", &[]))
 }
 
+/// A ranker of this test's own (the committed baseline model, no registry),
+/// once it answers `GetModel`.
+struct OwnRanker {
+    child: tokio::process::Child,
+    url: String,
+    metrics: String,
+    version: String,
+}
+
+async fn own_ranker() -> anyhow::Result<OwnRanker> {
+    let (mut command, port, metrics_port) = ranker_command(&repo_root().join("models/ctr-baseline"), &[]);
+    let child = command.stdout(Stdio::null()).spawn()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
+    for _ in 0..300 {
+        if let Ok(mut c) = RankerServiceClient::connect(url.clone()).await
+            && let Ok(m) = c.get_model(GetModelRequest::default()).await
+        {
+            return Ok(OwnRanker { child, url, metrics, version: m.into_inner().model_version });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("the ranker on {port} did not start")
+}
+
 #[tokio::test]
 async fn repeated_rows_skip_the_ranker_and_a_frozen_ranker_turns_the_cache_off_until_it_answers() -> anyhow::Result<()>
 {
     let s = Stack::ready().await?;
-    let (mut command, port, metrics_port) = ranker_command(&repo_root().join("models/ctr-baseline"), &[]);
-    let ranker = command.stdout(Stdio::null()).spawn()?;
+    let OwnRanker { child: ranker, url: ranker_url, metrics, version } = own_ranker().await?;
     let pid = ranker.id().expect("running").to_string();
-    let ranker_url = format!("http://127.0.0.1:{port}");
-    let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
-    let mut version = None;
-    for _ in 0..300 {
-        if let Ok(mut c) = RankerServiceClient::connect(ranker_url.clone()).await
-            && let Ok(m) = c.get_model(GetModelRequest::default()).await
-        {
-            version = Some(m.into_inner().model_version);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let version = version.ok_or_else(|| anyhow::anyhow!("the ranker on {port} did not start"))?;
     let server = s
         .in_process_server(|c| {
             c.upstreams.ranker = ranker_url.clone();
@@ -128,10 +139,7 @@ async fn repeated_rows_skip_the_ranker_and_a_frozen_ranker_turns_the_cache_off_u
 #[tokio::test]
 async fn with_the_cache_off_every_row_goes_to_the_ranker() -> anyhow::Result<()> {
     let s = Stack::ready().await?;
-    let (mut command, port, metrics_port) = ranker_command(&repo_root().join("models/ctr-baseline"), &[]);
-    let _ranker = command.stdout(Stdio::null()).spawn()?;
-    let ranker_url = format!("http://127.0.0.1:{port}");
-    let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let OwnRanker { child: _ranker, url: ranker_url, metrics, .. } = own_ranker().await?;
     let server = s
         .in_process_server(|c| {
             c.upstreams.ranker = ranker_url.clone();
@@ -139,13 +147,6 @@ async fn with_the_cache_off_every_row_goes_to_the_ranker() -> anyhow::Result<()>
         })
         .await?;
     let user = format!("pcache-off-{}", uuid::Uuid::new_v4());
-    // Until the ranker listens, the prior answers.
-    for _ in 0..300 {
-        if degraded(&ask(&server, &user).await?).is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     for _ in 0..3 {
         let before = rows_scored(&metrics).await?;
         let answer = ask(&server, &user).await?;

@@ -142,14 +142,6 @@ impl Lookup {
     }
 }
 
-/// Outcome of one row's lookup, as counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Result_ {
-    Hit,
-    Miss,
-    Expired,
-}
-
 impl PredictionCache {
     /// An empty cache; it serves nothing until [`set_serving`](Self::set_serving)
     /// (or [`follow`]) has told it what the ranker serves.
@@ -198,28 +190,24 @@ impl PredictionCache {
         for (i, ad) in ads.iter().enumerate().take(rows) {
             let (key, check) = self.row_key(seed, matrix, i, ad);
             let found = self.shard(key).lock().unwrap_or_else(|e| e.into_inner()).get(&(ad.ad_id, key)).copied();
-            let result = match found {
+            let cached = match found {
                 Some(e) if e.check == check => {
                     let age = now.saturating_duration_since(e.stored);
                     if age <= self.config.ttl {
                         oldest = oldest.max(age);
-                        pctr.push(Some(e.pctr));
-                        Result_::Hit
+                        hits += 1;
+                        Some(e.pctr)
                     } else {
-                        pctr.push(None);
-                        Result_::Expired
+                        expired += 1;
+                        None
                     }
                 }
                 _ => {
-                    pctr.push(None);
-                    Result_::Miss
+                    misses += 1;
+                    None
                 }
             };
-            match result {
-                Result_::Hit => hits += 1,
-                Result_::Miss => misses += 1,
-                Result_::Expired => expired += 1,
-            }
+            pctr.push(cached);
             keys.push((ad.ad_id, key, check));
         }
         let count = |result: &'static str, n: u64| {
