@@ -34,10 +34,20 @@ down:
 status:
 	bash scripts/status.sh
 
+# The committed models: the LR baseline (the ranker's default and fallback,
+# dense features only) and a DCN-v2 that also takes the registry's categorical
+# ids as an int64 input (the typed-input fixture of the ranker's tests). Each
+# reference.json is re-made from fixed synthetic rows (varied categorical ids)
+# so that the committed files are reproducible.
 model: install
 	$(ENV) cd training && "$$ADSTACK_VENV/bin/python" -m adserve_trainer.train --synthetic 20000 --seed 7 \
 		--model lr --calibration none --version ctr-baseline-v1 --out ../models/ctr-baseline && \
-		rm -f ../models/ctr-baseline/report.json ../models/ctr-baseline/calibration.png
+		rm -f ../models/ctr-baseline/report.json ../models/ctr-baseline/calibration.png && \
+		"$$ADSTACK_VENV/bin/python" -m adserve_trainer.export --reference ../models/ctr-baseline && \
+		"$$ADSTACK_VENV/bin/python" -m adserve_trainer.train --synthetic 20000 --seed 7 --epochs 8 \
+		--model dcnv2 --calibration platt --version ctr-dcnv2-typed-v1 --out ../models/ctr-dcnv2-typed && \
+		rm -f ../models/ctr-dcnv2-typed/report.json ../models/ctr-dcnv2-typed/calibration.png && \
+		"$$ADSTACK_VENV/bin/python" -m adserve_trainer.export --reference ../models/ctr-dcnv2-typed
 
 # Retrain from the label-joiner's Parquet rows (DATA, default the local stack's
 # joiner output dir) into OUT (default $ADSTACK_RUN/models/<version>): model.onnx,

@@ -63,7 +63,11 @@ async fn ad_request_and_click_become_one_labelled_row_with_the_scored_features()
         feature_names: features.names.clone(),
         num_rows: 1,
         values: features.values.clone(),
-        ..Default::default()
+        categorical_names: features.categorical_names.clone(),
+        categorical_ids: features.categorical_ids.clone(),
+        embedding_names: features.embedding_names.clone(),
+        embedding_dims: features.embedding_dims.clone(),
+        embedding_values: features.embedding_values.clone(),
     };
     let rescored = ranker.score(ScoreRequest { matrix: Some(matrix), ..Default::default() }).await?.into_inner();
     assert_eq!(rescored.pctr[0], event.pctr);

@@ -23,7 +23,9 @@ use tokio::{
 };
 
 use adserve_integration_tests::{Stack, binary, free_port, repo_root};
-use adserve_proto::v1::{FeatureMatrix, GetModelRequest, ScoreRequest, ranker_service_client::RankerServiceClient};
+use adserve_proto::v1::{
+    FeatureMatrix, GetModelRequest, ScoreLevel, ScoreRequest, ranker_service_client::RankerServiceClient,
+};
 use tonic::transport::Channel;
 
 use adserve_integration_tests::ranker_command as ranker;
@@ -121,6 +123,8 @@ async fn connect(port: u16) -> anyhow::Result<RankerServiceClient<Channel>> {
     anyhow::bail!("the ranker did not serve on {url}")
 }
 
+/// `rows` rows as the feature-service serves them: every registry dense
+/// feature at its default, and every categorical with an id in its buckets.
 fn matrix(rows: usize) -> FeatureMatrix {
     let registry = adserve_features::registry();
     let defaults = registry.defaults();
@@ -128,6 +132,10 @@ fn matrix(rows: usize) -> FeatureMatrix {
         feature_names: registry.names().iter().map(|s| s.to_string()).collect(),
         num_rows: rows as u32,
         values: (0..rows).flat_map(|_| defaults.iter().copied()).collect(),
+        categorical_names: registry.categorical.iter().map(|f| f.name.clone()).collect(),
+        categorical_ids: (0..rows)
+            .flat_map(|r| registry.categorical.iter().map(move |f| (r as i64) % i64::from(f.buckets.unwrap_or(1))))
+            .collect(),
         ..Default::default()
     }
 }
@@ -719,4 +727,60 @@ async fn the_promotion_gate_shadows_a_good_candidate_and_retires_a_miscalibrated
     assert!(history.contains("ece "), "the numbers are recorded: {history}");
     reg.drop_schema().await?;
     Ok(())
+}
+
+/// A model that takes the registry's categorical ids as an int64 input
+/// replaces a dense-only one under load: no call fails across the swap, and
+/// over gRPC it scores the trainer's reference rows as the trainer's
+/// onnxruntime did, and refuses an id outside its buckets by name.
+#[tokio::test]
+async fn a_typed_model_swaps_in_under_load_and_scores_over_grpc_as_the_trainer_did() -> anyhow::Result<()> {
+    let reg = TestRegistry::new("ctr-typed")?;
+    let name = reg.name;
+    let (mut command, grpc, _) = reg.ranker(&reg.s.postgres, &[]);
+    let _ranker = command.stdout(Stdio::null()).spawn()?;
+    let mut client = connect(grpc).await?;
+    serves(&mut client, "ctr-baseline-v1").await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers = callers(&client, 4, |i| 1 + i * 50, &stop);
+
+    let typed = repo_root().join("models/ctr-dcnv2-typed");
+    let manifest = adserve_registry::read_manifest(&typed.join("manifest.json"))?;
+    let version = manifest.model_version.clone();
+    let out = reg.ok(&["models", "register", "--name", name, "--dir", typed.to_str().unwrap()]).await?;
+    assert!(out.contains(&format!("registered {name} {version}")), "{out}");
+    reg.ok(&["models", "promote", "--name", name, "--version", &version, "--to", "production"]).await?;
+    serves(&mut client, &version).await?;
+    // Calls keep flowing on the typed model for a while.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut seen = std::collections::BTreeMap::<String, u64>::new();
+    for caller in callers {
+        let (versions, failures) = caller.await?;
+        assert!(failures.is_empty(), "calls failed across the swap: {failures:?}");
+        for (v, n) in versions {
+            *seen.entry(v).or_default() += n;
+        }
+    }
+    assert!(seen.get(&version).is_some_and(|n| *n > 0), "the typed model never answered: {seen:?}");
+
+    let reference = adserve_ranker::Reference::read(&typed, &manifest)?.expect("the typed model has a reference");
+    let scored =
+        client.score(ScoreRequest { matrix: Some(reference.matrix()), ..Default::default() }).await?.into_inner();
+    assert_eq!((scored.model_version.as_str(), scored.level), (version.as_str(), ScoreLevel::Model as i32));
+    for (i, (got, want)) in scored.raw_pctr.iter().zip(&reference.raw).enumerate() {
+        assert!(
+            (got - want).abs() <= adserve_ranker::Reference::TOLERANCE,
+            "row {i}: {got} over gRPC, {want} in Python"
+        );
+    }
+
+    let mut bad = reference.matrix();
+    let width = bad.categorical_names.len();
+    let k = bad.categorical_names.iter().position(|n| n == "ctx_placement_x_device").expect("cross");
+    bad.categorical_ids[width + k] = 1 << 30;
+    let err = client.score(ScoreRequest { matrix: Some(bad), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("row 1 feature \"ctx_placement_x_device\" is 1073741824"), "{}", err.message());
+    reg.drop_schema().await
 }

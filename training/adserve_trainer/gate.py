@@ -169,6 +169,7 @@ def read_model_dir(path: str | Path, registry, what: str) -> Model:
     dup = sorted({n for n in order if order.count(n) > 1})
     if dup:
         raise TrainerError(f"{what} manifest {mpath}: features listed twice: {', '.join(dup)}")
+    _check_typed_inputs(manifest.get("typed_inputs", []), order, registry, f"{what} manifest {mpath}")
     want = manifest["onnx_sha256"]
     if not isinstance(want, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", want):
         raise TrainerError(f"{what} manifest {mpath}: onnx_sha256 {want!r} is not 64 hex digits")
@@ -186,26 +187,58 @@ def read_model_dir(path: str | Path, registry, what: str) -> Model:
     return Model(dir=d, manifest=manifest, onnx=data, sha256=got)
 
 
-def served_pctr(model: Model, X: np.ndarray, registry, what: str) -> np.ndarray:
-    """What the ranker serves for registry-ordered rows ``X``: the model's own
-    feature_order (by name), onnxruntime, then the manifest's calibration."""
+def _check_typed_inputs(inputs, dense: list[str], registry, where: str) -> None:
+    """The gate scores int64 inputs of registry categorical features (the
+    ranker's rules: adserve_registry::manifest::check_typed_inputs)."""
+    if not isinstance(inputs, list):
+        raise TrainerError(f"{where}: typed_inputs must be a list")
+    cats = {c.name for c in registry.categorical}
+    seen: set[str] = set()
+    for i, t in enumerate(inputs):
+        at = f"{where}: typed_inputs[{i}]"
+        if not isinstance(t, dict) or set(t) != {"name", "dtype", "features"}:
+            raise TrainerError(f"{at} must be an object with name, dtype and features")
+        if t["dtype"] != "int64":
+            raise TrainerError(f"{at}: dtype {t['dtype']!r}: the gate scores int64 (categorical) inputs only")
+        feats = t["features"]
+        if not isinstance(feats, list) or not feats or not all(isinstance(n, str) for n in feats):
+            raise TrainerError(f"{at}: features must be a non-empty list of names")
+        unknown = [n for n in feats if n not in cats]
+        if unknown:
+            raise TrainerError(f"{at}: not registry categorical features ({registry.path}): {', '.join(unknown)}")
+        twice = [n for n in feats if n in seen or feats.count(n) > 1]
+        if twice:
+            raise TrainerError(f"{at}: features listed twice: {', '.join(sorted(set(twice)))}")
+        seen.update(feats)
+
+
+def served_pctr(model: Model, X: np.ndarray, ids: np.ndarray, registry, what: str) -> np.ndarray:
+    """What the ranker serves for registry-ordered rows ``X`` and bucket ids
+    ``ids``: the model's own feature_order (by name) and each typed input's
+    features (by name), onnxruntime, then the manifest's calibration."""
     from . import calibration as C
     from .export import session
 
     cols = [registry.names.index(n) for n in model.manifest["feature_order"]]
     Xm = np.ascontiguousarray(X[:, cols], dtype=np.float32)
     inp, outp = model.manifest["input_name"], model.manifest["output_name"]
+    feeds = {inp: Xm}
+    cat_names = [c.name for c in registry.categorical]
+    for t in model.manifest.get("typed_inputs", []):
+        # read_model checked each typed input names registry categoricals.
+        feeds[t["name"]] = np.ascontiguousarray(ids[:, [cat_names.index(n) for n in t["features"]]], dtype=np.int64)
     try:
         sess = session(model.onnx)
         inputs = [i.name for i in sess.get_inputs()]
         outputs = [o.name for o in sess.get_outputs()]
-        if inputs != [inp]:
+        if sorted(inputs) != sorted(feeds):
             raise TrainerError(
-                f"{what} model {model.dir}: ONNX inputs are {inputs}, the manifest's input_name is {inp!r}"
+                f"{what} model {model.dir}: ONNX inputs are {inputs}, the manifest names {sorted(feeds)} "
+                "(input_name and typed_inputs)"
             )
         if outp not in outputs:
             raise TrainerError(f"{what} model {model.dir}: ONNX has no output {outp!r} (outputs {outputs})")
-        raw = sess.run([outp], {inp: Xm})[0]
+        raw = sess.run([outp], feeds)[0]
     except TrainerError:
         raise
     except Exception as e:  # onnxruntime raises its own exception types
@@ -225,6 +258,7 @@ def served_pctr(model: Model, X: np.ndarray, registry, what: str) -> np.ndarray:
 @dataclass
 class Holdout:
     X: np.ndarray  # registry order, float32
+    ids: np.ndarray  # categorical bucket ids, registry.categorical order, int64
     y: np.ndarray
     w: np.ndarray
     rows: int
@@ -264,13 +298,14 @@ def holdout(table, registry, dataset: str, ips_clip: float, candidate_manifest: 
     import pyarrow as pa
 
     from . import experiment as E
-    from .data import build_matrix, row_weights, time_order
+    from .data import build_matrix, build_typed, row_weights, time_order
     from .train import WEIGHTING, negative_keep_rate
 
     if table.num_rows == 0:
         raise TrainerError(f"empty holdout: {dataset} has no rows")
     table = table.take(time_order(table))
     X, y, _ = build_matrix(table, registry)
+    cat_ids, _ = build_typed(table, registry)
     keep_rate = negative_keep_rate(table)
     w = row_weights(table, ips_clip) * np.where(y == 0, 1.0 / keep_rate, 1.0)
     n = len(y)
@@ -314,6 +349,7 @@ def holdout(table, registry, dataset: str, ips_clip: float, candidate_manifest: 
     served = table.column("served_at").slice(test.start, rows).cast(pa.int64()).to_numpy(zero_copy_only=False)
     return Holdout(
         X=X[test],
+        ids=cat_ids[test],
         y=y_t,
         w=w_t,
         rows=rows,
@@ -573,10 +609,10 @@ def run(argv: list[str] | None = None) -> tuple[int, dict]:
     warnings += hold.warnings
 
     # Both models on exactly the same rows and weights; metrics.summary as in report.json.
-    m_cand = M.summary(hold.y, served_pctr(cand, hold.X, registry, "candidate"), hold.w)
+    m_cand = M.summary(hold.y, served_pctr(cand, hold.X, hold.ids, registry, "candidate"), hold.w)
     m_prod = None
     if prod is not None:
-        m_prod = M.summary(hold.y, served_pctr(prod, hold.X, registry, "production"), hold.w)
+        m_prod = M.summary(hold.y, served_pctr(prod, hold.X, hold.ids, registry, "production"), hold.w)
     if hold.same_as_candidate_evaluation and isinstance(cand.manifest.get("metrics"), dict):
         for k in ("auc", "ece"):
             v = cand.manifest["metrics"].get(k)

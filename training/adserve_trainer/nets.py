@@ -10,10 +10,13 @@ standardized) and ``cats`` int64 ``[N, Fc]`` (per-field codes in
   cross layers ``x_{l+1} = x0 * (W_l x_l + b_l) + x_l`` (full-rank W, Wang
   et al. 2021), stacked with an MLP (ReLU), then a linear logit.
 
-``RankerGraph`` wraps a core for the ranker's contract: ONE float32 input of
-RAW registry features ``[N, F]``; it standardizes the dense columns with the
-training mean/std baked in, turns indicator columns into embedding codes
-(round, clip to [0, K-1], cast to int64: Round/Clip/Cast/Gather in ONNX) and
+``RankerGraph`` wraps a core for the ranker's contract: a float32 input of
+RAW registry dense features ``[N, F]`` and, when the model embeds the
+registry's categorical features, an int64 input of their bucket ids
+``[N, C]`` (the manifest's ``typed_inputs``). It standardizes the dense
+columns with the training mean/std baked in, turns indicator columns into
+embedding codes (round, clip to [0, K-1], cast to int64: Round/Clip/Cast/
+Gather in ONNX), sends an id outside its buckets to bucket 0 (missing), and
 returns ``sigmoid(logit)`` ``[N, 1]``.
 """
 
@@ -164,7 +167,7 @@ class Tabular(nn.Module):
 
 
 class RankerGraph(nn.Module):
-    """RAW registry features [N, F] -> pctr [N, 1]; preprocessing inside the graph."""
+    """RAW registry features [N, F] (and bucket ids [N, C]) -> pctr [N, 1]; preprocessing inside the graph."""
 
     def __init__(
         self,
@@ -174,41 +177,55 @@ class RankerGraph(nn.Module):
         cat_cols: list[int],
         mean: np.ndarray,
         std: np.ndarray,
+        typed_buckets: tuple[int, ...] = (),
     ):
         super().__init__()
-        if len(dense_cols) != arch.n_dense or len(cat_cols) != len(arch.cardinalities):
+        k = len(arch.cardinalities) - len(typed_buckets)
+        if len(dense_cols) != arch.n_dense or len(cat_cols) != k or tuple(arch.cardinalities[k:]) != tuple(typed_buckets):
             raise ValueError("columns do not match the architecture")
         self.arch = arch
         self.n_features = n_features
+        self.n_typed = len(typed_buckets)
         self.all_dense = dense_cols == list(range(n_features))
         self.register_buffer("dense_cols", torch.tensor(dense_cols, dtype=torch.int64))
         self.register_buffer("cat_cols", torch.tensor(cat_cols, dtype=torch.int64))
         self.register_buffer("mean", torch.from_numpy(np.asarray(mean, np.float32)).view(1, -1))
         self.register_buffer("std", torch.from_numpy(np.asarray(std, np.float32)).view(1, -1))
         self.register_buffer(
-            "cat_max", torch.tensor([float(k - 1) for k in arch.cardinalities], dtype=torch.float32).view(1, -1)
+            "cat_max", torch.tensor([float(c - 1) for c in arch.cardinalities[:k]], dtype=torch.float32).view(1, -1)
         )
+        self.register_buffer("typed_buckets", torch.tensor(list(typed_buckets), dtype=torch.int64).view(1, -1))
         self.core = build_core(arch)
 
-    def encode(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(
+        self, features: torch.Tensor, categorical: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         dense = features if self.all_dense else features.index_select(1, self.dense_cols)
         # Clamped: a value far outside what training saw (a counter that
         # grew tenfold since) saturates instead of extrapolating the model
         # to a pCTR of 0 or 1.
         dense = torch.clamp((dense - self.mean) / self.std, -STANDARDIZED_LIMIT, STANDARDIZED_LIMIT)
-        cats = None
-        if self.arch.cardinalities:
+        parts = []
+        if self.cat_cols.numel():
             codes = features.index_select(1, self.cat_cols).round()
             codes = torch.minimum(torch.clamp(codes, min=0.0), self.cat_max)
-            cats = codes.to(torch.int64)
+            parts.append(codes.to(torch.int64))
+        if self.n_typed:
+            if categorical is None or categorical.shape[1] != self.n_typed:
+                raise ValueError(f"the model takes {self.n_typed} categorical ids per row")
+            # An id outside its feature's buckets is the missing bucket, 0
+            # (the ranker refuses such a request; this guards the graph).
+            ok = (categorical >= 0) & (categorical < self.typed_buckets)
+            parts.append(torch.where(ok, categorical, torch.zeros_like(categorical)))
+        cats = torch.cat(parts, dim=1) if len(parts) > 1 else (parts[0] if parts else None)
         return dense, cats
 
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        dense, cats = self.encode(features)
+    def logits(self, features: torch.Tensor, categorical: torch.Tensor | None = None) -> torch.Tensor:
+        dense, cats = self.encode(features, categorical)
         return self.core(dense, cats)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(features))
+    def forward(self, features: torch.Tensor, categorical: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self.logits(features, categorical))
 
 
 def n_params(module: nn.Module) -> int:

@@ -161,8 +161,10 @@ def fit_configs(args: argparse.Namespace, batch_size: int | None = None) -> dict
 CONSTANT_COLUMN_SCALE = 1e30
 
 
-def ranker_candidates(X: np.ndarray, train: slice, registry, args: argparse.Namespace) -> list:
-    """LR on all features standardized; DCN-v2 with an embedding per indicator feature."""
+def ranker_candidates(X: np.ndarray, ids: np.ndarray, train: slice, registry, args: argparse.Namespace) -> list:
+    """LR on all dense features standardized; DCN-v2 with an embedding per
+    indicator feature and per registry categorical feature (``ids``, their
+    bucket ids in registry order, fed as the graph's int64 input)."""
     from .experiment import Candidate
     from .nets import Arch, DCNConfig, RankerGraph
 
@@ -170,9 +172,10 @@ def ranker_candidates(X: np.ndarray, train: slice, registry, args: argparse.Name
     # Registry features with `equals` are 0/1 request indicators: categorical
     # with two values, embedded inside the graph (Round, Clip, Cast, Gather).
     indicators = [j for j, feat in enumerate(registry.features) if feat.equals is not None]
+    buckets = tuple(int(c.buckets) for c in registry.categorical)
     cfgs = fit_configs(args)
 
-    def graph(kind: str, dense_cols: list[int], cat_cols: list[int]):
+    def graph(kind: str, dense_cols: list[int], cat_cols: list[int], typed: tuple[int, ...] = ()):
         xs = X[train][:, dense_cols].astype(np.float64)
         mean = xs.mean(axis=0)
         std = xs.std(axis=0)
@@ -181,13 +184,17 @@ def ranker_candidates(X: np.ndarray, train: slice, registry, args: argparse.Name
         # it: a scale of 1e30 keeps its standardized input ~0 for any value,
         # so the (random, never trained) weights it meets see nothing.
         std = np.where(std < 1e-6, CONSTANT_COLUMN_SCALE, std)
-        arch = Arch(kind, len(dense_cols), tuple(2 for _ in cat_cols), DCNConfig(emb_dim=4, cross_layers=2, hidden=(64, 32)))
-        return lambda: RankerGraph(arch, f, dense_cols, cat_cols, mean.astype(np.float32), std.astype(np.float32))
+        cards = tuple(2 for _ in cat_cols) + typed
+        arch = Arch(kind, len(dense_cols), cards, DCNConfig(emb_dim=4, cross_layers=2, hidden=(64, 32)))
+        return lambda: RankerGraph(
+            arch, f, dense_cols, cat_cols, mean.astype(np.float32), std.astype(np.float32), typed_buckets=typed
+        )
 
     dense = [j for j in range(f) if j not in indicators]
+    dcn_inputs = (X, ids) if buckets else (X,)
     return [
         Candidate("lr", graph("lr", list(range(f)), []), (X,), cfgs["lr"]),
-        Candidate("dcnv2", graph("dcnv2", dense, indicators), (X,), cfgs["dcnv2"]),
+        Candidate("dcnv2", graph("dcnv2", dense, indicators, buckets), dcn_inputs, cfgs["dcnv2"]),
     ]
 
 
@@ -211,7 +218,7 @@ def run(argv: list[str] | None = None) -> dict:
 
         return train_criteo(args)
 
-    from .data import build_matrix, load_rows, row_weights, time_order
+    from .data import build_matrix, build_typed, load_rows, row_weights, time_order
     from .registry import load_registry
     from .synthetic import generate, true_probability, write_parquet
     from .truth import attach, read_truth
@@ -258,6 +265,7 @@ def run(argv: list[str] | None = None) -> dict:
     if p_label is not None:
         p_label, p_click = p_label[order], p_click[order]
     X, y, stats = build_matrix(table, registry)
+    ids, _ = build_typed(table, registry)
     if args.synthetic is not None:
         p_label = true_probability(X, registry.names)
     keep_rate = negative_keep_rate(table)
@@ -266,7 +274,10 @@ def run(argv: list[str] | None = None) -> dict:
 
     from . import calibration as C
     from . import experiment as E
-    from .export import INPUT_NAME, OUTPUT_NAME, to_onnx, verify_with_onnxruntime
+    from .export import (
+        INPUT_NAME, OUTPUT_NAME, REFERENCE_FILE, REFERENCE_ROWS, reference_doc, to_onnx, typed_inputs,
+        verify_with_onnxruntime,
+    )
     from .fitting import predict, set_threads
     from .nets import MODEL_TYPES
 
@@ -274,7 +285,7 @@ def run(argv: list[str] | None = None) -> dict:
     E.check_labels(y, split)
     set_threads(args.threads)
     outcomes = E.run(
-        ranker_candidates(X, split.train, registry, args), y, w_train, w_eval, split,
+        ranker_candidates(X, ids, split.train, registry, args), y, w_train, w_eval, split,
         keep_rate=keep_rate, calibration=args.calibration, seed=args.seed,
     )
     chosen = outcomes[args.model]
@@ -282,12 +293,17 @@ def run(argv: list[str] | None = None) -> dict:
     now = datetime.now(timezone.utc)
     version = args.version or f"ctr-{args.model}-" + now.strftime("%Y%m%d%H%M%S")
     graph = chosen.model
+    categorical = [c.name for c in registry.categorical] if graph.n_typed else []
     model_bytes = to_onnx(
         graph, registry.names, version,
-        doc=f"{MODEL_TYPES[args.model]} CTR model; input is RAW features in feature_order, output pctr.",
+        doc=f"{MODEL_TYPES[args.model]} CTR model; inputs are RAW features in feature_order "
+        "(and bucket ids of typed_inputs), output pctr.",
+        categorical=categorical,
     )
     holdout = slice(split.calib.start, split.test.stop)
-    max_diff = verify_with_onnxruntime(model_bytes, X[holdout], predict(graph, (X[holdout],)))
+    typed_ids = ids[holdout] if graph.n_typed else None
+    expected = predict(graph, (X[holdout], ids[holdout]) if graph.n_typed else (X[holdout],))
+    max_diff = verify_with_onnxruntime(model_bytes, X[holdout], expected, ids=typed_ids)
 
     calibration = {"keep_rate": keep_rate, "mapping": chosen.mapping}
     C.check(calibration)
@@ -299,6 +315,7 @@ def run(argv: list[str] | None = None) -> dict:
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
         "feature_order": registry.names,
+        **({"typed_inputs": typed_inputs(categorical)} if categorical else {}),
         "feature_defaults": registry.defaults,
         "created_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "training_rows": split.sizes()["train"],
@@ -345,7 +362,11 @@ def run(argv: list[str] | None = None) -> dict:
             report["truth"] = {"source": "adserve_trainer.synthetic.true_probability (p_label = p_click)"}
     png = E.plot_reliability(outcomes, f"{version}: evaluation rows ({split.sizes()['evaluation']})")
     out = args.out if args.out is not None else Path("out") / version
-    write_atomically(out, model_bytes, manifest, {REPORT_FILE: json_bytes(report), PLOT_FILE: png})
+    # The ranker re-scores these evaluation rows at load and must agree.
+    ref = slice(split.test.start, min(split.test.start + REFERENCE_ROWS, split.test.stop))
+    reference = reference_doc(model_bytes, manifest, X[ref], ids[ref], registry)
+    extra = {REPORT_FILE: json_bytes(report), PLOT_FILE: png, REFERENCE_FILE: json_bytes(reference)}
+    write_atomically(out, model_bytes, manifest, extra)
 
     defaulted = {k: v for k, v in stats["defaulted_fraction"].items() if v > 0}
     sizes = split.sizes()

@@ -267,8 +267,8 @@ def test_both_models_are_scored_on_the_same_rows_as_the_ranker_serves_them(model
     seen = []
     real = G.served_pctr
 
-    def spy(model, X, reg, what):
-        p = real(model, X, reg, what)
+    def spy(model, X, ids, reg, what):
+        p = real(model, X, ids, reg, what)
         seen.append((model.version, X.copy(), p))
         return p
 

@@ -3,10 +3,11 @@ every model this trainer writes (and on the committed baseline).
 
 Mirrors crates/adserve-registry/src/manifest.rs (read_manifest, read_model_dir,
 Calibration::check; `calibration` denies unknown fields) and
-services/ranker/src/model.rs (exactly one float32 input [N, F] with a dynamic
-batch under input_name; a float32 output [N] or [N, 1] under output_name; a
-warm-up on the registry defaults at 1, max_batch_rows and max_rows rows must
-return probabilities). The ranker links the same onnxruntime (1.31.1) as the
+services/ranker/src/model.rs (a float32 input [N, F] with a dynamic batch
+under input_name, and exactly the inputs of typed_inputs besides it, each by
+name, dtype and width; a float32 output [N] or [N, 1] under output_name; a
+warm-up on the registry defaults (bucket 0 for a categorical) at 1,
+max_batch_rows and max_rows rows must return probabilities). The ranker links the same onnxruntime (1.31.1) as the
 Python package, extracted from the same wheel by scripts/install.sh.
 """
 
@@ -39,13 +40,30 @@ def ranker_load(model_dir, registry):
     data = (model_dir / "model.onnx").read_bytes()
     assert hashlib.sha256(data).hexdigest() == manifest["onnx_sha256"].lower()
 
+    typed = manifest.get("typed_inputs", [])
+    categorical = [c.name for c in registry.categorical]
+    names = [manifest["input_name"], manifest["output_name"]]
+    fed = []
+    for t in typed:
+        assert set(t) == {"name", "dtype", "features"}
+        assert t["name"] and t["name"] not in names
+        names.append(t["name"])
+        assert t["dtype"] == "int64", "the trainer writes categorical inputs only"
+        assert t["features"] and all(n in categorical for n in t["features"])
+        fed += t["features"]
+    assert len(set(fed)) == len(fed)
+
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    (inp,) = sess.get_inputs()
-    assert inp.name == manifest["input_name"]
-    assert inp.type == "tensor(float)"
-    n, f = inp.shape
-    assert not isinstance(n, int), "the batch dimension must be dynamic"
-    assert f == len(order) or not isinstance(f, int)
+    inputs = {i.name: i for i in sess.get_inputs()}
+    assert sorted(inputs) == sorted([manifest["input_name"], *(t["name"] for t in typed)])
+    want = [(manifest["input_name"], "tensor(float)", len(order))]
+    want += [(t["name"], "tensor(int64)", len(t["features"])) for t in typed]
+    for name, dtype, width in want:
+        inp = inputs[name]
+        assert inp.type == dtype
+        n, f = inp.shape
+        assert not isinstance(n, int), "the batch dimension must be dynamic"
+        assert f == width or not isinstance(f, int)
     (out,) = [o for o in sess.get_outputs() if o.name == manifest["output_name"]]
     assert out.type == "tensor(float)"
     shape = out.shape  # [N] or [N, 1] (or [N, dynamic])
@@ -53,7 +71,9 @@ def ranker_load(model_dir, registry):
 
     row = np.array([registry.defaults[name] for name in order], dtype=np.float32)
     for rows in WARM_UP_ROWS:
-        (p,) = sess.run([manifest["output_name"]], {manifest["input_name"]: np.tile(row, (rows, 1))})
+        feeds = {manifest["input_name"]: np.tile(row, (rows, 1))}
+        feeds.update({t["name"]: np.zeros((rows, len(t["features"])), np.int64) for t in typed})
+        (p,) = sess.run([manifest["output_name"]], feeds)
         assert p.size == rows
         assert np.all(np.isfinite(p) & (p >= 0) & (p <= 1))
     return manifest, sess
@@ -82,7 +102,8 @@ def test_served_scores_are_monotone_in_the_calibration(trained, registry):
     row = np.array([registry.defaults[n] for n in m["feature_order"]], dtype=np.float32)
     X = np.tile(row, (400, 1))
     X[:, m["feature_order"].index("ad_ctr_7d")] = rng.uniform(0.0, 0.1, 400)
-    raw = sess.run(["pctr"], {"features": X})[0][:, 0]
+    ids = np.zeros((400, len(registry.categorical)), np.int64)
+    raw = sess.run(["pctr"], {"features": X, "categorical": ids})[0][:, 0]
     served = C.apply(m["calibration"], raw)
     order = np.argsort(raw, kind="mergesort")
     assert np.all(np.diff(served[order]) >= 0)

@@ -10,9 +10,9 @@ import torch
 from adserve_trainer import TrainerError
 from adserve_trainer import calibration as C
 from adserve_trainer import metrics as M
-from adserve_trainer.data import build_matrix, time_order
+from adserve_trainer.data import build_matrix, build_typed, time_order
 from adserve_trainer.experiment import time_split
-from adserve_trainer.export import to_onnx, verify_with_onnxruntime
+from adserve_trainer.export import feeds, to_onnx, verify_with_onnxruntime
 from adserve_trainer.metrics import auc
 from adserve_trainer.nets import Arch, DCNConfig, RankerGraph
 from adserve_trainer.synthetic import generate, write_parquet
@@ -56,6 +56,10 @@ def test_manifest_fields_and_registry_order(trained, registry):
     assert m["model_type"] == "dcn_v2"
     assert m["trainer"] == "adserve_trainer.train"
     assert m["feature_order"] == registry.names
+    # DCN-v2 embeds the registry's categorical features, fed as int64 ids.
+    assert m["typed_inputs"] == [
+        {"name": "categorical", "dtype": "int64", "features": [c.name for c in registry.categorical]}
+    ]
     assert m["feature_defaults"] == registry.defaults
     assert set(m["metrics"]) == METRIC_KEYS
     assert m["onnx_sha256"] == hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest()
@@ -72,43 +76,61 @@ def test_manifest_metrics_are_what_the_ranker_serves(trained, registry):
     t = generate(30000, 11, registry)
     t = t.take(time_order(t))
     X, y, _ = build_matrix(t, registry, warn=False)
+    ids, _ = build_typed(t, registry)
     test = time_split(len(y)).test
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    raw = sess.run([m["output_name"]], {m["input_name"]: X[test]})[0][:, 0]
+    raw = sess.run([m["output_name"]], {m["input_name"]: X[test], "categorical": ids[test]})[0][:, 0]
     served = C.apply(m["calibration"], raw)
     got = M.summary(y[test], served)
     for k in METRIC_KEYS:
         assert got[k] == pytest.approx(m["metrics"][k], abs=2e-6), k
+    # reference.json: the first 16 evaluation rows and their raw outputs, for
+    # the ranker to re-score at load.
+    ref = json.loads((out / "reference.json").read_text())
+    assert (ref["model_version"], ref["onnx_sha256"], ref["rows"]) == (m["model_version"], m["onnx_sha256"], 16)
+    assert ref["feature_names"] == registry.names
+    assert ref["categorical_names"] == [c.name for c in registry.categorical]
+    first = slice(test.start, test.start + 16)
+    np.testing.assert_array_equal(np.array(ref["values"], np.float32).reshape(16, -1), X[first])
+    np.testing.assert_array_equal(np.array(ref["categorical_ids"]).reshape(16, -1), ids[first])
+    np.testing.assert_array_equal(np.array(ref["raw"], np.float32), raw[:16])
 
 
-def _graph_io(model, width):
-    (inp,), (outp,) = model.graph.input, model.graph.output
-    assert inp.name == "features" and outp.name == "pctr"
-    dims = inp.type.tensor_type.shape.dim
-    assert dims[0].dim_param == "batch" and dims[1].dim_value == width
-    assert inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+def _graph_io(model, width, categorical=0):
+    inputs, (outp,) = model.graph.input, model.graph.output
+    want = [("features", width, onnx.TensorProto.FLOAT)]
+    if categorical:
+        want.append(("categorical", categorical, onnx.TensorProto.INT64))
+    assert [i.name for i in inputs] == [w[0] for w in want] and outp.name == "pctr"
+    for inp, (_, cols, elem) in zip(inputs, want):
+        dims = inp.type.tensor_type.shape.dim
+        assert dims[0].dim_param == "batch" and dims[1].dim_value == cols
+        assert inp.type.tensor_type.elem_type == elem
     odims = outp.type.tensor_type.shape.dim
     assert odims[0].dim_param == "batch" and odims[1].dim_value == 1
     assert model.opset_import[0].version == 17
 
 
 def test_onnx_graphs_take_raw_features(trained, trained_lr, registry):
-    X, _, _ = build_matrix(generate(3000, 99, registry), registry, warn=False)
-    for out, m in (trained, trained_lr):
+    t = generate(3000, 99, registry)
+    X, _, _ = build_matrix(t, registry, warn=False)
+    ids, _ = build_typed(t, registry)
+    n_cat = len(registry.categorical)
+    for (out, m), cats in ((trained, n_cat), (trained_lr, 0)):
         model = onnx.load(str(out / "model.onnx"))
         onnx.checker.check_model(model)
-        _graph_io(model, len(registry.names))
+        _graph_io(model, len(registry.names), cats)
         sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-        got = sess.run(["pctr"], {"features": X})[0]
+        got = sess.run(["pctr"], feeds(X, ids if cats else None))[0]
         assert got.shape == (3000, 1) and got.dtype == np.float32
         assert np.all((got > 0) & (got < 1))
     # The exporter's own check fails loudly on a mismatch.
     out, _ = trained
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    expected = sess.run(["pctr"], {"features": X})[0][:, 0].astype(np.float64)
-    assert verify_with_onnxruntime((out / "model.onnx").read_bytes(), X, expected) <= 1e-7
+    expected = sess.run(["pctr"], feeds(X, ids))[0][:, 0].astype(np.float64)
+    assert verify_with_onnxruntime((out / "model.onnx").read_bytes(), X, expected, ids=ids) <= 1e-7
     with pytest.raises(TrainerError, match="ONNX verification failed"):
-        verify_with_onnxruntime((out / "model.onnx").read_bytes(), X, expected + 1e-3)
+        verify_with_onnxruntime((out / "model.onnx").read_bytes(), X, expected + 1e-3, ids=ids)
 
 
 def test_lr_graph_is_standardize_then_linear(trained_lr, registry):
@@ -143,30 +165,47 @@ def test_lr_graph_is_standardize_then_linear(trained_lr, registry):
 @pytest.mark.parametrize("kind", ["lr", "dcnv2"])
 def test_onnxruntime_equals_pytorch_on_random_inputs(kind, registry):
     """Export a (randomly initialized) graph; ORT and PyTorch agree to 1e-5 on random raw rows,
-    including indicator columns with values that are not 0/1."""
+    including indicator columns with values that are not 0/1 and (DCN-v2) categorical ids
+    anywhere in int64, in and out of their buckets, above 2^24."""
     f = len(registry.names)
     ind = [j for j, feat in enumerate(registry.features) if feat.equals is not None]
     dense = list(range(f)) if kind == "lr" else [j for j in range(f) if j not in ind]
     cats = [] if kind == "lr" else ind
+    buckets = () if kind == "lr" else tuple(c.buckets for c in registry.categorical)
+    names = [c.name for c in registry.categorical] if buckets else []
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
-    arch = Arch(kind, len(dense), tuple(2 for _ in cats), DCNConfig(emb_dim=4, cross_layers=2, hidden=(16, 8)))
-    graph = RankerGraph(arch, f, dense, cats, rng.normal(size=len(dense)), rng.uniform(0.5, 2.0, len(dense)))
+    arch = Arch(kind, len(dense), tuple(2 for _ in cats) + buckets, DCNConfig(emb_dim=4, cross_layers=2, hidden=(16, 8)))
+    mean, std = rng.normal(size=len(dense)), rng.uniform(0.5, 2.0, len(dense))
+    graph = RankerGraph(arch, f, dense, cats, mean, std, typed_buckets=buckets)
     with torch.no_grad():  # non-trivial weights everywhere
         for p in graph.core.parameters():
             p.add_(torch.randn_like(p) * 0.3)
-    model_bytes = to_onnx(graph, registry.names, "rand", doc="test")
+    model_bytes = to_onnx(graph, registry.names, "rand", doc="test", categorical=names)
     X = rng.normal(0, 3, size=(2048, f)).astype(np.float32)
     X[:1024, ind] = rng.integers(0, 2, size=(1024, len(ind)))
+    ids = np.stack([rng.integers(0, b, 2048) for b in buckets], axis=1) if buckets else np.zeros((2048, 0), np.int64)
+    if buckets:
+        ids[:16] = np.array([-1, 2**40, 2**24 + 1, max(buckets)])[np.arange(16) % 4, None]
+    inputs = (torch.from_numpy(X), torch.from_numpy(ids)) if buckets else (torch.from_numpy(X),)
     with torch.no_grad():
-        want = graph(torch.from_numpy(X)).numpy()[:, 0]
+        want = graph(*inputs).numpy()[:, 0]
     sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    got = sess.run(["pctr"], {"features": X})[0][:, 0]
+    got = sess.run(["pctr"], feeds(X, ids))[0][:, 0]
     assert np.max(np.abs(got.astype(np.float64) - want)) <= 1e-5
+    if buckets:
+        # An id outside its buckets scores as the missing bucket, 0.
+        zero = ids.copy()
+        zero[:16] = np.where((ids[:16] >= 0) & (ids[:16] < np.array(buckets)), ids[:16], 0)
+        np.testing.assert_array_equal(sess.run(["pctr"], feeds(X[:16], zero[:16]))[0][:, 0], got[:16])
+        # And every bucket of every categorical moves the score (an embedding row each).
+        other = ids.copy()
+        other[:, 0] = (ids[:, 0] + 1) % buckets[0]
+        assert np.any(sess.run(["pctr"], feeds(X, other))[0][:, 0] != got)
     # Any batch size (the ranker stacks requests).
     for n in (1, 7, 5000):
         rows = np.resize(X, (n, f))
-        assert sess.run(["pctr"], {"features": rows})[0].shape == (n, 1)
+        assert sess.run(["pctr"], feeds(rows, np.resize(ids, (n, ids.shape[1])) if buckets else None))[0].shape == (n, 1)
 
 
 def test_deterministic_apart_from_created_at(tmp_path):
@@ -193,7 +232,9 @@ def test_train_from_parquet_directory_and_overwrite(tmp_path, registry):
     assert m2["onnx_sha256"] == hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest()
     assert json.loads((out / "report.json").read_text())["model_version"] == "b"
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["m"]  # no temp dirs left
-    assert sorted(p.name for p in out.iterdir()) == ["calibration.png", "manifest.json", "model.onnx", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "calibration.png", "manifest.json", "model.onnx", "reference.json", "report.json"
+    ]
 
 
 def test_default_version_format(tmp_path):
@@ -232,13 +273,15 @@ def test_a_column_constant_in_training_cannot_move_predictions_at_serving(kind, 
     X[:, k] = 0.0
     args = argparse.Namespace(epochs=1, batch_size=256, lr=0.01, l2=0.0, patience=1, seed=0)
     torch.manual_seed(0)
-    (cand,) = [c for c in ranker_candidates(X, slice(0, 512), registry, args) if c.key == kind]
+    ids = np.stack([rng.integers(0, c.buckets, 512) for c in registry.categorical], axis=1)
+    (cand,) = [c for c in ranker_candidates(X, ids, slice(0, 512), registry, args) if c.key == kind]
     graph = cand.build()
+    typed = (torch.from_numpy(ids),) if graph.n_typed else ()
     with torch.no_grad():
         for p in graph.core.parameters():
             p.add_(torch.randn_like(p) * 0.3)
         served = X.copy()
         served[:, k] = rng.uniform(0, 12, size=512)
-        a = graph(torch.from_numpy(X)).numpy()
-        b = graph(torch.from_numpy(served)).numpy()
+        a = graph(torch.from_numpy(X), *typed).numpy()
+        b = graph(torch.from_numpy(served), *typed).numpy()
     assert np.max(np.abs(a - b)) < 1e-6

@@ -15,7 +15,9 @@ use std::{path::Path, time::Duration};
 
 pub use adserve_catalog::{PostgresConfig, notify};
 use adserve_core::{Invalid, check_duration};
-pub use manifest::{Calibration, ManifestError, Mapping, ModelManifest, read_manifest, read_model_dir};
+pub use manifest::{
+    Calibration, InputDtype, ManifestError, Mapping, ModelManifest, TypedInput, read_manifest, read_model_dir,
+};
 use serde::{Deserialize, Serialize};
 use sqlx::{FromRow, PgPool, Postgres, Transaction};
 pub use stage::Stage;

@@ -12,12 +12,18 @@ use sha2::{Digest, Sha256};
 pub struct ModelManifest {
     /// Unique model version, logged with every impression.
     pub model_version: String,
-    /// Name of the `[N, F]` float32 input.
+    /// Name of the `[N, F]` float32 input of dense features.
     pub input_name: String,
     /// Name of the `[N, 1]` (or `[N]`) float32 output.
     pub output_name: String,
-    /// Feature names, in the model's column order.
+    /// Dense feature names, in the model's column order.
     pub feature_order: Vec<String>,
+    /// The model's other inputs, each bound by name and dtype and fed the
+    /// typed columns it lists: categorical ids (`int64 [N, C]`, exact for any
+    /// bucket count, which a float column is not above 2^24) or embeddings
+    /// (`float32 [N, sum(dims)]`). Absent: the model takes dense features only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub typed_inputs: Vec<TypedInput>,
     /// Hex SHA-256 of `model.onnx`; a file that does not match is refused.
     pub onnx_sha256: String,
     /// How the model's raw output becomes the probability the auction
@@ -27,6 +33,55 @@ pub struct ModelManifest {
     /// Anything else the trainer recorded (metrics, data, timestamps).
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A model input fed typed columns of the feature matrix.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TypedInput {
+    /// The ONNX graph input's name.
+    pub name: String,
+    /// Its element type: `int64` takes categorical features (bucket ids),
+    /// `float32` embedding features (each `dim` values wide).
+    pub dtype: InputDtype,
+    /// Registry features of that type, in the input's column order.
+    pub features: Vec<String>,
+}
+
+/// The element type of a [`TypedInput`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InputDtype {
+    /// Categorical bucket ids.
+    Int64,
+    /// Embedding vectors.
+    Float32,
+}
+
+impl InputDtype {
+    /// As the manifest spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Int64 => "int64",
+            Self::Float32 => "float32",
+        }
+    }
+}
+
+impl TypedInput {
+    /// Values per row: one per categorical, `dim` per embedding (from the
+    /// registry; a checked manifest names only features it knows).
+    pub fn width(&self) -> usize {
+        let registry = adserve_features::registry();
+        match self.dtype {
+            InputDtype::Int64 => self.features.len(),
+            InputDtype::Float32 => self
+                .features
+                .iter()
+                .map(|n| registry.embeddings.iter().find(|f| &f.name == n).and_then(|f| f.dim).unwrap_or(0) as usize)
+                .sum(),
+        }
+    }
 }
 
 /// Why a manifest or its model file is refused.
@@ -203,7 +258,45 @@ pub fn read_manifest(path: &Path) -> Result<ModelManifest, ManifestError> {
             return Err(bad(format!("feature {name:?} is listed twice")));
         }
     }
+    check_typed_inputs(&manifest).map_err(bad)?;
     Ok(manifest)
+}
+
+/// Each typed input has a name no other input or the output has, at least
+/// one feature, and only registry features of its dtype's type, none of
+/// them fed to the model twice.
+fn check_typed_inputs(m: &ModelManifest) -> Result<(), String> {
+    let registry = adserve_features::registry();
+    let mut names = vec![m.input_name.as_str(), m.output_name.as_str()];
+    let mut fed: Vec<&str> = Vec::new();
+    for (i, input) in m.typed_inputs.iter().enumerate() {
+        let at = format!("typed_inputs[{i}]");
+        if input.name.is_empty() || names.contains(&input.name.as_str()) {
+            return Err(format!("{at}.name {:?} is empty or names another input or the output", input.name));
+        }
+        names.push(&input.name);
+        if input.features.is_empty() {
+            return Err(format!("{at} ({:?}) lists no features", input.name));
+        }
+        let (kind, of_kind) = match input.dtype {
+            InputDtype::Int64 => ("categorical", &registry.categorical),
+            InputDtype::Float32 => ("embedding", &registry.embeddings),
+        };
+        for name in &input.features {
+            if !of_kind.iter().any(|f| &f.name == name) {
+                return Err(format!(
+                    "{at} ({:?}, {}): feature {name:?} is not a registry {kind} feature",
+                    input.name,
+                    input.dtype.as_str()
+                ));
+            }
+            if fed.contains(&name.as_str()) {
+                return Err(format!("{at} ({:?}): feature {name:?} is listed twice", input.name));
+            }
+            fed.push(name);
+        }
+    }
+    Ok(())
 }
 
 /// Reads `dir/manifest.json` and `dir/model.onnx` and checks that the file
@@ -250,6 +343,39 @@ mod tests {
         std::fs::write(&path, manifest_json()).expect("write");
         let m = read_manifest(&path).expect("the untouched manifest reads");
         assert_eq!(m.metrics()["auc"], 0.7);
+    }
+
+    #[test]
+    fn typed_inputs_name_registry_features_of_their_dtype() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("manifest.json");
+        let with = |inputs: &str| {
+            let json = manifest_json().replace(r#""metrics""#, &format!(r#""typed_inputs":{inputs},"metrics""#));
+            std::fs::write(&path, json).expect("write");
+            read_manifest(&path)
+        };
+        let m = with(r#"[{"name":"categorical","dtype":"int64","features":["ctx_device_id","ctx_placement_id"]}]"#)
+            .expect("two registry categoricals");
+        assert_eq!(m.typed_inputs[0].dtype, InputDtype::Int64);
+        assert_eq!(m.typed_inputs[0].width(), 2);
+        for (inputs, want) in [
+            (r#"[{"name":"c","dtype":"int64","features":["user_ctr_30d"]}]"#, "not a registry categorical feature"),
+            (r#"[{"name":"e","dtype":"float32","features":["ctx_device_id"]}]"#, "not a registry embedding feature"),
+            (r#"[{"name":"features","dtype":"int64","features":["ctx_device_id"]}]"#, "names another input"),
+            (r#"[{"name":"pctr","dtype":"int64","features":["ctx_device_id"]}]"#, "names another input"),
+            (r#"[{"name":"c","dtype":"int64","features":[]}]"#, "lists no features"),
+            (
+                r#"[{"name":"a","dtype":"int64","features":["ctx_device_id"]},{"name":"b","dtype":"int64","features":["ctx_device_id"]}]"#,
+                "typed_inputs[1] (\"b\"): feature \"ctx_device_id\" is listed twice",
+            ),
+            (r#"[{"name":"c","dtype":"int32","features":["ctx_device_id"]}]"#, "unknown variant `int32`"),
+        ] {
+            let err = with(inputs).unwrap_err().to_string();
+            assert!(err.contains(want), "{inputs}: {err}");
+        }
+        // Written back, a manifest without typed inputs has no such key.
+        let plain: ModelManifest = serde_json::from_str(&manifest_json()).expect("plain");
+        assert!(!serde_json::to_string(&plain).expect("json").contains("typed_inputs"));
     }
 
     #[test]

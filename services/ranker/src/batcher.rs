@@ -40,7 +40,7 @@ use tokio::sync::oneshot;
 
 use crate::{
     config::BatchingConfig,
-    model::{self, MIN_PCTR, ModelManifest},
+    model::{self, Input, MIN_PCTR, ModelManifest},
 };
 
 /// Why a queued call was not scored.
@@ -87,8 +87,8 @@ pub enum ScoreError {
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Job {
-    /// `rows × features`, in the model's column order.
-    input: Vec<f32>,
+    /// The call's rows, gathered into the model's inputs.
+    input: Input,
     rows: usize,
     enqueued: Instant,
     deadline: Option<Instant>,
@@ -256,10 +256,11 @@ impl Batcher {
         Self { queue }
     }
 
-    /// Queues `rows` rows (`input` is `rows × features`, already gathered and
-    /// checked) and waits for their scores. When the returned future is
-    /// dropped the call is skipped, not scored.
-    pub async fn score(&self, input: Vec<f32>, rows: usize, deadline: Option<Instant>) -> Result<Scores, ScoreError> {
+    /// Queues a call's rows (already gathered and checked) and waits for
+    /// their scores. When the returned future is dropped the call is
+    /// skipped, not scored.
+    pub async fn score(&self, input: Input, deadline: Option<Instant>) -> Result<Scores, ScoreError> {
+        let rows = input.rows;
         let (reply, answer) = oneshot::channel();
         {
             // Never closed here: the queue closes only when the Batcher is
@@ -377,17 +378,9 @@ fn worker(mut session: Session, queue: &Queue, manifest: &ModelManifest) {
         }
         metrics::histogram!("adserve_ranker_batch_rows").record(rows as f64);
         metrics::histogram!("adserve_ranker_batch_calls").record(live.len() as f64);
-        let input = if live.len() == 1 {
-            std::mem::take(&mut live[0].input)
-        } else {
-            let mut input = Vec::with_capacity(live.iter().map(|j| j.input.len()).sum());
-            for job in &live {
-                input.extend_from_slice(&job.input);
-            }
-            input
-        };
+        let input = Input::concat(&mut live.iter_mut().map(|j| &mut j.input).collect::<Vec<_>>());
         let start = Instant::now();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| model::run(&mut session, manifest, input, rows)));
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| model::run(&mut session, manifest, input)));
         let took = start.elapsed();
         metrics::histogram!("adserve_ranker_inference_seconds").record(took.as_secs_f64());
         {

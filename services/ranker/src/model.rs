@@ -3,15 +3,17 @@
 //!
 //! A model is refused at load, never at its first request: the manifest must
 //! name features the registry knows, `model.onnx` must hash to the manifest's
-//! `onnx_sha256` (a torn or swapped file), the graph's input and output must
-//! have the names, dtypes and widths the manifest promises, and a warm-up run
-//! on every session must return one probability per row.
+//! `onnx_sha256` (a torn or swapped file), the graph's inputs and output must
+//! have the names, dtypes and widths the manifest promises, the rows of a
+//! `reference.json` beside it must score as they did in the trainer's
+//! onnxruntime, and a warm-up run on every session must return one
+//! probability per row.
 
 use std::sync::OnceLock;
 
 use adserve_proto::v1::FeatureMatrix;
 pub use adserve_registry::ModelManifest;
-use adserve_registry::{ManifestError, read_model_dir};
+use adserve_registry::{InputDtype, ManifestError, TypedInput, read_model_dir};
 use ort::{
     environment::Environment,
     session::Session,
@@ -56,6 +58,10 @@ pub enum ModelError {
     /// The model produced something that is not a probability.
     #[error("model output: {0}")]
     BadOutput(String),
+    /// `reference.json` is unreadable, or the sessions do not reproduce the
+    /// outputs the trainer's onnxruntime gave its rows.
+    #[error("reference.json: {0}")]
+    Reference(String),
     /// The loading task panicked.
     #[error("loading the model panicked: {0}")]
     Panicked(String),
@@ -72,6 +78,7 @@ impl ModelError {
             Self::Runtime { .. } => "onnxruntime",
             Self::Mismatch(_) => "mismatch",
             Self::BadOutput(_) => "bad_output",
+            Self::Reference(_) => "reference",
             Self::Panicked(_) => "panic",
         }
     }
@@ -152,6 +159,7 @@ impl CtrModel {
         dylib: &str,
     ) -> Result<Self, ModelError> {
         let (manifest, bytes) = read_model_dir(&config.dir)?;
+        let reference = Reference::read(&config.dir, &manifest)?;
         let env = environment(dylib)?;
         // A GPU provider can register and still fail when the session is
         // built or first run (no device, a TensorRT engine build error): then
@@ -160,7 +168,7 @@ impl CtrModel {
         let mut start = 0;
         let (sessions, provider) = loop {
             let (provider, next) = resolve_providers(config, start);
-            match build_pool(env, config, &bytes, &manifest, batching, max_rows, next) {
+            match build_pool(env, config, &bytes, &manifest, reference.as_ref(), batching, max_rows, next) {
                 Ok(sessions) => break (sessions, provider),
                 Err(e) if provider != ExecutionProvider::Cpu => {
                     fallback(provider, "session_failed", &e.to_string());
@@ -180,6 +188,7 @@ impl CtrModel {
             provider = provider.as_str(),
             sessions = sessions.len(),
             features = manifest.feature_order.len(),
+            typed_inputs = manifest.typed_inputs.len(),
             max_batch_rows = batching.max_batch_rows,
             max_queue_delay = ?batching.max_queue_delay,
             "model loaded"
@@ -203,72 +212,338 @@ impl CtrModel {
         &self.batcher
     }
 
-    /// The request's rows, gathered by name into the model's column order
-    /// (`rows × features`, row-major). Extra columns are ignored; a missing
-    /// column, a ragged matrix or a non-finite value is refused, named.
-    pub fn gather(&self, matrix: &FeatureMatrix) -> Result<Vec<f32>, String> {
+    /// The request's rows, gathered by name into the model's inputs: the
+    /// dense columns in `feature_order`, and each typed input's categorical
+    /// ids or embeddings in its own order. Extra columns are ignored; a
+    /// missing column, a ragged matrix, a non-finite value, an id outside
+    /// its feature's buckets or an embedding of the wrong length is refused,
+    /// named.
+    pub fn gather(&self, matrix: &FeatureMatrix) -> Result<Input, String> {
         gather(matrix, &self.manifest)
     }
 }
 
+/// `reference.json` beside a model (written by the trainer): rows as a
+/// feature matrix carries them, and the raw output the trainer's onnxruntime
+/// gave each. The ranker scores them at load through its own binding of the
+/// model's inputs and refuses the model unless it gets the same outputs (to
+/// [`Reference::TOLERANCE`]): a skewed binding, another ONNX Runtime or an
+/// execution provider that changes the numbers is caught before a request is.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reference {
+    /// The model the rows were scored with.
+    pub model_version: String,
+    /// Its `model.onnx` hash: a reference for another file is refused.
+    pub onnx_sha256: String,
+    /// Number of rows.
+    pub rows: u32,
+    /// Dense column names and `rows × names` values.
+    pub feature_names: Vec<String>,
+    /// See `feature_names`.
+    pub values: Vec<f32>,
+    /// Categorical column names and `rows × names` ids.
+    #[serde(default)]
+    pub categorical_names: Vec<String>,
+    /// See `categorical_names`.
+    #[serde(default)]
+    pub categorical_ids: Vec<i64>,
+    /// The trainer's raw output per row.
+    pub raw: Vec<f32>,
+}
+
+/// File name of a model's [`Reference`].
+pub const REFERENCE_FILE: &str = "reference.json";
+
+impl Reference {
+    /// Largest difference from the trainer's output accepted: float32
+    /// summation order differs between thread counts and providers.
+    pub const TOLERANCE: f32 = 1e-5;
+
+    /// `dir/reference.json` if there is one. A reference that cannot be read,
+    /// is for another model file or has the wrong number of outputs refuses
+    /// the model.
+    pub fn read(dir: &std::path::Path, manifest: &ModelManifest) -> Result<Option<Self>, ModelError> {
+        let path = dir.join(REFERENCE_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(ModelError::Reference(format!("{}: {e}", path.display()))),
+        };
+        let reference: Self = serde_json::from_slice(&bytes)
+            .map_err(|e| ModelError::Reference(format!("{}: not a reference: {e}", path.display())))?;
+        if !reference.onnx_sha256.eq_ignore_ascii_case(&manifest.onnx_sha256) {
+            return Err(ModelError::Reference(format!(
+                "scored model.onnx {} ({}), the manifest's is {}: a stale or torn copy",
+                reference.onnx_sha256, reference.model_version, manifest.onnx_sha256
+            )));
+        }
+        if reference.raw.len() != reference.rows as usize || reference.rows == 0 {
+            return Err(ModelError::Reference(format!("{} outputs for {} rows", reference.raw.len(), reference.rows)));
+        }
+        Ok(Some(reference))
+    }
+
+    /// The rows as a feature matrix.
+    pub fn matrix(&self) -> FeatureMatrix {
+        FeatureMatrix {
+            feature_names: self.feature_names.clone(),
+            num_rows: self.rows,
+            values: self.values.clone(),
+            categorical_names: self.categorical_names.clone(),
+            categorical_ids: self.categorical_ids.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// Scores the rows on `session` as a request would be, and compares.
+    fn check(&self, session: &mut Session, manifest: &ModelManifest) -> Result<(), ModelError> {
+        let input = gather(&self.matrix(), manifest).map_err(ModelError::Reference)?;
+        let got = run(session, manifest, input)?;
+        for (i, (g, want)) in got.iter().zip(&self.raw).enumerate() {
+            // A NaN output differs from everything.
+            let close = (g - want).abs() <= Self::TOLERANCE;
+            if !close {
+                return Err(ModelError::Reference(format!(
+                    "row {i} scores {g} here, {want} in the trainer's onnxruntime: the inputs are bound differently \
+                     or the runtime computes differently"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One call's rows (or a batch of calls'), as the model's inputs take them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Input {
+    /// Number of rows.
+    pub rows: usize,
+    /// `rows × feature_order.len()`, row-major.
+    pub dense: Vec<f32>,
+    /// One block per `typed_inputs` entry, in its order: `rows × width`.
+    pub typed: Vec<Block>,
+}
+
+/// A typed input's values.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Block {
+    /// Categorical bucket ids.
+    Int64(Vec<i64>),
+    /// Embedding values.
+    Float32(Vec<f32>),
+}
+
+impl Block {
+    fn len(&self) -> usize {
+        match self {
+            Self::Int64(v) => v.len(),
+            Self::Float32(v) => v.len(),
+        }
+    }
+
+    fn extend_from(&mut self, other: &Self) {
+        match (self, other) {
+            (Self::Int64(a), Self::Int64(b)) => a.extend_from_slice(b),
+            (Self::Float32(a), Self::Float32(b)) => a.extend_from_slice(b),
+            // Every call of a model is gathered by the same manifest.
+            _ => unreachable!("calls of one model have the same input types"),
+        }
+    }
+}
+
+impl Input {
+    /// The rows of `parts` one after the other (calls of the same model, so
+    /// the same blocks); the one part itself when there is one.
+    pub fn concat(parts: &mut [&mut Input]) -> Input {
+        match parts {
+            [] => Input::default(),
+            [only] => std::mem::take(*only),
+            [first, ..] => {
+                let typed = (0..first.typed.len())
+                    .map(|k| {
+                        let cap = parts.iter().map(|p| p.typed[k].len()).sum();
+                        match parts[0].typed[k] {
+                            Block::Int64(_) => Block::Int64(Vec::with_capacity(cap)),
+                            Block::Float32(_) => Block::Float32(Vec::with_capacity(cap)),
+                        }
+                    })
+                    .collect();
+                let mut out = Input {
+                    rows: parts.iter().map(|p| p.rows).sum(),
+                    dense: Vec::with_capacity(parts.iter().map(|p| p.dense.len()).sum()),
+                    typed,
+                };
+                for part in parts.iter() {
+                    out.dense.extend_from_slice(&part.dense);
+                    for (to, from) in out.typed.iter_mut().zip(&part.typed) {
+                        to.extend_from(from);
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
 /// See [`CtrModel::gather`].
-pub fn gather(matrix: &FeatureMatrix, manifest: &ModelManifest) -> Result<Vec<f32>, String> {
+pub fn gather(matrix: &FeatureMatrix, manifest: &ModelManifest) -> Result<Input, String> {
     matrix.check_shape()?;
     let rows = matrix.num_rows as usize;
     let cols = matrix.num_cols();
+    let version = &manifest.model_version;
     let index: Vec<usize> = manifest
         .feature_order
         .iter()
         .map(|name| {
-            matrix.feature_names.iter().position(|n| n == name).ok_or_else(|| {
-                format!("matrix.feature_names lacks {name:?}, which model {} needs", manifest.model_version)
-            })
+            matrix
+                .feature_names
+                .iter()
+                .position(|n| n == name)
+                .ok_or_else(|| format!("matrix.feature_names lacks {name:?}, which model {version} needs"))
         })
         .collect::<Result<_, _>>()?;
-    let mut input = Vec::with_capacity(rows * index.len());
+    let mut dense = Vec::with_capacity(rows * index.len());
     for (r, row) in matrix.values.chunks_exact(cols.max(1)).take(rows).enumerate() {
         for (c, &i) in index.iter().enumerate() {
             let v = row[i];
             if !v.is_finite() {
                 return Err(format!("matrix.values row {r} feature {:?} is {v}", manifest.feature_order[c]));
             }
-            input.push(v);
+            dense.push(v);
         }
     }
-    Ok(input)
+    let typed = manifest
+        .typed_inputs
+        .iter()
+        .map(|input| match input.dtype {
+            InputDtype::Int64 => gather_ids(matrix, input, version).map(Block::Int64),
+            InputDtype::Float32 => gather_embeddings(matrix, input, version).map(Block::Float32),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Input { rows, dense, typed })
 }
 
-/// The graph must take exactly one float32 `[N, F]` input named as the
-/// manifest says, with F equal to the manifest's feature count (or dynamic)
-/// and N dynamic (batching stacks calls), and produce a float32 `[N]` or
-/// `[N, 1]` output under the manifest's output name.
+/// `rows × features` bucket ids of a categorical input; an id outside
+/// `0..buckets` of its registry feature is refused, named.
+fn gather_ids(matrix: &FeatureMatrix, input: &TypedInput, version: &str) -> Result<Vec<i64>, String> {
+    let registry = adserve_features::registry();
+    let (rows, width) = (matrix.num_rows as usize, matrix.categorical_names.len());
+    let columns: Vec<(usize, i64)> = input
+        .features
+        .iter()
+        .map(|name| {
+            let at = matrix.categorical_names.iter().position(|n| n == name).ok_or_else(|| {
+                format!("matrix.categorical_names lacks {name:?}, which model {version} needs (input {:?})", input.name)
+            })?;
+            let buckets = registry.categorical.iter().find(|f| &f.name == name).and_then(|f| f.buckets).unwrap_or(0);
+            Ok((at, i64::from(buckets)))
+        })
+        .collect::<Result<_, String>>()?;
+    let mut out = Vec::with_capacity(rows * columns.len());
+    for (r, row) in matrix.categorical_ids.chunks_exact(width.max(1)).take(rows).enumerate() {
+        for (c, &(at, buckets)) in columns.iter().enumerate() {
+            let id = row[at];
+            if !(0..buckets).contains(&id) {
+                return Err(format!(
+                    "matrix.categorical_ids row {r} feature {:?} is {id}, outside its {buckets} buckets",
+                    input.features[c]
+                ));
+            }
+            out.push(id);
+        }
+    }
+    Ok(out)
+}
+
+/// `rows × sum(dims)` values of an embedding input; an embedding of another
+/// length than the registry's, or a non-finite value, is refused, named.
+fn gather_embeddings(matrix: &FeatureMatrix, input: &TypedInput, version: &str) -> Result<Vec<f32>, String> {
+    let registry = adserve_features::registry();
+    let rows = matrix.num_rows as usize;
+    let width = matrix.embedding_width();
+    let mut offsets = Vec::with_capacity(matrix.embedding_dims.len());
+    let mut at = 0;
+    for &d in &matrix.embedding_dims {
+        offsets.push(at);
+        at += d as usize;
+    }
+    let columns: Vec<(usize, usize)> = input
+        .features
+        .iter()
+        .map(|name| {
+            let k = matrix.embedding_names.iter().position(|n| n == name).ok_or_else(|| {
+                format!("matrix.embedding_names lacks {name:?}, which model {version} needs (input {:?})", input.name)
+            })?;
+            let want = registry.embeddings.iter().find(|f| &f.name == name).and_then(|f| f.dim).unwrap_or(0) as usize;
+            let have = matrix.embedding_dims[k] as usize;
+            if have != want {
+                return Err(format!("matrix.embedding_dims gives {name:?} {have} values, the registry {want}"));
+            }
+            Ok((offsets[k], have))
+        })
+        .collect::<Result<_, String>>()?;
+    let mut out = Vec::with_capacity(rows * input.width());
+    for (r, row) in matrix.embedding_values.chunks_exact(width.max(1)).take(rows).enumerate() {
+        for (c, &(at, dim)) in columns.iter().enumerate() {
+            let values = &row[at..at + dim];
+            if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+                return Err(format!("matrix.embedding_values row {r} feature {:?} holds {v}", input.features[c]));
+            }
+            out.extend_from_slice(values);
+        }
+    }
+    Ok(out)
+}
+
+/// The graph's inputs must be exactly the manifest's: the float32 `[N, F]`
+/// dense input named `input_name` (F = the manifest's feature count, or
+/// dynamic), and each typed input by name, dtype and width; N dynamic
+/// (batching stacks calls). It must produce a float32 `[N]` or `[N, 1]`
+/// output under the manifest's output name.
 fn check_graph(session: &Session, m: &ModelManifest) -> Result<(), ModelError> {
     let mismatch = |s: String| Err(ModelError::Mismatch(s));
     let inputs = session.inputs();
     let names: Vec<&str> = inputs.iter().map(|i| i.name()).collect();
-    let [input] = inputs else {
-        return mismatch(format!("model.onnx has inputs {names:?}; this ranker feeds exactly one, {:?}", m.input_name));
-    };
-    if input.name() != m.input_name {
-        return mismatch(format!("model.onnx has input {:?}, manifest input_name is {:?}", input.name(), m.input_name));
-    }
-    let (ty, shape) = tensor_of(input.dtype());
-    if ty != Some(TensorElementType::Float32) {
-        return mismatch(format!("input {:?} is {}, not a float32 tensor", m.input_name, describe(input.dtype())));
-    }
-    let width = m.feature_order.len() as i64;
-    match shape.as_deref() {
-        Some([n, f]) if *n < 0 && (*f < 0 || *f == width) => {}
-        Some([n, _]) if *n >= 0 => {
-            return mismatch(format!(
-                "input {:?} has a fixed batch dimension {n}; requests are stacked, so it must be dynamic",
+    let dense = (m.input_name.as_str(), TensorElementType::Float32, m.feature_order.len(), "manifest feature_order");
+    let want: Vec<(&str, TensorElementType, usize, &str)> = std::iter::once(dense)
+        .chain(m.typed_inputs.iter().map(|t| {
+            let ty = match t.dtype {
+                InputDtype::Int64 => TensorElementType::Int64,
+                InputDtype::Float32 => TensorElementType::Float32,
+            };
+            (t.name.as_str(), ty, t.width(), "its manifest features")
+        }))
+        .collect();
+    let wanted: Vec<&str> = want.iter().map(|w| w.0).collect();
+    if names.len() != wanted.len() || !wanted.iter().all(|w| names.contains(w)) {
+        return mismatch(if wanted.len() == 1 {
+            format!(
+                "model.onnx has inputs {names:?}; this ranker feeds exactly one, {:?} (manifest input_name)",
                 m.input_name
-            ));
+            )
+        } else {
+            format!("model.onnx has inputs {names:?}; its manifest names {wanted:?} (input_name and typed_inputs)")
+        });
+    }
+    for (name, ty_want, width, what) in want {
+        let Some(input) = inputs.iter().find(|i| i.name() == name) else { unreachable!("checked above") };
+        let (ty, shape) = tensor_of(input.dtype());
+        if ty != Some(ty_want) {
+            let dtype = if ty_want == TensorElementType::Int64 { "an int64" } else { "a float32" };
+            return mismatch(format!("input {name:?} is {}, not {dtype} tensor", describe(input.dtype())));
         }
-        Some([_, f]) => {
-            return mismatch(format!("input {:?} has {f} columns, manifest feature_order has {width}", m.input_name));
+        let width = width as i64;
+        match shape.as_deref() {
+            Some([n, f]) if *n < 0 && (*f < 0 || *f == width) => {}
+            Some([n, _]) if *n >= 0 => {
+                return mismatch(format!(
+                    "input {name:?} has a fixed batch dimension {n}; requests are stacked, so it must be dynamic"
+                ));
+            }
+            Some([_, f]) => return mismatch(format!("input {name:?} has {f} columns, {what} has {width}")),
+            other => return mismatch(format!("input {name:?} has shape {other:?}, not [N, {width}]")),
         }
-        other => return mismatch(format!("input {:?} has shape {other:?}, not [N, {width}]", m.input_name)),
     }
     let outputs = session.outputs();
     let Some(output) = outputs.iter().find(|o| o.name() == m.output_name) else {
@@ -305,13 +580,21 @@ fn describe(t: &ValueType) -> String {
 /// and a graph that fails at run time (a wrong width behind a dynamic
 /// dimension) is refused.
 fn warm_up(session: &mut Session, manifest: &ModelManifest, sizes: &[usize]) -> Result<(), ModelError> {
-    let registry = adserve_features::registry();
-    let defaults = registry.defaults();
-    let row: Vec<f32> =
-        manifest.feature_order.iter().map(|n| registry.index_of(n).map(|i| defaults[i]).unwrap_or_default()).collect();
+    let row = default_row(manifest);
     for &rows in sizes {
-        let input: Vec<f32> = row.iter().copied().cycle().take(rows * row.len()).collect();
-        let scores = run(session, manifest, input, rows)?;
+        let input = Input {
+            rows,
+            dense: repeat(&row.dense, rows),
+            typed: row
+                .typed
+                .iter()
+                .map(|b| match b {
+                    Block::Int64(v) => Block::Int64(repeat(v, rows)),
+                    Block::Float32(v) => Block::Float32(repeat(v, rows)),
+                })
+                .collect(),
+        };
+        let scores = run(session, manifest, input)?;
         if let Some((i, p)) = scores.iter().enumerate().find(|(_, p)| !(p.is_finite() && (0.0..=1.0).contains(*p))) {
             return Err(ModelError::BadOutput(format!("warm-up row {i} scored {p}, not a probability")));
         }
@@ -319,20 +602,55 @@ fn warm_up(session: &mut Session, manifest: &ModelManifest, sizes: &[usize]) -> 
     Ok(())
 }
 
-/// One `session.run` over `rows` rows (`input` is `rows × features`): the
-/// raw output, one value per row.
-pub(crate) fn run(
-    session: &mut Session,
-    manifest: &ModelManifest,
-    input: Vec<f32>,
-    rows: usize,
-) -> Result<Vec<f32>, ModelError> {
-    let width = manifest.feature_order.len();
-    let tensor = ort::value::Tensor::from_array(([rows, width], input))
-        .map_err(|source| ModelError::Runtime { stage: "building the input tensor", source })?;
-    let outputs = session
-        .run(ort::inputs![manifest.input_name.as_str() => tensor])
-        .map_err(|source| ModelError::Runtime { stage: "run", source })?;
+fn repeat<T: Copy>(row: &[T], rows: usize) -> Vec<T> {
+    row.iter().copied().cycle().take(rows * row.len()).collect()
+}
+
+/// One row of the registry's defaults in the model's inputs (a missing
+/// categorical is bucket 0).
+pub fn default_row(manifest: &ModelManifest) -> Input {
+    let registry = adserve_features::registry();
+    let defaults = registry.defaults();
+    let dense =
+        manifest.feature_order.iter().map(|n| registry.index_of(n).map(|i| defaults[i]).unwrap_or_default()).collect();
+    let typed = manifest
+        .typed_inputs
+        .iter()
+        .map(|t| match t.dtype {
+            InputDtype::Int64 => Block::Int64(vec![0; t.features.len()]),
+            InputDtype::Float32 => Block::Float32(
+                t.features
+                    .iter()
+                    .flat_map(|n| {
+                        let f = registry.embeddings.iter().find(|f| &f.name == n);
+                        let (dim, default) = f.map_or((0, 0.0), |f| (f.dim.unwrap_or(0) as usize, f.default));
+                        std::iter::repeat_n(default, dim)
+                    })
+                    .collect(),
+            ),
+        })
+        .collect();
+    Input { rows: 1, dense, typed }
+}
+
+/// One `session.run` over `input`'s rows: the raw output, one value per row.
+pub(crate) fn run(session: &mut Session, manifest: &ModelManifest, input: Input) -> Result<Vec<f32>, ModelError> {
+    let rows = input.rows;
+    let tensor_error = |source| ModelError::Runtime { stage: "building the input tensor", source };
+    let mut values: Vec<(std::borrow::Cow<'_, str>, ort::session::SessionInputValue<'_>)> =
+        Vec::with_capacity(1 + input.typed.len());
+    let dense =
+        ort::value::Tensor::from_array(([rows, manifest.feature_order.len()], input.dense)).map_err(tensor_error)?;
+    values.push((manifest.input_name.as_str().into(), dense.into()));
+    for (spec, block) in manifest.typed_inputs.iter().zip(input.typed) {
+        let shape = [rows, spec.width()];
+        let value = match block {
+            Block::Int64(v) => ort::value::Tensor::from_array((shape, v)).map_err(tensor_error)?.into(),
+            Block::Float32(v) => ort::value::Tensor::from_array((shape, v)).map_err(tensor_error)?.into(),
+        };
+        values.push((spec.name.as_str().into(), value));
+    }
+    let outputs = session.run(values).map_err(|source| ModelError::Runtime { stage: "run", source })?;
     let output = outputs
         .get(manifest.output_name.as_str())
         .ok_or_else(|| ModelError::BadOutput(format!("no output named {:?}", manifest.output_name)))?;
@@ -351,6 +669,7 @@ fn build_pool(
     config: &ModelConfig,
     bytes: &[u8],
     manifest: &ModelManifest,
+    reference: Option<&Reference>,
     batching: &BatchingConfig,
     max_rows: usize,
     first: usize,
@@ -362,6 +681,9 @@ fn build_pool(
         let mut session = build_session(env, config, bytes, first)?;
         if i == 0 {
             check_graph(&session, manifest)?;
+            if let Some(reference) = reference {
+                reference.check(&mut session, manifest)?;
+            }
         }
         warm_up(&mut session, manifest, &sizes)?;
         sessions.push(session);

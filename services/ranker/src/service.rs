@@ -45,9 +45,8 @@ impl ShadowSink {
     ) {
         let outcome = async {
             let input = shadow.gather(&matrix).map_err(|e| format!("shadow cannot read the matrix: {e}"))?;
-            let rows = matrix.num_rows as usize;
             let deadline = Instant::now() + Duration::from_secs(5);
-            let scores = shadow.batcher().score(input, rows, Some(deadline)).await.map_err(|e| e.to_string())?;
+            let scores = shadow.batcher().score(input, Some(deadline)).await.map_err(|e| e.to_string())?;
             let event = ShadowScoreEvent {
                 request_id: request_id.clone(),
                 production_model_version,
@@ -94,17 +93,11 @@ impl Fallback {
 
     /// Scores with the fallback model if it answers by `deadline`, else the
     /// prior; counts which level answered.
-    async fn score(
-        &self,
-        matrix: &FeatureMatrix,
-        rows: usize,
-        deadline: Instant,
-        why: &str,
-    ) -> (Scores, String, ScoreLevel) {
+    async fn score(&self, matrix: &FeatureMatrix, deadline: Instant, why: &str) -> (Scores, String, ScoreLevel) {
         if let Some(model) = &self.model
             && let Ok(input) = model.gather(matrix)
         {
-            let call = model.batcher().score(input, rows, Some(deadline));
+            let call = model.batcher().score(input, Some(deadline));
             if let Ok(Ok(scores)) = tokio::time::timeout_at(deadline.into(), call).await {
                 metrics::counter!("adserve_ranker_fallbacks_total", "level" => "fallback_model").increment(1);
                 tracing::warn!(reason = why, "scored by the fallback model");
@@ -246,7 +239,7 @@ impl RankerService for RankerGrpc {
             None => {
                 Err(format!("no time for the model: {limit:?} left, {:?} kept for the fallback", self.fallback.reserve))
             }
-            Some(by) => match tokio::time::timeout_at(by.into(), model.batcher().score(input, rows, Some(by))).await {
+            Some(by) => match tokio::time::timeout_at(by.into(), model.batcher().score(input, Some(by))).await {
                 Ok(Ok(scores)) => Ok(scores),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err(format!(
@@ -258,7 +251,7 @@ impl RankerService for RankerGrpc {
         let (scores, model_version, level, fallback_reason) = match primary {
             Ok(scores) => (scores, model.manifest().model_version.clone(), ScoreLevel::Model, String::new()),
             Err(reason) => {
-                let (scores, version, level) = self.fallback.score(&matrix, rows, deadline, &reason).await;
+                let (scores, version, level) = self.fallback.score(&matrix, deadline, &reason).await;
                 (scores, version, level, reason)
             }
         };

@@ -54,7 +54,7 @@ fn matrix(rows: usize) -> FeatureMatrix {
 
 async fn score(model: &CtrModel, m: &FeatureMatrix) -> Result<Vec<f32>, ScoreError> {
     let input = model.gather(m).expect("valid matrix");
-    model.batcher().score(input, m.num_rows as usize, None).await.map(|s| s.pctr)
+    model.batcher().score(input, None).await.map(|s| s.pctr)
 }
 
 #[tokio::test]
@@ -73,8 +73,8 @@ async fn the_manifest_calibration_is_applied_and_the_raw_score_kept() {
     let calibrated = load_from(dir.path(), &BatchingConfig::default()).expect("a calibrated model loads");
     let plain = baseline(BatchingConfig::default());
     let m = matrix(6);
-    let got = calibrated.batcher().score(calibrated.gather(&m).expect("valid"), 6, None).await.expect("scores");
-    let raw = plain.batcher().score(plain.gather(&m).expect("valid"), 6, None).await.expect("scores");
+    let got = calibrated.batcher().score(calibrated.gather(&m).expect("valid"), None).await.expect("scores");
+    let raw = plain.batcher().score(plain.gather(&m).expect("valid"), None).await.expect("scores");
     assert_eq!(got.raw, raw.raw, "calibration must not touch the model's output");
     assert_eq!(raw.pctr, raw.raw.iter().map(|p| p.max(MIN_PCTR)).collect::<Vec<_>>(), "no calibration: served raw");
     let c: adserve_registry::Calibration = serde_json::from_value(calibration).expect("calibration");
@@ -156,7 +156,7 @@ async fn a_call_past_its_deadline_is_answered_without_compute() {
     let model = baseline(BatchingConfig::default());
     let m = matrix(5);
     let input = model.gather(&m).expect("valid");
-    let err = model.batcher().score(input, 5, Some(Instant::now())).await.unwrap_err();
+    let err = model.batcher().score(input, Some(Instant::now())).await.unwrap_err();
     assert!(matches!(err, ScoreError::DeadlineExceeded { .. }), "{err}");
     let stats = model.batcher().stats();
     assert_eq!((stats.batches, stats.expired), (0, 1), "{stats:?}");
@@ -168,7 +168,7 @@ async fn a_call_predicted_to_miss_its_deadline_is_refused_at_arrival_once_costs_
         let model = baseline(BatchingConfig { sessions: 1, predict_misses, ..BatchingConfig::default() });
         let call = |rows: usize, deadline: Option<Instant>| {
             let input = model.gather(&matrix(rows)).expect("valid");
-            model.batcher().score(input, rows, deadline)
+            model.batcher().score(input, deadline)
         };
         // Cold: nothing is predicted; a past deadline is found in the queue.
         let err = call(50, Some(Instant::now())).await.unwrap_err();
@@ -254,12 +254,21 @@ async fn abandoned_calls_are_skipped_and_a_full_queue_refuses_at_once() {
 
 /// A copy of the baseline model whose manifest has been edited by `edit`.
 fn edited_model(edit: impl FnOnce(&mut serde_json::Value), bytes: Option<&[u8]>) -> tempfile::TempDir {
+    edited_copy(&baseline_dir(), edit, bytes)
+}
+
+/// A copy of the model in `from` whose manifest has been edited by `edit`
+/// (with its reference rows, unless `bytes` replaces the model file).
+fn edited_copy(from: &Path, edit: impl FnOnce(&mut serde_json::Value), bytes: Option<&[u8]>) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
+    if bytes.is_none() {
+        std::fs::copy(from.join("reference.json"), dir.path().join("reference.json")).expect("copy reference.json");
+    }
     let mut manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(baseline_dir().join("manifest.json")).expect("manifest")).expect("json");
+        serde_json::from_slice(&std::fs::read(from.join("manifest.json")).expect("manifest")).expect("json");
     let model = match bytes {
         Some(b) => b.to_vec(),
-        None => std::fs::read(baseline_dir().join("model.onnx")).expect("model"),
+        None => std::fs::read(from.join("model.onnx")).expect("model"),
     };
     edit(&mut manifest);
     std::fs::write(dir.path().join("manifest.json"), serde_json::to_vec(&manifest).expect("json")).expect("write");
@@ -311,4 +320,166 @@ fn a_gpu_provider_list_falls_back_to_cpu_here() {
         ModelConfig { dir: baseline_dir(), execution_providers: vec![Tensorrt, Cuda, Cpu], ..ModelConfig::default() };
     let model = CtrModel::load(&config, &BatchingConfig::default(), 5000, &dylib()).expect("loads on CPU");
     assert_eq!(model.provider(), Cpu, "no GPU and a CPU build of ONNX Runtime on this machine");
+}
+
+/// The committed DCN-v2 that takes the registry's categoricals as an int64
+/// input beside the dense one (`make model`).
+fn typed_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/ctr-dcnv2-typed")
+}
+
+/// `reference.json` beside the typed model: rows as a FeatureMatrix carries
+/// them, and the raw output Python's onnxruntime gave for each.
+fn reference() -> (FeatureMatrix, Vec<f32>) {
+    let dir = typed_dir();
+    let manifest = adserve_registry::read_manifest(&dir.join("manifest.json")).expect("manifest");
+    let r = crate::Reference::read(&dir, &manifest).expect("reads").expect("the typed model has a reference");
+    (r.matrix(), r.raw)
+}
+
+/// The matrix with its categorical columns in reverse order (ids moved along).
+fn reverse_categoricals(m: &FeatureMatrix) -> FeatureMatrix {
+    let width = m.categorical_names.len();
+    let mut out = m.clone();
+    out.categorical_names.reverse();
+    out.categorical_ids = m.categorical_ids.chunks(width).flat_map(|row| row.iter().rev().copied()).collect();
+    out
+}
+
+fn assert_close(got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= 1e-6, "row {i}: the ranker gives {g}, onnxruntime in Python {w}");
+    }
+}
+
+#[tokio::test]
+async fn a_typed_model_scores_as_onnxruntime_does_in_the_trainer() {
+    let (m, want) = reference();
+    let rows = m.num_rows as usize;
+    // Batches flush only when both calls are in: their blocks are stacked.
+    let model = load_from(&typed_dir(), &flush_when_full(2 * rows)).expect("the typed model loads");
+    let typed = &model.manifest().typed_inputs;
+    assert_eq!((typed.len(), typed[0].name.as_str()), (1, "categorical"));
+    let (a, b) = (model.gather(&m).expect("valid"), model.gather(&reverse_categoricals(&m)).expect("valid"));
+    assert_eq!(a, b, "columns are bound by name, not by position on the wire");
+    let (a, b) = tokio::join!(model.batcher().score(a, None), model.batcher().score(b, None));
+    assert_close(&a.expect("scores").raw, &want);
+    assert_close(&b.expect("scores").raw, &want);
+    assert_eq!(model.batcher().stats().batches, 1, "one run scored both calls");
+    // The ids reach the graph: another device bucket moves every score.
+    let mut other = m.clone();
+    let k = m.categorical_names.iter().position(|n| n == "ctx_device_id").expect("device");
+    for row in other.categorical_ids.chunks_mut(m.categorical_names.len()) {
+        row[k] = (row[k] + 1) % 16;
+    }
+    let moved = model.batcher().score(model.gather(&other).expect("valid"), None);
+    let single = model.batcher().score(model.gather(&m).expect("valid"), None);
+    let (moved, single) = tokio::join!(moved, single);
+    assert_close(&single.expect("scores").raw, &want);
+    let moved = moved.expect("scores").raw;
+    assert!(moved.iter().zip(&want).all(|(a, b)| a != b), "{moved:?} vs {want:?}");
+}
+
+#[tokio::test]
+async fn a_typed_model_refuses_missing_or_out_of_range_ids_by_name() {
+    let model = load_from(&typed_dir(), &BatchingConfig::default()).expect("loads");
+    let (m, _) = reference();
+    let mut missing = m.clone();
+    let width = m.categorical_names.len();
+    let k = m.categorical_names.iter().position(|n| n == "ctx_device_id").expect("device");
+    missing.categorical_names.remove(k);
+    missing.categorical_ids = m
+        .categorical_ids
+        .chunks(width)
+        .flat_map(|row| row.iter().enumerate().filter(|(c, _)| *c != k).map(|(_, v)| *v))
+        .collect();
+    let err = model.gather(&missing).unwrap_err();
+    assert!(err.contains("categorical_names lacks \"ctx_device_id\"") && err.contains("\"categorical\""), "{err}");
+    for bad in [16, -1, 1 << 40] {
+        let mut m = m.clone();
+        m.categorical_ids[width + k] = bad;
+        let err = model.gather(&m).unwrap_err();
+        assert!(
+            err.contains("row 1") && err.contains("\"ctx_device_id\"") && err.contains("outside its 16 buckets"),
+            "{err}"
+        );
+    }
+    // A dense-only matrix cannot feed it.
+    let dense = FeatureMatrix { categorical_names: vec![], categorical_ids: vec![], ..m };
+    assert!(model.gather(&dense).unwrap_err().contains("categorical_names lacks"));
+}
+
+#[test]
+fn a_typed_model_whose_inputs_do_not_match_its_manifest_is_refused_at_load() {
+    let batching = BatchingConfig::default();
+    let refuse = |dir: &tempfile::TempDir| load_from(dir.path(), &batching).map(|_| ()).unwrap_err().to_string();
+    let typed = |edit: fn(&mut serde_json::Value)| edited_copy(&typed_dir(), edit, None);
+
+    // The manifest forgets the int64 input: the graph has two.
+    let err = refuse(&typed(|m| {
+        m.as_object_mut().expect("object").remove("typed_inputs");
+    }));
+    assert!(err.contains("[\"features\", \"categorical\"]") && err.contains("exactly one"), "{err}");
+    // One categorical fewer than the graph's columns.
+    let err = refuse(&typed(|m| {
+        m["typed_inputs"][0]["features"].as_array_mut().expect("array").pop();
+    }));
+    assert!(err.contains("input \"categorical\" has 4 columns, its manifest features has 3"), "{err}");
+    // Another name than the graph's.
+    let err = refuse(&typed(|m| m["typed_inputs"][0]["name"] = "ids".into()));
+    assert!(err.contains("its manifest names [\"features\", \"ids\"]"), "{err}");
+    // The baseline's graph takes no int64 input at all.
+    let err = refuse(&edited_model(
+        |m| {
+            m["typed_inputs"] =
+                serde_json::json!([{"name": "categorical", "dtype": "int64", "features": ["ctx_device_id"]}])
+        },
+        None,
+    ));
+    assert!(err.contains("model.onnx has inputs [\"features\"]"), "{err}");
+    // Categoricals declared as float32: not the registry type of that dtype.
+    let err = refuse(&typed(|m| m["typed_inputs"][0]["dtype"] = "float32".into()));
+    assert!(err.contains("not a registry embedding feature"), "{err}");
+}
+
+#[test]
+fn a_model_that_does_not_reproduce_its_reference_rows_is_refused_at_load() {
+    let batching = BatchingConfig::default();
+    let with_reference = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let dir = edited_copy(&typed_dir(), |_| {}, None);
+        let path = dir.path().join("reference.json");
+        let mut r: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+        edit(&mut r);
+        std::fs::write(&path, serde_json::to_vec(&r).expect("json")).expect("write");
+        dir
+    };
+    let refuse = |dir: &tempfile::TempDir| load_from(dir.path(), &batching).map(|_| ()).unwrap_err();
+
+    // The trainer saw another number for row 3.
+    let off = with_reference(&|r| {
+        let v = r["raw"][3].as_f64().expect("number");
+        r["raw"][3] = (v + 1e-3).into();
+    });
+    let err = refuse(&off);
+    assert_eq!(err.reason(), "reference");
+    assert!(err.to_string().contains("row 3 scores"), "{err}");
+    // Ids moved to other columns: what a binding by position would feed.
+    let swapped = with_reference(&|r| {
+        let names = r["categorical_names"].as_array_mut().expect("array");
+        names.swap(0, 2);
+    });
+    assert!(refuse(&swapped).to_string().contains("scores"), "a swapped binding scores differently");
+    // For another model.onnx: a stale copy.
+    let stale = with_reference(&|r| r["onnx_sha256"] = "0".repeat(64).into());
+    assert!(refuse(&stale).to_string().contains("stale or torn"), "{}", refuse(&stale));
+    // Not a reference at all.
+    let garbage = with_reference(&|r| *r = serde_json::json!({"rows": "many"}));
+    assert_eq!(refuse(&garbage).reason(), "reference");
+    // Within the tolerance: loads.
+    let close = with_reference(&|r| {
+        let v = r["raw"][0].as_f64().expect("number");
+        r["raw"][0] = (v + 1e-7).into();
+    });
+    load_from(close.path(), &batching).expect("a difference within the tolerance loads");
 }
