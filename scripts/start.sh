@@ -13,6 +13,8 @@
 #   ADSTACK_PROFILE=debug|release|<profile>  which build of the services to run
 #   ADSTACK_SKIP_BUILD=1                    do not run cargo build first
 #   ADSTACK_MODEL_DIR                       ranker model (default <repo>/models/ctr-baseline)
+#   ADSTACK_RANKER_REGISTRY                 true (default): the ranker follows the model
+#                                           registry; false: it serves ADSTACK_MODEL_DIR only
 #   ADSTACK_PARQUET_DIR                     label-joiner output (default $ADSTACK_RUN/parquet)
 #   ADSTACK_LABEL_WINDOW                    label-joiner join window (default 5s; the
 #                                           registry's production window is 30 min)
@@ -392,6 +394,7 @@ start_services() {
     log "warning: adservectl migrate failed; the ranker serves model.dir until the registry exists"
   start_service adserve-ranker \
     "ADSERVE_MODEL__DIR=$model" \
+    "ADSERVE_REGISTRY__ENABLED=${ADSTACK_RANKER_REGISTRY:-true}" \
     "ADSERVE_KAFKA__BROKERS=$kafka" \
     "ADSERVE_REGISTRY__POSTGRES__URL=postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DATABASE" \
     "ADSERVE_ONNXRUNTIME_DYLIB=$ORT_DYLIB_PATH"

@@ -6,7 +6,8 @@ Run it with the bench venv's interpreter ($ADSTACK_HOME/bench-venv/bin/python)::
     ort_fastapi.py --port 18090 --model-dir models/ctr-baseline --intra-threads 1
 
 Loads DIR/manifest.json (``model_version``, ``input_name``, ``output_name``,
-``feature_order``) and DIR/model.onnx into one onnxruntime InferenceSession on
+``feature_order``, and int64 ``typed_inputs``, fed from the matrix's
+``categorical_names`` / ``categorical_ids`` by name) and DIR/model.onnx into one onnxruntime InferenceSession on
 CPUExecutionProvider (intra-op threads as given, inter-op 1, sequential execution) and
 serves it with a single uvicorn worker (uvloop + httptools when installed, access log off).
 
@@ -64,6 +65,8 @@ class FeatureMatrix(BaseModel):
     feature_names: list[str]
     num_rows: int = Field(ge=0)
     values: list[float]
+    categorical_names: list[str] = []
+    categorical_ids: list[int] = []
 
 
 class ScoreResponse(BaseModel):
@@ -88,9 +91,17 @@ class Model:
         self.session = ort.InferenceSession(
             str(model_dir / "model.onnx"), sess_options=so, providers=["CPUExecutionProvider"]
         )
-        inputs = [i.name for i in self.session.get_inputs()]
-        if self.input_name not in inputs:
-            raise ValueError(f"model.onnx has inputs {inputs}, manifest input_name is {self.input_name!r}")
+        # typed_inputs: int64 inputs of categorical ids, gathered by name
+        # like the dense columns (the ranker's binding; the trainer writes
+        # no float32 embedding inputs, and this peer refuses them).
+        self.typed: list[tuple[str, list[str]]] = []
+        for t in manifest.get("typed_inputs", []):
+            if t["dtype"] != "int64":
+                raise ValueError(f"typed input {t['name']!r}: dtype {t['dtype']!r}; this peer feeds int64 only")
+            self.typed.append((t["name"], list(t["features"])))
+        inputs = sorted(i.name for i in self.session.get_inputs())
+        if inputs != sorted([self.input_name, *(n for n, _ in self.typed)]):
+            raise ValueError(f"model.onnx has inputs {inputs}, the manifest names {self.input_name!r} and typed_inputs")
         self._outputs = [self.output_name]
         # The column index list is cached per distinct feature_names list: a load generator
         # (or gateway) sends the same names on every request.
@@ -126,9 +137,21 @@ class Model:
         if not np.isfinite(x).all():
             r, c = np.argwhere(~np.isfinite(x))[0]
             raise ValueError(f"values row {r} feature {self.feature_order[c]!r} is {x[r, c]}")
+        feeds = {self.input_name: x}
+        if self.typed:
+            width = len(m.categorical_names)
+            if len(m.categorical_ids) != m.num_rows * width:
+                raise ValueError(f"categorical_ids has {len(m.categorical_ids)} ids, expected {m.num_rows} x {width}")
+            ids = np.asarray(m.categorical_ids, dtype=np.int64).reshape(m.num_rows, width)
+            pos = {n: i for i, n in enumerate(m.categorical_names)}
+            for name, features in self.typed:
+                missing = [f for f in features if f not in pos]
+                if missing:
+                    raise ValueError(f"categorical_names lacks {missing[0]!r}, which input {name!r} needs")
+                feeds[name] = np.ascontiguousarray(ids[:, [pos[f] for f in features]])
         if m.num_rows == 0:
             return np.empty(0, dtype=np.float32)
-        (out,) = self.session.run(self._outputs, {self.input_name: x})
+        (out,) = self.session.run(self._outputs, feeds)
         p = np.asarray(out, dtype=np.float32).reshape(-1)
         if p.shape[0] != m.num_rows:
             raise RuntimeError(f"{p.shape[0]} values for {m.num_rows} rows")

@@ -5,11 +5,15 @@
 //! (the floor: what scoring costs with no server at all) and a FastAPI +
 //! onnxruntime server (the peer users would otherwise write).
 
-use std::{sync::Arc, time::Duration};
+use std::{borrow::Cow, sync::Arc, time::Duration};
 
 use adserve_proto::v1::{FeatureMatrix, ScoreRequest, ranker_service_client::RankerServiceClient};
+use adserve_ranker::{Block, Input, ModelManifest};
 use anyhow::Context;
-use ort::{session::Session, value::TensorRef};
+use ort::{
+    session::{Session, SessionInputValue},
+    value::TensorRef,
+};
 
 use super::{
     Settings,
@@ -26,15 +30,9 @@ pub const CONCURRENCY: [usize; 3] = [1, 8, 32];
 /// the floor and the peer too.
 pub const INTRA_THREADS: usize = 1;
 
-/// The model's manifest, as far as the floor needs it.
-#[derive(Debug, Clone, serde::Deserialize)]
-struct Manifest {
-    input_name: String,
-    output_name: String,
-    feature_order: Vec<String>,
-}
-
-/// A matrix of `rows` rows over every registry feature, values varied per row.
+/// A matrix of `rows` rows over every registry feature, as the
+/// feature-service serves it: dense values varied per row, and every
+/// categorical column with ids varied per row within its buckets.
 pub fn matrix(rows: usize) -> FeatureMatrix {
     let registry = adserve_features::registry();
     let names: Vec<String> = registry.names().iter().map(|s| s.to_string()).collect();
@@ -42,15 +40,29 @@ pub fn matrix(rows: usize) -> FeatureMatrix {
     for r in 0..rows {
         values.extend(registry.defaults().iter().enumerate().map(|(c, d)| d + ((r * 7 + c) % 13) as f32 * 0.01));
     }
-    FeatureMatrix { feature_names: names, num_rows: rows as u32, values, ..Default::default() }
+    let categorical_ids = (0..rows)
+        .flat_map(|r| {
+            registry
+                .categorical
+                .iter()
+                .enumerate()
+                .map(move |(c, f)| ((r * 31 + c * 7) % f.buckets.unwrap_or(1) as usize) as i64)
+        })
+        .collect();
+    FeatureMatrix {
+        feature_names: names,
+        num_rows: rows as u32,
+        values,
+        categorical_names: registry.categorical.iter().map(|f| f.name.clone()).collect(),
+        categorical_ids,
+        ..Default::default()
+    }
 }
 
 /// Runs the ranker part.
 pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
     load::ensure_loopback(&s.stack.ranker)?;
-    let manifest: Manifest = serde_json::from_str(
-        &std::fs::read_to_string(s.model_dir.join("manifest.json")).context("reading the model manifest")?,
-    )?;
+    let manifest = adserve_registry::read_manifest(&s.model_dir.join("manifest.json"))?;
     let env = ort::init_from(&s.ort_dylib)
         .map_err(|e| anyhow::anyhow!("loading {}: {e}", s.ort_dylib.display()))?
         .with_name("adserve-bench")
@@ -98,6 +110,17 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
     let unbatched = connect_ranker(&format!("http://127.0.0.1:{unbatched_port}"), Duration::from_secs(60)).await?;
 
     let client = connect_ranker(&s.stack.ranker, Duration::from_secs(10)).await?;
+    // Every subject must score the same model: a stack ranker following the
+    // model registry may serve another (scripts/bench.sh turns that off
+    // when ADSTACK_MODEL_DIR names the model).
+    let served = client.clone().get_model(adserve_proto::v1::GetModelRequest::default()).await?.into_inner();
+    anyhow::ensure!(
+        served.model_version == manifest.model_version,
+        "the stack's ranker serves {}, the bench measures {} ({}): restart the stack with that model",
+        served.model_version,
+        manifest.model_version,
+        s.model_dir.display()
+    );
     let timeout = Duration::from_secs(5);
     let mut out = Vec::new();
     for rows in ROWS {
@@ -107,8 +130,11 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
             "feature_names": m.feature_names,
             "num_rows": m.num_rows,
             "values": m.values,
+            "categorical_names": m.categorical_names,
+            "categorical_ids": m.categorical_ids,
         }))?);
-        let input = Arc::new(gather(&m, &manifest.feature_order)?);
+        // The floor scores the rows already gathered, as the ranker binds them.
+        let input = Arc::new(adserve_ranker::model::gather(&m, &manifest).map_err(anyhow::Error::msg)?);
         for c in CONCURRENCY {
             let ours = score_loop(s, &client, &m, c, timeout).await;
             let off = score_loop(s, &unbatched, &m, c, timeout).await;
@@ -123,7 +149,7 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
                             .expect("the served model loads in a bare session")
                     };
                     load::threads_loop(c, window.0, window.1, rows as u64, make, move |session| {
-                        bare_run(session, &manifest, &input, rows)
+                        bare_run(session, &manifest, &input)
                     })
                 })
                 .await?
@@ -209,29 +235,28 @@ async fn connect_ranker(
     }
 }
 
-/// The model's input: columns gathered by name into the manifest's order.
-fn gather(m: &FeatureMatrix, order: &[String]) -> anyhow::Result<Vec<f32>> {
-    let idx: Vec<usize> = order
-        .iter()
-        .map(|n| m.feature_names.iter().position(|x| x == n).with_context(|| format!("matrix lacks {n}")))
-        .collect::<anyhow::Result<_>>()?;
-    let cols = m.num_cols();
-    let mut out = Vec::with_capacity(m.num_rows as usize * idx.len());
-    for r in 0..m.num_rows as usize {
-        let row = &m.values[r * cols..(r + 1) * cols];
-        out.extend(idx.iter().map(|&i| row[i]));
-    }
-    Ok(out)
-}
-
-/// One bare `session.run` on a pre-gathered input, reading the output back.
-fn bare_run(session: &mut Session, manifest: &Manifest, input: &[f32], rows: usize) -> Outcome {
-    let width = manifest.feature_order.len();
-    let tensor = match TensorRef::from_array_view(([rows, width], input)) {
+/// One bare `session.run` on a pre-gathered input (each block bound by
+/// name, as views: no copy), reading the output back.
+fn bare_run(session: &mut Session, manifest: &ModelManifest, input: &Input) -> Outcome {
+    let rows = input.rows;
+    let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(1 + input.typed.len());
+    let dense = match TensorRef::from_array_view(([rows, manifest.feature_order.len()], input.dense.as_slice())) {
         Ok(t) => t,
         Err(e) => return Outcome::Error(e.to_string()),
     };
-    let outputs = match session.run(ort::inputs![manifest.input_name.as_str() => tensor]) {
+    values.push((manifest.input_name.as_str().into(), dense.into()));
+    for (spec, block) in manifest.typed_inputs.iter().zip(&input.typed) {
+        let shape = [rows, spec.width()];
+        let value: Result<SessionInputValue<'_>, _> = match block {
+            Block::Int64(v) => TensorRef::from_array_view((shape, v.as_slice())).map(Into::into),
+            Block::Float32(v) => TensorRef::from_array_view((shape, v.as_slice())).map(Into::into),
+        };
+        match value {
+            Ok(v) => values.push((spec.name.as_str().into(), v)),
+            Err(e) => return Outcome::Error(e.to_string()),
+        }
+    }
+    let outputs = match session.run(values) {
         Ok(o) => o,
         Err(e) => return Outcome::Error(e.to_string()),
     };
