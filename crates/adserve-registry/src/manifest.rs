@@ -72,7 +72,11 @@ impl TypedInput {
     /// Values per row: one per categorical, `dim` per embedding (from the
     /// registry; a checked manifest names only features it knows).
     pub fn width(&self) -> usize {
-        let registry = adserve_features::registry();
+        self.width_in(adserve_features::registry())
+    }
+
+    /// [`Self::width`] against another registry than the compiled-in one.
+    pub fn width_in(&self, registry: &adserve_features::FeatureRegistry) -> usize {
         match self.dtype {
             InputDtype::Int64 => self.features.len(),
             InputDtype::Float32 => self

@@ -11,6 +11,7 @@
 
 use std::sync::OnceLock;
 
+use adserve_features::FeatureRegistry;
 use adserve_proto::v1::FeatureMatrix;
 pub use adserve_registry::ModelManifest;
 use adserve_registry::{InputDtype, ManifestError, TypedInput, read_model_dir};
@@ -388,6 +389,15 @@ impl Input {
 
 /// See [`CtrModel::gather`].
 pub fn gather(matrix: &FeatureMatrix, manifest: &ModelManifest) -> Result<Input, String> {
+    gather_in(matrix, manifest, adserve_features::registry())
+}
+
+/// [`gather`] with the typed features' buckets and dims read from `registry`.
+pub fn gather_in(
+    matrix: &FeatureMatrix,
+    manifest: &ModelManifest,
+    registry: &FeatureRegistry,
+) -> Result<Input, String> {
     matrix.check_shape()?;
     let rows = matrix.num_rows as usize;
     let cols = matrix.num_cols();
@@ -417,8 +427,8 @@ pub fn gather(matrix: &FeatureMatrix, manifest: &ModelManifest) -> Result<Input,
         .typed_inputs
         .iter()
         .map(|input| match input.dtype {
-            InputDtype::Int64 => gather_ids(matrix, input, version).map(Block::Int64),
-            InputDtype::Float32 => gather_embeddings(matrix, input, version).map(Block::Float32),
+            InputDtype::Int64 => gather_ids(matrix, input, version, registry).map(Block::Int64),
+            InputDtype::Float32 => gather_embeddings(matrix, input, version, registry).map(Block::Float32),
         })
         .collect::<Result<_, _>>()?;
     Ok(Input { rows, dense, typed })
@@ -426,8 +436,12 @@ pub fn gather(matrix: &FeatureMatrix, manifest: &ModelManifest) -> Result<Input,
 
 /// `rows × features` bucket ids of a categorical input; an id outside
 /// `0..buckets` of its registry feature is refused, named.
-fn gather_ids(matrix: &FeatureMatrix, input: &TypedInput, version: &str) -> Result<Vec<i64>, String> {
-    let registry = adserve_features::registry();
+fn gather_ids(
+    matrix: &FeatureMatrix,
+    input: &TypedInput,
+    version: &str,
+    registry: &FeatureRegistry,
+) -> Result<Vec<i64>, String> {
     let (rows, width) = (matrix.num_rows as usize, matrix.categorical_names.len());
     let columns: Vec<(usize, i64)> = input
         .features
@@ -458,8 +472,12 @@ fn gather_ids(matrix: &FeatureMatrix, input: &TypedInput, version: &str) -> Resu
 
 /// `rows × sum(dims)` values of an embedding input; an embedding of another
 /// length than the registry's, or a non-finite value, is refused, named.
-fn gather_embeddings(matrix: &FeatureMatrix, input: &TypedInput, version: &str) -> Result<Vec<f32>, String> {
-    let registry = adserve_features::registry();
+fn gather_embeddings(
+    matrix: &FeatureMatrix,
+    input: &TypedInput,
+    version: &str,
+    registry: &FeatureRegistry,
+) -> Result<Vec<f32>, String> {
     let rows = matrix.num_rows as usize;
     let width = matrix.embedding_width();
     let mut offsets = Vec::with_capacity(matrix.embedding_dims.len());
@@ -483,7 +501,7 @@ fn gather_embeddings(matrix: &FeatureMatrix, input: &TypedInput, version: &str) 
             Ok((offsets[k], have))
         })
         .collect::<Result<_, String>>()?;
-    let mut out = Vec::with_capacity(rows * input.width());
+    let mut out = Vec::with_capacity(rows * input.width_in(registry));
     for (r, row) in matrix.embedding_values.chunks_exact(width.max(1)).take(rows).enumerate() {
         for (c, &(at, dim)) in columns.iter().enumerate() {
             let values = &row[at..at + dim];

@@ -483,3 +483,65 @@ fn a_model_that_does_not_reproduce_its_reference_rows_is_refused_at_load() {
     });
     load_from(close.path(), &batching).expect("a difference within the tolerance loads");
 }
+
+/// A float32 typed input of embeddings, against a registry that declares
+/// some (the compiled-in one declares none yet): gathered by name, lengths
+/// checked against the registry's dims, non-finite values named.
+#[test]
+fn an_embedding_input_is_gathered_by_name_with_its_registry_dims() {
+    use adserve_registry::{InputDtype, TypedInput};
+    let entry = |body: &str| format!("[[feature]]\n{body}description=\"\"\nowner=\"t\"\n");
+    let doc = [
+        "[tables]\nuser=\"u\"\nad=\"a\"\n[redis]\nkey_prefix=\"rt\"\n[request]\ndevices=[\"mobile\"]\n\
+         [label]\nwindow_seconds=60\n"
+            .to_string(),
+        entry("name=\"ad_x\"\nentity=\"ad\"\nsource=\"dynamodb\"\nattribute=\"x\"\ndefault=0.0\nrange=[0.0, 1.0]\n"),
+        entry(
+            "name=\"user_vec\"\nentity=\"user\"\nsource=\"dynamodb\"\nattribute=\"vec\"\ntype=\"embedding\"\n\
+             dim=2\ndefault=0.0\nrange=[-1.0, 1.0]\n",
+        ),
+        entry(
+            "name=\"ad_vec\"\nentity=\"ad\"\nsource=\"dynamodb\"\nattribute=\"vec\"\ntype=\"embedding\"\n\
+             dim=3\ndefault=0.5\nrange=[-1.0, 1.0]\n",
+        ),
+    ]
+    .concat();
+    let registry = adserve_features::FeatureRegistry::parse(&doc).expect("test registry");
+    let mut manifest: crate::ModelManifest = serde_json::from_value(serde_json::json!({
+        "model_version": "v", "input_name": "features", "output_name": "pctr",
+        "feature_order": ["ad_x"], "onnx_sha256": "ab".repeat(32),
+    }))
+    .expect("manifest");
+    // The input takes the ad's vector first, then the user's.
+    manifest.typed_inputs = vec![TypedInput {
+        name: "embeddings".into(),
+        dtype: InputDtype::Float32,
+        features: vec!["ad_vec".into(), "user_vec".into()],
+    }];
+    assert_eq!(manifest.typed_inputs[0].width_in(&registry), 5);
+    let m = FeatureMatrix {
+        feature_names: vec!["ad_x".into()],
+        num_rows: 2,
+        values: vec![0.1, 0.2],
+        embedding_names: vec!["user_vec".into(), "ad_vec".into()],
+        embedding_dims: vec![2, 3],
+        embedding_values: vec![1.0, 2.0, 3.0, 4.0, 5.0, 11.0, 12.0, 13.0, 14.0, 15.0],
+        ..Default::default()
+    };
+    let input = crate::model::gather_in(&m, &manifest, &registry).expect("valid");
+    assert_eq!(input.dense, vec![0.1, 0.2]);
+    assert_eq!(input.typed, vec![crate::Block::Float32(vec![3.0, 4.0, 5.0, 1.0, 2.0, 13.0, 14.0, 15.0, 11.0, 12.0])]);
+
+    let mut short = m.clone();
+    short.embedding_dims = vec![3, 2];
+    let err = crate::model::gather_in(&short, &manifest, &registry).unwrap_err();
+    assert!(err.contains("gives \"ad_vec\" 2 values, the registry 3"), "{err}");
+    let mut nan = m.clone();
+    nan.embedding_values[7] = f32::NAN;
+    let err = crate::model::gather_in(&nan, &manifest, &registry).unwrap_err();
+    assert!(err.contains("row 1 feature \"ad_vec\" holds NaN"), "{err}");
+    let mut missing = m;
+    missing.embedding_names = vec!["user_vec".into(), "other_vec".into()];
+    let err = crate::model::gather_in(&missing, &manifest, &registry).unwrap_err();
+    assert!(err.contains("embedding_names lacks \"ad_vec\""), "{err}");
+}
