@@ -62,8 +62,10 @@ AUCTION = {
 }
 OBJECT_STORAGE = {"services": {"label-joiner": {"config": {"outputUrl": "s3://bucket/rows", "mode": "streaming"}}}}
 AGGREGATE_ONLY = {"services": {"feature-service": {"config": {"mode": "aggregate"}}}}
+TLS = {"tls": {"enabled": True, "secretName": "adserve-internal-tls"}}
 CASES = {
     "defaults": None,
+    "tls": TLS,
     "gpu": GPU,
     "secrets": SECRETS,
     "auction": AUCTION,
@@ -96,6 +98,52 @@ def configs(manifests: dict[str, str]) -> dict[str, str]:
     return out
 
 
+TLS_DIR = "/etc/adserve/tls"
+
+
+def tls_files(d: pathlib.Path) -> pathlib.Path:
+    """ca.crt, tls.crt and tls.key in ``d`` (as a kubernetes.io/tls Secret
+    from cert-manager mounts them): a CA, and a leaf it signed."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    if (d / "tls.key").exists():
+        return d
+    d.mkdir(parents=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject: str, key, issuer: str, signer, ca: bool) -> x509.Certificate:
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName("adserve-ranker")]), critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = cert("adserve test CA", ca_key, "adserve test CA", ca_key, True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = cert("adserve-ranker", key, "adserve test CA", ca_key, False)
+    pem = serialization.Encoding.PEM
+    (d / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (d / "tls.crt").write_bytes(leaf.public_bytes(pem))
+    (d / "tls.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return d
+
+
 def binary(svc: str) -> pathlib.Path:
     name = "adserve-auction" if svc == "auction" else f"adserve-{svc}"
     path = BIN / name
@@ -117,6 +165,9 @@ def test_every_rendered_config_is_accepted_by_its_service(case: str, tmp_path: p
         if svc == "ranker":
             # The image's model path does not exist on this machine.
             env["ADSERVE_MODEL__DIR"] = str(REPO / "models" / "ctr-baseline")
+        if TLS_DIR in text:
+            # The mounted Secret, as certificates of a test CA on this machine.
+            path.write_text(text.replace(TLS_DIR, str(tls_files(tmp_path / "tls"))))
         out = subprocess.run(
             [str(binary(svc)), "--check-config"], env=env, capture_output=True, text=True, timeout=60
         )
@@ -235,6 +286,7 @@ def test_topics_are_replicated_by_default() -> None:
         ({"services": {"label-joiner": {"replicaCount": 2}}}, "needs persistence.accessModes [ReadWriteMany]"),
         ({"services": {"feature-service": {"config": {"mode": "all"}}}}, "mode must be serve, aggregate or both"),
         ({"services": {"feature-service": {"config": {"breaker": {"failures": 0}}}}}, "breaker.failures"),
+        ({"tls": {"enabled": True}}, "tls.secretName must name"),
     ],
 )
 def test_bad_values_are_refused_at_render(values: dict, message: str) -> None:
@@ -426,3 +478,38 @@ def test_alert_rules_and_the_dashboard_render_and_use_documented_metrics() -> No
     assert used <= documented, sorted(used - documented)
     # Off by default.
     assert "observability.yaml" not in "".join(k for k, v in render(None).items() if v.strip())
+
+
+def test_tls_puts_every_grpc_port_and_the_gateways_upstreams_on_mutual_tls() -> None:
+    manifests = render(TLS)
+    rendered = configs(manifests)
+    for svc, text in rendered.items():
+        server = tomllib.loads(text)["server"]
+        assert server["tls"] == {
+            "cert": f"{TLS_DIR}/tls.crt",
+            "key": f"{TLS_DIR}/tls.key",
+            "client_ca": f"{TLS_DIR}/ca.crt",
+        }, svc
+    up = tomllib.loads(rendered["gateway"])["upstreams"]
+    assert up["ranker"] == "https://adserve-ranker:50053" and up["auction"].startswith("https://"), up
+    assert up["tls"] == {"ca": f"{TLS_DIR}/ca.crt", "cert": f"{TLS_DIR}/tls.crt", "key": f"{TLS_DIR}/tls.key"}
+    for d in manifest_documents(manifests):
+        if d["kind"] != "Deployment":
+            continue
+        pod = d["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        assert {"name": "tls", "mountPath": TLS_DIR, "readOnly": True} in c["volumeMounts"], d["metadata"]["name"]
+        assert {"name": "tls", "secret": {"secretName": "adserve-internal-tls"}} in pod["volumes"]
+        # A kubelet gRPC probe cannot speak TLS: HTTP on the metrics port.
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert "grpc" not in c[probe] and "httpGet" in c[probe], (d["metadata"]["name"], probe)
+            if d["metadata"]["name"] != "adserve-gateway":
+                assert c[probe]["httpGet"]["port"] == "metrics"
+    # One-way TLS: no client certificates asked or presented.
+    one_way = configs(render({"tls": {**TLS["tls"], "mutual": False}}))
+    assert "client_ca" not in tomllib.loads(one_way["ranker"])["server"]["tls"]
+    assert set(tomllib.loads(one_way["gateway"])["upstreams"]["tls"]) == {"ca"}
+    # Off by default: plaintext, gRPC probes.
+    plain = configs(render(None))
+    assert "tls" not in tomllib.loads(plain["ranker"])["server"]
+    assert tomllib.loads(plain["gateway"])["upstreams"]["ranker"].startswith("http://")

@@ -174,6 +174,11 @@ pub struct ServerConfig {
     /// On for the local stack; the Helm chart turns it off (it hands anyone
     /// who can reach the port the whole API surface).
     pub reflection: bool,
+    /// TLS on the gRPC listener (mutual TLS with `client_ca`); absent:
+    /// plaintext, as on the local stack. The metrics/health HTTP listener
+    /// stays plaintext (scraped and probed inside the pod's network).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 impl ServerConfig {
@@ -188,6 +193,7 @@ impl ServerConfig {
             request_timeout: Duration::from_secs(30),
             http_header_timeout: Duration::from_secs(10),
             reflection: true,
+            tls: None,
         }
     }
 
@@ -201,6 +207,9 @@ impl ServerConfig {
         check_range("server.max_concurrent_requests", self.max_concurrent_requests, 1..=1_000_000)?;
         if self.grpc_addr.port() != 0 && self.grpc_addr == self.metrics_addr {
             return Err(Invalid::new("server.metrics_addr", "must differ from server.grpc_addr"));
+        }
+        if let Some(tls) = &self.tls {
+            tls.load("server.tls")?;
         }
         Ok(())
     }

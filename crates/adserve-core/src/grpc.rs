@@ -17,7 +17,7 @@ pub async fn serve(
     routes: Routes,
     service_names: &[&'static str],
     lifecycle: &Lifecycle,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     // The overall status "" is liveness: SERVING while the process serves at
     // all (a not-ready process must not be restarted for it). Each service's
@@ -53,7 +53,12 @@ pub async fn serve(
     // Admission control (shed beyond max_concurrent_requests, health exempt)
     // and the server-side bound on every call.
     let gate = overload::GrpcGateLayer(overload::Gate::new("grpc", lifecycle.max_concurrent_requests));
-    let server = net::grpc_server()
+    let mut builder = net::grpc_server();
+    if let Some(tls) = &lifecycle.tls {
+        // Validated with the config; read again here, at the listener's start.
+        builder = builder.tls_config(tls.load("server.tls")?)?;
+    }
+    let server = builder
         .timeout(lifecycle.request_timeout)
         .layer(gate)
         // A span per call, joined to the caller's trace.
@@ -63,7 +68,19 @@ pub async fn serve(
             let lifecycle = lifecycle.clone();
             async move { lifecycle.stop_accepting().await }
         });
-    lifecycle.bounded("grpc", server).await.map(|_| ())
+    lifecycle.bounded("grpc", server).await.map(|_| ())?;
+    Ok(())
+}
+
+/// Why a gRPC listener stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+    /// `server.tls` names a file that cannot be read or parsed.
+    #[error(transparent)]
+    Tls(#[from] crate::config::Invalid),
 }
 
 /// The caller's `grpc-timeout` (gRPC over HTTP/2: up to 8 digits and a unit

@@ -13,6 +13,7 @@ pub mod ports;
 pub mod readiness;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod trace_context;
 
 pub use config::{
@@ -66,7 +67,8 @@ pub async fn bootstrap(
         .await
         .map_err(|e| BootstrapError::Bind("server.metrics_addr", server.metrics_addr, e))?;
     telemetry::report_build(build);
-    telemetry::serve_metrics(metrics_listener, metrics, build);
+    let lifecycle = Lifecycle::new(server, Shutdown::listen_for_signals());
+    telemetry::serve_metrics(metrics_listener, metrics, build, lifecycle.readiness.clone());
     let listener = tokio::net::TcpListener::bind(server.grpc_addr)
         .await
         .map_err(|e| BootstrapError::Bind("server.grpc_addr", server.grpc_addr, e))?;
@@ -79,7 +81,7 @@ pub async fn bootstrap(
         metrics = %server.metrics_addr,
         "listening"
     );
-    Ok((guard, Lifecycle::new(server, Shutdown::listen_for_signals()), listener))
+    Ok((guard, lifecycle, listener))
 }
 
 /// Why a service could not start.

@@ -29,6 +29,8 @@ pub struct Lifecycle {
     pub http_header_timeout: Duration,
     /// Serve gRPC reflection (`server.reflection`).
     pub reflection: bool,
+    /// TLS on the gRPC listener (`server.tls`).
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 impl Lifecycle {
@@ -43,6 +45,7 @@ impl Lifecycle {
             request_timeout: server.request_timeout,
             http_header_timeout: server.http_header_timeout,
             reflection: server.reflection,
+            tls: server.tls.clone(),
         }
     }
 

@@ -136,10 +136,19 @@ pub fn build_info_json(build: crate::BuildInfo) -> serde_json::Value {
     })
 }
 
-/// Serves `GET /metrics` (Prometheus text format) and `GET /buildinfo`
-/// (JSON) on `listener` until the process exits. Its accepted sockets get
-/// the same settings as every other server's ([`crate::net::http_listener`]).
-pub fn serve_metrics(listener: tokio::net::TcpListener, handle: PrometheusHandle, build: crate::BuildInfo) {
+/// Serves `GET /metrics` (Prometheus text format), `GET /buildinfo` (JSON),
+/// and the HTTP health checks `GET /livez` (200 while the process serves) and
+/// `GET /healthz` (200 when ready, 503 when not: the same readiness as the
+/// gRPC health service) on `listener` until the process exits. The HTTP
+/// checks are what a kubelet probes when the gRPC port speaks TLS (its gRPC
+/// probe cannot). Its accepted sockets get the same settings as every other
+/// server's ([`crate::net::http_listener`]).
+pub fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    handle: PrometheusHandle,
+    build: crate::BuildInfo,
+    readiness: crate::Readiness,
+) {
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -148,7 +157,21 @@ pub fn serve_metrics(listener: tokio::net::TcpListener, handle: PrometheusHandle
                 async move { handle.render() }
             }),
         )
-        .route("/buildinfo", axum::routing::get(move || async move { axum::Json(build_info_json(build)) }));
+        .route("/buildinfo", axum::routing::get(move || async move { axum::Json(build_info_json(build)) }))
+        .route("/livez", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/healthz",
+            axum::routing::get(move || {
+                let ready = readiness.is_ready();
+                async move {
+                    if ready {
+                        (axum::http::StatusCode::OK, "ready")
+                    } else {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                    }
+                }
+            }),
+        );
     tokio::spawn(async move {
         if let Err(e) = axum::serve(crate::net::http_listener(listener), app).await {
             tracing::error!(error = %e, "metrics endpoint stopped");

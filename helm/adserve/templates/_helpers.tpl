@@ -62,8 +62,11 @@ app.kubernetes.io/part-of: adserve
 {{/* gRPC URL of another service of this release: (dict "root" $ "name" "ranker"). */}}
 {{- define "adserve.upstreamUrl" -}}
 {{- $svc := index .root.Values.services .name -}}
-{{- printf "http://%s:%d" (include "adserve.componentName" .) (int $svc.ports.grpc) }}
+{{- printf "%s://%s:%d" (ternary "https" "http" .root.Values.tls.enabled) (include "adserve.componentName" .) (int $svc.ports.grpc) }}
 {{- end }}
+
+{{/* Where the TLS Secret is mounted in every pod (tls.enabled). */}}
+{{- define "adserve.tlsDir" -}}/etc/adserve/tls{{- end }}
 
 {{/* The label-joiner's output volume claim name. */}}
 {{- define "adserve.labelJoinerClaim" -}}
@@ -210,6 +213,18 @@ metrics_addr = {{ printf "0.0.0.0:%d" (int .svc.ports.metrics) | toJson }}
 readiness_drain = "{{ int64 $v.readinessDrainMs }}ms"
 shutdown_grace = "{{ int64 $v.shutdownGraceMs }}ms"
 reflection = {{ $v.grpcReflection }}
+{{- if $v.tls.enabled }}
+{{- if not $v.tls.secretName }}
+{{- fail "tls.secretName must name a kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt) when tls.enabled" }}
+{{- end }}
+
+[server.tls]
+cert = "{{ include "adserve.tlsDir" . }}/tls.crt"
+key = "{{ include "adserve.tlsDir" . }}/tls.key"
+{{- if $v.tls.mutual }}
+client_ca = "{{ include "adserve.tlsDir" . }}/ca.crt"
+{{- end }}
+{{- end }}
 
 [telemetry]
 log_filter = {{ $v.telemetry.logFilter | toJson }}
@@ -248,6 +263,15 @@ refresh = "{{ int64 $pc.refreshMs }}ms"
 feature_service = {{ $up.featureService | default (include "adserve.upstreamUrl" (dict "root" .root "name" "feature-service")) | toJson }}
 ranker = {{ $up.ranker | default (include "adserve.upstreamUrl" (dict "root" .root "name" "ranker")) | toJson }}
 auction = {{ $up.auction | default (include "adserve.upstreamUrl" (dict "root" .root "name" "auction")) | toJson }}
+{{- if $v.tls.enabled }}
+
+[upstreams.tls]
+ca = "{{ include "adserve.tlsDir" . }}/ca.crt"
+{{- if $v.tls.mutual }}
+cert = "{{ include "adserve.tlsDir" . }}/tls.crt"
+key = "{{ include "adserve.tlsDir" . }}/tls.key"
+{{- end }}
+{{- end }}
 
 [deadlines]
 request = "{{ int64 $d.requestMs }}ms"

@@ -360,6 +360,11 @@ pub struct Upstreams {
     pub ranker: String,
     /// auction URL.
     pub auction: String,
+    /// TLS to every upstream (the URLs are then `https://`): the CA their
+    /// certificates chain to, and this gateway's own certificate when they
+    /// require mutual TLS. Absent: plaintext `http://`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<adserve_core::tls::ClientTls>,
 }
 
 impl Default for Upstreams {
@@ -368,6 +373,7 @@ impl Default for Upstreams {
             feature_service: ports::local_url(ports::FEATURE_SERVICE_GRPC),
             ranker: ports::local_url(ports::RANKER_GRPC),
             auction: ports::local_url(ports::AUCTION_GRPC),
+            tls: None,
         }
     }
 }
@@ -456,6 +462,10 @@ impl Validate for GatewayConfig {
             if !url.starts_with("http://") && !url.starts_with("https://") {
                 return Err(Invalid::new(key, format!("must be an http(s) URL, got {url:?}")));
             }
+            adserve_core::tls::check_scheme(key, url, self.upstreams.tls.is_some())?;
+        }
+        if let Some(tls) = &self.upstreams.tls {
+            tls.load("upstreams.tls")?;
         }
         let d = &self.deadlines;
         let (min, max) = (Duration::from_millis(1), Duration::from_secs(60));

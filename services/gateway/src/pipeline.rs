@@ -54,10 +54,15 @@ pub struct AdServer {
     config: Arc<GatewayConfig>,
 }
 
-fn lazy_channel(url: &str, name: &str) -> Result<Channel, ServeError> {
-    Ok(adserve_core::net::grpc_endpoint(url)
-        .map_err(|e| ServeError::InvalidArgument(format!("upstreams.{name}: {e}")))?
-        .connect_lazy())
+fn lazy_channel(url: &str, name: &str, tls: Option<&adserve_core::tls::ClientTls>) -> Result<Channel, ServeError> {
+    let mut endpoint = adserve_core::net::grpc_endpoint(url)
+        .map_err(|e| ServeError::InvalidArgument(format!("upstreams.{name}: {e}")))?;
+    if let Some(tls) = tls {
+        let config = tls.load("upstreams.tls").map_err(|e| ServeError::InvalidArgument(e.to_string()))?;
+        endpoint =
+            endpoint.tls_config(config).map_err(|e| ServeError::InvalidArgument(format!("upstreams.tls: {e}")))?;
+    }
+    Ok(endpoint.connect_lazy())
 }
 
 impl AdServer {
@@ -90,7 +95,8 @@ impl AdServer {
         });
         let pacing = Arc::new(PacingState::default());
         crate::pacing::spawn(config.pacing.clone(), catalog.clone(), counters.clone(), Arc::downgrade(&pacing));
-        let ranker = RankerServiceClient::new(lazy_channel(&config.upstreams.ranker, "ranker")?);
+        let ranker =
+            RankerServiceClient::new(lazy_channel(&config.upstreams.ranker, "ranker", config.upstreams.tls.as_ref())?);
         let prediction_cache = PredictionCache::new(config.prediction_cache.clone());
         if config.prediction_cache.enabled {
             crate::prediction_cache::follow(
@@ -100,9 +106,17 @@ impl AdServer {
             );
         }
         Ok(Self {
-            features: FeatureServiceClient::new(lazy_channel(&config.upstreams.feature_service, "feature_service")?),
+            features: FeatureServiceClient::new(lazy_channel(
+                &config.upstreams.feature_service,
+                "feature_service",
+                config.upstreams.tls.as_ref(),
+            )?),
             ranker,
-            auction: AuctionServiceClient::new(lazy_channel(&config.upstreams.auction, "auction")?),
+            auction: AuctionServiceClient::new(lazy_channel(
+                &config.upstreams.auction,
+                "auction",
+                config.upstreams.tls.as_ref(),
+            )?),
             catalog,
             index,
             events,
