@@ -19,7 +19,7 @@
 #
 # Environment:
 #   BENCH_QUICK=1        short windows (< 5 minutes once built)
-#   BENCH_PARTS=a,b      only these parts: auction, ranker, features, e2e, joiner, aggregates
+#   BENCH_PARTS=a,b      only these parts: auction, ranker, ranker-overload, features, e2e, joiner, aggregates
 #   BENCH_DOCS=1         write docs/ even for a quick or partial run
 #   ADSTACK_MODEL_DIR    the model the stack's ranker serves and the ranker part
 #                        measures (default models/ctr-baseline); e.g.
@@ -36,7 +36,7 @@ if [ -n "${ADSTACK_MODEL_DIR:-}" ]; then
 fi
 
 quick="${BENCH_QUICK:-0}"
-parts="${BENCH_PARTS:-auction,ranker,features,e2e,joiner,aggregates}"
+parts="${BENCH_PARTS:-auction,ranker,ranker-overload,features,e2e,joiner,aggregates}"
 export ADSTACK_PROFILE=release
 work="$ADSTACK_RUN/bench"
 mkdir -p "$work/logs"
@@ -85,14 +85,14 @@ args=(--json "$work/results.json" --work-dir "$work" --bin-dir "$CARGO_TARGET_DI
 if [ -n "${ADSTACK_MODEL_DIR:-}" ]; then args+=(--model-dir "$ADSTACK_MODEL_DIR"); fi
 command="make bench"
 [ "$quick" = 1 ] && { args+=(--quick); command="make bench QUICK=1"; }
-if [ "$parts" != "auction,ranker,features,e2e,joiner,aggregates" ]; then
+if [ "$parts" != "auction,ranker,ranker-overload,features,e2e,joiner,aggregates" ]; then
   # (An assignment takes its status from the substitution: a bare
   # `[ quick ] && echo` failed it, and set -e ended every non-quick partial run.)
   suffix=""
   [ "$quick" = 1 ] && suffix=" QUICK=1"
   command="make bench-${parts//,/+}$suffix"
 fi
-if [ "${BENCH_DOCS:-0}" = 1 ] || { [ "$quick" != 1 ] && [ "$parts" = "auction,ranker,features,e2e,joiner,aggregates" ]; }; then
+if [ "${BENCH_DOCS:-0}" = 1 ] || { [ "$quick" != 1 ] && [ "$parts" = "auction,ranker,ranker-overload,features,e2e,joiner,aggregates" ]; }; then
   args+=(--doc docs/benchmarks.md)
   cp_json=1
 fi

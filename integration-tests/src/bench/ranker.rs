@@ -110,17 +110,7 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
     let unbatched = connect_ranker(&format!("http://127.0.0.1:{unbatched_port}"), Duration::from_secs(60)).await?;
 
     let client = connect_ranker(&s.stack.ranker, Duration::from_secs(10)).await?;
-    // Every subject must score the same model: a stack ranker following the
-    // model registry may serve another (scripts/bench.sh turns that off
-    // when ADSTACK_MODEL_DIR names the model).
-    let served = client.clone().get_model(adserve_proto::v1::GetModelRequest::default()).await?.into_inner();
-    anyhow::ensure!(
-        served.model_version == manifest.model_version,
-        "the stack's ranker serves {}, the bench measures {} ({}): restart the stack with that model",
-        served.model_version,
-        manifest.model_version,
-        s.model_dir.display()
-    );
+    ensure_serves(&client, &manifest, s).await?;
     let timeout = Duration::from_secs(5);
     let mut out = Vec::new();
     for rows in ROWS {
@@ -192,6 +182,108 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
     }
     drop(fastapi);
     Ok(out)
+}
+
+/// Callers beyond the ranker's capacity, each call carrying a deadline.
+pub const OVERLOAD_CONCURRENCY: usize = 64;
+/// Rows per call in the overload case.
+pub const OVERLOAD_ROWS: usize = 1000;
+/// The deadline each overload call carries (`grpc-timeout`), as a gateway's
+/// ranker hop would.
+pub const OVERLOAD_DEADLINE: Duration = Duration::from_millis(25);
+
+/// The ranker past saturation (`make bench-ranker-overload`): closed-loop
+/// callers that each want 1000 rows scored within 25 ms, more than two cores
+/// can score in time. The stack's ranker (`batching.predict_misses = true`,
+/// the default: a call the queue predicts would finish late goes straight to
+/// the fallback chain) next to the same binary and config with it off (the
+/// call waits in the queue and is dropped at its deadline). An answer the
+/// model scored counts as ok, a fallback's as degraded: the model's rows/s is
+/// the goodput.
+pub async fn overload(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
+    load::ensure_loopback(&s.stack.ranker)?;
+    let port = crate::free_port();
+    let _off = Child::spawn(
+        "adserve-ranker, predict_misses off (bench instance)",
+        &[s.bin_dir.join("adserve-ranker").to_str().context("binary path")?],
+        &[
+            ("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{port}")),
+            ("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{}", crate::free_port())),
+            ("ADSERVE_ONNXRUNTIME_DYLIB", s.ort_dylib.display().to_string()),
+            ("ADSERVE_MODEL__DIR", s.model_dir.display().to_string()),
+            ("ADSERVE_REGISTRY__ENABLED", "false".into()),
+            ("ADSERVE_BATCHING__PREDICT_MISSES", "false".into()),
+            ("ADSERVE_TELEMETRY__LOG_FILTER", "warn".into()),
+        ],
+        &crate::repo_root(),
+        s.work_dir.join("logs/ranker-predict-off.log"),
+    )?;
+    let off = connect_ranker(&format!("http://127.0.0.1:{port}"), Duration::from_secs(60)).await?;
+    let on = connect_ranker(&s.stack.ranker, Duration::from_secs(10)).await?;
+    ensure_serves(&on, &adserve_registry::read_manifest(&s.model_dir.join("manifest.json"))?, s).await?;
+    let m = matrix(OVERLOAD_ROWS);
+    let measure = |client| deadline_loop(s, client, &m, OVERLOAD_CONCURRENCY, OVERLOAD_DEADLINE);
+    let predicted = measure(&on).await;
+    let waited = measure(&off).await;
+    let case = format!(
+        "Score {OVERLOAD_ROWS} rows, concurrency {OVERLOAD_CONCURRENCY}, {} ms deadline",
+        OVERLOAD_DEADLINE.as_millis()
+    );
+    Ok(vec![
+        Comparison::new("ranker", case, Metric::P99, "adserve-ranker, predict_misses on (default)", &predicted)
+            .with("adserve-ranker, predict_misses off", Role::Ours, &waited)
+            .note("ratio on p99; ok = scored by the model, degraded = answered by the fallback chain"),
+    ])
+}
+
+/// Every subject must score the same model: a stack ranker following the
+/// model registry may serve another (scripts/bench.sh turns that off when
+/// ADSTACK_MODEL_DIR names the model).
+async fn ensure_serves(
+    client: &RankerServiceClient<tonic::transport::Channel>,
+    manifest: &ModelManifest,
+    s: &Settings,
+) -> anyhow::Result<()> {
+    let served = client.clone().get_model(adserve_proto::v1::GetModelRequest::default()).await?.into_inner();
+    anyhow::ensure!(
+        served.model_version == manifest.model_version,
+        "the stack's ranker serves {}, the bench measures {} ({}): restart the stack with that model",
+        served.model_version,
+        manifest.model_version,
+        s.model_dir.display()
+    );
+    Ok(())
+}
+
+/// Like [`score_loop`], each call with `deadline` as its `grpc-timeout`;
+/// an answer below the model's level counts as degraded.
+async fn deadline_loop(
+    s: &Settings,
+    client: &RankerServiceClient<tonic::transport::Channel>,
+    m: &FeatureMatrix,
+    concurrency: usize,
+    deadline: Duration,
+) -> load::Measurement {
+    let (client, m, rows) = (client.clone(), Arc::new(m.clone()), m.num_rows as usize);
+    // The client gives up a little after the deadline: the ranker answers
+    // (from the fallback) within it.
+    let patience = deadline * 4;
+    load::closed_loop(concurrency, s.warmup(), s.window(), patience, rows as u64, move |_| {
+        let (mut client, m) = (client.clone(), m.clone());
+        async move {
+            let mut request = tonic::Request::new(ScoreRequest { matrix: Some((*m).clone()), ..Default::default() });
+            request.set_timeout(deadline);
+            match client.score(request).await {
+                Ok(r) if r.get_ref().pctr.len() != rows => {
+                    Outcome::Error(format!("{} scores for {rows} rows", r.get_ref().pctr.len()))
+                }
+                Ok(r) if r.get_ref().level == adserve_proto::v1::ScoreLevel::Model as i32 => Outcome::Ok,
+                Ok(_) => Outcome::Degraded,
+                Err(e) => Outcome::Error(format!("{:?}: {}", e.code(), e.message())),
+            }
+        }
+    })
+    .await
 }
 
 /// `Score` calls of `m` by `concurrency` closed-loop callers through `client`.

@@ -17,7 +17,7 @@ use anyhow::Context;
 use clap::Parser;
 
 /// The benchmark parts, in run order.
-const PARTS: [&str; 6] = ["auction", "ranker", "features", "e2e", "joiner", "aggregates"];
+const PARTS: [&str; 7] = ["auction", "ranker", "ranker-overload", "features", "e2e", "joiner", "aggregates"];
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmarks every adserve path next to its peer or floor, in one run")]
@@ -25,7 +25,7 @@ struct Args {
     /// Short windows: the whole run well under five minutes.
     #[arg(long)]
     quick: bool,
-    /// Comma-separated parts to run (auction, ranker, features, e2e, joiner, aggregates).
+    /// Comma-separated parts to run (auction, ranker, ranker-overload, features, e2e, joiner, aggregates).
     #[arg(long, value_delimiter = ',', default_values_t = PARTS.map(String::from))]
     only: Vec<String>,
     /// Where to write the JSON results.
@@ -105,6 +105,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if wants("ranker") {
         report.comparisons.extend(ranker::run(&settings).await.context("ranker benchmark")?);
+    }
+    if wants("ranker-overload") {
+        report.comparisons.extend(ranker::overload(&settings).await.context("ranker overload benchmark")?);
     }
     if wants("features") {
         let ids = e2e::seed_placement(&settings.stack, "bench_1000", 1000).await?;
