@@ -13,7 +13,7 @@ help:
 	@echo "make demo    install, start the stack, then the loop: bootstrap model, simulate, join, train, gate, promote, serve"
 	@echo "make test    install, start the stack, run buf, Python and Rust tests"
 	@echo "make up | down | status    start / stop / inspect the local stack (scripts/)"
-	@echo "make model   regenerate the committed baseline model (models/ctr-baseline)"
+	@echo "make model   regenerate the committed models (models/ctr-baseline, models/ctr-dcnv2-typed)"
 	@echo "make train   train on the label-joiner's rows (DATA=dir, default \$$ADSTACK_RUN/parquet; OUT=dir; MODEL=dcnv2|lr)"
 	@echo "make gate    promotion gate: CANDIDATE=dir vs production on DATA's holdout -> shadow or retired (DRY_RUN=1, PRODUCTION=dir)"
 	@echo "make lint    rustfmt --check, clippy -D warnings, cargo-deny (licences, bans, sources), cargo-machete (make proto-check: buf lint + breaking)"
