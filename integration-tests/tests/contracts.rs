@@ -135,12 +135,10 @@ async fn ranker_contract() -> anyhow::Result<()> {
     assert_eq!(model.execution_provider, "cpu");
     let registry = adserve_features::registry();
     let names: Vec<String> = registry.names().iter().map(|n| n.to_string()).collect();
-    let matrix = FeatureMatrix {
-        feature_names: names.clone(),
-        num_rows: 2,
-        values: [registry.defaults(), registry.defaults()].concat(),
-        ..Default::default()
-    };
+    // Rows as the feature-service sends them (dense and categorical columns):
+    // the served model may be `make demo`'s DCN-v2, which reads both.
+    let rows = adserve_integration_tests::bench::ranker::matrix;
+    let matrix = rows(2);
     let scores = c.score(ScoreRequest { matrix: Some(matrix), ..Default::default() }).await?.into_inner();
     assert_eq!(scores.pctr.len(), 2);
     assert!(scores.pctr.iter().all(|p| *p > 0.0 && *p <= 1.0));
@@ -155,17 +153,12 @@ async fn ranker_contract() -> anyhow::Result<()> {
         assert!((got - want).abs() <= 1e-6, "served {got}, calibrated raw {want} ({calibration:?})");
     }
     // Missing feature, ragged matrix, no matrix: InvalidArgument naming the problem.
-    let missing = FeatureMatrix {
-        feature_names: names[1..].to_vec(),
-        num_rows: 1,
-        values: registry.defaults()[1..].to_vec(),
-        ..Default::default()
-    };
+    let missing =
+        FeatureMatrix { feature_names: names[1..].to_vec(), values: registry.defaults()[1..].to_vec(), ..rows(1) };
     let err = c.score(ScoreRequest { matrix: Some(missing), ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains(&names[0]), "{}", err.message());
-    let ragged =
-        FeatureMatrix { feature_names: names.clone(), num_rows: 2, values: registry.defaults(), ..Default::default() };
+    let ragged = FeatureMatrix { values: registry.defaults(), ..rows(2) };
     assert_eq!(
         c.score(ScoreRequest { matrix: Some(ragged), ..Default::default() }).await.unwrap_err().code(),
         Code::InvalidArgument
@@ -174,12 +167,7 @@ async fn ranker_contract() -> anyhow::Result<()> {
     assert!(err.message().starts_with("matrix"), "{}", err.message());
     // A model name: the served one scores; any other is NOT_FOUND, naming both.
     assert_eq!(model.model_name, "ctr");
-    let one = || FeatureMatrix {
-        feature_names: names.clone(),
-        num_rows: 1,
-        values: registry.defaults(),
-        ..Default::default()
-    };
+    let one = || rows(1);
     let named = ScoreRequest { matrix: Some(one()), model_name: model.model_name.clone(), ..Default::default() };
     assert_eq!(c.score(named).await?.into_inner().pctr.len(), 1);
     let other = ScoreRequest { matrix: Some(one()), model_name: "ctr-video".into(), ..Default::default() };
