@@ -21,19 +21,19 @@
 #   BENCH_QUICK=1        short windows (< 5 minutes once built)
 #   BENCH_PARTS=a,b      only these parts: auction, ranker, ranker-overload, features, e2e, joiner, aggregates
 #   BENCH_DOCS=1         write docs/ even for a quick or partial run
-#   ADSTACK_MODEL_DIR    the model the stack's ranker serves and the ranker part
-#                        measures (default models/ctr-baseline); e.g.
+#   ADSTACK_MODEL_DIR    the model the stack's ranker serves (not the registry's
+#                        production version) and the ranker parts measure
+#                        (default models/ctr-baseline); e.g.
 #                        models/ctr-dcnv2-typed for the DCN-v2 with an int64 input
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=env.sh
 . "$(dirname "$0")/env.sh"
 cd "$ADSTACK_REPO"
-# The stack's ranker (scripts/start.sh) and the ranker part serve the same
-# model: that directory, not whatever the model registry has in production.
-if [ -n "${ADSTACK_MODEL_DIR:-}" ]; then
-  ADSTACK_MODEL_DIR="$(realpath "$ADSTACK_MODEL_DIR")"
-  export ADSTACK_MODEL_DIR ADSTACK_RANKER_REGISTRY=false
-fi
+# The stack's ranker (scripts/start.sh) and every part score the same model:
+# ADSTACK_MODEL_DIR (default the committed baseline), not whatever the model
+# registry has in production (after `make demo`, the demo's DCN-v2).
+ADSTACK_MODEL_DIR="$(realpath "${ADSTACK_MODEL_DIR:-models/ctr-baseline}")"
+export ADSTACK_MODEL_DIR ADSTACK_RANKER_REGISTRY=false
 
 quick="${BENCH_QUICK:-0}"
 parts="${BENCH_PARTS:-auction,ranker,ranker-overload,features,e2e,joiner,aggregates}"
@@ -82,7 +82,7 @@ bash scripts/stop.sh adserve-label-joiner
 
 args=(--json "$work/results.json" --work-dir "$work" --bin-dir "$CARGO_TARGET_DIR/release" --profile release
   --peer-python "$ADSTACK_HOME/bench-venv/bin/python" --only "$parts")
-if [ -n "${ADSTACK_MODEL_DIR:-}" ]; then args+=(--model-dir "$ADSTACK_MODEL_DIR"); fi
+args+=(--model-dir "$ADSTACK_MODEL_DIR")
 command="make bench"
 [ "$quick" = 1 ] && { args+=(--quick); command="make bench QUICK=1"; }
 if [ "$parts" != "auction,ranker,ranker-overload,features,e2e,joiner,aggregates" ]; then
