@@ -693,6 +693,22 @@ pub fn read_rows(dir: &Path) -> anyhow::Result<Vec<ParquetRow>> {
     Ok(rows)
 }
 
+/// A one-slot ad request of `user` on the stack's `feed_top` placement, from
+/// a phone on the home surface.
+pub fn ad_request(user: &str) -> adserve_proto::v1::GetAdsRequest {
+    adserve_proto::v1::GetAdsRequest {
+        user_id: user.into(),
+        context: Some(adserve_proto::v1::RequestContext {
+            placement: "feed_top".into(),
+            device: "mobile".into(),
+            surface: "home".into(),
+            coppa: false,
+        }),
+        slots: 1,
+        ..Default::default()
+    }
+}
+
 /// A ranker process of a test's own on free ports, serving `model_dir`, not
 /// following the registry unless `env` says so (`env` is applied last).
 /// Returns the command (kill-on-drop), its gRPC and metrics ports.

@@ -11,31 +11,15 @@
 use std::{process::Stdio, time::Duration};
 
 use adserve_gateway::{AdServer, pipeline::ServeOptions};
-use adserve_integration_tests::{Stack, bench::prom, ranker_command, repo_root};
-use adserve_proto::v1::{
-    GetAdsRequest, GetAdsResponse, GetModelRequest, RequestContext, ranker_service_client::RankerServiceClient,
-};
+use adserve_integration_tests::{Stack, ad_request, bench::prom, ranker_command, repo_root};
+use adserve_proto::v1::{GetAdsResponse, GetModelRequest, ranker_service_client::RankerServiceClient};
 
 const REFRESH: Duration = Duration::from_secs(2);
-
-fn request(user: &str) -> GetAdsRequest {
-    GetAdsRequest {
-        user_id: user.into(),
-        context: Some(RequestContext {
-            placement: "feed_top".into(),
-            device: "mobile".into(),
-            surface: "home".into(),
-            coppa: false,
-        }),
-        slots: 1,
-        ..Default::default()
-    }
-}
 
 async fn ask(server: &AdServer, user: &str) -> anyhow::Result<GetAdsResponse> {
     let options = ServeOptions { floor_ecpm_micros: i64::MAX / 4, ..Default::default() };
     let served =
-        tokio::time::timeout(Duration::from_secs(20), server.serve_with(request(user), None, options)).await??;
+        tokio::time::timeout(Duration::from_secs(20), server.serve_with(ad_request(user), None, options)).await??;
     Ok(served.response)
 }
 

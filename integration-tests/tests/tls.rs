@@ -9,8 +9,8 @@
 use std::{process::Stdio, time::Duration};
 
 use adserve_gateway::pipeline::ServeOptions;
-use adserve_integration_tests::{Stack, binary, free_port, ranker_command, repo_root};
-use adserve_proto::v1::{GetAdsRequest, GetModelRequest, RequestContext, ranker_service_client::RankerServiceClient};
+use adserve_integration_tests::{Stack, ad_request, binary, free_port, ranker_command, repo_root};
+use adserve_proto::v1::{GetModelRequest, ranker_service_client::RankerServiceClient};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -185,19 +185,10 @@ async fn services_with_mutual_tls_answer_only_clients_of_their_ca_and_the_gatewa
         .await?;
     // A floor above any price: nothing is served or logged; the ranker and
     // the auction still answer (or the answer would name them degraded).
-    let request = GetAdsRequest {
-        user_id: "tls-user".into(),
-        context: Some(RequestContext {
-            placement: "feed_top".into(),
-            device: "mobile".into(),
-            surface: "home".into(),
-            coppa: false,
-        }),
-        slots: 1,
-        ..Default::default()
-    };
     let options = ServeOptions { floor_ecpm_micros: i64::MAX / 4, ..Default::default() };
-    let served = tokio::time::timeout(Duration::from_secs(20), server.serve_with(request, None, options)).await??;
+    let served =
+        tokio::time::timeout(Duration::from_secs(20), server.serve_with(ad_request("tls-user"), None, options))
+            .await??;
     let answer = served.response;
     assert_eq!(answer.model_version, "ctr-baseline-v1", "the ranker scored over TLS: {answer:?}");
     let degraded: Vec<&str> = answer.degraded.iter().map(|d| d.component.as_str()).collect();

@@ -92,22 +92,14 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
     let http = crate::http_client();
 
     // The same binary and config as the stack's ranker, batching off.
-    let unbatched_port = crate::free_port();
-    let _unbatched = Child::spawn(
+    let (_unbatched, unbatched) = bench_ranker(
+        s,
+        &manifest,
         "adserve-ranker, batching off (bench instance)",
-        &[s.bin_dir.join("adserve-ranker").to_str().context("binary path")?],
-        &[
-            ("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{unbatched_port}")),
-            ("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{}", crate::free_port())),
-            ("ADSERVE_ONNXRUNTIME_DYLIB", s.ort_dylib.display().to_string()),
-            ("ADSERVE_MODEL__DIR", s.model_dir.display().to_string()),
-            ("ADSERVE_BATCHING__MAX_BATCH_ROWS", "1".into()),
-            ("ADSERVE_TELEMETRY__LOG_FILTER", "warn".into()),
-        ],
-        &crate::repo_root(),
-        s.work_dir.join("logs/ranker-unbatched.log"),
-    )?;
-    let unbatched = connect_ranker(&format!("http://127.0.0.1:{unbatched_port}"), Duration::from_secs(60)).await?;
+        "ranker-unbatched",
+        ("ADSERVE_BATCHING__MAX_BATCH_ROWS", "1"),
+    )
+    .await?;
 
     let client = connect_ranker(&s.stack.ranker, Duration::from_secs(10)).await?;
     ensure_serves(&client, &manifest, s).await?;
@@ -202,25 +194,17 @@ pub const OVERLOAD_DEADLINE: Duration = Duration::from_millis(25);
 /// the goodput.
 pub async fn overload(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
     load::ensure_loopback(&s.stack.ranker)?;
-    let port = crate::free_port();
-    let _off = Child::spawn(
+    let manifest = adserve_registry::read_manifest(&s.model_dir.join("manifest.json"))?;
+    let (_off, off) = bench_ranker(
+        s,
+        &manifest,
         "adserve-ranker, predict_misses off (bench instance)",
-        &[s.bin_dir.join("adserve-ranker").to_str().context("binary path")?],
-        &[
-            ("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{port}")),
-            ("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{}", crate::free_port())),
-            ("ADSERVE_ONNXRUNTIME_DYLIB", s.ort_dylib.display().to_string()),
-            ("ADSERVE_MODEL__DIR", s.model_dir.display().to_string()),
-            ("ADSERVE_REGISTRY__ENABLED", "false".into()),
-            ("ADSERVE_BATCHING__PREDICT_MISSES", "false".into()),
-            ("ADSERVE_TELEMETRY__LOG_FILTER", "warn".into()),
-        ],
-        &crate::repo_root(),
-        s.work_dir.join("logs/ranker-predict-off.log"),
-    )?;
-    let off = connect_ranker(&format!("http://127.0.0.1:{port}"), Duration::from_secs(60)).await?;
+        "ranker-predict-off",
+        ("ADSERVE_BATCHING__PREDICT_MISSES", "false"),
+    )
+    .await?;
     let on = connect_ranker(&s.stack.ranker, Duration::from_secs(10)).await?;
-    ensure_serves(&on, &adserve_registry::read_manifest(&s.model_dir.join("manifest.json"))?, s).await?;
+    ensure_serves(&on, &manifest, s).await?;
     let m = matrix(OVERLOAD_ROWS);
     let measure = |client| deadline_loop(s, client, &m, OVERLOAD_CONCURRENCY, OVERLOAD_DEADLINE);
     let predicted = measure(&on).await;
@@ -234,6 +218,37 @@ pub async fn overload(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
             .with("adserve-ranker, predict_misses off", Role::Ours, &waited)
             .note("ratio on p99; ok = scored by the model, degraded = answered by the fallback chain"),
     ])
+}
+
+/// A ranker instance of the bench's own: the stack ranker's binary on the
+/// benched model (never the registry's), with one setting changed (`tweak`);
+/// returned once it serves that model. Logs to `logs/<log>.log`.
+async fn bench_ranker(
+    s: &Settings,
+    manifest: &ModelManifest,
+    label: &str,
+    log: &str,
+    tweak: (&str, &str),
+) -> anyhow::Result<(Child, RankerServiceClient<tonic::transport::Channel>)> {
+    let port = crate::free_port();
+    let child = Child::spawn(
+        label,
+        &[s.bin_dir.join("adserve-ranker").to_str().context("binary path")?],
+        &[
+            ("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{port}")),
+            ("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{}", crate::free_port())),
+            ("ADSERVE_ONNXRUNTIME_DYLIB", s.ort_dylib.display().to_string()),
+            ("ADSERVE_MODEL__DIR", s.model_dir.display().to_string()),
+            ("ADSERVE_REGISTRY__ENABLED", "false".into()),
+            (tweak.0, tweak.1.into()),
+            ("ADSERVE_TELEMETRY__LOG_FILTER", "warn".into()),
+        ],
+        &crate::repo_root(),
+        s.work_dir.join(format!("logs/{log}.log")),
+    )?;
+    let client = connect_ranker(&format!("http://127.0.0.1:{port}"), Duration::from_secs(60)).await?;
+    ensure_serves(&client, manifest, s).await?;
+    Ok((child, client))
 }
 
 /// Every subject must score the same model: a stack ranker following the

@@ -405,13 +405,7 @@ pub fn gather_in(
     let index: Vec<usize> = manifest
         .feature_order
         .iter()
-        .map(|name| {
-            matrix
-                .feature_names
-                .iter()
-                .position(|n| n == name)
-                .ok_or_else(|| format!("matrix.feature_names lacks {name:?}, which model {version} needs"))
-        })
+        .map(|name| column(&matrix.feature_names, "feature_names", name, version, None))
         .collect::<Result<_, _>>()?;
     let mut dense = Vec::with_capacity(rows * index.len());
     for (r, row) in matrix.values.chunks_exact(cols.max(1)).take(rows).enumerate() {
@@ -434,6 +428,15 @@ pub fn gather_in(
     Ok(Input { rows, dense, typed })
 }
 
+/// Where column `name` is among the matrix's `names` (its field `field`),
+/// or why model `version` (its typed input `input`) cannot be fed.
+fn column(names: &[String], field: &str, name: &str, version: &str, input: Option<&str>) -> Result<usize, String> {
+    names.iter().position(|n| n == name).ok_or_else(|| match input {
+        None => format!("matrix.{field} lacks {name:?}, which model {version} needs"),
+        Some(input) => format!("matrix.{field} lacks {name:?}, which model {version} needs (input {input:?})"),
+    })
+}
+
 /// `rows × features` bucket ids of a categorical input; an id outside
 /// `0..buckets` of its registry feature is refused, named.
 fn gather_ids(
@@ -447,9 +450,7 @@ fn gather_ids(
         .features
         .iter()
         .map(|name| {
-            let at = matrix.categorical_names.iter().position(|n| n == name).ok_or_else(|| {
-                format!("matrix.categorical_names lacks {name:?}, which model {version} needs (input {:?})", input.name)
-            })?;
+            let at = column(&matrix.categorical_names, "categorical_names", name, version, Some(&input.name))?;
             let buckets = registry.categorical.iter().find(|f| &f.name == name).and_then(|f| f.buckets).unwrap_or(0);
             Ok((at, i64::from(buckets)))
         })
@@ -490,9 +491,7 @@ fn gather_embeddings(
         .features
         .iter()
         .map(|name| {
-            let k = matrix.embedding_names.iter().position(|n| n == name).ok_or_else(|| {
-                format!("matrix.embedding_names lacks {name:?}, which model {version} needs (input {:?})", input.name)
-            })?;
+            let k = column(&matrix.embedding_names, "embedding_names", name, version, Some(&input.name))?;
             let want = registry.embeddings.iter().find(|f| &f.name == name).and_then(|f| f.dim).unwrap_or(0) as usize;
             let have = matrix.embedding_dims[k] as usize;
             if have != want {
