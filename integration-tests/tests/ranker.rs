@@ -741,6 +741,7 @@ async fn a_typed_model_swaps_in_under_load_and_scores_over_grpc_as_the_trainer_d
     let _ranker = command.stdout(Stdio::null()).spawn()?;
     let mut client = connect(grpc).await?;
     serves(&mut client, "ctr-baseline-v1").await?;
+    assert!(client.get_model(GetModelRequest::default()).await?.into_inner().typed_inputs.is_empty());
     let stop = Arc::new(AtomicBool::new(false));
     let callers = callers(&client, 4, |i| 1 + i * 50, &stop);
 
@@ -751,6 +752,13 @@ async fn a_typed_model_swaps_in_under_load_and_scores_over_grpc_as_the_trainer_d
     assert!(out.contains(&format!("registered {name} {version}")), "{out}");
     reg.ok(&["models", "promote", "--name", name, "--version", &version, "--to", "production"]).await?;
     serves(&mut client, &version).await?;
+    // GetModel says what the model reads besides the dense columns.
+    let served = client.get_model(GetModelRequest::default()).await?.into_inner();
+    let inputs: Vec<(String, String, Vec<String>)> =
+        served.typed_inputs.into_iter().map(|t| (t.name, t.dtype, t.features)).collect();
+    let registry = adserve_features::registry();
+    let categoricals: Vec<String> = registry.categorical.iter().map(|f| f.name.clone()).collect();
+    assert_eq!(inputs, [("categorical".to_string(), "int64".to_string(), categoricals)]);
     // Calls keep flowing on the typed model for a while.
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);

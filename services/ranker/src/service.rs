@@ -289,6 +289,15 @@ impl RankerService for RankerGrpc {
             canary_model_version: canary.as_ref().map(|c| c.model.manifest().model_version.clone()).unwrap_or_default(),
             canary_share: canary.map_or(0.0, |c| c.share),
             model_name: self.model_name.clone(),
+            typed_inputs: m
+                .typed_inputs
+                .iter()
+                .map(|t| adserve_proto::v1::ModelInput {
+                    name: t.name.clone(),
+                    dtype: t.dtype.as_str().into(),
+                    features: t.features.clone(),
+                })
+                .collect(),
         }))
     }
 }
