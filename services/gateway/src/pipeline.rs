@@ -21,7 +21,7 @@ use adserve_proto::{
         ranker_service_client::RankerServiceClient,
     },
 };
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::{
     ServeError,
@@ -54,13 +54,12 @@ pub struct AdServer {
     config: Arc<GatewayConfig>,
 }
 
-fn lazy_channel(url: &str, name: &str, tls: Option<&adserve_core::tls::ClientTls>) -> Result<Channel, ServeError> {
+fn lazy_channel(url: &str, name: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel, ServeError> {
     let mut endpoint = adserve_core::net::grpc_endpoint(url)
         .map_err(|e| ServeError::InvalidArgument(format!("upstreams.{name}: {e}")))?;
     if let Some(tls) = tls {
-        let config = tls.load("upstreams.tls").map_err(|e| ServeError::InvalidArgument(e.to_string()))?;
         endpoint =
-            endpoint.tls_config(config).map_err(|e| ServeError::InvalidArgument(format!("upstreams.tls: {e}")))?;
+            endpoint.tls_config(tls.clone()).map_err(|e| ServeError::InvalidArgument(format!("upstreams.tls: {e}")))?;
     }
     Ok(endpoint.connect_lazy())
 }
@@ -95,8 +94,13 @@ impl AdServer {
         });
         let pacing = Arc::new(PacingState::default());
         crate::pacing::spawn(config.pacing.clone(), catalog.clone(), counters.clone(), Arc::downgrade(&pacing));
-        let ranker =
-            RankerServiceClient::new(lazy_channel(&config.upstreams.ranker, "ranker", config.upstreams.tls.as_ref())?);
+        // The upstreams' TLS files, read once for the three channels.
+        let tls = match &config.upstreams.tls {
+            Some(tls) => Some(tls.load("upstreams.tls").map_err(|e| ServeError::InvalidArgument(e.to_string()))?),
+            None => None,
+        };
+        let channel = |url: &str, name: &str| lazy_channel(url, name, tls.as_ref());
+        let ranker = RankerServiceClient::new(channel(&config.upstreams.ranker, "ranker")?);
         let prediction_cache = PredictionCache::new(config.prediction_cache.clone());
         if config.prediction_cache.enabled {
             crate::prediction_cache::follow(
@@ -106,17 +110,9 @@ impl AdServer {
             );
         }
         Ok(Self {
-            features: FeatureServiceClient::new(lazy_channel(
-                &config.upstreams.feature_service,
-                "feature_service",
-                config.upstreams.tls.as_ref(),
-            )?),
+            features: FeatureServiceClient::new(channel(&config.upstreams.feature_service, "feature_service")?),
             ranker,
-            auction: AuctionServiceClient::new(lazy_channel(
-                &config.upstreams.auction,
-                "auction",
-                config.upstreams.tls.as_ref(),
-            )?),
+            auction: AuctionServiceClient::new(channel(&config.upstreams.auction, "auction")?),
             catalog,
             index,
             events,
