@@ -55,7 +55,7 @@ AUCTION = {
                 },
                 "pacing": {"hourlyTraffic": [0.5] * 8 + [1.5] * 16},
                 "frequencyCapPerDay": 3,
-                "openrtb": {"placements": {"agltb3B1Yi1pbmNy": "feed_top", "side bar": "sidebar"}, "currency": "EUR", "clickUrl": "https://ads.example.com/v1/clicks/redirect"},
+                "openrtb": {"placements": {"agltb3B1Yi1pbmNy": "feed_top", "side bar": "sidebar"}, "currency": "EUR", "clickUrl": "https://ads.example.com/v1/clicks/redirect", "billingUrl": "https://ads.example.com/openrtb2/billing"},
             }
         }
     }
@@ -184,6 +184,7 @@ def test_the_auction_values_reach_the_gateway() -> None:
     assert gateway["openrtb"]["placements"] == {"agltb3B1Yi1pbmNy": "feed_top", "side bar": "sidebar"}
     assert (gateway["openrtb"]["currency"], gateway["openrtb"]["network_allowance"]) == ("EUR", "10ms")
     assert gateway["openrtb"]["click_url"] == "https://ads.example.com/v1/clicks/redirect"
+    assert gateway["openrtb"]["billing_url"] == "https://ads.example.com/openrtb2/billing"
     assert gateway["catalog_index"] == {"enabled": True, "refresh": "30000ms", "debounce": "50ms", "max_staleness": "300000ms"}
     assert gateway["prediction_cache"] == {
         "enabled": True,

@@ -44,6 +44,7 @@ fn click(impression_id: &str, at_s: i64) -> ClickEvent {
         click_id: uuid::Uuid::new_v4().to_string(),
         impression_id: impression_id.into(),
         clicked_at: Some(prost_types::Timestamp { seconds: at_s, nanos: 0 }),
+        ..Default::default()
     }
 }
 
@@ -105,8 +106,15 @@ async fn windows_move_with_event_time_and_redeliveries_count_once() -> anyhow::R
 
     // The click is attributed through the impression's marker.
     let to = agg.attributions(&["imp-1", "never-shown"]).await?;
-    let shown =
-        Attribution { user_id: user.clone(), ad_id: ad, campaign_id: 1, price_cpc_micros: 0, served_ms: t0 * 1000 };
+    let shown = Attribution {
+        user_id: user.clone(),
+        ad_id: ad,
+        campaign_id: 1,
+        price_cpc_micros: 0,
+        served_ms: t0 * 1000,
+        on_notice: false,
+        per_impression: true,
+    };
     assert_eq!(to, vec![Some(shown), None]);
     let c = click("imp-1", t0 + 5);
     let to = to[0].as_ref().expect("attributed");
@@ -151,8 +159,15 @@ async fn windows_move_with_event_time_and_redeliveries_count_once() -> anyhow::R
     coppa.coppa = true;
     assert_eq!(agg.impression(&coppa, t0).await?, Applied::Counted);
     assert!(counters(&client, &prefix, Entity::User, "child").await?.is_empty());
-    let anonymous =
-        Attribution { user_id: String::new(), ad_id: ad, campaign_id: 1, price_cpc_micros: 0, served_ms: t0 * 1000 };
+    let anonymous = Attribution {
+        user_id: String::new(),
+        ad_id: ad,
+        campaign_id: 1,
+        price_cpc_micros: 0,
+        served_ms: t0 * 1000,
+        on_notice: false,
+        per_impression: true,
+    };
     assert_eq!(agg.attributions(&["imp-coppa"]).await?, vec![Some(anonymous)]);
     Ok(())
 }
@@ -245,6 +260,88 @@ async fn impressions_and_first_clicks_are_what_frequency_and_spend_count() -> an
     for key in [adserve_counters::keys::spend(day), adserve_counters::keys::spend(day + 1)] {
         let _: i64 = client.hdel(&key, vec![cpm.to_string(), cpc.to_string()]).await?;
     }
+    let _: i64 = client.del(adserve_counters::keys::frequency(day, &user)).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_bid_billed_on_notice_counts_and_charges_on_its_notice_only() -> anyhow::Result<()> {
+    // The script with the test's own clock against the real Redis: a bid
+    // (OpenRTB, billed on notice) counts nothing until the exchange's billing
+    // notice, which counts it once and charges the clearing price.
+    let s = Stack::ready().await?;
+    let client = redis(&s.redis).await?;
+    let run = run_id();
+    let prefix = format!("test-bill-{run}");
+    let agg = Aggregator::new(client.clone(), &prefix, &AggregatesConfig::default());
+    let counters_of = adserve_counters::Counters::new(client.clone());
+    let t0 = 1_800_000_010;
+    let day = adserve_counters::day_of(t0 as u64);
+    let user = format!("bidder-{run}");
+    let (cpm, cpc) = (run * 10, run * 10 + 1);
+    let ad = 9_000 + run;
+    let attributed = |id: String| {
+        let agg = agg.clone();
+        async move { anyhow::Ok(agg.attributions(&[id.as_str()]).await?.remove(0).context("attributed")?) }
+    };
+    let notice = |id: &str, at_s: i64, price: i64| ClickEvent {
+        billing_notice: true,
+        price_cpm_micros: price,
+        ..click(id, at_s)
+    };
+
+    let mut won = impression(&format!("{run}-won"), &user, ad, t0);
+    (won.campaign_id, won.price_cpm_micros, won.billed_on_notice) = (cpm, 3_000_000, true);
+    let mut lost = impression(&format!("{run}-lost"), &user, ad, t0);
+    (lost.campaign_id, lost.price_cpm_micros, lost.billed_on_notice) = (cpm, 3_000_000, true);
+    for e in [&won, &lost] {
+        assert_eq!(agg.impression(e, t0).await?, Applied::Awaiting);
+    }
+    assert_eq!(agg.impression(&won, t0).await?, Applied::Duplicate);
+    assert!(counters_of.frequency(day, &user).await?.is_empty(), "a bid is not a shown impression");
+    assert_eq!(counters_of.spend(day).await?.get(&cpm), None, "nor a charge");
+    assert!(counters(&client, &prefix, Entity::Ad, &ad.to_string()).await?.is_empty());
+
+    // The notice: counted at the clearing price (2.5 per mille, a thousandth of it charged).
+    let to = attributed(won.impression_id.clone()).await?;
+    assert!(to.on_notice && to.per_impression);
+    assert_eq!(
+        agg.outcome(&notice(&won.impression_id, t0 + 1, 2_500_000), &to, t0 + 1).await?,
+        (Applied::Counted, false)
+    );
+    // The exchange sends it again (the gateway logs it with a new id): counted once.
+    assert_eq!(agg.outcome(&notice(&won.impression_id, t0 + 2, 2_500_000), &to, t0 + 2).await?.0, Applied::Duplicate);
+    assert_eq!(counters_of.spend(day).await?.get(&cpm), Some(&2_500));
+    assert_eq!(counters_of.frequency(day, &user).await?.get(&cpm), Some(&1), "the lost bid is never counted");
+    let ad_counts = counters(&client, &prefix, Entity::Ad, &ad.to_string()).await?;
+    assert_eq!(ad_counts.get("impressions_5m"), Some(&1.0), "{ad_counts:?}");
+
+    // A CPC bid: its notice counts it, its click pays.
+    let mut cpc_bid = impression(&format!("{run}-cpc"), &user, ad, t0);
+    (cpc_bid.campaign_id, cpc_bid.price_cpc_micros, cpc_bid.billed_on_notice) = (cpc, 200_000, true);
+    assert_eq!(agg.impression(&cpc_bid, t0).await?, Applied::Awaiting);
+    let to = attributed(cpc_bid.impression_id.clone()).await?;
+    assert!(!to.per_impression);
+    assert_eq!(agg.outcome(&notice(&cpc_bid.impression_id, t0 + 1, 900_000), &to, t0 + 1).await?.0, Applied::Counted);
+    assert_eq!(counters_of.spend(day).await?.get(&cpc), None, "a CPC bid pays per click, not per notice");
+    assert_eq!(counters_of.frequency(day, &user).await?.get(&cpc), Some(&1));
+    let to = attributed(cpc_bid.impression_id.clone()).await?;
+    assert_eq!(agg.outcome(&click(&cpc_bid.impression_id, t0 + 3), &to, t0 + 3).await?, (Applied::Counted, true));
+    assert_eq!(counters_of.spend(day).await?.get(&cpc), Some(&200_000));
+
+    // A notice for an impression billed when served changes nothing.
+    let mut native = impression(&format!("{run}-native"), &user, ad, t0);
+    (native.campaign_id, native.price_cpm_micros) = (cpm, 1_000_000);
+    assert_eq!(agg.impression(&native, t0).await?, Applied::Counted);
+    let to = attributed(native.impression_id.clone()).await?;
+    assert_eq!(
+        agg.outcome(&notice(&native.impression_id, t0 + 1, 1_000_000), &to, t0 + 1).await?.0,
+        Applied::NotExpected
+    );
+    assert_eq!(counters_of.spend(day).await?.get(&cpm), Some(&3_500));
+    assert_eq!(counters_of.frequency(day, &user).await?.get(&cpm), Some(&2));
+
+    let _: i64 = client.hdel(adserve_counters::keys::spend(day), vec![cpm.to_string(), cpc.to_string()]).await?;
     let _: i64 = client.del(adserve_counters::keys::frequency(day, &user)).await?;
     Ok(())
 }

@@ -136,6 +136,7 @@ fn traffic(
                     click_id: format!("c-{id}"),
                     impression_id: id.clone(),
                     clicked_at: Some(prost_types::Timestamp::from(at)),
+                    ..Default::default()
                 };
                 publisher.click(&click).await?;
             }
@@ -564,4 +565,75 @@ async fn rows_go_to_object_storage_exactly_once_across_a_sigkill() -> anyhow::Re
     );
     assert_exactly_once(local.path(), &published)?;
     Ok(())
+}
+
+/// One OpenRTB bid from the stack's gateway (its `burl` set, so billed on
+/// notice): the bid.
+async fn openrtb_bid(s: &Stack) -> anyhow::Result<adserve_gateway::openrtb::Bid> {
+    let path = adserve_integration_tests::repo_root().join("services/gateway/tests/data/openrtb/simple-banner.json");
+    let mut request: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    request["id"] = serde_json::json!(format!("billing-{}", uuid::Uuid::new_v4()));
+    request["user"]["id"] = serde_json::json!(format!("rtb-{}", uuid::Uuid::new_v4()));
+    request.as_object_mut().expect("an object").remove("tmax");
+    let resp = adserve_integration_tests::http_client()
+        .post(format!("{}/openrtb2/auction", s.http))
+        .json(&request)
+        .send()
+        .await?;
+    anyhow::ensure!(resp.status() == 200, "no bid: {}", resp.status());
+    let answer: adserve_gateway::openrtb::BidResponse = resp.json().await?;
+    Ok(answer.seatbid[0].bid[0].clone())
+}
+
+#[tokio::test]
+async fn a_bid_becomes_a_row_only_once_billed_or_clicked_and_a_lost_bid_writes_nothing() -> anyhow::Result<()> {
+    // Across the processes: the gateway bids and logs each bid billed on
+    // notice; the exchange fires one bid's burl (twice, as exchanges retry),
+    // a user clicks another that was never billed, the third lost its
+    // auction. A joiner of its own reads the stack's topics.
+    let s = Stack::ready().await?;
+    let http = adserve_integration_tests::http_client();
+    let (billed, clicked, lost) = (openrtb_bid(&s).await?, openrtb_bid(&s).await?, openrtb_bid(&s).await?);
+    let burl = billed.burl.clone().expect("the stack's gateway sets openrtb.billing_url");
+    let price = format!("{:.6}", billed.price / 2.0);
+    for _ in 0..2 {
+        let notice = http.get(burl.replace("${AUCTION_PRICE}", &price)).send().await?;
+        assert_eq!(notice.status(), 204, "{}", notice.text().await?);
+    }
+    let click = serde_json::json!({
+        "impression_id": clicked.ext.adserve.impression_id,
+        "click_token": clicked.ext.adserve.click_token,
+    });
+    assert_eq!(http.post(format!("{}/v1/clicks", s.http)).json(&click).send().await?.status(), 202);
+
+    let tmp = tempfile::tempdir()?;
+    let group = format!("adserve-billing-{}", uuid::Uuid::new_v4());
+    let joiner = JoinerProcess::start(&s.kafka, &group, tmp.path(), &[("ADSERVE_LABEL_WINDOW", "3s")]).await?;
+    let ids = [billed.id.clone(), clicked.id.clone()];
+    wait_for_all(tmp.path(), &joiner, &ids).await?;
+    // Until the watermark has passed the lost bid's window too.
+    let lost_event = s.impression_event(&lost.id).await?;
+    assert!(lost_event.billed_on_notice, "an OpenRTB bid is logged billed on notice");
+    let closes_at = lost_event.served_at.map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000) + 3_000;
+    let mut client = joiner.client().await?;
+    let mut status = client.get_status(GetStatusRequest {}).await?.into_inner();
+    for _ in 0..120 {
+        let watermark = status.watermark.map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
+        if watermark > closes_at {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        client.flush(FlushRequest { close_open_windows: false }).await?;
+        status = client.get_status(GetStatusRequest {}).await?.into_inner();
+    }
+    client.flush(FlushRequest { close_open_windows: false }).await?;
+    assert!(status.unbilled >= 1 && status.billings_joined >= 1, "{status:?}");
+    let rows = read_rows(tmp.path())?;
+    let by = rows_by_id(&rows, &[billed.id.clone(), clicked.id.clone(), lost.id.clone()]);
+    assert_eq!(by[billed.id.as_str()].len(), 1, "billed twice, one row");
+    assert_eq!(by[billed.id.as_str()][0].label, 0);
+    assert_eq!(by[clicked.id.as_str()].len(), 1);
+    assert_eq!(by[clicked.id.as_str()][0].label, 1, "a click proves the ad was shown");
+    assert!(!by.contains_key(lost.id.as_str()), "a lost bid is not a label-0 row");
+    joiner.sigterm().await
 }

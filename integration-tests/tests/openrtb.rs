@@ -200,3 +200,63 @@ async fn invalid_bid_requests_are_refused_naming_the_field() -> anyhow::Result<(
     assert_eq!(garbage.status(), 400);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_bids_burl_logs_its_billing_notice_and_bad_notices_are_refused_naming_the_field() -> anyhow::Result<()> {
+    let stack = Stack::ready().await?;
+    let mut request = sample("simple-banner.json");
+    request["id"] = json!(format!("burl-{}", uuid::Uuid::new_v4()));
+    request.as_object_mut().unwrap().remove("tmax");
+    let answer: BidResponse = auction(&stack, &request).await?.json().await?;
+    let bid = &answer.seatbid[0].bid[0];
+    let burl = bid.burl.clone().expect("the local stack sets openrtb.billing_url");
+    assert!(burl.starts_with(&format!("{}/openrtb2/billing?", stack.http)), "{burl}");
+    assert!(burl.ends_with("&price=${AUCTION_PRICE}"), "{burl}");
+    assert!(stack.impression_event(&bid.id).await?.billed_on_notice);
+
+    let http = adserve_integration_tests::http_client();
+    let get = |url: String| {
+        let http = http.clone();
+        async move { anyhow::Ok(http.get(url).send().await?) }
+    };
+    let with_price = |price: &str| burl.replace("${AUCTION_PRICE}", price);
+    // The exchange cleared at 80% of the bid.
+    let cleared = bid.price * 0.8;
+    let ok = get(with_price(&format!("{cleared:.6}"))).await?;
+    assert_eq!(ok.status(), 204, "{}", ok.text().await?);
+    let (payload, ..) = stack.keyed_message(adserve_events::CLICKS_TOPIC, &bid.id).await?;
+    let notice = adserve_events::decode_click(&payload).map_err(anyhow::Error::msg)?;
+    assert!(notice.billing_notice);
+    assert_eq!(notice.price_cpm_micros, (cleared * 1e6).round() as i64);
+
+    let token = burl.split("billing_token=").nth(1).unwrap().split('&').next().unwrap().to_string();
+    let base = format!("{}/openrtb2/billing", stack.http);
+    let cases = [
+        (burl.clone(), 400, "price: the exchange did not replace ${AUCTION_PRICE}"),
+        (with_price(&format!("{:.6}", bid.price * 1.5)), 400, "price: the clearing price"),
+        (with_price("-1"), 400, "price: must be 0..="),
+        (with_price("NaN"), 400, "price: must be 0..="),
+        (with_price("AAABiQ1vFZ0"), 400, "price: must be a decimal clearing price"),
+        (format!("{base}?impression_id={}&price=1", bid.id), 400, "billing_token: required"),
+        (format!("{base}?impression_id=nope&billing_token={token}&price=1"), 400, "impression_id: must be"),
+        (
+            format!("{base}?impression_id={}&billing_token={token}&price=1", uuid::Uuid::new_v4()),
+            403,
+            "billing_token: does not match",
+        ),
+        // The click token (in every browser's markup) is not a billing token.
+        (
+            format!("{base}?impression_id={}&billing_token={}&price=1", bid.id, bid.ext.adserve.click_token),
+            400,
+            "billing_token: malformed",
+        ),
+    ];
+    for (url, status, expected) in cases {
+        let resp = get(url.clone()).await?;
+        assert_eq!(resp.status(), status, "{url}");
+        let error: Value = resp.json().await?;
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains(expected), "{url}: {message}");
+    }
+    Ok(())
+}

@@ -427,7 +427,8 @@ mod tests {
 
     #[test]
     fn click_needs_impression_id_and_time() {
-        let c = ClickEvent { click_id: "c".into(), impression_id: String::new(), clicked_at: None };
+        let c =
+            ClickEvent { click_id: "c".into(), impression_id: String::new(), clicked_at: None, ..Default::default() };
         assert_eq!(decode_click(&c.encode_to_vec()).unwrap_err(), DecodeError::Missing("ClickEvent.impression_id"));
     }
 }

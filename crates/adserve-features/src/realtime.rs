@@ -109,6 +109,12 @@ pub fn click_marker(prefix: &str, click_id: &str) -> String {
     format!("{prefix}:seen:c:{click_id}")
 }
 
+/// The dedup marker of an impression's billing notice (one per impression,
+/// whatever the notice's id).
+pub fn billing_marker(prefix: &str, impression_id: &str) -> String {
+    format!("{prefix}:seen:b:{impression_id}")
+}
+
 /// Version byte of the packed layout.
 pub const LAYOUT_VERSION: u8 = 1;
 

@@ -322,6 +322,7 @@ currency = {{ $o.currency | toJson }}
 default_placement = {{ $o.defaultPlacement | toJson }}
 network_allowance = "{{ int64 $o.networkAllowanceMs }}ms"
 click_url = {{ $o.clickUrl | default "" | toJson }}
+billing_url = {{ $o.billingUrl | default "" | toJson }}
 max_body_bytes = {{ int64 $o.maxBodyBytes }}
 {{- with $o.placements }}
 

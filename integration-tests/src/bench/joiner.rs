@@ -152,6 +152,7 @@ pub(super) async fn prefill(brokers: &str, n: usize) -> anyhow::Result<()> {
                     click_id: format!("click-{id}"),
                     impression_id: id.clone(),
                     clicked_at: Some(prost_types::Timestamp::from(served + Duration::from_millis(200))),
+                    ..Default::default()
                 };
                 payloads.push((CLICKS_TOPIC, id, click.encode_to_vec()));
             }

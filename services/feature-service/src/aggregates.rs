@@ -24,6 +24,13 @@
 //!   the clicks partition commits no further than the oldest waiting click)
 //!   until its impression is counted, or can no longer come
 //!   ([`Loop::hopeless`]), and is then counted as unattributed.
+//! - **Bids billed on notice** (OpenRTB, `billed_on_notice`) are not shown
+//!   until the exchange's billing notice says so: the impression leaves its
+//!   marker and counts nothing; its notice (on the clicks topic) counts it
+//!   for its user and ad, in its user's frequency count, and charges a CPM
+//!   winner's campaign the clearing price, on the notice's time. A notice is
+//!   counted once per impression (its own marker), however often the
+//!   exchange sends it; a bid never billed is never counted.
 //! - **Bad input.** A message that does not decode goes to the dead-letter
 //!   topic with the reason; the consumer goes on.
 //! - **Redis down.** The consumer retries the event with backoff and commits
@@ -58,6 +65,11 @@ pub enum Applied {
     Duplicate,
     /// Older than every window: not counted.
     Expired,
+    /// A bid billed on notice: its marker is down, nothing is counted until
+    /// its billing notice.
+    Awaiting,
+    /// A billing notice for an impression billed when served: ignored.
+    NotExpected,
 }
 
 /// Who an impression was shown to and what a click on it is charged, as
@@ -75,22 +87,42 @@ pub struct Attribution {
     pub price_cpc_micros: i64,
     /// When the impression was served (ms since the Unix epoch).
     pub served_ms: i64,
+    /// A bid billed on notice: counted on its billing notice.
+    pub on_notice: bool,
+    /// Charged per impression (a CPM winner, or free): its billing notice
+    /// charges the clearing price. A CPC winner is charged on its click.
+    pub per_impression: bool,
 }
 
 impl Attribution {
-    /// The marker value: `v2|ad|campaign|price|served_ms|user` (the user
-    /// last: it may hold `|`).
+    /// The marker value: `v3|ad|campaign|price|served_ms|flags|user` (the
+    /// user last: it may hold `|`; flags: 1 on notice, 2 per impression).
     fn encode(&self) -> String {
-        format!("v2|{}|{}|{}|{}|{}", self.ad_id, self.campaign_id, self.price_cpc_micros, self.served_ms, self.user_id)
+        let flags = u8::from(self.on_notice) | (u8::from(self.per_impression) << 1);
+        format!(
+            "v3|{}|{}|{}|{}|{flags}|{}",
+            self.ad_id, self.campaign_id, self.price_cpc_micros, self.served_ms, self.user_id
+        )
     }
 
     fn decode(value: &str) -> Option<Self> {
-        if let Some(rest) = value.strip_prefix("v2|") {
-            let mut parts = rest.splitn(5, '|');
+        for (prefix, numbers) in [("v3|", 5), ("v2|", 4)] {
+            let Some(rest) = value.strip_prefix(prefix) else { continue };
+            let mut parts = rest.splitn(numbers + 1, '|');
             let mut number = || parts.next()?.parse::<i64>().ok();
             let (ad_id, campaign_id, price_cpc_micros, served_ms) = (number()?, number()?, number()?, number()?);
+            // v2 markers were written before bids were billed on notice.
+            let flags = if numbers == 5 { number()? } else { 0 };
             let user_id = parts.next()?.to_string();
-            return Some(Self { user_id, ad_id, campaign_id, price_cpc_micros, served_ms });
+            return Some(Self {
+                user_id,
+                ad_id,
+                campaign_id,
+                price_cpc_micros,
+                served_ms,
+                on_notice: flags & 1 != 0,
+                per_impression: flags & 2 != 0,
+            });
         }
         // Written before markers carried the charge (`ad|user`): counted,
         // never charged.
@@ -101,7 +133,19 @@ impl Attribution {
             campaign_id: 0,
             price_cpc_micros: 0,
             served_ms: 0,
+            on_notice: false,
+            per_impression: false,
         })
+    }
+
+    /// The entities an event on this impression counts for: its ad, and its
+    /// user unless anonymous.
+    fn entities(&self) -> Vec<(Entity, String)> {
+        let mut entities = vec![(Entity::Ad, self.ad_id.to_string())];
+        if !self.user_id.is_empty() {
+            entities.push((Entity::User, self.user_id.clone()));
+        }
+        entities
     }
 
     /// The marker once its click has been charged.
@@ -249,7 +293,9 @@ impl Aggregator {
     /// Counts an impression for its user (unless COPPA or anonymous) and
     /// its ad, adds it to the user's frequency count of its campaign and a
     /// CPM winner's price to its campaign's spend (on the day it was
-    /// served), and leaves its marker for dedup and for its clicks.
+    /// served), and leaves its marker for dedup and for its clicks. A bid
+    /// billed on notice only leaves its marker ([`Aggregator::billing`]
+    /// counts it).
     pub async fn impression(&self, e: &ImpressionEvent, now_s: i64) -> Result<Applied, Error> {
         let user = if e.coppa { String::new() } else { e.user_id.clone() };
         let served_ms = millis(e.served_at.as_ref());
@@ -259,23 +305,57 @@ impl Aggregator {
             campaign_id: e.campaign_id,
             price_cpc_micros: e.price_cpc_micros.max(0),
             served_ms,
-        }
-        .encode();
+            on_notice: e.billed_on_notice,
+            per_impression: e.price_cpc_micros <= 0,
+        };
         let marker = realtime::impression_marker(&self.prefix, &e.impression_id);
         let event_s = seconds(e.served_at.as_ref());
         let day = adserve_counters::day_of(event_s.max(0) as u64);
-        let increments = adserve_counters::on_impression(day, &user, e.campaign_id, e.price_cpm_micros);
-        let mut entities = vec![(Entity::Ad, e.ad_id.to_string())];
-        if !user.is_empty() {
-            entities.push((Entity::User, user));
-        }
-        let call = Call {
-            marker: (&marker, &attribution, self.attribution_ttl),
-            fields: &[],
-            entities: &entities,
-            guard: None,
-            increments,
+        let (entities, increments) = if e.billed_on_notice {
+            (Vec::new(), Vec::new())
+        } else {
+            (attribution.entities(), adserve_counters::on_impression(day, &user, e.campaign_id, e.price_cpm_micros))
         };
+        Ok(
+            match self.count_impression((&marker, &attribution.encode()), &entities, increments, event_s, now_s).await?
+            {
+                Applied::Counted if e.billed_on_notice => Applied::Awaiting,
+                applied => applied,
+            },
+        )
+    }
+
+    /// Counts a bid's billing notice as its impression: for the user and ad
+    /// it is attributed to, in the user's frequency count of its campaign,
+    /// and, for a bid charged per impression, the clearing price to its
+    /// campaign's spend, all on the notice's time. Once per impression (the
+    /// notice's own marker), whatever its `click_id`: an exchange may send
+    /// a notice twice. A notice for an impression billed when served
+    /// changes nothing.
+    pub async fn billing(&self, n: &ClickEvent, to: &Attribution, now_s: i64) -> Result<Applied, Error> {
+        if !to.on_notice {
+            return Ok(Applied::NotExpected);
+        }
+        let event_s = seconds(n.clicked_at.as_ref());
+        let day = adserve_counters::day_of(event_s.max(0) as u64);
+        let charge = if to.per_impression { n.price_cpm_micros.max(0) } else { 0 };
+        let increments = adserve_counters::on_impression(day, &to.user_id, to.campaign_id, charge);
+        let marker = realtime::billing_marker(&self.prefix, &n.impression_id);
+        self.count_impression((&marker, "1"), &to.entities(), increments, event_s, now_s).await
+    }
+
+    /// Counts one impression at `event_s` for `entities` with `increments`,
+    /// once per `marker` (key, value).
+    async fn count_impression(
+        &self,
+        (marker, value): (&str, &str),
+        entities: &[(Entity, String)],
+        increments: Vec<adserve_counters::Increment>,
+        event_s: i64,
+        now_s: i64,
+    ) -> Result<Applied, Error> {
+        let call =
+            Call { marker: (marker, value, self.attribution_ttl), fields: &[], entities, guard: None, increments };
         Ok(match self.apply(0, event_s, call, now_s).await? {
             None => Applied::Expired,
             Some(0) => Applied::Duplicate,
@@ -313,10 +393,7 @@ impl Aggregator {
             c.click_id.clone()
         };
         let marker = realtime::click_marker(&self.prefix, &id);
-        let mut entities = vec![(Entity::Ad, to.ad_id.to_string())];
-        if !to.user_id.is_empty() {
-            entities.push((Entity::User, to.user_id.clone()));
-        }
+        let entities = to.entities();
         let chargeable = to.price_cpc_micros > 0
             && to.campaign_id > 0
             && millis(c.clicked_at.as_ref()) <= to.served_ms.saturating_add(self.charge_window_ms);
@@ -336,6 +413,13 @@ impl Aggregator {
             Some(2) => (Applied::Counted, chargeable),
             Some(_) => (Applied::Counted, false),
         })
+    }
+
+    /// Applies a click or a billing notice (what the clicks topic carries)
+    /// to the impression it is attributed to: what was counted, and whether
+    /// a click was charged.
+    pub async fn outcome(&self, c: &ClickEvent, to: &Attribution, now_s: i64) -> Result<(Applied, bool), Error> {
+        if c.billing_notice { Ok((self.billing(c, to, now_s).await?, false)) } else { self.click(c, to, now_s).await }
     }
 
     /// Re-sums up to `limit` entities whose windows moved by `now_s`;
@@ -489,6 +573,8 @@ impl Loop<'_> {
             }
             Applied::Duplicate => "duplicate",
             Applied::Expired => "expired",
+            Applied::Awaiting => "awaiting_notice",
+            Applied::NotExpected => "notice_not_expected",
         };
         metrics::counter!("adserve_feature_aggregates_events_total", "topic" => topic, "outcome" => outcome)
             .increment(1);
@@ -544,7 +630,7 @@ impl Loop<'_> {
             let this = &*self;
             let applied = futures::future::join_all(clicks.iter().zip(&found).map(|((_, _, c), to)| async move {
                 match to {
-                    Some(to) => this.patiently("click", || aggregator.click(c, to, now_s)).await.map(Some),
+                    Some(to) => this.patiently("click", || aggregator.outcome(c, to, now_s)).await.map(Some),
                     None => Some(None),
                 }
             }))
@@ -611,7 +697,7 @@ impl Loop<'_> {
                 match to {
                     Some(to) => {
                         let Some((applied, charged)) =
-                            self.patiently("click", || aggregator.click(&w.click, &to, now_s)).await
+                            self.patiently("click", || aggregator.outcome(&w.click, &to, now_s)).await
                         else {
                             return false;
                         };
@@ -785,18 +871,46 @@ mod tests {
 
     #[test]
     fn attributions_round_trip_with_and_without_a_user() {
-        let a =
-            Attribution { user_id: "u|1".into(), ad_id: 7, campaign_id: 3, price_cpc_micros: 150_000, served_ms: 17 };
-        let b = Attribution { user_id: String::new(), ad_id: -3, campaign_id: 4, price_cpc_micros: 0, served_ms: 0 };
+        let a = Attribution {
+            user_id: "u|1".into(),
+            ad_id: 7,
+            campaign_id: 3,
+            price_cpc_micros: 150_000,
+            served_ms: 17,
+            on_notice: false,
+            per_impression: false,
+        };
+        let b = Attribution {
+            user_id: String::new(),
+            ad_id: -3,
+            campaign_id: 4,
+            price_cpc_micros: 0,
+            served_ms: 0,
+            on_notice: true,
+            per_impression: true,
+        };
         for a in [a.clone(), b] {
             assert_eq!(Attribution::decode(&a.encode()), Some(a));
         }
+        // Markers written before bids were billed on notice.
+        assert_eq!(
+            Attribution::decode("v2|7|3|150000|17|u|1"),
+            Some(Attribution { on_notice: false, per_impression: false, ..a.clone() })
+        );
         assert_eq!(a.charged().price_cpc_micros, 0);
         assert_ne!(a.charged().encode(), a.encode(), "the guard sees the charge");
         // Markers written before they carried the charge: counted, never charged.
         assert_eq!(
             Attribution::decode("7|u|1"),
-            Some(Attribution { user_id: "u|1".into(), ad_id: 7, campaign_id: 0, price_cpc_micros: 0, served_ms: 0 })
+            Some(Attribution {
+                user_id: "u|1".into(),
+                ad_id: 7,
+                campaign_id: 0,
+                price_cpc_micros: 0,
+                served_ms: 0,
+                on_notice: false,
+                per_impression: false
+            })
         );
         assert_eq!(Attribution::decode("garbage"), None);
         assert_eq!(Attribution::decode("x|u"), None);

@@ -12,6 +12,14 @@
 //! rotate: add the new key first, then drop the old one a label window later.
 //!
 //! Wire form: `v1.<ad_id>.<served_unix_ms>.<signature, base64url>`.
+//!
+//! **Billing tokens** sign an OpenRTB bid's billing notice (`burl`) the same
+//! way, under a different prefix, so neither kind of token passes for the
+//! other: `b1.<ad_id>.<served_unix_ms>.<bid_cpm_micros>.<signature>`, an
+//! HMAC over the impression id, the ad, the time and the bid's price (a
+//! clearing price above it is refused). A click token travels in the
+//! creative's markup, to every browser that shows it; a billing token only
+//! to the exchange.
 
 use std::time::Duration;
 
@@ -21,8 +29,10 @@ use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Version prefix of the token format.
+/// Version prefix of the click token format.
 const VERSION: &str = "v1";
+/// Version prefix of the billing token format.
+const BILLING: &str = "b1";
 
 /// Shortest accepted key.
 pub const MIN_KEY_BYTES: usize = 32;
@@ -40,18 +50,32 @@ pub struct Claims {
     pub served_ms: u64,
 }
 
+/// What a verified billing token says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BillingClaims {
+    /// The ad that was bid.
+    pub ad_id: i64,
+    /// When the bid was made, unix ms.
+    pub served_ms: u64,
+    /// The bid's price per thousand impressions, micro units: the most a
+    /// clearing price may be.
+    pub bid_cpm_micros: i64,
+}
+
 /// Why a token was refused; each is a label of
-/// `adserve_gateway_clicks_refused_total{reason}`.
+/// `adserve_gateway_clicks_refused_total{reason}` (or
+/// `adserve_gateway_billing_notices_refused_total{reason}`). The message
+/// does not name the field: the caller does.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
     /// Not a token of this format at all.
-    #[error("click_token: malformed")]
+    #[error("malformed")]
     Malformed,
     /// The signature does not verify for this impression under any key.
-    #[error("click_token: does not match impression_id")]
+    #[error("does not match impression_id")]
     Forged,
     /// Served longer ago than the label window.
-    #[error("click_token: expired (served {age_s} s ago; clicks count within {window_s} s)")]
+    #[error("expired (served {age_s} s ago; clicks and billing notices count within {window_s} s)")]
     Expired {
         /// Age of the impression, seconds.
         age_s: u64,
@@ -59,7 +83,7 @@ pub enum TokenError {
         window_s: u64,
     },
     /// Served in the future: a forged time.
-    #[error("click_token: issued in the future")]
+    #[error("issued in the future")]
     FromTheFuture,
 }
 
@@ -99,29 +123,79 @@ impl ClickTokens {
         Self { keys, max_age }
     }
 
-    fn mac(key: &[u8], impression_id: &str, ad_id: i64, served_ms: u64) -> HmacSha256 {
+    /// The MAC of `prefix`, the impression and `fields`. Unambiguous: the
+    /// impression id is a UUID (no '|'), the fields are numbers.
+    fn mac(key: &[u8], prefix: &str, impression_id: &str, fields: &[i64]) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
-        // Unambiguous: the impression id is a UUID (no '|'), the rest are numbers.
-        mac.update(format!("{VERSION}|{impression_id}|{ad_id}|{served_ms}").as_bytes());
+        let mut text = format!("{prefix}|{impression_id}");
+        for f in fields {
+            text.push('|');
+            text.push_str(&f.to_string());
+        }
+        mac.update(text.as_bytes());
         mac
+    }
+
+    /// `prefix.f1.f2….signature`, signed under the first key.
+    fn seal(&self, prefix: &str, impression_id: &str, fields: &[i64]) -> String {
+        let tag = Self::mac(&self.keys[0], prefix, impression_id, fields).finalize().into_bytes();
+        let mut token = prefix.to_string();
+        for f in fields {
+            token.push('.');
+            token.push_str(&f.to_string());
+        }
+        token.push('.');
+        token.push_str(&URL_SAFE_NO_PAD.encode(tag));
+        token
+    }
+
+    /// The `N` fields of a token `prefix` signed for `impression_id` under
+    /// any configured key.
+    fn open<const N: usize>(&self, prefix: &str, token: &str, impression_id: &str) -> Result<[i64; N], TokenError> {
+        let mut parts = token.split('.');
+        if parts.next() != Some(prefix) {
+            return Err(TokenError::Malformed);
+        }
+        let mut fields = [0i64; N];
+        for f in &mut fields {
+            *f = parts.next().and_then(|p| p.parse().ok()).ok_or(TokenError::Malformed)?;
+        }
+        let (Some(sig), None) = (parts.next(), parts.next()) else { return Err(TokenError::Malformed) };
+        // Both formats: the ad, then the time (unix ms, never negative).
+        if fields.get(1).is_some_and(|t| *t < 0) {
+            return Err(TokenError::Malformed);
+        }
+        let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| TokenError::Malformed)?;
+        // Constant-time comparison (verify_slice), under each key in turn.
+        let genuine =
+            self.keys.iter().any(|key| Self::mac(key, prefix, impression_id, &fields).verify_slice(&sig).is_ok());
+        if !genuine {
+            return Err(TokenError::Forged);
+        }
+        Ok(fields)
+    }
+
+    /// Whether a token for a time of `served_ms` is still good at `now_ms`.
+    fn fresh(&self, served_ms: u64, now_ms: u64) -> Result<(), TokenError> {
+        if served_ms > now_ms + CLOCK_SKEW.as_millis() as u64 {
+            return Err(TokenError::FromTheFuture);
+        }
+        let age = Duration::from_millis(now_ms.saturating_sub(served_ms));
+        if age > self.max_age {
+            return Err(TokenError::Expired { age_s: age.as_secs(), window_s: self.max_age.as_secs() });
+        }
+        Ok(())
     }
 
     /// The token of an impression served at `served_ms`.
     pub fn sign(&self, impression_id: &str, ad_id: i64, served_ms: u64) -> String {
-        let tag = Self::mac(&self.keys[0], impression_id, ad_id, served_ms).finalize().into_bytes();
-        format!("{VERSION}.{ad_id}.{served_ms}.{}", URL_SAFE_NO_PAD.encode(tag))
+        self.seal(VERSION, impression_id, &[ad_id, served_ms as i64])
     }
 
     /// Checks `token` against `impression_id` at `now_ms`.
     pub fn verify(&self, token: &str, impression_id: &str, now_ms: u64) -> Result<Claims, TokenError> {
         let claims = self.genuine(token, impression_id)?;
-        if claims.served_ms > now_ms + CLOCK_SKEW.as_millis() as u64 {
-            return Err(TokenError::FromTheFuture);
-        }
-        let age = Duration::from_millis(now_ms.saturating_sub(claims.served_ms));
-        if age > self.max_age {
-            return Err(TokenError::Expired { age_s: age.as_secs(), window_s: self.max_age.as_secs() });
-        }
+        self.fresh(claims.served_ms, now_ms)?;
         Ok(claims)
     }
 
@@ -129,22 +203,24 @@ impl ClickTokens {
     /// time: its claims (the ad) can be trusted, though a click on it may
     /// no longer count ([`verify`](Self::verify) says whether it does).
     pub fn genuine(&self, token: &str, impression_id: &str) -> Result<Claims, TokenError> {
-        let mut parts = token.split('.');
-        let (Some(VERSION), Some(ad), Some(served), Some(sig), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(TokenError::Malformed);
-        };
-        let ad_id: i64 = ad.parse().map_err(|_| TokenError::Malformed)?;
-        let served_ms: u64 = served.parse().map_err(|_| TokenError::Malformed)?;
-        let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| TokenError::Malformed)?;
-        // Constant-time comparison (verify_slice), under each key in turn.
-        let genuine =
-            self.keys.iter().any(|key| Self::mac(key, impression_id, ad_id, served_ms).verify_slice(&sig).is_ok());
-        if !genuine {
-            return Err(TokenError::Forged);
-        }
+        let [ad_id, served_ms] = self.open(VERSION, token, impression_id)?;
+        let served_ms = u64::try_from(served_ms).map_err(|_| TokenError::Malformed)?;
         Ok(Claims { ad_id, served_ms })
+    }
+
+    /// The billing token of a bid made at `served_ms` at `bid_cpm_micros`.
+    pub fn sign_billing(&self, impression_id: &str, ad_id: i64, served_ms: u64, bid_cpm_micros: i64) -> String {
+        self.seal(BILLING, impression_id, &[ad_id, served_ms as i64, bid_cpm_micros])
+    }
+
+    /// Checks a billing token against `impression_id` at `now_ms`: signed
+    /// here, for this impression, no older than the label window (a notice
+    /// that late is neither a label nor counted).
+    pub fn verify_billing(&self, token: &str, impression_id: &str, now_ms: u64) -> Result<BillingClaims, TokenError> {
+        let [ad_id, served_ms, bid_cpm_micros] = self.open(BILLING, token, impression_id)?;
+        let served_ms = u64::try_from(served_ms).map_err(|_| TokenError::Malformed)?;
+        self.fresh(served_ms, now_ms)?;
+        Ok(BillingClaims { ad_id, served_ms, bid_cpm_micros })
     }
 }
 
@@ -232,5 +308,30 @@ mod tests {
         assert_eq!(decode_key(&base64::engine::general_purpose::STANDARD.encode([7u8; 40])).unwrap(), vec![7; 40]);
         assert!(decode_key("abcd").unwrap_err().contains("at least 32 bytes"));
         assert!(decode_key("not a key!").is_err());
+    }
+
+    #[test]
+    fn billing_tokens_verify_for_their_bid_and_never_pass_for_click_tokens() {
+        let t = tokens(&[7]);
+        let now = 1_700_000_000_000;
+        let billing = t.sign_billing(IMP, 42, now, 2_500_000);
+        assert!(billing.starts_with("b1.42."), "{billing}");
+        assert_eq!(
+            t.verify_billing(&billing, IMP, now + 1000),
+            Ok(BillingClaims { ad_id: 42, served_ms: now, bid_cpm_micros: 2_500_000 })
+        );
+        assert_eq!(t.verify_billing(&billing, "another", now), Err(TokenError::Forged));
+        // Raising the price in the token breaks the signature.
+        let raised = billing.replacen(".2500000.", ".9500000.", 1);
+        assert_eq!(t.verify_billing(&raised, IMP, now), Err(TokenError::Forged));
+        // A click token (in every browser's markup) is not a billing token, nor the reverse.
+        let click = t.sign(IMP, 42, now);
+        assert_eq!(t.verify_billing(&click, IMP, now), Err(TokenError::Malformed));
+        assert_eq!(t.verify(&billing, IMP, now), Err(TokenError::Malformed));
+        // The same fields under the other prefix do not verify either.
+        let swapped = format!("v1{}", &billing[2..]);
+        assert_eq!(t.verify(&swapped, IMP, now), Err(TokenError::Malformed), "three fields are not a click token");
+        assert!(matches!(t.verify_billing(&billing, IMP, now + 2 * 3_600_000), Err(TokenError::Expired { .. })));
+        assert_eq!(t.verify_billing(&billing, IMP, now - 60_000), Err(TokenError::FromTheFuture));
     }
 }

@@ -89,6 +89,15 @@ pub struct OpenRtbConfig {
     /// landing page). Empty: creatives link to the landing page, and the
     /// integrator reports clicks with `POST /v1/clicks`.
     pub click_url: String,
+    /// The public URL of this gateway's `GET /openrtb2/billing`, e.g.
+    /// `https://ads.example.com/openrtb2/billing`. Set: every bid carries a
+    /// signed `burl` through it, and its impression is logged billed on
+    /// notice: a training row, a frequency-cap count and a charge only once
+    /// the exchange fires the billing notice (the bid won and the ad was
+    /// shown) or the ad is clicked. Empty: a bid is taken as shown when it
+    /// is made, so bids that lose at the exchange become label-0 rows and
+    /// count toward caps and CPM spend.
+    pub billing_url: String,
     /// Largest accepted bid request body (exchanges' requests, with `eids`,
     /// `schain` and extensions, run larger than native ones); more is 413.
     pub max_body_bytes: usize,
@@ -103,6 +112,7 @@ impl Default for OpenRtbConfig {
             default_placement: "openrtb".into(),
             network_allowance: Duration::from_millis(10),
             click_url: String::new(),
+            billing_url: String::new(),
             max_body_bytes: 64 * 1024,
         }
     }
@@ -130,16 +140,17 @@ impl OpenRtbConfig {
         }
         check_duration("openrtb.network_allowance", self.network_allowance, Duration::ZERO, Duration::from_secs(1))?;
         check_range("openrtb.max_body_bytes", self.max_body_bytes, 256..=64 * 1024 * 1024)?;
-        let url = &self.click_url;
-        if !url.is_empty()
-            && (!(url.starts_with("https://") || url.starts_with("http://"))
-                || url.contains(['?', '#'])
-                || url.chars().any(|c| c.is_whitespace() || c.is_control()))
-        {
-            return Err(Invalid::new(
-                "openrtb.click_url",
-                format!("must be empty or an http(s) URL without query or fragment, got {url:?}"),
-            ));
+        for (key, url) in [("openrtb.click_url", &self.click_url), ("openrtb.billing_url", &self.billing_url)] {
+            if !url.is_empty()
+                && (!(url.starts_with("https://") || url.starts_with("http://"))
+                    || url.contains(['?', '#'])
+                    || url.chars().any(|c| c.is_whitespace() || c.is_control()))
+            {
+                return Err(Invalid::new(
+                    key,
+                    format!("must be empty or an http(s) URL without query or fragment, got {url:?}"),
+                ));
+            }
         }
         Ok(())
     }

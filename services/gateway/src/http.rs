@@ -30,6 +30,7 @@ pub fn router(server: AdServer, body: BodyLimits, readiness: Readiness) -> Route
         .route("/v1/clicks", post(record_click))
         .route("/openrtb2/auction", post(openrtb_auction))
         .route("/v1/clicks/redirect", get(click_redirect))
+        .route("/openrtb2/billing", get(openrtb_billing))
         .route("/healthz", get(healthz))
         // Liveness: the process answers at all. Not ready is not dead.
         .route("/livez", get(|| async { "ok" }))
@@ -183,6 +184,19 @@ async fn click_redirect(State(state): State<HttpState>, uri: axum::http::Uri) ->
                 .into_response(),
             Err(_) => ServeError::NotFound("the ad's landing URL is not a valid header value".into()).into_response(),
         },
+        Err(e) => e.into_response(),
+    }
+}
+
+/// An exchange's billing notice (a bid's `burl`): 204 once logged.
+async fn openrtb_billing(State(state): State<HttpState>, uri: axum::http::Uri) -> axum::response::Response {
+    let result = match axum::extract::Query::<crate::openrtb::BillingNotice>::try_from_uri(&uri) {
+        Ok(axum::extract::Query(notice)) => state.server.openrtb_billing(notice).await,
+        Err(e) => Err(ServeError::InvalidArgument(format!("query: {}", e.body_text()))),
+    };
+    record(Api::Http, "openrtb_billing", &result);
+    match result {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => e.into_response(),
     }
 }

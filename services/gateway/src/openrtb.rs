@@ -302,6 +302,10 @@ pub struct Bid {
     pub price: f64,
     /// The creative's markup for the imp's format.
     pub adm: String,
+    /// The billing notice the exchange fires when the bid wins and the ad
+    /// is shown (`openrtb.billing_url`, signed, with `${AUCTION_PRICE}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burl: Option<String>,
     /// The advertiser's domain, when the catalog knows it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub adomain: Vec<String>,
@@ -757,6 +761,22 @@ pub fn link(click_url: &str, landing_url: &str, impression_id: &str, click_token
     format!("{click_url}?impression_id={impression_id}&click_token={click_token}")
 }
 
+/// The macro an exchange replaces with the clearing price in `burl`.
+pub const AUCTION_PRICE_MACRO: &str = "${AUCTION_PRICE}";
+
+/// A bid's billing notice URL: `billing_url` with the impression, its
+/// billing token and the clearing price macro (None without `billing_url`).
+pub fn burl(billing_url: &str, impression_id: &str, billing_token: &str) -> Option<String> {
+    if billing_url.is_empty() || billing_token.is_empty() {
+        return None;
+    }
+    // A UUID and a token of [A-Za-z0-9._-]: nothing to escape. The macro
+    // stays as it is: the exchange replaces it.
+    Some(format!(
+        "{billing_url}?impression_id={impression_id}&billing_token={billing_token}&price={AUCTION_PRICE_MACRO}"
+    ))
+}
+
 /// The creative's markup for `slot`, linking to `href`.
 pub fn markup(slot: &Slot, title: &str, href: &str, advertiser_domain: &str) -> String {
     match slot {
@@ -784,7 +804,7 @@ pub fn markup(slot: &Slot, title: &str, href: &str, advertiser_domain: &str) -> 
 }
 
 /// The bids of one served group, one per winner, winners in slot order.
-fn bids(group: &Group, served: &Served, click_url: &str) -> (Vec<Bid>, Vec<String>) {
+fn bids(group: &Group, served: &Served, config: &OpenRtbConfig) -> (Vec<Bid>, Vec<String>) {
     let mut winners: Vec<_> = served.response.winners.iter().zip(&served.creatives).collect();
     winners.sort_by_key(|(w, _)| w.slot);
     let mut bids = Vec::new();
@@ -800,9 +820,10 @@ fn bids(group: &Group, served: &Served, click_url: &str) -> (Vec<Bid>, Vec<Strin
             adm: markup(
                 &imp.slot,
                 &w.title,
-                &link(click_url, &w.landing_url, &w.impression_id, &w.click_token),
+                &link(&config.click_url, &w.landing_url, &w.impression_id, &w.click_token),
                 &creative.advertiser_domain,
             ),
+            burl: burl(&config.billing_url, &w.impression_id, &creative.billing_token),
             adomain: if creative.advertiser_domain.is_empty() {
                 vec![]
             } else {
@@ -832,7 +853,65 @@ fn count_no_bid(reason: NoBid) {
     metrics::counter!("adserve_gateway_openrtb_no_bids_total", "reason" => reason.label()).increment(1);
 }
 
+/// The query of `GET /openrtb2/billing`: what a bid's `burl` carries, with
+/// `price` the clearing price the exchange put in for `${AUCTION_PRICE}`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub struct BillingNotice {
+    /// The bid's impression id.
+    pub impression_id: String,
+    /// Its billing token.
+    pub billing_token: String,
+    /// Clearing price per thousand impressions, in `openrtb.currency`.
+    pub price: String,
+}
+
+/// Highest clearing price accepted, per thousand impressions.
+pub const MAX_PRICE: f64 = 1_000_000.0;
+
+impl BillingNotice {
+    /// The impression id and the clearing price in micro units per mille,
+    /// or a 400 naming the field.
+    pub fn check(&self) -> Result<(&str, i64), ServeError> {
+        let impression_id = self.impression_id.trim();
+        if uuid::Uuid::parse_str(impression_id).is_err() {
+            return Err(ServeError::InvalidArgument(format!(
+                "impression_id: must be the bid's id (a UUID), got {:?}",
+                impression_id.chars().take(40).collect::<String>()
+            )));
+        }
+        if self.billing_token.is_empty() {
+            return Err(ServeError::InvalidArgument("billing_token: required (it is in the bid's burl)".into()));
+        }
+        let price = self.price.trim();
+        if price.is_empty() {
+            return Err(ServeError::InvalidArgument("price: required (the clearing price)".into()));
+        }
+        if price.contains("AUCTION_PRICE") {
+            return Err(ServeError::InvalidArgument(format!(
+                "price: the exchange did not replace {AUCTION_PRICE_MACRO} with the clearing price"
+            )));
+        }
+        let value: f64 = price.parse().map_err(|_| {
+            ServeError::InvalidArgument(format!(
+                "price: must be a decimal clearing price (encrypted prices are not supported), got {:?}",
+                price.chars().take(40).collect::<String>()
+            ))
+        })?;
+        if !value.is_finite() || !(0.0..=MAX_PRICE).contains(&value) {
+            return Err(ServeError::InvalidArgument(format!("price: must be 0..={MAX_PRICE}, got {price}")));
+        }
+        Ok((impression_id, (value * 1e6).round() as i64))
+    }
+}
+
 impl AdServer {
+    /// Records a bid's billing notice (`GET /openrtb2/billing`).
+    pub async fn openrtb_billing(&self, notice: BillingNotice) -> Result<(), ServeError> {
+        let (impression_id, price_cpm_micros) = notice.check()?;
+        self.billing_notice(impression_id, &notice.billing_token, price_cpm_micros).await
+    }
+
     /// Bids on an OpenRTB request: `None` is no bid (HTTP 204).
     pub async fn openrtb(&self, req: BidRequest) -> Result<Option<BidResponse>, ServeError> {
         check(&req)?;
@@ -848,7 +927,11 @@ impl AdServer {
                 plan.no_bids.extend(g.imps.into_iter().map(|i| (i.id, NoBid::Tmax)));
             }
         }
-        let options = |g: &Group| ServeOptions { anonymous: plan.anonymous, floor_ecpm_micros: g.floor_ecpm_micros };
+        let options = |g: &Group| ServeOptions {
+            anonymous: plan.anonymous,
+            floor_ecpm_micros: g.floor_ecpm_micros,
+            billed_on_notice: !config.billing_url.is_empty(),
+        };
         let served =
             futures::future::join_all(plan.groups.iter().map(|g| self.serve_with(g.request.clone(), None, options(g))))
                 .await;
@@ -859,7 +942,7 @@ impl AdServer {
         for (group, result) in plan.groups.iter().zip(served) {
             match result {
                 Ok(served) => {
-                    let (bids, unfilled) = bids(group, &served, &config.click_url);
+                    let (bids, unfilled) = bids(group, &served, config);
                     plan.no_bids.extend(unfilled.into_iter().map(|id| (id, NoBid::NoFill)));
                     if bidid.is_empty() {
                         bidid = served.response.request_id.clone();
@@ -1153,5 +1236,39 @@ mod tests {
         assert!(wrapped.wrapped);
         let adm: serde_json::Value = serde_json::from_str(&markup(&Slot::Native(wrapped), "H", "u", "")).unwrap();
         assert_eq!(adm["native"]["assets"][0]["title"]["text"], "H");
+    }
+
+    #[test]
+    fn a_burl_carries_the_bid_its_token_and_the_price_macro_and_notices_are_checked() {
+        assert_eq!(burl("", "i", "b1.x"), None, "no billing_url: no burl");
+        let url =
+            burl("https://ads.example/openrtb2/billing", "0190b7a2-1c2d-7e3f-8a9b-0c1d2e3f4a5b", "b1.1.2.3.s").unwrap();
+        assert_eq!(
+            url,
+            "https://ads.example/openrtb2/billing?impression_id=0190b7a2-1c2d-7e3f-8a9b-0c1d2e3f4a5b\
+             &billing_token=b1.1.2.3.s&price=${AUCTION_PRICE}"
+        );
+        let notice = |price: &str| BillingNotice {
+            impression_id: "0190b7a2-1c2d-7e3f-8a9b-0c1d2e3f4a5b".into(),
+            billing_token: "b1.1.2.3.s".into(),
+            price: price.into(),
+        };
+        assert_eq!(notice("1.2345").check().unwrap().1, 1_234_500);
+        assert_eq!(notice(" 0 ").check().unwrap().1, 0);
+        for (price, expected) in [
+            ("${AUCTION_PRICE}", "price: the exchange did not replace"),
+            ("", "price: required"),
+            ("inf", "price: must be 0..="),
+            ("-0.5", "price: must be 0..="),
+            ("2000000", "price: must be 0..="),
+            ("1,5", "price: must be a decimal"),
+        ] {
+            let e = notice(price).check().unwrap_err().to_string();
+            assert!(e.starts_with(expected), "{price:?}: {e}");
+        }
+        let e = BillingNotice { impression_id: "x".into(), ..notice("1") }.check().unwrap_err().to_string();
+        assert!(e.starts_with("impression_id:"), "{e}");
+        let e = BillingNotice { billing_token: String::new(), ..notice("1") }.check().unwrap_err().to_string();
+        assert!(e.starts_with("billing_token: required"), "{e}");
     }
 }

@@ -335,12 +335,19 @@ impl AdServer {
                 price_cpm_micros: w.price_cpm_micros,
                 propensity: w.propensity,
                 explored: w.explored,
+                billed_on_notice: options.billed_on_notice,
             });
+            let price_per_mille_micros = price_per_mille_micros(&w);
             creatives.push(Creative {
                 advertiser_domain: ad.advertiser_domain.clone(),
                 category: ad.category.clone(),
-                price_per_mille_micros: price_per_mille_micros(&w),
+                price_per_mille_micros,
                 model_version: scores.version(row).to_string(),
+                billing_token: if options.billed_on_notice {
+                    self.click_tokens.sign_billing(&impression_id, w.ad_id, served_ms, price_per_mille_micros)
+                } else {
+                    String::new()
+                },
             });
             out.push(AdWinner {
                 click_token: self.click_tokens.sign(&impression_id, w.ad_id, served_ms),
@@ -496,6 +503,7 @@ impl AdServer {
             click_id: uuid::Uuid::now_v7().to_string(),
             impression_id: impression_id.to_string(),
             clicked_at: Some(prost_types::Timestamp::from(SystemTime::now())),
+            ..Default::default()
         };
         if let Err(e) = self.events.click(&event).await {
             if marked {
@@ -507,6 +515,51 @@ impl AdServer {
         tracing::debug!(ad_id = claims.ad_id, served_ms = claims.served_ms, "click recorded");
         metrics::counter!("adserve_gateway_clicks_total").increment(1);
         Ok(RecordClickResponse { click_id: event.click_id })
+    }
+
+    /// Logs an OpenRTB bid's billing notice (the exchange's `burl`: the bid
+    /// won and the ad was shown) once the broker has acknowledged it, if its
+    /// token proves the bid was made here within the label window and the
+    /// clearing price (micro units per mille) is not above the bid. The
+    /// label-joiner makes the bid a training row and the stream aggregator
+    /// counts and charges it from the logged notice; both take a repeated
+    /// notice once, so a replay (the exchange retrying) is accepted and
+    /// changes nothing.
+    pub async fn billing_notice(
+        &self,
+        impression_id: &str,
+        billing_token: &str,
+        price_cpm_micros: i64,
+    ) -> Result<(), ServeError> {
+        let refuse = |reason: &'static str, e: ServeError| {
+            metrics::counter!("adserve_gateway_billing_notices_refused_total", "reason" => reason).increment(1);
+            e
+        };
+        let claims = self
+            .click_tokens
+            .verify_billing(billing_token, impression_id, unix_ms(SystemTime::now()))
+            .map_err(|e| refuse(e.reason(), refused("billing_token", e)))?;
+        if price_cpm_micros > claims.bid_cpm_micros {
+            return Err(refuse(
+                "price",
+                ServeError::InvalidArgument(format!(
+                    "price: the clearing price {} is above the bid {} (per mille)",
+                    price_cpm_micros as f64 / 1e6,
+                    claims.bid_cpm_micros as f64 / 1e6
+                )),
+            ));
+        }
+        let event = ClickEvent {
+            click_id: uuid::Uuid::now_v7().to_string(),
+            impression_id: impression_id.to_string(),
+            clicked_at: Some(prost_types::Timestamp::from(SystemTime::now())),
+            billing_notice: true,
+            price_cpm_micros,
+        };
+        self.events.click(&event).await.map_err(|e| unavailable("billing log (kafka)", e))?;
+        tracing::debug!(ad_id = claims.ad_id, served_ms = claims.served_ms, "billing notice recorded");
+        metrics::counter!("adserve_gateway_billing_notices_total").increment(1);
+        Ok(())
     }
 
     /// A click through a creative's link (`GET /v1/clicks/redirect`):
@@ -942,6 +995,10 @@ pub struct ServeOptions {
     /// ([`price_per_mille_micros`]) is below it is dropped before it is
     /// logged. 0 = none.
     pub floor_ecpm_micros: i64,
+    /// The winners are bids into another auction (OpenRTB with
+    /// `openrtb.billing_url`): their impressions are logged
+    /// `billed_on_notice`, and each gets a billing token for its `burl`.
+    pub billed_on_notice: bool,
 }
 
 /// One answer, with the creative details of each winner.
@@ -970,6 +1027,8 @@ pub struct Creative {
     pub price_per_mille_micros: i64,
     /// The model version that scored this winner (its impression's).
     pub model_version: String,
+    /// The token of its billing notice (`burl`), when billed on notice.
+    pub billing_token: String,
 }
 
 /// A winner's price per thousand impressions, micro units: a CPM winner's
@@ -1028,9 +1087,14 @@ fn click_fields(req: &RecordClickRequest) -> Result<&str, ServeError> {
 /// 400 when it is not a token at all, 403 otherwise.
 fn token_refused(e: crate::click_token::TokenError) -> ServeError {
     metrics::counter!("adserve_gateway_clicks_refused_total", "reason" => e.reason()).increment(1);
+    refused("click_token", e)
+}
+
+/// 400 when `field` is not a token at all, 403 otherwise.
+fn refused(field: &str, e: crate::click_token::TokenError) -> ServeError {
     match e {
-        crate::click_token::TokenError::Malformed => ServeError::InvalidArgument(e.to_string()),
-        e => ServeError::Forbidden(e.to_string()),
+        crate::click_token::TokenError::Malformed => ServeError::InvalidArgument(format!("{field}: {e}")),
+        e => ServeError::Forbidden(format!("{field}: {e}")),
     }
 }
 

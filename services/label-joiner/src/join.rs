@@ -18,6 +18,15 @@
 //! watermark the same way: once impressions up to the click's time have been
 //! read, the impression does not exist. Watermarks never move backwards.
 //!
+//! **Billing notices.** An impression logged `billed_on_notice` is a bid
+//! into another auction (OpenRTB): it is a training row only once the
+//! exchange's billing notice for it (a [`ClickEvent`] with `billing_notice`,
+//! on the clicks topic, so it shares the clicks watermark) or a click on it
+//! (which proves it was shown) arrives inside its window. A bid neither
+//! billed nor clicked when its window closes lost its auction: it writes no
+//! row (`unbilled`), where it used to become a false label-0 row. In
+//! streaming mode its provisional negative waits for the notice.
+//!
 //! **Offsets.** An offset stays *in flight* until everything it contributed
 //! is durable (its impression's final row is in a written file) or it is
 //! known to contribute nothing (duplicate, late click, dead-lettered,
@@ -290,6 +299,25 @@ pub struct JoinStats {
     pub orphans_evicted: u64,
     /// Clicks stamped before their impression was served (dropped).
     pub clicks_before_impression: u64,
+    /// Billing notices attached to their (billed on notice) impression
+    /// within the window.
+    pub billings_joined: u64,
+    /// Billing notices after their impression's window: the bid wrote no
+    /// row (see `unbilled`), or it was clicked and did.
+    pub late_billings: u64,
+    /// Billing notices stamped inside their impression's window but read
+    /// after the watermark had closed it unbilled: a shown ad that wrote no
+    /// row (as `clicks_after_close`, from event time far out of order).
+    pub billings_after_close: u64,
+    /// Billing notices whose impression never came.
+    pub unmatched_billings: u64,
+    /// Billing notices for an impression billed when served (the native
+    /// API): ignored.
+    pub billings_not_expected: u64,
+    /// Bids (impressions billed on notice) whose window closed with neither
+    /// a billing notice nor a click: auctions lost at the exchange, not
+    /// training rows.
+    pub unbilled: u64,
     /// Impressions or clicks seen twice.
     pub duplicates: u64,
     /// Negatives not written (downsampling).
@@ -307,9 +335,24 @@ struct Pending {
     served_ms: i64,
     deadline_ms: i64,
     click: Option<(Timestamp, (TopicPartition, i64))>,
+    /// Billed on notice: the notice's offset once it came (None: not yet).
+    /// Always None for an impression billed when served.
+    billing: Option<(TopicPartition, i64)>,
     written: Kinds,
     bytes: usize,
 }
+
+impl Pending {
+    /// Shown, as far as the join knows: billed when served, or billed on
+    /// notice and the notice (or a click, which proves it) came.
+    fn shown(&self) -> bool {
+        !self.event.billed_on_notice || self.billing.is_some() || self.click.is_some()
+    }
+}
+
+/// An orphan's key: the impression's, and whether it is a billing notice
+/// (one click and one notice may wait for the same impression).
+type OrphanKey = (u128, bool);
 
 #[derive(Debug)]
 struct Orphan {
@@ -322,6 +365,8 @@ struct Orphan {
 #[derive(Debug, Clone, Copy)]
 struct Done {
     clicked: bool,
+    /// Billed on notice and closed without notice or click: no row.
+    unbilled: bool,
     /// End of the label window (ms, event time).
     deadline_ms: i64,
 }
@@ -339,8 +384,8 @@ struct Part {
     /// (deadline, offset, key) of pending impressions: rows leave in
     /// deadline order, then log order.
     windows: BTreeSet<(i64, i64, u128)>,
-    /// (clicked_at, key) of orphan clicks.
-    orphans: BTreeSet<(i64, u128)>,
+    /// (clicked_at, key) of orphan clicks and billing notices.
+    orphans: BTreeSet<(i64, OrphanKey)>,
     /// (forget at, key) of labelled impressions.
     done: BTreeSet<(i64, u128)>,
 }
@@ -411,7 +456,7 @@ pub struct Joiner {
     impressions: &'static str,
     clicks: &'static str,
     pending: HashMap<u128, Pending>,
-    orphans: HashMap<u128, Orphan>,
+    orphans: HashMap<OrphanKey, Orphan>,
     done: HashMap<u128, Done>,
     written: HashMap<u128, Written>,
     parts: HashMap<i32, Part>,
@@ -557,17 +602,16 @@ impl Joiner {
         let (written, clicked) = self.written.remove(&key).map_or((Kinds::default(), false), |w| (w.kinds, w.clicked));
         if written.contains(RowKind::Final) {
             self.stats.already_written += 1;
-            self.remember_done(key, partition, served_ms + self.rules.window_ms, clicked);
+            self.remember_done(key, partition, served_ms + self.rules.window_ms, clicked, false);
             return Ok(());
         }
         let names = self.intern(std::mem::take(&mut features.names));
         let deadline_ms = served_ms + self.rules.window_ms;
         let bytes = event.encoded_len() + 96;
-        let mut pending = Pending { event, names, offset, served_ms, deadline_ms, click: None, written, bytes };
-        if let Some(orphan) = self.orphans.remove(&key) {
-            self.bytes = self.bytes.saturating_sub(orphan.bytes);
-            self.part(partition).orphans.remove(&(orphan.at_ms, key));
-            let click_tp = (self.clicks, partition);
+        let mut pending =
+            Pending { event, names, offset, served_ms, deadline_ms, click: None, billing: None, written, bytes };
+        let click_tp = (self.clicks, partition);
+        if let Some(orphan) = self.take_orphan(partition, (key, false)) {
             if orphan.at_ms < served_ms {
                 self.stats.clicks_before_impression += 1;
                 self.release(click_tp, orphan.offset);
@@ -579,8 +623,23 @@ impl Joiner {
                 self.release(click_tp, orphan.offset);
             }
         }
+        if let Some(orphan) = self.take_orphan(partition, (key, true)) {
+            if !pending.event.billed_on_notice {
+                self.stats.billings_not_expected += 1;
+                self.release(click_tp, orphan.offset);
+            } else if orphan.at_ms <= deadline_ms {
+                pending.billing = Some((click_tp, orphan.offset));
+                self.stats.billings_joined += 1;
+            } else {
+                self.stats.late_billings += 1;
+                self.release(click_tp, orphan.offset);
+            }
+        }
         if self.rules.mode == Mode::Streaming {
-            if kept(key, self.rules.negative_keep_rate) && !pending.written.contains(RowKind::Provisional) {
+            if pending.shown()
+                && kept(key, self.rules.negative_keep_rate)
+                && !pending.written.contains(RowKind::Provisional)
+            {
                 let row = self.row(&pending, partition, RowKind::Provisional, now_ms);
                 self.ready.push(row);
             }
@@ -596,7 +655,15 @@ impl Joiner {
         Ok(())
     }
 
-    /// A click read at `offset` of clicks partition `partition`, at wall-clock `now_ms`.
+    fn take_orphan(&mut self, partition: i32, key: OrphanKey) -> Option<Orphan> {
+        let orphan = self.orphans.remove(&key)?;
+        self.bytes = self.bytes.saturating_sub(orphan.bytes);
+        self.part(partition).orphans.remove(&(orphan.at_ms, key));
+        Some(orphan)
+    }
+
+    /// A click, or a billing notice (`billing_notice`), read at `offset` of
+    /// clicks partition `partition`, at wall-clock `now_ms`.
     pub fn on_click(&mut self, click: ClickEvent, partition: i32, offset: i64, now_ms: i64) -> Result<(), Rejected> {
         let tp = (self.clicks, partition);
         if click.impression_id.is_empty() {
@@ -609,6 +676,10 @@ impl Joiner {
             self.stats.out_of_order_clicks += 1;
         }
         let key = id_key(&click.impression_id);
+        if click.billing_notice {
+            self.on_billing(click, key, at_ms, partition, offset, now_ms);
+            return Ok(());
+        }
         let streaming = self.rules.mode == Mode::Streaming;
         if let Some(p) = self.pending.get_mut(&key) {
             if p.click.is_some() {
@@ -639,22 +710,68 @@ impl Joiner {
             }
             return Ok(());
         }
+        self.orphan(click, (key, false), at_ms, partition, offset);
+        Ok(())
+    }
+
+    /// A billing notice: the bid it names won and was shown.
+    fn on_billing(&mut self, notice: ClickEvent, key: u128, at_ms: i64, partition: i32, offset: i64, now_ms: i64) {
+        let tp = (self.clicks, partition);
+        if let Some(p) = self.pending.get_mut(&key) {
+            if !p.event.billed_on_notice {
+                self.stats.billings_not_expected += 1;
+            } else if p.billing.is_some() {
+                self.stats.duplicates += 1;
+            } else if at_ms <= p.deadline_ms {
+                let first_sign = !p.shown();
+                p.billing = Some((tp, offset));
+                self.stats.billings_joined += 1;
+                self.inflight.entry(tp).or_default().insert(offset);
+                // Streaming: the provisional negative waited for the notice
+                // (a click already wrote its correction).
+                let p = &self.pending[&key];
+                if self.rules.mode == Mode::Streaming
+                    && first_sign
+                    && kept(key, self.rules.negative_keep_rate)
+                    && !p.written.contains(RowKind::Provisional)
+                {
+                    let row = self.row(p, partition, RowKind::Provisional, now_ms);
+                    self.ready.push(row);
+                }
+            } else {
+                self.stats.late_billings += 1;
+            }
+            return;
+        }
+        if let Some(done) = self.done.get(&key) {
+            if !done.unbilled {
+                self.stats.duplicates += 1;
+            } else if at_ms <= done.deadline_ms {
+                self.stats.billings_after_close += 1;
+            } else {
+                self.stats.late_billings += 1;
+            }
+            return;
+        }
+        self.orphan(notice, (key, true), at_ms, partition, offset);
+    }
+
+    /// Holds a click or notice read before its impression (the two topics
+    /// are read independently, so it may still be on its way) until the
+    /// impressions watermark passes its time.
+    fn orphan(&mut self, click: ClickEvent, key: OrphanKey, at_ms: i64, partition: i32, offset: i64) {
         if self.orphans.contains_key(&key) {
             self.stats.duplicates += 1;
-            return Ok(());
+            return;
         }
-        // The impression may still be on its way (the two topics are read
-        // independently): hold the click until the impressions watermark
-        // passes its time.
         let bytes = click.encoded_len() + 96;
-        self.hold(tp, offset);
+        self.hold((self.clicks, partition), offset);
         self.bytes += bytes;
         self.part(partition).orphans.insert((at_ms, key));
         self.orphans.insert(key, Orphan { click, at_ms, offset, bytes });
         if self.orphans.len() > self.rules.max_orphans {
             self.evict_oldest_orphan(partition);
         }
-        Ok(())
     }
 
     fn evict_oldest_orphan(&mut self, partition: i32) {
@@ -666,13 +783,26 @@ impl Joiner {
         }
     }
 
-    fn remember_done(&mut self, key: u128, partition: i32, deadline_ms: i64, clicked: bool) {
+    /// An orphan whose impression never came.
+    fn unmatched(&mut self, partition: i32, key: OrphanKey) {
+        if let Some(o) = self.orphans.remove(&key) {
+            self.bytes = self.bytes.saturating_sub(o.bytes);
+            self.release((self.clicks, partition), o.offset);
+            if key.1 {
+                self.stats.unmatched_billings += 1;
+            } else {
+                self.stats.unmatched_clicks += 1;
+            }
+        }
+    }
+
+    fn remember_done(&mut self, key: u128, partition: i32, deadline_ms: i64, clicked: bool, unbilled: bool) {
         // Remembered one more window (event time) after closing: a click
         // until then is counted late, an impression re-delivered until then
         // is a duplicate.
         let forget_at = deadline_ms.saturating_add(self.rules.window_ms);
         self.part(partition).done.insert((forget_at, key));
-        self.done.insert(key, Done { clicked, deadline_ms });
+        self.done.insert(key, Done { clicked, unbilled, deadline_ms });
         self.bytes += DONE_BYTES;
     }
 
@@ -714,11 +844,7 @@ impl Joiner {
                     break;
                 }
                 self.part(k).orphans.pop_first();
-                if let Some(o) = self.orphans.remove(&key) {
-                    self.bytes = self.bytes.saturating_sub(o.bytes);
-                    self.release((self.clicks, k), o.offset);
-                    self.stats.unmatched_clicks += 1;
-                }
+                self.unmatched(k, key);
             }
             while let Some(&(at, key)) = self.part(k).done.first() {
                 if at > clicks_wm {
@@ -754,10 +880,16 @@ impl Joiner {
         self.bytes = self.bytes.saturating_sub(p.bytes);
         let clicked = p.click.is_some();
         let imp = (self.impressions, partition);
-        self.remember_done(key, partition, p.deadline_ms, clicked);
-        if clicked || kept(key, self.rules.negative_keep_rate) {
+        let shown = p.shown();
+        self.remember_done(key, partition, p.deadline_ms, clicked, !shown);
+        if !shown {
+            // A bid the exchange never billed: its auction was lost.
+            self.stats.unbilled += 1;
+            self.release(imp, p.offset);
+        } else if clicked || kept(key, self.rules.negative_keep_rate) {
             let mut releases = vec![(imp, p.offset)];
             releases.extend(p.click.as_ref().map(|c| c.1));
+            releases.extend(p.billing);
             // The final row takes the pending impression's event (no copy).
             let row = LabelledRow {
                 label: clicked,
@@ -778,6 +910,9 @@ impl Joiner {
         } else {
             self.stats.downsampled += 1;
             self.release(imp, p.offset);
+            if let Some((tp, offset)) = p.billing {
+                self.release(tp, offset);
+            }
         }
     }
 
@@ -789,11 +924,7 @@ impl Joiner {
         for k in partitions {
             closed += self.close_until(k, i64::MAX, now_ms);
             while let Some((_, key)) = self.part(k).orphans.pop_first() {
-                if let Some(o) = self.orphans.remove(&key) {
-                    self.bytes = self.bytes.saturating_sub(o.bytes);
-                    self.release((self.clicks, k), o.offset);
-                    self.stats.unmatched_clicks += 1;
-                }
+                self.unmatched(k, key);
             }
         }
         closed

@@ -265,6 +265,12 @@ impl Core {
             ("adserve_label_joiner_duplicates_total", stats.duplicates),
             ("adserve_label_joiner_downsampled_total", stats.downsampled),
             ("adserve_label_joiner_already_written_total", stats.already_written),
+            ("adserve_label_joiner_billings_joined_total", stats.billings_joined),
+            ("adserve_label_joiner_unbilled_total", stats.unbilled),
+            ("adserve_label_joiner_late_billings_total", stats.late_billings),
+            ("adserve_label_joiner_billings_after_close_total", stats.billings_after_close),
+            ("adserve_label_joiner_unmatched_billings_total", stats.unmatched_billings),
+            ("adserve_label_joiner_billings_not_expected_total", stats.billings_not_expected),
         ] {
             metrics::counter!(name).absolute(value);
         }

@@ -24,7 +24,22 @@ fn imp(id: &str, served_ms: i64) -> ImpressionEvent {
 }
 
 fn click(id: &str, at_ms: i64) -> ClickEvent {
-    ClickEvent { click_id: format!("c-{id}"), impression_id: id.into(), clicked_at: Some(ts(at_ms)) }
+    ClickEvent {
+        click_id: format!("c-{id}"),
+        impression_id: id.into(),
+        clicked_at: Some(ts(at_ms)),
+        ..Default::default()
+    }
+}
+
+/// A bid into another auction: shown only if billed.
+fn bid(id: &str, served_ms: i64) -> ImpressionEvent {
+    ImpressionEvent { billed_on_notice: true, ..imp(id, served_ms) }
+}
+
+/// The exchange's billing notice for `id`.
+fn notice(id: &str, at_ms: i64) -> ClickEvent {
+    ClickEvent { billing_notice: true, price_cpm_micros: 1_500_000, ..click(id, at_ms) }
 }
 
 fn written(id: &str, kind: RowKind, label: bool) -> WrittenRow {
@@ -444,4 +459,121 @@ fn feature_names_are_stored_once_per_list() {
     let rows = j.take_ready(100);
     assert!(rows.windows(2).all(|w| Arc::ptr_eq(&w[0].names, &w[1].names)));
     assert!(rows.iter().all(|r| r.event.features.as_ref().unwrap().names.is_empty()));
+}
+
+#[test]
+fn a_bid_is_a_row_only_once_billed_and_a_lost_bid_writes_nothing() {
+    let mut j = joiner();
+    j.on_impression(bid("won", 0), 0, 0, 0).unwrap();
+    j.on_impression(bid("lost", 0), 0, 1, 0).unwrap();
+    j.on_impression(bid("clicked", 0), 0, 2, 0).unwrap();
+    j.on_click(notice("won", 200), 0, 0, 200).unwrap();
+    // A click proves the ad was shown, notice or not.
+    j.on_click(click("clicked", 300), 0, 1, 300).unwrap();
+    assert_eq!(commit_of(&j, IMP, 0), 0);
+    j.close_all(5_000);
+    let rows = j.take_ready(10);
+    let labels: Vec<(&str, bool)> = rows.iter().map(|r| (r.event.impression_id.as_str(), r.label)).collect();
+    assert_eq!(labels, [("won", false), ("clicked", true)]);
+    let stats = j.stats();
+    assert_eq!((stats.billings_joined, stats.unbilled, stats.clicks_joined), (1, 1, 1));
+    assert_eq!(commit_of(&j, IMP, 0), 0, "the won bid's impression stays in flight until its row is durable");
+    assert_eq!(commit_of(&j, CLK, 0), 0, "and so does its notice");
+    j.mark_durable(&rows);
+    assert_eq!(commit_of(&j, IMP, 0), 3);
+    assert_eq!(commit_of(&j, CLK, 0), 2);
+}
+
+#[test]
+fn a_notice_read_before_its_bid_is_held_and_joined() {
+    let mut j = joiner();
+    j.on_click(notice("a", 100), 0, 0, 100).unwrap();
+    j.on_click(click("a", 150), 0, 1, 150).unwrap();
+    assert_eq!(j.orphans_len(), 2, "a click and a notice wait for the same impression");
+    j.on_impression(bid("a", 0), 0, 0, 150).unwrap();
+    assert_eq!(j.orphans_len(), 0);
+    j.close_all(5_000);
+    let rows = j.take_ready(10);
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0].label);
+    assert_eq!((j.stats().billings_joined, j.stats().clicks_joined), (1, 1));
+    j.mark_durable(&rows);
+    assert_eq!(commit_of(&j, CLK, 0), 2);
+}
+
+#[test]
+fn late_duplicate_unexpected_and_unmatched_notices_are_counted_apart() {
+    let mut j = joiner();
+    j.on_impression(bid("late", 0), 0, 0, 0).unwrap();
+    j.on_impression(bid("twice", 0), 0, 1, 0).unwrap();
+    j.on_impression(imp("native", 0), 0, 2, 0).unwrap();
+    j.on_click(notice("late", W + 1), 0, 0, W + 1).unwrap();
+    j.on_click(notice("twice", 10), 0, 1, 10).unwrap();
+    j.on_click(notice("twice", 20), 0, 2, 20).unwrap();
+    j.on_click(notice("native", 30), 0, 3, 30).unwrap();
+    j.on_click(notice("nobody", 40), 0, 4, 40).unwrap();
+    caught_up(&mut j, 0);
+    j.advance(10 * W);
+    let rows = j.take_ready(10);
+    let ids: Vec<&str> = rows.iter().map(|r| r.event.impression_id.as_str()).collect();
+    assert_eq!(ids, ["twice", "native"], "the native impression was billed when served; the notice changes nothing");
+    let s = j.stats();
+    assert_eq!(s.late_billings, 1);
+    assert_eq!(s.duplicates, 1);
+    assert_eq!(s.billings_not_expected, 1);
+    assert_eq!(s.unmatched_billings, 1);
+    assert_eq!(s.unbilled, 1, "the late notice's bid closed unbilled");
+    assert_eq!(s.unmatched_clicks, 0, "notices are not counted as clicks");
+}
+
+#[test]
+fn a_notice_in_window_read_after_its_bid_closed_unbilled_is_counted_as_a_lost_row() {
+    let mut j = joiner();
+    j.on_impression(bid("a", 0), 0, 0, 0).unwrap();
+    // Another click moves the watermark past the window (not so far that
+    // the closed bid is forgotten).
+    j.on_click(click("other", W + 2 * L), 0, 0, W + 2 * L).unwrap();
+    j.advance(W + 2 * L);
+    assert_eq!(j.stats().unbilled, 1);
+    j.on_click(notice("a", 500), 0, 1, W + 2 * L).unwrap();
+    assert_eq!(j.stats().billings_after_close, 1);
+    assert!(j.take_ready(10).is_empty());
+}
+
+#[test]
+fn streaming_mode_writes_a_bids_provisional_row_on_its_notice() {
+    let mut rules = JoinRules::window(W, L);
+    rules.mode = Mode::Streaming;
+    let mut j = Joiner::new(rules, IMP, CLK);
+    j.on_impression(bid("won", 0), 0, 0, 0).unwrap();
+    j.on_impression(bid("lost", 0), 0, 1, 0).unwrap();
+    j.on_impression(bid("clicked", 0), 0, 2, 0).unwrap();
+    assert!(j.take_ready(10).is_empty(), "no provisional negative for a bid that may lose");
+    j.on_click(notice("won", 100), 0, 0, 100).unwrap();
+    j.on_click(click("clicked", 100), 0, 1, 100).unwrap();
+    j.on_click(notice("clicked", 200), 0, 2, 200).unwrap();
+    let early: Vec<(String, RowKind)> =
+        j.take_ready(10).into_iter().map(|r| (r.event.impression_id.clone(), r.kind)).collect();
+    assert_eq!(
+        early,
+        [("won".to_string(), RowKind::Provisional), ("clicked".to_string(), RowKind::Correction)],
+        "a notice after the click adds no provisional negative"
+    );
+    j.close_all(5_000);
+    let finals: Vec<(String, bool)> =
+        j.take_ready(10).into_iter().map(|r| (r.event.impression_id.clone(), r.label)).collect();
+    assert_eq!(finals, [("won".to_string(), false), ("clicked".to_string(), true)]);
+}
+
+#[test]
+fn a_downsampled_billed_negative_releases_its_notice() {
+    let mut rules = JoinRules::window(W, L);
+    rules.negative_keep_rate = 1e-9;
+    let mut j = Joiner::new(rules, IMP, CLK);
+    j.on_impression(bid("a", 0), 0, 0, 0).unwrap();
+    j.on_click(notice("a", 10), 0, 0, 10).unwrap();
+    j.close_all(5_000);
+    assert!(j.take_ready(10).is_empty());
+    assert_eq!(j.stats().downsampled, 1);
+    assert_eq!((commit_of(&j, IMP, 0), commit_of(&j, CLK, 0)), (1, 1));
 }
