@@ -462,6 +462,7 @@ def test_alert_rules_and_the_dashboard_render_and_use_documented_metrics() -> No
         "AdserveAvailability",
         "AdserveLatencyP99",
         "AdserveFeatureFreshness",
+        "AdserveRealtimeFeaturesStale",
         "AdserveJoinerLag",
         "AdserveCalibrationDrift",
         "AdserveCatalogIndexStale",

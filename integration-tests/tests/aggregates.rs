@@ -489,3 +489,101 @@ async fn a_killed_or_frozen_aggregator_loses_and_duplicates_nothing() -> anyhow:
     drop(child);
     Ok(())
 }
+
+/// The aggregators' progress in Redis database `db`: the oldest entry (unix ms).
+async fn progress(client: &Client, prefix: &str) -> anyhow::Result<Option<i64>> {
+    let entries: std::collections::HashMap<String, String> = client.hgetall(realtime::progress_key(prefix)).await?;
+    Ok(entries.values().filter_map(|v| v.parse().ok()).min())
+}
+
+#[tokio::test]
+async fn a_frozen_aggregator_stops_its_progress_and_the_feature_service_says_its_features_are_stale()
+-> anyhow::Result<()> {
+    let s = Stack::ready().await?;
+    let kafka = KafkaConfig { brokers: s.kafka.clone(), ..KafkaConfig::default() };
+    let events = EventPublisher::new(&kafka, "test")?;
+    let db = 11;
+    let client = redis(&s.redis_db(db)).await?;
+    let prefix = adserve_features::registry().redis.key_prefix.clone();
+    let _: i64 = client.del(realtime::progress_key(&prefix)).await?;
+    let run = run_id();
+    let now_ms = || now_s() * 1000;
+
+    // An aggregator that has read its partitions to the end reports the clock.
+    let mut child = aggregator_process(&s, db, &format!("adserve-test-progress-{run}"))?;
+    events.impression(&impression(&format!("{run}-p"), &format!("fresh-{run}"), 8_600_000_000 + run, now_s())).await?;
+    wait_for("the aggregator caught up", Duration::from_secs(60), async || {
+        Ok(progress(&client, &prefix).await?.is_some_and(|p| now_ms() - p < 3_000))
+    })
+    .await?;
+    // Frozen, it reports nothing: its progress stops where it was.
+    signal(&child, "-STOP")?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let frozen = progress(&client, &prefix).await?.expect("reported");
+    assert!(now_ms() - frozen >= 3_000, "a frozen aggregator's progress must not move ({} ms old)", now_ms() - frozen);
+    // Thawed, it catches up and the clock moves on again.
+    signal(&child, "-CONT")?;
+    wait_for("the thawed aggregator reports again", Duration::from_secs(30), async || {
+        Ok(progress(&client, &prefix).await?.is_some_and(|p| now_ms() - p < 3_000))
+    })
+    .await?;
+    child.start_kill()?;
+    let _ = child.wait().await;
+
+    // A feature-service over that database. An aggregator stopped two
+    // minutes ago (past the real-time features' 1-minute SLA): still an
+    // answer, with the stored values, marked degraded naming the SLA.
+    let grpc = free_port();
+    let _service = tokio::process::Command::new(binary("adserve-feature-service"))
+        .env("ADSERVE_MODE", "serve")
+        .env("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{grpc}"))
+        .env("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("ADSERVE_REDIS__URL", s.redis_db(db))
+        .env("ADSERVE_DYNAMODB__ENDPOINT", &s.dynamodb)
+        .env("ADSERVE_TELEMETRY__LOG_FILTER", "error")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stale = now_ms() - 120_000;
+    let _: i64 = client.hset(realtime::progress_key(&prefix), ("adserve.impressions.v1/0", stale.to_string())).await?;
+    let request = GetFeaturesRequest {
+        user_id: format!("fresh-{run}"),
+        ad_ids: vec![1, 2],
+        context: Some(RequestContext { placement: "feed_top".into(), device: "mobile".into(), ..Default::default() }),
+    };
+    let mut features = None;
+    for _ in 0..100 {
+        if let Ok(c) = FeatureServiceClient::connect(format!("http://127.0.0.1:{grpc}")).await {
+            features = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut features = features.context("feature-service did not start")?;
+    let freshness = |r: &adserve_proto::v1::GetFeaturesResponse| {
+        r.degraded
+            .iter()
+            .find(|d| d.component == "redis" && d.reason.contains("freshness_sla"))
+            .map(|d| d.reason.clone())
+    };
+    wait_for("stale real-time features reported", Duration::from_secs(20), async || {
+        let r = features.get_features(request.clone()).await?.into_inner();
+        Ok(r.matrix.is_some() && freshness(&r).is_some())
+    })
+    .await?;
+    let r = features.get_features(request.clone()).await?.into_inner();
+    let reason = freshness(&r).expect("still stale");
+    assert!(reason.contains("user_impressions_1h") && reason.contains("ad_impressions_1h"), "{reason}");
+    // The aggregator is back: the next answers are clean again.
+    let entries: std::collections::HashMap<String, String> = client.hgetall(realtime::progress_key(&prefix)).await?;
+    for field in entries.keys() {
+        let _: i64 = client.hset(realtime::progress_key(&prefix), (field.as_str(), now_ms().to_string())).await?;
+    }
+    wait_for("fresh again", Duration::from_secs(20), async || {
+        let r = features.get_features(request.clone()).await?.into_inner();
+        Ok(freshness(&r).is_none())
+    })
+    .await?;
+    let _: i64 = client.del(realtime::progress_key(&prefix)).await?;
+    Ok(())
+}

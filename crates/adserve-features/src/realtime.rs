@@ -115,6 +115,14 @@ pub fn billing_marker(prefix: &str, impression_id: &str) -> String {
     format!("{prefix}:seen:b:{impression_id}")
 }
 
+/// The aggregators' progress: a hash of `topic/partition` -> the event
+/// time (unix ms) the partition's owner has applied through (the wall clock
+/// while it has read the partition to its end). Its oldest entry is how far
+/// behind the event logs the real-time tier may be.
+pub fn progress_key(prefix: &str) -> String {
+    format!("{prefix}:aggregates:progress")
+}
+
 /// Version byte of the packed layout.
 pub const LAYOUT_VERSION: u8 = 1;
 

@@ -415,6 +415,20 @@ impl Aggregator {
         })
     }
 
+    /// Reports how far each partition has been applied: `(topic/partition,
+    /// unix ms)` into [`realtime::progress_key`], which the feature-service
+    /// holds against the registry's `freshness_sla`.
+    pub async fn report_progress(&self, entries: Vec<(String, i64)>) -> Result<(), Error> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let key = realtime::progress_key(&self.prefix);
+        let values: Vec<(String, String)> = entries.into_iter().map(|(k, v)| (k, v.to_string())).collect();
+        let _: i64 = self.client.hset(&key, values).await?;
+        let _: bool = self.client.expire(&key, PROGRESS_TTL.as_secs() as i64, None).await?;
+        Ok(())
+    }
+
     /// Applies a click or a billing notice (what the clicks topic carries)
     /// to the impression it is attributed to: what was counted, and whether
     /// a click was charged.
@@ -483,6 +497,10 @@ fn count_unattributed(click: &ClickEvent) {
     metrics::counter!("adserve_feature_aggregates_events_total", "topic" => CLICKS_TOPIC, "outcome" => "unattributed")
         .increment(1);
 }
+
+/// How long the progress hash outlives its last report (an entry of a
+/// partition nobody owns any more ages, as it should, until then).
+const PROGRESS_TTL: Duration = Duration::from_secs(7 * 86_400);
 
 /// Most messages applied in one batch.
 const BATCH: usize = 256;
@@ -739,6 +757,31 @@ impl Loop<'_> {
             .collect()
     }
 
+    /// Per partition this consumer owns, the event time it has applied
+    /// through: the wall clock when it has read the partition to its end,
+    /// else the newest event time applied from it (partitions nothing has
+    /// been read from yet are left out).
+    fn progress<C: rdkafka::consumer::ConsumerContext>(
+        &self,
+        consumer: &rdkafka::consumer::StreamConsumer<C>,
+    ) -> Vec<(String, i64)> {
+        let Ok(assigned) = consumer.assignment() else { return Vec::new() };
+        let now = unix_now_ms();
+        assigned
+            .elements()
+            .iter()
+            .filter_map(|e| {
+                let topic = topic_of(e.topic())?;
+                let p = e.partition();
+                let next = self.next.get(&(topic, p)).copied();
+                let caught_up = adserve_events::cached_watermarks(consumer.client(), topic, p)
+                    .is_some_and(|(low, high)| high <= next.unwrap_or(low));
+                let at = if caught_up { Some(now) } else { self.watermarks.get(&(topic, p)).copied() };
+                Some((format!("{topic}/{p}"), at?))
+            })
+            .collect()
+    }
+
     /// Commits what Redis has: each partition's next offset, but never past
     /// a click still waiting for its impression.
     fn commit<C: rdkafka::consumer::ConsumerContext>(&self, consumer: &rdkafka::consumer::StreamConsumer<C>) {
@@ -783,6 +826,9 @@ impl Loop<'_> {
                         return Ok(());
                     }
                     self.commit(&consumer);
+                    if let Err(e) = self.aggregator.report_progress(self.progress(&consumer)).await {
+                        tracing::debug!(error = %e, "reporting progress failed; next tick retries");
+                    }
                 }
                 _ = refresh.tick() => {
                     match self.aggregator.refresh_due(unix_now(), self.config.refresh_batch).await {

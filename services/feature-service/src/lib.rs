@@ -16,6 +16,7 @@ pub mod backfill;
 pub mod batch;
 pub mod breaker;
 pub mod config;
+pub mod freshness;
 pub mod realtime;
 pub mod service;
 

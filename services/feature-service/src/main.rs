@@ -1,8 +1,11 @@
 //! adserve-feature-service: config -> telemetry -> connect stores -> serve
 //! GetFeatures and/or run the streaming aggregates (`mode`).
 use adserve_events::EventPublisher;
+use std::sync::Arc;
+
 use adserve_feature_service::{
     AdTable, Aggregator, BatchStore, FeatureGrpc, FeatureServiceConfig, RealtimeStore, aggregates,
+    freshness::RealtimeFreshness,
 };
 use adserve_proto::service_names;
 use tonic::service::Routes;
@@ -59,6 +62,8 @@ async fn main() -> anyhow::Result<()> {
             tracing::warn!(error = %e, "cannot ensure DynamoDB tables yet");
         }
         let realtime = RealtimeStore::connect(&config.redis, registry).await?;
+        let freshness = Arc::new(RealtimeFreshness::new(registry));
+        tokio::spawn(freshness.clone().follow(realtime.clone(), std::time::Duration::from_secs(1)));
         let mut service = FeatureGrpc::new(
             registry,
             batch.clone(),
@@ -67,7 +72,8 @@ async fn main() -> anyhow::Result<()> {
             config.redis.timeout,
             config.max_ads,
         )
-        .with_breakers(config.breaker);
+        .with_breakers(config.breaker)
+        .with_freshness(freshness);
         if config.ad_table.enabled {
             let table = AdTable::new();
             tokio::spawn(table.clone().refresh(batch, config.ad_table.refresh, config.ad_table.max_age));

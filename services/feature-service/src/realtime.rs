@@ -83,6 +83,14 @@ impl RealtimeStore {
         Ok((user, ads))
     }
 
+    /// The oldest applied-through time (unix ms) the aggregators report in
+    /// [`realtime::progress_key`] (None: none has reported).
+    pub async fn progress(&self) -> Result<Option<i64>, Error> {
+        let key = realtime::progress_key(&self.registry.redis.key_prefix);
+        let entries: HashMap<String, String> = self.client.hgetall(key).await?;
+        Ok(entries.values().filter_map(|v| v.parse::<i64>().ok()).min())
+    }
+
     /// Overwrites entities' packed counters: `(entity, id, [(attribute,
     /// value)])`, the attributes not named 0, for seeding and tests (the
     /// aggregator replaces a seeded value at the entity's next event).

@@ -22,6 +22,8 @@ use adserve_proto::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::freshness::RealtimeFreshness;
+
 use crate::{
     AdTable, BatchStore, RealtimeStore, SourceValues, assemble,
     breaker::{Admit, Breaker, BreakerConfig},
@@ -46,6 +48,9 @@ struct Inner {
     /// One breaker per tier: a dead tier stops costing its deadline.
     batch_breaker: Breaker,
     realtime_breaker: Breaker,
+    /// The real-time tier's lag against the registry's freshness SLAs
+    /// (None: not followed).
+    freshness: Option<Arc<RealtimeFreshness>>,
 }
 
 impl FeatureGrpc {
@@ -69,6 +74,7 @@ impl FeatureGrpc {
                 ad_table: None,
                 batch_breaker: Breaker::new(degraded::DYNAMODB, BreakerConfig::default()),
                 realtime_breaker: Breaker::new(degraded::REDIS, BreakerConfig::default()),
+                freshness: None,
             }),
         }
     }
@@ -78,6 +84,15 @@ impl FeatureGrpc {
     pub fn with_ad_table(mut self, table: AdTable) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.ad_table = Some(table);
+        }
+        self
+    }
+
+    /// Says, in every answer while it is so, that the real-time tier is
+    /// behind the event logs by more than a feature's `freshness_sla`.
+    pub fn with_freshness(mut self, freshness: Arc<RealtimeFreshness>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.freshness = Some(freshness);
         }
         self
     }
@@ -215,6 +230,17 @@ impl FeatureService for FeatureGrpc {
             ad_batch,
             within(degraded::REDIS, s.realtime_deadline, &s.realtime_breaker, realtime, &degraded),
         );
+        if let Some(freshness) = &s.freshness {
+            let now_ms =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+            if let Some((features, reason)) = freshness.breach(now_ms) {
+                for f in features {
+                    metrics::counter!("adserve_feature_freshness_breaches_total", "feature" => f.to_string())
+                        .increment(1);
+                }
+                report_degraded(degraded::REDIS, reason, &degraded);
+            }
+        }
         if let Some(e) = &ad_lookup.error {
             // Some chunks answered: only the failed chunks' ads take defaults.
             let reason = format!(
