@@ -312,7 +312,7 @@ async fn a_killed_backfill_resumes_from_its_checkpoint_and_writes_each_latest_ro
     // Every user holds its newer row (a sample across every row group).
     let store = s.batch_store();
     for u in (0..users).step_by(97) {
-        let got = store.user(&format!("bf-{tag}-{u}")).await?;
+        let got = store.user(&format!("bf-{tag}-{u}")).await?.values;
         assert_eq!(got.get("ctr_30d").copied(), Some((0.0001 * (u % 5000) as f64) as f32), "user {u}");
         assert_eq!(got.get("sessions_7d").copied(), Some(u as f32), "user {u}");
     }
@@ -426,5 +426,58 @@ async fn the_batch_tier_reads_with_the_default_credential_chain() -> anyhow::Res
             assert_ne!(value, 0.0625);
         }
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn batch_features_past_their_freshness_sla_are_served_and_reported_stale() -> anyhow::Result<()> {
+    // Items written (as the backfill writes them) with the time their values
+    // became true: a user and an ad 40 hours old (the batch features' SLA
+    // is 36 h), beside a fresh ad. The running feature-service serves them
+    // and says which are stale.
+    let s = Stack::ready().await?;
+    let store = s.batch_store();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+    let hour = 3_600_000;
+    let run = uuid::Uuid::new_v4().as_u128() as i64 & 0x3fff_ffff;
+    let user = format!("stale-user-{run}");
+    let (stale_ad, fresh_ad) = (9_400_000_000 + 2 * run, 9_400_000_001 + 2 * run);
+    let row = |id: String, attr: &str, v: f32, as_of: i64| adserve_feature_service::BatchRow {
+        id,
+        values: HashMap::from([(attr.to_string(), v)]),
+        as_of_ms: Some(as_of),
+    };
+    store.put_rows(Entity::User, &[row(user.clone(), "ctr_30d", 0.04, now - 40 * hour)]).await?;
+    store
+        .put_rows(
+            Entity::Ad,
+            &[
+                row(stale_ad.to_string(), "ctr_7d", 0.03, now - 40 * hour),
+                row(fresh_ad.to_string(), "ctr_7d", 0.02, now - hour),
+            ],
+        )
+        .await?;
+    let mut c = FeatureServiceClient::connect(s.features.clone()).await?;
+    let ctx = RequestContext { placement: "sidebar".into(), device: "tablet".into(), ..Default::default() };
+    let ask =
+        |user: String, ads: Vec<i64>| GetFeaturesRequest { user_id: user, ad_ids: ads, context: Some(ctx.clone()) };
+    let resp = c.get_features(ask(user.clone(), vec![stale_ad, fresh_ad])).await?.into_inner();
+    let registry = adserve_features::registry();
+    let matrix = resp.matrix.expect("an answer");
+    let col = |name: &str| registry.index_of(name).expect(name);
+    let cols = matrix.feature_names.len();
+    assert!((matrix.values[col("user_ctr_30d")] - 0.04).abs() < 1e-6, "stale values are still served");
+    assert!((matrix.values[col("ad_ctr_7d")] - 0.03).abs() < 1e-6);
+    assert!((matrix.values[cols + col("ad_ctr_7d")] - 0.02).abs() < 1e-6);
+    let dynamo: Vec<&str> =
+        resp.degraded.iter().filter(|d| d.component == "dynamodb").map(|d| d.reason.as_str()).collect();
+    assert_eq!(dynamo.len(), 1, "{:?}", resp.degraded);
+    let reason = dynamo[0];
+    assert!(reason.contains("the user's batch features are 40 h old"), "{reason}");
+    assert!(reason.contains("batch features of 1 of 2 ads"), "{reason}");
+    assert!(reason.contains("freshness_sla"), "{reason}");
+    // The fresh ad alone, for a user the store does not know: nothing stale.
+    let resp = c.get_features(ask(format!("nobody-{run}"), vec![fresh_ad])).await?.into_inner();
+    assert!(!resp.degraded.iter().any(|d| d.reason.contains("freshness_sla")), "{:?}", resp.degraded);
     Ok(())
 }

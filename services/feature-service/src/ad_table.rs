@@ -28,7 +28,7 @@ use std::{
 use adserve_features::{AdRow, Plan};
 use arc_swap::ArcSwap;
 
-use crate::BatchStore;
+use crate::{BatchStore, batch::BatchItem};
 
 /// Most ids remembered as absent per copy (a flood of garbage ids clears it).
 const MAX_ABSENT: usize = 100_000;
@@ -43,6 +43,8 @@ struct Snapshot {
     /// Rows of `stride` raw values each ([`AdRow`] layout).
     values: Vec<Option<f32>>,
     stride: usize,
+    /// Per row: when its values became true (epoch ms), if the item says.
+    as_of: Vec<Option<i64>>,
     loaded_at: Option<Instant>,
     /// Ids DynamoDB answered "no such item" for since this copy was read.
     absent: Mutex<HashSet<i64>>,
@@ -70,6 +72,12 @@ impl TableLookup {
     /// The batch row of the `i`-th requested ad, if the copy holds it.
     pub fn row(&self, i: usize) -> Option<&AdRow> {
         self.rows.get(i).copied().flatten().map(|at| self.snapshot.row(at))
+    }
+
+    /// When the `i`-th requested ad's row became true (epoch ms), if the
+    /// copy holds it and its item says.
+    pub fn as_of(&self, i: usize) -> Option<i64> {
+        self.rows.get(i).copied().flatten().and_then(|at| self.snapshot.as_of.get(at as usize).copied().flatten())
     }
 
     /// Requested ads the copy holds.
@@ -144,23 +152,34 @@ impl AdTable {
         absent.extend(looked_up.iter().filter(|id| !found.contains_key(id)));
     }
 
-    /// Replaces the copy with `rows` (`ad id -> attribute -> value`, as
-    /// DynamoDB items read), laid out dense.
+    /// Replaces the copy with `rows` (`ad id -> attribute -> value`), no
+    /// item saying when it became true.
     pub fn swap(&self, version: i64, rows: HashMap<i64, HashMap<String, f32>>) {
+        self.swap_items(
+            version,
+            rows.into_iter().map(|(id, values)| (id, BatchItem { values, as_of_ms: None })).collect(),
+        );
+    }
+
+    /// Replaces the copy with `rows` (as DynamoDB items read), laid out dense.
+    pub fn swap_items(&self, version: i64, rows: HashMap<i64, BatchItem>) {
         metrics::gauge!("adserve_feature_ad_table_rows").set(rows.len() as f64);
         metrics::gauge!("adserve_feature_ad_table_version").set(version as f64);
         let stride = self.plan.ad_batch_attributes.len();
         let mut index = HashMap::with_capacity(rows.len());
         let mut values = Vec::with_capacity(rows.len() * stride);
+        let mut as_of = Vec::with_capacity(rows.len());
         for (at, (id, item)) in rows.into_iter().enumerate() {
             index.insert(id, at as u32);
-            values.extend(self.plan.ad_row(&item));
+            values.extend(self.plan.ad_row(&item.values));
+            as_of.push(item.as_of_ms);
         }
         self.current.store(Arc::new(Snapshot {
             version: Some(version),
             index,
             values,
             stride,
+            as_of,
             loaded_at: Some(Instant::now()),
             absent: Mutex::new(HashSet::new()),
         }));
@@ -202,7 +221,7 @@ impl AdTable {
             "ad feature table loaded"
         );
         metrics::histogram!("adserve_feature_ad_table_load_seconds").record(started.elapsed().as_secs_f64());
-        self.swap(version, rows);
+        self.swap_items(version, rows);
         Ok(true)
     }
 

@@ -92,11 +92,23 @@ fn err<E: std::error::Error>(op: &'static str) -> impl Fn(E) -> BatchError {
     move |e| BatchError { op, message: DisplayErrorContext(&e).to_string() }
 }
 
+/// One entity's batch values as read, and when they became true.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BatchItem {
+    /// The registry's attributes the item holds.
+    pub values: HashMap<String, f32>,
+    /// Its [`AS_OF_ATTR`] (epoch ms), when it has one: the feature-service
+    /// holds it against the registry's `freshness_sla`.
+    pub as_of_ms: Option<i64>,
+}
+
 /// What [`BatchStore::ads`] found.
 #[derive(Debug, Default)]
 pub struct AdLookup {
     /// Attributes of each ad that was found.
     pub values: HashMap<i64, HashMap<String, f32>>,
+    /// When each found ad's values became true (ads whose item says so).
+    pub as_of: HashMap<i64, i64>,
     /// Ads whose chunk failed (absent from `values` whatever they hold).
     pub failed: usize,
     /// The first chunk's failure, when any failed.
@@ -169,7 +181,7 @@ impl BatchStore {
     }
 
     /// Batch attributes of one user; empty when the user is unknown.
-    pub async fn user(&self, user_id: &str) -> Result<HashMap<String, f32>, BatchError> {
+    pub async fn user(&self, user_id: &str) -> Result<BatchItem, BatchError> {
         let out = self
             .client
             .get_item()
@@ -178,7 +190,7 @@ impl BatchStore {
             .send()
             .await
             .map_err(err("GetItem"))?;
-        Ok(out.item().map(|item| numbers(item, &self.user_attrs)).unwrap_or_default())
+        Ok(out.item().map(|item| item_of(item, &self.user_attrs)).unwrap_or_default())
     }
 
     /// Batch attributes of each known ad; unknown ads are absent. The ids go
@@ -188,10 +200,17 @@ impl BatchStore {
     pub async fn ads(&self, ad_ids: &[i64]) -> AdLookup {
         let chunks =
             ad_ids.chunks(BATCH_GET_LIMIT).map(|chunk| async move { (chunk.len(), self.ads_chunk(chunk).await) });
-        let mut lookup = AdLookup { values: HashMap::with_capacity(ad_ids.len()), failed: 0, error: None };
+        let mut lookup = AdLookup { values: HashMap::with_capacity(ad_ids.len()), ..Default::default() };
         for (n, part) in futures::future::join_all(chunks).await {
             match part {
-                Ok(values) => lookup.values.extend(values),
+                Ok(items) => {
+                    for (id, item) in items {
+                        if let Some(at) = item.as_of_ms {
+                            lookup.as_of.insert(id, at);
+                        }
+                        lookup.values.insert(id, item.values);
+                    }
+                }
                 Err(e) => {
                     lookup.failed += n;
                     lookup.error.get_or_insert(e);
@@ -201,7 +220,7 @@ impl BatchStore {
         lookup
     }
 
-    async fn ads_chunk(&self, ad_ids: &[i64]) -> Result<HashMap<i64, HashMap<String, f32>>, BatchError> {
+    async fn ads_chunk(&self, ad_ids: &[i64]) -> Result<HashMap<i64, BatchItem>, BatchError> {
         let mut unique: Vec<i64> = ad_ids.to_vec();
         unique.sort_unstable();
         unique.dedup();
@@ -226,7 +245,7 @@ impl BatchStore {
                 .map_err(err("BatchGetItem"))?;
             for item in resp.responses().and_then(|r| r.get(&self.ad_table)).into_iter().flatten() {
                 if let Some(id) = item.get(AD_KEY).and_then(|v| v.as_s().ok()).and_then(|s| s.parse().ok()) {
-                    out.insert(id, numbers(item, &self.ad_attrs));
+                    out.insert(id, item_of(item, &self.ad_attrs));
                 }
             }
             match resp.unprocessed_keys() {
@@ -327,7 +346,7 @@ impl BatchStore {
 
     /// Every ad row of the table (a full Scan, page by page; the version
     /// item and rows whose id is not a number are skipped).
-    pub async fn scan_ads(&self) -> Result<HashMap<i64, HashMap<String, f32>>, BatchError> {
+    pub async fn scan_ads(&self) -> Result<HashMap<i64, BatchItem>, BatchError> {
         let mut out = HashMap::new();
         let mut start = None;
         loop {
@@ -344,7 +363,7 @@ impl BatchStore {
                 .map_err(err("Scan"))?;
             for item in resp.items() {
                 if let Some(id) = item.get(AD_KEY).and_then(|v| v.as_s().ok()).and_then(|s| s.parse::<i64>().ok()) {
-                    out.insert(id, numbers(item, &self.ad_attrs));
+                    out.insert(id, item_of(item, &self.ad_attrs));
                 }
             }
             match resp.last_evaluated_key() {
@@ -438,6 +457,12 @@ async fn retry_after(backoff: &mut backon::ExponentialBackoff, op: &'static str)
 /// finite number (another type, an unparsable or overflowing N) comes back
 /// as NaN, so assembly serves the default and counts it as invalid rather
 /// than as missing.
+/// The registry's attributes of an item, and its [`AS_OF_ATTR`].
+fn item_of(item: &HashMap<String, AttributeValue>, wanted: &[String]) -> BatchItem {
+    let as_of_ms = item.get(AS_OF_ATTR).and_then(|v| v.as_n().ok()).and_then(|n| n.parse::<i64>().ok());
+    BatchItem { values: numbers(item, wanted), as_of_ms }
+}
+
 fn numbers(item: &HashMap<String, AttributeValue>, wanted: &[String]) -> HashMap<String, f32> {
     wanted
         .iter()
@@ -459,10 +484,15 @@ mod tests {
 
     #[test]
     fn a_lookup_fails_as_a_whole_only_when_every_chunk_failed() {
-        let partial = AdLookup { values: HashMap::from([(1, HashMap::new())]), failed: 100, error: Some(error()) };
+        let partial = AdLookup {
+            values: HashMap::from([(1, HashMap::new())]),
+            failed: 100,
+            error: Some(error()),
+            ..Default::default()
+        };
         let kept = partial.into_result(150).expect("some chunks answered");
         assert_eq!((kept.values.len(), kept.failed), (1, 100));
-        let all = AdLookup { values: HashMap::new(), failed: 150, error: Some(error()) };
+        let all = AdLookup { failed: 150, error: Some(error()), ..Default::default() };
         assert_eq!(all.into_result(150).unwrap_err().message, "throttled");
         assert!(AdLookup::default().into_result(3).is_ok());
     }

@@ -12,6 +12,11 @@
 //! is dead, frozen or lagging stops its partitions' entries, and the lag
 //! grows.
 //!
+//! The batch tier's items carry their own time (`as_of`, written by the
+//! backfill): [`BatchFreshness`] holds the user's item and each ad's row
+//! against the tightest SLA of the entity's batch features, and an answer
+//! past it carries a `dynamodb` degradation the same way.
+//!
 //! The feature-service reads the hash every second
 //! ([`RealtimeFreshness::follow`]). While the lag exceeds a real-time
 //! feature's `freshness_sla`, GetFeatures still serves the stored values
@@ -30,7 +35,7 @@ use std::{
     time::Duration,
 };
 
-use adserve_features::{FeatureRegistry, Source};
+use adserve_features::{Entity, FeatureRegistry, Source};
 
 use crate::RealtimeStore;
 
@@ -40,6 +45,88 @@ fn unix_ms() -> i64 {
 
 /// Unknown: no aggregator has reported.
 const UNKNOWN: i64 = i64::MIN;
+
+/// The features of `slas` (tightest first) older than their SLA at `age`,
+/// and the tightest SLA; None when none is.
+fn missed(slas: &[(String, Duration)], age: Duration) -> Option<(Vec<&str>, Duration)> {
+    let names: Vec<&str> = slas.iter().filter(|(_, sla)| age > *sla).map(|(n, _)| n.as_str()).collect();
+    (!names.is_empty()).then(|| (names, slas[0].1))
+}
+
+/// Stored features of `source` and `entity` with an SLA, tightest first.
+fn slas(registry: &FeatureRegistry, source: Source, entity: Option<Entity>) -> Vec<(String, Duration)> {
+    let mut slas: Vec<(String, Duration)> = registry
+        .features
+        .iter()
+        .chain(&registry.categorical)
+        .chain(&registry.embeddings)
+        .filter(|f| f.source == source && entity.is_none_or(|e| f.entity == e))
+        .filter_map(|f| Some((f.name.clone(), f.freshness_sla?)))
+        .collect();
+    slas.sort_by_key(|(_, sla)| *sla);
+    slas
+}
+
+fn age(as_of_ms: i64, now_ms: i64) -> Duration {
+    Duration::from_millis(now_ms.saturating_sub(as_of_ms).max(0) as u64)
+}
+
+/// The batch tier's items held against their features' SLA.
+#[derive(Debug)]
+pub struct BatchFreshness {
+    user: Vec<(String, Duration)>,
+    ad: Vec<(String, Duration)>,
+}
+
+impl BatchFreshness {
+    /// For `registry`'s batch features.
+    pub fn new(registry: &FeatureRegistry) -> Self {
+        Self {
+            user: slas(registry, Source::Dynamodb, Some(Entity::User)),
+            ad: slas(registry, Source::Dynamodb, Some(Entity::Ad)),
+        }
+    }
+
+    /// The user's item, written at `as_of_ms`, past an SLA at `now_ms`: the
+    /// features it misses and the reason (None: fresh, or no time known).
+    pub fn user(&self, as_of_ms: Option<i64>, now_ms: i64) -> Option<(Vec<&str>, String)> {
+        let age = age(as_of_ms?, now_ms);
+        let (names, sla) = missed(&self.user, age)?;
+        let reason = format!(
+            "the user's batch features are {} h old, past their freshness_sla ({} h at the tightest): {}; served \
+             as stored",
+            age.as_secs() / 3600,
+            sla.as_secs() / 3600,
+            names.join(", ")
+        );
+        Some((names, reason))
+    }
+
+    /// The asked ads' rows (when each became true, if known) past an SLA at
+    /// `now_ms`: the features the oldest misses and the reason.
+    pub fn ads(&self, as_of_ms: impl IntoIterator<Item = Option<i64>>, now_ms: i64) -> Option<(Vec<&str>, String)> {
+        let tightest = self.ad.first()?.1;
+        let (mut stale, mut asked, mut oldest) = (0usize, 0usize, Duration::ZERO);
+        for at in as_of_ms {
+            asked += 1;
+            let Some(at) = at else { continue };
+            let age = age(at, now_ms);
+            if age > tightest {
+                stale += 1;
+                oldest = oldest.max(age);
+            }
+        }
+        let (names, _) = missed(&self.ad, oldest)?;
+        let reason = format!(
+            "batch features of {stale} of {asked} ads are past their freshness_sla ({} h at the tightest), the \
+             oldest {} h old: {}; served as stored",
+            tightest.as_secs() / 3600,
+            oldest.as_secs() / 3600,
+            names.join(", ")
+        );
+        Some((names, reason))
+    }
+}
 
 /// How far behind the event logs the real-time tier is, as last read.
 #[derive(Debug)]
@@ -53,16 +140,7 @@ pub struct RealtimeFreshness {
 impl RealtimeFreshness {
     /// Nothing known yet, for `registry`'s real-time features.
     pub fn new(registry: &FeatureRegistry) -> Self {
-        let mut slas: Vec<(String, Duration)> = registry
-            .features
-            .iter()
-            .chain(&registry.categorical)
-            .chain(&registry.embeddings)
-            .filter(|f| f.source == Source::Redis)
-            .filter_map(|f| Some((f.name.clone(), f.freshness_sla?)))
-            .collect();
-        slas.sort_by_key(|(_, sla)| *sla);
-        Self { as_of_ms: AtomicI64::new(UNKNOWN), slas }
+        Self { as_of_ms: AtomicI64::new(UNKNOWN), slas: slas(registry, Source::Redis, None) }
     }
 
     /// Records the aggregators' progress (None: none has reported).
@@ -73,16 +151,14 @@ impl RealtimeFreshness {
     /// How far behind the event logs the tier is at `now_ms` (None: unknown).
     pub fn lag(&self, now_ms: i64) -> Option<Duration> {
         let as_of = self.as_of_ms.load(Ordering::Relaxed);
-        (as_of != UNKNOWN).then(|| Duration::from_millis(now_ms.saturating_sub(as_of).max(0) as u64))
+        (as_of != UNKNOWN).then(|| age(as_of, now_ms))
     }
 
     /// The real-time features whose SLA the tier misses at `now_ms`, and
     /// the degradation's reason; None while every SLA is met (or unknown).
     pub fn breach(&self, now_ms: i64) -> Option<(Vec<&str>, String)> {
         let lag = self.lag(now_ms)?;
-        let missed: Vec<&(String, Duration)> = self.slas.iter().filter(|(_, sla)| lag > *sla).collect();
-        let tightest = missed.first()?.1;
-        let names: Vec<&str> = missed.iter().map(|(n, _)| n.as_str()).collect();
+        let (names, tightest) = missed(&self.slas, lag)?;
         let reason = format!(
             "real-time features are {} s behind the event logs (the aggregator is lagging or down), past their \
              freshness_sla ({} s at the tightest): {}; served as last aggregated",
@@ -138,5 +214,26 @@ mod tests {
         assert_eq!(f.lag(now), Some(Duration::ZERO));
         f.observe(None);
         assert_eq!(f.lag(now), None);
+    }
+
+    #[test]
+    fn batch_items_are_held_against_their_entitys_batch_slas() {
+        let f = BatchFreshness::new(adserve_features::registry());
+        let (user_sla, ad_sla) = (f.user[0].1.as_millis() as i64, f.ad[0].1.as_millis() as i64);
+        let now = 1_800_000_000_000;
+        let hour = 3_600_000;
+        assert_eq!(f.user(None, now), None, "an item without a time claims nothing");
+        assert_eq!(f.user(Some(now - user_sla + hour), now), None);
+        let (names, reason) = f.user(Some(now - user_sla - 4 * hour), now).expect("stale");
+        assert!(names.contains(&"user_ctr_30d"), "{names:?}");
+        assert!(!names.iter().any(|n| n.starts_with("ad_")), "{names:?}");
+        assert!(reason.contains(&format!("{} h old", (user_sla + 4 * hour) / hour)), "{reason}");
+
+        assert_eq!(f.ads([None, Some(now), Some(now - ad_sla + hour)], now), None);
+        let (names, reason) =
+            f.ads([Some(now - ad_sla - 2 * hour), None, Some(now), Some(now - ad_sla - 9 * hour)], now).expect("stale");
+        assert!(names.contains(&"ad_ctr_7d"), "{names:?}");
+        assert!(reason.starts_with("batch features of 2 of 4 ads"), "{reason}");
+        assert!(reason.contains(&format!("oldest {} h old", (ad_sla + 9 * hour) / hour)), "{reason}");
     }
 }

@@ -22,7 +22,7 @@ use adserve_proto::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::freshness::RealtimeFreshness;
+use crate::freshness::{BatchFreshness, RealtimeFreshness};
 
 use crate::{
     AdTable, BatchStore, RealtimeStore, SourceValues, assemble,
@@ -51,6 +51,8 @@ struct Inner {
     /// The real-time tier's lag against the registry's freshness SLAs
     /// (None: not followed).
     freshness: Option<Arc<RealtimeFreshness>>,
+    /// The batch tier's item times against the registry's freshness SLAs.
+    batch_freshness: BatchFreshness,
 }
 
 impl FeatureGrpc {
@@ -75,6 +77,7 @@ impl FeatureGrpc {
                 batch_breaker: Breaker::new(degraded::DYNAMODB, BreakerConfig::default()),
                 realtime_breaker: Breaker::new(degraded::REDIS, BreakerConfig::default()),
                 freshness: None,
+                batch_freshness: BatchFreshness::new(registry),
             }),
         }
     }
@@ -168,6 +171,19 @@ async fn within<T: Default, E: std::fmt::Display>(
 
 /// Counts and logs a source failure and names it in the response: one entry
 /// per source, however many of its lookups failed.
+/// A tier's stored values past their `freshness_sla`: counted per feature
+/// and reported as the tier's degradation.
+fn report_stale(
+    component: &'static str,
+    (features, reason): (Vec<&str>, String),
+    degraded: &std::sync::Mutex<Vec<Degradation>>,
+) {
+    for f in features {
+        metrics::counter!("adserve_feature_freshness_breaches_total", "feature" => f.to_string()).increment(1);
+    }
+    report_degraded(component, reason, degraded);
+}
+
 fn report_degraded(component: &'static str, reason: String, degraded: &std::sync::Mutex<Vec<Degradation>>) {
     metrics::counter!("adserve_feature_source_failures_total", "source" => component).increment(1);
     tracing::warn!(component, %reason, "feature source degraded");
@@ -230,16 +246,10 @@ impl FeatureService for FeatureGrpc {
             ad_batch,
             within(degraded::REDIS, s.realtime_deadline, &s.realtime_breaker, realtime, &degraded),
         );
-        if let Some(freshness) = &s.freshness {
-            let now_ms =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-            if let Some((features, reason)) = freshness.breach(now_ms) {
-                for f in features {
-                    metrics::counter!("adserve_feature_freshness_breaches_total", "feature" => f.to_string())
-                        .increment(1);
-                }
-                report_degraded(degraded::REDIS, reason, &degraded);
-            }
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        if let Some(breach) = s.freshness.as_ref().and_then(|f| f.breach(now_ms)) {
+            report_stale(degraded::REDIS, breach, &degraded);
         }
         if let Some(e) = &ad_lookup.error {
             // Some chunks answered: only the failed chunks' ads take defaults.
@@ -260,6 +270,23 @@ impl FeatureService for FeatureGrpc {
             .enumerate()
             .map(|(i, id)| table.as_ref().and_then(|t| t.row(i)).or_else(|| fetched.get(id).map(Vec::as_slice)))
             .collect();
+        // Stored values past their SLA are still served, and the answer says so.
+        let ad_as_of = req
+            .ad_ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| table.as_ref().and_then(|t| t.as_of(i)).or_else(|| ad_lookup.as_of.get(id).copied()));
+        let stale: Vec<_> =
+            [s.batch_freshness.user(user_batch.as_of_ms, now_ms), s.batch_freshness.ads(ad_as_of, now_ms)]
+                .into_iter()
+                .flatten()
+                .collect();
+        if !stale.is_empty() {
+            let names = stale.iter().flat_map(|(n, _)| n.iter().copied()).collect();
+            let reason = stale.iter().map(|(_, r)| r.as_str()).collect::<Vec<_>>().join("; ");
+            report_stale(degraded::DYNAMODB, (names, reason), &degraded);
+        }
+        let user_batch = user_batch.values;
         let values = SourceValues { user_batch, ad_batch, user_realtime, ad_realtime, ..Default::default() };
         let assembled = assemble(s.registry, &req.ad_ids, &ctx, &values);
         let columns = s.registry.features.iter().chain(&s.registry.categorical).chain(&s.registry.embeddings);
