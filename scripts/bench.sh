@@ -19,7 +19,7 @@
 #
 # Environment:
 #   BENCH_QUICK=1        short windows (< 5 minutes once built)
-#   BENCH_PARTS=a,b      only these parts: auction, ranker, ranker-overload, features, e2e, joiner, aggregates
+#   BENCH_PARTS=a,b      only these parts: auction, ranker, ranker-overload, tls, features, e2e, joiner, aggregates
 #   BENCH_DOCS=1         write docs/ even for a quick or partial run
 #   ADSTACK_MODEL_DIR    the model the stack's ranker serves (not the registry's
 #                        production version) and the ranker parts measure
@@ -36,7 +36,7 @@ ADSTACK_MODEL_DIR="$(realpath "${ADSTACK_MODEL_DIR:-models/ctr-baseline}")"
 export ADSTACK_MODEL_DIR ADSTACK_RANKER_REGISTRY=false
 
 quick="${BENCH_QUICK:-0}"
-parts="${BENCH_PARTS:-auction,ranker,ranker-overload,features,e2e,joiner,aggregates}"
+parts="${BENCH_PARTS:-auction,ranker,ranker-overload,tls,features,e2e,joiner,aggregates}"
 export ADSTACK_PROFILE=release
 work="$ADSTACK_RUN/bench"
 mkdir -p "$work/logs"

@@ -6,6 +6,7 @@
 //! `ADSTACK_TEST_*` variables to point the tests at another deployment.
 
 pub mod bench;
+pub mod pki;
 pub mod sim;
 
 use std::{

@@ -97,11 +97,12 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
         &manifest,
         "adserve-ranker, batching off (bench instance)",
         "ranker-unbatched",
-        ("ADSERVE_BATCHING__MAX_BATCH_ROWS", "1"),
+        &[("ADSERVE_BATCHING__MAX_BATCH_ROWS".into(), "1".into())],
+        None,
     )
     .await?;
 
-    let client = connect_ranker(&s.stack.ranker, Duration::from_secs(10)).await?;
+    let client = connect_ranker(&s.stack.ranker, None, Duration::from_secs(10)).await?;
     ensure_serves(&client, &manifest, s).await?;
     let timeout = Duration::from_secs(5);
     let mut out = Vec::new();
@@ -200,10 +201,11 @@ pub async fn overload(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
         &manifest,
         "adserve-ranker, predict_misses off (bench instance)",
         "ranker-predict-off",
-        ("ADSERVE_BATCHING__PREDICT_MISSES", "false"),
+        &[("ADSERVE_BATCHING__PREDICT_MISSES".into(), "false".into())],
+        None,
     )
     .await?;
-    let on = connect_ranker(&s.stack.ranker, Duration::from_secs(10)).await?;
+    let on = connect_ranker(&s.stack.ranker, None, Duration::from_secs(10)).await?;
     ensure_serves(&on, &manifest, s).await?;
     let m = matrix(OVERLOAD_ROWS);
     let measure = |client| deadline_loop(s, client, &m, OVERLOAD_CONCURRENCY, OVERLOAD_DEADLINE);
@@ -221,34 +223,92 @@ pub async fn overload(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
 }
 
 /// A ranker instance of the bench's own: the stack ranker's binary on the
-/// benched model (never the registry's), with one setting changed (`tweak`);
-/// returned once it serves that model. Logs to `logs/<log>.log`.
+/// benched model (never the registry's), with the settings `tweaks`
+/// changed; returned once it serves that model, through a channel with
+/// `tls` when given (the instance must then serve TLS). Logs to
+/// `logs/<log>.log`.
 async fn bench_ranker(
     s: &Settings,
     manifest: &ModelManifest,
     label: &str,
     log: &str,
-    tweak: (&str, &str),
+    tweaks: &[(String, String)],
+    tls: Option<tonic::transport::ClientTlsConfig>,
 ) -> anyhow::Result<(Child, RankerServiceClient<tonic::transport::Channel>)> {
     let port = crate::free_port();
+    let mut env: Vec<(&str, String)> = vec![
+        ("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{port}")),
+        ("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{}", crate::free_port())),
+        ("ADSERVE_ONNXRUNTIME_DYLIB", s.ort_dylib.display().to_string()),
+        ("ADSERVE_MODEL__DIR", s.model_dir.display().to_string()),
+        ("ADSERVE_REGISTRY__ENABLED", "false".into()),
+        ("ADSERVE_TELEMETRY__LOG_FILTER", "warn".into()),
+    ];
+    env.extend(tweaks.iter().map(|(k, v)| (k.as_str(), v.clone())));
     let child = Child::spawn(
         label,
         &[s.bin_dir.join("adserve-ranker").to_str().context("binary path")?],
-        &[
-            ("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{port}")),
-            ("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{}", crate::free_port())),
-            ("ADSERVE_ONNXRUNTIME_DYLIB", s.ort_dylib.display().to_string()),
-            ("ADSERVE_MODEL__DIR", s.model_dir.display().to_string()),
-            ("ADSERVE_REGISTRY__ENABLED", "false".into()),
-            (tweak.0, tweak.1.into()),
-            ("ADSERVE_TELEMETRY__LOG_FILTER", "warn".into()),
-        ],
+        &env,
         &crate::repo_root(),
         s.work_dir.join(format!("logs/{log}.log")),
     )?;
-    let client = connect_ranker(&format!("http://127.0.0.1:{port}"), Duration::from_secs(60)).await?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let client = connect_ranker(&format!("{scheme}://127.0.0.1:{port}"), tls, Duration::from_secs(60)).await?;
     ensure_serves(&client, manifest, s).await?;
     Ok((child, client))
+}
+
+/// Rows per call in the TLS cases.
+pub const TLS_ROWS: [usize; 2] = [1, 100];
+/// Callers in the TLS cases.
+pub const TLS_CONCURRENCY: [usize; 2] = [1, 8];
+
+/// What mutual TLS between services costs (`make bench-tls`): two bench
+/// rankers, the same binary, model and config, one serving plaintext and
+/// one mutual TLS (`server.tls` with a client CA, the client presenting a
+/// certificate of it, as the gateway does with `upstreams.tls`), scoring
+/// the same calls through one long-lived channel each (a gateway keeps
+/// its channels: the handshake is paid once, the per-call cost is
+/// encryption and framing).
+pub async fn tls(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
+    let manifest = adserve_registry::read_manifest(&s.model_dir.join("manifest.json"))?;
+    let pki = crate::pki::Pki::new()?;
+    pki.ca("bench", &["ranker", "gateway"])?;
+    let server: Vec<(String, String)> = pki.server_env("ranker", "bench");
+    let (_secure, secure) = bench_ranker(
+        s,
+        &manifest,
+        "adserve-ranker, mutual TLS (bench instance)",
+        "ranker-tls",
+        &server,
+        Some(pki.client("bench", Some("gateway"))?),
+    )
+    .await?;
+    let (_plain, plain) =
+        bench_ranker(s, &manifest, "adserve-ranker, plaintext (bench instance)", "ranker-plain", &[], None).await?;
+    let timeout = Duration::from_secs(5);
+    let mut out = Vec::new();
+    for rows in TLS_ROWS {
+        let m = matrix(rows);
+        for c in TLS_CONCURRENCY {
+            let with_tls = score_loop(s, &secure, &m, c, timeout).await;
+            let without = score_loop(s, &plain, &m, c, timeout).await;
+            let metric = if c == 1 { Metric::P50 } else { Metric::Rate };
+            out.push(
+                Comparison::new(
+                    "tls",
+                    format!("Score {rows} rows, concurrency {c}"),
+                    metric,
+                    "adserve-ranker over mutual TLS",
+                    &with_tls,
+                )
+                .with("adserve-ranker, plaintext", Role::Floor, &without)
+                .note(if c == 1 { "ratio on p50: TLS's cost per call" } else { "ratio on rows/s" }),
+            );
+            tracing::info!(rows, c, "tls case done");
+        }
+    }
+    Ok(out)
 }
 
 /// Every subject must score the same model: a stack ranker following the
@@ -327,11 +387,16 @@ async fn score_loop(
 /// after its model is loaded and warmed up).
 async fn connect_ranker(
     url: &str,
+    tls: Option<tonic::transport::ClientTlsConfig>,
     patience: Duration,
 ) -> anyhow::Result<RankerServiceClient<tonic::transport::Channel>> {
     let deadline = std::time::Instant::now() + patience;
+    let mut endpoint = adserve_core::net::grpc_endpoint(url.to_string())?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls)?;
+    }
     loop {
-        if let Ok(channel) = adserve_core::net::grpc_endpoint(url.to_string())?.connect().await {
+        if let Ok(channel) = endpoint.connect().await {
             let mut client = RankerServiceClient::new(channel);
             if client.get_model(adserve_proto::v1::GetModelRequest::default()).await.is_ok() {
                 return Ok(client);

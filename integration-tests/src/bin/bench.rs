@@ -17,7 +17,7 @@ use anyhow::Context;
 use clap::Parser;
 
 /// The benchmark parts, in run order.
-const PARTS: [&str; 7] = ["auction", "ranker", "ranker-overload", "features", "e2e", "joiner", "aggregates"];
+const PARTS: [&str; 8] = ["auction", "ranker", "ranker-overload", "tls", "features", "e2e", "joiner", "aggregates"];
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmarks every adserve path next to its peer or floor, in one run")]
@@ -25,7 +25,7 @@ struct Args {
     /// Short windows: the whole run well under five minutes.
     #[arg(long)]
     quick: bool,
-    /// Comma-separated parts to run (auction, ranker, ranker-overload, features, e2e, joiner, aggregates).
+    /// Comma-separated parts to run (auction, ranker, ranker-overload, tls, features, e2e, joiner, aggregates).
     #[arg(long, value_delimiter = ',', default_values_t = PARTS.map(String::from))]
     only: Vec<String>,
     /// Where to write the JSON results.
@@ -100,6 +100,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&settings.work_dir)?;
     let mut report = Report { run: run_info(&args), comparisons: Vec::new(), breakdowns: Vec::new() };
     let wants = |p: &str| args.only.iter().any(|o| o == p);
+    forget_aggregator_progress(&settings.stack.redis).await?;
     if wants("auction") {
         report.comparisons.extend(auction::run(&settings).await.context("auction benchmark")?);
     }
@@ -108,6 +109,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if wants("ranker-overload") {
         report.comparisons.extend(ranker::overload(&settings).await.context("ranker overload benchmark")?);
+    }
+    if wants("tls") {
+        report.comparisons.extend(ranker::tls(&settings).await.context("TLS benchmark")?);
     }
     if wants("features") {
         let ids = e2e::seed_placement(&settings.stack, "bench_1000", 1000).await?;
@@ -132,6 +136,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.doc.as_ref().map(|d| format!(" and {}", d.display())).unwrap_or_default(),
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// The bench runs no aggregator (scripts/bench.sh starts the feature-service
+/// serving only, and the parts seed the counters they read): progress an
+/// earlier run's aggregator left in Redis would make every answer report
+/// the real-time tier as stale.
+async fn forget_aggregator_progress(redis_url: &str) -> anyhow::Result<()> {
+    use fred::prelude::*;
+    let client = Client::new(Config::from_url(redis_url)?, None, None, None);
+    client.init().await?;
+    let prefix = &adserve_features::registry().redis.key_prefix;
+    let _: i64 = client.del(adserve_features::realtime::progress_key(prefix)).await?;
+    client.quit().await?;
     Ok(())
 }
 
