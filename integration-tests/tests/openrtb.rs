@@ -228,6 +228,9 @@ async fn a_bids_burl_logs_its_billing_notice_and_bad_notices_are_refused_naming_
     let notice = adserve_events::decode_click(&payload).map_err(anyhow::Error::msg)?;
     assert!(notice.billing_notice);
     assert_eq!(notice.price_cpm_micros, (cleared * 1e6).round() as i64);
+    // An exchange that rounds the clearing price up to a cent per mille: taken as the bid.
+    let rounded = get(with_price(&format!("{:.6}", bid.price + 0.005))).await?;
+    assert_eq!(rounded.status(), 204, "{}", rounded.text().await?);
 
     let token = burl.split("billing_token=").nth(1).unwrap().split('&').next().unwrap().to_string();
     let base = format!("{}/openrtb2/billing", stack.http);

@@ -21,6 +21,8 @@
 //! | `{prefix}:refresh` | sorted set | entity -> the time one of its windows next changes |
 //! | `{prefix}:seen:i:<impression>` | string | the impression's ad, campaign, CPC price (0 once charged), time and user (dedup, click attribution, the charge) |
 //! | `{prefix}:seen:c:<click>` | string | dedup marker of a counted click |
+//! | `{prefix}:seen:b:<impression>` | string | dedup marker of a bid's counted billing notice |
+//! | `{prefix}:aggregates:progress` | hash | `topic/partition` -> event time (ms) applied through |
 //!
 //! The hash tags (`{u:<user>}`, `{a}`) keep an entity's value and buckets in
 //! one Redis Cluster slot, and every ad value in one slot, so the reader's

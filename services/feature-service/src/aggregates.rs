@@ -92,17 +92,26 @@ pub struct Attribution {
     /// Charged per impression (a CPM winner, or free): its billing notice
     /// charges the clearing price. A CPC winner is charged on its click.
     pub per_impression: bool,
+    /// The marker layout it was read in (3 for new markers; 2 and 1 for
+    /// markers an earlier version wrote): a charge rewrites the marker in
+    /// the same layout, so the guard compares like with like.
+    pub layout: u8,
 }
 
 impl Attribution {
     /// The marker value: `v3|ad|campaign|price|served_ms|flags|user` (the
     /// user last: it may hold `|`; flags: 1 on notice, 2 per impression).
     fn encode(&self) -> String {
-        let flags = u8::from(self.on_notice) | (u8::from(self.per_impression) << 1);
-        format!(
-            "v3|{}|{}|{}|{}|{flags}|{}",
-            self.ad_id, self.campaign_id, self.price_cpc_micros, self.served_ms, self.user_id
-        )
+        let (ad, campaign, price, served, user) =
+            (self.ad_id, self.campaign_id, self.price_cpc_micros, self.served_ms, &self.user_id);
+        match self.layout {
+            1 => format!("{ad}|{user}"),
+            2 => format!("v2|{ad}|{campaign}|{price}|{served}|{user}"),
+            _ => {
+                let flags = u8::from(self.on_notice) | (u8::from(self.per_impression) << 1);
+                format!("v3|{ad}|{campaign}|{price}|{served}|{flags}|{user}")
+            }
+        }
     }
 
     fn decode(value: &str) -> Option<Self> {
@@ -122,6 +131,7 @@ impl Attribution {
                 served_ms,
                 on_notice: flags & 1 != 0,
                 per_impression: flags & 2 != 0,
+                layout: if numbers == 5 { 3 } else { 2 },
             });
         }
         // Written before markers carried the charge (`ad|user`): counted,
@@ -135,6 +145,7 @@ impl Attribution {
             served_ms: 0,
             on_notice: false,
             per_impression: false,
+            layout: 1,
         })
     }
 
@@ -307,6 +318,7 @@ impl Aggregator {
             served_ms,
             on_notice: e.billed_on_notice,
             per_impression: e.price_cpc_micros <= 0,
+            layout: 3,
         };
         let marker = realtime::impression_marker(&self.prefix, &e.impression_id);
         let event_s = seconds(e.served_at.as_ref());
@@ -759,13 +771,40 @@ impl Loop<'_> {
 
     /// Per partition this consumer owns, the event time it has applied
     /// through: the wall clock when it has read the partition to its end,
-    /// else the newest event time applied from it (partitions nothing has
-    /// been read from yet are left out).
+    /// else the newest event time applied from it (a partition is left out
+    /// only while neither is known).
+    ///
+    /// A partition nothing has been read from since this consumer got it
+    /// (restarted on a quiet partition whose committed offset is its end)
+    /// must still report, or the entry its previous owner left would freeze
+    /// and the tier would read as stale until an event came: its committed
+    /// offset is asked once (a short broker call) and taken as its next
+    /// offset.
     fn progress<C: rdkafka::consumer::ConsumerContext>(
-        &self,
+        &mut self,
         consumer: &rdkafka::consumer::StreamConsumer<C>,
     ) -> Vec<(String, i64)> {
         let Ok(assigned) = consumer.assignment() else { return Vec::new() };
+        let mut unknown = TopicPartitionList::new();
+        for e in assigned.elements() {
+            if let Some(topic) = topic_of(e.topic())
+                && !self.next.contains_key(&(topic, e.partition()))
+            {
+                unknown.add_partition(topic, e.partition());
+            }
+        }
+        if unknown.count() > 0 {
+            match consumer.committed_offsets(unknown, Duration::from_millis(500)) {
+                Ok(committed) => {
+                    for e in committed.elements() {
+                        if let (Some(topic), Offset::Offset(o)) = (topic_of(e.topic()), e.offset()) {
+                            self.next.entry((topic, e.partition())).or_insert(o);
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "committed offsets unknown; progress of unread partitions waits"),
+            }
+        }
         let now = unix_now_ms();
         assigned
             .elements()
@@ -925,6 +964,7 @@ mod tests {
             served_ms: 17,
             on_notice: false,
             per_impression: false,
+            layout: 3,
         };
         let b = Attribution {
             user_id: String::new(),
@@ -934,15 +974,19 @@ mod tests {
             served_ms: 0,
             on_notice: true,
             per_impression: true,
+            layout: 3,
         };
         for a in [a.clone(), b] {
             assert_eq!(Attribution::decode(&a.encode()), Some(a));
         }
-        // Markers written before bids were billed on notice.
-        assert_eq!(
-            Attribution::decode("v2|7|3|150000|17|u|1"),
-            Some(Attribution { on_notice: false, per_impression: false, ..a.clone() })
-        );
+        // Markers written before bids were billed on notice: read, and
+        // rewritten (charged) in their own layout, so the charge's guard
+        // matches what is stored.
+        let v2 = "v2|7|3|150000|17|u|1";
+        let old = Attribution::decode(v2).expect("a v2 marker");
+        assert_eq!(old, Attribution { on_notice: false, per_impression: false, layout: 2, ..a.clone() });
+        assert_eq!(old.encode(), v2);
+        assert_eq!(old.charged().encode(), "v2|7|3|0|17|u|1");
         assert_eq!(a.charged().price_cpc_micros, 0);
         assert_ne!(a.charged().encode(), a.encode(), "the guard sees the charge");
         // Markers written before they carried the charge: counted, never charged.
@@ -955,7 +999,8 @@ mod tests {
                 price_cpc_micros: 0,
                 served_ms: 0,
                 on_notice: false,
-                per_impression: false
+                per_impression: false,
+                layout: 1,
             })
         );
         assert_eq!(Attribution::decode("garbage"), None);

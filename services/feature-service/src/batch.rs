@@ -453,16 +453,16 @@ async fn retry_after(backoff: &mut backon::ExponentialBackoff, op: &'static str)
     }
 }
 
-/// The wanted attributes an item holds. One that is present but not a
-/// finite number (another type, an unparsable or overflowing N) comes back
-/// as NaN, so assembly serves the default and counts it as invalid rather
-/// than as missing.
 /// The registry's attributes of an item, and its [`AS_OF_ATTR`].
 fn item_of(item: &HashMap<String, AttributeValue>, wanted: &[String]) -> BatchItem {
     let as_of_ms = item.get(AS_OF_ATTR).and_then(|v| v.as_n().ok()).and_then(|n| n.parse::<i64>().ok());
     BatchItem { values: numbers(item, wanted), as_of_ms }
 }
 
+/// The wanted attributes an item holds. One that is present but not a
+/// finite number (another type, an unparsable or overflowing N) comes back
+/// as NaN, so assembly serves the default and counts it as invalid rather
+/// than as missing.
 fn numbers(item: &HashMap<String, AttributeValue>, wanted: &[String]) -> HashMap<String, f32> {
     wanted
         .iter()

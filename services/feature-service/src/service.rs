@@ -169,10 +169,12 @@ async fn within<T: Default, E: std::fmt::Display>(
     T::default()
 }
 
-/// Counts and logs a source failure and names it in the response: one entry
-/// per source, however many of its lookups failed.
 /// A tier's stored values past their `freshness_sla`: counted per feature
-/// and reported as the tier's degradation.
+/// and named in the response as the tier's degradation, unless a failure of
+/// that tier already is (its defaults are what was served then). Not a
+/// source failure: nothing failed, and it lasts as long as the pipeline is
+/// behind, so it is not logged per request either (the lag gauge and the
+/// breach counter say it).
 fn report_stale(
     component: &'static str,
     (features, reason): (Vec<&str>, String),
@@ -181,9 +183,15 @@ fn report_stale(
     for f in features {
         metrics::counter!("adserve_feature_freshness_breaches_total", "feature" => f.to_string()).increment(1);
     }
-    report_degraded(component, reason, degraded);
+    if let Ok(mut d) = degraded.lock()
+        && !d.iter().any(|x| x.component == component)
+    {
+        d.push(Degradation { component: component.into(), reason });
+    }
 }
 
+/// Counts and logs a source failure and names it in the response: one entry
+/// per source, however many of its lookups failed.
 fn report_degraded(component: &'static str, reason: String, degraded: &std::sync::Mutex<Vec<Degradation>>) {
     metrics::counter!("adserve_feature_source_failures_total", "source" => component).increment(1);
     tracing::warn!(component, %reason, "feature source degraded");

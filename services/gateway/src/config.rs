@@ -92,9 +92,10 @@ pub struct OpenRtbConfig {
     /// The public URL of this gateway's `GET /openrtb2/billing`, e.g.
     /// `https://ads.example.com/openrtb2/billing`. Set: every bid carries a
     /// signed `burl` through it, and its impression is logged billed on
-    /// notice: a training row, a frequency-cap count and a charge only once
-    /// the exchange fires the billing notice (the bid won and the ad was
-    /// shown) or the ad is clicked. Empty: a bid is taken as shown when it
+    /// notice: a training row only once the exchange fires the billing
+    /// notice (the bid won and the ad was shown) or the ad is clicked, and a
+    /// frequency-cap count and a charge only on the notice. Empty: a bid is
+    /// taken as shown when it
     /// is made, so bids that lose at the exchange become label-0 rows and
     /// count toward caps and CPM spend.
     pub billing_url: String,

@@ -539,7 +539,10 @@ impl AdServer {
             .click_tokens
             .verify_billing(billing_token, impression_id, unix_ms(SystemTime::now()))
             .map_err(|e| refuse(e.reason(), refused("billing_token", e)))?;
-        if price_cpm_micros > claims.bid_cpm_micros {
+        // An exchange may round the clearing price up to its own precision
+        // (a cent per mille): within that it is the bid (never charged above
+        // it); beyond it, it is not this bid's price.
+        if price_cpm_micros > claims.bid_cpm_micros + PRICE_ROUNDING_MICROS {
             return Err(refuse(
                 "price",
                 ServeError::InvalidArgument(format!(
@@ -554,7 +557,7 @@ impl AdServer {
             impression_id: impression_id.to_string(),
             clicked_at: Some(prost_types::Timestamp::from(SystemTime::now())),
             billing_notice: true,
-            price_cpm_micros,
+            price_cpm_micros: price_cpm_micros.min(claims.bid_cpm_micros),
         };
         self.events.click(&event).await.map_err(|e| unavailable("billing log (kafka)", e))?;
         tracing::debug!(ad_id = claims.ad_id, served_ms = claims.served_ms, "billing notice recorded");
@@ -983,6 +986,10 @@ fn unavailable(component: &str, e: impl std::fmt::Display) -> ServeError {
     tracing::warn!(component, error = %e, "request failed: dependency unavailable");
     ServeError::Unavailable(format!("{component} unavailable: {e}"))
 }
+
+/// How far above a bid an exchange's clearing price may be and still be
+/// taken as the bid (rounded up to a cent per mille), in micro units.
+pub const PRICE_ROUNDING_MICROS: i64 = 10_000;
 
 /// What a face other than the native API adds to a request.
 #[derive(Debug, Clone, Copy, Default)]

@@ -365,6 +365,8 @@ struct Orphan {
 #[derive(Debug, Clone, Copy)]
 struct Done {
     clicked: bool,
+    /// Logged billed on notice (a bid).
+    on_notice: bool,
     /// Billed on notice and closed without notice or click: no row.
     unbilled: bool,
     /// End of the label window (ms, event time).
@@ -602,7 +604,13 @@ impl Joiner {
         let (written, clicked) = self.written.remove(&key).map_or((Kinds::default(), false), |w| (w.kinds, w.clicked));
         if written.contains(RowKind::Final) {
             self.stats.already_written += 1;
-            self.remember_done(key, partition, served_ms + self.rules.window_ms, clicked, false);
+            let done = Done {
+                clicked,
+                on_notice: event.billed_on_notice,
+                unbilled: false,
+                deadline_ms: served_ms + self.rules.window_ms,
+            };
+            self.remember_done(key, partition, done);
             return Ok(());
         }
         let names = self.intern(std::mem::take(&mut features.names));
@@ -744,7 +752,10 @@ impl Joiner {
             return;
         }
         if let Some(done) = self.done.get(&key) {
-            if !done.unbilled {
+            if !done.on_notice {
+                self.stats.billings_not_expected += 1;
+            } else if !done.unbilled {
+                // Billed already, or shown by a click: its row is written.
                 self.stats.duplicates += 1;
             } else if at_ms <= done.deadline_ms {
                 self.stats.billings_after_close += 1;
@@ -796,13 +807,13 @@ impl Joiner {
         }
     }
 
-    fn remember_done(&mut self, key: u128, partition: i32, deadline_ms: i64, clicked: bool, unbilled: bool) {
+    fn remember_done(&mut self, key: u128, partition: i32, done: Done) {
         // Remembered one more window (event time) after closing: a click
         // until then is counted late, an impression re-delivered until then
         // is a duplicate.
-        let forget_at = deadline_ms.saturating_add(self.rules.window_ms);
+        let forget_at = done.deadline_ms.saturating_add(self.rules.window_ms);
         self.part(partition).done.insert((forget_at, key));
-        self.done.insert(key, Done { clicked, unbilled, deadline_ms });
+        self.done.insert(key, done);
         self.bytes += DONE_BYTES;
     }
 
@@ -881,7 +892,8 @@ impl Joiner {
         let clicked = p.click.is_some();
         let imp = (self.impressions, partition);
         let shown = p.shown();
-        self.remember_done(key, partition, p.deadline_ms, clicked, !shown);
+        let done = Done { clicked, on_notice: p.event.billed_on_notice, unbilled: !shown, deadline_ms: p.deadline_ms };
+        self.remember_done(key, partition, done);
         if !shown {
             // A bid the exchange never billed: its auction was lost.
             self.stats.unbilled += 1;

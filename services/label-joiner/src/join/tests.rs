@@ -577,3 +577,24 @@ fn a_downsampled_billed_negative_releases_its_notice() {
     assert_eq!(j.stats().downsampled, 1);
     assert_eq!((commit_of(&j, IMP, 0), commit_of(&j, CLK, 0)), (1, 1));
 }
+
+#[test]
+fn notices_after_the_window_closed_are_counted_by_what_the_impression_was() {
+    let mut j = joiner();
+    j.on_impression(imp("native", 0), 0, 0, 0).unwrap();
+    j.on_impression(bid("billed", 0), 0, 1, 0).unwrap();
+    j.on_impression(bid("clicked", 0), 0, 2, 0).unwrap();
+    j.on_click(notice("billed", 10), 0, 0, 10).unwrap();
+    j.on_click(click("clicked", 20), 0, 1, 20).unwrap();
+    // The watermark passes the windows, not the time they are remembered.
+    j.on_click(click("other", W + 2 * L), 0, 2, W + 2 * L).unwrap();
+    j.advance(W + 2 * L);
+    assert_eq!(j.take_ready(10).len(), 3);
+    for (i, id) in ["native", "billed", "clicked"].into_iter().enumerate() {
+        j.on_click(notice(id, 30), 0, 3 + i as i64, W + 2 * L).unwrap();
+    }
+    let s = j.stats();
+    assert_eq!(s.billings_not_expected, 1, "the native impression was billed when served");
+    assert_eq!(s.duplicates, 2, "the billed bid's repeat, and the clicked bid's row is written");
+    assert_eq!((s.billings_after_close, s.late_billings), (0, 0));
+}
