@@ -208,7 +208,8 @@ fn millis(t: Option<&prost_types::Timestamp>) -> i64 {
     t.map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
 }
 
-fn unix_now_ms() -> i64 {
+/// Now, in milliseconds since the Unix epoch.
+pub(crate) fn unix_now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
@@ -759,14 +760,21 @@ impl Loop<'_> {
         assigned
             .elements()
             .iter()
-            .filter(|e| e.topic() == IMPRESSIONS_TOPIC)
-            .filter(|e| {
-                adserve_events::cached_watermarks(consumer.client(), IMPRESSIONS_TOPIC, e.partition()).is_some_and(
-                    |(low, high)| high <= self.next.get(&(IMPRESSIONS_TOPIC, e.partition())).copied().unwrap_or(low),
-                )
-            })
+            .filter(|e| e.topic() == IMPRESSIONS_TOPIC && self.read_to_end(consumer, IMPRESSIONS_TOPIC, e.partition()))
             .map(|e| e.partition())
             .collect()
+    }
+
+    /// Whether this consumer has read `topic`/`partition` to its end, as of
+    /// its last fetch.
+    fn read_to_end<C: rdkafka::consumer::ConsumerContext>(
+        &self,
+        consumer: &rdkafka::consumer::StreamConsumer<C>,
+        topic: &'static str,
+        partition: i32,
+    ) -> bool {
+        adserve_events::cached_watermarks(consumer.client(), topic, partition)
+            .is_some_and(|(low, high)| high <= self.next.get(&(topic, partition)).copied().unwrap_or(low))
     }
 
     /// Per partition this consumer owns, the event time it has applied
@@ -812,10 +820,11 @@ impl Loop<'_> {
             .filter_map(|e| {
                 let topic = topic_of(e.topic())?;
                 let p = e.partition();
-                let next = self.next.get(&(topic, p)).copied();
-                let caught_up = adserve_events::cached_watermarks(consumer.client(), topic, p)
-                    .is_some_and(|(low, high)| high <= next.unwrap_or(low));
-                let at = if caught_up { Some(now) } else { self.watermarks.get(&(topic, p)).copied() };
+                let at = if self.read_to_end(consumer, topic, p) {
+                    Some(now)
+                } else {
+                    self.watermarks.get(&(topic, p)).copied()
+                };
                 Some((format!("{topic}/{p}"), at?))
             })
             .collect()

@@ -39,10 +39,6 @@ use adserve_features::{Entity, FeatureRegistry, Source};
 
 use crate::RealtimeStore;
 
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 /// Unknown: no aggregator has reported.
 const UNKNOWN: i64 = i64::MIN;
 
@@ -181,7 +177,7 @@ impl RealtimeFreshness {
                 Ok(as_of) => self.observe(as_of),
                 Err(e) => tracing::debug!(error = %e, "reading the aggregators' progress failed"),
             }
-            if let Some(lag) = self.lag(unix_ms()) {
+            if let Some(lag) = self.lag(crate::aggregates::unix_now_ms()) {
                 metrics::gauge!("adserve_feature_realtime_lag_seconds").set(lag.as_secs_f64());
             }
         }

@@ -183,11 +183,7 @@ fn report_stale(
     for f in features {
         metrics::counter!("adserve_feature_freshness_breaches_total", "feature" => f.to_string()).increment(1);
     }
-    if let Ok(mut d) = degraded.lock()
-        && !d.iter().any(|x| x.component == component)
-    {
-        d.push(Degradation { component: component.into(), reason });
-    }
+    name_degraded(component, reason, degraded);
 }
 
 /// Counts and logs a source failure and names it in the response: one entry
@@ -195,6 +191,11 @@ fn report_stale(
 fn report_degraded(component: &'static str, reason: String, degraded: &std::sync::Mutex<Vec<Degradation>>) {
     metrics::counter!("adserve_feature_source_failures_total", "source" => component).increment(1);
     tracing::warn!(component, %reason, "feature source degraded");
+    name_degraded(component, reason, degraded);
+}
+
+/// Names `component` in the response with `reason`, unless it already is.
+fn name_degraded(component: &'static str, reason: String, degraded: &std::sync::Mutex<Vec<Degradation>>) {
     if let Ok(mut d) = degraded.lock()
         && !d.iter().any(|x| x.component == component)
     {
@@ -254,8 +255,7 @@ impl FeatureService for FeatureGrpc {
             ad_batch,
             within(degraded::REDIS, s.realtime_deadline, &s.realtime_breaker, realtime, &degraded),
         );
-        let now_ms =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now_ms = crate::aggregates::unix_now_ms();
         if let Some(breach) = s.freshness.as_ref().and_then(|f| f.breach(now_ms)) {
             report_stale(degraded::REDIS, breach, &degraded);
         }

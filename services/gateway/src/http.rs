@@ -170,9 +170,9 @@ async fn openrtb_auction(State(state): State<HttpState>, headers: HeaderMap, bod
 /// A click through a creative's link: 302 to the landing page. No API key
 /// (a browser follows it): the click token is the credential.
 async fn click_redirect(State(state): State<HttpState>, uri: axum::http::Uri) -> axum::response::Response {
-    let result = match axum::extract::Query::<adserve_proto::v1::RecordClickRequest>::try_from_uri(&uri) {
-        Ok(axum::extract::Query(req)) => state.server.click_through(req).await,
-        Err(e) => Err(ServeError::InvalidArgument(format!("query: {}", e.body_text()))),
+    let result = match query::<adserve_proto::v1::RecordClickRequest>(&uri) {
+        Ok(req) => state.server.click_through(req).await,
+        Err(e) => Err(e),
     };
     record(Api::Http, "click_redirect", &result);
     match result {
@@ -188,11 +188,18 @@ async fn click_redirect(State(state): State<HttpState>, uri: axum::http::Uri) ->
     }
 }
 
+/// A GET route's query string, or a 400 naming what is wrong with it.
+fn query<T: serde::de::DeserializeOwned>(uri: &axum::http::Uri) -> Result<T, ServeError> {
+    axum::extract::Query::<T>::try_from_uri(uri)
+        .map(|axum::extract::Query(q)| q)
+        .map_err(|e| ServeError::InvalidArgument(format!("query: {}", e.body_text())))
+}
+
 /// An exchange's billing notice (a bid's `burl`): 204 once logged.
 async fn openrtb_billing(State(state): State<HttpState>, uri: axum::http::Uri) -> axum::response::Response {
-    let result = match axum::extract::Query::<crate::openrtb::BillingNotice>::try_from_uri(&uri) {
-        Ok(axum::extract::Query(notice)) => state.server.openrtb_billing(notice).await,
-        Err(e) => Err(ServeError::InvalidArgument(format!("query: {}", e.body_text()))),
+    let result = match query::<crate::openrtb::BillingNotice>(&uri) {
+        Ok(notice) => state.server.openrtb_billing(notice).await,
+        Err(e) => Err(e),
     };
     record(Api::Http, "openrtb_billing", &result);
     match result {
