@@ -402,9 +402,43 @@ impl Stack {
 
     /// The impression with `impression_id` and where it is in the log.
     pub async fn logged_impression(&self, impression_id: &str) -> anyhow::Result<LoggedImpression> {
-        let (payload, partition, offset) = self.keyed_message(adserve_events::IMPRESSIONS_TOPIC, impression_id).await?;
-        let event = adserve_events::decode_impression(&payload).map_err(anyhow::Error::msg)?;
-        Ok(LoggedImpression { event, partition, offset })
+        let mut found = self.logged_impressions(&[impression_id]).await?;
+        found.remove(impression_id).with_context(|| format!("impression {impression_id} not logged"))
+    }
+
+    /// The impressions with these ids and where each is in the log, in one
+    /// pass over the impressions topic from its beginning (a fresh consumer
+    /// group; waits up to 30 s for all). The impressions of a multi-slot
+    /// answer share one message (an `ImpressionBatch`, keyed by their join
+    /// key), so they share its partition and offset.
+    pub async fn logged_impressions(&self, ids: &[&str]) -> anyhow::Result<HashMap<String, LoggedImpression>> {
+        let topic = adserve_events::IMPRESSIONS_TOPIC;
+        let consumer = self.consumer_from_start(topic)?;
+        let keys: std::collections::HashSet<String> =
+            ids.iter().map(|id| adserve_events::join_key(id).into_owned()).collect();
+        let mut found = HashMap::new();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while found.len() < ids.len() {
+                let msg = consumer.recv().await?;
+                if !msg.key().and_then(|k| std::str::from_utf8(k).ok()).is_some_and(|k| keys.contains(k)) {
+                    continue;
+                }
+                let payload_type = adserve_events::payload_type(msg.headers());
+                let events = adserve_events::decode_impressions(msg.payload().unwrap_or_default(), payload_type)
+                    .map_err(anyhow::Error::msg)?;
+                for event in events {
+                    if ids.contains(&event.impression_id.as_str()) && !found.contains_key(&event.impression_id) {
+                        let (partition, offset) = (msg.partition(), msg.offset());
+                        found.insert(event.impression_id.clone(), LoggedImpression { event, partition, offset });
+                    }
+                }
+            }
+            anyhow::Ok(())
+        })
+        .await
+        .with_context(|| format!("{} of {} impressions found on {topic} within 30 s", found.len(), ids.len()))??;
+        consumer.unsubscribe();
+        Ok(found)
     }
 
     /// The first message keyed `key` on `topic`, read from the beginning with
@@ -481,13 +515,7 @@ impl Stack {
 
     /// The impressions with these ids, in one pass over the topic.
     pub async fn impression_events(&self, ids: &[&str]) -> anyhow::Result<HashMap<String, ImpressionEvent>> {
-        self.keyed_messages(adserve_events::IMPRESSIONS_TOPIC, ids)
-            .await?
-            .into_iter()
-            .map(|(k, (payload, _, _))| {
-                Ok((k, adserve_events::decode_impression(&payload).map_err(anyhow::Error::msg)?))
-            })
-            .collect()
+        Ok(self.logged_impressions(ids).await?.into_iter().map(|(id, logged)| (id, logged.event)).collect())
     }
 
     /// Waits until the stack's label-joiner has committed its impressions

@@ -417,6 +417,48 @@ async fn a_click_changes_the_users_features_within_seconds() -> anyhow::Result<(
     Ok(())
 }
 
+#[tokio::test]
+async fn every_ad_of_a_multi_slot_answer_counts_once_and_a_click_on_any_of_them_is_attributed() -> anyhow::Result<()> {
+    // Through the stack's aggregator: the answer is one message (an
+    // ImpressionBatch) on the impressions topic, published twice (a producer
+    // retry of the whole answer).
+    let s = Stack::ready().await?;
+    let kafka = KafkaConfig { brokers: s.kafka.clone(), ..KafkaConfig::default() };
+    let events = EventPublisher::new(&kafka, "test")?;
+    let client = redis(&s.redis).await?;
+    let prefix = adserve_features::registry().redis.key_prefix.clone();
+    let run = run_id();
+    let user = format!("agg-answer-{run}");
+    let ads: Vec<i64> = (0..3).map(|i| 8_100_000_000 + run * 4 + i).collect();
+    let ids = adserve_events::answer_impression_ids(3);
+    let answer: Vec<ImpressionEvent> =
+        ids.iter().zip(&ads).map(|(id, ad)| impression(id, &user, *ad, now_s())).collect();
+    events.impressions(&answer).await?;
+    events.impressions(&answer).await?;
+    events.click(&click(&ids[1], now_s())).await?;
+    wait_for("the answer's impressions and the click", Duration::from_secs(20), async || {
+        let u = counters(&client, &prefix, Entity::User, &user).await?;
+        let clicked = counters(&client, &prefix, Entity::Ad, &ads[1].to_string()).await?;
+        Ok(u.get("impressions_1h") == Some(&3.0) && clicked.get("clicks_1h") == Some(&1.0))
+    })
+    .await?;
+    for ad in &ads {
+        let a = counters(&client, &prefix, Entity::Ad, &ad.to_string()).await?;
+        assert_eq!(a["impressions_1h"], 1.0, "ad {ad}: {a:?}");
+    }
+    // One more impression, read after the retried answer (one partition):
+    // the retry counted nothing.
+    events.impression(&impression(&uuid::Uuid::now_v7().to_string(), &user, ads[0], now_s())).await?;
+    wait_for("the impression after the retried answer", Duration::from_secs(20), async || {
+        let u = counters(&client, &prefix, Entity::User, &user).await?;
+        Ok(u.get("impressions_1h") == Some(&4.0))
+    })
+    .await?;
+    let u = counters(&client, &prefix, Entity::User, &user).await?;
+    assert_eq!((u["impressions_1h"], u["clicks_1h"]), (4.0, 1.0), "{u:?}");
+    Ok(())
+}
+
 /// A feature-service of its own that only aggregates, into a Redis database
 /// of its own (so the stack's aggregator's counts do not mix in), in a
 /// consumer group of its own.

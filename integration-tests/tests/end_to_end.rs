@@ -157,3 +157,56 @@ async fn coppa_requests_get_only_safe_ads_and_log_no_personal_data() -> anyhow::
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_multi_slot_answer_is_logged_as_one_message_and_a_click_on_any_ad_joins_it() -> anyhow::Result<()> {
+    // Logged as one message per ad, a partial acknowledgement used to answer
+    // 503 while the acked ads became label-0 rows for an answer never given.
+    use adserve_events::{CLICKS_TOPIC, IMPRESSIONS_TOPIC, decode_click, join_key};
+    use adserve_proto::v1::ImpressionBatch;
+    use prost::Message as _;
+
+    let stack = Stack::ready().await?;
+    let http = adserve_integration_tests::http_client();
+    let user = format!("e2e-slots-{}", uuid::Uuid::new_v4());
+    let body = json!({"user_id": user, "context": {"placement": "feed_top", "device": "mobile"}, "slots": 3});
+    let ad: Value = http.post(format!("{}/v1/ads", stack.http)).json(&body).send().await?.json().await?;
+    let winners = ad["winners"].as_array().expect("winners");
+    assert_eq!(winners.len(), 3, "{ad}");
+    let ids: Vec<&str> = winners.iter().map(|w| w["impression_id"].as_str().unwrap()).collect();
+    // The user clicks the last ad at once (the stack's label window is 5 s).
+    let last = &winners[2];
+    let click = json!({"impression_id": last["impression_id"], "click_token": last["click_token"]});
+    let status = http.post(format!("{}/v1/clicks", stack.http)).json(&click).send().await?.status();
+    assert_eq!(status, 202);
+
+    // One message, keyed by the first ad's id (every id's join key), holds
+    // the three impressions in slot order.
+    for id in &ids {
+        assert_eq!(join_key(id), ids[0], "{id}");
+    }
+    let (payload, partition, offset) = stack.keyed_message(IMPRESSIONS_TOPIC, ids[0]).await?;
+    let batch = ImpressionBatch::decode(payload.as_slice())?;
+    let logged: Vec<&str> = batch.impressions.iter().map(|e| e.impression_id.as_str()).collect();
+    assert_eq!(logged, ids);
+    assert!(batch.impressions.iter().all(|e| e.user_id == user));
+    let read = stack.logged_impressions(&ids).await?;
+    assert!(read.values().all(|l| (l.partition, l.offset) == (partition, offset)), "one message");
+
+    // A click on the last ad is keyed by the answer's key: on the batch's partition.
+    let (payload, click_partition, _) = stack.keyed_message(CLICKS_TOPIC, ids[0]).await?;
+    assert_eq!(decode_click(&payload).map_err(anyhow::Error::msg)?.impression_id, ids[2]);
+    assert_eq!(click_partition, partition);
+
+    // The joiner writes one row per ad; only the clicked one is labelled 1.
+    for id in &ids {
+        stack.wait_for_rows(id, Duration::from_secs(60)).await?;
+    }
+    stack.wait_joiner_committed_past(&read[ids[0]], Duration::from_secs(60)).await?;
+    for (i, id) in ids.iter().enumerate() {
+        let rows = stack.rows_for(id).await?;
+        assert_eq!(rows.len(), 1, "exactly one row for slot {i}");
+        assert_eq!(rows[0].label, i8::from(i == 2), "slot {i}");
+    }
+    Ok(())
+}

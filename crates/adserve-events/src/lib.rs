@@ -3,10 +3,13 @@
 
 mod publisher;
 
-use std::time::Duration;
+use std::{borrow::Cow, time::Duration};
 
 use adserve_core::{Invalid, check_duration, check_range};
-use adserve_proto::v1::{ClickEvent, ImpressionEvent};
+use adserve_proto::{
+    limits::MAX_SLOTS,
+    v1::{ClickEvent, ImpressionBatch, ImpressionEvent},
+};
 use prost::Message as _;
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
@@ -14,15 +17,17 @@ use rdkafka::{
     config::ClientConfig,
     consumer::StreamConsumer,
     error::RDKafkaErrorCode,
-    message::{Header, OwnedHeaders},
+    message::{Header, Headers, OwnedHeaders},
 };
 use serde::{Deserialize, Serialize};
 
 pub use publisher::{EventPublisher, Health};
 
-/// Impressions, keyed by impression id, payload [`ImpressionEvent`].
+/// Impressions, keyed by [`join_key`], payload one [`ImpressionEvent`] or
+/// (header [`HEADER_PAYLOAD`] = [`IMPRESSION_BATCH`]) one [`ImpressionBatch`].
 pub const IMPRESSIONS_TOPIC: &str = "adserve.impressions.v1";
-/// Clicks, keyed by impression id (co-partitioned with impressions), payload [`ClickEvent`].
+/// Clicks and billing notices, keyed by the [`join_key`] of their impression
+/// (co-partitioned with impressions), payload [`ClickEvent`].
 pub const CLICKS_TOPIC: &str = "adserve.clicks.v1";
 /// Messages no consumer could process, with the reason in headers.
 pub const DEAD_LETTER_TOPIC: &str = "adserve.dead-letter.v1";
@@ -31,6 +36,12 @@ pub const DEAD_LETTER_TOPIC: &str = "adserve.dead-letter.v1";
 pub const SHADOW_SCORES_TOPIC: &str = "adserve.shadow-scores.v1";
 /// Every topic the system owns.
 pub const TOPICS: [&str; 4] = [IMPRESSIONS_TOPIC, CLICKS_TOPIC, DEAD_LETTER_TOPIC, SHADOW_SCORES_TOPIC];
+
+/// Header naming a message's payload type where a topic carries more than
+/// one (the impressions topic); absent means the topic's single-event type.
+pub const HEADER_PAYLOAD: &str = "adserve-payload";
+/// [`HEADER_PAYLOAD`] of an impressions message holding an [`ImpressionBatch`].
+pub const IMPRESSION_BATCH: &str = "adserve.v1.ImpressionBatch";
 
 /// Header naming why a message was dead-lettered.
 pub const HEADER_DLQ_REASON: &str = "adserve-dlq-reason";
@@ -177,22 +188,94 @@ pub struct Ack {
     pub offset: i64,
 }
 
+/// Impression ids for an answer of `n` ads (`1..=MAX_SLOTS`), in slot
+/// order, sharing one [`join_key`]. One ad: a version 7 UUID, its own join
+/// key. More: version 8 UUIDs, a version 7 UUID's time and randomness with
+/// the ad's index in its last 16 bits, so the ids stay unique and
+/// time-ordered, and zeroing those bits gives the answer's join key (the
+/// first id).
+pub fn answer_impression_ids(n: usize) -> Vec<String> {
+    let first = uuid::Uuid::now_v7();
+    if n <= 1 {
+        return (0..n).map(|_| first.to_string()).collect();
+    }
+    let base = first.into_bytes();
+    (0..n)
+        .map(|i| {
+            let mut bytes = base;
+            bytes[14..].copy_from_slice(&u16::try_from(i).unwrap_or(u16::MAX).to_be_bytes());
+            uuid::Builder::from_custom_bytes(bytes).into_uuid().to_string()
+        })
+        .collect()
+}
+
+/// The Kafka key of every event about the impression `impression_id`: its
+/// answer's first impression id for the version 8 ids of a multi-slot answer
+/// ([`answer_impression_ids`]), the id itself for any other. Keying the
+/// impressions of one answer (one message) and each one's clicks and notices
+/// alike keeps them on one partition of the co-partitioned topics.
+pub fn join_key(impression_id: &str) -> Cow<'_, str> {
+    match uuid::Uuid::try_parse(impression_id) {
+        Ok(id) if id.get_version_num() == 8 => {
+            let mut bytes = id.into_bytes();
+            bytes[14..].fill(0);
+            Cow::Owned(uuid::Uuid::from_bytes(bytes).to_string())
+        }
+        _ => Cow::Borrowed(impression_id),
+    }
+}
+
 impl EventPublisher {
-    /// Publishes an impression, keyed by its id.
+    /// Publishes an impression, keyed by its [`join_key`].
     pub async fn impression(&self, event: &ImpressionEvent) -> Result<Ack, EventError> {
-        self.send(IMPRESSIONS_TOPIC, &event.impression_id, &event.encode_to_vec(), None).await
+        self.send(IMPRESSIONS_TOPIC, &join_key(&event.impression_id), &event.encode_to_vec(), None).await
     }
 
-    /// Publishes a click, keyed by its impression id.
+    /// Publishes every impression of one answer in one message, so the
+    /// broker has all of them or none: one [`ImpressionEvent`] alone, more
+    /// as an [`ImpressionBatch`]. Their ids must come from one
+    /// [`answer_impression_ids`] (they share a join key, the message's key).
+    pub async fn impressions(&self, events: &[ImpressionEvent]) -> Result<Ack, EventError> {
+        match events {
+            [] => Err(EventError::Kafka("no impressions to publish".into())),
+            [one] => self.impression(one).await,
+            many => {
+                let key = join_key(&many[0].impression_id);
+                if let Some(stray) = many.iter().find(|e| join_key(&e.impression_id) != key) {
+                    return Err(EventError::Kafka(format!(
+                        "impression {} is not of the answer keyed {key}",
+                        stray.impression_id
+                    )));
+                }
+                let batch = ImpressionBatch { impressions: many.to_vec() };
+                let headers = OwnedHeaders::new().insert(Header { key: HEADER_PAYLOAD, value: Some(IMPRESSION_BATCH) });
+                self.send(IMPRESSIONS_TOPIC, &key, &batch.encode_to_vec(), Some(headers)).await
+            }
+        }
+    }
+
+    /// Publishes a click (or billing notice), keyed by its impression's [`join_key`].
     pub async fn click(&self, event: &ClickEvent) -> Result<Ack, EventError> {
-        self.send(CLICKS_TOPIC, &event.impression_id, &event.encode_to_vec(), None).await
+        self.send(CLICKS_TOPIC, &join_key(&event.impression_id), &event.encode_to_vec(), None).await
     }
 
-    /// Sends a message that could not be processed to the dead-letter topic.
-    pub async fn dead_letter(&self, source: &str, key: &[u8], payload: &[u8], reason: &str) -> Result<Ack, EventError> {
-        let headers = OwnedHeaders::new()
+    /// Sends a message that could not be processed to the dead-letter topic,
+    /// with its payload type (`payload_type`, the source's [`HEADER_PAYLOAD`])
+    /// so it can be decoded and replayed.
+    pub async fn dead_letter(
+        &self,
+        source: &str,
+        key: &[u8],
+        payload: &[u8],
+        payload_type: Option<&str>,
+        reason: &str,
+    ) -> Result<Ack, EventError> {
+        let mut headers = OwnedHeaders::new()
             .insert(Header { key: HEADER_DLQ_REASON, value: Some(reason) })
             .insert(Header { key: HEADER_DLQ_SOURCE, value: Some(source) });
+        if let Some(kind) = payload_type {
+            headers = headers.insert(Header { key: HEADER_PAYLOAD, value: Some(kind) });
+        }
         let key = String::from_utf8_lossy(key).into_owned();
         self.send(DEAD_LETTER_TOPIC, &key, payload, Some(headers)).await
     }
@@ -206,10 +289,11 @@ impl EventPublisher {
         source: &str,
         key: &[u8],
         payload: &[u8],
+        payload_type: Option<&str>,
         reason: &str,
     ) -> Result<Ack, EventError> {
         use backon::Retryable as _;
-        (|| self.dead_letter(source, key, payload, reason))
+        (|| self.dead_letter(source, key, payload, payload_type, reason))
             .retry(
                 backon::ExponentialBuilder::default()
                     .with_min_delay(Duration::from_millis(100))
@@ -289,12 +373,62 @@ pub enum DecodeError {
     /// The served row's typed blocks do not match their names.
     #[error("ImpressionEvent.features: {0}")]
     RaggedTypedFeatures(String),
+    /// An impressions message that is not one answer's valid impressions.
+    #[error("ImpressionBatch {0}")]
+    Batch(String),
+}
+
+/// The [`HEADER_PAYLOAD`] of a message, if it has one that is UTF-8.
+pub fn payload_type<H: Headers>(headers: Option<&H>) -> Option<&str> {
+    let headers = headers?;
+    (0..headers.count())
+        .map(|i| headers.get(i))
+        .find(|h| h.key == HEADER_PAYLOAD)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// Decodes a message of the impressions topic, whose [`HEADER_PAYLOAD`] is
+/// `payload_type`: one impression, or every impression of one multi-slot
+/// answer (an [`ImpressionBatch`]: 2 to `MAX_SLOTS` valid impressions sharing
+/// one [`join_key`]). A batch is refused whole if any of it is invalid: it is
+/// one answer, logged whole or not at all.
+pub fn decode_impressions(payload: &[u8], payload_type: Option<&str>) -> Result<Vec<ImpressionEvent>, DecodeError> {
+    match payload_type {
+        None => Ok(vec![decode_impression(payload)?]),
+        Some(IMPRESSION_BATCH) => {
+            let batch = ImpressionBatch::decode(payload)
+                .map_err(|source| DecodeError::Malformed { message: "ImpressionBatch", source })?;
+            let n = batch.impressions.len();
+            if !(2..=MAX_SLOTS).contains(&n) {
+                return Err(DecodeError::Batch(format!("holds {n} impressions, not 2..={MAX_SLOTS}")));
+            }
+            let key = join_key(&batch.impressions[0].impression_id).into_owned();
+            for (i, e) in batch.impressions.iter().enumerate() {
+                check_impression(e).map_err(|e| DecodeError::Batch(format!("impressions[{i}]: {e}")))?;
+                if join_key(&e.impression_id) != key.as_str() {
+                    return Err(DecodeError::Batch(format!(
+                        "impressions[{i}]: {} is not of the answer keyed {key}",
+                        e.impression_id
+                    )));
+                }
+            }
+            Ok(batch.impressions)
+        }
+        Some(other) => Err(DecodeError::Batch(format!("unknown {HEADER_PAYLOAD} {other:?}"))),
+    }
 }
 
 /// Decodes an impression payload.
 pub fn decode_impression(payload: &[u8]) -> Result<ImpressionEvent, DecodeError> {
     let e = ImpressionEvent::decode(payload)
         .map_err(|source| DecodeError::Malformed { message: "ImpressionEvent", source })?;
+    check_impression(&e)?;
+    Ok(e)
+}
+
+/// The checks every decoded impression passes.
+fn check_impression(e: &ImpressionEvent) -> Result<(), DecodeError> {
     if e.impression_id.is_empty() {
         return Err(DecodeError::Missing("ImpressionEvent.impression_id"));
     }
@@ -321,7 +455,7 @@ pub fn decode_impression(payload: &[u8]) -> Result<ImpressionEvent, DecodeError>
     if e.served_at.is_none() {
         return Err(DecodeError::Missing("ImpressionEvent.served_at"));
     }
-    Ok(e)
+    Ok(())
 }
 
 /// Decodes a click payload.
@@ -423,6 +557,81 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(decode_impression(&e.encode_to_vec()).unwrap(), e);
+    }
+
+    fn valid(id: &str) -> ImpressionEvent {
+        ImpressionEvent {
+            impression_id: id.into(),
+            served_at: Some(prost_types::Timestamp { seconds: 5, nanos: 0 }),
+            features: Some(FeatureRow { names: vec!["a".into()], values: vec![0.5], ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn one_answer_shares_one_join_key_and_others_are_their_own() {
+        let one = answer_impression_ids(1);
+        assert_eq!(one.len(), 1);
+        assert_eq!(uuid::Uuid::parse_str(&one[0]).unwrap().get_version_num(), 7);
+        assert_eq!(join_key(&one[0]), one[0].as_str(), "a one-ad answer is keyed as before");
+
+        let ids = answer_impression_ids(MAX_SLOTS);
+        assert_eq!(ids.len(), MAX_SLOTS);
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), MAX_SLOTS, "{ids:?}");
+        for id in &ids {
+            let parsed = uuid::Uuid::parse_str(id).unwrap();
+            assert_eq!(parsed.get_version_num(), 8, "{id}");
+            assert_eq!(parsed.get_variant(), uuid::Variant::RFC4122, "{id}");
+            assert_eq!(join_key(id), ids[0].as_str(), "every ad of the answer is keyed by the first id");
+        }
+        let other = answer_impression_ids(2);
+        assert_ne!(join_key(&other[1]), join_key(&ids[1]), "two answers are two keys");
+        // A v4 id, or anything that is not a UUID, is its own key.
+        let v4 = uuid::Uuid::new_v4().to_string();
+        assert_eq!(join_key(&v4), v4.as_str());
+        assert_eq!(join_key("not-a-uuid"), "not-a-uuid");
+        assert!(answer_impression_ids(0).is_empty());
+    }
+
+    #[test]
+    fn a_batch_is_one_answer_decoded_whole_or_refused_whole() {
+        let ids = answer_impression_ids(3);
+        let events: Vec<_> = ids.iter().map(|id| valid(id)).collect();
+        let payload = ImpressionBatch { impressions: events.clone() }.encode_to_vec();
+        assert_eq!(decode_impressions(&payload, Some(IMPRESSION_BATCH)).unwrap(), events);
+        // Without the header the message is one impression, as before.
+        let single = valid(&answer_impression_ids(1)[0]);
+        assert_eq!(decode_impressions(&single.encode_to_vec(), None).unwrap(), vec![single.clone()]);
+
+        let refused = |impressions: Vec<ImpressionEvent>| {
+            decode_impressions(&ImpressionBatch { impressions }.encode_to_vec(), Some(IMPRESSION_BATCH))
+                .unwrap_err()
+                .to_string()
+        };
+        let mut ragged = events.clone();
+        ragged[2].features.as_mut().unwrap().values.clear();
+        assert!(refused(ragged).contains("impressions[2]: ImpressionEvent.features has 1 names and 0 values"));
+        let mut stray = events.clone();
+        stray[1] = valid(&answer_impression_ids(2)[1]);
+        let e = refused(stray);
+        assert!(e.contains("impressions[1]") && e.contains(&format!("not of the answer keyed {}", ids[0])), "{e}");
+        assert!(refused(vec![events[0].clone()]).contains("holds 1 impressions, not 2..=10"));
+        assert!(refused(vec![]).contains("holds 0 impressions"));
+        let e = decode_impressions(b"\xff\xff", Some(IMPRESSION_BATCH)).unwrap_err();
+        assert!(matches!(e, DecodeError::Malformed { message: "ImpressionBatch", .. }), "{e}");
+        let e = decode_impressions(&payload, Some("adserve.v9.Other")).unwrap_err();
+        assert!(e.to_string().contains("unknown adserve-payload \"adserve.v9.Other\""), "{e}");
+    }
+
+    #[test]
+    fn the_payload_type_is_read_from_the_headers() {
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "other", value: Some("x") })
+            .insert(Header { key: HEADER_PAYLOAD, value: Some(IMPRESSION_BATCH) });
+        assert_eq!(payload_type(Some(&headers)), Some(IMPRESSION_BATCH));
+        assert_eq!(payload_type(Some(&OwnedHeaders::new())), None);
+        assert_eq!(payload_type::<OwnedHeaders>(None), None);
     }
 
     #[test]

@@ -44,7 +44,7 @@ use std::{
 
 use adserve_core::Lifecycle;
 use adserve_events::{
-    CLICKS_TOPIC, EventError, EventPublisher, IMPRESSIONS_TOPIC, KafkaConfig, decode_click, decode_impression,
+    CLICKS_TOPIC, EventError, EventPublisher, IMPRESSIONS_TOPIC, KafkaConfig, decode_click, decode_impressions,
 };
 use adserve_features::{Entity, realtime};
 use adserve_proto::v1::{ClickEvent, ImpressionEvent};
@@ -525,6 +525,8 @@ struct Read {
     offset: i64,
     key: Vec<u8>,
     payload: Vec<u8>,
+    /// Its `adserve-payload` header (an impression batch).
+    payload_type: Option<String>,
 }
 
 impl Read {
@@ -535,6 +537,7 @@ impl Read {
             offset: m.offset(),
             key: m.key().unwrap_or_default().to_vec(),
             payload: m.payload().unwrap_or_default().to_vec(),
+            payload_type: adserve_events::payload_type(m.headers()).map(str::to_owned),
         })
     }
 }
@@ -624,7 +627,7 @@ impl Loop<'_> {
         let mut clicks = Vec::new();
         for r in &batch {
             let decoded = if r.topic == IMPRESSIONS_TOPIC {
-                decode_impression(&r.payload).map(|e| Event::Impression(Box::new(e)))
+                decode_impressions(&r.payload, r.payload_type.as_deref()).map(Event::Impressions)
             } else {
                 decode_click(&r.payload).map(Event::Click)
             };
@@ -633,13 +636,20 @@ impl Loop<'_> {
                     let source = format!("{}/{}/{}", r.topic, r.partition, r.offset);
                     tracing::warn!(%source, %reason, "refused message; dead-lettering");
                     self.publisher
-                        .dead_letter_patiently(&source, &r.key, &r.payload, &reason.to_string())
+                        .dead_letter_patiently(
+                            &source,
+                            &r.key,
+                            &r.payload,
+                            r.payload_type.as_deref(),
+                            &reason.to_string(),
+                        )
                         .await
                         .map_err(RunError::DeadLetter)?;
                     metrics::counter!("adserve_feature_aggregates_events_total", "topic" => r.topic, "outcome" => "dead_lettered")
                         .increment(1);
                 }
-                Ok(Event::Impression(e)) => impressions.push((r.partition, e)),
+                // Every impression of a multi-slot answer counts, each once.
+                Ok(Event::Impressions(es)) => impressions.extend(es.into_iter().map(|e| (r.partition, e))),
                 Ok(Event::Click(c)) => clicks.push((r.partition, r.offset, c)),
             }
         }
@@ -907,7 +917,8 @@ impl Loop<'_> {
 }
 
 enum Event {
-    Impression(Box<ImpressionEvent>),
+    /// One impression, or every impression of one multi-slot answer.
+    Impressions(Vec<ImpressionEvent>),
     Click(ClickEvent),
 }
 

@@ -299,13 +299,13 @@ impl AdServer {
         let mut out = Vec::with_capacity(winners.len());
         let mut creatives = Vec::with_capacity(winners.len());
         let mut events = Vec::with_capacity(winners.len());
-        for w in winners {
+        let impression_ids = adserve_events::answer_impression_ids(winners.len());
+        for (w, impression_id) in winners.into_iter().zip(impression_ids) {
             let row = ad_ids
                 .iter()
                 .position(|id| *id == w.ad_id)
                 .ok_or_else(|| ServeError::Unavailable(format!("auction returned unknown ad {}", w.ad_id)))?;
             let ad: &EligibleAd = &ads[row];
-            let impression_id = uuid::Uuid::now_v7().to_string();
             events.push(ImpressionEvent {
                 impression_id: impression_id.clone(),
                 request_id: request_id.clone(),
@@ -365,8 +365,10 @@ impl AdServer {
                 price_cpm_micros: w.price_cpm_micros,
             });
         }
-        // No lost events: the ad is returned only after the broker has every impression.
-        timed(Hop::ImpressionLog, futures::future::try_join_all(events.iter().map(|e| self.events.impression(e))))
+        // No lost events: the ads are returned only after the broker has every
+        // impression; and no phantom ones: the answer's impressions are one
+        // message, logged whole or not at all.
+        timed(Hop::ImpressionLog, self.events.impressions(&events))
             .await
             .map_err(|e| unavailable("impression log (kafka)", e))?;
         for d in &degraded {

@@ -37,7 +37,7 @@
 //! ([`Joiner::preload_written`]) and not written again.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     hash::{BuildHasher, Hasher},
     sync::Arc,
 };
@@ -464,7 +464,9 @@ pub struct Joiner {
     parts: HashMap<i32, Part>,
     ready: Vec<LabelledRow>,
     names: HashSet<Arc<[String]>>,
-    inflight: HashMap<TopicPartition, BTreeSet<i64>>,
+    /// Per topic-partition, each in-flight offset and how many holds it has
+    /// (a multi-slot answer's impressions share their message's offset).
+    inflight: HashMap<TopicPartition, BTreeMap<i64, u32>>,
     next: HashMap<TopicPartition, i64>,
     bytes: usize,
     stats: JoinStats,
@@ -524,12 +526,17 @@ impl Joiner {
     }
 
     fn hold(&mut self, tp: TopicPartition, offset: i64) {
-        self.inflight.entry(tp).or_default().insert(offset);
+        hold(&mut self.inflight, tp, offset);
     }
 
     fn release(&mut self, tp: TopicPartition, offset: i64) {
-        if let Some(set) = self.inflight.get_mut(&tp) {
-            set.remove(&offset);
+        if let Some(holds) = self.inflight.get_mut(&tp)
+            && let std::collections::btree_map::Entry::Occupied(mut n) = holds.entry(offset)
+        {
+            *n.get_mut() -= 1;
+            if *n.get() == 0 {
+                n.remove();
+            }
         }
     }
 
@@ -574,12 +581,38 @@ impl Joiner {
     /// caller dead-letters it, then calls [`Joiner::skip`]).
     pub fn on_impression(
         &mut self,
-        mut event: ImpressionEvent,
+        event: ImpressionEvent,
         partition: i32,
         offset: i64,
         now_ms: i64,
     ) -> Result<(), Rejected> {
-        let tp = (self.impressions, partition);
+        self.on_impressions(vec![event], partition, offset, now_ms)
+    }
+
+    /// The impressions of one message (one answer: one impression, or a
+    /// multi-slot answer's batch) read at `offset`. They are taken all or
+    /// none: if any is refused, none contributes (the caller dead-letters the
+    /// message whole, then calls [`Joiner::skip`]). The offset stays in
+    /// flight until every one of them is done.
+    pub fn on_impressions(
+        &mut self,
+        events: Vec<ImpressionEvent>,
+        partition: i32,
+        offset: i64,
+        now_ms: i64,
+    ) -> Result<(), Rejected> {
+        for event in &events {
+            self.check(event, now_ms)?;
+        }
+        self.seen((self.impressions, partition), offset);
+        for event in events {
+            self.accept(event, partition, offset, now_ms);
+        }
+        Ok(())
+    }
+
+    /// Why `event` cannot be joined, if it cannot.
+    fn check(&self, event: &ImpressionEvent, now_ms: i64) -> Result<(), Rejected> {
         if event.impression_id.is_empty() {
             return Err(Rejected::NoImpressionId);
         }
@@ -587,11 +620,17 @@ impl Joiner {
         if served_ms > now_ms + self.rules.max_clock_skew_ms {
             return Err(Rejected::FutureServedAt(served_ms - now_ms));
         }
-        let features = event.features.as_mut().ok_or(Rejected::NoFeatureRow)?;
+        let features = event.features.as_ref().ok_or(Rejected::NoFeatureRow)?;
         if features.names.len() != features.values.len() {
             return Err(Rejected::MisalignedFeatures { names: features.names.len(), values: features.values.len() });
         }
-        self.seen(tp, offset);
+        Ok(())
+    }
+
+    /// Takes a checked impression.
+    fn accept(&mut self, mut event: ImpressionEvent, partition: i32, offset: i64, now_ms: i64) {
+        let tp = (self.impressions, partition);
+        let served_ms = event.served_at.as_ref().map(millis).unwrap_or_default();
         let lateness = self.rules.lateness_ms;
         if observe(&mut self.part(partition).max_served_ms, served_ms, lateness) {
             self.stats.out_of_order_impressions += 1;
@@ -599,7 +638,7 @@ impl Joiner {
         let key = id_key(&event.impression_id);
         if self.pending.contains_key(&key) || self.done.contains_key(&key) {
             self.stats.duplicates += 1;
-            return Ok(());
+            return;
         }
         let (written, clicked) = self.written.remove(&key).map_or((Kinds::default(), false), |w| (w.kinds, w.clicked));
         if written.contains(RowKind::Final) {
@@ -611,9 +650,9 @@ impl Joiner {
                 deadline_ms: served_ms + self.rules.window_ms,
             };
             self.remember_done(key, partition, done);
-            return Ok(());
+            return;
         }
-        let names = self.intern(std::mem::take(&mut features.names));
+        let names = self.intern(event.features.as_mut().map(|f| std::mem::take(&mut f.names)).unwrap_or_default());
         let deadline_ms = served_ms + self.rules.window_ms;
         let bytes = event.encoded_len() + 96;
         let mut pending =
@@ -660,7 +699,6 @@ impl Joiner {
         self.bytes += pending.bytes;
         self.part(partition).windows.insert((deadline_ms, offset, key));
         self.pending.insert(key, pending);
-        Ok(())
     }
 
     fn take_orphan(&mut self, partition: i32, key: OrphanKey) -> Option<Orphan> {
@@ -697,7 +735,7 @@ impl Joiner {
             } else if at_ms <= p.deadline_ms {
                 p.click = Some((click.clicked_at.unwrap_or_default(), (tp, offset)));
                 self.stats.clicks_joined += 1;
-                self.inflight.entry(tp).or_default().insert(offset);
+                hold(&mut self.inflight, tp, offset);
                 if streaming && !p.written.contains(RowKind::Correction) {
                     let p = &self.pending[&key];
                     let row = self.row(p, partition, RowKind::Correction, now_ms);
@@ -734,7 +772,7 @@ impl Joiner {
                 let first_sign = !p.shown();
                 p.billing = Some((tp, offset));
                 self.stats.billings_joined += 1;
-                self.inflight.entry(tp).or_default().insert(offset);
+                hold(&mut self.inflight, tp, offset);
                 // Streaming: the provisional negative waited for the notice
                 // (a click already wrote its correction).
                 let p = &self.pending[&key];
@@ -1014,7 +1052,7 @@ impl Joiner {
         self.next
             .iter()
             .map(|(tp, next)| {
-                let low = self.inflight.get(tp).and_then(|s| s.first().copied());
+                let low = self.inflight.get(tp).and_then(|s| s.first_key_value()).map(|(o, _)| *o);
                 (*tp, low.unwrap_or(*next))
             })
             .collect()
@@ -1046,6 +1084,11 @@ impl Joiner {
     pub fn stats(&self) -> JoinStats {
         self.stats
     }
+}
+
+/// One more hold on `offset` (a free function: callers hold other borrows of the joiner).
+fn hold(inflight: &mut HashMap<TopicPartition, BTreeMap<i64, u32>>, tp: TopicPartition, offset: i64) {
+    *inflight.entry(tp).or_default().entry(offset).or_insert(0) += 1;
 }
 
 #[cfg(test)]

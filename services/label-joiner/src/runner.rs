@@ -16,7 +16,7 @@ use std::{
 };
 
 use adserve_core::{Lifecycle, Readiness, Shutdown};
-use adserve_events::{CLICKS_TOPIC, EventPublisher, IMPRESSIONS_TOPIC, decode_click, decode_impression};
+use adserve_events::{CLICKS_TOPIC, EventPublisher, IMPRESSIONS_TOPIC, decode_click, decode_impressions};
 use futures::FutureExt as _;
 use rdkafka::{
     ClientContext, Message, Offset, TopicPartitionList,
@@ -486,8 +486,10 @@ impl Runner {
                                 let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
                                 let key = m.key().map(<[u8]>::to_vec).unwrap_or_default();
                                 let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
+                                let payload_type = adserve_events::payload_type(m.headers()).map(str::to_owned);
                                 drop(m);
-                                self.handle(&topic, partition, offset, &key, &payload).await?;
+                                let message = Read { key: &key, payload: &payload, payload_type: payload_type.as_deref() };
+                                self.handle(&topic, partition, offset, message).await?;
                                 drained += 1;
                                 next = if drained < DRAIN_PER_TURN { self.consumer.recv().now_or_never() } else { None };
                             }
@@ -604,24 +606,18 @@ impl Runner {
         }
     }
 
-    async fn handle(
-        &mut self,
-        topic: &str,
-        partition: i32,
-        offset: i64,
-        key: &[u8],
-        payload: &[u8],
-    ) -> Result<(), RunError> {
+    async fn handle(&mut self, topic: &str, partition: i32, offset: i64, m: Read<'_>) -> Result<(), RunError> {
         let Some(tp) = topic_of(topic) else { return Ok(()) };
         let now = now_ms();
         let refused = {
             let mut core = lock(&self.core);
             if tp == IMPRESSIONS_TOPIC {
-                decode_impression(payload)
+                // One impression, or a multi-slot answer's batch, taken whole or refused whole.
+                decode_impressions(m.payload, m.payload_type)
                     .map_err(|e| e.to_string())
-                    .and_then(|e| core.joiner.on_impression(e, partition, offset, now).map_err(|r| r.to_string()))
+                    .and_then(|es| core.joiner.on_impressions(es, partition, offset, now).map_err(|r| r.to_string()))
             } else {
-                decode_click(payload)
+                decode_click(m.payload)
                     .map_err(|e| e.to_string())
                     .and_then(|c| core.joiner.on_click(c, partition, offset, now).map_err(|r| r.to_string()))
             }
@@ -630,7 +626,10 @@ impl Runner {
             let source = format!("{topic}/{partition}/{offset}");
             tracing::warn!(%source, %reason, "refused message; dead-lettering");
             // The message is skipped only once the dead-letter topic has it.
-            self.publisher.dead_letter_patiently(&source, key, payload, &reason).await.map_err(RunError::DeadLetter)?;
+            self.publisher
+                .dead_letter_patiently(&source, m.key, m.payload, m.payload_type, &reason)
+                .await
+                .map_err(RunError::DeadLetter)?;
             lock(&self.core).joiner.skip((tp, partition), offset);
             metrics::counter!("adserve_label_joiner_dead_lettered_total", "topic" => tp).increment(1);
             if let Ok(mut s) = self.status.lock() {
@@ -668,6 +667,14 @@ impl Runner {
             Err(e) => tracing::warn!(error = %e, "offset commit task failed"),
         }
     }
+}
+
+/// A message read, as `handle` needs it.
+struct Read<'a> {
+    key: &'a [u8],
+    payload: &'a [u8],
+    /// Its `adserve-payload` header (an impression batch).
+    payload_type: Option<&'a str>,
 }
 
 /// For each assigned topic-partition: whether the consumer has read it to

@@ -231,6 +231,47 @@ fn offsets_commit_only_after_rows_are_durable() {
 }
 
 #[test]
+fn an_answers_batch_is_committed_only_once_every_one_of_its_rows_is_durable() {
+    // The three ads of one answer share offset 0: the offset is held until
+    // the last of their rows is in a file, not released by the first.
+    let mut j = joiner();
+    let answer = vec![imp("s0", 0), imp("s1", 0), imp("s2", 0)];
+    j.on_impressions(answer, 0, 0, 0).unwrap();
+    j.on_impression(imp("next", 10), 0, 1, 10).unwrap();
+    j.on_click(click("s2", 300), 0, 0, 300).unwrap();
+    caught_up(&mut j, 0);
+    j.advance(W + L + 10);
+    let mut rows = j.take_ready(10);
+    assert_eq!(rows.len(), 4);
+    rows.sort_by(|a, b| a.event.impression_id.cmp(&b.event.impression_id));
+    let labels: Vec<(&str, bool)> = rows.iter().map(|r| (r.event.impression_id.as_str(), r.label)).collect();
+    assert_eq!(labels, [("next", false), ("s0", false), ("s1", false), ("s2", true)]);
+    let (batch, next): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.event.impression_id != "next");
+    j.mark_durable(&next);
+    j.mark_durable(&batch[..2]);
+    assert_eq!(commit_of(&j, IMP, 0), 0, "s2's row is not durable yet: its batch must be read again after a crash");
+    assert_eq!(commit_of(&j, CLK, 0), 0);
+    j.mark_durable(&batch[2..]);
+    assert_eq!(commit_of(&j, IMP, 0), 2);
+    assert_eq!(commit_of(&j, CLK, 0), 1);
+}
+
+#[test]
+fn a_batch_with_one_bad_impression_is_refused_whole() {
+    let mut j = joiner();
+    let mut bad = imp("s1", 0);
+    bad.features.as_mut().unwrap().values.pop();
+    let err = j.on_impressions(vec![imp("s0", 0), bad, imp("s2", 0)], 0, 0, 0).unwrap_err();
+    assert!(matches!(err, Rejected::MisalignedFeatures { names: 2, values: 1 }), "{err}");
+    assert_eq!(j.pending_len(), 0, "none of the answer was taken");
+    let future = imp("s3", 10 * 60_000);
+    assert!(matches!(j.on_impressions(vec![imp("s4", 0), future], 0, 0, 0), Err(Rejected::FutureServedAt(_))));
+    assert_eq!(j.pending_len(), 0);
+    j.skip((IMP, 0), 0);
+    assert_eq!(commit_of(&j, IMP, 0), 1, "the refused message is skipped once dead-lettered");
+}
+
+#[test]
 fn duplicate_impressions_produce_one_row() {
     let mut j = joiner();
     j.on_impression(imp("a", 0), 0, 0, 0).unwrap();
