@@ -748,6 +748,22 @@ async fn a_typed_model_swaps_in_under_load_and_scores_over_grpc_as_the_trainer_d
     let typed = repo_root().join("models/ctr-dcnv2-typed");
     let manifest = adserve_registry::read_manifest(&typed.join("manifest.json"))?;
     let version = manifest.model_version.clone();
+    // A copy whose reference.json is for another model.onnx (a stale copy):
+    // refused at registration, before anyone can promote what the ranker
+    // would refuse at load.
+    let stale = reg.models.path().join("typed-stale-reference");
+    std::fs::create_dir_all(&stale)?;
+    for file in ["model.onnx", "manifest.json", "reference.json"] {
+        std::fs::copy(typed.join(file), stale.join(file))?;
+    }
+    let mut reference: serde_json::Value = serde_json::from_slice(&std::fs::read(stale.join("reference.json"))?)?;
+    reference["onnx_sha256"] = "ab".repeat(32).into();
+    std::fs::write(stale.join("reference.json"), serde_json::to_vec(&reference)?)?;
+    let (success, _, stderr) =
+        reg.ctl(&["models", "register", "--name", name, "--dir", stale.to_str().unwrap()]).await?;
+    assert!(!success && stderr.contains("reference.json: scored model.onnx abab"), "{stderr}");
+    let (_, listed, _) = reg.ctl(&["models", "list", "--name", name]).await?;
+    assert!(!listed.contains(&version), "nothing was registered: {listed}");
     let out = reg.ok(&["models", "register", "--name", name, "--dir", typed.to_str().unwrap()]).await?;
     assert!(out.contains(&format!("registered {name} {version}")), "{out}");
     reg.ok(&["models", "promote", "--name", name, "--version", &version, "--to", "production"]).await?;
@@ -772,9 +788,13 @@ async fn a_typed_model_swaps_in_under_load_and_scores_over_grpc_as_the_trainer_d
     }
     assert!(seen.get(&version).is_some_and(|n| *n > 0), "the typed model never answered: {seen:?}");
 
-    let reference = adserve_ranker::Reference::read(&typed, &manifest)?.expect("the typed model has a reference");
-    let scored =
-        client.score(ScoreRequest { matrix: Some(reference.matrix()), ..Default::default() }).await?.into_inner();
+    let reference = adserve_ranker::Reference::read(&typed, &manifest)
+        .map_err(anyhow::Error::msg)?
+        .expect("the typed model has a reference");
+    let scored = client
+        .score(ScoreRequest { matrix: Some(adserve_ranker::reference_matrix(&reference)), ..Default::default() })
+        .await?
+        .into_inner();
     assert_eq!((scored.model_version.as_str(), scored.level), (version.as_str(), ScoreLevel::Model as i32));
     for (i, (got, want)) in scored.raw_pctr.iter().zip(&reference.raw).enumerate() {
         assert!(
@@ -783,7 +803,7 @@ async fn a_typed_model_swaps_in_under_load_and_scores_over_grpc_as_the_trainer_d
         );
     }
 
-    let mut bad = reference.matrix();
+    let mut bad = adserve_ranker::reference_matrix(&reference);
     let width = bad.categorical_names.len();
     let k = bad.categorical_names.iter().position(|n| n == "ctx_placement_x_device").expect("cross");
     bad.categorical_ids[width + k] = 1 << 30;

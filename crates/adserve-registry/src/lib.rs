@@ -9,6 +9,7 @@
 //! versions (a partial unique index refuses it too).
 
 pub mod manifest;
+pub mod reference;
 pub mod stage;
 
 use std::{path::Path, time::Duration};
@@ -18,6 +19,7 @@ use adserve_core::{Invalid, check_duration};
 pub use manifest::{
     Calibration, InputDtype, ManifestError, Mapping, ModelManifest, TypedInput, read_manifest, read_model_dir,
 };
+pub use reference::{REFERENCE_FILE, Reference};
 use serde::{Deserialize, Serialize};
 use sqlx::{FromRow, PgPool, Postgres, Transaction};
 pub use stage::Stage;
@@ -331,12 +333,15 @@ impl Registry {
     }
 
     /// Registers the model in `dir` under `name` as a candidate. The
-    /// manifest and the file's checksum are checked first; the version is
-    /// the manifest's `model_version`; `dir` is stored as an absolute path.
+    /// manifest, the file's checksum and its `reference.json` (if any: see
+    /// [`Reference::read`]) are checked first, so a model the ranker would
+    /// refuse at load is refused here, before anyone promotes it. The version
+    /// is the manifest's `model_version`; `dir` is stored as an absolute path.
     pub async fn register(&self, name: &str, dir: &Path, actor: &str) -> Result<ModelRecord, RegistryError> {
         check_name(name).map_err(RegistryError::Invalid)?;
         check_actor(actor)?;
         let (manifest, _) = read_model_dir(dir)?;
+        Reference::read(dir, &manifest).map_err(|why| RegistryError::Invalid(format!("{REFERENCE_FILE}: {why}")))?;
         let artifact = std::fs::canonicalize(dir)
             .map_err(|e| RegistryError::Invalid(format!("{}: {e}", dir.display())))?
             .to_str()

@@ -246,6 +246,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Models(Models::Register { name, dir, actor }) => {
             let r = registry.register(&name, &dir, &actor).await?;
             println!("registered {} {} ({}) as candidate", r.name, r.version, r.artifact);
+            if !dir.join(adserve_registry::REFERENCE_FILE).exists() {
+                eprintln!(
+                    "warning: {} has no {}: the ranker cannot check that it scores the model as the trainer did",
+                    dir.display(),
+                    adserve_registry::REFERENCE_FILE
+                );
+            }
         }
         Command::Models(Models::Promote { name, version, to, canary_share, actor, reason }) => {
             print_moves(&name, &registry.promote(&name, &version, to, canary_share, &actor, &reason).await?);

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use adserve_features::FeatureRegistry;
 use adserve_proto::v1::FeatureMatrix;
 pub use adserve_registry::ModelManifest;
-use adserve_registry::{InputDtype, ManifestError, TypedInput, read_model_dir};
+use adserve_registry::{InputDtype, ManifestError, Reference, TypedInput, read_model_dir};
 use ort::{
     environment::Environment,
     session::Session,
@@ -160,7 +160,7 @@ impl CtrModel {
         dylib: &str,
     ) -> Result<Self, ModelError> {
         let (manifest, bytes) = read_model_dir(&config.dir)?;
-        let reference = Reference::read(&config.dir, &manifest)?;
+        let reference = Reference::read(&config.dir, &manifest).map_err(ModelError::Reference)?;
         let env = environment(dylib)?;
         // A GPU provider can register and still fail when the session is
         // built or first run (no device, a TensorRT engine build error): then
@@ -224,95 +224,34 @@ impl CtrModel {
     }
 }
 
-/// `reference.json` beside a model (written by the trainer): rows as a
-/// feature matrix carries them, and the raw output the trainer's onnxruntime
-/// gave each. The ranker scores them at load through its own binding of the
-/// model's inputs and refuses the model unless it gets the same outputs (to
-/// [`Reference::TOLERANCE`]): a skewed binding, another ONNX Runtime or an
-/// execution provider that changes the numbers is caught before a request is.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Reference {
-    /// The model the rows were scored with.
-    pub model_version: String,
-    /// Its `model.onnx` hash: a reference for another file is refused.
-    pub onnx_sha256: String,
-    /// Number of rows.
-    pub rows: u32,
-    /// Dense column names and `rows × names` values.
-    pub feature_names: Vec<String>,
-    /// See `feature_names`.
-    pub values: Vec<f32>,
-    /// Categorical column names and `rows × names` ids.
-    #[serde(default)]
-    pub categorical_names: Vec<String>,
-    /// See `categorical_names`.
-    #[serde(default)]
-    pub categorical_ids: Vec<i64>,
-    /// The trainer's raw output per row.
-    pub raw: Vec<f32>,
+/// The rows of a model's [`Reference`] as a feature matrix carries them.
+pub fn reference_matrix(reference: &Reference) -> FeatureMatrix {
+    FeatureMatrix {
+        feature_names: reference.feature_names.clone(),
+        num_rows: reference.rows,
+        values: reference.values.clone(),
+        categorical_names: reference.categorical_names.clone(),
+        categorical_ids: reference.categorical_ids.clone(),
+        ..Default::default()
+    }
 }
 
-/// File name of a model's [`Reference`].
-pub const REFERENCE_FILE: &str = "reference.json";
-
-impl Reference {
-    /// Largest difference from the trainer's output accepted: float32
-    /// summation order differs between thread counts and providers.
-    pub const TOLERANCE: f32 = 1e-5;
-
-    /// `dir/reference.json` if there is one. A reference that cannot be read,
-    /// is for another model file or has the wrong number of outputs refuses
-    /// the model.
-    pub fn read(dir: &std::path::Path, manifest: &ModelManifest) -> Result<Option<Self>, ModelError> {
-        let path = dir.join(REFERENCE_FILE);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(ModelError::Reference(format!("{}: {e}", path.display()))),
-        };
-        let reference: Self = serde_json::from_slice(&bytes)
-            .map_err(|e| ModelError::Reference(format!("{}: not a reference: {e}", path.display())))?;
-        if !reference.onnx_sha256.eq_ignore_ascii_case(&manifest.onnx_sha256) {
+/// Scores a model's [`Reference`] rows on `session` as a request would be,
+/// and compares with the trainer's outputs.
+fn check_reference(reference: &Reference, session: &mut Session, manifest: &ModelManifest) -> Result<(), ModelError> {
+    let input = gather(&reference_matrix(reference), manifest).map_err(ModelError::Reference)?;
+    let got = run(session, manifest, input)?;
+    for (i, (g, want)) in got.iter().zip(&reference.raw).enumerate() {
+        // A NaN output differs from everything.
+        let close = (g - want).abs() <= Reference::TOLERANCE;
+        if !close {
             return Err(ModelError::Reference(format!(
-                "scored model.onnx {} ({}), the manifest's is {}: a stale or torn copy",
-                reference.onnx_sha256, reference.model_version, manifest.onnx_sha256
+                "row {i} scores {g} here, {want} in the trainer's onnxruntime: the inputs are bound differently \
+                 or the runtime computes differently"
             )));
         }
-        if reference.raw.len() != reference.rows as usize || reference.rows == 0 {
-            return Err(ModelError::Reference(format!("{} outputs for {} rows", reference.raw.len(), reference.rows)));
-        }
-        Ok(Some(reference))
     }
-
-    /// The rows as a feature matrix.
-    pub fn matrix(&self) -> FeatureMatrix {
-        FeatureMatrix {
-            feature_names: self.feature_names.clone(),
-            num_rows: self.rows,
-            values: self.values.clone(),
-            categorical_names: self.categorical_names.clone(),
-            categorical_ids: self.categorical_ids.clone(),
-            ..Default::default()
-        }
-    }
-
-    /// Scores the rows on `session` as a request would be, and compares.
-    fn check(&self, session: &mut Session, manifest: &ModelManifest) -> Result<(), ModelError> {
-        let input = gather(&self.matrix(), manifest).map_err(ModelError::Reference)?;
-        let got = run(session, manifest, input)?;
-        for (i, (g, want)) in got.iter().zip(&self.raw).enumerate() {
-            // A NaN output differs from everything.
-            let close = (g - want).abs() <= Self::TOLERANCE;
-            if !close {
-                return Err(ModelError::Reference(format!(
-                    "row {i} scores {g} here, {want} in the trainer's onnxruntime: the inputs are bound differently \
-                     or the runtime computes differently"
-                )));
-            }
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 /// One call's rows (or a batch of calls'), as the model's inputs take them.
@@ -699,7 +638,7 @@ fn build_pool(
         if i == 0 {
             check_graph(&session, manifest)?;
             if let Some(reference) = reference {
-                reference.check(&mut session, manifest)?;
+                check_reference(reference, &mut session, manifest)?;
             }
         }
         warm_up(&mut session, manifest, &sizes)?;

@@ -334,7 +334,7 @@ fn reference() -> (FeatureMatrix, Vec<f32>) {
     let dir = typed_dir();
     let manifest = adserve_registry::read_manifest(&dir.join("manifest.json")).expect("manifest");
     let r = crate::Reference::read(&dir, &manifest).expect("reads").expect("the typed model has a reference");
-    (r.matrix(), r.raw)
+    (crate::model::reference_matrix(&r), r.raw)
 }
 
 /// The matrix with its categorical columns in reverse order (ids moved along).
