@@ -267,10 +267,11 @@ async fn impressions_and_first_clicks_are_what_frequency_and_spend_count() -> an
 }
 
 #[tokio::test]
-async fn a_bid_billed_on_notice_counts_and_charges_on_its_notice_only() -> anyhow::Result<()> {
+async fn a_bid_billed_on_notice_counts_on_its_notice_or_first_click_and_charges_on_its_notice() -> anyhow::Result<()> {
     // The script with the test's own clock against the real Redis: a bid
     // (OpenRTB, billed on notice) counts nothing until the exchange's billing
-    // notice, which counts it once and charges the clearing price.
+    // notice, which counts it once and charges the clearing price, or a click
+    // inside the label window, which counts it (the notice still charges).
     let s = Stack::ready().await?;
     let client = redis(&s.redis).await?;
     let run = run_id();
@@ -342,6 +343,38 @@ async fn a_bid_billed_on_notice_counts_and_charges_on_its_notice_only() -> anyho
     );
     assert_eq!(counters_of.spend(day).await?.get(&cpm), Some(&3_500));
     assert_eq!(counters_of.frequency(day, &user).await?.get(&cpm), Some(&2));
+
+    // A CPM bid clicked before its notice: the click proves it was shown
+    // (the label-joiner writes its row on the click), so it counts the
+    // impression; the notice then only charges its clearing price, once.
+    let ad_impressions = async || -> anyhow::Result<f32> {
+        Ok(counters(&client, &prefix, Entity::Ad, &ad.to_string()).await?["impressions_5m"])
+    };
+    assert_eq!(ad_impressions().await?, 3.0);
+    let mut early = impression(&format!("{run}-early"), &user, ad, t0);
+    (early.campaign_id, early.price_cpm_micros, early.billed_on_notice) = (cpm, 3_000_000, true);
+    assert_eq!(agg.impression(&early, t0).await?, Applied::Awaiting);
+    let to = attributed(early.impression_id.clone()).await?;
+    assert_eq!(agg.outcome(&click(&early.impression_id, t0 + 2), &to, t0 + 2).await?, (Applied::Counted, false));
+    assert_eq!(counters_of.frequency(day, &user).await?.get(&cpm), Some(&3), "counted on its click");
+    assert_eq!(ad_impressions().await?, 4.0);
+    assert_eq!(counters_of.spend(day).await?.get(&cpm), Some(&3_500), "not charged before its notice");
+    assert_eq!(agg.outcome(&notice(&early.impression_id, t0 + 3, 2_000_000), &to, t0 + 3).await?.0, Applied::Counted);
+    assert_eq!(agg.outcome(&notice(&early.impression_id, t0 + 4, 2_000_000), &to, t0 + 4).await?.0, Applied::Duplicate);
+    assert_eq!(counters_of.spend(day).await?.get(&cpm), Some(&5_500), "charged once, by the notice");
+    assert_eq!(counters_of.frequency(day, &user).await?.get(&cpm), Some(&3), "the notice counted nothing more");
+    // A second click counts as a click, not as another impression.
+    assert_eq!(agg.outcome(&click(&early.impression_id, t0 + 5), &to, t0 + 5).await?.0, Applied::Counted);
+    assert_eq!(ad_impressions().await?, 4.0);
+    // A click after the label window is no proof (the joiner does not take it): no impression.
+    let mut stray = impression(&format!("{run}-stray"), &user, ad, t0);
+    (stray.campaign_id, stray.price_cpm_micros, stray.billed_on_notice) = (cpm, 3_000_000, true);
+    assert_eq!(agg.impression(&stray, t0).await?, Applied::Awaiting);
+    let to = attributed(stray.impression_id.clone()).await?;
+    let window = adserve_features::registry().label.window().as_secs() as i64;
+    let after = t0 + window + 1;
+    assert_eq!(agg.outcome(&click(&stray.impression_id, after), &to, after).await?.0, Applied::Counted);
+    assert_eq!(counters_of.frequency(day, &user).await?.get(&cpm), Some(&3));
 
     let _: i64 = client.hdel(adserve_counters::keys::spend(day), vec![cpm.to_string(), cpc.to_string()]).await?;
     let _: i64 = client.del(adserve_counters::keys::frequency(day, &user)).await?;

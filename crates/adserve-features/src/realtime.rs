@@ -111,8 +111,10 @@ pub fn click_marker(prefix: &str, click_id: &str) -> String {
     format!("{prefix}:seen:c:{click_id}")
 }
 
-/// The dedup marker of an impression's billing notice (one per impression,
-/// whatever the notice's id).
+/// The shown marker of a bid billed on notice: set by the first of its
+/// billing notice (whatever the notice's id) and its first click in the
+/// label window, which counts the impression once; its value says whether
+/// the notice has charged the clearing price yet.
 pub fn billing_marker(prefix: &str, impression_id: &str) -> String {
     format!("{prefix}:seen:b:{impression_id}")
 }

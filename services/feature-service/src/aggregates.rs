@@ -165,6 +165,14 @@ impl Attribution {
     }
 }
 
+/// A bid's shown marker (`realtime::billing_marker`) once its notice has
+/// counted it and charged its clearing price (markers written before clicks
+/// could count a bid hold this too).
+const SHOWN_AND_BILLED: &str = "1";
+/// A bid's shown marker once a click has counted it: its notice still
+/// charges the clearing price, and then marks it [`SHOWN_AND_BILLED`].
+const SHOWN_BY_CLICK: &str = "c";
+
 /// One run of the apply script.
 struct Call<'a> {
     /// Dedup marker key, its value and TTL (key `""`: none).
@@ -341,10 +349,11 @@ impl Aggregator {
     /// Counts a bid's billing notice as its impression: for the user and ad
     /// it is attributed to, in the user's frequency count of its campaign,
     /// and, for a bid charged per impression, the clearing price to its
-    /// campaign's spend, all on the notice's time. Once per impression (the
-    /// notice's own marker), whatever its `click_id`: an exchange may send
-    /// a notice twice. A notice for an impression billed when served
-    /// changes nothing.
+    /// campaign's spend, all on the notice's time. Once per impression (its
+    /// shown marker), whatever its `click_id`: an exchange may send a
+    /// notice twice. If a click came first it has counted the impression
+    /// ([`Aggregator::click`]); the notice then only charges, once. A notice
+    /// for an impression billed when served changes nothing.
     pub async fn billing(&self, n: &ClickEvent, to: &Attribution, now_s: i64) -> Result<Applied, Error> {
         if !to.on_notice {
             return Ok(Applied::NotExpected);
@@ -354,7 +363,35 @@ impl Aggregator {
         let charge = if to.per_impression { n.price_cpm_micros.max(0) } else { 0 };
         let increments = adserve_counters::on_impression(day, &to.user_id, to.campaign_id, charge);
         let marker = realtime::billing_marker(&self.prefix, &n.impression_id);
-        self.count_impression((&marker, "1"), &to.entities(), increments, event_s, now_s).await
+        let applied =
+            self.count_impression((&marker, SHOWN_AND_BILLED), &to.entities(), increments, event_s, now_s).await?;
+        let spend = adserve_counters::on_impression(day, "", to.campaign_id, charge);
+        if applied != Applied::Duplicate || spend.is_empty() {
+            return Ok(applied);
+        }
+        // Shown already: charge the price once, if a click (not a notice) counted it.
+        let guard = (marker, SHOWN_BY_CLICK.to_string(), SHOWN_AND_BILLED.to_string());
+        let call = Call {
+            marker: ("", "", Duration::from_secs(1)),
+            fields: &[],
+            entities: &[],
+            guard: Some(guard),
+            increments: spend,
+        };
+        Ok(if self.run(call, now_s).await? == 2 { Applied::Counted } else { Applied::Duplicate })
+    }
+
+    /// Counts a bid billed on notice as shown on its click, which proves it
+    /// (the exchange's notice may come later, or never): for its user and
+    /// ad, and in the user's frequency count, on the click's time, once per
+    /// impression (the shown marker it shares with the notice). The clearing
+    /// price stays for the notice to charge.
+    async fn shown_by_click(&self, c: &ClickEvent, to: &Attribution, now_s: i64) -> Result<Applied, Error> {
+        let event_s = seconds(c.clicked_at.as_ref());
+        let day = adserve_counters::day_of(event_s.max(0) as u64);
+        let increments = adserve_counters::on_impression(day, &to.user_id, to.campaign_id, 0);
+        let marker = realtime::billing_marker(&self.prefix, &c.impression_id);
+        self.count_impression((&marker, SHOWN_BY_CLICK), &to.entities(), increments, event_s, now_s).await
     }
 
     /// Counts one impression at `event_s` for `entities` with `increments`,
@@ -393,7 +430,16 @@ impl Aggregator {
     /// the charge clears the price in the impression's marker, so a second
     /// click, or a redelivered one, pays nothing. Returns what was counted
     /// and whether it was charged.
+    ///
+    /// A click inside the label window on a bid billed on notice first
+    /// counts its impression, if its notice has not: the label-joiner makes
+    /// such a bid a training row on its click, so the counters must see the
+    /// impression too, or the real-time CTR would count a click without it.
     pub async fn click(&self, c: &ClickEvent, to: &Attribution, now_s: i64) -> Result<(Applied, bool), Error> {
+        let in_window = millis(c.clicked_at.as_ref()) <= to.served_ms.saturating_add(self.charge_window_ms);
+        if to.on_notice && in_window {
+            self.shown_by_click(c, to, now_s).await?;
+        }
         let event_s = seconds(c.clicked_at.as_ref());
         // A click without an id is deduplicated on its impression and time.
         let id = if c.click_id.is_empty() {
@@ -407,9 +453,7 @@ impl Aggregator {
         };
         let marker = realtime::click_marker(&self.prefix, &id);
         let entities = to.entities();
-        let chargeable = to.price_cpc_micros > 0
-            && to.campaign_id > 0
-            && millis(c.clicked_at.as_ref()) <= to.served_ms.saturating_add(self.charge_window_ms);
+        let chargeable = to.price_cpc_micros > 0 && to.campaign_id > 0 && in_window;
         let (guard, increments) = if chargeable {
             let day = adserve_counters::day_of(event_s.max(0) as u64);
             let guard =
