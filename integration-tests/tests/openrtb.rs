@@ -261,5 +261,17 @@ async fn a_bids_burl_logs_its_billing_notice_and_bad_notices_are_refused_naming_
         let message = error["error"]["message"].as_str().unwrap();
         assert!(message.contains(expected), "{url}: {message}");
     }
+
+    // The repeats were accepted and not logged again: a replayed `burl`
+    // costs no Kafka write. A second bid's notice, logged after them (one
+    // partition), shows that the first bid's notice is on the topic once.
+    request["id"] = json!(format!("burl-{}", uuid::Uuid::new_v4()));
+    let second: BidResponse = auction(&stack, &request).await?.json().await?;
+    let second = &second.seatbid[0].bid[0];
+    let ok = get(second.burl.clone().unwrap().replace("${AUCTION_PRICE}", "0.5")).await?;
+    assert_eq!(ok.status(), 204);
+    let keys = stack.keys_until(adserve_events::CLICKS_TOPIC, &adserve_events::join_key(&second.id)).await?;
+    let first_key = adserve_events::join_key(&bid.id);
+    assert_eq!(keys.iter().filter(|k| **k == first_key).count(), 1, "one notice logged for {}", bid.id);
     Ok(())
 }

@@ -129,6 +129,25 @@ pub mod keys {
     pub fn clicked(impression: &str) -> String {
         format!("adserve:clicked:{impression}")
     }
+
+    /// Set once `impression`'s billing notice is being logged (`pending`)
+    /// or was logged (`logged`): the gateway's guard against replayed
+    /// notices.
+    pub fn billed(impression: &str) -> String {
+        format!("adserve:billed:{impression}")
+    }
+}
+
+/// What the billing-notice guard knew of an impression when asked
+/// ([`Counters::mark_billed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BillingMark {
+    /// No notice was seen: this one is marked pending and is to be logged.
+    First,
+    /// Another notice for it is being logged right now.
+    InFlight,
+    /// A notice for it is logged: this one is a repeat.
+    Logged,
 }
 
 /// One change an event makes to the counters: `HINCRBY key field amount`,
@@ -171,6 +190,11 @@ pub fn on_charged_click(day: u64, campaign_id: i64, price_cpc_micros: i64) -> Ve
     }
     vec![Increment { key: keys::spend(day), field: campaign_id.to_string(), amount: price_cpc_micros }]
 }
+
+/// [`keys::billed`] while a notice is being logged.
+const BILLING_PENDING: &str = "pending";
+/// [`keys::billed`] once a notice is logged.
+const BILLING_LOGGED: &str = "logged";
 
 /// The counters over one Redis client.
 #[derive(Clone)]
@@ -238,6 +262,37 @@ impl Counters {
     /// retry must not look like a replay).
     pub async fn unmark_clicked(&self, impression_id: &str) -> Result<(), Error> {
         let _: i64 = self.client.del(keys::clicked(impression_id)).await?;
+        Ok(())
+    }
+
+    /// Marks `impression_id`'s billing notice pending for `ttl`, unless a
+    /// notice for it was seen: then says whether that one is still being
+    /// logged or is logged. One `SET NX PX`, and a `GET` when it was set.
+    pub async fn mark_billed(&self, impression_id: &str, ttl: Duration) -> Result<BillingMark, Error> {
+        let key = keys::billed(impression_id);
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        let set: Option<String> =
+            self.client.set(&key, BILLING_PENDING, Some(Expiration::PX(ttl_ms)), Some(SetOptions::NX), false).await?;
+        if set.is_some() {
+            return Ok(BillingMark::First);
+        }
+        let state: Option<String> = self.client.get(&key).await?;
+        Ok(if state.as_deref() == Some(BILLING_LOGGED) { BillingMark::Logged } else { BillingMark::InFlight })
+    }
+
+    /// Records that `impression_id`'s notice is logged (its mark keeps its TTL).
+    pub async fn billed_logged(&self, impression_id: &str) -> Result<(), Error> {
+        let _: Option<String> = self
+            .client
+            .set(keys::billed(impression_id), BILLING_LOGGED, Some(Expiration::KEEPTTL), Some(SetOptions::XX), false)
+            .await?;
+        Ok(())
+    }
+
+    /// Undoes [`Self::mark_billed`] (the notice could not be logged, so the
+    /// exchange's retry must be logged, not taken for a repeat).
+    pub async fn unmark_billed(&self, impression_id: &str) -> Result<(), Error> {
+        let _: i64 = self.client.del(keys::billed(impression_id)).await?;
         Ok(())
     }
 

@@ -524,9 +524,11 @@ impl AdServer {
     /// token proves the bid was made here within the label window and the
     /// clearing price (micro units per mille) is not above the bid. The
     /// label-joiner makes the bid a training row and the stream aggregator
-    /// counts and charges it from the logged notice; both take a repeated
-    /// notice once, so a replay (the exchange retrying) is accepted and
-    /// changes nothing.
+    /// counts and charges it from the logged notice. A repeat (the exchange
+    /// retrying, or a leaked `burl` replayed) is accepted and not logged
+    /// again: the first logged notice marks the impression in Redis for the
+    /// label window. Without Redis, or while the first is still being logged,
+    /// it is logged again; consumers take one notice per impression.
     pub async fn billing_notice(
         &self,
         impression_id: &str,
@@ -561,7 +563,32 @@ impl AdServer {
             billing_notice: true,
             price_cpm_micros: price_cpm_micros.min(claims.bid_cpm_micros),
         };
-        self.events.click(&event).await.map_err(|e| unavailable("billing log (kafka)", e))?;
+        let limit = self.config.counters.timeout;
+        let ttl = adserve_features::registry().label.window();
+        let marked = match deadline(limit, self.counters.mark_billed(impression_id, ttl)).await {
+            Ok(adserve_counters::BillingMark::First) => true,
+            Ok(adserve_counters::BillingMark::Logged) => {
+                metrics::counter!("adserve_gateway_billing_notices_repeated_total").increment(1);
+                return Ok(());
+            }
+            // A concurrent retry: log it too rather than answer before the first is durable.
+            Ok(adserve_counters::BillingMark::InFlight) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "billing replay guard (redis) unavailable; logging the notice unguarded");
+                metrics::counter!("adserve_gateway_billing_replay_unchecked_total").increment(1);
+                false
+            }
+        };
+        if let Err(e) = self.events.click(&event).await {
+            if marked {
+                let _ = deadline(limit, self.counters.unmark_billed(impression_id)).await;
+            }
+            return Err(unavailable("billing log (kafka)", e));
+        }
+        if marked && let Err(e) = deadline(limit, self.counters.billed_logged(impression_id)).await {
+            // Left pending: a repeat is logged again until the mark expires, which consumers absorb.
+            tracing::warn!(error = %e, "could not mark a billing notice logged");
+        }
         tracing::debug!(ad_id = claims.ad_id, served_ms = claims.served_ms, "billing notice recorded");
         metrics::counter!("adserve_gateway_billing_notices_total").increment(1);
         Ok(())
