@@ -446,6 +446,7 @@ async fn batch_features_past_their_freshness_sla_are_served_and_reported_stale()
         id,
         values: HashMap::from([(attr.to_string(), v)]),
         as_of_ms: Some(as_of),
+        ..Default::default()
     };
     store.put_rows(Entity::User, &[row(user.clone(), "ctr_30d", 0.04, now - 40 * hour)]).await?;
     store
@@ -479,5 +480,142 @@ async fn batch_features_past_their_freshness_sla_are_served_and_reported_stale()
     // The fresh ad alone, for a user the store does not know: nothing stale.
     let resp = c.get_features(ask(format!("nobody-{run}"), vec![fresh_ad])).await?.into_inner();
     assert!(!resp.degraded.iter().any(|d| d.reason.contains("freshness_sla")), "{:?}", resp.degraded);
+    Ok(())
+}
+
+/// The embedded registry plus typed batch-tier features (categoricals and
+/// embeddings from DynamoDB, and a cross of a stored categorical with the
+/// request's device), over tables of the test's own.
+fn typed_registry(run: i64) -> anyhow::Result<&'static adserve_features::FeatureRegistry> {
+    let feature = |body: &str| {
+        format!(
+            "\n[[feature]]\n{body}source = \"dynamodb\"\ndescription = \"t\"\nowner = \"t\"\nfreshness_sla = \"36h\"\n"
+        )
+    };
+    let mut text = adserve_features::REGISTRY_TOML
+        .replace("\"adserve_user_features\"", &format!("\"typed_users_{run}\""))
+        .replace("\"adserve_ad_features\"", &format!("\"typed_ads_{run}\""));
+    text += &feature(
+        "name = \"user_segment\"\nentity = \"user\"\nattribute = \"segment\"\ntype = \"categorical\"\nbuckets = 100\ndefault = 0\npersonal = true\n",
+    );
+    text += &feature(
+        "name = \"ad_category\"\nentity = \"ad\"\nattribute = \"category\"\ntype = \"categorical\"\nbuckets = 1000\ndefault = 0\n",
+    );
+    text += &feature(
+        "name = \"user_vec\"\nentity = \"user\"\nattribute = \"vec\"\ntype = \"embedding\"\ndim = 3\nrange = [-1.0, 1.0]\ndefault = 0.0\npersonal = true\n",
+    );
+    text += &feature(
+        "name = \"ad_vec\"\nentity = \"ad\"\nattribute = \"vec\"\ntype = \"embedding\"\ndim = 2\nrange = [-1.0, 1.0]\ndefault = 0.0\n",
+    );
+    text += "\n[[feature]]\nname = \"ad_category_x_device\"\nentity = \"ad\"\nsource = \"cross\"\nattribute = \"category_x_device\"\n\
+             type = \"categorical\"\ncross = [\"ad_category\", \"ctx_device_id\"]\nbuckets = 4096\ndefault = 0\n\
+             description = \"t\"\nowner = \"t\"\n";
+    Ok(Box::leak(Box::new(adserve_features::FeatureRegistry::parse(&text).map_err(anyhow::Error::msg)?)))
+}
+
+#[tokio::test]
+async fn typed_batch_features_are_read_from_dynamodb_and_served_hashed_and_checked() -> anyhow::Result<()> {
+    // A feature-service (in process) over the real DynamoDB Local and Redis,
+    // with a registry that declares categoricals and embeddings in the batch
+    // tier: stored as S and L of N, served as bucket ids (crosses included)
+    // and vectors, the same through the in-process ad table and through a
+    // per-request lookup; a vector outside its range is the default, counted.
+    use adserve_feature_service::{AdTable, BatchRow, BatchStore, FeatureGrpc, RealtimeStore, config};
+    use adserve_proto::v1::feature_service_server::FeatureService as _;
+
+    let s = Stack::ready().await?;
+    let run = uuid::Uuid::new_v4().as_u128() as i64 & 0x3fff_ffff;
+    let registry = typed_registry(run)?;
+    let dynamo =
+        config::DynamoConfig { endpoint: s.dynamodb.clone(), timeout: Duration::from_secs(5), ..Default::default() };
+    let store = BatchStore::new(&dynamo, registry);
+    store.ensure_tables().await?;
+    let user = format!("typed-user-{run}");
+    let (a, b) = (1_000 + run, 2_000 + run);
+    let user_row = BatchRow {
+        id: user.clone(),
+        values: HashMap::from([("ctr_30d".to_string(), 0.05)]),
+        text: HashMap::from([("segment".to_string(), "sports".to_string())]),
+        vectors: HashMap::from([("vec".to_string(), vec![0.1, 0.2, 0.3])]),
+        ..Default::default()
+    };
+    store.put_rows(Entity::User, &[user_row]).await?;
+    let ads = [
+        BatchRow {
+            id: a.to_string(),
+            text: HashMap::from([("category".to_string(), "shoes".to_string())]),
+            vectors: HashMap::from([("vec".to_string(), vec![0.5, -0.5])]),
+            ..Default::default()
+        },
+        // No category; a vector element outside [-1, 1].
+        BatchRow {
+            id: b.to_string(),
+            vectors: HashMap::from([("vec".to_string(), vec![0.5, 2.0])]),
+            ..Default::default()
+        },
+    ];
+    store.put_rows(Entity::Ad, &ads).await?;
+    store.bump_ad_version().await?;
+
+    let redis = config::RedisConfig { url: s.redis.clone(), timeout: Duration::from_secs(2) };
+    let realtime = RealtimeStore::connect(&redis, registry).await?;
+    let plain = FeatureGrpc::new(
+        registry,
+        store.clone(),
+        realtime.clone(),
+        Duration::from_secs(2),
+        Duration::from_secs(2),
+        100,
+    );
+    let table = AdTable::for_registry(registry);
+    assert!(table.refresh_once(&store, Duration::from_secs(60)).await?);
+    let tabled =
+        FeatureGrpc::new(registry, store.clone(), realtime, Duration::from_secs(2), Duration::from_secs(2), 100)
+            .with_ad_table(table);
+
+    let spec = |name: &str| registry.categorical.iter().chain(&registry.embeddings).find(|f| f.name == name).unwrap();
+    let (cats, embs) =
+        (registry.categorical.len(), registry.embeddings.iter().map(|f| f.dim.unwrap() as usize).sum::<usize>());
+    let column = |name: &str| registry.categorical.iter().position(|f| f.name == name).unwrap();
+    let request = GetFeaturesRequest {
+        user_id: user.clone(),
+        ad_ids: vec![a, b],
+        context: Some(RequestContext { placement: "feed_top".into(), device: "mobile".into(), ..Default::default() }),
+    };
+    for (how, service) in [("per-request lookup", &plain), ("ad table", &tabled)] {
+        let resp = service.get_features(tonic::Request::new(request.clone())).await?.into_inner();
+        assert!(resp.degraded.is_empty(), "{how}: {:?}", resp.degraded);
+        let m = resp.matrix.expect("matrix");
+        assert_eq!(m.categorical_ids.len(), 2 * cats, "{how}");
+        let id = |row: usize, name: &str| m.categorical_ids[row * cats + column(name)];
+        let sports = spec("user_segment").category_id(Some("sports"));
+        assert!(sports > 0);
+        assert_eq!((id(0, "user_segment"), id(1, "user_segment")), (sports, sports), "{how}");
+        assert_eq!(id(0, "ad_category"), spec("ad_category").category_id(Some("shoes")), "{how}");
+        assert_eq!(id(1, "ad_category"), 0, "{how}: no category is bucket 0");
+        assert_eq!(id(0, "ad_category_x_device"), spec("ad_category_x_device").cross_id(Some("shoes"), Some("mobile")));
+        assert_eq!(id(1, "ad_category_x_device"), 0, "{how}: a cross with a missing operand is 0");
+        assert_eq!(m.embedding_names, ["user_vec", "ad_vec"]);
+        assert_eq!(m.embedding_values.len(), 2 * embs);
+        assert_eq!(m.embedding_values[..embs], [0.1, 0.2, 0.3, 0.5, -0.5], "{how}");
+        assert_eq!(
+            m.embedding_values[embs..],
+            [0.1, 0.2, 0.3, 0.0, 0.0],
+            "{how}: the out-of-range vector is the default"
+        );
+        let dense = registry.features.len();
+        let (cat, vec) = (dense + column("ad_category"), dense + cats + 1);
+        assert_eq!((resp.missing[cat], resp.invalid[vec]), (1, 1), "{how}: counted as missing and invalid");
+        // The dense batch value still comes through beside them.
+        let ctr = registry.index_of("user_ctr_30d").unwrap();
+        assert!((m.values[ctr] - 0.05).abs() < 1e-6, "{how}");
+    }
+    // COPPA: personal typed features are never read.
+    let mut coppa = request.clone();
+    coppa.context.as_mut().unwrap().coppa = true;
+    let m = tabled.get_features(tonic::Request::new(coppa)).await?.into_inner().matrix.expect("matrix");
+    assert_eq!(m.categorical_ids[column("user_segment")], 0);
+    assert_eq!(m.embedding_values[..3], [0.0, 0.0, 0.0]);
+    assert_eq!(m.categorical_ids[column("ad_category")], spec("ad_category").category_id(Some("shoes")));
     Ok(())
 }

@@ -138,7 +138,7 @@ pub async fn run(s: &Settings, ad_ids: &[i64]) -> anyhow::Result<Vec<Comparison>
                     let keys = redis_keys(&user, &ids);
                     let (r, u, a) =
                         tokio::join!(redis.mget::<Vec<Option<Vec<u8>>>, _>(keys), batch.user(&user), async {
-                            batch.ads(&ids).await.into_result(0).map(|l| l.values)
+                            batch.ads(&ids).await.into_result(0).map(|l| l.items)
                         });
                     match (r, u, a) {
                         (Ok(_), Ok(_), Ok(a)) if a.len() == ids.len() => Outcome::Ok,

@@ -17,7 +17,9 @@
 //!
 //! The copy is dense: one `Option<f32>` per ad and batch attribute in the
 //! registry's slot order ([`adserve_features::Plan::ad_batch_attributes`]),
-//! id → row index, so a request borrows rows instead of copying maps.
+//! id → row index, so a request borrows rows instead of copying maps. A
+//! registry with typed ad features (categoricals, embeddings from DynamoDB)
+//! also gets one [`AdTypedRow`] per ad.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -25,7 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use adserve_features::{AdRow, Plan};
+use adserve_features::{AdRow, AdTypedRow, FeatureRegistry, Plan};
 use arc_swap::ArcSwap;
 
 use crate::{BatchStore, batch::BatchItem};
@@ -45,6 +47,9 @@ struct Snapshot {
     stride: usize,
     /// Per row: when its values became true (epoch ms), if the item says.
     as_of: Vec<Option<i64>>,
+    /// Per row: its typed values (empty when the registry has no typed ad
+    /// features).
+    typed: Vec<AdTypedRow>,
     loaded_at: Option<Instant>,
     /// Ids DynamoDB answered "no such item" for since this copy was read.
     absent: Mutex<HashSet<i64>>,
@@ -72,6 +77,12 @@ impl TableLookup {
     /// The batch row of the `i`-th requested ad, if the copy holds it.
     pub fn row(&self, i: usize) -> Option<&AdRow> {
         self.rows.get(i).copied().flatten().map(|at| self.snapshot.row(at))
+    }
+
+    /// The typed values of the `i`-th requested ad, if the copy holds it
+    /// and the registry has typed ad features.
+    pub fn typed(&self, i: usize) -> Option<&AdTypedRow> {
+        self.rows.get(i).copied().flatten().and_then(|at| self.snapshot.typed.get(at as usize))
     }
 
     /// When the `i`-th requested ad's row became true (epoch ms), if the
@@ -104,7 +115,12 @@ impl AdTable {
     /// An empty table for the registry compiled in: every ad is a miss
     /// until the first load.
     pub fn new() -> Self {
-        let plan = adserve_features::registry().plan();
+        Self::for_registry(adserve_features::registry())
+    }
+
+    /// An empty table laid out for `registry`'s ad batch features.
+    pub fn for_registry(registry: &'static FeatureRegistry) -> Self {
+        let plan = registry.plan();
         Self {
             current: Arc::new(ArcSwap::from_pointee(Snapshot {
                 stride: plan.ad_batch_attributes.len(),
@@ -143,7 +159,7 @@ impl AdTable {
 
     /// Ids DynamoDB answered for (`looked_up`) without a row in `found`:
     /// absent until the next reload.
-    pub fn remember_absent(&self, looked_up: &[i64], found: &HashMap<i64, HashMap<String, f32>>) {
+    pub fn remember_absent<V>(&self, looked_up: &[i64], found: &HashMap<i64, V>) {
         let snap = self.current.load();
         let mut absent = snap.absent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if absent.len() > MAX_ABSENT {
@@ -157,7 +173,7 @@ impl AdTable {
     pub fn swap(&self, version: i64, rows: HashMap<i64, HashMap<String, f32>>) {
         self.swap_items(
             version,
-            rows.into_iter().map(|(id, values)| (id, BatchItem { values, as_of_ms: None })).collect(),
+            rows.into_iter().map(|(id, values)| (id, BatchItem { values, ..Default::default() })).collect(),
         );
     }
 
@@ -169,10 +185,15 @@ impl AdTable {
         let mut index = HashMap::with_capacity(rows.len());
         let mut values = Vec::with_capacity(rows.len() * stride);
         let mut as_of = Vec::with_capacity(rows.len());
+        let typed_features = self.plan.has_typed_ad_features();
+        let mut typed = Vec::with_capacity(if typed_features { rows.len() } else { 0 });
         for (at, (id, item)) in rows.into_iter().enumerate() {
             index.insert(id, at as u32);
             values.extend(self.plan.ad_row(&item.values));
             as_of.push(item.as_of_ms);
+            if typed_features {
+                typed.push(self.plan.ad_typed_row(&item.text, &item.vectors));
+            }
         }
         self.current.store(Arc::new(Snapshot {
             version: Some(version),
@@ -180,6 +201,7 @@ impl AdTable {
             values,
             stride,
             as_of,
+            typed,
             loaded_at: Some(Instant::now()),
             absent: Mutex::new(HashSet::new()),
         }));

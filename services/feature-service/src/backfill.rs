@@ -10,8 +10,10 @@
 //! - `event_timestamp`: when the values became true (a timestamp of any
 //!   unit, or int64 epoch milliseconds);
 //! - one column per batch attribute the registry declares for the entity
-//!   (every one of them: an item is written whole), numeric, null where the
-//!   pipeline has no value (the feature is then served as its default).
+//!   (every one of them: an item is written whole), null where the pipeline
+//!   has no value (the feature is then served as its default): numeric for
+//!   dense features, a string for categoricals (the raw value, hashed when
+//!   served), a list of numbers `dim` long for embeddings.
 //!
 //! An entity may have many rows (a history); the latest `event_timestamp`
 //! is what DynamoDB gets, the last such row in file order on a tie. The
@@ -91,8 +93,8 @@ pub struct Plan {
     path: PathBuf,
     entity: Entity,
     key: &'static str,
-    /// `(parquet root column index, DynamoDB attribute)`.
-    attributes: Vec<(usize, String)>,
+    /// `(parquet root column index, DynamoDB attribute, what it holds)`.
+    attributes: Vec<(usize, String, Column)>,
     key_index: usize,
     time_index: usize,
     /// Per row group, the in-group offsets of winning rows, ascending.
@@ -104,6 +106,57 @@ pub struct Plan {
     /// Distinct entities (the items the backfill writes).
     pub entities: usize,
     fingerprint: Fingerprint,
+}
+
+/// What a batch attribute's column holds, from the registry's features on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Column {
+    /// A dense feature's number (stored as N).
+    Number,
+    /// A categorical feature's raw value (stored as S).
+    Text,
+    /// An embedding of this many numbers (stored as L of N).
+    Vector(u32),
+}
+
+impl Column {
+    fn accepts(self, t: &DataType) -> bool {
+        match self {
+            Self::Number => t.is_numeric(),
+            Self::Text => matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View),
+            Self::Vector(_) => match t {
+                DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _) => {
+                    f.data_type().is_numeric()
+                }
+                _ => false,
+            },
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Self::Number => "numeric".into(),
+            Self::Text => "a string (a categorical's raw value)".into(),
+            Self::Vector(dim) => format!("a list of {dim} numbers (an embedding)"),
+        }
+    }
+}
+
+/// The batch attributes of `entity`'s features and what each holds, sorted
+/// by name (two features may read one attribute).
+fn batch_columns(registry: &FeatureRegistry, entity: Entity) -> std::collections::BTreeMap<String, Column> {
+    let mut out = std::collections::BTreeMap::new();
+    let stored = |f: &&adserve_features::FeatureSpec| f.entity == entity && f.source == Source::Dynamodb;
+    for f in registry.features.iter().filter(stored) {
+        out.entry(f.attribute.clone()).or_insert(Column::Number);
+    }
+    for f in registry.categorical.iter().filter(stored) {
+        out.entry(f.attribute.clone()).or_insert(Column::Text);
+    }
+    for f in registry.embeddings.iter().filter(stored) {
+        out.entry(f.attribute.clone()).or_insert(Column::Vector(f.dim.unwrap_or(0)));
+    }
+    out
 }
 
 /// The input as the checkpoint remembers it.
@@ -184,13 +237,8 @@ pub fn plan(path: &Path, entity: Entity, registry: &FeatureRegistry) -> Result<P
     let metadata = ArrowReaderMetadata::load(&file, ArrowReaderOptions::default())
         .map_err(|e| input_err(path, format!("not Parquet: {e}")))?;
     let schema = metadata.schema().clone();
-    // Sorted and distinct: two features may read one attribute.
-    let wanted: Vec<String> = registry
-        .select(entity, Source::Dynamodb)
-        .map(|(_, f)| f.attribute.clone())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    let columns = batch_columns(registry, entity);
+    let wanted: Vec<String> = columns.keys().cloned().collect();
     let (mut key_index, mut time_index, mut attributes) = (None, None, Vec::new());
     for (i, field) in schema.fields().iter().enumerate() {
         let name = field.name().as_str();
@@ -204,11 +252,14 @@ pub fn plan(path: &Path, entity: Entity, registry: &FeatureRegistry) -> Result<P
                 ));
             }
             time_index = Some(i);
-        } else if wanted.iter().any(|a| a == name) {
-            if !field.data_type().is_numeric() {
-                return Err(input_err(path, format!("column {name}: numeric, not {}", field.data_type())));
+        } else if let Some(&column) = columns.get(name) {
+            if !column.accepts(field.data_type()) {
+                return Err(input_err(
+                    path,
+                    format!("column {name}: {}, not {}", column.describe(), field.data_type()),
+                ));
             }
-            attributes.push((i, name.to_string()));
+            attributes.push((i, name.to_string(), column));
         } else {
             return Err(input_err(
                 path,
@@ -223,7 +274,7 @@ pub fn plan(path: &Path, entity: Entity, registry: &FeatureRegistry) -> Result<P
     let key_index = key_index.ok_or_else(|| input_err(path, format!("no {key} column")))?;
     let time_index = time_index.ok_or_else(|| input_err(path, format!("no {EVENT_TIMESTAMP} column")))?;
     let missing: Vec<&str> =
-        wanted.iter().filter(|a| !attributes.iter().any(|(_, n)| n == *a)).map(String::as_str).collect();
+        wanted.iter().filter(|a| !attributes.iter().any(|(_, n, _)| n == *a)).map(String::as_str).collect();
     if !missing.is_empty() {
         return Err(input_err(
             path,
@@ -283,6 +334,16 @@ pub fn plan(path: &Path, entity: Entity, registry: &FeatureRegistry) -> Result<P
         fingerprint,
         metadata,
     })
+}
+
+/// `v`, unless it is not finite (DynamoDB cannot store it): refused, naming
+/// the column and row.
+fn finite(path: &Path, name: &str, row: usize, v: f32) -> Result<f32, BackfillError> {
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(input_err(path, format!("column {name}, row {row}: {v} is not a finite f32")))
+    }
 }
 
 /// A reader of `path` over its already-read footer.
@@ -377,7 +438,7 @@ impl Plan {
         let path = &self.path;
         let builder = reader_for(path, &self.metadata)?;
         let mut roots = vec![self.key_index, self.time_index];
-        roots.extend(self.attributes.iter().map(|(i, _)| *i));
+        roots.extend(self.attributes.iter().map(|(i, ..)| *i));
         let mask = ProjectionMask::roots(builder.parquet_schema(), roots.iter().copied());
         let reader = builder
             .with_row_groups(vec![group])
@@ -394,32 +455,60 @@ impl Plan {
             let col = |name: &str| batch.column_by_name(name).expect("projected column").clone();
             let keys = keys(path, self.entity, self.key, col(self.key).as_ref(), offset)?;
             let times = times(path, col(EVENT_TIMESTAMP).as_ref(), offset)?;
+            // Numbers as f32 (what the feature-service reads back), strings
+            // as UTF-8, vectors as lists of f32.
+            let vector_type =
+                DataType::List(std::sync::Arc::new(arrow::datatypes::Field::new_list_field(DataType::Float32, true)));
             let values = self
                 .attributes
                 .iter()
-                .map(|(_, name)| {
-                    cast(col(name).as_ref(), &DataType::Float32)
-                        .map(|c| (name, c))
+                .map(|(_, name, column)| {
+                    let to = match column {
+                        Column::Number => DataType::Float32,
+                        Column::Text => DataType::Utf8,
+                        Column::Vector(_) => vector_type.clone(),
+                    };
+                    cast(col(name).as_ref(), &to)
+                        .map(|c| (name, *column, c))
                         .map_err(|e| input_err(path, format!("column {name}: {e}")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             while next < wanted.len() && wanted[next] < offset + n {
                 let i = wanted[next] - offset;
-                let mut attrs = HashMap::with_capacity(values.len());
-                for (name, c) in &values {
+                let mut row = BatchRow { id: keys[i].clone(), as_of_ms: Some(times[i]), ..Default::default() };
+                for (name, column, c) in &values {
                     if c.is_null(i) {
                         continue;
                     }
-                    let v = c.as_primitive::<Float32Type>().value(i);
-                    if !v.is_finite() {
-                        return Err(input_err(
-                            path,
-                            format!("column {name}, row {}: {v} is not a finite f32", offset + i),
-                        ));
+                    let at = offset + i;
+                    match column {
+                        Column::Number => {
+                            let v = c.as_primitive::<Float32Type>().value(i);
+                            row.values.insert(name.to_string(), finite(path, name, at, v)?);
+                        }
+                        Column::Text => {
+                            row.text.insert(name.to_string(), c.as_string::<i32>().value(i).to_string());
+                        }
+                        Column::Vector(dim) => {
+                            let list = c.as_list::<i32>().value(i);
+                            let list = list.as_primitive::<Float32Type>();
+                            if list.len() != *dim as usize || list.null_count() > 0 {
+                                return Err(input_err(
+                                    path,
+                                    format!(
+                                        "column {name}, row {at}: {} numbers ({} null), the embedding has {dim}",
+                                        list.len(),
+                                        list.null_count()
+                                    ),
+                                ));
+                            }
+                            let v =
+                                list.values().iter().map(|x| finite(path, name, at, *x)).collect::<Result<_, _>>()?;
+                            row.vectors.insert(name.to_string(), v);
+                        }
                     }
-                    attrs.insert(name.to_string(), v);
                 }
-                out.push(BatchRow { id: keys[i].clone(), values: attrs, as_of_ms: Some(times[i]) });
+                out.push(row);
                 next += 1;
             }
             offset += n;
@@ -555,6 +644,101 @@ mod tests {
         let mut w = ArrowWriter::try_new(File::create(path).unwrap(), schema, Some(props)).unwrap();
         w.write(&batch).unwrap();
         w.close().unwrap();
+    }
+
+    /// The embedded registry plus a user categorical (`segment`) and a
+    /// user embedding (`vec`, 3 long) from the batch tier.
+    fn typed_registry() -> &'static FeatureRegistry {
+        let extra = |body: &str| {
+            format!(
+                "\n[[feature]]\n{body}entity = \"user\"\nsource = \"dynamodb\"\ndescription = \"t\"\nowner = \"t\"\n"
+            )
+        };
+        let text = format!(
+            "{}{}{}",
+            adserve_features::REGISTRY_TOML,
+            extra(
+                "name = \"user_segment\"\nattribute = \"segment\"\ntype = \"categorical\"\nbuckets = 10\ndefault = 0\n"
+            ),
+            extra("name = \"user_vec\"\nattribute = \"vec\"\ntype = \"embedding\"\ndim = 3\ndefault = 0.0\n"),
+        );
+        Box::leak(Box::new(FeatureRegistry::parse(&text).expect("valid")))
+    }
+
+    /// One typed user row: id, segment, vec (`None` elements are nulls).
+    type TypedUser<'a> = (&'a str, Option<&'a str>, Option<Vec<Option<f32>>>);
+
+    /// A typed user file, dense attributes 0.5, `segment` of the given type.
+    fn write_typed_users(path: &Path, rows: &[TypedUser<'_>], segment: DataType) {
+        use arrow::array::{
+            ListArray,
+            builder::{Float32Builder, ListBuilder},
+        };
+        let attrs = user_attrs();
+        let mut fields =
+            vec![Field::new("user_id", DataType::Utf8, false), Field::new(EVENT_TIMESTAMP, DataType::Int64, false)];
+        fields.extend(attrs.iter().map(|a| Field::new(a, DataType::Float64, true)));
+        fields.push(Field::new("segment", segment.clone(), true));
+        let mut vecs = ListBuilder::new(Float32Builder::new());
+        for (_, _, v) in rows {
+            match v {
+                Some(v) => {
+                    for x in v {
+                        vecs.values().append_option(*x);
+                    }
+                    vecs.append(true);
+                }
+                None => vecs.append(false),
+            }
+        }
+        let vecs: ListArray = vecs.finish();
+        fields.push(Field::new("vec", vecs.data_type().clone(), true));
+        let mut columns: Vec<Arc<dyn Array>> = vec![
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|_| 7))),
+        ];
+        for _ in &attrs {
+            columns.push(Arc::new(Float64Array::from_iter(rows.iter().map(|_| Some(0.5)))));
+        }
+        let segments: Arc<dyn Array> = Arc::new(StringArray::from_iter(rows.iter().map(|r| r.1)));
+        columns.push(cast(&segments, &segment).unwrap());
+        columns.push(Arc::new(vecs));
+        let schema = Arc::new(Schema::new(fields));
+        let batch = RecordBatch::try_new(schema.clone(), columns).unwrap();
+        let mut w = ArrowWriter::try_new(File::create(path).unwrap(), schema, None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+
+    #[test]
+    fn categorical_and_embedding_columns_are_written_as_strings_and_vectors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("u.parquet");
+        let registry = typed_registry();
+        let rows = [("a", Some("sports"), Some(vec![Some(0.1), Some(0.2), Some(0.3)])), ("b", None, None)];
+        write_typed_users(&p, &rows, DataType::Utf8);
+        let got: Vec<BatchRow> = plan(&p, Entity::User, registry).unwrap().rows_of(0).unwrap();
+        let by_id: HashMap<&str, &BatchRow> = got.iter().map(|r| (r.id.as_str(), r)).collect();
+        assert_eq!(by_id["a"].text, HashMap::from([("segment".to_string(), "sports".to_string())]));
+        assert_eq!(by_id["a"].vectors, HashMap::from([("vec".to_string(), vec![0.1, 0.2, 0.3])]));
+        assert_eq!(by_id["a"].values.len(), user_attrs().len(), "the dense attributes beside them");
+        assert!(by_id["b"].text.is_empty() && by_id["b"].vectors.is_empty(), "nulls are left out of the item");
+
+        // A vector of the wrong length, or with a null element: refused, naming the row.
+        write_typed_users(&p, &[("a", None, Some(vec![Some(0.1)]))], DataType::Utf8);
+        let err = plan(&p, Entity::User, registry).unwrap().rows_of(0).unwrap_err().to_string();
+        assert!(err.contains("column vec, row 0: 1 numbers (0 null), the embedding has 3"), "{err}");
+        write_typed_users(&p, &[("a", None, Some(vec![Some(0.1), None, Some(f32::NAN)]))], DataType::Utf8);
+        let err = plan(&p, Entity::User, registry).unwrap().rows_of(0).unwrap_err().to_string();
+        assert!(err.contains("3 numbers (1 null)"), "{err}");
+        // A categorical column that is not a string.
+        write_typed_users(&p, &[("a", Some("7"), None)], DataType::Int64);
+        let err = plan(&p, Entity::User, registry).unwrap_err().to_string();
+        assert!(err.contains("column segment: a string (a categorical's raw value), not Int64"), "{err}");
+        // The compiled-in registry has no such attributes.
+        write_typed_users(&p, &rows, DataType::Utf8);
+        let err = plan(&p, Entity::User, adserve_features::registry()).unwrap_err().to_string();
+        assert!(err.contains("column segment: not a batch attribute"), "{err}");
     }
 
     #[test]

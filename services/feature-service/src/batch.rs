@@ -68,12 +68,17 @@ pub const BATCH_WRITE_LIMIT: usize = 25;
 pub const AS_OF_ATTR: &str = "as_of";
 
 /// One item to write: the entity's id and its attributes.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct BatchRow {
     /// `user_id`, or `ad_id` as a decimal string.
     pub id: String,
-    /// Attribute values; an attribute left out is absent from the item.
+    /// Numeric attribute values (dense features), stored as N; an attribute
+    /// left out is absent from the item.
     pub values: HashMap<String, f32>,
+    /// Raw categorical values, stored as S.
+    pub text: HashMap<String, String>,
+    /// Embeddings, stored as L of N.
+    pub vectors: HashMap<String, Vec<f32>>,
     /// When the values became true (epoch ms), stored as [`AS_OF_ATTR`].
     pub as_of_ms: Option<i64>,
 }
@@ -95,8 +100,15 @@ fn err<E: std::error::Error>(op: &'static str) -> impl Fn(E) -> BatchError {
 /// One entity's batch values as read, and when they became true.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct BatchItem {
-    /// The registry's attributes the item holds.
+    /// The registry's numeric attributes the item holds (NaN: present but
+    /// not a finite number, served as the default and counted invalid).
     pub values: HashMap<String, f32>,
+    /// Its categorical attributes (S), raw: hashed at assembly.
+    pub text: HashMap<String, String>,
+    /// Its embedding attributes (L of N), as stored: checked at assembly
+    /// (an element that is not a number is NaN, a value of another type an
+    /// empty vector, so either is refused whole and counted invalid).
+    pub vectors: HashMap<String, Vec<f32>>,
     /// Its [`AS_OF_ATTR`] (epoch ms), when it has one: the feature-service
     /// holds it against the registry's `freshness_sla`.
     pub as_of_ms: Option<i64>,
@@ -105,11 +117,9 @@ pub struct BatchItem {
 /// What [`BatchStore::ads`] found.
 #[derive(Debug, Default)]
 pub struct AdLookup {
-    /// Attributes of each ad that was found.
-    pub values: HashMap<i64, HashMap<String, f32>>,
-    /// When each found ad's values became true (ads whose item says so).
-    pub as_of: HashMap<i64, i64>,
-    /// Ads whose chunk failed (absent from `values` whatever they hold).
+    /// The item of each ad that was found.
+    pub items: HashMap<i64, BatchItem>,
+    /// Ads whose chunk failed (absent from `items` whatever they hold).
     pub failed: usize,
     /// The first chunk's failure, when any failed.
     pub error: Option<BatchError>,
@@ -132,8 +142,39 @@ pub struct BatchStore {
     client: Client,
     user_table: String,
     ad_table: String,
-    user_attrs: Vec<String>,
-    ad_attrs: Vec<String>,
+    user_attrs: Wanted,
+    ad_attrs: Wanted,
+}
+
+/// The attributes an entity's items are read for, by how they are stored.
+#[derive(Debug, Clone, Default)]
+struct Wanted {
+    /// Dense features' (N).
+    numbers: Vec<String>,
+    /// Categorical features' (S).
+    text: Vec<String>,
+    /// Embeddings' (L of N).
+    vectors: Vec<String>,
+}
+
+impl Wanted {
+    /// What the registry's batch-tier features of `entity` read.
+    fn of(registry: &FeatureRegistry, entity: Entity) -> Self {
+        let attrs = |specs: &[adserve_features::FeatureSpec]| {
+            let mut out: Vec<String> = Vec::new();
+            for f in specs.iter().filter(|f| f.entity == entity && f.source == Source::Dynamodb) {
+                if !out.contains(&f.attribute) {
+                    out.push(f.attribute.clone());
+                }
+            }
+            out
+        };
+        Self {
+            numbers: registry.select(entity, Source::Dynamodb).map(|(_, f)| f.attribute.clone()).collect(),
+            text: attrs(&registry.categorical),
+            vectors: attrs(&registry.embeddings),
+        }
+    }
 }
 
 impl BatchStore {
@@ -170,13 +211,12 @@ impl BatchStore {
         if !config.endpoint.is_empty() {
             builder = builder.endpoint_url(config.endpoint.clone());
         }
-        let attrs = |entity| registry.select(entity, Source::Dynamodb).map(|(_, f)| f.attribute.clone()).collect();
         Self {
             client: Client::from_conf(builder.build()),
             user_table: registry.tables.user.clone(),
             ad_table: registry.tables.ad.clone(),
-            user_attrs: attrs(Entity::User),
-            ad_attrs: attrs(Entity::Ad),
+            user_attrs: Wanted::of(registry, Entity::User),
+            ad_attrs: Wanted::of(registry, Entity::Ad),
         }
     }
 
@@ -200,17 +240,10 @@ impl BatchStore {
     pub async fn ads(&self, ad_ids: &[i64]) -> AdLookup {
         let chunks =
             ad_ids.chunks(BATCH_GET_LIMIT).map(|chunk| async move { (chunk.len(), self.ads_chunk(chunk).await) });
-        let mut lookup = AdLookup { values: HashMap::with_capacity(ad_ids.len()), ..Default::default() };
+        let mut lookup = AdLookup { items: HashMap::with_capacity(ad_ids.len()), ..Default::default() };
         for (n, part) in futures::future::join_all(chunks).await {
             match part {
-                Ok(items) => {
-                    for (id, item) in items {
-                        if let Some(at) = item.as_of_ms {
-                            lookup.as_of.insert(id, at);
-                        }
-                        lookup.values.insert(id, item.values);
-                    }
-                }
+                Ok(items) => lookup.items.extend(items),
                 Err(e) => {
                     lookup.failed += n;
                     lookup.error.get_or_insert(e);
@@ -295,7 +328,7 @@ impl BatchStore {
     /// Writes user feature rows (`user_id -> attribute -> value`).
     pub async fn put_users(&self, rows: &[(String, HashMap<String, f32>)]) -> Result<(), BatchError> {
         let rows: Vec<BatchRow> =
-            rows.iter().map(|(id, m)| BatchRow { id: id.clone(), values: m.clone(), as_of_ms: None }).collect();
+            rows.iter().map(|(id, m)| BatchRow { id: id.clone(), values: m.clone(), ..Default::default() }).collect();
         self.put_rows(Entity::User, &rows).await
     }
 
@@ -304,8 +337,10 @@ impl BatchStore {
     /// copy ([`crate::AdTable`]). Writers that bypass this must bump it too
     /// ([`BatchStore::bump_ad_version`]) or wait for `ad_table.max_age`.
     pub async fn put_ads(&self, rows: &[(i64, HashMap<String, f32>)]) -> Result<(), BatchError> {
-        let rows: Vec<BatchRow> =
-            rows.iter().map(|(id, m)| BatchRow { id: id.to_string(), values: m.clone(), as_of_ms: None }).collect();
+        let rows: Vec<BatchRow> = rows
+            .iter()
+            .map(|(id, m)| BatchRow { id: id.to_string(), values: m.clone(), ..Default::default() })
+            .collect();
         self.put_rows(Entity::Ad, &rows).await?;
         self.bump_ad_version().await
     }
@@ -392,6 +427,10 @@ impl BatchStore {
                 .map(|row| {
                     let mut item: HashMap<String, AttributeValue> =
                         row.values.iter().map(|(k, v)| (k.clone(), AttributeValue::N(v.to_string()))).collect();
+                    item.extend(row.text.iter().map(|(k, v)| (k.clone(), AttributeValue::S(v.clone()))));
+                    item.extend(row.vectors.iter().map(|(k, v)| {
+                        (k.clone(), AttributeValue::L(v.iter().map(|x| AttributeValue::N(x.to_string())).collect()))
+                    }));
                     item.insert(key.to_string(), AttributeValue::S(row.id.clone()));
                     if let Some(ms) = row.as_of_ms {
                         item.insert(AS_OF_ATTR.to_string(), AttributeValue::N(ms.to_string()));
@@ -454,9 +493,24 @@ async fn retry_after(backoff: &mut backon::ExponentialBackoff, op: &'static str)
 }
 
 /// The registry's attributes of an item, and its [`AS_OF_ATTR`].
-fn item_of(item: &HashMap<String, AttributeValue>, wanted: &[String]) -> BatchItem {
+fn item_of(item: &HashMap<String, AttributeValue>, wanted: &Wanted) -> BatchItem {
     let as_of_ms = item.get(AS_OF_ATTR).and_then(|v| v.as_n().ok()).and_then(|n| n.parse::<i64>().ok());
-    BatchItem { values: numbers(item, wanted), as_of_ms }
+    // A categorical value of another type than S is not a category: absent.
+    let text = wanted.text.iter().filter_map(|a| Some((a.clone(), item.get(a)?.as_s().ok()?.clone()))).collect();
+    let vectors = wanted
+        .vectors
+        .iter()
+        .filter_map(|a| {
+            let v = match item.get(a)? {
+                AttributeValue::L(list) => {
+                    list.iter().map(|x| x.as_n().ok().and_then(|n| n.parse::<f32>().ok()).unwrap_or(f32::NAN)).collect()
+                }
+                _ => Vec::new(),
+            };
+            Some((a.clone(), v))
+        })
+        .collect();
+    BatchItem { values: numbers(item, &wanted.numbers), text, vectors, as_of_ms }
 }
 
 /// The wanted attributes an item holds. One that is present but not a
@@ -484,14 +538,9 @@ mod tests {
 
     #[test]
     fn a_lookup_fails_as_a_whole_only_when_every_chunk_failed() {
-        let partial = AdLookup {
-            values: HashMap::from([(1, HashMap::new())]),
-            failed: 100,
-            error: Some(error()),
-            ..Default::default()
-        };
+        let partial = AdLookup { items: HashMap::from([(1, BatchItem::default())]), failed: 100, error: Some(error()) };
         let kept = partial.into_result(150).expect("some chunks answered");
-        assert_eq!((kept.values.len(), kept.failed), (1, 100));
+        assert_eq!((kept.items.len(), kept.failed), (1, 100));
         let all = AdLookup { failed: 150, error: Some(error()), ..Default::default() };
         assert_eq!(all.into_result(150).unwrap_err().message, "throttled");
         assert!(AdLookup::default().into_result(3).is_ok());
@@ -510,5 +559,32 @@ mod tests {
         assert!(got["b"].is_infinite() || got["b"].is_nan(), "{}", got["b"]);
         assert!(got["c"].is_nan());
         assert!(!got.contains_key("d"), "absent stays absent (missing, not invalid)");
+    }
+
+    #[test]
+    fn categorical_values_are_strings_and_embeddings_lists_of_numbers() {
+        let wanted = Wanted {
+            numbers: vec!["n".into()],
+            text: vec!["cat".into(), "cat_n".into(), "cat_absent".into()],
+            vectors: vec!["vec".into(), "vec_bad".into(), "vec_scalar".into(), "vec_absent".into()],
+        };
+        let list = |xs: &[&str]| AttributeValue::L(xs.iter().map(|x| AttributeValue::N((*x).into())).collect());
+        let item = HashMap::from([
+            ("n".to_string(), AttributeValue::N("2".into())),
+            ("cat".to_string(), AttributeValue::S("sports".into())),
+            ("cat_n".to_string(), AttributeValue::N("7".into())),
+            ("vec".to_string(), list(&["0.5", "-1", "3e-2"])),
+            ("vec_bad".to_string(), list(&["0.5", "high"])),
+            ("vec_scalar".to_string(), AttributeValue::N("0.5".into())),
+            (AS_OF_ATTR.to_string(), AttributeValue::N("1700000000000".into())),
+        ]);
+        let got = item_of(&item, &wanted);
+        assert_eq!(got.values, HashMap::from([("n".to_string(), 2.0)]));
+        assert_eq!(got.text, HashMap::from([("cat".to_string(), "sports".to_string())]), "only S is a category");
+        assert_eq!(got.vectors["vec"], [0.5, -1.0, 0.03]);
+        assert!(got.vectors["vec_bad"][1].is_nan(), "an element that is not a number is refused at assembly");
+        assert!(got.vectors["vec_scalar"].is_empty(), "another type: present but refused (wrong length)");
+        assert!(!got.vectors.contains_key("vec_absent"));
+        assert_eq!(got.as_of_ms, Some(1_700_000_000_000));
     }
 }

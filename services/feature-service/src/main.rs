@@ -20,7 +20,6 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let registry = adserve_features::registry();
-    adserve_feature_service::service::servable(registry).map_err(anyhow::Error::msg)?;
 
     let aggregating = if config.mode.aggregates() {
         let kafka = &config.aggregates.kafka;

@@ -243,7 +243,7 @@ impl FeatureService for FeatureGrpc {
                 if lookup.error.is_none()
                     && let Some(t) = &s.ad_table
                 {
-                    t.remember_absent(misses, &lookup.values);
+                    t.remember_absent(misses, &lookup.items);
                 }
                 lookup.into_result(misses.len())
             };
@@ -271,7 +271,7 @@ impl FeatureService for FeatureGrpc {
         // ads it lacked, from what DynamoDB answered (laid out the same way).
         let plan = s.registry.plan();
         let fetched: HashMap<i64, Vec<Option<f32>>> =
-            ad_lookup.values.iter().map(|(id, item)| (*id, plan.ad_row(item))).collect();
+            ad_lookup.items.iter().map(|(id, item)| (*id, plan.ad_row(&item.values))).collect();
         let ad_batch = req
             .ad_ids
             .iter()
@@ -279,11 +279,9 @@ impl FeatureService for FeatureGrpc {
             .map(|(i, id)| table.as_ref().and_then(|t| t.row(i)).or_else(|| fetched.get(id).map(Vec::as_slice)))
             .collect();
         // Stored values past their SLA are still served, and the answer says so.
-        let ad_as_of = req
-            .ad_ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| table.as_ref().and_then(|t| t.as_of(i)).or_else(|| ad_lookup.as_of.get(id).copied()));
+        let ad_as_of = req.ad_ids.iter().enumerate().map(|(i, id)| {
+            table.as_ref().and_then(|t| t.as_of(i)).or_else(|| ad_lookup.items.get(id).and_then(|item| item.as_of_ms))
+        });
         let stale: Vec<_> =
             [s.batch_freshness.user(user_batch.as_of_ms, now_ms), s.batch_freshness.ads(ad_as_of, now_ms)]
                 .into_iter()
@@ -294,8 +292,30 @@ impl FeatureService for FeatureGrpc {
             let reason = stale.iter().map(|(_, r)| r.as_str()).collect::<Vec<_>>().join("; ");
             report_stale(degraded::DYNAMODB, (names, reason), &degraded);
         }
-        let user_batch = user_batch.values;
-        let values = SourceValues { user_batch, ad_batch, user_realtime, ad_realtime, ..Default::default() };
+        // Typed ad values (categoricals, embeddings), laid out the same way.
+        let fetched_typed: HashMap<i64, adserve_features::AdTypedRow> = if plan.has_typed_ad_features() {
+            ad_lookup.items.iter().map(|(id, item)| (*id, plan.ad_typed_row(&item.text, &item.vectors))).collect()
+        } else {
+            HashMap::new()
+        };
+        let ad_typed = if plan.has_typed_ad_features() {
+            req.ad_ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| table.as_ref().and_then(|t| t.typed(i)).or_else(|| fetched_typed.get(id)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let values = SourceValues {
+            user_batch: user_batch.values,
+            user_text: user_batch.text,
+            user_vectors: user_batch.vectors,
+            ad_batch,
+            ad_typed,
+            user_realtime,
+            ad_realtime,
+        };
         let assembled = assemble(s.registry, &req.ad_ids, &ctx, &values);
         let columns = s.registry.features.iter().chain(&s.registry.categorical).chain(&s.registry.embeddings);
         for (f, n) in columns.zip(&assembled.invalid) {
@@ -318,28 +338,6 @@ impl FeatureService for FeatureGrpc {
     }
 }
 
-/// Refuses a registry this version cannot serve in full: typed features
-/// from the batch tier (DynamoDB strings and vectors) are declared by the
-/// registry's grammar and assembled, but the batch store reads numbers only
-/// so far; served, they would be "missing" on every request, silently.
-pub fn servable(registry: &adserve_features::FeatureRegistry) -> Result<(), String> {
-    let stored: Vec<&str> = registry
-        .categorical
-        .iter()
-        .chain(&registry.embeddings)
-        .filter(|f| f.source == adserve_features::Source::Dynamodb)
-        .map(|f| f.name.as_str())
-        .collect();
-    if stored.is_empty() {
-        return Ok(());
-    }
-    Err(format!(
-        "feature registry: typed features from DynamoDB ({}) are not served by this version: its batch tier reads \
-         numbers only (request categoricals and their crosses are served)",
-        stored.join(", ")
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,18 +353,6 @@ mod tests {
                 ..Default::default()
             }),
         }
-    }
-
-    #[test]
-    fn a_registry_with_typed_batch_features_is_refused_until_the_batch_tier_reads_them() {
-        assert_eq!(servable(adserve_features::registry()), Ok(()), "the embedded registry is served in full");
-        let text = format!(
-            "{}\n[[feature]]\nname=\"ad_category\"\nentity=\"ad\"\nsource=\"dynamodb\"\nattribute=\"category\"\n\
-             type=\"categorical\"\nbuckets=100\ndefault=0\ndescription=\"\"\nowner=\"t\"\n",
-            adserve_features::REGISTRY_TOML
-        );
-        let r = adserve_features::FeatureRegistry::parse(&text).expect("valid grammar");
-        assert!(servable(&r).unwrap_err().contains("ad_category"));
     }
 
     fn field(r: &GetFeaturesRequest) -> &'static str {
