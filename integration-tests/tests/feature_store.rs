@@ -234,6 +234,8 @@ async fn the_serving_path_and_the_training_path_give_identical_rows() -> anyhow:
         }
     }
     assert_eq!(compared, n * cols);
+    // The typed columns too: the request's categoricals and their cross.
+    assert_eq!(same_typed(registry, &served, &offline, &ads), n * registry.categorical.len());
     // The rows are not all defaults: the file's latest values and transforms
     // reached both paths.
     let cell = |row: usize, name: &str| served.values[row * cols + registry.index_of(name).expect(name)];
@@ -483,10 +485,48 @@ async fn batch_features_past_their_freshness_sla_are_served_and_reported_stale()
     Ok(())
 }
 
+/// Asserts that the served matrix's typed blocks (categorical ids, then
+/// embeddings) equal the offline output's typed columns, row by row;
+/// returns the cells compared.
+fn same_typed(
+    registry: &adserve_features::FeatureRegistry,
+    served: &adserve_proto::v1::FeatureMatrix,
+    offline: &RecordBatch,
+    ads: &[i64],
+) -> usize {
+    let mut compared = 0;
+    let cats = registry.categorical.len();
+    for (k, f) in registry.categorical.iter().enumerate() {
+        let col = offline.column_by_name(&f.name).unwrap_or_else(|| panic!("offline output lacks {}", f.name));
+        let col = col.as_primitive::<arrow::datatypes::Int64Type>();
+        for (row, ad) in ads.iter().enumerate() {
+            assert_eq!(served.categorical_ids[row * cats + k], col.value(row), "{}, ad {ad}", f.name);
+            compared += 1;
+        }
+    }
+    let width: usize = registry.embeddings.iter().map(|f| f.dim.unwrap_or(0) as usize).sum();
+    let mut at = 0;
+    for f in &registry.embeddings {
+        let dim = f.dim.unwrap_or(0) as usize;
+        let col = offline.column_by_name(&f.name).unwrap_or_else(|| panic!("offline output lacks {}", f.name));
+        let col = col.as_fixed_size_list();
+        for (row, ad) in ads.iter().enumerate() {
+            let offline_v = col.value(row);
+            let offline_v = offline_v.as_primitive::<Float32Type>().values();
+            let served_v = &served.embedding_values[row * width + at..row * width + at + dim];
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(served_v), bits(offline_v), "{}, ad {ad}", f.name);
+            compared += dim;
+        }
+        at += dim;
+    }
+    compared
+}
+
 /// The embedded registry plus typed batch-tier features (categoricals and
 /// embeddings from DynamoDB, and a cross of a stored categorical with the
 /// request's device), over tables of the test's own.
-fn typed_registry(run: i64) -> anyhow::Result<&'static adserve_features::FeatureRegistry> {
+fn typed_registry(run: i64) -> anyhow::Result<(&'static adserve_features::FeatureRegistry, String)> {
     let feature = |body: &str| {
         format!(
             "\n[[feature]]\n{body}source = \"dynamodb\"\ndescription = \"t\"\nowner = \"t\"\nfreshness_sla = \"36h\"\n"
@@ -510,7 +550,8 @@ fn typed_registry(run: i64) -> anyhow::Result<&'static adserve_features::Feature
     text += "\n[[feature]]\nname = \"ad_category_x_device\"\nentity = \"ad\"\nsource = \"cross\"\nattribute = \"category_x_device\"\n\
              type = \"categorical\"\ncross = [\"ad_category\", \"ctx_device_id\"]\nbuckets = 4096\ndefault = 0\n\
              description = \"t\"\nowner = \"t\"\n";
-    Ok(Box::leak(Box::new(adserve_features::FeatureRegistry::parse(&text).map_err(anyhow::Error::msg)?)))
+    let registry = adserve_features::FeatureRegistry::parse(&text).map_err(anyhow::Error::msg)?;
+    Ok((Box::leak(Box::new(registry)), text))
 }
 
 #[tokio::test]
@@ -525,7 +566,7 @@ async fn typed_batch_features_are_read_from_dynamodb_and_served_hashed_and_check
 
     let s = Stack::ready().await?;
     let run = uuid::Uuid::new_v4().as_u128() as i64 & 0x3fff_ffff;
-    let registry = typed_registry(run)?;
+    let (registry, _) = typed_registry(run)?;
     let dynamo =
         config::DynamoConfig { endpoint: s.dynamodb.clone(), timeout: Duration::from_secs(5), ..Default::default() };
     let store = BatchStore::new(&dynamo, registry);
@@ -617,5 +658,165 @@ async fn typed_batch_features_are_read_from_dynamodb_and_served_hashed_and_check
     assert_eq!(m.categorical_ids[column("user_segment")], 0);
     assert_eq!(m.embedding_values[..3], [0.0, 0.0, 0.0]);
     assert_eq!(m.categorical_ids[column("ad_category")], spec("ad_category").category_id(Some("shoes")));
+    Ok(())
+}
+
+#[tokio::test]
+async fn typed_batch_features_are_identical_through_the_serving_and_training_paths() -> anyhow::Result<()> {
+    // One registry file with typed batch features, one pair of batch files:
+    // backfilled into DynamoDB Local and served by a feature-service (in
+    // process, over the real stores), and retrieved point-in-time by the
+    // trainer's offline path (its own process) from the same files. Ids and
+    // vectors must be identical, stale history and refused vectors included.
+    use adserve_feature_service::{AdTable, BatchStore, FeatureGrpc, RealtimeStore, backfill, config};
+    use adserve_proto::v1::feature_service_server::FeatureService as _;
+    use arrow::array::{
+        Array as _, ListArray,
+        builder::{Float32Builder, ListBuilder},
+    };
+
+    let s = Stack::ready().await?;
+    let run = uuid::Uuid::new_v4().as_u128() as i64 & 0x3fff_ffff;
+    let (registry, text) = typed_registry(run)?;
+    let dir = tempfile::tempdir()?;
+    let registry_file = dir.path().join("features.toml");
+    std::fs::write(&registry_file, &text)?;
+    let dynamo =
+        config::DynamoConfig { endpoint: s.dynamodb.clone(), timeout: Duration::from_secs(5), ..Default::default() };
+    let store = BatchStore::new(&dynamo, registry);
+    store.ensure_tables().await?;
+    let now = backfill::now_ms();
+    let hour = 3_600_000;
+    let user = format!("typed-identity-{run}");
+    let ads: Vec<i64> = (0..3).map(|i| 5_000 + run * 4 + i).collect();
+
+    // A batch file of `entity`: key, time, the dense attributes (0.5), a
+    // categorical column and a vector column.
+    type TypedRow<'a> = (String, i64, Option<&'a str>, Option<Vec<f32>>);
+    let write = |path: &Path, entity: Entity, rows: &[TypedRow<'_>], cat: &str| -> anyhow::Result<()> {
+        let key = if entity == Entity::User { "user_id" } else { "ad_id" };
+        let mut fields = vec![
+            Field::new(key, if entity == Entity::User { DataType::Utf8 } else { DataType::Int64 }, false),
+            Field::new(EVENT_TIMESTAMP, DataType::Int64, false),
+        ];
+        let dense: BTreeSet<String> =
+            registry.select(entity, Source::Dynamodb).map(|(_, f)| f.attribute.clone()).collect();
+        fields.extend(dense.iter().map(|a| Field::new(a, DataType::Float64, true)));
+        let mut vecs = ListBuilder::new(Float32Builder::new());
+        for (.., v) in rows {
+            match v {
+                Some(v) => {
+                    vecs.values().append_slice(v);
+                    vecs.append(true);
+                }
+                None => vecs.append(false),
+            }
+        }
+        let vecs: ListArray = vecs.finish();
+        fields.push(Field::new(cat, DataType::Utf8, true));
+        fields.push(Field::new("vec", vecs.data_type().clone(), true));
+        let keys: ArrayRef = if entity == Entity::User {
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0.as_str())))
+        } else {
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0.parse::<i64>().unwrap())))
+        };
+        let mut columns: Vec<ArrayRef> = vec![keys, Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1)))];
+        for _ in &dense {
+            columns.push(Arc::new(Float64Array::from_iter(rows.iter().map(|_| Some(0.5)))));
+        }
+        columns.push(Arc::new(StringArray::from_iter(rows.iter().map(|r| r.2))));
+        columns.push(Arc::new(vecs));
+        let schema = Arc::new(Schema::new(fields));
+        let mut w = ArrowWriter::try_new(File::create(path)?, schema.clone(), None)?;
+        w.write(&RecordBatch::try_new(schema, columns)?)?;
+        w.close()?;
+        Ok(())
+    };
+    let users = [
+        (user.clone(), now - 48 * hour, Some("news"), Some(vec![0.9, 0.9, 0.9])),
+        (user.clone(), now - hour, Some("sports"), Some(vec![0.1, 1.0 / 3.0, -0.3])),
+    ];
+    let ad_rows = [
+        (ads[0].to_string(), now - 48 * hour, Some("hats"), Some(vec![0.2, 0.2])),
+        (ads[0].to_string(), now - hour, Some("shoes"), Some(vec![0.5, -0.5])),
+        (ads[1].to_string(), now - hour, None, Some(vec![0.5, 2.0])), // no category; out of range
+        (ads[2].to_string(), now - hour, Some("boots"), None),
+    ];
+    let (user_file, ad_file) = (dir.path().join("users.parquet"), dir.path().join("ads.parquet"));
+    write(&user_file, Entity::User, &users, "segment")?;
+    write(&ad_file, Entity::Ad, &ad_rows, "category")?;
+    for (file, entity) in [(&user_file, Entity::User), (&ad_file, Entity::Ad)] {
+        let plan = backfill::plan(file, entity, registry)?;
+        backfill::run(&plan, &store, &backfill::Options::for_input(file), |_| {}).await?;
+    }
+
+    // Serving.
+    let redis = config::RedisConfig { url: s.redis.clone(), timeout: Duration::from_secs(2) };
+    let realtime = RealtimeStore::connect(&redis, registry).await?;
+    let table = AdTable::for_registry(registry);
+    table.refresh_once(&store, Duration::from_secs(60)).await?;
+    let service = FeatureGrpc::new(registry, store, realtime, Duration::from_secs(2), Duration::from_secs(2), 100)
+        .with_ad_table(table);
+    let ctx = RequestContext { placement: "sidebar".into(), device: "tablet".into(), ..Default::default() };
+    let request = GetFeaturesRequest { user_id: user.clone(), ad_ids: ads.clone(), context: Some(ctx.clone()) };
+    let served = service.get_features(tonic::Request::new(request)).await?.into_inner().matrix.expect("matrix");
+
+    // Training: point-in-time retrieval over the same files and registry.
+    let entities = dir.path().join("entities.parquet");
+    let n = ads.len();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("user_id", DataType::Utf8, false),
+        Field::new("ad_id", DataType::Int64, false),
+        Field::new(EVENT_TIMESTAMP, DataType::Int64, false),
+        Field::new("device", DataType::Utf8, false),
+        Field::new("placement", DataType::Utf8, false),
+        Field::new("surface", DataType::Utf8, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from(vec![user.as_str(); n])),
+            Arc::new(Int64Array::from(ads.clone())),
+            Arc::new(Int64Array::from(vec![now; n])),
+            Arc::new(StringArray::from(vec![ctx.device.as_str(); n])),
+            Arc::new(StringArray::from(vec![ctx.placement.as_str(); n])),
+            Arc::new(StringArray::from(vec![ctx.surface.as_str(); n])),
+        ],
+    )?;
+    let mut w = ArrowWriter::try_new(File::create(&entities)?, schema, None)?;
+    w.write(&batch)?;
+    w.close()?;
+    let out = dir.path().join("offline.parquet");
+    let mut py = Command::new(python());
+    py.current_dir(repo_root().join("training"))
+        .args(["-m", "adserve_trainer.offline", "--registry"])
+        .arg(&registry_file)
+        .arg("--entities")
+        .arg(&entities)
+        .arg("--user-features")
+        .arg(&user_file)
+        .arg("--ad-features")
+        .arg(&ad_file)
+        .arg("--out")
+        .arg(&out);
+    run_ok(py).await?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&out)?)?.build()?;
+    let offline: Vec<RecordBatch> = reader.collect::<Result<_, _>>()?;
+    let offline = arrow::compute::concat_batches(&offline[0].schema(), &offline)?;
+    let width = 3 + 2;
+    assert_eq!(same_typed(registry, &served, &offline, &ads), n * (registry.categorical.len() + width));
+
+    // Not all defaults: the latest rows reached both paths.
+    let spec = |name: &str| registry.categorical.iter().find(|f| f.name == name).unwrap();
+    let cats = registry.categorical.len();
+    let column = |name: &str| registry.categorical.iter().position(|f| f.name == name).unwrap();
+    assert_eq!(served.categorical_ids[column("user_segment")], spec("user_segment").category_id(Some("sports")));
+    assert_eq!(served.categorical_ids[column("ad_category")], spec("ad_category").category_id(Some("shoes")));
+    assert_eq!(
+        served.categorical_ids[2 * cats + column("ad_category")],
+        spec("ad_category").category_id(Some("boots"))
+    );
+    assert_eq!(served.embedding_values[..width], [0.1, 1.0 / 3.0, -0.3, 0.5, -0.5]);
+    assert_eq!(served.embedding_values[width + 3..2 * width], [0.0, 0.0], "the refused vector is the default");
     Ok(())
 }

@@ -28,7 +28,13 @@ What each column gets:
   replaying the aggregator over the event log; this module does not;
 - request features: from the entity table's ``device`` / ``placement`` /
   ``surface`` columns, else the default;
-- personal features of rows with ``coppa`` true: the default, not counted.
+- personal features of rows with ``coppa`` true: the default, not counted;
+- typed features, as the feature-service assembles them: a categorical's
+  raw value (a stored string as of the row's timestamp, or the entity
+  table's request field) becomes its bucket id, a cross hashes its two
+  operands' raw values, an embedding is the stored vector as of the row's
+  timestamp (the default in every element when absent, or refused whole
+  when it is not ``dim`` long or an element fails ``range``).
 
 Usage::
 
@@ -38,7 +44,8 @@ Usage::
 The entity table needs ``user_id`` (string), ``ad_id`` (integer) and
 ``event_timestamp`` (a timestamp, or int64 epoch ms); every column passes
 through, and one float32 column per registry feature is added (replacing a
-column of the same name), in registry order.
+column of the same name), in registry order, then one int64 column per
+categorical feature and one fixed-size list of float32 per embedding.
 """
 
 from __future__ import annotations
@@ -75,6 +82,11 @@ class Retrieved:
     matrix: np.ndarray
     missing: dict[str, int] = field(default_factory=dict)
     invalid: dict[str, int] = field(default_factory=dict)
+    # Typed columns: rows x categorical features (int64 bucket ids), and per
+    # embedding feature its rows x dim vectors (float32).
+    categorical_names: list[str] = field(default_factory=list)
+    categorical_ids: np.ndarray | None = None
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _ms(col: pa.ChunkedArray | pa.Array, what: str) -> np.ndarray:
@@ -127,7 +139,19 @@ def read_source(path: str | Path, entity: str, registry: Registry) -> pa.Table:
         t = pq.read_table(p)
     except Exception as e:  # pyarrow raises several types for a bad file
         raise TrainerError(f"{p}: not Parquet: {e}") from e
-    wanted = sorted({f.attribute for f in registry.features if f.entity == entity and f.source == "dynamodb"})
+    stored = [*registry.features, *registry.categorical, *registry.embeddings]
+    wanted = sorted({f.attribute for f in stored if f.entity == entity and f.source == "dynamodb"})
+    for f in stored:
+        if f.entity != entity or f.source != "dynamodb" or f.attribute not in t.column_names:
+            continue
+        typ = t.schema.field(f.attribute).type
+        if f.kind == "categorical" and not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+            raise TrainerError(f"{p}: column {f.attribute}: a string (a categorical's raw value), not {typ}")
+        if f.kind == "embedding" and not (
+            (pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ))
+            and (pa.types.is_integer(typ.value_type) or pa.types.is_floating(typ.value_type))
+        ):
+            raise TrainerError(f"{p}: column {f.attribute}: a list of {f.dim} numbers (an embedding), not {typ}")
     for name in t.column_names:
         if name not in (KEYS[entity], EVENT_TIMESTAMP) and name not in wanted:
             raise TrainerError(f"{p}: column {name}: not a batch attribute of {entity} features (they are: {', '.join(wanted)})")
@@ -260,14 +284,74 @@ def historical_features(
         matrix[:, c] = values
         result.missing[f.name] = missing
         result.invalid[f.name] = invalid
+    _typed(result, registry, entities, matches, coppa)
     return result
+
+
+def _as_of(src: pa.Table | None, attribute: str, rows: np.ndarray) -> list:
+    """Each row's stored value of ``attribute`` as of its time (None: no row, or a null)."""
+    if src is None:
+        return [None] * len(rows)
+    col = src.column(attribute).to_pylist()
+    return [col[r] if r >= 0 else None for r in rows]
+
+
+def _typed(result: Retrieved, registry: Registry, entities: pa.Table, matches: dict, coppa: np.ndarray) -> None:
+    """The categorical ids and embeddings of every row, as ``assemble_typed``
+    builds them (missing and invalid counted the same way)."""
+    n = entities.num_rows
+    cats = registry.categorical
+    raw: list[list[str | None]] = []
+    ids = np.zeros((n, len(cats)), dtype=np.int64)
+    for k, f in enumerate(cats):
+        blind = coppa if f.personal else np.zeros(n, dtype=bool)
+        if f.source == "cross":
+            a, b = (next(i for i, c in enumerate(cats) if c.name == op) for op in f.cross)
+            values = [None if blind[r] else raw[a][r] for r in range(n)]
+            ids[:, k] = [0 if blind[r] else f.cross_id(raw[a][r], raw[b][r]) for r in range(n)]
+            raw.append(values)
+            result.missing[f.name] = 0
+            continue
+        if f.source == "request":
+            got = entities.column(f.attribute).to_pylist() if f.attribute in entities.column_names else [None] * n
+        else:
+            rows, src = matches[f.entity]
+            got = _as_of(src, f.attribute, rows)
+        values = [None if blind[r] or not got[r] else str(got[r]) for r in range(n)]
+        raw.append(values)
+        ids[:, k] = [f.category_id(v) for v in values]
+        result.missing[f.name] = sum(1 for r in range(n) if values[r] is None and not blind[r])
+    result.categorical_names = [f.name for f in cats]
+    result.categorical_ids = ids
+    for f in registry.embeddings:
+        blind = coppa if f.personal else np.zeros(n, dtype=bool)
+        rows, src = matches[f.entity]
+        got = _as_of(src, f.attribute, rows)
+        out = np.empty((n, f.dim), dtype=np.float32)
+        missing = invalid = 0
+        for r in range(n):
+            vector, status = f.embedding(None if blind[r] else got[r])
+            out[r] = vector
+            if not blind[r]:
+                missing += status == "missing"
+                invalid += status == "invalid"
+        result.embeddings[f.name] = out
+        result.missing[f.name] = missing
+        result.invalid[f.name] = invalid
 
 
 def with_features(entities: pa.Table, got: Retrieved) -> pa.Table:
     """``entities`` with one float32 column per feature (replacing same-named ones)."""
-    t = entities.drop_columns([n for n in got.names if n in entities.column_names])
+    typed = [*got.categorical_names, *got.embeddings]
+    t = entities.drop_columns([n for n in [*got.names, *typed] if n in entities.column_names])
     for c, name in enumerate(got.names):
         t = t.append_column(pa.field(name, pa.float32(), nullable=False), pa.array(got.matrix[:, c], type=pa.float32()))
+    for k, name in enumerate(got.categorical_names):
+        t = t.append_column(pa.field(name, pa.int64(), nullable=False), pa.array(got.categorical_ids[:, k], type=pa.int64()))
+    for name, vectors in got.embeddings.items():
+        dim = vectors.shape[1]
+        flat = pa.array(vectors.reshape(-1), type=pa.float32())
+        t = t.append_column(pa.field(name, pa.list_(pa.float32(), dim), nullable=False), pa.FixedSizeListArray.from_arrays(flat, dim))
     return t
 
 

@@ -138,7 +138,8 @@ def test_cli_writes_features_in_registry_order(registry, tmp_path, capsys):
                "--ad-features", str(tmp_path / "a.parquet"), "--out", str(tmp_path / "o.parquet")])
     assert rc == 0
     out = pq.read_table(tmp_path / "o.parquet")
-    assert out.column_names[3:] == registry.names
+    typed = [f.name for f in (*registry.categorical, *registry.embeddings)]
+    assert out.column_names[3:] == registry.names + typed, "dense columns in registry order, then the typed ones"
     assert out.column("ad_quality_bucket").to_pylist() == [3.0]
     assert out.column("user_ctr_30d").to_pylist() == [np.float32(0.25)]
     assert main(["--entities", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "x")]) == 2

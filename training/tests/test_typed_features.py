@@ -205,3 +205,64 @@ def test_the_registrys_request_categoricals_hash_to_the_pinned_ids():
     placement, device, surface, cross = load_registry().categorical
     assert (placement.category_id("feed_top"), device.category_id("mobile"), surface.category_id("home")) == (96, 4, 80)
     assert cross.cross_id("feed_top", "mobile") == 914
+
+
+def test_point_in_time_retrieval_serves_typed_batch_features_as_of_each_moment(tmp_path):
+    """offline.historical_features: a stored categorical and embedding as of
+    each row's time, hashed and checked as the feature-service serves them."""
+    import pyarrow as pa
+
+    from adserve_trainer.offline import historical_features, read_source, with_features
+
+    registry = load(tmp_path, HEAD + PLACEMENT + CATEGORY + CROSS + EMBEDDING)
+    ts = pa.timestamp("ms", tz="UTC")
+    ads = pa.table({
+        "ad_id": pa.array([7, 7, 8], type=pa.int64()),
+        "event_timestamp": pa.array([100, 200, 100], type=ts),
+        "x": pa.array([0.5, 0.6, None], type=pa.float64()),
+        "category": ["shoes", "boots", None],
+        # 8's vector has an element outside range: refused whole.
+        "embedding": pa.array([[1, 2, 3, 4], [5, 6, 7, 8], [0, 0, 0, 11]], type=pa.list_(pa.float32())),
+    })
+    path = tmp_path / "ads.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(ads, path)
+    source = read_source(path, "ad", registry)
+    entities = pa.table({
+        "user_id": ["u", "u", "u", "u"],
+        "ad_id": pa.array([7, 7, 8, 9], type=pa.int64()),
+        "event_timestamp": pa.array([150, 250, 150, 150], type=ts),
+        "placement": ["feed", "feed", "", "feed"],
+    })
+    got = historical_features(entities, registry, None, source)
+    placement, category, cross = registry.categorical
+    (emb,) = registry.embeddings
+    ids = got.categorical_ids
+    assert ids[:, 1].tolist() == [category.category_id("shoes"), category.category_id("boots"), 0, 0], "as of each time"
+    assert ids[:, 0].tolist() == [placement.category_id("feed")] * 2 + [0, placement.category_id("feed")]
+    assert ids[:, 2].tolist() == [cross.cross_id("feed", "shoes"), cross.cross_id("feed", "boots"), 0, 0]
+    vectors = got.embeddings["ad_embedding"]
+    assert vectors.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert (got.missing["ad_category"], got.missing["ctx_placement"]) == (2, 1)
+    assert (got.missing["ad_embedding"], got.invalid["ad_embedding"]) == (1, 1)
+    out = with_features(entities, got)
+    assert out.column("ad_category").type == pa.int64()
+    assert out.column("ad_embedding").type == pa.list_(pa.float32(), 4)
+    assert out.column("ad_embedding").to_pylist()[1] == [5, 6, 7, 8]
+
+
+def test_a_batch_file_with_a_typed_column_of_the_wrong_type_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from adserve_trainer.offline import read_source
+
+    registry = load(tmp_path, HEAD + CATEGORY + EMBEDDING)
+    base = {"ad_id": pa.array([1], type=pa.int64()), "event_timestamp": pa.array([1], type=pa.int64()), "x": [0.5]}
+    pq.write_table(pa.table({**base, "category": [7], "embedding": pa.array([[1.0] * 4])}), tmp_path / "a.parquet")
+    with pytest.raises(TrainerError, match="column category: a string"):
+        read_source(tmp_path / "a.parquet", "ad", registry)
+    pq.write_table(pa.table({**base, "category": ["c"], "embedding": [0.5]}), tmp_path / "b.parquet")
+    with pytest.raises(TrainerError, match="column embedding: a list of 4 numbers"):
+        read_source(tmp_path / "b.parquet", "ad", registry)
