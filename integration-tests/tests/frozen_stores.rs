@@ -94,22 +94,32 @@ async fn frozen_tiers_cost_their_deadline_then_nothing_and_are_probed_back() -> 
     batch.ensure_tables().await?;
     batch.put_users(&[(user.clone(), [("ctr_30d".to_string(), 0.07)].into())]).await?;
 
-    let grpc = free_port();
-    let metrics = free_port();
-    let _service = Command::new(binary("adserve-feature-service"))
-        .env("ADSERVE_MODE", "serve")
-        .env("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{grpc}"))
-        .env("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{metrics}"))
-        .env("ADSERVE_REDIS__URL", &stores.redis_url)
-        .env("ADSERVE_DYNAMODB__ENDPOINT", &stores.dynamodb_url)
-        .env("ADSERVE_BREAKER__FAILURES", "3")
-        .env("ADSERVE_BREAKER__COOLDOWN", "500ms")
-        .env("ADSERVE_TELEMETRY__LOG_FILTER", "error")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
+    // Two feature-services over the stores: one reading DynamoDB on every
+    // request (its user cache off), whose breaker this test drives, and one
+    // with the user cache on (the default).
+    let spawn = |user_cache_ttl: &str| -> anyhow::Result<(tokio::process::Child, u16, u16)> {
+        let (grpc, metrics) = (free_port(), free_port());
+        let child = Command::new(binary("adserve-feature-service"))
+            .env("ADSERVE_MODE", "serve")
+            .env("ADSERVE_SERVER__GRPC_ADDR", format!("127.0.0.1:{grpc}"))
+            .env("ADSERVE_SERVER__METRICS_ADDR", format!("127.0.0.1:{metrics}"))
+            .env("ADSERVE_REDIS__URL", &stores.redis_url)
+            .env("ADSERVE_DYNAMODB__ENDPOINT", &stores.dynamodb_url)
+            .env("ADSERVE_BREAKER__FAILURES", "3")
+            .env("ADSERVE_BREAKER__COOLDOWN", "500ms")
+            .env("ADSERVE_USER_CACHE__TTL", user_cache_ttl)
+            .env("ADSERVE_TELEMETRY__LOG_FILTER", "error")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok((child, grpc, metrics))
+    };
+    let (_service, grpc, metrics) = spawn("0s")?;
+    let (_cached_service, cached_grpc, _) = spawn("60s")?;
     wait_port(grpc, "feature-service", Duration::from_secs(30)).await?;
+    wait_port(cached_grpc, "feature-service (user cache on)", Duration::from_secs(30)).await?;
     let mut client = FeatureServiceClient::connect(format!("http://127.0.0.1:{grpc}")).await?;
+    let mut cached = FeatureServiceClient::connect(format!("http://127.0.0.1:{cached_grpc}")).await?;
     let request = GetFeaturesRequest {
         user_id: user.clone(),
         ad_ids: vec![1, 2],
@@ -132,6 +142,13 @@ async fn frozen_tiers_cost_their_deadline_then_nothing_and_are_probed_back() -> 
         r.degraded.is_empty() && served(r, "user_impressions_1h") == 5.0 && served(r, "user_ctr_30d") == 0.07
     };
     ask_until("both tiers served", &healthy).await?;
+    // The cached service reads the user, and learns ads 1 and 2 are unknown
+    // (asked again after its ad table's first load, which forgets that).
+    for _ in 0..2 {
+        let r = cached.get_features(request.clone()).await?.into_inner();
+        assert!(healthy(&r), "{:?}", r.degraded);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
 
     for (store, component, child) in [("redis", "redis", &stores.redis), ("dynamodb", "dynamodb", &stores.dynamodb)] {
         signal(child, "-STOP")?;
@@ -146,6 +163,15 @@ async fn frozen_tiers_cost_their_deadline_then_nothing_and_are_probed_back() -> 
         let other = if component == "redis" { "user_ctr_30d" } else { "user_impressions_1h" };
         let expected = if component == "redis" { 0.07 } else { 5.0 };
         assert_eq!(served(&r, other), expected, "{store} frozen: the other tier still serves");
+        if component == "dynamodb" {
+            // With the user cache, a user read within its TTL is served from
+            // memory while DynamoDB is frozen; a user it has not read degrades.
+            let r = cached.get_features(request.clone()).await?.into_inner();
+            assert!(reason(&r, component).is_none() && served(&r, "user_ctr_30d") == 0.07, "{:?}", r.degraded);
+            let stranger = GetFeaturesRequest { user_id: "never-read".into(), ..request.clone() };
+            let r = cached.get_features(stranger).await?.into_inner();
+            assert!(reason(&r, component).is_some(), "a user not in the cache degrades: {:?}", r.degraded);
+        }
         signal(child, "-CONT")?;
         // A probe finds it back.
         ask_until("the thawed tier served again", &healthy).await?;

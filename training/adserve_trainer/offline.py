@@ -14,7 +14,7 @@ The online path and this one read the same inputs and the same registry:
   rounded once).
 
 So a row built here for "now" is bit-identical to the row GetFeatures serves
-(``integration-tests/tests/feature_identity.rs`` holds both paths to it).
+(``integration-tests/tests/feature_store.rs`` holds both paths to it, typed columns included).
 
 What each column gets:
 

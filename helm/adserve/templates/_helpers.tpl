@@ -168,6 +168,15 @@ enabled = {{ $at.enabled }}
 refresh = "{{ int64 $at.refreshMs }}ms"
 max_age = "{{ int64 $at.maxAgeMs }}ms"
 
+{{- $uc := $c.userCache }}
+{{- if or (lt (int64 $uc.ttlMs) 0) (gt (int64 $uc.ttlMs) 3600000) (lt (int64 $uc.capacity) 16) }}
+{{- fail "services.feature-service.config.userCache.ttlMs must be 0..=3600000 and .capacity >= 16" }}
+{{- end }}
+
+[user_cache]
+ttl = "{{ int64 $uc.ttlMs }}ms"
+capacity = {{ int64 $uc.capacity }}
+
 [breaker]
 failures = {{ int64 $br.failures }}
 cooldown = "{{ int64 $br.cooldownMs }}ms"

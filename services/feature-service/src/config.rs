@@ -21,6 +21,8 @@ pub struct FeatureServiceConfig {
     pub max_ads: usize,
     /// The in-process copy of the batch tier's ad rows.
     pub ad_table: AdTableConfig,
+    /// Users' batch items kept in process for a short TTL.
+    pub user_cache: crate::UserCacheConfig,
     /// What this process runs: the GetFeatures service, the streaming
     /// aggregates consumer, or both.
     pub mode: Mode,
@@ -242,6 +244,7 @@ impl Default for FeatureServiceConfig {
             dynamodb: DynamoConfig::default(),
             max_ads: adserve_proto::limits::MAX_CANDIDATES,
             ad_table: AdTableConfig::default(),
+            user_cache: crate::UserCacheConfig::default(),
             mode: Mode::default(),
             aggregates: AggregatesConfig::default(),
             breaker: crate::breaker::BreakerConfig::default(),
@@ -272,6 +275,7 @@ impl Validate for FeatureServiceConfig {
             Duration::from_secs(3600),
         )?;
         check_duration("ad_table.max_age", self.ad_table.max_age, self.ad_table.refresh, Duration::from_secs(86_400))?;
+        self.user_cache.validate()?;
         if self.mode.aggregates() {
             self.aggregates.validate()?;
         }

@@ -19,6 +19,7 @@ pub mod config;
 pub mod freshness;
 pub mod realtime;
 pub mod service;
+pub mod user_cache;
 
 pub use ad_table::AdTable;
 pub use adserve_features::{SourceValues, assemble};
@@ -27,3 +28,4 @@ pub use batch::{AdLookup, BatchRow, BatchStore};
 pub use config::FeatureServiceConfig;
 pub use realtime::RealtimeStore;
 pub use service::FeatureGrpc;
+pub use user_cache::{UserCache, UserCacheConfig};

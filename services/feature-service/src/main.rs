@@ -72,7 +72,8 @@ async fn main() -> anyhow::Result<()> {
             config.max_ads,
         )
         .with_breakers(config.breaker)
-        .with_freshness(freshness);
+        .with_freshness(freshness)
+        .with_user_cache(adserve_feature_service::UserCache::new(&config.user_cache));
         if config.ad_table.enabled {
             let table = AdTable::new();
             tokio::spawn(table.clone().refresh(batch, config.ad_table.refresh, config.ad_table.max_age));

@@ -45,6 +45,8 @@ struct Inner {
     max_ads: usize,
     /// In-process ad rows of the batch tier (None: every request reads DynamoDB).
     ad_table: Option<AdTable>,
+    /// Users' batch items read in the last TTL (None: every request reads DynamoDB).
+    user_cache: Option<crate::UserCache>,
     /// One breaker per tier: a dead tier stops costing its deadline.
     batch_breaker: Breaker,
     realtime_breaker: Breaker,
@@ -74,6 +76,7 @@ impl FeatureGrpc {
                 realtime_deadline,
                 max_ads,
                 ad_table: None,
+                user_cache: None,
                 batch_breaker: Breaker::new(degraded::DYNAMODB, BreakerConfig::default()),
                 realtime_breaker: Breaker::new(degraded::REDIS, BreakerConfig::default()),
                 freshness: None,
@@ -87,6 +90,14 @@ impl FeatureGrpc {
     pub fn with_ad_table(mut self, table: AdTable) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.ad_table = Some(table);
+        }
+        self
+    }
+
+    /// Serves users' batch items read within `cache`'s TTL from memory.
+    pub fn with_user_cache(mut self, cache: Option<crate::UserCache>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.user_cache = cache;
         }
         self
     }
@@ -221,10 +232,21 @@ impl FeatureService for FeatureGrpc {
         // something to ask it.
         let user_batch = async {
             if user_id.is_empty() {
-                Default::default()
-            } else {
-                within(degraded::DYNAMODB, s.batch_deadline, &s.batch_breaker, s.batch.user(user_id), &degraded).await
+                return Default::default();
             }
+            let cache = s.user_cache.as_ref();
+            if let Some(item) = cache.and_then(|c| c.get(user_id, Instant::now())) {
+                return item;
+            }
+            // Only what DynamoDB answered is cached, never a failure's defaults.
+            let read = async {
+                let item = s.batch.user(user_id).await?;
+                if let Some(c) = cache {
+                    c.put(user_id, &item, Instant::now());
+                }
+                Ok::<_, crate::batch::BatchError>(item)
+            };
+            within(degraded::DYNAMODB, s.batch_deadline, &s.batch_breaker, read, &degraded).await
         };
         let asked = req.ad_ids.len();
         // Ad rows from the in-process table; DynamoDB only for the ads it
