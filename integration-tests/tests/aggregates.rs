@@ -67,6 +67,17 @@ async fn counters(
     Ok(realtime::attributes().into_iter().zip(packed.values).collect())
 }
 
+/// What a test through the real broker and Redis starts from: the stack, a
+/// publisher to its broker, a client of its Redis (logical database `db`, or
+/// the stack's own) and the registry's key prefix.
+async fn through_the_stack(db: Option<u32>) -> anyhow::Result<(Stack, EventPublisher, Client, String)> {
+    let s = Stack::ready().await?;
+    let kafka = KafkaConfig { brokers: s.kafka.clone(), ..KafkaConfig::default() };
+    let events = EventPublisher::new(&kafka, "test")?;
+    let client = redis(&db.map_or_else(|| s.redis.clone(), |db| s.redis_db(db))).await?;
+    Ok((s, events, client, adserve_features::registry().redis.key_prefix.clone()))
+}
+
 async fn wait_for(
     what: &str,
     patience: Duration,
@@ -385,11 +396,7 @@ async fn a_bid_billed_on_notice_counts_on_its_notice_or_first_click_and_charges_
 async fn a_click_changes_the_users_features_within_seconds() -> anyhow::Result<()> {
     // Through the stack: the gateway's topics, the feature-service's own
     // aggregator (mode = both), and GetFeatures.
-    let s = Stack::ready().await?;
-    let kafka = KafkaConfig { brokers: s.kafka.clone(), ..KafkaConfig::default() };
-    let events = EventPublisher::new(&kafka, "test")?;
-    let client = redis(&s.redis).await?;
-    let prefix = adserve_features::registry().redis.key_prefix.clone();
+    let (s, events, client, prefix) = through_the_stack(None).await?;
     let run = run_id();
     let (user, ad) = (format!("agg-user-{run}"), 8_000_000_000 + run);
     let imp_id = uuid::Uuid::new_v4().to_string();
@@ -455,11 +462,7 @@ async fn every_ad_of_a_multi_slot_answer_counts_once_and_a_click_on_any_of_them_
     // Through the stack's aggregator: the answer is one message (an
     // ImpressionBatch) on the impressions topic, published twice (a producer
     // retry of the whole answer).
-    let s = Stack::ready().await?;
-    let kafka = KafkaConfig { brokers: s.kafka.clone(), ..KafkaConfig::default() };
-    let events = EventPublisher::new(&kafka, "test")?;
-    let client = redis(&s.redis).await?;
-    let prefix = adserve_features::registry().redis.key_prefix.clone();
+    let (_stack, events, client, prefix) = through_the_stack(None).await?;
     let run = run_id();
     let user = format!("agg-answer-{run}");
     let ads: Vec<i64> = (0..3).map(|i| 8_100_000_000 + run * 4 + i).collect();
@@ -518,12 +521,8 @@ fn signal(child: &tokio::process::Child, sig: &str) -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_killed_or_frozen_aggregator_loses_and_duplicates_nothing() -> anyhow::Result<()> {
-    let s = Stack::ready().await?;
-    let kafka = KafkaConfig { brokers: s.kafka.clone(), ..KafkaConfig::default() };
-    let events = EventPublisher::new(&kafka, "test")?;
     let db = 9;
-    let client = redis(&s.redis_db(db)).await?;
-    let prefix = adserve_features::registry().redis.key_prefix.clone();
+    let (s, events, client, prefix) = through_the_stack(Some(db)).await?;
     let run = run_id();
     let (user, ad) = (format!("agg-kill-{run}"), 8_500_000_000 + run);
     let group = format!("adserve-test-aggregates-{run}");
@@ -576,12 +575,8 @@ async fn progress(client: &Client, prefix: &str) -> anyhow::Result<Option<i64>> 
 #[tokio::test]
 async fn a_frozen_aggregator_stops_its_progress_and_stale_progress_marks_feature_answers_degraded() -> anyhow::Result<()>
 {
-    let s = Stack::ready().await?;
-    let kafka = KafkaConfig { brokers: s.kafka.clone(), ..KafkaConfig::default() };
-    let events = EventPublisher::new(&kafka, "test")?;
     let db = 11;
-    let client = redis(&s.redis_db(db)).await?;
-    let prefix = adserve_features::registry().redis.key_prefix.clone();
+    let (s, events, client, prefix) = through_the_stack(Some(db)).await?;
     let _: i64 = client.del(realtime::progress_key(&prefix)).await?;
     let run = run_id();
     let now_ms = || now_s() * 1000;

@@ -105,6 +105,61 @@ fn python() -> PathBuf {
     adstack_home().join("venv/bin/python")
 }
 
+/// The trainer's point-in-time retrieval (its CLI, in its own process) of
+/// `user` with each of `ads`, as of `now` in context `ctx`, over the user and
+/// ad batch files, under `registry_file` (None: the repository's registry).
+async fn offline_rows(
+    dir: &Path,
+    (user, ads, now, ctx): (&str, &[i64], i64, &RequestContext),
+    (user_file, ad_file): (&Path, &Path),
+    registry_file: Option<&Path>,
+) -> anyhow::Result<RecordBatch> {
+    let entities = dir.join("entities.parquet");
+    let n = ads.len();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("user_id", DataType::Utf8, false),
+        Field::new("ad_id", DataType::Int64, false),
+        Field::new(EVENT_TIMESTAMP, DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false),
+        Field::new("device", DataType::Utf8, false),
+        Field::new("placement", DataType::Utf8, false),
+        Field::new("surface", DataType::Utf8, false),
+        Field::new("coppa", DataType::Boolean, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from(vec![user; n])),
+            Arc::new(Int64Array::from(ads.to_vec())),
+            Arc::new(TimestampMillisecondArray::from(vec![now; n]).with_timezone("UTC")),
+            Arc::new(StringArray::from(vec![ctx.device.as_str(); n])),
+            Arc::new(StringArray::from(vec![ctx.placement.as_str(); n])),
+            Arc::new(StringArray::from(vec![ctx.surface.as_str(); n])),
+            Arc::new(BooleanArray::from(vec![false; n])),
+        ],
+    )?;
+    let mut w = ArrowWriter::try_new(File::create(&entities)?, schema, None)?;
+    w.write(&batch)?;
+    w.close()?;
+    let out = dir.join("offline.parquet");
+    let mut py = Command::new(python());
+    py.current_dir(repo_root().join("training")).args(["-m", "adserve_trainer.offline"]);
+    if let Some(file) = registry_file {
+        py.arg("--registry").arg(file);
+    }
+    py.arg("--entities")
+        .arg(&entities)
+        .arg("--user-features")
+        .arg(user_file)
+        .arg("--ad-features")
+        .arg(ad_file)
+        .arg("--out")
+        .arg(&out);
+    run_ok(py).await?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&out)?)?.build()?;
+    let offline: Vec<RecordBatch> = reader.collect::<Result<_, _>>()?;
+    Ok(arrow::compute::concat_batches(&offline[0].schema(), &offline)?)
+}
+
 #[tokio::test]
 async fn the_serving_path_and_the_training_path_give_identical_rows() -> anyhow::Result<()> {
     let s = Stack::ready().await?;
@@ -180,47 +235,8 @@ async fn the_serving_path_and_the_training_path_give_identical_rows() -> anyhow:
     assert_eq!(served.feature_names, registry.names());
 
     // Training: point-in-time retrieval over the same files, as of now.
-    let entities = dir.path().join("entities.parquet");
     let n = ads.len();
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("user_id", DataType::Utf8, false),
-        Field::new("ad_id", DataType::Int64, false),
-        Field::new(EVENT_TIMESTAMP, DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false),
-        Field::new("device", DataType::Utf8, false),
-        Field::new("placement", DataType::Utf8, false),
-        Field::new("surface", DataType::Utf8, false),
-        Field::new("coppa", DataType::Boolean, false),
-    ]));
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        vec![
-            Arc::new(StringArray::from(vec![user.as_str(); n])),
-            Arc::new(Int64Array::from(ads.clone())),
-            Arc::new(TimestampMillisecondArray::from(vec![now; n]).with_timezone("UTC")),
-            Arc::new(StringArray::from(vec![ctx.device.as_str(); n])),
-            Arc::new(StringArray::from(vec![ctx.placement.as_str(); n])),
-            Arc::new(StringArray::from(vec![ctx.surface.as_str(); n])),
-            Arc::new(BooleanArray::from(vec![false; n])),
-        ],
-    )?;
-    let mut w = ArrowWriter::try_new(File::create(&entities)?, schema, None)?;
-    w.write(&batch)?;
-    w.close()?;
-    let out = dir.path().join("offline.parquet");
-    let mut py = Command::new(python());
-    py.current_dir(repo_root().join("training"))
-        .args(["-m", "adserve_trainer.offline", "--entities"])
-        .arg(&entities)
-        .arg("--user-features")
-        .arg(&user_file)
-        .arg("--ad-features")
-        .arg(&ad_file)
-        .arg("--out")
-        .arg(&out);
-    run_ok(py).await?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&out)?)?.build()?;
-    let offline: Vec<RecordBatch> = reader.collect::<Result<_, _>>()?;
-    let offline = arrow::compute::concat_batches(&offline[0].schema(), &offline)?;
+    let offline = offline_rows(dir.path(), (&user, &ads, now, &ctx), (&user_file, &ad_file), None).await?;
 
     let cols = registry.features.len();
     let mut compared = 0;
@@ -762,47 +778,9 @@ async fn typed_batch_features_are_identical_through_the_serving_and_training_pat
     let served = service.get_features(tonic::Request::new(request)).await?.into_inner().matrix.expect("matrix");
 
     // Training: point-in-time retrieval over the same files and registry.
-    let entities = dir.path().join("entities.parquet");
     let n = ads.len();
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("user_id", DataType::Utf8, false),
-        Field::new("ad_id", DataType::Int64, false),
-        Field::new(EVENT_TIMESTAMP, DataType::Int64, false),
-        Field::new("device", DataType::Utf8, false),
-        Field::new("placement", DataType::Utf8, false),
-        Field::new("surface", DataType::Utf8, false),
-    ]));
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        vec![
-            Arc::new(StringArray::from(vec![user.as_str(); n])),
-            Arc::new(Int64Array::from(ads.clone())),
-            Arc::new(Int64Array::from(vec![now; n])),
-            Arc::new(StringArray::from(vec![ctx.device.as_str(); n])),
-            Arc::new(StringArray::from(vec![ctx.placement.as_str(); n])),
-            Arc::new(StringArray::from(vec![ctx.surface.as_str(); n])),
-        ],
-    )?;
-    let mut w = ArrowWriter::try_new(File::create(&entities)?, schema, None)?;
-    w.write(&batch)?;
-    w.close()?;
-    let out = dir.path().join("offline.parquet");
-    let mut py = Command::new(python());
-    py.current_dir(repo_root().join("training"))
-        .args(["-m", "adserve_trainer.offline", "--registry"])
-        .arg(&registry_file)
-        .arg("--entities")
-        .arg(&entities)
-        .arg("--user-features")
-        .arg(&user_file)
-        .arg("--ad-features")
-        .arg(&ad_file)
-        .arg("--out")
-        .arg(&out);
-    run_ok(py).await?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&out)?)?.build()?;
-    let offline: Vec<RecordBatch> = reader.collect::<Result<_, _>>()?;
-    let offline = arrow::compute::concat_batches(&offline[0].schema(), &offline)?;
+    let offline =
+        offline_rows(dir.path(), (&user, &ads, now, &ctx), (&user_file, &ad_file), Some(&registry_file)).await?;
     let width = 3 + 2;
     assert_eq!(same_typed(registry, &served, &offline, &ads), n * (registry.categorical.len() + width));
 

@@ -260,40 +260,26 @@ impl EventPublisher {
     }
 
     /// Sends a message that could not be processed to the dead-letter topic,
-    /// with its payload type (`payload_type`, the source's [`HEADER_PAYLOAD`])
-    /// so it can be decoded and replayed.
-    pub async fn dead_letter(
-        &self,
-        source: &str,
-        key: &[u8],
-        payload: &[u8],
-        payload_type: Option<&str>,
-        reason: &str,
-    ) -> Result<Ack, EventError> {
+    /// with why and where from, and its payload type so it can be decoded
+    /// and replayed.
+    pub async fn dead_letter(&self, m: &Refused<'_>) -> Result<Ack, EventError> {
         let mut headers = OwnedHeaders::new()
-            .insert(Header { key: HEADER_DLQ_REASON, value: Some(reason) })
-            .insert(Header { key: HEADER_DLQ_SOURCE, value: Some(source) });
-        if let Some(kind) = payload_type {
+            .insert(Header { key: HEADER_DLQ_REASON, value: Some(m.reason) })
+            .insert(Header { key: HEADER_DLQ_SOURCE, value: Some(m.source) });
+        if let Some(kind) = m.payload_type {
             headers = headers.insert(Header { key: HEADER_PAYLOAD, value: Some(kind) });
         }
-        let key = String::from_utf8_lossy(key).into_owned();
-        self.send(DEAD_LETTER_TOPIC, &key, payload, Some(headers)).await
+        let key = String::from_utf8_lossy(m.key).into_owned();
+        self.send(DEAD_LETTER_TOPIC, &key, m.payload, Some(headers)).await
     }
 
     /// [`EventPublisher::dead_letter`], retried with backoff (five tries
     /// over about four seconds): a consumer skips a message only once the
     /// dead-letter topic has it, so the error returned here should stop the
     /// caller from committing past it.
-    pub async fn dead_letter_patiently(
-        &self,
-        source: &str,
-        key: &[u8],
-        payload: &[u8],
-        payload_type: Option<&str>,
-        reason: &str,
-    ) -> Result<Ack, EventError> {
+    pub async fn dead_letter_patiently(&self, m: &Refused<'_>) -> Result<Ack, EventError> {
         use backon::Retryable as _;
-        (|| self.dead_letter(source, key, payload, payload_type, reason))
+        (|| self.dead_letter(m))
             .retry(
                 backon::ExponentialBuilder::default()
                     .with_min_delay(Duration::from_millis(100))
@@ -304,6 +290,21 @@ impl EventPublisher {
             .notify(|e, after| tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "dead-letter publish failed"))
             .await
     }
+}
+
+/// A message a consumer refused, as it goes to the dead-letter topic.
+#[derive(Debug, Clone, Copy)]
+pub struct Refused<'a> {
+    /// `topic/partition/offset` it was read at ([`HEADER_DLQ_SOURCE`]).
+    pub source: &'a str,
+    /// Its key.
+    pub key: &'a [u8],
+    /// Its bytes, as read.
+    pub payload: &'a [u8],
+    /// Its [`HEADER_PAYLOAD`], if it had one.
+    pub payload_type: Option<&'a str>,
+    /// Why it was refused ([`HEADER_DLQ_REASON`]).
+    pub reason: &'a str,
 }
 
 /// How often [`report_health`] probes its publisher.

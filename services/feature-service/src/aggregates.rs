@@ -679,16 +679,14 @@ impl Loop<'_> {
                 Err(reason) => {
                     let source = format!("{}/{}/{}", r.topic, r.partition, r.offset);
                     tracing::warn!(%source, %reason, "refused message; dead-lettering");
-                    self.publisher
-                        .dead_letter_patiently(
-                            &source,
-                            &r.key,
-                            &r.payload,
-                            r.payload_type.as_deref(),
-                            &reason.to_string(),
-                        )
-                        .await
-                        .map_err(RunError::DeadLetter)?;
+                    let refused = adserve_events::Refused {
+                        source: &source,
+                        key: &r.key,
+                        payload: &r.payload,
+                        payload_type: r.payload_type.as_deref(),
+                        reason: &reason.to_string(),
+                    };
+                    self.publisher.dead_letter_patiently(&refused).await.map_err(RunError::DeadLetter)?;
                     metrics::counter!("adserve_feature_aggregates_events_total", "topic" => r.topic, "outcome" => "dead_lettered")
                         .increment(1);
                 }

@@ -626,10 +626,14 @@ impl Runner {
             let source = format!("{topic}/{partition}/{offset}");
             tracing::warn!(%source, %reason, "refused message; dead-lettering");
             // The message is skipped only once the dead-letter topic has it.
-            self.publisher
-                .dead_letter_patiently(&source, m.key, m.payload, m.payload_type, &reason)
-                .await
-                .map_err(RunError::DeadLetter)?;
+            let refused = adserve_events::Refused {
+                source: &source,
+                key: m.key,
+                payload: m.payload,
+                payload_type: m.payload_type,
+                reason: &reason,
+            };
+            self.publisher.dead_letter_patiently(&refused).await.map_err(RunError::DeadLetter)?;
             lock(&self.core).joiner.skip((tp, partition), offset);
             metrics::counter!("adserve_label_joiner_dead_lettered_total", "topic" => tp).increment(1);
             if let Ok(mut s) = self.status.lock() {
