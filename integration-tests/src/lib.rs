@@ -416,9 +416,10 @@ impl Stack {
         let consumer = self.consumer_from_start(topic)?;
         let keys: std::collections::HashSet<String> =
             ids.iter().map(|id| adserve_events::join_key(id).into_owned()).collect();
+        let wanted: std::collections::HashSet<&str> = ids.iter().copied().collect();
         let mut found = HashMap::new();
         tokio::time::timeout(Duration::from_secs(30), async {
-            while found.len() < ids.len() {
+            while found.len() < wanted.len() {
                 let msg = consumer.recv().await?;
                 if !msg.key().and_then(|k| std::str::from_utf8(k).ok()).is_some_and(|k| keys.contains(k)) {
                     continue;
@@ -427,7 +428,7 @@ impl Stack {
                 let events = adserve_events::decode_impressions(msg.payload().unwrap_or_default(), payload_type)
                     .map_err(anyhow::Error::msg)?;
                 for event in events {
-                    if ids.contains(&event.impression_id.as_str()) && !found.contains_key(&event.impression_id) {
+                    if wanted.contains(event.impression_id.as_str()) && !found.contains_key(&event.impression_id) {
                         let (partition, offset) = (msg.partition(), msg.offset());
                         found.insert(event.impression_id.clone(), LoggedImpression { event, partition, offset });
                     }
@@ -436,7 +437,7 @@ impl Stack {
             anyhow::Ok(())
         })
         .await
-        .with_context(|| format!("{} of {} impressions found on {topic} within 30 s", found.len(), ids.len()))??;
+        .with_context(|| format!("{} of {} impressions found on {topic} within 30 s", found.len(), wanted.len()))??;
         consumer.unsubscribe();
         Ok(found)
     }

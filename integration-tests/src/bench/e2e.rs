@@ -539,9 +539,12 @@ async fn components(s: &Settings, placement: &str, ad_ids: &[i64]) -> anyhow::Re
     };
     let m = load::closed_loop(1, s.warmup(), s.window(), timeout, SLOTS as u64, move |_| {
         let publisher = publisher.clone();
-        let events: Vec<ImpressionEvent> = (0..SLOTS)
-            .map(|slot| ImpressionEvent {
-                impression_id: uuid::Uuid::now_v7().to_string(),
+        // One answer's impressions, as the gateway logs them: one message.
+        let events: Vec<ImpressionEvent> = adserve_events::answer_impression_ids(SLOTS as usize)
+            .into_iter()
+            .zip(0..)
+            .map(|(impression_id, slot)| ImpressionEvent {
+                impression_id,
                 request_id: "adserve-bench".into(),
                 user_id: "adserve-bench".into(),
                 ad_id: 1,
@@ -554,7 +557,7 @@ async fn components(s: &Settings, placement: &str, ad_ids: &[i64]) -> anyhow::Re
             })
             .collect();
         async move {
-            match futures::future::try_join_all(events.iter().map(|e| publisher.impression(e))).await {
+            match publisher.impressions(&events).await {
                 Ok(_) => Outcome::Ok,
                 Err(e) => Outcome::Error(e.to_string()),
             }
