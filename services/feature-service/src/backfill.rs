@@ -38,7 +38,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use adserve_features::{Entity, FeatureRegistry, Source};
+use adserve_features::{Entity, FeatureRegistry};
 use arrow::{
     array::{Array, AsArray, RecordBatch},
     compute::cast,
@@ -50,7 +50,10 @@ use parquet::arrow::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{BatchStore, batch::BatchRow};
+use crate::{
+    BatchStore,
+    batch::{BatchRow, Column, stored_attributes},
+};
 
 /// The event-time column every backfill file carries.
 pub const EVENT_TIMESTAMP: &str = "event_timestamp";
@@ -108,17 +111,6 @@ pub struct Plan {
     fingerprint: Fingerprint,
 }
 
-/// What a batch attribute's column holds, from the registry's features on it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Column {
-    /// A dense feature's number (stored as N).
-    Number,
-    /// A categorical feature's raw value (stored as S).
-    Text,
-    /// An embedding of this many numbers (stored as L of N).
-    Vector(u32),
-}
-
 impl Column {
     fn accepts(self, t: &DataType) -> bool {
         match self {
@@ -140,23 +132,6 @@ impl Column {
             Self::Vector(dim) => format!("a list of {dim} numbers (an embedding)"),
         }
     }
-}
-
-/// The batch attributes of `entity`'s features and what each holds, sorted
-/// by name (two features may read one attribute).
-fn batch_columns(registry: &FeatureRegistry, entity: Entity) -> std::collections::BTreeMap<String, Column> {
-    let mut out = std::collections::BTreeMap::new();
-    let stored = |f: &&adserve_features::FeatureSpec| f.entity == entity && f.source == Source::Dynamodb;
-    for f in registry.features.iter().filter(stored) {
-        out.entry(f.attribute.clone()).or_insert(Column::Number);
-    }
-    for f in registry.categorical.iter().filter(stored) {
-        out.entry(f.attribute.clone()).or_insert(Column::Text);
-    }
-    for f in registry.embeddings.iter().filter(stored) {
-        out.entry(f.attribute.clone()).or_insert(Column::Vector(f.dim.unwrap_or(0)));
-    }
-    out
 }
 
 /// The input as the checkpoint remembers it.
@@ -237,7 +212,7 @@ pub fn plan(path: &Path, entity: Entity, registry: &FeatureRegistry) -> Result<P
     let metadata = ArrowReaderMetadata::load(&file, ArrowReaderOptions::default())
         .map_err(|e| input_err(path, format!("not Parquet: {e}")))?;
     let schema = metadata.schema().clone();
-    let columns = batch_columns(registry, entity);
+    let columns = stored_attributes(registry, entity);
     let wanted: Vec<String> = columns.keys().cloned().collect();
     let (mut key_index, mut time_index, mut attributes) = (None, None, Vec::new());
     for (i, field) in schema.fields().iter().enumerate() {
@@ -615,6 +590,8 @@ mod tests {
         datatypes::{Field, Schema},
     };
     use parquet::{arrow::ArrowWriter, file::properties::WriterProperties};
+
+    use adserve_features::Source;
 
     use super::*;
 

@@ -1,6 +1,6 @@
 //! The batch tier: user and ad features materialised in DynamoDB.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use adserve_features::{Entity, FeatureRegistry, Source};
 use aws_sdk_dynamodb::{
@@ -146,6 +146,36 @@ pub struct BatchStore {
     ad_attrs: Wanted,
 }
 
+/// How a batch attribute is stored, from the registry's features on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Column {
+    /// A dense feature's number (N).
+    Number,
+    /// A categorical feature's raw value (S).
+    Text,
+    /// An embedding of this many numbers (L of N).
+    Vector(u32),
+}
+
+/// The batch attributes of `entity`'s features and how each is stored,
+/// sorted by name: the one definition the store reads items by and the
+/// backfill checks files against. Two features may read one attribute; the
+/// first kind declared for it wins (dense, then categorical, then embedding).
+pub(crate) fn stored_attributes(registry: &FeatureRegistry, entity: Entity) -> BTreeMap<String, Column> {
+    let mut out = BTreeMap::new();
+    let stored = |f: &&adserve_features::FeatureSpec| f.entity == entity && f.source == Source::Dynamodb;
+    for f in registry.features.iter().filter(stored) {
+        out.entry(f.attribute.clone()).or_insert(Column::Number);
+    }
+    for f in registry.categorical.iter().filter(stored) {
+        out.entry(f.attribute.clone()).or_insert(Column::Text);
+    }
+    for f in registry.embeddings.iter().filter(stored) {
+        out.entry(f.attribute.clone()).or_insert(Column::Vector(f.dim.unwrap_or(0)));
+    }
+    out
+}
+
 /// The attributes an entity's items are read for, by how they are stored.
 #[derive(Debug, Clone, Default)]
 struct Wanted {
@@ -160,20 +190,15 @@ struct Wanted {
 impl Wanted {
     /// What the registry's batch-tier features of `entity` read.
     fn of(registry: &FeatureRegistry, entity: Entity) -> Self {
-        let attrs = |specs: &[adserve_features::FeatureSpec]| {
-            let mut out: Vec<String> = Vec::new();
-            for f in specs.iter().filter(|f| f.entity == entity && f.source == Source::Dynamodb) {
-                if !out.contains(&f.attribute) {
-                    out.push(f.attribute.clone());
-                }
+        let mut wanted = Self::default();
+        for (attribute, column) in stored_attributes(registry, entity) {
+            match column {
+                Column::Number => wanted.numbers.push(attribute),
+                Column::Text => wanted.text.push(attribute),
+                Column::Vector(_) => wanted.vectors.push(attribute),
             }
-            out
-        };
-        Self {
-            numbers: registry.select(entity, Source::Dynamodb).map(|(_, f)| f.attribute.clone()).collect(),
-            text: attrs(&registry.categorical),
-            vectors: attrs(&registry.embeddings),
         }
+        wanted
     }
 }
 
