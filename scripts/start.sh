@@ -244,6 +244,15 @@ start_kafka() {
     --storage-engine memory://tansu/
   await kafka "$KAFKA_PORT" 30
   note kafka "127.0.0.1:$KAFKA_PORT" "started (pid $(owned_pid kafka), tansu, in-memory)"
+  # The broker starts empty: the aggregators' progress in Redis (how far each
+  # partition is applied, realtime::progress_key) describes a log that is
+  # gone, and the feature-service would report the real-time tier as stale
+  # until the aggregator's first report. Forget it.
+  local prefix
+  prefix="$(sed -n 's/^key_prefix *= *"\([^"]*\)".*/\1/p' "$ADSTACK_REPO/crates/adserve-features/features.toml")"
+  if [ -n "$prefix" ] && command -v redis-cli >/dev/null && port_open "$REDIS_PORT"; then
+    redis-cli -p "$REDIS_PORT" DEL "$prefix:aggregates:progress" >/dev/null || true
+  fi
 }
 
 start_dynamodb() {
