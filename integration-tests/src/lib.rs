@@ -16,7 +16,7 @@ use std::{
 };
 
 use adserve_catalog::{Catalog, PostgresConfig};
-use adserve_feature_service::{BatchStore, RealtimeStore, config::DynamoConfig, config::RedisConfig};
+use adserve_feature_service::{BatchRow, BatchStore, RealtimeStore, config::DynamoConfig, config::RedisConfig};
 use adserve_features::Entity;
 use adserve_proto::v1::{
     FlushRequest, GetStatusRequest, ImpressionEvent, label_joiner_service_client::LabelJoinerServiceClient,
@@ -305,37 +305,41 @@ impl Stack {
     pub async fn seed_features(&self, ad_ids: &[i64], users: &[String]) -> anyhow::Result<()> {
         let batch = self.batch_store();
         batch.ensure_tables().await?;
-        let ads: Vec<(i64, HashMap<String, f32>)> = ad_ids
+        // Numbers for the dense features, a topic string for the typed ones.
+        let topic = |k: u64| crate::sim::TOPICS[k as usize % crate::sim::TOPICS.len()].to_string();
+        let ads: Vec<BatchRow> = ad_ids
             .iter()
             .map(|id| {
                 let h = (*id as u64).wrapping_mul(2654435761) % 1000;
-                (
-                    *id,
-                    HashMap::from([
+                BatchRow {
+                    id: id.to_string(),
+                    values: HashMap::from([
                         ("ctr_7d".to_string(), 0.005 + h as f32 / 1000.0 * 0.06),
                         ("quality_score".to_string(), (h % 100) as f32 / 100.0),
                     ]),
-                )
+                    text: HashMap::from([("topic".to_string(), topic(h))]),
+                    ..Default::default()
+                }
             })
             .collect();
-        batch.put_ads(&ads).await?;
+        batch.put_ad_rows(&ads).await?;
         // The catalog's retrieval estimate is the same CTR the batch tier serves.
-        let ctrs: Vec<(i64, f32)> = ads.iter().map(|(id, f)| (*id, f["ctr_7d"])).collect();
+        let ctrs: Vec<(i64, f32)> = ad_ids.iter().zip(&ads).map(|(id, r)| (*id, r.values["ctr_7d"])).collect();
         self.catalog()?.set_estimated_ctr(&ctrs).await?;
-        let rows: Vec<(String, HashMap<String, f32>)> = users
+        let rows: Vec<BatchRow> = users
             .iter()
             .enumerate()
-            .map(|(u, id)| {
-                (
-                    id.clone(),
-                    HashMap::from([
-                        ("ctr_30d".to_string(), 0.01 + (u % 10) as f32 * 0.006),
-                        ("sessions_7d".to_string(), (u % 15) as f32),
-                    ]),
-                )
+            .map(|(u, id)| BatchRow {
+                id: id.clone(),
+                values: HashMap::from([
+                    ("ctr_30d".to_string(), 0.01 + (u % 10) as f32 * 0.006),
+                    ("sessions_7d".to_string(), (u % 15) as f32),
+                ]),
+                text: HashMap::from([("top_interest".to_string(), topic(u as u64))]),
+                ..Default::default()
             })
             .collect();
-        batch.put_users(&rows).await?;
+        batch.put_rows(Entity::User, &rows).await?;
         let realtime = self.realtime_store().await?;
         // Every counter the aggregator keeps, so values are as long as real
         // ones (the MGET moves the same bytes); `impressions_1h` carries the

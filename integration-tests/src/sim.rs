@@ -13,6 +13,8 @@
 
 use std::{collections::HashMap, f64::consts::PI, time::Duration};
 
+use adserve_feature_service::BatchRow;
+
 /// Topics of the world: the demo catalog's ad categories, and the
 /// registry's `user_interest_*` / `ad_topic_*` features.
 pub const TOPICS: [&str; 5] = ["travel", "games", "finance", "food", "books"];
@@ -246,27 +248,32 @@ impl World {
         sigmoid(self.logit(e))
     }
 
-    /// The batch features the world publishes for a user (DynamoDB
-    /// attributes of the registry's user features).
-    pub fn user_features(user: &User) -> HashMap<String, f32> {
-        let mut f = HashMap::from([
+    /// The batch features the world publishes for a user: the DynamoDB
+    /// item of the registry's user features (numbers, and the top interest
+    /// as a string for the `user_top_interest_id` categorical).
+    pub fn user_row(user: &User) -> BatchRow {
+        let mut values = HashMap::from([
             ("ctr_30d".to_string(), user.ctr_30d as f32),
             ("sessions_7d".to_string(), user.sessions_7d as f32),
         ]);
         for (k, t) in TOPICS.iter().enumerate() {
-            f.insert(format!("interest_{t}"), user.interests[k] as f32);
+            values.insert(format!("interest_{t}"), user.interests[k] as f32);
         }
-        f
+        let top = (0..TOPICS.len()).max_by(|a, b| user.interests[*a].total_cmp(&user.interests[*b])).unwrap_or(0);
+        let text = HashMap::from([("top_interest".to_string(), TOPICS[top].to_string())]);
+        BatchRow { id: user.id.clone(), values, text, ..Default::default() }
     }
 
-    /// The batch features the world publishes for an ad.
-    pub fn ad_features(ad: &Ad) -> HashMap<String, f32> {
-        let mut f =
+    /// The batch features the world publishes for an ad (its topic also as
+    /// a string, for the `ad_topic_id` categorical).
+    pub fn ad_row(ad: &Ad) -> BatchRow {
+        let mut values =
             HashMap::from([("ctr_7d".to_string(), ad.ctr_7d as f32), ("quality_score".to_string(), ad.quality as f32)]);
         for (k, t) in TOPICS.iter().enumerate() {
-            f.insert(format!("topic_{t}"), if ad.topic == Some(k) { 1.0 } else { 0.0 });
+            values.insert(format!("topic_{t}"), if ad.topic == Some(k) { 1.0 } else { 0.0 });
         }
-        f
+        let text = ad.topic.map(|k| ("topic".to_string(), TOPICS[k].to_string())).into_iter().collect();
+        BatchRow { id: ad.id.to_string(), values, text, ..Default::default() }
     }
 }
 
@@ -355,12 +362,22 @@ mod tests {
             assert!((u.interests.iter().sum::<f64>() - 1.0).abs() < 1e-9);
             assert!(u.interests.iter().all(|s| (0.0..=1.0).contains(s)));
         }
-        // Every attribute the world publishes is one the registry reads.
+        // Every attribute the world publishes is one the registry reads,
+        // numbers as dense features and strings as categoricals.
         let registry = adserve_features::registry();
-        let attributes: Vec<&str> = registry.features.iter().map(|f| f.attribute.as_str()).collect();
-        for k in World::user_features(&w.users[0]).keys().chain(World::ad_features(&w.ads[&0]).keys()) {
-            assert!(attributes.contains(&k.as_str()), "{k} is not a registry attribute");
+        let attributes = |fs: &[adserve_features::FeatureSpec]| -> Vec<String> {
+            fs.iter().filter(|f| f.source == adserve_features::Source::Dynamodb).map(|f| f.attribute.clone()).collect()
+        };
+        let (dense, categorical) = (attributes(&registry.features), attributes(&registry.categorical));
+        let ad = w.ads.values().find(|a| a.topic.is_some()).expect("an ad with a topic");
+        let (user, ad) = (World::user_row(&w.users[0]), World::ad_row(ad));
+        for k in user.values.keys().chain(ad.values.keys()) {
+            assert!(dense.contains(k), "{k} is not a registry attribute");
         }
+        for k in user.text.keys().chain(ad.text.keys()) {
+            assert!(categorical.contains(k), "{k} is not a registry categorical");
+        }
+        assert_eq!(ad.text.len() + user.text.len(), 2, "the topic and the top interest");
         for t in TOPICS {
             assert!(registry.names().contains(&format!("user_interest_{t}").as_str()));
             assert!(registry.names().contains(&format!("ad_topic_{t}").as_str()));

@@ -13,13 +13,13 @@ async fn ad_request_and_click_become_one_labelled_row_with_the_scored_features()
     let stack = Stack::ready().await?;
     // A user whose batch features are known, so we can see them flow through.
     let user = format!("e2e-{}", uuid::Uuid::new_v4());
-    stack
-        .batch_store()
-        .put_users(&[(
-            user.clone(),
-            HashMap::from([("ctr_30d".to_string(), 0.0625), ("sessions_7d".to_string(), 9.0)]),
-        )])
-        .await?;
+    let row = adserve_feature_service::BatchRow {
+        id: user.clone(),
+        values: HashMap::from([("ctr_30d".to_string(), 0.0625), ("sessions_7d".to_string(), 9.0)]),
+        text: HashMap::from([("top_interest".to_string(), "games".to_string())]),
+        ..Default::default()
+    };
+    stack.batch_store().put_rows(adserve_features::Entity::User, &[row]).await?;
 
     let http = adserve_integration_tests::http_client();
     let body = json!({"user_id": user, "context": {"placement": "feed_top", "device": "mobile", "surface": "home"}, "slots": 1});
@@ -49,13 +49,20 @@ async fn ad_request_and_click_become_one_labelled_row_with_the_scored_features()
     assert_eq!(value("user_ctr_30d"), 0.0625, "batch tier (DynamoDB) reached the ranker");
     assert_eq!(value("ctx_device_mobile"), 1.0);
     // The typed columns travel beside the dense row: the request's context as
-    // bucket ids, the same the trainer computes (pinned in both test suites).
+    // bucket ids, the same the trainer computes (pinned in both test suites),
+    // then the batch tier's: the ad's topic, the user's top interest (games:
+    // 49) and their cross, present when the ad has a topic.
     let typed: Vec<(&str, i64)> =
         features.categorical_names.iter().map(String::as_str).zip(features.categorical_ids.iter().copied()).collect();
     assert_eq!(
-        typed,
+        typed[..4],
         [("ctx_placement_id", 96), ("ctx_device_id", 4), ("ctx_surface_id", 80), ("ctx_placement_x_device", 914)]
     );
+    let names: Vec<&str> = typed[4..].iter().map(|(n, _)| *n).collect();
+    assert_eq!(names, ["ad_topic_id", "user_top_interest_id", "user_interest_x_ad_topic"]);
+    let (topic, interest, cross) = (typed[4].1, typed[5].1, typed[6].1);
+    assert_eq!(interest, 49, "the user's top interest, from DynamoDB");
+    assert_eq!(cross != 0, topic != 0, "the cross is there exactly when the ad's topic is: {typed:?}");
 
     // Re-scoring the logged row gives the logged pCTR: the log is what was scored.
     let mut ranker = RankerServiceClient::connect(stack.ranker.clone()).await?;

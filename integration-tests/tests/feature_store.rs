@@ -39,11 +39,26 @@ fn attributes(entity: Entity) -> Vec<String> {
     set.into_iter().collect()
 }
 
-/// One history row of a batch file: key, event time, attribute values (None: null).
+/// One history row of a batch file: key, event time, attribute values and
+/// categoricals' raw strings (absent: null).
+#[derive(Default)]
 struct Row {
     key: String,
     ms: i64,
     values: HashMap<String, Option<f64>>,
+    text: HashMap<String, String>,
+}
+
+/// The registry's batch attributes of `entity` stored as strings (categoricals).
+fn text_attributes(entity: Entity) -> Vec<String> {
+    let r = adserve_features::registry();
+    let set: BTreeSet<String> = r
+        .categorical
+        .iter()
+        .filter(|f| f.entity == entity && f.source == Source::Dynamodb)
+        .map(|f| f.attribute.clone())
+        .collect();
+    set.into_iter().collect()
 }
 
 /// Writes a batch file for `entity` (ad keys as int64) with `per_group` rows per row group.
@@ -58,6 +73,8 @@ fn write_batch_file(path: &Path, entity: Entity, rows: &[Row], per_group: usize)
         Field::new(EVENT_TIMESTAMP, DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false),
     ];
     fields.extend(attrs.iter().map(|a| Field::new(a, DataType::Float64, true)));
+    let texts = text_attributes(entity);
+    fields.extend(texts.iter().map(|a| Field::new(a, DataType::Utf8, true)));
     let schema = Arc::new(Schema::new(fields));
     let key_col: ArrayRef = if key_type == DataType::Int64 {
         Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.key.parse::<i64>().expect("ad id"))))
@@ -71,6 +88,9 @@ fn write_batch_file(path: &Path, entity: Entity, rows: &[Row], per_group: usize)
     ];
     for a in &attrs {
         columns.push(Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.values.get(a).copied().flatten()))));
+    }
+    for a in &texts {
+        columns.push(Arc::new(StringArray::from_iter(rows.iter().map(|r| r.text.get(a)))));
     }
     let props = WriterProperties::builder().set_max_row_group_row_count(Some(per_group)).build();
     let mut w = ArrowWriter::try_new(File::create(path)?, schema.clone(), Some(props))?;
@@ -134,7 +154,7 @@ async fn offline_rows(
             Arc::new(StringArray::from(vec![ctx.device.as_str(); n])),
             Arc::new(StringArray::from(vec![ctx.placement.as_str(); n])),
             Arc::new(StringArray::from(vec![ctx.surface.as_str(); n])),
-            Arc::new(BooleanArray::from(vec![false; n])),
+            Arc::new(BooleanArray::from(vec![ctx.coppa; n])),
         ],
     )?;
     let mut w = ArrowWriter::try_new(File::create(&entities)?, schema, None)?;
@@ -170,6 +190,8 @@ async fn the_serving_path_and_the_training_path_give_identical_rows() -> anyhow:
     let now = adserve_feature_service::backfill::now_ms();
     let hour = 3_600_000;
     let v = |pairs: &[(&str, Option<f64>)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect::<HashMap<_, _>>();
+    let t =
+        |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>();
 
     // The user's history: the older row must not be what either path serves.
     // Values that are not exact in f32 (0.1, 1/3), one outside its range
@@ -179,6 +201,7 @@ async fn the_serving_path_and_the_training_path_give_identical_rows() -> anyhow:
             key: user.clone(),
             ms: now - 48 * hour,
             values: v(&[("ctr_30d", Some(0.9)), ("sessions_7d", Some(1.0))]),
+            text: t(&[("top_interest", "books")]),
         },
         Row {
             key: user.clone(),
@@ -192,6 +215,7 @@ async fn the_serving_path_and_the_training_path_give_identical_rows() -> anyhow:
                 ("interest_food", Some(1.5)),
                 ("interest_books", None),
             ]),
+            text: t(&[("top_interest", "games")]),
         },
     ];
     let base = 9_300_000_000 + (uuid::Uuid::new_v4().as_u128() as i64 & 0x3fff_ffff);
@@ -203,6 +227,7 @@ async fn the_serving_path_and_the_training_path_give_identical_rows() -> anyhow:
             key: ad.to_string(),
             ms: now - 2 * hour,
             values: v(&[("ctr_7d", Some(0.5)), ("quality_score", Some(0.9))]),
+            text: t(&[("topic", "finance")]),
         });
         if i < 4 {
             ad_rows.push(Row {
@@ -214,6 +239,8 @@ async fn the_serving_path_and_the_training_path_give_identical_rows() -> anyhow:
                     ("topic_travel", Some((i % 2) as f64)),
                     ("topic_food", Some(1.0)),
                 ]),
+                // The fourth ad's topic is unknown (null): missing, bucket 0.
+                text: if i < 3 { t(&[("topic", ["travel", "games", "travel"][i])]) } else { HashMap::new() },
             });
         }
     }
@@ -239,18 +266,8 @@ async fn the_serving_path_and_the_training_path_give_identical_rows() -> anyhow:
     let offline = offline_rows(dir.path(), (&user, &ads, now, &ctx), (&user_file, &ad_file), None).await?;
 
     let cols = registry.features.len();
-    let mut compared = 0;
-    for (c, name) in registry.names().iter().enumerate() {
-        let col = offline.column_by_name(name).unwrap_or_else(|| panic!("offline output lacks {name}"));
-        let col = col.as_primitive::<Float32Type>();
-        for (row, ad) in ads.iter().enumerate() {
-            let (s_v, o_v) = (served.values[row * cols + c], col.value(row));
-            assert_eq!(s_v.to_bits(), o_v.to_bits(), "{name}, ad {ad}: served {s_v} vs offline {o_v}");
-            compared += 1;
-        }
-    }
-    assert_eq!(compared, n * cols);
-    // The typed columns too: the request's categoricals and their cross.
+    assert_eq!(same_dense(registry, &served, &offline, &ads), n * cols);
+    // The typed columns too: the request's and the batch tier's categoricals, and their crosses.
     assert_eq!(same_typed(registry, &served, &offline, &ads), n * registry.categorical.len());
     // The rows are not all defaults: the file's latest values and transforms
     // reached both paths.
@@ -267,7 +284,63 @@ async fn the_serving_path_and_the_training_path_give_identical_rows() -> anyhow:
     let col = |name: &str| registry.index_of(name).expect(name);
     assert_eq!(resp.invalid[col("user_interest_food")], n as u32);
     assert_eq!(resp.missing[col("user_interest_books")], n as u32);
+    // The batch tier's categoricals as of now (the user's top interest moved
+    // from books to games; the fifth ad has only its older row, finance),
+    // and their cross.
+    let cats = registry.categorical.len();
+    let [topic, interest, cross] = ["ad_topic_id", "user_top_interest_id", "user_interest_x_ad_topic"]
+        .map(|name| &registry.categorical[registry.categorical.iter().position(|f| f.name == name).expect(name)]);
+    let typed = |row: usize, f: &adserve_features::FeatureSpec| {
+        served.categorical_ids[row * cats + registry.categorical.iter().position(|g| g.name == f.name).unwrap()]
+    };
+    for (row, want) in [Some("travel"), Some("games"), Some("travel"), None, Some("finance")].into_iter().enumerate() {
+        assert_eq!(typed(row, topic), topic.category_id(want), "ad {row}'s topic");
+        assert_eq!(typed(row, interest), interest.category_id(Some("games")));
+        assert_eq!(typed(row, cross), cross.cross_id(Some("games"), want), "ad {row}'s cross");
+    }
+    assert_eq!(resp.missing[cols + registry.categorical.iter().position(|f| f.name == "ad_topic_id").unwrap()], 1);
+
+    // A COPPA request for the same user: both paths blank every user
+    // feature (the service reads none; offline, the row's `coppa` says so),
+    // and count none of them missing.
+    let coppa = RequestContext { coppa: true, ..ctx };
+    let resp = c
+        .get_features(GetFeaturesRequest { user_id: String::new(), ad_ids: ads.clone(), context: Some(coppa.clone()) })
+        .await?
+        .into_inner();
+    let served = resp.matrix.expect("matrix");
+    let offline = offline_rows(dir.path(), (&user, &ads, now, &coppa), (&user_file, &ad_file), None).await?;
+    assert_eq!(same_dense(registry, &served, &offline, &ads), n * cols);
+    assert_eq!(same_typed(registry, &served, &offline, &ads), n * registry.categorical.len());
+    for (c, f) in registry.features.iter().enumerate().filter(|(_, f)| f.entity == Entity::User) {
+        assert_eq!(served.values[c], f.default, "{}", f.name);
+        assert_eq!(resp.missing[c], 0, "{}", f.name);
+    }
+    let bucket = registry.index_of("ad_quality_bucket").expect("registered");
+    assert_eq!(served.values[cols + bucket], 1.0, "ad features are still served");
     Ok(())
+}
+
+/// Asserts that the served matrix's dense block equals the offline output's
+/// columns bit for bit, row by row; returns the cells compared.
+fn same_dense(
+    registry: &adserve_features::FeatureRegistry,
+    served: &adserve_proto::v1::FeatureMatrix,
+    offline: &RecordBatch,
+    ads: &[i64],
+) -> usize {
+    let cols = registry.features.len();
+    let mut compared = 0;
+    for (c, name) in registry.names().iter().enumerate() {
+        let col = offline.column_by_name(name).unwrap_or_else(|| panic!("offline output lacks {name}"));
+        let col = col.as_primitive::<Float32Type>();
+        for (row, ad) in ads.iter().enumerate() {
+            let (s_v, o_v) = (served.values[row * cols + c], col.value(row));
+            assert_eq!(s_v.to_bits(), o_v.to_bits(), "{name}, ad {ad}: served {s_v} vs offline {o_v}");
+            compared += 1;
+        }
+    }
+    compared
 }
 
 #[tokio::test]
@@ -287,6 +360,7 @@ async fn a_killed_backfill_resumes_from_its_checkpoint_and_writes_each_latest_ro
                 key: format!("bf-{tag}-{u}"),
                 ms: if newer { 2_000 } else { 1_000 },
                 values: [("ctr_30d".to_string(), Some(ctr)), ("sessions_7d".to_string(), Some(u as f64))].into(),
+                ..Default::default()
             });
         }
     }
@@ -346,7 +420,7 @@ async fn a_backfill_file_that_does_not_fit_the_registry_is_refused_naming_the_co
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("ads.parquet");
     // An ad file given as users: its key and attributes are not the user's.
-    let rows = [Row { key: "7".into(), ms: 1, values: HashMap::new() }];
+    let rows = [Row { key: "7".into(), ms: 1, ..Default::default() }];
     write_batch_file(&file, Entity::Ad, &rows, 10)?;
     let out = backfill(&s, "user", &file).output().await?;
     assert_eq!(out.status.code(), Some(1));
@@ -731,6 +805,9 @@ async fn typed_batch_features_are_identical_through_the_serving_and_training_pat
         let vecs: ListArray = vecs.finish();
         fields.push(Field::new(cat, DataType::Utf8, true));
         fields.push(Field::new("vec", vecs.data_type().clone(), true));
+        // The embedded registry's own categoricals, unknown here.
+        let texts = text_attributes(entity);
+        fields.extend(texts.iter().map(|a| Field::new(a, DataType::Utf8, true)));
         let keys: ArrayRef = if entity == Entity::User {
             Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0.as_str())))
         } else {
@@ -742,6 +819,9 @@ async fn typed_batch_features_are_identical_through_the_serving_and_training_pat
         }
         columns.push(Arc::new(StringArray::from_iter(rows.iter().map(|r| r.2))));
         columns.push(Arc::new(vecs));
+        for _ in &texts {
+            columns.push(Arc::new(StringArray::from(vec![None::<&str>; rows.len()])));
+        }
         let schema = Arc::new(Schema::new(fields));
         let mut w = ArrowWriter::try_new(File::create(path)?, schema.clone(), None)?;
         w.write(&RecordBatch::try_new(schema, columns)?)?;

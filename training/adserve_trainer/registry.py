@@ -200,7 +200,7 @@ def load_registry(path: str | Path | None = None) -> Registry:
                 source=e["source"],
                 attribute=e["attribute"],
                 default=float(default),
-                personal=bool(e.get("personal", False)),
+                personal=_personal(e),
                 equals=e.get("equals"),
                 range=rng,
                 transform=transform,
@@ -227,6 +227,13 @@ def load_registry(path: str | Path | None = None) -> Registry:
         embeddings=tuple(f for f in features if f.kind == "embedding"),
     )
 
+
+
+def _personal(e: dict) -> bool:
+    """Never used for COPPA rows: every user feature (a COPPA request names
+    no user, so the feature-service reads none), and what the file marks
+    (a cross of a personal feature). As ``FeatureRegistry::parse``."""
+    return bool(e.get("personal", False)) or e.get("entity") == "user"
 
 def _typed(p: Path, name: str, e: dict, default, earlier: dict):
     """adserve_features::Kind and the cross operands, validated the same way."""
@@ -268,7 +275,7 @@ def _typed(p: Path, name: str, e: dict, default, earlier: dict):
             want = "ad" if "ad" in entities else "user" if "user" in entities else "context"
             if e["entity"] != want:
                 raise bad(f"a cross of these features has entity {want!r}")
-            if any(earlier[op].personal for op in ops) and not e.get("personal", False):
+            if any(earlier[op].personal for op in ops) and not _personal(e):
                 raise bad("a cross of a personal feature is personal")
         elif "cross" in e:
             raise bad("`cross` needs source = \"cross\"")

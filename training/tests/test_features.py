@@ -92,3 +92,23 @@ def test_a_malformed_range_is_refused_naming_the_feature(tmp_path, registry, rng
     p.write_text(text)
     with pytest.raises(TrainerError, match=f"ad_quality_score.*{why}"):
         load_registry(p)
+
+
+def test_every_user_feature_is_personal_whatever_the_file_says(tmp_path, registry):
+    # As adserve_features::FeatureRegistry::parse: a COPPA request names no
+    # user, so the feature-service reads no user feature for it; offline
+    # retrieval and the synthetic rows must blank every one too.
+    from adserve_trainer.registry import load_registry
+
+    everything = {f.name: f for f in [*registry.features, *registry.categorical, *registry.embeddings]}
+    for f in everything.values():
+        # A cross is personal when an operand is (the user x ad-topic cross).
+        want = any(everything[op].personal for op in f.cross) if f.cross else f.entity == "user"
+        assert f.personal == want, f.name
+    text = registry.path.read_text()
+    unmarked = text.replace('attribute = "ctr_30d"\ndefault = 0.02\nrange = [0.0, 1.0]\npersonal = true\n',
+                            'attribute = "ctr_30d"\ndefault = 0.02\nrange = [0.0, 1.0]\n', 1)
+    assert unmarked != text, "user_ctr_30d's entry is the one rewritten"
+    p = tmp_path / "features.toml"
+    p.write_text(unmarked)
+    assert next(f for f in load_registry(p).features if f.name == "user_ctr_30d").personal

@@ -14,21 +14,29 @@ from adserve_trainer.offline import asof_rows, historical_features, main, read_s
 TS = pa.timestamp("ms", tz="UTC")
 
 
+def _stored(registry, entity, cols, rows):
+    """Every batch attribute of ``entity``'s features: numbers, strings
+    (categoricals) and lists (embeddings); absent values are null."""
+    kinds = (
+        (registry.features, pa.float64()),
+        (registry.categorical, pa.string()),
+        (registry.embeddings, pa.list_(pa.float64())),
+    )
+    for features, typ in kinds:
+        for a in sorted({f.attribute for f in features if f.entity == entity and f.source == "dynamodb"}):
+            cols[a] = pa.array([r[2].get(a) for r in rows], type=typ)
+    return pa.table(cols)
+
+
 def users(registry, rows):
     """A user batch file: (user_id, ms, {attribute: value}); absent attributes are null."""
-    attrs = sorted({f.attribute for f in registry.features if f.entity == "user" and f.source == "dynamodb"})
     cols = {"user_id": [r[0] for r in rows], "event_timestamp": pa.array([r[1] for r in rows], type=TS)}
-    for a in attrs:
-        cols[a] = pa.array([r[2].get(a) for r in rows], type=pa.float64())
-    return pa.table(cols)
+    return _stored(registry, "user", cols, rows)
 
 
 def ads(registry, rows):
-    attrs = sorted({f.attribute for f in registry.features if f.entity == "ad" and f.source == "dynamodb"})
     cols = {"ad_id": pa.array([r[0] for r in rows], type=pa.int64()), "event_timestamp": pa.array([r[1] for r in rows], type=TS)}
-    for a in attrs:
-        cols[a] = pa.array([r[2].get(a) for r in rows], type=pa.float64())
-    return pa.table(cols)
+    return _stored(registry, "ad", cols, rows)
 
 
 def entities(rows, **extra):

@@ -198,13 +198,19 @@ def test_older_files_carry_no_typed_columns(tmp_path):
     assert ids.tolist() == [[0]] * 4 and vectors.tolist() == [[0.0] * 4] * 4
 
 
-def test_the_registrys_request_categoricals_hash_to_the_pinned_ids():
-    # The same four numbers are pinned in adserve_features' Rust tests
-    # (`the_registrys_request_categoricals_hash_to_the_pinned_ids`): the
-    # trainer and the feature-service give the same ids for the same request.
-    placement, device, surface, cross = load_registry().categorical
-    assert (placement.category_id("feed_top"), device.category_id("mobile"), surface.category_id("home")) == (96, 4, 80)
-    assert cross.cross_id("feed_top", "mobile") == 914
+def test_the_registrys_categoricals_hash_to_the_pinned_ids():
+    # The same numbers are pinned in adserve_features' Rust tests
+    # (`the_registrys_categoricals_hash_to_the_pinned_ids`): the trainer and
+    # the feature-service give the same ids for the same raw values.
+    by = {f.name: f for f in load_registry().categorical}
+    assert (
+        by["ctx_placement_id"].category_id("feed_top"),
+        by["ctx_device_id"].category_id("mobile"),
+        by["ctx_surface_id"].category_id("home"),
+    ) == (96, 4, 80)
+    assert by["ctx_placement_x_device"].cross_id("feed_top", "mobile") == 914
+    assert (by["ad_topic_id"].category_id("travel"), by["user_top_interest_id"].category_id("games")) == (32, 49)
+    assert by["user_interest_x_ad_topic"].cross_id("games", "travel") == 493
 
 
 def test_point_in_time_retrieval_serves_typed_batch_features_as_of_each_moment(tmp_path):

@@ -634,11 +634,36 @@ mod tests {
         );
         assert_eq!(a.matrix.embedding_row(0).unwrap(), [0.0, 0.0, 0.1, -0.2, 0.3]);
         assert_eq!(a.missing[1..], [0, 0, 0, 0, 0, 0]);
-        // The embedded registry's typed features come from the request: they
-        // are served with no source at all (the gateway's fallback matrix).
+        // The embedded registry's request categoricals are served with no
+        // source at all (the gateway's fallback matrix); its batch-tier ones
+        // (ad topic, user top interest, their cross) are then missing, 0.
         let plain = assemble(crate::registry(), &[1, 2], &ctx(false), &SourceValues::default()).matrix;
         plain.check_shape().expect("consistent blocks");
-        assert_eq!(plain.categorical_row(1).unwrap(), [96, 3, 80, 591], "feed_top, desktop, home: the trainer's ids");
+        assert_eq!(
+            plain.categorical_row(1).unwrap(),
+            [96, 3, 80, 591, 0, 0, 0],
+            "feed_top, desktop, home: the trainer's ids"
+        );
         assert!(plain.embedding_values.is_empty());
+    }
+
+    #[test]
+    fn coppa_blanks_the_user_by_ad_topic_cross_and_still_serves_the_ads_topic() {
+        let r = crate::registry();
+        let row = r.plan().ad_typed_row(&HashMap::from([("topic".to_string(), "travel".to_string())]), &HashMap::new());
+        let mut v = SourceValues { ad_typed: vec![Some(&row)], ..Default::default() };
+        v.user_text.insert("top_interest".into(), "games".into());
+        let k = |name: &str| r.categorical.iter().position(|f| f.name == name).expect(name);
+        let three = |a: &Assembled| {
+            let ids = a.matrix.categorical_row(0).unwrap();
+            (ids[k("ad_topic_id")], ids[k("user_top_interest_id")], ids[k("user_interest_x_ad_topic")])
+        };
+        // The trainer's pinned ids (the_registrys_categoricals_hash_to_the_pinned_ids).
+        assert_eq!(three(&assemble(r, &[1], &ctx(false), &v)), (32, 49, 493));
+        let coppa = assemble(r, &[1], &ctx(true), &v);
+        assert_eq!(three(&coppa), (32, 0, 0));
+        let dense = r.features.len();
+        assert_eq!(coppa.missing[dense + k("user_top_interest_id")], 0, "blanked, not missing");
+        assert_eq!(coppa.missing[dense + k("user_interest_x_ad_topic")], 0);
     }
 }

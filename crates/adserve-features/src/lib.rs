@@ -114,7 +114,10 @@ pub struct FeatureSpec {
     pub attribute: String,
     /// Served when no value exists or the source failed.
     pub default: f32,
-    /// Never used or logged for COPPA requests.
+    /// Never used or logged for COPPA requests. Every user feature is
+    /// personal whatever the file says (a COPPA request names no user, so
+    /// no user feature is read for it, online or offline); the file marks
+    /// the rest (a cross of a personal feature).
     #[serde(default)]
     pub personal: bool,
     /// Request features: indicator value to compare the field against.
@@ -446,6 +449,9 @@ impl FeatureRegistry {
     /// Parses and validates a registry document.
     pub fn parse(toml_text: &str) -> Result<Self, RegistryError> {
         let mut registry: Self = toml::from_str(toml_text).map_err(|e| RegistryError::Parse(e.to_string()))?;
+        for f in &mut registry.features {
+            f.personal |= f.entity == Entity::User;
+        }
         registry.validate().map_err(|e| match e {
             RegistryError::Invalid { name, why, .. } => {
                 let line = name_line(toml_text, &name, why.contains("defined twice"));
@@ -522,8 +528,8 @@ impl FeatureRegistry {
                     realtime::attributes().join(", ")
                 )));
             }
-            if f.entity == Entity::Ad && f.personal {
-                return Err(invalid("ad features cannot be personal"));
+            if f.entity == Entity::Ad && f.personal && f.source != Source::Cross {
+                return Err(invalid("ad features cannot be personal (only a cross of a user feature with an ad's)"));
             }
             if f.attribute == "device"
                 && let Some(value) = &f.equals
@@ -613,11 +619,22 @@ mod tests {
     }
 
     #[test]
-    fn personal_features_are_all_user_features() {
-        for f in &registry().features {
-            if f.personal {
-                assert_eq!(f.entity, Entity::User, "{}", f.name);
-            }
+    fn every_user_feature_is_personal_whatever_the_file_says() {
+        // A COPPA request names no user: the service reads no user feature
+        // for it, so the offline path must blank every one too.
+        let f = "name=\"u\"\nentity=\"user\"\nsource=\"redis\"\nattribute=\"clicks_1h\"\ndefault=0.0\n\
+                 description=\"\"\nowner=\"t\"\n";
+        let r = FeatureRegistry::parse(&doc(f)).expect("valid");
+        assert!(r.features[0].personal);
+        let r = registry();
+        let all: Vec<&FeatureSpec> = r.features.iter().chain(&r.categorical).chain(&r.embeddings).collect();
+        for f in &all {
+            // A cross is personal when an operand is (the user x ad-topic cross).
+            let want = match &f.cross {
+                Some(ops) => ops.iter().any(|op| all.iter().any(|g| &g.name == op && g.personal)),
+                None => f.entity == Entity::User,
+            };
+            assert_eq!(f.personal, want, "{}", f.name);
         }
     }
 
@@ -807,14 +824,17 @@ mod tests {
     }
 
     #[test]
-    fn the_registrys_request_categoricals_hash_to_the_pinned_ids() {
-        // The same four numbers are pinned in the trainer's tests
+    fn the_registrys_categoricals_hash_to_the_pinned_ids() {
+        // The same numbers are pinned in the trainer's tests
         // (training/tests/test_typed_features.py).
         let by = |name: &str| registry().categorical.iter().find(|f| f.name == name).expect(name);
         assert_eq!(by("ctx_placement_id").category_id(Some("feed_top")), 96);
         assert_eq!(by("ctx_device_id").category_id(Some("mobile")), 4);
         assert_eq!(by("ctx_surface_id").category_id(Some("home")), 80);
         assert_eq!(by("ctx_placement_x_device").cross_id(Some("feed_top"), Some("mobile")), 914);
+        assert_eq!(by("ad_topic_id").category_id(Some("travel")), 32);
+        assert_eq!(by("user_top_interest_id").category_id(Some("games")), 49);
+        assert_eq!(by("user_interest_x_ad_topic").cross_id(Some("games"), Some("travel")), 493);
     }
 
     #[test]

@@ -34,10 +34,11 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use adserve_features::Entity;
 use adserve_gateway::pipeline::MAX_BLOCKED;
 use adserve_integration_tests::{
     Stack, read_rows,
-    sim::{DEVICES, Delays, Exposure, PLACEMENTS, Rng, TOPICS, Truth, World, auc, derive},
+    sim::{Ad, DEVICES, Delays, Exposure, PLACEMENTS, Rng, TOPICS, Truth, World, auc, derive},
 };
 use adserve_proto::v1::{FlushRequest, GetStatusRequest};
 use anyhow::{Context, bail, ensure};
@@ -199,15 +200,15 @@ async fn world_catalog(stack: &Stack, seed: u64) -> anyhow::Result<(Vec<(i64, St
 async fn publish(stack: &Stack, world: &World) -> anyhow::Result<()> {
     let batch = stack.batch_store();
     batch.ensure_tables().await?;
-    let mut ads: Vec<(i64, HashMap<String, f32>)> = world.ads.values().map(|a| (a.id, World::ad_features(a))).collect();
-    ads.sort_by_key(|(id, _)| *id);
-    batch.put_ads(&ads).await?;
+    let mut ads: Vec<&Ad> = world.ads.values().collect();
+    ads.sort_by_key(|a| a.id);
+    let ads: Vec<_> = ads.into_iter().map(World::ad_row).collect();
+    batch.put_ad_rows(&ads).await?;
     let ctrs: Vec<(i64, f32)> = world.ads.values().map(|a| (a.id, a.ctr_7d as f32)).collect();
     stack.catalog()?.set_estimated_ctr(&ctrs).await?;
     for chunk in world.users.chunks(500) {
-        let rows: Vec<(String, HashMap<String, f32>)> =
-            chunk.iter().map(|u| (u.id.clone(), World::user_features(u))).collect();
-        batch.put_users(&rows).await?;
+        let rows: Vec<_> = chunk.iter().map(World::user_row).collect();
+        batch.put_rows(Entity::User, &rows).await?;
     }
     Ok(())
 }

@@ -602,13 +602,29 @@ mod tests {
         set.into_iter().collect()
     }
 
+    /// The registry's user attributes stored as strings (categoricals): the
+    /// files below give them as null string columns.
+    fn user_text_attrs() -> Vec<String> {
+        crate::batch::stored_attributes(adserve_features::registry(), Entity::User)
+            .into_iter()
+            .filter_map(|(a, c)| (c == crate::batch::Column::Text).then_some(a))
+            .collect()
+    }
+
+    /// Null string columns for [`user_text_attrs`], `rows` long.
+    fn null_text_columns(fields: &mut Vec<Field>, columns: &mut Vec<Arc<dyn Array>>, rows: usize) {
+        for a in user_text_attrs() {
+            fields.push(Field::new(a, DataType::Utf8, true));
+            columns.push(Arc::new(StringArray::from(vec![None::<&str>; rows])));
+        }
+    }
+
     /// A user file: `(id, ms, value for every attribute)`, `rows_per_group` rows per row group.
     fn write_users(path: &Path, rows: &[(&str, i64, Option<f64>)], rows_per_group: usize) {
         let attrs = user_attrs();
         let mut fields = vec![Field::new("user_id", DataType::Utf8, false)];
         fields.push(Field::new(EVENT_TIMESTAMP, DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false));
         fields.extend(attrs.iter().map(|a| Field::new(a, DataType::Float64, true)));
-        let schema = Arc::new(Schema::new(fields));
         let mut columns: Vec<Arc<dyn Array>> = vec![
             Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
             Arc::new(TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.1)).with_timezone("UTC")),
@@ -616,6 +632,8 @@ mod tests {
         for _ in &attrs {
             columns.push(Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.2))));
         }
+        null_text_columns(&mut fields, &mut columns, rows.len());
+        let schema = Arc::new(Schema::new(fields));
         let batch = RecordBatch::try_new(schema.clone(), columns).unwrap();
         let props = WriterProperties::builder().set_max_row_group_row_count(Some(rows_per_group)).build();
         let mut w = ArrowWriter::try_new(File::create(path).unwrap(), schema, Some(props)).unwrap();
@@ -680,6 +698,7 @@ mod tests {
         let segments: Arc<dyn Array> = Arc::new(StringArray::from_iter(rows.iter().map(|r| r.1)));
         columns.push(cast(&segments, &segment).unwrap());
         columns.push(Arc::new(vecs));
+        null_text_columns(&mut fields, &mut columns, rows.len());
         let schema = Arc::new(Schema::new(fields));
         let batch = RecordBatch::try_new(schema.clone(), columns).unwrap();
         let mut w = ArrowWriter::try_new(File::create(path).unwrap(), schema, None).unwrap();

@@ -366,7 +366,13 @@ impl BatchStore {
             .iter()
             .map(|(id, m)| BatchRow { id: id.to_string(), values: m.clone(), ..Default::default() })
             .collect();
-        self.put_rows(Entity::Ad, &rows).await?;
+        self.put_ad_rows(&rows).await
+    }
+
+    /// Writes whole ad items (typed attributes too), then bumps the table's
+    /// version item, as [`BatchStore::put_ads`] does.
+    pub async fn put_ad_rows(&self, rows: &[BatchRow]) -> Result<(), BatchError> {
+        self.put_rows(Entity::Ad, rows).await?;
         self.bump_ad_version().await
     }
 

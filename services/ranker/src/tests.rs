@@ -425,7 +425,7 @@ fn a_typed_model_whose_inputs_do_not_match_its_manifest_is_refused_at_load() {
     let err = refuse(&typed(|m| {
         m["typed_inputs"][0]["features"].as_array_mut().expect("array").pop();
     }));
-    assert!(err.contains("input \"categorical\" has 4 columns, its manifest features has 3"), "{err}");
+    assert!(err.contains("input \"categorical\" has 7 columns, its manifest features has 6"), "{err}");
     // Another name than the graph's.
     let err = refuse(&typed(|m| m["typed_inputs"][0]["name"] = "ids".into()));
     assert!(err.contains("its manifest names [\"features\", \"ids\"]"), "{err}");
