@@ -16,7 +16,8 @@ registry's categorical features, an int64 input of their bucket ids
 ``[N, C]`` (the manifest's ``typed_inputs``). It standardizes the dense
 columns with the training mean/std baked in, turns indicator columns into
 embedding codes (round, clip to [0, K-1], cast to int64: Round/Clip/Cast/
-Gather in ONNX), sends an id outside its buckets to bucket 0 (missing), and
+Gather in ONNX), sends an id outside its buckets, or one the training rows
+never held (its embedding row is untrained noise), to bucket 0 (missing), and
 returns ``sigmoid(logit)`` ``[N, 1]``.
 """
 
@@ -178,6 +179,7 @@ class RankerGraph(nn.Module):
         mean: np.ndarray,
         std: np.ndarray,
         typed_buckets: tuple[int, ...] = (),
+        typed_seen: list[np.ndarray] | None = None,
     ):
         super().__init__()
         k = len(arch.cardinalities) - len(typed_buckets)
@@ -195,6 +197,18 @@ class RankerGraph(nn.Module):
             "cat_max", torch.tensor([float(c - 1) for c in arch.cardinalities[:k]], dtype=torch.float32).view(1, -1)
         )
         self.register_buffer("typed_buckets", torch.tensor(list(typed_buckets), dtype=torch.int64).view(1, -1))
+        # Ids the training rows held, per typed field (flat, offset per field);
+        # any other id is served as bucket 0 (missing): its embedding row was
+        # never trained and holds its random initial value.
+        self.known_only = typed_seen is not None
+        if typed_seen is not None:
+            if [len(s) for s in typed_seen] != list(typed_buckets):
+                raise ValueError("typed_seen needs one mask per typed field, as long as its buckets")
+            known = np.concatenate([np.asarray(s, bool) for s in typed_seen] or [np.zeros(0, bool)])
+            known[np.concatenate([[0], np.cumsum(typed_buckets)[:-1]]).astype(np.int64)] = True
+            offsets = np.concatenate([[0], np.cumsum(typed_buckets)[:-1]]).astype(np.int64)
+            self.register_buffer("typed_known", torch.from_numpy(known.astype(np.int64)))
+            self.register_buffer("typed_offsets", torch.from_numpy(offsets).view(1, -1))
         self.core = build_core(arch)
 
     def encode(
@@ -216,7 +230,10 @@ class RankerGraph(nn.Module):
             # An id outside its feature's buckets is the missing bucket, 0
             # (the ranker refuses such a request; this guards the graph).
             ok = (categorical >= 0) & (categorical < self.typed_buckets)
-            parts.append(torch.where(ok, categorical, torch.zeros_like(categorical)))
+            ids = torch.where(ok, categorical, torch.zeros_like(categorical))
+            if self.known_only:
+                ids = torch.where(self.typed_known[ids + self.typed_offsets] > 0, ids, torch.zeros_like(ids))
+            parts.append(ids)
         cats = torch.cat(parts, dim=1) if len(parts) > 1 else (parts[0] if parts else None)
         return dense, cats
 

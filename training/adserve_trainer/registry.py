@@ -193,6 +193,8 @@ def load_registry(path: str | Path | None = None) -> Registry:
         if sla is not None:
             sla = _duration_seconds(p, name, sla)
         kind, buckets, dim, cross = _typed(p, name, e, default, {f.name: f for f in features})
+        if e["entity"] == "ad" and _personal(e) and e["source"] != "cross":
+            raise TrainerError(f"feature registry {p}: feature '{name}': ad features cannot be personal (only a cross may be)")
         features.append(
             Feature(
                 name=name,
@@ -228,12 +230,12 @@ def load_registry(path: str | Path | None = None) -> Registry:
     )
 
 
-
 def _personal(e: dict) -> bool:
     """Never used for COPPA rows: every user feature (a COPPA request names
     no user, so the feature-service reads none), and what the file marks
     (a cross of a personal feature). As ``FeatureRegistry::parse``."""
     return bool(e.get("personal", False)) or e.get("entity") == "user"
+
 
 def _typed(p: Path, name: str, e: dict, default, earlier: dict):
     """adserve_features::Kind and the cross operands, validated the same way."""

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .offline import serve_stored
-from .registry import Registry
+from .registry import Registry, fnv1a64
 from .schema import ROW_SCHEMA
 
 # Ground truth: logit(p) = TRUE_INTERCEPT + sum_k TRUE_WEIGHTS[k] * feature_k (raw units).
@@ -183,24 +183,46 @@ def generate(n: int, seed: int, registry: Registry) -> pa.Table:
         "feature_names": pa.array(feature_names, ROW_SCHEMA.field("feature_names").type),
         "feature_values": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_values, pa.float32())),
     }
-    cols.update(_typed_columns(registry, ctx["placement"], ctx["device"], surface_r[req]))
+    keys = {"user": user_r[req], "ad": ad_id.astype(str)}
+    cols.update(_typed_columns(registry, ctx["placement"], ctx["device"], surface_r[req], keys, coppa))
     return pa.Table.from_arrays([cols[f.name] for f in ROW_SCHEMA], schema=ROW_SCHEMA)
 
 
-def _typed_columns(registry: Registry, placement, device, surface) -> dict:
+# Raw values of stored categoricals: one of these per entity, fixed by a hash
+# of the feature and the entity's key (no truth weight: they carry no signal,
+# but the model sees every id the simulator's world serves, the demo's topics).
+STORED_VOCABULARY = ("travel", "games", "finance", "food", "books")
+
+
+def _stored_value(feature: str, key: str) -> str | None:
+    if not key:
+        return None
+    return STORED_VOCABULARY[fnv1a64(f"{feature}:{key}".encode()) % len(STORED_VOCABULARY)]
+
+
+def _typed_columns(registry: Registry, placement, device, surface, keys: dict, coppa: np.ndarray) -> dict:
     """The typed columns as the feature-service would serve them: request
-    categoricals (and crosses of them) hashed from the row's context;
-    stored ones missing (bucket 0, the embedding's default)."""
+    categoricals (and crosses of them) hashed from the row's context; stored
+    categoricals one of STORED_VOCABULARY per user or ad; personal ones (and
+    crosses of them) blank for COPPA rows; embeddings missing (the default)."""
     n = len(placement)
     fields = {"placement": placement, "device": device, "surface": surface}
-    raw = {f.name: fields[f.attribute] for f in registry.categorical if f.source == "request"}
+    raw: dict[str, list] = {}
     ids = np.zeros((n, len(registry.categorical)), dtype=np.int64)
     for k, f in enumerate(registry.categorical):
         if f.source == "request":
+            raw[f.name] = list(fields[f.attribute])
+        elif f.source == "dynamodb":
+            by_key = {key: _stored_value(f.name, key) for key in set(keys[f.entity].tolist())}
+            raw[f.name] = [by_key[key] for key in keys[f.entity].tolist()]
+        if f.personal and f.name in raw:
+            raw[f.name] = [None if c else v for v, c in zip(raw[f.name], coppa.tolist())]
+        if f.cross is not None:
+            if all(op in raw for op in f.cross):
+                a, b = raw[f.cross[0]], raw[f.cross[1]]
+                ids[:, k] = [0 if c and f.personal else f.cross_id(x, y) for x, y, c in zip(a, b, coppa.tolist())]
+        elif f.name in raw:
             ids[:, k] = [f.category_id(v) for v in raw[f.name]]
-        elif f.cross is not None and all(op in raw for op in f.cross):
-            a, b = raw[f.cross[0]], raw[f.cross[1]]
-            ids[:, k] = [f.cross_id(x, y) for x, y in zip(a, b)]
     dims = [f.dim for f in registry.embeddings]
     row = np.concatenate([np.full(f.dim, f.default, np.float32) for f in registry.embeddings] or [np.zeros(0, np.float32)])
     lists = lambda name, values: pa.array(values, ROW_SCHEMA.field(name).type)  # noqa: E731

@@ -186,8 +186,12 @@ def ranker_candidates(X: np.ndarray, ids: np.ndarray, train: slice, registry, ar
         std = np.where(std < 1e-6, CONSTANT_COLUMN_SCALE, std)
         cards = tuple(2 for _ in cat_cols) + typed
         arch = Arch(kind, len(dense_cols), cards, DCNConfig(emb_dim=4, cross_layers=2, hidden=(64, 32)))
+        # The ids each typed field held in training; any other is served as
+        # missing rather than through an embedding row training never moved.
+        seen = [np.isin(np.arange(b), ids[train][:, k]) for k, b in enumerate(typed)] if typed else None
         return lambda: RankerGraph(
-            arch, f, dense_cols, cat_cols, mean.astype(np.float32), std.astype(np.float32), typed_buckets=typed
+            arch, f, dense_cols, cat_cols, mean.astype(np.float32), std.astype(np.float32), typed_buckets=typed,
+            typed_seen=seen,
         )
 
     dense = [j for j in range(f) if j not in indicators]

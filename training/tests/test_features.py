@@ -112,3 +112,16 @@ def test_every_user_feature_is_personal_whatever_the_file_says(tmp_path, registr
     p = tmp_path / "features.toml"
     p.write_text(unmarked)
     assert next(f for f in load_registry(p).features if f.name == "user_ctr_30d").personal
+
+
+def test_a_personal_stored_ad_feature_is_refused(tmp_path, registry):
+    # As adserve_features: only a cross (of a personal feature) may be a personal ad feature.
+    from adserve_trainer.registry import load_registry
+
+    text = registry.path.read_text()
+    marked = text.replace('attribute = "ctr_7d"\n', 'attribute = "ctr_7d"\npersonal = true\n', 1)
+    assert marked != text, "ad_ctr_7d's entry is the one rewritten"
+    p = tmp_path / "features.toml"
+    p.write_text(marked)
+    with pytest.raises(TrainerError, match="ad_ctr_7d.*cannot be personal"):
+        load_registry(p)

@@ -48,3 +48,24 @@ def test_plausible_distributions(registry):
         else:
             assert r["feature_names"] == registry.names
     assert any(r["coppa"] for r in rows)
+
+
+def test_stored_categoricals_are_drawn_per_entity_and_blank_for_coppa(registry):
+    # The model must see every id the simulator's world serves (the demo's
+    # topics): an id no training row held is served as missing instead.
+    from adserve_trainer.synthetic import STORED_VOCABULARY
+
+    t = generate(600, 4, registry)
+    names = t.column("categorical_names")[0].as_py()
+    ids = np.array(t.column("categorical_ids").to_pylist())
+    coppa = t.column("coppa").to_numpy(zero_copy_only=False)
+    by = {f.name: f for f in registry.categorical}
+    topic = names.index("ad_topic_id")
+    assert set(ids[:, topic]) == {by["ad_topic_id"].category_id(v) for v in STORED_VOCABULARY}
+    ad_ids = t.column("ad_id").to_numpy()
+    for ad in np.unique(ad_ids)[:20]:
+        assert len(set(ids[ad_ids == ad, topic])) == 1, "one topic per ad"
+    for name, f in by.items():
+        k = names.index(name)
+        if f.personal:
+            assert (ids[coppa, k] == 0).all() and (ids[~coppa, k] != 0).all(), name

@@ -177,7 +177,10 @@ def test_onnxruntime_equals_pytorch_on_random_inputs(kind, registry):
     torch.manual_seed(0)
     arch = Arch(kind, len(dense), tuple(2 for _ in cats) + buckets, DCNConfig(emb_dim=4, cross_layers=2, hidden=(16, 8)))
     mean, std = rng.normal(size=len(dense)), rng.uniform(0.5, 2.0, len(dense))
-    graph = RankerGraph(arch, f, dense, cats, mean, std, typed_buckets=buckets)
+    # Half of each field's ids "held in training" (its own generator: the
+    # draws below stay as they were).
+    seen = [np.random.default_rng(1 + k).random(b) < 0.5 for k, b in enumerate(buckets)] if buckets else None
+    graph = RankerGraph(arch, f, dense, cats, mean, std, typed_buckets=buckets, typed_seen=seen)
     with torch.no_grad():  # non-trivial weights everywhere
         for p in graph.core.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -198,6 +201,11 @@ def test_onnxruntime_equals_pytorch_on_random_inputs(kind, registry):
         zero = ids.copy()
         zero[:16] = np.where((ids[:16] >= 0) & (ids[:16] < np.array(buckets)), ids[:16], 0)
         np.testing.assert_array_equal(sess.run(["pctr"], feeds(X[:16], zero[:16]))[0][:, 0], got[:16])
+        # So does an id the training rows never held (its embedding row is untrained).
+        known = np.stack([seen[k][np.clip(ids[:, k], 0, b - 1)] for k, b in enumerate(buckets)], axis=1)
+        unseen = np.where(known | (ids < 0) | (ids >= np.array(buckets)), ids, 0)
+        assert (unseen != ids).any(), "some ids are unseen"
+        np.testing.assert_array_equal(sess.run(["pctr"], feeds(X, unseen))[0][:, 0], got)
         # And every bucket of every categorical moves the score (an embedding row each).
         other = ids.copy()
         other[:, 0] = (ids[:, 0] + 1) % buckets[0]

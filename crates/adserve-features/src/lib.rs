@@ -529,7 +529,7 @@ impl FeatureRegistry {
                 )));
             }
             if f.entity == Entity::Ad && f.personal && f.source != Source::Cross {
-                return Err(invalid("ad features cannot be personal (only a cross of a user feature with an ad's)"));
+                return Err(invalid("ad features cannot be personal (only a cross may be)"));
             }
             if f.attribute == "device"
                 && let Some(value) = &f.equals
@@ -616,6 +616,14 @@ mod tests {
         assert!(r.features.len() >= 6);
         assert_eq!(r.index_of("user_ctr_30d"), Some(0));
         assert_eq!(r.names().len(), r.defaults().len());
+    }
+
+    #[test]
+    fn a_personal_stored_ad_feature_is_refused() {
+        let f = "name=\"x\"\nentity=\"ad\"\nsource=\"redis\"\nattribute=\"clicks_1h\"\ndefault=0.0\npersonal=true\n\
+                 description=\"\"\nowner=\"t\"\n";
+        let err = FeatureRegistry::parse(&doc(f)).unwrap_err().to_string();
+        assert!(err.contains("ad features cannot be personal"), "{err}");
     }
 
     #[test]
