@@ -204,9 +204,9 @@ class RankerGraph(nn.Module):
         if typed_seen is not None:
             if [len(s) for s in typed_seen] != list(typed_buckets):
                 raise ValueError("typed_seen needs one mask per typed field, as long as its buckets")
-            known = np.concatenate([np.asarray(s, bool) for s in typed_seen] or [np.zeros(0, bool)])
-            known[np.concatenate([[0], np.cumsum(typed_buckets)[:-1]]).astype(np.int64)] = True
             offsets = np.concatenate([[0], np.cumsum(typed_buckets)[:-1]]).astype(np.int64)
+            known = np.concatenate([np.asarray(s, bool) for s in typed_seen] or [np.zeros(0, bool)])
+            known[offsets] = True  # bucket 0 of every field: missing is always known
             self.register_buffer("typed_known", torch.from_numpy(known.astype(np.int64)))
             self.register_buffer("typed_offsets", torch.from_numpy(offsets).view(1, -1))
         self.core = build_core(arch)
