@@ -139,6 +139,14 @@ def read_source(path: str | Path, entity: str, registry: Registry) -> pa.Table:
         t = pq.read_table(p)
     except Exception as e:  # pyarrow raises several types for a bad file
         raise TrainerError(f"{p}: not Parquet: {e}") from e
+    check_source(t, entity, registry, str(p), exact=True)
+    return t
+
+
+def check_source(t: pa.Table, entity: str, registry: Registry, what: str, exact: bool = False) -> None:
+    """``t`` holds the key, event_timestamp and every batch attribute of
+    ``entity``, typed as the store keeps them; with ``exact``, nothing else
+    (the backfill's files). Raises a TrainerError naming the column."""
     stored = [*registry.features, *registry.categorical, *registry.embeddings]
     wanted = sorted({f.attribute for f in stored if f.entity == entity and f.source == "dynamodb"})
     for f in stored:
@@ -146,19 +154,21 @@ def read_source(path: str | Path, entity: str, registry: Registry) -> pa.Table:
             continue
         typ = t.schema.field(f.attribute).type
         if f.kind == "categorical" and not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
-            raise TrainerError(f"{p}: column {f.attribute}: a string (a categorical's raw value), not {typ}")
+            raise TrainerError(f"{what}: column {f.attribute}: a string (a categorical's raw value), not {typ}")
         if f.kind == "embedding" and not (
             (pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ))
             and (pa.types.is_integer(typ.value_type) or pa.types.is_floating(typ.value_type))
         ):
-            raise TrainerError(f"{p}: column {f.attribute}: a list of {f.dim} numbers (an embedding), not {typ}")
-    for name in t.column_names:
-        if name not in (KEYS[entity], EVENT_TIMESTAMP) and name not in wanted:
-            raise TrainerError(f"{p}: column {name}: not a batch attribute of {entity} features (they are: {', '.join(wanted)})")
+            raise TrainerError(f"{what}: column {f.attribute}: a list of {f.dim} numbers (an embedding), not {typ}")
+    if exact:
+        for name in t.column_names:
+            if name not in (KEYS[entity], EVENT_TIMESTAMP) and name not in wanted:
+                raise TrainerError(
+                    f"{what}: column {name}: not a batch attribute of {entity} features (they are: {', '.join(wanted)})"
+                )
     for name in (KEYS[entity], EVENT_TIMESTAMP, *wanted):
         if name not in t.column_names:
-            raise TrainerError(f"{p}: no {name} column")
-    return t
+            raise TrainerError(f"{what}: no {name} column")
 
 
 def asof_rows(src_keys: np.ndarray, src_ms: np.ndarray, q_keys: np.ndarray, q_ms: np.ndarray) -> np.ndarray:
@@ -242,6 +252,7 @@ def historical_features(
         if src is None:
             matches[entity] = (np.full(n, -1, dtype=np.int64), None)
             continue
+        check_source(src, entity, registry, f"{entity} source")
         s_keys = _keys(src.column(KEYS[entity]), entity, f"{entity} source")
         s_ms = _ms(src.column(EVENT_TIMESTAMP), f"{entity} source")
         matches[entity] = (asof_rows(s_keys, s_ms, q_keys, q_ms), src)

@@ -136,6 +136,12 @@ def test_bad_sources_and_entities_are_refused_naming_the_column(registry, tmp_pa
     src = users(registry, [("", 1, {})])
     with pytest.raises(TrainerError, match="column user_id, row 0"):
         historical_features(entities([("u", 1, 1)]), registry, src)
+    # An in-memory source is checked as a file is (it used to be a bare KeyError).
+    src = users(registry, [("u", 1, {"ctr_30d": 0.5})])
+    with pytest.raises(TrainerError, match="user source: no ctr_30d column"):
+        historical_features(entities([("u", 1, 1)]), registry, src.drop_columns(["ctr_30d"]))
+    with pytest.raises(TrainerError, match="ad source: no ad_id column"):
+        historical_features(entities([("u", 1, 1)]), registry, None, src)
 
 
 def test_cli_writes_features_in_registry_order(registry, tmp_path, capsys):
