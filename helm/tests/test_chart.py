@@ -192,6 +192,7 @@ def test_the_auction_values_reach_the_gateway() -> None:
         "max_entries": 200000,
         "mantissa_bits": 23,
         "refresh": "1000ms",
+        "shadow_share": 0.1,
     }
     defaults = tomllib.loads(configs(render(None))["gateway"])
     assert "objective" not in defaults["auction"]
@@ -361,6 +362,16 @@ def test_the_gateway_reads_its_click_token_keys_from_a_secret() -> None:
     mine = render({"clickTokens": {"existingSecret": "my-click-keys"}})
     assert "adserve-click-tokens" not in mine.get("adserve/templates/secret.yaml", "")
     assert "name: my-click-keys" in mine["adserve/templates/deployment.yaml"]
+
+
+def test_price_keys_reach_only_the_gateway_from_a_secret() -> None:
+    assert "PRICE_KEYS" not in render(None)["adserve/templates/deployment.yaml"], "off unless a Secret is named"
+    manifests = render({"openrtbPriceKeys": {"existingSecret": "exchange-price-keys"}})
+    deployments = manifests["adserve/templates/deployment.yaml"]
+    for var in ("ADSERVE_OPENRTB__PRICE_KEYS__ENCRYPTION_KEY", "ADSERVE_OPENRTB__PRICE_KEYS__INTEGRITY_KEY"):
+        assert deployments.count(var) == 1, f"{var}: the gateway, and only it"
+    assert deployments.count("name: exchange-price-keys") == 2
+    assert "price_keys" not in configs(manifests)["gateway"], "keys never go into the ConfigMap"
 
 
 def test_without_static_keys_dynamodb_uses_the_default_chain_through_irsa() -> None:

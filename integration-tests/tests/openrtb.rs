@@ -275,3 +275,91 @@ async fn a_bids_burl_logs_its_billing_notice_and_bad_notices_are_refused_naming_
     assert_eq!(keys.iter().filter(|k| **k == first_key).count(), 1, "one notice logged for {}", bid.id);
     Ok(())
 }
+
+/// An exchange that encrypts `${AUCTION_PRICE}` (Google's scheme): the
+/// gateway with its keys decrypts the price, checks it against the bid and
+/// logs it; an altered price, or one encrypted under other keys, is refused
+/// and never logged. A gateway of the test's own, over HTTP, on the stack's
+/// broker and stores.
+#[tokio::test]
+async fn an_encrypted_clearing_price_is_decrypted_verified_and_logged() -> anyhow::Result<()> {
+    use adserve_gateway::price_crypto::{PriceKeys, decode_key};
+    // The example keys of Google's "Decrypt price confirmations".
+    const ENCRYPTION: &str = "skU7Ax_NL5pPAFyKdkfZjZz2-VhIN8bjj1rVFOaJ_5o=";
+    const INTEGRITY: &str = "arO23ykdNqUQ5LEoQ0FVmPkBd7xB5CO89PDZlSjpFxo=";
+    let stack = Stack::ready().await?;
+    let public = "https://ads.example/openrtb2/billing";
+    let gateway = stack
+        .in_process_gateway(|c| {
+            c.openrtb.billing_url = public.into();
+            c.openrtb.price_keys.encryption_key = ENCRYPTION.into();
+            c.openrtb.price_keys.integrity_key = INTEGRITY.into();
+        })
+        .await?;
+    let http = adserve_integration_tests::http_client();
+    let mut request = sample("simple-banner.json");
+    request["id"] = json!(format!("encrypted-{}", uuid::Uuid::new_v4()));
+    request.as_object_mut().unwrap().remove("tmax");
+    let resp = http.post(format!("{gateway}/openrtb2/auction")).json(&request).send().await?;
+    assert_eq!(resp.status(), 200);
+    let answer: BidResponse = resp.json().await?;
+    let bid = &answer.seatbid[0].bid[0];
+    let burl = bid.burl.clone().expect("billing_url is set").replace(public, &format!("{gateway}/openrtb2/billing"));
+    let exchange = PriceKeys::new(
+        &decode_key(ENCRYPTION).map_err(anyhow::Error::msg)?,
+        &decode_key(INTEGRITY).map_err(anyhow::Error::msg)?,
+    );
+    // The exchange's iv: the time, then its server's id.
+    let mut iv = [0u8; 16];
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    iv[..4].copy_from_slice(&(now.as_secs() as u32).to_be_bytes());
+    iv[4..8].copy_from_slice(&now.subsec_micros().to_be_bytes());
+    iv[8..].copy_from_slice(b"exchange");
+    let get = |price: String| {
+        let (http, url) = (http.clone(), burl.replace("${AUCTION_PRICE}", &price));
+        async move {
+            let resp = http.get(url).send().await?;
+            let status = resp.status().as_u16();
+            anyhow::Ok((status, resp.text().await?))
+        }
+    };
+
+    // Under other keys, altered, above the bid: refused, nothing logged.
+    let cleared = (bid.price * 0.7 * 1e6).round() as u64;
+    let other = PriceKeys::new(&[7; 32], &[8; 32]);
+    let (status, body) = get(other.encrypt(cleared, iv)).await?;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("price: the encrypted price does not verify"), "{body}");
+    let mut altered = exchange.encrypt(cleared, iv).into_bytes();
+    altered[20] = if altered[20] == b'A' { b'B' } else { b'A' };
+    let (status, body) = get(String::from_utf8(altered)?).await?;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = get(exchange.encrypt((bid.price * 2.0 * 1e6) as u64, iv)).await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("price: the clearing price"), "{body}");
+    // With keys, a price must be encrypted: a decimal one from whoever saw
+    // the burl would otherwise be logged first.
+    for plain in ["not-a-price", "0.01"] {
+        let (status, body) = get(plain.into()).await?;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("price: must be encrypted with openrtb.price_keys"), "{body}");
+    }
+    // A forged token is refused for the token, before any decryption.
+    let forged = burl.replace(&format!("impression_id={}", bid.id), &format!("impression_id={}", uuid::Uuid::new_v4()));
+    let resp = http.get(forged.replace("${AUCTION_PRICE}", &other.encrypt(cleared, iv))).send().await?;
+    assert_eq!(resp.status(), 403);
+    let body = resp.text().await?;
+    assert!(body.contains("billing_token: does not match"), "{body}");
+
+    // The genuine notice: logged with the decrypted price. It is the first
+    // message for this impression on the clicks topic: none of the refused
+    // notices before it was logged (the one above the bid would carry the
+    // bid's price).
+    let (status, body) = get(exchange.encrypt(cleared, iv)).await?;
+    assert_eq!(status, 204, "{body}");
+    let (payload, ..) = stack.keyed_message(adserve_events::CLICKS_TOPIC, &bid.id).await?;
+    let notice = adserve_events::decode_click(&payload).map_err(anyhow::Error::msg)?;
+    assert!(notice.billing_notice);
+    assert_eq!(notice.price_cpm_micros, cleared as i64);
+    Ok(())
+}

@@ -589,13 +589,24 @@ async fn a_shadow_scores_calls_after_the_answer_and_publishes_both_scores() -> a
     }
     assert!(loaded, "the shadow version was never loaded");
 
+    // The gateway learns of the shadow from GetModel.
+    assert_eq!(client.get_model(GetModelRequest::default()).await?.into_inner().shadow_model_version, "ctr-shadow-v2");
+
     let request_id = format!("shadow-test-{}", uuid::Uuid::new_v4());
     let request = ScoreRequest {
         matrix: Some(matrix(4)),
         routing_key: "user-1".into(),
         request_id: request_id.clone(),
+        ad_ids: vec![11, 12, 13, 14],
+        whole_request: true,
         ..Default::default()
     };
+    // Ad ids are one per row, or none.
+    let mut short = request.clone();
+    short.ad_ids.pop();
+    let err = client.score(short).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().starts_with("ad_ids: must be empty or one per row (4), got 3"), "{}", err.message());
     let answer = client.score(request).await?.into_inner();
     assert_eq!(answer.model_version, "ctr-shadow-v1", "the shadow is never served");
 
@@ -610,6 +621,55 @@ async fn a_shadow_scores_calls_after_the_answer_and_publishes_both_scores() -> a
     // Same graph under two versions: the shadow scores the same rows alike.
     assert_eq!(event.shadow_pctr, answer.pctr);
     assert!(event.scored_at.is_some());
+    assert_eq!((event.ad_ids.as_slice(), event.whole_request), (&[11, 12, 13, 14][..], true));
+
+    // Through a gateway whose prediction cache holds every row of a repeated
+    // request: with shadow_share 1, the repeat still reaches the ranker whole
+    // (without it, the cache would answer and the shadow see nothing), and
+    // its event names the request's ads.
+    let stack = Stack::ready().await?;
+    let gateway_with = |share: f64| {
+        stack.in_process_server(move |c| {
+            c.upstreams.ranker = format!("http://127.0.0.1:{grpc}");
+            c.prediction_cache.refresh = Duration::from_millis(100);
+            c.prediction_cache.shadow_share = share;
+        })
+    };
+    let (unsampled, gateway) = (gateway_with(0.0).await?, gateway_with(1.0).await?);
+    let shadow_event = async |request_id: &str| -> anyhow::Result<adserve_proto::v1::ShadowScoreEvent> {
+        let (payload, _, _) = s.keyed_message(adserve_events::SHADOW_SCORES_TOPIC, request_id).await?;
+        Ok(adserve_proto::v1::ShadowScoreEvent::decode(payload.as_slice())?)
+    };
+    // Both caches have read GetModel (every 100 ms): they are not bypassed.
+    for _ in 0..100 {
+        if [&unsampled, &gateway].iter().all(|g| g.prediction_cache().version_for("").is_some()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for g in [&unsampled, &gateway] {
+        assert_eq!(
+            g.prediction_cache().version_for("").as_deref(),
+            Some("ctr-shadow-v1"),
+            "the cache follows the ranker"
+        );
+    }
+    // With share 0 a request's rows go to the ranker as cache misses: not a
+    // whole request.
+    let answer = unsampled.serve(adserve_integration_tests::ad_request("shadow-user-0"), None).await?;
+    assert!(!shadow_event(&answer.request_id).await?.whole_request);
+    let user = format!("shadow-user-{}", uuid::Uuid::new_v4());
+    for attempt in 0..2 {
+        let answer = gateway.serve(adserve_integration_tests::ad_request(&user), None).await?;
+        assert!(answer.degraded.is_empty(), "{:?}", answer.degraded);
+        let event = shadow_event(&answer.request_id).await?;
+        assert!(event.whole_request, "request {attempt}");
+        assert_eq!(event.ad_ids.len(), answer.candidates as usize, "every candidate, request {attempt}");
+        for w in &answer.winners {
+            let row = event.ad_ids.iter().position(|a| *a == w.ad_id).expect("the winner's row is in the event");
+            assert_eq!(event.production_pctr[row], w.pctr, "the served score, by ad id");
+        }
+    }
 
     reg.drop_schema().await?;
     Ok(())

@@ -265,6 +265,7 @@ ttl = "{{ int64 $pc.ttlMs }}ms"
 max_entries = {{ int64 $pc.maxEntries }}
 mantissa_bits = {{ int64 $pc.mantissaBits }}
 refresh = "{{ int64 $pc.refreshMs }}ms"
+shadow_share = {{ float64 $pc.shadowShare }}
 
 {{ include "adserve.kafkaToml" . }}
 

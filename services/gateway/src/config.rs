@@ -102,6 +102,60 @@ pub struct OpenRtbConfig {
     /// Largest accepted bid request body (exchanges' requests, with `eids`,
     /// `schain` and extensions, run larger than native ones); more is 413.
     pub max_body_bytes: usize,
+    /// The keys an exchange encrypts `${AUCTION_PRICE}` with
+    /// ([`crate::price_crypto`]). Set: a billing notice's `price` must be
+    /// encrypted with them (a decimal one is refused: anyone who saw the
+    /// `burl` could log the bid at a price of their choosing first); empty:
+    /// only decimal prices are accepted.
+    pub price_keys: PriceKeysConfig,
+}
+
+/// An exchange's price encryption and integrity keys, as it issues them
+/// (web-safe base64 of 32 bytes, or hex). Both or neither.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PriceKeysConfig {
+    /// Decrypts the price.
+    pub encryption_key: String,
+    /// Verifies its signature.
+    pub integrity_key: String,
+}
+
+impl std::fmt::Debug for PriceKeysConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keys themselves.
+        let set = |k: &str| if k.is_empty() { "unset" } else { "[redacted]" };
+        f.debug_struct("PriceKeysConfig")
+            .field("encryption_key", &set(&self.encryption_key))
+            .field("integrity_key", &set(&self.integrity_key))
+            .finish()
+    }
+}
+
+impl PriceKeysConfig {
+    /// The decoded keys, or `None` when none are configured.
+    pub fn decoded(&self) -> Result<Option<crate::price_crypto::PriceKeys>, Invalid> {
+        match (self.encryption_key.is_empty(), self.integrity_key.is_empty()) {
+            (true, true) => Ok(None),
+            (false, false) => {
+                let key = |name: &str, text: &str| {
+                    crate::price_crypto::decode_key(text)
+                        .map_err(|why| Invalid::new(format!("openrtb.price_keys.{name}"), why))
+                };
+                let encryption = key("encryption_key", &self.encryption_key)?;
+                let integrity = key("integrity_key", &self.integrity_key)?;
+                if encryption == integrity {
+                    return Err(Invalid::new(
+                        "openrtb.price_keys.integrity_key",
+                        "must differ from encryption_key (exchanges issue two keys)",
+                    ));
+                }
+                Ok(Some(crate::price_crypto::PriceKeys::new(&encryption, &integrity)))
+            }
+            (true, false) => Err(Invalid::new("openrtb.price_keys.encryption_key", "required with integrity_key")),
+            (false, true) => Err(Invalid::new("openrtb.price_keys.integrity_key", "required with encryption_key")),
+        }
+    }
 }
 
 impl Default for OpenRtbConfig {
@@ -115,6 +169,7 @@ impl Default for OpenRtbConfig {
             click_url: String::new(),
             billing_url: String::new(),
             max_body_bytes: 64 * 1024,
+            price_keys: PriceKeysConfig::default(),
         }
     }
 }
@@ -153,6 +208,7 @@ impl OpenRtbConfig {
                 ));
             }
         }
+        self.price_keys.decoded()?;
         Ok(())
     }
 }

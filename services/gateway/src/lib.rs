@@ -20,6 +20,7 @@ pub mod openrtb;
 pub mod pacing;
 pub mod pipeline;
 pub mod prediction_cache;
+pub mod price_crypto;
 
 pub use config::GatewayConfig;
 pub use error::ServeError;

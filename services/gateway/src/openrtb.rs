@@ -869,10 +869,52 @@ pub struct BillingNotice {
 /// Highest clearing price accepted, per thousand impressions.
 pub const MAX_PRICE: f64 = 1_000_000.0;
 
+/// A billing notice's clearing price, as the exchange sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClearingPrice<'a> {
+    /// A decimal price, in micro units per mille.
+    Micros(i64),
+    /// An encrypted one ([`crate::price_crypto`]), decrypted only once the
+    /// notice's billing token has verified.
+    Encrypted(&'a str),
+}
+
+impl ClearingPrice<'_> {
+    /// The price in micro units per mille: an encrypted one decrypted with
+    /// `keys`, a 403 (counted) when it does not verify with them.
+    pub fn micros(self, keys: Option<&crate::price_crypto::PriceKeys>) -> Result<i64, ServeError> {
+        let text = match (self, keys) {
+            (Self::Micros(micros), None) => return Ok(micros),
+            (Self::Encrypted(text), Some(_)) => text,
+            // check() sorted them by the same keys.
+            (Self::Micros(_), Some(_)) | (Self::Encrypted(_), None) => {
+                return Err(ServeError::InvalidArgument("price: does not match openrtb.price_keys".into()));
+            }
+        };
+        let keys = keys.expect("matched above");
+        match keys.decrypt(text) {
+            Ok(micros) if micros <= (MAX_PRICE * 1e6) as u64 => Ok(micros as i64),
+            Ok(micros) => Err(ServeError::InvalidArgument(format!(
+                "price: must be 0..={MAX_PRICE}, got {} (decrypted)",
+                micros as f64 / 1e6
+            ))),
+            Err(e @ crate::price_crypto::PriceError::Malformed) => {
+                Err(ServeError::InvalidArgument(format!("price: {e}")))
+            }
+            Err(e @ crate::price_crypto::PriceError::Integrity) => {
+                metrics::counter!("adserve_gateway_billing_notices_refused_total", "reason" => "price_integrity")
+                    .increment(1);
+                Err(ServeError::Forbidden(format!("price: {e}")))
+            }
+        }
+    }
+}
+
 impl BillingNotice {
-    /// The impression id and the clearing price in micro units per mille,
-    /// or a 400 naming the field.
-    pub fn check(&self) -> Result<(&str, i64), ServeError> {
+    /// The impression id and the clearing price, or a 400 naming the field.
+    /// With `encrypted` (`openrtb.price_keys` set) the price must be an
+    /// encrypted one (28 bytes of base64), otherwise a decimal.
+    pub fn check(&self, encrypted: bool) -> Result<(&str, ClearingPrice<'_>), ServeError> {
         let impression_id = self.impression_id.trim();
         if uuid::Uuid::parse_str(impression_id).is_err() {
             return Err(ServeError::InvalidArgument(format!(
@@ -892,24 +934,36 @@ impl BillingNotice {
                 "price: the exchange did not replace {AUCTION_PRICE_MACRO} with the clearing price"
             )));
         }
+        let shown = || price.chars().take(40).collect::<String>();
+        if encrypted {
+            // Untrimmed: a standard-alphabet '+' arrives as a space.
+            if !crate::price_crypto::is_ciphertext(&self.price) {
+                return Err(ServeError::InvalidArgument(format!(
+                    "price: must be encrypted with openrtb.price_keys ({} bytes in web-safe base64), got {:?}",
+                    crate::price_crypto::CIPHERTEXT_BYTES,
+                    shown()
+                )));
+            }
+            return Ok((impression_id, ClearingPrice::Encrypted(&self.price)));
+        }
         let value: f64 = price.parse().map_err(|_| {
             ServeError::InvalidArgument(format!(
-                "price: must be a decimal clearing price (encrypted prices are not supported), got {:?}",
-                price.chars().take(40).collect::<String>()
+                "price: must be a decimal clearing price (encrypted prices need openrtb.price_keys), got {:?}",
+                shown()
             ))
         })?;
         if !value.is_finite() || !(0.0..=MAX_PRICE).contains(&value) {
             return Err(ServeError::InvalidArgument(format!("price: must be 0..={MAX_PRICE}, got {price}")));
         }
-        Ok((impression_id, (value * 1e6).round() as i64))
+        Ok((impression_id, ClearingPrice::Micros((value * 1e6).round() as i64)))
     }
 }
 
 impl AdServer {
     /// Records a bid's billing notice (`GET /openrtb2/billing`).
     pub async fn openrtb_billing(&self, notice: BillingNotice) -> Result<(), ServeError> {
-        let (impression_id, price_cpm_micros) = notice.check()?;
-        self.billing_notice(impression_id, &notice.billing_token, price_cpm_micros).await
+        let (impression_id, price) = notice.check(self.price_keys().is_some())?;
+        self.billing_notice(impression_id, &notice.billing_token, price).await
     }
 
     /// Bids on an OpenRTB request: `None` is no bid (HTTP 204).
@@ -1253,22 +1307,74 @@ mod tests {
             billing_token: "b1.1.2.3.s".into(),
             price: price.into(),
         };
-        assert_eq!(notice("1.2345").check().unwrap().1, 1_234_500);
-        assert_eq!(notice(" 0 ").check().unwrap().1, 0);
+        assert_eq!(notice("1.2345").check(false).unwrap().1, ClearingPrice::Micros(1_234_500));
+        assert_eq!(notice(" 0 ").check(false).unwrap().1, ClearingPrice::Micros(0));
         for (price, expected) in [
             ("${AUCTION_PRICE}", "price: the exchange did not replace"),
             ("", "price: required"),
             ("inf", "price: must be 0..="),
             ("-0.5", "price: must be 0..="),
             ("2000000", "price: must be 0..="),
-            ("1,5", "price: must be a decimal"),
+            ("1,5", "price: must be a decimal clearing price (encrypted prices need openrtb.price_keys)"),
         ] {
-            let e = notice(price).check().unwrap_err().to_string();
+            let e = notice(price).check(false).unwrap_err().to_string();
             assert!(e.starts_with(expected), "{price:?}: {e}");
         }
-        let e = BillingNotice { impression_id: "x".into(), ..notice("1") }.check().unwrap_err().to_string();
+        let e = BillingNotice { impression_id: "x".into(), ..notice("1") }.check(false).unwrap_err().to_string();
         assert!(e.starts_with("impression_id:"), "{e}");
-        let e = BillingNotice { billing_token: String::new(), ..notice("1") }.check().unwrap_err().to_string();
+        let e = BillingNotice { billing_token: String::new(), ..notice("1") }.check(false).unwrap_err().to_string();
         assert!(e.starts_with("billing_token: required"), "{e}");
+    }
+
+    #[test]
+    fn with_price_keys_a_price_must_be_encrypted_and_verify() {
+        use crate::price_crypto::PriceKeys;
+        let keys = PriceKeys::new(&[1; 32], &[2; 32]);
+        let notice = |price: String| BillingNotice {
+            impression_id: "0190b7a2-1c2d-7e3f-8a9b-0c1d2e3f4a5b".into(),
+            billing_token: "b1.1.2.3.s".into(),
+            price,
+        };
+        let encrypted = keys.encrypt(1_234_500, [9; 16]);
+        let n = notice(encrypted.clone());
+        let (_, price) = n.check(true).unwrap();
+        assert_eq!(price, ClearingPrice::Encrypted(&encrypted), "decrypted only after the token verifies");
+        assert_eq!(price.micros(Some(&keys)).unwrap(), 1_234_500);
+        // With keys, a decimal price is refused (anyone with the burl could set it).
+        let e = notice("0.5".into()).check(true).unwrap_err().to_string();
+        assert!(e.starts_with("price: must be encrypted with openrtb.price_keys"), "{e}");
+        // Without keys, an encrypted price is named as such.
+        let e = notice(encrypted.clone()).check(false).unwrap_err().to_string();
+        assert!(e.contains("encrypted prices need openrtb.price_keys"), "{e}");
+        // Under other keys (or altered): 403, never billed.
+        let other = PriceKeys::new(&[3; 32], &[4; 32]);
+        let e = price.micros(Some(&other)).unwrap_err();
+        assert!(
+            matches!(e, ServeError::Forbidden(ref m) if m.starts_with("price: the encrypted price does not verify")),
+            "{e}"
+        );
+        // Decrypted, and still beyond the highest price.
+        let huge = keys.encrypt(u64::MAX, [9; 16]);
+        let e = ClearingPrice::Encrypted(&huge).micros(Some(&keys)).unwrap_err().to_string();
+        assert!(e.starts_with("price: must be 0..="), "{e}");
+        // The standard alphabet's '+' arrives from a query string as a space.
+        let plus = (0u8..=255)
+            .map(|b| keys.encrypt(1_000, [b; 16]))
+            .find(|c| {
+                base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD_NO_PAD,
+                    base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, c).unwrap(),
+                )
+                .contains('+')
+            })
+            .expect("some iv gives a '+'");
+        let standard = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD_NO_PAD,
+            base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, &plus).unwrap(),
+        )
+        .replace('+', " ");
+        let n = notice(standard);
+        let (_, price) = n.check(true).unwrap();
+        assert_eq!(price.micros(Some(&keys)).unwrap(), 1_000);
     }
 }

@@ -48,10 +48,20 @@ pub struct AdServer {
     counters: Counters,
     pacing: Arc<PacingState>,
     click_tokens: ClickTokens,
+    /// Decrypt encrypted clearing prices (`openrtb.price_keys`).
+    price_keys: Option<crate::price_crypto::PriceKeys>,
     publishers: crate::auth::Publishers,
     /// The ranker's scores, reused ([`crate::prediction_cache`]).
     prediction_cache: Arc<PredictionCache>,
     config: Arc<GatewayConfig>,
+}
+
+/// What a `Score` call tells the ranker's shadow about its rows.
+struct Shadowed {
+    /// Each row's ad.
+    ad_ids: Vec<i64>,
+    /// Every row of the request, whatever the prediction cache held.
+    whole_request: bool,
 }
 
 fn lazy_channel(url: &str, name: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel, ServeError> {
@@ -85,6 +95,7 @@ impl AdServer {
         }
         // A click later than the label window is neither a label nor charged.
         let click_tokens = ClickTokens::new(keys, adserve_features::registry().label.window());
+        let price_keys = config.openrtb.price_keys.decoded().map_err(|e| ServeError::InvalidArgument(e.to_string()))?;
         let publishers = crate::auth::Publishers::new(&config.auth.api_keys);
         if publishers.is_open() {
             tracing::warn!("auth.api_keys is empty: ad requests and clicks are served without an API key");
@@ -119,10 +130,22 @@ impl AdServer {
             counters,
             pacing,
             click_tokens,
+            price_keys,
             publishers,
             prediction_cache,
             config: Arc::new(config),
         })
+    }
+
+    /// The keys of encrypted clearing prices, when configured.
+    pub(crate) fn price_keys(&self) -> Option<&crate::price_crypto::PriceKeys> {
+        self.price_keys.as_ref()
+    }
+
+    /// The prediction cache (what it knows the ranker serves, for tests and
+    /// diagnostics).
+    pub fn prediction_cache(&self) -> &PredictionCache {
+        &self.prediction_cache
     }
 
     /// The configuration it runs with.
@@ -522,7 +545,8 @@ impl AdServer {
     /// Logs an OpenRTB bid's billing notice (the exchange's `burl`: the bid
     /// won and the ad was shown) once the broker has acknowledged it, if its
     /// token proves the bid was made here within the label window and the
-    /// clearing price (micro units per mille) is not above the bid. The
+    /// clearing price (micro units per mille; an encrypted one decrypted
+    /// and verified with `openrtb.price_keys`) is not above the bid. The
     /// label-joiner makes the bid a training row and the stream aggregator
     /// counts and charges it from the logged notice. A repeat (the exchange
     /// retrying, or a leaked `burl` replayed) is accepted and not logged
@@ -533,7 +557,7 @@ impl AdServer {
         &self,
         impression_id: &str,
         billing_token: &str,
-        price_cpm_micros: i64,
+        price: crate::openrtb::ClearingPrice<'_>,
     ) -> Result<(), ServeError> {
         let refuse = |reason: &'static str, e: ServeError| {
             metrics::counter!("adserve_gateway_billing_notices_refused_total", "reason" => reason).increment(1);
@@ -543,6 +567,9 @@ impl AdServer {
             .click_tokens
             .verify_billing(billing_token, impression_id, unix_ms(SystemTime::now()))
             .map_err(|e| refuse(e.reason(), refused("billing_token", e)))?;
+        // Only a notice whose token verified costs a decryption, or can
+        // count against the price keys.
+        let price_cpm_micros = price.micros(self.price_keys.as_ref())?;
         // An exchange may round the clearing price up to its own precision
         // (a cent per mille): within that it is the bid (never charged above
         // it); beyond it, it is not this bid's price.
@@ -675,8 +702,7 @@ impl AdServer {
         let rows = matrix.num_rows as usize;
         let lookup = self
             .prediction_cache
-            .version_for(user_id)
-            .map(|v| self.prediction_cache.lookup(v, matrix, ads))
+            .lookup_request(user_id, request_id, matrix, ads)
             // A matrix that does not match the ads (never expected) is not cached.
             .filter(|l| l.pctr.len() == rows);
         let mut scores = Scores::new(rows);
@@ -693,7 +719,14 @@ impl AdServer {
         // The ranker scores only what the cache could not.
         let sub = if misses.len() == rows { None } else { Some(matrix.select_rows(&misses)) };
         let to_score = sub.as_ref().unwrap_or(matrix);
-        match self.rank(to_score, user_id, request_id, budget, degraded).await {
+        // For the shadow's events: each scored row's ad (none if the rows do
+        // not match the ads), and whether these are all of the request's rows
+        // for a reason other than what the cache held.
+        let shadowed = Shadowed {
+            ad_ids: if ads.len() == rows { misses.iter().map(|&i| ads[i].ad_id).collect() } else { Vec::new() },
+            whole_request: lookup.as_ref().is_none_or(|l| l.for_shadow),
+        };
+        match self.rank(to_score, &shadowed, user_id, request_id, budget, degraded).await {
             Some((pctr, version, level)) => {
                 if let Some(l) = &lookup
                     && level == ScoreLevel::Model
@@ -720,6 +753,7 @@ impl AdServer {
     async fn rank(
         &self,
         matrix: &FeatureMatrix,
+        shadowed: &Shadowed,
         user_id: &str,
         request_id: &str,
         budget: &Budget,
@@ -737,6 +771,8 @@ impl AdServer {
             request_id: request_id.to_string(),
             // Empty: whatever model name the ranker deployment serves.
             model_name: String::new(),
+            ad_ids: shadowed.ad_ids.clone(),
+            whole_request: shadowed.whole_request,
         };
         let request = with_deadline(request, limit);
         match deadline(limit, client.score(request)).await {

@@ -26,9 +26,14 @@
 //!   expected. When the ranker cannot say what it serves for `3 × refresh`,
 //!   the cache is bypassed: every row goes to the ranker, as without it.
 //!   A rollback reaches cached scores within one `refresh`.
+//! - **Shadow models.** Only the rows the cache misses reach the ranker, so
+//!   a shadow model would score a biased sample (new users, moved counters).
+//!   While `GetModel` names a shadow, `shadow_share` of requests (by request
+//!   id) are served no hit: all their rows go to the ranker, marked
+//!   `whole_request`, and the shadow's events for them are a uniform sample.
 //!
 //! Metrics: `adserve_gateway_prediction_cache_rows_total{result}` (hit,
-//! miss, expired, bypass: hit rate is hit over all), the age of the oldest
+//! miss, expired, bypass, shadow: hit rate is hit over all), the age of the oldest
 //! hit per request (`adserve_gateway_prediction_cache_hit_age_seconds`:
 //! staleness), and `adserve_gateway_prediction_cache_entries`.
 
@@ -65,6 +70,13 @@ pub struct PredictionCacheConfig {
     /// How often the ranker is asked which model versions it serves.
     #[serde(with = "humantime_serde")]
     pub refresh: Duration,
+    /// While the ranker runs a shadow model: the share of requests (by
+    /// request id) that skip the cache's hits, so that all their rows reach
+    /// the ranker and the shadow scores whole requests, an unbiased sample
+    /// of traffic (it otherwise sees only the rows the cache missed). 0
+    /// leaves the shadow the misses; 1 turns the cache's hits off while a
+    /// shadow runs.
+    pub shadow_share: f64,
 }
 
 impl Default for PredictionCacheConfig {
@@ -75,6 +87,7 @@ impl Default for PredictionCacheConfig {
             max_entries: 200_000,
             mantissa_bits: 23,
             refresh: Duration::from_secs(1),
+            shadow_share: 0.1,
         }
     }
 }
@@ -91,6 +104,12 @@ impl PredictionCacheConfig {
             Duration::from_millis(100),
             Duration::from_secs(60),
         )?;
+        if !(0.0..=1.0).contains(&self.shadow_share) {
+            return Err(Invalid::new(
+                format!("{prefix}.shadow_share"),
+                format!("must be 0..=1, got {}", self.shadow_share),
+            ));
+        }
         Ok(())
     }
 }
@@ -102,6 +121,8 @@ const SHARDS: usize = 32;
 struct Serving {
     production: Arc<str>,
     canary: Option<(Arc<str>, f64)>,
+    /// The ranker scores calls with a shadow model too.
+    shadow: bool,
     read_at: Instant,
 }
 
@@ -133,6 +154,8 @@ pub struct Lookup {
     keys: Vec<(i64, u64, u64)>,
     /// Cached pCTR per row (`None`: the ranker must score it).
     pub pctr: Vec<Option<f32>>,
+    /// Sampled for the ranker's shadow: no hit was served.
+    pub for_shadow: bool,
 }
 
 impl Lookup {
@@ -150,15 +173,23 @@ impl PredictionCache {
         Arc::new(Self { config, shards, serving: RwLock::new(None), entries: AtomicUsize::new(0) })
     }
 
-    /// Records what the ranker serves: its production version and, with a
-    /// canary, the canary's version and share.
-    pub fn set_serving(&self, production: &str, canary: Option<(&str, f64)>) {
+    /// Records what the ranker serves: its production version, with a
+    /// canary the canary's version and share, and whether a shadow model
+    /// scores its calls too.
+    pub fn set_serving(&self, production: &str, canary: Option<(&str, f64)>, shadow: bool) {
         let serving = (!production.is_empty()).then(|| Serving {
             production: production.into(),
             canary: canary.filter(|(v, s)| !v.is_empty() && *s > 0.0).map(|(v, s)| (Arc::from(v), s)),
+            shadow,
             read_at: Instant::now(),
         });
         *self.serving.write().unwrap_or_else(|e| e.into_inner()) = serving;
+    }
+
+    /// What the ranker serves, if it said so within the last 3 × `refresh`.
+    fn serving(&self) -> Option<Serving> {
+        let serving = self.serving.read().unwrap_or_else(|e| e.into_inner());
+        serving.as_ref().filter(|s| s.read_at.elapsed() <= self.config.refresh * 3).cloned()
     }
 
     /// The version the ranker scores `routing_key`'s rows with, or `None`
@@ -167,20 +198,64 @@ impl PredictionCache {
         if !self.config.enabled {
             return None;
         }
-        let serving = self.serving.read().unwrap_or_else(|e| e.into_inner());
-        let s = serving.as_ref().filter(|s| s.read_at.elapsed() <= self.config.refresh * 3)?;
-        Some(match &s.canary {
-            Some((canary, share)) if !routing_key.is_empty() && adserve_registry::in_canary(routing_key, *share) => {
-                canary.clone()
-            }
-            _ => s.production.clone(),
-        })
+        Some(route(&self.serving()?, routing_key))
+    }
+
+    /// One request's lookup, rows counted by outcome. `None` when the cache
+    /// is off, or is bypassed because it does not know (recently) what the
+    /// ranker serves (rows counted `bypass`): every row goes to the ranker.
+    /// While the ranker runs a shadow model, `shadow_share` of requests (by
+    /// `request_id`) are looked up without serving hits (rows counted
+    /// `shadow`): the ranker scores all their rows, so the shadow sees whole
+    /// requests, and their fresh scores are stored as any miss's.
+    pub fn lookup_request(
+        &self,
+        routing_key: &str,
+        request_id: &str,
+        matrix: &FeatureMatrix,
+        ads: &[EligibleAd],
+    ) -> Option<Lookup> {
+        if !self.config.enabled {
+            return None;
+        }
+        let Some(serving) = self.serving() else {
+            let rows = (matrix.num_rows as usize).min(ads.len());
+            metrics::counter!("adserve_gateway_prediction_cache_rows_total", "result" => "bypass")
+                .increment(rows as u64);
+            return None;
+        };
+        let version = route(&serving, routing_key);
+        // The registry's bucket function, over request ids: a uniform sample of requests.
+        let for_shadow = serving.shadow && adserve_registry::in_canary(request_id, self.config.shadow_share);
+        Some(self.look(version, matrix, ads, !for_shadow))
     }
 
     /// Looks up every row of `matrix` (row `i` is ad `ads[i]`) for
     /// `version`. Counts each row's outcome and the oldest hit's age.
     pub fn lookup(&self, version: Arc<str>, matrix: &FeatureMatrix, ads: &[EligibleAd]) -> Lookup {
+        self.look(version, matrix, ads, true)
+    }
+
+    /// [`lookup`](Self::lookup); without `serve`, no hit is served (every
+    /// row counted `shadow`), but the keys are there to store the ranker's
+    /// scores under.
+    fn look(&self, version: Arc<str>, matrix: &FeatureMatrix, ads: &[EligibleAd], serve: bool) -> Lookup {
         let rows = (matrix.num_rows as usize).min(ads.len());
+        if !serve {
+            let seed = self.seed(&version, matrix);
+            let keys: Vec<(i64, u64, u64)> = ads
+                .iter()
+                .enumerate()
+                .take(rows)
+                .map(|(i, ad)| {
+                    let (key, check) = self.row_key(seed, matrix, i, ad);
+                    (ad.ad_id, key, check)
+                })
+                .collect();
+            metrics::counter!("adserve_gateway_prediction_cache_rows_total", "result" => "shadow")
+                .increment(rows as u64);
+            return Lookup { version, keys, pctr: vec![None; rows], for_shadow: true };
+        }
         let seed = self.seed(&version, matrix);
         let now = Instant::now();
         let mut keys = Vec::with_capacity(rows);
@@ -221,7 +296,7 @@ impl PredictionCache {
         if hits > 0 {
             metrics::histogram!("adserve_gateway_prediction_cache_hit_age_seconds").record(oldest.as_secs_f64());
         }
-        Lookup { version, keys, pctr }
+        Lookup { version, keys, pctr, for_shadow: false }
     }
 
     /// Stores the ranker's scores of `rows` (indices into `lookup`).
@@ -299,6 +374,16 @@ impl PredictionCache {
         }
         h.floats(matrix.embedding_row(row).unwrap_or_default());
         h.finish()
+    }
+}
+
+/// The version the ranker routes `routing_key` to, as the ranker does.
+fn route(serving: &Serving, routing_key: &str) -> Arc<str> {
+    match &serving.canary {
+        Some((canary, share)) if !routing_key.is_empty() && adserve_registry::in_canary(routing_key, *share) => {
+            canary.clone()
+        }
+        _ => serving.production.clone(),
     }
 }
 
@@ -390,7 +475,7 @@ pub fn follow(cache: Weak<PredictionCache>, ranker: RankerServiceClient<Channel>
                     let m = m.into_inner();
                     let canary = (!m.canary_model_version.is_empty())
                         .then_some((m.canary_model_version.as_str(), m.canary_share));
-                    cache.set_serving(&m.model_version, canary);
+                    cache.set_serving(&m.model_version, canary, !m.shadow_model_version.is_empty());
                     if failing {
                         tracing::info!(version = %m.model_version, "prediction cache: the ranker answers again");
                         failing = false;
@@ -447,7 +532,7 @@ mod tests {
         let mut config = PredictionCacheConfig::default();
         tweak(&mut config);
         let c = PredictionCache::new(config);
-        c.set_serving("v1", None);
+        c.set_serving("v1", None, false);
         c
     }
 
@@ -522,7 +607,7 @@ mod tests {
         let c =
             PredictionCache::new(PredictionCacheConfig { refresh: Duration::from_millis(100), ..Default::default() });
         assert_eq!(c.version_for("u"), None, "nothing is served before the ranker said what it serves");
-        c.set_serving("prod", Some(("canary", 0.5)));
+        c.set_serving("prod", Some(("canary", 0.5)), false);
         let keys: Vec<String> = (0..200).map(|i| format!("user-{i}")).collect();
         for k in &keys {
             let want = if adserve_registry::in_canary(k, 0.5) { "canary" } else { "prod" };
@@ -533,8 +618,44 @@ mod tests {
         std::thread::sleep(Duration::from_millis(350));
         assert_eq!(c.version_for("u"), None, "an answer older than 3 x refresh is not trusted");
         let off = PredictionCache::new(PredictionCacheConfig { enabled: false, ..Default::default() });
-        off.set_serving("prod", None);
+        off.set_serving("prod", None, false);
         assert_eq!(off.version_for("u"), None);
+        let ads = [ad(1)];
+        assert!(off.lookup_request("u", "r", &matrix(&[[0.5, 1.0]]), &ads).is_none());
+        // Lapsed: bypassed, every row to the ranker.
+        assert!(c.lookup_request("u", "r", &matrix(&[[0.5, 1.0]]), &ads).is_none());
+    }
+
+    #[test]
+    fn while_a_shadow_runs_a_share_of_requests_skip_the_hits_and_still_store() {
+        let c = cache(|c| c.shadow_share = 0.25);
+        let ads = [ad(1), ad(2)];
+        let m = matrix(&[[0.5, 1.0], [0.5, 2.0]]);
+        fill(&c, &m, &ads, "v1");
+        let requests: Vec<String> = (0..400).map(|i| format!("0190b7a2-1c2d-7e3f-8a9b-{i:012}")).collect();
+        let served =
+            |c: &PredictionCache, r: &str| c.lookup_request("u", r, &m, &ads).unwrap().pctr == [Some(0.01), Some(0.02)];
+        // No shadow: every request is served its hits.
+        assert!(requests.iter().all(|r| served(&c, r)));
+        c.set_serving("v1", None, true);
+        let skipped: Vec<&String> = requests.iter().filter(|r| !served(&c, r)).collect();
+        // About a quarter, and always the same requests (a retry is sampled alike).
+        assert!((60..=140).contains(&skipped.len()), "{} of 400 skipped", skipped.len());
+        assert!(skipped.iter().all(|r| !served(&c, r)));
+        // A skipped request's rows are all misses, and what the ranker then
+        // answers is stored for the next request.
+        let l = c.lookup_request("u", skipped[0], &matrix(&[[0.5, 3.0], [0.5, 2.0]]), &ads).unwrap();
+        assert_eq!(l.misses(), vec![0, 1]);
+        c.store(&l, &[0, 1], &[0.3, 0.4]);
+        c.set_serving("v1", None, false);
+        assert_eq!(c.lookup("v1".into(), &matrix(&[[0.5, 3.0]]), &ads[..1]).pctr, vec![Some(0.3)]);
+        // 0: the shadow sees the misses only; 1: no hit while it runs.
+        for (share, skips) in [(0.0, 0), (1.0, 400)] {
+            let c = cache(|c| c.shadow_share = share);
+            fill(&c, &m, &ads, "v1");
+            c.set_serving("v1", None, true);
+            assert_eq!(requests.iter().filter(|r| !served(&c, r)).count(), skips, "share {share}");
+        }
     }
 
     #[test]
@@ -544,5 +665,7 @@ mod tests {
         assert!(bad.validate("prediction_cache").unwrap_err().to_string().contains("prediction_cache.mantissa_bits"));
         let bad = PredictionCacheConfig { ttl: Duration::ZERO, ..Default::default() };
         assert!(bad.validate("prediction_cache").unwrap_err().to_string().contains("prediction_cache.ttl"));
+        let bad = PredictionCacheConfig { shadow_share: 1.5, ..Default::default() };
+        assert!(bad.validate("prediction_cache").unwrap_err().to_string().contains("prediction_cache.shadow_share"));
     }
 }

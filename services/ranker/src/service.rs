@@ -35,14 +35,8 @@ impl ShadowSink {
 
     /// Scores `matrix` with `shadow` and publishes it next to production's
     /// scores. Never fails the call it shadows: every outcome is a metric.
-    async fn run(
-        &self,
-        shadow: Arc<CtrModel>,
-        matrix: FeatureMatrix,
-        request_id: String,
-        production_model_version: String,
-        production_pctr: Vec<f32>,
-    ) {
+    async fn run(&self, shadow: Arc<CtrModel>, matrix: FeatureMatrix, call: Shadowed) {
+        let Shadowed { request_id, ad_ids, whole_request, production_model_version, production_pctr } = call;
         let outcome = async {
             let input = shadow.gather(&matrix).map_err(|e| format!("shadow cannot read the matrix: {e}"))?;
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -54,6 +48,8 @@ impl ShadowSink {
                 shadow_model_version: shadow.manifest().model_version.clone(),
                 shadow_pctr: scores.pctr,
                 scored_at: Some(prost_types::Timestamp::from(SystemTime::now())),
+                ad_ids,
+                whole_request,
             };
             self.publisher
                 .send(SHADOW_SCORES_TOPIC, &request_id, &event.encode_to_vec(), None)
@@ -71,6 +67,15 @@ impl ShadowSink {
         };
         metrics::counter!("adserve_ranker_shadow_total", "result" => result).increment(1);
     }
+}
+
+/// What a shadow event carries of the call it shadows.
+struct Shadowed {
+    request_id: String,
+    ad_ids: Vec<i64>,
+    whole_request: bool,
+    production_model_version: String,
+    production_pctr: Vec<f32>,
 }
 
 /// The fallback chain behind the model: a lightweight model with its own
@@ -227,6 +232,12 @@ impl RankerService for RankerGrpc {
                 self.max_rows
             )));
         }
+        if !request.ad_ids.is_empty() && request.ad_ids.len() != rows {
+            return Err(Status::invalid_argument(format!(
+                "ad_ids: must be empty or one per row ({rows}), got {}",
+                request.ad_ids.len()
+            )));
+        }
         // This call's model (production, or the canary for its share of
         // routing keys): a swap during the call does not change it.
         let (model, role) = self.serving.route(&request.routing_key);
@@ -262,9 +273,15 @@ impl RankerService for RankerGrpc {
         if level == ScoreLevel::Model
             && let Some((sink, shadow, permit)) = self.shadow_slot()
         {
-            let (request_id, version, pctr) = (request.request_id, model_version.clone(), scores.pctr.clone());
+            let call = Shadowed {
+                request_id: request.request_id,
+                ad_ids: request.ad_ids,
+                whole_request: request.whole_request,
+                production_model_version: model_version.clone(),
+                production_pctr: scores.pctr.clone(),
+            };
             tokio::spawn(async move {
-                sink.run(shadow, matrix, request_id, version, pctr).await;
+                sink.run(shadow, matrix, call).await;
                 drop(permit);
             });
         }
@@ -289,6 +306,11 @@ impl RankerService for RankerGrpc {
             canary_model_version: canary.as_ref().map(|c| c.model.manifest().model_version.clone()).unwrap_or_default(),
             canary_share: canary.map_or(0.0, |c| c.share),
             model_name: self.model_name.clone(),
+            // What shadow_slot() would score with.
+            shadow_model_version: match &self.shadow {
+                Some(_) => self.serving.shadow().map(|s| s.manifest().model_version.clone()).unwrap_or_default(),
+                None => String::new(),
+            },
             typed_inputs: m
                 .typed_inputs
                 .iter()
