@@ -55,6 +55,7 @@ AUCTION = {
                 },
                 "pacing": {"hourlyTraffic": [0.5] * 8 + [1.5] * 16},
                 "frequencyCapPerDay": 3,
+                "clickFilter": {"enabled": True, "userAgents": ["Googlebot", "AcmeMonitor/"]},
                 "openrtb": {"placements": {"agltb3B1Yi1pbmNy": "feed_top", "side bar": "sidebar"}, "currency": "EUR", "clickUrl": "https://ads.example.com/v1/clicks/redirect", "billingUrl": "https://ads.example.com/openrtb2/billing"},
             }
         }
@@ -180,6 +181,9 @@ def test_the_auction_values_reach_the_gateway() -> None:
     assert gateway["auction"]["quality_exponent"] == 0.5
     assert gateway["pacing"]["hourly_traffic"] == [0.5] * 8 + [1.5] * 16
     assert gateway["frequency_cap_per_day"] == 3
+    assert gateway["click_filter"] == {"enabled": True, "user_agents": ["Googlebot", "AcmeMonitor/"]}
+    defaults_filter = tomllib.loads(configs(render(None))["gateway"])["click_filter"]
+    assert defaults_filter == {"enabled": True}, "the built-in list unless replaced"
     assert gateway["counters"]["url"] == "redis://redis:6379/0"
     assert gateway["openrtb"]["placements"] == {"agltb3B1Yi1pbmNy": "feed_top", "side bar": "sidebar"}
     assert (gateway["openrtb"]["currency"], gateway["openrtb"]["network_allowance"]) == ("EUR", "10ms")

@@ -10,6 +10,10 @@ use adserve_gateway::openrtb::BidResponse;
 use adserve_integration_tests::{Stack, repo_root};
 use serde_json::{Value, json};
 
+/// A desktop Chrome's user agent: a person's browser to the click filter.
+const BROWSER: &str =
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36";
+
 fn sample(name: &str) -> Value {
     let path = repo_root().join("services/gateway/tests/data/openrtb").join(name);
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
@@ -120,7 +124,8 @@ async fn a_bid_is_clicked_with_its_token_and_a_floor_above_every_price_is_a_no_b
     let href = bid.adm.split('"').nth(1).expect("an href").replace("&amp;", "&");
     let redirect = format!("{}/v1/clicks/redirect?", stack.http);
     assert!(href.starts_with(&redirect), "{href}");
-    let browser = adserve_integration_tests::http_builder().redirect(reqwest::redirect::Policy::none()).build()?;
+    let no_redirects = || adserve_integration_tests::http_builder().redirect(reqwest::redirect::Policy::none());
+    let browser = no_redirects().user_agent(BROWSER).build()?;
     let landed = browser.get(&href).send().await?;
     assert_eq!(landed.status(), 302);
     let location = landed.headers()["location"].to_str()?.to_string();
@@ -138,6 +143,42 @@ async fn a_bid_is_clicked_with_its_token_and_a_floor_above_every_price_is_a_no_b
     assert!(refused.headers().get("location").is_none());
     let missing = browser.get(format!("{redirect}impression_id={}", bid.ext.adserve.impression_id)).send().await?;
     assert_eq!(missing.status(), 400);
+
+    // A link preview, a crawler, a script without a user agent and a
+    // browser's prefetch all land, and none is a click: the person's own
+    // click afterwards is recorded (202, not 409).
+    request["id"] = json!(format!("bots-{}", uuid::Uuid::new_v4()));
+    let answer: BidResponse = auction(&stack, &request).await?.json().await?;
+    let bid = &answer.seatbid[0].bid[0];
+    let href = bid.adm.split('"').nth(1).expect("an href").replace("&amp;", "&");
+    let metrics = format!("http://{}/metrics", stack.metrics.iter().find(|(n, _)| n == "gateway").unwrap().1);
+    let refusals = async |reason: &str| -> anyhow::Result<f64> {
+        let text = adserve_integration_tests::bench::prom::scrape(&metrics).await?;
+        Ok(adserve_integration_tests::bench::prom::counter(
+            &text,
+            "adserve_gateway_clicks_refused_total",
+            &[&format!("reason=\"{reason}\"")],
+        ))
+    };
+    let (bots, prefetches) = (refusals("bot").await?, refusals("prefetch").await?);
+    for agent in
+        ["Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)", "Mozilla/5.0 (compatible; Googlebot/2.1)"]
+    {
+        let fetched = no_redirects().user_agent(agent).build()?.get(&href).send().await?;
+        assert_eq!(fetched.status(), 302, "{agent}");
+        assert!(fetched.headers()["location"].to_str()?.starts_with("https://"), "{agent}: lands");
+    }
+    let scripted = no_redirects().build()?.get(&href).send().await?;
+    assert_eq!(scripted.status(), 302, "no user agent");
+    let head = browser.head(&href).send().await?;
+    assert_eq!(head.status(), 302);
+    let prefetch = browser.get(&href).header("sec-purpose", "prefetch").send().await?;
+    assert_eq!(prefetch.status(), 302);
+    assert_eq!(refusals("bot").await? - bots, 3.0);
+    assert_eq!(refusals("prefetch").await? - prefetches, 2.0);
+    let click = json!({"impression_id": bid.ext.adserve.impression_id, "click_token": bid.ext.adserve.click_token});
+    let person = http.post(format!("{}/v1/clicks", stack.http)).json(&click).send().await?;
+    assert_eq!(person.status(), 202, "no fetch above was recorded as the click");
 
     // A floor no demo ad reaches: no bid (and nothing served, so nothing logged).
     request["imp"][0]["bidfloor"] = json!(900_000.0);

@@ -324,6 +324,14 @@ max_step = {{ float64 $p.maxStep }}
 memory = {{ float64 $p.memory }}
 spend_lag = "{{ int64 $p.spendLagMs }}ms"
 hourly_traffic = {{ $p.hourlyTraffic | toJson }}
+{{- with $c.clickFilter }}
+
+[click_filter]
+enabled = {{ .enabled }}
+{{- with .userAgents }}
+user_agents = {{ . | toJson }}
+{{- end }}
+{{- end }}
 {{- $o := $c.openrtb }}
 
 [openrtb]

@@ -55,6 +55,9 @@ pub struct GatewayConfig {
     pub body_timeout: Duration,
     /// Keys of the click tokens ([`crate::click_token`]).
     pub click_tokens: ClickTokenConfig,
+    /// Fetches of the click redirect that are not a person's click
+    /// ([`crate::click_filter`]).
+    pub click_filter: crate::click_filter::ClickFilterConfig,
     /// Publisher API keys and their rate limits ([`crate::auth`]).
     pub auth: AuthConfig,
     /// The OpenRTB 2.5/2.6 endpoint ([`crate::openrtb`]).
@@ -511,6 +514,7 @@ impl Default for GatewayConfig {
             auth: AuthConfig::default(),
             openrtb: OpenRtbConfig::default(),
             prediction_cache: PredictionCacheConfig::default(),
+            click_filter: crate::click_filter::ClickFilterConfig::default(),
         }
     }
 }
@@ -521,6 +525,7 @@ impl Validate for GatewayConfig {
         self.postgres.validate()?;
         self.catalog_index.validate("catalog_index")?;
         self.prediction_cache.validate("prediction_cache")?;
+        self.click_filter.validate("click_filter")?;
         self.kafka.validate()?;
         for (key, url) in [
             ("upstreams.feature_service", &self.upstreams.feature_service),

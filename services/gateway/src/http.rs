@@ -169,9 +169,20 @@ async fn openrtb_auction(State(state): State<HttpState>, headers: HeaderMap, bod
 
 /// A click through a creative's link: 302 to the landing page. No API key
 /// (a browser follows it): the click token is the credential.
-async fn click_redirect(State(state): State<HttpState>, uri: axum::http::Uri) -> axum::response::Response {
+async fn click_redirect(
+    State(state): State<HttpState>,
+    method: axum::http::Method,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> axum::response::Response {
+    let user_agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok());
+    let purpose = ["sec-purpose", "purpose", "x-purpose", "x-moz"]
+        .iter()
+        .filter_map(|name| headers.get(*name).and_then(|v| v.to_str().ok()))
+        .any(crate::click_filter::is_prefetch_purpose);
+    let fetch = crate::click_filter::Fetch { user_agent, prefetch: method == axum::http::Method::HEAD || purpose };
     let result = match query::<adserve_proto::v1::RecordClickRequest>(&uri) {
-        Ok(req) => state.server.click_through(req).await,
+        Ok(req) => state.server.click_through(req, fetch).await,
         Err(e) => Err(e),
     };
     record(Api::Http, "click_redirect", &result);

@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod budget;
+pub mod click_filter;
 pub mod click_token;
 pub mod config;
 pub mod error;

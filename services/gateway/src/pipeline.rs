@@ -50,6 +50,8 @@ pub struct AdServer {
     click_tokens: ClickTokens,
     /// Decrypt encrypted clearing prices (`openrtb.price_keys`).
     price_keys: Option<crate::price_crypto::PriceKeys>,
+    /// Click-redirect fetches that are not a person's click.
+    click_filter: crate::click_filter::ClickFilter,
     publishers: crate::auth::Publishers,
     /// The ranker's scores, reused ([`crate::prediction_cache`]).
     prediction_cache: Arc<PredictionCache>,
@@ -131,6 +133,7 @@ impl AdServer {
             pacing,
             click_tokens,
             price_keys,
+            click_filter: crate::click_filter::ClickFilter::new(&config.click_filter),
             publishers,
             prediction_cache,
             config: Arc::new(config),
@@ -628,7 +631,11 @@ impl AdServer {
     /// way: a user who clicks late still lands. A token that is not this
     /// gateway's sends nobody anywhere (400 / 403), and neither does an ad
     /// the catalog no longer has (404).
-    pub async fn click_through(&self, req: RecordClickRequest) -> Result<String, ServeError> {
+    pub async fn click_through(
+        &self,
+        req: RecordClickRequest,
+        fetch: crate::click_filter::Fetch<'_>,
+    ) -> Result<String, ServeError> {
         let impression_id = click_fields(&req)?;
         let claims = self.click_tokens.genuine(&req.click_token, impression_id).map_err(token_refused)?;
         let landing = deadline(self.config.deadlines.catalog, self.catalog.landing_url(claims.ad_id))
@@ -637,6 +644,14 @@ impl AdServer {
             .ok_or_else(|| ServeError::NotFound(format!("click_token: ad {} is not in the catalog", claims.ad_id)))?;
         if !(landing.starts_with("https://") || landing.starts_with("http://")) {
             return Err(ServeError::NotFound(format!("ad {}: its landing URL is not http(s)", claims.ad_id)));
+        }
+        // A crawler, link preview or prefetch lands too (a preview shows the
+        // right page) but is no click: not recorded, not marked, so the
+        // person's own click afterwards is.
+        if let Some(not) = self.click_filter.judge(fetch) {
+            metrics::counter!("adserve_gateway_clicks_refused_total", "reason" => not.reason()).increment(1);
+            tracing::debug!(reason = not.reason(), ad_id = claims.ad_id, "click-through not recorded");
+            return Ok(landing);
         }
         match self.click(req).await {
             Ok(_) => {}
