@@ -241,21 +241,6 @@ impl PredictionCache {
     /// scores under.
     fn look(&self, version: Arc<str>, matrix: &FeatureMatrix, ads: &[EligibleAd], serve: bool) -> Lookup {
         let rows = (matrix.num_rows as usize).min(ads.len());
-        if !serve {
-            let seed = self.seed(&version, matrix);
-            let keys: Vec<(i64, u64, u64)> = ads
-                .iter()
-                .enumerate()
-                .take(rows)
-                .map(|(i, ad)| {
-                    let (key, check) = self.row_key(seed, matrix, i, ad);
-                    (ad.ad_id, key, check)
-                })
-                .collect();
-            metrics::counter!("adserve_gateway_prediction_cache_rows_total", "result" => "shadow")
-                .increment(rows as u64);
-            return Lookup { version, keys, pctr: vec![None; rows], for_shadow: true };
-        }
         let seed = self.seed(&version, matrix);
         let now = Instant::now();
         let mut keys = Vec::with_capacity(rows);
@@ -264,6 +249,11 @@ impl PredictionCache {
         let mut oldest = Duration::ZERO;
         for (i, ad) in ads.iter().enumerate().take(rows) {
             let (key, check) = self.row_key(seed, matrix, i, ad);
+            keys.push((ad.ad_id, key, check));
+            if !serve {
+                pctr.push(None);
+                continue;
+            }
             let found = self.shard(key).lock().unwrap_or_else(|e| e.into_inner()).get(&(ad.ad_id, key)).copied();
             let cached = match found {
                 Some(e) if e.check == check => {
@@ -283,7 +273,6 @@ impl PredictionCache {
                 }
             };
             pctr.push(cached);
-            keys.push((ad.ad_id, key, check));
         }
         let count = |result: &'static str, n: u64| {
             if n > 0 {
@@ -293,10 +282,13 @@ impl PredictionCache {
         count("hit", hits);
         count("miss", misses);
         count("expired", expired);
+        if !serve {
+            count("shadow", rows as u64);
+        }
         if hits > 0 {
             metrics::histogram!("adserve_gateway_prediction_cache_hit_age_seconds").record(oldest.as_secs_f64());
         }
-        Lookup { version, keys, pctr, for_shadow: false }
+        Lookup { version, keys, pctr, for_shadow: !serve }
     }
 
     /// Stores the ranker's scores of `rows` (indices into `lookup`).
