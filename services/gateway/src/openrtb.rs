@@ -883,15 +883,14 @@ impl ClearingPrice<'_> {
     /// The price in micro units per mille: an encrypted one decrypted with
     /// `keys`, a 403 (counted) when it does not verify with them.
     pub fn micros(self, keys: Option<&crate::price_crypto::PriceKeys>) -> Result<i64, ServeError> {
-        let text = match (self, keys) {
+        let (text, keys) = match (self, keys) {
             (Self::Micros(micros), None) => return Ok(micros),
-            (Self::Encrypted(text), Some(_)) => text,
+            (Self::Encrypted(text), Some(keys)) => (text, keys),
             // check() sorted them by the same keys.
             (Self::Micros(_), Some(_)) | (Self::Encrypted(_), None) => {
                 return Err(ServeError::InvalidArgument("price: does not match openrtb.price_keys".into()));
             }
         };
-        let keys = keys.expect("matched above");
         match keys.decrypt(text) {
             Ok(micros) if micros <= (MAX_PRICE * 1e6) as u64 => Ok(micros as i64),
             Ok(micros) => Err(ServeError::InvalidArgument(format!(

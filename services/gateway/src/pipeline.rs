@@ -741,7 +741,7 @@ impl AdServer {
             ad_ids: if ads.len() == rows { misses.iter().map(|&i| ads[i].ad_id).collect() } else { Vec::new() },
             whole_request: lookup.as_ref().is_none_or(|l| l.for_shadow),
         };
-        match self.rank(to_score, &shadowed, user_id, request_id, budget, degraded).await {
+        match self.rank(to_score, shadowed, user_id, request_id, budget, degraded).await {
             Some((pctr, version, level)) => {
                 if let Some(l) = &lookup
                     && level == ScoreLevel::Model
@@ -768,7 +768,7 @@ impl AdServer {
     async fn rank(
         &self,
         matrix: &FeatureMatrix,
-        shadowed: &Shadowed,
+        shadowed: Shadowed,
         user_id: &str,
         request_id: &str,
         budget: &Budget,
@@ -786,7 +786,7 @@ impl AdServer {
             request_id: request_id.to_string(),
             // Empty: whatever model name the ranker deployment serves.
             model_name: String::new(),
-            ad_ids: shadowed.ad_ids.clone(),
+            ad_ids: shadowed.ad_ids,
             whole_request: shadowed.whole_request,
         };
         let request = with_deadline(request, limit);
