@@ -36,7 +36,8 @@ ADSTACK_MODEL_DIR="$(realpath "${ADSTACK_MODEL_DIR:-models/ctr-baseline}")"
 export ADSTACK_MODEL_DIR ADSTACK_RANKER_REGISTRY=false
 
 quick="${BENCH_QUICK:-0}"
-parts="${BENCH_PARTS:-auction,ranker,ranker-overload,tls,features,e2e,joiner,aggregates}"
+all_parts="auction,ranker,ranker-overload,tls,features,e2e,joiner,aggregates"
+parts="${BENCH_PARTS:-$all_parts}"
 export ADSTACK_PROFILE=release
 work="$ADSTACK_RUN/bench"
 mkdir -p "$work/logs"
@@ -85,14 +86,14 @@ args=(--json "$work/results.json" --work-dir "$work" --bin-dir "$CARGO_TARGET_DI
 args+=(--model-dir "$ADSTACK_MODEL_DIR")
 command="make bench"
 [ "$quick" = 1 ] && { args+=(--quick); command="make bench QUICK=1"; }
-if [ "$parts" != "auction,ranker,ranker-overload,features,e2e,joiner,aggregates" ]; then
+if [ "$parts" != "$all_parts" ]; then
   # (An assignment takes its status from the substitution: a bare
   # `[ quick ] && echo` failed it, and set -e ended every non-quick partial run.)
   suffix=""
   [ "$quick" = 1 ] && suffix=" QUICK=1"
   command="make bench-${parts//,/+}$suffix"
 fi
-if [ "${BENCH_DOCS:-0}" = 1 ] || { [ "$quick" != 1 ] && [ "$parts" = "auction,ranker,ranker-overload,features,e2e,joiner,aggregates" ]; }; then
+if [ "${BENCH_DOCS:-0}" = 1 ] || { [ "$quick" != 1 ] && [ "$parts" = "$all_parts" ]; }; then
   args+=(--doc docs/benchmarks.md)
   cp_json=1
 fi
