@@ -123,3 +123,62 @@ async fn every_accepted_connection_has_tcp_nodelay() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A frozen ranker (SIGSTOP, as a GC pause or a starved box would hold it)
+/// while its caller sends calls and gives up on each at its deadline: the
+/// calls are reset before the ranker has read them. Once thawed, the ranker
+/// must answer the one call that was patient, on the same connection, rather
+/// than close the connection for "too many resets" (h2's default limit of
+/// 20, which failed every call on it with RESOURCE_EXHAUSTED).
+#[tokio::test]
+async fn calls_reset_while_the_ranker_is_frozen_do_not_fail_the_connection() -> anyhow::Result<()> {
+    use adserve_proto::v1::{GetModelRequest, ranker_service_client::RankerServiceClient};
+    let (mut command, port, _) = adserve_integration_tests::ranker_command(
+        &adserve_integration_tests::repo_root().join("models/ctr-baseline"),
+        &[],
+    );
+    let ranker = command.stdout(std::process::Stdio::null()).spawn()?;
+    let pid = ranker.id().context("the ranker is running")?.to_string();
+    // The gateway's channel settings.
+    let channel = adserve_core::net::grpc_endpoint(format!("http://127.0.0.1:{port}"))?;
+    let mut client = None;
+    for _ in 0..300 {
+        if let Ok(c) = channel.connect().await {
+            let mut c = RankerServiceClient::new(c);
+            if c.get_model(GetModelRequest::default()).await.is_ok() {
+                client = Some(c);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let client = client.context("the ranker did not start")?;
+
+    std::process::Command::new("kill").args(["-STOP", &pid]).status()?;
+    let patient = tokio::spawn({
+        let mut client = client.clone();
+        async move { client.get_model(GetModelRequest::default()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let impatient: Vec<_> = (0..200)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_millis(30), client.get_model(GetModelRequest::default())).await
+            })
+        })
+        .collect();
+    let mut cancelled = 0;
+    for call in impatient {
+        cancelled += usize::from(call.await?.is_err());
+    }
+    std::process::Command::new("kill").args(["-CONT", &pid]).status()?;
+    assert_eq!(cancelled, 200, "a frozen ranker answered");
+
+    let answer = tokio::time::timeout(Duration::from_secs(10), patient).await.context("the patient call hung")??;
+    if let Err(status) = answer {
+        panic!("the patient call failed with the reset ones: {status}");
+    }
+    client.clone().get_model(GetModelRequest::default()).await.context("the connection serves after the thaw")?;
+    Ok(())
+}

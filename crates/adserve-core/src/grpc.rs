@@ -173,6 +173,72 @@ mod tests {
         assert!(!reflection_answers(false).await);
     }
 
+    /// Under overload a caller gives up on calls the server has not even
+    /// accepted yet (their deadline passed while the server's threads were
+    /// busy) and resets their streams. h2's defence against "rapid reset"
+    /// floods answers more than 20 such resets with GOAWAY(ENHANCE_YOUR_CALM),
+    /// which fails every call on the connection with RESOURCE_EXHAUSTED,
+    /// calls that would have been answered included: overload turned into an
+    /// outage. Here the server's only thread is frozen while a caller sends
+    /// and cancels 200 calls on the connection of one patient call, which
+    /// must still be answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_cancelled_before_the_server_reads_them_do_not_fail_the_connection() {
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (freeze, mut frozen) = tokio::sync::mpsc::unbounded_channel::<Duration>();
+        let config = crate::ServerConfig::default();
+        let server = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                listener.set_nonblocking(true).unwrap();
+                let listener = TcpListener::from_std(listener).unwrap();
+                let lifecycle = Lifecycle::new(&config, crate::Shutdown::default());
+                let shutdown = lifecycle.shutdown.clone();
+                tokio::spawn(async move { serve(listener, Routes::default(), &[], &lifecycle).await });
+                // Blocks the runtime's only thread when asked: the
+                // connection's frames queue up unread, as on a starved server.
+                while let Some(d) = frozen.recv().await {
+                    std::thread::sleep(d);
+                }
+                shutdown.trigger();
+            })
+        });
+        let channel = crate::net::grpc_endpoint(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let client = HealthClient::new(channel);
+        let check = || HealthCheckRequest { service: String::new() };
+        client.clone().check(check()).await.expect("the server answers before the freeze");
+
+        freeze.send(Duration::from_millis(600)).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let patient = tokio::spawn({
+            let mut client = client.clone();
+            async move { client.check(check()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let impatient: Vec<_> = (0..200)
+            .map(|_| {
+                let mut client = client.clone();
+                // Dropped at its deadline: the client resets the stream.
+                tokio::spawn(
+                    async move { tokio::time::timeout(Duration::from_millis(30), client.check(check())).await },
+                )
+            })
+            .collect();
+        for call in impatient {
+            assert!(call.await.unwrap().is_err(), "answered by a frozen server");
+        }
+        let answer = tokio::time::timeout(Duration::from_secs(10), patient).await.expect("answered in time").unwrap();
+        if let Err(status) = answer {
+            panic!("the patient call failed with the cancelled ones: {status}");
+        }
+        // And the connection still serves.
+        client.clone().check(check()).await.expect("the server answers after the freeze");
+        drop(freeze);
+        server.join().unwrap();
+    }
+
     #[tokio::test]
     async fn served_grpc_connections_have_nodelay() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

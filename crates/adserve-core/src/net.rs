@@ -36,6 +36,21 @@ pub const HTTP2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// large streams on one multiplexed connection.
 pub const HTTP2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
+/// Streams a gRPC client may reset before the server has read them, per
+/// connection, before h2 closes the connection with GOAWAY(ENHANCE_YOUR_CALM).
+///
+/// h2's default, 20, is its defence against "rapid reset" floods
+/// (CVE-2023-44487). It also fires on an honest caller: when a server is
+/// starved or frozen, every call whose deadline passes meanwhile is reset
+/// before the server reads it, and the 21st fails every call on the
+/// connection, those that would have been answered included, with
+/// RESOURCE_EXHAUSTED ("h2 protocol error"). The gateway calls the ranker
+/// with deadlines of tens of milliseconds at hundreds of calls a second, so a
+/// 100 ms stall was enough. 4096 covers a 10 s freeze at 400 calls a second;
+/// each such stream is a few hundred bytes until the server reads it, and
+/// calls the server has read are bounded by `server.max_concurrent_requests`.
+pub const HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 4096;
+
 /// How long dialling a gRPC upstream may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -65,6 +80,7 @@ pub fn grpc_server() -> Server {
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .http2_max_pending_accept_reset_streams(Some(HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS))
 }
 
 /// An axum listener on `listener` whose accepted sockets get
