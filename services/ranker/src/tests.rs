@@ -114,12 +114,15 @@ async fn missing_ragged_and_non_finite_input_is_named() {
     let mut m = matrix(2);
     m.values.pop();
     assert!(model.gather(&m).is_err());
-    let mut m = matrix(2);
-    let col = m.feature_names.iter().position(|n| *n == missing).expect("present");
-    let cols = m.num_cols();
-    m.values[cols + col] = f32::INFINITY;
-    let err = model.gather(&m).unwrap_err();
-    assert!(err.contains("row 1") && err.contains(&missing), "{err}");
+    // A non-finite value is named by its row and feature, whichever column.
+    for feature in [&model.manifest().feature_order[0], model.manifest().feature_order.last().unwrap()] {
+        let mut m = matrix(3);
+        let col = m.feature_names.iter().position(|n| n == feature).expect("present");
+        let cols = m.num_cols();
+        m.values[cols + col] = f32::INFINITY;
+        let err = model.gather(&m).unwrap_err();
+        assert!(err.contains(&format!("row 1 feature {feature:?} is inf")), "{err}");
+    }
 }
 
 #[tokio::test]
