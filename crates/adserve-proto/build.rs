@@ -25,7 +25,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // the contract is defined once, here in proto.
     let de = "#[derive(serde::Deserialize)] #[serde(deny_unknown_fields)]";
     let ser = "#[derive(serde::Serialize)]";
+    // FeatureMatrix has a hand-written codec (src/matrix.rs: its number
+    // blocks move in bulk). prost-derive's version of every message is
+    // generated too, for that codec's tests to check it against.
+    let reference = out.join("reference");
+    std::fs::create_dir_all(&reference)?;
     tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .out_dir(&reference)
+        .compile_fds(fds.clone())?;
+    tonic_prost_build::configure()
+        .extern_path(".adserve.v1.FeatureMatrix", "crate::matrix::FeatureMatrix")
         .type_attribute(".adserve.v1.GetAdsRequest", de)
         // Optional on the wire: the block lists (user_id, context and slots stay required).
         .field_attribute(".adserve.v1.GetAdsRequest.blocked_categories", "#[serde(default)]")

@@ -5,7 +5,22 @@
 /// Package `adserve.v1`.
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
+    pub use crate::matrix::FeatureMatrix;
     tonic::include_proto!("adserve.v1");
+}
+
+pub mod matrix;
+
+/// prost-derive's code for every message, `FeatureMatrix` included: what
+/// [`matrix`]'s codec is checked against.
+#[cfg(test)]
+mod reference {
+    pub mod adserve {
+        pub mod v1 {
+            #![allow(clippy::all, missing_docs, dead_code)]
+            include!(concat!(env!("OUT_DIR"), "/reference/adserve.v1.rs"));
+        }
+    }
 }
 
 /// Encoded `FileDescriptorSet` of every adserve proto, for gRPC server reflection.
