@@ -51,6 +51,13 @@ pub const HTTP2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// calls the server has read are bounded by `server.max_concurrent_requests`.
 pub const HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 4096;
 
+/// Calls a gRPC client gave up on (reset) that h2 remembers per connection,
+/// so that an answer already on its way is dropped quietly. h2 remembers 50
+/// by default; a frame for a reset stream it has forgotten is answered with
+/// a reset of its own, which counts toward a per-connection *lifetime* limit
+/// (see [`grpc_endpoint`]).
+pub const HTTP2_REMEMBERED_RESETS: usize = 4096;
+
 /// How long dialling a gRPC upstream may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -93,6 +100,14 @@ pub fn http_listener(listener: TcpListener) -> impl axum::serve::Listener<Io = T
 /// A gRPC channel endpoint for `url` with the project's client settings:
 /// `TCP_NODELAY`, keep-alive (TCP and HTTP/2, also while idle) and the same
 /// flow-control windows as the servers.
+///
+/// h2's limit on "local error resets" (1024 per connection, never reset) is
+/// off. It guards against a hostile server; every channel built here dials
+/// an adserve service. With it on, answers that crossed calls the gateway
+/// gave up on at their deadline added up over the connection's life, and the
+/// 1025th closed the connection with GOAWAY(ENHANCE_YOUR_CALM,
+/// "too_many_internal_resets"): every call in flight on it failed with
+/// RESOURCE_EXHAUSTED, seconds into an overload or hours into a quiet day.
 pub fn grpc_endpoint(url: impl Into<String>) -> Result<Endpoint, tonic::transport::Error> {
     Ok(Endpoint::from_shared(url.into())?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -102,7 +117,9 @@ pub fn grpc_endpoint(url: impl Into<String>) -> Result<Endpoint, tonic::transpor
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .http2_keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true))
+        .keep_alive_while_idle(true)
+        .http2_max_concurrent_reset_streams(HTTP2_REMEMBERED_RESETS)
+        .http2_max_local_error_reset_streams(None))
 }
 
 #[cfg(test)]
