@@ -154,7 +154,7 @@ async fn calls_reset_while_the_ranker_is_frozen_do_not_fail_the_connection() -> 
     }
     let client = client.context("the ranker did not start")?;
 
-    std::process::Command::new("kill").args(["-STOP", &pid]).status()?;
+    anyhow::ensure!(std::process::Command::new("kill").args(["-STOP", &pid]).status()?.success(), "SIGSTOP {pid}");
     let patient = tokio::spawn({
         let mut client = client.clone();
         async move { client.get_model(GetModelRequest::default()).await }
@@ -172,7 +172,7 @@ async fn calls_reset_while_the_ranker_is_frozen_do_not_fail_the_connection() -> 
     for call in impatient {
         cancelled += usize::from(call.await?.is_err());
     }
-    std::process::Command::new("kill").args(["-CONT", &pid]).status()?;
+    anyhow::ensure!(std::process::Command::new("kill").args(["-CONT", &pid]).status()?.success(), "SIGCONT {pid}");
     assert_eq!(cancelled, 200, "a frozen ranker answered");
 
     let answer = tokio::time::timeout(Duration::from_secs(10), patient).await.context("the patient call hung")??;

@@ -36,26 +36,41 @@ pub const HTTP2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// large streams on one multiplexed connection.
 pub const HTTP2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
-/// Streams a gRPC client may reset before the server has read them, per
-/// connection, before h2 closes the connection with GOAWAY(ENHANCE_YOUR_CALM).
+/// Calls a client may have reset before the server's connection loop picked
+/// them up, queued at once on one connection, before h2 closes the
+/// connection with GOAWAY(ENHANCE_YOUR_CALM), on listeners whose callers are
+/// adserve's own services ([`Callers::Internal`]).
 ///
 /// h2's default, 20, is its defence against "rapid reset" floods
 /// (CVE-2023-44487). It also fires on an honest caller: when a server is
 /// starved or frozen, every call whose deadline passes meanwhile is reset
-/// before the server reads it, and the 21st fails every call on the
+/// before the server picks it up, and the 21st fails every call on the
 /// connection, those that would have been answered included, with
 /// RESOURCE_EXHAUSTED ("h2 protocol error"). The gateway calls the ranker
-/// with deadlines of tens of milliseconds at hundreds of calls a second, so a
-/// 100 ms stall was enough. 4096 covers a 10 s freeze at 400 calls a second;
-/// each such stream is a few hundred bytes until the server reads it, and
-/// calls the server has read are bounded by `server.max_concurrent_requests`.
+/// with deadlines of tens of milliseconds at hundreds of calls a second, so
+/// a 100 ms stall was enough. 4096 covers a 10 s freeze at 400 calls a
+/// second. The gateway's public gRPC listener ([`Callers::Public`]) keeps
+/// h2's default.
 pub const HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 4096;
 
-/// Calls a gRPC client gave up on (reset) that h2 remembers per connection,
-/// so that an answer already on its way is dropped quietly. h2 remembers 50
-/// by default; a frame for a reset stream it has forgotten is answered with
-/// a reset of its own, which counts toward a per-connection *lifetime* limit
-/// (see [`grpc_endpoint`]).
+/// Who calls a gRPC listener, which decides how much h2 trusts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Callers {
+    /// adserve's own services only (the ranker, feature-service, auction and
+    /// label-joiner listeners): calls they reset unread are tolerated up to
+    /// [`HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS`].
+    Internal,
+    /// Anyone on the network (the gateway's gRPC API): h2's own rapid-reset
+    /// defence applies unchanged.
+    Public,
+}
+
+/// Calls a gRPC client gave up on (reset) that h2 remembers at once per
+/// connection (each for about a second), so that an answer already on its
+/// way is dropped quietly. h2 remembers at most 50 by default and forgets
+/// the newest beyond that; a frame for a reset stream it does not remember
+/// is answered with a reset of its own, which counts toward a per-connection
+/// *lifetime* limit (see [`grpc_endpoint`]).
 pub const HTTP2_REMEMBERED_RESETS: usize = 4096;
 
 /// How long dialling a gRPC upstream may take.
@@ -78,16 +93,22 @@ pub fn grpc_incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE))
 }
 
-/// A tonic server builder with the project's HTTP/2 settings. Socket
-/// options come from [`grpc_incoming`]: the builder's own `tcp_nodelay` and
-/// `tcp_keepalive` apply only to sockets tonic binds itself, which we never do.
-pub fn grpc_server() -> Server {
-    Server::builder()
+/// A tonic server builder with the project's HTTP/2 settings for a listener
+/// called by `callers`. Socket options come from [`grpc_incoming`]: the
+/// builder's own `tcp_nodelay` and `tcp_keepalive` apply only to sockets
+/// tonic binds itself, which we never do.
+pub fn grpc_server(callers: Callers) -> Server {
+    let builder = Server::builder()
         .initial_stream_window_size(HTTP2_STREAM_WINDOW)
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-        .http2_max_pending_accept_reset_streams(Some(HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT));
+    match callers {
+        Callers::Internal => {
+            builder.http2_max_pending_accept_reset_streams(Some(HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS))
+        }
+        Callers::Public => builder,
+    }
 }
 
 /// An axum listener on `listener` whose accepted sockets get

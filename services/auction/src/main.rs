@@ -10,6 +10,13 @@ async fn main() -> anyhow::Result<()> {
         adserve_core::bootstrap(adserve_core::build_info!("adserve-auction"), &config.server, &config.telemetry)
             .await?;
     let routes = Routes::new(AuctionGrpc::new().into_server());
-    adserve_core::grpc::serve(listener, routes, &[service_names::AUCTION], &lifecycle).await?;
+    adserve_core::grpc::serve(
+        listener,
+        routes,
+        &[service_names::AUCTION],
+        &lifecycle,
+        adserve_core::net::Callers::Internal,
+    )
+    .await?;
     Ok(())
 }

@@ -84,7 +84,14 @@ async fn main() -> anyhow::Result<()> {
         // Health and metrics only.
         Routes::default()
     };
-    adserve_core::grpc::serve(listener, routes, &[service_names::FEATURE_SERVICE], &lifecycle).await?;
+    adserve_core::grpc::serve(
+        listener,
+        routes,
+        &[service_names::FEATURE_SERVICE],
+        &lifecycle,
+        adserve_core::net::Callers::Internal,
+    )
+    .await?;
     if let Some(task) = aggregating {
         let _ = task.await;
     }

@@ -38,7 +38,13 @@ async fn main() -> anyhow::Result<()> {
     let router = http::router(server.clone(), http::BodyLimits::of(&config), lifecycle.readiness.clone());
     let http = adserve_core::http::serve(http_listener, router, &lifecycle);
     let routes = Routes::new(GatewayGrpc(server).into_server());
-    let grpc = adserve_core::grpc::serve(grpc_listener, routes, &[service_names::GATEWAY], &lifecycle);
+    let grpc = adserve_core::grpc::serve(
+        grpc_listener,
+        routes,
+        &[service_names::GATEWAY],
+        &lifecycle,
+        adserve_core::net::Callers::Public,
+    );
     let (http, grpc) = tokio::join!(http, grpc);
     http?;
     grpc?;

@@ -27,6 +27,7 @@ async fn main() -> anyhow::Result<()> {
         Routes::new(service.into_server()),
         &[service_names::LABEL_JOINER],
         &lifecycle,
+        adserve_core::net::Callers::Internal,
     );
     // Kafka failures restart the loop in-process; a sink failure that leaves a
     // file's fate unknown stops the process (a restart re-reads the files).

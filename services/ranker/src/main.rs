@@ -62,6 +62,13 @@ async fn main() -> anyhow::Result<()> {
         service = service.with_shadow(adserve_ranker::service::ShadowSink::new(publisher, config.shadow.max_in_flight));
     }
     let routes = Routes::new(service.into_server());
-    adserve_core::grpc::serve(listener, routes, &[service_names::RANKER], &lifecycle).await?;
+    adserve_core::grpc::serve(
+        listener,
+        routes,
+        &[service_names::RANKER],
+        &lifecycle,
+        adserve_core::net::Callers::Internal,
+    )
+    .await?;
     Ok(())
 }
