@@ -374,6 +374,70 @@ mod tests {
         shutdown.trigger();
     }
 
+    /// The most calls a listener for `callers` holds at once when one
+    /// connection sends 300, each held by the server until released.
+    async fn calls_held_at_once_from_one_connection(callers: net::Callers) -> usize {
+        use std::sync::atomic::Ordering::SeqCst;
+        const CALLS: usize = 300;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let lifecycle = Lifecycle::new(&crate::ServerConfig::default(), crate::Shutdown::default());
+        assert!(lifecycle.max_concurrent_requests > CALLS, "the admission gate must not be what limits");
+        let shutdown = lifecycle.shutdown.clone();
+        let ranker = HeldRanker::default();
+        let routes = Routes::new(RankerServiceServer::new(ranker.clone()));
+        tokio::spawn(async move { serve(listener, routes, &[], &lifecycle, callers).await });
+        let channel = crate::net::grpc_endpoint(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let client = RankerServiceClient::new(channel);
+        client.clone().get_model(GetModelRequest::default()).await.expect("served");
+        let calls: Vec<_> = (0..CALLS)
+            .map(|_| {
+                let mut client = client.clone();
+                tokio::spawn(async move { client.score(ScoreRequest::default()).await })
+            })
+            .collect();
+        let settle = |at_least: usize| {
+            let ranker = ranker.clone();
+            async move {
+                // Until `at_least` are held, then as long again for more to come.
+                let start = tokio::time::Instant::now();
+                while ranker.waiting.load(SeqCst) < at_least && start.elapsed() < Duration::from_secs(20) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                tokio::time::sleep(start.elapsed().max(Duration::from_millis(300))).await;
+                ranker.waiting.load(SeqCst)
+            }
+        };
+        let held = settle(HTTP2_LIMIT.min(CALLS)).await;
+        // Release them; the calls queued on the client's side arrive and are
+        // held in turn, then released too. Every call is answered.
+        ranker.release.send_modify(|r| *r += 1);
+        assert_eq!(settle(CALLS).await, CALLS, "every call reached the server");
+        ranker.release.send_modify(|r| *r += 1);
+        for call in calls {
+            call.await.unwrap().expect("answered");
+        }
+        shutdown.trigger();
+        held
+    }
+
+    const HTTP2_LIMIT: usize = net::HTTP2_PUBLIC_MAX_CONCURRENT_STREAMS as usize;
+
+    /// One connection to the gateway's public listener cannot hold more than
+    /// its share of the listener's slots; its other calls wait on its side
+    /// and are served as slots free up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_public_server_limits_the_calls_one_connection_has_open() {
+        assert_eq!(calls_held_at_once_from_one_connection(net::Callers::Public).await, HTTP2_LIMIT);
+    }
+
+    /// An internal listener does not: the gateway's one channel to a service
+    /// carries all its calls.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_internal_server_takes_every_call_one_connection_sends() {
+        assert_eq!(calls_held_at_once_from_one_connection(net::Callers::Internal).await, 300);
+    }
+
     #[tokio::test]
     async fn served_grpc_connections_have_nodelay() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -53,6 +53,16 @@ pub const HTTP2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// h2's default.
 pub const HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 4096;
 
+/// Streams one connection may have open at once on the gateway's public gRPC
+/// listener ([`Callers::Public`]), advertised in HTTP/2 SETTINGS; a client
+/// queues calls beyond it on its side (or opens another connection). tonic
+/// leaves it unlimited, so one connection could take every one of the
+/// listener's `server.max_concurrent_requests` slots and leave other callers
+/// only refusals. hyper's own default is 200. Internal listeners keep no
+/// limit: the gateway multiplexes all its calls to a service over one channel,
+/// and the listener's admission gate bounds them.
+pub const HTTP2_PUBLIC_MAX_CONCURRENT_STREAMS: u32 = 256;
+
 /// Who calls a gRPC listener, which decides how much h2 trusts them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Callers {
@@ -61,7 +71,8 @@ pub enum Callers {
     /// [`HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS`].
     Internal,
     /// Anyone on the network (the gateway's gRPC API): h2's own rapid-reset
-    /// defence applies unchanged.
+    /// defence applies unchanged, and one connection has at most
+    /// [`HTTP2_PUBLIC_MAX_CONCURRENT_STREAMS`] calls open.
     Public,
 }
 
@@ -107,7 +118,7 @@ pub fn grpc_server(callers: Callers) -> Server {
         Callers::Internal => {
             builder.http2_max_pending_accept_reset_streams(Some(HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS))
         }
-        Callers::Public => builder,
+        Callers::Public => builder.max_concurrent_streams(Some(HTTP2_PUBLIC_MAX_CONCURRENT_STREAMS)),
     }
 }
 
