@@ -57,8 +57,8 @@ pub const HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 4096;
 /// listener ([`Callers::Public`]), advertised in HTTP/2 SETTINGS; a client
 /// queues calls beyond it on its side (or opens another connection). tonic
 /// leaves it unlimited, so one connection could take every one of the
-/// listener's `server.max_concurrent_requests` slots and leave other callers
-/// only refusals. hyper's own default is 200. Internal listeners keep no
+/// listener's `server.max_concurrent_requests` slots (1024 by default) and
+/// leave other callers only refusals. hyper's own default is 200. Internal listeners keep no
 /// limit: the gateway multiplexes all its calls to a service over one channel,
 /// and the listener's admission gate bounds them.
 pub const HTTP2_PUBLIC_MAX_CONCURRENT_STREAMS: u32 = 256;
