@@ -4,7 +4,8 @@
 #
 # 1. Installs the peers' Python venv (Feast, FastAPI + onnxruntime).
 # 2. Builds the services and the driver with the release profile (thin LTO).
-# 3. Runs the auction's criterion bench (in-process figures).
+# 3. Runs the criterion benches of the parts asked for (in-process figures):
+#    the auction, and the ranker's gather.
 # 4. Starts the infrastructure the way `make demo` does, and the five services
 #    from the release build (restarting ours if they run another build). The
 #    stack's own label-joiner is then stopped, and the feature-service runs
@@ -50,13 +51,17 @@ for s in "${ADSTACK_SERVICES[@]}"; do build_args+=(--bin "$s"); done
 build_args+=(--bin adservectl)
 cargo "${build_args[@]}" --bin adserve-bench
 
-if [[ ",$parts," == *",auction,"* ]]; then
-  crit=()
+# A part's in-process figures: criterion bench <bench> of package <package>,
+# which the driver reads from criterion's estimates.
+criterion() {
+  local package=$1 bench=$2 crit=()
   [ "$quick" = 1 ] && crit=(--warm-up-time 1 --measurement-time 2)
-  log "criterion: cargo bench -p adserve-auction --bench auction"
-  cargo bench -p adserve-auction --bench auction -- "${crit[@]}" >"$work/logs/criterion-auction.log" 2>&1 ||
-    die "criterion bench failed; see $work/logs/criterion-auction.log"
-fi
+  log "criterion: cargo bench -p $package --bench $bench"
+  cargo bench -p "$package" --bench "$bench" -- "${crit[@]}" >"$work/logs/criterion-$bench.log" 2>&1 ||
+    die "criterion bench failed; see $work/logs/criterion-$bench.log"
+}
+if [[ ",$parts," == *",auction,"* ]]; then criterion adserve-auction auction; fi
+if [[ ",$parts," == *",ranker,"* ]]; then criterion adserve-ranker gather; fi
 
 bash scripts/start.sh infra
 # Our services may be running a debug build (make demo / make test): restart them.

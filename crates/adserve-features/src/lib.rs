@@ -565,6 +565,34 @@ impl FeatureRegistry {
         self.features.iter().map(|f| f.default).collect()
     }
 
+    /// A matrix of `rows` rows over the registry's dense and categorical
+    /// features (not its embeddings), in registry order as the
+    /// feature-service serves them: dense values near their defaults, varied
+    /// per row, and every categorical id varied per row within its buckets.
+    /// For benchmarks and contract tests.
+    pub fn sample_matrix(&self, rows: usize) -> adserve_proto::v1::FeatureMatrix {
+        let mut values = Vec::with_capacity(rows * self.features.len());
+        for r in 0..rows {
+            values.extend(self.features.iter().enumerate().map(|(c, f)| f.default + ((r * 7 + c) % 13) as f32 * 0.01));
+        }
+        let categorical_ids = (0..rows)
+            .flat_map(|r| {
+                self.categorical
+                    .iter()
+                    .enumerate()
+                    .map(move |(c, f)| ((r * 31 + c * 7) % f.buckets.unwrap_or(1) as usize) as i64)
+            })
+            .collect();
+        adserve_proto::v1::FeatureMatrix {
+            feature_names: self.features.iter().map(|f| f.name.clone()).collect(),
+            num_rows: rows as u32,
+            values,
+            categorical_names: self.categorical.iter().map(|f| f.name.clone()).collect(),
+            categorical_ids,
+            ..Default::default()
+        }
+    }
+
     /// Column index of `name`.
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.features.iter().position(|f| f.name == name)

@@ -2,14 +2,14 @@
 //! adserve-auction`, run by `make bench` just before this driver); this part
 //! reads them and measures the same auctions over gRPC next to them.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use adserve_proto::v1::{AuctionCandidate, auction_service_client::AuctionServiceClient};
 use anyhow::Context;
 
 use super::{
-    Settings,
-    load::{self, Outcome, Summary},
+    Settings, criterion,
+    load::{self, Outcome},
     report::{Comparison, Metric, Role},
 };
 
@@ -17,28 +17,6 @@ use super::{
 pub const SIZES: [usize; 3] = [1, 100, 1000];
 /// Slots per auction (as in the criterion bench).
 pub const SLOTS: u32 = 3;
-
-/// The criterion median of `group/function/param`, in milliseconds, or None
-/// when criterion has not run.
-fn criterion_median(target: &Path, function: &str, n: usize) -> Option<(f64, f64, f64)> {
-    let path = target.join(format!("criterion/auction/{function}/{n}/new/estimates.json"));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
-    let ns = |k: &str| v[k]["point_estimate"].as_f64();
-    let ci = &v["median"]["confidence_interval"];
-    Some((ns("median")? / 1e6, ci["lower_bound"].as_f64()? / 1e6, ci["upper_bound"].as_f64()? / 1e6))
-}
-
-fn criterion_summary(median_ms: f64, n: usize) -> Summary {
-    // Criterion reports a median with a confidence interval, not tail
-    // percentiles: the tail columns stay empty (zero) rather than invented.
-    Summary {
-        p50_ms: median_ms,
-        mean_ms: median_ms,
-        rate_per_s: 1000.0 / median_ms,
-        items_per_s: 1000.0 / median_ms * n as f64,
-        ..Summary::default()
-    }
-}
 
 /// The criterion bench's candidates, as the gateway sends them.
 fn candidates(n: usize) -> Vec<AuctionCandidate> {
@@ -68,9 +46,10 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
             })
             .await
         };
-        let ours = criterion_median(&s.target_dir, "run_auction", n)
+        let ours = criterion::median(&s.target_dir, "auction", "run_auction", n)
             .context("criterion estimates missing: run `cargo bench -p adserve-auction --bench auction` first")?;
-        let naive = criterion_median(&s.target_dir, "full_sort", n).context("criterion estimates missing")?;
+        let naive =
+            criterion::median(&s.target_dir, "auction", "full_sort", n).context("criterion estimates missing")?;
         let mut c = Comparison {
             path: "auction".into(),
             case: format!("{n} candidates, {SLOTS} slots"),
@@ -85,10 +64,10 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
         c.subjects.push(super::report::Subject {
             who: "run_auction in-process (criterion)".into(),
             role: Role::Ours,
-            summary: criterion_summary(ours.0, n),
+            summary: criterion::summary(ours.0, n),
         });
         out.push(
-            c.with_summary("full sort of every candidate (criterion)", Role::Floor, criterion_summary(naive.0, n))
+            c.with_summary("full sort of every candidate (criterion)", Role::Floor, criterion::summary(naive.0, n))
                 .with("adserve-auction RunAuction over gRPC", Role::Ours, &grpc),
         );
     }

@@ -11,6 +11,7 @@
 
 pub mod aggregates;
 pub mod auction;
+pub mod criterion;
 pub mod e2e;
 pub mod features;
 pub mod joiner;

@@ -16,10 +16,10 @@ use ort::{
 };
 
 use super::{
-    Settings,
+    Settings, criterion,
     load::{self, Outcome},
     peers::Child,
-    report::{Comparison, Metric, Role},
+    report::{self, Comparison, Metric, Role},
 };
 
 /// Rows per Score call.
@@ -31,32 +31,9 @@ pub const CONCURRENCY: [usize; 3] = [1, 8, 32];
 pub const INTRA_THREADS: usize = 1;
 
 /// A matrix of `rows` rows over every registry feature, as the
-/// feature-service serves it: dense values varied per row, and every
-/// categorical column with ids varied per row within its buckets.
+/// feature-service serves it ([`adserve_features::FeatureRegistry::sample_matrix`]).
 pub fn matrix(rows: usize) -> FeatureMatrix {
-    let registry = adserve_features::registry();
-    let names: Vec<String> = registry.names().iter().map(|s| s.to_string()).collect();
-    let mut values = Vec::with_capacity(rows * names.len());
-    for r in 0..rows {
-        values.extend(registry.defaults().iter().enumerate().map(|(c, d)| d + ((r * 7 + c) % 13) as f32 * 0.01));
-    }
-    let categorical_ids = (0..rows)
-        .flat_map(|r| {
-            registry
-                .categorical
-                .iter()
-                .enumerate()
-                .map(move |(c, f)| ((r * 31 + c * 7) % f.buckets.unwrap_or(1) as usize) as i64)
-        })
-        .collect();
-    FeatureMatrix {
-        feature_names: names,
-        num_rows: rows as u32,
-        values,
-        categorical_names: registry.categorical.iter().map(|f| f.name.clone()).collect(),
-        categorical_ids,
-        ..Default::default()
-    }
+    adserve_features::registry().sample_matrix(rows)
 }
 
 /// Runs the ranker part.
@@ -174,6 +151,34 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
         }
     }
     drop(fastapi);
+    // The gather (a call's matrix into the model's inputs) in-process, from
+    // criterion, next to copying the matrix's blocks as they are.
+    for rows in ROWS {
+        let missing = "criterion estimates missing: run `cargo bench -p adserve-ranker --bench gather` first";
+        let ours = criterion::median(&s.target_dir, "gather", "gather", rows).context(missing)?;
+        let floor = criterion::median(&s.target_dir, "gather", "copy_blocks", rows).context(missing)?;
+        let mut c = Comparison {
+            path: "ranker".into(),
+            case: format!("gather {rows} rows into the DCN-v2's inputs, in-process"),
+            metric: Metric::P50,
+            subjects: vec![],
+            note: format!(
+                "criterion medians (gather's 95% CI {}-{} ms), the committed DCN-v2 manifest; tail columns are blank",
+                report::ratio(ours.1),
+                report::ratio(ours.2)
+            ),
+        };
+        c.subjects.push(report::Subject {
+            who: "gather: lookup, reorder, checks (criterion)".into(),
+            role: Role::Ours,
+            summary: criterion::summary(ours.0, rows),
+        });
+        out.push(c.with_summary(
+            "copying the matrix's blocks (criterion)",
+            Role::Floor,
+            criterion::summary(floor.0, rows),
+        ));
+    }
     Ok(out)
 }
 

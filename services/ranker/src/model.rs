@@ -339,22 +339,17 @@ pub fn gather_in(
 ) -> Result<Input, String> {
     matrix.check_shape()?;
     let rows = matrix.num_rows as usize;
-    let cols = matrix.num_cols();
     let version = &manifest.model_version;
-    let index: Vec<usize> = manifest
-        .feature_order
-        .iter()
-        .map(|name| column(&matrix.feature_names, "feature_names", name, version, None))
-        .collect::<Result<_, _>>()?;
-    let mut dense = Vec::with_capacity(rows * index.len());
-    for (r, row) in matrix.values.chunks_exact(cols.max(1)).take(rows).enumerate() {
-        for (c, &i) in index.iter().enumerate() {
-            let v = row[i];
-            if !v.is_finite() {
-                return Err(format!("matrix.values row {r} feature {:?} is {v}", manifest.feature_order[c]));
-            }
-            dense.push(v);
-        }
+    let index: Vec<usize> = columns(&matrix.feature_names, &manifest.feature_order, |name| {
+        format!("matrix.feature_names lacks {name:?}, which model {version} needs")
+    })?;
+    let dense = gather_columns(&matrix.values, matrix.num_cols(), rows, &index);
+    // One pass over what was gathered, without an early exit, so it
+    // vectorises; the position is looked for only when a value is bad.
+    if !dense.iter().fold(true, |ok, v| ok & v.is_finite()) {
+        let at = dense.iter().position(|v| !v.is_finite()).expect("a non-finite value was seen");
+        let (r, c) = (at / index.len(), at % index.len());
+        return Err(format!("matrix.values row {r} feature {:?} is {}", manifest.feature_order[c], dense[at]));
     }
     let typed = manifest
         .typed_inputs
@@ -367,13 +362,57 @@ pub fn gather_in(
     Ok(Input { rows, dense, typed })
 }
 
-/// Where column `name` is among the matrix's `names` (its field `field`),
-/// or why model `version` (its typed input `input`) cannot be fed.
-fn column(names: &[String], field: &str, name: &str, version: &str, input: Option<&str>) -> Result<usize, String> {
-    names.iter().position(|n| n == name).ok_or_else(|| match input {
-        None => format!("matrix.{field} lacks {name:?}, which model {version} needs"),
-        Some(input) => format!("matrix.{field} lacks {name:?}, which model {version} needs (input {input:?})"),
-    })
+/// Where each of `wanted` is among the matrix's `names`, or `missing(name)`
+/// for the first that is not. The search for each starts just past the
+/// previous one's column, so names sent in the order wanted (the
+/// feature-service's registry order) cost one comparison each.
+fn columns(names: &[String], wanted: &[String], missing: impl Fn(&str) -> String) -> Result<Vec<usize>, String> {
+    let mut next = 0;
+    wanted
+        .iter()
+        .map(|name| {
+            let at = find_from(names, name, next).ok_or_else(|| missing(name))?;
+            next = at + 1;
+            Ok(at)
+        })
+        .collect()
+}
+
+/// Where `name` is among `names`, searched from `from` on, then before it.
+fn find_from(names: &[String], name: &str, from: usize) -> Option<usize> {
+    let from = from.min(names.len());
+    names[from..]
+        .iter()
+        .position(|n| n == name)
+        .map(|p| from + p)
+        .or_else(|| names[..from].iter().position(|n| n == name))
+}
+
+/// Columns `index` of a row-major block of `width` columns and `rows` rows,
+/// row by row in `index`'s order: runs of adjacent columns are copied as
+/// slices (one copy per row when the model reads a contiguous range of the
+/// matrix's columns in order, one copy in all when it reads every column).
+fn gather_columns<T: Copy>(block: &[T], width: usize, rows: usize, index: &[usize]) -> Vec<T> {
+    let block = &block[..rows * width];
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &i in index {
+        match runs.last_mut() {
+            Some((start, len)) if *start + *len == i => *len += 1,
+            _ => runs.push((i, 1)),
+        }
+    }
+    if runs.len() == 1 && runs[0] == (0, width) {
+        return block.to_vec();
+    }
+    let mut out = Vec::with_capacity(rows * index.len());
+    if width > 0 {
+        for row in block.chunks_exact(width) {
+            for &(start, len) in &runs {
+                out.extend_from_slice(&row[start..start + len]);
+            }
+        }
+    }
+    out
 }
 
 /// `rows × features` bucket ids of a categorical input; an id outside
@@ -384,28 +423,29 @@ fn gather_ids(
     version: &str,
     registry: &FeatureRegistry,
 ) -> Result<Vec<i64>, String> {
-    let (rows, width) = (matrix.num_rows as usize, matrix.categorical_names.len());
-    let columns: Vec<(usize, i64)> = input
+    let rows = matrix.num_rows as usize;
+    let index = columns(&matrix.categorical_names, &input.features, |name| {
+        format!("matrix.categorical_names lacks {name:?}, which model {version} needs (input {:?})", input.name)
+    })?;
+    let buckets: Vec<u64> = input
         .features
         .iter()
-        .map(|name| {
-            let at = column(&matrix.categorical_names, "categorical_names", name, version, Some(&input.name))?;
-            let buckets = registry.categorical.iter().find(|f| &f.name == name).and_then(|f| f.buckets).unwrap_or(0);
-            Ok((at, i64::from(buckets)))
-        })
-        .collect::<Result<_, String>>()?;
-    let mut out = Vec::with_capacity(rows * columns.len());
-    for (r, row) in matrix.categorical_ids.chunks_exact(width.max(1)).take(rows).enumerate() {
-        for (c, &(at, buckets)) in columns.iter().enumerate() {
-            let id = row[at];
-            if !(0..buckets).contains(&id) {
-                return Err(format!(
-                    "matrix.categorical_ids row {r} feature {:?} is {id}, outside its {buckets} buckets",
-                    input.features[c]
-                ));
-            }
-            out.push(id);
-        }
+        .map(|name| registry.categorical.iter().find(|f| &f.name == name).and_then(|f| f.buckets).map_or(0, u64::from))
+        .collect();
+    let out = gather_columns(&matrix.categorical_ids, matrix.categorical_names.len(), rows, &index);
+    // A negative id is a huge u64: one unsigned comparison checks both ends.
+    let inside = |row: &[i64]| row.iter().zip(&buckets).fold(true, |ok, (&id, &b)| ok & ((id as u64) < b));
+    if !out.chunks_exact(index.len().max(1)).fold(true, |ok, row| ok & inside(row)) {
+        let at = out
+            .chunks_exact(index.len())
+            .flat_map(|row| row.iter().zip(&buckets))
+            .position(|(&id, &b)| (id as u64) >= b)
+            .expect("an id outside its buckets was seen");
+        let (r, c) = (at / index.len(), at % index.len());
+        return Err(format!(
+            "matrix.categorical_ids row {r} feature {:?} is {}, outside its {} buckets",
+            input.features[c], out[at], buckets[c]
+        ));
     }
     Ok(out)
 }
@@ -426,11 +466,15 @@ fn gather_embeddings(
         offsets.push(at);
         at += d as usize;
     }
+    let mut next = 0;
     let columns: Vec<(usize, usize)> = input
         .features
         .iter()
         .map(|name| {
-            let k = column(&matrix.embedding_names, "embedding_names", name, version, Some(&input.name))?;
+            let k = find_from(&matrix.embedding_names, name, next).ok_or_else(|| {
+                format!("matrix.embedding_names lacks {name:?}, which model {version} needs (input {:?})", input.name)
+            })?;
+            next = k + 1;
             let want = registry.embeddings.iter().find(|f| &f.name == name).and_then(|f| f.dim).unwrap_or(0) as usize;
             let have = matrix.embedding_dims[k] as usize;
             if have != want {
