@@ -10,7 +10,7 @@ use anyhow::Context;
 use super::{
     Settings, criterion,
     load::{self, Outcome},
-    report::{Comparison, Metric, Role},
+    report::{Comparison, Role},
 };
 
 /// Candidates per auction.
@@ -50,22 +50,14 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
             .context("criterion estimates missing: run `cargo bench -p adserve-auction --bench auction` first")?;
         let naive =
             criterion::median(&s.target_dir, "auction", "full_sort", n).context("criterion estimates missing")?;
-        let mut c = Comparison {
-            path: "auction".into(),
-            case: format!("{n} candidates, {SLOTS} slots"),
-            metric: Metric::P50,
-            subjects: vec![],
-            note: format!(
-                "in-process medians from criterion (95% CI {}-{} ms); tail columns are blank for criterion rows",
-                super::report::ratio(ours.1),
-                super::report::ratio(ours.2)
-            ),
-        };
-        c.subjects.push(super::report::Subject {
-            who: "run_auction in-process (criterion)".into(),
-            role: Role::Ours,
-            summary: criterion::summary(ours.0, n),
-        });
+        let c = criterion::comparison(
+            "auction",
+            format!("{n} candidates, {SLOTS} slots"),
+            "run_auction in-process (criterion)",
+            ours,
+            n,
+            "in-process medians from criterion",
+        );
         out.push(
             c.with_summary("full sort of every candidate (criterion)", Role::Floor, criterion::summary(naive.0, n))
                 .with("adserve-auction RunAuction over gRPC", Role::Ours, &grpc),

@@ -4,7 +4,10 @@
 
 use std::path::Path;
 
-use super::load::Summary;
+use super::{
+    load::Summary,
+    report::{self, Comparison, Metric, Role, Subject},
+};
 
 /// The criterion median of `group/function/param`, with its 95 %
 /// confidence interval, in milliseconds; None when criterion has not run.
@@ -26,5 +29,30 @@ pub fn summary(median_ms: f64, items: usize) -> Summary {
         rate_per_s: 1000.0 / median_ms,
         items_per_s: 1000.0 / median_ms * items as f64,
         ..Summary::default()
+    }
+}
+
+/// A comparison on p50 led by the criterion median `median` of `who` (over
+/// `items` items per iteration), its 95 % confidence interval in the note
+/// after `what`; the caller adds the rows it is compared with.
+pub fn comparison(
+    path: &str,
+    case: String,
+    who: &str,
+    median: (f64, f64, f64),
+    items: usize,
+    what: &str,
+) -> Comparison {
+    let (ms, low, high) = median;
+    Comparison {
+        path: path.into(),
+        case,
+        metric: Metric::P50,
+        subjects: vec![Subject { who: who.into(), role: Role::Ours, summary: summary(ms, items) }],
+        note: format!(
+            "{what} (95% CI {}-{} ms); tail columns are blank for criterion rows",
+            report::ratio(low),
+            report::ratio(high)
+        ),
     }
 }

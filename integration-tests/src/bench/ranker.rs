@@ -19,7 +19,7 @@ use super::{
     Settings, criterion,
     load::{self, Outcome},
     peers::Child,
-    report::{self, Comparison, Metric, Role},
+    report::{Comparison, Metric, Role},
 };
 
 /// Rows per Score call.
@@ -157,22 +157,14 @@ pub async fn run(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
         let missing = "criterion estimates missing: run `cargo bench -p adserve-ranker --bench gather` first";
         let ours = criterion::median(&s.target_dir, "gather", "gather", rows).context(missing)?;
         let floor = criterion::median(&s.target_dir, "gather", "copy_blocks", rows).context(missing)?;
-        let mut c = Comparison {
-            path: "ranker".into(),
-            case: format!("gather {rows} rows into the DCN-v2's inputs, in-process"),
-            metric: Metric::P50,
-            subjects: vec![],
-            note: format!(
-                "criterion medians (gather's 95% CI {}-{} ms), the committed DCN-v2 manifest; tail columns are blank",
-                report::ratio(ours.1),
-                report::ratio(ours.2)
-            ),
-        };
-        c.subjects.push(report::Subject {
-            who: "gather: lookup, reorder, checks (criterion)".into(),
-            role: Role::Ours,
-            summary: criterion::summary(ours.0, rows),
-        });
+        let c = criterion::comparison(
+            "ranker",
+            format!("gather {rows} rows into the DCN-v2's inputs, in-process"),
+            "gather: lookup, reorder, checks (criterion)",
+            ours,
+            rows,
+            "in-process medians from criterion, the committed DCN-v2 manifest",
+        );
         out.push(c.with_summary(
             "copying the matrix's blocks (criterion)",
             Role::Floor,
