@@ -26,6 +26,9 @@ pub async fn serve(
     // own name is readiness.
     health.set_service_status("", ServingStatus::Serving).await;
     let names: Vec<&'static str> = service_names.to_vec();
+    // From here the process serves: the start is over (a service may still
+    // hold readiness for reasons of its own).
+    lifecycle.readiness.started();
     let mut readiness = lifecycle.readiness.subscribe();
     let status = |ready: bool| if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
     let initial = status(readiness.borrow_and_update().is_ready());

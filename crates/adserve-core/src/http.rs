@@ -44,6 +44,8 @@ fn builder(header_timeout: Duration) -> http1::Builder {
 /// abandoned. Requests go through the same admission control as gRPC
 /// ([`crate::overload`]).
 pub async fn serve(listener: TcpListener, router: axum::Router, lifecycle: &Lifecycle) -> std::io::Result<()> {
+    // From here the process serves (see grpc::serve).
+    lifecycle.readiness.started();
     let limits = overload::HttpLimits {
         gate: overload::Gate::new("http", lifecycle.max_concurrent_requests),
         timeout: lifecycle.request_timeout,

@@ -38,7 +38,8 @@ impl Lifecycle {
     pub fn new(server: &ServerConfig, shutdown: Shutdown) -> Self {
         Self {
             shutdown,
-            readiness: Readiness::new(),
+            // Not ready until a listener serves (grpc::serve says so).
+            readiness: Readiness::starting(),
             readiness_drain: server.readiness_drain,
             grace: server.shutdown_grace,
             max_concurrent_requests: server.max_concurrent_requests,

@@ -4,11 +4,15 @@
 //! rebuilt is alive (restarting it would not help) but must not be sent
 //! requests it would answer 503. A process is ready when no dependency it
 //! reports is down and it is not draining for shutdown. The gRPC health
-//! service and the gateway's `/healthz` both follow this one value.
+//! service and every `/healthz` (the gateway's HTTP listener, each service's
+//! metrics listener) follow this one value.
 
 use std::{collections::BTreeMap, sync::Arc};
 
 use tokio::sync::watch;
+
+/// The reason [`Readiness::starting`] holds until [`Readiness::started`].
+const STARTING: &str = "start";
 
 /// The current readiness, with reasons.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -56,18 +60,36 @@ impl Readiness {
         r
     }
 
+    /// Not ready until [`Readiness::started`]: what a process is from the
+    /// moment its metrics listener answers `/healthz` until it serves.
+    pub fn starting() -> Self {
+        let r = Self::new();
+        r.tx.send_modify(|s| {
+            s.down.insert(STARTING.to_string(), "not serving yet".to_string());
+        });
+        r.publish_metric();
+        r
+    }
+
+    /// The process serves: clears what [`Readiness::starting`] set (other
+    /// reasons stay).
+    pub fn started(&self) {
+        self.set(STARTING, None);
+    }
+
     /// Reports `dependency` down (`Some(why)`) or up again (`None`).
     pub fn set(&self, dependency: &str, problem: Option<String>) {
+        let up = problem.is_none();
         let changed = self.tx.send_if_modified(|s| match problem {
             Some(why) => s.down.insert(dependency.to_string(), why.clone()).as_ref() != Some(&why),
             None => s.down.remove(dependency).is_some(),
         });
         if changed {
             let state = self.state();
-            if state.is_ready() {
-                tracing::info!(dependency, "ready again");
-            } else {
-                tracing::warn!(dependency, reasons = ?state.reasons(), "not ready");
+            match (up, state.is_ready()) {
+                (true, true) => tracing::info!(dependency, "ready"),
+                (true, false) => tracing::info!(dependency, reasons = ?state.reasons(), "up; still not ready"),
+                (false, _) => tracing::warn!(dependency, reasons = ?state.reasons(), "not ready"),
             }
             self.publish_metric();
         }
@@ -95,6 +117,20 @@ impl Readiness {
         self.tx.subscribe()
     }
 
+    /// The answer to `GET /healthz` (the gateway's HTTP listener and every
+    /// service's metrics listener): 200 `ok` when ready; 503 with
+    /// `{"status":"not_ready","reasons":[...]}` otherwise.
+    pub fn healthz(&self) -> axum::response::Response {
+        use axum::response::IntoResponse as _;
+        let s = self.state();
+        if s.is_ready() {
+            "ok".into_response()
+        } else {
+            let body = serde_json::json!({ "status": "not_ready", "reasons": s.reasons() });
+            (axum::http::StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+        }
+    }
+
     fn publish_metric(&self) {
         metrics::gauge!("adserve_ready").set(if self.is_ready() { 1.0 } else { 0.0 });
     }
@@ -116,6 +152,33 @@ mod tests {
         r.drain();
         assert!(!r.is_ready());
         assert_eq!(r.state().reasons(), vec!["draining for shutdown".to_string()]);
+    }
+
+    #[test]
+    fn a_starting_process_is_unready_until_it_serves_and_keeps_other_reasons() {
+        let r = Readiness::starting();
+        assert!(!r.is_ready());
+        assert_eq!(r.state().reasons(), vec!["start: not serving yet".to_string()]);
+        r.set("model", Some("loading".into()));
+        r.started();
+        assert!(!r.is_ready(), "the model is still loading");
+        r.set("model", None);
+        assert!(r.is_ready());
+    }
+
+    #[tokio::test]
+    async fn healthz_answers_ok_or_503_with_the_reasons() {
+        let r = Readiness::new();
+        let ok = r.healthz();
+        assert_eq!(ok.status(), 200);
+        let body = axum::body::to_bytes(ok.into_body(), 1 << 16).await.unwrap();
+        assert_eq!(&body[..], b"ok");
+        r.set("model", Some("loading".into()));
+        let not = r.healthz();
+        assert_eq!(not.status(), 503);
+        let body = axum::body::to_bytes(not.into_body(), 1 << 16).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v, serde_json::json!({"status": "not_ready", "reasons": ["model: loading"]}));
     }
 
     #[tokio::test]

@@ -162,14 +162,8 @@ pub fn serve_metrics(
         .route(
             "/healthz",
             axum::routing::get(move || {
-                let ready = readiness.is_ready();
-                async move {
-                    if ready {
-                        (axum::http::StatusCode::OK, "ready")
-                    } else {
-                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not ready")
-                    }
-                }
+                let answer = readiness.healthz();
+                async move { answer }
             }),
         );
     tokio::spawn(async move {

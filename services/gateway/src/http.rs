@@ -49,13 +49,7 @@ struct HttpState {
 /// 200 `ok` when ready for traffic; 503 with the reasons otherwise (a
 /// dependency down, or draining for shutdown).
 async fn healthz(State(state): State<HttpState>) -> axum::response::Response {
-    let s = state.readiness.state();
-    if s.is_ready() {
-        "ok".into_response()
-    } else {
-        let body = serde_json::json!({ "status": "not_ready", "reasons": s.reasons() });
-        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
-    }
+    state.readiness.healthz()
 }
 
 /// How much body a request may send, and how fast.
