@@ -481,6 +481,8 @@ def test_alert_rules_and_the_dashboard_render_and_use_documented_metrics() -> No
         "AdserveJoinerLag",
         "AdserveCalibrationDrift",
         "AdserveCatalogIndexStale",
+        "AdserveModelRefused",
+        "AdserveRankerProviderFallback",
     } <= set(alerts)
     assert "> 1.1" in alerts["AdserveCalibrationDrift"]["expr"] and "< 0.9" in alerts["AdserveCalibrationDrift"]["expr"]
     assert "> 0.025" in alerts["AdserveLatencyP99"]["expr"]

@@ -159,10 +159,14 @@ async fn ranker_contract() -> anyhow::Result<()> {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains(&names[0]), "{}", err.message());
     let ragged = FeatureMatrix { values: registry.defaults(), ..rows(2) };
-    assert_eq!(
-        c.score(ScoreRequest { matrix: Some(ragged), ..Default::default() }).await.unwrap_err().code(),
-        Code::InvalidArgument
-    );
+    let err = c.score(ScoreRequest { matrix: Some(ragged), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("matrix.values has"), "{}", err.message());
+    // More rows than the ranker takes (max_rows, 5000 by default): refused
+    // before anything is gathered, naming the field and the limit.
+    let err = c.score(ScoreRequest { matrix: Some(rows(5001)), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("matrix.num_rows: must be in 1..=5000, got 5001"), "{}", err.message());
     let err = c.score(ScoreRequest { matrix: None, ..Default::default() }).await.unwrap_err();
     assert!(err.message().starts_with("matrix"), "{}", err.message());
     // A model name: the served one scores; any other is NOT_FOUND, naming both.

@@ -26,12 +26,15 @@ use adserve_integration_tests::{Stack, binary, free_port, repo_root};
 use adserve_proto::v1::{
     FeatureMatrix, GetModelRequest, ScoreLevel, ScoreRequest, ranker_service_client::RankerServiceClient,
 };
+use anyhow::Context as _;
 use tonic::transport::Channel;
 
 use adserve_integration_tests::ranker_command as ranker;
 
 /// Callers scoring with `client` in a loop until `stop`: each returns the
-/// versions that answered it (with counts) and every failure.
+/// versions that answered it (with counts) and every failure. An answer from
+/// the fallback chain (the fallback model or the prior) counts as a failure:
+/// "zero failed requests" through a swap means the served model answered.
 type Callers = Vec<tokio::task::JoinHandle<(std::collections::BTreeMap<String, u64>, Vec<String>)>>;
 
 fn callers(
@@ -48,7 +51,18 @@ fn callers(
                 let mut failures = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     match client.score(ScoreRequest { matrix: Some(matrix(rows(i))), ..Default::default() }).await {
-                        Ok(r) => *seen.entry(r.into_inner().model_version).or_default() += 1,
+                        Ok(r) => {
+                            let r = r.into_inner();
+                            if r.level() != ScoreLevel::Model || !r.fallback_reason.is_empty() {
+                                failures.push(format!(
+                                    "{} answered at {:?}: {}",
+                                    r.model_version,
+                                    r.level(),
+                                    r.fallback_reason
+                                ));
+                            }
+                            *seen.entry(r.model_version).or_default() += 1;
+                        }
                         Err(e) => failures.push(format!("{:?}: {}", e.code(), e.message())),
                     }
                 }
@@ -88,6 +102,15 @@ async fn a_gpu_provider_list_falls_back_to_cpu_and_says_so() -> anyhow::Result<(
         );
     }
     assert!(text.contains("adserve_ranker_sessions{") && text.contains("provider=\"cpu\""), "{text}");
+    // The state an alert can hold on for as long as it lasts (the counters
+    // above move once, at the load): this model runs on a later provider
+    // than the first one asked for. The fallback model (its own load) too.
+    for queue in ["model", "fallback"] {
+        let fell_back = text
+            .lines()
+            .find(|l| l.starts_with("adserve_ranker_provider_fallback{") && l.contains(&format!("queue=\"{queue}\"")));
+        assert!(fell_back.is_some_and(|l| l.ends_with(" 1")), "{queue}: {fell_back:?}\n{text}");
+    }
     Ok(())
 }
 
@@ -191,6 +214,42 @@ async fn serves(client: &mut RankerServiceClient<Channel>, version: &str) -> any
     anyhow::bail!("the ranker never served {version}")
 }
 
+/// Waits until the ranker whose metrics listen on `metrics` has refused a
+/// registry version (`adserve_ranker_model_swaps_total{result="refused"}`)
+/// and counted the load failure under `reason`.
+async fn refused(metrics: u16, reason: &str) -> anyhow::Result<()> {
+    let url = format!("http://127.0.0.1:{metrics}/metrics");
+    let failure = format!("reason=\"{reason}\"");
+    let mut text = String::new();
+    for _ in 0..300 {
+        text = adserve_integration_tests::bench::prom::scrape(&url).await?;
+        if counter(&text, "adserve_ranker_model_swaps_total", "result=\"refused\"") >= 1.0
+            && counter(&text, "adserve_ranker_model_load_failures_total", &failure) >= 1.0
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("never refused with reason {reason}:\n{text}")
+}
+
+/// (thread id, name, nice value) of every thread of process `pid`, from
+/// /proc; the main thread's id is `pid`.
+fn thread_nice(pid: u32) -> Vec<(u32, String, i32)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let tid = t.file_name().to_str()?.parse().ok()?;
+            let name = std::fs::read_to_string(t.path().join("comm")).ok()?.trim().to_string();
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            // After "pid (comm)": state is field 3, nice field 19.
+            let nice = stat.rsplit_once(')')?.1.split_whitespace().nth(16)?.parse().ok()?;
+            Some((tid, name, nice))
+        })
+        .collect()
+}
+
 fn counter(text: &str, name: &str, label: &str) -> f64 {
     adserve_integration_tests::bench::prom::counter(text, name, &[label])
 }
@@ -252,7 +311,7 @@ impl TestRegistry {
             schema: self.schema.clone(),
             ..Default::default()
         })?;
-        let drop = format!("DROP SCHEMA \"{}\" CASCADE", self.schema);
+        let drop = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.schema);
         sqlx::query(sqlx::AssertSqlSafe(drop)).execute(registry.pool()).await?;
         Ok(())
     }
@@ -295,6 +354,10 @@ async fn adservectl_swaps_and_rolls_back_a_running_ranker_under_load_without_a_f
         "{out}"
     );
     serves(&mut client, "ctr-it-v1").await?;
+    // v1 was swapped out moments ago and kept warm (registry.keep_previous):
+    // the rollback swapped it back in without loading it again.
+    let text = adserve_integration_tests::bench::prom::scrape(&format!("http://127.0.0.1:{metrics}/metrics")).await?;
+    assert_eq!(counter(&text, "adserve_ranker_model_reused_total", "from=\"previous\""), 1.0, "{text}");
     // v1 was the first production version: nothing earlier to go back to.
     let (success, _, stderr) = reg.ctl(&["models", "rollback", "--name", name]).await?;
     assert!(!success && stderr.contains("no earlier production version"), "{stderr}");
@@ -313,18 +376,7 @@ async fn adservectl_swaps_and_rolls_back_a_running_ranker_under_load_without_a_f
     let bytes = std::fs::read(&onnx)?;
     std::fs::write(&onnx, &bytes[..bytes.len() / 2])?;
     reg.ok(&["models", "promote", "--name", name, "--version", "ctr-it-v3", "--to", "production"]).await?;
-    let url = format!("http://127.0.0.1:{metrics}/metrics");
-    let mut refused = 0.0;
-    for _ in 0..300 {
-        let text = adserve_integration_tests::http_client().get(&url).send().await?.text().await?;
-        refused = counter(&text, "adserve_ranker_model_swaps_total", "result=\"refused\"");
-        if refused >= 1.0 {
-            assert!(counter(&text, "adserve_ranker_model_load_failures_total", "reason=\"checksum\"") >= 1.0, "{text}");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(refused >= 1.0, "the torn v3 was never refused");
+    refused(metrics, "checksum").await.context("the torn v3")?;
     assert_eq!(client.get_model(GetModelRequest::default()).await?.into_inner().model_version, "ctr-it-v1");
 
     // The registry's own view.
@@ -410,6 +462,85 @@ async fn pump(
             return;
         }
     }
+}
+
+#[tokio::test]
+async fn a_manifest_edited_after_registration_is_refused_and_the_old_model_keeps_serving() -> anyhow::Result<()> {
+    let reg = TestRegistry::new("ctr-edit")?;
+    reg.register("ctr-edit-v1").await?;
+    let v2 = reg.register("ctr-edit-v2").await?;
+    reg.promote("ctr-edit-v1", "production").await?;
+    let (mut command, grpc, metrics) = reg.ranker(&reg.s.postgres, &[]);
+    let _ranker = command.stdout(Stdio::null()).spawn()?;
+    let mut client = connect(grpc).await?;
+    serves(&mut client, "ctr-edit-v1").await?;
+
+    // v2's calibration is changed on disk after registration; model.onnx is
+    // untouched, so its checksum still matches.
+    let path = v2.join("manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    manifest["calibration"] = serde_json::json!({"keep_rate": 0.25});
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest)?)?;
+    reg.promote("ctr-edit-v2", "production").await?;
+
+    refused(metrics, "mismatch").await.context("the edited manifest")?;
+    assert_eq!(client.get_model(GetModelRequest::default()).await?.into_inner().model_version, "ctr-edit-v1");
+    reg.drop_schema().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_ranker_is_not_ready_until_its_model_is_loaded() -> anyhow::Result<()> {
+    // The registry hangs from the start (a frozen relay), so the ranker's
+    // start waits for it (bounded: 2 × 3 s + 1 s) before it serves model.dir:
+    // a load long enough to watch, as a TensorRT engine build would be.
+    let reg = TestRegistry::new("ctr-ready")?;
+    let pg: url_parts::Pg = url_parts::parse(&reg.s.postgres)?;
+    let relay = FreezableRelay::start(format!("{}:{}", pg.host, pg.port)).await?;
+    relay.freeze(true);
+    let relayed = pg.with_addr(&relay.addr.to_string());
+    let (mut command, grpc, metrics) = reg.ranker(&relayed, &[("ADSERVE_REGISTRY__POSTGRES__TIMEOUT", "3s")]);
+    let _ranker = command.stdout(Stdio::null()).spawn()?;
+
+    // /healthz (what the chart probes when gRPC speaks TLS) answers 503
+    // naming the model from the moment it answers at all, never 200 early.
+    let url = format!("http://127.0.0.1:{metrics}/healthz");
+    let http = adserve_integration_tests::http_client();
+    let mut loading = None;
+    for _ in 0..600 {
+        if let Ok(r) = http.get(&url).send().await {
+            let status = r.status().as_u16();
+            let body = r.text().await?;
+            assert_eq!(status, 503, "answered {status} before the model was loaded: {body}");
+            if body.contains("model: loading") {
+                loading = Some(body);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let loading = loading.expect("/healthz never said the model was loading");
+    let v: serde_json::Value = serde_json::from_str(&loading)?;
+    assert_eq!(v["status"], "not_ready", "{v}");
+
+    // Then the registry is given up on, model.dir loads, and the ranker is
+    // ready and serving.
+    let mut ready = false;
+    for _ in 0..300 {
+        let r = http.get(&url).send().await?;
+        if r.status() == 200 {
+            assert_eq!(r.text().await?, "ok");
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the ranker never became ready");
+    let mut client = connect(grpc).await?;
+    serves(&mut client, "ctr-baseline-v1").await?;
+    relay.freeze(false);
+    reg.drop_schema().await?;
+    Ok(())
 }
 
 #[tokio::test]
@@ -505,7 +636,7 @@ async fn a_canary_serves_its_share_of_users_and_then_takes_over_production() -> 
     reg.register("ctr-canary-v1").await?;
     reg.register("ctr-canary-v2").await?;
     reg.promote("ctr-canary-v1", "production").await?;
-    let (mut command, grpc, _) = reg.ranker(&s.postgres, &[]);
+    let (mut command, grpc, metrics) = reg.ranker(&s.postgres, &[]);
     let _ranker = command.stdout(Stdio::null()).spawn()?;
     let mut client = connect(grpc).await?;
     serves(&mut client, "ctr-canary-v1").await?;
@@ -550,6 +681,59 @@ async fn a_canary_serves_its_share_of_users_and_then_takes_over_production() -> 
     let anonymous = client.score(ScoreRequest { matrix: Some(matrix(1)), ..Default::default() }).await?;
     assert_eq!(anonymous.into_inner().model_version, "ctr-canary-v1");
 
+    // Ramp the canary to 60 %: the ranker re-routes without reloading it,
+    // and every user already on it stays on it.
+    let url = format!("http://127.0.0.1:{metrics}/metrics");
+    let canary_loads = || async {
+        let text = adserve_integration_tests::bench::prom::scrape(&url).await?;
+        anyhow::Ok(counter(&text, "adserve_ranker_model_swaps_total", "result=\"canary\""))
+    };
+    let loads_before = canary_loads().await?;
+    let out = reg
+        .ok(&[
+            "models",
+            "set-share",
+            "--name",
+            name,
+            "--version",
+            "ctr-canary-v2",
+            "--share",
+            "0.6",
+            "--reason",
+            "ramp",
+        ])
+        .await?;
+    assert!(out.contains("canary share now 0.6"), "{out}");
+    let mut share = 0.0;
+    for _ in 0..300 {
+        share = client.get_model(GetModelRequest::default()).await?.into_inner().canary_share;
+        if share == 0.6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(share, 0.6, "the ranker never took the new share");
+    let mut ramped = 0;
+    for i in 0..200 {
+        let key = format!("user-{i}");
+        let want = if adserve_registry::in_canary(&key, 0.6) { "ctr-canary-v2" } else { "ctr-canary-v1" };
+        assert!(!adserve_registry::in_canary(&key, 0.3) || want == "ctr-canary-v2", "{key} left the canary");
+        let request = ScoreRequest { matrix: Some(matrix(1)), routing_key: key.clone(), ..Default::default() };
+        assert_eq!(client.score(request).await?.into_inner().model_version, want, "{key}");
+        ramped += usize::from(want == "ctr-canary-v2");
+    }
+    assert!(ramped > on_canary, "a 60% canary served {ramped} of 200 users, the 30% one {on_canary}");
+    assert_eq!(canary_loads().await?, loads_before, "the share change reloaded the canary");
+    // Only a canary has a share; the history says who changed it, from what.
+    let (success, _, stderr) =
+        reg.ctl(&["models", "set-share", "--name", name, "--version", "ctr-canary-v1", "--share", "0.5"]).await?;
+    assert!(!success && stderr.contains("is production, not canary"), "{stderr}");
+    let (success, _, stderr) =
+        reg.ctl(&["models", "set-share", "--name", name, "--version", "ctr-canary-v2", "--share", "1.5"]).await?;
+    assert!(!success && stderr.contains("--share must be in (0, 1]"), "{stderr}");
+    let history = reg.ok(&["models", "history", "--name", name]).await?;
+    assert!(history.contains("canary -> canary") && history.contains("canary share 0.3 -> 0.6: ramp"), "{history}");
+
     // Promote the canary: everyone moves to it, and the canary slot empties.
     reg.ok(&["models", "promote", "--name", name, "--version", "ctr-canary-v2", "--to", "production"]).await?;
     serves(&mut client, "ctr-canary-v2").await?;
@@ -574,7 +758,7 @@ async fn a_shadow_scores_calls_after_the_answer_and_publishes_both_scores() -> a
     reg.promote("ctr-shadow-v1", "production").await?;
     reg.promote("ctr-shadow-v2", "shadow").await?;
     let (mut command, grpc, metrics) = reg.ranker(&s.postgres, &[("ADSERVE_KAFKA__BROKERS", &s.kafka)]);
-    let _ranker = command.stdout(Stdio::null()).spawn()?;
+    let process = command.stdout(Stdio::null()).spawn()?;
     let mut client = connect(grpc).await?;
     serves(&mut client, "ctr-shadow-v1").await?;
     let url = format!("http://127.0.0.1:{metrics}/metrics");
@@ -588,6 +772,19 @@ async fn a_shadow_scores_calls_after_the_answer_and_publishes_both_scores() -> a
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(loaded, "the shadow version was never loaded");
+    // The shadow's session threads run at nice 19, the served model's and
+    // the fallback's at the process's own priority: shadowing takes only the
+    // CPU the answers leave idle.
+    // (Relative to the process's own nice: a test runner may itself be niced.)
+    let pid = process.id().expect("running");
+    let threads = thread_nice(pid);
+    let base = threads.iter().find(|(tid, _, _)| *tid == pid).map(|(_, _, n)| *n).expect("the main thread");
+    let nice = |prefix: &str| -> Vec<i32> {
+        threads.iter().filter(|(_, name, _)| name.starts_with(prefix)).map(|(_, _, n)| *n).collect()
+    };
+    assert!(!nice("rank-shadow-").is_empty() && nice("rank-shadow-").iter().all(|n| *n == 19), "{threads:?}");
+    assert!(!nice("rank-model-").is_empty() && nice("rank-model-").iter().all(|n| *n == base), "{threads:?}");
+    assert!(nice("rank-fallbk-").iter().all(|n| *n == base), "{threads:?}");
 
     // The gateway learns of the shadow from GetModel.
     assert_eq!(client.get_model(GetModelRequest::default()).await?.into_inner().shadow_model_version, "ctr-shadow-v2");
@@ -680,7 +877,7 @@ async fn a_call_the_model_cannot_answer_in_time_is_scored_by_the_fallback_chain_
     use adserve_proto::v1::ScoreLevel;
     let model_dir = repo_root().join("models/ctr-baseline");
     // A reserve longer than any call's budget: the model never gets time.
-    let (mut with_model, grpc_a, _) = ranker(&model_dir, &[("ADSERVE_FALLBACK__RESERVE", "2s")]);
+    let (mut with_model, grpc_a, metrics_a) = ranker(&model_dir, &[("ADSERVE_FALLBACK__RESERVE", "2s")]);
     let (mut prior_only, grpc_b, _) =
         ranker(&model_dir, &[("ADSERVE_FALLBACK__RESERVE", "2s"), ("ADSERVE_FALLBACK__ENABLED", "false")]);
     let _a = with_model.stdout(Stdio::null()).spawn()?;
@@ -712,6 +909,30 @@ async fn a_call_the_model_cannot_answer_in_time_is_scored_by_the_fallback_chain_
     // Without a deadline the model has time: level MODEL, no reason.
     let normal = b.score(ScoreRequest { matrix: Some(matrix(2)), ..Default::default() }).await?.into_inner();
     assert_eq!((normal.level(), normal.fallback_reason.as_str()), (ScoreLevel::Model, ""));
+
+    // The model and the fallback model are the same version here, and each
+    // queue's metrics are its own: the `queue` label tells them apart.
+    let normal = a.score(ScoreRequest { matrix: Some(matrix(4)), ..Default::default() }).await?.into_inner();
+    assert_eq!(normal.level(), ScoreLevel::Model);
+    let text = adserve_integration_tests::bench::prom::scrape(&format!("http://127.0.0.1:{metrics_a}/metrics")).await?;
+    let series = |name: &str, queue: &str| -> Vec<&str> {
+        let (q, v) = (format!("queue=\"{queue}\""), "model_version=\"ctr-baseline-v1\"");
+        text.lines().filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&q) && l.contains(v)).collect()
+    };
+    let value = |name: &str, queue: &str| -> f64 {
+        let lines = series(name, queue);
+        assert_eq!(lines.len(), 1, "{name} for queue {queue}: {lines:?}");
+        lines[0].rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a value")
+    };
+    // Calls per session.run: one call each, one batch each.
+    assert_eq!(value("adserve_ranker_batch_calls_sum", "model"), 1.0, "{text}");
+    assert_eq!(value("adserve_ranker_batch_calls_sum", "fallback"), 1.0, "{text}");
+    // Rows: the fallback model scored the 3 rows, the model the 4.
+    assert_eq!(value("adserve_ranker_batch_rows_sum", "fallback"), 3.0, "{text}");
+    assert_eq!(value("adserve_ranker_batch_rows_sum", "model"), 4.0, "{text}");
+    // Both queues export their depth, labelled (empty now).
+    assert_eq!(value("adserve_ranker_queue_rows", "model"), 0.0, "{text}");
+    assert_eq!(value("adserve_ranker_queue_rows", "fallback"), 0.0, "{text}");
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use adserve_core::{Invalid, check_duration};
 pub use manifest::{
     Calibration, InputDtype, ManifestError, Mapping, ModelManifest, TypedInput, read_manifest, read_model_dir,
 };
-pub use reference::{REFERENCE_FILE, Reference};
+pub use reference::{Arithmetic, REFERENCE_FILE, Reference};
 use serde::{Deserialize, Serialize};
 use sqlx::{FromRow, PgPool, Postgres, Transaction};
 pub use stage::Stage;
@@ -44,6 +44,13 @@ pub struct RegistryConfig {
     /// Safety-net poll, for a notification lost while disconnected.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// How long a ranker keeps the production model it swapped out loaded
+    /// and warm: a rollback (or a promotion back to it) within this time
+    /// swaps back at once instead of loading, checking and warming it again
+    /// (on a GPU node: a TensorRT engine build). The cost is that model's
+    /// sessions in memory (on a GPU, device memory). 0: dropped at the swap.
+    #[serde(with = "humantime_serde")]
+    pub keep_previous: Duration,
 }
 
 /// The model name served by default.
@@ -67,6 +74,7 @@ impl Default for RegistryConfig {
                 ..PostgresConfig::default()
             },
             poll_interval: Duration::from_secs(10),
+            keep_previous: Duration::from_secs(600),
         }
     }
 }
@@ -87,7 +95,8 @@ impl RegistryConfig {
             self.poll_interval,
             Duration::from_millis(100),
             Duration::from_secs(3600),
-        )
+        )?;
+        check_duration("registry.keep_previous", self.keep_previous, Duration::ZERO, Duration::from_secs(86_400))
     }
 }
 
@@ -433,7 +442,7 @@ impl Registry {
     ) -> Result<Vec<Moved>, RegistryError> {
         check_actor(actor)?;
         let share = match (to, canary_share) {
-            (Stage::Canary, Some(s)) if s > 0.0 && s <= 1.0 => s,
+            (Stage::Canary, Some(s)) if valid_share(s) => s,
             (Stage::Canary, other) => {
                 return Err(RegistryError::Invalid(format!(
                     "a canary needs --canary-share in (0, 1], got {}",
@@ -446,11 +455,7 @@ impl Registry {
         let change = Change { actor, reason, rollback: false };
         let mut tx = self.pool.begin().await?;
         let rows = lock(&mut tx, name).await?;
-        let from = rows
-            .iter()
-            .find(|(v, _)| v == version)
-            .map(|(_, s)| *s)
-            .ok_or_else(|| RegistryError::NotFound { name: name.into(), version: version.into() })?;
+        let from = stage_in(&rows, name, version)?;
         from.check_promotion(to).map_err(|why| RegistryError::Illegal {
             name: name.into(),
             version: version.into(),
@@ -475,6 +480,46 @@ impl Registry {
         moved.push(Moved { version: version.into(), from, to });
         tx.commit().await?;
         Ok(moved)
+    }
+
+    /// Changes the share of users a canary serves (a ramp, 0.05 -> 0.3, or a
+    /// cut), keeping it canary: the rankers re-route on the notification
+    /// without reloading it, and users already in the canary stay in it
+    /// while the share grows (the bucket of a user id is fixed). Recorded in
+    /// the history as canary -> canary, with the old and new share.
+    pub async fn set_canary_share(
+        &self,
+        name: &str,
+        version: &str,
+        share: f64,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Moved, RegistryError> {
+        check_actor(actor)?;
+        if !valid_share(share) {
+            return Err(RegistryError::Invalid(format!("--share must be in (0, 1], got {share}")));
+        }
+        let mut tx = self.pool.begin().await?;
+        let rows = lock(&mut tx, name).await?;
+        let stage = stage_in(&rows, name, version)?;
+        if stage != Stage::Canary {
+            return Err(RegistryError::Invalid(format!(
+                "{name} {version:?} is {}, not canary: only a canary has a share (promote it --to canary \
+                 --canary-share S first)",
+                stage.as_str()
+            )));
+        }
+        let (was,): (f64,) = sqlx::query_as("SELECT canary_share FROM models WHERE name = $1 AND version = $2")
+            .bind(name)
+            .bind(version)
+            .fetch_one(&mut *tx)
+            .await?;
+        let noted = format!("canary share {was} -> {share}");
+        let reason = if reason.is_empty() { noted } else { format!("{noted}: {reason}") };
+        let change = Change { actor, reason: &reason, rollback: false };
+        set_stage(&mut tx, name, version, Stage::Canary, Stage::Canary, share, &change).await?;
+        tx.commit().await?;
+        Ok(Moved { version: version.into(), from: Stage::Canary, to: Stage::Canary })
     }
 
     /// Puts back the version that was production before the current one and
@@ -551,6 +596,19 @@ async fn lock(tx: &mut Transaction<'static, Postgres>, name: &str) -> Result<Vec
             Ok((v, stage))
         })
         .collect()
+}
+
+/// A canary's share of users: in (0, 1] (NaN is not).
+fn valid_share(share: f64) -> bool {
+    share > 0.0 && share <= 1.0
+}
+
+/// The stage of `version` among the locked `rows` of model `name`.
+fn stage_in(rows: &[(String, Stage)], name: &str, version: &str) -> Result<Stage, RegistryError> {
+    rows.iter()
+        .find(|(v, _)| v == version)
+        .map(|(_, s)| *s)
+        .ok_or_else(|| RegistryError::NotFound { name: name.into(), version: version.into() })
 }
 
 /// Who made a change, why, and whether it is a rollback.

@@ -3,7 +3,7 @@
 //! onnxruntime gave each. The one definition of the file: the registry checks
 //! it when a model is registered, and the ranker re-scores its rows when it
 //! loads the model. The ranker refuses the model unless its own binding gives
-//! the same outputs (to [`Reference::TOLERANCE`]). So a skewed binding,
+//! the same outputs (see [`Reference::agrees`]). So a skewed binding,
 //! another ONNX Runtime, or an execution provider that changes the numbers is
 //! caught before a request is.
 
@@ -38,10 +38,49 @@ pub struct Reference {
     pub raw: Vec<f32>,
 }
 
+/// How a session computes, next to the trainer's float32 run on CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arithmetic {
+    /// float32 throughout (ONNX Runtime's CPU provider): only summation
+    /// order differs.
+    Float32,
+    /// Reduced precision somewhere (a GPU provider: TF32 matrix products on
+    /// CUDA, FP16 engines on TensorRT), ~1e-3 relative per product.
+    Reduced,
+}
+
 impl Reference {
-    /// Largest difference from the trainer's output accepted: float32
-    /// summation order differs between thread counts and providers.
+    /// Largest difference from the trainer's output accepted in
+    /// [`Arithmetic::Float32`]: float32 summation order differs between
+    /// thread counts.
     pub const TOLERANCE: f32 = 1e-5;
+
+    /// Largest difference in log-odds accepted in [`Arithmetic::Reduced`]
+    /// (0.05: the odds within ~5 %). FP16 rounding moves a pCTR of 0.04 by
+    /// a few 1e-4, far past [`Self::TOLERANCE`] but well inside this; a
+    /// column bound to the wrong input, a stale engine or a broken kernel
+    /// moves some of the reference rows by far more.
+    pub const REDUCED_LOGIT_TOLERANCE: f64 = 0.05;
+
+    /// Whether a session's output `got` for a reference row agrees with the
+    /// trainer's `want`, for a session computing in `arithmetic`. A NaN
+    /// agrees with nothing.
+    pub fn agrees(got: f32, want: f32, arithmetic: Arithmetic) -> bool {
+        if (got - want).abs() <= Self::TOLERANCE {
+            return true;
+        }
+        match arithmetic {
+            Arithmetic::Float32 => false,
+            Arithmetic::Reduced => {
+                // Outputs are probabilities; clamped so 0 and 1 stay finite.
+                let logit = |p: f32| {
+                    let p = f64::from(p).clamp(1e-7, 1.0 - 1e-7);
+                    (p / (1.0 - p)).ln()
+                };
+                (logit(got) - logit(want)).abs() <= Self::REDUCED_LOGIT_TOLERANCE
+            }
+        }
+    }
 
     /// `dir/reference.json` if there is one, checked against `manifest`
     /// without running the model. The reference must be for this
@@ -118,6 +157,30 @@ mod tests {
         edit(&mut r);
         std::fs::write(dir.path().join(REFERENCE_FILE), serde_json::to_vec(&r).expect("json")).expect("write");
         Reference::read(dir.path(), &manifest)
+    }
+
+    #[test]
+    fn reduced_arithmetic_accepts_fp16_rounding_and_float32_does_not() {
+        use Arithmetic::{Float32, Reduced};
+        // FP16-sized drift on a typical pCTR: refused on CPU, accepted on a GPU.
+        assert!(!Reference::agrees(0.0405, 0.04, Float32));
+        assert!(Reference::agrees(0.0405, 0.04, Reduced));
+        // Within float32 summation noise: accepted either way.
+        assert!(Reference::agrees(0.040_005, 0.04, Float32));
+        assert!(Reference::agrees(0.040_005, 0.04, Reduced));
+        // A wrongly bound column moves the odds by far more: refused either way.
+        for (got, want) in [(0.06, 0.04), (0.02, 0.04), (0.9, 0.95), (0.5, 0.4)] {
+            assert!(!Reference::agrees(got, want, Reduced), "{got} vs {want}");
+            assert!(!Reference::agrees(got, want, Float32), "{got} vs {want}");
+        }
+        // Near 0 the odds are relative: 2e-4 for 1e-4 is a doubling, though
+        // only 1e-4 apart.
+        assert!(!Reference::agrees(2e-4, 1e-4, Reduced));
+        assert!(!Reference::agrees(0.5, 1e-3, Reduced));
+        // The ends stay finite; NaN agrees with nothing.
+        assert!(Reference::agrees(1.0, 1.0, Reduced) && Reference::agrees(0.0, 0.0, Reduced));
+        assert!(!Reference::agrees(f32::NAN, 0.04, Reduced) && !Reference::agrees(f32::NAN, 0.04, Float32));
+        assert!(!Reference::agrees(f32::NAN, f32::NAN, Reduced));
     }
 
     #[test]

@@ -186,6 +186,25 @@ enum Models {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Change a canary's share of users (ramp up or cut back), keeping it
+    /// canary: users already in it stay in it as the share grows.
+    SetShare {
+        /// Model name.
+        #[arg(long, default_value_t = RegistryConfig::default().model_name)]
+        name: String,
+        /// The canary's version.
+        #[arg(long)]
+        version: String,
+        /// New share of users, in (0, 1].
+        #[arg(long)]
+        share: f64,
+        /// Who.
+        #[arg(long, env = "USER", default_value = "unknown")]
+        actor: String,
+        /// Why (recorded in the history with the old and new share).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Restore the previous production version; retire the current one.
     Rollback {
         /// Model name.
@@ -256,6 +275,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Models(Models::Promote { name, version, to, canary_share, actor, reason }) => {
             print_moves(&name, &registry.promote(&name, &version, to, canary_share, &actor, &reason).await?);
+        }
+        Command::Models(Models::SetShare { name, version, share, actor, reason }) => {
+            registry.set_canary_share(&name, &version, share, &actor, &reason).await?;
+            println!("{name} {version}: canary share now {share}");
         }
         Command::Models(Models::Rollback { name, actor, reason }) => {
             print_moves(&name, &registry.rollback(&name, &actor, &reason).await?);

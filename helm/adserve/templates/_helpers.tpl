@@ -421,6 +421,7 @@ predict_misses = {{ $b.predictMisses }}
 enabled = {{ $r.enabled }}
 model_name = {{ $r.modelName | toJson }}
 poll_interval = "{{ int64 $r.pollIntervalMs }}ms"
+keep_previous = "{{ int64 $r.keepPreviousSeconds }}s"
 
 [shadow]
 enabled = {{ $c.shadow.enabled }}

@@ -83,6 +83,99 @@ pub enum ScoreError {
     Failed(String),
 }
 
+/// Which of a ranker's queues a [`Batcher`] is: the `queue` label of its
+/// metrics, beside `model_version`, and its session threads' names and
+/// priority. The served models (production, canary) differ by version; the
+/// fallback model can be the same version as production (both are
+/// `model.dir` until the registry has a production version), so its queue
+/// needs a label of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueKind {
+    /// A served model: production or canary (a canary is promoted in place).
+    #[default]
+    Model,
+    /// The fallback model (`fallback.model_dir`).
+    Fallback,
+    /// The shadow model, which scores after the answer. Its session threads
+    /// run at the lowest CPU priority (nice 19, Linux): when the CPU is
+    /// contended the served models' threads get it first. (Under a CPU
+    /// limit the shadow's CPU still counts against the pod's quota, and
+    /// ONNX Runtime's own intra-op threads, with `intra_threads` > 1, keep
+    /// normal priority.) A shadow version is never promoted in place:
+    /// promoted, it is loaded again as a served model.
+    Shadow,
+}
+
+impl QueueKind {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Model => "model",
+            Self::Fallback => "fallback",
+            Self::Shadow => "shadow",
+        }
+    }
+
+    /// Session thread name (at most 15 bytes: what Linux keeps).
+    fn thread_name(self, i: usize) -> String {
+        match self {
+            Self::Model => format!("rank-model-{i}"),
+            Self::Fallback => format!("rank-fallbk-{i}"),
+            Self::Shadow => format!("rank-shadow-{i}"),
+        }
+    }
+}
+
+/// Lowers the calling thread's CPU priority to nice 19. On Linux the nice
+/// value is per thread, so `setpriority(PRIO_PROCESS, 0)` changes only this
+/// one; elsewhere it would lower the whole process, so nothing is done. A
+/// failure is logged, not fatal: the thread then runs at normal priority.
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: a plain system call with integer arguments only (no
+        // pointers): it cannot touch this process's memory.
+        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!(error = %e, "could not lower the shadow session thread's priority");
+        }
+    }
+}
+
+/// One queue's metric handles, labelled `model_version` and `queue` once at
+/// start (so the shadow's queue never overwrites production's depth, and no
+/// call pays a registry lookup).
+struct QueueMetrics {
+    queue_rows: metrics::Gauge,
+    queue_wait: metrics::Histogram,
+    batch_rows: metrics::Histogram,
+    batch_calls: metrics::Histogram,
+    inference: metrics::Histogram,
+    cancelled: metrics::Counter,
+    overloaded: metrics::Counter,
+    predicted_miss: metrics::Counter,
+    deadline: metrics::Counter,
+}
+
+impl QueueMetrics {
+    fn new(version: &str, kind: QueueKind) -> Self {
+        let (v, q) = (version.to_string(), kind.as_str());
+        let dropped = |reason: &'static str| metrics::counter!("adserve_ranker_dropped_total", "reason" => reason, "model_version" => v.clone(), "queue" => q);
+        Self {
+            queue_rows: metrics::gauge!("adserve_ranker_queue_rows", "model_version" => v.clone(), "queue" => q),
+            queue_wait: metrics::histogram!("adserve_ranker_queue_wait_seconds", "model_version" => v.clone(), "queue" => q),
+            batch_rows: metrics::histogram!("adserve_ranker_batch_rows", "model_version" => v.clone(), "queue" => q),
+            batch_calls: metrics::histogram!("adserve_ranker_batch_calls", "model_version" => v.clone(), "queue" => q),
+            inference: metrics::histogram!("adserve_ranker_inference_seconds", "model_version" => v.clone(), "queue" => q),
+            cancelled: dropped("cancelled"),
+            overloaded: dropped("overloaded"),
+            predicted_miss: dropped("predicted_miss"),
+            deadline: dropped("deadline"),
+        }
+    }
+}
+
 /// How often a call runs despite a predicted miss (see the module doc).
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -195,6 +288,7 @@ struct Queue {
     config: BatchingConfig,
     version: String,
     stats: Mutex<BatchStats>,
+    metrics: QueueMetrics,
 }
 
 /// What a model's queue has done since it started (also exported as
@@ -237,21 +331,46 @@ impl std::fmt::Debug for Batcher {
 
 impl Batcher {
     /// Starts one thread per session.
-    pub(crate) fn start(sessions: Vec<Session>, manifest: ModelManifest, config: BatchingConfig) -> Self {
+    pub(crate) fn start(
+        sessions: Vec<Session>,
+        manifest: ModelManifest,
+        config: BatchingConfig,
+        kind: QueueKind,
+    ) -> Self {
         let queue = Arc::new(Queue {
             state: Mutex::default(),
             ready: Condvar::new(),
             config,
             version: manifest.model_version.clone(),
             stats: Mutex::default(),
+            metrics: QueueMetrics::new(&manifest.model_version, kind),
         });
         let manifest = Arc::new(manifest);
+        // Each thread reports once its priority is set, so the queue is
+        // returned (and the model served) only with every thread as it will run.
+        let (started, all_started) = std::sync::mpsc::channel();
+        let threads = sessions.len();
         for (i, session) in sessions.into_iter().enumerate() {
-            let (queue, manifest) = (queue.clone(), manifest.clone());
+            let (queue, manifest, started) = (queue.clone(), manifest.clone(), started.clone());
             std::thread::Builder::new()
-                .name(format!("ranker-session-{i}"))
-                .spawn(move || worker(session, &queue, &manifest))
+                .name(kind.thread_name(i))
+                .spawn(move || {
+                    if kind == QueueKind::Shadow {
+                        lower_this_threads_priority();
+                    }
+                    let _ = started.send(());
+                    worker(session, &queue, &manifest)
+                })
                 .expect("spawning a session thread");
+        }
+        // Only the threads hold senders now: a thread that died before
+        // reporting ends the wait instead of hanging it.
+        drop(started);
+        for _ in 0..threads {
+            if all_started.recv().is_err() {
+                tracing::error!(version = %queue.version, "a session thread exited before it started");
+                break;
+            }
         }
         Self { queue }
     }
@@ -274,13 +393,13 @@ impl Batcher {
                 st.rows = st.jobs.iter().map(|j| j.rows).sum();
                 let purged = (before - st.jobs.len()) as u64;
                 if purged > 0 {
-                    metrics::counter!("adserve_ranker_dropped_total", "reason" => "cancelled").increment(purged);
+                    self.queue.metrics.cancelled.increment(purged);
                     self.queue.stats.lock().unwrap_or_else(|p| p.into_inner()).cancelled += purged;
                 }
             }
             if st.rows + rows > limit {
-                metrics::counter!("adserve_ranker_dropped_total", "reason" => "overloaded").increment(1);
-                metrics::gauge!("adserve_ranker_queue_rows").set(st.rows as f64);
+                self.queue.metrics.overloaded.increment(1);
+                self.queue.metrics.queue_rows.set(st.rows as f64);
                 return Err(ScoreError::Overloaded { queued: st.rows, rows, limit });
             }
             let config = &self.queue.config;
@@ -290,7 +409,7 @@ impl Batcher {
                     && now + predicted > deadline
                 {
                     if st.probed.is_some_and(|at| now.duration_since(at) < PROBE_INTERVAL) {
-                        metrics::counter!("adserve_ranker_dropped_total", "reason" => "predicted_miss").increment(1);
+                        self.queue.metrics.predicted_miss.increment(1);
                         self.queue.stats.lock().unwrap_or_else(|p| p.into_inner()).predicted_misses += 1;
                         return Err(ScoreError::WouldMiss {
                             predicted,
@@ -305,7 +424,7 @@ impl Batcher {
             }
             st.rows += rows;
             st.jobs.push_back(Job { input, rows, enqueued: Instant::now(), deadline, reply });
-            metrics::gauge!("adserve_ranker_queue_rows").set(st.rows as f64);
+            self.queue.metrics.queue_rows.set(st.rows as f64);
         }
         self.queue.ready.notify_one();
         answer.await.map_err(|_| ScoreError::Failed("the session thread dropped the call".into()))?
@@ -329,7 +448,14 @@ impl Batcher {
 
 impl Drop for Batcher {
     fn drop(&mut self) {
-        self.queue.lock().closed = true;
+        let mut st = self.queue.lock();
+        st.closed = true;
+        // Calls still queued are scored (and the gauge follows them); an idle
+        // queue's gauge reads 0 rather than its last depth.
+        if st.jobs.is_empty() {
+            self.queue.metrics.queue_rows.set(0.0);
+        }
+        drop(st);
         self.queue.ready.notify_all();
     }
 }
@@ -344,13 +470,13 @@ fn worker(mut session: Session, queue: &Queue, manifest: &ModelManifest) {
         for job in batch {
             let waited = now.duration_since(job.enqueued);
             if job.reply.is_closed() {
-                metrics::counter!("adserve_ranker_dropped_total", "reason" => "cancelled").increment(1);
+                queue.metrics.cancelled.increment(1);
                 cancelled += 1;
             } else if job.deadline.is_some_and(|d| d <= now) {
-                metrics::counter!("adserve_ranker_dropped_total", "reason" => "deadline").increment(1);
+                queue.metrics.deadline.increment(1);
                 expired.push((job, waited));
             } else {
-                metrics::histogram!("adserve_ranker_queue_wait_seconds").record(waited.as_secs_f64());
+                queue.metrics.queue_wait.record(waited.as_secs_f64());
                 live.push(job);
             }
         }
@@ -376,13 +502,13 @@ fn worker(mut session: Session, queue: &Queue, manifest: &ModelManifest) {
             st.running_rows -= taken;
             continue;
         }
-        metrics::histogram!("adserve_ranker_batch_rows").record(rows as f64);
-        metrics::histogram!("adserve_ranker_batch_calls").record(live.len() as f64);
+        queue.metrics.batch_rows.record(rows as f64);
+        queue.metrics.batch_calls.record(live.len() as f64);
         let input = Input::concat(&mut live.iter_mut().map(|j| &mut j.input).collect::<Vec<_>>());
         let start = Instant::now();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| model::run(&mut session, manifest, input)));
         let took = start.elapsed();
-        metrics::histogram!("adserve_ranker_inference_seconds").record(took.as_secs_f64());
+        queue.metrics.inference.record(took.as_secs_f64());
         {
             let mut st = queue.lock();
             st.running -= 1;
@@ -475,7 +601,7 @@ fn next_batch(queue: &Queue) -> Option<Vec<Job>> {
         st.rows -= rows;
         st.running += 1;
         st.running_rows += rows;
-        metrics::gauge!("adserve_ranker_queue_rows").set(st.rows as f64);
+        queue.metrics.queue_rows.set(st.rows as f64);
         if !st.jobs.is_empty() {
             // What is left is due for another session.
             queue.ready.notify_one();

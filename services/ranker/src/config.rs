@@ -33,6 +33,18 @@ impl ExecutionProvider {
             Self::Cpu => "cpu",
         }
     }
+
+    /// How close to the trainer's float32 CPU outputs a session on this
+    /// provider must score the model's reference rows: CUDA may run TF32
+    /// matrix products and TensorRT FP16 engines, so a GPU session is held to
+    /// log-odds agreement rather than float32 rounding (which would refuse
+    /// every GPU session and leave a GPU node scoring on CPU).
+    pub fn arithmetic(self) -> adserve_registry::Arithmetic {
+        match self {
+            Self::Cpu => adserve_registry::Arithmetic::Float32,
+            Self::Cuda | Self::Tensorrt => adserve_registry::Arithmetic::Reduced,
+        }
+    }
 }
 
 /// Everything the ranker reads at start.

@@ -31,7 +31,7 @@ use adserve_registry::{ModelRecord, NOTIFY_CHANNEL, Registry, RegistryConfig, Re
 use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
-use crate::{BatchingConfig, CtrModel, ModelConfig, ModelError};
+use crate::{BatchingConfig, CtrModel, ModelConfig, ModelError, ModelManifest, QueueKind};
 
 /// Where the served model came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +194,8 @@ pub struct Loader {
     pub max_rows: usize,
     /// `libonnxruntime.so`.
     pub dylib: String,
+    /// Which queue the models it loads feed (the label on their metrics).
+    pub queue: QueueKind,
 }
 
 impl Loader {
@@ -203,25 +205,42 @@ impl Loader {
         if let Some(dir) = dir {
             model.dir = dir;
         }
-        let (batching, max_rows, dylib) = (self.batching.clone(), self.max_rows, self.dylib.clone());
-        tokio::task::spawn_blocking(move || CtrModel::load(&model, &batching, max_rows, &dylib))
-            .await
-            .map_err(|e| ModelError::Panicked(e.to_string()))?
+        let (batching, max_rows, dylib, queue) = (self.batching.clone(), self.max_rows, self.dylib.clone(), self.queue);
+        tokio::task::spawn_blocking(move || CtrModel::load(&model, &batching, max_rows, &dylib, queue)).await.map_err(
+            |e| {
+                // CtrModel::load counts its own failures; a panic is counted here.
+                let e = ModelError::Panicked(e.to_string());
+                metrics::counter!("adserve_ranker_model_load_failures_total", "reason" => e.reason()).increment(1);
+                e
+            },
+        )?
     }
 
     /// Loads a registry record's artifact and checks it is what was
-    /// registered.
+    /// registered: the same version, `model.onnx` and manifest (a
+    /// calibration, feature order or input edited on disk after
+    /// registration would change what is served without a new version).
     async fn load_record(&self, record: &ModelRecord) -> Result<CtrModel, ModelError> {
-        let loaded = self.load(Some(record.artifact.clone().into())).await?;
-        if !same(&loaded, record) {
-            let m = loaded.manifest();
-            return Err(ModelError::Mismatch(format!(
-                "{} now holds version {:?} (sha256 {}), the registry registered {:?} (sha256 {}): the artifact \
-                 changed after registration",
-                record.artifact, m.model_version, m.onnx_sha256, record.version, record.onnx_sha256
-            )));
+        let refuse = |changed: String| {
+            let e = ModelError::Mismatch(format!("{changed}: the artifact changed after registration"));
+            metrics::counter!("adserve_ranker_model_load_failures_total", "reason" => e.reason()).increment(1);
+            e
+        };
+        // Checked first on the manifest alone, before any session is built
+        // (on a GPU, before a TensorRT engine build); a manifest that does not
+        // read is left to the load, which says why.
+        let dir = PathBuf::from(&record.artifact);
+        if let Ok(m) = adserve_registry::read_manifest(&dir.join("manifest.json"))
+            && let Some(changed) = registered_difference(&m, record)
+        {
+            return Err(refuse(changed));
         }
-        Ok(loaded)
+        let loaded = self.load(Some(dir)).await?;
+        // Again on what was loaded: the files may have changed meanwhile.
+        match registered_difference(loaded.manifest(), record) {
+            Some(changed) => Err(refuse(changed)),
+            None => Ok(loaded),
+        }
     }
 }
 
@@ -297,10 +316,21 @@ pub async fn follow(registry: Registry, config: RegistryConfig, loader: Loader, 
     let mut tick = tokio::time::interval(config.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refused = RefusedVersions::default();
+    // The production model last swapped out, kept warm for a rollback
+    // (`registry.keep_previous`), and since when.
+    let mut previous: Option<(Arc<CtrModel>, Instant)> = None;
+    let shadow_loader = Loader { queue: QueueKind::Shadow, ..loader.clone() };
     loop {
+        let expires = previous.as_ref().map(|(_, since)| *since + config.keep_previous);
         let notified = tokio::select! {
             Some(w) = wake.recv() => w == Wake::Changed,
             _ = tick.tick() => false,
+            () = until(expires) => {
+                if let Some((old, _)) = previous.take() {
+                    tracing::info!(version = %old.manifest().model_version, "previous production model unloaded");
+                }
+                continue;
+            }
         };
         // Registry::migrate runs the migrations once per process (a no-op
         // after initial() or an earlier pass succeeded).
@@ -323,18 +353,36 @@ pub async fn follow(registry: Registry, config: RegistryConfig, loader: Loader, 
         if let Some(prod) = rows.iter().find(|r| r.stage == Stage::Production) {
             let current = serving.production();
             if !same(&current, prod) && refused.allows(Role::Production, prod, notified) {
-                // A canary promoted to production is already loaded and warm.
-                let reuse = serving.canary().filter(|c| same(&c.model, prod)).map(|c| c.model);
+                // A canary promoted to production, or the production model
+                // swapped out a moment ago (a rollback), is loaded and warm.
+                let reuse = match serving.canary().filter(|c| same(&c.model, prod)) {
+                    Some(c) => Some((c.model, "canary")),
+                    None => previous.as_ref().filter(|(p, _)| same(p, prod)).map(|(p, _)| (p.clone(), "previous")),
+                };
                 let started = Instant::now();
+                let rolled_back = reuse.as_ref().is_some_and(|(_, from)| *from == "previous");
                 let loaded = match reuse {
-                    Some(model) => Ok(model),
-                    None => loader.load_record(prod).await.map(Arc::new),
+                    Some((model, from)) => {
+                        metrics::counter!("adserve_ranker_model_reused_total", "from" => from).increment(1);
+                        Ok(model)
+                    }
+                    None => {
+                        // Not the version kept for a rollback: free it before
+                        // loading another (on a GPU, device memory).
+                        previous = None;
+                        loader.load_record(prod).await.map(Arc::new)
+                    }
                 };
                 match loaded {
                     Ok(next) => {
                         let from = current.manifest().model_version.clone();
-                        drop(current);
                         serving.swap(next, Source::Registry);
+                        // The model swapped out stays warm for a rollback to
+                        // it, unless this swap was that rollback: the registry
+                        // retired it, and a rollback never restores a version
+                        // it rolled back from. In-flight calls finish on it
+                        // either way.
+                        previous = (!config.keep_previous.is_zero() && !rolled_back).then(|| (current, Instant::now()));
                         refused.clear(Role::Production);
                         metrics::counter!("adserve_ranker_model_swaps_total", "result" => "swapped").increment(1);
                         tracing::info!(%from, to = %prod.version, took = ?started.elapsed(), "model swapped");
@@ -352,7 +400,7 @@ pub async fn follow(registry: Registry, config: RegistryConfig, loader: Loader, 
             }
             Some(row) => match serving.shadow() {
                 Some(s) if same(&s, row) => {}
-                _ if refused.allows(Role::Shadow, row, notified) => match loader.load_record(row).await {
+                _ if refused.allows(Role::Shadow, row, notified) => match shadow_loader.load_record(row).await {
                     Ok(model) => {
                         serving.set_shadow(Some(Arc::new(model)));
                         refused.clear(Role::Shadow);
@@ -392,7 +440,52 @@ pub async fn follow(registry: Registry, config: RegistryConfig, loader: Loader, 
     }
 }
 
-/// The loaded model is the registry row's version and file.
+/// How `m` (an artifact's manifest) differs from what the registry
+/// registered for `record`, or `None` when it is the same.
+fn registered_difference(m: &ModelManifest, record: &ModelRecord) -> Option<String> {
+    if m.model_version != record.version || !m.onnx_sha256.eq_ignore_ascii_case(&record.onnx_sha256) {
+        return Some(format!(
+            "{} now holds version {:?} (sha256 {}), the registry registered {:?} (sha256 {})",
+            record.artifact, m.model_version, m.onnx_sha256, record.version, record.onnx_sha256
+        ));
+    }
+    manifest_changes(m, &record.manifest).map(|fields| {
+        format!("{}/manifest.json differs from the one registered for {} in {fields}", record.artifact, record.version)
+    })
+}
+
+/// Resolves at `at`, never without one.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The top-level fields in which `loaded` differs from the manifest the
+/// registry holds (compared as manifests, so key order and number spelling
+/// do not count), or `None` when they are the same.
+fn manifest_changes(loaded: &ModelManifest, registered: &serde_json::Value) -> Option<String> {
+    let registered = match serde_json::from_value::<ModelManifest>(registered.clone()) {
+        Ok(m) if m == *loaded => return None,
+        Ok(m) => serde_json::to_value(m).unwrap_or_default(),
+        Err(e) => return Some(format!("every field (the registered manifest does not read: {e})")),
+    };
+    let loaded = serde_json::to_value(loaded).unwrap_or_default();
+    let (a, b) = (loaded.as_object(), registered.as_object());
+    let mut keys: Vec<&String> = a.into_iter().chain(b).flat_map(|o| o.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let differ: Vec<&str> = keys
+        .into_iter()
+        .filter(|k| a.and_then(|o| o.get(*k)) != b.and_then(|o| o.get(*k)))
+        .map(String::as_str)
+        .collect();
+    Some(if differ.is_empty() { "a value".into() } else { differ.join(", ") })
+}
+
+/// The loaded model is the registry row's version and file (whether a
+/// swap is needed; [`registered_difference`] checks a load).
 fn same(model: &CtrModel, row: &ModelRecord) -> bool {
     let m = model.manifest();
     m.model_version == row.version && m.onnx_sha256.eq_ignore_ascii_case(&row.onnx_sha256)
@@ -455,4 +548,40 @@ async fn listen(registry: Registry, name: String, wake: mpsc::Sender<Wake>) {
         },
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn baseline() -> (ModelManifest, serde_json::Value) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/ctr-baseline/manifest.json");
+        let text = std::fs::read_to_string(path).expect("the committed manifest");
+        (serde_json::from_str(&text).expect("a manifest"), serde_json::from_str(&text).expect("json"))
+    }
+
+    #[test]
+    fn a_manifest_edited_after_registration_is_named_by_the_fields_that_changed() {
+        let (loaded, registered) = baseline();
+        assert_eq!(manifest_changes(&loaded, &registered), None);
+        // Key order is not a change.
+        let mut reordered = serde_json::Map::new();
+        for (k, v) in registered.as_object().expect("object").iter().rev() {
+            reordered.insert(k.clone(), v.clone());
+        }
+        assert_eq!(manifest_changes(&loaded, &serde_json::Value::Object(reordered)), None);
+        // A calibration added on disk, and a feature dropped from the order.
+        let mut edited = loaded.clone();
+        edited.calibration =
+            Some(adserve_registry::Calibration { keep_rate: 0.5, mapping: adserve_registry::Mapping::None });
+        edited.feature_order.pop();
+        assert_eq!(manifest_changes(&edited, &registered).as_deref(), Some("calibration, feature_order"));
+        // A field outside the typed ones (kept in `extra`).
+        let mut noted = loaded.clone();
+        noted.extra.insert("trainer".into(), "someone else".into());
+        assert_eq!(manifest_changes(&noted, &registered).as_deref(), Some("trainer"));
+        // A registered manifest that no longer reads.
+        let broken = serde_json::json!({"model_version": 3});
+        assert!(manifest_changes(&loaded, &broken).expect("a change").starts_with("every field"));
+    }
 }

@@ -15,7 +15,7 @@ pub mod model;
 pub mod service;
 
 pub use adserve_registry::Reference;
-pub use batcher::{BatchStats, Batcher, ScoreError, Scores};
+pub use batcher::{BatchStats, Batcher, QueueKind, ScoreError, Scores};
 pub use config::{BatchingConfig, ExecutionProvider, ModelConfig, RankerConfig};
 pub use follow::{Canary, Role, Serving, Source};
 pub use model::{Block, CtrModel, Input, ModelError, ModelManifest, reference_matrix};

@@ -8,6 +8,9 @@ use adserve_ranker::{RankerConfig, RankerGrpc, follow};
 use adserve_registry::Registry;
 use tonic::service::Routes;
 
+/// The readiness entry held while the models load.
+const MODEL_DEPENDENCY: &str = "model";
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: RankerConfig = adserve_core::load_config()?;
@@ -22,7 +25,12 @@ async fn main() -> anyhow::Result<()> {
         batching: config.batching.clone(),
         max_rows: config.max_rows,
         dylib: config.onnxruntime_dylib.clone(),
+        queue: adserve_ranker::QueueKind::Model,
     };
+    // Not ready until the models are loaded, checked and warmed (a TensorRT
+    // engine build can take minutes): /healthz says why. gRPC, whose health
+    // service the probes use without TLS, is not served until then either.
+    lifecycle.readiness.set(MODEL_DEPENDENCY, Some("loading".into()));
     let serving = Arc::new(follow::initial(registry.as_ref(), &config.registry, &loader).await?);
     if let Some(registry) = registry {
         tokio::spawn(follow::follow(registry, config.registry.clone(), loader.clone(), serving.clone()));
@@ -31,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
         let dir = config.fallback.model_dir.clone().unwrap_or_else(|| config.model.dir.clone());
         let one_session = follow::Loader {
             batching: adserve_ranker::BatchingConfig { sessions: 1, ..config.batching.clone() },
+            queue: adserve_ranker::QueueKind::Fallback,
             ..loader.clone()
         };
         match one_session.load(Some(dir)).await {
@@ -61,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
         let publisher = adserve_events::EventPublisher::new(&config.kafka, "adserve-ranker")?;
         service = service.with_shadow(adserve_ranker::service::ShadowSink::new(publisher, config.shadow.max_in_flight));
     }
+    lifecycle.readiness.set(MODEL_DEPENDENCY, None);
     let routes = Routes::new(service.into_server());
     adserve_core::grpc::serve(
         listener,

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use adserve_features::FeatureRegistry;
 use adserve_proto::v1::FeatureMatrix;
 pub use adserve_registry::ModelManifest;
-use adserve_registry::{InputDtype, ManifestError, Reference, TypedInput, read_model_dir};
+use adserve_registry::{Arithmetic, InputDtype, ManifestError, Reference, TypedInput, read_model_dir};
 use ort::{
     environment::Environment,
     session::Session,
@@ -22,7 +22,7 @@ use ort::{
 };
 
 use crate::{
-    batcher::Batcher,
+    batcher::{Batcher, QueueKind},
     config::{BatchingConfig, ExecutionProvider, ModelConfig},
 };
 
@@ -111,7 +111,30 @@ pub(crate) fn environment(dylib: &str) -> Result<&'static Environment, ModelErro
 pub struct CtrModel {
     manifest: ModelManifest,
     provider: ExecutionProvider,
+    queue: QueueKind,
     batcher: Batcher,
+}
+
+/// Sets the gauges that say what a loaded model runs on:
+/// `adserve_ranker_sessions{model_version,provider,queue}` (its sessions) and
+/// `adserve_ranker_provider_fallback{model_version,queue}` (1 while it runs on
+/// a later provider than the first of `model.execution_providers`: a GPU
+/// node scoring on CPU). Zeroed when the model is dropped.
+fn publish_provider(
+    manifest: &ModelManifest,
+    provider: ExecutionProvider,
+    queue: QueueKind,
+    sessions: usize,
+    fell_back: bool,
+) {
+    let (v, q) = (manifest.model_version.clone(), queue.as_str());
+    metrics::gauge!("adserve_ranker_sessions", "model_version" => v.clone(), "provider" => provider.as_str(), "queue" => q)
+        .set(sessions as f64);
+    metrics::gauge!("adserve_ranker_provider_fallback", "model_version" => v, "queue" => q).set(if fell_back {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 impl std::fmt::Debug for CtrModel {
@@ -125,12 +148,7 @@ impl std::fmt::Debug for CtrModel {
 
 impl Drop for CtrModel {
     fn drop(&mut self) {
-        metrics::gauge!(
-            "adserve_ranker_sessions",
-            "model_version" => self.manifest.model_version.clone(),
-            "provider" => self.provider.as_str(),
-        )
-        .set(0.0);
+        publish_provider(&self.manifest, self.provider, self.queue, 0, false);
     }
 }
 
@@ -138,7 +156,7 @@ impl CtrModel {
     /// Loads `dir/manifest.json` and `dir/model.onnx`, checks both, builds
     /// `batching.sessions` sessions on the first execution provider that
     /// works, warms each up (1 row, a full batch, and a `max_rows` call), and
-    /// starts the batching queue. Any failure is counted in
+    /// starts the batching queue (`queue` labels its metrics). Any failure is counted in
     /// `adserve_ranker_model_load_failures_total{reason}`.
     /// Blocking (file I/O, graph optimisation): call it off the runtime.
     pub fn load(
@@ -146,8 +164,9 @@ impl CtrModel {
         batching: &BatchingConfig,
         max_rows: usize,
         dylib: &str,
+        queue: QueueKind,
     ) -> Result<Self, ModelError> {
-        Self::try_load(config, batching, max_rows, dylib).inspect_err(|e| {
+        Self::try_load(config, batching, max_rows, dylib, queue).inspect_err(|e| {
             metrics::counter!("adserve_ranker_model_load_failures_total", "reason" => e.reason()).increment(1);
             tracing::error!(dir = %config.dir.display(), error = %e, "model refused");
         })
@@ -158,6 +177,7 @@ impl CtrModel {
         batching: &BatchingConfig,
         max_rows: usize,
         dylib: &str,
+        queue: QueueKind,
     ) -> Result<Self, ModelError> {
         let (manifest, bytes) = read_model_dir(&config.dir)?;
         let reference = Reference::read(&config.dir, &manifest).map_err(ModelError::Reference)?;
@@ -169,7 +189,8 @@ impl CtrModel {
         let mut start = 0;
         let (sessions, provider) = loop {
             let (provider, next) = resolve_providers(config, start);
-            match build_pool(env, config, &bytes, &manifest, reference.as_ref(), batching, max_rows, next) {
+            let check = reference.as_ref().map(|r| (r, provider.arithmetic()));
+            match build_pool(env, config, &bytes, &manifest, check, batching, max_rows, next) {
                 Ok(sessions) => break (sessions, provider),
                 Err(e) if provider != ExecutionProvider::Cpu => {
                     fallback(provider, "session_failed", &e.to_string());
@@ -178,12 +199,8 @@ impl CtrModel {
                 Err(e) => return Err(e),
             }
         };
-        metrics::gauge!(
-            "adserve_ranker_sessions",
-            "model_version" => manifest.model_version.clone(),
-            "provider" => provider.as_str(),
-        )
-        .set(sessions.len() as f64);
+        let fell_back = config.execution_providers.first().is_some_and(|first| *first != provider);
+        publish_provider(&manifest, provider, queue, sessions.len(), fell_back);
         tracing::info!(
             version = %manifest.model_version,
             provider = provider.as_str(),
@@ -194,8 +211,8 @@ impl CtrModel {
             max_queue_delay = ?batching.max_queue_delay,
             "model loaded"
         );
-        let batcher = Batcher::start(sessions, manifest.clone(), batching.clone());
-        Ok(Self { manifest, provider, batcher })
+        let batcher = Batcher::start(sessions, manifest.clone(), batching.clone(), queue);
+        Ok(Self { manifest, provider, queue, batcher })
     }
 
     /// The manifest of this model.
@@ -237,17 +254,21 @@ pub fn reference_matrix(reference: &Reference) -> FeatureMatrix {
 }
 
 /// Scores a model's [`Reference`] rows on `session` as a request would be,
-/// and compares with the trainer's outputs.
-fn check_reference(reference: &Reference, session: &mut Session, manifest: &ModelManifest) -> Result<(), ModelError> {
+/// and compares with the trainer's outputs, as closely as a session
+/// computing in `arithmetic` can agree ([`Reference::agrees`]).
+fn check_reference(
+    reference: &Reference,
+    arithmetic: Arithmetic,
+    session: &mut Session,
+    manifest: &ModelManifest,
+) -> Result<(), ModelError> {
     let input = gather(&reference_matrix(reference), manifest).map_err(ModelError::Reference)?;
     let got = run(session, manifest, input)?;
-    for (i, (g, want)) in got.iter().zip(&reference.raw).enumerate() {
-        // A NaN output differs from everything.
-        let close = (g - want).abs() <= Reference::TOLERANCE;
-        if !close {
+    for (i, (&g, &want)) in got.iter().zip(&reference.raw).enumerate() {
+        if !Reference::agrees(g, want, arithmetic) {
             return Err(ModelError::Reference(format!(
-                "row {i} scores {g} here, {want} in the trainer's onnxruntime: the inputs are bound differently \
-                 or the runtime computes differently"
+                "row {i} scores {g} here, {want} in the trainer's onnxruntime ({arithmetic:?} arithmetic): the \
+                 inputs are bound differently or the runtime computes differently"
             )));
         }
     }
@@ -669,7 +690,7 @@ fn build_pool(
     config: &ModelConfig,
     bytes: &[u8],
     manifest: &ModelManifest,
-    reference: Option<&Reference>,
+    reference: Option<(&Reference, Arithmetic)>,
     batching: &BatchingConfig,
     max_rows: usize,
     first: usize,
@@ -681,8 +702,8 @@ fn build_pool(
         let mut session = build_session(env, config, bytes, first)?;
         if i == 0 {
             check_graph(&session, manifest)?;
-            if let Some(reference) = reference {
-                check_reference(reference, &mut session, manifest)?;
+            if let Some((reference, arithmetic)) = reference {
+                check_reference(reference, arithmetic, &mut session, manifest)?;
             }
         }
         warm_up(&mut session, manifest, &sizes)?;

@@ -96,14 +96,17 @@ impl Fallback {
         Self { model: None, reserve: Duration::ZERO, prior_feature: prior_feature.into() }
     }
 
-    /// Scores with the fallback model if it answers by `deadline`, else the
-    /// prior; counts which level answered.
-    async fn score(&self, matrix: &FeatureMatrix, deadline: Instant, why: &str) -> (Scores, String, ScoreLevel) {
-        if let Some(model) = &self.model
+    /// Scores with the fallback model if it answers by `by`, else the
+    /// prior; counts which level answered. `by` is the call's deadline less
+    /// [`prior_reserve`]: a fallback model that answers too late must leave
+    /// the prior time to answer, or the caller gets its own deadline's
+    /// error instead of scores.
+    async fn score(&self, matrix: &FeatureMatrix, by: Option<Instant>, why: &str) -> (Scores, String, ScoreLevel) {
+        if let (Some(model), Some(by)) = (&self.model, by.filter(|by| *by > Instant::now()))
             && let Ok(input) = model.gather(matrix)
         {
-            let call = model.batcher().score(input, Some(deadline));
-            if let Ok(Ok(scores)) = tokio::time::timeout_at(deadline.into(), call).await {
+            let call = model.batcher().score(input, Some(by));
+            if let Ok(Ok(scores)) = tokio::time::timeout_at(by.into(), call).await {
                 metrics::counter!("adserve_ranker_fallbacks_total", "level" => "fallback_model").increment(1);
                 tracing::warn!(reason = why, "scored by the fallback model");
                 return (scores, model.manifest().model_version.clone(), ScoreLevel::FallbackModel);
@@ -115,6 +118,13 @@ impl Fallback {
         let scores = Scores { raw: prior.clone(), pctr: prior };
         (scores, adserve_features::prior::PRIOR_MODEL_VERSION.into(), ScoreLevel::Prior)
     }
+}
+
+/// Time a call's fallback chain keeps back from the fallback model for the
+/// prior and the answer's way out: a twentieth of the call's budget, at
+/// least 2 ms, at most 10 ms (the prior itself takes microseconds).
+pub fn prior_reserve(budget: Duration) -> Duration {
+    (budget / 20).clamp(Duration::from_millis(2), Duration::from_millis(10))
 }
 
 /// Serves `adserve.v1.RankerService` with the production model of
@@ -262,7 +272,8 @@ impl RankerService for RankerGrpc {
         let (scores, model_version, level, fallback_reason) = match primary {
             Ok(scores) => (scores, model.manifest().model_version.clone(), ScoreLevel::Model, String::new()),
             Err(reason) => {
-                let (scores, version, level) = self.fallback.score(&matrix, deadline, &reason).await;
+                let by = deadline.checked_sub(prior_reserve(limit));
+                let (scores, version, level) = self.fallback.score(&matrix, by, &reason).await;
                 (scores, version, level, reason)
             }
         };
@@ -321,5 +332,20 @@ impl RankerService for RankerGrpc {
                 })
                 .collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prior_keeps_a_twentieth_of_the_budget_within_2_to_10_ms() {
+        let ms = Duration::from_millis;
+        assert_eq!(prior_reserve(ms(100)), ms(5));
+        assert_eq!(prior_reserve(ms(250)), ms(10));
+        assert_eq!(prior_reserve(Duration::from_secs(30)), ms(10));
+        assert_eq!(prior_reserve(ms(10)), ms(2));
+        assert_eq!(prior_reserve(Duration::ZERO), ms(2));
     }
 }

@@ -11,7 +11,7 @@ use std::{
 use adserve_proto::v1::FeatureMatrix;
 use adserve_registry::ManifestError;
 
-use crate::{BatchingConfig, CtrModel, ModelConfig, ModelError, ScoreError, model::MIN_PCTR};
+use crate::{BatchingConfig, CtrModel, ModelConfig, ModelError, QueueKind, ScoreError, model::MIN_PCTR};
 
 fn dylib() -> String {
     std::env::var("ORT_DYLIB_PATH")
@@ -24,7 +24,7 @@ fn baseline_dir() -> PathBuf {
 
 fn load_from(dir: &Path, batching: &BatchingConfig) -> Result<CtrModel, ModelError> {
     let config = ModelConfig { dir: dir.to_path_buf(), ..ModelConfig::default() };
-    CtrModel::load(&config, batching, 5000, &dylib())
+    CtrModel::load(&config, batching, 5000, &dylib(), QueueKind::Model)
 }
 
 fn baseline(batching: BatchingConfig) -> CtrModel {
@@ -321,7 +321,8 @@ fn a_gpu_provider_list_falls_back_to_cpu_here() {
     use crate::ExecutionProvider::*;
     let config =
         ModelConfig { dir: baseline_dir(), execution_providers: vec![Tensorrt, Cuda, Cpu], ..ModelConfig::default() };
-    let model = CtrModel::load(&config, &BatchingConfig::default(), 5000, &dylib()).expect("loads on CPU");
+    let model =
+        CtrModel::load(&config, &BatchingConfig::default(), 5000, &dylib(), QueueKind::Model).expect("loads on CPU");
     assert_eq!(model.provider(), Cpu, "no GPU and a CPU build of ONNX Runtime on this machine");
 }
 
