@@ -368,11 +368,24 @@ async fn step(
         })
         .await
     } else {
-        let channel = adserve_core::net::grpc_endpoint(s.stack.gateway.clone())?.connect().await?;
-        let client = GatewayServiceClient::new(channel);
+        // The gateway's gRPC listener lets one connection hold at most
+        // HTTP2_PUBLIC_MAX_CONCURRENT_STREAMS calls open; a client that wants
+        // more in flight opens more connections, as the HTTP step's pool does.
+        // Enough of them that the generator's own cap binds first: otherwise
+        // calls past the limit would wait in this client, not at the gateway.
+        // Twice as many as an even spread needs: calls are dealt round-robin
+        // but finish unevenly.
+        let connections =
+            (2 * max_in_flight).div_ceil(adserve_core::net::HTTP2_PUBLIC_MAX_CONCURRENT_STREAMS as usize).max(1);
+        let mut clients = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            let channel = adserve_core::net::grpc_endpoint(s.stack.gateway.clone())?.connect().await?;
+            clients.push(GatewayServiceClient::new(channel));
+        }
+        let clients = Arc::new(clients);
         let ctx = context(placement);
         load::open_loop(rate, s.step(), timeout, max_in_flight, size as u64, move |i| {
-            let mut client = client.clone();
+            let mut client = clients[i as usize % clients.len()].clone();
             let req =
                 GetAdsRequest { user_id: user(i), context: Some(ctx.clone()), slots: SLOTS, ..Default::default() };
             async move {
