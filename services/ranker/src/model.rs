@@ -744,22 +744,38 @@ type Builder = ort::session::builder::SessionBuilder;
 /// when none can. Each one passed over is logged and counted once in
 /// `adserve_ranker_provider_fallbacks_total{requested,reason}`.
 fn resolve_providers(config: &ModelConfig, start: usize) -> (ExecutionProvider, usize) {
-    let list = &config.execution_providers;
-    for (i, &ep) in list.iter().enumerate().skip(start) {
-        if ep == ExecutionProvider::Cpu {
-            return (ExecutionProvider::Cpu, i);
-        }
+    first_usable(&config.execution_providers, start, |ep| {
         let Some(dispatch) = dispatch(ep, config) else {
-            fallback(ep, "not_compiled", "this build lacks the cargo feature (cuda / tensorrt)");
-            continue;
+            return Err(("not_compiled", "this build lacks the cargo feature (cuda / tensorrt)".into()));
         };
         let probe = ENV.get().map(Session::builder).and_then(Result::ok).map(|b: Builder| {
             b.with_execution_providers([dispatch.error_on_failure()]).map(|_| ()).map_err(|e| e.to_string())
         });
         match probe {
-            Some(Ok(())) => return (ep, i),
-            Some(Err(e)) => fallback(ep, "unavailable", &e),
-            None => fallback(ep, "unavailable", "no ONNX Runtime session builder"),
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(("unavailable", e)),
+            None => Err(("unavailable", "no ONNX Runtime session builder".into())),
+        }
+    })
+}
+
+/// The walk of [`resolve_providers`] over `list[start..]`, with the probe of
+/// a GPU provider passed in (`Err((reason, detail))` passes it over, counted):
+/// the first provider that probes well, or CPU where the list has it (or
+/// past its end). A provider this build lacks passes to the next one in the
+/// list, a GPU provider too, never straight to CPU.
+pub(crate) fn first_usable(
+    list: &[ExecutionProvider],
+    start: usize,
+    probe: impl Fn(ExecutionProvider) -> Result<(), (&'static str, String)>,
+) -> (ExecutionProvider, usize) {
+    for (i, &ep) in list.iter().enumerate().skip(start) {
+        if ep == ExecutionProvider::Cpu {
+            return (ExecutionProvider::Cpu, i);
+        }
+        match probe(ep) {
+            Ok(()) => return (ep, i),
+            Err((reason, detail)) => fallback(ep, reason, &detail),
         }
     }
     (ExecutionProvider::Cpu, list.len())

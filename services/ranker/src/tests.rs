@@ -326,6 +326,25 @@ fn a_gpu_provider_list_falls_back_to_cpu_here() {
     assert_eq!(model.provider(), Cpu, "no GPU and a CPU build of ONNX Runtime on this machine");
 }
 
+#[test]
+fn a_provider_this_build_lacks_passes_to_the_next_gpu_provider_not_to_cpu() {
+    use crate::ExecutionProvider::*;
+    let list = [Tensorrt, Cuda, Cpu];
+    let lacks = || Err(("not_compiled", String::new()));
+    // Built with CUDA but not TensorRT, on a GPU node: CUDA, not CPU.
+    let cuda_only = |ep| if ep == Tensorrt { lacks() } else { Ok(()) };
+    assert_eq!(crate::model::first_usable(&list, 0, cuda_only), (Cuda, 1));
+    // The same build on a node without a GPU: CPU, the list's last entry.
+    let no_gpu = |ep| if ep == Tensorrt { lacks() } else { Err(("unavailable", "no device".to_string())) };
+    assert_eq!(crate::model::first_usable(&list, 0, no_gpu), (Cpu, 2));
+    // A pool that failed on CUDA resumes after it (start = CUDA's index + 1).
+    assert_eq!(crate::model::first_usable(&list, 2, cuda_only), (Cpu, 2));
+    // A list that ends on GPUs falls to CPU past its end.
+    assert_eq!(crate::model::first_usable(&[Tensorrt, Cuda], 0, no_gpu), (Cpu, 2));
+    // Both compiled and usable: the first listed.
+    assert_eq!(crate::model::first_usable(&list, 0, |_| Ok(())), (Tensorrt, 0));
+}
+
 /// The committed DCN-v2 that takes the registry's categoricals as an int64
 /// input beside the dense one (`make model`).
 fn typed_dir() -> PathBuf {
