@@ -175,6 +175,30 @@ def test_every_rendered_config_is_accepted_by_its_service(case: str, tmp_path: p
         assert out.returncode == 0, f"{case}: adserve-{svc} refused the chart's config:\n{out.stderr}\n{text}"
 
 
+def test_the_ranker_fallback_and_rollback_values_reach_the_ranker() -> None:
+    defaults = tomllib.loads(configs(render(None))["ranker"])
+    assert defaults["fallback"] == {"enabled": True, "reserve": "20ms"}, "empty values keep the ranker's defaults"
+    assert defaults["registry"]["keep_previous"] == "600s"
+    values = {
+        "services": {
+            "ranker": {
+                "config": {
+                    "fallback": {"reserveMs": 35, "modelDir": "/models/lr", "priorFeature": "ad_ctr_7d"},
+                    "registry": {"keepPreviousSeconds": 0},
+                }
+            }
+        }
+    }
+    ranker = tomllib.loads(configs(render(values))["ranker"])
+    assert ranker["fallback"] == {
+        "enabled": True,
+        "reserve": "35ms",
+        "model_dir": "/models/lr",
+        "prior_feature": "ad_ctr_7d",
+    }
+    assert ranker["registry"]["keep_previous"] == "0s"
+
+
 def test_the_auction_values_reach_the_gateway() -> None:
     gateway = tomllib.loads(configs(render(AUCTION))["gateway"])
     assert gateway["auction"]["objective"] == {"pctr_weight": 0, "pcvr_weight": 5.5, "ecpm_weight": 1}

@@ -426,6 +426,17 @@ keep_previous = "{{ int64 $r.keepPreviousSeconds }}s"
 [shadow]
 enabled = {{ $c.shadow.enabled }}
 max_in_flight = {{ int64 $c.shadow.maxInFlight }}
+{{- $f := $c.fallback }}
+
+[fallback]
+enabled = {{ $f.enabled }}
+reserve = "{{ int64 $f.reserveMs }}ms"
+{{- with $f.modelDir }}
+model_dir = {{ . | toJson }}
+{{- end }}
+{{- with $f.priorFeature }}
+prior_feature = {{ . | toJson }}
+{{- end }}
 
 {{ include "adserve.kafkaToml" . }}
 
