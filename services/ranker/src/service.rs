@@ -14,11 +14,7 @@ use prost::Message as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status};
 
-use crate::{
-    CtrModel,
-    batcher::{ScoreError, Scores},
-    follow::Serving,
-};
+use crate::{CtrModel, batcher::Scores, follow::Serving};
 
 /// Where shadow scores go, and how many may be in flight.
 #[derive(Debug, Clone)]
@@ -202,15 +198,6 @@ impl RankerGrpc {
     /// The tonic server for this service.
     pub fn into_server(self) -> RankerServiceServer<Self> {
         RankerServiceServer::new(self)
-    }
-}
-
-/// The gRPC status for a call the queue did not score.
-pub fn status(e: &ScoreError) -> Status {
-    match e {
-        ScoreError::DeadlineExceeded { .. } | ScoreError::WouldMiss { .. } => Status::deadline_exceeded(e.to_string()),
-        ScoreError::Overloaded { .. } => Status::resource_exhausted(e.to_string()),
-        ScoreError::Failed(_) => Status::internal(e.to_string()),
     }
 }
 
