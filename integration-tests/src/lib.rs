@@ -609,6 +609,9 @@ pub struct ParquetRow {
     pub model_version: String,
     /// pCTR served.
     pub pctr: f32,
+    /// The fallback chain's level that scored it (`model`, `fallback_model`,
+    /// `prior`; `unspecified` before schema 5).
+    pub score_level: String,
     /// Feature names.
     pub feature_names: Vec<String>,
     /// Feature values.
@@ -685,6 +688,7 @@ pub fn read_rows(dir: &Path) -> anyhow::Result<Vec<ParquetRow>> {
             let values = col("feature_values")?;
             let clicked = col("clicked_at")?;
             let kind = b.column_by_name("row_kind").cloned();
+            let level = b.column_by_name("score_level").cloned();
             let names = b.column_by_name("feature_names").cloned();
             let typed_ids = b.column_by_name("categorical_ids").cloned();
             let (ids, ad, label, mv, pctr) = (
@@ -712,6 +716,7 @@ pub fn read_rows(dir: &Path) -> anyhow::Result<Vec<ParquetRow>> {
                     label: label.value(i),
                     model_version: mv.value(i).to_string(),
                     pctr: pctr.value(i),
+                    score_level: level.as_ref().map_or("unspecified", |l| l.as_string::<i32>().value(i)).to_string(),
                     feature_names,
                     feature_values: v.as_primitive::<arrow::datatypes::Float32Type>().values().to_vec(),
                     categorical_names: categorical_names.clone(),

@@ -377,6 +377,7 @@ async fn dead_feature_ranker_and_auction_services_degrade_but_still_serve() -> a
     // The impression still records exactly what was used to rank.
     let event = s.impression_event(v["winners"][0]["impression_id"].as_str().unwrap()).await?;
     assert_eq!(event.model_version, "fallback-prior");
+    assert_eq!(event.score_level(), adserve_proto::v1::ScoreLevel::Prior, "the gateway's own prior");
     assert_eq!(
         event.features.unwrap().values,
         adserve_gateway::pipeline::default_matrix(

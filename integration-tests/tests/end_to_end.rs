@@ -42,6 +42,7 @@ async fn ad_request_and_click_become_one_labelled_row_with_the_scored_features()
     assert_eq!(event.user_id, user);
     assert_eq!(event.ad_id, winner["ad_id"].as_i64().unwrap());
     assert_eq!(event.model_version, ad["model_version"].as_str().unwrap());
+    assert_eq!(event.score_level(), adserve_proto::v1::ScoreLevel::Model, "scored by the model itself");
     let features = event.features.clone().expect("feature row");
     let registry = adserve_features::registry();
     assert_eq!(features.names, registry.names());
@@ -96,6 +97,7 @@ async fn ad_request_and_click_become_one_labelled_row_with_the_scored_features()
     );
     assert_eq!(row.pctr, event.pctr);
     assert_eq!(row.model_version, event.model_version);
+    assert_eq!(row.score_level, "model");
 
     // The joiner counts the labelled click against the model's prediction
     // (calibration drift is watched from these).

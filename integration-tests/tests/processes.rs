@@ -5,7 +5,8 @@
 use std::{process::Stdio, time::Duration};
 
 use adserve_integration_tests::{Stack, binary, free_port};
-use adserve_proto::v1::label_joiner_service_client::LabelJoinerServiceClient;
+use adserve_proto::v1::{ScoreLevel, label_joiner_service_client::LabelJoinerServiceClient};
+use anyhow::Context as _;
 
 struct Joiner {
     child: tokio::process::Child,
@@ -298,38 +299,62 @@ async fn requests_beyond_the_concurrency_limit_are_shed_not_queued() -> anyhow::
 }
 
 /// The ranker's fallback chain across the gateway: a ranker whose model
-/// never gets time answers with its prior, and the gateway serves the ad and
-/// says the ranker degraded (instead of calling its own fallback).
+/// never gets time answers with its fallback model, or with its prior when
+/// that is off; the gateway serves the ad, says the ranker degraded (instead
+/// of calling its own fallback), and logs the level with the impression:
+/// the fallback model carries the production model's version, so only the
+/// level tells its training rows from the model's.
 #[tokio::test]
 async fn the_gateway_reports_scores_from_the_rankers_fallback_chain_as_degraded() -> anyhow::Result<()> {
     let s = Stack::ready().await?;
-    let (mut ranker, ranker_port, _) = adserve_integration_tests::ranker_command(
-        &adserve_integration_tests::repo_root().join("models/ctr-baseline"),
-        &[("ADSERVE_FALLBACK__ENABLED", "false"), ("ADSERVE_FALLBACK__RESERVE", "5s")],
-    );
-    let _ranker = ranker.stdout(Stdio::null()).spawn()?;
-    let ranker_url = format!("http://127.0.0.1:{ranker_port}");
-    let HungGateway { child: _gateway, http, holder, .. } =
-        gateway_with_hung_features(&s, &[("ADSERVE_UPSTREAMS__RANKER", ranker_url.as_str())]).await?;
-    let mut answer = serde_json::Value::Null;
-    for _ in 0..50 {
-        let r =
-            adserve_integration_tests::http_client().post(format!("{http}/v1/ads")).json(&ad_request()).send().await?;
-        answer = r.json().await?;
-        // Until the ranker listens, the gateway's own fallback answers.
-        if answer["degraded"].to_string().contains("scored by the prior") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (answer, event) = served_by_the_rankers_fallback(&s, "false", "scored by the prior").await?;
     let degraded = answer["degraded"].to_string();
     assert!(
         degraded.contains("scored by the prior (fallback-prior)") && degraded.contains("no time for the model"),
         "{answer}"
     );
     assert_eq!(answer["model_version"], "fallback-prior", "{answer}");
-    holder.abort();
+    assert_eq!((event.model_version.as_str(), event.score_level()), ("fallback-prior", ScoreLevel::Prior));
+
+    let (answer, event) = served_by_the_rankers_fallback(&s, "true", "scored by the fallback model").await?;
+    let degraded = answer["degraded"].to_string();
+    assert!(degraded.contains("scored by the fallback model (ctr-baseline-v1)"), "{answer}");
+    assert_eq!(answer["model_version"], "ctr-baseline-v1", "the production model's version: {answer}");
+    assert_eq!((event.model_version.as_str(), event.score_level()), ("ctr-baseline-v1", ScoreLevel::FallbackModel));
     Ok(())
+}
+
+/// An ad served through a gateway whose ranker keeps 5 s for its fallback
+/// chain (so its model never gets time), the fallback model on or off, once
+/// the degradation names `level`; and the impression it logged.
+async fn served_by_the_rankers_fallback(
+    s: &Stack,
+    fallback_model: &str,
+    level: &str,
+) -> anyhow::Result<(serde_json::Value, adserve_proto::v1::ImpressionEvent)> {
+    let (mut ranker, ranker_port, _) = adserve_integration_tests::ranker_command(
+        &adserve_integration_tests::repo_root().join("models/ctr-baseline"),
+        &[("ADSERVE_FALLBACK__ENABLED", fallback_model), ("ADSERVE_FALLBACK__RESERVE", "5s")],
+    );
+    let _ranker = ranker.stdout(Stdio::null()).spawn()?;
+    let ranker_url = format!("http://127.0.0.1:{ranker_port}");
+    let HungGateway { child: _gateway, http, holder, .. } =
+        gateway_with_hung_features(s, &[("ADSERVE_UPSTREAMS__RANKER", ranker_url.as_str())]).await?;
+    let mut answer = serde_json::Value::Null;
+    for _ in 0..50 {
+        let r =
+            adserve_integration_tests::http_client().post(format!("{http}/v1/ads")).json(&ad_request()).send().await?;
+        answer = r.json().await?;
+        // Until the ranker listens, the gateway's own fallback answers.
+        if answer["degraded"].to_string().contains(level) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    holder.abort();
+    let impression = answer["winners"][0]["impression_id"].as_str().with_context(|| format!("no winner: {answer}"))?;
+    let event = s.impression_event(impression).await?;
+    Ok((answer, event))
 }
 
 /// Slow clients across the process boundary: a client that trickles its

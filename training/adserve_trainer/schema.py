@@ -40,6 +40,11 @@ ROW_SCHEMA = pa.schema(
         pa.field("keep_rate", pa.float32(), nullable=False),
         pa.field("model_version", pa.string(), nullable=False),
         pa.field("pctr", pa.float32(), nullable=False),
+        # Which level of the ranker's fallback chain produced pctr: "model",
+        # "fallback_model" or "prior" ("unspecified": a gateway that predates
+        # the field). The label is real whatever the level, so the trainer
+        # keeps every row; it counts them by level in report.json.
+        pa.field("score_level", pa.string(), nullable=False),
         pa.field("ecpm_micros", pa.int64(), nullable=False),
         pa.field("price_cpc_micros", pa.int64(), nullable=False),
         pa.field("advertiser_id", pa.int64(), nullable=False),
@@ -94,8 +99,14 @@ ADDED_IN_V4 = {
     "embedding_values": [],
 }
 
+# Columns added in schema version 5: older files did not record the level of
+# the fallback chain that scored a row.
+ADDED_IN_V5 = {
+    "score_level": "unspecified",
+}
+
 # Defaults for every column an older file may lack.
-DEFAULTS_FOR_OLDER_FILES = {**ADDED_IN_V2, **ADDED_IN_V3, **ADDED_IN_V4}
+DEFAULTS_FOR_OLDER_FILES = {**ADDED_IN_V2, **ADDED_IN_V3, **ADDED_IN_V4, **ADDED_IN_V5}
 
 # Footer key holding a schema-3 file's feature names (JSON list).
 FEATURE_NAMES_KEY = b"adserve.feature_names"

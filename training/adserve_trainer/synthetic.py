@@ -174,6 +174,7 @@ def generate(n: int, seed: int, registry: Registry) -> pa.Table:
         "keep_rate": pa.array(np.ones(n, dtype=np.float32), pa.float32()),
         "model_version": pa.array(["synthetic-truth"] * n, pa.string()),
         "pctr": pa.array(pctr, pa.float32()),
+        "score_level": pa.array(["model"] * n, pa.string()),
         "ecpm_micros": pa.array(ecpm, pa.int64()),
         "price_cpc_micros": pa.array(price_cpc, pa.int64()),
         "advertiser_id": pa.array(campaign_id // 3, pa.int64()),

@@ -246,6 +246,13 @@ def run(argv: list[str] | None = None) -> dict:
         table = load_rows(args.data)
         data_desc = f"parquet: {args.data} ({table.num_rows} rows)"
 
+    # Rows by the level of the ranker's fallback chain that scored them when
+    # served: all are trained on (their labels are real), but a dataset
+    # scored mostly by fallbacks (an outage) is worth a look.
+    score_levels = {
+        str(v["values"]): int(v["counts"]) for v in table.column("score_level").value_counts().to_pylist()
+    }
+
     # True probabilities per row, when known: p_label (the probability the row's
     # label is 1) is the oracle every model is compared with.
     p_label = p_click = truth_counts = None
@@ -342,6 +349,7 @@ def run(argv: list[str] | None = None) -> dict:
     report = {
         "model_version": version,
         "dataset": data_desc,
+        "score_levels": dict(sorted(score_levels.items())),
         "exported": args.model,
         **E.protocol(split, keep_rate, args.calibration, weighting),
         "models": {k: o.report() for k, o in outcomes.items()},

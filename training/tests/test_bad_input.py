@@ -96,6 +96,16 @@ def test_version_1_rows_without_the_auction_columns_still_load(tmp_path, registr
         load_rows(tmp_path / "bad.parquet")
 
 
+def test_version_4_rows_without_a_score_level_load_as_unspecified(tmp_path, registry):
+    from adserve_trainer.data import load_rows
+
+    t = generate(30, 3, registry)
+    pq.write_table(t.drop_columns(["score_level"]), tmp_path / "v4.parquet")
+    rows = load_rows(tmp_path / "v4.parquet")
+    assert rows.schema == ROW_SCHEMA
+    assert rows.column("score_level").to_pylist() == ["unspecified"] * 30
+
+
 def test_version_3_files_name_features_in_the_footer_and_only_final_rows_train(tmp_path, registry):
     """The label-joiner's schema 3: names once per file, streaming rows beside final ones."""
     import json

@@ -44,6 +44,7 @@ def test_recovers_signal_and_is_calibrated(trained):
         assert r["isotonic"]["mapping"]["method"] == "isotonic"
         assert r["training"]["best_epoch"] >= 1
     assert report["exported"] == "dcnv2"
+    assert report["score_levels"] == {"model": 30000}, "the synthetic rows, by the level that scored them"
     assert (out / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -11,6 +11,25 @@ pub mod v1 {
 
 pub mod matrix;
 
+impl v1::ScoreLevel {
+    /// The level as metric labels (`adserve_ranker_fallbacks_total{level}`)
+    /// and the training rows' `score_level` column spell it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Unspecified => "unspecified",
+            Self::Model => "model",
+            Self::FallbackModel => "fallback_model",
+            Self::Prior => "prior",
+        }
+    }
+
+    /// The level an event's `score_level` field holds (an unknown value,
+    /// from a newer writer, reads as unspecified).
+    pub fn of(value: i32) -> Self {
+        Self::try_from(value).unwrap_or(Self::Unspecified)
+    }
+}
+
 /// prost-derive's code for every message, `FeatureMatrix` included: what
 /// [`matrix`]'s codec is checked against.
 #[cfg(test)]

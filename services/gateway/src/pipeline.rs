@@ -362,6 +362,7 @@ impl AdServer {
                 propensity: w.propensity,
                 explored: w.explored,
                 billed_on_notice: options.billed_on_notice,
+                score_level: scores.level(row) as i32,
             });
             let price_per_mille_micros = price_per_mille_micros(&w);
             creatives.push(Creative {
@@ -743,13 +744,10 @@ impl AdServer {
         };
         match self.rank(to_score, shadowed, user_id, request_id, budget, degraded).await {
             Some((pctr, version, level)) => {
-                if let Some(l) = &lookup
-                    && level == ScoreLevel::Model
-                    && *version == *l.version
-                {
-                    self.prediction_cache.store(l, &misses, &pctr);
+                if let Some(l) = &lookup {
+                    self.prediction_cache.store(l, &misses, &pctr, &version, level);
                 }
-                scores.set(&misses, &pctr, &version);
+                scores.set(&misses, &pctr, &version, level);
             }
             None => {
                 let prior = adserve_features::prior::prior_pctr(
@@ -757,7 +755,7 @@ impl AdServer {
                     &self.config.fallback_pctr_feature,
                     adserve_auction::MIN_PCTR,
                 );
-                scores.set(&misses, &prior, FALLBACK_MODEL_VERSION);
+                scores.set(&misses, &prior, FALLBACK_MODEL_VERSION, ScoreLevel::Prior);
             }
         }
         scores
@@ -850,14 +848,16 @@ impl AdServer {
     }
 }
 
-/// Every candidate's pCTR, and which model version scored it: one request
-/// can mix cached scores, the ranker's and the prior's (the ranker down, or
-/// answering with another version than the cache expected, mid-swap).
+/// Every candidate's pCTR, which model version scored it, and at which
+/// level of the fallback chain: one request can mix cached scores (always
+/// the model's), the ranker's (its model, fallback model or prior) and the
+/// gateway's own prior (the ranker down, or answering with another version
+/// than the cache expected, mid-swap).
 #[derive(Debug)]
 struct Scores {
     pctr: Vec<f32>,
-    /// The distinct versions, in the order first used.
-    versions: Vec<String>,
+    /// The distinct (version, level) pairs, in the order first used.
+    versions: Vec<(String, ScoreLevel)>,
     /// Each row's index into `versions`.
     of_row: Vec<u8>,
 }
@@ -867,20 +867,21 @@ impl Scores {
         Self { pctr: vec![0.0; rows], versions: Vec::new(), of_row: vec![0; rows] }
     }
 
-    fn version_index(&mut self, version: &str) -> u8 {
-        match self.versions.iter().position(|v| v == version) {
+    fn version_index(&mut self, version: &str, level: ScoreLevel) -> u8 {
+        match self.versions.iter().position(|(v, l)| v == version && *l == level) {
             Some(i) => i as u8,
             None => {
-                self.versions.push(version.to_string());
+                self.versions.push((version.to_string(), level));
                 (self.versions.len() - 1) as u8
             }
         }
     }
 
-    /// The cache's hits (`None`: a miss, set later).
+    /// The cache's hits (`None`: a miss, set later). The cache holds only
+    /// scores the model gave.
     fn fill(&mut self, cached: &[Option<f32>], version: &str) {
         if cached.iter().any(Option::is_some) {
-            let v = self.version_index(version);
+            let v = self.version_index(version, ScoreLevel::Model);
             for (i, p) in cached.iter().enumerate() {
                 if let Some(p) = p {
                     self.pctr[i] = *p;
@@ -890,9 +891,9 @@ impl Scores {
         }
     }
 
-    /// `pctr[k]` for row `rows[k]`, scored by `version`.
-    fn set(&mut self, rows: &[usize], pctr: &[f32], version: &str) {
-        let v = self.version_index(version);
+    /// `pctr[k]` for row `rows[k]`, scored by `version` at `level`.
+    fn set(&mut self, rows: &[usize], pctr: &[f32], version: &str, level: ScoreLevel) {
+        let v = self.version_index(version, level);
         for (&row, &p) in rows.iter().zip(pctr) {
             self.pctr[row] = p;
             self.of_row[row] = v;
@@ -901,13 +902,18 @@ impl Scores {
 
     /// The version that scored `row`.
     fn version(&self, row: usize) -> &str {
-        self.versions.get(self.of_row[row] as usize).map_or(FALLBACK_MODEL_VERSION, String::as_str)
+        self.versions.get(self.of_row[row] as usize).map_or(FALLBACK_MODEL_VERSION, |(v, _)| v.as_str())
+    }
+
+    /// The level of the fallback chain that scored `row`.
+    fn level(&self, row: usize) -> ScoreLevel {
+        self.versions.get(self.of_row[row] as usize).map_or(ScoreLevel::Prior, |(_, l)| *l)
     }
 
     /// The version an answer without winners names: the last one used (the
     /// ranker's or the prior's when it was called, else the cache's).
     fn headline(&self) -> &str {
-        self.versions.last().map_or(FALLBACK_MODEL_VERSION, String::as_str)
+        self.versions.last().map_or(FALLBACK_MODEL_VERSION, |(v, _)| v.as_str())
     }
 }
 
@@ -1346,20 +1352,25 @@ mod tests {
     }
 
     #[test]
-    fn scores_name_the_version_of_each_row_when_one_request_mixes_them() {
-        let mut s = Scores::new(4);
-        s.fill(&[Some(0.1), None, Some(0.3), None], "v1");
+    fn scores_name_the_version_and_level_of_each_row_when_one_request_mixes_them() {
+        let mut s = Scores::new(5);
+        s.fill(&[Some(0.1), None, Some(0.3), None, None], "v1");
         assert_eq!(s.headline(), "v1");
-        s.set(&[1], &[0.2], "v2");
-        s.set(&[3], &[0.4], FALLBACK_MODEL_VERSION);
-        assert_eq!(s.pctr, vec![0.1, 0.2, 0.3, 0.4]);
-        let versions: Vec<&str> = (0..4).map(|r| s.version(r)).collect();
-        assert_eq!(versions, ["v1", "v2", "v1", FALLBACK_MODEL_VERSION]);
+        s.set(&[1], &[0.2], "v2", ScoreLevel::Model);
+        // The ranker's fallback model, under the cache's version.
+        s.set(&[4], &[0.5], "v1", ScoreLevel::FallbackModel);
+        s.set(&[3], &[0.4], FALLBACK_MODEL_VERSION, ScoreLevel::Prior);
+        assert_eq!(s.pctr, vec![0.1, 0.2, 0.3, 0.4, 0.5]);
+        let versions: Vec<&str> = (0..5).map(|r| s.version(r)).collect();
+        assert_eq!(versions, ["v1", "v2", "v1", FALLBACK_MODEL_VERSION, "v1"]);
+        let levels: Vec<ScoreLevel> = (0..5).map(|r| s.level(r)).collect();
+        use ScoreLevel::{FallbackModel, Model, Prior};
+        assert_eq!(levels, [Model, Model, Model, Prior, FallbackModel], "cache hits are the model's");
         assert_eq!(s.headline(), FALLBACK_MODEL_VERSION, "the last one used");
         // No hits: the ranker's version alone.
         let mut s = Scores::new(2);
         s.fill(&[None, None], "v1");
-        s.set(&[0, 1], &[0.5, 0.6], "v2");
+        s.set(&[0, 1], &[0.5, 0.6], "v2", ScoreLevel::Model);
         assert_eq!((s.version(0), s.version(1), s.headline()), ("v2", "v2", "v2"));
     }
 }

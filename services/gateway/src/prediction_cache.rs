@@ -48,7 +48,7 @@ use std::{
 
 use adserve_catalog::EligibleAd;
 use adserve_core::{Invalid, check_duration, check_range};
-use adserve_proto::v1::{FeatureMatrix, GetModelRequest, ranker_service_client::RankerServiceClient};
+use adserve_proto::v1::{FeatureMatrix, GetModelRequest, ScoreLevel, ranker_service_client::RankerServiceClient};
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
@@ -291,8 +291,15 @@ impl PredictionCache {
         Lookup { version, keys, pctr, for_shadow: !serve }
     }
 
-    /// Stores the ranker's scores of `rows` (indices into `lookup`).
-    pub fn store(&self, lookup: &Lookup, rows: &[usize], pctr: &[f32]) {
+    /// Stores the ranker's scores of `rows` (indices into `lookup`), if the
+    /// model the lookup was for gave them: scores from the ranker's fallback
+    /// chain (`level` other than MODEL) or from another version (a swap
+    /// between the lookup and the answer) are not stored, so every hit is a
+    /// model score of the version it is served as.
+    pub fn store(&self, lookup: &Lookup, rows: &[usize], pctr: &[f32], version: &str, level: ScoreLevel) {
+        if level != ScoreLevel::Model || version != &*lookup.version {
+            return;
+        }
         let now = Instant::now();
         let cap = self.config.max_entries / SHARDS;
         for (&row, &p) in rows.iter().zip(pctr) {
@@ -532,7 +539,7 @@ mod tests {
         let l = c.lookup(version.into(), m, ads);
         let misses = l.misses();
         let scores: Vec<f32> = misses.iter().map(|i| 0.01 * (*i as f32 + 1.0)).collect();
-        c.store(&l, &misses, &scores);
+        c.store(&l, &misses, &scores, version, ScoreLevel::Model);
         l
     }
 
@@ -638,7 +645,7 @@ mod tests {
         // answers is stored for the next request.
         let l = c.lookup_request("u", skipped[0], &matrix(&[[0.5, 3.0], [0.5, 2.0]]), &ads).unwrap();
         assert_eq!(l.misses(), vec![0, 1]);
-        c.store(&l, &[0, 1], &[0.3, 0.4]);
+        c.store(&l, &[0, 1], &[0.3, 0.4], "v1", ScoreLevel::Model);
         c.set_serving("v1", None, false);
         assert_eq!(c.lookup("v1".into(), &matrix(&[[0.5, 3.0]]), &ads[..1]).pctr, vec![Some(0.3)]);
         // 0: the shadow sees the misses only; 1: no hit while it runs.
@@ -648,6 +655,28 @@ mod tests {
             c.set_serving("v1", None, true);
             assert_eq!(requests.iter().filter(|r| !served(&c, r)).count(), skips, "share {share}");
         }
+    }
+
+    #[test]
+    fn only_the_looked_up_models_own_scores_are_stored() {
+        let c = cache(|_| {});
+        let ads = [ad(1)];
+        let m = matrix(&[[0.5, 1.0]]);
+        // The ranker's fallback model (even under the same version), its
+        // prior, and a version swapped in after the lookup: none is a hit.
+        for (version, level) in [
+            ("v1", ScoreLevel::FallbackModel),
+            ("v1", ScoreLevel::Prior),
+            ("v1", ScoreLevel::Unspecified),
+            ("v2", ScoreLevel::Model),
+        ] {
+            let l = c.lookup("v1".into(), &m, &ads);
+            c.store(&l, &[0], &[0.7], version, level);
+            assert_eq!(c.lookup("v1".into(), &m, &ads).pctr, vec![None], "{version} {level:?}");
+        }
+        let l = c.lookup("v1".into(), &m, &ads);
+        c.store(&l, &[0], &[0.7], "v1", ScoreLevel::Model);
+        assert_eq!(c.lookup("v1".into(), &m, &ads).pctr, vec![Some(0.7)]);
     }
 
     #[test]

@@ -5,11 +5,17 @@
 //! (`AdserveCalibrationDrift` in the Helm chart) catch it within hours
 //! instead of at the next offline evaluation.
 //!
-//! Only final rows count (a label is final once its window has closed).
+//! Only final rows scored by a model count (a label is final once its window
+//! has closed): a row the fallback chain scored (the fallback model, which
+//! may carry the production model's version, or a prior) says nothing about
+//! the model's calibration. Rows from gateways that predate the event's
+//! `score_level` (unspecified) count as the model's, as they did before.
 //! Negatives the joiner dropped by downsampling count through the ones it
 //! kept: each kept negative stands for `1 / keep_rate` impressions.
 
 use std::collections::BTreeMap;
+
+use adserve_proto::v1::ScoreLevel;
 
 use crate::{LabelledRow, RowKind};
 
@@ -27,7 +33,9 @@ pub struct Tally {
 /// The tallies of `rows` by model version.
 pub fn tally(rows: &[LabelledRow]) -> BTreeMap<&str, Tally> {
     let mut out: BTreeMap<&str, Tally> = BTreeMap::new();
-    for r in rows.iter().filter(|r| r.kind == RowKind::Final) {
+    let by_model =
+        |r: &&LabelledRow| matches!(ScoreLevel::of(r.event.score_level), ScoreLevel::Model | ScoreLevel::Unspecified);
+    for r in rows.iter().filter(|r| r.kind == RowKind::Final).filter(by_model) {
         let stands_for = if r.label || r.keep_rate <= 0.0 { 1.0 } else { 1.0 / f64::from(r.keep_rate) };
         let t = out.entry(r.event.model_version.as_str()).or_default();
         t.impressions += stands_for;
@@ -78,5 +86,25 @@ mod tests {
         assert_eq!((m1.impressions, m1.clicks), (3.0, 1));
         assert!((m1.expected_clicks - 0.3).abs() < 1e-6, "{m1:?}");
         assert_eq!((t["m2"].impressions, t["m2"].clicks), (1.0, 0));
+    }
+
+    #[test]
+    fn rows_the_fallback_chain_scored_do_not_count_toward_the_models_calibration() {
+        let at = |level: ScoreLevel, pctr: f32, label: bool| {
+            let mut r = row("m1", pctr, label, RowKind::Final, 1.0);
+            r.event.score_level = level as i32;
+            r
+        };
+        let rows = vec![
+            at(ScoreLevel::Model, 0.1, false),
+            // A gateway from before the field: the model's, as before.
+            at(ScoreLevel::Unspecified, 0.1, true),
+            // The fallback model under the production version, and a prior.
+            at(ScoreLevel::FallbackModel, 0.9, true),
+            at(ScoreLevel::Prior, 0.5, true),
+        ];
+        let t = tally(&rows);
+        assert_eq!((t["m1"].impressions, t["m1"].clicks), (2.0, 1), "{t:?}");
+        assert!((t["m1"].expected_clicks - 0.2).abs() < 1e-6, "{t:?}");
     }
 }

@@ -44,7 +44,7 @@ use crate::{
 };
 
 /// Version of the row schema; bump on any change (see training/adserve_trainer/schema.py).
-pub const SCHEMA_VERSION: &str = "4";
+pub const SCHEMA_VERSION: &str = "5";
 /// Footer key: the schema version.
 pub const VERSION_KEY: &str = "adserve.schema_version";
 /// Footer key: JSON `{"partition": [min_offset, max_offset]}` of the impressions in the file.
@@ -120,6 +120,7 @@ pub fn schema() -> SchemaRef {
         Field::new("keep_rate", DataType::Float32, false),
         Field::new("model_version", DataType::Utf8, false),
         Field::new("pctr", DataType::Float32, false),
+        Field::new("score_level", DataType::Utf8, false),
         Field::new("ecpm_micros", DataType::Int64, false),
         Field::new("price_cpc_micros", DataType::Int64, false),
         Field::new("advertiser_id", DataType::Int64, false),
@@ -214,6 +215,7 @@ pub fn to_batch(rows: &[LabelledRow]) -> Result<RecordBatch, SinkError> {
         f32s(|r| r.keep_rate),
         s(|r| &r.event.model_version),
         f32s(|r| r.event.pctr),
+        s(|r| adserve_proto::v1::ScoreLevel::of(r.event.score_level).label()),
         i64s(|r| r.event.ecpm_micros),
         i64s(|r| r.event.price_cpc_micros),
         i64s(|r| r.event.advertiser_id),
@@ -538,7 +540,12 @@ mod tests {
     fn written_files_round_trip_features_exactly_with_names_in_the_footer() {
         let dir = tempfile::tempdir().unwrap();
         let mut sink = ParquetSink::new(dir.path());
-        let path = PathBuf::from(sink.write(&rows(3)).unwrap());
+        let mut all = rows(3);
+        // Each row's level of the fallback chain; 0 from a gateway that
+        // predates the field.
+        all[1].event.score_level = adserve_proto::v1::ScoreLevel::FallbackModel as i32;
+        all[2].event.score_level = adserve_proto::v1::ScoreLevel::Model as i32;
+        let path = PathBuf::from(sink.write(&all).unwrap());
         assert!(path.starts_with(dir.path().join("date=2025-12-01").join("hour=10")), "{}", path.display());
         let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(&path).unwrap()).unwrap();
         let kv = builder.metadata().file_metadata().key_value_metadata().unwrap().clone();
@@ -550,6 +557,8 @@ mod tests {
         let row2 = values.value(2);
         assert_eq!(row2.as_primitive::<arrow::datatypes::Float32Type>().values(), &[2.0, 0.5]);
         assert_eq!(batch.column_by_name("row_kind").unwrap().as_string::<i32>().value(0), "final");
+        let levels = batch.column_by_name("score_level").unwrap().as_string::<i32>();
+        assert_eq!((0..3).map(|i| levels.value(i)).collect::<Vec<_>>(), ["unspecified", "fallback_model", "model"]);
         assert!(dataset_files(dir.path()).unwrap().iter().all(|p| !p.to_string_lossy().ends_with(".tmp")));
     }
 
@@ -572,7 +581,7 @@ mod tests {
         assert_eq!(footer(CATEGORICAL_NAMES_KEY), r#"["ctx_placement","placement_x_device"]"#);
         assert_eq!(footer(EMBEDDING_NAMES_KEY), r#"["v"]"#);
         assert_eq!(footer(EMBEDDING_DIMS_KEY), "[2]");
-        assert_eq!(footer(VERSION_KEY), "4");
+        assert_eq!(footer(VERSION_KEY), "5");
         let batch = builder.build().unwrap().next().unwrap().unwrap();
         let ids = batch.column_by_name("categorical_ids").unwrap().as_list::<i32>();
         assert_eq!(ids.value(2).as_primitive::<arrow::datatypes::Int64Type>().values(), &[3, 42]);

@@ -103,12 +103,13 @@ impl Fallback {
         {
             let call = model.batcher().score(input, Some(by));
             if let Ok(Ok(scores)) = tokio::time::timeout_at(by.into(), call).await {
-                metrics::counter!("adserve_ranker_fallbacks_total", "level" => "fallback_model").increment(1);
+                metrics::counter!("adserve_ranker_fallbacks_total", "level" => ScoreLevel::FallbackModel.label())
+                    .increment(1);
                 tracing::warn!(reason = why, "scored by the fallback model");
                 return (scores, model.manifest().model_version.clone(), ScoreLevel::FallbackModel);
             }
         }
-        metrics::counter!("adserve_ranker_fallbacks_total", "level" => "prior").increment(1);
+        metrics::counter!("adserve_ranker_fallbacks_total", "level" => ScoreLevel::Prior.label()).increment(1);
         tracing::warn!(reason = why, "scored by the prior");
         let prior = adserve_features::prior::prior_pctr(matrix, &self.prior_feature, crate::model::MIN_PCTR);
         let scores = Scores { raw: prior.clone(), pctr: prior };
