@@ -596,6 +596,59 @@ async fn all_ad_ids(catalog: &Catalog) -> anyhow::Result<Vec<i64>> {
     Ok(ids)
 }
 
+/// A file whose file system hangs: `path` becomes a FIFO nobody writes, so
+/// a reader blocks in open() (as on a frozen network mount) until
+/// [`HungFile::release`].
+pub struct HungFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl HungFile {
+    /// Replaces `path` (a file) with a FIFO; its bytes are kept for the release.
+    pub fn new(path: &Path) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(path)?;
+        std::fs::remove_file(path)?;
+        let made = std::process::Command::new("mkfifo").arg(path).status()?;
+        anyhow::ensure!(made.success(), "mkfifo {}: {made}", path.display());
+        Ok(Self { path: path.to_path_buf(), bytes })
+    }
+
+    /// The file system answers: the reader blocked in open() reads the real
+    /// bytes, and the path is a plain file again for any later read. Fails,
+    /// never hangs, when nothing reads it within `patience`.
+    pub async fn release(self, patience: std::time::Duration) -> anyhow::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let deadline = std::time::Instant::now() + patience;
+        // Non-blocking, opening for writing fails (ENXIO) while no reader
+        // has the FIFO open, instead of waiting for one.
+        let probe = loop {
+            match std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&self.path) {
+                Ok(f) => break f,
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                }
+                Err(e) => bail!("nothing read {} within {patience:?}: {e}", self.path.display()),
+            }
+        };
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            // A reader holds the FIFO open, so this open does not wait; a
+            // reader that goes away fails the write (EPIPE), never hangs it.
+            std::fs::write(&self.path, &self.bytes)?;
+            // The plain file takes the path before the reader sees the end
+            // (the probe still holds a write end open): whatever opens the
+            // path after this reader is done gets the file, never the FIFO.
+            let plain = self.path.with_extension("released");
+            std::fs::write(&plain, &self.bytes)?;
+            std::fs::rename(&plain, &self.path)?;
+            drop(probe);
+            Ok(())
+        })
+        .await??;
+        Ok(())
+    }
+}
+
 /// One training row as read back from Parquet.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParquetRow {

@@ -22,7 +22,7 @@ use tokio::{
     sync::watch,
 };
 
-use adserve_integration_tests::{Stack, binary, free_port, repo_root};
+use adserve_integration_tests::{HungFile, Stack, binary, free_port, repo_root};
 use adserve_proto::v1::{
     FeatureMatrix, GetModelRequest, ScoreLevel, ScoreRequest, ranker_service_client::RankerServiceClient,
 };
@@ -485,6 +485,118 @@ async fn a_manifest_edited_after_registration_is_refused_and_the_old_model_keeps
 
     refused(metrics, "mismatch").await.context("the edited manifest")?;
     assert_eq!(client.get_model(GetModelRequest::default()).await?.into_inner().model_version, "ctr-edit-v1");
+    reg.drop_schema().await?;
+    Ok(())
+}
+
+/// Waits until the sum of the series of `name` with every label in
+/// `labels` is `want` on the ranker whose metrics listen on `metrics`.
+async fn metric_is(metrics: u16, name: &str, labels: &[&str], want: f64) -> anyhow::Result<()> {
+    let url = format!("http://127.0.0.1:{metrics}/metrics");
+    let mut text = String::new();
+    for _ in 0..300 {
+        text = adserve_integration_tests::bench::prom::scrape(&url).await?;
+        if adserve_integration_tests::bench::prom::counter(&text, name, labels) == want {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("{name}{labels:?} never {want}:\n{text}")
+}
+
+#[tokio::test]
+async fn a_rollback_does_not_wait_for_a_hung_shadow_load_and_the_shadow_loads_once_its_file_returns()
+-> anyhow::Result<()> {
+    let reg = TestRegistry::new("ctr-hang")?;
+    reg.register("ctr-hang-v1").await?;
+    reg.register("ctr-hang-v2").await?;
+    let v3 = reg.register("ctr-hang-v3").await?;
+    reg.promote("ctr-hang-v1", "production").await?;
+    let (mut command, grpc, metrics) = reg.ranker(&reg.s.postgres, &[]);
+    let _ranker = command.stdout(Stdio::null()).spawn()?;
+    let mut client = connect(grpc).await?;
+    serves(&mut client, "ctr-hang-v1").await?;
+
+    // The shadow's model file hangs: its load blocks until the test ends it.
+    let hung = HungFile::new(&v3.join("model.onnx"))?;
+    reg.promote("ctr-hang-v3", "shadow").await?;
+    let shadow_loading = ["role=\"shadow\"", "model_version=\"ctr-hang-v3\""];
+    metric_is(metrics, "adserve_ranker_model_loading", &shadow_loading, 1.0).await.context("the shadow load")?;
+
+    // Meanwhile a promotion loads and swaps, and a rollback takes effect,
+    // both through NOTIFY (the poll is an hour), under load: none waits
+    // for the shadow's load, and no call fails.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = callers(&client, 4, |i| 1 + i * 30, &stop);
+    reg.promote("ctr-hang-v2", "production").await?;
+    serves(&mut client, "ctr-hang-v2").await?;
+    reg.ok(&["models", "rollback", "--name", reg.name, "--reason", "test"]).await?;
+    serves(&mut client, "ctr-hang-v1").await?;
+    stop.store(true, Ordering::Relaxed);
+    for caller in load {
+        let (_, failures) = caller.await?;
+        assert!(failures.is_empty(), "calls failed while a shadow load hung: {failures:?}");
+    }
+    // The shadow load is still in flight, and nothing half-loaded is served.
+    assert_eq!(client.get_model(GetModelRequest::default()).await?.into_inner().shadow_model_version, "");
+    metric_is(metrics, "adserve_ranker_model_loading", &shadow_loading, 1.0).await?;
+
+    // The file system comes back: the same load finishes and the shadow
+    // scores, with no further registry change.
+    hung.release(Duration::from_secs(60)).await?;
+    metric_is(metrics, "adserve_ranker_model_loading", &shadow_loading, 0.0).await?;
+    metric_is(metrics, "adserve_ranker_model_info", &["role=\"shadow\"", "model_version=\"ctr-hang-v3\""], 1.0).await?;
+    assert_eq!(client.get_model(GetModelRequest::default()).await?.into_inner().shadow_model_version, "ctr-hang-v3");
+    assert_eq!(client.get_model(GetModelRequest::default()).await?.into_inner().model_version, "ctr-hang-v1");
+    reg.drop_schema().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_load_that_outlives_its_time_limit_is_refused_and_retried_once_the_file_returns() -> anyhow::Result<()> {
+    let reg = TestRegistry::new("ctr-slow")?;
+    reg.register("ctr-slow-v1").await?;
+    let v2 = reg.register("ctr-slow-v2").await?;
+    reg.promote("ctr-slow-v1", "production").await?;
+    let (mut command, grpc, metrics) = reg.ranker(&reg.s.postgres, &[("ADSERVE_REGISTRY__LOAD_TIMEOUT", "2s")]);
+    let _ranker = command.stdout(Stdio::null()).spawn()?;
+    let mut client = connect(grpc).await?;
+    serves(&mut client, "ctr-slow-v1").await?;
+
+    let hung = HungFile::new(&v2.join("model.onnx"))?;
+    reg.ok(&[
+        "models",
+        "promote",
+        "--name",
+        reg.name,
+        "--version",
+        "ctr-slow-v2",
+        "--to",
+        "canary",
+        "--canary-share",
+        "0.5",
+    ])
+    .await?;
+    refused(metrics, "timeout").await.context("the hung canary")?;
+    // The load cannot be cancelled: its thread is still blocked on the file,
+    // and the gauge says so.
+    let canary_loading = ["role=\"canary\"", "model_version=\"ctr-slow-v2\""];
+    metric_is(metrics, "adserve_ranker_model_loading", &canary_loading, 1.0).await?;
+    let model = client.get_model(GetModelRequest::default()).await?.into_inner();
+    assert_eq!((model.model_version.as_str(), model.canary_model_version.as_str()), ("ctr-slow-v1", ""));
+    // A notification meanwhile starts no second load beside the blocked one.
+    reg.ok(&["models", "set-share", "--name", reg.name, "--version", "ctr-slow-v2", "--share", "0.6"]).await?;
+
+    // The file returns: the timed-out load's thread reads it and ends (what
+    // it built is dropped), and the version is tried again, without any
+    // further registry change, and serves.
+    hung.release(Duration::from_secs(60)).await?;
+    metric_is(metrics, "adserve_ranker_model_info", &["role=\"canary\"", "model_version=\"ctr-slow-v2\""], 1.0)
+        .await
+        .context("the canary after its file returned")?;
+    metric_is(metrics, "adserve_ranker_model_loading", &canary_loading, 0.0).await?;
+    let text = adserve_integration_tests::bench::prom::scrape(&format!("http://127.0.0.1:{metrics}/metrics")).await?;
+    assert_eq!(counter(&text, "adserve_ranker_model_load_failures_total", "reason=\"timeout\""), 1.0, "{text}");
     reg.drop_schema().await?;
     Ok(())
 }

@@ -85,13 +85,30 @@ pub const LATENCY_BUCKETS: [f64; 28] = [
     0.02, 0.0225, 0.025, 0.03, 0.035, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
+/// Buckets of the `*_seconds` histograms of slow operations (seconds to
+/// half an hour), named in [`SLOW_SECONDS`].
+pub const SLOW_BUCKETS: [f64; 14] =
+    [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0];
+
+/// Histograms of operations that take seconds to minutes (a model load, on
+/// a GPU a TensorRT engine build): [`LATENCY_BUCKETS`] would put them all
+/// in `+Inf`.
+pub const SLOW_SECONDS: [&str; 1] = ["adserve_ranker_model_load_seconds"];
+
 /// Buckets of every other histogram: they count things (rows, candidates).
 pub const COUNT_BUCKETS: [f64; 9] = [1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0];
 
 /// Installs the process-wide Prometheus recorder; every `metrics::*!` macro in
 /// the process is exported through the returned handle.
 pub fn init_metrics() -> Result<PrometheusHandle, TelemetryError> {
-    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+    let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+    // A full name wins over the suffix (the exporter checks Full matchers first).
+    for name in SLOW_SECONDS {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full(name.into()), &SLOW_BUCKETS)
+            .map_err(|e| TelemetryError::Metrics(e.to_string()))?;
+    }
+    let handle = builder
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
         .map_err(|e| TelemetryError::Metrics(e.to_string()))?
         .set_buckets(&COUNT_BUCKETS)

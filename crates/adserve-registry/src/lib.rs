@@ -51,6 +51,13 @@ pub struct RegistryConfig {
     /// sessions in memory (on a GPU, device memory). 0: dropped at the swap.
     #[serde(with = "humantime_serde")]
     pub keep_previous: Duration,
+    /// How long the follower waits for one model load (checksum, sessions,
+    /// reference check, warm-up; on a GPU, a TensorRT engine build) before
+    /// it refuses the version as `timeout` and is free to load the next one.
+    /// A load cannot be cancelled: its thread finishes (or stays blocked on
+    /// a hung file system) on its own, and what it built is dropped.
+    #[serde(with = "humantime_serde")]
+    pub load_timeout: Duration,
 }
 
 /// The model name served by default.
@@ -75,6 +82,7 @@ impl Default for RegistryConfig {
             },
             poll_interval: Duration::from_secs(10),
             keep_previous: Duration::from_secs(600),
+            load_timeout: Duration::from_secs(1800),
         }
     }
 }
@@ -96,7 +104,8 @@ impl RegistryConfig {
             Duration::from_millis(100),
             Duration::from_secs(3600),
         )?;
-        check_duration("registry.keep_previous", self.keep_previous, Duration::ZERO, Duration::from_secs(86_400))
+        check_duration("registry.keep_previous", self.keep_previous, Duration::ZERO, Duration::from_secs(86_400))?;
+        check_duration("registry.load_timeout", self.load_timeout, Duration::from_secs(1), Duration::from_secs(86_400))
     }
 }
 

@@ -422,6 +422,7 @@ enabled = {{ $r.enabled }}
 model_name = {{ $r.modelName | toJson }}
 poll_interval = "{{ int64 $r.pollIntervalMs }}ms"
 keep_previous = "{{ int64 $r.keepPreviousSeconds }}s"
+load_timeout = "{{ int64 $r.loadTimeoutSeconds }}s"
 
 [shadow]
 enabled = {{ $c.shadow.enabled }}

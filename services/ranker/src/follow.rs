@@ -7,9 +7,18 @@
 //!
 //! [`follow`] keeps `Serving` equal to the registry: on every notification
 //! (LISTEN `adserve_models`) and every `registry.poll_interval` it reads the
-//! model name's production version and, when it differs from the one
-//! served, loads it beside the old one (checksum, graph checks, warm-up on
-//! every session), then swaps. A version that fails its checks is refused
+//! model name's production, canary and shadow versions. A change that needs
+//! no load (a rollback to the model kept warm, a canary promoted, a share
+//! changed, a version removed) takes effect at once; a new version is
+//! loaded beside the old one (checksum, graph checks, warm-up on every
+//! session) in a task of its own, bounded by `registry.load_timeout`, and
+//! swapped in when it is ready, if the registry (read again then) still
+//! wants it. So a rollback, a removal or a share change never waits for a
+//! load, and a role never waits for another role's load (production behind
+//! a shadow's TensorRT engine build, say); a role loads one version at a
+//! time, so a new version for it waits for the one it is loading (bounded
+//! by the timeout; a load that ran out of time cannot be cancelled, and
+//! its role loads nothing else until its thread ends). A version that fails its checks is refused
 //! with a log line and `adserve_ranker_model_swaps_total{result="refused"}`;
 //! the previous one keeps serving. A refused version is retried on the next
 //! notification for the model, or on a poll once its backoff has passed
@@ -201,26 +210,32 @@ pub struct Loader {
 impl Loader {
     /// Loads `dir` (or `model.dir`) off the async runtime.
     pub async fn load(&self, dir: Option<PathBuf>) -> Result<CtrModel, ModelError> {
+        let this = self.clone();
+        joined(tokio::task::spawn_blocking(move || this.load_blocking(dir)).await)
+    }
+
+    /// Loads a registry record's artifact off the async runtime, checked
+    /// against what was registered ([`Self::load_record_blocking`]).
+    async fn load_record(&self, record: &ModelRecord) -> Result<CtrModel, ModelError> {
+        let (this, record) = (self.clone(), record.clone());
+        joined(tokio::task::spawn_blocking(move || this.load_record_blocking(&record)).await)
+    }
+
+    fn load_blocking(&self, dir: Option<PathBuf>) -> Result<CtrModel, ModelError> {
         let mut model = self.model.clone();
         if let Some(dir) = dir {
             model.dir = dir;
         }
-        let (batching, max_rows, dylib, queue) = (self.batching.clone(), self.max_rows, self.dylib.clone(), self.queue);
-        tokio::task::spawn_blocking(move || CtrModel::load(&model, &batching, max_rows, &dylib, queue)).await.map_err(
-            |e| {
-                // CtrModel::load counts its own failures; a panic is counted here.
-                let e = ModelError::Panicked(e.to_string());
-                metrics::counter!("adserve_ranker_model_load_failures_total", "reason" => e.reason()).increment(1);
-                e
-            },
-        )?
+        CtrModel::load(&model, &self.batching, self.max_rows, &self.dylib, self.queue)
     }
 
     /// Loads a registry record's artifact and checks it is what was
     /// registered: the same version, `model.onnx` and manifest (a
     /// calibration, feature order or input edited on disk after
     /// registration would change what is served without a new version).
-    async fn load_record(&self, record: &ModelRecord) -> Result<CtrModel, ModelError> {
+    /// Blocking, every file read included: a hung file system holds this
+    /// thread, never the async runtime.
+    fn load_record_blocking(&self, record: &ModelRecord) -> Result<CtrModel, ModelError> {
         let refuse = |changed: String| {
             let e = ModelError::Mismatch(format!("{changed}: the artifact changed after registration"));
             metrics::counter!("adserve_ranker_model_load_failures_total", "reason" => e.reason()).increment(1);
@@ -235,13 +250,23 @@ impl Loader {
         {
             return Err(refuse(changed));
         }
-        let loaded = self.load(Some(dir)).await?;
+        let loaded = self.load_blocking(Some(dir))?;
         // Again on what was loaded: the files may have changed meanwhile.
         match registered_difference(loaded.manifest(), record) {
             Some(changed) => Err(refuse(changed)),
             None => Ok(loaded),
         }
     }
+}
+
+/// A blocking load's result; a panic in it is counted here (CtrModel::load
+/// counts its own failures).
+fn joined(r: Result<Result<CtrModel, ModelError>, tokio::task::JoinError>) -> Result<CtrModel, ModelError> {
+    r.map_err(|e| {
+        let e = ModelError::Panicked(e.to_string());
+        metrics::counter!("adserve_ranker_model_load_failures_total", "reason" => e.reason()).increment(1);
+        e
+    })?
 }
 
 /// A registry call bounded on the client side: the query's statement
@@ -304,138 +329,370 @@ enum Wake {
 
 /// A version the ranker refused, and when to try it again.
 struct Refused {
-    key: (String, String),
+    key: Key,
     retry_at: Instant,
     backoff: Duration,
 }
 
-/// Follows the registry until the process ends (spawn it).
+/// What identifies a registry version to the follower: its version and
+/// `model.onnx` checksum (what [`same`] compares).
+type Key = (String, String);
+
+fn key(row: &ModelRecord) -> Key {
+    (row.version.clone(), row.onnx_sha256.to_ascii_lowercase())
+}
+
+/// A load running beside the follower.
+struct Loading {
+    /// The role it was started for. When it finishes, the role that wants
+    /// the version then takes it: a canary promoted to production while it
+    /// loaded is served as production without a second load.
+    owner: Role,
+    key: Key,
+}
+
+/// A load that finished (or ran out of `registry.load_timeout`).
+struct Loaded {
+    owner: Role,
+    row: ModelRecord,
+    took: Duration,
+    result: Result<Arc<CtrModel>, ModelError>,
+}
+
+/// What a load task reports to the follower.
+enum Report {
+    /// The load finished, failed, or ran out of time.
+    Loaded(Loaded),
+    /// A load that ran out of time has ended after all (a load cannot be
+    /// cancelled: its thread ran on, and what it built is dropped): its
+    /// role may load again.
+    Released { owner: Role, row: ModelRecord },
+}
+
+/// The queue a role's models feed: the shadow's sessions run at low
+/// priority, so a model loaded for it is not served, nor the reverse.
+fn queue_of(role: Role) -> QueueKind {
+    match role {
+        Role::Shadow => QueueKind::Shadow,
+        Role::Production | Role::Canary => QueueKind::Model,
+    }
+}
+
+fn stage_of(role: Role) -> Stage {
+    match role {
+        Role::Production => Stage::Production,
+        Role::Canary => Stage::Canary,
+        Role::Shadow => Stage::Shadow,
+    }
+}
+
+/// The follower's state between registry reads.
+struct Follower {
+    config: RegistryConfig,
+    /// Loads production and canary models.
+    loader: Loader,
+    /// Loads shadow models (their own low-priority queue).
+    shadow_loader: Loader,
+    serving: Arc<Serving>,
+    /// The registry's serving rows as last read.
+    rows: Vec<ModelRecord>,
+    /// Loads in flight: at most one per role, so memory (on a GPU, device
+    /// memory) holds at most one model per role beyond those serving.
+    loading: Vec<Loading>,
+    /// Loads that ran out of time and whose thread still runs: their role
+    /// loads nothing else, and no role fed by the same queue loads their
+    /// version, until it ends, so a slow load (a cold TensorRT engine build)
+    /// is not started again beside itself.
+    abandoned: Vec<Loading>,
+    done: mpsc::Sender<Report>,
+    refused: RefusedVersions,
+    /// The production model last swapped out, kept warm for a rollback
+    /// (`registry.keep_previous`), and since when.
+    previous: Option<(Arc<CtrModel>, Instant)>,
+}
+
+impl Follower {
+    /// A follower with nothing read yet, and where its loads report back.
+    fn new(config: RegistryConfig, loader: Loader, serving: Arc<Serving>) -> (Self, mpsc::Receiver<Report>) {
+        // At most one load per role is in flight, each sending at most two
+        // reports, so its sends never wait long.
+        let (done, finished) = mpsc::channel(8);
+        let shadow_loader = Loader { queue: QueueKind::Shadow, ..loader.clone() };
+        let follower = Self {
+            config,
+            loader,
+            shadow_loader,
+            serving,
+            rows: Vec::new(),
+            loading: Vec::new(),
+            abandoned: Vec::new(),
+            done,
+            refused: RefusedVersions::default(),
+            previous: None,
+        };
+        (follower, finished)
+    }
+
+    /// The registry row `role` should serve.
+    fn wanted(&self, role: Role) -> Option<&ModelRecord> {
+        self.rows.iter().find(|r| r.stage == stage_of(role))
+    }
+
+    /// The model `role` serves now.
+    fn served(&self, role: Role) -> Option<Arc<CtrModel>> {
+        match role {
+            Role::Production => Some(self.serving.production()),
+            Role::Canary => self.serving.canary().map(|c| c.model),
+            Role::Shadow => self.serving.shadow(),
+        }
+    }
+
+    /// `role` wants the version `k` and does not serve it yet.
+    fn needs(&self, role: Role, k: &Key) -> bool {
+        self.wanted(role).is_some_and(|row| key(row) == *k && !self.served(role).is_some_and(|m| same(&m, row)))
+    }
+
+    /// Brings every role to what the registry last said, without waiting
+    /// for any load: removals, share changes and swaps to a model already
+    /// loaded happen now; loads are started and finish in [`Self::finish`].
+    /// So a rollback is never held behind a shadow, canary or production
+    /// load in flight.
+    fn reconcile(&mut self, notified: bool) {
+        if let Some(prod) = self.wanted(Role::Production).cloned() {
+            let current = self.serving.production();
+            if !same(&current, &prod) {
+                // A canary promoted to production, or the production model
+                // swapped out a moment ago (a rollback), is loaded and warm.
+                let reuse = match self.serving.canary().filter(|c| same(&c.model, &prod)) {
+                    Some(c) => Some((c.model, "canary")),
+                    None => {
+                        self.previous.as_ref().filter(|(p, _)| same(p, &prod)).map(|(p, _)| (p.clone(), "previous"))
+                    }
+                };
+                match reuse {
+                    Some((model, from)) => {
+                        metrics::counter!("adserve_ranker_model_reused_total", "from" => from).increment(1);
+                        self.swap(model, &prod, Duration::ZERO, from == "previous");
+                    }
+                    None => self.start(Role::Production, &prod, notified),
+                }
+            }
+        }
+        match self.wanted(Role::Shadow).cloned() {
+            None => {
+                if let Some(old) = self.serving.shadow() {
+                    self.serving.set_shadow(None);
+                    tracing::info!(version = %old.manifest().model_version, "shadow removed");
+                }
+            }
+            Some(row) if self.needs(Role::Shadow, &key(&row)) => self.start(Role::Shadow, &row, notified),
+            Some(_) => {}
+        }
+        match self.wanted(Role::Canary).cloned() {
+            None => {
+                if let Some(old) = self.serving.canary() {
+                    self.serving.set_canary(None);
+                    tracing::info!(version = %old.model.manifest().model_version, "canary removed");
+                }
+            }
+            Some(row) => match self.serving.canary() {
+                Some(c) if same(&c.model, &row) && c.share != row.canary_share => {
+                    self.serving.set_canary(Some(Canary { model: c.model, share: row.canary_share }));
+                    tracing::info!(version = %row.version, share = row.canary_share, "canary share changed");
+                }
+                Some(c) if same(&c.model, &row) => {}
+                _ => self.start(Role::Canary, &row, notified),
+            },
+        }
+    }
+
+    /// Starts loading `row` for `role`, unless the same version is already
+    /// loading for a role fed by the same queue (it is offered to `role`
+    /// when it finishes), `role` has another load in flight (that one
+    /// finishes or times out first) or a timed-out one still running, or
+    /// the version was refused and its backoff has not passed.
+    fn start(&mut self, role: Role, row: &ModelRecord, notified: bool) {
+        let k = key(row);
+        let busy = |l: &Loading| l.owner == role || (queue_of(l.owner) == queue_of(role) && l.key == k);
+        if self.loading.iter().chain(&self.abandoned).any(busy) || !self.refused.allows(role, row, notified) {
+            return;
+        }
+        if role == Role::Production
+            && let Some((old, _)) = self.previous.take()
+        {
+            // Not the version kept for a rollback: free it before loading
+            // another (on a GPU, device memory).
+            tracing::info!(version = %old.manifest().model_version, "previous production model unloaded");
+        }
+        let loader = if role == Role::Shadow { self.shadow_loader.clone() } else { self.loader.clone() };
+        let (row, done, limit) = (row.clone(), self.done.clone(), self.config.load_timeout);
+        loading_gauge(role, &row.version, 1.0);
+        tracing::info!(role = role.as_str(), version = %row.version, artifact = %row.artifact, "loading");
+        self.loading.push(Loading { owner: role, key: k });
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let record = row.clone();
+            let mut job = tokio::task::spawn_blocking(move || loader.load_record_blocking(&record));
+            let (result, abandoned) = tokio::select! {
+                loaded = &mut job => (joined(loaded).map(Arc::new), None),
+                () = tokio::time::sleep(limit) => {
+                    let e = ModelError::TimedOut(limit);
+                    metrics::counter!("adserve_ranker_model_load_failures_total", "reason" => e.reason()).increment(1);
+                    (Err(e), Some(job))
+                }
+            };
+            // The follower holds the receiver for the process's life.
+            let loaded = Loaded { owner: role, row: row.clone(), took: started.elapsed(), result };
+            let _ = done.send(Report::Loaded(loaded)).await;
+            if let Some(job) = abandoned {
+                drop(job.await);
+                let _ = done.send(Report::Released { owner: role, row }).await;
+            }
+        });
+    }
+
+    /// A load task's report.
+    fn report(&mut self, report: Report) {
+        match report {
+            Report::Loaded(loaded) => self.finish(loaded),
+            Report::Released { owner, row } => {
+                let k = key(&row);
+                self.abandoned.retain(|l| !(l.owner == owner && l.key == k));
+                loading_gauge(owner, &row.version, 0.0);
+                // Whatever held it (a hung file system) has answered: the
+                // version it timed out on may be tried again at once.
+                self.refused.forget(owner, &row);
+                tracing::info!(role = owner.as_str(), version = %row.version,
+                    "a load that ran out of time has ended; its role loads again");
+            }
+        }
+    }
+
+    /// A load finished: the role that wants its version now serves it (its
+    /// owner first), or it is dropped because the registry moved on.
+    fn finish(&mut self, loaded: Loaded) {
+        let Loaded { owner, row, took, result } = loaded;
+        let k = key(&row);
+        self.loading.retain(|l| !(l.owner == owner && l.key == k));
+        if matches!(result, Err(ModelError::TimedOut(_))) {
+            // Its thread runs on (the gauge stays 1) until Report::Released.
+            self.abandoned.push(Loading { owner, key: k.clone() });
+        } else {
+            loading_gauge(owner, &row.version, 0.0);
+        }
+        // The owner first, then any other role fed by the same queue.
+        let others = [Role::Production, Role::Canary, Role::Shadow].into_iter().filter(|r| *r != owner);
+        let same_queue = std::iter::once(owner).chain(others).filter(|r| queue_of(*r) == queue_of(owner));
+        let takers: Vec<Role> = same_queue.filter(|r| self.needs(*r, &k)).collect();
+        match result {
+            Ok(model) => {
+                metrics::histogram!("adserve_ranker_model_load_seconds", "role" => owner.as_str())
+                    .record(took.as_secs_f64());
+                match takers.first() {
+                    Some(Role::Production) => self.swap(model, &row, took, false),
+                    Some(Role::Canary) => {
+                        let share = self.wanted(Role::Canary).map_or(row.canary_share, |r| r.canary_share);
+                        self.serving.set_canary(Some(Canary { model, share }));
+                        self.refused.clear(Role::Canary);
+                        metrics::counter!("adserve_ranker_model_swaps_total", "result" => "canary").increment(1);
+                        tracing::info!(version = %row.version, share, ?took, "canary serving");
+                    }
+                    Some(Role::Shadow) => {
+                        self.serving.set_shadow(Some(model));
+                        self.refused.clear(Role::Shadow);
+                        metrics::counter!("adserve_ranker_model_swaps_total", "result" => "shadow").increment(1);
+                        tracing::info!(version = %row.version, ?took, "shadow scoring");
+                    }
+                    None => tracing::info!(role = owner.as_str(), version = %row.version, ?took,
+                        "loaded after the registry moved on; dropped"),
+                }
+            }
+            Err(e) if takers.is_empty() => self.refused.refuse(owner, &row, &e, self.config.poll_interval),
+            Err(e) => {
+                for role in takers {
+                    self.refused.refuse(role, &row, &e, self.config.poll_interval);
+                }
+            }
+        }
+    }
+
+    /// Serves `next` as production; the model it replaces stays warm for a
+    /// rollback to it, unless this swap was that rollback (the registry
+    /// retired it, and a rollback never restores a version it rolled back
+    /// from). In-flight calls finish on the old model either way.
+    fn swap(&mut self, next: Arc<CtrModel>, row: &ModelRecord, took: Duration, rolled_back: bool) {
+        let current = self.serving.production();
+        self.serving.swap(next, Source::Registry);
+        self.previous =
+            (!self.config.keep_previous.is_zero() && !rolled_back).then(|| (current.clone(), Instant::now()));
+        self.refused.clear(Role::Production);
+        metrics::counter!("adserve_ranker_model_swaps_total", "result" => "swapped").increment(1);
+        tracing::info!(from = %current.manifest().model_version, to = %row.version, ?took, "model swapped");
+    }
+}
+
+/// `adserve_ranker_model_loading{role,model_version}`: 1 while a load runs.
+fn loading_gauge(role: Role, version: &str, value: f64) {
+    metrics::gauge!("adserve_ranker_model_loading", "role" => role.as_str(), "model_version" => version.to_string())
+        .set(value);
+}
+
+/// Follows the registry until the process ends (spawn it). Registry reads
+/// and swaps happen in this loop; loads run as tasks beside it and report
+/// back, so no swap waits for another role's load.
 pub async fn follow(registry: Registry, config: RegistryConfig, loader: Loader, serving: Arc<Serving>) {
     let (wake_tx, mut wake) = mpsc::channel(16);
     tokio::spawn(listen(registry.clone(), config.model_name.clone(), wake_tx));
     let mut tick = tokio::time::interval(config.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut refused = RefusedVersions::default();
-    // The production model last swapped out, kept warm for a rollback
-    // (`registry.keep_previous`), and since when.
-    let mut previous: Option<(Arc<CtrModel>, Instant)> = None;
-    let shadow_loader = Loader { queue: QueueKind::Shadow, ..loader.clone() };
+    let (mut f, mut finished) = Follower::new(config, loader, serving);
     loop {
-        let expires = previous.as_ref().map(|(_, since)| *since + config.keep_previous);
+        let expires = f.previous.as_ref().map(|(_, since)| *since + f.config.keep_previous);
         let notified = tokio::select! {
             Some(w) = wake.recv() => w == Wake::Changed,
             _ = tick.tick() => false,
+            Some(report) = finished.recv() => {
+                // Applied against the registry as it is now, not as last
+                // read (a notification may be waiting): a version rolled
+                // back while it loaded is never served, even briefly.
+                let config = &f.config;
+                match bounded(config, "reading the production version", registry.serving(&config.model_name)).await {
+                    Ok(rows) => f.rows = rows,
+                    Err(e) => {
+                        metrics::counter!("adserve_ranker_registry_errors_total").increment(1);
+                        tracing::warn!(error = %e, "model registry unavailable; applying a finished load as last read");
+                    }
+                }
+                f.report(report);
+                f.reconcile(false);
+                continue;
+            }
             () = until(expires) => {
-                if let Some((old, _)) = previous.take() {
+                if let Some((old, _)) = f.previous.take() {
                     tracing::info!(version = %old.manifest().model_version, "previous production model unloaded");
                 }
                 continue;
             }
         };
+        let config = &f.config;
         // Registry::migrate runs the migrations once per process (a no-op
         // after initial() or an earlier pass succeeded).
         if config.postgres.migrate
-            && let Err(e) = bounded(&config, "migrations", registry.migrate()).await
+            && let Err(e) = bounded(config, "migrations", registry.migrate()).await
         {
             metrics::counter!("adserve_ranker_registry_errors_total").increment(1);
             tracing::warn!(error = %e, "model registry: migrations failed; retrying");
             continue;
         }
-        let rows = match bounded(&config, "reading the production version", registry.serving(&config.model_name)).await
-        {
-            Ok(rows) => rows,
+        match bounded(config, "reading the production version", registry.serving(&config.model_name)).await {
+            Ok(rows) => {
+                f.rows = rows;
+                f.reconcile(notified);
+            }
             Err(e) => {
                 metrics::counter!("adserve_ranker_registry_errors_total").increment(1);
                 tracing::warn!(error = %e, "model registry unavailable; still serving the current model");
-                continue;
             }
-        };
-        if let Some(prod) = rows.iter().find(|r| r.stage == Stage::Production) {
-            let current = serving.production();
-            if !same(&current, prod) && refused.allows(Role::Production, prod, notified) {
-                // A canary promoted to production, or the production model
-                // swapped out a moment ago (a rollback), is loaded and warm.
-                let reuse = match serving.canary().filter(|c| same(&c.model, prod)) {
-                    Some(c) => Some((c.model, "canary")),
-                    None => previous.as_ref().filter(|(p, _)| same(p, prod)).map(|(p, _)| (p.clone(), "previous")),
-                };
-                let started = Instant::now();
-                let rolled_back = reuse.as_ref().is_some_and(|(_, from)| *from == "previous");
-                let loaded = match reuse {
-                    Some((model, from)) => {
-                        metrics::counter!("adserve_ranker_model_reused_total", "from" => from).increment(1);
-                        Ok(model)
-                    }
-                    None => {
-                        // Not the version kept for a rollback: free it before
-                        // loading another (on a GPU, device memory).
-                        previous = None;
-                        loader.load_record(prod).await.map(Arc::new)
-                    }
-                };
-                match loaded {
-                    Ok(next) => {
-                        let from = current.manifest().model_version.clone();
-                        serving.swap(next, Source::Registry);
-                        // The model swapped out stays warm for a rollback to
-                        // it, unless this swap was that rollback: the registry
-                        // retired it, and a rollback never restores a version
-                        // it rolled back from. In-flight calls finish on it
-                        // either way.
-                        previous = (!config.keep_previous.is_zero() && !rolled_back).then(|| (current, Instant::now()));
-                        refused.clear(Role::Production);
-                        metrics::counter!("adserve_ranker_model_swaps_total", "result" => "swapped").increment(1);
-                        tracing::info!(%from, to = %prod.version, took = ?started.elapsed(), "model swapped");
-                    }
-                    Err(e) => refused.refuse(Role::Production, prod, &e, config.poll_interval),
-                }
-            }
-        }
-        match rows.iter().find(|r| r.stage == Stage::Shadow) {
-            None => {
-                if let Some(old) = serving.shadow() {
-                    serving.set_shadow(None);
-                    tracing::info!(version = %old.manifest().model_version, "shadow removed");
-                }
-            }
-            Some(row) => match serving.shadow() {
-                Some(s) if same(&s, row) => {}
-                _ if refused.allows(Role::Shadow, row, notified) => match shadow_loader.load_record(row).await {
-                    Ok(model) => {
-                        serving.set_shadow(Some(Arc::new(model)));
-                        refused.clear(Role::Shadow);
-                        metrics::counter!("adserve_ranker_model_swaps_total", "result" => "shadow").increment(1);
-                        tracing::info!(version = %row.version, "shadow scoring");
-                    }
-                    Err(e) => refused.refuse(Role::Shadow, row, &e, config.poll_interval),
-                },
-                _ => {}
-            },
-        }
-        match rows.iter().find(|r| r.stage == Stage::Canary) {
-            None => {
-                if let Some(old) = serving.canary() {
-                    serving.set_canary(None);
-                    tracing::info!(version = %old.model.manifest().model_version, "canary removed");
-                }
-            }
-            Some(row) => match serving.canary() {
-                Some(c) if same(&c.model, row) && c.share != row.canary_share => {
-                    serving.set_canary(Some(Canary { model: c.model, share: row.canary_share }));
-                    tracing::info!(version = %row.version, share = row.canary_share, "canary share changed");
-                }
-                Some(c) if same(&c.model, row) => {}
-                _ if refused.allows(Role::Canary, row, notified) => match loader.load_record(row).await {
-                    Ok(model) => {
-                        serving.set_canary(Some(Canary { model: Arc::new(model), share: row.canary_share }));
-                        refused.clear(Role::Canary);
-                        metrics::counter!("adserve_ranker_model_swaps_total", "result" => "canary").increment(1);
-                        tracing::info!(version = %row.version, share = row.canary_share, "canary serving");
-                    }
-                    Err(e) => refused.refuse(Role::Canary, row, &e, config.poll_interval),
-                },
-                _ => {}
-            },
         }
     }
 }
@@ -500,7 +757,7 @@ struct RefusedVersions {
 impl RefusedVersions {
     /// A notification always allows a retry; a poll only after the backoff.
     fn allows(&self, role: Role, row: &ModelRecord, notified: bool) -> bool {
-        let key = (row.version.clone(), row.onnx_sha256.clone());
+        let key = key(row);
         match self.by_role.iter().find(|(r, _)| *r == role) {
             Some((_, refused)) if refused.key == key => notified || Instant::now() >= refused.retry_at,
             _ => true,
@@ -511,8 +768,14 @@ impl RefusedVersions {
         self.by_role.retain(|(r, _)| *r != role);
     }
 
+    /// Forgets `role`'s refusal of `row`'s version (not of another).
+    fn forget(&mut self, role: Role, row: &ModelRecord) {
+        let k = key(row);
+        self.by_role.retain(|(r, refused)| !(*r == role && refused.key == k));
+    }
+
     fn refuse(&mut self, role: Role, row: &ModelRecord, e: &ModelError, poll: Duration) {
-        let key = (row.version.clone(), row.onnx_sha256.clone());
+        let key = key(row);
         let backoff = match self.by_role.iter().find(|(r, _)| *r == role) {
             Some((_, r)) if r.key == key => (r.backoff * 2).min(Duration::from_secs(15 * 60)),
             _ => poll,
@@ -558,6 +821,154 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/ctr-baseline/manifest.json");
         let text = std::fs::read_to_string(path).expect("the committed manifest");
         (serde_json::from_str(&text).expect("a manifest"), serde_json::from_str(&text).expect("json"))
+    }
+
+    /// A copy of the baseline model as registry version `version` at
+    /// `stage`, under `root`.
+    fn record(root: &std::path::Path, version: &str, stage: Stage) -> ModelRecord {
+        let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/ctr-baseline");
+        let dir = root.join(version);
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::copy(base.join("model.onnx"), dir.join("model.onnx")).expect("model.onnx");
+        let mut manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(base.join("manifest.json")).expect("manifest")).expect("json");
+        manifest["model_version"] = version.into();
+        std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&manifest).expect("json")).expect("write");
+        ModelRecord {
+            name: "ctr".into(),
+            version: version.into(),
+            artifact: dir.display().to_string(),
+            onnx_sha256: manifest["onnx_sha256"].as_str().expect("sha").into(),
+            manifest,
+            metrics: serde_json::json!({}),
+            stage,
+            canary_share: if stage == Stage::Canary { 0.5 } else { 0.0 },
+            registered_by: "test".into(),
+            registered_at: String::new(),
+            stage_changed_by: "test".into(),
+            stage_changed_at: String::new(),
+        }
+    }
+
+    fn at(mut row: ModelRecord, stage: Stage) -> ModelRecord {
+        row.stage = stage;
+        row
+    }
+
+    /// A follower serving `production` (loaded here), and its load reports.
+    async fn follower(production: &ModelRecord) -> (Follower, mpsc::Receiver<Report>) {
+        let dylib = std::env::var("ORT_DYLIB_PATH")
+            .expect("ORT_DYLIB_PATH is unset: run the ranker tests through `make test` (scripts/env.sh)");
+        let batching = BatchingConfig { sessions: 1, ..BatchingConfig::default() };
+        let loader = Loader { model: ModelConfig::default(), batching, max_rows: 100, dylib, queue: QueueKind::Model };
+        let first = loader.load_record(production).await.expect("loads");
+        let serving = Arc::new(Serving::new(first, Source::Registry));
+        Follower::new(RegistryConfig::default(), loader, serving)
+    }
+
+    fn version(model: &CtrModel) -> &str {
+        &model.manifest().model_version
+    }
+
+    #[tokio::test]
+    async fn a_canary_promoted_while_it_loads_is_served_as_production_from_that_one_load() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let v1 = record(root.path(), "v1", Stage::Production);
+        let v2 = record(root.path(), "v2", Stage::Canary);
+        let (mut f, mut finished) = follower(&v1).await;
+        f.rows = vec![v1.clone(), v2.clone()];
+        f.reconcile(true);
+        assert_eq!(f.loading.len(), 1, "the canary loads");
+        // Promoted before its load finished: production waits for that load.
+        f.rows = vec![at(v2, Stage::Production)];
+        f.reconcile(true);
+        assert_eq!(f.loading.len(), 1, "no second load of the same version");
+        assert_eq!(version(&f.serving.production()), "v1", "nothing swaps before the load is ready");
+        let loaded = finished.recv().await.expect("a report");
+        assert!(matches!(&loaded, Report::Loaded(l) if l.owner == Role::Canary));
+        f.report(loaded);
+        assert_eq!(version(&f.serving.production()), "v2");
+        assert!(f.serving.canary().is_none(), "the canary slot is empty in the registry");
+        assert!(f.loading.is_empty());
+        // v1 is kept warm: a rollback to it needs no load.
+        f.rows = vec![at(v1, Stage::Production)];
+        f.reconcile(true);
+        assert!(f.loading.is_empty());
+        assert_eq!(version(&f.serving.production()), "v1");
+    }
+
+    #[tokio::test]
+    async fn a_load_the_registry_moved_on_from_is_dropped_and_changes_meanwhile_do_not_wait_for_it() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let v1 = record(root.path(), "v1", Stage::Production);
+        let v2 = record(root.path(), "v2", Stage::Production);
+        let v3 = record(root.path(), "v3", Stage::Production);
+        let (mut f, mut finished) = follower(&v1).await;
+        // v2 loads and swaps in; v1 is kept warm.
+        f.rows = vec![v2.clone()];
+        f.reconcile(true);
+        f.report(finished.recv().await.expect("a report"));
+        assert_eq!(version(&f.serving.production()), "v2");
+        // v3 starts loading, with a shadow; before either finishes the
+        // registry goes back to v2 (v3 rolled back) and drops the shadow.
+        f.rows = vec![v3.clone(), record(root.path(), "s1", Stage::Shadow)];
+        f.reconcile(true);
+        assert_eq!(f.loading.len(), 2, "production and shadow load side by side");
+        f.rows = vec![v2];
+        f.reconcile(true);
+        for _ in 0..2 {
+            f.report(finished.recv().await.expect("a report"));
+        }
+        assert_eq!(version(&f.serving.production()), "v2", "v3 finished loading after its rollback: dropped");
+        assert!(f.serving.shadow().is_none(), "the shadow finished loading after its removal: dropped");
+        assert!(f.loading.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_load_out_of_time_is_refused_and_its_role_waits_for_its_thread_before_loading_again() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let v1 = record(root.path(), "v1", Stage::Production);
+        let s1 = record(root.path(), "s1", Stage::Shadow);
+        // s1's model file hangs: its load blocks in open() until written.
+        let onnx = PathBuf::from(&s1.artifact).join("model.onnx");
+        let bytes = std::fs::read(&onnx).expect("model");
+        std::fs::remove_file(&onnx).expect("rm");
+        assert!(std::process::Command::new("mkfifo").arg(&onnx).status().expect("mkfifo").success());
+        let (mut f, mut finished) = follower(&v1).await;
+        f.config.load_timeout = Duration::from_millis(200);
+        f.rows = vec![v1.clone(), s1.clone()];
+        f.reconcile(true);
+        let report = finished.recv().await.expect("a report");
+        assert!(matches!(&report, Report::Loaded(l) if matches!(l.result, Err(ModelError::TimedOut(_)))));
+        f.report(report);
+        assert_eq!(f.abandoned.iter().map(|l| l.owner).collect::<Vec<_>>(), [Role::Shadow]);
+        // Even a notification does not start it again beside the thread
+        // still blocked on the file.
+        f.reconcile(true);
+        assert!(f.loading.is_empty(), "no second load while the first one's thread runs");
+        // The file system answers: the abandoned load ends (what it built is
+        // dropped), and the role loads the version again at once.
+        tokio::task::spawn_blocking(move || {
+            // The FIFO stays open for writing (so the reader sees no end)
+            // until the plain file has taken its path.
+            let writer = std::fs::OpenOptions::new().write(true).open(&onnx)?;
+            std::io::Write::write_all(&mut &writer, &bytes)?;
+            let plain = onnx.with_extension("released");
+            std::fs::write(&plain, &bytes)?;
+            std::fs::rename(&plain, &onnx)?;
+            drop(writer);
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .expect("joined")
+        .expect("written");
+        let report = finished.recv().await.expect("a report");
+        assert!(matches!(&report, Report::Released { owner: Role::Shadow, .. }));
+        f.report(report);
+        f.reconcile(false);
+        assert_eq!(f.loading.len(), 1, "retried without waiting for the refusal's backoff");
+        f.report(finished.recv().await.expect("a report"));
+        assert_eq!(f.serving.shadow().map(|s| version(&s).to_string()).as_deref(), Some("s1"));
     }
 
     #[test]

@@ -66,6 +66,11 @@ pub enum ModelError {
     /// The loading task panicked.
     #[error("loading the model panicked: {0}")]
     Panicked(String),
+    /// The load took longer than `registry.load_timeout`. The follower
+    /// stopped waiting for it; its thread (blocked on a hung file system,
+    /// say) may still finish, and what it built is then dropped.
+    #[error("loading took longer than registry.load_timeout ({0:?})")]
+    TimedOut(std::time::Duration),
 }
 
 impl ModelError {
@@ -81,6 +86,7 @@ impl ModelError {
             Self::BadOutput(_) => "bad_output",
             Self::Reference(_) => "reference",
             Self::Panicked(_) => "panic",
+            Self::TimedOut(_) => "timeout",
         }
     }
 }
