@@ -179,12 +179,15 @@ def test_the_ranker_fallback_and_rollback_values_reach_the_ranker() -> None:
     defaults = tomllib.loads(configs(render(None))["ranker"])
     assert defaults["fallback"] == {"enabled": True, "reserve": "20ms"}, "empty values keep the ranker's defaults"
     assert defaults["registry"]["keep_previous"] == "600s"
+    assert defaults["registry"]["load_timeout"] == "1800s"
+    assert defaults["shadow"]["sample_share"] == 1.0
     values = {
         "services": {
             "ranker": {
                 "config": {
                     "fallback": {"reserveMs": 35, "modelDir": "/models/lr", "priorFeature": "ad_ctr_7d"},
-                    "registry": {"keepPreviousSeconds": 0},
+                    "registry": {"keepPreviousSeconds": 0, "loadTimeoutSeconds": 5400},
+                    "shadow": {"sampleShare": 0.1},
                 }
             }
         }
@@ -197,6 +200,8 @@ def test_the_ranker_fallback_and_rollback_values_reach_the_ranker() -> None:
         "prior_feature": "ad_ctr_7d",
     }
     assert ranker["registry"]["keep_previous"] == "0s"
+    assert ranker["registry"]["load_timeout"] == "5400s"
+    assert ranker["shadow"]["sample_share"] == 0.1
 
 
 def test_the_auction_values_reach_the_gateway() -> None:

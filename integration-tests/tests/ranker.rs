@@ -985,6 +985,40 @@ async fn a_shadow_scores_calls_after_the_answer_and_publishes_both_scores() -> a
 }
 
 #[tokio::test]
+async fn a_shadow_at_a_sample_share_scores_the_requests_in_its_share_only() -> anyhow::Result<()> {
+    let reg = TestRegistry::new("ctr-sample")?;
+    let s = &reg.s;
+    reg.register("ctr-sample-v1").await?;
+    reg.register("ctr-sample-v2").await?;
+    reg.promote("ctr-sample-v1", "production").await?;
+    reg.promote("ctr-sample-v2", "shadow").await?;
+    let (mut command, grpc, metrics) =
+        reg.ranker(&s.postgres, &[("ADSERVE_KAFKA__BROKERS", &s.kafka), ("ADSERVE_SHADOW__SAMPLE_SHARE", "0.3")]);
+    let _ranker = command.stdout(Stdio::null()).spawn()?;
+    let mut client = connect(grpc).await?;
+    serves(&mut client, "ctr-sample-v1").await?;
+    metric_is(metrics, "adserve_ranker_model_info", &["role=\"shadow\"", "model_version=\"ctr-sample-v2\""], 1.0)
+        .await?;
+
+    // Sampled by request id with the canary's hash: the gateway's cache
+    // sends the same requests whole at the same share.
+    let run = uuid::Uuid::new_v4();
+    let ids: Vec<String> = (0..60).map(|i| format!("sample-{run}-{i}")).collect();
+    let sampled: Vec<&String> = ids.iter().filter(|id| adserve_registry::in_canary(id, 0.3)).collect();
+    anyhow::ensure!(!sampled.is_empty() && sampled.len() < ids.len(), "{} of 60 sampled", sampled.len());
+    for id in &ids {
+        let request = ScoreRequest { matrix: Some(matrix(2)), request_id: id.clone(), ..Default::default() };
+        assert_eq!(client.score(request).await?.into_inner().level(), ScoreLevel::Model);
+    }
+    let unsampled = (ids.len() - sampled.len()) as f64;
+    metric_is(metrics, "adserve_ranker_shadow_total", &["result=\"unsampled\""], unsampled).await?;
+    metric_is(metrics, "adserve_ranker_shadow_total", &["result=\"published\""], sampled.len() as f64).await?;
+    s.keyed_message(adserve_events::SHADOW_SCORES_TOPIC, sampled[0]).await.context("a sampled request's event")?;
+    reg.drop_schema().await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_call_the_model_cannot_answer_in_time_is_scored_by_the_fallback_chain_and_says_so() -> anyhow::Result<()> {
     use adserve_proto::v1::ScoreLevel;
     let model_dir = repo_root().join("models/ctr-baseline");

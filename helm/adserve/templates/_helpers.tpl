@@ -427,6 +427,7 @@ load_timeout = "{{ int64 $r.loadTimeoutSeconds }}s"
 [shadow]
 enabled = {{ $c.shadow.enabled }}
 max_in_flight = {{ int64 $c.shadow.maxInFlight }}
+sample_share = {{ $c.shadow.sampleShare | float64 }}
 {{- $f := $c.fallback }}
 
 [fallback]

@@ -187,11 +187,16 @@ pub struct ShadowConfig {
     /// Shadow calls allowed in flight; beyond it a call's shadow scoring is
     /// skipped and counted, so a slow shadow never queues up work.
     pub max_in_flight: usize,
+    /// Share of model-scored calls the shadow scores, sampled by request id
+    /// with the canary's hash (a request is shadowed whole or not at all).
+    /// 1: every call. Set it to the gateways' `prediction_cache.shadow_share`
+    /// to shadow exactly the requests the cache sends whole.
+    pub sample_share: f64,
 }
 
 impl Default for ShadowConfig {
     fn default() -> Self {
-        Self { enabled: true, max_in_flight: 64 }
+        Self { enabled: true, max_in_flight: 64, sample_share: 1.0 }
     }
 }
 
@@ -262,6 +267,12 @@ impl Validate for RankerConfig {
         self.registry.validate()?;
         self.kafka.validate()?;
         check_range("shadow.max_in_flight", self.shadow.max_in_flight, 1..=10_000)?;
+        if !(0.0..=1.0).contains(&self.shadow.sample_share) {
+            return Err(Invalid::new(
+                "shadow.sample_share",
+                format!("must be 0..=1, got {}", self.shadow.sample_share),
+            ));
+        }
         check_duration("fallback.reserve", self.fallback.reserve, Duration::ZERO, Duration::from_secs(10))?;
         if adserve_features::registry().index_of(&self.fallback.prior_feature).is_none() {
             return Err(Invalid::new(
@@ -340,5 +351,17 @@ mod tests {
         let mut c = valid();
         c.batching.max_queue_delay = Duration::from_secs(1);
         assert_eq!(c.validate().unwrap_err().key, "batching.max_queue_delay");
+    }
+
+    #[test]
+    fn shadow_and_registry_bounds_are_checked() {
+        for share in [-0.1, 1.5, f64::NAN] {
+            let mut c = valid();
+            c.shadow.sample_share = share;
+            assert_eq!(c.validate().unwrap_err().key, "shadow.sample_share", "{share}");
+        }
+        let mut c = valid();
+        c.registry.load_timeout = Duration::from_millis(10);
+        assert_eq!(c.validate().unwrap_err().key, "registry.load_timeout");
     }
 }

@@ -68,7 +68,12 @@ async fn main() -> anyhow::Result<()> {
             }
         });
         let publisher = adserve_events::EventPublisher::new(&config.kafka, "adserve-ranker")?;
-        service = service.with_shadow(adserve_ranker::service::ShadowSink::new(publisher, config.shadow.max_in_flight));
+        let sink = adserve_ranker::service::ShadowSink::new(
+            publisher,
+            config.shadow.max_in_flight,
+            config.shadow.sample_share,
+        );
+        service = service.with_shadow(sink);
     }
     lifecycle.readiness.set(MODEL_DEPENDENCY, None);
     let routes = Routes::new(service.into_server());

@@ -21,12 +21,23 @@ use crate::{CtrModel, batcher::Scores, follow::Serving};
 pub struct ShadowSink {
     publisher: EventPublisher,
     permits: Arc<Semaphore>,
+    sample_share: f64,
 }
 
 impl ShadowSink {
-    /// Publishes through `publisher`, at most `max_in_flight` at a time.
-    pub fn new(publisher: EventPublisher, max_in_flight: usize) -> Self {
-        Self { publisher, permits: Arc::new(Semaphore::new(max_in_flight)) }
+    /// Publishes through `publisher`, at most `max_in_flight` at a time,
+    /// for `sample_share` of calls by request id ([`Self::samples`]).
+    pub fn new(publisher: EventPublisher, max_in_flight: usize, sample_share: f64) -> Self {
+        Self { publisher, permits: Arc::new(Semaphore::new(max_in_flight)), sample_share }
+    }
+
+    /// Whether the call with `request_id` is shadowed: every call at share
+    /// 1; below it, the request ids whose bucket is below the share, by the
+    /// canary's hash ([`adserve_registry::in_canary`]: the one the gateway's
+    /// `prediction_cache.shadow_share` samples with, so equal shares pick
+    /// the same requests), and never a call without a request id.
+    pub fn samples(&self, request_id: &str) -> bool {
+        self.sample_share >= 1.0 || adserve_registry::in_canary(request_id, self.sample_share)
     }
 
     /// Scores `matrix` with `shadow` and publishes it next to production's
@@ -184,9 +195,13 @@ impl RankerGrpc {
     }
 
     /// A shadow model and an in-flight permit, when shadow scoring applies.
-    fn shadow_slot(&self) -> Option<(ShadowSink, Arc<CtrModel>, OwnedSemaphorePermit)> {
+    fn shadow_slot(&self, request_id: &str) -> Option<(ShadowSink, Arc<CtrModel>, OwnedSemaphorePermit)> {
         let sink = self.shadow.as_ref()?;
         let model = self.serving.shadow()?;
+        if !sink.samples(request_id) {
+            metrics::counter!("adserve_ranker_shadow_total", "result" => "unsampled").increment(1);
+            return None;
+        }
         match sink.permits.clone().try_acquire_owned() {
             Ok(permit) => Some((sink.clone(), model, permit)),
             Err(_) => {
@@ -270,7 +285,7 @@ impl RankerService for RankerGrpc {
         // The shadow scores what the model served (not a fallback), after the
         // answer, with its own copy of the matrix (it may read other columns).
         if level == ScoreLevel::Model
-            && let Some((sink, shadow, permit)) = self.shadow_slot()
+            && let Some((sink, shadow, permit)) = self.shadow_slot(&request.request_id)
         {
             let call = Shadowed {
                 request_id: request.request_id,
@@ -335,5 +350,22 @@ mod tests {
         assert_eq!(prior_reserve(Duration::from_secs(30)), ms(10));
         assert_eq!(prior_reserve(ms(10)), ms(2));
         assert_eq!(prior_reserve(Duration::ZERO), ms(2));
+    }
+
+    #[tokio::test]
+    async fn the_shadow_samples_whole_requests_by_id_as_the_gateways_cache_does() {
+        let config = adserve_events::KafkaConfig::default();
+        let sink = |share| ShadowSink::new(EventPublisher::new(&config, "test").expect("lazy"), 1, share);
+        let ids: Vec<String> = (0..2000).map(|i| format!("request-{i}")).collect();
+        let all = sink(1.0);
+        assert!(ids.iter().all(|id| all.samples(id)) && all.samples(""), "share 1: every call");
+        let none = sink(0.0);
+        assert!(!ids.iter().any(|id| none.samples(id)));
+        let tenth = sink(0.1);
+        let sampled: Vec<&String> = ids.iter().filter(|id| tenth.samples(id)).collect();
+        assert!((140..=260).contains(&sampled.len()), "{} of 2000", sampled.len());
+        // The same requests the gateway sends whole at the same share.
+        assert!(ids.iter().all(|id| tenth.samples(id) == adserve_registry::in_canary(id, 0.1)));
+        assert!(!tenth.samples(""), "no request id: not sampled below 1");
     }
 }
