@@ -7,7 +7,7 @@ ENV := source scripts/env.sh &&
 CARGO_TEST_ENV := ADSTACK_TEST_POSTGRES_URL=postgres://adserve:adserve@127.0.0.1:5432/adserve
 
 .PHONY: help install build up down status model train gate demo test test-python test-rust test-helm proto-check lint fmt bench \
-	bench-e2e bench-features bench-ranker bench-ranker-overload bench-tls bench-auction bench-joiner bench-aggregates
+	bench-e2e bench-features bench-ranker bench-ranker-overload bench-ranker-swap bench-tls bench-auction bench-joiner bench-aggregates
 
 help:
 	@echo "make demo    install, start the stack, then the loop: bootstrap model, simulate, join, train, gate, promote, serve"
@@ -120,5 +120,5 @@ BENCH_ENV := BENCH_QUICK=$(if $(QUICK),1,0) BENCH_DOCS=$(if $(DOCS),1,0)
 bench: install
 	$(ENV) $(BENCH_ENV) bash scripts/bench.sh
 
-bench-e2e bench-features bench-ranker bench-ranker-overload bench-tls bench-auction bench-joiner bench-aggregates: install
+bench-e2e bench-features bench-ranker bench-ranker-overload bench-ranker-swap bench-tls bench-auction bench-joiner bench-aggregates: install
 	$(ENV) $(BENCH_ENV) BENCH_PARTS=$(patsubst bench-%,%,$@) bash scripts/bench.sh

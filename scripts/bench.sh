@@ -20,7 +20,7 @@
 #
 # Environment:
 #   BENCH_QUICK=1        short windows (< 5 minutes once built)
-#   BENCH_PARTS=a,b      only these parts: auction, ranker, ranker-overload, tls, features, e2e, joiner, aggregates
+#   BENCH_PARTS=a,b      only these parts: auction, ranker, ranker-overload, ranker-swap, tls, features, e2e, joiner, aggregates
 #   BENCH_DOCS=1         write docs/ even for a quick or partial run
 #   ADSTACK_MODEL_DIR    the model the stack's ranker serves (not the registry's
 #                        production version) and the ranker parts measure
@@ -37,7 +37,7 @@ ADSTACK_MODEL_DIR="$(realpath "${ADSTACK_MODEL_DIR:-models/ctr-baseline}")"
 export ADSTACK_MODEL_DIR ADSTACK_RANKER_REGISTRY=false
 
 quick="${BENCH_QUICK:-0}"
-all_parts="auction,ranker,ranker-overload,tls,features,e2e,joiner,aggregates"
+all_parts="auction,ranker,ranker-overload,ranker-swap,tls,features,e2e,joiner,aggregates"
 parts="${BENCH_PARTS:-$all_parts}"
 export ADSTACK_PROFILE=release
 work="$ADSTACK_RUN/bench"

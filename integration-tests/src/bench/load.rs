@@ -51,7 +51,8 @@ pub struct Measurement {
 }
 
 impl Measurement {
-    fn new(items_per_call: u64) -> Self {
+    /// Empty, for calls of `items_per_call` items each.
+    pub fn new(items_per_call: u64) -> Self {
         Self {
             hist: Histogram::new_with_bounds(1, 120_000_000, 3).expect("static histogram bounds are valid"),
             ok: 0,
@@ -64,7 +65,8 @@ impl Measurement {
         }
     }
 
-    fn record(&mut self, outcome: Outcome, latency: Duration) {
+    /// One call that ended with `outcome` after `latency`.
+    pub fn record(&mut self, outcome: Outcome, latency: Duration) {
         let us = (latency.as_micros() as u64).clamp(1, 120_000_000);
         let _ = self.hist.record(us);
         match outcome {

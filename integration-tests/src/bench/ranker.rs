@@ -437,3 +437,242 @@ fn bare_run(session: &mut Session, manifest: &ModelManifest, input: &Input) -> O
         _ => Outcome::Error("bad output".into()),
     }
 }
+
+/// Rows per call in the swap bench.
+pub const SWAP_ROWS: usize = 100;
+/// Callers in the swap bench.
+pub const SWAP_CONCURRENCY: usize = 8;
+/// Model name the swap bench registers its versions under.
+const SWAP_MODEL: &str = "bench-swap";
+
+/// Hot swaps under load (`make bench-ranker-swap`). A ranker instance of
+/// the bench's own follows a model registry of the bench's own (a schema in
+/// the stack's PostgreSQL, dropped at the end) and is scored by
+/// [`SWAP_CONCURRENCY`] callers of [`SWAP_ROWS`] rows: once steady, and once
+/// while a driver promotes a new version (a copy of the benched model, so
+/// loaded, checked and warmed up beside the serving one) and rolls it back
+/// (a pointer swap to the model kept warm), over and over. Reported: the
+/// callers' p99 during swaps against steady (a load competes for the same
+/// cores), and how long a registry change takes to serve, from the registry call
+/// until `GetModel` names the version (through NOTIFY): a rollback, a
+/// rollback while a shadow version's load hangs (its model file a FIFO
+/// nobody writes, as on a frozen network file system; released at the end,
+/// when the shadow must load), and a promotion.
+pub async fn swap(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
+    let schema = format!("bench_swap_{}", std::process::id());
+    let registry = adserve_registry::Registry::connect_lazy(&adserve_registry::PostgresConfig {
+        url: s.stack.postgres.clone(),
+        schema: schema.clone(),
+        ..Default::default()
+    })?;
+    registry.migrate().await.context("the swap bench's registry schema")?;
+    let result = swap_in(s, &registry, &schema).await;
+    let drop = format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
+    if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(registry.pool()).await {
+        tracing::warn!(%schema, error = %e, "could not drop the swap bench's registry schema");
+    }
+    result
+}
+
+async fn swap_in(s: &Settings, registry: &adserve_registry::Registry, schema: &str) -> anyhow::Result<Vec<Comparison>> {
+    use adserve_registry::Stage;
+    let manifest = adserve_registry::read_manifest(&s.model_dir.join("manifest.json"))?;
+    let models = s.work_dir.join("swap-models");
+    let _ = std::fs::remove_dir_all(&models);
+    // Copies of the benched model under versions of their own: a version
+    // rolled back from is retired, so every promotion needs a new one.
+    let copy = async |version: &str| -> anyhow::Result<std::path::PathBuf> {
+        let dir = models.join(version);
+        std::fs::create_dir_all(&dir)?;
+        for file in ["model.onnx", "reference.json"] {
+            if s.model_dir.join(file).exists() {
+                std::fs::copy(s.model_dir.join(file), dir.join(file))?;
+            }
+        }
+        let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(s.model_dir.join("manifest.json"))?)?;
+        m["model_version"] = version.into();
+        std::fs::write(dir.join("manifest.json"), serde_json::to_vec_pretty(&m)?)?;
+        registry.register(SWAP_MODEL, &dir, "bench").await.with_context(|| format!("registering {version}"))?;
+        Ok(dir)
+    };
+    let versions: Vec<String> = (1..=if s.quick { 8 } else { 16 }).map(|i| format!("swap-{i}")).collect();
+    for v in std::iter::once("swap-base").chain(versions.iter().map(String::as_str)) {
+        copy(v).await?;
+    }
+    let shadow_dir = copy("swap-shadow").await?;
+
+    let tweaks: Vec<(String, String)> = [
+        ("ADSERVE_REGISTRY__ENABLED", "true"),
+        ("ADSERVE_REGISTRY__MODEL_NAME", SWAP_MODEL),
+        ("ADSERVE_REGISTRY__POSTGRES__URL", s.stack.postgres.as_str()),
+        ("ADSERVE_REGISTRY__POSTGRES__SCHEMA", schema),
+        // Only NOTIFY brings a change: the figures are its path.
+        ("ADSERVE_REGISTRY__POLL_INTERVAL", "1h"),
+        // Shadow scores are published, as in production.
+        ("ADSERVE_KAFKA__BROKERS", s.stack.kafka.as_str()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let (_ranker, client) = bench_ranker(
+        s,
+        &manifest,
+        "adserve-ranker following a registry (bench instance)",
+        "ranker-swap",
+        &tweaks,
+        None,
+    )
+    .await?;
+    let actor = "bench";
+    registry.promote(SWAP_MODEL, "swap-base", Stage::Production, None, actor, "swap bench").await?;
+    served_after(&client, "swap-base", std::time::Instant::now()).await?;
+
+    let m = matrix(SWAP_ROWS);
+    let window = s.window() * 2;
+    let steady = model_loop(&client, &m, SWAP_CONCURRENCY, s.warmup(), window).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (during, (promoted, rolled_back)) = {
+        let callers = model_loop(&client, &m, SWAP_CONCURRENCY, s.warmup(), window);
+        let driver = async {
+            // Swaps start once the callers record.
+            tokio::time::sleep(s.warmup()).await;
+            swaps(registry, &client, &versions[..versions.len() / 2], Some(&stop)).await
+        };
+        let (during, swapped) = tokio::join!(
+            async {
+                let m = callers.await;
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                m
+            },
+            driver
+        );
+        (during, swapped?)
+    };
+
+    // A shadow version whose model file hangs: its load stays in flight
+    // while production is promoted and rolled back.
+    let hung = crate::HungFile::new(&shadow_dir.join("model.onnx"))?;
+    registry.promote(SWAP_MODEL, "swap-shadow", Stage::Shadow, None, actor, "swap bench").await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_, rolled_back_hung) = swaps(registry, &client, &versions[versions.len() / 2..], None).await?;
+    let shadow = client.clone().get_model(adserve_proto::v1::GetModelRequest::default()).await?.into_inner();
+    anyhow::ensure!(shadow.shadow_model_version.is_empty(), "the hung shadow served: {shadow:?}");
+    // The file system comes back: the shadow loads.
+    hung.release(Duration::from_secs(60)).await.context("the hung shadow file")?;
+    let since = std::time::Instant::now();
+    loop {
+        let m = client.clone().get_model(adserve_proto::v1::GetModelRequest::default()).await?.into_inner();
+        if m.shadow_model_version == "swap-shadow" {
+            break;
+        }
+        anyhow::ensure!(since.elapsed() < Duration::from_secs(60), "the shadow never loaded once its file returned");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // What the shadow costs the answers: it scores every call (sample_share
+    // 1, the default) after the answer, on its own low-priority sessions.
+    let shadowed = model_loop(&client, &m, SWAP_CONCURRENCY, s.warmup(), window).await;
+
+    let case =
+        format!("Score {SWAP_ROWS} rows, concurrency {SWAP_CONCURRENCY}, while versions are promoted and rolled back");
+    Ok(vec![
+        Comparison::new("ranker", case, Metric::P99, "adserve-ranker during swaps", &during)
+            .with("adserve-ranker steady (no swap)", Role::Floor, &steady)
+            .note(format!(
+                "{} promotions (load, checks, warm-up beside the serving model) and {} rollbacks in the window; \
+                 ok = scored by the model, degraded = by the fallback chain",
+                promoted.calls(),
+                rolled_back.calls()
+            )),
+        Comparison::new(
+            "ranker",
+            "registry change -> served (registry call to GetModel, through NOTIFY)",
+            Metric::P50,
+            "rollback (to the model kept warm)",
+            &rolled_back,
+        )
+        .with("rollback while a shadow load hangs", Role::Ours, &rolled_back_hung)
+        .with("promotion of a new version (load, checks, warm-up)", Role::Ours, &promoted)
+        .note("one call = one registry change, timed from the registry call (its transaction included); GetModel polled every 2 ms"),
+        Comparison::new(
+            "ranker",
+            format!("Score {SWAP_ROWS} rows, concurrency {SWAP_CONCURRENCY}, with a shadow model scoring every call"),
+            Metric::P99,
+            "adserve-ranker with a shadow (shadow.sample_share 1)",
+            &shadowed,
+        )
+        .with("adserve-ranker without a shadow", Role::Floor, &steady)
+        .note("the shadow (the same graph) scores each answered call afterwards on its own sessions at nice 19 and publishes both scores to Kafka"),
+    ])
+}
+
+/// Promotes each of `versions` to production and rolls it back, timing
+/// each change from the registry call until the ranker serves it; stops early
+/// when `stop` is set. Returns (promotions, rollbacks).
+async fn swaps(
+    registry: &adserve_registry::Registry,
+    client: &RankerServiceClient<tonic::transport::Channel>,
+    versions: &[String],
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<(load::Measurement, load::Measurement)> {
+    let (mut promoted, mut rolled_back) = (load::Measurement::new(1), load::Measurement::new(1));
+    for v in versions {
+        if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
+            break;
+        }
+        let before = client.clone().get_model(adserve_proto::v1::GetModelRequest::default()).await?.into_inner();
+        // Both kinds of change are timed from the registry call (its
+        // transaction included) until the ranker serves the version.
+        let t = std::time::Instant::now();
+        registry.promote(SWAP_MODEL, v, adserve_registry::Stage::Production, None, "bench", "swap bench").await?;
+        promoted.record(Outcome::Ok, served_after(client, v, t).await?);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t = std::time::Instant::now();
+        registry.rollback(SWAP_MODEL, "bench", "swap bench").await?;
+        rolled_back.record(Outcome::Ok, served_after(client, &before.model_version, t).await?);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok((promoted, rolled_back))
+}
+
+/// How long after `since` the ranker first names `version` in `GetModel`.
+async fn served_after(
+    client: &RankerServiceClient<tonic::transport::Channel>,
+    version: &str,
+    since: std::time::Instant,
+) -> anyhow::Result<Duration> {
+    let mut client = client.clone();
+    loop {
+        if client.get_model(adserve_proto::v1::GetModelRequest::default()).await?.into_inner().model_version == version
+        {
+            return Ok(since.elapsed());
+        }
+        anyhow::ensure!(since.elapsed() < Duration::from_secs(120), "the ranker never served {version}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// `Score` calls of `m` by `concurrency` closed-loop callers: an answer the
+/// model scored is ok, the fallback chain's degraded.
+async fn model_loop(
+    client: &RankerServiceClient<tonic::transport::Channel>,
+    m: &FeatureMatrix,
+    concurrency: usize,
+    warmup: Duration,
+    window: Duration,
+) -> load::Measurement {
+    let (client, m, rows) = (client.clone(), Arc::new(m.clone()), m.num_rows as usize);
+    load::closed_loop(concurrency, warmup, window, Duration::from_secs(10), rows as u64, move |_| {
+        let (mut client, m) = (client.clone(), m.clone());
+        async move {
+            match client.score(ScoreRequest { matrix: Some((*m).clone()), ..Default::default() }).await {
+                Ok(r) if r.get_ref().pctr.len() != rows => {
+                    Outcome::Error(format!("{} scores for {rows} rows", r.get_ref().pctr.len()))
+                }
+                Ok(r) if r.get_ref().level == adserve_proto::v1::ScoreLevel::Model as i32 => Outcome::Ok,
+                Ok(_) => Outcome::Degraded,
+                Err(e) => Outcome::Error(format!("{:?}: {}", e.code(), e.message())),
+            }
+        }
+    })
+    .await
+}

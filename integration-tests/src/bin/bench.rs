@@ -17,7 +17,8 @@ use anyhow::Context;
 use clap::Parser;
 
 /// The benchmark parts, in run order.
-const PARTS: [&str; 8] = ["auction", "ranker", "ranker-overload", "tls", "features", "e2e", "joiner", "aggregates"];
+const PARTS: [&str; 9] =
+    ["auction", "ranker", "ranker-overload", "ranker-swap", "tls", "features", "e2e", "joiner", "aggregates"];
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmarks every adserve path next to its peer or floor, in one run")]
@@ -25,7 +26,8 @@ struct Args {
     /// Short windows: the whole run well under five minutes.
     #[arg(long)]
     quick: bool,
-    /// Comma-separated parts to run (auction, ranker, ranker-overload, tls, features, e2e, joiner, aggregates).
+    /// Comma-separated parts to run (auction, ranker, ranker-overload, ranker-swap, tls, features, e2e, joiner,
+    /// aggregates).
     #[arg(long, value_delimiter = ',', default_values_t = PARTS.map(String::from))]
     only: Vec<String>,
     /// Where to write the JSON results.
@@ -109,6 +111,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if wants("ranker-overload") {
         report.comparisons.extend(ranker::overload(&settings).await.context("ranker overload benchmark")?);
+    }
+    if wants("ranker-swap") {
+        report.comparisons.extend(ranker::swap(&settings).await.context("ranker swap benchmark")?);
     }
     if wants("tls") {
         report.comparisons.extend(ranker::tls(&settings).await.context("TLS benchmark")?);
