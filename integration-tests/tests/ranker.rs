@@ -558,7 +558,9 @@ async fn a_load_that_outlives_its_time_limit_is_refused_and_retried_once_the_fil
     reg.register("ctr-slow-v1").await?;
     let v2 = reg.register("ctr-slow-v2").await?;
     reg.promote("ctr-slow-v1", "production").await?;
-    let (mut command, grpc, metrics) = reg.ranker(&reg.s.postgres, &[("ADSERVE_REGISTRY__LOAD_TIMEOUT", "2s")]);
+    // Long enough for a real load of the baseline on a busy CI box, short
+    // enough to wait for.
+    let (mut command, grpc, metrics) = reg.ranker(&reg.s.postgres, &[("ADSERVE_REGISTRY__LOAD_TIMEOUT", "5s")]);
     let _ranker = command.stdout(Stdio::null()).spawn()?;
     let mut client = connect(grpc).await?;
     serves(&mut client, "ctr-slow-v1").await?;

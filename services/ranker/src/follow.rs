@@ -514,7 +514,15 @@ impl Follower {
     fn start(&mut self, role: Role, row: &ModelRecord, notified: bool) {
         let k = key(row);
         let busy = |l: &Loading| l.owner == role || (queue_of(l.owner) == queue_of(role) && l.key == k);
-        if self.loading.iter().chain(&self.abandoned).any(busy) || !self.refused.allows(role, row, notified) {
+        if let Some(held) = self.abandoned.iter().find(|l| busy(l)) {
+            // Said on every pass (a poll, a notification): a thread that
+            // never ends holds the role until the process restarts.
+            tracing::warn!(role = role.as_str(), version = %row.version, held_by = %held.key.0,
+                "not loading: a load that ran out of registry.load_timeout still runs (adserve_ranker_model_loading); \
+                 it loads once that thread ends, or after a restart");
+            return;
+        }
+        if self.loading.iter().any(busy) || !self.refused.allows(role, row, notified) {
             return;
         }
         if role == Role::Production
@@ -560,8 +568,14 @@ impl Follower {
                 self.abandoned.retain(|l| !(l.owner == owner && l.key == k));
                 loading_gauge(owner, &row.version, 0.0);
                 // Whatever held it (a hung file system) has answered: the
-                // version it timed out on may be tried again at once.
-                self.refused.forget(owner, &row);
+                // version it timed out on may be tried again at once, by
+                // whichever role fed by the same queue wants it now (a
+                // canary promoted while it loaded was refused as production).
+                for role in [Role::Production, Role::Canary, Role::Shadow] {
+                    if queue_of(role) == queue_of(owner) {
+                        self.refused.forget(role, &row);
+                    }
+                }
                 tracing::info!(role = owner.as_str(), version = %row.version,
                     "a load that ran out of time has ended; its role loads again");
             }
@@ -607,7 +621,10 @@ impl Follower {
                         "loaded after the registry moved on; dropped"),
                 }
             }
-            Err(e) if takers.is_empty() => self.refused.refuse(owner, &row, &e, self.config.poll_interval),
+            // No role wants it any more: nothing to refuse (the load failure
+            // itself is counted in adserve_ranker_model_load_failures_total).
+            Err(e) if takers.is_empty() => tracing::warn!(role = owner.as_str(), version = %row.version, error = %e,
+                "a load the registry has moved on from failed"),
             Err(e) => {
                 for role in takers {
                     self.refused.refuse(role, &row, &e, self.config.poll_interval);
@@ -654,7 +671,8 @@ pub async fn follow(registry: Registry, config: RegistryConfig, loader: Loader, 
             Some(report) = finished.recv() => {
                 // Applied against the registry as it is now, not as last
                 // read (a notification may be waiting): a version rolled
-                // back while it loaded is never served, even briefly.
+                // back while it loaded is not served, unless the registry
+                // cannot be read (then the rows last read decide).
                 let config = &f.config;
                 match bounded(config, "reading the production version", registry.serving(&config.model_name)).await {
                     Ok(rows) => f.rows = rows,
@@ -934,6 +952,17 @@ mod tests {
         let bytes = std::fs::read(&onnx).expect("model");
         std::fs::remove_file(&onnx).expect("rm");
         assert!(std::process::Command::new("mkfifo").arg(&onnx).status().expect("mkfifo").success());
+        // If an assertion fails, the reader still blocked in open() is let
+        // go (an end of file), so the failure ends the test instead of the
+        // runtime waiting on that thread forever.
+        struct LetGo(PathBuf);
+        impl Drop for LetGo {
+            fn drop(&mut self) {
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&self.0);
+            }
+        }
+        let _let_go = LetGo(onnx.clone());
         let (mut f, mut finished) = follower(&v1).await;
         f.config.load_timeout = Duration::from_millis(200);
         f.rows = vec![v1.clone(), s1.clone()];

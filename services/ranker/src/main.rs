@@ -11,8 +11,17 @@ use tonic::service::Routes;
 /// The readiness entry held while the models load.
 const MODEL_DEPENDENCY: &str = "model";
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let result = runtime.block_on(run());
+    // A model load that outlived registry.load_timeout may still hold a
+    // blocking thread (on a hung file system, forever): the process exits
+    // without waiting for it, as dropping the runtime would.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
+}
+
+async fn run() -> anyhow::Result<()> {
     let config: RankerConfig = adserve_core::load_config()?;
     let (_telemetry, lifecycle, listener) =
         adserve_core::bootstrap(adserve_core::build_info!("adserve-ranker"), &config.server, &config.telemetry).await?;
