@@ -495,11 +495,15 @@ async fn swap_in(s: &Settings, registry: &adserve_registry::Registry, schema: &s
         registry.register(SWAP_MODEL, &dir, "bench").await.with_context(|| format!("registering {version}"))?;
         Ok(dir)
     };
-    let versions: Vec<String> = (1..=if s.quick { 8 } else { 16 }).map(|i| format!("swap-{i}")).collect();
+    // Enough for a promotion and a rollback every ~0.5 s of each window.
+    let per_phase = if s.quick { 10 } else { 40 };
+    let versions: Vec<String> = (1..=2 * per_phase).map(|i| format!("swap-{i}")).collect();
     for v in std::iter::once("swap-base").chain(versions.iter().map(String::as_str)) {
         copy(v).await?;
     }
     let shadow_dir = copy("swap-shadow").await?;
+    let metrics_port = crate::free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
 
     let tweaks: Vec<(String, String)> = [
         ("ADSERVE_REGISTRY__ENABLED", "true"),
@@ -510,6 +514,7 @@ async fn swap_in(s: &Settings, registry: &adserve_registry::Registry, schema: &s
         ("ADSERVE_REGISTRY__POLL_INTERVAL", "1h"),
         // Shadow scores are published, as in production.
         ("ADSERVE_KAFKA__BROKERS", s.stack.kafka.as_str()),
+        ("ADSERVE_SERVER__METRICS_ADDR", metrics_addr.as_str()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -530,31 +535,38 @@ async fn swap_in(s: &Settings, registry: &adserve_registry::Registry, schema: &s
     let m = matrix(SWAP_ROWS);
     let window = s.window() * 2;
     let steady = model_loop(&client, &m, SWAP_CONCURRENCY, s.warmup(), window).await;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (during, (promoted, rolled_back)) = {
-        let callers = model_loop(&client, &m, SWAP_CONCURRENCY, s.warmup(), window);
+    // Callers for one window while the driver promotes and rolls back,
+    // back to back, until the window ends.
+    let under_load = async |versions: &[String]| {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let callers = async {
+            let m = model_loop(&client, &m, SWAP_CONCURRENCY, s.warmup(), window).await;
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            m
+        };
         let driver = async {
             // Swaps start once the callers record.
             tokio::time::sleep(s.warmup()).await;
-            swaps(registry, &client, &versions[..versions.len() / 2], Some(&stop)).await
+            swaps(registry, &client, versions, Some(&stop)).await
         };
-        let (during, swapped) = tokio::join!(
-            async {
-                let m = callers.await;
-                stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                m
-            },
-            driver
-        );
-        (during, swapped?)
+        let (during, swapped) = tokio::join!(callers, driver);
+        swapped.map(|(promoted, rolled_back)| (during, promoted, rolled_back))
     };
+    let (during, promoted, rolled_back) = under_load(&versions[..per_phase]).await?;
 
     // A shadow version whose model file hangs: its load stays in flight
-    // while production is promoted and rolled back.
+    // while production is promoted and rolled back, under the same load.
     let hung = crate::HungFile::new(&shadow_dir.join("model.onnx"))?;
     registry.promote(SWAP_MODEL, "swap-shadow", Stage::Shadow, None, actor, "swap bench").await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let (_, rolled_back_hung) = swaps(registry, &client, &versions[versions.len() / 2..], None).await?;
+    let url = format!("http://{metrics_addr}/metrics");
+    let since = std::time::Instant::now();
+    while super::prom::counter(&super::prom::scrape(&url).await?, "adserve_ranker_model_loading", &["role=\"shadow\""])
+        < 1.0
+    {
+        anyhow::ensure!(since.elapsed() < Duration::from_secs(30), "the shadow's load never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (during_hung, promoted_hung, rolled_back_hung) = under_load(&versions[per_phase..]).await?;
     let shadow = client.clone().get_model(adserve_proto::v1::GetModelRequest::default()).await?.into_inner();
     anyhow::ensure!(shadow.shadow_model_version.is_empty(), "the hung shadow served: {shadow:?}");
     // The file system comes back: the shadow loads.
@@ -577,11 +589,15 @@ async fn swap_in(s: &Settings, registry: &adserve_registry::Registry, schema: &s
     Ok(vec![
         Comparison::new("ranker", case, Metric::P99, "adserve-ranker during swaps", &during)
             .with("adserve-ranker steady (no swap)", Role::Floor, &steady)
+            .with("adserve-ranker during swaps, a shadow's load hung", Role::Ours, &during_hung)
             .note(format!(
-                "{} promotions (load, checks, warm-up beside the serving model) and {} rollbacks in the window; \
-                 ok = scored by the model, degraded = by the fallback chain",
+                "{} promotions (load, checks, warm-up beside the serving model) and {} rollbacks in the window, \
+                 back to back ({} and {} with the hung shadow load); ok = scored by the model, degraded = by the \
+                 fallback chain",
                 promoted.calls(),
-                rolled_back.calls()
+                rolled_back.calls(),
+                promoted_hung.calls(),
+                rolled_back_hung.calls()
             )),
         Comparison::new(
             "ranker",
@@ -625,11 +641,11 @@ async fn swaps(
         let t = std::time::Instant::now();
         registry.promote(SWAP_MODEL, v, adserve_registry::Stage::Production, None, "bench", "swap bench").await?;
         promoted.record(Outcome::Ok, served_after(client, v, t).await?);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let t = std::time::Instant::now();
         registry.rollback(SWAP_MODEL, "bench", "swap bench").await?;
         rolled_back.record(Outcome::Ok, served_after(client, &before.model_version, t).await?);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok((promoted, rolled_back))
 }
