@@ -205,7 +205,8 @@ pub async fn overload(s: &Settings) -> anyhow::Result<Vec<Comparison>> {
     let on = connect_ranker(&s.stack.ranker, None, Duration::from_secs(10)).await?;
     ensure_serves(&on, &manifest, s).await?;
     let m = matrix(OVERLOAD_ROWS);
-    let measure = |client| deadline_loop(s, client, &m, OVERLOAD_CONCURRENCY, OVERLOAD_DEADLINE);
+    let measure =
+        |client| model_loop(client, &m, OVERLOAD_CONCURRENCY, s.warmup(), s.window(), Some(OVERLOAD_DEADLINE));
     let predicted = measure(&on).await;
     let waited = measure(&off).await;
     let case = format!(
@@ -325,37 +326,6 @@ async fn ensure_serves(
         s.model_dir.display()
     );
     Ok(())
-}
-
-/// Like [`score_loop`], each call with `deadline` as its `grpc-timeout`;
-/// an answer below the model's level counts as degraded.
-async fn deadline_loop(
-    s: &Settings,
-    client: &RankerServiceClient<tonic::transport::Channel>,
-    m: &FeatureMatrix,
-    concurrency: usize,
-    deadline: Duration,
-) -> load::Measurement {
-    let (client, m, rows) = (client.clone(), Arc::new(m.clone()), m.num_rows as usize);
-    // The client gives up a little after the deadline: the ranker answers
-    // (from the fallback) within it.
-    let patience = deadline * 4;
-    load::closed_loop(concurrency, s.warmup(), s.window(), patience, rows as u64, move |_| {
-        let (mut client, m) = (client.clone(), m.clone());
-        async move {
-            let mut request = tonic::Request::new(ScoreRequest { matrix: Some((*m).clone()), ..Default::default() });
-            request.set_timeout(deadline);
-            match client.score(request).await {
-                Ok(r) if r.get_ref().pctr.len() != rows => {
-                    Outcome::Error(format!("{} scores for {rows} rows", r.get_ref().pctr.len()))
-                }
-                Ok(r) if r.get_ref().level == adserve_proto::v1::ScoreLevel::Model as i32 => Outcome::Ok,
-                Ok(_) => Outcome::Degraded,
-                Err(e) => Outcome::Error(format!("{:?}: {}", e.code(), e.message())),
-            }
-        }
-    })
-    .await
 }
 
 /// `Score` calls of `m` by `concurrency` closed-loop callers through `client`.
@@ -495,8 +465,10 @@ async fn swap_in(s: &Settings, registry: &adserve_registry::Registry, schema: &s
         registry.register(SWAP_MODEL, &dir, "bench").await.with_context(|| format!("registering {version}"))?;
         Ok(dir)
     };
-    // Enough for a promotion and a rollback every ~0.5 s of each window.
-    let per_phase = if s.quick { 10 } else { 40 };
+    // Enough for a promotion and a rollback every 0.2 s of each window (a
+    // cycle of the benched model takes about 0.25 s: 100 ms pauses, a load).
+    let window = s.window() * 2;
+    let per_phase = window.as_secs() as usize * 5;
     let versions: Vec<String> = (1..=2 * per_phase).map(|i| format!("swap-{i}")).collect();
     for v in std::iter::once("swap-base").chain(versions.iter().map(String::as_str)) {
         copy(v).await?;
@@ -533,14 +505,13 @@ async fn swap_in(s: &Settings, registry: &adserve_registry::Registry, schema: &s
     served_after(&client, "swap-base", std::time::Instant::now()).await?;
 
     let m = matrix(SWAP_ROWS);
-    let window = s.window() * 2;
-    let steady = model_loop(&client, &m, SWAP_CONCURRENCY, s.warmup(), window).await;
+    let steady = model_loop(&client, &m, SWAP_CONCURRENCY, s.warmup(), window, None).await;
     // Callers for one window while the driver promotes and rolls back,
     // back to back, until the window ends.
     let under_load = async |versions: &[String]| {
         let stop = std::sync::atomic::AtomicBool::new(false);
         let callers = async {
-            let m = model_loop(&client, &m, SWAP_CONCURRENCY, s.warmup(), window).await;
+            let m = model_loop(&client, &m, SWAP_CONCURRENCY, s.warmup(), window, None).await;
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             m
         };
@@ -582,7 +553,7 @@ async fn swap_in(s: &Settings, registry: &adserve_registry::Registry, schema: &s
     }
     // What the shadow costs the answers: it scores every call (sample_share
     // 1, the default) after the answer, on its own low-priority sessions.
-    let shadowed = model_loop(&client, &m, SWAP_CONCURRENCY, s.warmup(), window).await;
+    let shadowed = model_loop(&client, &m, SWAP_CONCURRENCY, s.warmup(), window, None).await;
 
     let case =
         format!("Score {SWAP_ROWS} rows, concurrency {SWAP_CONCURRENCY}, while versions are promoted and rolled back");
@@ -667,20 +638,29 @@ async fn served_after(
     }
 }
 
-/// `Score` calls of `m` by `concurrency` closed-loop callers: an answer the
-/// model scored is ok, the fallback chain's degraded.
+/// `Score` calls of `m` by `concurrency` closed-loop callers, each with
+/// `deadline` as its `grpc-timeout` when given: an answer the model scored
+/// is ok, the fallback chain's degraded.
 async fn model_loop(
     client: &RankerServiceClient<tonic::transport::Channel>,
     m: &FeatureMatrix,
     concurrency: usize,
     warmup: Duration,
     window: Duration,
+    deadline: Option<Duration>,
 ) -> load::Measurement {
     let (client, m, rows) = (client.clone(), Arc::new(m.clone()), m.num_rows as usize);
-    load::closed_loop(concurrency, warmup, window, Duration::from_secs(10), rows as u64, move |_| {
+    // With a deadline the client gives up a little after it: the ranker
+    // answers (from the fallback) within it.
+    let patience = deadline.map_or(Duration::from_secs(10), |d| d * 4);
+    load::closed_loop(concurrency, warmup, window, patience, rows as u64, move |_| {
         let (mut client, m) = (client.clone(), m.clone());
         async move {
-            match client.score(ScoreRequest { matrix: Some((*m).clone()), ..Default::default() }).await {
+            let mut request = tonic::Request::new(ScoreRequest { matrix: Some((*m).clone()), ..Default::default() });
+            if let Some(deadline) = deadline {
+                request.set_timeout(deadline);
+            }
+            match client.score(request).await {
                 Ok(r) if r.get_ref().pctr.len() != rows => {
                     Outcome::Error(format!("{} scores for {rows} rows", r.get_ref().pctr.len()))
                 }
