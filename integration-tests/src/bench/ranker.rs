@@ -491,7 +491,7 @@ async fn swap_in(s: &Settings, registry: &adserve_registry::Registry, schema: &s
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    let (_ranker, client) = bench_ranker(
+    let (ranker, client) = bench_ranker(
         s,
         &manifest,
         "adserve-ranker following a registry (bench instance)",
@@ -554,6 +554,37 @@ async fn swap_in(s: &Settings, registry: &adserve_registry::Registry, schema: &s
     // What the shadow costs the answers: it scores every call (sample_share
     // 1, the default) after the answer, on its own low-priority sessions.
     let shadowed = model_loop(&client, &m, SWAP_CONCURRENCY, s.warmup(), window, None).await;
+    // And at a share of 0.1 (the gateways' default prediction_cache
+    // shadow_share): a second instance on the same registry, the first one
+    // stopped so that the two never share the cores.
+    drop(ranker);
+    let mut sampled_tweaks = tweaks.clone();
+    sampled_tweaks.retain(|(k, _)| k != "ADSERVE_SERVER__METRICS_ADDR");
+    sampled_tweaks.push(("ADSERVE_SHADOW__SAMPLE_SHARE".into(), "0.1".into()));
+    let mut base = manifest.clone();
+    base.model_version = "swap-base".into();
+    let (_sampling, sampling_client) = bench_ranker(
+        s,
+        &base,
+        "adserve-ranker, shadow sampled at 0.1 (bench instance)",
+        "ranker-swap-sampled",
+        &sampled_tweaks,
+        None,
+    )
+    .await?;
+    let since = std::time::Instant::now();
+    while sampling_client
+        .clone()
+        .get_model(adserve_proto::v1::GetModelRequest::default())
+        .await?
+        .into_inner()
+        .shadow_model_version
+        != "swap-shadow"
+    {
+        anyhow::ensure!(since.elapsed() < Duration::from_secs(60), "the sampling instance never loaded the shadow");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sampled = model_loop(&sampling_client, &m, SWAP_CONCURRENCY, s.warmup(), window, None).await;
 
     let case =
         format!("Score {SWAP_ROWS} rows, concurrency {SWAP_CONCURRENCY}, while versions are promoted and rolled back");
@@ -587,8 +618,9 @@ async fn swap_in(s: &Settings, registry: &adserve_registry::Registry, schema: &s
             "adserve-ranker with a shadow (shadow.sample_share 1)",
             &shadowed,
         )
+        .with("adserve-ranker with a shadow at shadow.sample_share 0.1", Role::Ours, &sampled)
         .with("adserve-ranker without a shadow", Role::Floor, &steady)
-        .note("the shadow (the same graph) scores each answered call afterwards on its own sessions at nice 19 and publishes both scores to Kafka"),
+        .note("the shadow (the same graph) scores each sampled call afterwards on its own sessions at nice 19 and publishes both scores to Kafka; at 0.1 a second instance of the same binary on the same registry, sampling by request id"),
     ])
 }
 
@@ -653,10 +685,14 @@ async fn model_loop(
     // With a deadline the client gives up a little after it: the ranker
     // answers (from the fallback) within it.
     let patience = deadline.map_or(Duration::from_secs(10), |d| d * 4);
-    load::closed_loop(concurrency, warmup, window, patience, rows as u64, move |_| {
+    load::closed_loop(concurrency, warmup, window, patience, rows as u64, move |i| {
         let (mut client, m) = (client.clone(), m.clone());
         async move {
-            let mut request = tonic::Request::new(ScoreRequest { matrix: Some((*m).clone()), ..Default::default() });
+            // A request id per call, as the gateway sends: what a shadow
+            // below sample_share 1 samples by.
+            let call =
+                ScoreRequest { matrix: Some((*m).clone()), request_id: format!("bench-{i}"), ..Default::default() };
+            let mut request = tonic::Request::new(call);
             if let Some(deadline) = deadline {
                 request.set_timeout(deadline);
             }
