@@ -510,6 +510,7 @@ def test_alert_rules_and_the_dashboard_render_and_use_documented_metrics() -> No
         "AdserveJoinerLag",
         "AdserveCalibrationDrift",
         "AdserveCatalogIndexStale",
+        "AdserveRankerRegistryStale",
         "AdserveModelRefused",
         "AdserveRankerProviderFallback",
     } <= set(alerts)

@@ -553,7 +553,7 @@ async fn a_rollback_does_not_wait_for_a_hung_shadow_load_and_the_shadow_loads_on
 }
 
 #[tokio::test]
-async fn a_load_that_outlives_its_time_limit_is_refused_and_retried_once_the_file_returns() -> anyhow::Result<()> {
+async fn a_load_that_outlives_its_time_limit_is_refused_then_served_once_its_file_returns() -> anyhow::Result<()> {
     let reg = TestRegistry::new("ctr-slow")?;
     reg.register("ctr-slow-v1").await?;
     let v2 = reg.register("ctr-slow-v2").await?;
@@ -586,19 +586,43 @@ async fn a_load_that_outlives_its_time_limit_is_refused_and_retried_once_the_fil
     metric_is(metrics, "adserve_ranker_model_loading", &canary_loading, 1.0).await?;
     let model = client.get_model(GetModelRequest::default()).await?.into_inner();
     assert_eq!((model.model_version.as_str(), model.canary_model_version.as_str()), ("ctr-slow-v1", ""));
-    // A notification meanwhile starts no second load beside the blocked one.
+    // A notification meanwhile starts no second load beside the blocked one:
+    // wait until the ranker has read the registry after the change (the poll
+    // is an hour: the NOTIFY's read), then nothing more has loaded or failed.
+    let url = format!("http://127.0.0.1:{metrics}/metrics");
+    let read_at = |text: &str| counter(text, "adserve_ranker_registry_read_timestamp_seconds", "");
+    // (The clock is read before the change: the ranker may read the
+    // registry before adservectl has exited.)
+    let changed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
     reg.ok(&["models", "set-share", "--name", reg.name, "--version", "ctr-slow-v2", "--share", "0.6"]).await?;
+    let mut text = String::new();
+    for _ in 0..300 {
+        text = adserve_integration_tests::bench::prom::scrape(&url).await?;
+        if read_at(&text) > changed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::ensure!(read_at(&text) > changed, "the ranker never read the registry after set-share:\n{text}");
+    let load_seconds =
+        |text: &str, what: &str| counter(text, &format!("adserve_ranker_model_load_seconds_{what}"), "role=\"canary\"");
+    assert_eq!(load_seconds(&text, "count"), 0.0, "nothing finished loading beside the blocked load: {text}");
+    assert_eq!(counter(&text, "adserve_ranker_model_loading", "role=\"canary\""), 1.0, "{text}");
 
-    // The file returns: the timed-out load's thread reads it and ends (what
-    // it built is dropped), and the version is tried again, without any
-    // further registry change, and serves.
+    // The file returns: the timed-out load's thread reads it and ends, and
+    // what it built serves as the canary, at the share set meanwhile,
+    // without any further registry change and without a second load.
     hung.release(Duration::from_secs(60)).await?;
     metric_is(metrics, "adserve_ranker_model_info", &["role=\"canary\"", "model_version=\"ctr-slow-v2\""], 1.0)
         .await
         .context("the canary after its file returned")?;
     metric_is(metrics, "adserve_ranker_model_loading", &canary_loading, 0.0).await?;
-    let text = adserve_integration_tests::bench::prom::scrape(&format!("http://127.0.0.1:{metrics}/metrics")).await?;
+    let model = client.get_model(GetModelRequest::default()).await?.into_inner();
+    assert_eq!((model.canary_model_version.as_str(), model.canary_share), ("ctr-slow-v2", 0.6));
+    let text = adserve_integration_tests::bench::prom::scrape(&url).await?;
     assert_eq!(counter(&text, "adserve_ranker_model_load_failures_total", "reason=\"timeout\""), 1.0, "{text}");
+    assert_eq!(load_seconds(&text, "count"), 1.0, "one load built the canary: {text}");
+    assert!(load_seconds(&text, "sum") >= 5.0, "and it is the load that ran past its 5 s limit: {text}");
     reg.drop_schema().await?;
     Ok(())
 }

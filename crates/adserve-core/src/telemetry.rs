@@ -85,10 +85,11 @@ pub const LATENCY_BUCKETS: [f64; 28] = [
     0.02, 0.0225, 0.025, 0.03, 0.035, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
-/// Buckets of the `*_seconds` histograms of slow operations (seconds to
-/// half an hour), named in [`SLOW_SECONDS`].
-pub const SLOW_BUCKETS: [f64; 14] =
-    [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0];
+/// Buckets of the `*_seconds` histograms of slow operations (seconds to a
+/// day: `registry.load_timeout` may be set that high), named in
+/// [`SLOW_SECONDS`].
+pub const SLOW_BUCKETS: [f64; 17] =
+    [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14_400.0, 86_400.0];
 
 /// Histograms of operations that take seconds to minutes (a model load, on
 /// a GPU a TensorRT engine build): [`LATENCY_BUCKETS`] would put them all

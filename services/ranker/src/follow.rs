@@ -17,8 +17,11 @@
 //! load, and a role never waits for another role's load (production behind
 //! a shadow's TensorRT engine build, say); a role loads one version at a
 //! time, so a new version for it waits for the one it is loading (bounded
-//! by the timeout; a load that ran out of time cannot be cancelled, and
-//! its role loads nothing else until its thread ends). A version that fails its checks is refused
+//! by the timeout; a load that ran out of time cannot be cancelled: its
+//! role loads nothing else until its thread ends, and what that thread
+//! built is then served if the registry still wants it). A finished load is
+//! applied only after a fresh registry read: while PostgreSQL cannot be read
+//! it waits. A version that fails its checks is refused
 //! with a log line and `adserve_ranker_model_swaps_total{result="refused"}`;
 //! the previous one keeps serving. A refused version is retried on the next
 //! notification for the model, or on a poll once its backoff has passed
@@ -300,7 +303,7 @@ pub async fn initial(
             }
             registry.serving(&config.model_name).await
         };
-        match bounded(config, "reading the production version", lookup).await {
+        match bounded(config, "reading the production version", lookup).await.inspect(|_| read_at()) {
             Ok(rows) => match rows.into_iter().find(|r| r.stage == Stage::Production) {
                 Some(prod) => match loader.load_record(&prod).await {
                     Ok(m) => return Ok(Serving::new(m, Source::Registry)),
@@ -364,9 +367,11 @@ enum Report {
     /// The load finished, failed, or ran out of time.
     Loaded(Loaded),
     /// A load that ran out of time has ended after all (a load cannot be
-    /// cancelled: its thread ran on, and what it built is dropped): its
-    /// role may load again.
-    Released { owner: Role, row: ModelRecord },
+    /// cancelled: its thread ran on): its role may load again, and what it
+    /// built (`late.result`) is served if the registry still wants it, so a
+    /// load slower than the limit (a cold TensorRT engine build) is not
+    /// started again and again, each time running out of time.
+    Released(Loaded),
 }
 
 /// The queue a role's models feed: the shadow's sessions run at low
@@ -409,6 +414,10 @@ struct Follower {
     /// The production model last swapped out, kept warm for a rollback
     /// (`registry.keep_previous`), and since when.
     previous: Option<(Arc<CtrModel>, Instant)>,
+    /// Load reports received while the registry could not be read: applied
+    /// after the next read, so no finished load is served against rows a
+    /// rollback has since changed.
+    pending: Vec<Report>,
 }
 
 impl Follower {
@@ -429,6 +438,7 @@ impl Follower {
             done,
             refused: RefusedVersions::default(),
             previous: None,
+            pending: Vec::new(),
         };
         (follower, finished)
     }
@@ -553,31 +563,56 @@ impl Follower {
             let loaded = Loaded { owner: role, row: row.clone(), took: started.elapsed(), result };
             let _ = done.send(Report::Loaded(loaded)).await;
             if let Some(job) = abandoned {
-                drop(job.await);
-                let _ = done.send(Report::Released { owner: role, row }).await;
+                let result = joined(job.await).map(Arc::new);
+                let late = Loaded { owner: role, row, took: started.elapsed(), result };
+                let _ = done.send(Report::Released(late)).await;
             }
         });
     }
 
-    /// A load task's report.
+    /// A load task's report, received: applied once the registry has been
+    /// read after it ([`Self::read`]; at once when the caller read it), so a
+    /// version rolled back while it loaded is never served, not even while
+    /// the registry cannot be read (the load waits, holding its role).
+    fn received(&mut self, report: Report, fresh: Option<Vec<ModelRecord>>) {
+        self.pending.push(report);
+        if let Some(rows) = fresh {
+            self.read(rows, false);
+        }
+    }
+
+    /// The registry's serving rows, just read: finished loads waiting for a
+    /// read are applied against them, then every role is brought to them.
+    fn read(&mut self, rows: Vec<ModelRecord>, notified: bool) {
+        self.rows = rows;
+        for report in std::mem::take(&mut self.pending) {
+            self.report(report);
+        }
+        self.reconcile(notified);
+    }
+
+    /// A load task's report, applied against the rows last read.
     fn report(&mut self, report: Report) {
         match report {
             Report::Loaded(loaded) => self.finish(loaded),
-            Report::Released { owner, row } => {
-                let k = key(&row);
+            Report::Released(late) => {
+                let (owner, row) = (late.owner, &late.row);
+                let k = key(row);
                 self.abandoned.retain(|l| !(l.owner == owner && l.key == k));
                 loading_gauge(owner, &row.version, 0.0);
-                // Whatever held it (a hung file system) has answered: the
-                // version it timed out on may be tried again at once, by
-                // whichever role fed by the same queue wants it now (a
-                // canary promoted while it loaded was refused as production).
+                // Whatever held it (a hung file system, a slow engine build)
+                // has answered: the refusal for running out of time is
+                // forgotten by every role fed by the same queue (a canary
+                // promoted while it loaded was refused as production), and
+                // what the load built is offered to them like any load's.
                 for role in [Role::Production, Role::Canary, Role::Shadow] {
                     if queue_of(role) == queue_of(owner) {
-                        self.refused.forget(role, &row);
+                        self.refused.forget(role, row);
                     }
                 }
-                tracing::info!(role = owner.as_str(), version = %row.version,
-                    "a load that ran out of time has ended; its role loads again");
+                tracing::info!(role = owner.as_str(), version = %row.version, took = ?late.took, ok = late.result.is_ok(),
+                    "a load that ran out of time has ended; its role may load again");
+                self.apply(late);
             }
         }
     }
@@ -585,15 +620,23 @@ impl Follower {
     /// A load finished: the role that wants its version now serves it (its
     /// owner first), or it is dropped because the registry moved on.
     fn finish(&mut self, loaded: Loaded) {
+        let (owner, k) = (loaded.owner, key(&loaded.row));
+        self.loading.retain(|l| !(l.owner == owner && l.key == k));
+        if matches!(loaded.result, Err(ModelError::TimedOut(_))) {
+            // Its thread runs on (the gauge stays 1) until Report::Released.
+            self.abandoned.push(Loading { owner, key: k });
+        } else {
+            loading_gauge(owner, &loaded.row.version, 0.0);
+        }
+        self.apply(loaded);
+    }
+
+    /// Offers what a load built to the role that wants its version now
+    /// (its owner first, then any role fed by the same queue), or refuses
+    /// the version for them when the load failed.
+    fn apply(&mut self, loaded: Loaded) {
         let Loaded { owner, row, took, result } = loaded;
         let k = key(&row);
-        self.loading.retain(|l| !(l.owner == owner && l.key == k));
-        if matches!(result, Err(ModelError::TimedOut(_))) {
-            // Its thread runs on (the gauge stays 1) until Report::Released.
-            self.abandoned.push(Loading { owner, key: k.clone() });
-        } else {
-            loading_gauge(owner, &row.version, 0.0);
-        }
         // The owner first, then any other role fed by the same queue.
         let others = [Role::Production, Role::Canary, Role::Shadow].into_iter().filter(|r| *r != owner);
         let same_queue = std::iter::once(owner).chain(others).filter(|r| queue_of(*r) == queue_of(owner));
@@ -648,7 +691,15 @@ impl Follower {
     }
 }
 
-/// `adserve_ranker_model_loading{role,model_version}`: 1 while a load runs.
+/// `adserve_ranker_registry_read_timestamp_seconds`: when the follower last
+/// read the registry (an alert's input: a ranker that stopped following).
+fn read_at() {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    metrics::gauge!("adserve_ranker_registry_read_timestamp_seconds").set(now.as_secs_f64());
+}
+
+/// `adserve_ranker_model_loading{role,model_version}`: 1 while a load runs
+/// (and until its result is applied).
 fn loading_gauge(role: Role, version: &str, value: f64) {
     metrics::gauge!("adserve_ranker_model_loading", "role" => role.as_str(), "model_version" => version.to_string())
         .set(value);
@@ -671,18 +722,24 @@ pub async fn follow(registry: Registry, config: RegistryConfig, loader: Loader, 
             Some(report) = finished.recv() => {
                 // Applied against the registry as it is now, not as last
                 // read (a notification may be waiting): a version rolled
-                // back while it loaded is not served, unless the registry
-                // cannot be read (then the rows last read decide).
+                // back while it loaded is not served. While the registry
+                // cannot be read the load waits for the next read (a poll,
+                // or the LISTEN connection's resync when PostgreSQL returns).
                 let config = &f.config;
-                match bounded(config, "reading the production version", registry.serving(&config.model_name)).await {
-                    Ok(rows) => f.rows = rows,
-                    Err(e) => {
-                        metrics::counter!("adserve_ranker_registry_errors_total").increment(1);
-                        tracing::warn!(error = %e, "model registry unavailable; applying a finished load as last read");
-                    }
-                }
-                f.report(report);
-                f.reconcile(false);
+                let fresh =
+                    match bounded(config, "reading the production version", registry.serving(&config.model_name)).await {
+                        Ok(rows) => {
+                            read_at();
+                            Some(rows)
+                        }
+                        Err(e) => {
+                            metrics::counter!("adserve_ranker_registry_errors_total").increment(1);
+                            tracing::warn!(error = %e,
+                                "model registry unavailable; a finished load waits for it before it is served");
+                            None
+                        }
+                    };
+                f.received(report, fresh);
                 continue;
             }
             () = until(expires) => {
@@ -704,8 +761,8 @@ pub async fn follow(registry: Registry, config: RegistryConfig, loader: Loader, 
         }
         match bounded(config, "reading the production version", registry.serving(&config.model_name)).await {
             Ok(rows) => {
-                f.rows = rows;
-                f.reconcile(notified);
+                read_at();
+                f.read(rows, notified);
             }
             Err(e) => {
                 metrics::counter!("adserve_ranker_registry_errors_total").increment(1);
@@ -992,12 +1049,73 @@ mod tests {
         .expect("joined")
         .expect("written");
         let report = finished.recv().await.expect("a report");
-        assert!(matches!(&report, Report::Released { owner: Role::Shadow, .. }));
-        f.report(report);
-        f.reconcile(false);
-        assert_eq!(f.loading.len(), 1, "retried without waiting for the refusal's backoff");
-        f.report(finished.recv().await.expect("a report"));
+        assert!(matches!(&report, Report::Released(l) if l.owner == Role::Shadow && l.result.is_ok()));
+        f.received(report, Some(f.rows.clone()));
+        // What the late load built serves: a load slower than the limit is
+        // not started again (to run out of time again).
         assert_eq!(f.serving.shadow().map(|s| version(&s).to_string()).as_deref(), Some("s1"));
+        assert!(f.loading.is_empty() && f.abandoned.is_empty(), "no second load");
+    }
+
+    #[tokio::test]
+    async fn a_late_load_the_registry_moved_on_from_is_dropped_and_the_role_loads_what_it_wants_now() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let v1 = record(root.path(), "v1", Stage::Production);
+        let s1 = record(root.path(), "s1", Stage::Shadow);
+        let s2 = record(root.path(), "s2", Stage::Shadow);
+        let (mut f, mut finished) = follower(&v1).await;
+        // s1 runs out of time (a limit no load meets) but its thread ends.
+        f.config.load_timeout = Duration::from_nanos(1);
+        f.rows = vec![v1.clone(), s1.clone()];
+        f.reconcile(true);
+        f.received(finished.recv().await.expect("a report"), Some(f.rows.clone()));
+        assert_eq!(f.abandoned.len(), 1);
+        // Meanwhile the registry replaces s1 with s2: s2 waits for s1's thread.
+        f.rows = vec![v1.clone(), s2.clone()];
+        f.reconcile(true);
+        assert!(f.loading.is_empty(), "held by the thread still running");
+        f.config.load_timeout = Duration::from_secs(60);
+        let late = finished.recv().await.expect("a report");
+        assert!(matches!(&late, Report::Released(l) if version_of(l) == "s1"));
+        f.received(late, Some(f.rows.clone()));
+        assert!(f.serving.shadow().is_none(), "s1 is no longer wanted: dropped");
+        assert_eq!(f.loading.len(), 1, "and s2 loads at once");
+        f.received(finished.recv().await.expect("a report"), Some(f.rows.clone()));
+        assert_eq!(f.serving.shadow().map(|s| version(&s).to_string()).as_deref(), Some("s2"));
+    }
+
+    fn version_of(l: &Loaded) -> &str {
+        &l.row.version
+    }
+
+    #[tokio::test]
+    async fn a_load_finished_while_the_registry_cannot_be_read_waits_for_the_next_read() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let v1 = record(root.path(), "v1", Stage::Production);
+        let v2 = record(root.path(), "v2", Stage::Production);
+        let v3 = record(root.path(), "v3", Stage::Production);
+        let (mut f, mut finished) = follower(&v1).await;
+        // v2 loads; it finishes while PostgreSQL does not answer, after the
+        // operator rolled it back (a change this ranker has not read).
+        f.rows = vec![v2.clone()];
+        f.reconcile(true);
+        f.received(finished.recv().await.expect("a report"), None);
+        assert_eq!(version(&f.serving.production()), "v1", "not served on the rows read before the rollback");
+        assert_eq!(f.loading.len(), 1, "the load holds its role until it is applied");
+        f.reconcile(false);
+        assert_eq!(f.loading.len(), 1, "and is not started again");
+        // PostgreSQL answers: the rollback is read, and v2 is dropped.
+        f.read(vec![v1.clone()], false);
+        assert_eq!(version(&f.serving.production()), "v1");
+        assert!(f.loading.is_empty() && f.pending.is_empty());
+        // A load still wanted when the registry answers again is served.
+        f.rows = vec![v3.clone()];
+        f.reconcile(true);
+        f.received(finished.recv().await.expect("a report"), None);
+        assert_eq!(version(&f.serving.production()), "v1");
+        f.read(vec![v3], true);
+        assert_eq!(version(&f.serving.production()), "v3");
+        assert!(f.loading.is_empty() && f.pending.is_empty());
     }
 
     #[test]
