@@ -585,6 +585,21 @@ async fn swap_in(s: &Settings, registry: &adserve_registry::Registry, schema: &s
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let sampled = model_loop(&sampling_client, &m, SWAP_CONCURRENCY, s.warmup(), window, None).await;
+    // Its own floor: the same instance once the shadow is retired.
+    registry.promote(SWAP_MODEL, "swap-shadow", Stage::Retired, None, actor, "swap bench").await?;
+    let since = std::time::Instant::now();
+    while !sampling_client
+        .clone()
+        .get_model(adserve_proto::v1::GetModelRequest::default())
+        .await?
+        .into_inner()
+        .shadow_model_version
+        .is_empty()
+    {
+        anyhow::ensure!(since.elapsed() < Duration::from_secs(60), "the retired shadow was never removed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let unshadowed = model_loop(&sampling_client, &m, SWAP_CONCURRENCY, s.warmup(), window, None).await;
 
     let case =
         format!("Score {SWAP_ROWS} rows, concurrency {SWAP_CONCURRENCY}, while versions are promoted and rolled back");
@@ -618,9 +633,17 @@ async fn swap_in(s: &Settings, registry: &adserve_registry::Registry, schema: &s
             "adserve-ranker with a shadow (shadow.sample_share 1)",
             &shadowed,
         )
-        .with("adserve-ranker with a shadow at shadow.sample_share 0.1", Role::Ours, &sampled)
         .with("adserve-ranker without a shadow", Role::Floor, &steady)
-        .note("the shadow (the same graph) scores each sampled call afterwards on its own sessions at nice 19 and publishes both scores to Kafka; at 0.1 a second instance of the same binary on the same registry, sampling by request id"),
+        .note("the shadow (the same graph) scores each answered call afterwards on its own sessions at nice 19 and publishes both scores to Kafka"),
+        Comparison::new(
+            "ranker",
+            format!("Score {SWAP_ROWS} rows, concurrency {SWAP_CONCURRENCY}, with a shadow scoring a tenth of the calls"),
+            Metric::P99,
+            "adserve-ranker with a shadow at shadow.sample_share 0.1",
+            &sampled,
+        )
+        .with("the same instance once the shadow is retired", Role::Floor, &unshadowed)
+        .note("a second instance of the same binary on the same registry (the first one stopped), sampling by request id as the gateways' prediction cache does at its default shadow_share; measured with the shadow, then without"),
     ])
 }
 
