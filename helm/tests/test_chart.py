@@ -516,6 +516,7 @@ def test_alert_rules_and_the_dashboard_render_and_use_documented_metrics() -> No
     } <= set(alerts)
     assert "> 1.1" in alerts["AdserveCalibrationDrift"]["expr"] and "< 0.9" in alerts["AdserveCalibrationDrift"]["expr"]
     assert "> 0.025" in alerts["AdserveLatencyP99"]["expr"]
+    assert alerts["AdserveRankerRegistryStale"]["expr"].endswith("> 120")
     dashboard_map = next(d for d in documents if d["kind"] == "ConfigMap")
     assert dashboard_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     dashboard = json.loads(dashboard_map["data"]["adserve.json"])
@@ -562,3 +563,16 @@ def test_tls_puts_every_grpc_port_and_the_gateways_upstreams_on_mutual_tls() -> 
     plain = configs(render(None))
     assert "tls" not in tomllib.loads(plain["ranker"])["server"]
     assert tomllib.loads(plain["gateway"])["upstreams"]["ranker"].startswith("http://")
+
+
+def test_the_registry_staleness_alert_never_fires_between_two_polls() -> None:
+    # A poll interval of 5 minutes: a 120 s threshold would page on a healthy
+    # ranker between polls; the rule uses three polls instead.
+    values = {
+        "prometheusRule": {"enabled": True},
+        "services": {"ranker": {"config": {"registry": {"pollIntervalMs": 300000}}}},
+    }
+    documents = manifest_documents({"o": render(values)["adserve/templates/observability.yaml"]})
+    rule = next(d for d in documents if d["kind"] == "PrometheusRule")
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert alerts["AdserveRankerRegistryStale"]["expr"].endswith("> 900")

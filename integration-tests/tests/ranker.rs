@@ -604,6 +604,11 @@ async fn a_load_that_outlives_its_time_limit_is_refused_then_served_once_its_fil
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     anyhow::ensure!(read_at(&text) > changed, "the ranker never read the registry after set-share:\n{text}");
+    // A second load would block on the same file and run out of its 5 s
+    // too: past that, only the first one has.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let text = adserve_integration_tests::bench::prom::scrape(&url).await?;
+    assert_eq!(counter(&text, "adserve_ranker_model_load_failures_total", "reason=\"timeout\""), 1.0, "{text}");
     let load_seconds =
         |text: &str, what: &str| counter(text, &format!("adserve_ranker_model_load_seconds_{what}"), "role=\"canary\"");
     assert_eq!(load_seconds(&text, "count"), 0.0, "nothing finished loading beside the blocked load: {text}");

@@ -601,13 +601,18 @@ impl Follower {
                 self.abandoned.retain(|l| !(l.owner == owner && l.key == k));
                 loading_gauge(owner, &row.version, 0.0);
                 // Whatever held it (a hung file system, a slow engine build)
-                // has answered: the refusal for running out of time is
-                // forgotten by every role fed by the same queue (a canary
-                // promoted while it loaded was refused as production), and
-                // what the load built is offered to them like any load's.
-                for role in [Role::Production, Role::Canary, Role::Shadow] {
-                    if queue_of(role) == queue_of(owner) {
-                        self.refused.forget(role, row);
+                // has answered, and what the load built is offered like any
+                // load's. If it built a model, the refusal for running out of
+                // time is forgotten by every role fed by the same queue (a
+                // canary promoted while it loaded was refused as production);
+                // if it failed, that failure replaces the refusal and its
+                // backoff grows (a version that always times out, then
+                // fails, is not retried every poll).
+                if late.result.is_ok() {
+                    for role in [Role::Production, Role::Canary, Role::Shadow] {
+                        if queue_of(role) == queue_of(owner) {
+                            self.refused.forget(role, row);
+                        }
                     }
                 }
                 tracing::info!(role = owner.as_str(), version = %row.version, took = ?late.took, ok = late.result.is_ok(),
@@ -691,8 +696,13 @@ impl Follower {
     }
 }
 
+/// How often a finished load waiting for the registry (unreadable when it
+/// finished) tries to read it again.
+const PENDING_RETRY: Duration = Duration::from_secs(1);
+
 /// `adserve_ranker_registry_read_timestamp_seconds`: when the follower last
-/// read the registry (an alert's input: a ranker that stopped following).
+/// read the registry and applied what it read (an alert's input: a ranker
+/// that stopped following).
 fn read_at() {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     metrics::gauge!("adserve_ranker_registry_read_timestamp_seconds").set(now.as_secs_f64());
@@ -714,11 +724,18 @@ pub async fn follow(registry: Registry, config: RegistryConfig, loader: Loader, 
     let mut tick = tokio::time::interval(config.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut f, mut finished) = Follower::new(config, loader, serving);
+    // Following from now: a ranker that never manages a read (PostgreSQL
+    // down since its start) shows as stale too, not as a missing series.
+    read_at();
     loop {
         let expires = f.previous.as_ref().map(|(_, since)| *since + f.config.keep_previous);
+        // Finished loads waiting for a read are not left to the next poll
+        // (up to an hour) when no notification or resync comes.
+        let retry = (!f.pending.is_empty()).then(|| Instant::now() + PENDING_RETRY);
         let notified = tokio::select! {
             Some(w) = wake.recv() => w == Wake::Changed,
             _ = tick.tick() => false,
+            () = until(retry) => false,
             Some(report) = finished.recv() => {
                 // Applied against the registry as it is now, not as last
                 // read (a notification may be waiting): a version rolled
@@ -728,10 +745,7 @@ pub async fn follow(registry: Registry, config: RegistryConfig, loader: Loader, 
                 let config = &f.config;
                 let fresh =
                     match bounded(config, "reading the production version", registry.serving(&config.model_name)).await {
-                        Ok(rows) => {
-                            read_at();
-                            Some(rows)
-                        }
+                        Ok(rows) => Some(rows),
                         Err(e) => {
                             metrics::counter!("adserve_ranker_registry_errors_total").increment(1);
                             tracing::warn!(error = %e,
@@ -739,7 +753,11 @@ pub async fn follow(registry: Registry, config: RegistryConfig, loader: Loader, 
                             None
                         }
                     };
+                let read = fresh.is_some();
                 f.received(report, fresh);
+                if read {
+                    read_at();
+                }
                 continue;
             }
             () = until(expires) => {
@@ -761,8 +779,8 @@ pub async fn follow(registry: Registry, config: RegistryConfig, loader: Loader, 
         }
         match bounded(config, "reading the production version", registry.serving(&config.model_name)).await {
             Ok(rows) => {
-                read_at();
                 f.read(rows, notified);
+                read_at();
             }
             Err(e) => {
                 metrics::counter!("adserve_ranker_registry_errors_total").increment(1);
@@ -1000,7 +1018,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_load_out_of_time_is_refused_and_its_role_waits_for_its_thread_before_loading_again() {
+    async fn a_load_out_of_time_is_refused_its_role_waits_for_its_thread_and_what_it_built_serves() {
         let root = tempfile::tempdir().expect("tempdir");
         let v1 = record(root.path(), "v1", Stage::Production);
         let s1 = record(root.path(), "s1", Stage::Shadow);
@@ -1032,8 +1050,8 @@ mod tests {
         // still blocked on the file.
         f.reconcile(true);
         assert!(f.loading.is_empty(), "no second load while the first one's thread runs");
-        // The file system answers: the abandoned load ends (what it built is
-        // dropped), and the role loads the version again at once.
+        // The file system answers: the abandoned load ends, and what it
+        // built is offered to the role (below).
         tokio::task::spawn_blocking(move || {
             // The FIFO stays open for writing (so the reader sees no end)
             // until the plain file has taken its path.
@@ -1082,6 +1100,31 @@ mod tests {
         assert_eq!(f.loading.len(), 1, "and s2 loads at once");
         f.received(finished.recv().await.expect("a report"), Some(f.rows.clone()));
         assert_eq!(f.serving.shadow().map(|s| version(&s).to_string()).as_deref(), Some("s2"));
+    }
+
+    #[tokio::test]
+    async fn a_late_load_that_fails_replaces_the_timeout_refusal_and_its_backoff_grows() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let v1 = record(root.path(), "v1", Stage::Production);
+        let s1 = record(root.path(), "s1", Stage::Shadow);
+        // s1's model file hangs, then returns torn (its checksum fails).
+        let onnx = PathBuf::from(&s1.artifact).join("model.onnx");
+        std::fs::remove_file(&onnx).expect("rm");
+        assert!(std::process::Command::new("mkfifo").arg(&onnx).status().expect("mkfifo").success());
+        let (mut f, mut finished) = follower(&v1).await;
+        f.config.load_timeout = Duration::from_millis(200);
+        f.rows = vec![v1.clone(), s1.clone()];
+        f.reconcile(true);
+        f.received(finished.recv().await.expect("a report"), Some(f.rows.clone()));
+        let backoff = |f: &Follower| f.refused.by_role.iter().find(|(r, _)| *r == Role::Shadow).map(|(_, r)| r.backoff);
+        assert_eq!(backoff(&f), Some(f.config.poll_interval), "refused for running out of time");
+        tokio::task::spawn_blocking(move || std::fs::write(&onnx, b"torn")).await.expect("joined").expect("written");
+        let late = finished.recv().await.expect("a report");
+        assert!(matches!(&late, Report::Released(l) if l.result.is_err()));
+        f.received(late, Some(f.rows.clone()));
+        assert!(f.serving.shadow().is_none());
+        assert!(f.abandoned.is_empty() && f.loading.is_empty(), "the poll that follows does not reload it at once");
+        assert_eq!(backoff(&f), Some(f.config.poll_interval * 2), "refused again, with a longer backoff");
     }
 
     fn version_of(l: &Loaded) -> &str {

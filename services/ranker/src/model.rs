@@ -68,7 +68,8 @@ pub enum ModelError {
     Panicked(String),
     /// The load took longer than `registry.load_timeout`. The follower
     /// stopped waiting for it; its thread (blocked on a hung file system,
-    /// say) may still finish, and what it built is then dropped.
+    /// say) may still finish, and what it built then serves if the registry
+    /// still wants it.
     #[error("loading took longer than registry.load_timeout ({0:?})")]
     TimedOut(std::time::Duration),
 }
