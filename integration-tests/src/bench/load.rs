@@ -251,6 +251,17 @@ where
     m
 }
 
+impl Measurement {
+    /// This window and `next` (another window of the same calls, measured
+    /// after it) as one: their calls and latencies over both windows' time.
+    pub fn then(mut self, next: Measurement) -> Measurement {
+        let elapsed = self.elapsed + next.elapsed;
+        merge(&mut self, next);
+        self.elapsed = elapsed;
+        self
+    }
+}
+
 fn merge(into: &mut Measurement, m: Measurement) {
     let _ = into.hist.add(&m.hist);
     into.ok += m.ok;

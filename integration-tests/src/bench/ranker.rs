@@ -572,34 +572,45 @@ async fn swap_in(s: &Settings, registry: &adserve_registry::Registry, schema: &s
         None,
     )
     .await?;
-    let since = std::time::Instant::now();
-    while sampling_client
-        .clone()
-        .get_model(adserve_proto::v1::GetModelRequest::default())
-        .await?
-        .into_inner()
-        .shadow_model_version
-        != "swap-shadow"
-    {
-        anyhow::ensure!(since.elapsed() < Duration::from_secs(60), "the sampling instance never loaded the shadow");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Its own floor, the same instance without the shadow, measured in
+    // turns with it (with, without, with, without; half a window each), so
+    // that neither side gets the quieter minute of a shared box.
+    let shadow_is = async |want: &str| -> anyhow::Result<()> {
+        let since = std::time::Instant::now();
+        loop {
+            let asked = sampling_client.clone().get_model(adserve_proto::v1::GetModelRequest::default()).await?;
+            if asked.into_inner().shadow_model_version == want {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                since.elapsed() < Duration::from_secs(60),
+                "the sampling instance's shadow never became {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    shadow_is("swap-shadow").await?;
+    let (mut sampled, mut unshadowed) = (None, None);
+    let join = |total: Option<load::Measurement>, next: load::Measurement| match total {
+        Some(t) => t.then(next),
+        None => next,
+    };
+    for turn in 0..2 {
+        if turn > 0 {
+            // A retired version goes back through candidate.
+            for stage in [Stage::Candidate, Stage::Shadow] {
+                registry.promote(SWAP_MODEL, "swap-shadow", stage, None, actor, "swap bench").await?;
+            }
+            shadow_is("swap-shadow").await?;
+        }
+        let with = model_loop(&sampling_client, &m, SWAP_CONCURRENCY, s.warmup(), window / 2, None).await;
+        sampled = Some(join(sampled, with));
+        registry.promote(SWAP_MODEL, "swap-shadow", Stage::Retired, None, actor, "swap bench").await?;
+        shadow_is("").await?;
+        let without = model_loop(&sampling_client, &m, SWAP_CONCURRENCY, s.warmup(), window / 2, None).await;
+        unshadowed = Some(join(unshadowed, without));
     }
-    let sampled = model_loop(&sampling_client, &m, SWAP_CONCURRENCY, s.warmup(), window, None).await;
-    // Its own floor: the same instance once the shadow is retired.
-    registry.promote(SWAP_MODEL, "swap-shadow", Stage::Retired, None, actor, "swap bench").await?;
-    let since = std::time::Instant::now();
-    while !sampling_client
-        .clone()
-        .get_model(adserve_proto::v1::GetModelRequest::default())
-        .await?
-        .into_inner()
-        .shadow_model_version
-        .is_empty()
-    {
-        anyhow::ensure!(since.elapsed() < Duration::from_secs(60), "the retired shadow was never removed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let unshadowed = model_loop(&sampling_client, &m, SWAP_CONCURRENCY, s.warmup(), window, None).await;
+    let (sampled, unshadowed) = (sampled.expect("measured"), unshadowed.expect("measured"));
 
     let case =
         format!("Score {SWAP_ROWS} rows, concurrency {SWAP_CONCURRENCY}, while versions are promoted and rolled back");
@@ -643,7 +654,7 @@ async fn swap_in(s: &Settings, registry: &adserve_registry::Registry, schema: &s
             &sampled,
         )
         .with("the same instance once the shadow is retired", Role::Floor, &unshadowed)
-        .note("a second instance of the same binary on the same registry (the first one stopped), sampling by request id as the gateways' prediction cache does at its default shadow_share; measured with the shadow, then without"),
+        .note("a second instance of the same binary on the same registry (the first one stopped), sampling by request id as the gateways' prediction cache does at its default shadow_share; with and without the shadow measured in turns, twice, half a window each"),
     ])
 }
 
