@@ -742,6 +742,66 @@ async fn a_frozen_registry_keeps_the_model_serving_and_following_resumes_when_it
     Ok(())
 }
 
+#[tokio::test]
+async fn a_load_that_finishes_while_the_registry_hangs_waits_for_it_and_a_rollback_meanwhile_holds()
+-> anyhow::Result<()> {
+    let reg = TestRegistry::new("ctr-pend")?;
+    reg.register("ctr-pend-v1").await?;
+    let v2 = reg.register("ctr-pend-v2").await?;
+    reg.promote("ctr-pend-v1", "production").await?;
+    // The ranker reaches the registry only through the relay (notifications
+    // included); the poll is an hour.
+    let pg: url_parts::Pg = url_parts::parse(&reg.s.postgres)?;
+    let relay = FreezableRelay::start(format!("{}:{}", pg.host, pg.port)).await?;
+    let relayed = pg.with_addr(&relay.addr.to_string());
+    let (mut command, grpc, metrics) = reg.ranker(&relayed, &[("ADSERVE_REGISTRY__POSTGRES__TIMEOUT", "500ms")]);
+    let _ranker = command.stdout(Stdio::null()).spawn()?;
+    let mut client = connect(grpc).await?;
+    serves(&mut client, "ctr-pend-v1").await?;
+    let url = format!("http://127.0.0.1:{metrics}/metrics");
+    let scrape = || adserve_integration_tests::bench::prom::scrape(&url);
+    let swapped = |text: &str| counter(text, "adserve_ranker_model_swaps_total", "result=\"swapped\"");
+    let before = swapped(&scrape().await?);
+
+    // v2 is promoted; its model file hangs, so its load stays in flight.
+    let hung = HungFile::new(&v2.join("model.onnx"))?;
+    reg.promote("ctr-pend-v2", "production").await?;
+    let v2_loading = ["role=\"production\"", "model_version=\"ctr-pend-v2\""];
+    metric_is(metrics, "adserve_ranker_model_loading", &v2_loading, 1.0).await?;
+    // The registry hangs for the ranker (SIGSTOP-like: connections open, no
+    // byte moves), and the operator rolls v2 back, a change it cannot read.
+    relay.freeze(true);
+    reg.ok(&["models", "rollback", "--name", reg.name, "--reason", "test"]).await?;
+    let errors = |text: &str| counter(text, "adserve_ranker_registry_errors_total", "");
+    let errors_before = errors(&scrape().await?);
+    // The file returns: v2's load finishes, and the read after it fails.
+    hung.release(Duration::from_secs(60)).await?;
+    let mut text = String::new();
+    for _ in 0..300 {
+        text = scrape().await?;
+        if errors(&text) > errors_before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::ensure!(errors(&text) > errors_before, "no registry read failed after the load:\n{text}");
+    // A few retries later (one a second, each cut short), v2 still does not
+    // serve on the rows read before the rollback.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(client.get_model(GetModelRequest::default()).await?.into_inner().model_version, "ctr-pend-v1");
+    let text = scrape().await?;
+    assert_eq!(swapped(&text), before, "v2 was swapped in while the registry hung: {text}");
+    assert_eq!(counter(&text, "adserve_ranker_model_loading", v2_loading[1]), 1.0, "waiting, not applied: {text}");
+
+    // Thawed: the next read sees the rollback, and v2 is dropped.
+    relay.freeze(false);
+    metric_is(metrics, "adserve_ranker_model_loading", &v2_loading, 0.0).await.context("v2's load never applied")?;
+    assert_eq!(client.get_model(GetModelRequest::default()).await?.into_inner().model_version, "ctr-pend-v1");
+    assert_eq!(swapped(&scrape().await?), before, "v2 was served after the rollback");
+    reg.drop_schema().await?;
+    Ok(())
+}
+
 /// Just enough URL handling to point a postgres:// URL at the relay.
 mod url_parts {
     pub struct Pg {
