@@ -959,6 +959,18 @@ mod tests {
         Follower::new(RegistryConfig::default(), loader, serving)
     }
 
+    /// Lets a reader still blocked in open() on a FIFO go (an end of file)
+    /// when dropped, so a failed assertion ends the test instead of the
+    /// runtime waiting on that thread forever.
+    struct LetGo(PathBuf);
+
+    impl Drop for LetGo {
+        fn drop(&mut self) {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&self.0);
+        }
+    }
+
     fn version(model: &CtrModel) -> &str {
         &model.manifest().model_version
     }
@@ -1027,16 +1039,7 @@ mod tests {
         let bytes = std::fs::read(&onnx).expect("model");
         std::fs::remove_file(&onnx).expect("rm");
         assert!(std::process::Command::new("mkfifo").arg(&onnx).status().expect("mkfifo").success());
-        // If an assertion fails, the reader still blocked in open() is let
-        // go (an end of file), so the failure ends the test instead of the
-        // runtime waiting on that thread forever.
-        struct LetGo(PathBuf);
-        impl Drop for LetGo {
-            fn drop(&mut self) {
-                use std::os::unix::fs::OpenOptionsExt as _;
-                let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&self.0);
-            }
-        }
+        // If an assertion fails, the reader blocked in open() is let go.
         let _let_go = LetGo(onnx.clone());
         let (mut f, mut finished) = follower(&v1).await;
         f.config.load_timeout = Duration::from_millis(200);
@@ -1081,9 +1084,14 @@ mod tests {
         let v1 = record(root.path(), "v1", Stage::Production);
         let s1 = record(root.path(), "s1", Stage::Shadow);
         let s2 = record(root.path(), "s2", Stage::Shadow);
+        // s1's model file hangs, so its load runs out of time for certain.
+        let onnx = PathBuf::from(&s1.artifact).join("model.onnx");
+        let bytes = std::fs::read(&onnx).expect("model");
+        std::fs::remove_file(&onnx).expect("rm");
+        assert!(std::process::Command::new("mkfifo").arg(&onnx).status().expect("mkfifo").success());
+        let _let_go = LetGo(onnx.clone());
         let (mut f, mut finished) = follower(&v1).await;
-        // s1 runs out of time (a limit no load meets) but its thread ends.
-        f.config.load_timeout = Duration::from_nanos(1);
+        f.config.load_timeout = Duration::from_millis(200);
         f.rows = vec![v1.clone(), s1.clone()];
         f.reconcile(true);
         f.received(finished.recv().await.expect("a report"), Some(f.rows.clone()));
@@ -1093,6 +1101,19 @@ mod tests {
         f.reconcile(true);
         assert!(f.loading.is_empty(), "held by the thread still running");
         f.config.load_timeout = Duration::from_secs(60);
+        // The file returns (written through the FIFO, then in its place).
+        tokio::task::spawn_blocking(move || {
+            let writer = std::fs::OpenOptions::new().write(true).open(&onnx)?;
+            std::io::Write::write_all(&mut &writer, &bytes)?;
+            let plain = onnx.with_extension("released");
+            std::fs::write(&plain, &bytes)?;
+            std::fs::rename(&plain, &onnx)?;
+            drop(writer);
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .expect("joined")
+        .expect("written");
         let late = finished.recv().await.expect("a report");
         assert!(matches!(&late, Report::Released(l) if version_of(l) == "s1"));
         f.received(late, Some(f.rows.clone()));
@@ -1111,6 +1132,7 @@ mod tests {
         let onnx = PathBuf::from(&s1.artifact).join("model.onnx");
         std::fs::remove_file(&onnx).expect("rm");
         assert!(std::process::Command::new("mkfifo").arg(&onnx).status().expect("mkfifo").success());
+        let _let_go = LetGo(onnx.clone());
         let (mut f, mut finished) = follower(&v1).await;
         f.config.load_timeout = Duration::from_millis(200);
         f.rows = vec![v1.clone(), s1.clone()];
