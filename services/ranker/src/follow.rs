@@ -971,6 +971,24 @@ mod tests {
         }
     }
 
+    /// Writes `bytes` to the reader blocked on the FIFO at `fifo`, and puts a
+    /// plain file with them in its place before the reader sees the end, so
+    /// whatever opens the path afterwards gets the file, never the FIFO.
+    async fn release(fifo: PathBuf, bytes: Vec<u8>) {
+        tokio::task::spawn_blocking(move || {
+            let writer = std::fs::OpenOptions::new().write(true).open(&fifo)?;
+            std::io::Write::write_all(&mut &writer, &bytes)?;
+            let plain = fifo.with_extension("released");
+            std::fs::write(&plain, &bytes)?;
+            std::fs::rename(&plain, &fifo)?;
+            drop(writer);
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .expect("joined")
+        .expect("written");
+    }
+
     fn version(model: &CtrModel) -> &str {
         &model.manifest().model_version
     }
@@ -1055,20 +1073,7 @@ mod tests {
         assert!(f.loading.is_empty(), "no second load while the first one's thread runs");
         // The file system answers: the abandoned load ends, and what it
         // built is offered to the role (below).
-        tokio::task::spawn_blocking(move || {
-            // The FIFO stays open for writing (so the reader sees no end)
-            // until the plain file has taken its path.
-            let writer = std::fs::OpenOptions::new().write(true).open(&onnx)?;
-            std::io::Write::write_all(&mut &writer, &bytes)?;
-            let plain = onnx.with_extension("released");
-            std::fs::write(&plain, &bytes)?;
-            std::fs::rename(&plain, &onnx)?;
-            drop(writer);
-            Ok::<_, std::io::Error>(())
-        })
-        .await
-        .expect("joined")
-        .expect("written");
+        release(onnx, bytes).await;
         let report = finished.recv().await.expect("a report");
         assert!(matches!(&report, Report::Released(l) if l.owner == Role::Shadow && l.result.is_ok()));
         f.received(report, Some(f.rows.clone()));
@@ -1102,18 +1107,7 @@ mod tests {
         assert!(f.loading.is_empty(), "held by the thread still running");
         f.config.load_timeout = Duration::from_secs(60);
         // The file returns (written through the FIFO, then in its place).
-        tokio::task::spawn_blocking(move || {
-            let writer = std::fs::OpenOptions::new().write(true).open(&onnx)?;
-            std::io::Write::write_all(&mut &writer, &bytes)?;
-            let plain = onnx.with_extension("released");
-            std::fs::write(&plain, &bytes)?;
-            std::fs::rename(&plain, &onnx)?;
-            drop(writer);
-            Ok::<_, std::io::Error>(())
-        })
-        .await
-        .expect("joined")
-        .expect("written");
+        release(onnx, bytes).await;
         let late = finished.recv().await.expect("a report");
         assert!(matches!(&late, Report::Released(l) if version_of(l) == "s1"));
         f.received(late, Some(f.rows.clone()));
