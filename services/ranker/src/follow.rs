@@ -217,13 +217,6 @@ impl Loader {
         joined(tokio::task::spawn_blocking(move || this.load_blocking(dir)).await)
     }
 
-    /// Loads a registry record's artifact off the async runtime, checked
-    /// against what was registered ([`Self::load_record_blocking`]).
-    async fn load_record(&self, record: &ModelRecord) -> Result<CtrModel, ModelError> {
-        let (this, record) = (self.clone(), record.clone());
-        joined(tokio::task::spawn_blocking(move || this.load_record_blocking(&record)).await)
-    }
-
     fn load_blocking(&self, dir: Option<PathBuf>) -> Result<CtrModel, ModelError> {
         let mut model = self.model.clone();
         if let Some(dir) = dir {
@@ -287,15 +280,61 @@ async fn bounded<T>(
     }
 }
 
+/// A blocking load bounded by `limit`, as every registry load is: its
+/// result, or past the limit `TimedOut` (counted in
+/// `adserve_ranker_model_load_failures_total{reason="timeout"}`) and the
+/// thread, which cannot be cancelled and runs on.
+async fn within(
+    limit: Duration,
+    load: impl FnOnce() -> Result<CtrModel, ModelError> + Send + 'static,
+) -> (Result<CtrModel, ModelError>, Option<LoadThread>) {
+    let mut job = tokio::task::spawn_blocking(load);
+    tokio::select! {
+        loaded = &mut job => (joined(loaded), None),
+        () = tokio::time::sleep(limit) => {
+            let e = ModelError::TimedOut(limit);
+            metrics::counter!("adserve_ranker_model_load_failures_total", "reason" => e.reason()).increment(1);
+            (Err(e), Some(job))
+        }
+    }
+}
+
+/// A load's blocking thread, still running past its time limit.
+type LoadThread = tokio::task::JoinHandle<Result<CtrModel, ModelError>>;
+
+/// The start's load of the registry's production version, given up on
+/// after `registry.load_timeout` (the ranker serves `model.dir` meanwhile):
+/// [`follow`] takes it over, and what it builds serves once it ends if the
+/// registry still wants that version, as for any load that ran out of time.
+pub struct HeldLoad {
+    row: ModelRecord,
+    started: Instant,
+    thread: LoadThread,
+}
+
+/// What the ranker starts with: the model it serves, and the start's
+/// registry load still running past its time limit, if any (hand it to
+/// [`follow`]).
+pub struct Start {
+    /// The production model (the registry's, or `model.dir`).
+    pub serving: Serving,
+    /// The registry load the start stopped waiting for.
+    pub held: Option<HeldLoad>,
+}
+
 /// Loads the model the ranker starts with: the registry's production version
 /// when the registry is on, answers in time and has one that passes its
-/// checks; otherwise `model.dir`. Never fails over the registry: only a
-/// `model.dir` that cannot be served stops the start.
+/// checks and loads within `registry.load_timeout`; otherwise `model.dir`.
+/// Never fails over the registry: only a `model.dir` that cannot be served
+/// stops the start. A production load that runs out of time (an artifact on
+/// a file system that stopped answering) is not waited for: it is returned
+/// in [`Start::held`], and the start serves `model.dir`.
 pub async fn initial(
     registry: Option<&Registry>,
     config: &RegistryConfig,
     loader: &Loader,
-) -> Result<Serving, ModelError> {
+) -> Result<Start, ModelError> {
+    let mut held = None;
     if let Some(registry) = registry {
         let lookup = async {
             if config.postgres.migrate {
@@ -305,11 +344,21 @@ pub async fn initial(
         };
         match bounded(config, "reading the production version", lookup).await.inspect(|_| read_at()) {
             Ok(rows) => match rows.into_iter().find(|r| r.stage == Stage::Production) {
-                Some(prod) => match loader.load_record(&prod).await {
-                    Ok(m) => return Ok(Serving::new(m, Source::Registry)),
-                    Err(e) => tracing::error!(version = %prod.version, error = %e,
-                        "registry production model refused; serving model.dir"),
-                },
+                Some(prod) => {
+                    let (this, record, started) = (loader.clone(), prod.clone(), Instant::now());
+                    match within(config.load_timeout, move || this.load_record_blocking(&record)).await {
+                        (Ok(m), _) => return Ok(Start { serving: Serving::new(m, Source::Registry), held: None }),
+                        (Err(e), Some(thread)) => {
+                            loading_gauge(Role::Production, &prod.version, 1.0);
+                            tracing::error!(version = %prod.version, error = %e,
+                                "registry production model still loading after registry.load_timeout; serving model.dir \
+                                 until it ends (adserve_ranker_model_loading)");
+                            held = Some(HeldLoad { row: prod, started, thread });
+                        }
+                        (Err(e), None) => tracing::error!(version = %prod.version, error = %e,
+                            "registry production model refused; serving model.dir"),
+                    }
+                }
                 None => tracing::info!(name = %config.model_name,
                     "the registry has no production version; serving model.dir"),
             },
@@ -317,7 +366,7 @@ pub async fn initial(
                 "model registry unavailable at start; serving model.dir, following it in the background"),
         }
     }
-    Ok(Serving::new(loader.load(None).await?, Source::Config))
+    Ok(Start { serving: Serving::new(loader.load(None).await?, Source::Config), held })
 }
 
 /// Why the follower woke up.
@@ -550,24 +599,33 @@ impl Follower {
         tokio::spawn(async move {
             let started = Instant::now();
             let record = row.clone();
-            let mut job = tokio::task::spawn_blocking(move || loader.load_record_blocking(&record));
-            let (result, abandoned) = tokio::select! {
-                loaded = &mut job => (joined(loaded).map(Arc::new), None),
-                () = tokio::time::sleep(limit) => {
-                    let e = ModelError::TimedOut(limit);
-                    metrics::counter!("adserve_ranker_model_load_failures_total", "reason" => e.reason()).increment(1);
-                    (Err(e), Some(job))
-                }
-            };
+            let (result, thread) = within(limit, move || loader.load_record_blocking(&record)).await;
             // The follower holds the receiver for the process's life.
-            let loaded = Loaded { owner: role, row: row.clone(), took: started.elapsed(), result };
+            let loaded =
+                Loaded { owner: role, row: row.clone(), took: started.elapsed(), result: result.map(Arc::new) };
             let _ = done.send(Report::Loaded(loaded)).await;
-            if let Some(job) = abandoned {
-                let result = joined(job.await).map(Arc::new);
-                let late = Loaded { owner: role, row, took: started.elapsed(), result };
-                let _ = done.send(Report::Released(late)).await;
+            if let Some(thread) = thread {
+                Self::released(HeldLoad { row, started, thread }, role, done).await;
             }
         });
+    }
+
+    /// Waits for a load's thread that ran out of time to end, and reports
+    /// what it built ([`Report::Released`]).
+    async fn released(held: HeldLoad, owner: Role, done: mpsc::Sender<Report>) {
+        let HeldLoad { row, started, thread } = held;
+        let result = joined(thread.await).map(Arc::new);
+        let _ = done.send(Report::Released(Loaded { owner, row, took: started.elapsed(), result })).await;
+    }
+
+    /// Takes over the start's production load that ran out of time
+    /// ([`Start::held`]): like a load of its own that did, it holds the
+    /// production role until its thread ends, then what it built is
+    /// offered. It is not refused meanwhile: a version the start could not
+    /// load in time is still wanted, and starts no second load beside it.
+    fn adopt(&mut self, held: HeldLoad) {
+        self.abandoned.push(Loading { owner: Role::Production, key: key(&held.row) });
+        tokio::spawn(Self::released(held, Role::Production, self.done.clone()));
     }
 
     /// A load task's report, received: applied once the registry has been
@@ -718,12 +776,22 @@ fn loading_gauge(role: Role, version: &str, value: f64) {
 /// Follows the registry until the process ends (spawn it). Registry reads
 /// and swaps happen in this loop; loads run as tasks beside it and report
 /// back, so no swap waits for another role's load.
-pub async fn follow(registry: Registry, config: RegistryConfig, loader: Loader, serving: Arc<Serving>) {
+/// `held`: the start's registry load still running ([`Start::held`]).
+pub async fn follow(
+    registry: Registry,
+    config: RegistryConfig,
+    loader: Loader,
+    serving: Arc<Serving>,
+    held: Option<HeldLoad>,
+) {
     let (wake_tx, mut wake) = mpsc::channel(16);
     tokio::spawn(listen(registry.clone(), config.model_name.clone(), wake_tx));
     let mut tick = tokio::time::interval(config.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut f, mut finished) = Follower::new(config, loader, serving);
+    if let Some(held) = held {
+        f.adopt(held);
+    }
     // Following from now: a ranker that never manages a read (PostgreSQL
     // down since its start) shows as stale too, not as a missing series.
     read_at();
@@ -954,7 +1022,11 @@ mod tests {
             .expect("ORT_DYLIB_PATH is unset: run the ranker tests through `make test` (scripts/env.sh)");
         let batching = BatchingConfig { sessions: 1, ..BatchingConfig::default() };
         let loader = Loader { model: ModelConfig::default(), batching, max_rows: 100, dylib, queue: QueueKind::Model };
-        let first = loader.load_record(production).await.expect("loads");
+        let (this, record) = (loader.clone(), production.clone());
+        let first = tokio::task::spawn_blocking(move || this.load_record_blocking(&record))
+            .await
+            .expect("joined")
+            .expect("loads");
         let serving = Arc::new(Serving::new(first, Source::Registry));
         Follower::new(RegistryConfig::default(), loader, serving)
     }
@@ -969,6 +1041,17 @@ mod tests {
             use std::os::unix::fs::OpenOptionsExt as _;
             let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&self.0);
         }
+    }
+
+    /// Puts a FIFO in place of `row`'s `model.onnx`, so a load of it blocks
+    /// in open() until [`release`]: the path, the file's bytes, and the
+    /// guard that lets a reader still blocked go if the test fails first.
+    fn hang(row: &ModelRecord) -> (PathBuf, Vec<u8>, LetGo) {
+        let onnx = PathBuf::from(&row.artifact).join("model.onnx");
+        let bytes = std::fs::read(&onnx).expect("model");
+        std::fs::remove_file(&onnx).expect("rm");
+        assert!(std::process::Command::new("mkfifo").arg(&onnx).status().expect("mkfifo").success());
+        (onnx.clone(), bytes, LetGo(onnx))
     }
 
     /// Writes `bytes` to the reader blocked on the FIFO at `fifo`, and puts a
@@ -1053,12 +1136,7 @@ mod tests {
         let v1 = record(root.path(), "v1", Stage::Production);
         let s1 = record(root.path(), "s1", Stage::Shadow);
         // s1's model file hangs: its load blocks in open() until written.
-        let onnx = PathBuf::from(&s1.artifact).join("model.onnx");
-        let bytes = std::fs::read(&onnx).expect("model");
-        std::fs::remove_file(&onnx).expect("rm");
-        assert!(std::process::Command::new("mkfifo").arg(&onnx).status().expect("mkfifo").success());
-        // If an assertion fails, the reader blocked in open() is let go.
-        let _let_go = LetGo(onnx.clone());
+        let (onnx, bytes, _let_go) = hang(&s1);
         let (mut f, mut finished) = follower(&v1).await;
         f.config.load_timeout = Duration::from_millis(200);
         f.rows = vec![v1.clone(), s1.clone()];
@@ -1090,11 +1168,7 @@ mod tests {
         let s1 = record(root.path(), "s1", Stage::Shadow);
         let s2 = record(root.path(), "s2", Stage::Shadow);
         // s1's model file hangs, so its load runs out of time for certain.
-        let onnx = PathBuf::from(&s1.artifact).join("model.onnx");
-        let bytes = std::fs::read(&onnx).expect("model");
-        std::fs::remove_file(&onnx).expect("rm");
-        assert!(std::process::Command::new("mkfifo").arg(&onnx).status().expect("mkfifo").success());
-        let _let_go = LetGo(onnx.clone());
+        let (onnx, bytes, _let_go) = hang(&s1);
         let (mut f, mut finished) = follower(&v1).await;
         f.config.load_timeout = Duration::from_millis(200);
         f.rows = vec![v1.clone(), s1.clone()];
@@ -1123,10 +1197,7 @@ mod tests {
         let v1 = record(root.path(), "v1", Stage::Production);
         let s1 = record(root.path(), "s1", Stage::Shadow);
         // s1's model file hangs, then returns torn (its checksum fails).
-        let onnx = PathBuf::from(&s1.artifact).join("model.onnx");
-        std::fs::remove_file(&onnx).expect("rm");
-        assert!(std::process::Command::new("mkfifo").arg(&onnx).status().expect("mkfifo").success());
-        let _let_go = LetGo(onnx.clone());
+        let (onnx, _, _let_go) = hang(&s1);
         let (mut f, mut finished) = follower(&v1).await;
         f.config.load_timeout = Duration::from_millis(200);
         f.rows = vec![v1.clone(), s1.clone()];
@@ -1141,6 +1212,32 @@ mod tests {
         assert!(f.serving.shadow().is_none());
         assert!(f.abandoned.is_empty() && f.loading.is_empty(), "the poll that follows does not reload it at once");
         assert_eq!(backoff(&f), Some(f.config.poll_interval * 2), "refused again, with a longer backoff");
+    }
+
+    #[tokio::test]
+    async fn a_production_load_the_start_stopped_waiting_for_holds_its_role_and_serves_once_it_ends() {
+        let root = tempfile::tempdir().expect("tempdir");
+        // v0 stands for model.dir, served while the registry's v1 hangs.
+        let v0 = record(root.path(), "v0", Stage::Production);
+        let v1 = record(root.path(), "v1", Stage::Production);
+        let (onnx, bytes, _let_go) = hang(&v1);
+        let (mut f, mut finished) = follower(&v0).await;
+        // The start's load of v1, as initial() runs it, runs out of time.
+        let (this, record) = (f.loader.clone(), v1.clone());
+        let (result, thread) = within(Duration::from_millis(200), move || this.load_record_blocking(&record)).await;
+        assert!(matches!(result, Err(ModelError::TimedOut(_))), "{result:?}");
+        f.adopt(HeldLoad { row: v1.clone(), started: Instant::now(), thread: thread.expect("its thread runs on") });
+        // The follower's first read wants v1: no second load beside the
+        // start's, and model.dir serves meanwhile.
+        f.read(vec![v1.clone()], true);
+        assert!(f.loading.is_empty(), "no second load while the start's thread runs");
+        assert_eq!(version(&f.serving.production()), "v0");
+        release(onnx, bytes).await;
+        let report = finished.recv().await.expect("a report");
+        assert!(matches!(&report, Report::Released(l) if l.owner == Role::Production && l.result.is_ok()));
+        f.received(report, Some(vec![v1]));
+        assert_eq!(version(&f.serving.production()), "v1", "what the start's load built serves");
+        assert!(f.loading.is_empty() && f.abandoned.is_empty(), "from that one load");
     }
 
     fn version_of(l: &Loaded) -> &str {

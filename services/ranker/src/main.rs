@@ -40,9 +40,10 @@ async fn run() -> anyhow::Result<()> {
     // engine build can take minutes): /healthz says why. gRPC, whose health
     // service the probes use without TLS, is not served until then either.
     lifecycle.readiness.set(MODEL_DEPENDENCY, Some("loading".into()));
-    let serving = Arc::new(follow::initial(registry.as_ref(), &config.registry, &loader).await?);
+    let start = follow::initial(registry.as_ref(), &config.registry, &loader).await?;
+    let serving = Arc::new(start.serving);
     if let Some(registry) = registry {
-        tokio::spawn(follow::follow(registry, config.registry.clone(), loader.clone(), serving.clone()));
+        tokio::spawn(follow::follow(registry, config.registry.clone(), loader.clone(), serving.clone(), start.held));
     }
     let fallback_model = if config.fallback.enabled {
         let dir = config.fallback.model_dir.clone().unwrap_or_else(|| config.model.dir.clone());
