@@ -823,16 +823,46 @@ pub fn ranker_command(model_dir: &Path, env: &[(&str, &str)]) -> (tokio::process
     (command, grpc, metrics)
 }
 
-/// Path of a workspace binary built by `cargo build` (same profile as the tests).
+/// Path of a workspace binary built by `cargo build` (same profile as the
+/// tests). Panics when a source file it was built from changed after it
+/// was ([`stale_source`]).
 pub fn binary(name: &str) -> PathBuf {
-    if let Ok(dir) = std::env::var("ADSTACK_BIN_DIR") {
-        return PathBuf::from(dir).join(name);
+    let path = match std::env::var("ADSTACK_BIN_DIR") {
+        Ok(dir) => PathBuf::from(dir).join(name),
+        // The test executable lives in <target>/<profile>/deps/.
+        Err(_) => std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().and_then(Path::parent).map(|d| d.join(name)))
+            .unwrap_or_else(|| repo_root().join("target/debug").join(name)),
+    };
+    if let Some(source) = stale_source(&path) {
+        panic!(
+            "{} is older than {}, one of the files it is built from: `cargo test -p adserve-integration-tests` \
+             does not rebuild the services its tests start, so this run would test the code before that change. \
+             Run `cargo build --workspace` first (make test does)",
+            path.display(),
+            source.display()
+        );
     }
-    // The test executable lives in <target>/<profile>/deps/.
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().and_then(Path::parent).map(|d| d.join(name)))
-        .unwrap_or_else(|| repo_root().join("target/debug").join(name))
+    path
+}
+
+/// A source file newer than the binary at `path`, from the dep-info cargo
+/// writes beside it (`<name>.d`: every file the build read); `None` when
+/// the binary or its dep-info is missing (the spawn says so) or it is up to
+/// date.
+pub fn stale_source(path: &Path) -> Option<PathBuf> {
+    let built = std::fs::metadata(path).and_then(|m| m.modified()).ok()?;
+    let info = std::fs::read_to_string(path.with_extension("d")).ok()?;
+    // `target: dep dep ...` on the first line; spaces in a path are escaped.
+    // Git's HEAD and refs are there for the commit the binary reports
+    // (adserve-build-info), not for its code: a commit alone is not a change.
+    let (_, deps) = info.lines().next()?.split_once(": ")?;
+    deps.replace("\\ ", "\0")
+        .split_whitespace()
+        .map(|dep| PathBuf::from(dep.replace('\0', " ")))
+        .filter(|dep| !dep.components().any(|c| c.as_os_str() == ".git"))
+        .find(|dep| std::fs::metadata(dep).and_then(|m| m.modified()).is_ok_and(|changed| changed > built))
 }
 
 /// A free loopback port.
@@ -893,4 +923,36 @@ pub fn listener_pid(port: u16) -> anyhow::Result<i32> {
         }
     }
     bail!("no visible process owns the listening socket of port {port}")
+}
+
+#[cfg(test)]
+mod stale_tests {
+    use super::*;
+
+    #[test]
+    fn a_binary_older_than_a_source_it_was_built_from_is_stale_and_a_commit_alone_is_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let at = |secs: u64| std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        let touch = |name: &str, secs: u64| {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("dir");
+            std::fs::File::create(&path).expect("file").set_modified(at(secs)).expect("mtime");
+            path
+        };
+        let bin = touch("adserve-x", 2_000);
+        let (src, spaced, head) =
+            (touch("src/main.rs", 1_000), touch("my src/lib.rs", 1_000), touch(".git/HEAD", 3_000));
+        let line = format!(
+            "{}: {} {} {}\n",
+            bin.display(),
+            src.display(),
+            spaced.display().to_string().replace(' ', "\\ "),
+            head.display()
+        );
+        std::fs::write(dir.path().join("adserve-x.d"), line).expect("dep-info");
+        assert_eq!(stale_source(&bin), None, "built after its sources; HEAD moved since: a commit, not an edit");
+        touch("my src/lib.rs", 3_000);
+        assert_eq!(stale_source(&bin), Some(spaced));
+        assert_eq!(stale_source(&dir.path().join("missing")), None, "no binary: the spawn says so");
+    }
 }

@@ -633,6 +633,68 @@ async fn a_load_that_outlives_its_time_limit_is_refused_then_served_once_its_fil
 }
 
 #[tokio::test]
+async fn a_start_whose_production_load_hangs_serves_model_dir_then_the_registry_model_once_its_file_returns()
+-> anyhow::Result<()> {
+    // The registry's production artifact sits on a file system that stops
+    // answering (a FIFO): the start waits registry.load_timeout for it, not
+    // forever (a startup probe's crash loop), serves model.dir, and serves
+    // the registry's version from that same load once the file returns.
+    let reg = TestRegistry::new("ctr-cold")?;
+    let v1 = reg.register("ctr-cold-v1").await?;
+    reg.promote("ctr-cold-v1", "production").await?;
+    let hung = HungFile::new(&v1.join("model.onnx"))?;
+    let (mut command, grpc, metrics) = reg.ranker(&reg.s.postgres, &[("ADSERVE_REGISTRY__LOAD_TIMEOUT", "3s")]);
+    let _ranker = command.stdout(Stdio::null()).spawn()?;
+    let mut client = connect(grpc).await?;
+    let model = client.get_model(GetModelRequest::default()).await?.into_inner();
+    assert_eq!(model.model_version, "ctr-baseline-v1", "model.dir serves while the registry's load hangs");
+    let url = format!("http://127.0.0.1:{metrics}/metrics");
+    let text = adserve_integration_tests::bench::prom::scrape(&url).await?;
+    assert_eq!(counter(&text, "adserve_ranker_model_load_failures_total", "reason=\"timeout\""), 1.0, "{text}");
+    let loading = ["role=\"production\"", "model_version=\"ctr-cold-v1\""];
+    metric_is(metrics, "adserve_ranker_model_loading", &loading, 1.0).await?;
+    // The follower's reads (a NOTIFY here) start no second load on the hung
+    // file beside the start's: a second one would run out of its 3 s too.
+    let read_at = |text: &str| counter(text, "adserve_ranker_registry_read_timestamp_seconds", "");
+    let changed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+    reg.ok(&[
+        "models",
+        "register",
+        "--name",
+        reg.name,
+        "--dir",
+        model_version(reg.models.path(), "ctr-cold-v2")?.to_str().unwrap(),
+    ])
+    .await?;
+    let mut text = String::new();
+    for _ in 0..300 {
+        text = adserve_integration_tests::bench::prom::scrape(&url).await?;
+        if read_at(&text) > changed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::ensure!(read_at(&text) > changed, "the ranker never read the registry after the change:\n{text}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let text = adserve_integration_tests::bench::prom::scrape(&url).await?;
+    assert_eq!(counter(&text, "adserve_ranker_model_load_failures_total", "reason=\"timeout\""), 1.0, "{text}");
+    assert_eq!(client.get_model(GetModelRequest::default()).await?.into_inner().model_version, "ctr-baseline-v1");
+
+    // The file system answers: the start's own load ends and its model
+    // swaps in, with no further registry change.
+    hung.release(Duration::from_secs(60)).await?;
+    serves(&mut client, "ctr-cold-v1").await?;
+    metric_is(metrics, "adserve_ranker_model_loading", &loading, 0.0).await?;
+    let text = adserve_integration_tests::bench::prom::scrape(&url).await?;
+    let load_seconds =
+        |what: &str| counter(&text, &format!("adserve_ranker_model_load_seconds_{what}"), "role=\"production\"");
+    assert_eq!(load_seconds("count"), 1.0, "one load built it: {text}");
+    assert!(load_seconds("sum") >= 3.0, "the start's, which ran past its 3 s: {text}");
+    reg.drop_schema().await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn the_ranker_is_not_ready_until_its_model_is_loaded() -> anyhow::Result<()> {
     // The registry hangs from the start (a frozen relay), so the ranker's
     // start waits for it (bounded: 2 × 3 s + 1 s) before it serves model.dir:
@@ -1170,6 +1232,14 @@ async fn a_call_the_model_cannot_answer_in_time_is_scored_by_the_fallback_chain_
     // Both queues export their depth, labelled (empty now).
     assert_eq!(value("adserve_ranker_queue_rows", "model"), 0.0, "{text}");
     assert_eq!(value("adserve_ranker_queue_rows", "fallback"), 0.0, "{text}");
+    // Each call's wait in the queue and each batch's session run: one of each.
+    for name in ["adserve_ranker_queue_wait_seconds_count", "adserve_ranker_inference_seconds_count"] {
+        assert_eq!(value(name, "model"), 1.0, "{name}: {text}");
+        assert_eq!(value(name, "fallback"), 1.0, "{name}: {text}");
+    }
+    // Which level answered, counted: one call by the fallback model.
+    assert_eq!(counter(&text, "adserve_ranker_fallbacks_total", "level=\"fallback_model\""), 1.0, "{text}");
+    assert_eq!(counter(&text, "adserve_ranker_fallbacks_total", "level=\"prior\""), 0.0, "{text}");
     Ok(())
 }
 
@@ -1328,5 +1398,32 @@ async fn a_typed_model_swaps_in_under_load_and_scores_over_grpc_as_the_trainer_d
     let err = client.score(ScoreRequest { matrix: Some(bad), ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("row 1 feature \"ctx_placement_x_device\" is 1073741824"), "{}", err.message());
+    // A dense value that is NaN or infinite: InvalidArgument naming the row
+    // and the column, never a score computed from it.
+    let read = &manifest.feature_order[0];
+    for (value, shown) in [(f32::NAN, "NaN"), (f32::INFINITY, "inf"), (f32::NEG_INFINITY, "-inf")] {
+        let mut bad = adserve_ranker::reference_matrix(&reference);
+        let width = bad.feature_names.len();
+        let c = bad.feature_names.iter().position(|n| n == read).expect("the model reads it");
+        bad.values[width + c] = value;
+        let err = client.score(ScoreRequest { matrix: Some(bad), ..Default::default() }).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        let want = format!("matrix.values row 1 feature {read:?} is {shown}");
+        assert!(err.message().contains(&want), "{} (wanted {want})", err.message());
+    }
+    // A categorical column sent as a dense float column (the wrong dtype:
+    // the model reads it as int64 ids): InvalidArgument naming it.
+    let mut bad = adserve_ranker::reference_matrix(&reference);
+    let (rows, width) = (bad.num_rows as usize, bad.categorical_names.len());
+    let name = bad.categorical_names.remove(k);
+    let ids: Vec<i64> = (0..rows).map(|r| bad.categorical_ids[r * width + k]).collect();
+    bad.categorical_ids = (0..rows * width).filter(|i| i % width != k).map(|i| bad.categorical_ids[i]).collect();
+    let dense = bad.feature_names.len();
+    bad.values =
+        (0..rows).flat_map(|r| bad.values[r * dense..(r + 1) * dense].iter().copied().chain([ids[r] as f32])).collect();
+    bad.feature_names.push(name.clone());
+    let err = client.score(ScoreRequest { matrix: Some(bad), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains(&format!("matrix.categorical_names lacks {name:?}")), "{}", err.message());
     reg.drop_schema().await
 }
