@@ -17,16 +17,28 @@
 #                   CUDA 13 runtime and cuDNN 9 (TensorRT 10 for tensorrt):
 #                   either GPU_LIBS=cuda13 below, or a CUDA 13 cuDNN runtime
 #                   image with glibc >= 2.36 as RUNTIME_IMAGE (e.g.
-#                   nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04).
+#                   nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04). TensorRT
+#                   is not on PyPI as wheels (its packages there are stubs
+#                   that download from NVIDIA's own index at install time):
+#                   for the tensorrt provider use a RUNTIME_IMAGE that has
+#                   TensorRT 10 for CUDA 13 (libnvinfer.so.10), or set
+#                   TENSORRT_LIBS and TENSORRT_INDEX_URL below. Without it
+#                   the ranker registers CUDA instead, and says so
+#                   (adserve_ranker_provider_fallbacks_total).
 #   GIT_SHA         commit the image is built from, reported by /buildinfo and
 #                   adserve_build_info (the build context has no .git), e.g.
 #                   --build-arg GIT_SHA=$(git rev-parse --short=12 HEAD)
 #   GPU_LIBS        "cuda13": also copy the CUDA 13 runtime, cuBLAS, cuFFT,
-#                   cuRAND, cuDNN 9 and TensorRT 10 libraries from their PyPI
-#                   wheels (nvidia-*, tensorrt-cu13-libs) next to
-#                   libonnxruntime.so, so a plain debian runtime image works
-#                   on a GPU node (only the driver, libcuda.so.1, comes from
-#                   the host through the NVIDIA container toolkit). Several GB.
+#                   cuRAND and cuDNN 9 libraries from their PyPI wheels
+#                   (onnxruntime-gpu[cuda,cudnn]'s nvidia-* dependencies)
+#                   next to libonnxruntime.so, so a plain debian runtime
+#                   image runs the CUDA provider on a GPU node (only the
+#                   driver, libcuda.so.1, comes from the host through the
+#                   NVIDIA container toolkit). Several GB.
+#   TENSORRT_LIBS   with GPU_LIBS=cuda13, a pip requirement for the TensorRT
+#                   10 libraries (e.g. "tensorrt-cu13-libs~=10.16"), installed
+#                   from TENSORRT_INDEX_URL (NVIDIA's package index, e.g.
+#                   https://pypi.nvidia.com). Empty (default): no TensorRT.
 #   ORT_VERSION     ONNX Runtime version; must match the ort crate's API level
 #                   (api-31 => 1.31.x). Same as ADSTACK_ORT_VERSION in scripts/env.sh.
 
@@ -64,7 +76,8 @@ FROM python:3.12-slim-bookworm AS onnxruntime
 ARG ORT_PACKAGE=onnxruntime
 ARG ORT_VERSION=1.31.1
 ARG GPU_LIBS=""
-ARG TENSORRT_LIBS="tensorrt-cu13-libs~=10.16"
+ARG TENSORRT_LIBS=""
+ARG TENSORRT_INDEX_URL=""
 RUN set -eu; \
     pip install --no-cache-dir --no-deps --only-binary=:all: --target /ort "${ORT_PACKAGE}==${ORT_VERSION}"; \
     mkdir -p /lib-out; \
@@ -72,12 +85,17 @@ RUN set -eu; \
     test -f "/lib-out/libonnxruntime.so.${ORT_VERSION}"; \
     if [ "$GPU_LIBS" = cuda13 ]; then \
       [ "$ORT_PACKAGE" = onnxruntime-gpu ] || { echo "GPU_LIBS=cuda13 needs ORT_PACKAGE=onnxruntime-gpu" >&2; exit 1; }; \
-      pip install --no-cache-dir --only-binary=:all: --target /gpu \
-        "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}" "$TENSORRT_LIBS"; \
-      find /gpu/nvidia /gpu/tensorrt_libs -name 'lib*.so*' -exec cp -a {} /lib-out/ \; ; \
-      for lib in libcudart.so.13 libcublas.so.13 libcudnn.so.9 libnvinfer.so.10; do \
+      pip install --no-cache-dir --only-binary=:all: --target /gpu "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}"; \
+      find /gpu/nvidia -name 'lib*.so*' -exec cp -a {} /lib-out/ \; ; \
+      for lib in libcudart.so.13 libcublas.so.13 libcudnn.so.9; do \
         test -e "/lib-out/$lib" || { echo "missing $lib from the PyPI CUDA wheels" >&2; exit 1; }; \
       done; \
+      if [ -n "$TENSORRT_LIBS" ]; then \
+        [ -n "$TENSORRT_INDEX_URL" ] || { echo "TENSORRT_LIBS needs TENSORRT_INDEX_URL (PyPI has no TensorRT wheels)" >&2; exit 1; }; \
+        pip install --no-cache-dir --only-binary=:all: --index-url "$TENSORRT_INDEX_URL" --target /trt "$TENSORRT_LIBS"; \
+        find /trt -name 'lib*.so*' -exec cp -a {} /lib-out/ \; ; \
+        test -e /lib-out/libnvinfer.so.10 || { echo "missing libnvinfer.so.10 from $TENSORRT_LIBS" >&2; exit 1; }; \
+      fi; \
     elif [ -n "$GPU_LIBS" ]; then echo "GPU_LIBS must be empty or cuda13" >&2; exit 1; fi
 
 # --------------------------------------------- per-service extra files

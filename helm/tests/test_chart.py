@@ -9,6 +9,7 @@ Needs the debug binaries (``cargo build``; ``make test`` builds them first).
 
 from __future__ import annotations
 
+import copy
 import os
 import pathlib
 import subprocess
@@ -576,3 +577,68 @@ def test_the_registry_staleness_alert_never_fires_between_two_polls() -> None:
     rule = next(d for d in documents if d["kind"] == "PrometheusRule")
     alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
     assert alerts["AdserveRankerRegistryStale"]["expr"].endswith("> 900")
+
+
+def test_a_model_load_stuck_past_its_time_limit_alerts_after_the_limit_and_a_margin() -> None:
+    values = {
+        "prometheusRule": {"enabled": True},
+        "services": {"ranker": {"config": {"registry": {"loadTimeoutSeconds": 3600}}}},
+    }
+    documents = manifest_documents({"o": render(values)["adserve/templates/observability.yaml"]})
+    rule = next(d for d in documents if d["kind"] == "PrometheusRule")
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    hung = alerts["AdserveRankerModelLoadHung"]
+    assert hung["expr"] == "max by (instance, role, model_version) (adserve_ranker_model_loading) > 0"
+    # A load may take load_timeout; only a thread still running well past it
+    # (the version was refused as `timeout` meanwhile) is stuck.
+    assert hung["for"] == "4200s"
+
+
+def test_the_ranker_may_have_its_own_startup_window_and_the_rest_keep_the_charts() -> None:
+    values = {"services": {"ranker": {"probes": {"startup": {"failureThreshold": 900}}}}}
+    documents = manifest_documents({"d": render(values)["adserve/templates/deployment.yaml"]})
+    startup = {
+        d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+        for d in documents
+        if d["kind"] == "Deployment"
+    }
+    assert startup["adserve-ranker"]["failureThreshold"] == 900
+    # The keys it does not set are the chart's.
+    assert startup["adserve-ranker"]["periodSeconds"] == 2 and startup["adserve-ranker"]["timeoutSeconds"] == 2
+    assert startup["adserve-ranker"]["grpc"]["port"] == 50053
+    others = [name for name in startup if name != "adserve-ranker"]
+    assert others and all(startup[name]["failureThreshold"] == 60 for name in others)
+
+
+def ranker_pod(values: dict) -> dict:
+    documents = manifest_documents({"d": render(values)["adserve/templates/deployment.yaml"]})
+    deployment = next(d for d in documents if d["kind"] == "Deployment" and d["metadata"]["name"] == "adserve-ranker")
+    return deployment["spec"]["template"]["spec"]
+
+
+def test_the_tensorrt_engine_cache_is_on_a_volume_not_the_read_only_root() -> None:
+    pod = ranker_pod(GPU)
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["/var/cache/adserve/trt"] == "trt-engine-cache"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["trt-engine-cache"]["emptyDir"] == {}
+    # A claim shares built engines between pods.
+    shared = copy.deepcopy(GPU)
+    shared["services"]["ranker"]["gpu"]["engineCache"] = {"claimName": "trt-engines"}
+    volumes = {v["name"]: v for v in ranker_pod(shared)["volumes"]}
+    assert volumes["trt-engine-cache"]["persistentVolumeClaim"] == {"claimName": "trt-engines"}
+    # A mount of that path of the user's own takes its place (no second mount).
+    own = copy.deepcopy(GPU)
+    own["services"]["ranker"]["extraVolumes"] = [{"name": "mine", "emptyDir": {}}]
+    own["services"]["ranker"]["extraVolumeMounts"] = [{"name": "mine", "mountPath": "/var/cache/adserve/trt/"}]
+    pod = ranker_pod(own)
+    assert [m["name"] for m in pod["containers"][0]["volumeMounts"] if m["mountPath"].startswith("/var/cache")] == ["mine"]
+    assert "trt-engine-cache" not in {v["name"] for v in pod["volumes"]}
+    # No cache dir, no volume.
+    assert "trt-engine-cache" not in {v["name"] for v in ranker_pod({})["volumes"]}
+
+
+def test_a_relative_engine_cache_dir_is_refused_by_name() -> None:
+    values = {"services": {"ranker": {"config": {"model": {"tensorrt": {"engineCacheDir": "trt"}}}}}}
+    with pytest.raises(Exception, match="engineCacheDir must be an absolute path"):
+        render(values)
