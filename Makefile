@@ -110,6 +110,10 @@ fmt:
 lint: install
 	cargo fmt --all -- --check
 	$(ENV) cargo clippy --workspace --all-targets -- -D warnings
+	@# The ranker's other provider builds (the default has cuda and tensorrt):
+	@# CUDA only, and CPU only, so their cfg paths compile and lint too.
+	$(ENV) cargo clippy -p adserve-ranker --all-targets --no-default-features --features cuda -- -D warnings
+	$(ENV) cargo clippy -p adserve-ranker --all-targets --no-default-features -- -D warnings
 	$(ENV) "$$ADSTACK_TOOLS/bin/cargo-deny" check --hide-inclusion-graph licenses bans sources
 	$(ENV) "$$ADSTACK_TOOLS/bin/cargo-machete"
 

@@ -132,8 +132,9 @@ pub struct BatchingConfig {
     /// throughput (docs/benchmarks.md).
     #[serde(with = "humantime_serde")]
     pub max_queue_delay: Duration,
-    /// Rows allowed to wait in the queue; a call beyond it is refused at
-    /// once with `ResourceExhausted` rather than queued past its deadline.
+    /// Rows allowed to wait in the queue; a call beyond it is not queued
+    /// (it would wait past its deadline): the fallback chain answers it at
+    /// once.
     pub max_queue_rows: usize,
     /// Refuse, at arrival, a call the queue predicts would finish after its
     /// deadline (from the rows queued ahead of it and a cost per batch fitted
