@@ -1243,6 +1243,77 @@ async fn a_call_the_model_cannot_answer_in_time_is_scored_by_the_fallback_chain_
     Ok(())
 }
 
+/// A model directory whose session fails at run time on rows with
+/// `user_sessions_7d` >= 1000 (and scores every other row), written by
+/// integration-tests/fixtures/model_that_fails_at_run_time.py.
+async fn model_that_fails_at_run_time(under: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let dir = under.join("ctr-fails-at-run-time");
+    let out = tokio::process::Command::new(adserve_integration_tests::adstack_home().join("venv/bin/python"))
+        .arg(repo_root().join("integration-tests/fixtures/model_that_fails_at_run_time.py"))
+        .arg(repo_root().join("models/ctr-baseline"))
+        .arg(&dir)
+        .output()
+        .await?;
+    anyhow::ensure!(out.status.success(), "the fixture model: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(dir)
+}
+
+#[tokio::test]
+async fn a_call_the_model_fails_on_is_answered_by_the_fallback_chain_and_fails_no_call_batched_with_it()
+-> anyhow::Result<()> {
+    use adserve_proto::v1::ScoreLevel;
+    let models = tempfile::tempdir()?;
+    let failing = model_that_fails_at_run_time(models.path()).await?;
+    let baseline = repo_root().join("models/ctr-baseline");
+    // One session that waits up to 100 ms for more calls: two calls sent
+    // together run as one batch.
+    let batching = [("ADSERVE_BATCHING__SESSIONS", "1"), ("ADSERVE_BATCHING__MAX_QUEUE_DELAY", "100ms")];
+    let with_fallback = [&batching[..], &[("ADSERVE_FALLBACK__MODEL_DIR", baseline.to_str().unwrap())]].concat();
+    let (mut a_cmd, grpc_a, metrics_a) = ranker(&failing, &with_fallback);
+    let (mut b_cmd, grpc_b, _) = ranker(&failing, &[("ADSERVE_FALLBACK__ENABLED", "false")]);
+    let _a = a_cmd.stdout(Stdio::null()).spawn()?;
+    let _b = b_cmd.stdout(Stdio::null()).spawn()?;
+    let (mut a, mut b) = (connect(grpc_a).await?, connect(grpc_b).await?);
+    let good = matrix(3);
+    let mut bad = matrix(3);
+    let cols = bad.feature_names.len();
+    let col = bad.feature_names.iter().position(|n| n == "user_sessions_7d").expect("registry feature");
+    bad.values[cols + col] = 5000.0;
+    let call = |m: &FeatureMatrix| ScoreRequest { matrix: Some(m.clone()), ..Default::default() };
+
+    // The model's session error (not a refused input, not a late answer):
+    // the fallback model answers, and says why.
+    let fb = a.score(call(&bad)).await?.into_inner();
+    assert_eq!((fb.level(), fb.model_version.as_str()), (ScoreLevel::FallbackModel, "ctr-baseline-v1"));
+    assert!(fb.fallback_reason.contains("out of data bounds"), "{}", fb.fallback_reason);
+    assert_eq!(fb.pctr.len(), 3);
+    // No fallback model: the prior.
+    let prior = b.score(call(&bad)).await?.into_inner();
+    assert_eq!((prior.level(), prior.model_version.as_str()), (ScoreLevel::Prior, "fallback-prior"));
+
+    // A good call batched with the bad one is scored by the model: the
+    // failed batch runs again call by call. (Sent together; on a busy box
+    // they may miss each other's batch, so until one batch held both.)
+    let url = format!("http://127.0.0.1:{metrics_a}/metrics");
+    let splits = |text: &str| counter(text, "adserve_ranker_batch_splits_total", "queue=\"model\"");
+    let mut split = 0.0;
+    for _ in 0..10 {
+        let (mut a1, mut a2) = (a.clone(), a.clone());
+        let (ok, failed) = tokio::join!(a1.score(call(&good)), a2.score(call(&bad)));
+        let (ok, failed) = (ok?.into_inner(), failed?.into_inner());
+        assert_eq!((ok.level(), ok.model_version.as_str()), (ScoreLevel::Model, "ctr-fails-at-run-time-v1"));
+        assert_eq!(failed.level(), ScoreLevel::FallbackModel);
+        split = splits(&adserve_integration_tests::bench::prom::scrape(&url).await?);
+        if split >= 1.0 {
+            break;
+        }
+    }
+    assert!(split >= 1.0, "the two calls never shared a batch");
+    let text = adserve_integration_tests::bench::prom::scrape(&url).await?;
+    assert!(counter(&text, "adserve_ranker_fallbacks_total", "level=\"fallback_model\"") >= 2.0, "{text}");
+    Ok(())
+}
+
 /// Runs the trainer's promotion gate (Python) on `candidate` against the
 /// test registry's production model: (exit code, stdout, stderr).
 async fn gate(reg: &TestRegistry, candidate: &Path) -> anyhow::Result<(i32, String, String)> {

@@ -156,6 +156,7 @@ struct QueueMetrics {
     overloaded: metrics::Counter,
     predicted_miss: metrics::Counter,
     deadline: metrics::Counter,
+    split: metrics::Counter,
 }
 
 impl QueueMetrics {
@@ -172,6 +173,7 @@ impl QueueMetrics {
             overloaded: dropped("overloaded"),
             predicted_miss: dropped("predicted_miss"),
             deadline: dropped("deadline"),
+            split: metrics::counter!("adserve_ranker_batch_splits_total", "model_version" => v.clone(), "queue" => q),
         }
     }
 }
@@ -517,33 +519,62 @@ fn worker(mut session: Session, queue: &Queue, manifest: &ModelManifest) {
                 st.cost.observe(rows, took.as_secs_f64());
             }
         }
-        match result {
+        let failure = match result {
             Ok(Ok(scores)) => {
                 let mut at = 0;
                 for job in live {
                     let _ = job.reply.send(calibrate(&scores[at..at + job.rows], manifest));
                     at += job.rows;
                 }
+                continue;
             }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, rows, version = %manifest.model_version, "batch failed");
-                for job in live {
-                    let _ = job.reply.send(Err(ScoreError::Failed(e.to_string())));
-                }
+            Ok(Err(e)) => e.to_string(),
+            Err(panic) => format!("session.run panicked: {}", panic_message(&*panic)),
+        };
+        if live.len() == 1 {
+            tracing::error!(error = %failure, rows, version = %manifest.model_version, "session.run failed");
+            for job in live {
+                let _ = job.reply.send(Err(ScoreError::Failed(failure.clone())));
             }
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                tracing::error!(panic = %message, rows, "session.run panicked");
-                for job in live {
-                    let _ = job.reply.send(Err(ScoreError::Failed(format!("session.run panicked: {message}"))));
-                }
+            continue;
+        }
+        // One call's rows can fail a run merged from several (a value the
+        // graph cannot take, such as an index past a table), and would fail
+        // every call batched with it: each call runs again on its own, so
+        // only a call that fails by itself fails (and is answered by the
+        // fallback chain).
+        queue.metrics.split.increment(1);
+        tracing::warn!(error = %failure, calls = live.len(), rows, version = %manifest.model_version,
+            "a batch failed; running its calls one by one");
+        for mut job in live {
+            let now = Instant::now();
+            if job.deadline.is_some_and(|d| d <= now) {
+                queue.metrics.deadline.increment(1);
+                queue.stats.lock().unwrap_or_else(|p| p.into_inner()).expired += 1;
+                let _ = job.reply.send(Err(ScoreError::DeadlineExceeded { waited: now.duration_since(job.enqueued) }));
+                continue;
             }
+            let input = std::mem::take(&mut job.input);
+            let reply = match std::panic::catch_unwind(AssertUnwindSafe(|| model::run(&mut session, manifest, input))) {
+                Ok(Ok(scores)) => calibrate(&scores, manifest),
+                Ok(Err(e)) => Err(ScoreError::Failed(e.to_string())),
+                Err(panic) => Err(ScoreError::Failed(format!("session.run panicked: {}", panic_message(&*panic)))),
+            };
+            if let Err(e) = &reply {
+                tracing::error!(error = %e, rows = job.rows, version = %manifest.model_version, "session.run failed");
+            }
+            let _ = job.reply.send(reply);
         }
     }
+}
+
+/// What a panic said, if it said it as a string.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// Checks one call's raw scores are probabilities, and calibrates them
