@@ -92,8 +92,8 @@ RUN set -eu; \
       done; \
       if [ -n "$TENSORRT_LIBS" ]; then \
         [ -n "$TENSORRT_INDEX_URL" ] || { echo "TENSORRT_LIBS needs TENSORRT_INDEX_URL (PyPI has no TensorRT wheels)" >&2; exit 1; }; \
-        pip install --no-cache-dir --only-binary=:all: --index-url "$TENSORRT_INDEX_URL" --target /trt "$TENSORRT_LIBS"; \
-        find /trt -name 'lib*.so*' -exec cp -a {} /lib-out/ \; ; \
+        pip install --no-cache-dir --no-deps --only-binary=:all: --index-url "$TENSORRT_INDEX_URL" --target /trt "$TENSORRT_LIBS"; \
+        find /trt/tensorrt_libs -name 'lib*.so*' -exec cp -a {} /lib-out/ \; ; \
         test -e /lib-out/libnvinfer.so.10 || { echo "missing libnvinfer.so.10 from $TENSORRT_LIBS" >&2; exit 1; }; \
       fi; \
     elif [ -n "$GPU_LIBS" ]; then echo "GPU_LIBS must be empty or cuda13" >&2; exit 1; fi

@@ -180,7 +180,7 @@ def test_the_ranker_fallback_and_rollback_values_reach_the_ranker() -> None:
     defaults = tomllib.loads(configs(render(None))["ranker"])
     assert defaults["fallback"] == {"enabled": True, "reserve": "20ms"}, "empty values keep the ranker's defaults"
     assert defaults["registry"]["keep_previous"] == "600s"
-    assert defaults["registry"]["load_timeout"] == "1800s"
+    assert defaults["registry"]["load_timeout"] == "600s"
     assert defaults["shadow"]["sample_share"] == 1.0
     values = {
         "services": {
@@ -642,3 +642,29 @@ def test_a_relative_engine_cache_dir_is_refused_by_name() -> None:
     values = {"services": {"ranker": {"config": {"model": {"tensorrt": {"engineCacheDir": "trt"}}}}}}
     with pytest.raises(Exception, match="engineCacheDir must be an absolute path"):
         render(values)
+
+
+def startup_probes(values: dict) -> dict[str, dict]:
+    documents = manifest_documents({"d": render(values)["adserve/templates/deployment.yaml"]})
+    return {
+        d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+        for d in documents
+        if d["kind"] == "Deployment"
+    }
+
+
+def test_the_rankers_startup_window_covers_its_bounded_registry_load() -> None:
+    # The start waits up to loadTimeoutSeconds for the registry's model, then
+    # loads model.dir: a shorter window would restart the pod first.
+    assert startup_probes({})["adserve-ranker"]["failureThreshold"] == (600 + 120) // 2
+    longer = {"services": {"ranker": {"config": {"registry": {"loadTimeoutSeconds": 1500}}}}}
+    assert startup_probes(longer)["adserve-ranker"]["failureThreshold"] == (1500 + 120) // 2
+    # Rounded up to a whole period.
+    slow = {"probes": {"startup": {"periodSeconds": 7}}}
+    assert startup_probes(slow)["adserve-ranker"]["failureThreshold"] == -(-(600 + 120) // 7)
+    # A wider window of the ranker's own stays; without the registry the
+    # chart's stands.
+    wide = {"services": {"ranker": {"probes": {"startup": {"failureThreshold": 5000}}}}}
+    assert startup_probes(wide)["adserve-ranker"]["failureThreshold"] == 5000
+    off = {"services": {"ranker": {"config": {"registry": {"enabled": False}}}}}
+    assert startup_probes(off)["adserve-ranker"]["failureThreshold"] == 60

@@ -824,45 +824,56 @@ pub fn ranker_command(model_dir: &Path, env: &[(&str, &str)]) -> (tokio::process
 }
 
 /// Path of a workspace binary built by `cargo build` (same profile as the
-/// tests). Panics when a source file it was built from changed after it
-/// was ([`stale_source`]).
+/// tests). Panics when it is not what this checkout's sources build
+/// ([`not_built_from`]), unless `ADSTACK_BIN_DIR` names the binaries (the
+/// bench, which builds its own).
 pub fn binary(name: &str) -> PathBuf {
-    let path = match std::env::var("ADSTACK_BIN_DIR") {
-        Ok(dir) => PathBuf::from(dir).join(name),
-        // The test executable lives in <target>/<profile>/deps/.
-        Err(_) => std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().and_then(Path::parent).map(|d| d.join(name)))
-            .unwrap_or_else(|| repo_root().join("target/debug").join(name)),
-    };
-    if let Some(source) = stale_source(&path) {
+    if let Ok(dir) = std::env::var("ADSTACK_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    // The test executable lives in <target>/<profile>/deps/.
+    let path = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().and_then(Path::parent).map(|d| d.join(name)))
+        .unwrap_or_else(|| repo_root().join("target/debug").join(name));
+    // The workspace root as cargo names it in dep-info (not repo_root()'s "..").
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new("/"));
+    if let Some(why) = not_built_from(&path, root) {
         panic!(
-            "{} is older than {}, one of the files it is built from: `cargo test -p adserve-integration-tests` \
-             does not rebuild the services its tests start, so this run would test the code before that change. \
-             Run `cargo build --workspace` first (make test does)",
-            path.display(),
-            source.display()
+            "{}: {why}. `cargo test -p adserve-integration-tests` does not rebuild the services its tests \
+             start, so this run would test other code than this checkout's: run `cargo build --workspace` \
+             first (make test does)",
+            path.display()
         );
     }
     path
 }
 
-/// A source file newer than the binary at `path`, from the dep-info cargo
-/// writes beside it (`<name>.d`: every file the build read); `None` when
-/// the binary or its dep-info is missing (the spawn says so) or it is up to
-/// date.
-pub fn stale_source(path: &Path) -> Option<PathBuf> {
+/// Why the binary at `path` is not what the sources under `root` build,
+/// from the dep-info cargo writes beside it (`<name>.d`: every file the
+/// build read): a file it was built from changed after it was, or it was
+/// built from another checkout (one sharing `CARGO_TARGET_DIR`). `None`
+/// when it is, or when the binary or its dep-info is missing (the spawn
+/// says so).
+pub fn not_built_from(path: &Path, root: &Path) -> Option<String> {
     let built = std::fs::metadata(path).and_then(|m| m.modified()).ok()?;
     let info = std::fs::read_to_string(path.with_extension("d")).ok()?;
     // `target: dep dep ...` on the first line; spaces in a path are escaped.
     // Git's HEAD and refs are there for the commit the binary reports
     // (adserve-build-info), not for its code: a commit alone is not a change.
     let (_, deps) = info.lines().next()?.split_once(": ")?;
-    deps.replace("\\ ", "\0")
+    let deps: Vec<PathBuf> = deps
+        .replace("\\ ", "\0")
         .split_whitespace()
         .map(|dep| PathBuf::from(dep.replace('\0', " ")))
         .filter(|dep| !dep.components().any(|c| c.as_os_str() == ".git"))
-        .find(|dep| std::fs::metadata(dep).and_then(|m| m.modified()).is_ok_and(|changed| changed > built))
+        .collect();
+    if !deps.is_empty() && !deps.iter().any(|dep| dep.starts_with(root)) {
+        return Some(format!("built from another checkout, not {}", root.display()));
+    }
+    let changed = |dep: &PathBuf| std::fs::metadata(dep).and_then(|m| m.modified()).is_ok_and(|at| at > built);
+    let dep = deps.iter().find(|dep| changed(dep))?;
+    Some(format!("older than {}, one of the files it is built from", dep.display()))
 }
 
 /// A free loopback port.
@@ -930,7 +941,7 @@ mod stale_tests {
     use super::*;
 
     #[test]
-    fn a_binary_older_than_a_source_it_was_built_from_is_stale_and_a_commit_alone_is_not() {
+    fn a_binary_older_than_a_source_it_was_built_from_or_built_elsewhere_is_refused_and_a_commit_alone_is_not() {
         let dir = tempfile::tempdir().expect("tempdir");
         let at = |secs: u64| std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
         let touch = |name: &str, secs: u64| {
@@ -939,9 +950,10 @@ mod stale_tests {
             std::fs::File::create(&path).expect("file").set_modified(at(secs)).expect("mtime");
             path
         };
-        let bin = touch("adserve-x", 2_000);
-        let (src, spaced, head) =
-            (touch("src/main.rs", 1_000), touch("my src/lib.rs", 1_000), touch(".git/HEAD", 3_000));
+        let bin = touch("target/adserve-x", 2_000);
+        let src = touch("repo/src/main.rs", 1_000);
+        let spaced = touch("repo/my src/lib.rs", 1_000);
+        let head = touch("repo/.git/HEAD", 3_000);
         let line = format!(
             "{}: {} {} {}\n",
             bin.display(),
@@ -949,10 +961,18 @@ mod stale_tests {
             spaced.display().to_string().replace(' ', "\\ "),
             head.display()
         );
-        std::fs::write(dir.path().join("adserve-x.d"), line).expect("dep-info");
-        assert_eq!(stale_source(&bin), None, "built after its sources; HEAD moved since: a commit, not an edit");
-        touch("my src/lib.rs", 3_000);
-        assert_eq!(stale_source(&bin), Some(spaced));
-        assert_eq!(stale_source(&dir.path().join("missing")), None, "no binary: the spawn says so");
+        std::fs::write(dir.path().join("target/adserve-x.d"), line).expect("dep-info");
+        let repo = dir.path().join("repo");
+        assert_eq!(
+            not_built_from(&bin, &repo),
+            None,
+            "built after its sources; HEAD moved since: a commit, not an edit"
+        );
+        let elsewhere = not_built_from(&bin, &dir.path().join("other")).expect("another checkout");
+        assert!(elsewhere.starts_with("built from another checkout"), "{elsewhere}");
+        touch("repo/my src/lib.rs", 3_000);
+        let stale = not_built_from(&bin, &repo).expect("stale");
+        assert!(stale.contains(&spaced.display().to_string()), "{stale}");
+        assert_eq!(not_built_from(&dir.path().join("missing"), &repo), None, "no binary: the spawn says so");
     }
 }

@@ -346,10 +346,17 @@ pub async fn initial(
             Ok(rows) => match rows.into_iter().find(|r| r.stage == Stage::Production) {
                 Some(prod) => {
                     let (this, record, started) = (loader.clone(), prod.clone(), Instant::now());
-                    match within(config.load_timeout, move || this.load_record_blocking(&record)).await {
+                    // Set from the load's start, as the follower's loads do
+                    // (AdserveRankerModelLoadHung counts from it).
+                    loading_gauge(Role::Production, &prod.version, 1.0);
+                    let (result, thread) =
+                        within(config.load_timeout, move || this.load_record_blocking(&record)).await;
+                    if thread.is_none() {
+                        loading_gauge(Role::Production, &prod.version, 0.0);
+                    }
+                    match (result, thread) {
                         (Ok(m), _) => return Ok(Start { serving: Serving::new(m, Source::Registry), held: None }),
                         (Err(e), Some(thread)) => {
-                            loading_gauge(Role::Production, &prod.version, 1.0);
                             tracing::error!(version = %prod.version, error = %e,
                                 "registry production model still loading after registry.load_timeout; serving model.dir \
                                  until it ends (adserve_ranker_model_loading)");
@@ -619,11 +626,13 @@ impl Follower {
     }
 
     /// Takes over the start's production load that ran out of time
-    /// ([`Start::held`]): like a load of its own that did, it holds the
-    /// production role until its thread ends, then what it built is
-    /// offered. It is not refused meanwhile: a version the start could not
-    /// load in time is still wanted, and starts no second load beside it.
+    /// ([`Start::held`]) as if it were one of its own that did: refused as
+    /// `timeout` (a late failure then backs off further; a late success
+    /// forgets the refusal), holding the production role until its thread
+    /// ends, with no second load beside it; then what it built is offered.
     fn adopt(&mut self, held: HeldLoad) {
+        let limit = self.config.load_timeout;
+        self.refused.refuse(Role::Production, &held.row, &ModelError::TimedOut(limit), self.config.poll_interval);
         self.abandoned.push(Loading { owner: Role::Production, key: key(&held.row) });
         tokio::spawn(Self::released(held, Role::Production, self.done.clone()));
     }
@@ -1227,6 +1236,7 @@ mod tests {
         let (result, thread) = within(Duration::from_millis(200), move || this.load_record_blocking(&record)).await;
         assert!(matches!(result, Err(ModelError::TimedOut(_))), "{result:?}");
         f.adopt(HeldLoad { row: v1.clone(), started: Instant::now(), thread: thread.expect("its thread runs on") });
+        assert!(f.refused.by_role.iter().any(|(r, _)| *r == Role::Production), "refused as timeout, as its own");
         // The follower's first read wants v1: no second load beside the
         // start's, and model.dir serves meanwhile.
         f.read(vec![v1.clone()], true);
@@ -1237,6 +1247,7 @@ mod tests {
         assert!(matches!(&report, Report::Released(l) if l.owner == Role::Production && l.result.is_ok()));
         f.received(report, Some(vec![v1]));
         assert_eq!(version(&f.serving.production()), "v1", "what the start's load built serves");
+        assert!(f.refused.by_role.is_empty(), "and its refusal is forgotten");
         assert!(f.loading.is_empty() && f.abandoned.is_empty(), "from that one load");
     }
 
