@@ -1265,9 +1265,13 @@ async fn a_call_the_model_fails_on_is_answered_by_the_fallback_chain_and_fails_n
     let models = tempfile::tempdir()?;
     let failing = model_that_fails_at_run_time(models.path()).await?;
     let baseline = repo_root().join("models/ctr-baseline");
-    // One session that waits up to 100 ms for more calls: two calls sent
-    // together run as one batch.
-    let batching = [("ADSERVE_BATCHING__SESSIONS", "1"), ("ADSERVE_BATCHING__MAX_QUEUE_DELAY", "100ms")];
+    // One session that waits up to 100 ms for more calls, or for 9 rows:
+    // three calls of 3 rows sent together run as one batch.
+    let batching = [
+        ("ADSERVE_BATCHING__SESSIONS", "1"),
+        ("ADSERVE_BATCHING__MAX_QUEUE_DELAY", "100ms"),
+        ("ADSERVE_BATCHING__MAX_BATCH_ROWS", "9"),
+    ];
     let with_fallback = [&batching[..], &[("ADSERVE_FALLBACK__MODEL_DIR", baseline.to_str().unwrap())]].concat();
     let (mut a_cmd, grpc_a, metrics_a) = ranker(&failing, &with_fallback);
     let (mut b_cmd, grpc_b, _) = ranker(&failing, &[("ADSERVE_FALLBACK__ENABLED", "false")]);
@@ -1291,26 +1295,29 @@ async fn a_call_the_model_fails_on_is_answered_by_the_fallback_chain_and_fails_n
     let prior = b.score(call(&bad)).await?.into_inner();
     assert_eq!((prior.level(), prior.model_version.as_str()), (ScoreLevel::Prior, "fallback-prior"));
 
-    // A good call batched with the bad one is scored by the model: the
-    // failed batch runs again call by call. (Sent together; on a busy box
-    // they may miss each other's batch, so until one batch held both.)
+    // Good calls batched with the bad one are scored by the model: the
+    // failed batch is halved and run again until the bad call is alone.
+    // (Sent together; on a busy box they may miss each other's batch, so
+    // until one batch held them.)
     let url = format!("http://127.0.0.1:{metrics_a}/metrics");
     let splits = |text: &str| counter(text, "adserve_ranker_batch_splits_total", "queue=\"model\"");
     let mut split = 0.0;
     for _ in 0..10 {
-        let (mut a1, mut a2) = (a.clone(), a.clone());
-        let (ok, failed) = tokio::join!(a1.score(call(&good)), a2.score(call(&bad)));
-        let (ok, failed) = (ok?.into_inner(), failed?.into_inner());
-        assert_eq!((ok.level(), ok.model_version.as_str()), (ScoreLevel::Model, "ctr-fails-at-run-time-v1"));
-        assert_eq!(failed.level(), ScoreLevel::FallbackModel);
+        let (mut a1, mut a2, mut a3) = (a.clone(), a.clone(), a.clone());
+        let (first, failed, last) = tokio::join!(a1.score(call(&good)), a2.score(call(&bad)), a3.score(call(&good)));
+        for ok in [first?.into_inner(), last?.into_inner()] {
+            assert_eq!((ok.level(), ok.model_version.as_str()), (ScoreLevel::Model, "ctr-fails-at-run-time-v1"));
+        }
+        assert_eq!(failed?.into_inner().level(), ScoreLevel::FallbackModel);
         split = splits(&adserve_integration_tests::bench::prom::scrape(&url).await?);
         if split >= 1.0 {
             break;
         }
     }
-    assert!(split >= 1.0, "the two calls never shared a batch");
+    assert!(split >= 1.0, "the calls never shared a batch");
     let text = adserve_integration_tests::bench::prom::scrape(&url).await?;
     assert!(counter(&text, "adserve_ranker_fallbacks_total", "level=\"fallback_model\"") >= 2.0, "{text}");
+    assert_eq!(counter(&text, "adserve_ranker_fallbacks_total", "level=\"prior\""), 0.0, "{text}");
     Ok(())
 }
 

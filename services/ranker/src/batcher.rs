@@ -77,8 +77,9 @@ pub enum ScoreError {
         running: usize,
     },
     /// Scoring failed: ONNX Runtime's error, a panic in the session thread,
-    /// or an output that is not a probability. Every call in the batch gets
-    /// the same message.
+    /// or an output that is not a probability. A run merged from several
+    /// calls that ONNX Runtime refuses is split until each call fails or
+    /// runs on its own; a model failure fails every call in the batch.
     #[error("scoring failed: {0}")]
     Failed(String),
 }
@@ -297,7 +298,7 @@ struct Queue {
 /// metrics; kept here so tests and `GetModel` can read them per model).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BatchStats {
-    /// `session.run` calls.
+    /// `session.run` calls (a failed batch's runs again included).
     pub batches: u64,
     /// Score calls run through `session.run`.
     pub calls: u64,
@@ -499,73 +500,129 @@ fn worker(mut session: Session, queue: &Queue, manifest: &ModelManifest) {
             let _ = job.reply.send(Err(ScoreError::DeadlineExceeded { waited }));
         }
         if live.is_empty() {
-            let mut st = queue.lock();
-            st.running -= 1;
-            st.running_rows -= taken;
+            release(queue, taken);
             continue;
         }
         queue.metrics.batch_rows.record(rows as f64);
         queue.metrics.batch_calls.record(live.len() as f64);
-        let input = Input::concat(&mut live.iter_mut().map(|j| &mut j.input).collect::<Vec<_>>());
-        let start = Instant::now();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| model::run(&mut session, manifest, input)));
-        let took = start.elapsed();
-        queue.metrics.inference.record(took.as_secs_f64());
-        {
-            let mut st = queue.lock();
-            st.running -= 1;
-            st.running_rows -= taken;
-            if matches!(result, Ok(Ok(_))) {
-                st.cost.observe(rows, took.as_secs_f64());
-            }
-        }
-        let failure = match result {
-            Ok(Ok(scores)) => {
-                let mut at = 0;
-                for job in live {
-                    let _ = job.reply.send(calibrate(&scores[at..at + job.rows], manifest));
-                    at += job.rows;
-                }
-                continue;
-            }
-            Ok(Err(e)) => e.to_string(),
-            Err(panic) => format!("session.run panicked: {}", panic_message(&*panic)),
-        };
-        if live.len() == 1 {
-            tracing::error!(error = %failure, rows, version = %manifest.model_version, "session.run failed");
-            for job in live {
-                let _ = job.reply.send(Err(ScoreError::Failed(failure.clone())));
-            }
-            continue;
-        }
-        // One call's rows can fail a run merged from several (a value the
-        // graph cannot take, such as an index past a table), and would fail
-        // every call batched with it: each call runs again on its own, so
-        // only a call that fails by itself fails (and is answered by the
-        // fallback chain).
-        queue.metrics.split.increment(1);
-        tracing::warn!(error = %failure, calls = live.len(), rows, version = %manifest.model_version,
-            "a batch failed; running its calls one by one");
-        for mut job in live {
-            let now = Instant::now();
-            if job.deadline.is_some_and(|d| d <= now) {
-                queue.metrics.deadline.increment(1);
-                queue.stats.lock().unwrap_or_else(|p| p.into_inner()).expired += 1;
-                let _ = job.reply.send(Err(ScoreError::DeadlineExceeded { waited: now.duration_since(job.enqueued) }));
-                continue;
-            }
-            let input = std::mem::take(&mut job.input);
-            let reply = match std::panic::catch_unwind(AssertUnwindSafe(|| model::run(&mut session, manifest, input))) {
-                Ok(Ok(scores)) => calibrate(&scores, manifest),
-                Ok(Err(e)) => Err(ScoreError::Failed(e.to_string())),
-                Err(panic) => Err(ScoreError::Failed(format!("session.run panicked: {}", panic_message(&*panic)))),
-            };
-            if let Err(e) = &reply {
-                tracing::error!(error = %e, rows = job.rows, version = %manifest.model_version, "session.run failed");
-            }
-            let _ = job.reply.send(reply);
+        let result = run_jobs(&mut session, queue, manifest, &mut live);
+        if let (Err(Failure::Rows(e)), true) = (&result, live.len() > 1) {
+            // One call's rows can fail a run merged from several (a value
+            // the graph cannot take, such as an index past a table), and
+            // would fail every call batched with it. The batch is halved
+            // and each half run again, down to single calls: only a call
+            // that fails by itself fails (the fallback chain answers it),
+            // and a half that runs answers all its calls at once (about
+            // 2 log2(calls) runs for one bad call, not one per call). The
+            // session stays counted as busy with the batch meanwhile, so
+            // arrivals are predicted to wait for it.
+            queue.metrics.split.increment(1);
+            tracing::warn!(error = %e, calls = live.len(), rows, version = %manifest.model_version,
+                "a batch failed; running its halves again");
+            let right = live.split_off(live.len() / 2);
+            settle(&mut session, queue, manifest, live);
+            settle(&mut session, queue, manifest, right);
+            release(queue, taken);
+        } else {
+            release(queue, taken);
+            answer(live, result, manifest);
         }
     }
+}
+
+/// Why a run failed.
+enum Failure {
+    /// ONNX Runtime would not run these rows: some of the calls merged
+    /// into the run may run on their own.
+    Rows(String),
+    /// The model or the session failed (an output that is not one score
+    /// per row, a panic): any run would fail the same way.
+    Model(String),
+}
+
+/// One `session.run` of `jobs`' rows, timed (and, when it runs, fed to
+/// the queue's cost model). Each job keeps its input when there are
+/// several (concatenated by copy), so a failed run can be split.
+fn run_jobs(
+    session: &mut Session,
+    queue: &Queue,
+    manifest: &ModelManifest,
+    jobs: &mut [Job],
+) -> Result<Vec<f32>, Failure> {
+    let rows = jobs.iter().map(|j| j.rows).sum();
+    let input = Input::concat(&mut jobs.iter_mut().map(|j| &mut j.input).collect::<Vec<_>>());
+    let start = Instant::now();
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| model::run(session, manifest, input)));
+    let took = start.elapsed();
+    queue.metrics.inference.record(took.as_secs_f64());
+    match result {
+        Ok(Ok(scores)) => {
+            queue.lock().cost.observe(rows, took.as_secs_f64());
+            Ok(scores)
+        }
+        Ok(Err(e @ model::ModelError::Runtime { stage: "run", .. })) => Err(Failure::Rows(e.to_string())),
+        Ok(Err(e)) => Err(Failure::Model(e.to_string())),
+        Err(panic) => Err(Failure::Model(format!("session.run panicked: {}", panic_message(&*panic)))),
+    }
+}
+
+/// Runs part of a failed batch again ([`worker`]): its calls whose caller
+/// is still there and in time, halved again while a run of several fails
+/// on its rows.
+fn settle(session: &mut Session, queue: &Queue, manifest: &ModelManifest, jobs: Vec<Job>) {
+    let now = Instant::now();
+    let mut live = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        if job.reply.is_closed() {
+            queue.metrics.cancelled.increment(1);
+            queue.stats.lock().unwrap_or_else(|p| p.into_inner()).cancelled += 1;
+        } else if job.deadline.is_some_and(|d| d <= now) {
+            queue.metrics.deadline.increment(1);
+            queue.stats.lock().unwrap_or_else(|p| p.into_inner()).expired += 1;
+            let _ = job.reply.send(Err(ScoreError::DeadlineExceeded { waited: now.duration_since(job.enqueued) }));
+        } else {
+            live.push(job);
+        }
+    }
+    if live.is_empty() {
+        return;
+    }
+    queue.stats.lock().unwrap_or_else(|p| p.into_inner()).batches += 1;
+    let result = run_jobs(session, queue, manifest, &mut live);
+    if let (Err(Failure::Rows(_)), true) = (&result, live.len() > 1) {
+        let right = live.split_off(live.len() / 2);
+        settle(session, queue, manifest, live);
+        settle(session, queue, manifest, right);
+    } else {
+        answer(live, result, manifest);
+    }
+}
+
+/// Answers `jobs` with their share of a run's scores, or its failure.
+fn answer(jobs: Vec<Job>, result: Result<Vec<f32>, Failure>, manifest: &ModelManifest) {
+    match result {
+        Ok(scores) => {
+            let mut at = 0;
+            for job in jobs {
+                let _ = job.reply.send(calibrate(&scores[at..at + job.rows], manifest));
+                at += job.rows;
+            }
+        }
+        Err(Failure::Rows(e) | Failure::Model(e)) => {
+            let rows: usize = jobs.iter().map(|j| j.rows).sum();
+            tracing::error!(error = %e, calls = jobs.len(), rows, version = %manifest.model_version, "session.run failed");
+            for job in jobs {
+                let _ = job.reply.send(Err(ScoreError::Failed(e.clone())));
+            }
+        }
+    }
+}
+
+/// The session is done with a batch of `taken` rows.
+fn release(queue: &Queue, taken: usize) {
+    let mut st = queue.lock();
+    st.running -= 1;
+    st.running_rows -= taken;
 }
 
 /// What a panic said, if it said it as a string.
