@@ -668,3 +668,13 @@ def test_the_rankers_startup_window_covers_its_bounded_registry_load() -> None:
     assert startup_probes(wide)["adserve-ranker"]["failureThreshold"] == 5000
     off = {"services": {"ranker": {"config": {"registry": {"enabled": False}}}}}
     assert startup_probes(off)["adserve-ranker"]["failureThreshold"] == 60
+    # The rest keep the chart's.
+    assert all(p["failureThreshold"] == 60 for name, p in startup_probes({}).items() if name != "adserve-ranker")
+    # A GPU node's model.dir builds its own engine after a given-up registry load.
+    gpu = {"services": {"ranker": {"modelDirLoadSeconds": 600, "config": {"registry": {"loadTimeoutSeconds": 1500}}}}}
+    assert startup_probes(gpu)["adserve-ranker"]["failureThreshold"] == (1500 + 600) // 2
+    # A start within its window is not a failed rollout.
+    documents = manifest_documents({"d": render(gpu)["adserve/templates/deployment.yaml"]})
+    deadlines = {d["metadata"]["name"]: d["spec"].get("progressDeadlineSeconds") for d in documents if d["kind"] == "Deployment"}
+    assert deadlines["adserve-ranker"] == 2100 + 60
+    assert deadlines["adserve-gateway"] is None

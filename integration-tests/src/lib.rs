@@ -825,8 +825,8 @@ pub fn ranker_command(model_dir: &Path, env: &[(&str, &str)]) -> (tokio::process
 
 /// Path of a workspace binary built by `cargo build` (same profile as the
 /// tests). Panics when it is not what this checkout's sources build
-/// ([`not_built_from`]), unless `ADSTACK_BIN_DIR` names the binaries (the
-/// bench, which builds its own).
+/// ([`not_built_from`]), unless `ADSTACK_BIN_DIR` names the binaries to
+/// use (whoever sets it chose them).
 pub fn binary(name: &str) -> PathBuf {
     if let Ok(dir) = std::env::var("ADSTACK_BIN_DIR") {
         return PathBuf::from(dir).join(name);
