@@ -566,6 +566,13 @@ def test_tls_puts_every_grpc_port_and_the_gateways_upstreams_on_mutual_tls() -> 
     assert tomllib.loads(plain["gateway"])["upstreams"]["ranker"].startswith("http://")
 
 
+def alerts(values: dict) -> dict[str, dict]:
+    """The PrometheusRule's alerts, by name."""
+    documents = manifest_documents({"o": render(values)["adserve/templates/observability.yaml"]})
+    rule = next(d for d in documents if d["kind"] == "PrometheusRule")
+    return {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+
+
 def test_the_registry_staleness_alert_never_fires_between_two_polls() -> None:
     # A poll interval of 5 minutes: a 120 s threshold would page on a healthy
     # ranker between polls; the rule uses three polls instead.
@@ -573,10 +580,7 @@ def test_the_registry_staleness_alert_never_fires_between_two_polls() -> None:
         "prometheusRule": {"enabled": True},
         "services": {"ranker": {"config": {"registry": {"pollIntervalMs": 300000}}}},
     }
-    documents = manifest_documents({"o": render(values)["adserve/templates/observability.yaml"]})
-    rule = next(d for d in documents if d["kind"] == "PrometheusRule")
-    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
-    assert alerts["AdserveRankerRegistryStale"]["expr"].endswith("> 900")
+    assert alerts(values)["AdserveRankerRegistryStale"]["expr"].endswith("> 900")
 
 
 def test_a_model_load_stuck_past_its_time_limit_alerts_after_the_limit_and_a_margin() -> None:
@@ -584,10 +588,7 @@ def test_a_model_load_stuck_past_its_time_limit_alerts_after_the_limit_and_a_mar
         "prometheusRule": {"enabled": True},
         "services": {"ranker": {"config": {"registry": {"loadTimeoutSeconds": 3600}}}},
     }
-    documents = manifest_documents({"o": render(values)["adserve/templates/observability.yaml"]})
-    rule = next(d for d in documents if d["kind"] == "PrometheusRule")
-    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
-    hung = alerts["AdserveRankerModelLoadHung"]
+    hung = alerts(values)["AdserveRankerModelLoadHung"]
     assert hung["expr"] == "max by (instance, role, model_version) (adserve_ranker_model_loading) > 0"
     # A load may take load_timeout; only a thread still running well past it
     # (the version was refused as `timeout` meanwhile) is stuck.

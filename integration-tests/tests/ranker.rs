@@ -552,6 +552,30 @@ async fn a_rollback_does_not_wait_for_a_hung_shadow_load_and_the_shadow_loads_on
     Ok(())
 }
 
+/// Makes a registry change (`change`) and waits until the ranker whose
+/// metrics listen on `metrics` has read the registry after it
+/// (`adserve_ranker_registry_read_timestamp_seconds`).
+async fn read_after(
+    metrics: u16,
+    change: impl std::future::Future<Output = anyhow::Result<String>>,
+) -> anyhow::Result<()> {
+    let url = format!("http://127.0.0.1:{metrics}/metrics");
+    let read_at = |text: &str| counter(text, "adserve_ranker_registry_read_timestamp_seconds", "");
+    // The clock is read before the change: the ranker may read the registry
+    // before adservectl has exited.
+    let changed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+    change.await?;
+    let mut text = String::new();
+    for _ in 0..300 {
+        text = adserve_integration_tests::bench::prom::scrape(&url).await?;
+        if read_at(&text) > changed {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("the ranker never read the registry after the change:\n{text}")
+}
+
 #[tokio::test]
 async fn a_load_that_outlives_its_time_limit_is_refused_then_served_once_its_file_returns() -> anyhow::Result<()> {
     let reg = TestRegistry::new("ctr-slow")?;
@@ -590,20 +614,11 @@ async fn a_load_that_outlives_its_time_limit_is_refused_then_served_once_its_fil
     // wait until the ranker has read the registry after the change (the poll
     // is an hour: the NOTIFY's read), then nothing more has loaded or failed.
     let url = format!("http://127.0.0.1:{metrics}/metrics");
-    let read_at = |text: &str| counter(text, "adserve_ranker_registry_read_timestamp_seconds", "");
-    // (The clock is read before the change: the ranker may read the
-    // registry before adservectl has exited.)
-    let changed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
-    reg.ok(&["models", "set-share", "--name", reg.name, "--version", "ctr-slow-v2", "--share", "0.6"]).await?;
-    let mut text = String::new();
-    for _ in 0..300 {
-        text = adserve_integration_tests::bench::prom::scrape(&url).await?;
-        if read_at(&text) > changed {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    anyhow::ensure!(read_at(&text) > changed, "the ranker never read the registry after set-share:\n{text}");
+    read_after(
+        metrics,
+        reg.ok(&["models", "set-share", "--name", reg.name, "--version", "ctr-slow-v2", "--share", "0.6"]),
+    )
+    .await?;
     // A second load would block on the same file and run out of its 5 s
     // too: past that, only the first one has.
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -655,26 +670,8 @@ async fn a_start_whose_production_load_hangs_serves_model_dir_then_the_registry_
     metric_is(metrics, "adserve_ranker_model_loading", &loading, 1.0).await?;
     // The follower's reads (a NOTIFY here) start no second load on the hung
     // file beside the start's: a second one would run out of its 3 s too.
-    let read_at = |text: &str| counter(text, "adserve_ranker_registry_read_timestamp_seconds", "");
-    let changed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
-    reg.ok(&[
-        "models",
-        "register",
-        "--name",
-        reg.name,
-        "--dir",
-        model_version(reg.models.path(), "ctr-cold-v2")?.to_str().unwrap(),
-    ])
-    .await?;
-    let mut text = String::new();
-    for _ in 0..300 {
-        text = adserve_integration_tests::bench::prom::scrape(&url).await?;
-        if read_at(&text) > changed {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    anyhow::ensure!(read_at(&text) > changed, "the ranker never read the registry after the change:\n{text}");
+    let v2 = model_version(reg.models.path(), "ctr-cold-v2")?;
+    read_after(metrics, reg.ok(&["models", "register", "--name", reg.name, "--dir", v2.to_str().unwrap()])).await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let text = adserve_integration_tests::bench::prom::scrape(&url).await?;
     assert_eq!(counter(&text, "adserve_ranker_model_load_failures_total", "reason=\"timeout\""), 1.0, "{text}");
